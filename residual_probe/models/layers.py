@@ -1,0 +1,112 @@
+"""Building blocks of the reference Transformers, fairseq-style (what the ResiDual paper trained).
+
+A `Sublayer` is one residual branch F (self-attention, cross-attention or FFN) together with
+the norms its placement puts around it: `norm` (the one LN most placements use, before or
+after F) and `out_norm` (Sandwich/Peri-LN's second LN on F's output). Where the norms sit in
+the formula is the placement's business (placements.py), not the sublayer's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019): x / rms(x) * g, no centring, no bias."""
+
+    def __init__(self, d: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def make_norm(kind: str, d: int, eps: float = 1e-5) -> nn.Module:
+    return nn.LayerNorm(d, eps=eps) if kind == "layernorm" else RMSNorm(d, eps=eps)
+
+
+class Sublayer(nn.Module):
+    """A residual branch F with its placement's norms; calling it returns dropout(F(h))."""
+
+    def __init__(self, norms: int, norm_kind: str, d: int, dropout: float):
+        super().__init__()
+        self.norm = make_norm(norm_kind, d) if norms >= 1 else None
+        self.out_norm = make_norm(norm_kind, d) if norms >= 2 else None
+        self.dropout = nn.Dropout(dropout)
+
+    def branch(self, h: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, h: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
+        # The dropped-out output is what every stream receives (ResiDual feeds it to both).
+        return self.dropout(self.branch(h, memory))
+
+
+class Attention(Sublayer):
+    """Multi-head attention with fairseq's q/k/v/out projections; cross-attention reads memory."""
+
+    def __init__(self, d: int, heads: int, dropout: float, causal: bool, norms: int, norm_kind: str):
+        super().__init__(norms, norm_kind, d, dropout)
+        self.heads, self.causal, self.attn_dropout = heads, causal, dropout
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def branch(self, h: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
+        B, T, C = h.shape
+        src = h if memory is None else memory  # (B, S, C)
+
+        def split(t: torch.Tensor) -> torch.Tensor:  # (B, S, C) -> (B, heads, S, C/heads)
+            return t.view(B, -1, self.heads, C // self.heads).transpose(1, 2)
+
+        q, k, v = split(self.q_proj(h)), split(self.k_proj(src)), split(self.v_proj(src))
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=self.causal and memory is None,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+        )
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class FeedForward(Sublayer):
+    """fc2(dropout(relu(fc1(h)))): fairseq's FFN; fc2.weight is Xiong et al.'s W2."""
+
+    def __init__(self, d: int, ffn: int, dropout: float, norms: int, norm_kind: str):
+        super().__init__(norms, norm_kind, d, dropout)
+        self.fc1, self.fc2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+        self.act_dropout = nn.Dropout(dropout)
+
+    def branch(self, h: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
+        return self.fc2(self.act_dropout(F.relu(self.fc1(h))))
+
+
+def sinusoidal_positions(n: int, d: int, offset: int = 0) -> torch.Tensor:
+    """fairseq's sinusoidal table, (n, d): sin in the first half of the channels, cos in the second."""
+    half = d // 2
+    freq = torch.exp(torch.arange(half, dtype=torch.float64) * -(math.log(10000.0) / max(half - 1, 1)))
+    angle = torch.arange(offset, offset + n, dtype=torch.float64)[:, None] * freq[None, :]
+    table = torch.cat([angle.sin(), angle.cos()], dim=1)
+    if d % 2:
+        table = torch.cat([table, torch.zeros(n, 1, dtype=torch.float64)], dim=1)
+    return table
+
+
+class Embedding(nn.Module):
+    """Token embedding scaled by sqrt(d) plus fixed sinusoidal positions, then dropout (fairseq)."""
+
+    def __init__(self, vocab: int, d: int, max_len: int, dropout: float):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, d)
+        self.scale = math.sqrt(d)
+        self.register_buffer("positions", sinusoidal_positions(max_len, d).float(), persistent=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C)
+        T = tokens.shape[1]
+        if T > self.positions.shape[0]:
+            raise ValueError(f"sequence length {T} exceeds max_len {self.positions.shape[0]}")
+        x = self.scale * self.embed_tokens(tokens)
+        return self.dropout(x + self.positions[:T].to(x.dtype))

@@ -1,0 +1,252 @@
+"""Norm placements: how a block combines its sublayers with the residual stream.
+
+Each placement is one small class whose `sublayer` (or `block`) method *is* its formula from
+DESIGN.md, with its stack-level start/end and its own initialization beside it. Adding a
+placement means adding a class here with `@register`; the model classes never change.
+
+Notation in the methods: `x` the stream state (a tensor; ResiDual's is the pair (x, d)),
+`f` the sublayer call returning dropout(F(h)), `s` the sublayer module holding the norms
+(`s.norm`, `s.out_norm`), `blk` the block (its index `blk.k`, 0-based, and its parameters).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
+
+PLACEMENTS: dict[str, type["Placement"]] = {}
+
+
+def register(cls: type["Placement"]) -> type["Placement"]:
+    PLACEMENTS[cls.name] = cls
+    return cls
+
+
+class Placement:
+    """Base: a Post-LN-shaped stack with no stack-level norms. Subclasses override the formula."""
+
+    name = ""
+    sublayer_norms = 1  # LayerNorms each sublayer owns: 0 (ReZero), 1, or 2 (Sandwich)
+    final_norm = False  # an LN at the end of the stack
+    final_norm_eps = 1e-5
+    embed_norm = False  # an LN on the embedding output (Peri-LN)
+    streams: tuple[str, ...] = ("x",)  # names of the residual streams a block outputs
+
+    def __init__(self, cfg: "ModelConfig", role: str):
+        self.cfg, self.role = cfg, role  # role: "encoder" or "decoder"
+        self.depth = cfg.encoder_depth if role == "encoder" else cfg.dec_depth
+
+    def begin(self, x0: torch.Tensor, stack: nn.Module):
+        """Stream state from the embedding output x0."""
+        return stack.embed_norm(x0) if self.embed_norm else x0
+
+    def sublayer(self, x, f: Callable, s: nn.Module, blk: nn.Module):
+        raise NotImplementedError
+
+    def block(self, x, subs: list[tuple[Callable, nn.Module]], blk: nn.Module):
+        """One block: its sublayers (self-attn, [cross-attn,] FFN) in turn."""
+        for f, s in subs:
+            x = self.sublayer(x, f, s, blk)
+        return x
+
+    def end(self, x, stack: nn.Module) -> torch.Tensor:
+        """The stack's output from the last block's state."""
+        return stack.final_norm(x) if self.final_norm else x
+
+    def add_parameters(self, blk: nn.Module) -> None:
+        """Create placement-owned parameters on a block (ReZero's gate)."""
+
+    @torch.no_grad()
+    def init_(self, stack: nn.Module) -> None:
+        """Placement-specific initialization, applied after the model's own."""
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+
+@register
+class PostLN(Placement):
+    """x <- LN(x + F(x))  (Vaswani et al. 2017)."""
+
+    name = "post-ln"
+
+    def sublayer(self, x, f, s, blk):
+        return s.norm(x + f(x))
+
+
+@register
+class PreLN(Placement):
+    """x <- x + F(LN(x)); LN(x) at the end of the stack (Xiong et al. 2020)."""
+
+    name = "pre-ln"
+    final_norm = True
+
+    def sublayer(self, x, f, s, blk):
+        return x + f(s.norm(x))
+
+
+@register
+class ResiDual(Placement):
+    """Pre-Post-LN (Xie et al. 2023): b = F(x); d <- d + b; x <- LN(x + b); end alpha*x + LN_f(d).
+
+    As in microsoft/ResiDual: the dual stream starts at the embedding output, d0 = s * x0, the
+    same dropped-out b feeds both streams, and LN_f has eps 1e-7.
+    """
+
+    name = "residual"
+    final_norm = True
+    final_norm_eps = 1e-7
+    streams = ("x", "d")
+
+    def begin(self, x0, stack):
+        return x0, self.cfg.res_input_norm_scale * x0
+
+    def sublayer(self, xd, f, s, blk):
+        x, d = xd
+        b = f(x)
+        return s.norm(x + b), d + b
+
+    def end(self, xd, stack):
+        x, d = xd
+        return self.cfg.alpha * x + stack.final_norm(d)
+
+    def describe(self):
+        return {"name": self.name, "alpha": self.cfg.alpha, "res_input_norm_scale": self.cfg.res_input_norm_scale}
+
+
+@register
+class DeepNorm(Placement):
+    """x <- LN(alpha * x + F(x)); beta scales the init of v, out, fc1, fc2 (Wang et al. 2022)."""
+
+    name = "deepnorm"
+
+    def __init__(self, cfg, role):
+        super().__init__(cfg, role)
+        self.alpha, self.beta = deepnorm_constants(cfg, role)
+
+    def sublayer(self, x, f, s, blk):
+        return s.norm(self.alpha * x + f(x))
+
+    @torch.no_grad()
+    def init_(self, stack):
+        for blk in stack.layers:
+            for s in blk.sublayers():
+                for lin in deepnorm_scaled(s):
+                    lin.weight.mul_(self.beta)
+                    if lin.bias is not None:
+                        lin.bias.mul_(self.beta)
+
+    def describe(self):
+        return {"name": self.name, "alpha": self.alpha, "beta": self.beta}
+
+
+def deepnorm_scaled(s: nn.Module) -> list[nn.Module]:
+    """The linear maps DeepNorm down-scales at init: attention's v and out, the FFN's fc1 and fc2."""
+    names = ("v_proj", "out_proj", "fc1", "fc2")
+    return [getattr(s, n) for n in names if hasattr(s, n)]
+
+
+def deepnorm_constants(cfg: "ModelConfig", role: str) -> tuple[float, float]:
+    """(alpha, beta) from torchscale, for this stack's role in the architecture."""
+    N, M = cfg.encoder_depth, cfg.dec_depth
+    if cfg.arch == "seq2seq":
+        if role == "encoder":
+            return 0.81 * (N**4 * M) ** (1 / 16), 0.87 * (N**4 * M) ** (-1 / 16)
+        return (3 * M) ** 0.25, (12 * M) ** -0.25
+    L = N if cfg.arch == "encoder" else M
+    return (2 * L) ** 0.25, (8 * L) ** -0.25
+
+
+@register
+class Sandwich(Placement):
+    """x <- x + LN(F(LN(x))); LN(x) at the end (Ding et al. 2021, CogView)."""
+
+    name = "sandwich"
+    sublayer_norms = 2
+    final_norm = True
+
+    def sublayer(self, x, f, s, blk):
+        return x + s.out_norm(f(s.norm(x)))
+
+
+@register
+class PeriLN(Sandwich):
+    """Sandwich plus an LN on the embedding output (Kim et al. 2025)."""
+
+    name = "peri-ln"
+    embed_norm = True
+
+
+@register
+class B2T(Placement):
+    """Bottom-to-top (Takase et al. 2023): h = LN(x + Attn(x)); x <- LN(h + FFN(h) + x).
+
+    In a decoder block the cross-attention is a Post-LN sublayer between the two; the block's
+    input x skips to the last LN.
+    """
+
+    name = "b2t"
+
+    def block(self, x, subs, blk):
+        h = x
+        for f, s in subs[:-1]:
+            h = s.norm(h + f(h))
+        f, s = subs[-1]
+        return s.norm(h + f(h) + x)
+
+
+@register
+class MixLN(Placement):
+    """Post-LN for the first ceil(rho * N) blocks, Pre-LN after; LN at the end (Li et al. 2024)."""
+
+    name = "mix-ln"
+    final_norm = True
+
+    def __init__(self, cfg, role):
+        super().__init__(cfg, role)
+        self.switch = math.ceil(cfg.mix_ratio * self.depth)  # blocks k < switch are Post-LN
+        # A stack that is Post-LN throughout ends like Post-LN, without a final LN.
+        self.final_norm = self.switch < self.depth
+
+    def sublayer(self, x, f, s, blk):
+        if blk.k < self.switch:
+            return s.norm(x + f(x))
+        return x + f(s.norm(x))
+
+    def describe(self):
+        return {"name": self.name, "mix_ratio": self.cfg.mix_ratio, "post_ln_blocks": self.switch}
+
+
+@register
+class LNS(Placement):
+    """LayerNorm Scaling (Sun et al. 2025): x <- x + F(LN(x) / sqrt(k)), k 1-indexed; LN at the end."""
+
+    name = "lns"
+    final_norm = True
+
+    def sublayer(self, x, f, s, blk):
+        return x + f(s.norm(x) / math.sqrt(blk.k + 1))
+
+
+@register
+class ReZero(Placement):
+    """x <- x + a_k * F(x), one scalar a_k per block, zero at init, no LN (Bachlechner et al. 2021)."""
+
+    name = "rezero"
+    sublayer_norms = 0
+
+    def sublayer(self, x, f, s, blk):
+        return x + blk.gate * f(x)
+
+    def add_parameters(self, blk):
+        blk.gate = nn.Parameter(torch.zeros(()))
+
+
+def make_placement(cfg: "ModelConfig", role: str) -> Placement:
+    return PLACEMENTS[cfg.placement](cfg, role)
