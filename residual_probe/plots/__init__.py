@@ -1,0 +1,1 @@
+"""Paper-style figures. Plot functions take finished numbers (tables, arrays) and only draw."""

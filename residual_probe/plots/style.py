@@ -1,0 +1,70 @@
+"""One look for every figure: placement colours, paper-sized fonts, atomic multi-format saving."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+# A fixed colour per placement so that a reader can compare figures at a glance.
+PLACEMENT_COLORS = {
+    "post-ln": "#d62728",
+    "pre-ln": "#1f77b4",
+    "residual": "#2ca02c",
+    "deepnorm": "#9467bd",
+    "sandwich": "#8c564b",
+    "peri-ln": "#e377c2",
+    "b2t": "#7f7f7f",
+    "mix-ln": "#bcbd22",
+    "lns": "#17becf",
+    "rezero": "#ff7f0e",
+}
+PLACEMENT_LABELS = {"residual": "ResiDual (Pre-Post-LN)", "post-ln": "Post-LN", "pre-ln": "Pre-LN"}
+
+
+def color(name: str) -> str:
+    return PLACEMENT_COLORS.get(name, "#333333")
+
+
+def label(name: str) -> str:
+    return PLACEMENT_LABELS.get(name, name)
+
+
+def setup():
+    """Import matplotlib with a non-interactive backend and the paper style; returns pyplot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({
+        "figure.dpi": 110, "savefig.dpi": 150, "font.size": 10, "axes.titlesize": 11,
+        "axes.labelsize": 10, "legend.fontsize": 9, "axes.grid": True, "grid.alpha": 0.3,
+        "axes.spines.top": False, "axes.spines.right": False, "savefig.bbox": "tight",
+    })
+    return plt
+
+
+def save(fig, path_stem: str | Path, formats: Sequence[str] = ("png",)) -> list[Path]:
+    """Save `fig` as path_stem.<fmt> for each format, each file written atomically."""
+    import matplotlib.pyplot as plt
+
+    stem = Path(path_stem)
+    paths = []
+    for fmt in formats:
+        target = stem.with_suffix(f".{fmt}")
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=f".{fmt}")
+        os.close(fd)
+        try:
+            fig.savefig(tmp, format=fmt)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        paths.append(target)
+    plt.close(fig)
+    return paths
+
+
+FORMATS = ("png", "pdf", "svg")
