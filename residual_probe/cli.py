@@ -1,0 +1,141 @@
+"""The `residual-probe` command line: one command per job.
+
+Heavy modules (torch, matplotlib, transformers) are imported inside the commands so that
+`residual-probe --help` answers at once. Every command writes its artifacts under `--out`.
+Errors in the user's input end the command with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="residual-probe",
+    help="Diagnose residual connections and norm placement in Transformers: "
+    "vanishing gradients (the Post-LN failure) and representation collapse (the Pre-LN failure).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Diagnose residual connections and norm placement in Transformers."""
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn the library's user-facing errors (ValueError/OSError subclasses) into one stderr line.
+
+    Set RESIDUAL_PROBE_DEBUG=1 to see the traceback instead.
+    """
+    if os.environ.get("RESIDUAL_PROBE_DEBUG"):
+        yield
+        return
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        fail("interrupted; files already written are complete", code=130)
+    except (ValueError, OSError) as exc:
+        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except Exception as exc:  # an internal error: still one line, with a way to see more
+        fail(f"internal error ({type(exc).__name__}): {exc}; rerun with RESIDUAL_PROBE_DEBUG=1 for details", code=1)
+
+
+def csv_list(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def formats_option(value: str) -> tuple[str, ...]:
+    from .plots.style import FORMATS
+
+    fmts = csv_list(value)
+    bad = [f for f in fmts if f not in FORMATS]
+    if bad or not fmts:
+        fail(f"--format: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(FORMATS)}")
+    return fmts
+
+
+@contextlib.contextmanager
+def progress_bar(description: str):
+    """A rich progress bar; yields `start(total) -> advance()`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=False, disable=not sys.stderr.isatty() and bool(os.environ.get("CI"))) as bar:
+        def start(total: int):
+            task = bar.add_task(description, total=total)
+            return lambda: bar.advance(task)
+
+        yield start
+
+
+def report_files(paths) -> None:
+    for p in paths:
+        typer.echo(f"wrote {p}")
+
+
+@app.command("grad-norms")
+def grad_norms(
+    depth: Annotated[int, typer.Option(help="Blocks per stack (encoder and decoder each for seq2seq).")] = 48,
+    placements: Annotated[str, typer.Option(help="Comma-separated placements to compare.")] = "post-ln,pre-ln,residual",
+    arch: Annotated[str, typer.Option(help="seq2seq (translation, the paper's setting), decoder (causal LM) or encoder.")] = "seq2seq",
+    d_model: Annotated[int, typer.Option("--d-model", help="Model width.")] = 256,
+    heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
+    ffn: Annotated[int, typer.Option(help="FFN hidden width.")] = 1024,
+    seeds: Annotated[int, typer.Option(help="Seeds per placement (0..seeds-1); the figure shades their spread.")] = 3,
+    batch: Annotated[int, typer.Option(help="Sequences per batch.")] = 8,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")] = 32,
+    steps: Annotated[int, typer.Option(help="Adam steps before the last recording (0: at initialization); every step is recorded.")] = 0,
+    lr: Annotated[float, typer.Option(help="Adam learning rate (betas 0.9, 0.98 as fairseq).")] = 5e-4,
+    warmup: Annotated[int, typer.Option(help="Steps of linear learning-rate warm-up (0: none).")] = 0,
+    init: Annotated[str, typer.Option(help="fairseq (default) or xiong (W^Q = W^K = 0, Xavier elsewhere).")] = "fairseq",
+    norm: Annotated[str, typer.Option(help="layernorm or rmsnorm.")] = "layernorm",
+    data: Annotated[Optional[Path], typer.Option(help="UTF-8 text file to train/measure on (byte tokens); default: synthetic task.")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("results/grad-norms"),
+    format: Annotated[str, typer.Option("--format", help="Figure formats, comma-separated: png,pdf,svg.")] = "png",
+):
+    """Per-layer gradient norms of reference models, per placement: do gradients vanish with depth?
+
+    Writes OUT/grad_norms.csv (placement, seed, step, stack, layer, sublayer, param_grad_norm),
+    OUT/grad_norms.json (config, versions, seeds, wall times, summary) and OUT/grad_norms.png.
+    """
+    fmts = formats_option(format)
+    with user_errors():
+        from .jobs.grad_norms import GradNormsSpec, run_grad_norms
+
+        spec = GradNormsSpec(
+            placements=csv_list(placements), arch=arch, depth=depth, d_model=d_model, heads=heads, ffn=ffn,
+            seeds=seeds, batch=batch, seq_len=seq_len, steps=steps, lr=lr, warmup=warmup,
+            data=str(data) if data else None, init=init, norm=norm,
+        )
+        with progress_bar(f"grad-norms {arch} depth {depth}") as start:
+            meta = run_grad_norms(spec, out, formats=fmts, progress=start)
+        for s in meta["summary"]:
+            if s["step"] == spec.steps:
+                typer.echo(f"{s['stack']:>8} {s['placement']:>10}: first/last block grad norm = {s['first_over_last']:.3g}")
+        if meta["nonfinite_values"]:
+            typer.echo(f"warning: {meta['nonfinite_values']} non-finite gradient norms recorded (NaN/inf)", err=True)
+        report_files(meta["files"])
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

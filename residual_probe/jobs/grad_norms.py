@@ -1,0 +1,163 @@
+"""The `grad-norms` job: per-layer gradient norms of reference models, per placement and seed.
+
+For each (placement, seed) it builds a fresh reference Transformer, draws seeded batches, and
+records every block's parameter-gradient norm (whole block and per sublayer) at step 0 and,
+with `steps > 0`, after each of N Adam steps. Writes grad_norms.csv (tidy), grad_norms.json
+(config, versions, seeds, wall times, summary) and the figure.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+CSV_COLUMNS = ("placement", "seed", "step", "stack", "layer", "sublayer", "param_grad_norm")
+
+
+@dataclass
+class GradNormsSpec:
+    placements: tuple[str, ...] = ("post-ln", "pre-ln", "residual")
+    arch: str = "seq2seq"
+    depth: int = 48
+    d_model: int = 256
+    heads: int = 4
+    ffn: int = 1024
+    seeds: int = 3
+    batch: int = 8
+    seq_len: int = 32
+    steps: int = 0  # Adam steps; gradients are recorded before each and after the last
+    lr: float = 5e-4
+    warmup: int = 0  # steps of linear learning-rate warm-up from 0
+    data: str | None = None  # UTF-8 text file (byte tokens); None: synthetic task
+    init: str = "fairseq"
+    norm: str = "layernorm"
+    dropout: float = 0.0
+    extra: dict = field(default_factory=dict)  # further ModelConfig fields
+
+    def model_config(self, placement: str):
+        from ..models import ModelConfig
+
+        return ModelConfig(
+            arch=self.arch, placement=placement, depth=self.depth, d_model=self.d_model, heads=self.heads,
+            ffn=self.ffn, dropout=self.dropout, init=self.init, norm=self.norm,
+            max_len=max(1024, self.seq_len), **self.extra,
+        )
+
+    def validate(self) -> None:
+        """Fail before any work: every placement's config, and the run's own sizes."""
+        from ..models import ConfigError
+
+        for p in self.placements:
+            self.model_config(p)
+        if self.seeds < 1:
+            raise ConfigError(f"seeds: must be >= 1, got {self.seeds}")
+        if self.steps < 0 or self.warmup < 0:
+            raise ConfigError(f"steps and warmup must be >= 0, got {self.steps} and {self.warmup}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr: must be a positive number, got {self.lr}")
+
+
+def lr_at(step: int, lr: float, warmup: int) -> float:
+    """Linear warm-up from lr/warmup to lr over `warmup` steps, then constant."""
+    return lr * min(1.0, (step + 1) / warmup) if warmup else lr
+
+
+def run_one(spec: GradNormsSpec, placement: str, seed: int, text=None, on_step: Callable[[], None] | None = None):
+    """Train/record one (placement, seed); returns (rows, losses). Rows follow CSV_COLUMNS."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..data import BatchSource
+    from ..models import Transformer
+    from ..probe import Probe
+
+    torch.manual_seed(seed)
+    cfg = spec.model_config(placement)
+    model = Transformer(cfg)
+    source = BatchSource(cfg.arch, spec.batch, spec.seq_len, cfg.vocab_size, seed, text)
+    opt = torch.optim.Adam(model.parameters(), lr=spec.lr, betas=(0.9, 0.98), eps=1e-8)  # fairseq's betas
+    probe = Probe(model, quantities=("param_grad_norm",))
+    rows, losses = [], []
+    with probe:
+        for step in range(spec.steps + 1):
+            batch = source.next()
+            opt.zero_grad(set_to_none=True)
+            logits = model(*batch.inputs)
+            loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100)
+            loss.backward()
+            probe.step()
+            losses.append(loss.detach())
+            if step < spec.steps:
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, spec.lr, spec.warmup)
+                opt.step()
+            if on_step:
+                on_step()
+    for r in probe.rows():
+        if r["metric"] == "param_grad_norm" and not r["sublayer"].startswith("group:"):
+            rows.append({"placement": placement, "seed": seed, "step": r["step"], "stack": r["stack"],
+                         "layer": r["layer"], "sublayer": r["sublayer"], "param_grad_norm": r["value"]})
+    return rows, [float(v) for v in torch.stack(losses).tolist()]
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (placement, stack, step): mean over seeds of first-block / last-block gradient norm."""
+    import numpy as np
+
+    blocks: dict[tuple, dict[int, list[float]]] = {}
+    for r in rows:
+        if r["sublayer"] == "block":
+            blocks.setdefault((r["placement"], r["stack"], r["step"], r["seed"]), {})[r["layer"]] = r["param_grad_norm"]
+    ratios: dict[tuple, list[float]] = {}
+    for (p, stack, step, seed), by_layer in blocks.items():
+        first, last = by_layer[min(by_layer)], by_layer[max(by_layer)]
+        ratios.setdefault((p, stack, step), []).append(first / last if last > 0 else math.nan)
+    return [
+        {"placement": p, "stack": stack, "step": step, "first_over_last": float(np.exp(np.mean(np.log(v)))),
+         "seeds": len(v)}
+        for (p, stack, step), v in sorted(ratios.items())
+    ]
+
+
+def run_grad_norms(spec: GradNormsSpec, out: str | Path, formats=("png",), progress=None) -> dict:
+    """Run every (placement, seed), write CSV + JSON + figure into `out`; returns the summary dict.
+
+    `progress(total)` may return a callable advanced once per recorded step (a progress bar).
+    """
+    from ..data import read_text_tokens
+    from ..plots.grad_norms import plot_grad_norms
+    from ..results import prepare_out, versions, write_csv, write_json
+
+    spec.validate()
+    out = prepare_out(out)
+    text = read_text_tokens(spec.data) if spec.data else None
+    advance = progress(len(spec.placements) * spec.seeds * (spec.steps + 1)) if progress else None
+
+    rows, losses, timings = [], {}, {}
+    t_all = time.perf_counter()
+    for placement in spec.placements:
+        for seed in range(spec.seeds):
+            t0 = time.perf_counter()
+            r, l = run_one(spec, placement, seed, text, advance)
+            rows += r
+            losses[f"{placement}/seed{seed}"] = l
+            timings[f"{placement}/seed{seed}"] = round(time.perf_counter() - t0, 3)
+    wall = time.perf_counter() - t_all
+
+    nonfinite = sum(1 for r in rows if not math.isfinite(r["param_grad_norm"]))
+    summary = summarize(rows)
+    csv_path = write_csv(out / "grad_norms.csv", rows, CSV_COLUMNS)
+    fig_paths = plot_grad_norms(rows, out / "grad_norms", formats=formats, steps=spec.steps)
+    meta = {
+        "job": "grad-norms", "spec": asdict(spec),
+        "model_configs": {p: spec.model_config(p).to_dict() for p in spec.placements},
+        "seeds": list(range(spec.seeds)), "versions": versions(), "wall_seconds": round(wall, 3),
+        "run_seconds": timings, "losses": losses, "nonfinite_values": nonfinite,
+        "summary": summary, "files": [str(csv_path)] + [str(p) for p in fig_paths],
+    }
+    json_path = write_json(out / "grad_norms.json", meta)
+    meta["files"].append(str(json_path))
+    return meta
