@@ -1,0 +1,1 @@
+"""The science: metrics computed from probe records, theory curves, and fits."""
