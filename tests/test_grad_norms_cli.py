@@ -1,0 +1,133 @@
+"""`residual-probe grad-norms` end to end: its CSV against a plain autograd pass, and bad input."""
+
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from residual_probe.cli import app
+from residual_probe.data import BatchSource
+from residual_probe.models import PLACEMENTS, ModelConfig, Transformer
+
+TINY = ["--depth", "3", "--d-model", "16", "--heads", "2", "--ffn", "32", "--batch", "2", "--seq-len", "6"]
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, ["grad-norms", *TINY, *args])
+
+
+def read_rows(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def direct_block_norms(placement, arch, seed, steps=0, lr=5e-4):
+    """Per-block gradient norms from a plain autograd pass (naive loop over .grad), every step."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(arch=arch, placement=placement, depth=3, d_model=16, heads=2, ffn=32, max_len=1024)
+    model = Transformer(cfg)
+    source = BatchSource(arch, 2, 6, cfg.vocab_size, seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-8)
+    out = {}
+    for step in range(steps + 1):
+        batch = source.next()
+        opt.zero_grad()
+        logits = model(*batch.inputs)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100).backward()
+        for role, stack in model.stacks():
+            for k, blk in enumerate(stack.layers):
+                sq = sum(float((p.grad.double() ** 2).sum()) for p in blk.parameters() if p.grad is not None)
+                out[(step, role, k)] = math.sqrt(sq)
+                sq = sum(float((p.grad.double() ** 2).sum()) for p in blk.ffn.parameters())
+                out[(step, role, k, "ffn")] = math.sqrt(sq)
+        if step < steps:
+            opt.step()
+    return out
+
+
+@pytest.mark.parametrize("arch", ["seq2seq", "decoder", "encoder"])
+def test_csv_equals_direct_autograd_for_every_placement(tmp_path, arch):
+    placements = sorted(PLACEMENTS)
+    result = invoke("--arch", arch, "--seeds", "2", "--placements", ",".join(placements), "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    rows = read_rows(tmp_path / "grad_norms.csv")
+    assert list(rows[0]) == ["placement", "seed", "step", "stack", "layer", "sublayer", "param_grad_norm"]
+    # rows per (placement, seed): 3 blocks x (block, self_attn, [cross_attn,] ffn) per stack
+    per_run = {"seq2seq": 3 * 3 + 3 * 4, "decoder": 3 * 3, "encoder": 3 * 3}[arch]
+    assert len(rows) == len(placements) * 2 * per_run
+    for placement in placements:
+        for seed in (0, 1):
+            direct = direct_block_norms(placement, arch, seed)
+            mine = [r for r in rows if r["placement"] == placement and int(r["seed"]) == seed]
+            for r in mine:
+                key = (0, r["stack"], int(r["layer"]))
+                if r["sublayer"] == "block":
+                    assert float(r["param_grad_norm"]) == pytest.approx(direct[key], rel=1e-5), (placement, r)
+                elif r["sublayer"] == "ffn":
+                    assert float(r["param_grad_norm"]) == pytest.approx(direct[key + ("ffn",)], rel=1e-5)
+    assert (tmp_path / "grad_norms.png").stat().st_size > 10_000
+    assert (tmp_path / "grad_norms.json").exists()
+
+
+def test_steps_record_every_step_and_match_direct_adam(tmp_path):
+    result = invoke("--arch", "decoder", "--seeds", "1", "--placements", "post-ln,residual", "--steps", "3",
+                    "--lr", "1e-3", "--out", str(tmp_path), "--format", "png,svg")
+    assert result.exit_code == 0, result.output
+    rows = [r for r in read_rows(tmp_path / "grad_norms.csv") if r["sublayer"] == "block"]
+    assert sorted({int(r["step"]) for r in rows}) == [0, 1, 2, 3]
+    for placement in ("post-ln", "residual"):
+        direct = direct_block_norms(placement, "decoder", 0, steps=3, lr=1e-3)
+        for r in rows:
+            if r["placement"] == placement:
+                key = (int(r["step"]), r["stack"], int(r["layer"]))
+                assert float(r["param_grad_norm"]) == pytest.approx(direct[key], rel=1e-4)
+    assert (tmp_path / "grad_norms.svg").exists()
+
+
+def test_data_file_is_used(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("The residual stream carries every layer's update. " * 40, encoding="utf-8")
+    result = invoke("--arch", "decoder", "--seeds", "1", "--placements", "pre-ln", "--data", str(text), "--out", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    assert len(read_rows(tmp_path / "o" / "grad_norms.csv")) == 3 * 3
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "residual_probe.cli", "grad-norms", *TINY, *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def bad_input_cases(tmp_path: Path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    binary = tmp_path / "binary.bin"
+    binary.write_bytes(b"\xff\xfe\x00\x81" * 10)
+    return {
+        "unknown placement": (["--placements", "post-ln,pre_ln"], "placement: unknown 'pre_ln'; choose one of post-ln, pre-ln, residual"),
+        "depth < 1": (["--depth", "0"], "depth: must be a positive integer"),
+        "heads": (["--d-model", "10", "--heads", "3"], "d_model (10) must be divisible by heads (3)"),
+        "missing data": (["--data", str(tmp_path / "nope.txt")], "cannot read data file"),
+        "data is a folder": (["--data", str(tmp_path)], "cannot read data file"),
+        "binary data": (["--data", str(binary)], "is not UTF-8 text"),
+        "unwritable out": (["--out", str(blocker / "sub")], "cannot write to output folder"),
+        "bad format": (["--format", "png,jpg"], "--format: unknown jpg"),
+        "bad arch": (["--arch", "gpt"], "arch: unknown 'gpt'"),
+    }
+
+
+def test_bad_input_gives_one_line_and_no_files(tmp_path):
+    for name, (args, message) in bad_input_cases(tmp_path).items():
+        out = tmp_path / f"out-{name.replace(' ', '_')}"
+        extra = [] if "--out" in args else ["--out", str(out)]
+        proc = run_cli(*args, *extra, cwd=tmp_path)
+        assert proc.returncode == 2, (name, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (name, proc.stderr)
+        assert "Traceback" not in proc.stderr + proc.stdout
+        assert not list(out.glob("grad_norms*")), name
