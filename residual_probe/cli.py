@@ -133,6 +133,48 @@ def grad_norms(
         report_files(meta["files"])
 
 
+@app.command("train")
+def train(
+    placement: Annotated[str, typer.Option(help="Norm placement of the model to train.")] = "residual",
+    arch: Annotated[str, typer.Option(help="decoder (causal LM), encoder or seq2seq.")] = "decoder",
+    depth: Annotated[int, typer.Option(help="Blocks per stack.")] = 24,
+    d_model: Annotated[int, typer.Option("--d-model", help="Model width.")] = 128,
+    heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
+    ffn: Annotated[int, typer.Option(help="FFN hidden width.")] = 512,
+    batch: Annotated[int, typer.Option(help="Sequences per batch.")] = 16,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens (bytes) per sequence.")] = 64,
+    steps: Annotated[int, typer.Option(help="Adam steps.")] = 500,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (Adam, betas 0.9, 0.98).")] = 1e-3,
+    warmup: Annotated[int, typer.Option(help="Linear warm-up steps, then inverse-sqrt decay; 0: constant lr, no warm-up.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for initialization and batches.")] = 0,
+    data: Annotated[Optional[Path], typer.Option(help="UTF-8 text file (byte tokens); default: CPython's pydoc topics, on every machine.")] = None,
+    dropout: Annotated[float, typer.Option(help="Dropout rate.")] = 0.0,
+    probe_every: Annotated[int, typer.Option("--probe-every", help="Record the probe every n-th step.")] = 10,
+    eval_every: Annotated[int, typer.Option("--eval-every", help="Held-out loss every n-th step.")] = 50,
+    clip: Annotated[float, typer.Option(help="Gradient clipping max-norm (0: none); the probe records before clipping.")] = 0.0,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("results/train"),
+):
+    """Train a small deep model on real text, recording per-layer gradients and collapse as it goes.
+
+    Writes OUT/loss.csv, OUT/probe.jsonl (flushed as written), OUT/model/ (a checkpoint that
+    `collapse --ckpt` reads), OUT/train.json and OUT/loss.png. Ctrl-C keeps all of it.
+    """
+    with user_errors():
+        from .jobs.train import TrainSpec, run_train
+
+        spec = TrainSpec(placement=placement, arch=arch, depth=depth, d_model=d_model, heads=heads, ffn=ffn,
+                         batch=batch, seq_len=seq_len, steps=steps, lr=lr, warmup=warmup, seed=seed,
+                         data=str(data) if data else None, dropout=dropout, probe_every=probe_every,
+                         eval_every=eval_every, clip=clip)
+        with progress_bar(f"train {placement} depth {depth}") as start:
+            meta = run_train(spec, out, progress=start)
+        if meta["diverged_at_step"] is not None:
+            typer.echo(f"warning: loss became non-finite at step {meta['diverged_at_step']}; training stopped", err=True)
+        typer.echo(f"final held-out loss {meta['final_val_loss']:.4f} nats/byte after {meta['steps_done']} steps "
+                   f"({meta['wall_seconds']:.0f} s)")
+        report_files(meta["files"] + [str(Path(out) / "train.json")])
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -84,3 +84,20 @@ class BatchSource:
         tgt = src.flip(1)
         start = torch.full((self.batch, 1), RESERVED, dtype=torch.long)
         return Batch((src, torch.cat([start, tgt[:, :-1]], dim=1)), tgt)
+
+
+def builtin_corpus() -> torch.Tensor:
+    """Byte tokens of CPython's own documentation topics (`pydoc_data.topics`, ~466 KB of English).
+
+    Every CPython install ships it, so training on real text needs no download and no file.
+    """
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+
+
+def split_tokens(tokens: torch.Tensor, holdout: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation): the last `holdout` fraction is held out, contiguous, so no text leaks."""
+    cut = int(tokens.numel() * (1 - holdout))
+    return tokens[:cut], tokens[cut:]

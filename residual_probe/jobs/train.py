@@ -1,0 +1,149 @@
+"""The `train` job: train a small deep reference model on real text, recording the probe as it goes.
+
+Outputs in `out`, each usable even if the run is interrupted:
+- loss.csv      step, lr, train_loss, val_loss (appended and flushed every step)
+- probe.jsonl   the probe's rows (per-layer gradient norms and forward statistics), flushed as written
+- model/        the final (or last, if interrupted) checkpoint: safetensors + config.json, which
+                `residual-probe collapse --ckpt` reads
+- train.json    the full config, versions, timings, final losses and whether it diverged
+- loss.png      the loss curves
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass
+class TrainSpec:
+    placement: str = "residual"
+    arch: str = "decoder"
+    depth: int = 24
+    d_model: int = 128
+    heads: int = 4
+    ffn: int = 512
+    batch: int = 16
+    seq_len: int = 64
+    steps: int = 500
+    lr: float = 1e-3
+    warmup: int = 0  # linear warm-up steps; 0 = none (the setting where Post-LN is said to fail)
+    seed: int = 0
+    data: str | None = None  # UTF-8 text file; None: the built-in corpus (CPython's pydoc topics)
+    dropout: float = 0.0
+    probe_every: int = 10  # record the probe every n-th step
+    eval_every: int = 50  # validation loss every n-th step
+    clip: float = 0.0  # gradient clipping max-norm; 0 = none (the probe records before clipping)
+
+    def model_config(self):
+        from ..models import ModelConfig
+
+        return ModelConfig(arch=self.arch, placement=self.placement, depth=self.depth, d_model=self.d_model,
+                           heads=self.heads, ffn=self.ffn, dropout=self.dropout, max_len=max(1024, self.seq_len))
+
+    def validate(self) -> None:
+        from ..models import ConfigError
+
+        self.model_config()
+        for name in ("steps", "warmup", "probe_every", "eval_every", "batch", "seq_len"):
+            if getattr(self, name) < (0 if name in ("steps", "warmup") else 1):
+                raise ConfigError(f"{name}: out of range, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr: must be a positive number, got {self.lr}")
+
+
+def lr_schedule(step: int, lr: float, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then inverse-square-root decay (fairseq's schedule)."""
+    if warmup == 0:
+        return lr
+    return lr * min((step + 1) / warmup, math.sqrt(warmup / (step + 1)))
+
+
+def lm_loss(model, batch):
+    import torch.nn.functional as F
+
+    logits = model(*batch.inputs)
+    return F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100)
+
+
+def run_train(spec: TrainSpec, out: str | Path, progress=None) -> dict:
+    """Train, record and save; returns the metadata written to train.json."""
+    import torch
+
+    from ..checkpoints import save_model
+    from ..data import BatchSource, builtin_corpus, read_text_tokens, split_tokens
+    from ..models import Transformer
+    from ..plots.training import plot_losses
+    from ..probe import Probe
+    from ..results import prepare_out, versions, write_json
+
+    spec.validate()
+    out = prepare_out(out)
+    tokens = read_text_tokens(spec.data) if spec.data else builtin_corpus()
+    train_text, val_text = split_tokens(tokens)
+    torch.manual_seed(spec.seed)
+    cfg = spec.model_config()
+    model = Transformer(cfg)
+    train = BatchSource(cfg.arch, spec.batch, spec.seq_len, cfg.vocab_size, spec.seed, train_text)
+    val_batches = [BatchSource(cfg.arch, spec.batch, spec.seq_len, cfg.vocab_size, 10_000 + i, val_text).next()
+                   for i in range(4)]  # fixed held-out batches: comparable across steps and runs
+    opt = torch.optim.Adam(model.parameters(), lr=spec.lr, betas=(0.9, 0.98), eps=1e-8)
+    probe = Probe(model, quantities=("param_grad_norm", "act_grad_norm", "w2_grad_norm", "forward_stats"),
+                  every=spec.probe_every, sink=out / "probe.jsonl")
+    advance = progress(spec.steps) if progress else None
+
+    def validate() -> float:
+        model.eval()
+        with torch.no_grad():
+            loss = sum(float(lm_loss(model, b)) for b in val_batches) / len(val_batches)
+        model.train()
+        return loss
+
+    meta = {"job": "train", "spec": asdict(spec), "model_config": cfg.to_dict(), "versions": versions(),
+            "parameters": sum(p.numel() for p in model.parameters()), "interrupted": False,
+            "diverged_at_step": None}
+    t0 = time.perf_counter()
+    step = 0
+    with open(out / "loss.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["step", "lr", "train_loss", "val_loss"])
+        try:
+            with probe:
+                model.train()
+                for step in range(spec.steps):
+                    lr = lr_schedule(step, spec.lr, spec.warmup)
+                    for group in opt.param_groups:
+                        group["lr"] = lr
+                    opt.zero_grad(set_to_none=True)
+                    loss = lm_loss(model, train.next())
+                    loss.backward()
+                    probe.step()  # after backward, before clipping
+                    if spec.clip:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.clip)
+                    opt.step()
+                    train_loss = float(loss)  # one sync per step, for the loss curve
+                    is_eval = (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps
+                    writer.writerow([step, lr, train_loss, validate() if is_eval else ""])
+                    fh.flush()
+                    if advance:
+                        advance()
+                    if not math.isfinite(train_loss):
+                        meta["diverged_at_step"] = step
+                        break
+        except KeyboardInterrupt:
+            meta["interrupted"] = True
+        finally:
+            meta["steps_done"] = step + 1 if spec.steps else 0
+            meta["wall_seconds"] = round(time.perf_counter() - t0, 3)
+            meta["final_val_loss"] = validate() if meta["diverged_at_step"] is None else math.nan
+            save_model(model, out / "model")
+            files = [out / "loss.csv", out / "probe.jsonl", out / "model"]
+            files += plot_losses({spec.placement: out / "loss.csv"}, out / "loss")
+            meta["files"] = [str(f) for f in files]
+            write_json(out / "train.json", meta)
+    if meta["interrupted"]:
+        raise KeyboardInterrupt
+    return meta
