@@ -175,6 +175,25 @@ def train(
         report_files(meta["files"] + [str(Path(out) / "train.json")])
 
 
+@app.command("figures")
+def figures(
+    out: Annotated[Path, typer.Option(help="Folder for the figures, their CSVs and checks.{csv,json}.")] = Path("figures"),
+    quick: Annotated[bool, typer.Option("--quick", help="Small sizes and fewer depths/steps: minutes, for CI.")] = False,
+    only: Annotated[str, typer.Option(help="Comma-separated analyses to run (default: all).")] = "",
+):
+    """Regenerate the paper-style figures: run every script in analyses/ and print its checks.
+
+    Each analysis writes OUT/<name>.png and OUT/<name>.csv; all checks (claim, predicted,
+    measured, agreement) go to OUT/checks.csv and OUT/checks.json.
+    """
+    with user_errors():
+        from .jobs.figures import run_figures
+
+        meta = run_figures(out, quick=quick, only=csv_list(only), echo=typer.echo)
+        n_bad = sum(1 for c in meta["checks"] if c["agrees"] is False)
+        typer.echo(f"{len(meta['checks'])} checks, {n_bad} disagree with the claim; wrote {Path(out) / 'checks.csv'}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

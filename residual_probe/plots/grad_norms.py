@@ -33,6 +33,29 @@ def _layer_matrix(rows, value="param_grad_norm"):
     return np.array(layers), m
 
 
+def draw_layer_profile(ax, rows: Sequence[dict], placements: Sequence[str], overlay: Callable | None = None,
+                       stack: str = "") -> None:
+    """Per-block gradient norm of one stack at one step: geometric mean over seeds, min-max band."""
+    by_placement = _by(rows, lambda r: r["placement"])
+    n = 0
+    for p in placements:
+        sel = by_placement.get(p)
+        if not sel:
+            continue
+        layers, m = _layer_matrix(sel)
+        n = max(n, len(layers))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logm = np.log10(np.where(m > 0, m, np.nan))
+        ax.plot(layers, 10 ** np.nanmean(logm, axis=0), color=color(p), label=label(p), lw=1.6)
+        if m.shape[0] > 1:
+            ax.fill_between(layers, np.nanmin(m, axis=0), np.nanmax(m, axis=0), color=color(p), alpha=0.2, lw=0)
+        if overlay:
+            overlay(ax, stack, p, layers)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"block k (0 = input side, {n - 1} = output side)")
+    ax.set_ylabel(r"$\|\partial L/\partial\theta_k\|_2$")
+
+
 def plot_grad_norms(rows: Sequence[dict], path_stem: str | Path, formats=("png",), steps: int = 0,
                     overlay: Callable | None = None) -> list[Path]:
     """Draw grad_norms.csv-style rows (whole-block rows are used) at the last recorded step.
@@ -48,24 +71,10 @@ def plot_grad_norms(rows: Sequence[dict], path_stem: str | Path, formats=("png",
     nrows = 2 if last > 0 else 1
     fig, axes = plt.subplots(nrows, len(stacks), figsize=(4.6 * len(stacks), 3.6 * nrows), squeeze=False)
 
-    groups = _by(block, lambda r: (r["stack"], r["placement"], r["step"]))
+    groups = _by(block, lambda r: (r["stack"], r["step"]))
     for j, stack in enumerate(stacks):
         ax = axes[0, j]
-        for p in placements:
-            sel = groups.get((stack, p, last))
-            if not sel:
-                continue
-            layers, m = _layer_matrix(sel)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                logm = np.log10(np.where(m > 0, m, np.nan))
-            ax.plot(layers, 10 ** np.nanmean(logm, axis=0), color=color(p), label=label(p), lw=1.6)
-            if m.shape[0] > 1:
-                ax.fill_between(layers, np.nanmin(m, axis=0), np.nanmax(m, axis=0), color=color(p), alpha=0.2, lw=0)
-            if overlay:
-                overlay(ax, stack, p, layers)
-        ax.set_yscale("log")
-        ax.set_xlabel(f"block k (0 = input side, {len(layers) - 1} = output side)")
-        ax.set_ylabel(r"$\|\partial L/\partial\theta_k\|_2$")
+        draw_layer_profile(ax, groups.get((stack, last), []), placements, overlay, stack)
         when = "at initialization" if last == 0 else f"after {last} Adam steps"
         ax.set_title(f"{stack}: per-block gradient norm {when}")
         ax.legend(loc="best", frameon=False)
@@ -75,7 +84,7 @@ def plot_grad_norms(rows: Sequence[dict], path_stem: str | Path, formats=("png",
             for p in placements:
                 ratio_by_step = {}
                 for step in range(last + 1):
-                    sel = groups.get((stack, p, step))
+                    sel = [r for r in groups.get((stack, step), []) if r["placement"] == p]
                     if sel:
                         _, m = _layer_matrix(sel)
                         with np.errstate(divide="ignore", invalid="ignore"):
@@ -88,5 +97,29 @@ def plot_grad_norms(rows: Sequence[dict], path_stem: str | Path, formats=("png",
             ax.set_ylabel("first block / last block grad norm")
             ax.set_title(f"{stack}: vanishing toward the input over training")
             ax.legend(loc="best", frameon=False)
+    fig.tight_layout()
+    return save(fig, path_stem, formats)
+
+
+def plot_depth_grid(panels: dict[tuple[str, int], Sequence[dict]], path_stem: str | Path, formats=("png",),
+                    title: str = "") -> list[Path]:
+    """Rows: settings (e.g. "seq2seq decoder"); columns: depths. `panels[(setting, depth)]` = block rows."""
+    plt = setup()
+    settings = list(dict.fromkeys(s for s, _ in panels))
+    depths = sorted({d for _, d in panels})
+    fig, axes = plt.subplots(len(settings), len(depths), figsize=(3.3 * len(depths), 2.9 * len(settings)),
+                             squeeze=False)
+    for i, setting in enumerate(settings):
+        for j, depth in enumerate(depths):
+            ax = axes[i, j]
+            rows = panels.get((setting, depth), [])
+            draw_layer_profile(ax, rows, list(dict.fromkeys(r["placement"] for r in rows)))
+            ax.set_title(f"{setting}, N = {depth}")
+            if j:
+                ax.set_ylabel("")
+            if i == 0 and j == 0:
+                ax.legend(loc="best", frameon=False, fontsize=8)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return save(fig, path_stem, formats)
