@@ -16,10 +16,10 @@ from pathlib import Path
 ANALYSES = (
     "grad_norms_depths",  # per-layer gradient norms at init, depths 6..48 (ResiDual Fig. 2a analogue)
     "w2_vs_depth",  # last block's W2 gradient against depth (Xiong et al. Thm 1)
-    "collapse_theory",  # adjacent cosine / normalized update per layer against the closed forms
     "norm_growth",  # hidden-state norm growth against Xiong et al. Lemma 2
     "adam_condition",  # Adam update condition number against gradient scale (ResiDual appendix)
     "training_study",  # training on CPU: warm-up or not, loss, gradients, collapse
+    "collapse_theory",  # adjacent cosine / normalized update per layer: closed forms, init, trained
 )
 
 
