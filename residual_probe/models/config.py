@@ -32,6 +32,7 @@ class ModelConfig:
     ffn: int = 1024
     vocab_size: int = 256  # byte-level by default: every UTF-8 text is in vocabulary
     max_len: int = 1024  # longest sequence the sinusoidal positions cover
+    position_offset: int = 0  # first sinusoidal position index; fairseq checkpoints use padding_idx + 1
     dropout: float = 0.0  # one rate for residual, attention and activation dropout
     norm: str = "layernorm"
     init: str = "fairseq"  # fairseq: what the paper trained with; xiong: W^Q = W^K = 0 (theory)
@@ -65,6 +66,8 @@ class ModelConfig:
                 bad(f"decoder_depth: must be a positive integer, got {self.decoder_depth!r}")
         if self.d_model % self.heads:
             bad(f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
+        if not isinstance(self.position_offset, int) or self.position_offset < 0:
+            bad(f"position_offset: must be a non-negative integer, got {self.position_offset!r}")
         if not 0.0 <= self.dropout < 1.0:
             bad(f"dropout: must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.mix_ratio <= 1.0:

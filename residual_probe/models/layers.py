@@ -97,11 +97,12 @@ def sinusoidal_positions(n: int, d: int, offset: int = 0) -> torch.Tensor:
 class Embedding(nn.Module):
     """Token embedding scaled by sqrt(d) plus fixed sinusoidal positions, then dropout (fairseq)."""
 
-    def __init__(self, vocab: int, d: int, max_len: int, dropout: float):
+    def __init__(self, vocab: int, d: int, max_len: int, dropout: float, position_offset: int = 0):
         super().__init__()
         self.embed_tokens = nn.Embedding(vocab, d)
         self.scale = math.sqrt(d)
-        self.register_buffer("positions", sinusoidal_positions(max_len, d).float(), persistent=False)
+        positions = sinusoidal_positions(max_len, d, position_offset).float()
+        self.register_buffer("positions", positions, persistent=False)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C)

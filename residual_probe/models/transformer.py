@@ -49,7 +49,7 @@ class Stack(nn.Module):
         self.role = role
         self.placement = placement = make_placement(cfg, role)
         decoder_of_seq2seq = role == "decoder" and cfg.arch == "seq2seq"
-        self.embed = Embedding(cfg.vocab_size, cfg.d_model, cfg.max_len, cfg.dropout)
+        self.embed = Embedding(cfg.vocab_size, cfg.d_model, cfg.max_len, cfg.dropout, cfg.position_offset)
         self.embed_norm = make_norm(cfg.norm, cfg.d_model) if placement.embed_norm else None
         self.layers = nn.ModuleList(
             Block(cfg, placement, k, causal=role == "decoder", cross=decoder_of_seq2seq) for k in range(depth)
