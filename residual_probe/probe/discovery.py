@@ -1,0 +1,167 @@
+"""Finding the residual blocks of any Transformer, their sublayers and their norm modules.
+
+A *block* is one repeated layer of a stack: residual-probe's `Block`, Hugging Face's
+`GPT2Block`, `BertLayer`, `LlamaDecoderLayer`, `T5Block`, `ViTLayer`, torch's
+`TransformerEncoderLayer`, fairseq's `encoder.layers.N`. All of them sit in a `ModuleList`
+(or `Sequential`) of identical modules, so discovery looks for exactly that:
+
+1. a container (`ModuleList`/`Sequential`) whose children all share one class that holds
+   parameters in at least two submodules (so a list of plain `Linear`s is not a stack);
+2. named like a stack (`layers`, `layer`, `h`, `block`, `blocks`) or holding a class whose
+   name ends in `Block`/`Layer`;
+3. outermost: a list nested inside a block (T5's `block.N.layer`) is a sublayer list.
+
+Where this finds nothing, the user names the blocks by a module-path pattern
+(`blocks="model.layers.*"`, one `*` per path component).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+STACK_NAMES = ("layers", "layer", "h", "block", "blocks")
+BLOCK_CLASS = re.compile(r"(block|layer)$", re.IGNORECASE)
+NORM_CLASS = re.compile(r"(norm)$", re.IGNORECASE)
+NORM_TYPES = tuple(t for t in (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) if t)  # RMSNorm: torch>=2.4
+
+
+class DiscoveryError(ValueError):
+    """No blocks could be found (or the user's pattern matched none); one line for the user."""
+
+
+@dataclass
+class BlockInfo:
+    """One residual block: where it is, what it holds, and which residual streams it carries."""
+
+    stack: str  # "encoder", "decoder", or the container's module path (e.g. "transformer.h")
+    index: int  # 0-based position within its stack
+    name: str  # module path, e.g. "decoder.layers.3"
+    module: nn.Module
+    sublayers: dict[str, nn.Module] = field(default_factory=dict)  # e.g. self_attn, ffn / attn, mlp
+    norms: dict[str, nn.Module] = field(default_factory=dict)  # norm modules inside the block
+    streams: tuple[str, ...] = ("x",)  # ResiDual blocks carry ("x", "d")
+
+    @property
+    def sublayer_names(self) -> list[str]:
+        return list(self.sublayers)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm, RMSNorm, GroupNorm and look-alikes (LlamaRMSNorm, T5LayerNorm, ...)."""
+    return isinstance(module, NORM_TYPES) or bool(
+        NORM_CLASS.search(type(module).__name__)
+    )
+
+
+def _has_params(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def _looks_like_block(module: nn.Module) -> bool:
+    return sum(1 for c in module.children() if _has_params(c)) >= 2
+
+
+def _is_stack(name: str, container: nn.Module) -> bool:
+    children = list(container.children())
+    if not children or len({type(c) for c in children}) != 1:
+        return False
+    first = children[0]
+    if not _looks_like_block(first):
+        return False
+    return name.rsplit(".", 1)[-1] in STACK_NAMES or bool(BLOCK_CLASS.search(type(first).__name__))
+
+
+def _outermost(paths: list[str]) -> list[str]:
+    """Drop paths that lie inside another path of the list (module order is kept)."""
+    return [p for p in paths if not any(q != p and (q == "" or p.startswith(q + ".")) for q in paths)]
+
+
+def _stack_name(path: str, block: nn.Module) -> str:
+    for part in path.split("."):
+        for role in ("decoder", "encoder"):
+            if role in part.lower():
+                return role
+    for role in ("decoder", "encoder"):
+        if role in type(block).__name__.lower():
+            return role
+    return path or "blocks"
+
+
+def _sublayers(block: nn.Module) -> dict[str, nn.Module]:
+    """The block's children that hold parameters and are not norms; sublayer lists expanded."""
+    out: dict[str, nn.Module] = {}
+    for name, child in block.named_children():
+        if isinstance(child, (nn.ModuleList, nn.Sequential)) and not _is_stack("", child):
+            for sub, grandchild in child.named_children():
+                if _has_params(grandchild) and not is_norm(grandchild):
+                    out[f"{name}.{sub}"] = grandchild
+        elif _has_params(child) and not is_norm(child):
+            out[name] = child
+    return out
+
+
+def _streams(block: nn.Module) -> tuple[str, ...]:
+    placement = getattr(block, "placement", None)  # residual-probe's Block: ResiDual has two streams
+    streams = getattr(placement, "streams", None)
+    return tuple(streams) if streams else ("x",)
+
+
+def _make(stacks: dict[str, list[tuple[str, nn.Module]]]) -> list[BlockInfo]:
+    """BlockInfo for each (path, module), stacks named by role and made unique."""
+    names = {path: _stack_name(path, mods[0][1]) for path, mods in stacks.items()}
+    if len(set(names.values())) < len(names):  # two stacks with one role: fall back to paths
+        names = {path: path or "blocks" for path in stacks}
+    blocks = []
+    for path, mods in stacks.items():
+        for k, (name, module) in enumerate(mods):
+            norms = {n: m for n, m in module.named_modules() if n and is_norm(m)}
+            blocks.append(BlockInfo(names[path], k, name, module, _sublayers(module), norms, _streams(module)))
+    return blocks
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    parts = [re.escape(p).replace(r"\*", r"[^.]+") for p in pattern.split(".")]
+    return re.compile(r"\.".join(parts) + r"\Z")
+
+
+def find_blocks(model: nn.Module, pattern: str | None = None) -> list[BlockInfo]:
+    """The residual blocks of `model`, in module order, grouped into stacks.
+
+    pattern: optional module-path pattern naming the blocks, `*` matching one path component
+    (e.g. "model.layers.*", "*.layers.*"); blocks are grouped into stacks by their parent path.
+    Raises DiscoveryError saying what was tried when nothing is found.
+    """
+    named = [(n, m) for n, m in model.named_modules()]
+    if pattern is not None:
+        if not isinstance(pattern, str) or not pattern.strip():
+            raise DiscoveryError(f"block pattern must be a non-empty module path, got {pattern!r}")
+        rx = _pattern_regex(pattern.strip())
+        hits = _outermost([n for n, _ in named if n and rx.match(n)])
+        if not hits:
+            sample = ", ".join(n for n, _ in named[1:6])
+            raise DiscoveryError(
+                f"block pattern {pattern!r} matched no module of {type(model).__name__}; "
+                f"module paths look like: {sample}"
+            )
+        modules = dict(named)
+        stacks: dict[str, list[tuple[str, nn.Module]]] = {}
+        for n in hits:
+            stacks.setdefault(n.rpartition(".")[0], []).append((n, modules[n]))
+        return _make(stacks)
+
+    containers = [n for n, m in named if isinstance(m, (nn.ModuleList, nn.Sequential)) and _is_stack(n, m)]
+    containers = _outermost(containers)
+    if not containers:
+        raise DiscoveryError(
+            f"no residual blocks found in {type(model).__name__}: looked for a ModuleList/Sequential of "
+            f"identical multi-sublayer modules named {'/'.join(STACK_NAMES)} or of a class ending in "
+            "Block/Layer; name them with a module-path pattern, e.g. blocks='model.layers.*'"
+        )
+    modules = dict(named)
+    prefix = lambda path: f"{path}." if path else ""  # noqa: E731
+    return _make({
+        path: [(prefix(path) + n, m) for n, m in modules[path].named_children()] for path in containers
+    })

@@ -1,0 +1,72 @@
+"""Which quantities the probe computes at which step (Cockpit-style plain schedules).
+
+A schedule is a callable step -> bool. `every=n` means steps 0, n, 2n, ...; `steps=[...]` an
+explicit list. Quantities may share one schedule or each carry its own:
+`quantities={"param_grad_norm": 1, "forward_stats": [0, 100, 1000]}`.
+A quantity not scheduled on a step costs nothing on it (its hooks return at once).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Mapping, Union
+
+QUANTITIES = ("param_grad_norm", "act_grad_norm", "w2_grad_norm", "forward_stats", "subsample")
+FORWARD = frozenset({"act_grad_norm", "forward_stats", "subsample"})  # need hooks during forward/backward
+PARAM = frozenset({"param_grad_norm", "w2_grad_norm"})  # read from .grad at probe.step()
+
+ScheduleSpec = Union[int, Iterable[int], Callable[[int], bool]]
+
+
+class ProbeError(ValueError):
+    """Invalid probe settings (unknown quantity, bad schedule, unusable sink); one line for the user."""
+
+
+def make_schedule(every: ScheduleSpec | None = 1, steps: Iterable[int] | None = None) -> Callable[[int], bool]:
+    """A step -> bool schedule from `every` (int or callable) or `steps` (explicit list)."""
+    if steps is not None:
+        try:
+            wanted = frozenset(int(s) for s in steps)
+        except (TypeError, ValueError):
+            raise ProbeError(f"steps: expected a list of integers, got {steps!r}") from None
+        if any(s < 0 for s in wanted):
+            raise ProbeError("steps: step numbers must be >= 0")
+        return wanted.__contains__
+    if callable(every):
+        return every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ProbeError(f"every: expected a positive integer, got {every!r}")
+    n = every
+    return lambda step: step % n == 0
+
+
+class Schedule:
+    """Per-quantity schedules; `active(step)` is the set of quantities to compute on `step`."""
+
+    def __init__(self, quantities: Iterable[str] | Mapping[str, ScheduleSpec] = QUANTITIES,
+                 every: ScheduleSpec | None = 1, steps: Iterable[int] | None = None):
+        if isinstance(quantities, str):
+            quantities = (quantities,)
+        if isinstance(quantities, Mapping):
+            items = [(q, self._spec(spec)) for q, spec in quantities.items()]
+        else:
+            shared = make_schedule(every, steps)
+            items = [(q, shared) for q in quantities]
+        unknown = [q for q, _ in items if q not in QUANTITIES]
+        if unknown:
+            raise ProbeError(f"unknown quantity {unknown[0]!r}; choose from {', '.join(QUANTITIES)}")
+        if not items:
+            raise ProbeError("quantities: choose at least one of " + ", ".join(QUANTITIES))
+        self.rules = dict(items)
+
+    @staticmethod
+    def _spec(spec: ScheduleSpec) -> Callable[[int], bool]:
+        if isinstance(spec, int) or callable(spec):
+            return make_schedule(spec)
+        return make_schedule(steps=spec)
+
+    @property
+    def quantities(self) -> frozenset[str]:
+        return frozenset(self.rules)
+
+    def active(self, step: int) -> frozenset[str]:
+        return frozenset(q for q, rule in self.rules.items() if rule(step))
