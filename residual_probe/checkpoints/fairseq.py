@@ -1,0 +1,128 @@
+"""fairseq checkpoints (standard transformer, transformer_lm, and ResiDual's `resi_dual`) rebuilt
+into residual-probe's models from the state-dict layout, without importing fairseq.
+
+A fairseq `.pt` is a dict: `model` (the state dict), `cfg` (a plain dict since fairseq's Hydra
+era; its `model` entry may be nested per stack, or an argparse Namespace) or, in older files,
+`args` (a Namespace), plus `optimizer_history`, `extra_state`, `last_optimizer_state`. It is
+read with the safe unpickler; namespaces and meters arrive as inert placeholders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models import ConfigError, ModelConfig, Transformer
+from .errors import CheckpointError
+from .layout import from_fairseq, shapes, to_fairseq
+from .native import load_exact
+from .safe_pickle import load_pickle, mapping
+
+PADDING_IDX = 1  # fairseq Dictionary: <s>=0, <pad>=1, </s>=2, <unk>=3; positions start at pad + 1
+ARCH_PLACEMENTS = {"resi_dual": "residual"}
+FAIRSEQ_PLACEMENTS = ("post-ln", "pre-ln", "residual")
+UNSUPPORTED_TRUE = ("layernorm_embedding", "no_scale_embedding", "encoder_learned_pos", "decoder_learned_pos",
+                    "no_token_positional_embeddings", "cross_self_attention", "scale_attn", "scale_fc",
+                    "scale_heads", "scale_resids", "encoder_learned_pos")
+
+
+def is_fairseq(obj: Any) -> bool:
+    return isinstance(obj, dict) and isinstance(obj.get("model"), dict) and ("cfg" in obj or "args" in obj)
+
+
+def model_args(ckpt: dict) -> dict[str, Any]:
+    """fairseq's model options as one flat dict (`encoder_layers`, `decoder_normalize_before`, `arch`, ...)."""
+    cfg = mapping(ckpt.get("cfg"))
+    args = mapping(cfg.get("model")) if cfg else None
+    if args is None:
+        args = mapping(ckpt.get("args"))
+    if args is None:
+        raise CheckpointError("fairseq checkpoint has neither cfg['model'] nor args to describe the model")
+    flat = {k: v for k, v in args.items() if not isinstance(v, dict)}
+    for stack in ("encoder", "decoder"):  # Hydra's nested TransformerConfig: encoder.layers -> encoder_layers
+        for key, value in (mapping(args.get(stack)) or {}).items():
+            flat.setdefault(f"{stack}_{key}", value)
+    flat["arch"] = str(flat.get("_name") or flat.get("arch") or "transformer")
+    return flat
+
+
+def config_from(args: dict[str, Any], state: dict[str, torch.Tensor]) -> ModelConfig:
+    """A ModelConfig from fairseq's options and the (renamed) weights' shapes; unsupported options are errors."""
+    on = sorted(k for k in UNSUPPORTED_TRUE if args.get(k))
+    if on:
+        raise CheckpointError(f"fairseq option {on[0]} is set; residual-probe's models do not implement it")
+    if str(args.get("activation_fn", "relu")) != "relu":
+        raise CheckpointError(f"fairseq activation_fn {args['activation_fn']!r} is not supported (only relu)")
+    size = shapes(state)
+    stacks = [s for s in ("encoder", "decoder") if any(k.startswith(f"{s}.layers.") for k in state)]
+    heads = {args.get(f"{s}_attention_heads") for s in stacks}
+    if len(heads) != 1 or None in heads:
+        raise CheckpointError(f"fairseq cfg must give one attention head count for {' and '.join(stacks)}, got {heads}")
+    placement = ARCH_PLACEMENTS.get(args["arch"])
+    if placement is None:
+        before = {bool(args.get(f"{s}_normalize_before", False)) for s in stacks}
+        if len(before) != 1:
+            raise CheckpointError("encoder and decoder disagree on normalize_before: mixed placements are not supported")
+        placement = "pre-ln" if before.pop() else "post-ln"
+    has_final = {any(k.startswith(f"{s}.final_norm.") for k in state) for s in stacks}
+    if has_final != {placement != "post-ln"}:
+        raise CheckpointError(f"fairseq {args['arch']}: {placement} expects {'a' if placement != 'post-ln' else 'no'} "
+                              "final layer_norm per stack, the weights disagree")
+    alphas = {float(args.get(f"{s[:3]}_alpha", 1.0)) for s in stacks}
+    if len(alphas) != 1:
+        raise CheckpointError(f"enc_alpha and dec_alpha differ ({sorted(alphas)}); residual-probe has one alpha")
+    proj = state.get("output_projection.weight")
+    emb = state.get(f"{stacks[-1]}.embed.embed_tokens.weight")
+    tied = proj is None or (proj.shape == emb.shape and torch.equal(proj, emb))
+    if tied:
+        state.pop("output_projection.weight", None)
+    max_len = int(max(args.get("max_source_positions", 1024) or 1024, args.get("max_target_positions", 1024) or 1024))
+    try:
+        return ModelConfig(
+            placement=placement, heads=int(heads.pop()), max_len=max_len, position_offset=PADDING_IDX + 1,
+            dropout=0.0, alpha=alphas.pop(), tie_embeddings=tied, **size,
+        )
+    except ConfigError as exc:
+        raise CheckpointError(f"fairseq checkpoint: {exc}") from None
+
+
+def load_fairseq(ckpt: dict, source: str) -> tuple[Transformer, dict[str, Any]]:
+    """Rebuild the model of an unpickled fairseq checkpoint; returns (model in eval mode, description)."""
+    args = model_args(ckpt)
+    state = {k: v for k, v in ckpt["model"].items()}
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{source}: fairseq 'model' entry {bad[0]!r} is not a tensor")
+    state = from_fairseq(state)
+    cfg = config_from(args, state)
+    model = Transformer(cfg)
+    load_exact(model, {k: v.float() for k, v in state.items()}, source)
+    notes = []
+    scales = {float(args.get(f"{p}_res_input_norm_scale", 1.0)) for p in ("enc", "dec")}
+    if scales != {1.0}:
+        # The paper's code scales d_0 and every update by s, so LN_f(d) is unchanged up to eps: s = 1 here.
+        notes.append(f"res_input_norm_scale {sorted(scales)} dropped: LN_f makes it a no-op up to eps")
+    return model.eval(), {"family": "fairseq", "fairseq_arch": args["arch"], "notes": notes}
+
+
+def load_fairseq_file(path: str | Path, trust: bool = False) -> tuple[Transformer, dict[str, Any]]:
+    ckpt = load_pickle(path, trust=trust)
+    if not is_fairseq(ckpt):
+        raise CheckpointError(f"{path}: not a fairseq checkpoint (needs 'model' and 'cfg' or 'args')")
+    return load_fairseq(ckpt, str(path))
+
+
+def fairseq_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's weights in fairseq's layout (as fairseq would save them), for export and tests."""
+    cfg = model.cfg
+    if cfg.placement not in FAIRSEQ_PLACEMENTS:
+        raise CheckpointError(f"placement {cfg.placement!r} has no fairseq counterpart ({', '.join(FAIRSEQ_PLACEMENTS)})")
+    if cfg.position_offset != PADDING_IDX + 1:
+        raise CheckpointError(f"fairseq positions start at {PADDING_IDX + 1}; this model's start at {cfg.position_offset}")
+    state = to_fairseq({k: v.detach().clone() for k, v in model.state_dict().items()})
+    for role, _ in model.stacks():
+        state[f"{role}.version"] = torch.tensor([3.0])
+        state[f"{role}.embed_positions._float_tensor"] = torch.tensor([1.0])
+    return state
