@@ -1,0 +1,408 @@
+"""The probe on residual-probe's own models: every quantity against a direct float64 computation.
+
+The reference runs the stacks by hand (embedding, blocks, end of stack), keeps every block's
+input and output with retain_grad, and computes each metric with explicit per-token formulas;
+it shares no code with the probe's hooks.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from residual_probe.models import build_model
+from residual_probe.probe import DiscoveryError, Probe, ProbeError
+
+SIZES = dict(depth=3, d_model=16, heads=2, ffn=32, vocab_size=23, max_len=64)
+FORWARD = ("cos_adjacent", "relative_update", "norm_sq_per_dim", "ln_update", "block_influence", "angular_distance")
+
+
+def make(arch, placement, seed=0, **kw):
+    torch.manual_seed(seed)
+    return build_model(arch=arch, placement=placement, **{**SIZES, **kw}).double()
+
+
+def inputs(arch, batch=3, T=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    tok = lambda: torch.randint(1, SIZES["vocab_size"], (batch, T), generator=g)  # noqa: E731
+    x = (tok(), tok()) if arch == "seq2seq" else (tok(),)
+    return x, torch.randint(0, SIZES["vocab_size"], (batch, T), generator=g)
+
+
+def loss_of(logits, targets, scale=1.0):
+    return scale * F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+# ---- the direct computation ----------------------------------------------------------------
+
+
+def manual_forward(model, inp):
+    """Transformer.forward by hand; returns logits and {(stack, k): (input streams, output streams)}."""
+    cap = {}
+
+    def run(role, stack, tokens, memory=None):
+        x = stack.placement.begin(stack.embed(tokens), stack)
+        for k, blk in enumerate(stack.layers):
+            prev = x if isinstance(x, tuple) else (x,)
+            x = blk(x, memory)
+            cur = x if isinstance(x, tuple) else (x,)
+            for t in cur:
+                t.retain_grad()
+            cap[(role, k)] = (prev, cur)
+        return stack.placement.end(x, stack)
+
+    if model.cfg.arch == "seq2seq":
+        h = run("decoder", model.decoder, inp[1], run("encoder", model.encoder, inp[0]))
+    else:
+        h = run(model.stacks()[0][0], model.stacks()[0][1], inp[0])
+    return model.output_projection(h), cap
+
+
+def naive_stats(prev, cur, eps=1e-5):
+    a, b = prev.detach().reshape(-1, prev.shape[-1]), cur.detach().reshape(-1, cur.shape[-1])
+    cos = torch.stack([a[t] @ b[t] / (a[t].norm() * b[t].norm()) for t in range(len(a))])
+    rel = torch.stack([(b[t] - a[t]).norm() / a[t].norm() for t in range(len(a))])
+
+    def ln(v):
+        return (v - v.mean(-1, keepdim=True)) / torch.sqrt(v.var(-1, unbiased=False, keepdim=True) + eps)
+
+    c = float(cos.mean())
+    return {
+        "cos_adjacent": c, "relative_update": float(rel.mean()),
+        "norm_sq_per_dim": float((b**2).sum(-1).mean() / b.shape[-1]),
+        "ln_update": float((ln(b) - ln(a)).abs().mean()),
+        "block_influence": 1 - c, "angular_distance": math.acos(c) / math.pi,
+    }
+
+
+def naive_act(grad):
+    g = grad.reshape(-1, grad.shape[-1])
+    return math.sqrt(sum(float(g[t] @ g[t]) for t in range(len(g))) / len(g))
+
+
+def param_norm(params):
+    return math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in params if p.grad is not None))
+
+
+def reference(model, inp, targets):
+    """Expected rows {(stack, layer, sublayer, stream, metric): value} for one step."""
+    model.zero_grad(set_to_none=True)
+    logits, cap = manual_forward(model, inp)
+    loss_of(logits, targets).backward()
+    ref = {}
+    for role, stack in model.stacks():
+        streams = stack.placement.streams
+        for k, blk in enumerate(stack.layers):
+            prev, cur = cap[(role, k)]
+            for s, p, c in zip(streams, prev, cur):
+                for metric, v in naive_stats(p, c).items():
+                    ref[(role, k, "block", s, metric)] = v
+                ref[(role, k, "block", s, "act_grad_norm")] = naive_act(c.grad)
+            ref[(role, k, "block", "-", "param_grad_norm")] = param_norm(blk.parameters())
+            for name in ("self_attn", "cross_attn", "ffn"):
+                if getattr(blk, name) is not None:
+                    ref[(role, k, name, "-", "param_grad_norm")] = param_norm(getattr(blk, name).parameters())
+            named = dict(blk.named_parameters())
+            is_norm = lambda n: ".norm." in n or ".out_norm." in n  # noqa: E731
+            norms = [p for n, p in named.items() if is_norm(n)]
+            attn = [p for n, p in named.items() if "attn." in n and not is_norm(n)]
+            ffn = [p for n, p in named.items() if n.startswith("ffn.") and not is_norm(n)]
+            for g, ps in (("attention", attn), ("ffn", ffn), ("norm", norms)):
+                if ps:
+                    ref[(role, k, f"group:{g}", "-", "param_grad_norm")] = param_norm(ps)
+            if "gate" in named:
+                ref[(role, k, "group:other", "-", "param_grad_norm")] = param_norm([named["gate"]])
+        last = len(stack.layers) - 1
+        ref[(role, last, "ffn.fc2", "-", "w2_grad_norm")] = float(stack.layers[last].ffn.fc2.weight.grad.norm())
+    model.zero_grad(set_to_none=True)
+    return ref
+
+
+def probed(model, inp, targets, **kw):
+    probe = Probe(model, **kw)
+    with probe:
+        loss_of(model(*inp), targets).backward()
+        rows = probe.step()
+    model.zero_grad(set_to_none=True)
+    return probe, {(r["stack"], r["layer"], r["sublayer"], r["stream"], r["metric"]): r["value"] for r in rows}
+
+
+CASES = [("decoder", "pre-ln"), ("decoder", "post-ln"), ("encoder", "sandwich"), ("seq2seq", "residual"),
+         ("seq2seq", "deepnorm"), ("decoder", "rezero"), ("decoder", "b2t")]
+
+
+@pytest.mark.parametrize("arch,placement", CASES)
+def test_every_quantity_equals_direct_float64(arch, placement):
+    model = make(arch, placement)
+    if placement == "rezero":  # gates are 0 at init: open them so the blocks act
+        with torch.no_grad():
+            for _, stack in model.stacks():
+                for blk in stack.layers:
+                    blk.gate.fill_(0.3)
+    inp, targets = inputs(arch)
+    ref = reference(model, inp, targets)
+    _, got = probed(model, inp, targets)
+    got.pop(("-", -1, "-", "-", "nonfinite_count"))
+    assert set(got) == set(ref)
+    for key, value in ref.items():
+        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    if placement == "residual":  # both streams recorded, and they differ
+        assert got[("decoder", 0, "block", "d", "cos_adjacent")] != got[("decoder", 0, "block", "x", "cos_adjacent")]
+
+
+def test_micro_batches_pool_to_the_full_batch():
+    """Two half batches (loss / 2 each) then step() give the rows of one full batch."""
+    model = make("decoder", "pre-ln")
+    (tok,), targets = inputs("decoder", batch=4)
+    _, full = probed(model, (tok,), targets, subsample_tokens=8)
+    probe = Probe(model, subsample_tokens=8)
+    with probe:
+        for half in (slice(0, 2), slice(2, 4)):
+            loss_of(model(tok[half]), targets[half], scale=0.5).backward()
+        rows = probe.step()
+    got = {(r["stack"], r["layer"], r["sublayer"], r["stream"], r["metric"]): r["value"] for r in rows}
+    assert set(got) == set(full)
+    for key, value in full.items():
+        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_subsample_is_seeded_and_takes_the_same_tokens_of_every_layer():
+    model = make("seq2seq", "residual")
+    inp, targets = inputs("seq2seq", batch=3, T=5)
+    _, cap = manual_forward(model, inp)
+    p1, _ = probed(model, inp, targets, subsample_tokens=6, seed=7)
+    p2, _ = probed(model, inp, targets, subsample_tokens=6, seed=7)
+    p3, _ = probed(model, inp, targets, subsample_tokens=6, seed=8)
+    sub = p1.subsamples()
+    assert set(sub) == {("encoder", "x"), ("encoder", "d"), ("decoder", "x"), ("decoder", "d")}
+    for key, t in sub.items():
+        assert t.shape == (SIZES["depth"] + 1, 6, 16) and t.dtype == torch.float32
+        assert torch.equal(t, p2.subsamples()[key])
+        assert not torch.equal(t, p3.subsamples()[key])
+        stack, stream = key
+        si = ("x", "d").index(stream)
+        layers = [cap[(stack, 0)][0][si]] + [cap[(stack, k)][1][si] for k in range(SIZES["depth"])]
+        full = [h.detach().reshape(-1, 16).float() for h in layers]
+        # the same token positions in every layer: each kept token's path through all layers
+        # is some token's path (matching on the joint path: equal embeddings can repeat)
+        path, kept = torch.cat(full, dim=1), torch.cat(list(t), dim=1)  # (tokens, (L+1) * d)
+        assert torch.cdist(kept, path).min(dim=1).values.max() < 1e-6
+    assert p1.subsample_step == 0
+
+
+def test_subsample_is_bounded_by_the_tokens_there_are():
+    model = make("decoder", "pre-ln")
+    inp, targets = inputs("decoder", batch=2, T=3)
+    probe, _ = probed(model, inp, targets, subsample_tokens=1000)
+    assert probe.subsamples()[("decoder", "x")].shape == (SIZES["depth"] + 1, 6, 16)
+
+
+def test_schedules_every_steps_and_per_quantity():
+    model = make("decoder", "pre-ln")
+    inp, targets = inputs("decoder")
+
+    def run(probe, n=6):
+        with probe:
+            for _ in range(n):
+                loss_of(model(*inp), targets).backward()
+                probe.step()
+                model.zero_grad(set_to_none=True)
+        by_step = {}
+        for r in probe.rows():
+            by_step.setdefault(r["step"], set()).add(r["metric"])
+        return by_step
+
+    assert sorted(run(Probe(model, quantities=("param_grad_norm",), every=3))) == [0, 3]
+    assert sorted(run(Probe(model, quantities=("act_grad_norm",), steps=[1, 4]))) == [1, 4]
+    steps = run(Probe(model, quantities={"param_grad_norm": 2, "forward_stats": [1], "w2_grad_norm": lambda s: s == 5}))
+    assert steps[0] == steps[2] == steps[4] == {"param_grad_norm", "nonfinite_count"}
+    assert steps[1] == set(FORWARD) | {"nonfinite_count"}
+    assert steps[5] == {"w2_grad_norm", "nonfinite_count"}
+    assert 3 not in steps
+
+
+def test_unscheduled_steps_register_nothing():
+    model = make("decoder", "pre-ln")
+    inp, targets = inputs("decoder")
+    probe = Probe(model, every=2, start_step=1)
+    with probe:
+        loss = loss_of(model(*inp), targets)
+        assert probe._tensor_handles == [] and probe._acc.values == []
+        loss.backward()
+        assert probe._acc.values == [] and probe.step() == []
+        loss_of(model(*inp), targets).backward()
+        assert len(probe._tensor_handles) == SIZES["depth"]
+        assert probe.step()[0]["step"] == 2
+
+
+def test_forward_stats_under_no_grad():
+    model = make("decoder", "post-ln")
+    inp, targets = inputs("decoder")
+    ref = reference(model, inp, targets)
+    probe = Probe(model, quantities=("forward_stats", "act_grad_norm"))
+    with probe, torch.no_grad():
+        model(*inp)
+        rows = probe.step()
+    metrics = {r["metric"] for r in rows}
+    assert "act_grad_norm" not in metrics and set(FORWARD) <= metrics
+    for r in rows:
+        if r["metric"] in FORWARD:
+            assert r["value"] == pytest.approx(ref[(r["stack"], r["layer"], "block", "x", r["metric"])], rel=1e-9)
+
+
+def test_activation_checkpoint_recomputation_is_not_counted_twice():
+    from torch.utils.checkpoint import checkpoint
+
+    model = make("decoder", "pre-ln")
+    inp, targets = inputs("decoder")
+    ref = reference(model, inp, targets)
+    for blk in model.decoder.layers:
+        blk.forward = (lambda f: lambda x, memory=None: checkpoint(f, x, memory, use_reentrant=False))(blk.forward)
+    _, got = probed(model, inp, targets)
+    for key, value in ref.items():
+        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_nonfinite_values_are_recorded_and_counted_not_raised():
+    model = make("decoder", "pre-ln")
+    inp, targets = inputs("decoder")
+    with torch.no_grad():
+        model.decoder.layers[1].ffn.fc1.weight[0, 0] = float("nan")
+    probe, got = probed(model, inp, targets)
+    assert math.isnan(got[("decoder", 1, "block", "-", "param_grad_norm")])
+    assert math.isnan(got[("decoder", 1, "block", "x", "cos_adjacent")])
+    bad = sum(1 for k, v in got.items() if k[-1] != "nonfinite_count" and not math.isfinite(v))
+    assert bad > 10 and got[("-", -1, "-", "-", "nonfinite_count")] == bad == probe.nonfinite_total
+
+
+# ---- detach: nothing left behind ------------------------------------------------------------
+
+
+def hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+
+
+def test_detach_restores_the_model_exactly():
+    model = make("seq2seq", "residual")
+    inp, _ = inputs("seq2seq")
+    before = model(*inp)
+    probe = Probe(model)
+    with probe:
+        during = model(*inp)
+        assert hook_count(model) == 2 * SIZES["depth"]
+    after = model(*inp)
+    assert torch.equal(before, during) and torch.equal(before, after)
+    assert hook_count(model) == 0
+    probe.attach()  # explicit attach/detach too
+    assert hook_count(model) == 2 * SIZES["depth"]
+    probe.detach()
+    assert hook_count(model) == 0
+
+
+def test_no_references_or_memory_remain_across_1000_steps():
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = build_model(arch="decoder", placement="residual", depth=2, d_model=8, heads=2, ffn=8, vocab_size=11)
+    tok = torch.randint(1, 11, (2, 4))
+
+    def live_tensors():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
+
+    probe = Probe(model, keep_rows=False, subsample_tokens=4)
+    with probe:
+        for step in range(1000):
+            model(tok).square().mean().backward()
+            probe.step()
+            model.zero_grad(set_to_none=True)
+            if step == 9:
+                early = live_tensors()
+    assert live_tensors() <= early  # nothing grows with the number of steps
+    ref = weakref.ref(probe)
+    del probe
+    gc.collect()
+    assert ref() is None and hook_count(model) == 0
+    assert all(not p._backward_hooks for p in model.parameters() if p._backward_hooks is not None)
+
+
+def test_detach_mid_step_drops_pending_gradient_hooks():
+    model = make("decoder", "pre-ln")
+    inp, targets = inputs("decoder")
+    probe = Probe(model, quantities=("act_grad_norm",))
+    probe.attach()
+    loss = loss_of(model(*inp), targets)
+    probe.detach()
+    loss.backward()  # the hooks registered before detach must not fire into the probe
+    assert probe._acc.values == [] and probe.step() == []
+
+
+# ---- records on disk ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", ["csv", "jsonl"])
+def test_sink_keeps_the_steps_before_a_crash(tmp_path, suffix):
+    pd = pytest.importorskip("pandas")
+    model = make("decoder", "pre-ln")
+    inp, targets = inputs("decoder")
+    path = tmp_path / f"rows.{suffix}"
+    probe = Probe(model, quantities=("param_grad_norm", "forward_stats"), sink=str(path))
+    with pytest.raises(RuntimeError, match="boom"):
+        with probe:
+            for step in range(10):
+                if step == 4:
+                    raise RuntimeError("boom")
+                loss_of(model(*inp), targets).backward()
+                probe.step()
+    df = pd.read_csv(path) if suffix == "csv" else pd.read_json(path, lines=True)
+    assert list(df.columns) == ["step", "stack", "layer", "sublayer", "stream", "metric", "value"]
+    assert sorted(df["step"].unique()) == [0, 1, 2, 3]
+    mem = pd.DataFrame(probe.rows())
+    assert len(df) == len(mem)
+    assert df["value"].tolist() == pytest.approx(mem["value"].tolist(), rel=1e-12)
+
+
+def test_sink_writes_nonfinite_values_readably(tmp_path):
+    pd = pytest.importorskip("pandas")
+    model = make("decoder", "pre-ln")
+    inp, targets = inputs("decoder")
+    with torch.no_grad():
+        model.decoder.layers[0].ffn.fc2.bias[0] = float("inf")
+    for suffix in ("csv", "jsonl"):
+        path = tmp_path / f"bad.{suffix}"
+        probed(model, inp, targets, quantities=("param_grad_norm",), sink=str(path))
+        df = pd.read_csv(path) if suffix == "csv" else pd.read_json(path, lines=True)
+        assert df["value"].apply(lambda v: not math.isfinite(v)).sum() > 0
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(quantities=("param_grad_norm", "grad_norm")), "unknown quantity 'grad_norm'"),
+    (dict(quantities=()), "at least one"),
+    (dict(every=0), "every"),
+    (dict(steps=["a"]), "steps"),
+    (dict(steps=[-1]), "steps"),
+    (dict(subsample_tokens=0), "subsample_tokens"),
+    (dict(sink="rows.txt"), r"\.csv or \.jsonl"),
+    (dict(sink="/nonexistent-dir/rows.csv"), "does not exist"),
+])
+def test_bad_settings_raise_one_line_probe_errors(kwargs, match):
+    with pytest.raises(ProbeError, match=match) as err:
+        Probe(make("decoder", "pre-ln"), **kwargs)
+    assert "\n" not in str(err.value)
+    assert isinstance(err.value, ValueError)
+
+
+def test_not_a_module():
+    with pytest.raises(ProbeError, match="nn.Module"):
+        Probe(lambda x: x)
+
+
+def test_model_without_blocks_says_what_was_tried_and_how_to_name_them():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    with pytest.raises(DiscoveryError, match=r"no residual blocks found in Sequential.*blocks='model\.layers\.\*'"):
+        Probe(model)
