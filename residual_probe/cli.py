@@ -194,6 +194,50 @@ def figures(
         typer.echo(f"{len(meta['checks'])} checks, {n_bad} disagree with the claim; wrote {Path(out) / 'checks.csv'}")
 
 
+@app.command("bounds")
+def bounds(
+    depth: Annotated[str, typer.Option(help="Depth, or comma-separated depths; one depth D measures Theorem 1 on 6, 12, 24, ... up to D.")] = "48",
+    arch: Annotated[str, typer.Option(help="Architecture for Xiong's statements and the collapse shape: encoder (the lemma's setting), decoder or seq2seq. ResiDual's gradient statements always use seq2seq.")] = "encoder",
+    d_model: Annotated[int, typer.Option("--d-model", help="Model width.")] = 128,
+    heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
+    ffn: Annotated[int, typer.Option(help="FFN hidden width.")] = 512,
+    seeds: Annotated[int, typer.Option(help="Seeds per model (0..seeds-1).")] = 3,
+    batch: Annotated[int, typer.Option(help="Sequences per batch.")] = 8,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")] = 32,
+    settings: Annotated[str, typer.Option(help="Initializations, comma-separated: xiong (W^Q = W^K = 0), fairseq.")] = "xiong,fairseq",
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("results/bounds"),
+    format: Annotated[str, typer.Option("--format", help="Figure formats, comma-separated: png,pdf,svg.")] = "png",
+):
+    """Check each theory statement (Xiong et al. 2020 Lemma 2 and Theorem 1; ResiDual's gradient, collapse
+    and Adam results) against the reference models at initialization.
+
+    Writes OUT/bounds.csv (probe rows), OUT/bounds_checks.csv (statement, predicted, measured, agreement),
+    OUT/bounds.json and one figure per statement (OUT/bounds_*.png); prints the checks table.
+    """
+    fmts = formats_option(format)
+    try:
+        depths = tuple(int(d) for d in csv_list(depth))
+    except ValueError:
+        fail(f"--depth: expected an integer or comma-separated integers, got {depth!r}")
+    with user_errors():
+        from rich.console import Console
+        from rich.table import Table
+
+        from .jobs.bounds import BoundsSpec, run_bounds
+
+        spec = BoundsSpec(depths=depths, arch=arch, d_model=d_model, heads=heads, ffn=ffn, seeds=seeds, batch=batch,
+                          seq_len=seq_len, settings=csv_list(settings))
+        with progress_bar(f"bounds depth {max(depths) if depths else '?'}") as start:
+            meta = run_bounds(spec, out, formats=fmts, progress=start)
+        table = Table("statement", "setting", "placement", "predicted", "measured", "agreement")
+        for c in meta["checks"]:
+            table.add_row(c["statement"], c["setting"], c["placement"], c["predicted"], c["measured"], c["agreement"])
+        Console(width=200).print(table)
+        if meta["nonfinite_values"]:
+            typer.echo(f"warning: {meta['nonfinite_values']} non-finite values recorded (NaN/inf)", err=True)
+        report_files(meta["files"])
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -33,7 +33,7 @@ def plot_lemma2(data: dict, depth: int, path_stem: str | Path, formats=("png",))
 
     plt = setup()
     settings = _settings(data)
-    fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 3.8), squeeze=False, layout="constrained")
     l = np.arange(1, depth + 1)
     for ax, s in zip(axes[0], settings):
         for p in ("post-ln", "pre-ln"):
@@ -53,7 +53,7 @@ def plot_theorem1(data: dict, path_stem: str | Path, formats=("png",)) -> list[P
     """data[(setting, placement)] = {"depths", "w2": (seeds, len(depths)), "predicted", "slope"}."""
     plt = setup()
     settings = _settings(data)
-    fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 3.8), squeeze=False, layout="constrained")
     for ax, s in zip(axes[0], settings):
         for p in ("post-ln", "pre-ln"):
             d = data[(s, p)]
@@ -74,7 +74,7 @@ def plot_residual_gradient(data: dict, path_stem: str | Path, formats=("png",)) 
     plt = setup()
     settings = _settings(data)
     stacks = ("encoder", "decoder")
-    fig, axes = plt.subplots(len(settings), 2, figsize=(10, 3.6 * len(settings)), squeeze=False)
+    fig, axes = plt.subplots(len(settings), 2, figsize=(10, 3.6 * len(settings)), squeeze=False, layout="constrained")
     for i, s in enumerate(settings):
         for j, stack in enumerate(stacks):
             ax = axes[i][j]
@@ -99,7 +99,7 @@ def plot_collapse(toy: dict, model: dict, path_stem: str | Path, formats=("png",
     """toy[placement] = {"mc": {metric: (K,)}, "pred": {metric: (K,)}}; model[(setting, placement)] = (seeds, N)."""
     plt = setup()
     settings = _settings(model)
-    fig, axes = plt.subplots(1, 2 + len(settings), figsize=(4.4 * (2 + len(settings)), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, 2 + len(settings), figsize=(4.4 * (2 + len(settings)), 3.8), squeeze=False, layout="constrained")
     axes = axes[0]
     for p, d in toy.items():
         k = np.arange(1, len(d["pred"]["ln_update"]) + 1)
@@ -131,7 +131,7 @@ def plot_adam(g_healthy: float, g_small, measured, predicted, eps: float, path_s
               formats=("png",)) -> list[Path]:
     """Adam's step-size ratio between a vanishing coordinate and a healthy one, against theory."""
     plt = setup()
-    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    fig, ax = plt.subplots(figsize=(5.2, 3.8), layout="constrained")
     ax.plot(g_small, measured, "o", color=color("post-ln"), label="torch Adam (3000 steps, betas 0.9/0.999)")
     ax.plot(g_small, predicted, "-", color="k", lw=1, label="(g_healthy + eps) / (g_small + eps)")
     ax.axhline(g_healthy / eps, ls="--", color=color("residual"), label="alpha sqrt(d) / eps  (g = 0)")
