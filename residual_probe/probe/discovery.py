@@ -61,7 +61,8 @@ def _has_params(module: nn.Module) -> bool:
 
 
 def _looks_like_block(module: nn.Module) -> bool:
-    return sum(1 for c in module.children() if _has_params(c)) >= 2
+    """Two or more parametrized parts (sublayers or norms), possibly inside a sublayer list (T5)."""
+    return sum(1 for c in module.children() if _has_params(c)) >= 2 or len(_sublayers(module)) >= 2
 
 
 def _is_stack(name: str, container: nn.Module) -> bool:
