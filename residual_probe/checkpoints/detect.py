@@ -52,7 +52,7 @@ def _runs(kinds: list[str]) -> str:
 
 @torch.no_grad()
 def detect_placement(blocks: list[BlockInfo], forward: Callable[[], object]) -> dict:
-    """{"placement": kind, "stacks": {stack: kind}, "per_block": {stack: [kinds]}, "detail": str}.
+    """{"placement": kind, "stacks": {stack: kind}, "per_block": {stack: [kinds]}, "detail": str, "item_tokens"}.
 
     `forward` runs the model once on a small input; `blocks` come from the probe's discovery.
     """
@@ -69,6 +69,7 @@ def detect_placement(blocks: list[BlockInfo], forward: Callable[[], object]) -> 
         outs = stream_tensors(output, n)
         if ins is not None and outs is not None and "kind" not in seen[pos]:
             seen[pos]["kind"] = classify(ins, outs, seen[pos]["norms"])
+            seen[pos]["tokens"] = outs[0].shape[-2] if outs[0].dim() >= 2 else 1
 
     try:
         for pos, b in enumerate(blocks):
@@ -87,4 +88,5 @@ def detect_placement(blocks: list[BlockInfo], forward: Callable[[], object]) -> 
     overall = set(stacks.values())
     placement = overall.pop() if len(overall) == 1 else "other"
     detail = "; ".join(f"{s}: {_runs(ks)}" for s, ks in per_block.items())
-    return {"placement": placement, "stacks": stacks, "per_block": per_block, "detail": detail}
+    return {"placement": placement, "stacks": stacks, "per_block": per_block, "detail": detail,
+            "item_tokens": seen[0].get("tokens") if seen else None}  # positions per input item (block 0)

@@ -1,0 +1,282 @@
+"""The `collapse` job: how much each layer of a real checkpoint still changes its representation.
+
+For each checkpoint: load it safely (residual_probe.checkpoints), read its placement from the
+block structure, run text through its body with the probe attached (forward statistics reduced
+inside the hooks, one bounded token subsample for the layer x layer matrices), and judge
+collapse from the adjacent cosine of its later blocks. Outputs in `out`:
+- collapse.csv    model, stack, layer, stream, metric, value (every per-layer representation metric)
+- similarity.csv  model, stack, stream, metric (cosine / cka), layer_i, layer_j, value
+                  (layer -1 is the embedding output, k the output of block k)
+- collapse.json   per model: family, detected and declared placement, depth, width, parameters,
+                  verdicts, most redundant layers; the data; times; versions
+- collapse_curves.png, similarity.png, norm_growth.png
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+CSV_COLUMNS = ("model", "stack", "layer", "stream", "metric", "value")
+SIM_COLUMNS = ("model", "stack", "stream", "metric", "layer_i", "layer_j", "value")
+FAIRSEQ_SPECIALS = 4  # fairseq ids 0-3 are <s>, <pad>, </s>, <unk>
+# Verdict thresholds on the adjacent cosine of the last third of the blocks. A block whose output
+# keeps cos >= 0.98 with its input turns the representation by under 11 degrees: ShortGPT removes
+# such blocks with little loss. "collapsing": later blocks change the stream less than half as
+# much as early ones, the Pre-LN signature (cos_k ~ sqrt(k / (k + 1)) in the toy model).
+COLLAPSED_COS, COLLAPSING_COS, COLLAPSING_RATIO = 0.98, 0.9, 0.5
+REDUNDANT_SHOWN = 3
+
+
+@dataclass
+class CollapseSpec:
+    ckpts: tuple[str, ...]
+    data: str | None = None  # UTF-8 text file; None: the built-in corpus (CPython's pydoc topics)
+    tokens: int = 8192  # tokens (positions) run through each model
+    batch: int = 8
+    seq_len: int = 256
+    subsample: int = 256  # tokens kept per layer for the similarity / CKA matrices
+    seed: int = 0
+    trust_pickle: bool = False
+    blocks: str | None = None  # module-path pattern when block discovery fails, e.g. "model.layers.*"
+    bare: dict = field(default_factory=dict)  # placement, heads, depth, ... for bare state dicts
+
+    def validate(self) -> None:
+        from ..models import ConfigError
+
+        if not self.ckpts:
+            raise ConfigError("give at least one checkpoint (--ckpt)")
+        for name, low in (("tokens", 16), ("batch", 1), ("seq_len", 2), ("subsample", 4)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name.replace('_', '-')}: must be >= {low}, got {getattr(self, name)}")
+
+
+# ---- input -------------------------------------------------------------------------------
+
+
+def read_text(path: str | None) -> tuple[str, str]:
+    """(text, description): a UTF-8 file, or the built-in corpus that every CPython ships."""
+    from ..data import DataError, builtin_corpus, read_text_tokens
+
+    if path is None:
+        return bytes(builtin_corpus().to("cpu").byte().numpy()).decode("utf-8"), "built-in: CPython pydoc topics"
+    raw = bytes(read_text_tokens(path).byte().numpy())
+    if not raw.strip():
+        raise DataError(f"data file {path!r} holds only whitespace")
+    return raw.decode("utf-8"), str(path)
+
+
+def text_ids(loaded, text: str, need: int) -> tuple[Any, str]:
+    """1-D token ids of `text` for this model: its tokenizer, else UTF-8 bytes (folded into its vocabulary)."""
+    import torch
+
+    text = text[: max(need * 16, 4096)]  # enough characters for `need` tokens in any tokenizer
+    if loaded.tokenizer is not None:
+        ids = loaded.tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        return torch.tensor(ids, dtype=torch.long), "checkpoint tokenizer"
+    ids = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+    vocab = loaded.vocab_size or 256
+    if vocab >= 256 and not loaded.family.startswith("fairseq"):
+        return ids, "byte-level"
+    low = FAIRSEQ_SPECIALS if loaded.family.startswith("fairseq") else 0
+    if vocab - low < 2:
+        raise ValueError(f"vocabulary of {vocab} is too small for byte-level input")
+    return low + ids % (vocab - low), f"byte-level, folded into ids {low}..{vocab - 1}"
+
+
+def make_batches(loaded, spec: CollapseSpec, text: str, item_tokens: int | None = None) -> tuple[list, dict]:
+    """Input batches totalling at least spec.tokens positions, and a description of them."""
+    import torch
+
+    if loaded.modality == "image":  # no text for a vision model: seeded Gaussian images
+        per = max(1, item_tokens or 1)
+        n = math.ceil(spec.tokens / per)
+        gen = torch.Generator().manual_seed(spec.seed)
+        images = torch.randn(n, *loaded.image_shape, generator=gen)
+        return list(images.split(spec.batch)), {"kind": "synthetic images (seeded N(0, 1) pixels)", "items": n,
+                                                "tokens": n * per}
+    T = spec.seq_len
+    if loaded.max_len is not None and T > loaded.max_len:
+        raise ValueError(f"--seq-len {T} exceeds the model's {loaded.max_len} positions")
+    windows = math.ceil(spec.tokens / T)
+    ids, how = text_ids(loaded, text, windows * T)
+    if ids.numel() < T:
+        raise ValueError(f"the text gives {ids.numel()} tokens, fewer than --seq-len {T}")
+    repeats = math.ceil(windows * T / ids.numel())
+    stream = ids.repeat(repeats)[: windows * T].view(windows, T)  # consecutive, non-overlapping windows
+    return list(stream.split(spec.batch)), {"tokenization": how, "tokens": windows * T, "text_tokens": ids.numel(),
+                                            "repeated": repeats > 1, "seq_len": T, "batch": spec.batch}
+
+
+# ---- measurement -------------------------------------------------------------------------
+
+
+def detect(loaded, sample) -> dict:
+    import torch
+
+    from ..checkpoints.detect import detect_placement
+    from ..probe import find_blocks
+
+    with torch.no_grad():
+        return detect_placement(find_blocks(loaded.model), lambda: loaded.forward(sample))
+
+
+def measure(loaded, batches: list, spec: CollapseSpec, advance: Callable[[], None] | None = None) -> dict:
+    """Probe rows and layer x layer matrices of one model over `batches` (all pooled into one step)."""
+    import torch
+
+    from ..analysis import metrics
+    from ..probe import Probe
+
+    probe = Probe(loaded.model, quantities=("forward_stats", "subsample"), subsample_tokens=spec.subsample,
+                  seed=spec.seed, blocks=spec.blocks, group=None)
+    t0 = time.perf_counter()
+    with probe, torch.no_grad():
+        for x in batches:
+            loaded.forward(x)
+            if advance:
+                advance()
+        rows = probe.step()
+    t1 = time.perf_counter()
+    matrices = {}
+    for (stack, stream), H in probe.subsamples().items():  # H: (n_blocks + 1, n_tokens, d)
+        matrices[(stack, stream)] = {
+            "cosine": metrics.similarity_matrix(H), "cka": metrics.cka_matrix(H),
+            "effective_rank": torch.stack([metrics.effective_rank(h) for h in H]), "width": H.shape[-1],
+        }
+    t2 = time.perf_counter()
+    return {"rows": rows, "matrices": matrices, "blocks": probe.blocks,
+            "times": {"forward_s": t1 - t0, "similarity_s": t2 - t1}}
+
+
+# ---- summary -----------------------------------------------------------------------------
+
+
+def verdict(cos: list[float]) -> dict:
+    """Collapse verdict of one stream from its per-block adjacent cosines (block order)."""
+    finite = [c for c in cos if math.isfinite(c)]
+    if not finite:
+        return {"verdict": "unknown (no finite cosines)"}
+    third = max(1, len(cos) // 3)
+    early, late = cos[:third], cos[-third:]
+    late_cos = sum(late) / len(late)
+    early_inf = sum(1 - c for c in early) / len(early)
+    late_inf = sum(1 - c for c in late) / len(late)
+    ratio = late_inf / early_inf if early_inf > 0 else math.inf
+    if late_cos >= COLLAPSED_COS:
+        v = "collapsed"
+    elif late_cos >= COLLAPSING_COS and ratio < COLLAPSING_RATIO:
+        v = "collapsing"
+    else:
+        v = "no collapse"
+    return {"verdict": v, "late_cos_adjacent": late_cos, "late_over_early_influence": ratio}
+
+
+def summarize(label: str, rows: list[dict]) -> list[dict]:
+    """Per (stack, stream): verdict and the most redundant blocks (highest adjacent cosine)."""
+    series: dict[tuple[str, str], dict[int, float]] = {}
+    for r in rows:
+        if r["metric"] == "cos_adjacent":
+            series.setdefault((r["stack"], r["stream"]), {})[r["layer"]] = r["value"]
+    out = []
+    for (stack, stream), by_layer in series.items():
+        cos = [by_layer[k] for k in sorted(by_layer)]
+        ranked = sorted((k for k in by_layer if math.isfinite(by_layer[k])), key=lambda k: -by_layer[k])
+        out.append({"model": label, "stack": stack, "stream": stream, **verdict(cos),
+                    "redundant": [{"layer": k, "cos_adjacent": by_layer[k]} for k in ranked[:REDUNDANT_SHOWN]]})
+    return out
+
+
+SEVERITY = ("collapsed", "collapsing", "no collapse")
+
+
+def overall(summary: list[dict]) -> str:
+    """The most severe verdict over the main ("x") streams; ResiDual's d stream is Pre-LN by design."""
+    main = [s["verdict"] for s in summary if s["stream"] == "x" and s["verdict"] in SEVERITY]
+    return min(main, key=SEVERITY.index) if main else "unknown"
+
+
+# ---- the job -----------------------------------------------------------------------------
+
+
+def labels_for(paths: tuple[str, ...]) -> list[str]:
+    names = [Path(p).name or str(p) for p in paths]
+    return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+
+
+def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress=None) -> dict:
+    """Measure every checkpoint, write the tables, JSON and figures; returns the JSON dict."""
+    import torch
+
+    from ..checkpoints import load_any
+    from ..plots.collapse import plot_collapse_curves, plot_norm_growth, plot_similarity
+    from ..results import prepare_out, versions, write_csv, write_json
+
+    spec.validate()
+    out = prepare_out(out)
+    torch.manual_seed(spec.seed)
+    text, source = read_text(spec.data)
+    table, sim_rows, models = [], [], []
+    t_start = time.perf_counter()
+    for label, path in zip(labels_for(spec.ckpts), spec.ckpts):
+        t0 = time.perf_counter()
+        loaded = load_any(path, trust_pickle=spec.trust_pickle, **spec.bare)
+        t1 = time.perf_counter()
+        sample = _sample(loaded, spec, text)
+        found = detect(loaded, sample)
+        batches, data = make_batches(loaded, spec, text, found["item_tokens"])
+        data["source"] = source if loaded.modality == "text" else data["kind"]
+        advance = progress(len(batches)) if progress else None
+        m = measure(loaded, batches, spec, advance)
+        rows = [dict(model=label, stack=r["stack"], layer=r["layer"], stream=r["stream"], metric=r["metric"],
+                     value=r["value"]) for r in m["rows"] if r["metric"] != "nonfinite_count"]
+        nonfinite = sum(1 for r in rows if not math.isfinite(r["value"]))
+        for (stack, stream), mats in m["matrices"].items():
+            n = mats["cosine"].shape[0]
+            rows += [dict(model=label, stack=stack, layer=i - 1, stream=stream, metric="effective_rank", value=v)
+                     for i, v in enumerate(mats["effective_rank"].tolist())]
+            for metric in ("cosine", "cka"):
+                values = mats[metric].tolist()
+                sim_rows += [dict(model=label, stack=stack, stream=stream, metric=metric, layer_i=i - 1,
+                                  layer_j=j - 1, value=values[i][j]) for i in range(n) for j in range(n)]
+        summary = summarize(label, rows)
+        depth = {}
+        for b in m["blocks"]:
+            depth[b.stack] = max(depth.get(b.stack, 0), b.index + 1)
+        width = next(iter(m["matrices"].values()))["width"] if m["matrices"] else None
+        models.append({
+            "label": label, "source": str(path), "family": loaded.family, "modality": loaded.modality,
+            "placement": found["placement"], "placement_detail": found["detail"],
+            "declared_placement": loaded.declared_placement, "depth": depth, "width": width,
+            "parameters": loaded.parameters, "verdict": overall(summary), "streams": summary,
+            "nonfinite_values": nonfinite, "notes": loaded.notes, "data": data,
+            "times": {"load_s": t1 - t0, **m["times"]},
+        })
+        table += rows
+        del loaded, m, batches
+    meta = {"spec": {**asdict(spec), "ckpts": list(spec.ckpts)}, "models": models, "data_source": source,
+            "versions": versions(), "wall_s": time.perf_counter() - t_start,
+            "thresholds": {"collapsed_cos": COLLAPSED_COS, "collapsing_cos": COLLAPSING_COS,
+                           "collapsing_ratio": COLLAPSING_RATIO}}
+    files = [write_csv(out / "collapse.csv", table, CSV_COLUMNS), write_csv(out / "similarity.csv", sim_rows, SIM_COLUMNS)]
+    placements = {m["label"]: m["placement"] for m in models}
+    files += plot_collapse_curves(table, placements, out / "collapse_curves", formats)
+    files += plot_similarity(sim_rows, out / "similarity", formats)
+    files += plot_norm_growth(table, placements, out / "norm_growth", formats)
+    meta["files"] = [str(f) for f in files] + [str(out / "collapse.json")]
+    write_json(out / "collapse.json", meta)
+    return meta
+
+
+def _sample(loaded, spec: CollapseSpec, text: str):
+    """A one-item input for placement detection."""
+    import torch
+
+    if loaded.modality == "image":
+        return torch.randn(1, *loaded.image_shape, generator=torch.Generator().manual_seed(spec.seed))
+    ids, _ = text_ids(loaded, text, 16)
+    n = min(8, ids.numel(), loaded.max_len or 8)
+    return ids[:n].view(1, n)
