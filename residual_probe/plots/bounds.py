@@ -58,7 +58,7 @@ def plot_theorem1(data: dict, path_stem: str | Path, formats=("png",)) -> list[P
         for p in ("post-ln", "pre-ln"):
             d = data[(s, p)]
             _band(ax, d["depths"], d["w2"], color(p), f"{label(p)} measured (slope {d['slope']:.2f})")
-            ax.plot(d["depths"], d["w2"], ".", color=color(p), ms=3, alpha=0.5)
+            ax.plot(d["depths"], d["w2"].T, ".", color=color(p), ms=3, alpha=0.5)  # every seed
             pred = "L^0" if p == "post-ln" else "L^-1/2"
             ax.plot(d["depths"], d["predicted"], "--", color=color(p), label=f"Theorem 1: {pred} (constant fitted)")
         ax.set(xscale="log", yscale="log", xlabel="depth L (blocks)", ylabel="||dL/dW2|| of the last block (Frobenius)",
