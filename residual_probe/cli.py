@@ -238,6 +238,63 @@ def bounds(
         report_files(meta["files"])
 
 
+@app.command("collapse")
+def collapse(
+    ckpt: Annotated[Path, typer.Option(help="Checkpoint: a residual-probe or Hugging Face folder, a fairseq .pt, or a bare state dict (.pt/.bin/.safetensors).")],
+    compare: Annotated[Optional[list[Path]], typer.Option(help="Further checkpoints drawn in the same figures (repeatable).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="UTF-8 text file (the checkpoint's tokenizer if it has one, else bytes); default: CPython's pydoc topics.")] = None,
+    tokens: Annotated[int, typer.Option(help="Token positions run through each model.")] = 8192,
+    batch: Annotated[int, typer.Option(help="Sequences per forward.")] = 8,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")] = 256,
+    subsample: Annotated[int, typer.Option(help="Tokens kept per layer for the similarity and CKA matrices.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed for the token subsample (and images for vision models).")] = 0,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Unpickle with plain torch.load: runs any code in the file. Only for files you trust.")] = False,
+    blocks: Annotated[Optional[str], typer.Option(help="Module-path pattern of the blocks when discovery fails, e.g. 'model.layers.*'.")] = None,
+    placement: Annotated[Optional[str], typer.Option(help="Bare state dicts: the placement the weights were trained with.")] = None,
+    heads: Annotated[Optional[int], typer.Option(help="Bare state dicts: attention heads.")] = None,
+    depth: Annotated[Optional[int], typer.Option(help="Bare state dicts: blocks per stack (checked against the weights).")] = None,
+    d_model: Annotated[Optional[int], typer.Option("--d-model", help="Bare state dicts: width (checked against the weights).")] = None,
+    ffn: Annotated[Optional[int], typer.Option(help="Bare state dicts: FFN width (checked against the weights).")] = None,
+    norm: Annotated[Optional[str], typer.Option(help="Bare state dicts: layernorm or rmsnorm.")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("results/collapse"),
+    format: Annotated[str, typer.Option("--format", help="Figure formats, comma-separated: png,pdf,svg.")] = "png",
+):
+    """Representation collapse of real checkpoints: how much does each layer still change the representation?
+
+    Writes OUT/collapse.csv (model, stack, layer, stream, metric, value), OUT/similarity.csv (layer x layer
+    cosine and CKA), OUT/collapse.json (model summary, data, times) and OUT/collapse_curves.png,
+    OUT/similarity.png, OUT/norm_growth.png; prints the detected placement, the verdict and the most
+    redundant layers. Checkpoints are untrusted: no pickled code runs unless --trust-pickle.
+    """
+    fmts = formats_option(format)
+    with user_errors():
+        from .jobs.collapse import CollapseSpec, run_collapse
+
+        bare = {"placement": placement, "heads": heads, "depth": depth, "d_model": d_model, "ffn": ffn, "norm": norm}
+        spec = CollapseSpec(
+            ckpts=tuple(str(p) for p in [ckpt, *(compare or [])]), data=str(data) if data else None, tokens=tokens,
+            batch=batch, seq_len=seq_len, subsample=subsample, seed=seed, trust_pickle=trust_pickle, blocks=blocks,
+            bare={k: v for k, v in bare.items() if v is not None},
+        )
+        with progress_bar("collapse") as start:
+            meta = run_collapse(spec, out, formats=fmts, progress=start)
+        for m in meta["models"]:
+            declared = f", declared {m['declared_placement']}" if m["declared_placement"] else ""
+            depth_txt = ", ".join(f"{s} {n}" for s, n in m["depth"].items())
+            typer.echo(f"{m['label']}: {m['family']}, {m['parameters']:,} parameters, width {m['width']}, {depth_txt} blocks")
+            typer.echo(f"  placement: {m['placement']} (from block structure{declared}; {m['placement_detail']})")
+            typer.echo(f"  verdict: {m['verdict']}")
+            for s in m["streams"]:
+                top = ", ".join(f"{r['layer']} (cos {r['cos_adjacent']:.4f})" for r in s["redundant"])
+                typer.echo(f"  {s['stack']} {s['stream']}: {s['verdict']}, late-block adjacent cos "
+                           f"{s.get('late_cos_adjacent', float('nan')):.4f}; most redundant blocks: {top}")
+            for note in m["notes"]:
+                typer.echo(f"  note: {note}")
+            if m["nonfinite_values"]:
+                typer.echo(f"warning: {m['label']}: {m['nonfinite_values']} non-finite values (NaN/inf)", err=True)
+        report_files(meta["files"])
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

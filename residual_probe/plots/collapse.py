@@ -17,6 +17,7 @@ from .style import color, save, setup
 
 MAX_HEATMAP_ROWS = 6
 LINESTYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P")  # per model, so models with identical curves stay visible
 
 
 def _series(rows: list[dict], metric: str) -> dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]]:
@@ -44,7 +45,9 @@ def _styler(keys, placements: dict[str, str]):
         label = " · ".join(name) or model
         if len(models) == 1:
             label += f" ({placements.get(model, '?')})"
-        return dict(color=c, ls=LINESTYLES[parts.index(key[1:]) % len(LINESTYLES)], label=label)
+        i = models.index(model)
+        return dict(color=c, ls=LINESTYLES[parts.index(key[1:]) % len(LINESTYLES)], label=label,
+                    marker=MARKERS[i % len(MARKERS)], ms=6 - 1.5 * min(i, 2), mfc="none" if i else c, alpha=0.9)
 
     return style
 
@@ -61,11 +64,11 @@ def plot_collapse_curves(rows: list[dict], placements: dict[str, str], stem: str
     k = np.arange(depth)
     theory = collapse_prediction("pre-ln", k + 1)["cos_adjacent"]  # block k (0-based) is the toy model's k + 1
     for key, (x, y) in cos.items():
-        a.plot(x, y, marker="o", ms=3, **style(key))
+        a.plot(x, y, **style(key))
     a.plot(k, theory, color="black", ls="--", lw=1, label=r"Pre-LN theory $\sqrt{k/(k+1)}$")
     a.set(xlabel="block k", ylabel=r"adjacent cosine  cos$(h_{k-1}, h_k)$", title="How alike each block's input and output are")
     for key, (x, y) in infl.items():
-        b.plot(x, np.clip(y, 1e-8, None), marker="o", ms=3, **style(key))
+        b.plot(x, np.clip(y, 1e-8, None), **style(key))
     b.plot(k, 1 - theory, color="black", ls="--", lw=1, label="Pre-LN theory")
     b.set_yscale("log")
     b.set(xlabel="block k", ylabel="block influence  1 − cos", title="How much each block changes the stream")
@@ -82,11 +85,11 @@ def plot_norm_growth(rows: list[dict], placements: dict[str, str], stem: str | P
     style = _styler(list(norms), placements)
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     for key, (x, y) in norms.items():
-        a.plot(x, y, marker="o", ms=3, **style(key))
+        a.plot(x, y, **style(key))
     a.set_yscale("log")
     a.set(xlabel="block k", ylabel=r"$E\,\|h_k\|^2 / d$", title="Residual-stream magnitude per block output")
     for key, (x, y) in rel.items():
-        b.plot(x, np.clip(y, 1e-8, None), marker="o", ms=3, **style(key))
+        b.plot(x, np.clip(y, 1e-8, None), **style(key))
     b.set_yscale("log")
     b.set(xlabel="block k", ylabel=r"$\|h_k - h_{k-1}\| / \|h_{k-1}\|$", title="Relative update per block")
     a.legend(fontsize=8)
