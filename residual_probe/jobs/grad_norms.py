@@ -150,7 +150,9 @@ def run_grad_norms(spec: GradNormsSpec, out: str | Path, formats=("png",), progr
     nonfinite = sum(1 for r in rows if not math.isfinite(r["param_grad_norm"]))
     summary = summarize(rows)
     csv_path = write_csv(out / "grad_norms.csv", rows, CSV_COLUMNS)
-    fig_paths = plot_grad_norms(rows, out / "grad_norms", formats=formats, steps=spec.steps)
+    title = (f"{spec.arch}, N = {spec.depth} blocks per stack, d = {spec.d_model}, {spec.init} init, "
+             f"{spec.seeds} seed(s): line = geometric mean, band = min-max")
+    fig_paths = plot_grad_norms(rows, out / "grad_norms", formats=formats, steps=spec.steps, title=title)
     meta = {
         "job": "grad-norms", "spec": asdict(spec),
         "model_configs": {p: spec.model_config(p).to_dict() for p in spec.placements},

@@ -7,6 +7,7 @@ second row shows how the first-to-last block ratio evolves over steps.
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Sequence
@@ -44,9 +45,11 @@ def draw_layer_profile(ax, rows: Sequence[dict], placements: Sequence[str], over
             continue
         layers, m = _layer_matrix(sel)
         n = max(n, len(layers))
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-zero columns (ReZero at init): no point
             logm = np.log10(np.where(m > 0, m, np.nan))
-        ax.plot(layers, 10 ** np.nanmean(logm, axis=0), color=color(p), label=label(p), lw=1.6)
+            mean = 10 ** np.nanmean(logm, axis=0)
+        ax.plot(layers, mean, color=color(p), label=label(p), lw=1.6)
         if m.shape[0] > 1:
             ax.fill_between(layers, np.nanmin(m, axis=0), np.nanmax(m, axis=0), color=color(p), alpha=0.2, lw=0)
         if overlay:
@@ -57,7 +60,7 @@ def draw_layer_profile(ax, rows: Sequence[dict], placements: Sequence[str], over
 
 
 def plot_grad_norms(rows: Sequence[dict], path_stem: str | Path, formats=("png",), steps: int = 0,
-                    overlay: Callable | None = None) -> list[Path]:
+                    overlay: Callable | None = None, title: str = "") -> list[Path]:
     """Draw grad_norms.csv-style rows (whole-block rows are used) at the last recorded step.
 
     `overlay(ax, stack, placement, layers)` may draw a theory curve on each panel.
@@ -97,6 +100,8 @@ def plot_grad_norms(rows: Sequence[dict], path_stem: str | Path, formats=("png",
             ax.set_ylabel("first block / last block grad norm")
             ax.set_title(f"{stack}: vanishing toward the input over training")
             ax.legend(loc="best", frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return save(fig, path_stem, formats)
 
