@@ -1,0 +1,106 @@
+"""The collapse job end to end on tiny saved models, its verdict, and the CLI's handling of bad files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from residual_probe.checkpoints import save_model
+from residual_probe.cli import app
+from residual_probe.jobs.collapse import CollapseSpec, make_batches, read_text, run_collapse, verdict
+from residual_probe.checkpoints import load_any
+from residual_probe.models import ModelConfig, build_model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    for placement in ("pre-ln", "residual"):
+        torch.manual_seed(0)
+        cfg = ModelConfig(arch="decoder", placement=placement, depth=4, d_model=32, heads=4, ffn=64, max_len=64)
+        save_model(build_model(cfg), root / placement)
+    return root
+
+
+def read_csv(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def naive_cos(model, batches):
+    """Token-pooled mean cos(h_{k-1}, h_k) per block, from a plain loop over the blocks."""
+    stack = model.decoder
+    sums, n = torch.zeros(len(stack.layers), dtype=torch.float64), 0
+    with torch.no_grad():
+        for ids in batches:
+            x = stack.placement.begin(stack.embed(ids), stack)
+            for k, blk in enumerate(stack.layers):
+                y = blk(x)
+                sums[k] += torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1).sum()
+                x = y
+            n += ids.numel()
+    return (sums / n).tolist()
+
+
+def test_collapse_outputs_match_a_naive_loop(saved, tmp_path):
+    spec = CollapseSpec(ckpts=(str(saved / "pre-ln"), str(saved / "residual")), tokens=600, batch=3, seq_len=40,
+                        subsample=64)
+    meta = run_collapse(spec, tmp_path / "out")
+    for name in ("collapse.csv", "similarity.csv", "collapse.json", "collapse_curves.png", "similarity.png",
+                 "norm_growth.png"):
+        assert (tmp_path / "out" / name).is_file()
+    rows = read_csv(tmp_path / "out" / "collapse.csv")
+    assert set(rows[0]) == {"model", "stack", "layer", "stream", "metric", "value"}
+    metrics = {r["metric"] for r in rows}
+    assert {"cos_adjacent", "block_influence", "relative_update", "norm_sq_per_dim", "ln_update",
+            "effective_rank"} <= metrics
+    # 600 tokens in windows of 40 -> 15 windows; the pooled cosine equals a plain loop's.
+    loaded = load_any(saved / "pre-ln")
+    batches, data = make_batches(loaded, spec, read_text(None)[0])
+    assert data["tokens"] == 600 and len(batches) == 5
+    expected = naive_cos(loaded.model, batches)
+    got = [float(r["value"]) for r in rows if r["model"] == "pre-ln" and r["metric"] == "cos_adjacent"]
+    assert got == pytest.approx(expected, abs=1e-5)
+    # Similarity: unit diagonal, symmetric, layers -1..3 for each stream (ResiDual has x and d).
+    sim = read_csv(tmp_path / "out" / "similarity.csv")
+    keys = {(r["model"], r["stream"]) for r in sim}
+    assert keys == {("pre-ln", "x"), ("residual", "x"), ("residual", "d")}
+    cos = {(int(r["layer_i"]), int(r["layer_j"])): float(r["value"]) for r in sim
+           if r["model"] == "pre-ln" and r["metric"] == "cosine"}
+    assert len(cos) == 25 and all(abs(cos[(i, i)] - 1) < 1e-5 for i in range(-1, 4))
+    assert all(abs(cos[(i, j)] - cos[(j, i)]) < 1e-6 for i in range(-1, 4) for j in range(-1, 4))
+    summary = json.loads((tmp_path / "out" / "collapse.json").read_text())
+    first, second = summary["models"]
+    assert first["placement"] == "pre-ln" and second["placement"] == "residual"
+    assert first["depth"] == {"decoder": 4} and first["width"] == 32
+    assert first["parameters"] == sum(p.numel() for p in loaded.model.parameters())
+    assert [r["layer"] for r in first["streams"][0]["redundant"]] == sorted(range(4), key=lambda k: -got[k])[:3]
+    assert meta["models"][0]["verdict"] in ("collapsed", "collapsing", "no collapse")
+
+
+def test_verdict_thresholds():
+    pre_ln_theory = [math.sqrt(k / (k + 1)) for k in range(1, 61)]
+    assert verdict(pre_ln_theory)["verdict"] == "collapsed"  # late blocks: cos > 0.99
+    assert verdict([0.80, 0.82, 0.90, 0.92, 0.95, 0.955])["verdict"] == "collapsing"
+    assert verdict([0.7, 0.72, 0.69, 0.71, 0.7, 0.7])["verdict"] == "no collapse"
+    assert verdict([float("nan")] * 3)["verdict"].startswith("unknown")
+
+
+def test_cli_prints_summary_and_rejects_bad_files(saved, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["collapse", "--ckpt", str(saved / "residual"), "--tokens", "256", "--seq-len", "32",
+                              "--subsample", "32", "--out", str(tmp_path / "ok")])
+    assert res.exit_code == 0, res.output
+    assert "placement: residual" in res.output and "most redundant blocks" in res.output
+    for data in (b"", b"\x80\x02garbage", b"PK\x03\x04broken zip"):
+        bad = tmp_path / "bad.pt"
+        bad.write_bytes(data)
+        res = runner.invoke(app, ["collapse", "--ckpt", str(bad), "--out", str(tmp_path / "bad")])
+        assert res.exit_code == 2
+        assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+        assert not (tmp_path / "bad" / "collapse.csv").exists()
