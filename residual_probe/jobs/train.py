@@ -124,7 +124,7 @@ def run_train(spec: TrainSpec, out: str | Path, progress=None) -> dict:
                     if spec.clip:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.clip)
                     opt.step()
-                    train_loss = float(loss)  # one sync per step, for the loss curve
+                    train_loss = float(loss.detach())  # one sync per step, for the loss curve
                     is_eval = (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps
                     writer.writerow([step, lr, train_loss, validate() if is_eval else ""])
                     fh.flush()

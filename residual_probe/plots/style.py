@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from ..results import FILE_MODE
+
 # A fixed colour per placement so that a reader can compare figures at a glance.
 PLACEMENT_COLORS = {
     "post-ln": "#d62728",
@@ -58,6 +60,7 @@ def save(fig, path_stem: str | Path, formats: Sequence[str] = ("png",)) -> list[
         os.close(fd)
         try:
             fig.savefig(tmp, format=fmt)
+            os.chmod(tmp, FILE_MODE)
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
