@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from residual_probe.jobs.figures import Check, fmt
+from residual_probe.analysis.checks import Check
+from residual_probe.jobs.figures import check_line, fmt, verdict
 from residual_probe.results import write_csv
 
 PLACEMENTS = ("post-ln", "pre-ln", "residual")
@@ -90,24 +91,25 @@ def run(out: Path, quick: bool = False) -> list[Check]:
     pre = series("model at init", "pre-ln", "cos_adjacent")
     post = series("model at init", "post-ln", "cos_adjacent")
     half = len(pre) // 2
+    init = f"decoder LM at init, N={depth}, d={d}, byte text"
     checks = [
-        Check("collapse_theory", "Closed forms match the toy model's Monte-Carlo (ResiDual Sec. 4)",
-              "max |theory - MC| < 0.02", fmt(mc_err), mc_err < 0.02, "finite d and tokens: O(1/sqrt(d*tokens)) noise"),
-        Check("collapse_theory", "Pre-LN adjacent cosine tends to 1 with depth (model at init)",
-              "upper half > lower half, -> 1", f"{fmt(pre[half:].mean())} vs {fmt(pre[:half].mean())}",
-              pre[half:].mean() > pre[:half].mean()),
-        Check("collapse_theory", "Post-LN adjacent cosine is flat in k (model at init)",
-              "upper half = lower half", f"{fmt(post[half:].mean())} vs {fmt(post[:half].mean())}",
-              abs(post[half:].mean() - post[:half].mean()) < 0.05),
+        Check("Collapse closed forms match the toy model's Monte-Carlo (ResiDual Sec. 4)", "toy model", "all three",
+              "max |closed form - MC| < 0.02", fmt(mc_err), verdict(mc_err < 0.02)),
+        Check("Pre-LN adjacent cosine tends to 1 with depth", init, "pre-ln", "upper-half mean > lower-half mean",
+              f"{fmt(pre[half:].mean())} vs {fmt(pre[:half].mean())}", verdict(pre[half:].mean() > pre[:half].mean())),
+        Check("Post-LN adjacent cosine is constant in k", init, "post-ln", "upper-half mean = lower-half mean (+-0.05)",
+              f"{fmt(post[half:].mean())} vs {fmt(post[:half].mean())}",
+              verdict(abs(post[half:].mean() - post[:half].mean()) < 0.05)),
     ]
     if trained:
         tp = series("trained (warm-up)", "pre-ln", "cos_adjacent")
         tr = series("trained (warm-up)", "residual", "cos_adjacent")
         if len(tp) and len(tr):
             h = len(tp) // 2
-            checks.append(Check("collapse_theory", "After training, Pre-LN's upper blocks are more redundant than ResiDual's",
-                                "Pre-LN upper-half cos > ResiDual's", f"{fmt(tp[h:].mean())} vs {fmt(tr[h:].mean())}",
-                                tp[h:].mean() > tr[h:].mean()))
+            checks.append(Check("After training, Pre-LN's upper blocks are more redundant than ResiDual's",
+                                "training-study models (warm-up)", "pre-ln vs residual",
+                                "Pre-LN upper-half adjacent cosine > ResiDual's", f"{fmt(tp[h:].mean())} vs {fmt(tr[h:].mean())}",
+                                verdict(tp[h:].mean() > tr[h:].mean())))
     return checks
 
 
@@ -118,4 +120,4 @@ if __name__ == "__main__":
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for c in run(args.out, args.quick):
-        print(c.line())
+        print(check_line(c))

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from residual_probe.jobs.figures import Check, fmt
+from residual_probe.analysis.checks import Check
+from residual_probe.jobs.figures import check_line, fmt, verdict
 from residual_probe.jobs.grad_norms import GradNormsSpec, run_one
 from residual_probe.plots.grad_norms import plot_depth_grid
 from residual_probe.results import write_csv
@@ -64,26 +65,25 @@ def run(out: Path, quick: bool = False) -> list[Check]:
 
     N, n0 = depths[-1], depths[0]
     r = {(s, p, d): ratio(rows, s, p, d) for s in SETTINGS for p in PLACEMENTS for d in depths}
+    def ratio_check(statement, setting, placement, predicted, ok):
+        return Check(statement, f"fairseq init/{setting}/N={N}", placement, predicted,
+                     f"first/last = {fmt(r[setting, placement, N])}", verdict(ok))
+
+    post_dec = r["seq2seq decoder", "post-ln", N]
     checks = [
-        Check("grad_norms_depths", f"Post-LN gradients vanish toward the input (seq2seq decoder, N={N})",
-              "first/last << 1", f"first/last = {fmt(r['seq2seq decoder', 'post-ln', N])}",
-              r["seq2seq decoder", "post-ln", N] < 0.1),
-        Check("grad_norms_depths", "Post-LN vanishing grows with depth (seq2seq decoder)",
-              f"ratio(N={N}) < ratio(N={n0})",
-              f"{fmt(r['seq2seq decoder', 'post-ln', N])} vs {fmt(r['seq2seq decoder', 'post-ln', n0])}",
-              r["seq2seq decoder", "post-ln", N] < r["seq2seq decoder", "post-ln", n0]),
-        Check("grad_norms_depths", f"Post-LN vanishes in the seq2seq encoder too (N={N})", "first/last << 1",
-              f"first/last = {fmt(r['seq2seq encoder', 'post-ln', N])}", r["seq2seq encoder", "post-ln", N] < 0.1,
-              "the paper's claim is about Post-LN in general"),
-        Check("grad_norms_depths", f"Post-LN vanishes in a decoder-only LM at init (N={N})", "first/last << 1",
-              f"first/last = {fmt(r['decoder-only LM', 'post-ln', N])}", r["decoder-only LM", "post-ln", N] < 0.1,
-              "random-token data, before any training step"),
-        Check("grad_norms_depths", f"ResiDual keeps a gradient floor (seq2seq decoder, N={N})",
-              "first/last not << 1", f"first/last = {fmt(r['seq2seq decoder', 'residual', N])}",
-              r["seq2seq decoder", "residual", N] > 0.1),
-        Check("grad_norms_depths", f"Pre-LN's lower blocks get larger gradients than its upper ones (seq2seq decoder, N={N})",
-              "first/last > 1", f"first/last = {fmt(r['seq2seq decoder', 'pre-ln', N])}",
-              r["seq2seq decoder", "pre-ln", N] > 1),
+        ratio_check("Post-LN gradients vanish toward the input", "seq2seq decoder", "post-ln", "first/last << 1 (< 0.1)",
+                    post_dec < 0.1),
+        Check("Post-LN vanishing grows with depth", "fairseq init/seq2seq decoder", "post-ln",
+              f"first/last at N={N} < at N={n0}", f"{fmt(post_dec)} vs {fmt(r['seq2seq decoder', 'post-ln', n0])}",
+              verdict(post_dec < r["seq2seq decoder", "post-ln", n0])),
+        ratio_check("Post-LN gradients vanish toward the input", "seq2seq encoder", "post-ln", "first/last << 1 (< 0.1)",
+                    r["seq2seq encoder", "post-ln", N] < 0.1),
+        ratio_check("Post-LN gradients vanish toward the input", "decoder-only LM", "post-ln", "first/last << 1 (< 0.1)",
+                    r["decoder-only LM", "post-ln", N] < 0.1),
+        ratio_check("ResiDual keeps a gradient floor", "seq2seq decoder", "residual", "first/last >= 0.1",
+                    r["seq2seq decoder", "residual", N] >= 0.1),
+        ratio_check("Pre-LN's lower blocks get larger gradients than its upper ones", "seq2seq decoder", "pre-ln",
+                    "first/last > 1", r["seq2seq decoder", "pre-ln", N] > 1),
     ]
     return checks
 
@@ -95,5 +95,5 @@ if __name__ == "__main__":
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for c in run(args.out, args.quick):
-        print(c.line())
+        print(check_line(c))
     sys.exit(0)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from residual_probe.jobs.figures import Check, fmt
+from residual_probe.analysis.checks import Check
+from residual_probe.jobs.figures import check_line, fmt, verdict
 from residual_probe.jobs.train import TrainSpec, run_train
 from residual_probe.results import write_csv
 
@@ -96,25 +97,26 @@ def run(out: Path, quick: bool = False) -> list[Check]:
     s = {(r["placement"], r["warmup"] > 0): r for r in summary}
     uniform = math.log(256)  # loss of a uniform guess over bytes, nats
     trained = {k: v["final_val_loss"] < uniform - 1.0 for k, v in s.items()}
+    where = f"decoder LM N={size['depth']}, d={size['d_model']}, {size['steps']} steps, lr {size['lr']:g}"
+    post, post_w = s["post-ln", False], s["post-ln", True]
     return [
-        Check("training_study", "Post-LN fails to train deep without warm-up",
-              "no-warm-up loss >> warm-up loss",
-              f"{fmt(s['post-ln', False]['final_val_loss'])} vs {fmt(s['post-ln', True]['final_val_loss'])} nats/byte",
-              s["post-ln", False]["final_val_loss"] > s["post-ln", True]["final_val_loss"] + 0.2
-              or not math.isfinite(s["post-ln", False]["final_val_loss"])),
-        Check("training_study", "Pre-LN trains without warm-up", f"held-out loss < {fmt(uniform - 1)}",
-              fmt(s["pre-ln", False]["final_val_loss"]), trained["pre-ln", False]),
-        Check("training_study", "Pre-LN's later layers add little (block influence, upper vs lower half)",
-              "upper < lower",
+        Check("Post-LN fails to train deep without warm-up", where, "post-ln",
+              "held-out loss without warm-up > with warm-up + 0.2, or diverges",
+              f"{fmt(post['final_val_loss'])} vs {fmt(post_w['final_val_loss'])} nats/byte",
+              verdict(post["final_val_loss"] > post_w["final_val_loss"] + 0.2 or not math.isfinite(post["final_val_loss"]))),
+        Check("Pre-LN trains without warm-up", where, "pre-ln", f"held-out loss < ln 256 - 1 = {fmt(uniform - 1)}",
+              fmt(s["pre-ln", False]["final_val_loss"]), verdict(trained["pre-ln", False])),
+        Check("Pre-LN's later layers add little (block influence 1 - cos)", where + ", warm-up", "pre-ln",
+              "upper half < lower half",
               f"{fmt(s['pre-ln', True]['influence_upper_half'])} vs {fmt(s['pre-ln', True]['influence_lower_half'])}",
-              s["pre-ln", True]["influence_upper_half"] < s["pre-ln", True]["influence_lower_half"]),
-        Check("training_study", "ResiDual trains with and without warm-up", f"both held-out losses < {fmt(uniform - 1)}",
+              verdict(s["pre-ln", True]["influence_upper_half"] < s["pre-ln", True]["influence_lower_half"])),
+        Check("ResiDual trains with and without warm-up", where, "residual", f"both held-out losses < {fmt(uniform - 1)}",
               f"{fmt(s['residual', False]['final_val_loss'])} / {fmt(s['residual', True]['final_val_loss'])}",
-              trained["residual", False] and trained["residual", True]),
-        Check("training_study", "Post-LN develops vanishing gradients during training without warm-up",
-              "first/last ratio falls", f"{fmt(s['post-ln', False]['grad_ratio_first_step'])} -> "
-              f"{fmt(s['post-ln', False]['grad_ratio_last_step'])}",
-              s["post-ln", False]["grad_ratio_last_step"] < s["post-ln", False]["grad_ratio_first_step"]),
+              verdict(trained["residual", False] and trained["residual", True])),
+        Check("Post-LN develops vanishing gradients during training without warm-up", where, "post-ln",
+              "first/last block gradient ratio falls",
+              f"{fmt(post['grad_ratio_first_step'])} -> {fmt(post['grad_ratio_last_step'])}",
+              verdict(post["grad_ratio_last_step"] < post["grad_ratio_first_step"])),
     ]
 
 
@@ -125,4 +127,4 @@ if __name__ == "__main__":
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for c in run(args.out, args.quick):
-        print(c.line())
+        print(check_line(c))

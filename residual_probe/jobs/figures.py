@@ -1,8 +1,9 @@
 """The `figures` job: run every script in analyses/, collect their checks, write a checks table.
 
-Each analysis script defines `run(out: Path, quick: bool) -> list[Check]`: it measures through
-the library, writes its figure and CSV into `out`, and returns the claims it confronts with
-what it measured. The scripts live in the repository (analyses/), beside the package.
+Each analysis script defines `run(out: Path, quick: bool) -> list[Check]` (the
+`residual_probe.analysis.checks.Check` rows: statement, setting, placement, predicted, measured,
+agreement): it measures through the library, writes its figures and CSV into `out`, and returns
+the claims it confronts with what it measured. The scripts live in the repository (analyses/).
 """
 
 from __future__ import annotations
@@ -10,14 +11,12 @@ from __future__ import annotations
 import importlib.util
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 ANALYSES = (
     "grad_norms_depths",  # per-layer gradient norms at init, depths 6..48 (ResiDual Fig. 2a analogue)
-    "w2_vs_depth",  # last block's W2 gradient against depth (Xiong et al. Thm 1)
-    "norm_growth",  # hidden-state norm growth against Xiong et al. Lemma 2
-    "adam_condition",  # Adam update condition number against gradient scale (ResiDual appendix)
+    "theory_bounds",  # Xiong Lemma 2 and Theorem 1, ResiDual's gradient floor, Adam's condition number
     "training_study",  # training on CPU: warm-up or not, loss, gradients, collapse
     "collapse_theory",  # adjacent cosine / normalized update per layer: closed forms, init, trained
 )
@@ -27,25 +26,16 @@ class AnalysisError(ValueError):
     """An analysis cannot be found or run; one line for the user."""
 
 
-@dataclass
-class Check:
-    """One claim confronted with a measurement. `agrees` is None where no verdict is possible."""
-
-    analysis: str
-    claim: str
-    predicted: str
-    measured: str
-    agrees: bool | None
-    note: str = ""
-
-    def line(self) -> str:
-        mark = {True: "agrees", False: "DISAGREES", None: "reported"}[self.agrees]
-        return f"[{mark:>9}] {self.claim}: predicted {self.predicted}; measured {self.measured}" + (
-            f" ({self.note})" if self.note else "")
-
-
 def fmt(x: float, digits: int = 3) -> str:
     return "nan" if not math.isfinite(x) else f"{x:.{digits}g}"
+
+
+def verdict(ok: bool) -> str:
+    return "yes" if ok else "no"
+
+
+def check_line(c) -> str:
+    return f"[{c.agreement}] {c.statement} ({c.setting}, {c.placement}): predicted {c.predicted}; measured {c.measured}"
 
 
 def analyses_dir() -> Path:
@@ -79,10 +69,11 @@ def run_figures(out: str | Path, quick: bool = False, only: tuple[str, ...] = ()
         found = module.run(out, quick)
         timings[name] = round(time.perf_counter() - t0, 1)
         for c in found:
-            echo("  " + c.line())
-        checks += found
-    rows = [asdict(c) for c in checks]
-    write_csv(out / "checks.csv", rows, ("analysis", "claim", "predicted", "measured", "agrees", "note"))
+            echo("  " + check_line(c))
+        checks += [{"analysis": name, **asdict(c)} for c in found]
+    rows = checks
+    write_csv(out / "checks.csv", rows,
+              ("analysis", "statement", "setting", "placement", "predicted", "measured", "agreement"))
     meta = {"job": "figures", "quick": quick, "analyses": list(names), "seconds": timings,
             "versions": versions(), "checks": rows}
     write_json(out / "checks.json", meta)
