@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from .style import color, label, save, setup
 
@@ -55,6 +56,7 @@ def draw_layer_profile(ax, rows: Sequence[dict], placements: Sequence[str], over
         if overlay:
             overlay(ax, stack, p, layers)
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(f"block k (0 = input side, {n - 1} = output side)")
     ax.set_ylabel(r"$\|\partial L/\partial\theta_k\|_2$")
 
