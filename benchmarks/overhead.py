@@ -1,0 +1,203 @@
+"""Overhead of the probe on a training step, as ratios to a plain step measured in the same run.
+
+Setting (issue 3): decoder-only, depth 48, d_model 256, 4 heads, ffn 1024, batch 8, seq 32,
+2 CPU threads, Adam. Variants, each a full step (zero_grad, forward, backward, record, Adam):
+
+  plain          no measurement
+  grad_norms     Probe(param_grad_norm, w2_grad_norm): foreach norms at probe.step()
+  all_stats      Probe(every quantity): + act_grad_norm hooks, forward statistics, 256-token subsample
+  per_param      Lightning-style grad_norm: a Python loop over every parameter's .grad, .item() each
+  act_cache      activation-cache style: every block submodule's full output cloned, stats after
+
+Time: the variants run interleaved, round after round, and each reports its median step time
+(other work on the machine drifts less into one variant than another). Memory: each variant
+runs alone in a fresh subprocess; peak RSS (ru_maxrss) over the whole process, and the step's
+own working memory (peak minus RSS before the first step, i.e. beyond model, data and imports).
+
+The last three lines are machine-readable: grad_norms_ratio, all_stats_ratio, memory_ratio
+(memory_ratio: all_stats peak RSS over plain peak RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from residual_probe.analysis import metrics  # noqa: E402
+from residual_probe.models import build_model  # noqa: E402
+from residual_probe.probe import Probe, find_blocks  # noqa: E402
+
+VARIANTS = ("plain", "grad_norms", "all_stats", "per_param", "act_cache")
+CONFIG = dict(arch="decoder", placement="pre-ln", depth=48, d_model=256, heads=4, ffn=1024, vocab_size=256)
+BATCH, SEQ = 8, 32
+
+
+def setup(depth: int):
+    torch.manual_seed(0)
+    model = build_model(**{**CONFIG, "depth": depth})
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(1, CONFIG["vocab_size"], (BATCH, SEQ + 1), generator=g)
+    return model, opt, seq[:, :-1], seq[:, 1:]
+
+
+class PerParamLoop:
+    """What Lightning's `grad_norm` does: one norm per parameter in Python, each logged as a float."""
+
+    def __init__(self, model):
+        self.named = list(model.named_parameters())
+        self.log = {}
+
+    def step(self):
+        norms = {n: p.grad.norm(2) for n, p in self.named if p.grad is not None}
+        self.log = {n: v.item() for n, v in norms.items()}
+
+
+class ActivationCache:
+    """What activation caches do: keep every block submodule's full output, compute stats afterwards."""
+
+    def __init__(self, model):
+        self.blocks = find_blocks(model)
+        self.cache, self.handles = {}, []
+        for b in self.blocks:
+            for name, mod in b.module.named_modules(prefix=b.name):
+                self.handles.append(mod.register_forward_hook(self._keep(name)))
+            self.handles.append(b.module.register_forward_pre_hook(self._keep_input(b.name)))
+
+    def _keep(self, name):
+        def hook(mod, args, out):
+            if isinstance(out, torch.Tensor):
+                self.cache[name] = out.detach().clone()
+        return hook
+
+    def _keep_input(self, name):
+        def hook(mod, args):
+            self.cache[name + ".input"] = args[0].detach().clone()
+        return hook
+
+    def step(self):
+        stats = []
+        for b in self.blocks:
+            prev, cur = self.cache[b.name + ".input"], self.cache[b.name]
+            stats += [metrics.cos_adjacent(prev, cur), metrics.relative_update(prev, cur),
+                      metrics.norm_sq_per_dim(cur), metrics.ln_update(prev, cur)]
+        values = torch.stack(stats).tolist()
+        self.cache.clear()
+        return values
+
+
+def make_recorder(variant: str, model):
+    if variant == "grad_norms":
+        return Probe(model, quantities=("param_grad_norm", "w2_grad_norm"), keep_rows=False).attach()
+    if variant == "all_stats":
+        return Probe(model, subsample_tokens=256, keep_rows=False).attach()
+    if variant == "per_param":
+        return PerParamLoop(model)
+    if variant == "act_cache":
+        return ActivationCache(model)
+    return None
+
+
+def train_step(model, opt, tok, tgt, recorder) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(tok).flatten(0, 1), tgt.flatten())
+    loss.backward()
+    if recorder is not None:
+        recorder.step()
+    opt.step()
+
+
+def time_variants(depth: int, rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Median-ready step times: all variants on one model, interleaved round by round."""
+    model, opt, tok, tgt = setup(depth)
+    times = {v: [] for v in VARIANTS}
+    for r in range(warmup + rounds):
+        for v in VARIANTS:
+            rec = make_recorder(v, model)
+            t0 = time.perf_counter()
+            train_step(model, opt, tok, tgt, rec)
+            dt = time.perf_counter() - t0
+            if isinstance(rec, Probe):
+                rec.detach()
+            elif isinstance(rec, ActivationCache):
+                for h in rec.handles:
+                    h.remove()
+            if r >= warmup:
+                times[v].append(dt)
+    return times
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize()
+
+
+def memory_child(variant: str, depth: int, steps: int) -> None:
+    """Run one variant alone; print {peak, before} in bytes as JSON."""
+    model, opt, tok, tgt = setup(depth)
+    rec = make_recorder(variant, model)
+    before = rss_bytes()
+    for _ in range(steps):
+        train_step(model, opt, tok, tgt, rec)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    print(json.dumps({"peak": peak, "before": before}))
+
+
+def measure_memory(depth: int, steps: int, threads: int) -> dict[str, dict]:
+    out = {}
+    for v in VARIANTS:
+        cmd = [sys.executable, __file__, "--memory-child", v, "--depth", str(depth), "--steps", str(steps),
+               "--threads", str(threads)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[v] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--depth", type=int, default=CONFIG["depth"])
+    ap.add_argument("--rounds", type=int, default=7, help="timed rounds (each runs every variant once)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3, help="steps per memory subprocess")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(args.memory_child, args.depth, args.steps)
+        return
+
+    print(f"decoder depth {args.depth}, d_model 256, heads 4, ffn 1024, batch {BATCH}, seq {SEQ}, "
+          f"{args.threads} threads, torch {torch.__version__}; {args.rounds} rounds after {args.warmup} warm-up")
+    times = time_variants(args.depth, args.rounds, args.warmup)
+    med = {v: statistics.median(t) for v, t in times.items()}
+    print(f"{'variant':<12} {'median s':>9} {'min s':>8} {'ratio':>7}")
+    for v in VARIANTS:
+        print(f"{v:<12} {med[v]:>9.4f} {min(times[v]):>8.4f} {med[v] / med['plain']:>7.3f}")
+
+    mem = measure_memory(args.depth, args.steps, args.threads)
+    base = mem["plain"]
+    print(f"{'variant':<12} {'peak MiB':>9} {'step MiB':>9} {'peak ratio':>11} {'step ratio':>11}")
+    for v in VARIANTS:
+        m = mem[v]
+        step, base_step = m["peak"] - m["before"], base["peak"] - base["before"]
+        print(f"{v:<12} {m['peak'] / 2**20:>9.1f} {step / 2**20:>9.1f} {m['peak'] / base['peak']:>11.3f} "
+              f"{step / base_step:>11.3f}")
+    print(f"grad_norms_ratio: {med['grad_norms'] / med['plain']:.4f}")
+    print(f"all_stats_ratio: {med['all_stats'] / med['plain']:.4f}")
+    print(f"memory_ratio: {mem['all_stats']['peak'] / base['peak']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
