@@ -190,7 +190,7 @@ def figures(
         from .jobs.figures import run_figures
 
         meta = run_figures(out, quick=quick, only=csv_list(only), echo=typer.echo)
-        n_bad = sum(1 for c in meta["checks"] if c["agreement"] == "no")
+        n_bad = sum(1 for c in meta["checks"] if c["agreement"].startswith("no"))
         typer.echo(f"{len(meta['checks'])} checks, {n_bad} disagree with the claim; wrote {Path(out) / 'checks.csv'}")
 
 
