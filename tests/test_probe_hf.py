@@ -100,3 +100,31 @@ def test_hf_outputs_unchanged_by_the_probe():
     with Probe(model):
         during = model(ids).logits
     assert torch.equal(before, during) and torch.equal(before, model(ids).logits)
+
+
+@pytest.mark.parametrize("family", ["roberta", "gpt_neox", "mistral", "qwen2", "t5", "vit"])
+def test_every_family_records_every_block(family):
+    model = build_hf(family).eval()
+    if family == "vit":
+        inputs = {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))}
+        loss_of = lambda out: out.last_hidden_state.square().mean()  # noqa: E731
+    else:
+        inputs = batch()
+        if family == "t5":
+            inputs["decoder_input_ids"] = inputs["input_ids"][:, :4].contiguous()
+            inputs["labels"] = inputs["input_ids"][:, 1:5].contiguous()
+        loss_of = lambda out: out.loss  # noqa: E731
+    probe = Probe(model, subsample_tokens=4)
+    with probe:
+        loss_of(model(**inputs)).backward()
+        rows = probe.step()
+    per_block = {}
+    for r in rows:
+        if r["layer"] >= 0:
+            per_block.setdefault((r["stack"], r["layer"]), set()).add(r["metric"])
+            assert math.isfinite(r["value"]), r
+    assert len(per_block) == len(probe.blocks)
+    for metrics in per_block.values():
+        assert {"param_grad_norm", "act_grad_norm", "cos_adjacent", "ln_update"} <= metrics
+    assert sum("w2_grad_norm" in m for m in per_block.values()) == len({b.stack for b in probe.blocks})
+    assert len(probe.subsamples()) == len({b.stack for b in probe.blocks})
