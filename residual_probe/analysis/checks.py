@@ -58,9 +58,9 @@ def theorem1(setting: str, placement: str, depths, w2: np.ndarray) -> tuple[Chec
     fit = loglog_slope(depths, w2)
     pred = theory.XIONG_W2_SLOPE[placement]
     ok = abs(fit.slope - pred) <= W2_SLOPE_TOL
-    curve = theory.xiong_w2_curve(depths, placement, math.exp(fit.intercept))  # constant fitted
-    if pred == 0:
-        curve = np.full(len(depths), float(np.exp(np.log(w2).mean())))
+    # the O's constant, fitted with the slope held at the prediction: geometric mean of w2 / L^pred
+    scale = float(np.exp(np.mean(np.log(w2) - pred * np.log(np.asarray(depths, dtype=np.float64)))))
+    curve = theory.xiong_w2_curve(depths, placement, scale)
     check = Check(f"Xiong T1: {placement} last-block W2 grad ~ L^{pred:g}", setting, placement,
                   f"slope {pred:g} (+-{W2_SLOPE_TOL})", f"slope {fit.slope:.3f} +- {fit.stderr:.3f}",
                   "yes" if ok else "no")

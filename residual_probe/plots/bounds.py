@@ -41,7 +41,7 @@ def plot_lemma2(data: dict, depth: int, path_stem: str | Path, formats=("png",))
             ax.plot(l, d["norm_sq"].mean(0), color=color(p), label=f"{label(p)} measured", lw=1.6, marker=".", ms=3)
         lo, hi = xiong_lemma2_preln_band(l, data[(s, "pre-ln")]["v0"])
         ax.fill_between(l, lo, hi, color=color("pre-ln"), alpha=0.12, label="Lemma 2 Pre-LN band v0 + [1/2, 3/2] l")
-        ax.plot(l, xiong_lemma2_postln(l), "--", color=color("post-ln"), label="Lemma 2 Post-LN (flat, 1 after LN)")
+        ax.plot(l, xiong_lemma2_postln(l), "--", color="k", lw=0.9, zorder=3, label="Lemma 2 Post-LN (flat, 1 after LN)")
         ax.set(xlabel="block l (output of block l)", ylabel="E||x_l||^2 / d  (per dimension)", title=SETTING_TITLES[s],
                yscale="log")
         ax.legend(fontsize=7)
@@ -51,6 +51,8 @@ def plot_lemma2(data: dict, depth: int, path_stem: str | Path, formats=("png",))
 
 def plot_theorem1(data: dict, path_stem: str | Path, formats=("png",)) -> list[Path]:
     """data[(setting, placement)] = {"depths", "w2": (seeds, len(depths)), "predicted", "slope"}."""
+    from matplotlib.ticker import NullLocator
+
     plt = setup()
     settings = _settings(data)
     fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 3.8), squeeze=False, layout="constrained")
@@ -63,6 +65,7 @@ def plot_theorem1(data: dict, path_stem: str | Path, formats=("png",)) -> list[P
             ax.plot(d["depths"], d["predicted"], "--", color=color(p), label=f"Theorem 1: {pred} (constant fitted)")
         ax.set(xscale="log", yscale="log", xlabel="depth L (blocks)", ylabel="||dL/dW2|| of the last block (Frobenius)",
                title=SETTING_TITLES[s])
+        ax.xaxis.set_minor_locator(NullLocator())  # depth ticks only at the measured depths
         ax.set_xticks(data[(s, "pre-ln")]["depths"], [str(int(x)) for x in data[(s, "pre-ln")]["depths"]])
         ax.legend(fontsize=7)
     fig.suptitle("Xiong et al. 2020, Theorem 1: last block's FFN W2 gradient against depth, at initialization")
@@ -115,7 +118,7 @@ def plot_collapse(toy: dict, model: dict, path_stem: str | Path, formats=("png",
     for ax, s in zip(axes[2:], settings):
         for p in ("post-ln", "pre-ln", "residual"):
             t = model[(s, p)]
-            _band(ax, np.arange(1, t.shape[1] + 1), t, color(p), label(p) + (" (x stream)" if p == "residual" else ""))
+            _band(ax, np.arange(1, t.shape[1] + 1), t, color(p), label(p) + (" x stream (= Post-LN's at init)" if p == "residual" else ""))
         k = np.arange(1, model[(s, "pre-ln")].shape[1] + 1)
         ref = model[(s, "pre-ln")].mean(0)[1] * np.sqrt(2 / k)  # k^-1/2 through block 2's value
         ax.plot(k[1:], ref[1:], "--", color=color("pre-ln"), label="k^-1/2 (shape, through block 2)")
