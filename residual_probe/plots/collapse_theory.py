@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from .style import color, label, save, setup
+from .style import color, label, marker, save, setup
 
 SOURCES = ("toy model", "model at init", "trained (warm-up)")
 YLABELS = {"cos_adjacent": r"adjacent cosine $\cos(h_{k-1}, h_k)$",
@@ -33,12 +33,16 @@ def plot_collapse_theory(rows: Sequence[dict], path_stem: str | Path, formats=("
                     ks = [k + 1 for k in ks]  # 1-based block index, as in the paper's k
                     if src == "monte-carlo":
                         ax.plot(ks, vs, "o", ms=2.5, color=color(p), alpha=0.6)
+                    elif src == "theory":
+                        ax.plot(ks, vs, "--", color=color(p), lw=1.5, label=label(p) + " (closed form)")
                     else:
-                        ax.plot(ks, vs, "-" if src != "theory" else "--", color=color(p), lw=1.5,
-                                label=label(p) + (" (closed form)" if src == "theory" else ""))
+                        filled = p != "residual"  # hollow markers let coinciding curves show through
+                        ax.plot(ks, vs, "-", color=color(p), lw=1.3, marker=marker(p), ms=5 if filled else 7,
+                                mfc=color(p) if filled else "none", label=label(p))
             ax.set_xlabel("block k (1 = first)")
             ax.set_ylabel(YLABELS[m])
-            ax.set_title(col + (": closed form (dashed) vs Monte-Carlo (dots)" if col == "toy model" else ""), fontsize=9)
+            ax.set_title(col + (": closed form (dashed) vs Monte-Carlo (dots);\nPost-LN = ResiDual x stream" if col == "toy model"
+                                else " (ResiDual: x stream)"), fontsize=9)
             if m == "ln_update":
                 ax.set_yscale("log")
             if i == 0:

@@ -22,11 +22,18 @@ PLACEMENT_COLORS = {
     "lns": "#17becf",
     "rezero": "#ff7f0e",
 }
+# Distinct markers too: Post-LN and ResiDual's x stream coincide at initialization (same weights,
+# same x <- LN(x + F(x))), and markers keep both visible where the lines overlap.
+PLACEMENT_MARKERS = {"post-ln": "o", "pre-ln": "s", "residual": "^"}
 PLACEMENT_LABELS = {"residual": "ResiDual (Pre-Post-LN)", "post-ln": "Post-LN", "pre-ln": "Pre-LN"}
 
 
 def color(name: str) -> str:
     return PLACEMENT_COLORS.get(name, "#333333")
+
+
+def marker(name: str) -> str:
+    return PLACEMENT_MARKERS.get(name, "d")
 
 
 def label(name: str) -> str:
