@@ -1,0 +1,75 @@
+"""`residual-probe figures --quick`: every analysis runs, writes its figures, and its checks hold.
+
+The asserted agreements are what the quick measurement shows with large margins (seeded); a
+claim the measurement contradicts is asserted as contradicted (e.g. Post-LN's vanishing at
+initialization is absent from the encoder and from a decoder-only LM).
+"""
+
+import csv
+import json
+
+import pytest
+
+from residual_probe.jobs.figures import ANALYSES, AnalysisError, run_figures
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("figures")
+    meta = run_figures(out, quick=True, echo=lambda line: None)
+    return out, meta
+
+
+def agreement(meta, analysis, statement, setting_part="", placement=None):
+    found = [c for c in meta["checks"] if c["analysis"] == analysis and c["statement"].startswith(statement)
+             and setting_part in c["setting"] and (placement is None or c["placement"] == placement)]
+    assert found, (analysis, statement, setting_part)
+    return [c["agreement"] for c in found]
+
+
+def test_every_analysis_writes_its_figures_and_checks(quick):
+    out, meta = quick
+    assert meta["analyses"] == list(ANALYSES)
+    for name in ("grad_norms_depths", "bounds_theorem1", "bounds_lemma2", "bounds_adam", "training_study_loss",
+                 "training_study_grads", "training_study_collapse", "collapse_theory"):
+        assert (out / f"{name}.png").stat().st_size > 20_000, name
+    rows = list(csv.DictReader(open(out / "checks.csv")))
+    assert {r["analysis"] for r in rows} == set(ANALYSES)
+    assert json.loads((out / "checks.json").read_text())["quick"] is True
+
+
+def test_gradient_vanishing_is_where_the_measurement_puts_it(quick):
+    _, meta = quick
+    a = "grad_norms_depths"
+    assert agreement(meta, a, "Post-LN gradients vanish toward the input", "seq2seq decoder") == ["yes"]
+    assert agreement(meta, a, "Post-LN vanishing grows with depth") == ["yes"]
+    assert agreement(meta, a, "Post-LN gradients vanish toward the input", "seq2seq encoder") == ["no"]
+    assert agreement(meta, a, "Post-LN gradients vanish toward the input", "decoder-only LM") == ["no"]
+    assert agreement(meta, a, "ResiDual keeps a gradient floor") == ["yes"]
+    assert agreement(meta, a, "Pre-LN's lower blocks get larger gradients") == ["yes"]
+
+
+def test_theory_statements(quick):
+    _, meta = quick
+    a = "theory_bounds"
+    assert set(agreement(meta, a, "Xiong L2: Post-LN")) == {"yes"}
+    assert agreement(meta, a, "Xiong L2: Pre-LN", "xiong") == ["yes"]
+    assert agreement(meta, a, "Xiong T1: post-ln", "xiong") == ["yes"]
+    assert set(agreement(meta, a, "ResiDual collapse (toy")) == {"yes"}
+    assert agreement(meta, a, "ResiDual: Adam") == ["yes"]
+    assert set(agreement(meta, a, "ResiDual: residual per-block gradient bounded below")) == {"yes"}
+
+
+def test_collapse_and_training(quick):
+    _, meta = quick
+    assert agreement(meta, "collapse_theory", "Collapse closed forms match") == ["yes"]
+    assert agreement(meta, "collapse_theory", "Pre-LN adjacent cosine tends to 1") == ["yes"]
+    assert agreement(meta, "collapse_theory", "Post-LN adjacent cosine is constant") == ["yes"]
+    assert agreement(meta, "training_study", "Pre-LN trains without warm-up") == ["yes"]
+    assert agreement(meta, "training_study", "ResiDual trains with and without warm-up") == ["yes"]
+    assert agreement(meta, "training_study", "Pre-LN's later layers add little") == ["yes"]
+
+
+def test_unknown_analysis_is_a_clear_error(tmp_path):
+    with pytest.raises(AnalysisError, match="unknown analysis 'nope'; choose from grad_norms_depths"):
+        run_figures(tmp_path, quick=True, only=("nope",))
