@@ -406,3 +406,48 @@ def test_model_without_blocks_says_what_was_tried_and_how_to_name_them():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     with pytest.raises(DiscoveryError, match=r"no residual blocks found in Sequential.*blocks='model\.layers\.\*'"):
         Probe(model)
+
+
+# ---- pieces: grouped norms, torch's own Transformer layers ---------------------------------
+
+
+def test_grouped_norms_against_a_hand_reference():
+    from residual_probe.probe import grouped_norms
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    c = torch.randn(2, 2, generator=g).to(torch.float32)
+    got = grouped_norms([[a, b], [b], [], [None, c], [a, c, a]])
+    expect = [math.sqrt(float((a**2).sum() + (b**2).sum())), float(b.norm()), 0.0, float(c.double().norm()),
+              math.sqrt(float((a**2).sum()) + float((c.double() ** 2).sum()))]  # a repeated: normed once
+    assert got.dtype == torch.float64
+    assert got.tolist() == pytest.approx(expect, rel=1e-7)
+    assert grouped_norms([[None], []]).tolist() == [0.0, 0.0]
+
+
+def test_torch_transformer_encoder_is_probed():
+    torch.manual_seed(0)
+    enc = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True),
+                                      num_layers=3, enable_nested_tensor=False).double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    outs = []
+
+    def keep(module, args, out):
+        out.retain_grad()
+        outs.append((args[0], out))
+
+    handles = [layer.register_forward_hook(keep) for layer in enc.layers]
+    enc(x).square().mean().backward()
+    for h in handles:
+        h.remove()
+    ref = {k: (naive_stats(i, o)["cos_adjacent"], naive_act(o.grad), param_norm(enc.layers[k].parameters()))
+           for k, (i, o) in enumerate(outs)}
+    enc.zero_grad()
+    probe = Probe(enc)
+    with probe:
+        enc(x).square().mean().backward()
+        rows = {(r["layer"], r["sublayer"], r["metric"]): r["value"] for r in probe.step()}
+    for k, (cos, act, pn) in ref.items():
+        assert rows[(k, "block", "cos_adjacent")] == pytest.approx(cos, rel=1e-9)
+        assert rows[(k, "block", "act_grad_norm")] == pytest.approx(act, rel=1e-9)
+        assert rows[(k, "block", "param_grad_norm")] == pytest.approx(pn, rel=1e-9)

@@ -98,7 +98,7 @@ def grouped_norms(groups: Sequence[Sequence[torch.Tensor | None]]) -> torch.Tens
     """L2 norm over each group of tensors: a 1-D tensor with one entry per group.
 
     Missing tensors (None, e.g. a parameter without a gradient) count as zero; a tensor listed
-    in several groups is normed once.
+    in several groups is normed once, and listed twice in one group counts once (tied weights).
     """
     unique: dict[int, int] = {}
     tensors: list[torch.Tensor | None] = []
@@ -112,5 +112,5 @@ def grouped_norms(groups: Sequence[Sequence[torch.Tensor | None]]) -> torch.Tens
                 unique[id(t)] = len(tensors)
                 tensors.append(t)
             idx.append(unique[id(t)])
-        index.append(idx)
+        index.append(list(dict.fromkeys(idx)))  # a tensor twice in one group (tied weights) counts once
     return GroupNorms(len(tensors), index)(tensors)
