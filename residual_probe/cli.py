@@ -108,6 +108,7 @@ def grad_norms(
     data: Annotated[Optional[Path], typer.Option(help="UTF-8 text file to train/measure on (byte tokens); default: synthetic task.")] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("results/grad-norms"),
     format: Annotated[str, typer.Option("--format", help="Figure formats, comma-separated: png,pdf,svg.")] = "png",
+    theory: Annotated[bool, typer.Option("--theory", help="Overlay the predicted per-layer curves, fit each placement's decay rate, print verdicts.")] = False,
 ):
     """Per-layer gradient norms of reference models, per placement: do gradients vanish with depth?
 
@@ -121,13 +122,15 @@ def grad_norms(
         spec = GradNormsSpec(
             placements=csv_list(placements), arch=arch, depth=depth, d_model=d_model, heads=heads, ffn=ffn,
             seeds=seeds, batch=batch, seq_len=seq_len, steps=steps, lr=lr, warmup=warmup,
-            data=str(data) if data else None, init=init, norm=norm,
+            data=str(data) if data else None, init=init, norm=norm, theory=theory,
         )
         with progress_bar(f"grad-norms {arch} depth {depth}") as start:
             meta = run_grad_norms(spec, out, formats=fmts, progress=start)
         for s in meta["summary"]:
             if s["step"] == spec.steps:
                 typer.echo(f"{s['stack']:>8} {s['placement']:>10}: first/last block grad norm = {s['first_over_last']:.3g}")
+        for v in meta["verdicts"]:
+            typer.echo(f"{v['stack']:>8} {v['placement']:>10}: {v['verdict']}")
         if meta["nonfinite_values"]:
             typer.echo(f"warning: {meta['nonfinite_values']} non-finite gradient norms recorded (NaN/inf)", err=True)
         report_files(meta["files"])

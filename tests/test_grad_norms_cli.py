@@ -131,3 +131,18 @@ def test_bad_input_gives_one_line_and_no_files(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (name, proc.stderr)
         assert "Traceback" not in proc.stderr + proc.stdout
         assert not list(out.glob("grad_norms*")), name
+
+
+def test_theory_overlay_prints_a_verdict_per_placement_and_stack(tmp_path):
+    import json
+
+    result = invoke("--seeds", "2", "--placements", "post-ln,residual,rezero", "--theory", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    verdicts = json.loads((tmp_path / "grad_norms.json").read_text())["verdicts"]
+    assert {(v["placement"], v["stack"]) for v in verdicts} == {
+        (p, s) for p in ("post-ln", "residual", "rezero") for s in ("encoder", "decoder")}
+    # ReZero's encoder gets no gradient at init (every gate is 0): reported, not fitted, no crash.
+    rezero_enc = next(v for v in verdicts if v["placement"] == "rezero" and v["stack"] == "encoder")
+    assert rezero_enc["verdict"].startswith("not fitted")
+    post_dec = next(v for v in verdicts if v["placement"] == "post-ln" and v["stack"] == "decoder")
+    assert post_dec["verdict"] in result.output and 0 < post_dec["rate"] < 1

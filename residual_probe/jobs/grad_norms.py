@@ -35,6 +35,7 @@ class GradNormsSpec:
     init: str = "fairseq"
     norm: str = "layernorm"
     dropout: float = 0.0
+    theory: bool = False  # overlay the predicted per-layer curves and fit a decay rate per placement
     extra: dict = field(default_factory=dict)  # further ModelConfig fields
 
     def model_config(self, placement: str):
@@ -122,6 +123,33 @@ def summarize(rows: list[dict]) -> list[dict]:
     ]
 
 
+def theory_overlay(rows: list[dict], step: int):
+    """Theory curves and verdicts at `step` (analysis.fits), and a plot callback drawing them.
+
+    Profiles with a zero or non-finite norm cannot be fitted on a log scale (ReZero at init has
+    zero gradients in every block but its gate); they get a verdict saying so instead.
+    """
+    from ..analysis.fits import gradient_theory_overlay
+
+    at_step = [r for r in rows if r["step"] == step]
+    bad = {(r["placement"], r["stack"]) for r in at_step
+           if r["sublayer"] == "block" and not (r["param_grad_norm"] > 0 and math.isfinite(r["param_grad_norm"]))}
+    curves, verdicts = gradient_theory_overlay([r for r in at_step if (r["placement"], r["stack"]) not in bad])
+    verdicts += [{"placement": p, "stack": s, "step": step, "verdict": "not fitted: a block has a zero or non-finite norm"}
+                 for p, s in sorted(bad)]
+
+    def overlay(ax, stack, placement, layers):
+        from ..plots.style import color
+
+        sel = [c for c in curves if c["stack"] == stack and c["placement"] == placement]
+        if sel:
+            ks = [c["layer"] for c in sel]
+            ax.plot(ks, [c["predicted"] for c in sel], "--", color=color(placement), lw=1.0, alpha=0.9)
+            ax.plot(ks, [c["fitted"] for c in sel], ":", color=color(placement), lw=1.0, alpha=0.9)
+
+    return verdicts, overlay
+
+
 def run_grad_norms(spec: GradNormsSpec, out: str | Path, formats=("png",), progress=None) -> dict:
     """Run every (placement, seed), write CSV + JSON + figure into `out`; returns the summary dict.
 
@@ -152,13 +180,17 @@ def run_grad_norms(spec: GradNormsSpec, out: str | Path, formats=("png",), progr
     csv_path = write_csv(out / "grad_norms.csv", rows, CSV_COLUMNS)
     title = (f"{spec.arch}, N = {spec.depth} blocks per stack, d = {spec.d_model}, {spec.init} init, "
              f"{spec.seeds} seed(s): line = geometric mean, band = min-max")
-    fig_paths = plot_grad_norms(rows, out / "grad_norms", formats=formats, steps=spec.steps, title=title)
+    verdicts, overlay = theory_overlay(rows, spec.steps) if spec.theory else ([], None)
+    if spec.theory:
+        title += "\ndashed: theory through the last block (Post-LN path shape / flat floor); dotted: geometric fit"
+    fig_paths = plot_grad_norms(rows, out / "grad_norms", formats=formats, steps=spec.steps, title=title,
+                                overlay=overlay)
     meta = {
         "job": "grad-norms", "spec": asdict(spec),
         "model_configs": {p: spec.model_config(p).to_dict() for p in spec.placements},
         "seeds": list(range(spec.seeds)), "versions": versions(), "wall_seconds": round(wall, 3),
         "run_seconds": timings, "losses": losses, "nonfinite_values": nonfinite,
-        "summary": summary, "files": [str(csv_path)] + [str(p) for p in fig_paths],
+        "summary": summary, "verdicts": verdicts, "files": [str(csv_path)] + [str(p) for p in fig_paths],
     }
     json_path = write_json(out / "grad_norms.json", meta)
     meta["files"].append(str(json_path))
