@@ -109,24 +109,29 @@ def make_recorder(variant: str, model):
     return None
 
 
-def train_step(model, opt, tok, tgt, recorder) -> None:
+def train_step(model, opt, tok, tgt, recorder) -> float:
+    """One step; returns the seconds spent in the recorder's step() (after backward)."""
     opt.zero_grad(set_to_none=True)
     loss = F.cross_entropy(model(tok).flatten(0, 1), tgt.flatten())
     loss.backward()
+    t0 = time.perf_counter()
     if recorder is not None:
         recorder.step()
+    recorded = time.perf_counter() - t0
     opt.step()
+    return recorded
 
 
-def time_variants(depth: int, rounds: int, warmup: int) -> dict[str, list[float]]:
-    """Median-ready step times: all variants on one model, interleaved round by round."""
+def time_variants(depth: int, rounds: int, warmup: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Step times and record-only times (the step() after backward): all variants, interleaved."""
     model, opt, tok, tgt = setup(depth)
     times = {v: [] for v in VARIANTS}
+    record = {v: [] for v in VARIANTS}
     for r in range(warmup + rounds):
         for v in VARIANTS:
             rec = make_recorder(v, model)
             t0 = time.perf_counter()
-            train_step(model, opt, tok, tgt, rec)
+            rt = train_step(model, opt, tok, tgt, rec)
             dt = time.perf_counter() - t0
             if isinstance(rec, Probe):
                 rec.detach()
@@ -135,7 +140,8 @@ def time_variants(depth: int, rounds: int, warmup: int) -> dict[str, list[float]
                     h.remove()
             if r >= warmup:
                 times[v].append(dt)
-    return times
+                record[v].append(rt)
+    return times, record
 
 
 def rss_bytes() -> int:
@@ -180,11 +186,12 @@ def main() -> None:
 
     print(f"decoder depth {args.depth}, d_model 256, heads 4, ffn 1024, batch {BATCH}, seq {SEQ}, "
           f"{args.threads} threads, torch {torch.__version__}; {args.rounds} rounds after {args.warmup} warm-up")
-    times = time_variants(args.depth, args.rounds, args.warmup)
+    times, record = time_variants(args.depth, args.rounds, args.warmup)
     med = {v: statistics.median(t) for v, t in times.items()}
-    print(f"{'variant':<12} {'median s':>9} {'min s':>8} {'ratio':>7}")
+    print(f"{'variant':<12} {'median s':>9} {'min s':>8} {'ratio':>7} {'step() ms':>10}")
     for v in VARIANTS:
-        print(f"{v:<12} {med[v]:>9.4f} {min(times[v]):>8.4f} {med[v] / med['plain']:>7.3f}")
+        print(f"{v:<12} {med[v]:>9.4f} {min(times[v]):>8.4f} {med[v] / med['plain']:>7.3f} "
+              f"{1e3 * statistics.median(record[v]):>10.1f}")
 
     mem = measure_memory(args.depth, args.steps, args.threads)
     base = mem["plain"]
