@@ -10,13 +10,12 @@ Writes figures/collapse_theory.{png,csv}.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 
 from residual_probe.analysis.checks import Check
-from residual_probe.jobs.figures import check_line, fmt, verdict
+from residual_probe.jobs.figures import fmt, script_main, verdict
 from residual_probe.results import write_csv
 
 PLACEMENTS = ("post-ln", "pre-ln", "residual")
@@ -24,7 +23,6 @@ METRICS = ("cos_adjacent", "ln_update")
 
 
 def toy(n_blocks: int, d: int, tokens: int) -> list[dict]:
-    import torch
 
     from residual_probe.analysis.metrics import cos_adjacent, ln_update
     from residual_probe.analysis.theory import collapse_prediction, simulate_collapse
@@ -114,10 +112,4 @@ def run(out: Path, quick: bool = False) -> list[Check]:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("figures"))
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    for c in run(args.out, args.quick):
-        print(check_line(c))
+    script_main(run, __doc__)

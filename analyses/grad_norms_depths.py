@@ -10,14 +10,12 @@ gradients than its upper ones.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from residual_probe.analysis.checks import Check
-from residual_probe.jobs.figures import check_line, fmt, verdict
+from residual_probe.jobs.figures import fmt, script_main, verdict
 from residual_probe.jobs.grad_norms import GradNormsSpec, run_one
 from residual_probe.plots.grad_norms import plot_depth_grid
 from residual_probe.results import write_csv
@@ -89,11 +87,4 @@ def run(out: Path, quick: bool = False) -> list[Check]:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("figures"))
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    for c in run(args.out, args.quick):
-        print(check_line(c))
-    sys.exit(0)
+    script_main(run, __doc__)

@@ -14,11 +14,10 @@ It runs `residual-probe bounds`'s job (residual_probe.jobs.bounds) in both setti
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from residual_probe.jobs.bounds import BoundsSpec, run_bounds
-from residual_probe.jobs.figures import check_line
+from residual_probe.jobs.figures import script_main
 
 
 def run(out: Path, quick: bool = False) -> list:
@@ -30,10 +29,4 @@ def run(out: Path, quick: bool = False) -> list:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("figures"))
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    for c in run(args.out, args.quick):
-        print(check_line(c))
+    script_main(run, __doc__)

@@ -13,7 +13,6 @@ and training_study.csv; the runs themselves go to OUT/runs/ (not committed).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from residual_probe.analysis.checks import Check
-from residual_probe.jobs.figures import check_line, fmt, verdict
+from residual_probe.jobs.figures import fmt, script_main, verdict
 from residual_probe.jobs.train import TrainSpec, run_train
 from residual_probe.results import write_csv
 
@@ -121,10 +120,4 @@ def run(out: Path, quick: bool = False) -> list[Check]:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("figures"))
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    for c in run(args.out, args.quick):
-        print(check_line(c))
+    script_main(run, __doc__)

@@ -7,7 +7,6 @@ in plotting code. The measurement decides: a disagreement is reported with its n
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import numpy as np

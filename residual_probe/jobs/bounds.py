@@ -19,7 +19,6 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 CSV_COLUMNS = ("setting", "arch", "placement", "depth", "seed", "stack", "layer", "sublayer", "stream", "metric", "value")
 CHECK_COLUMNS = ("statement", "setting", "placement", "predicted", "measured", "agreement")

@@ -38,6 +38,19 @@ def check_line(c) -> str:
     return f"[{c.agreement}] {c.statement} ({c.setting}, {c.placement}): predicted {c.predicted}; measured {c.measured}"
 
 
+def script_main(run, doc: str) -> None:
+    """The command line of one analysis script: `python analyses/NAME.py [--out DIR] [--quick]`."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("figures"))
+    ap.add_argument("--quick", action="store_true", help="small sizes, as CI runs it")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for c in run(args.out, args.quick):
+        print(check_line(c))
+
+
 def analyses_dir() -> Path:
     here = Path(__file__).resolve().parents[2] / "analyses"
     if not here.is_dir():
