@@ -24,6 +24,15 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+# Options shared by several commands.
+FormatOpt = Annotated[str, typer.Option("--format", help="Figure formats, comma-separated: png,pdf,svg.")]
+HeadsOpt = Annotated[int, typer.Option(help="Attention heads.")]
+BatchOpt = Annotated[int, typer.Option(help="Sequences per batch.")]
+FfnOpt = Annotated[int, typer.Option(help="FFN hidden width.")]
+SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")]
+DModelOpt = Annotated[int, typer.Option("--d-model", help="Model width.")]
+OutOpt = Annotated[Path, typer.Option(help="Output folder.")]
+
 
 @app.callback()
 def _root() -> None:
@@ -94,20 +103,20 @@ def grad_norms(
     depth: Annotated[int, typer.Option(help="Blocks per stack (encoder and decoder each for seq2seq).")] = 48,
     placements: Annotated[str, typer.Option(help="Comma-separated placements to compare.")] = "post-ln,pre-ln,residual",
     arch: Annotated[str, typer.Option(help="seq2seq (translation, the paper's setting), decoder (causal LM) or encoder.")] = "seq2seq",
-    d_model: Annotated[int, typer.Option("--d-model", help="Model width.")] = 256,
-    heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
-    ffn: Annotated[int, typer.Option(help="FFN hidden width.")] = 1024,
+    d_model: DModelOpt = 256,
+    heads: HeadsOpt = 4,
+    ffn: FfnOpt = 1024,
     seeds: Annotated[int, typer.Option(help="Seeds per placement (0..seeds-1); the figure shades their spread.")] = 3,
-    batch: Annotated[int, typer.Option(help="Sequences per batch.")] = 8,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")] = 32,
+    batch: BatchOpt = 8,
+    seq_len: SeqLenOpt = 32,
     steps: Annotated[int, typer.Option(help="Adam steps before the last recording (0: at initialization); every step is recorded.")] = 0,
     lr: Annotated[float, typer.Option(help="Adam learning rate (betas 0.9, 0.98 as fairseq).")] = 5e-4,
     warmup: Annotated[int, typer.Option(help="Steps of linear learning-rate warm-up (0: none).")] = 0,
     init: Annotated[str, typer.Option(help="fairseq (default) or xiong (W^Q = W^K = 0, Xavier elsewhere).")] = "fairseq",
     norm: Annotated[str, typer.Option(help="layernorm or rmsnorm.")] = "layernorm",
     data: Annotated[Optional[Path], typer.Option(help="UTF-8 text file to train/measure on (byte tokens); default: synthetic task.")] = None,
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("results/grad-norms"),
-    format: Annotated[str, typer.Option("--format", help="Figure formats, comma-separated: png,pdf,svg.")] = "png",
+    out: OutOpt = Path("results/grad-norms"),
+    format: FormatOpt = "png",
     theory: Annotated[bool, typer.Option("--theory", help="Overlay the predicted per-layer curves, fit each placement's decay rate, print verdicts.")] = False,
 ):
     """Per-layer gradient norms of reference models, per placement: do gradients vanish with depth?
@@ -141,10 +150,10 @@ def train(
     placement: Annotated[str, typer.Option(help="Norm placement of the model to train.")] = "residual",
     arch: Annotated[str, typer.Option(help="decoder (causal LM), encoder or seq2seq.")] = "decoder",
     depth: Annotated[int, typer.Option(help="Blocks per stack.")] = 24,
-    d_model: Annotated[int, typer.Option("--d-model", help="Model width.")] = 128,
-    heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
-    ffn: Annotated[int, typer.Option(help="FFN hidden width.")] = 512,
-    batch: Annotated[int, typer.Option(help="Sequences per batch.")] = 16,
+    d_model: DModelOpt = 128,
+    heads: HeadsOpt = 4,
+    ffn: FfnOpt = 512,
+    batch: BatchOpt = 16,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens (bytes) per sequence.")] = 64,
     steps: Annotated[int, typer.Option(help="Adam steps.")] = 500,
     lr: Annotated[float, typer.Option(help="Peak learning rate (Adam, betas 0.9, 0.98).")] = 1e-3,
@@ -155,7 +164,7 @@ def train(
     probe_every: Annotated[int, typer.Option("--probe-every", help="Record the probe every n-th step.")] = 10,
     eval_every: Annotated[int, typer.Option("--eval-every", help="Held-out loss every n-th step.")] = 50,
     clip: Annotated[float, typer.Option(help="Gradient clipping max-norm (0: none); the probe records before clipping.")] = 0.0,
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("results/train"),
+    out: OutOpt = Path("results/train"),
 ):
     """Train a small deep model on real text, recording per-layer gradients and collapse as it goes.
 
@@ -201,15 +210,15 @@ def figures(
 def bounds(
     depth: Annotated[str, typer.Option(help="Depth, or comma-separated depths; one depth D measures Theorem 1 on 6, 12, 24, ... up to D.")] = "48",
     arch: Annotated[str, typer.Option(help="Architecture for Xiong's statements and the collapse shape: encoder (the lemma's setting), decoder or seq2seq. ResiDual's gradient statements always use seq2seq.")] = "encoder",
-    d_model: Annotated[int, typer.Option("--d-model", help="Model width.")] = 128,
-    heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
-    ffn: Annotated[int, typer.Option(help="FFN hidden width.")] = 512,
+    d_model: DModelOpt = 128,
+    heads: HeadsOpt = 4,
+    ffn: FfnOpt = 512,
     seeds: Annotated[int, typer.Option(help="Seeds per model (0..seeds-1).")] = 3,
-    batch: Annotated[int, typer.Option(help="Sequences per batch.")] = 8,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")] = 32,
+    batch: BatchOpt = 8,
+    seq_len: SeqLenOpt = 32,
     settings: Annotated[str, typer.Option(help="Initializations, comma-separated: xiong (W^Q = W^K = 0), fairseq.")] = "xiong,fairseq",
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("results/bounds"),
-    format: Annotated[str, typer.Option("--format", help="Figure formats, comma-separated: png,pdf,svg.")] = "png",
+    out: OutOpt = Path("results/bounds"),
+    format: FormatOpt = "png",
 ):
     """Check each theory statement (Xiong et al. 2020 Lemma 2 and Theorem 1; ResiDual's gradient, collapse
     and Adam results) against the reference models at initialization.
@@ -248,7 +257,7 @@ def collapse(
     data: Annotated[Optional[Path], typer.Option(help="UTF-8 text file (the checkpoint's tokenizer if it has one, else bytes); default: CPython's pydoc topics.")] = None,
     tokens: Annotated[int, typer.Option(help="Token positions run through each model.")] = 8192,
     batch: Annotated[int, typer.Option(help="Sequences per forward.")] = 8,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")] = 256,
+    seq_len: SeqLenOpt = 256,
     subsample: Annotated[int, typer.Option(help="Tokens kept per layer for the similarity and CKA matrices.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed for the token subsample (and images for vision models).")] = 0,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Unpickle with plain torch.load: runs any code in the file. Only for files you trust.")] = False,
@@ -259,8 +268,8 @@ def collapse(
     d_model: Annotated[Optional[int], typer.Option("--d-model", help="Bare state dicts: width (checked against the weights).")] = None,
     ffn: Annotated[Optional[int], typer.Option(help="Bare state dicts: FFN width (checked against the weights).")] = None,
     norm: Annotated[Optional[str], typer.Option(help="Bare state dicts: layernorm or rmsnorm.")] = None,
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("results/collapse"),
-    format: Annotated[str, typer.Option("--format", help="Figure formats, comma-separated: png,pdf,svg.")] = "png",
+    out: OutOpt = Path("results/collapse"),
+    format: FormatOpt = "png",
 ):
     """Representation collapse of real checkpoints: how much does each layer still change the representation?
 
