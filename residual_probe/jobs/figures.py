@@ -68,6 +68,19 @@ def load_analysis(name: str):
     return module
 
 
+CHECK_COLUMNS = ("analysis", "statement", "setting", "placement", "predicted", "measured", "agreement")
+
+
+def keep_other_checks(path: Path, rerun: tuple[str, ...]) -> list[dict]:
+    """Rows of an existing checks.csv from analyses not rerun now, so `--only` updates in place."""
+    import csv
+
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return [r for r in csv.DictReader(fh) if r.get("analysis") not in rerun and r.get("analysis") in ANALYSES]
+
+
 def run_figures(out: str | Path, quick: bool = False, only: tuple[str, ...] = (), echo=print) -> dict:
     """Run the analyses (all, or `only`), write OUT/checks.csv and OUT/checks.json."""
     from ..results import prepare_out, versions, write_csv, write_json
@@ -84,9 +97,8 @@ def run_figures(out: str | Path, quick: bool = False, only: tuple[str, ...] = ()
         for c in found:
             echo("  " + check_line(c))
         checks += [{"analysis": name, **asdict(c)} for c in found]
-    rows = checks
-    write_csv(out / "checks.csv", rows,
-              ("analysis", "statement", "setting", "placement", "predicted", "measured", "agreement"))
+    rows = keep_other_checks(out / "checks.csv", names) + checks
+    write_csv(out / "checks.csv", rows, CHECK_COLUMNS)
     meta = {"job": "figures", "quick": quick, "analyses": list(names), "seconds": timings,
             "versions": versions(), "checks": rows}
     write_json(out / "checks.json", meta)
