@@ -40,6 +40,6 @@ def plot_ratio_curves(curves: Mapping[str, Mapping[int, float]], path_stem: str 
     ax.set_xlabel("step")
     ax.set_ylabel("block 0 / block N-1 gradient norm")
     ax.set_title("Vanishing toward the input during training")
-    ax.legend(frameon=False, fontsize=8)
+    ax.legend(frameon=False, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))  # outside: curves span the plot
     fig.tight_layout()
     return save(fig, path_stem, formats)
