@@ -173,3 +173,18 @@ def test_token_uniformity_and_rank1_residual():
     assert M.rank1_residual(torch.zeros(4, 3)).item() == 0.0
     with pytest.raises(M.MetricError, match="at least 2 tokens"):
         M.token_uniformity(torch.randn(1, 5))
+
+
+def test_transition_stats_equals_the_four_metrics():
+    """The probe's fused pass gives the per-metric functions' numbers (float64 and float32, a zero token)."""
+    from residual_probe.analysis import metrics as M
+
+    g = torch.Generator().manual_seed(3)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        prev = torch.randn(2, 9, 16, generator=g, dtype=dtype)
+        cur = prev + 0.3 * torch.randn(2, 9, 16, generator=g, dtype=dtype)
+        prev[0, 0] = 0.0
+        fused = M.transition_stats(prev, cur)
+        single = (M.cos_adjacent(prev, cur), M.relative_update(prev, cur), M.norm_sq_per_dim(cur), M.ln_update(prev, cur))
+        for f, s in zip(fused, single, strict=True):
+            assert torch.allclose(f, s, rtol=tol, atol=tol), (dtype, f, s)

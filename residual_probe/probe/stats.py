@@ -33,12 +33,7 @@ def stream_tensors(value, n_streams: int) -> tuple[torch.Tensor, ...] | None:
 
 def block_forward_stats(prev: torch.Tensor, cur: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """FORWARD_METRICS of one stream across one block, each a 0-d tensor (mean over tokens)."""
-    return (
-        metrics.cos_adjacent(prev, cur),
-        metrics.relative_update(prev, cur),
-        metrics.norm_sq_per_dim(cur),
-        metrics.ln_update(prev, cur),
-    )
+    return metrics.transition_stats(prev, cur)  # the four in one pass, same order as FORWARD_METRICS
 
 
 def grad_sq_sum(grad: torch.Tensor) -> torch.Tensor:
