@@ -104,3 +104,12 @@ def test_cli_prints_summary_and_rejects_bad_files(saved, tmp_path):
         assert res.exit_code == 2
         assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
         assert not (tmp_path / "bad" / "collapse.csv").exists()
+
+
+def test_labels_tell_models_apart_by_the_shortest_path_suffix(tmp_path):
+    from residual_probe.jobs.collapse import labels_for
+
+    a, b = tmp_path / "runs" / "pre-ln" / "model", tmp_path / "runs" / "post-ln" / "model"
+    assert labels_for((str(a), str(b))) == ["pre-ln/model", "post-ln/model"]
+    assert labels_for((str(a), str(tmp_path / "x.pt"))) == ["model", "x.pt"]
+    assert labels_for((str(a), str(a))) == ["model#0", "model#1"]

@@ -203,8 +203,14 @@ def overall(summary: list[dict]) -> str:
 
 
 def labels_for(paths: tuple[str, ...]) -> list[str]:
-    names = [Path(p).name or str(p) for p in paths]
-    return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+    """Shortest path suffixes that tell the models apart: runs/pre-ln/model, runs/post-ln/model
+    -> pre-ln/model, post-ln/model; the same path twice gets #i."""
+    parts = [Path(p).resolve().parts for p in paths]
+    for n in range(1, max(len(q) for q in parts) + 1):
+        names = ["/".join(q[-n:]) for q in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [f"{Path(p).name}#{i}" for i, p in enumerate(paths)]
 
 
 def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress=None) -> dict:
