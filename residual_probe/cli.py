@@ -190,7 +190,7 @@ def train(
 @app.command("figures")
 def figures(
     out: Annotated[Path, typer.Option(help="Folder for the figures, their CSVs and checks.{csv,json}.")] = Path("figures"),
-    quick: Annotated[bool, typer.Option("--quick", help="Small sizes and fewer depths/steps: minutes, for CI.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Small sizes and fewer depths/steps (about 20 s), as CI runs it.")] = False,
     only: Annotated[str, typer.Option(help="Comma-separated analyses to run (default: all).")] = "",
 ):
     """Regenerate the paper-style figures: run every script in analyses/ and print its checks.
