@@ -111,7 +111,7 @@ def grad_norms(
     seq_len: SeqLenOpt = 32,
     steps: Annotated[int, typer.Option(help="Adam steps before the last recording (0: at initialization); every step is recorded.")] = 0,
     lr: Annotated[float, typer.Option(help="Adam learning rate (betas 0.9, 0.98 as fairseq).")] = 5e-4,
-    warmup: Annotated[int, typer.Option(help="Steps of linear learning-rate warm-up (0: none).")] = 0,
+    warmup: Annotated[int, typer.Option(help="Linear warm-up steps, then inverse-sqrt decay (fairseq); 0: constant lr.")] = 0,
     init: Annotated[str, typer.Option(help="fairseq (default) or xiong (W^Q = W^K = 0, Xavier elsewhere).")] = "fairseq",
     norm: Annotated[str, typer.Option(help="layernorm or rmsnorm.")] = "layernorm",
     data: Annotated[Optional[Path], typer.Option(help="UTF-8 text file to train/measure on (byte tokens); default: synthetic task.")] = None,

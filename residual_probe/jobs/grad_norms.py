@@ -30,7 +30,7 @@ class GradNormsSpec:
     seq_len: int = 32
     steps: int = 0  # Adam steps; gradients are recorded before each and after the last
     lr: float = 5e-4
-    warmup: int = 0  # steps of linear learning-rate warm-up from 0
+    warmup: int = 0  # linear warm-up steps, then inverse-sqrt decay (jobs.train.lr_schedule)
     data: str | None = None  # UTF-8 text file (byte tokens); None: synthetic task
     init: str = "fairseq"
     norm: str = "layernorm"
@@ -61,11 +61,6 @@ class GradNormsSpec:
             raise ConfigError(f"lr: must be a positive number, got {self.lr}")
 
 
-def lr_at(step: int, lr: float, warmup: int) -> float:
-    """Linear warm-up from lr/warmup to lr over `warmup` steps, then constant."""
-    return lr * min(1.0, (step + 1) / warmup) if warmup else lr
-
-
 def run_one(spec: GradNormsSpec, placement: str, seed: int, text=None, on_step: Callable[[], None] | None = None):
     """Train/record one (placement, seed); returns (rows, losses). Rows follow CSV_COLUMNS."""
     import torch
@@ -74,6 +69,7 @@ def run_one(spec: GradNormsSpec, placement: str, seed: int, text=None, on_step: 
     from ..data import BatchSource
     from ..models import Transformer
     from ..probe import Probe
+    from .train import lr_schedule
 
     torch.manual_seed(seed)
     cfg = spec.model_config(placement)
@@ -93,7 +89,7 @@ def run_one(spec: GradNormsSpec, placement: str, seed: int, text=None, on_step: 
             losses.append(loss.detach())
             if step < spec.steps:
                 for group in opt.param_groups:
-                    group["lr"] = lr_at(step, spec.lr, spec.warmup)
+                    group["lr"] = lr_schedule(step, spec.lr, spec.warmup)
                 opt.step()
             if on_step:
                 on_step()
