@@ -74,7 +74,7 @@ def plot_grad_norms(rows: Sequence[dict], path_stem: str | Path, formats=("png",
     placements = list(dict.fromkeys(r["placement"] for r in block))
     last = max(r["step"] for r in block)
     nrows = 2 if last > 0 else 1
-    fig, axes = plt.subplots(nrows, len(stacks), figsize=(4.6 * len(stacks), 3.6 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, len(stacks), figsize=(max(6.4, 4.6 * len(stacks)), 3.6 * nrows), squeeze=False)
 
     groups = _by(block, lambda r: (r["stack"], r["step"]))
     for j, stack in enumerate(stacks):
