@@ -7,6 +7,7 @@ in plotting code. The measurement decides: a disagreement is reported with its n
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -30,6 +31,21 @@ class Check:
 
     def to_row(self) -> dict:
         return asdict(self)
+
+    def line(self) -> str:
+        """One printable line: [agreement] statement (setting, placement): predicted ...; measured ..."""
+        return (f"[{self.agreement}] {self.statement} ({self.setting}, {self.placement}): "
+                f"predicted {self.predicted}; measured {self.measured}")
+
+
+def agreement(ok: bool) -> str:
+    """The agreement of a pass/fail comparison: "yes" or "no"."""
+    return "yes" if ok else "no"
+
+
+def fmt(x: float, digits: int = 3) -> str:
+    """A measured number for a check's text: `digits` significant digits, "nan" when not finite."""
+    return f"{x:.{digits}g}" if math.isfinite(x) else "nan"
 
 
 def lemma2(setting: str, placement: str, norm_sq: np.ndarray, v0: float) -> Check:

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import theory
+from ..errors import UserError
 
 
-class FitError(ValueError):
+class FitError(UserError):
     """Too little or unusable data for a fit; one line for the user."""
 
 

@@ -20,6 +20,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..errors import UserError
+
 CSV_COLUMNS = ("setting", "arch", "placement", "depth", "seed", "stack", "layer", "sublayer", "stream", "metric", "value")
 CHECK_COLUMNS = ("statement", "setting", "placement", "predicted", "measured", "agreement")
 SETTINGS = ("xiong", "fairseq")
@@ -28,7 +30,7 @@ GRADIENT_PLACEMENTS = ("post-ln", "pre-ln", "residual")
 LADDER = (6, 12, 24, 48, 96)
 
 
-class BoundsError(ValueError):
+class BoundsError(UserError):
     """Unusable bounds options; one line for the user."""
 
 
@@ -78,21 +80,19 @@ def measure(cfg, seed: int, batch: int, seq_len: int) -> list[dict]:
     """One forward/backward at initialization, recorded by the probe: its rows, plus the embedding's
     E||x_0||^2/d per stack (metric `embed_norm_sq_per_dim`, layer -1) from the token subsample."""
     import torch
-    import torch.nn.functional as F
 
     from ..analysis.metrics import norm_sq_per_dim
     from ..data import BatchSource
     from ..models import Transformer
     from ..probe import Probe
+    from ..training import Trainer
 
     torch.manual_seed(seed)
     model = Transformer(cfg)
     b = BatchSource(cfg.arch, batch, seq_len, cfg.vocab_size, seed).next()
     probe = Probe(model, quantities=("param_grad_norm", "w2_grad_norm", "forward_stats", "subsample"), seed=seed)
     with probe:
-        logits = model(*b.inputs)
-        F.cross_entropy(logits.flatten(0, 1), b.targets.flatten(), ignore_index=-100).backward()
-        probe.step()
+        Trainer(model, probe).step(b, update=False)
     rows = [r for r in probe.rows() if r["metric"] != "nonfinite_count"]
     for (stack, stream), sub in probe.subsamples().items():
         if stream == "x":
@@ -144,7 +144,7 @@ def run_bounds(spec: BoundsSpec, out: str | Path, formats=("png",), progress=Non
     from ..analysis import checks, theory
     from ..analysis import metrics as M
     from ..plots import bounds as plots
-    from ..results import prepare_out, versions, write_csv, write_json
+    from ..output import prepare_out, versions, write_csv, write_json
 
     spec.validate()
     out = prepare_out(out)

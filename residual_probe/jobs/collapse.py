@@ -73,6 +73,8 @@ def text_ids(loaded, text: str, need: int) -> tuple[Any, str]:
     """1-D token ids of `text` for this model: its tokenizer, else UTF-8 bytes (folded into its vocabulary)."""
     import torch
 
+    from ..data import DataError
+
     text = text[: max(need * 16, 4096)]  # enough characters for `need` tokens in any tokenizer
     if loaded.tokenizer is not None:
         ids = loaded.tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
@@ -83,13 +85,15 @@ def text_ids(loaded, text: str, need: int) -> tuple[Any, str]:
         return ids, "byte-level"
     low = FAIRSEQ_SPECIALS if loaded.family.startswith("fairseq") else 0
     if vocab - low < 2:
-        raise ValueError(f"vocabulary of {vocab} is too small for byte-level input")
+        raise DataError(f"vocabulary of {vocab} is too small for byte-level input")
     return low + ids % (vocab - low), f"byte-level, folded into ids {low}..{vocab - 1}"
 
 
 def make_batches(loaded, spec: CollapseSpec, text: str, item_tokens: int | None = None) -> tuple[list, dict]:
     """Input batches totalling at least spec.tokens positions, and a description of them."""
     import torch
+
+    from ..data import DataError
 
     if loaded.modality == "image":  # no text for a vision model: seeded Gaussian images
         per = max(1, item_tokens or 1)
@@ -100,11 +104,11 @@ def make_batches(loaded, spec: CollapseSpec, text: str, item_tokens: int | None 
                                                 "tokens": n * per}
     T = spec.seq_len
     if loaded.max_len is not None and T > loaded.max_len:
-        raise ValueError(f"--seq-len {T} exceeds the model's {loaded.max_len} positions")
+        raise DataError(f"--seq-len {T} exceeds the model's {loaded.max_len} positions")
     windows = math.ceil(spec.tokens / T)
     ids, how = text_ids(loaded, text, windows * T)
     if ids.numel() < T:
-        raise ValueError(f"the text gives {ids.numel()} tokens, fewer than --seq-len {T}")
+        raise DataError(f"the text gives {ids.numel()} tokens, fewer than --seq-len {T}")
     repeats = math.ceil(windows * T / ids.numel())
     stream = ids.repeat(repeats)[: windows * T].view(windows, T)  # consecutive, non-overlapping windows
     return list(stream.split(spec.batch)), {"tokenization": how, "tokens": windows * T, "text_tokens": ids.numel(),
@@ -219,7 +223,7 @@ def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress
 
     from ..checkpoints import load_any
     from ..plots.collapse import plot_collapse_curves, plot_norm_growth, plot_similarity
-    from ..results import prepare_out, versions, write_csv, write_json
+    from ..output import prepare_out, versions, write_csv, write_json
 
     spec.validate()
     out = prepare_out(out)

@@ -30,7 +30,7 @@ class GradNormsSpec:
     seq_len: int = 32
     steps: int = 0  # Adam steps; gradients are recorded before each and after the last
     lr: float = 5e-4
-    warmup: int = 0  # linear warm-up steps, then inverse-sqrt decay (jobs.train.lr_schedule)
+    warmup: int = 0  # linear warm-up steps, then inverse-sqrt decay (training.lr_schedule)
     data: str | None = None  # UTF-8 text file (byte tokens); None: synthetic task
     init: str = "fairseq"
     norm: str = "layernorm"
@@ -62,35 +62,27 @@ class GradNormsSpec:
 
 
 def run_one(spec: GradNormsSpec, placement: str, seed: int, text=None, on_step: Callable[[], None] | None = None):
-    """Train/record one (placement, seed); returns (rows, losses). Rows follow CSV_COLUMNS."""
+    """Train/record one (placement, seed); returns (rows, losses). Rows follow CSV_COLUMNS.
+
+    Gradients are recorded at every step 0..steps: before each Adam update and after the last.
+    """
     import torch
-    import torch.nn.functional as F
 
     from ..data import BatchSource
     from ..models import Transformer
     from ..probe import Probe
-    from .train import lr_schedule
+    from ..training import Trainer
 
     torch.manual_seed(seed)
     cfg = spec.model_config(placement)
     model = Transformer(cfg)
     source = BatchSource(cfg.arch, spec.batch, spec.seq_len, cfg.vocab_size, seed, text)
-    opt = torch.optim.Adam(model.parameters(), lr=spec.lr, betas=(0.9, 0.98), eps=1e-8)  # fairseq's betas
     probe = Probe(model, quantities=("param_grad_norm",))
+    trainer = Trainer(model, probe, lr=spec.lr, warmup=spec.warmup)
     rows, losses = [], []
     with probe:
         for step in range(spec.steps + 1):
-            batch = source.next()
-            opt.zero_grad(set_to_none=True)
-            logits = model(*batch.inputs)
-            loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100)
-            loss.backward()
-            probe.step()
-            losses.append(loss.detach())
-            if step < spec.steps:
-                for group in opt.param_groups:
-                    group["lr"] = lr_schedule(step, spec.lr, spec.warmup)
-                opt.step()
+            losses.append(trainer.step(source.next(), update=step < spec.steps))
             if on_step:
                 on_step()
     for r in probe.rows():
@@ -153,7 +145,7 @@ def run_grad_norms(spec: GradNormsSpec, out: str | Path, formats=("png",), progr
     """
     from ..data import read_text_tokens
     from ..plots.grad_norms import plot_grad_norms
-    from ..results import prepare_out, versions, write_csv, write_json
+    from ..output import prepare_out, versions, write_csv, write_json
 
     spec.validate()
     out = prepare_out(out)

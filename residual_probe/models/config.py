@@ -12,12 +12,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import UserError
+
 ARCHS = ("decoder", "encoder", "seq2seq")
 NORMS = ("layernorm", "rmsnorm")
 INITS = ("fairseq", "xiong")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """An invalid configuration; the message is one line meant for the user."""
 
 

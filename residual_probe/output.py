@@ -1,23 +1,27 @@
-"""Writing results: tidy CSV rows and a JSON sidecar, each written atomically.
+"""Writing outputs: the one atomic writer, tidy tables, the JSON sidecar.
 
-A file appears whole or not at all (write to a temporary file beside it, then rename), so an
-error or an interrupt never leaves a half-written result.
+A file appears whole or not at all: `write_atomic` writes to a temporary file beside the
+target, gives it `FILE_MODE`, then renames it over the target, so an error or an interrupt
+never leaves a half-written result. Every artifact of the package goes through it: tables,
+JSON sidecars, figures (`plots.style.save`) and model weights (`checkpoints`).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
 import platform
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, Union
+
+from .errors import UserError
+
+Content = Union[str, bytes, Callable[[Path], None]]
 
 
-class OutputError(OSError):
+class OutputError(UserError):
     """The output location cannot be used; the message is one line meant for the user."""
 
 
@@ -39,24 +43,46 @@ def _umask() -> int:
     return mask
 
 
-FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's 0600 would hide results from others
+# The mode open() would give (0644 under the usual umask 022), for every file written here:
+# mkstemp's own 0600 would hide results (and model weights) from the user's group.
+FILE_MODE = 0o666 & ~_umask()
 
 
-def write_atomic(path: str | Path, text: str) -> Path:
+def write_atomic(path: str | Path, content: Content) -> Path:
+    """Write `content` to `path` atomically with FILE_MODE; returns `path`.
+
+    content: text (UTF-8), bytes, or a callable `write(tmp_path)` that writes the file itself
+    (matplotlib's savefig, safetensors' save_file).
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise OutputError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
+    try:
+        if callable(content):
+            os.close(fd)
+            content(Path(tmp))
+        else:
+            data = content.encode("utf-8") if isinstance(content, str) else content
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
         raise
     return path
 
 
 def write_csv(path: str | Path, rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> Path:
+    """A tidy table (one row per observation) as CSV: exactly `columns`, floats round-trip exactly
+    (repr), non-finite values as nan / inf / -inf."""
+    import csv
+    import io
+
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="raise", lineterminator="\n")
     writer.writeheader()
