@@ -9,14 +9,16 @@ JSON sidecars, figures (`plots.style.save`) and model weights (`checkpoints`).
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, Union
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 Content = Union[str, bytes, Callable[[Path], None]]
 
@@ -77,24 +79,27 @@ def write_atomic(path: str | Path, content: Content) -> Path:
     return path
 
 
-def write_csv(path: str | Path, rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> Path:
-    """A tidy table (one row per observation) as CSV: exactly `columns`, floats round-trip exactly
-    (repr), non-finite values as nan / inf / -inf."""
-    import csv
-    import io
+def write_csv(path: str | Path, rows: "Iterable[dict[str, Any]] | pd.DataFrame",
+              columns: Sequence[str] | None = None) -> Path:
+    """The one tidy-table writer: a pandas DataFrame (or dict rows) as CSV, atomically.
 
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="raise", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _fmt(v) for k, v in row.items()})
-    return write_atomic(path, buf.getvalue())
+    columns: the columns in order (default: the DataFrame's, or the first row's keys); a row
+    with another key is a bug and raises. Floats are written to round-trip exactly (repr),
+    missing and non-finite values as nan / inf / -inf; dict rows keep their Python types
+    (an int column with a gap stays int, not float).
+    """
+    import pandas as pd
 
-
-def _fmt(v: Any) -> Any:
-    if isinstance(v, float):
-        return repr(v) if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
-    return v
+    if isinstance(rows, pd.DataFrame):
+        df = rows if columns is None else rows[list(columns)]
+    else:
+        rows = list(rows)
+        columns = list(columns if columns is not None else (rows[0] if rows else []))
+        extra = {k for r in rows for k in r} - set(columns)
+        if extra:
+            raise ValueError(f"rows have columns outside {columns}: {sorted(extra)}")
+        df = pd.DataFrame(rows, columns=columns, dtype=object)
+    return write_atomic(path, df.to_csv(index=False, na_rep="nan", lineterminator="\n"))
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> Path:

@@ -59,11 +59,12 @@ def run_train(spec: TrainSpec, out: str | Path, progress=None) -> dict:
     """Train, record and save; returns the metadata written to train.json."""
     import torch
 
+    from ..analysis.summary import loss_curves
     from ..checkpoints import save_model
     from ..data import BatchSource, builtin_corpus, read_text_tokens, split_tokens
     from ..models import Transformer
-    from ..plots.training import plot_losses
     from ..output import prepare_out, versions, write_json
+    from ..plots.training import plot_losses
     from ..probe import Probe
     from ..training import Trainer
 
@@ -112,7 +113,7 @@ def run_train(spec: TrainSpec, out: str | Path, progress=None) -> dict:
             meta["final_val_loss"] = trainer.evaluate(val_batches) if meta["diverged_at_step"] is None else math.nan
             save_model(model, out / "model")
             files = [out / "loss.csv", out / "probe.jsonl", out / "model"]
-            files += plot_losses({spec.placement: out / "loss.csv"}, out / "loss")
+            files += plot_losses(loss_curves({spec.placement: out / "loss.csv"}), out / "loss")
             meta["files"] = [str(f) for f in files]
             write_json(out / "train.json", meta)
     if meta["interrupted"]:

@@ -46,12 +46,14 @@ def load(name: str) -> ModuleType:
 
 def keep_other_checks(path: Path, rerun: tuple[str, ...]) -> list[dict]:
     """Rows of an existing checks.csv from studies not rerun now, so `--only` updates in place."""
-    import csv
+    import pandas as pd
 
     if not path.is_file():
         return []
-    with open(path, newline="") as fh:
-        return [r for r in csv.DictReader(fh) if r.get("analysis") not in rerun and r.get("analysis") in STUDIES]
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)  # text as written: "nan" stays "nan"
+    if "analysis" not in df:
+        return []
+    return df[df["analysis"].isin(STUDIES) & ~df["analysis"].isin(rerun)].to_dict("records")
 
 
 def run_all(out: str | Path, quick: bool = False, only: tuple[str, ...] = (), echo: Callable[[str], None] = print) -> dict:
@@ -79,6 +81,23 @@ def run_all(out: str | Path, quick: bool = False, only: tuple[str, ...] = (), ec
             "versions": versions(), "checks": rows}
     write_json(out / "checks.json", meta)
     return meta
+
+
+def held_out_forward_stats(model, batch: int, seq_len: int, seed: int) -> list[dict]:
+    """Probe rows of the forward statistics (stream x) of a decoder LM on one seeded batch of
+    held-out text (the last 5 % of the built-in corpus), in eval mode without gradients."""
+    import torch
+
+    from ..data import BatchSource, builtin_corpus, split_tokens
+    from ..probe import Probe
+
+    _, val = split_tokens(builtin_corpus())
+    inputs = BatchSource("decoder", batch, seq_len, model.cfg.vocab_size, seed, val).next().inputs
+    probe = Probe(model.eval(), quantities=("forward_stats",))
+    with probe, torch.no_grad():
+        model(*inputs)
+        probe.step()
+    return [r for r in probe.rows() if r["stream"] == "x"]
 
 
 def main(name: str) -> None:

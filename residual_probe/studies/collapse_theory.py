@@ -16,6 +16,7 @@ import numpy as np
 
 from ..analysis.checks import Check, agreement, fmt
 from ..output import write_csv
+from . import held_out_forward_stats
 
 PLACEMENTS = ("post-ln", "pre-ln", "residual")
 METRICS = ("cos_adjacent", "ln_update")
@@ -40,19 +41,8 @@ def toy(n_blocks: int, d: int, tokens: int) -> list[dict]:
 
 def measure_model(model, source_name: str, placement: str, seq_len: int = 64) -> list[dict]:
     """Per-layer forward statistics of a model on held-out byte text, stream x."""
-    import torch
-
-    from ..data import BatchSource, builtin_corpus, split_tokens
-    from ..probe import Probe
-
-    _, val = split_tokens(builtin_corpus())
-    batch = BatchSource("decoder", 8, seq_len, model.cfg.vocab_size, 7, val).next()
-    probe = Probe(model.eval(), quantities=("forward_stats",))
-    with probe, torch.no_grad():
-        model(*batch.inputs)
-        probe.step()
     return [{"source": source_name, "placement": placement, "layer": r["layer"], "metric": r["metric"], "value": r["value"]}
-            for r in probe.rows() if r["metric"] in METRICS and r["stream"] == "x"]
+            for r in held_out_forward_stats(model, batch=8, seq_len=seq_len, seed=7) if r["metric"] in METRICS]
 
 
 def run(out: Path, quick: bool = False) -> list[Check]:

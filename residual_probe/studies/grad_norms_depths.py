@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
+import pandas as pd
 
 from ..analysis.checks import Check, agreement, fmt
+from ..analysis.summary import first_over_last, layer_table, seed_band
 from ..jobs.grad_norms import GradNormsSpec, run_one
 from ..output import write_csv
 from ..plots.grad_norms import plot_depth_grid
@@ -39,29 +40,21 @@ def measure(quick: bool):
     return rows, depths
 
 
-def ratio(rows, setting, placement, depth) -> float:
-    """Geometric mean over seeds of (block 0 norm) / (block N-1 norm)."""
-    arch, stack = SETTINGS[setting]
-    sel = [r for r in rows if r["arch"] == arch and r["stack"] == stack and r["placement"] == placement
-           and r["depth"] == depth]
-    by_seed = {}
-    for r in sel:
-        by_seed.setdefault(r["seed"], {})[r["layer"]] = r["param_grad_norm"]
-    return float(np.exp(np.mean([np.log(v[0] / v[depth - 1]) for v in by_seed.values()])))
-
-
 def run(out: Path, quick: bool = False) -> list[Check]:
     rows, depths = measure(quick)
     write_csv(out / "grad_norms_depths.csv", rows,
               ("arch", "depth", "placement", "seed", "step", "stack", "layer", "sublayer", "param_grad_norm"))
-    panels = {}
+    df = pd.DataFrame(rows)
+    panels, r = {}, {}
     for setting, (arch, stack) in SETTINGS.items():
         for depth in depths:
-            panels[(setting, depth)] = [r for r in rows if r["arch"] == arch and r["stack"] == stack and r["depth"] == depth]
+            sel = df[(df["arch"] == arch) & (df["stack"] == stack) & (df["depth"] == depth)]
+            panels[(setting, depth)] = seed_band(sel, by=["placement"])
+            for p, g in sel.groupby("placement"):
+                r[setting, p, depth] = first_over_last(layer_table(g))  # geometric mean over seeds
     plot_depth_grid(panels, out / "grad_norms_depths", title="Per-block gradient norm at initialization (fairseq init, synthetic data)")
 
     N, n0 = depths[-1], depths[0]
-    r = {(s, p, d): ratio(rows, s, p, d) for s in SETTINGS for p in PLACEMENTS for d in depths}
     def ratio_check(statement, setting, placement, predicted, ok):
         return Check(statement, f"fairseq init/{setting}/N={N}", placement, predicted,
                      f"first/last = {fmt(r[setting, placement, N])}", agreement(ok))

@@ -13,15 +13,16 @@ and training_study.csv; the runs themselves go to OUT/runs/ (not committed).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
 from ..analysis.checks import Check, agreement, fmt
+from ..analysis.summary import loss_curves, ratio_by_step
 from ..jobs.train import TrainSpec, run_train
 from ..output import write_csv
+from . import held_out_forward_stats
 
 PLACEMENTS = ("post-ln", "pre-ln", "residual")
 
@@ -36,31 +37,20 @@ def settings(quick: bool) -> dict:
 
 def collapse_profile(run_dir: Path) -> dict[int, float]:
     """Block influence (1 - adjacent cosine) per layer of the saved final checkpoint on held-out text."""
-    import torch
-
     from ..checkpoints import load_model
-    from ..data import BatchSource, builtin_corpus, split_tokens
-    from ..probe import Probe
 
-    model = load_model(run_dir / "model").eval()
-    _, val = split_tokens(builtin_corpus())
-    batch = BatchSource("decoder", 16, 64, model.cfg.vocab_size, 123, val).next()
-    probe = Probe(model, quantities=("forward_stats",))
-    with probe, torch.no_grad():
-        model(*batch.inputs)
-        probe.step()
-    return {r["layer"]: r["value"] for r in probe.rows() if r["metric"] == "block_influence" and r["stream"] == "x"}
+    rows = held_out_forward_stats(load_model(run_dir / "model"), batch=16, seq_len=64, seed=123)
+    return {r["layer"]: r["value"] for r in rows if r["metric"] == "block_influence"}
 
 
 def grad_ratio_by_step(run_dir: Path) -> dict[int, float]:
     """First-block / last-block parameter-gradient norm at each recorded step, from probe.jsonl."""
-    norms: dict[int, dict[int, float]] = {}
-    with open(run_dir / "probe.jsonl") as fh:
-        for line in fh:
-            r = json.loads(line)
-            if r["metric"] == "param_grad_norm" and r["sublayer"] == "block":
-                norms.setdefault(r["step"], {})[r["layer"]] = r["value"]
-    return {s: v[min(v)] / v[max(v)] if v[max(v)] else math.nan for s, v in sorted(norms.items())}
+    import pandas as pd
+
+    df = pd.read_json(run_dir / "probe.jsonl", lines=True)
+    df = df[df["metric"] == "param_grad_norm"].rename(columns={"value": "param_grad_norm"}).assign(seed=0)
+    ratios = ratio_by_step(df, by=())
+    return dict(zip(ratios["step"].tolist(), ratios["first_over_last"].tolist()))
 
 
 def run(out: Path, quick: bool = False) -> list[Check]:
@@ -87,7 +77,7 @@ def run(out: Path, quick: bool = False) -> list[Check]:
                 "influence_upper_half": float(np.mean([influence[k] for k in layers[half:]])),
             })
     write_csv(out / "training_study.csv", summary, list(summary[0]))
-    plot_losses({n: r["dir"] / "loss.csv" for n, r in runs.items()}, out / "training_study_loss",
+    plot_losses(loss_curves({n: r["dir"] / "loss.csv" for n, r in runs.items()}), out / "training_study_loss",
                 title=f"{size['depth']}-block decoder LM on pydoc topics (bytes)")
     plot_collapse_profiles({n: r["influence"] for n, r in runs.items()}, out / "training_study_collapse")
     plot_ratio_curves({n: r["ratios"] for n, r in runs.items()}, out / "training_study_grads")
