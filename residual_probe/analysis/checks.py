@@ -14,6 +14,7 @@ import numpy as np
 
 from . import theory
 from .fits import geometric_decay, line_fit, loglog_slope, power_law_scale
+from .summary import geometric_mean
 
 W2_SLOPE_TOL = 0.15  # the issue's acceptance band around Theorem 1's slopes (0 and -1/2)
 POSTLN_FLAT_TOL = 0.01  # |E||h||^2/d - 1| on Post-LN block outputs: LN eps 1e-5 moves it by ~1e-5
@@ -91,7 +92,7 @@ def residual_gradient(setting: str, stack: str, placement: str, grads: np.ndarra
     """
     fit = geometric_decay(grads)
     n = grads.shape[1]
-    mean = np.exp(np.log(grads).mean(0))
+    mean = geometric_mean(grads)  # over seeds, per block
     if placement == "post-ln":
         pred_rate = theory.postln_gradient_rate_per_block(sublayers)
         m = sublayers * (n - 1 - np.arange(n))

@@ -13,6 +13,7 @@ import pandas as pd
 
 from . import theory
 from .fits import DecayFit, geometric_decay
+from .summary import geometric_mean
 
 POST_LN_LIKE = ("post-ln", "deepnorm", "b2t")  # the only path to the output crosses every block's LN
 VERDICT_FACTOR = 10.0  # a first/last ratio beyond 10x either way is named vanishing or growing
@@ -63,7 +64,7 @@ def theory_overlay(rows, step: int | None = None, value: str = "param_grad_norm"
         table = table.to_numpy()
         fit = geometric_decay(table, layers)
         n_sub = g.loc[g["sublayer"] != "block", "sublayer"].nunique() or (3 if stack == "decoder" else 2)
-        last = float(np.exp(np.log(table[:, -1]).mean()))
+        last = float(geometric_mean(table[:, -1]))
         if placement in POST_LN_LIKE:
             pred = last * theory.postln_gradient_shape(n_sub * (layers[-1] - np.asarray(layers)))
             pred_rate = theory.postln_gradient_rate_per_block(n_sub)

@@ -112,6 +112,8 @@ def plot_similarity(sim: pd.DataFrame, stem: str | Path, formats: Sequence[str] 
             sns.heatmap(grid, ax=ax, cmap="viridis", vmin=min(0.0, float(np.nanmin(grid.to_numpy()))), vmax=1.0,
                         square=True, cbar_kws={"fraction": 0.046, "pad": 0.04})
             ax.invert_yaxis()  # layer -1 (the embedding) at the origin
+            ax.grid(False)
+            ax.tick_params(axis="y", labelrotation=0)
             name = "mean cosine" if metric == "cosine" else "linear CKA"
             ax.set(xlabel="layer j (−1 = embedding)", ylabel="layer i", title=f"{key[0]} · {key[1]} {key[2]}: {name}")
     fig.tight_layout()

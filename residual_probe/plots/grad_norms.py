@@ -69,6 +69,7 @@ def plot_grad_norms(band: pd.DataFrame, path_stem: str | Path, formats=("png",),
                 ax.plot(r["step"], r["first_over_last"], color=color(p), label=label(p), lw=1.6)
             ax.axhline(1.0, color="black", lw=0.8, ls=":")
             ax.set_yscale("log")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("Adam step")
             ax.set_ylabel("first block / last block grad norm")
             ax.set_title(f"{stack}: vanishing toward the input over training")
