@@ -90,6 +90,7 @@ def config_from(args: dict[str, Any], state: dict[str, torch.Tensor]) -> ModelCo
         return ModelConfig(
             placement=placement, heads=int(heads.pop()), max_len=max_len, position_offset=PADDING_IDX + 1,
             dropout=0.0, alpha=alphas.pop(), tie_embeddings=tied, **size,
+            share_all_embeddings=bool(args.get("share_all_embeddings")) and len(stacks) == 2 and tied,
         )
     except ConfigError as exc:
         raise CheckpointError(f"fairseq checkpoint: {exc}") from None
