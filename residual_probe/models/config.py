@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UserError
+from .placements import PLACEMENTS
 
 ARCHS = ("decoder", "encoder", "seq2seq")
 NORMS = ("layernorm", "rmsnorm")
@@ -54,8 +55,6 @@ class ModelConfig:
     share_all_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        from .placements import PLACEMENTS  # late: placements import this module
-
         def bad(msg: str) -> None:
             raise ConfigError(msg)
 
