@@ -39,6 +39,26 @@ def _root() -> None:
     """Diagnose residual connections and norm placement in Transformers."""
 
 
+# SIGTERM (a cluster's preemption, `kill`) is handled like Ctrl-C: the job stops where it is,
+# keeps what an interrupt keeps, and the command exits 143 (128 + 15) instead of 130.
+_signal_received: list[int] = []
+
+
+def install_sigterm() -> None:
+    import signal
+
+    def on_sigterm(signum, frame):
+        if _signal_received:  # already stopping: let the job finish saving
+            return
+        _signal_received.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread (an embedding application): leave its handlers alone
+        pass
+
+
 def fail(message: str, code: int = 2) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -58,6 +78,8 @@ def user_errors():
     except typer.Exit:
         raise
     except KeyboardInterrupt:
+        if _signal_received:
+            fail("terminated (SIGTERM); files already written are complete", code=143)
         fail("interrupted; files already written are complete", code=130)
     except (ValueError, OSError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -93,6 +115,23 @@ def progress_bar(description: str):
         yield start
 
 
+def check_memory(estimate, spec, force: bool) -> None:
+    """Refuse a run that would not fit in memory (budget.BudgetError, exit 2) before anything is built;
+    print the estimate otherwise. `spec.validate()` first, so a bad option gets its own message."""
+    from . import budget
+
+    spec.validate()
+    est = estimate(spec)
+    have, source = budget.check(est, force)
+    if force and have and est.peak_bytes > have:
+        typer.echo(f"warning: --force: {est.what} needs {est.describe()}, more than the {budget.human(have)} "
+                   f"{source}", err=True)
+    typer.echo(f"memory: {est.describe()}; {budget.human(have)} {source}")
+
+
+ForceOpt = Annotated[bool, typer.Option("--force", help="Run even when the memory estimate exceeds what the machine has free.")]
+
+
 def report_files(paths) -> None:
     for p in paths:
         typer.echo(f"wrote {p}")
@@ -118,6 +157,7 @@ def grad_norms(
     out: OutOpt = Path("results/grad-norms"),
     format: FormatOpt = "png",
     theory: Annotated[bool, typer.Option("--theory", help="Overlay the predicted per-layer curves, fit each placement's decay rate, print verdicts.")] = False,
+    force: ForceOpt = False,
 ):
     """Per-layer gradient norms of reference models, per placement: do gradients vanish with depth?
 
@@ -133,6 +173,9 @@ def grad_norms(
             seeds=seeds, batch=batch, seq_len=seq_len, steps=steps, lr=lr, warmup=warmup,
             data=str(data) if data else None, init=init, norm=norm, theory=theory,
         )
+        from .budget import grad_norms_estimate
+
+        check_memory(grad_norms_estimate, spec, force)
         with progress_bar(f"grad-norms {arch} depth {depth}") as start:
             meta = run_grad_norms(spec, out, formats=fmts, progress=start)
         for s in meta["summary"]:
@@ -165,6 +208,7 @@ def train(
     eval_every: Annotated[int, typer.Option("--eval-every", help="Held-out loss every n-th step.")] = 50,
     clip: Annotated[float, typer.Option(help="Gradient clipping max-norm (0: none); the probe records before clipping.")] = 0.0,
     out: OutOpt = Path("results/train"),
+    force: ForceOpt = False,
 ):
     """Train a small deep model on real text, recording per-layer gradients and collapse as it goes.
 
@@ -178,6 +222,9 @@ def train(
                          batch=batch, seq_len=seq_len, steps=steps, lr=lr, warmup=warmup, seed=seed,
                          data=str(data) if data else None, dropout=dropout, probe_every=probe_every,
                          eval_every=eval_every, clip=clip)
+        from .budget import train_estimate
+
+        check_memory(train_estimate, spec, force)
         with progress_bar(f"train {placement} depth {depth}") as start:
             meta = run_train(spec, out, progress=start)
         if meta["diverged_at_step"] is not None:
@@ -219,6 +266,7 @@ def bounds(
     settings: Annotated[str, typer.Option(help="Initializations, comma-separated: xiong (W^Q = W^K = 0), fairseq.")] = "xiong,fairseq",
     out: OutOpt = Path("results/bounds"),
     format: FormatOpt = "png",
+    force: ForceOpt = False,
 ):
     """Check each theory statement (Xiong et al. 2020 Lemma 2 and Theorem 1; ResiDual's gradient, collapse
     and Adam results) against the reference models at initialization.
@@ -239,6 +287,9 @@ def bounds(
 
         spec = BoundsSpec(depths=depths, arch=arch, d_model=d_model, heads=heads, ffn=ffn, seeds=seeds, batch=batch,
                           seq_len=seq_len, settings=csv_list(settings))
+        from .budget import bounds_estimate
+
+        check_memory(bounds_estimate, spec, force)
         with progress_bar(f"bounds depth {max(depths) if depths else '?'}") as start:
             meta = run_bounds(spec, out, formats=fmts, progress=start)
         table = Table("statement", "setting", "placement", "predicted", "measured", "agreement")
@@ -270,6 +321,7 @@ def collapse(
     norm: Annotated[Optional[str], typer.Option(help="Bare state dicts: layernorm or rmsnorm.")] = None,
     out: OutOpt = Path("results/collapse"),
     format: FormatOpt = "png",
+    force: ForceOpt = False,
 ):
     """Representation collapse of real checkpoints: how much does each layer still change the representation?
 
@@ -286,7 +338,7 @@ def collapse(
         spec = CollapseSpec(
             ckpts=tuple(str(p) for p in [ckpt, *(compare or [])]), data=str(data) if data else None, tokens=tokens,
             batch=batch, seq_len=seq_len, subsample=subsample, seed=seed, trust_pickle=trust_pickle, blocks=blocks,
-            bare={k: v for k, v in bare.items() if v is not None},
+            bare={k: v for k, v in bare.items() if v is not None}, force=force,
         )
         with progress_bar("collapse") as start:
             meta = run_collapse(spec, out, formats=fmts, progress=start)
@@ -308,6 +360,7 @@ def collapse(
 
 
 def main() -> None:  # pragma: no cover - console entry point
+    install_sigterm()
     app()
 
 

@@ -43,6 +43,7 @@ class CollapseSpec:
     trust_pickle: bool = False
     blocks: str | None = None  # module-path pattern when block discovery fails, e.g. "model.layers.*"
     bare: dict = field(default_factory=dict)  # placement, heads, depth, ... for bare state dicts
+    force: bool = False  # run even when the memory estimate exceeds what the machine has free
 
     def validate(self) -> None:
         from ..models import ConfigError
@@ -234,6 +235,7 @@ def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress
         sample = _sample(loaded, spec, text)
         found = detect(loaded, sample)
         batches, data = make_batches(loaded, spec, text, found["item_tokens"])
+        check_memory(label, loaded, found, batches, spec)
         data["source"] = source if loaded.modality == "text" else data["kind"]
         advance = progress(len(batches)) if progress else None
         m = measure(loaded, batches, spec, advance)
@@ -275,6 +277,21 @@ def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress
     meta["files"] = [str(f) for f in files] + [str(out / "collapse.json")]
     write_json(out / "collapse.json", meta)
     return meta
+
+
+def check_memory(label: str, loaded, found: dict, batches: list, spec: CollapseSpec) -> None:
+    """Refuse (budget.BudgetError) a forward whose activations and matrices would not fit."""
+    from .. import budget
+
+    width = budget.model_width(loaded.model)
+    if width is None or not batches:
+        return
+    shape = batches[0].shape
+    blocks = sum(len(kinds) for kinds in found.get("per_block", {}).values())
+    est = budget.collapse_estimate(label, loaded.parameters, blocks, width, 2 if found["placement"] == "residual" else 1,
+                                   shape[0], shape[1] if loaded.modality == "text" else (found["item_tokens"] or 1),
+                                   spec.subsample)
+    budget.check(est, spec.force)
 
 
 def _sample(loaded, spec: CollapseSpec, text: str):
