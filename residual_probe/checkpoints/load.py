@@ -153,7 +153,7 @@ def load_any(path: str | Path, trust_pickle: bool = False, **given: Any) -> Load
             return hf_loaded(model, tokenizer, desc, str(p))
         raise CheckpointError(f"{p}: folder holds neither a residual-probe model nor a Hugging Face model "
                               "(config.json with 'format' or 'model_type')")
-    if is_safetensors(p):
+    if is_safetensors(p) or p.suffix.lower() == ".safetensors":  # named so: read as one, or told it is not one
         tensors, _ = load_file(p)
         return ours(load_bare(tensors, str(p), flags), "state-dict", str(p))
     obj = load_pickle(p, trust=trust_pickle)
