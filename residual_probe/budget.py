@@ -169,7 +169,9 @@ def model_parameters(cfg) -> tuple[int, dict[str, int]]:
             placement = make_placement(cfg, role)
             block = Block(cfg, placement, 0, causal=role == "decoder", cross=role == "decoder" and cfg.arch == "seq2seq")
             per_block[role] = count(block)
-            total += depth * per_block[role] + vocab * d + norm * (bool(placement.embed_norm) + bool(placement.final_norm))
+            shared = role == "decoder" and getattr(cfg, "share_all_embeddings", False)  # the encoder's table
+            total += depth * per_block[role] + (0 if shared else vocab * d)
+            total += norm * (bool(placement.embed_norm) + bool(placement.final_norm))
     return int(total), per_block
 
 
@@ -183,7 +185,8 @@ def _block_floats(cfg, role: str, batch: int, seq_len: int, training: bool) -> f
     path, which dropout forces; without dropout PyTorch's CPU/flash kernels keep B·H·T.
     """
     d, f, h, T = cfg.d_model, cfg.ffn, cfg.heads, seq_len
-    drop = 1.25 if training and cfg.dropout > 0 else 0.0
+    rates = (cfg.dropout, getattr(cfg, "attention_dropout_rate", cfg.dropout), getattr(cfg, "activation_dropout_rate", cfg.dropout))
+    drop = 1.25 if training and max(rates) > 0 else 0.0
     extra = (d if cfg.placement == "residual" else 0) + (2 * d if cfg.placement in ("sandwich", "peri-ln") else 0)
     attn = 7 * d + extra + drop * d
     ffn = 3 * d + f + extra + drop * (d + f)

@@ -26,7 +26,7 @@ def test_parameter_count_is_exact_for_every_placement(arch):
     for placement in PLACEMENTS:
         for extra in ({}, {"norm": "rmsnorm", "tie_embeddings": False}):
             if arch == "seq2seq":
-                extra = {**extra, "decoder_depth": 4}
+                extra = {**extra, "decoder_depth": 4, "share_all_embeddings": "tie_embeddings" not in extra}
             cfg = ModelConfig(arch=arch, placement=placement, depth=3, d_model=16, heads=2, ffn=24, **extra)
             model = Transformer(cfg)
             real = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
