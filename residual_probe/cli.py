@@ -37,6 +37,7 @@ OutOpt = Annotated[Path, typer.Option(help="Output folder.")]
 @app.callback()
 def _root() -> None:
     """Diagnose residual connections and norm placement in Transformers."""
+    install_sigterm()
 
 
 # SIGTERM (a cluster's preemption, `kill`) is handled like Ctrl-C: the job stops where it is,
@@ -360,7 +361,6 @@ def collapse(
 
 
 def main() -> None:  # pragma: no cover - console entry point
-    install_sigterm()
     app()
 
 
