@@ -71,6 +71,13 @@ def pickle_globals(stream: BinaryIO, found: set[str] | None = None) -> set[str]:
     """
     found = set() if found is None else found
     strings, memo = [], {}
+    with warnings.catch_warnings():  # a damaged STRING opcode makes pickletools warn about escapes
+        warnings.simplefilter("ignore")
+        _scan(stream, found, strings, memo)
+    return found
+
+
+def _scan(stream: BinaryIO, found: set[str], strings: list, memo: dict) -> None:
     for op, arg, _ in pickletools.genops(stream):
         name = op.name
         if name == "GLOBAL":
@@ -89,7 +96,6 @@ def pickle_globals(stream: BinaryIO, found: set[str] | None = None) -> set[str]:
                 strings.append(memo[arg])
         elif name == "STACK_GLOBAL" and len(strings) >= 2:
             found.add(f"{strings[-2]}.{strings[-1]}")
-    return found
 
 
 def checkpoint_globals(path: Path, found: set[str] | None = None) -> set[str]:
