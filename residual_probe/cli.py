@@ -88,6 +88,23 @@ def user_errors():
         fail(f"internal error ({type(exc).__name__}): {exc}; rerun with RESIDUAL_PROBE_DEBUG=1 for details", code=1)
 
 
+@contextlib.contextmanager
+def no_empty_out(out: Path):
+    """A command that fails or is interrupted before writing a file leaves no --out folder behind:
+    the folders it created (the first missing ancestor of `out` down) are removed while they hold no file."""
+    top, p = None, Path(out).absolute()
+    while not p.exists() and p != p.parent:
+        top, p = p, p.parent
+    try:
+        yield
+    except BaseException:
+        if top is not None and top.is_dir() and not any(not f.is_dir() for f in top.rglob("*")):
+            import shutil
+
+            shutil.rmtree(top, ignore_errors=True)
+        raise
+
+
 def csv_list(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
@@ -177,7 +194,7 @@ def grad_norms(
     OUT/grad_norms.json (config, versions, seeds, wall times, summary) and OUT/grad_norms.png.
     """
     fmts = formats_option(format)
-    with user_errors():
+    with user_errors(), no_empty_out(out):
         from .jobs.grad_norms import GradNormsSpec, run_grad_norms
 
         spec = GradNormsSpec(
@@ -227,7 +244,7 @@ def train(
     Writes OUT/loss.csv, OUT/probe.jsonl (flushed as written), OUT/model/ (a checkpoint that
     `collapse --ckpt` reads), OUT/train.json and OUT/loss.png. Ctrl-C keeps all of it.
     """
-    with user_errors():
+    with user_errors(), no_empty_out(out):
         from .jobs.train import TrainSpec, run_train
 
         spec = TrainSpec(placement=placement, arch=arch, depth=depth, d_model=d_model, heads=heads, ffn=ffn,
@@ -257,7 +274,7 @@ def figures(
     Each analysis writes OUT/<name>.png and OUT/<name>.csv; all checks (claim, predicted,
     measured, agreement) go to OUT/checks.csv and OUT/checks.json.
     """
-    with user_errors():
+    with user_errors(), no_empty_out(out):
         from .jobs.figures import run_figures
 
         meta = run_figures(out, quick=quick, only=csv_list(only), echo=typer.echo)
@@ -291,7 +308,7 @@ def bounds(
         depths = tuple(int(d) for d in csv_list(depth))
     except ValueError:
         fail(f"--depth: expected an integer or comma-separated integers, got {depth!r}")
-    with user_errors():
+    with user_errors(), no_empty_out(out):
         from rich.console import Console
         from rich.table import Table
 
@@ -345,7 +362,7 @@ def collapse(
     redundant layers. Checkpoints are untrusted: no pickled code runs unless --trust-pickle.
     """
     fmts = formats_option(format)
-    with user_errors():
+    with user_errors(), no_empty_out(out):
         from .jobs.collapse import CollapseSpec, run_collapse
 
         bare = {"placement": placement, "heads": heads, "depth": depth, "d_model": d_model, "ffn": ffn, "norm": norm}
