@@ -310,7 +310,6 @@ def bounds(
         fail(f"--depth: expected an integer or comma-separated integers, got {depth!r}")
     with user_errors(), no_empty_out(out):
         from rich.console import Console
-        from rich.table import Table
 
         from .jobs.bounds import BoundsSpec, run_bounds
 
@@ -321,13 +320,24 @@ def bounds(
         check_memory(bounds_estimate, spec, force)
         with progress_bar(f"bounds depth {max(depths) if depths else '?'}") as start:
             meta = run_bounds(spec, out, formats=fmts, progress=start)
-        table = Table("statement", "setting", "placement", "predicted", "measured", "agreement")
-        for c in meta["checks"]:
-            table.add_row(c["statement"], c["setting"], c["placement"], c["predicted"], c["measured"], c["agreement"])
-        Console(width=200).print(table)
+        Console().print(checks_table(meta["checks"]))  # the terminal's width (80 when not a terminal)
         if meta["nonfinite_values"]:
             typer.echo(f"warning: {meta['nonfinite_values']} non-finite values recorded (NaN/inf)", err=True)
         report_files(meta["files"])
+
+
+def checks_table(checks: list[dict]):
+    """The bounds checks as a rich table that fits the console: long cells wrap (or fold), the short
+    setting and placement names stay whole."""
+    from rich.table import Table
+
+    table = Table(show_lines=True)
+    for name, wide in (("statement", 3), ("setting", 0), ("placement", 0), ("predicted", 2), ("measured", 2),
+                       ("agreement", 2)):
+        table.add_column(name, no_wrap=not wide, ratio=wide or None, overflow="fold")
+    for c in checks:
+        table.add_row(c["statement"], c["setting"], c["placement"], c["predicted"], c["measured"], c["agreement"])
+    return table
 
 
 @app.command("collapse")

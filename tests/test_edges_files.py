@@ -42,3 +42,24 @@ def test_an_existing_output_folder_is_kept(tmp_path):
     result = CliRunner().invoke(app, [*cases(tmp_path)["train, missing data"], "--out", str(out)])
     assert result.exit_code == 2
     assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_the_bounds_table_fits_a_terminal():
+    import io
+
+    from rich.console import Console
+
+    from residual_probe.cli import checks_table
+
+    long = "Xiong T1: pre-ln last-block W2 grad ~ L^-0.5 (Theorem 1, uniform attention, d x d FFN) " * 2
+    checks = [{"statement": long, "setting": "fairseq/encoder", "placement": p, "predicted": "slope -0.5 (+-0.15)",
+               "measured": "slope -0.410 from 2 depths (no spread: a line through two points)", "agreement": "yes"}
+              for p in ("post-ln", "pre-ln", "residual")]
+    for width in (80, 120):
+        buf = io.StringIO()
+        Console(file=buf, width=width).print(checks_table(checks))
+        lines = buf.getvalue().splitlines()
+        assert max(len(line) for line in lines) <= width
+        assert "…" not in buf.getvalue()  # nothing cut off: long cells wrap
+        assert all(sum("fairseq/encoder" in line for line in lines) == 3 for _ in [0])
+        assert all(any(p in line for line in lines) for p in ("post-ln", "pre-ln", "residual"))
