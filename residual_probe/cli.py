@@ -344,6 +344,7 @@ def checks_table(checks: list[dict]):
 def collapse(
     ckpt: Annotated[Path, typer.Option(help="Checkpoint: a residual-probe or Hugging Face folder, a fairseq .pt, or a bare state dict (.pt/.bin/.safetensors).")],
     compare: Annotated[Optional[list[Path]], typer.Option(help="Further checkpoints drawn in the same figures (repeatable).")] = None,
+    label: Annotated[Optional[list[str]], typer.Option("--label", help="Name of each model in the figures and tables, in the order --ckpt, then each --compare (repeatable); default: the shortest path suffixes that tell them apart.")] = None,
     data: Annotated[Optional[Path], typer.Option(help="UTF-8 text file (the checkpoint's tokenizer if it has one, else bytes); default: CPython's pydoc topics.")] = None,
     tokens: Annotated[int, typer.Option(help="Token positions run through each model.")] = 8192,
     batch: Annotated[int, typer.Option(help="Sequences per forward.")] = 8,
@@ -380,7 +381,7 @@ def collapse(
             ckpts=tuple(str(p) for p in [ckpt, *(compare or [])]), data=str(data) if data else None, tokens=tokens,
             batch=batch, seq_len=seq_len, subsample=subsample, seed=seed, trust_pickle=trust_pickle, blocks=blocks,
             bare={k: v for k, v in bare.items() if v is not None}, allow_missing=allow_missing_weights,
-            dictionary=str(dict_) if dict_ else None, force=force,
+            dictionary=str(dict_) if dict_ else None, force=force, labels=tuple(label or ()),
         )
         with progress_bar("collapse") as start:
             meta = run_collapse(spec, out, formats=fmts, progress=start)

@@ -45,6 +45,7 @@ class CollapseSpec:
     blocks: str | None = None  # module-path pattern when block discovery fails, e.g. "model.layers.*"
     bare: dict = field(default_factory=dict)  # placement, heads, depth, ... for bare state dicts
     force: bool = False  # run even when the memory estimate exceeds what the machine has free
+    labels: tuple[str, ...] = ()  # names of the models (ckpts order); default: shortest distinct path suffixes
 
     def validate(self) -> None:
         from ..models import ConfigError
@@ -54,6 +55,12 @@ class CollapseSpec:
         for name, low in (("tokens", 16), ("batch", 1), ("seq_len", 2), ("subsample", 4)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name.replace('_', '-')}: must be >= {low}, got {getattr(self, name)}")
+        if self.labels:
+            if len(self.labels) != len(self.ckpts):
+                raise ConfigError(f"--label: {len(self.labels)} names for {len(self.ckpts)} checkpoints; "
+                                  "give one per --ckpt / --compare, in that order")
+            if len(set(self.labels)) != len(self.labels) or not all(str(x).strip() for x in self.labels):
+                raise ConfigError(f"--label: names must be distinct and non-empty, got {list(self.labels)}")
 
 
 # ---- input -------------------------------------------------------------------------------
@@ -197,7 +204,7 @@ def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress
     dictionary = read_fairseq_dict(spec.dictionary) if spec.dictionary else None
     table, sim_rows, models = [], [], []
     t_start = time.perf_counter()
-    for label, path in zip(labels_for(spec.ckpts), spec.ckpts):
+    for label, path in zip(spec.labels or labels_for(spec.ckpts), spec.ckpts):
         t0 = time.perf_counter()
         loaded = load_any(path, trust_pickle=spec.trust_pickle, allow_missing=spec.allow_missing, **spec.bare)
         t1 = time.perf_counter()
