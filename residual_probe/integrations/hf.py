@@ -53,6 +53,13 @@ from ..probe import Probe  # noqa: E402
 from ..probe.summary import summary  # noqa: E402
 
 AUTO = "auto"
+# Placement of common Hugging Face families by model_type, written beside the sink (probe_run.json)
+# so that `residual-probe plot` knows where the Pre-LN collapse reference belongs.
+PLACEMENT_BY_MODEL_TYPE = {
+    **{t: "pre-ln" for t in ("gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt_neox", "gptj", "opt",
+                             "phi", "phi3", "gemma", "gemma2", "falcon", "bloom", "olmo")},
+    **{t: "post-ln" for t in ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "albert")},
+}
 
 
 def _sync_gradients() -> bool:
@@ -135,6 +142,8 @@ class ProbeCallback(TrainerCallback):
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 kwargs_probe["group"] = dist.group.WORLD
         self.probe = Probe(model, sink=sink, start_step=state.global_step, **kwargs_probe).attach()
+        if self.sink_path is not None:
+            self._write_run_info(model)
         self._state = state
         self._recorded_step = None
         self._last_rows = []
@@ -146,6 +155,17 @@ class ProbeCallback(TrainerCallback):
         for p in model.parameters():
             if p.requires_grad:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_accumulated))
+
+    def _write_run_info(self, model) -> None:
+        """probe_run.json beside the sink: the model's class, type and placement (by model type)."""
+        from ..results import write_json
+
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        info = {"writer": "residual_probe.integrations.hf.ProbeCallback", "model_class": type(model).__name__,
+                "model_type": model_type, "placement": PLACEMENT_BY_MODEL_TYPE.get(model_type),
+                "placement_source": "Hugging Face model_type" if model_type in PLACEMENT_BY_MODEL_TYPE else None,
+                "blocks": [b.name for b in self.probe.blocks]}
+        write_json(self.sink_path.with_name("probe_run.json"), info)
 
     def _teardown(self) -> None:
         for h in self._hooks:
