@@ -151,3 +151,46 @@ def test_no_sink_and_bad_kwargs(tmp_path):
     assert not (tmp_path / "probe.jsonl").exists() and cb.probe.rows()
     with pytest.raises(TypeError, match="sets 'model'"):
         ProbeCallback(model=None)
+
+
+def _ddp_worker(rank, world, tmp, port):
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    args = transformers.TrainingArguments(
+        output_dir=tmp, per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2, max_grad_norm=1e-4,
+        report_to="none", save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, ddp_backend="gloo",
+        lr_scheduler_type="constant", logging_steps=1)
+    cb = ProbeCallback(quantities=("param_grad_norm",), sink=None)
+    trainer = RefTrainer(model=make_model("gpt2"), args=args, train_dataset=dataset(8), callbacks=[cb])
+    trainer.train()
+    out = {"wrapped": type(trainer.model_wrapped).__name__, "ref": trainer.ref,
+           "got": {s: v for s, v in block_norms(cb.probe.rows()).items()}}
+    with open(f"{tmp}/out{rank}.json", "w") as fh:
+        json.dump(out, fh)
+
+
+def test_ddp_two_processes_read_the_synchronized_gradient(tmp_path):
+    """Under DDP each rank's backward ends before the all-reduce finishes; the callback must read after it.
+
+    Each rank sees different data, so a local read would differ between ranks and from the
+    Trainer's pre-clip gradient (recording at the first queued callback instead gave 62 % errors).
+    """
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path), port), nprocs=2)
+    outs = [json.load(open(tmp_path / f"out{r}.json")) for r in range(2)]
+    assert outs[0]["wrapped"] == "DistributedDataParallel"
+    for o in outs:
+        assert sorted(o["got"]) == sorted(o["ref"]) == ["0", "1"]
+        for s in o["ref"]:
+            assert o["got"][s] == pytest.approx(o["ref"][s], rel=1e-5)
+    for s in ("0", "1"):
+        assert outs[0]["got"][s] == pytest.approx(outs[1]["got"][s], rel=1e-6)

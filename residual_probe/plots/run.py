@@ -224,8 +224,9 @@ def collapse(cos: Table, infl: Table, steps: Sequence[int], reference: Mapping[t
         if reference.get(key) and n:
             k = np.arange(n)
             pred = collapse_prediction("pre-ln", k + 1)["cos_adjacent"]  # block k (0-based) is the toy's k + 1
-            top.plot(k, pred, color="black", ls="--", lw=1, label=r"Pre-LN theory $\sqrt{k/(k+1)}$")
-            bottom.plot(k, 1 - pred, color="black", ls="--", lw=1, label="Pre-LN theory")
+            top.plot(k, pred, color="black", ls="--", lw=1,
+                     label="Pre-LN toy model $\\sqrt{k/(k+1)}$\n(Gaussian updates, equal variances)")
+            bottom.plot(k, 1 - pred, color="black", ls="--", lw=1, label="Pre-LN toy model")
         what = f" ({placement})" if placement else ""
         top.set(xlabel="block k", ylabel=r"cos$(h_{k-1}, h_k)$", title=f"{_title(key, keys)}{what}: adjacent cosine")
         bottom.set_yscale("log")
