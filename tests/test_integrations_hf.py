@@ -146,9 +146,13 @@ def test_summaries_reach_a_report_to_logger(tmp_path):
     assert len(values) == 2 and all(v > 0 for v in values)
 
 
-def test_no_sink_and_bad_kwargs(tmp_path):
-    _, cb = train(tmp_path, steps=1, sink=None, quantities=("param_grad_norm",))
-    assert not (tmp_path / "probe.jsonl").exists() and cb.probe.rows()
+def test_no_sink_schedule_and_bad_kwargs(tmp_path):
+    trainer, cb = train(tmp_path, steps=3, sink=None, every=2, quantities=("param_grad_norm",))
+    assert not (tmp_path / "probe.jsonl").exists()
+    assert sorted({r["step"] for r in cb.probe.rows()}) == [0, 2]  # every=2 of optimizer steps 0, 1, 2
+    # a log after a recorded step carries its summaries; a log after a skipped step none
+    logged = {h["step"]: any(k.startswith("probe/") for k in h) for h in trainer.state.log_history if "loss" in h}
+    assert logged == {1: True, 2: False, 3: True}
     with pytest.raises(TypeError, match="sets 'model'"):
         ProbeCallback(model=None)
 

@@ -102,7 +102,7 @@ class ProbeCallback(TrainerCallback):
         self._queued_task = None
         self._recorded_step: int | None = None
         self._last_rows: list[dict] = []
-        self._logged_step: int | None = None
+        self._fresh = False  # rows recorded since the last log
         self._warned_fallback = False
 
     # ---- set-up -------------------------------------------------------------------------
@@ -147,7 +147,7 @@ class ProbeCallback(TrainerCallback):
         self._state = state
         self._recorded_step = None
         self._last_rows = []
-        self._logged_step = None
+        self._fresh = False
         scaler = getattr(optimizer, "scaler", None)
         if scaler is not None and getattr(scaler, "is_enabled", lambda: True)():
             warnings.warn("ProbeCallback: fp16 loss scaling is on; recorded gradients include the loss scale "
@@ -194,7 +194,7 @@ class ProbeCallback(TrainerCallback):
         step = self._state.global_step if self._state is not None else None
         if self.probe is None or step == self._recorded_step:
             return  # a second backward in one optimizer step: the first recording stands
-        self._last_rows = self.probe.step()
+        self._keep(self.probe.step())
         self._recorded_step = step
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -206,8 +206,13 @@ class ProbeCallback(TrainerCallback):
             warnings.warn("ProbeCallback: gradients were not seen during backward; recording after the "
                           "Trainer's clipping (max_grad_norm > 0), so norms are post-clip", stacklevel=2)
             self._warned_fallback = True
-        self._last_rows = self.probe.step()
+        self._keep(self.probe.step())
         self._recorded_step = state.global_step
+
+    def _keep(self, rows: list[dict]) -> None:
+        if rows:  # a step the probe's schedule skips returns no rows: the last recorded step stands
+            self._last_rows = rows
+            self._fresh = True
 
     def on_step_end(self, args, state, control, **kwargs):
         self._queued_task = None
@@ -221,14 +226,14 @@ class ProbeCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.log_summaries or logs is None or not self._last_rows:
             return
-        if any(k.startswith("eval_") for k in logs) or self._logged_step == self._recorded_step:
+        if any(k.startswith("eval_") for k in logs) or not self._fresh:
             return
         values = self.summary()
         logs.update(values)
         # The Trainer appended a copy of `logs` to log_history before calling on_log.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(values)
-        self._logged_step = self._recorded_step
+        self._fresh = False
 
     def on_train_end(self, args, state, control, **kwargs):
         self._teardown()

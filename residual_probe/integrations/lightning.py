@@ -85,10 +85,12 @@ class ProbeCallback(Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.probe is None or self._recorded_step == trainer.global_step:
             return  # a second optimizer in the same step: one recording per step
-        self._last_rows = self.probe.step()
+        rows = self.probe.step()
         self._recorded_step = trainer.global_step
-        if self.log_summaries and self._last_rows:
-            values = summary(self._last_rows)
+        if rows:  # a step the probe's schedule skips returns no rows: the last recorded step stands
+            self._last_rows = rows
+        if self.log_summaries and rows:
+            values = summary(rows)
             if values:
                 pl_module.log_dict(values, on_step=True, on_epoch=False, prog_bar=False, logger=True)
 
