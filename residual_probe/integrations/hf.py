@@ -85,7 +85,8 @@ def _caller_handler(callback) -> CallbackHandler | None:
 class ProbeCallback(TrainerCallback):
     """Records the probe once per optimizer step, before clipping; see the module doc.
 
-    sink: "auto" (`<output_dir>/probe.jsonl`), a .csv/.jsonl path, or None.
+    sink: "auto" (`<output_dir>/probe.jsonl`), a .csv/.jsonl path (written by process 0 unless it
+    holds "{rank}"), or None.
     log_summaries: add `probe/...` summaries to the Trainer's logs at `logging_steps`.
     **probe_kwargs: passed to `Probe` (quantities, every, steps, blocks, subsample_tokens, keep_rows, ...).
     """
@@ -133,6 +134,8 @@ class ProbeCallback(TrainerCallback):
             if state.is_world_process_zero:
                 os.makedirs(args.output_dir, exist_ok=True)
                 sink = os.path.join(args.output_dir, "probe.jsonl")
+        elif sink is not None and "{rank}" not in str(sink) and not state.is_world_process_zero:
+            sink = None  # one file, written by process 0 (the probe's numbers are the same on every rank)
         self.sink_path = Path(sink) if sink is not None else None
         kwargs_probe = dict(self.probe_kwargs)
         if "group" not in kwargs_probe:

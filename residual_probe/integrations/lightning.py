@@ -68,8 +68,8 @@ class ProbeCallback(Callback):
                 folder = trainer.log_dir or trainer.default_root_dir
                 os.makedirs(folder, exist_ok=True)
                 sink = os.path.join(folder, "probe.jsonl")
-        elif not trainer.is_global_zero:
-            sink = None
+        elif sink is not None and "{rank}" not in str(sink) and not trainer.is_global_zero:
+            sink = None  # one file, written by rank 0 (the probe's numbers are the same on every rank)
         self.sink_path = Path(sink) if sink is not None else None
         kwargs = dict(self.probe_kwargs)
         if "group" not in kwargs:
