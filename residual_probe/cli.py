@@ -406,6 +406,48 @@ def collapse(
         report_files(meta["files"])
 
 
+@app.command("plot")
+def plot(
+    run: Annotated[Path, typer.Argument(help="A probe sink (.jsonl/.csv) or a folder holding one (probe.jsonl: a Trainer's output_dir, the train job's OUT).")],
+    steps: Annotated[str, typer.Option(help="Comma-separated recorded steps for the per-layer collapse and activation-gradient curves (default: first, middle, last).")] = "",
+    placement: Annotated[Optional[str], typer.Option(help="The run's norm placement, for the Pre-LN collapse reference (default: from train.json or probe_run.json beside the sink).")] = None,
+    out: OutOpt = Path("results/plot"),
+    format: FormatOpt = "png",
+):
+    """Paper-style figures of any probe sink (your own training run), and its verdicts at the last recorded step.
+
+    Writes OUT/grad_heatmap.png (block x step, log colour), OUT/grad_steps.png (first/median/last block
+    and their ratio over steps), OUT/act_grad.png and OUT/collapse.png (per block at the chosen steps;
+    when recorded) and OUT/summary.json. A sink still being written is read up to its last complete line.
+    """
+    fmts = formats_option(format)
+    try:
+        picked = tuple(int(s) for s in csv_list(steps))
+    except ValueError:
+        fail(f"--steps: expected comma-separated integers, got {steps!r}")
+    with user_errors():
+        from .jobs.plot import run_plot
+
+        meta = run_plot(run, out, steps=picked or None, placement=placement, formats=fmts)
+        s = meta["steps"]
+        typer.echo(f"{meta['sink']}: {meta['rows']} rows, steps {s['first']}..{s['last']} ({s['count']} recorded)"
+                   + ("; an incomplete last line (run still writing) was skipped" if meta["partial_last_line_skipped"] else ""))
+        for m in meta["missing"]:
+            typer.echo(f"not recorded: {m}")
+        for v in meta["gradient_verdicts"]:
+            typer.echo(f"{v['stack']} step {v['step']}: first/last block grad norm {v['first_over_last']:.3g}; {v['verdict']}")
+        for c in meta["collapse_verdicts"]:
+            name = c["stack"] + ("" if c["stream"] == "x" else f" stream {c['stream']}")
+            typer.echo(f"{name} step {c['step']}: collapse: {c['verdict']}"
+                       + (f" (late-block adjacent cos {c['late_cos_adjacent']:.4f})" if "late_cos_adjacent" in c else ""))
+        typer.echo(f"placement: {meta['placement'] or 'unknown'} ({meta['placement_source']})")
+        n = meta["nonfinite"]
+        if n["count"]:
+            typer.echo(f"warning: {n['count']} non-finite values (NaN/inf), first at step {n['first_step']} "
+                       f"({', '.join(n['metrics'])}); marked in red in the figures", err=True)
+        report_files(meta["files"])
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
