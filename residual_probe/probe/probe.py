@@ -30,6 +30,8 @@ When each quantity is taken (DESIGN.md, "What is measured"):
 from __future__ import annotations
 
 import math
+import warnings
+from contextlib import contextmanager
 from functools import partial
 from typing import Any, Iterable, Mapping
 
@@ -94,12 +96,14 @@ class Probe:
     sink: .csv or .jsonl path, rows appended and flushed every step ("{rank}" is replaced).
     group: "auto" (DDP/FSDP process group if any), None (no cross-rank pooling) or a group.
     keep_rows: keep rows in memory for `rows()`; turn off for long runs with a sink.
+    include_eval: also record forwards of modules in eval mode or under no_grad (validation,
+    generate(), a frozen model being inspected). By default only training forwards count.
     """
 
     def __init__(self, model: nn.Module, quantities: Iterable[str] | Mapping[str, ScheduleSpec] = QUANTITIES,
                  every: ScheduleSpec = 1, steps: Iterable[int] | None = None, subsample_tokens: int = 256,
                  seed: int = 0, blocks: str | None = None, sink: str | None = None, start_step: int = 0,
-                 group: Any = "auto", keep_rows: bool = True):
+                 group: Any = "auto", keep_rows: bool = True, include_eval: bool = False):
         if not isinstance(model, nn.Module):
             raise ProbeError(f"Probe needs a torch.nn.Module, got {type(model).__name__}")
         for name, value, low in (("subsample_tokens", subsample_tokens, 1), ("seed", seed, 0),
@@ -107,6 +111,10 @@ class Probe:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ProbeError(f"{name}: expected an integer >= {low}, got {value!r}")
         self.model = model
+        self.include_eval = bool(include_eval)
+        self._paused = 0
+        self._skipped_eval = 0
+        self._said_eval = False
         self.schedule = Schedule(quantities, every, steps)
         self.subsample_tokens, self.seed = subsample_tokens, seed
         self.blocks: list[BlockInfo] = find_blocks(model, blocks)
@@ -213,6 +221,15 @@ class Probe:
         self.detach()
         return False
 
+    @contextmanager
+    def paused(self):
+        """Inside, the hooks record nothing (validation, generation, anything not part of the step)."""
+        self._paused += 1
+        try:
+            yield self
+        finally:
+            self._paused -= 1
+
     @property
     def current_step(self) -> int:
         """The step the hooks are recording now (closed by the next `step()`)."""
@@ -232,7 +249,10 @@ class Probe:
 
     def _on_forward(self, pos: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         active = self._fwd_active
-        if not active or _in_backward():
+        if not active or self._paused or _in_backward():
+            return
+        if not self.include_eval and not (module.training and torch.is_grad_enabled()):
+            self._skipped_eval += 1  # an evaluation forward: not part of the training step
             return
         b = self.blocks[pos]
         outs = stream_tensors(output, len(b.streams))
@@ -298,6 +318,12 @@ class Probe:
             rows += self._forward_rows(s, active)
         if "subsample" in active:
             self._finish_subsample(s)
+        if self._skipped_eval and not self._said_eval:
+            self._said_eval = True
+            warnings.warn(f"probe: {self._skipped_eval} forward(s) of blocks in eval mode or under no_grad were not "
+                          "recorded (pass include_eval=True to record them, or probe.paused() to silence this)",
+                          stacklevel=2)
+        self._skipped_eval = 0
         if rows:
             bad = sum(1 for r in rows if not math.isfinite(r["value"]))
             self.nonfinite_total += bad
