@@ -38,8 +38,9 @@ def child(mode: str) -> None:
     import torch
 
     torch.set_num_threads(2)
-    from residual_probe.checkpoints.load import ours
-    from residual_probe.jobs.collapse import CollapseSpec, make_batches, measure, read_text
+    from residual_probe.checkpoints.loaded import ours
+    from residual_probe.checkpoints.text import read_text
+    from residual_probe.jobs.collapse import CollapseSpec, make_batches, measure
     from residual_probe.models import ModelConfig, build_model
 
     base = rss_kb("VmRSS")

@@ -93,6 +93,19 @@ def progress_bar(description: str):
         yield start
 
 
+AllowMissingOpt = Annotated[bool, typer.Option("--allow-missing-weights", help="Measure a checkpoint whose files lack some weights (after resolving tied and aliased names), leaving those at random initialization; the verdict then starts with 'partly random model'. Without it such a checkpoint is an error.")]
+DictOpt = Annotated[Optional[Path], typer.Option("--dict", help="fairseq checkpoints: the dictionary (fairseq's dict.txt) to tokenize --data with: whitespace-split words, </s> after each line; the text must be preprocessed (BPE) as the training data was. Default: UTF-8 bytes shifted past the 4 special ids.")]
+
+
+def echo_data(data: dict) -> None:
+    """The tokenization used and every change to the requested data (rounding, short text), on the console."""
+    if "tokenization" in data:
+        typer.echo(f"  data: {data['windows']} windows x {data['seq_len']} tokens = {data['tokens']} tokens; "
+                   f"tokenization: {data['tokenization']}")
+    for message in data.get("messages", []):
+        typer.echo(f"  note: {message}")
+
+
 def report_files(paths) -> None:
     for p in paths:
         typer.echo(f"wrote {p}")
@@ -261,6 +274,8 @@ def collapse(
     subsample: Annotated[int, typer.Option(help="Tokens kept per layer for the similarity and CKA matrices.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed for the token subsample (and images for vision models).")] = 0,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Unpickle with plain torch.load: runs any code in the file. Only for files you trust.")] = False,
+    allow_missing_weights: AllowMissingOpt = False,
+    dict_: DictOpt = None,
     blocks: Annotated[Optional[str], typer.Option(help="Module-path pattern of the blocks when discovery fails, e.g. 'model.layers.*'.")] = None,
     placement: Annotated[Optional[str], typer.Option(help="Bare state dicts: the placement the weights were trained with.")] = None,
     heads: Annotated[Optional[int], typer.Option(help="Bare state dicts: attention heads.")] = None,
@@ -286,7 +301,8 @@ def collapse(
         spec = CollapseSpec(
             ckpts=tuple(str(p) for p in [ckpt, *(compare or [])]), data=str(data) if data else None, tokens=tokens,
             batch=batch, seq_len=seq_len, subsample=subsample, seed=seed, trust_pickle=trust_pickle, blocks=blocks,
-            bare={k: v for k, v in bare.items() if v is not None},
+            bare={k: v for k, v in bare.items() if v is not None}, allow_missing=allow_missing_weights,
+            dictionary=str(dict_) if dict_ else None,
         )
         with progress_bar("collapse") as start:
             meta = run_collapse(spec, out, formats=fmts, progress=start)
@@ -294,8 +310,12 @@ def collapse(
             declared = f", declared {m['declared_placement']}" if m["declared_placement"] else ""
             depth_txt = ", ".join(f"{s} {n}" for s, n in m["depth"].items())
             typer.echo(f"{m['label']}: {m['family']}, {m['parameters']:,} parameters, width {m['width']}, {depth_txt} blocks")
-            typer.echo(f"  placement: {m['placement']} (from block structure{declared}; {m['placement_detail']})")
-            typer.echo(f"  verdict: {m['verdict']}")
+            typer.echo(f"  placement: {m['placement']} (from block structure{declared}; {m['placement_detail']}); "
+                       f"norm: {m['norm_type']}")
+            echo_data(m["data"])
+            random = (f"partly random model ({len(m['partly_random'])} weights at random initialization): "
+                      if m["partly_random"] else "")
+            typer.echo(f"  verdict: {random}{m['verdict']}")
             for s in m["streams"]:
                 top = ", ".join(f"{r['layer']} (cos {r['cos_adjacent']:.4f})" for r in s["redundant"])
                 typer.echo(f"  {s['stack']} {s['stream']}: {s['verdict']}, late-block adjacent cos "
