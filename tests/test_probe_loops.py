@@ -211,7 +211,8 @@ def test_w2_is_chosen_by_name_and_ambiguity_fails_clearly():
         (r, _) = probe.step()
     assert r["sublayer"] == "moe.experts.0.w2" and r["value"] == pytest.approx(
         float(model.layers[1].moe["experts"][0].w2.weight.grad.norm()), rel=1e-6)
-    Probe(model)  # the default quantities skip W2 where it is ambiguous, without failing
+    with pytest.warns(UserWarning, match="w2_grad_norm skipped"):
+        Probe(model)  # the default quantities skip W2 where it is ambiguous, and say so
 
 
 def test_two_probes_on_one_model_are_refused():

@@ -13,6 +13,7 @@ expert's up-projection. Several candidates (one per expert) or none are reported
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -127,11 +128,13 @@ class ParamPlan:
             else:
                 paths = w2_candidates(b)
                 if len(paths) != 1:
-                    if not strict:
-                        continue
                     what = (f"several FFN output projections ({', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''}"
                             "; a mixture of experts?)" if paths else
                             f"no FFN output projection named {'/'.join(W2_NAMES)} or output.dense")
+                    if not strict:  # asked for by default, not by name: skipped, and said
+                        warnings.warn(f"probe: w2_grad_norm skipped: block {b.name} has {what}; name it with "
+                                      "w2='<path in the block>'", stacklevel=4)
+                        continue
                     raise ProbeError(f"w2_grad_norm: block {b.name} has {what}; name one with w2='<path in the block>' "
                                      "or leave w2_grad_norm out of quantities")
                 weight = b.module.get_submodule(paths[0]).weight
