@@ -9,7 +9,7 @@
             clip_grad_norm_(model.parameters(), 1.0); opt.step(); opt.zero_grad()
     df = pandas.DataFrame(probe.rows())
 
-When each quantity is taken (DESIGN.md, "What is measured"):
+When each quantity is taken (docs/design.md, section 2 "What is measured"):
 - param_grad_norm, w2_grad_norm: read from `.grad` when `probe.step()` is called, i.e. the
   gradient accumulated over all micro-batches of the step, before clipping if `step()` is
   called before `clip_grad_norm_`. Under DDP it is the synchronized (averaged) gradient;
