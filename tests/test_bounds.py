@@ -47,7 +47,7 @@ def test_run_bounds_writes_checks_and_figures(tmp_path):
     # model collapse: 3 shapes + 1 Pre-LN closed form per init; Adam: 1 per init
     assert len(checks) == len(meta["checks"]) == 3 * 2 + 2 * 2 + 2 * 2 * 3 + 3 + 2 * 4 + 2
     by = {(c["statement"][:25], c["setting"], c["placement"]): c["agreement"] for c in checks}
-    assert by[("Xiong L2: Post-LN E||x||^", "xiong init, FFN 32/encoder", "post-ln")] == "yes"  # 3/2 at the last LN
+    assert by[("Xiong L2: Post-LN E||x||^", "encoder, xiong init, d 32, FFN 32 (the lemma's setting)", "post-ln")] == "yes"  # 3/2 at the last LN
     assert all(c["agreement"] == "yes" for c in checks if c["setting"] == "monte-carlo")
     sidecar = json.loads((tmp_path / "bounds.json").read_text())
     assert sidecar["depth_ladder"] == [3, 6] and sidecar["nonfinite_values"] == 0

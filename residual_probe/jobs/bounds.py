@@ -216,7 +216,7 @@ def run_bounds(spec: BoundsSpec, out: str | Path, formats=("png",), progress=Non
     for setting in lemma_settings:
         init = "xiong" if setting == "lemma" else setting
         ffn = spec.d_model if setting == "lemma" else spec.ffn
-        label = f"{init} init, FFN {ffn}/{spec.arch}"
+        label = f"{spec.arch}, {init} init, d {spec.d_model}, FFN {ffn}" + (" (the lemma's setting)" if setting == "lemma" else "")
         sel = dict(setting=setting, arch=spec.arch, depth=top, stack=xstack, stream="x")
         post = _table(_select(rows, metric="final_ln_input_sq_per_dim", placement="post-ln", **sel), S, top)
         check, post_data = checks.lemma2_postln(label, post, spec.d_model, ffn, init)

@@ -159,6 +159,7 @@ def plot_adam(data: dict, lr: float, eps: float, path_stem: str | Path, formats=
             "-", color="k", lw=1, label="closed form, Gaussian gradients")
     ax.axhline(1.0, ls="--", color=color("residual"), lw=1, label="paper: alpha sqrt(n) / eps")
     ax.axvline(1.0, ls=":", color="gray", lw=1, label="rms(g) = eps")
+    ax.axvspan(grid[0], 1e-3, color=color("residual"), alpha=0.08, lw=0, label="checked: rms(g) < eps/1000")
     ax.set(xscale="log", yscale="log", xlabel="block gradient RMS / eps",
            ylabel="kappa / (alpha sqrt(n) / eps)",
            title=f"ResiDual's Adam argument on Post-LN seq2seq at init (alpha {lr:g}, eps {eps:g})")
