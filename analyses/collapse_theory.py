@@ -58,6 +58,17 @@ def measure_model(model, source_name: str, placement: str, seq_len: int = 64) ->
             for r in probe.rows() if r["metric"] in METRICS + ("relative_update",) and r["stream"] == "x"]
 
 
+def previous_trained_rows(path: Path) -> list[dict]:
+    """The "trained (warm-up)" rows of an earlier collapse_theory.csv, or none."""
+    import csv
+
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return [{"source": r["source"], "placement": r["placement"], "layer": int(r["layer"]), "metric": r["metric"],
+                 "value": float(r["value"])} for r in csv.DictReader(fh) if r["source"] == "trained (warm-up)"]
+
+
 def run(out: Path, quick: bool = False) -> list[Check]:
     import torch
 
@@ -79,6 +90,12 @@ def run(out: Path, quick: bool = False) -> list[Check]:
         if name.endswith("-warmup0"):
             continue  # the warm-up runs: every placement trains there
         rows += measure_model(load_model(path), "trained (warm-up)", placement)
+    reused = not trained
+    if reused:
+        # The trained models are not in the repository (OUT/runs is ignored): without them, keep the
+        # trained column measured by an earlier run from OUT/collapse_theory.csv, marked as such.
+        rows += previous_trained_rows(out / "collapse_theory.csv")
+        trained = sorted({r["placement"] for r in rows if r["source"] == "trained (warm-up)"})
     def series(source, p, m):
         sel = sorted((r["layer"], r["value"]) for r in rows if r["source"] == source and r["placement"] == p and r["metric"] == m)
         return np.array([v for _, v in sel])
@@ -127,7 +144,8 @@ def run(out: Path, quick: bool = False) -> list[Check]:
         if len(tp) and len(tr):
             h = len(tp) // 2
             checks.append(Check("After training, Pre-LN's upper blocks are more redundant than ResiDual's",
-                                "training-study models (warm-up)", "pre-ln vs residual",
+                                "training-study models (warm-up" + ("; rows kept from the previous run)" if reused else ")"),
+                                "pre-ln vs residual",
                                 "Pre-LN upper-half adjacent cosine > ResiDual's", f"{fmt(tp[h:].mean())} vs {fmt(tr[h:].mean())}",
                                 verdict(tp[h:].mean() > tr[h:].mean())))
     return checks

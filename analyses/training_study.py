@@ -92,7 +92,15 @@ def run(out: Path, quick: bool = False) -> list[Check]:
                 title=f"{size['depth']}-block decoder LM on pydoc topics (bytes)")
     plot_collapse_profiles({n: r["influence"] for n, r in runs.items()}, out / "training_study_collapse")
     plot_ratio_curves({n: r["ratios"] for n, r in runs.items()}, out / "training_study_grads")
+    return summary_checks(summary, quick)
 
+
+def summary_checks(summary: list[dict], quick: bool = False) -> list[Check]:
+    """The study's claims against its summary table (training_study.csv: one row per placement and
+    warm-up, read back as numbers), so the checks can be recomputed without retraining."""
+    size, _ = settings(quick)
+    summary = [{k: (float(v) if k not in ("placement", "diverged_at_step") and v not in ("", None) else v)
+                for k, v in r.items()} for r in summary]
     s = {(r["placement"], r["warmup"] > 0): r for r in summary}
     uniform = math.log(256)  # loss of a uniform guess over bytes, nats
     trained = {k: v["final_val_loss"] < uniform - 1.0 for k, v in s.items()}
