@@ -54,7 +54,8 @@ def geometric_decay(values, layers=None, n_boot: int = 2000, level: float = 0.95
     """Fit g_k = exp(a) * r^-k to per-layer norms `values` of shape (seeds, layers) or (layers,).
 
     r is the factor per block toward the input (Post-LN's vanishing gives r < 1; the ResiDual
-    paper's Post-LN path predicts 2^(-s/2) for s sublayers per block). The per-layer log norm
+    paper's Post-LN curve has 0.434 per block over 48 blocks of 3 sublayers: theory.postln_curve_rate).
+    The per-layer log norm
     is averaged over seeds (a geometric mean), then a least-squares line in k gives -log r.
     The slope is linear in the data, so it equals the mean of the seeds' own slopes, and its
     interval is `scipy.stats.bootstrap` of that mean over seeds (`n_boot` resamples, percentile

@@ -15,7 +15,6 @@ from . import theory
 from .fits import DecayFit, geometric_decay
 from .summary import geometric_mean
 
-POST_LN_LIKE = ("post-ln", "deepnorm", "b2t")  # the only path to the output crosses every block's LN
 VERDICT_FACTOR = 10.0  # a first/last ratio beyond 10x either way is named vanishing or growing
 
 
@@ -38,11 +37,13 @@ def theory_overlay(rows, step: int | None = None, value: str = "param_grad_norm"
     only whole-block rows are fitted, the other sublayer names count the sublayers per block.
     `step`: only that step (default: every step). For each (placement, stack, step) returns
     - curves: {placement, stack, step, layer, predicted, fitted}: `fitted` the geometric fit;
-      `predicted` the theory through the last block's measured norm: post-ln (and deepnorm,
-      b2t: LN after the residual sum) follow the ResiDual paper's Post-LN path shape
-      (1/2)^(m/2) e^sqrt(m), m in sublayers from the output; every other placement has an
-      identity path to the output, predicted flat (the dual-path / Pre-LN floor);
-    - verdicts: {placement, stack, step, rate, low, high, first_over_last, predicted_rate, verdict}.
+      `predicted` the placement's own predicted profile (`theory.gradient_profile`: Post-LN the
+      ResiDual paper's (1/2)^(m/2) e^sqrt(m), m in sublayers from the output; Pre-LN and ResiDual
+      the identity path's flat floor), through the last block's measured norm; NaN (nothing
+      drawn) for placements no source gives a curve for (DeepNorm, B2T, Sandwich, ...);
+    - verdicts: {placement, stack, step, rate, low, high, first_over_last, predicted_rate,
+      source, verdict}: predicted_rate is the profile's own geometric rate over the same blocks
+      (NaN without a profile).
     A profile with a zero or non-finite block norm cannot be fitted on a log scale (ReZero at
     init has zero gradients in every block but its gate): its verdict says so, and it has no curve.
     """
@@ -65,16 +66,18 @@ def theory_overlay(rows, step: int | None = None, value: str = "param_grad_norm"
         fit = geometric_decay(table, layers)
         n_sub = g.loc[g["sublayer"] != "block", "sublayer"].nunique() or (3 if stack == "decoder" else 2)
         last = float(geometric_mean(table[:, -1]))
-        if placement in POST_LN_LIKE:
-            pred = last * theory.postln_gradient_shape(n_sub * (layers[-1] - np.asarray(layers)))
-            pred_rate = theory.postln_gradient_rate_per_block(n_sub)
+        profile = theory.gradient_profile(placement)
+        if profile is None:
+            pred = np.full(len(layers), math.nan)
+            pred_rate = math.nan
         else:
-            pred = theory.residual_gradient_floor(layers, last)
-            pred_rate = 1.0
+            pred = profile.curve(layers, n_sub, last)
+            pred_rate = float(np.exp(-np.polyfit(np.asarray(layers, dtype=np.float64), np.log(pred), 1)[0])) \
+                if len(layers) > 1 else math.nan
         for k, p in zip(layers, pred):
             curves.append({**key, "layer": k, "predicted": float(p),
                            "fitted": float(math.exp(fit.intercept) * fit.rate**-k)})
         verdicts.append({**key, "rate": fit.rate, "low": fit.low, "high": fit.high,
                          "first_over_last": fit.first_over_last, "predicted_rate": pred_rate,
-                         "verdict": decay_verdict(fit, len(layers))})
+                         "source": profile.source if profile else "", "verdict": decay_verdict(fit, len(layers))})
     return curves, verdicts
