@@ -17,7 +17,7 @@ from typing import Any
 from .errors import CheckpointError
 from .loaded import LoadedModel
 from .registry import Source, register
-from .safe_pickle import checkpoint_globals, BLOCKED_MODULES
+from .safe_pickle import blocked_globals, checkpoint_globals, unsafe_message
 from .safetensors_io import read_header
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -80,15 +80,17 @@ def check_files(files: list[Path], safetensors: bool) -> None:
         else:
             if f.stat().st_size == 0:
                 raise CheckpointError(f"{f}: empty file")
+            names: set[str] = set()
             try:
-                names = checkpoint_globals(f)
+                checkpoint_globals(f, names)
             except CheckpointError:
                 raise
             except Exception:
+                if blocked_globals(names):
+                    raise CheckpointError(unsafe_message(f, blocked_globals(names))) from None
                 raise CheckpointError(f"{f}: not a PyTorch checkpoint or corrupt") from None
-            blocked = sorted(n for n in names if n.split(".")[0] in BLOCKED_MODULES)
-            if blocked:
-                raise CheckpointError(f"{f}: refusing to load: the pickle calls {blocked[0]}")
+            if blocked_globals(names):
+                raise CheckpointError(unsafe_message(f, blocked_globals(names)))
 
 
 AUTO_HEADS = ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForMaskedLM", "AutoModel")

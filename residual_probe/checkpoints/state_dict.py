@@ -77,7 +77,10 @@ def _bare(source: Source, state: dict[str, torch.Tensor]) -> LoadedModel:
     return ours(model, "state-dict", str(source.path), notes, missing, decoder_start_id=start)
 
 
-@register("state-dict (safetensors)", 30, lambda s: s.path.is_file() and is_safetensors(s.path))
+# A file named .safetensors is read as one even when its header is wrong, so that a text file
+# under that name is told "not a safetensors file" rather than a pickle opcode error.
+@register("state-dict (safetensors)", 30,
+          lambda s: s.path.is_file() and (is_safetensors(s.path) or s.path.suffix.lower() == ".safetensors"))
 def load_safetensors_state(source: Source) -> LoadedModel:
     tensors, metadata = load_file(source.path)
     return _bare(source, resolve_aliases(tensors, metadata))

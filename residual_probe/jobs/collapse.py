@@ -44,6 +44,8 @@ class CollapseSpec:
     dictionary: str | None = None  # fairseq dict.txt for fairseq checkpoints
     blocks: str | None = None  # module-path pattern when block discovery fails, e.g. "model.layers.*"
     bare: dict = field(default_factory=dict)  # placement, heads, depth, ... for bare state dicts
+    force: bool = False  # run even when the memory estimate exceeds what the machine has free
+    labels: tuple[str, ...] = ()  # names of the models (ckpts order); default: shortest distinct path suffixes
 
     def validate(self) -> None:
         from ..models import ConfigError
@@ -53,6 +55,12 @@ class CollapseSpec:
         for name, low in (("tokens", 16), ("batch", 1), ("seq_len", 2), ("subsample", 4)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name.replace('_', '-')}: must be >= {low}, got {getattr(self, name)}")
+        if self.labels:
+            if len(self.labels) != len(self.ckpts):
+                raise ConfigError(f"--label: {len(self.labels)} names for {len(self.ckpts)} checkpoints; "
+                                  "give one per --ckpt / --compare, in that order")
+            if len(set(self.labels)) != len(self.labels) or not all(str(x).strip() for x in self.labels):
+                raise ConfigError(f"--label: names must be distinct and non-empty, got {list(self.labels)}")
 
 
 # ---- input -------------------------------------------------------------------------------
@@ -187,7 +195,7 @@ def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress
     dictionary = read_fairseq_dict(spec.dictionary) if spec.dictionary else None
     table, sim_rows, models = [], [], []
     t_start = time.perf_counter()
-    for label, path in zip(labels_for(spec.ckpts), spec.ckpts):
+    for label, path in zip(spec.labels or labels_for(spec.ckpts), spec.ckpts):
         t0 = time.perf_counter()
         loaded = load_any(path, trust_pickle=spec.trust_pickle, allow_missing=spec.allow_missing, **spec.bare)
         t1 = time.perf_counter()
@@ -195,6 +203,7 @@ def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress
         found = detect(loaded, sample, spec.blocks)
         batches, data = make_batches(loaded, spec, text, found["item_tokens"],
                                      dictionary if loaded.family.startswith("fairseq") else None)
+        check_memory(label, loaded, found, batches, spec)
         data["source"] = source if loaded.modality == "text" else data["kind"]
         advance = progress(len(batches)) if progress else None
         m = measure(loaded, batches, spec, advance)
@@ -237,6 +246,21 @@ def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress
     meta["files"] = [str(f) for f in files] + [str(out / "collapse.json")]
     write_json(out / "collapse.json", meta)
     return meta
+
+
+def check_memory(label: str, loaded, found: dict, batches: list, spec: CollapseSpec) -> None:
+    """Refuse (budget.BudgetError) a forward whose activations and matrices would not fit."""
+    from .. import budget
+
+    width = budget.model_width(loaded.model)
+    if width is None or not batches:
+        return
+    shape = batches[0].shape
+    blocks = sum(len(kinds) for kinds in found.get("per_block", {}).values())
+    est = budget.collapse_estimate(label, loaded.parameters, blocks, width, 2 if found["placement"] == "residual" else 1,
+                                   shape[0], shape[1] if loaded.modality == "text" else (found["item_tokens"] or 1),
+                                   spec.subsample)
+    budget.check(est, spec.force)
 
 
 def _sample(loaded, spec: CollapseSpec, text: str):
