@@ -1,4 +1,4 @@
-"""Every placement against DESIGN.md's equations, block by block, in float64.
+"""Every placement against docs/design.md's equations, block by block, in float64.
 
 The reference formulas below are written out independently of placements.py: each one
 recomputes a block's output from the block's own sublayers (F) and norms.
@@ -26,8 +26,8 @@ def tiny(placement, arch="decoder", **kw):
     return model.eval()
 
 
-def reference_block(placement, blk, x, memory, depth, mix_ratio=0.25):
-    """DESIGN.md's per-block formula, spelled out for each placement."""
+def reference_block(placement, blk, x, memory, depth, mix_ratio=0.25, s_res=1.0):
+    """docs/design.md's per-block formula, spelled out for each placement."""
     k = blk.k
     fs = [(lambda h: blk.self_attn(h), blk.self_attn)]
     if blk.cross_attn is not None:
@@ -43,11 +43,11 @@ def reference_block(placement, blk, x, memory, depth, mix_ratio=0.25):
         x, d = x
         for f, s in fs:
             b = f(x)
-            d = d + b
+            d = d + s_res * b  # microsoft/ResiDual: res = res + x * res_input_norm_scale
             x = s.norm(x + b)
         return x, d
     for f, s in fs:
-        if placement == "post-ln" or (placement == "mix-ln" and k < math.ceil(mix_ratio * depth)):
+        if placement == "post-ln" or (placement == "mix-ln" and k < int(mix_ratio * depth)):
             x = s.norm(x + f(x))
         elif placement in ("pre-ln", "mix-ln"):
             x = x + f(s.norm(x))
@@ -74,13 +74,14 @@ def close(a, b):
 @pytest.mark.parametrize("arch", ["decoder", "seq2seq"])
 @pytest.mark.parametrize("placement", sorted(PLACEMENTS))
 def test_every_block_matches_its_equation(placement, arch):
-    model = tiny(placement, arch)
+    # Non-default ResiDual scale and Mix-LN ratio, so that s and the switch point matter.
+    model = tiny(placement, arch, res_input_norm_scale=0.3, mix_ratio=0.6)
     tokens = torch.randint(1, 50, (2, 7))
     stack = model.decoder
     memory = model.encoder(tokens) if arch == "seq2seq" else None
     state = stack.placement.begin(stack.embed(tokens), stack)
     for blk in stack.layers:
-        expected = reference_block(placement, blk, state, memory, depth=len(stack.layers))
+        expected = reference_block(placement, blk, state, memory, depth=len(stack.layers), mix_ratio=0.6, s_res=0.3)
         state = blk(state, memory)
         assert close(state, expected), f"{placement} block {blk.k}"
 
@@ -122,6 +123,61 @@ def test_residual_dual_stream_start_scale_and_alpha():
     assert close(stack(tokens), 2.0 * x + stack.final_norm(d))
 
 
+def released_residual_logits(model, src, tgt, s):
+    """A port of microsoft/ResiDual's forward (resi_dual.py, resi_dual_layers.py), written from
+    the released code's statements and sharing only the weights: res = x * s at the embedding,
+    then `res = res + x * s` after each sublayer's dropout, `x = LN(x + xr)`, and at the end
+    `x * alpha + layer_norm(res)` with eps 1e-7."""
+    import torch.nn.functional as F
+
+    def mha(attn, q_in, kv_in, causal):
+        B, T, C = q_in.shape
+        H = attn.heads
+
+        def split(t):
+            return t.view(B, -1, H, C // H).transpose(1, 2)
+
+        q = split(attn.q_proj(q_in)) * (C // H) ** -0.5  # fairseq scales q before q k^T
+        k, v = split(attn.k_proj(kv_in)), split(attn.v_proj(kv_in))
+        w = q @ k.transpose(-1, -2)
+        if causal:
+            w = w.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        return attn.out_proj((w.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C))
+
+    def stack(st, tokens, enc):
+        x = st.embed(tokens)
+        res = x * s
+        for layer in st.layers:
+            subs = [(layer.self_attn, lambda h, a=layer.self_attn: mha(a, h, h, enc is not None))]
+            if layer.cross_attn is not None:
+                subs.append((layer.cross_attn, lambda h, a=layer.cross_attn: mha(a, h, enc, False)))
+            subs.append((layer.ffn, lambda h, f=layer.ffn: f.fc2(F.relu(f.fc1(h)))))
+            for sub, fn in subs:
+                xr = x
+                x = fn(x)
+                res = res + x * s
+                x = sub.norm(x + xr)
+        ln = st.final_norm
+        return x * model.cfg.alpha + F.layer_norm(res, res.shape[-1:], ln.weight, ln.bias, eps=1e-7)
+
+    enc = stack(model.encoder, src, None)
+    return model.output_projection(stack(model.decoder, tgt, enc))
+
+
+@pytest.mark.parametrize("s", [1.0, 0.1])
+def test_residual_matches_a_port_of_the_released_code(s):
+    """Scaling only d_0 (the earlier reading) made s a real weighting: max logit difference 3.79
+    at s = 0.1 against this port. Scaling every update as the released code does makes the
+    model agree with it, and makes the logits independent of s up to LN_f's eps."""
+    model = tiny("residual", arch="seq2seq", res_input_norm_scale=s)
+    src, tgt = torch.randint(1, 50, (2, 6)), torch.randint(1, 50, (2, 5))
+    ours = model(src, tgt)
+    assert torch.allclose(ours, released_residual_logits(model, src, tgt, s), rtol=1e-10, atol=1e-10)
+    if s != 1.0:
+        ones = tiny("residual", arch="seq2seq", res_input_norm_scale=1.0)
+        assert (ours - ones(src, tgt)).abs().max() < 1e-5  # only LN_f's eps sees s
+
+
 def test_residual_seq2seq_cross_attention_reads_combined_encoder_output():
     model = tiny("residual", arch="seq2seq")
     src, tgt = torch.randint(1, 50, (2, 6)), torch.randint(1, 50, (2, 5))
@@ -142,7 +198,9 @@ def test_deepnorm_constants(arch, N, M):
     elif arch == "decoder":
         assert deepnorm_constants(cfg, "decoder") == pytest.approx(((2 * M) ** 0.25, (8 * M) ** -0.25))
     else:
+        # The DeepNet paper's encoder beta, 0.87 (N^4 M)^(-1/16), not torchscale's 1.15 (N^4 M)^(-1/16).
         assert deepnorm_constants(cfg, "encoder") == pytest.approx((0.81 * (N**4 * M) ** (1 / 16), 0.87 * (N**4 * M) ** (-1 / 16)))
+        assert deepnorm_constants(cfg, "encoder")[1] == pytest.approx(0.87 * 6 ** -0.25 * 12 ** (-1 / 16))
         assert deepnorm_constants(cfg, "decoder") == pytest.approx(((3 * M) ** 0.25, (12 * M) ** -0.25))
 
 
@@ -159,10 +217,12 @@ def test_deepnorm_beta_scales_v_out_fc1_fc2_only():
         assert torch.allclose(q, beta * p if scaled else p), name
 
 
-@pytest.mark.parametrize("ratio,depth,switch", [(0.25, 8, 2), (0.25, 6, 2), (0.5, 5, 3), (0.0, 4, 0), (1.0, 4, 4)])
+@pytest.mark.parametrize("ratio,depth,switch", [(0.25, 8, 2), (0.25, 6, 1), (0.5, 5, 2), (0.0, 4, 0), (1.0, 4, 4), (0.2, 4, 0), (15 / 22, 22, 15)])
 def test_mix_ln_switch_point(ratio, depth, switch):
+    """floor(rho * N) Post-LN blocks, an integer count as in the Mix-LN paper and code (ceil gave 2, 3, 1
+    for the second, third and last cases)."""
     model = tiny("mix-ln", depth=depth, mix_ratio=ratio)
-    assert model.decoder.placement.switch == switch == math.ceil(ratio * depth)
+    assert model.decoder.placement.switch == switch
     # Post-LN throughout keeps no final LN; any Pre-LN block brings one.
     assert (model.decoder.final_norm is None) == (switch == depth)
 
@@ -221,3 +281,83 @@ def test_config_json_round_trip():
     assert ModelConfig.from_json(cfg.to_json()) == cfg
     model = build_model(cfg)
     assert len(model.encoder.layers) == 3 and len(model.decoder.layers) == 5
+
+
+def test_config_new_keys_strict_and_round_trip():
+    cfg = ModelConfig(arch="seq2seq", placement="residual", dropout=0.3, attention_dropout=0.1,
+                      activation_dropout=0.1, share_all_embeddings=True, res_input_norm_scale=0.5)
+    assert ModelConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ConfigError, match="attention_dropout: must be in"):
+        ModelConfig(attention_dropout=1.0)
+    with pytest.raises(ConfigError, match="activation_dropout: must be in"):
+        ModelConfig(activation_dropout=-0.1)
+    with pytest.raises(ConfigError, match="share_all_embeddings: only for arch 'seq2seq'"):
+        ModelConfig(arch="decoder", share_all_embeddings=True)
+    with pytest.raises(ConfigError, match="share_all_embeddings=True needs tie_embeddings=True"):
+        ModelConfig(share_all_embeddings=True, tie_embeddings=False)
+    with pytest.raises(ConfigError, match="res_input_norm_scale: must be positive"):
+        ModelConfig(res_input_norm_scale=0.0)
+    with pytest.raises(ConfigError, match="unknown config keys: attn_dropout"):
+        ModelConfig.from_dict({"attn_dropout": 0.1})
+
+
+def test_config_json_without_the_new_keys_still_loads_with_its_old_meaning():
+    """A config.json written before attention_dropout/activation_dropout/share_all_embeddings
+    existed: its single `dropout` still applies to attention weights and activations."""
+    old = {k: v for k, v in ModelConfig(dropout=0.2).to_dict().items()
+           if k not in ("attention_dropout", "activation_dropout", "share_all_embeddings")}
+    cfg = ModelConfig.from_dict(old)
+    assert cfg.attention_dropout_rate == cfg.activation_dropout_rate == 0.2
+    assert cfg.share_all_embeddings is False
+    model = build_model(cfg.replace(**SMALL))
+    blk = model.decoder.layers[0]
+    assert blk.self_attn.attn_dropout == 0.2 and blk.ffn.act_dropout.p == 0.2
+
+
+def test_three_dropout_rates_act_where_fairseq_puts_them():
+    cfg = ModelConfig(arch="seq2seq", dropout=0.3, attention_dropout=0.1, activation_dropout=0.05, **SMALL)
+    model = build_model(cfg)
+    blk = model.decoder.layers[0]
+    assert model.decoder.embed.dropout.p == 0.3
+    for attn in (blk.self_attn, blk.cross_attn):
+        assert attn.dropout.p == 0.3 and attn.attn_dropout == 0.1
+    assert blk.ffn.dropout.p == 0.3 and blk.ffn.act_dropout.p == 0.05
+    # Behaviour, not only attributes: with only attention dropout on, the attention output
+    # changes in training mode and the FFN does not.
+    only_attn = build_model(ModelConfig(arch="decoder", attention_dropout=0.5, **SMALL)).train()
+    blk = only_attn.decoder.layers[0]
+    h = torch.randn(2, 6, 16)
+    torch.manual_seed(1)
+    a1 = blk.self_attn(h)
+    torch.manual_seed(2)
+    assert not torch.allclose(a1, blk.self_attn(h))
+    assert torch.equal(blk.ffn(h), blk.ffn(h))
+
+
+def test_share_all_embeddings_is_one_table():
+    model = build_model(ModelConfig(arch="seq2seq", share_all_embeddings=True, **SMALL))
+    emb = model.decoder.embed_tokens
+    assert model.encoder.embed_tokens is emb and model.output_projection.weight is emb.weight
+    n_shared = sum(p.numel() for p in model.parameters())
+    n_sep = sum(p.numel() for p in build_model(ModelConfig(arch="seq2seq", **SMALL)).parameters())
+    assert n_sep - n_shared == 50 * 16
+
+
+def test_untied_output_projection_is_fairseq_normal():
+    """fairseq's TransformerDecoderBase: an output projection of its own is N(0, d^-1/2)."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="decoder", tie_embeddings=False, d_model=64, heads=2, ffn=64, depth=1,
+                                    vocab_size=4000))
+    w = model.output_projection.weight.detach()
+    assert w.mean().abs() < 3 * 64**-0.5 / math.sqrt(w.numel())
+    assert w.std().item() == pytest.approx(64**-0.5, rel=0.02)  # PyTorch's default gives 1/sqrt(3*64)
+    kurt = ((w - w.mean()) ** 4).mean() / w.var() ** 2
+    assert kurt.item() == pytest.approx(3.0, abs=0.15)  # normal, not uniform (1.8)
+
+
+def test_iwslt_preset_is_the_released_config():
+    cfg = ModelConfig.iwslt(vocab_size=100)
+    assert (cfg.arch, cfg.depth, cfg.d_model, cfg.ffn, cfg.heads) == ("seq2seq", 6, 256, 1024, 4)
+    assert (cfg.dropout, cfg.attention_dropout, cfg.activation_dropout) == (0.3, 0.1, 0.1)
+    assert cfg.share_all_embeddings and cfg.tie_embeddings and cfg.placement == "residual"
+    assert ModelConfig.iwslt(placement="post-ln").placement == "post-ln"

@@ -33,13 +33,23 @@ class ModelConfig:
     vocab_size: int = 256  # byte-level by default: every UTF-8 text is in vocabulary
     max_len: int = 1024  # longest sequence the sinusoidal positions cover
     position_offset: int = 0  # first sinusoidal position index; fairseq checkpoints use padding_idx + 1
-    dropout: float = 0.0  # one rate for residual, attention and activation dropout
+    dropout: float = 0.0  # fairseq's `dropout`: on the embedding and on every sublayer output
+    # fairseq's separate rates (the ResiDual configs: dropout 0.3, attention 0.1, activation 0.1).
+    # None means "the same as `dropout`", which is what config.json files written before these
+    # keys existed meant by their single rate.
+    attention_dropout: float | None = None  # on the attention weights
+    activation_dropout: float | None = None  # after the FFN's ReLU
     norm: str = "layernorm"
     init: str = "fairseq"  # fairseq: what the paper trained with; xiong: W^Q = W^K = 0 (theory)
     alpha: float = 1.0  # ResiDual: weight of the x stream in alpha * x + LN_f(d)
-    res_input_norm_scale: float = 1.0  # ResiDual: d_0 = s * x_0 (an fp16 guard in the paper's code)
-    mix_ratio: float = 0.25  # Mix-LN: the first ceil(mix_ratio * N) blocks are Post-LN
+    # ResiDual: d_0 = s * x_0 and every update enters d as s * b (microsoft/ResiDual), so
+    # LN_f(d) does not depend on s up to eps: an fp16 overflow guard, not a weighting.
+    res_input_norm_scale: float = 1.0
+    mix_ratio: float = 0.25  # Mix-LN: the first floor(mix_ratio * N) blocks are Post-LN (Li et al.)
     tie_embeddings: bool = True  # output projection shares the (decoder) token embedding
+    # seq2seq only: encoder and decoder share one token embedding (fairseq's
+    # --share-all-embeddings; it implies tie_embeddings, which must then be True).
+    share_all_embeddings: bool = False
 
     def __post_init__(self) -> None:
         from .placements import PLACEMENTS  # late: placements import this module
@@ -68,10 +78,43 @@ class ModelConfig:
             bad(f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
         if not isinstance(self.position_offset, int) or self.position_offset < 0:
             bad(f"position_offset: must be a non-negative integer, got {self.position_offset!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            bad(f"dropout: must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            value = getattr(self, name)
+            if value is None and name != "dropout":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                bad(f"{name}: must be in [0, 1), got {value!r}")
+        if self.share_all_embeddings:
+            if self.arch != "seq2seq":
+                bad(f"share_all_embeddings: only for arch 'seq2seq', not {self.arch!r}")
+            if not self.tie_embeddings:
+                bad("share_all_embeddings=True needs tie_embeddings=True (fairseq: sharing all "
+                    "embeddings shares the decoder's input and output embedding too)")
+        for name in ("tie_embeddings", "share_all_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                bad(f"{name}: must be true or false, got {getattr(self, name)!r}")
+        if not self.res_input_norm_scale > 0:
+            bad(f"res_input_norm_scale: must be positive, got {self.res_input_norm_scale}")
         if not 0.0 <= self.mix_ratio <= 1.0:
             bad(f"mix_ratio: must be in [0, 1], got {self.mix_ratio}")
+
+    @classmethod
+    def iwslt(cls, **changes: Any) -> "ModelConfig":
+        """The ResiDual paper's IWSLT'14 De-En model (microsoft/ResiDual hydra_config/iwslt.yaml):
+        6+6 blocks, d 256, FFN 1024, 4 heads, dropout 0.3 / attention 0.1 / activation 0.1,
+        all embeddings shared; the placement defaults to `residual`. `changes` override fields."""
+        base = dict(arch="seq2seq", placement="residual", depth=6, d_model=256, heads=4, ffn=1024,
+                    dropout=0.3, attention_dropout=0.1, activation_dropout=0.1,
+                    share_all_embeddings=True, tie_embeddings=True)
+        return cls(**{**base, **changes})
+
+    @property
+    def attention_dropout_rate(self) -> float:
+        return self.dropout if self.attention_dropout is None else self.attention_dropout
+
+    @property
+    def activation_dropout_rate(self) -> float:
+        return self.dropout if self.activation_dropout is None else self.activation_dropout
 
     @property
     def encoder_depth(self) -> int:

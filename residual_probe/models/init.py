@@ -1,5 +1,9 @@
 """Initializations: fairseq's (what the ResiDual paper trained with) and Xiong et al.'s analysis setting.
 
+Both schemes give token embeddings N(0, d^-1/2) (scaled by sqrt(d) in the forward pass) and
+an untied output projection N(0, d^-1/2), as fairseq's TransformerDecoderBase does when it
+builds its own output projection; a tied one is the embedding itself.
+
 Each placement's own initialization (DeepNorm's beta; ReZero's zero gate is zero on creation)
 runs after the model's, through `Placement.init_`.
 """
@@ -26,6 +30,9 @@ def initialize(model: nn.Module, scheme: str) -> None:
                 nn.init.zeros_(lin.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=module.embedding_dim**-0.5)
+    if not model.cfg.tie_embeddings:  # a tied projection is the embedding, initialized above
+        proj = model.output_projection
+        nn.init.normal_(proj.weight, mean=0.0, std=proj.in_features**-0.5)
     for _, stack in model.stacks():
         stack.placement.init_(stack)
 

@@ -49,11 +49,16 @@ class Sublayer(nn.Module):
 
 
 class Attention(Sublayer):
-    """Multi-head attention with fairseq's q/k/v/out projections; cross-attention reads memory."""
+    """Multi-head attention with fairseq's q/k/v/out projections; cross-attention reads memory.
 
-    def __init__(self, d: int, heads: int, dropout: float, causal: bool, norms: int, norm_kind: str):
+    `dropout` acts on the sublayer's output, `attention_dropout` on the attention weights
+    (fairseq's two rates).
+    """
+
+    def __init__(self, d: int, heads: int, dropout: float, causal: bool, norms: int, norm_kind: str,
+                 attention_dropout: float = 0.0):
         super().__init__(norms, norm_kind, d, dropout)
-        self.heads, self.causal, self.attn_dropout = heads, causal, dropout
+        self.heads, self.causal, self.attn_dropout = heads, causal, attention_dropout
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
 
     def branch(self, h: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
@@ -72,12 +77,16 @@ class Attention(Sublayer):
 
 
 class FeedForward(Sublayer):
-    """fc2(dropout(relu(fc1(h)))): fairseq's FFN; fc2.weight is Xiong et al.'s W2."""
+    """fc2(dropout_act(relu(fc1(h)))): fairseq's FFN; fc2.weight is Xiong et al.'s W2.
 
-    def __init__(self, d: int, ffn: int, dropout: float, norms: int, norm_kind: str):
+    `dropout` acts on the sublayer's output, `activation_dropout` after the ReLU (fairseq).
+    """
+
+    def __init__(self, d: int, ffn: int, dropout: float, norms: int, norm_kind: str,
+                 activation_dropout: float = 0.0):
         super().__init__(norms, norm_kind, d, dropout)
         self.fc1, self.fc2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
-        self.act_dropout = nn.Dropout(dropout)
+        self.act_dropout = nn.Dropout(activation_dropout)
 
     def branch(self, h: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
         return self.fc2(self.act_dropout(F.relu(self.fc1(h))))

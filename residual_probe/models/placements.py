@@ -1,7 +1,7 @@
 """Norm placements: how a block combines its sublayers with the residual stream.
 
 Each placement is one small class whose `sublayer` (or `block`) method *is* its formula from
-DESIGN.md, with its stack-level start/end and its own initialization beside it. Adding a
+docs/design.md ("Norm placements", with the sources), with its stack-level start/end and its own initialization beside it. Adding a
 placement means adding a class here with `@register`; the model classes never change.
 
 Notation in the methods: `x` the stream state (a tensor; ResiDual's is the pair (x, d)),
@@ -93,10 +93,13 @@ class PreLN(Placement):
 
 @register
 class ResiDual(Placement):
-    """Pre-Post-LN (Xie et al. 2023): b = F(x); d <- d + b; x <- LN(x + b); end alpha*x + LN_f(d).
+    """Pre-Post-LN (Xie et al. 2023): b = F(x); d <- d + s*b; x <- LN(x + b); end alpha*x + LN_f(d).
 
-    As in microsoft/ResiDual: the dual stream starts at the embedding output, d0 = s * x0, the
-    same dropped-out b feeds both streams, and LN_f has eps 1e-7.
+    As in microsoft/ResiDual (resi_dual/resi_dual.py and resi_dual_layers.py): the dual stream
+    starts at the embedding output, d0 = s * x0, and every sublayer adds its output scaled by
+    the same s (`res = res + x * s`), so d = s * (x0 + sum of b) and LN_f(d) does not depend
+    on s up to LN_f's eps: s (`res_input_norm_scale`, default 1) only keeps d in fp16 range.
+    The same dropped-out b feeds both streams, and LN_f has eps 1e-7 (the others 1e-5).
     """
 
     name = "residual"
@@ -110,7 +113,7 @@ class ResiDual(Placement):
     def sublayer(self, xd, f, s, blk):
         x, d = xd
         b = f(x)
-        return s.norm(x + b), d + b
+        return s.norm(x + b), d + self.cfg.res_input_norm_scale * b
 
     def end(self, xd, stack):
         x, d = xd
@@ -153,7 +156,18 @@ def deepnorm_scaled(s: nn.Module) -> list[nn.Module]:
 
 
 def deepnorm_constants(cfg: "ModelConfig", role: str) -> tuple[float, float]:
-    """(alpha, beta) from torchscale, for this stack's role in the architecture."""
+    """(alpha, beta) for this stack's role, as the DeepNet paper states them (Wang et al. 2022, Fig. 2).
+
+    Encoder-only (N blocks) and decoder-only (M blocks): alpha = (2L)^(1/4), beta = (8L)^(-1/4).
+    Encoder-decoder: encoder alpha = 0.81 (N^4 M)^(1/16), beta = 0.87 (N^4 M)^(-1/16);
+    decoder alpha = (3M)^(1/4), beta = (12M)^(-1/4).
+
+    The paper's reading is taken over torchscale's code, which agrees on every alpha and on
+    the decoder's beta but divides the encoder-decoder encoder's weights by
+    (N^4 M)^(1/16) / 1.15, i.e. beta = 1.15 (N^4 M)^(-1/16) (torchscale/architecture/encoder.py).
+    The two differ only in that initialization; a loaded checkpoint carries its own weights,
+    and alpha, the only constant in the forward pass, is the same in both.
+    """
     N, M = cfg.encoder_depth, cfg.dec_depth
     if cfg.arch == "seq2seq":
         if role == "encoder":
@@ -203,14 +217,20 @@ class B2T(Placement):
 
 @register
 class MixLN(Placement):
-    """Post-LN for the first ceil(rho * N) blocks, Pre-LN after; LN at the end (Li et al. 2024)."""
+    """Post-LN for the first floor(rho * N) blocks, Pre-LN after; LN at the end (Li et al. 2024).
+
+    The Mix-LN paper applies Post-LN to the first floor(alpha L) layers and its code takes an
+    integer count of Post-LN layers; `mix_ratio` is the paper's alpha (rho here).
+    """
 
     name = "mix-ln"
     final_norm = True
 
     def __init__(self, cfg, role):
         super().__init__(cfg, role)
-        self.switch = math.ceil(cfg.mix_ratio * self.depth)  # blocks k < switch are Post-LN
+        # Blocks k < switch are Post-LN. The 1e-9 only absorbs binary rounding, so that a ratio
+        # written as p/N gives p blocks (15/22 * 22 is 14.999999999999998 in floating point).
+        self.switch = math.floor(cfg.mix_ratio * self.depth + 1e-9)
         # A stack that is Post-LN throughout ends like Post-LN, without a final LN.
         self.final_norm = self.switch < self.depth
 

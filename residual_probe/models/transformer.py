@@ -24,10 +24,10 @@ class Block(nn.Module):
         super().__init__()
         self.k = k  # 0-based index in its stack
         self.placement = placement  # a plain object, not a module: it owns no parameters
-        n, d = placement.sublayer_norms, cfg.d_model
-        self.self_attn = Attention(d, cfg.heads, cfg.dropout, causal, n, cfg.norm)
-        self.cross_attn = Attention(d, cfg.heads, cfg.dropout, False, n, cfg.norm) if cross else None
-        self.ffn = FeedForward(d, cfg.ffn, cfg.dropout, n, cfg.norm)
+        n, d, p_attn = placement.sublayer_norms, cfg.d_model, cfg.attention_dropout_rate
+        self.self_attn = Attention(d, cfg.heads, cfg.dropout, causal, n, cfg.norm, p_attn)
+        self.cross_attn = Attention(d, cfg.heads, cfg.dropout, False, n, cfg.norm, p_attn) if cross else None
+        self.ffn = FeedForward(d, cfg.ffn, cfg.dropout, n, cfg.norm, cfg.activation_dropout_rate)
         placement.add_parameters(self)
 
     def sublayers(self) -> list[nn.Module]:
@@ -80,6 +80,8 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.encoder = Stack(cfg, "encoder", cfg.encoder_depth) if cfg.encoder_depth else None
         self.decoder = Stack(cfg, "decoder", cfg.dec_depth) if cfg.dec_depth else None
+        if cfg.share_all_embeddings:  # fairseq --share-all-embeddings: one table for both stacks
+            self.encoder.embed.embed_tokens = self.decoder.embed.embed_tokens
         self.output_projection = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         initialize(self, cfg.init)
         if cfg.tie_embeddings:
