@@ -266,33 +266,19 @@ class RunSpec:
     def model_config(self):
         from ..models import ModelConfig
 
-        fields = set(ModelConfig.__dataclass_fields__)
-        extra = {}
-        if "attention_dropout" in fields:  # the dropout split of fairseq's configs (issue 12)
-            extra = dict(attention_dropout=self.attention_dropout, activation_dropout=self.activation_dropout)
-        if self.task == "translation" and "share_all_embeddings" in fields:
-            extra["share_all_embeddings"] = True
-        arch = "seq2seq" if self.task == "translation" else "decoder"
-        return ModelConfig(arch=arch, placement=self.placement, depth=self.depth, d_model=self.d_model,
-                           heads=self.heads, ffn=self.ffn, dropout=self.dropout, max_len=256, **extra)
+        if self.task == "translation":  # the paper's IWSLT model (ModelConfig.iwslt) at this width and depth
+            return ModelConfig.iwslt(placement=self.placement, depth=self.depth, d_model=self.d_model,
+                                     heads=self.heads, ffn=self.ffn, dropout=self.dropout,
+                                     attention_dropout=self.attention_dropout,
+                                     activation_dropout=self.activation_dropout, max_len=256)
+        return ModelConfig(arch="decoder", placement=self.placement, depth=self.depth, d_model=self.d_model,
+                           heads=self.heads, ffn=self.ffn, dropout=self.dropout, attention_dropout=self.attention_dropout,
+                           activation_dropout=self.activation_dropout, max_len=256)
 
     def build_model(self):
-        """The model; where ModelConfig does not have them yet, the dropout split and the shared
-        encoder/decoder embedding are set on the built modules (same semantics as fairseq's)."""
         from ..models import Transformer
-        from ..models.layers import Attention, FeedForward
 
-        cfg = self.model_config()
-        model = Transformer(cfg)
-        if not hasattr(cfg, "attention_dropout"):
-            for m in model.modules():
-                if isinstance(m, Attention):
-                    m.attn_dropout = self.attention_dropout  # attention weights
-                elif isinstance(m, FeedForward):
-                    m.act_dropout.p = self.activation_dropout  # after the ReLU
-        if self.task == "translation" and not hasattr(cfg, "share_all_embeddings"):
-            model.encoder.embed.embed_tokens.weight = model.decoder.embed.embed_tokens.weight
-        return model
+        return Transformer(self.model_config())
 
 
 def lr_at(step: int, spec: RunSpec) -> float:
