@@ -17,6 +17,12 @@ from .style import color, label, marker, save, setup
 PLACEMENTS = ("post-ln", "pre-ln", "residual")
 
 
+def _integer_x(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _groups(table: Sequence[dict]) -> list[tuple[str, str]]:
     seen = []
     for r in table:
@@ -128,6 +134,7 @@ def plot_gradients(profiles: Mapping[str, Mapping[int, Mapping[int, float]]],
             ax.set_yscale("log")
             ax.set_title(f"{label(p)}, {stack}")
             ax.set_xlabel("block k")
+            _integer_x(ax)
             if j == 0:
                 ax.set_ylabel(r"$\|\partial L/\partial\theta_k\|$")
             if steps:
@@ -169,6 +176,7 @@ def plot_influence(profiles: Mapping[str, Mapping[str, Mapping[int, float]]], ti
                         color=color(p), label=name)
         ax.set_yscale("log")
         ax.set_xlabel("block k")
+        _integer_x(ax)
         ax.set_ylabel(r"block influence $1-\cos(h_{k-1},h_k)$")
         ax.set_title(stack)
         ax.legend(frameon=False, fontsize=7)
@@ -206,6 +214,7 @@ def plot_streams(panels: Mapping[str, Sequence[dict]], path_stem: str | Path, fo
             ax.plot(ks, [prof[k] for k in ks], "k--", lw=1.2, label=f"d stream (total), step {steps[-1]}")
         ax.set_yscale("log")
         ax.set_xlabel("block k (output of)")
+        _integer_x(ax)
         ax.set_ylabel(r"RMS $\|\partial L/\partial h_k\|$")
         ax.set_title(title)
         ax.legend(frameon=False, fontsize=6.5)
@@ -224,7 +233,7 @@ def plot_streams(panels: Mapping[str, Sequence[dict]], path_stem: str | Path, fo
             ax.plot(ss, [series[s] for s in ss], st, color="black", marker="o", ms=3, label=name)
         ax.set_xlabel("step")
         ax.set_ylabel("held-out loss increase [nats]")
-        ax.set_yscale("symlog", linthresh=0.01)
+        ax.axhline(0.0, color="black", lw=0.6, ls=":")
         ax.legend(frameon=False, fontsize=8)
     fig.suptitle("ResiDual's two streams during training: x (Post-LN half) and d (Pre-LN half)", fontsize=10)
     fig.tight_layout()

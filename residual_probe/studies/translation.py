@@ -33,6 +33,7 @@ is skipped when that file exists; results and figures are written from all finis
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import random
@@ -48,7 +49,7 @@ import numpy as np
 
 from ..analysis.checks import Check
 
-BOS, EOS, PAD = 0, 1, 2  # byte vocabulary: 0 is data.RESERVED (decoder start); 1, 2 never occur in the text
+BOS, EOS, PAD = 0, 1, 2  # the first ids of the task's dictionary (SPECIALS)
 VOWELS = frozenset("aeiou")
 PLACEMENTS = ("post-ln", "pre-ln", "residual")
 
@@ -116,33 +117,64 @@ def sentence_units(sentence: str, max_bytes: int, min_bytes: int) -> list[str]:
     return [u for u in units if min_bytes <= len(u) <= max_bytes]
 
 
+TOKEN = re.compile(r"[a-z]+|[^a-z\s]")  # a word, or one punctuation mark
+
+
+def tokens(unit: str) -> list[str]:
+    return TOKEN.findall(unit)
+
+
+def target_tokens(unit: str) -> list[str]:
+    """The Pig Latin of a unit, token by token (what the decoder writes)."""
+    return [pig_latin_word(t) if t.isalpha() else t for t in tokens(unit)]
+
+
+SPECIALS = ("<s>", "</s>", "<pad>")  # ids 0, 1, 2: BOS, EOS, PAD
+
+
 @dataclass
 class TaskData:
-    train: dict[int, list[str]]  # source length in bytes -> training units of that length
-    heldout: list[str]  # held-out units, from held-out sentences only, none also in training
+    train: dict[int, list[str]]  # source length in tokens -> training units of that length
+    heldout: list[str]  # held-out units: from held-out sentences, not in training, every word known
     sentences: tuple[int, int]  # (training, held-out) sentence counts
+    vocab: list[str]  # one joint dictionary (fairseq's joined dictionary, shared embeddings)
+
+    def __post_init__(self):
+        self.index = {t: i for i, t in enumerate(self.vocab)}
+
+    def ids(self, toks: list[str]) -> list[int]:
+        return [self.index[t] for t in toks]
 
 
+@functools.lru_cache(maxsize=4)
 def task_data(max_bytes: int = 32, min_bytes: int = 12, holdout_per_mille: int = 100) -> TaskData:
-    """Units of the prose sentences, split by sentence: a stable hash puts ~10 % of sentences in held-out."""
+    """Units of the prose sentences, split by sentence (a stable hash puts ~10 % of sentences in held-out).
+
+    The dictionary holds the training units' source and target tokens; a held-out unit with a word
+    never seen in training is dropped (its Pig Latin would be a token the model has no entry for:
+    the task tests the transformation of known words in unseen sentences).
+    """
     train, held, n = set(), set(), [0, 0]
     for s in prose_sentences():
         side = zlib.crc32(s.encode()) % 1000 < holdout_per_mille
         n[side] += 1
         (held if side else train).update(sentence_units(s, max_bytes, min_bytes))
     held -= train  # a unit that also occurs in a training sentence is not held out
+    known = {t for u in train for t in tokens(u)}
+    vocab = list(SPECIALS) + sorted(known | {t for u in train for t in target_tokens(u)})
     by_len: dict[int, list[str]] = defaultdict(list)
     for u in sorted(train):
-        by_len[len(u)].append(u)
-    return TaskData(dict(by_len), sorted(held), (n[0], n[1]))
+        by_len[len(tokens(u))].append(u)
+    heldout = sorted(u for u in held if set(tokens(u)) <= known)
+    return TaskData(dict(by_len), heldout, (n[0], n[1]), vocab)
 
 
-def encode_pairs(units: list[str]):
+def encode_pairs(units: list[str], data: TaskData):
     """(src (B, S), tgt_in (B, T), targets (B, T)) for units of one source length; T = longest target + EOS."""
     import torch
 
-    src = torch.tensor([list(u.encode()) for u in units])
-    tgts = [list(pig_latin(u).encode()) + [EOS] for u in units]
+    src = torch.tensor([data.ids(tokens(u)) for u in units])
+    tgts = [data.ids(target_tokens(u)) + [EOS] for u in units]
     T = max(map(len, tgts))
     tgt_in = torch.full((len(units), T), PAD)
     targets = torch.full((len(units), T), -100)
@@ -168,27 +200,27 @@ class PigLatinBatches:
 
         n = self.rng.choices(self.lengths, self.weights)[0]
         units = self.rng.choices(self.data.train[n], k=self.batch)
-        src, tgt_in, targets = encode_pairs(units)
+        src, tgt_in, targets = encode_pairs(units, self.data)
         return Batch((src, tgt_in), targets)
 
 
-def heldout_batches(units: list[str], batch: int) -> list:
+def heldout_batches(units: list[str], data: TaskData, batch: int) -> list:
     from ..data import Batch
 
     by_len: dict[int, list[str]] = defaultdict(list)
     for u in units:
-        by_len[len(u)].append(u)
+        by_len[len(tokens(u))].append(u)
     out = []
     for n in sorted(by_len):
         group = by_len[n]
         for i in range(0, len(group), batch):
-            src, tgt_in, targets = encode_pairs(group[i : i + batch])
+            src, tgt_in, targets = encode_pairs(group[i : i + batch], data)
             out.append(Batch((src, tgt_in), targets))
     return out
 
 
-def greedy_decode(model, src, max_new: int) -> list[str]:
-    """Greedy decodes of a seq2seq model (no cache: the decoder reruns on the prefix), as text."""
+def greedy_decode(model, src, max_new: int) -> list[list[int]]:
+    """Greedy decodes of a seq2seq model (no cache: the decoder reruns on the prefix): token ids up to EOS."""
     import torch
 
     with torch.no_grad():
@@ -202,11 +234,11 @@ def greedy_decode(model, src, max_new: int) -> list[str]:
             done |= nxt == EOS
             if bool(done.all()):
                 break
-    texts = []
+    rows = []
     for row in out[:, 1:].tolist():
         row = row[: row.index(EOS)] if EOS in row else row
-        texts.append(bytes(t for t in row if t > PAD).decode("utf-8", errors="replace"))
-    return texts
+        rows.append([t for t in row if t > PAD])
+    return rows
 
 
 def corpus_bleu(hypotheses: list[str], references: list[str]) -> float:
@@ -270,7 +302,8 @@ class RunSpec:
             return ModelConfig.iwslt(placement=self.placement, depth=self.depth, d_model=self.d_model,
                                      heads=self.heads, ffn=self.ffn, dropout=self.dropout,
                                      attention_dropout=self.attention_dropout,
-                                     activation_dropout=self.activation_dropout, max_len=256)
+                                     activation_dropout=self.activation_dropout, max_len=64,
+                                     vocab_size=len(task_data(self.max_bytes).vocab))
         return ModelConfig(arch="decoder", placement=self.placement, depth=self.depth, d_model=self.d_model,
                            heads=self.heads, ffn=self.ffn, dropout=self.dropout, attention_dropout=self.attention_dropout,
                            activation_dropout=self.activation_dropout, max_len=256)
@@ -432,7 +465,7 @@ def run_one(spec: RunSpec, run_dir: Path) -> dict:
         data = task_data(spec.max_bytes)
         train = PigLatinBatches(data, spec.batch, spec.seed)
         rng = random.Random(1234)  # the same held-out subsets for every run
-        held = heldout_batches(sorted(rng.sample(data.heldout, min(spec.heldout_units, len(data.heldout)))), 64)
+        held = heldout_batches(sorted(rng.sample(data.heldout, min(spec.heldout_units, len(data.heldout)))), data, 64)
         bleu_units = sorted(random.Random(99).sample(data.heldout, min(spec.bleu_units, len(data.heldout))))
     else:
         from ..data import BatchSource, builtin_corpus, split_tokens
@@ -489,11 +522,11 @@ def run_one(spec: RunSpec, run_dir: Path) -> dict:
         model.eval()
         srcs, hyps, refs = [], [], []
         if diverged is None:
-            for b in heldout_batches(bleu_units, 64):
+            for b in heldout_batches(bleu_units, data, 64):
                 src = b.inputs[0]
-                hyps += greedy_decode(model, src, max_new=2 * src.shape[1] + 8)
-                srcs += [bytes(r).decode() for r in src.tolist()]
-                refs += [pig_latin(u) for u in srcs[len(refs):]]
+                hyps += [" ".join(data.vocab[t] for t in row) for row in greedy_decode(model, src, src.shape[1] + 4)]
+                srcs += [" ".join(data.vocab[t] for t in row) for row in src.tolist()]
+                refs += [" ".join(target_tokens(u)) for u in srcs[len(refs):]]
             result["bleu"] = corpus_bleu(hyps, refs)
         else:
             result["bleu"] = 0.0  # a diverged model decodes nothing
@@ -512,14 +545,14 @@ def run_one(spec: RunSpec, run_dir: Path) -> dict:
 
 
 def unigram_loss(data: TaskData) -> float:
-    """Held-out loss (nats per target byte) of the training targets' byte frequencies, no context:
+    """Held-out loss (nats per target token) of the training targets' token frequencies, no context:
     a run that does not beat it learned nothing from the source or the prefix."""
-    counts = np.ones(256)
+    counts = np.ones(len(data.vocab))
     for units in data.train.values():
         for u in units:
-            np.add.at(counts, list(pig_latin(u).encode()) + [EOS], 1)
+            np.add.at(counts, data.ids(target_tokens(u)) + [EOS], 1)
     logp = np.log(counts / counts.sum())
-    held = [b for u in data.heldout for b in list(pig_latin(u).encode()) + [EOS]]
+    held = [t for u in data.heldout for t in data.ids(target_tokens(u)) + [EOS]]
     return float(-logp[held].mean())
 
 
@@ -534,7 +567,7 @@ def grid(quick: bool) -> list[RunSpec]:
         lm = dict(d_model=16, heads=2, ffn=32, steps=20, batch=4, seq_len=16, eval_every=10, probe_every=5)
         lm_depths = (2, 1)
     else:
-        tr = dict(steps=STEPS, warmup_steps=STEPS // 10, lr=2e-3, batch=16, bleu_units=128, heldout_units=128)
+        tr = dict(steps=STEPS, warmup_steps=STEPS // 10, lr=2e-3, batch=32, bleu_units=512, heldout_units=512)
         depths, seeds = (6, 12), (0, 1)
         # the decoder-only training study's setting (24 blocks; constant lr 1e-3, no warm-up, no
         # dropout or smoothing), and the same LM at the paper's depth, 6 blocks
