@@ -30,8 +30,12 @@ def test_units_and_heldout_split():
     assert data.sentences[1] > 50 and data.sentences[0] > 8 * data.sentences[1]
     assert all(12 <= len(u) <= 32 and u == u.lower() for u in list(train)[:500] + data.heldout)
     for n, units in data.train.items():
-        assert all(len(u) == n for u in units)
+        assert all(len(T.tokens(u)) == n for u in units)
+    # every held-out word and its Pig Latin are in the dictionary, built from training units only
+    assert all(t in data.index for u in data.heldout for t in T.tokens(u) + T.target_tokens(u))
+    assert data.vocab[:3] == ["<s>", "</s>", "<pad>"] and len(set(data.vocab)) == len(data.vocab)
     # the held-out sentences are chosen by a hash of the sentence, not by position: the split is stable
+    T.task_data.cache_clear()
     assert T.task_data().heldout == data.heldout
 
 
@@ -42,10 +46,12 @@ def test_batches_teacher_forcing():
     assert src.shape[0] == 6 and tgt_in.shape == b.targets.shape
     assert bool((tgt_in[:, 0] == T.BOS).all())
     for i in range(6):
-        unit = bytes(src[i].tolist()).decode()
+        words = [data.vocab[t] for t in src[i].tolist()]
         t = b.targets[i][b.targets[i] != -100].tolist()
-        assert t[-1] == T.EOS and bytes(t[:-1]).decode() == T.pig_latin(unit)
+        assert t[-1] == T.EOS and [data.vocab[j] for j in t[:-1]] == T.target_tokens(" ".join(words))
         assert tgt_in[i, 1 : len(t)].tolist() == t[:-1]
+        # every word changes (punctuation is kept): no target word copies its source word
+        assert all(s != j for s, j in zip(src[i].tolist(), t) if data.vocab[s].isalpha())
 
 
 def test_schedule_warmup_and_no_warmup_differ_only_in_the_ramp():
@@ -110,9 +116,10 @@ def test_greedy_decode_returns_text():
     torch.manual_seed(0)
     spec = T.RunSpec("translation", "pre-ln", 1, True, d_model=16, heads=2, ffn=32)
     model = spec.build_model().eval()
-    src = T.encode_pairs(["the cat sat on it", "a dog ran to me!!"])[0]
-    outs = T.greedy_decode(model, src, max_new=10)
-    assert len(outs) == 2 and all(isinstance(o, str) and len(o) <= 10 for o in outs)
+    data = T.task_data()
+    src = T.encode_pairs(["the value is true .", "a list of the names"], data)[0]
+    outs = T.greedy_decode(model, src, max_new=7)
+    assert len(outs) == 2 and all(len(o) <= 7 and all(3 <= t < len(data.vocab) for t in o) for o in outs)
 
 
 @pytest.fixture(scope="module")

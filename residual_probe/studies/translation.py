@@ -5,14 +5,19 @@ Post-LN, Pre-LN and ResiDual, with and without warm-up. This study runs the same
 2 CPU cores can train in minutes, with the paper's optimizer settings at a CPU-sized width, and
 records the probe during training so the figures show *why* a run fails or trails.
 
-Task (`pig_latin`): sentences of CPython's documentation (`pydoc_data.topics`, shipped with every
-CPython) are rewritten into Pig Latin, byte by byte: a word moves its onset (the consonants
-before the first vowel) to the end and adds "ay" ("the" -> "ethay"), a vowel-initial word adds
-"way". It is deterministic and linguistically shaped (the onset/rime split of English
-syllables), the target is not a copy (every word is rearranged and lengthened, so target
-position t reads a different source position than t), and the decoder needs the source at every
-step: the rime it writes first and the onset it writes last are only in the source. Held-out
-sentences (10 %, chosen by a hash of the sentence) are never seen in training.
+Task: sentences of CPython's documentation (`pydoc_data.topics`, shipped with every CPython),
+lowercased and cut into clauses of at most 32 bytes, are translated into Pig Latin: a word moves
+its onset (the consonants before the first vowel) to the end and adds "ay" ("the" -> "ethay"),
+a vowel-initial word adds "way". Tokens are words and punctuation marks in one joint dictionary
+(as fairseq's joined dictionary with shared embeddings), so this is word-by-word translation
+into a language with its own vocabulary: deterministic and linguistically shaped (the onset/rime
+split of English syllables), not a copy (every word becomes another token; punctuation stays), and the
+decoder needs the source at every step (nothing in the target prefix tells which word comes
+next). Held-out sentences (10 %, chosen by a hash of the sentence) are never seen in training;
+held-out clauses with a word unseen in training are dropped (its Pig Latin is not in the
+dictionary). Why words and not bytes: a byte-level version (the same rule on UTF-8 bytes) did
+not learn to read the source within the budget: after 400 steps its E6D6 Post-LN decoded
+"ethay ethay ..." for every input (BLEU 0.2), so BLEU could not order the placements.
 
 Training follows the paper's released IWSLT config (microsoft/ResiDual hydra_config/iwslt.yaml):
 Adam betas (0.9, 0.98), weight decay 1e-4, inverse-sqrt schedule, label smoothing 0.1, dropout
