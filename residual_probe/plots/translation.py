@@ -193,6 +193,8 @@ def plot_streams(panels: Mapping[str, Sequence[dict]], path_stem: str | Path, fo
     Row 2: RMS norm of each stream's term in the output, alpha*x_N and LN_f(d_N), over training.
     Row 3: held-out loss increase when that term is mean-ablated.
     """
+    if not panels:
+        return []
     plt = setup()
     n = len(panels)
     fig, axes = plt.subplots(3, n, figsize=(4.3 * n, 9.0), squeeze=False)

@@ -687,37 +687,52 @@ def _yes(ok: bool) -> str:
 
 
 def translation_checks(table: list[dict], where: str) -> list[Check]:
+    """The paper's table, claim by claim, on BLEU (the verdict); held-out loss is given beside it.
+
+    A claim whose runs did not all finish (a partial grid) has the agreement "not run".
+    """
     t = {(int(r["model"][1:].split("D")[0]), r["placement"], r["warmup"] == "yes"): r for r in table}
-    missing = dict(bleu_mean=math.nan, bleu_per_seed="not run", failed=0, seeds=0)
+    missing = dict(bleu_mean=math.nan, bleu_per_seed="not run", heldout_loss=math.nan, failed=0, seeds=0)
     for n in {k[0] for k in t}:  # a partial grid: runs not finished read as nan
         for p in PLACEMENTS:
             for w in (True, False):
                 t.setdefault((n, p, w), missing)
     b = {k: r["bleu_mean"] for k, r in t.items()}
-    seeds = lambda k: t[k]["bleu_per_seed"]  # noqa: E731
+    loss = lambda *ks: " / ".join(_fmt(t[k]["heldout_loss"]) for k in ks)  # noqa: E731
+    seeds = lambda *ks: " | ".join(str(t[k]["bleu_per_seed"]) for k in ks)  # noqa: E731
+
+    def verdict(ok: bool, *keys) -> str:
+        return "not run" if any(t[k]["seeds"] == 0 for k in keys) else _yes(ok)
+
     checks = []
     n0, n1 = min(k[0] for k in t), max(k[0] for k in t)
     res, pre, post = (n0, "residual", True), (n0, "pre-ln", True), (n0, "post-ln", True)
     checks.append(Check(
         f"ResiDual >= Pre-LN and Post-LN at E{n0}D{n0} (BLEU, warm-up)", where, "residual",
         "paper: 35.63 vs 35.12 / 35.37",
-        f"{b[res]:.2f} vs {b[pre]:.2f} / {b[post]:.2f} (seeds: {seeds(res)} | {seeds(pre)} | {seeds(post)})",
-        _yes(b[res] >= b[pre] and b[res] >= b[post])))
+        f"BLEU {b[res]:.2f} vs {b[pre]:.2f} / {b[post]:.2f} (per seed {seeds(res, pre, post)}); "
+        f"held-out loss {loss(res, pre, post)}", verdict(b[res] >= b[pre] and b[res] >= b[post], res, pre, post)))
     post1, pre1, res1 = (n1, "post-ln", True), (n1, "pre-ln", True), (n1, "residual", True)
     checks.append(Check(
         f"Post-LN fails or trails at E{n1}D{n1} (warm-up)", where, "post-ln",
         "paper: fails to train; here: a failed seed, or BLEU below Pre-LN and ResiDual",
-        f"{b[post1]:.2f} vs {b[pre1]:.2f} / {b[res1]:.2f}; failed seeds {t[post1]['failed']}/{t[post1]['seeds']}",
-        _yes(t[post1]["failed"] > 0 or b[post1] < min(b[pre1], b[res1]))))
+        f"BLEU {b[post1]:.2f} vs {b[pre1]:.2f} / {b[res1]:.2f}; held-out loss {loss(post1, pre1, res1)}; "
+        f"failed seeds {t[post1]['failed']}/{t[post1]['seeds']}",
+        verdict(t[post1]["failed"] > 0 or b[post1] < min(b[pre1], b[res1]), post1, pre1, res1)))
     checks.append(Check(
         f"ResiDual >= Pre-LN at E{n1}D{n1} (BLEU, warm-up)", where, "residual", "paper: 36.09 vs 35.18",
-        f"{b[res1]:.2f} vs {b[pre1]:.2f} (seeds: {seeds(res1)} | {seeds(pre1)})", _yes(b[res1] >= b[pre1])))
+        f"BLEU {b[res1]:.2f} vs {b[pre1]:.2f} (per seed {seeds(res1, pre1)}); held-out loss {loss(res1, pre1)}",
+        verdict(b[res1] >= b[pre1], res1, pre1)))
     for n, paper in ((n0, "Pre-LN -2.84, ResiDual +0.13"), (n1, "Pre-LN -3.36, ResiDual -0.52")):
+        keys = [(n, p, w) for p in ("residual", "pre-ln") for w in (True, False)]
         d_res = b[n, "residual", False] - b[n, "residual", True]
         d_pre = b[n, "pre-ln", False] - b[n, "pre-ln", True]
+        l_res = t[n, "residual", False]["heldout_loss"] - t[n, "residual", True]["heldout_loss"]
+        l_pre = t[n, "pre-ln", False]["heldout_loss"] - t[n, "pre-ln", True]["heldout_loss"]
         checks.append(Check(
             f"Without warm-up ResiDual loses less BLEU than Pre-LN at E{n}D{n}", where, "residual",
-            f"paper: {paper}", f"Pre-LN {d_pre:+.2f}, ResiDual {d_res:+.2f}", _yes(d_res > d_pre)))
+            f"paper: {paper}", f"BLEU Pre-LN {d_pre:+.2f}, ResiDual {d_res:+.2f}; held-out loss Pre-LN "
+            f"{l_pre:+.3f}, ResiDual {l_res:+.3f}", verdict(d_res > d_pre, *keys)))
     return checks
 
 
