@@ -48,7 +48,7 @@ def measure_model(model, source_name: str, placement: str, seq_len: int = 64) ->
 
     _, val = split_tokens(builtin_corpus())
     batch = BatchSource("decoder", 8, seq_len, model.cfg.vocab_size, 7, val).next()
-    probe = Probe(model.eval(), quantities=("forward_stats",))
+    probe = Probe(model.eval(), quantities=("forward_stats",), include_eval=True)
     with probe, torch.no_grad():
         model(*batch.inputs)
         probe.step()

@@ -46,7 +46,7 @@ def collapse_profile(run_dir: Path) -> dict[int, float]:
     model = load_model(run_dir / "model").eval()
     _, val = split_tokens(builtin_corpus())
     batch = BatchSource("decoder", 16, 64, model.cfg.vocab_size, 123, val).next()
-    probe = Probe(model, quantities=("forward_stats",))
+    probe = Probe(model, quantities=("forward_stats",), include_eval=True)
     with probe, torch.no_grad():
         model(*batch.inputs)
         probe.step()

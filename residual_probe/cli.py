@@ -37,6 +37,27 @@ OutOpt = Annotated[Path, typer.Option(help="Output folder.")]
 @app.callback()
 def _root() -> None:
     """Diagnose residual connections and norm placement in Transformers."""
+    install_sigterm()
+
+
+# SIGTERM (a cluster's preemption, `kill`) is handled like Ctrl-C: the job stops where it is,
+# keeps what an interrupt keeps, and the command exits 143 (128 + 15) instead of 130.
+_signal_received: list[int] = []
+
+
+def install_sigterm() -> None:
+    import signal
+
+    def on_sigterm(signum, frame):
+        if _signal_received:  # already stopping: let the job finish saving
+            return
+        _signal_received.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread (an embedding application): leave its handlers alone
+        pass
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -58,11 +79,30 @@ def user_errors():
     except typer.Exit:
         raise
     except KeyboardInterrupt:
+        if _signal_received:
+            fail("terminated (SIGTERM); files already written are complete", code=143)
         fail("interrupted; files already written are complete", code=130)
     except (ValueError, OSError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     except Exception as exc:  # an internal error: still one line, with a way to see more
         fail(f"internal error ({type(exc).__name__}): {exc}; rerun with RESIDUAL_PROBE_DEBUG=1 for details", code=1)
+
+
+@contextlib.contextmanager
+def no_empty_out(out: Path):
+    """A command that fails or is interrupted before writing a file leaves no --out folder behind:
+    the folders it created (the first missing ancestor of `out` down) are removed while they hold no file."""
+    top, p = None, Path(out).absolute()
+    while not p.exists() and p != p.parent:
+        top, p = p, p.parent
+    try:
+        yield
+    except BaseException:
+        if top is not None and top.is_dir() and not any(not f.is_dir() for f in top.rglob("*")):
+            import shutil
+
+            shutil.rmtree(top, ignore_errors=True)
+        raise
 
 
 def csv_list(value: str) -> tuple[str, ...]:
@@ -93,6 +133,34 @@ def progress_bar(description: str):
         yield start
 
 
+def check_memory(estimate, spec, force: bool) -> None:
+    """Refuse a run that would not fit in memory (budget.BudgetError, exit 2) before anything is built;
+    print the estimate otherwise. `spec.validate()` first, so a bad option gets its own message."""
+    from . import budget
+
+    spec.validate()
+    est = estimate(spec)
+    have, source = budget.check(est, force)
+    if force and have and est.peak_bytes > have:
+        typer.echo(f"warning: --force: {est.what} needs {est.describe()}, more than the {budget.human(have)} "
+                   f"{source}", err=True)
+    typer.echo(f"memory: {est.describe()}; {budget.human(have)} {source}")
+
+
+ForceOpt = Annotated[bool, typer.Option("--force", help="Run even when the memory estimate exceeds what the machine has free.")]
+AllowMissingOpt = Annotated[bool, typer.Option("--allow-missing-weights", help="Measure a checkpoint whose files lack some weights (after resolving tied and aliased names), leaving those at random initialization; the verdict then starts with 'partly random model'. Without it such a checkpoint is an error.")]
+DictOpt = Annotated[Optional[Path], typer.Option("--dict", help="fairseq checkpoints: the dictionary (fairseq's dict.txt) to tokenize --data with: whitespace-split words, </s> after each line; the text must be preprocessed (BPE) as the training data was. Default: UTF-8 bytes shifted past the 4 special ids.")]
+
+
+def echo_data(data: dict) -> None:
+    """The tokenization used and every change to the requested data (rounding, short text), on the console."""
+    if "tokenization" in data:
+        typer.echo(f"  data: {data['windows']} windows x {data['seq_len']} tokens = {data['tokens']} tokens; "
+                   f"tokenization: {data['tokenization']}")
+    for message in data.get("messages", []):
+        typer.echo(f"  note: {message}")
+
+
 def report_files(paths) -> None:
     for p in paths:
         typer.echo(f"wrote {p}")
@@ -118,6 +186,7 @@ def grad_norms(
     out: OutOpt = Path("results/grad-norms"),
     format: FormatOpt = "png",
     theory: Annotated[bool, typer.Option("--theory", help="Overlay the predicted per-layer curves, fit each placement's decay rate, print verdicts.")] = False,
+    force: ForceOpt = False,
 ):
     """Per-layer gradient norms of reference models, per placement: do gradients vanish with depth?
 
@@ -125,7 +194,7 @@ def grad_norms(
     OUT/grad_norms.json (config, versions, seeds, wall times, summary) and OUT/grad_norms.png.
     """
     fmts = formats_option(format)
-    with user_errors():
+    with user_errors(), no_empty_out(out):
         from .jobs.grad_norms import GradNormsSpec, run_grad_norms
 
         spec = GradNormsSpec(
@@ -133,6 +202,9 @@ def grad_norms(
             seeds=seeds, batch=batch, seq_len=seq_len, steps=steps, lr=lr, warmup=warmup,
             data=str(data) if data else None, init=init, norm=norm, theory=theory,
         )
+        from .budget import grad_norms_estimate
+
+        check_memory(grad_norms_estimate, spec, force)
         with progress_bar(f"grad-norms {arch} depth {depth}") as start:
             meta = run_grad_norms(spec, out, formats=fmts, progress=start)
         for s in meta["summary"]:
@@ -165,19 +237,23 @@ def train(
     eval_every: Annotated[int, typer.Option("--eval-every", help="Held-out loss every n-th step.")] = 50,
     clip: Annotated[float, typer.Option(help="Gradient clipping max-norm (0: none); the probe records before clipping.")] = 0.0,
     out: OutOpt = Path("results/train"),
+    force: ForceOpt = False,
 ):
     """Train a small deep model on real text, recording per-layer gradients and collapse as it goes.
 
     Writes OUT/loss.csv, OUT/probe.jsonl (flushed as written), OUT/model/ (a checkpoint that
     `collapse --ckpt` reads), OUT/train.json and OUT/loss.png. Ctrl-C keeps all of it.
     """
-    with user_errors():
+    with user_errors(), no_empty_out(out):
         from .jobs.train import TrainSpec, run_train
 
         spec = TrainSpec(placement=placement, arch=arch, depth=depth, d_model=d_model, heads=heads, ffn=ffn,
                          batch=batch, seq_len=seq_len, steps=steps, lr=lr, warmup=warmup, seed=seed,
                          data=str(data) if data else None, dropout=dropout, probe_every=probe_every,
                          eval_every=eval_every, clip=clip)
+        from .budget import train_estimate
+
+        check_memory(train_estimate, spec, force)
         with progress_bar(f"train {placement} depth {depth}") as start:
             meta = run_train(spec, out, progress=start)
         if meta["diverged_at_step"] is not None:
@@ -198,7 +274,7 @@ def figures(
     Each analysis writes OUT/<name>.png and OUT/<name>.csv; all checks (claim, predicted,
     measured, agreement) go to OUT/checks.csv and OUT/checks.json.
     """
-    with user_errors():
+    with user_errors(), no_empty_out(out):
         from .jobs.figures import run_figures
 
         meta = run_figures(out, quick=quick, only=csv_list(only), echo=typer.echo)
@@ -219,6 +295,7 @@ def bounds(
     settings: Annotated[str, typer.Option(help="Initializations, comma-separated: xiong (W^Q = W^K = 0), fairseq.")] = "xiong,fairseq",
     out: OutOpt = Path("results/bounds"),
     format: FormatOpt = "png",
+    force: ForceOpt = False,
 ):
     """Check each theory statement (Xiong et al. 2020 Lemma 2 and Theorem 1; ResiDual's gradient, collapse
     and Adam results) against the reference models at initialization.
@@ -231,29 +308,43 @@ def bounds(
         depths = tuple(int(d) for d in csv_list(depth))
     except ValueError:
         fail(f"--depth: expected an integer or comma-separated integers, got {depth!r}")
-    with user_errors():
+    with user_errors(), no_empty_out(out):
         from rich.console import Console
-        from rich.table import Table
 
         from .jobs.bounds import BoundsSpec, run_bounds
 
         spec = BoundsSpec(depths=depths, arch=arch, d_model=d_model, heads=heads, ffn=ffn, seeds=seeds, batch=batch,
                           seq_len=seq_len, settings=csv_list(settings))
+        from .budget import bounds_estimate
+
+        check_memory(bounds_estimate, spec, force)
         with progress_bar(f"bounds depth {max(depths) if depths else '?'}") as start:
             meta = run_bounds(spec, out, formats=fmts, progress=start)
-        table = Table("statement", "setting", "placement", "predicted", "measured", "agreement")
-        for c in meta["checks"]:
-            table.add_row(c["statement"], c["setting"], c["placement"], c["predicted"], c["measured"], c["agreement"])
-        Console(width=200).print(table)
+        Console().print(checks_table(meta["checks"]))  # the terminal's width (80 when not a terminal)
         if meta["nonfinite_values"]:
             typer.echo(f"warning: {meta['nonfinite_values']} non-finite values recorded (NaN/inf)", err=True)
         report_files(meta["files"])
+
+
+def checks_table(checks: list[dict]):
+    """The bounds checks as a rich table that fits the console: long cells wrap (or fold), the short
+    setting and placement names stay whole."""
+    from rich.table import Table
+
+    table = Table(show_lines=True)
+    for name, wide in (("statement", 3), ("setting", 0), ("placement", 0), ("predicted", 2), ("measured", 2),
+                       ("agreement", 2)):
+        table.add_column(name, no_wrap=not wide, ratio=wide or None, overflow="fold")
+    for c in checks:
+        table.add_row(c["statement"], c["setting"], c["placement"], c["predicted"], c["measured"], c["agreement"])
+    return table
 
 
 @app.command("collapse")
 def collapse(
     ckpt: Annotated[Path, typer.Option(help="Checkpoint: a residual-probe or Hugging Face folder, a fairseq .pt, or a bare state dict (.pt/.bin/.safetensors).")],
     compare: Annotated[Optional[list[Path]], typer.Option(help="Further checkpoints drawn in the same figures (repeatable).")] = None,
+    label: Annotated[Optional[list[str]], typer.Option("--label", help="Name of each model in the figures and tables, in the order --ckpt, then each --compare (repeatable); default: the shortest path suffixes that tell them apart.")] = None,
     data: Annotated[Optional[Path], typer.Option(help="UTF-8 text file (the checkpoint's tokenizer if it has one, else bytes); default: CPython's pydoc topics.")] = None,
     tokens: Annotated[int, typer.Option(help="Token positions run through each model.")] = 8192,
     batch: Annotated[int, typer.Option(help="Sequences per forward.")] = 8,
@@ -261,6 +352,8 @@ def collapse(
     subsample: Annotated[int, typer.Option(help="Tokens kept per layer for the similarity and CKA matrices.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed for the token subsample (and images for vision models).")] = 0,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Unpickle with plain torch.load: runs any code in the file. Only for files you trust.")] = False,
+    allow_missing_weights: AllowMissingOpt = False,
+    dict_: DictOpt = None,
     blocks: Annotated[Optional[str], typer.Option(help="Module-path pattern of the blocks when discovery fails, e.g. 'model.layers.*'.")] = None,
     placement: Annotated[Optional[str], typer.Option(help="Bare state dicts: the placement the weights were trained with.")] = None,
     heads: Annotated[Optional[int], typer.Option(help="Bare state dicts: attention heads.")] = None,
@@ -270,6 +363,7 @@ def collapse(
     norm: Annotated[Optional[str], typer.Option(help="Bare state dicts: layernorm or rmsnorm.")] = None,
     out: OutOpt = Path("results/collapse"),
     format: FormatOpt = "png",
+    force: ForceOpt = False,
 ):
     """Representation collapse of real checkpoints: how much does each layer still change the representation?
 
@@ -279,14 +373,15 @@ def collapse(
     redundant layers. Checkpoints are untrusted: no pickled code runs unless --trust-pickle.
     """
     fmts = formats_option(format)
-    with user_errors():
+    with user_errors(), no_empty_out(out):
         from .jobs.collapse import CollapseSpec, run_collapse
 
         bare = {"placement": placement, "heads": heads, "depth": depth, "d_model": d_model, "ffn": ffn, "norm": norm}
         spec = CollapseSpec(
             ckpts=tuple(str(p) for p in [ckpt, *(compare or [])]), data=str(data) if data else None, tokens=tokens,
             batch=batch, seq_len=seq_len, subsample=subsample, seed=seed, trust_pickle=trust_pickle, blocks=blocks,
-            bare={k: v for k, v in bare.items() if v is not None},
+            bare={k: v for k, v in bare.items() if v is not None}, allow_missing=allow_missing_weights,
+            dictionary=str(dict_) if dict_ else None, force=force, labels=tuple(label or ()),
         )
         with progress_bar("collapse") as start:
             meta = run_collapse(spec, out, formats=fmts, progress=start)
@@ -294,8 +389,12 @@ def collapse(
             declared = f", declared {m['declared_placement']}" if m["declared_placement"] else ""
             depth_txt = ", ".join(f"{s} {n}" for s, n in m["depth"].items())
             typer.echo(f"{m['label']}: {m['family']}, {m['parameters']:,} parameters, width {m['width']}, {depth_txt} blocks")
-            typer.echo(f"  placement: {m['placement']} (from block structure{declared}; {m['placement_detail']})")
-            typer.echo(f"  verdict: {m['verdict']}")
+            typer.echo(f"  placement: {m['placement']} (from block structure{declared}; {m['placement_detail']}); "
+                       f"norm: {m['norm_type']}")
+            echo_data(m["data"])
+            random = (f"partly random model ({len(m['partly_random'])} weights at random initialization): "
+                      if m["partly_random"] else "")
+            typer.echo(f"  verdict: {random}{m['verdict']}")
             for s in m["streams"]:
                 top = ", ".join(f"{r['layer']} (cos {r['cos_adjacent']:.4f})" for r in s["redundant"])
                 typer.echo(f"  {s['stack']} {s['stream']}: {s['verdict']}, late-block adjacent cos "
@@ -304,6 +403,48 @@ def collapse(
                 typer.echo(f"  note: {note}")
             if m["nonfinite_values"]:
                 typer.echo(f"warning: {m['label']}: {m['nonfinite_values']} non-finite values (NaN/inf)", err=True)
+        report_files(meta["files"])
+
+
+@app.command("plot")
+def plot(
+    run: Annotated[Path, typer.Argument(help="A probe sink (.jsonl/.csv) or a folder holding one (probe.jsonl: a Trainer's output_dir, the train job's OUT).")],
+    steps: Annotated[str, typer.Option(help="Comma-separated recorded steps for the per-layer collapse and activation-gradient curves (default: first, middle, last).")] = "",
+    placement: Annotated[Optional[str], typer.Option(help="The run's norm placement, for the Pre-LN collapse reference (default: from train.json or probe_run.json beside the sink).")] = None,
+    out: OutOpt = Path("results/plot"),
+    format: FormatOpt = "png",
+):
+    """Paper-style figures of any probe sink (your own training run), and its verdicts at the last recorded step.
+
+    Writes OUT/grad_heatmap.png (block x step, log colour), OUT/grad_steps.png (first/median/last block
+    and their ratio over steps), OUT/act_grad.png and OUT/collapse.png (per block at the chosen steps;
+    when recorded) and OUT/summary.json. A sink still being written is read up to its last complete line.
+    """
+    fmts = formats_option(format)
+    try:
+        picked = tuple(int(s) for s in csv_list(steps))
+    except ValueError:
+        fail(f"--steps: expected comma-separated integers, got {steps!r}")
+    with user_errors(), no_empty_out(out):
+        from .jobs.plot import run_plot
+
+        meta = run_plot(run, out, steps=picked or None, placement=placement, formats=fmts)
+        s = meta["steps"]
+        typer.echo(f"{meta['sink']}: {meta['rows']} rows, steps {s['first']}..{s['last']} ({s['count']} recorded)"
+                   + ("; an incomplete last line (run still writing) was skipped" if meta["partial_last_line_skipped"] else ""))
+        for m in meta["missing"]:
+            typer.echo(f"not recorded: {m}")
+        for v in meta["gradient_verdicts"]:
+            typer.echo(f"{v['stack']} step {v['step']}: first/last block grad norm {v['first_over_last']:.3g}; {v['verdict']}")
+        for c in meta["collapse_verdicts"]:
+            name = c["stack"] + ("" if c["stream"] == "x" else f" stream {c['stream']}")
+            typer.echo(f"{name} step {c['step']}: collapse: {c['verdict']}"
+                       + (f" (late-block adjacent cos {c['late_cos_adjacent']:.4f})" if "late_cos_adjacent" in c else ""))
+        typer.echo(f"placement: {meta['placement'] or 'unknown'} ({meta['placement_source']})")
+        n = meta["nonfinite"]
+        if n["count"]:
+            typer.echo(f"warning: {n['count']} non-finite values (NaN/inf), first at step {n['first_step']} "
+                       f"({', '.join(n['metrics'])}); marked in red in the figures", err=True)
         report_files(meta["files"])
 
 

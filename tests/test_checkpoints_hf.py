@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from residual_probe.checkpoints import CheckpointError, load_any
-from residual_probe.checkpoints.detect import detect_placement
+from residual_probe.probe.structure import detect_placement
 from residual_probe.probe import find_blocks
 
 transformers = pytest.importorskip("transformers")

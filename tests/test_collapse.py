@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from residual_probe.checkpoints import save_model
 from residual_probe.cli import app
-from residual_probe.jobs.collapse import CollapseSpec, make_batches, read_text, run_collapse, verdict
+from residual_probe.checkpoints.text import read_text
+from residual_probe.jobs.collapse import CollapseSpec, make_batches, run_collapse, verdict
 from residual_probe.checkpoints import load_any
 from residual_probe.models import ModelConfig, build_model
 

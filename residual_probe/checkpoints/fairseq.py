@@ -17,15 +17,19 @@ import torch
 from ..models import ConfigError, ModelConfig, Transformer
 from .errors import CheckpointError
 from .layout import from_fairseq, shapes, to_fairseq
+from .loaded import LoadedModel, ours
 from .native import load_exact
+from .registry import Source, register
 from .safe_pickle import load_pickle, mapping
+from .safetensors_io import is_safetensors
 
 PADDING_IDX = 1  # fairseq Dictionary: <s>=0, <pad>=1, </s>=2, <unk>=3; positions start at pad + 1
+EOS_IDX, UNK_IDX, SPECIALS = 2, 3, 4
 ARCH_PLACEMENTS = {"resi_dual": "residual"}
 FAIRSEQ_PLACEMENTS = ("post-ln", "pre-ln", "residual")
 UNSUPPORTED_TRUE = ("layernorm_embedding", "no_scale_embedding", "encoder_learned_pos", "decoder_learned_pos",
                     "no_token_positional_embeddings", "cross_self_attention", "scale_attn", "scale_fc",
-                    "scale_heads", "scale_resids", "encoder_learned_pos")
+                    "scale_heads", "scale_resids")
 
 
 def is_fairseq(obj: Any) -> bool:
@@ -75,7 +79,10 @@ def config_from(args: dict[str, Any], state: dict[str, torch.Tensor]) -> ModelCo
         raise CheckpointError(f"enc_alpha and dec_alpha differ ({sorted(alphas)}); residual-probe has one alpha")
     proj = state.get("output_projection.weight")
     emb = state.get(f"{stacks[-1]}.embed.embed_tokens.weight")
-    tied = proj is None or (proj.shape == emb.shape and torch.equal(proj, emb))
+    shared = bool(args.get("share_decoder_input_output_embed") or args.get("share_all_embeddings"))
+    # Stored once (older fairseq keeps no output projection when it is shared), or twice and equal.
+    # Absent while the options say it is not shared: a missing weight, reported by load_exact.
+    tied = (proj is None and shared) or (proj is not None and proj.shape == emb.shape and torch.equal(proj, emb))
     if tied:
         state.pop("output_projection.weight", None)
     max_len = int(max(args.get("max_source_positions", 1024) or 1024, args.get("max_target_positions", 1024) or 1024))
@@ -83,12 +90,13 @@ def config_from(args: dict[str, Any], state: dict[str, torch.Tensor]) -> ModelCo
         return ModelConfig(
             placement=placement, heads=int(heads.pop()), max_len=max_len, position_offset=PADDING_IDX + 1,
             dropout=0.0, alpha=alphas.pop(), tie_embeddings=tied, **size,
+            share_all_embeddings=bool(args.get("share_all_embeddings")) and len(stacks) == 2 and tied,
         )
     except ConfigError as exc:
         raise CheckpointError(f"fairseq checkpoint: {exc}") from None
 
 
-def load_fairseq(ckpt: dict, source: str) -> tuple[Transformer, dict[str, Any]]:
+def load_fairseq(ckpt: dict, source: str, allow_missing: bool = False) -> tuple[Transformer, dict[str, Any]]:
     """Rebuild the model of an unpickled fairseq checkpoint; returns (model in eval mode, description)."""
     args = model_args(ckpt)
     state = {k: v for k, v in ckpt["model"].items()}
@@ -96,15 +104,25 @@ def load_fairseq(ckpt: dict, source: str) -> tuple[Transformer, dict[str, Any]]:
     if bad:
         raise CheckpointError(f"{source}: fairseq 'model' entry {bad[0]!r} is not a tensor")
     state = from_fairseq(state)
+    if args.get("share_all_embeddings"):  # one embedding for both stacks: either name may carry it
+        enc, dec = "encoder.embed.embed_tokens.weight", "decoder.embed.embed_tokens.weight"
+        if enc in state or dec in state:
+            state.setdefault(enc, state.get(dec))
+            state.setdefault(dec, state.get(enc))
+        if not any(k.startswith("encoder.layers.") for k in state):
+            state.pop(enc, None)
     cfg = config_from(args, state)
     model = Transformer(cfg)
-    load_exact(model, {k: v.float() for k, v in state.items()}, source)
+    missing = load_exact(model, {k: v.float() for k, v in state.items()}, source, allow_missing)
     notes = []
+    if missing:
+        notes.append(f"partly random model: {len(missing)} weights missing from the file were left at random "
+                     f"initialization ({', '.join(missing[:3])})")
     scales = {float(args.get(f"{p}_res_input_norm_scale", 1.0)) for p in ("enc", "dec")}
     if scales != {1.0}:
         # The paper's code scales d_0 and every update by s, so LN_f(d) is unchanged up to eps: s = 1 here.
         notes.append(f"res_input_norm_scale {sorted(scales)} dropped: LN_f makes it a no-op up to eps")
-    return model.eval(), {"family": "fairseq", "fairseq_arch": args["arch"], "notes": notes}
+    return model.eval(), {"family": "fairseq", "fairseq_arch": args["arch"], "notes": notes, "missing": missing}
 
 
 def load_fairseq_file(path: str | Path, trust: bool = False) -> tuple[Transformer, dict[str, Any]]:
@@ -112,6 +130,16 @@ def load_fairseq_file(path: str | Path, trust: bool = False) -> tuple[Transforme
     if not is_fairseq(ckpt):
         raise CheckpointError(f"{path}: not a fairseq checkpoint (needs 'model' and 'cfg' or 'args')")
     return load_fairseq(ckpt, str(path))
+
+
+@register("fairseq", 40, lambda s: s.path.is_file() and not is_safetensors(s.path) and is_fairseq(s.pickle()))
+def load_fairseq_source(source: Source) -> LoadedModel:
+    source.no_bare_flags("a fairseq checkpoint (its cfg says them)")
+    model, desc = load_fairseq(source.pickle(), str(source.path), source.allow_missing)
+    loaded = ours(model, f"fairseq:{desc['fairseq_arch']}", str(source.path), desc["notes"], desc["missing"],
+                  decoder_start_id=EOS_IDX)  # fairseq's decoder input starts with </s>
+    loaded.special_ids = tuple(range(SPECIALS))
+    return loaded
 
 
 def fairseq_state(model: Transformer) -> dict[str, torch.Tensor]:

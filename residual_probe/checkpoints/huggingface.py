@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
-from .safe_pickle import checkpoint_globals, BLOCKED_MODULES
+from .loaded import LoadedModel
+from .registry import Source, register
+from .safe_pickle import blocked_globals, checkpoint_globals, unsafe_message
 from .safetensors_io import read_header
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -44,6 +45,7 @@ def import_transformers():
         import transformers
     except ImportError:
         raise CheckpointError(HF_EXTRA) from None
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars would break one-line errors
     return transformers
 
 
@@ -78,39 +80,156 @@ def check_files(files: list[Path], safetensors: bool) -> None:
         else:
             if f.stat().st_size == 0:
                 raise CheckpointError(f"{f}: empty file")
+            names: set[str] = set()
             try:
-                names = checkpoint_globals(f)
+                checkpoint_globals(f, names)
             except CheckpointError:
                 raise
             except Exception:
+                if blocked_globals(names):
+                    raise CheckpointError(unsafe_message(f, blocked_globals(names))) from None
                 raise CheckpointError(f"{f}: not a PyTorch checkpoint or corrupt") from None
-            blocked = sorted(n for n in names if n.split(".")[0] in BLOCKED_MODULES)
-            if blocked:
-                raise CheckpointError(f"{f}: refusing to load: the pickle calls {blocked[0]}")
+            if blocked_globals(names):
+                raise CheckpointError(unsafe_message(f, blocked_globals(names)))
 
 
-def model_class(transformers, config) -> Any:
-    """The class named in config.architectures when transformers has it, else the family's AutoModel."""
+AUTO_HEADS = ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForMaskedLM", "AutoModel")
+
+
+def stored_names(files: list[Path], safetensors: bool) -> tuple[set[str], dict[str, str]]:
+    """(names of the tensors in the files, aliases {dropped name: stored name}).
+
+    `safetensors.torch.save_model` stores a shared tensor once, under one of its names, and records
+    every dropped name in the file's metadata as {dropped: kept}; the same metadata also holds
+    plain entries such as {"format": "pt"}, which name no tensor and are ignored here.
+    """
+    names: set[str] = set()
+    meta: dict[str, str] = {}
+    for f in files:
+        if safetensors:
+            header, _, _ = read_header(f)
+            names |= {k for k in header if k != "__metadata__"}
+            raw = header.get("__metadata__")
+            meta.update({str(k): str(v) for k, v in (raw if isinstance(raw, dict) else {}).items()})
+        else:
+            import torch
+
+            state = _torch_load(f)
+            names |= {k for k, v in state.items() if isinstance(v, torch.Tensor)}
+    aliases = {k: v for k, v in meta.items() if v in names and k not in names}
+    return names, aliases
+
+
+def _torch_load(f: Path) -> dict:
+    import torch
+
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # the legacy (non-zip) format cannot be memory-mapped
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{f}: not a PyTorch checkpoint or corrupt ({_one_line(exc)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{f}: not a state dict")
+    return state
+
+
+def _strip(name: str, prefix: str) -> str:
+    return name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else name
+
+
+def _fit(cls, config, stored: set[str]) -> tuple[int, int] | None:
+    """(stored weights the class would not use, class weights absent from the files), prefixes ignored."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    except Exception:  # the class does not take this config (e.g. no seq2seq head for a decoder-only family)
+        return None
+    prefix = getattr(model, "base_model_prefix", "")
+    expected = {_strip(k, prefix) for k in model.state_dict()}
+    have = {_strip(k, prefix) for k in stored}
+    return len(have - expected), len(expected - have)
+
+
+def model_class(transformers, config, stored: set[str] | None = None) -> Any:
+    """The class named in config.architectures when transformers has it; otherwise the Auto class
+    (causal LM, seq2seq LM, masked LM, bare model) whose weights best match the stored ones, so a
+    stored LM head is used, not dropped, and a head's tied input embedding is not left random."""
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None)
         if cls is not None:
             return cls
-    return transformers.AutoModel
+    if not stored:
+        return transformers.AutoModel
+    scored = []
+    for rank, name in enumerate(AUTO_HEADS):
+        fit = _fit(getattr(transformers, name), config, stored)
+        if fit is not None:
+            scored.append((fit, rank, name))
+    return getattr(transformers, min(scored)[2]) if scored else transformers.AutoModel
 
 
-def load_hf_dir(path: str | Path, trust: bool = False) -> tuple[Any, Any, dict[str, Any]]:
-    """(model in eval mode, tokenizer or None, description) of a Hugging Face folder."""
+def fill_missing(model, missing: list[str], files: list[Path], safetensors: bool, aliases: dict[str, str]) -> list[str]:
+    """Load weights transformers reported missing from their stored alias (safetensors metadata),
+    looking under the name with and without the base-model prefix; returns the names still missing."""
+    import torch
+
+    prefix = getattr(model, "base_model_prefix", "")
+    targets = {}
+    for key in missing:
+        for name in (key, f"{prefix}.{key}" if prefix else key, _strip(key, prefix)):
+            if name in aliases:
+                targets[key] = aliases[name]
+                break
+    if not targets:
+        return list(missing)
+    wanted = set(targets.values())
+    found: dict[str, torch.Tensor] = {}
+    for f in files:
+        if safetensors:
+            header, _, _ = read_header(f)
+            if not wanted & set(header):
+                continue
+            from .safetensors_io import load_file
+
+            tensors, _ = load_file(f)
+        else:
+            tensors = _torch_load(f)
+        found.update({k: v for k, v in tensors.items() if k in wanted})
+    state = model.state_dict()
+    with torch.no_grad():
+        for key, source in targets.items():
+            t = found.get(source)
+            if t is None or tuple(t.shape) != tuple(state[key].shape):
+                continue
+            state[key].copy_(t.to(state[key].dtype))
+    return [k for k in missing if k not in targets or targets[k] not in found
+            or tuple(found[targets[k]].shape) != tuple(state[k].shape)]
+
+
+def load_hf_dir(path: str | Path, trust: bool = False, allow_missing: bool = False) -> tuple[Any, Any, dict[str, Any]]:
+    """(model in eval mode, tokenizer or None, description) of a Hugging Face folder.
+
+    Tied and aliased weights are resolved as `from_pretrained` does (the config's tie flags, which
+    transformers applies) plus the safetensors metadata aliases that `safetensors.torch.save_model`
+    writes; a weight still missing after that would be measured at its random initialization, so
+    it is an error unless `allow_missing` (then desc["missing_keys"] lists them).
+    """
     folder = Path(path)
     if not is_hf_dir(folder):
         raise CheckpointError(f"{folder}: config.json is missing, not JSON, or lacks 'model_type'")
     files, safetensors = weight_files(folder)
     check_files(files, safetensors)
+    stored, aliases = stored_names(files, safetensors)
     transformers = import_transformers()
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise CheckpointError(f"{folder}/config.json: transformers cannot read it ({_one_line(exc)})") from None
-    cls = model_class(transformers, config)
+    cls = model_class(transformers, config, stored | set(aliases))
     try:
         model, info = cls.from_pretrained(
             folder, config=config, local_files_only=True, trust_remote_code=False, use_safetensors=safetensors,
@@ -118,20 +237,83 @@ def load_hf_dir(path: str | Path, trust: bool = False) -> tuple[Any, Any, dict[s
         )
     except Exception as exc:
         raise CheckpointError(f"{folder}: transformers could not load the weights ({_one_line(exc)})") from None
+    if info.get("mismatched_keys"):
+        raise CheckpointError(f"{folder}: weights with the wrong shape for the config (e.g. {sorted(info['mismatched_keys'])[0]})")
+    missing = sorted(fill_missing(model, sorted(info.get("missing_keys") or []), files, safetensors, aliases))
     model = model.float().eval()
     notes = []
-    missing = list(info.get("missing_keys") or [])
-    in_blocks = sorted(k for k in missing if re.search(r"\.\d+\.", k))
-    if in_blocks:  # a layer left at random initialization would be measured as if trained
-        raise CheckpointError(f"{folder}: {len(in_blocks)} layer weights are missing from the files (e.g. {in_blocks[0]})")
     if missing:
-        notes.append(f"{len(missing)} weights missing from the files were left at initialization (e.g. {sorted(missing)[0]})")
-    if info.get("mismatched_keys"):
-        raise CheckpointError(f"{folder}: weights with the wrong shape for the config (e.g. {info['mismatched_keys'][0]})")
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        if not allow_missing:  # a weight left at random initialization would be measured as if trained
+            raise CheckpointError(f"{folder}: {len(missing)} weights are missing from the files ({shown}); "
+                                  "pass --allow-missing-weights to measure them at random initialization")
+        notes.append(f"partly random model: {len(missing)} weights missing from the files were left at "
+                     f"random initialization ({shown})")
+    unused = sorted(info.get("unexpected_keys") or [])
+    if unused:
+        notes.append(f"{len(unused)} stored weights are not used by {cls.__name__} (e.g. {unused[0]})")
     tokenizer = load_tokenizer(transformers, folder, notes)
     desc = {"family": f"huggingface:{config.model_type}", "class": type(model).__name__, "notes": notes,
-            "missing_keys": sorted(missing)}
+            "missing_keys": missing}
     return model, tokenizer, desc
+
+
+def _forward_args(module) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(module.forward).parameters)
+
+
+def head_kind(transformers, model) -> str | None:
+    """causal-lm / seq2seq / mlm for a class transformers lists under that task, else None (no loss head)."""
+    from transformers.models.auto import modeling_auto as auto
+
+    name = type(model).__name__
+    tables = [("causal-lm", auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), ("mlm", auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES)]
+    if getattr(model.config, "is_encoder_decoder", False):  # BART's ForConditionalGeneration is listed as both
+        tables.insert(0, ("seq2seq", auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES))
+    for kind, table in tables:
+        if name in {v for v in table.values() if isinstance(v, str)}:
+            return kind
+    return None
+
+
+def hf_loaded(transformers, model, tokenizer, desc: dict, source: str) -> LoadedModel:
+    config = model.config
+    base = model.base_model if model.base_model is not model else model
+    extra = {"use_cache": False} if hasattr(config, "use_cache") else {}
+    image = getattr(config, "image_size", None) if "pixel_values" in _forward_args(base) else None
+    if image:
+        size = image if isinstance(image, int) else image[0]
+        shape = (int(getattr(config, "num_channels", 3)), int(size), int(size))
+        return LoadedModel(model, lambda px: base(pixel_values=px), desc["family"], source, modality="image",
+                           image_shape=shape, notes=desc["notes"], missing_weights=desc["missing_keys"])
+    if getattr(config, "is_encoder_decoder", False):  # the stacks alone: no LM head even when base is the model
+        enc, dec = model.get_encoder(), model.get_decoder()
+        fwd = lambda ids: dec(input_ids=ids, encoder_hidden_states=enc(input_ids=ids).last_hidden_state, **extra)  # noqa: E731
+    else:
+        fwd = lambda ids: base(input_ids=ids, **extra)  # noqa: E731
+    kind = head_kind(transformers, model)
+    heads = {}
+    if kind == "seq2seq":
+        heads[kind] = lambda src, tgt: model(input_ids=src, decoder_input_ids=tgt, **extra).logits
+    elif kind is not None:
+        heads[kind] = lambda ids: model(input_ids=ids, **extra).logits
+    mask = getattr(tokenizer, "mask_token_id", None) if tokenizer is not None else None
+    start = getattr(config, "decoder_start_token_id", None)
+    if start is None and kind == "seq2seq":
+        start = getattr(config, "bos_token_id", None) or 0
+    max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return LoadedModel(model, fwd, desc["family"], source, vocab_size=getattr(config, "vocab_size", None),
+                       max_len=max_len, tokenizer=tokenizer, notes=desc["notes"], missing_weights=desc["missing_keys"],
+                       heads=heads, default_loss=kind, mask_id=mask, decoder_start_id=start)
+
+
+@register("huggingface", 20, lambda s: s.path.is_dir() and is_hf_dir(s.path))
+def load_hf_source(source: Source) -> LoadedModel:
+    source.no_bare_flags("a folder")
+    model, tokenizer, desc = load_hf_dir(source.path, trust=source.trust_pickle, allow_missing=source.allow_missing)
+    return hf_loaded(import_transformers(), model, tokenizer, desc, str(source.path))
 
 
 def load_tokenizer(transformers, folder: Path, notes: list[str]):

@@ -16,6 +16,8 @@ from torch import nn
 from ..models import ConfigError, ModelConfig, Transformer
 from ..results import write_json
 from .errors import CheckpointError
+from .loaded import LoadedModel, ours
+from .registry import Source, register
 from .safetensors_io import load_file, save_file
 
 FORMAT = "residual-probe"
@@ -70,28 +72,43 @@ def read_config(path: str | Path) -> ModelConfig:
         raise CheckpointError(f"{p}: {exc}") from None
 
 
-def load_model(path: str | Path) -> Transformer:
-    """Rebuild a model saved by `save_model`, in eval mode."""
+def load_model(path: str | Path, allow_missing: bool = False) -> Transformer:
+    """Rebuild a model saved by `save_model`, in eval mode (`missing_weights` lists weights left at init)."""
     cfg = read_config(path)
-    tensors, _ = load_file(Path(path) / WEIGHTS)
+    tensors, metadata = load_file(Path(path) / WEIGHTS)
     model = Transformer(cfg)
-    load_exact(model, tensors, source=str(Path(path) / WEIGHTS))
+    model.missing_weights = load_exact(model, resolve_aliases(tensors, metadata), str(Path(path) / WEIGHTS),
+                                       allow_missing)
     return model.eval()
 
 
-def load_exact(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+@register("residual-probe", 10, lambda s: is_native(s.path))
+def load_native(source: Source) -> LoadedModel:
+    source.no_bare_flags("a folder")
+    model = load_model(source.path, source.allow_missing)
+    missing = model.missing_weights
+    notes = [f"partly random model: {len(missing)} weights missing from the file were left at random "
+             f"initialization ({', '.join(missing[:3])})"] if missing else []
+    return ours(model, "residual-probe", str(source.path), notes, missing)
+
+
+def load_exact(model: nn.Module, tensors: dict[str, torch.Tensor], source: str, allow_missing: bool = False) -> list[str]:
     """Copy `tensors` into `model`, requiring every weight present once, with matching shapes.
 
-    Aliased names (tied weights) may be absent: their other name carries the data.
+    Aliased names (tied weights) may be absent: their other name carries the data. A weight the
+    files lack is an error unless `allow_missing`: then it keeps its initialization, and the
+    sorted list of such names is returned.
     """
     expected = model.state_dict()
     present = unique_state(model)
     missing = sorted(k for k in present if k not in tensors)
     unexpected = sorted(k for k in tensors if k not in expected)
-    if missing or unexpected:
+    if (missing and not allow_missing) or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} weights (e.g. {missing[0]})")
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            parts.append(f"missing {len(missing)} weights ({shown}; --allow-missing-weights measures them "
+                         "at random initialization)")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         raise CheckpointError(f"{source}: weights do not fit the model: {'; '.join(parts)}")
@@ -100,4 +117,15 @@ def load_exact(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) 
             raise CheckpointError(
                 f"{source}: {name} has shape {tuple(t.shape)}, the model expects {tuple(expected[name].shape)}"
             )
-    model.load_state_dict(tensors, strict=False)  # checked above: only aliases can be absent
+    model.load_state_dict(tensors, strict=False)  # checked above: only aliases (or allowed names) can be absent
+    return missing
+
+
+def resolve_aliases(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Add the names `safetensors.torch.save_model` dropped for shared tensors: its metadata maps each
+    dropped name to the stored one ({"output_projection.weight": "decoder.embed.embed_tokens.weight"})."""
+    out = dict(tensors)
+    for dropped, kept in metadata.items():
+        if dropped not in out and kept in tensors:
+            out[dropped] = tensors[kept]
+    return out

@@ -49,7 +49,8 @@ class Inert:
 
 
 def placeholder(qualified: str) -> type[Inert]:
-    return type(f"Inert[{qualified}]", (Inert,), {"qualified": qualified})
+    # The name comes from the file: a damaged one may hold a NUL, which no class name may.
+    return type(f"Inert[{qualified.replace(chr(0), '?')}]", (Inert,), {"qualified": qualified})
 
 
 def mapping(obj: Any) -> dict | None:
@@ -63,9 +64,20 @@ def mapping(obj: Any) -> dict | None:
     return None
 
 
-def pickle_globals(stream: BinaryIO) -> set[str]:
-    """Every "module.name" a pickle refers to (GLOBAL and STACK_GLOBAL), found without running it."""
-    found, strings, memo = set(), [], {}
+def pickle_globals(stream: BinaryIO, found: set[str] | None = None) -> set[str]:
+    """Every "module.name" a pickle refers to (GLOBAL and STACK_GLOBAL), found without running it.
+
+    Names are added to `found` as they are read, so a caller keeps those seen before a parse error.
+    """
+    found = set() if found is None else found
+    strings, memo = [], {}
+    with warnings.catch_warnings():  # a damaged STRING opcode makes pickletools warn about escapes
+        warnings.simplefilter("ignore")
+        _scan(stream, found, strings, memo)
+    return found
+
+
+def _scan(stream: BinaryIO, found: set[str], strings: list, memo: dict) -> None:
     for op, arg, _ in pickletools.genops(stream):
         name = op.name
         if name == "GLOBAL":
@@ -84,11 +96,12 @@ def pickle_globals(stream: BinaryIO) -> set[str]:
                 strings.append(memo[arg])
         elif name == "STACK_GLOBAL" and len(strings) >= 2:
             found.add(f"{strings[-2]}.{strings[-1]}")
-    return found
 
 
-def checkpoint_globals(path: Path) -> set[str]:
-    """Globals of a torch checkpoint: the zip format's data.pkl, or the legacy format's pickles."""
+def checkpoint_globals(path: Path, found: set[str] | None = None) -> set[str]:
+    """Globals of a torch checkpoint: the zip format's data.pkl, or the legacy format's pickles
+    (up to four in a row; a plain pickle is one). Accumulated into `found` as they are read."""
+    found = set() if found is None else found
     with open(path, "rb") as fh:
         if zipfile.is_zipfile(fh):
             fh.seek(0)
@@ -96,12 +109,23 @@ def checkpoint_globals(path: Path) -> set[str]:
                 pkl = [n for n in zf.namelist() if n.endswith("data.pkl")]
                 if not pkl:
                     raise CheckpointError(f"{path}: a zip file but not a PyTorch checkpoint (no data.pkl)")
-                return pickle_globals(io.BytesIO(zf.read(pkl[0])))
+                return pickle_globals(io.BytesIO(zf.read(pkl[0])), found)
         fh.seek(0)
-        found: set[str] = set()
         for _ in range(LEGACY_PICKLES):
-            found |= pickle_globals(fh)
+            pickle_globals(fh, found)
+            if not fh.peek(1)[:1]:  # end of file: a plain pickle, or a legacy file's last record
+                break
         return found
+
+
+def blocked_globals(names: set[str]) -> list[str]:
+    """The globals of `names` that would run code on loading (os.system and its kin)."""
+    return sorted(n for n in names if n.split(".")[0] in BLOCKED_MODULES)
+
+
+def unsafe_message(path, blocked: list[str]) -> str:
+    return (f"{path}: refusing to load: the pickle calls {blocked[0]}, which would run code on loading "
+            "(an unsafe pickle; nothing was run)")
 
 
 def _torch_allowed() -> set[str]:
@@ -130,15 +154,18 @@ def load_pickle(path: str | Path, trust: bool = False) -> Any:
             return torch.load(p, map_location="cpu", weights_only=False)
         except Exception as exc:
             raise CheckpointError(f"{p}: cannot unpickle ({_describe(exc)})") from None
+    names: set[str] = set()
     try:
-        names = checkpoint_globals(p)
+        checkpoint_globals(p, names)
     except CheckpointError:
         raise
-    except Exception as exc:  # truncated or not a pickle at all
+    except Exception as exc:  # truncated or not a pickle at all; but a payload seen before the damage is named
+        if blocked_globals(names):
+            raise CheckpointError(unsafe_message(p, blocked_globals(names))) from None
         raise CheckpointError(f"{p}: not a PyTorch checkpoint or corrupt ({_describe(exc)})") from None
-    blocked = sorted(n for n in names if n.split(".")[0] in BLOCKED_MODULES)
+    blocked = blocked_globals(names)
     if blocked:
-        raise CheckpointError(f"{p}: refusing to load: the pickle calls {blocked[0]}, which would run code on loading")
+        raise CheckpointError(unsafe_message(p, blocked))
     allowed = _torch_allowed()
     stand_ins = [(placeholder(n), n) for n in sorted(names) if n not in allowed and not n.startswith("torch.")]
     try:

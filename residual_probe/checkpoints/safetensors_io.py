@@ -49,12 +49,15 @@ def read_header(path: str | Path) -> tuple[dict, int, int]:
     try:
         size = p.stat().st_size
         with open(p, "rb") as fh:
-            raw_len = fh.read(8)
-            if len(raw_len) < 8:
-                raise CheckpointError(f"{p}: empty or truncated safetensors file ({size} bytes)")
-            n = struct.unpack("<Q", raw_len)[0]
-            if n == 0 or n > MAX_HEADER or 8 + n > size:
-                raise CheckpointError(f"{p}: not a safetensors file or truncated (header length {n}, file {size} bytes)")
+            head = fh.read(9)
+            if len(head) < 9:
+                raise CheckpointError(f"{p}: not a safetensors file (only {size} bytes)" if size else f"{p}: empty file")
+            n = struct.unpack("<Q", head[:8])[0]
+            if head[8:9] != b"{" or n == 0 or n > MAX_HEADER:  # the header is a JSON object right after its length
+                raise CheckpointError(f"{p}: not a safetensors file (no JSON header after the 8-byte length)")
+            if 8 + n > size:
+                raise CheckpointError(f"{p}: truncated safetensors file (header length {n}, file {size} bytes)")
+            fh.seek(8)
             text = fh.read(n)
     except OSError as exc:
         raise CheckpointError(f"cannot read {p}: {exc.strerror or exc}") from None

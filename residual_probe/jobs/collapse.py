@@ -22,7 +22,6 @@ from typing import Any, Callable
 
 CSV_COLUMNS = ("model", "stack", "layer", "stream", "metric", "value")
 SIM_COLUMNS = ("model", "stack", "stream", "metric", "layer_i", "layer_j", "value")
-FAIRSEQ_SPECIALS = 4  # fairseq ids 0-3 are <s>, <pad>, </s>, <unk>
 # Verdict thresholds on the adjacent cosine of the last third of the blocks. A block whose output
 # keeps cos >= 0.98 with its input turns the representation by under 11 degrees: ShortGPT removes
 # such blocks with little loss. "collapsing": later blocks change the stream less than half as
@@ -41,8 +40,12 @@ class CollapseSpec:
     subsample: int = 256  # tokens kept per layer for the similarity / CKA matrices
     seed: int = 0
     trust_pickle: bool = False
+    allow_missing: bool = False  # measure weights the files lack at random init (verdict says so)
+    dictionary: str | None = None  # fairseq dict.txt for fairseq checkpoints
     blocks: str | None = None  # module-path pattern when block discovery fails, e.g. "model.layers.*"
     bare: dict = field(default_factory=dict)  # placement, heads, depth, ... for bare state dicts
+    force: bool = False  # run even when the memory estimate exceeds what the machine has free
+    labels: tuple[str, ...] = ()  # names of the models (ckpts order); default: shortest distinct path suffixes
 
     def validate(self) -> None:
         from ..models import ConfigError
@@ -52,44 +55,23 @@ class CollapseSpec:
         for name, low in (("tokens", 16), ("batch", 1), ("seq_len", 2), ("subsample", 4)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name.replace('_', '-')}: must be >= {low}, got {getattr(self, name)}")
+        if self.labels:
+            if len(self.labels) != len(self.ckpts):
+                raise ConfigError(f"--label: {len(self.labels)} names for {len(self.ckpts)} checkpoints; "
+                                  "give one per --ckpt / --compare, in that order")
+            if len(set(self.labels)) != len(self.labels) or not all(str(x).strip() for x in self.labels):
+                raise ConfigError(f"--label: names must be distinct and non-empty, got {list(self.labels)}")
 
 
 # ---- input -------------------------------------------------------------------------------
 
 
-def read_text(path: str | None) -> tuple[str, str]:
-    """(text, description): a UTF-8 file, or the built-in corpus that every CPython ships."""
-    from ..data import DataError, builtin_corpus, read_text_tokens
-
-    if path is None:
-        return bytes(builtin_corpus().to("cpu").byte().numpy()).decode("utf-8"), "built-in: CPython pydoc topics"
-    raw = bytes(read_text_tokens(path).byte().numpy())
-    if not raw.strip():
-        raise DataError(f"data file {path!r} holds only whitespace")
-    return raw.decode("utf-8"), str(path)
-
-
-def text_ids(loaded, text: str, need: int) -> tuple[Any, str]:
-    """1-D token ids of `text` for this model: its tokenizer, else UTF-8 bytes (folded into its vocabulary)."""
+def make_batches(loaded, spec: CollapseSpec, text: str, item_tokens: int | None = None,
+                 dictionary: dict | None = None) -> tuple[list, dict]:
+    """Input batches under the checkpoint data contract (checkpoints.text), and a description of them."""
     import torch
 
-    text = text[: max(need * 16, 4096)]  # enough characters for `need` tokens in any tokenizer
-    if loaded.tokenizer is not None:
-        ids = loaded.tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        return torch.tensor(ids, dtype=torch.long), "checkpoint tokenizer"
-    ids = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
-    vocab = loaded.vocab_size or 256
-    if vocab >= 256 and not loaded.family.startswith("fairseq"):
-        return ids, "byte-level"
-    low = FAIRSEQ_SPECIALS if loaded.family.startswith("fairseq") else 0
-    if vocab - low < 2:
-        raise ValueError(f"vocabulary of {vocab} is too small for byte-level input")
-    return low + ids % (vocab - low), f"byte-level, folded into ids {low}..{vocab - 1}"
-
-
-def make_batches(loaded, spec: CollapseSpec, text: str, item_tokens: int | None = None) -> tuple[list, dict]:
-    """Input batches totalling at least spec.tokens positions, and a description of them."""
-    import torch
+    from ..checkpoints.text import text_windows
 
     if loaded.modality == "image":  # no text for a vision model: seeded Gaussian images
         per = max(1, item_tokens or 1)
@@ -97,31 +79,24 @@ def make_batches(loaded, spec: CollapseSpec, text: str, item_tokens: int | None 
         gen = torch.Generator().manual_seed(spec.seed)
         images = torch.randn(n, *loaded.image_shape, generator=gen)
         return list(images.split(spec.batch)), {"kind": "synthetic images (seeded N(0, 1) pixels)", "items": n,
-                                                "tokens": n * per}
-    T = spec.seq_len
-    if loaded.max_len is not None and T > loaded.max_len:
-        raise ValueError(f"--seq-len {T} exceeds the model's {loaded.max_len} positions")
-    windows = math.ceil(spec.tokens / T)
-    ids, how = text_ids(loaded, text, windows * T)
-    if ids.numel() < T:
-        raise ValueError(f"the text gives {ids.numel()} tokens, fewer than --seq-len {T}")
-    repeats = math.ceil(windows * T / ids.numel())
-    stream = ids.repeat(repeats)[: windows * T].view(windows, T)  # consecutive, non-overlapping windows
-    return list(stream.split(spec.batch)), {"tokenization": how, "tokens": windows * T, "text_tokens": ids.numel(),
-                                            "repeated": repeats > 1, "seq_len": T, "batch": spec.batch}
+                                                "tokens": n * per, "messages": []}
+    w = text_windows(loaded, text, spec.tokens, spec.seq_len, dictionary)
+    return list(w.ids.split(spec.batch)), {**w.info, "batch": spec.batch, "messages": w.messages}
 
 
 # ---- measurement -------------------------------------------------------------------------
 
 
-def detect(loaded, sample) -> dict:
+def detect(loaded, sample, blocks: str | None = None) -> dict:
     import torch
 
-    from ..checkpoints.detect import detect_placement
     from ..probe import find_blocks
+    from ..probe.structure import detect_placement
 
     with torch.no_grad():
-        return detect_placement(find_blocks(loaded.model), lambda: loaded.forward(sample))
+        found = detect_placement(find_blocks(loaded.model, blocks), lambda: loaded.forward(sample), loaded.model)
+    loaded.norm_type = found["norm_type"]
+    return found
 
 
 def measure(loaded, batches: list, spec: CollapseSpec, advance: Callable[[], None] | None = None) -> dict:
@@ -132,7 +107,7 @@ def measure(loaded, batches: list, spec: CollapseSpec, advance: Callable[[], Non
     from ..probe import Probe
 
     probe = Probe(loaded.model, quantities=("forward_stats", "subsample"), subsample_tokens=spec.subsample,
-                  seed=spec.seed, blocks=spec.blocks, group=None)
+                  seed=spec.seed, blocks=spec.blocks, group=None, include_eval=True)
     t0 = time.perf_counter()
     with probe, torch.no_grad():
         for x in batches:
@@ -218,6 +193,7 @@ def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress
     import torch
 
     from ..checkpoints import load_any
+    from ..checkpoints.text import read_fairseq_dict, read_text
     from ..plots.collapse import plot_collapse_curves, plot_norm_growth, plot_similarity
     from ..results import prepare_out, versions, write_csv, write_json
 
@@ -225,15 +201,18 @@ def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress
     out = prepare_out(out)
     torch.manual_seed(spec.seed)
     text, source = read_text(spec.data)
+    dictionary = read_fairseq_dict(spec.dictionary) if spec.dictionary else None
     table, sim_rows, models = [], [], []
     t_start = time.perf_counter()
-    for label, path in zip(labels_for(spec.ckpts), spec.ckpts):
+    for label, path in zip(spec.labels or labels_for(spec.ckpts), spec.ckpts):
         t0 = time.perf_counter()
-        loaded = load_any(path, trust_pickle=spec.trust_pickle, **spec.bare)
+        loaded = load_any(path, trust_pickle=spec.trust_pickle, allow_missing=spec.allow_missing, **spec.bare)
         t1 = time.perf_counter()
         sample = _sample(loaded, spec, text)
-        found = detect(loaded, sample)
-        batches, data = make_batches(loaded, spec, text, found["item_tokens"])
+        found = detect(loaded, sample, spec.blocks)
+        batches, data = make_batches(loaded, spec, text, found["item_tokens"],
+                                     dictionary if loaded.family.startswith("fairseq") else None)
+        check_memory(label, loaded, found, batches, spec)
         data["source"] = source if loaded.modality == "text" else data["kind"]
         advance = progress(len(batches)) if progress else None
         m = measure(loaded, batches, spec, advance)
@@ -255,9 +234,10 @@ def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress
         width = next(iter(m["matrices"].values()))["width"] if m["matrices"] else None
         models.append({
             "label": label, "source": str(path), "family": loaded.family, "modality": loaded.modality,
-            "placement": found["placement"], "placement_detail": found["detail"],
+            "placement": found["placement"], "placement_detail": found["detail"], "norm_type": found["norm_type"],
             "declared_placement": loaded.declared_placement, "depth": depth, "width": width,
             "parameters": loaded.parameters, "verdict": overall(summary), "streams": summary,
+            "partly_random": loaded.missing_weights,
             "nonfinite_values": nonfinite, "notes": loaded.notes, "data": data,
             "times": {"load_s": t1 - t0, **m["times"]},
         })
@@ -277,12 +257,29 @@ def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress
     return meta
 
 
+def check_memory(label: str, loaded, found: dict, batches: list, spec: CollapseSpec) -> None:
+    """Refuse (budget.BudgetError) a forward whose activations and matrices would not fit."""
+    from .. import budget
+
+    width = budget.model_width(loaded.model)
+    if width is None or not batches:
+        return
+    shape = batches[0].shape
+    blocks = sum(len(kinds) for kinds in found.get("per_block", {}).values())
+    est = budget.collapse_estimate(label, loaded.parameters, blocks, width, 2 if found["placement"] == "residual" else 1,
+                                   shape[0], shape[1] if loaded.modality == "text" else (found["item_tokens"] or 1),
+                                   spec.subsample)
+    budget.check(est, spec.force)
+
+
 def _sample(loaded, spec: CollapseSpec, text: str):
     """A one-item input for placement detection."""
     import torch
 
+    from ..checkpoints.text import tokenize
+
     if loaded.modality == "image":
         return torch.randn(1, *loaded.image_shape, generator=torch.Generator().manual_seed(spec.seed))
-    ids, _ = text_ids(loaded, text, 16)
+    ids, _ = tokenize(loaded, text, 16)
     n = min(8, ids.numel(), loaded.max_len or 8)
     return ids[:n].view(1, n)

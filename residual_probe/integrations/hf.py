@@ -1,0 +1,242 @@
+"""The probe in a Hugging Face `Trainer` run: one line, `callbacks=[ProbeCallback()]`.
+
+    from residual_probe.integrations.hf import ProbeCallback
+    probe_cb = ProbeCallback(quantities=("param_grad_norm", "act_grad_norm", "forward_stats"))
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[probe_cb])
+    trainer.train()
+    rows = probe_cb.probe.rows()              # also in <output_dir>/probe.jsonl
+
+What is recorded, and when:
+- One probe step per optimizer step (with gradient accumulation: the gradient accumulated over
+  all micro-batches). Probe step s is the optimizer step that takes `state.global_step` from s
+  to s + 1.
+- Gradients are read BEFORE clipping. The Trainer clips between the last backward and its
+  `on_pre_optimizer_step` event, so every callback event sees clipped gradients when
+  `max_grad_norm > 0` (the default 1.0). The callback therefore records at the end of the last
+  micro-batch's backward pass: a post-accumulate-grad hook on the parameters notices the
+  backward of the micro-batch on which the Trainer syncs gradients (accelerate's
+  `GradientState.sync_gradients`) and queues an autograd-engine callback that runs when that
+  backward ends. It re-queues itself once, so that it runs after every callback queued while
+  the graph executed (DDP's gradient all-reduce, FSDP's reduce-scatter) and reads the
+  synchronized gradient. Nothing runs between that point and the Trainer's clipping.
+- The summaries (`residual_probe.probe.summary`: per-block gradient norm and block influence,
+  first/last ratio, decay rate, late adjacent cosine; about 30 keys for 12 blocks) are added to
+  the Trainer's logs at every `logging_steps`, so `report_to` (TensorBoard, W&B, ...) and
+  `trainer.state.log_history` show them. For that the callback moves itself ahead of the
+  reporting callbacks in the Trainer's callback list (they are created first and would log
+  before it could add its keys).
+- Sink: `<output_dir>/probe.jsonl` by default (process 0 only); `sink=None` for none.
+
+Limits: under fp16 mixed precision with a gradient scaler the recorded gradients include the
+loss scale (a warning says so; bf16 has no scaler); DeepSpeed keeps gradients outside `.grad`
+and is not supported.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from . import require
+
+_transformers = require("transformers", "hf", "residual_probe.integrations.hf")
+require("accelerate", "hf", "the Hugging Face Trainer")
+
+import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+from transformers.trainer_callback import CallbackHandler  # noqa: E402
+
+from ..probe import Probe  # noqa: E402
+from ..probe.summary import summary  # noqa: E402
+
+AUTO = "auto"
+# Placement of common Hugging Face families by model_type, written beside the sink (probe_run.json)
+# so that `residual-probe plot` knows where the Pre-LN collapse reference belongs.
+PLACEMENT_BY_MODEL_TYPE = {
+    **{t: "pre-ln" for t in ("gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt_neox", "gptj", "opt",
+                             "phi", "phi3", "gemma", "gemma2", "falcon", "bloom", "olmo")},
+    **{t: "post-ln" for t in ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "albert")},
+}
+
+
+def _sync_gradients() -> bool:
+    """True on the micro-batch after which the Trainer clips and steps (accelerate's shared state)."""
+    from accelerate.state import GradientState
+
+    return bool(GradientState().sync_gradients)
+
+
+def _caller_handler(callback) -> CallbackHandler | None:
+    """The CallbackHandler that is calling `callback` right now (found on the call stack)."""
+    frame = sys._getframe(1)
+    for _ in range(8):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, CallbackHandler) and any(c is callback for c in owner.callbacks):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+class ProbeCallback(TrainerCallback):
+    """Records the probe once per optimizer step, before clipping; see the module doc.
+
+    sink: "auto" (`<output_dir>/probe.jsonl`), a .csv/.jsonl path (written by process 0 unless it
+    holds "{rank}"), or None.
+    log_summaries: add `probe/...` summaries to the Trainer's logs at `logging_steps`.
+    **probe_kwargs: passed to `Probe` (quantities, every, steps, blocks, subsample_tokens, keep_rows, ...).
+    """
+
+    def __init__(self, sink: str | os.PathLike | None = AUTO, log_summaries: bool = True, **probe_kwargs: Any):
+        for key in ("model", "start_step", "sink"):
+            if key in probe_kwargs:
+                raise TypeError(f"ProbeCallback sets {key!r} itself")
+        self.sink, self.log_summaries, self.probe_kwargs = sink, log_summaries, probe_kwargs
+        self.probe: Probe | None = None
+        self.sink_path: Path | None = None
+        self._hooks: list = []
+        self._state = None
+        self._queued_task = None
+        self._recorded_step: int | None = None
+        self._last_rows: list[dict] = []
+        self._fresh = False  # rows recorded since the last log
+        self._warned_fallback = False
+
+    # ---- set-up -------------------------------------------------------------------------
+
+    def _go_first(self) -> None:
+        handler = _caller_handler(self)
+        if handler is None:
+            if self.log_summaries:
+                warnings.warn("ProbeCallback: could not find the Trainer's callback list; the probe summaries "
+                              "reach report_to loggers only if the callback is listed before them", stacklevel=3)
+            return
+        if handler.callbacks[0] is not self:
+            # Reporting callbacks come first in the list and log a step's `logs` before later callbacks
+            # see them; going first lets on_log add the probe keys in time. (Moving an element to the
+            # front during the handler's loop keeps the loop's next element: nothing is called twice.)
+            handler.callbacks.remove(self)
+            handler.callbacks.insert(0, self)
+
+    def on_init_end(self, args, state, control, **kwargs):
+        self._go_first()
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._go_first()
+        self._teardown()
+        sink = self.sink
+        if sink == AUTO:
+            sink = None
+            if state.is_world_process_zero:
+                os.makedirs(args.output_dir, exist_ok=True)
+                sink = os.path.join(args.output_dir, "probe.jsonl")
+        elif sink is not None and "{rank}" not in str(sink) and not state.is_world_process_zero:
+            sink = None  # one file, written by process 0 (the probe's numbers are the same on every rank)
+        self.sink_path = Path(sink) if sink is not None else None
+        kwargs_probe = dict(self.probe_kwargs)
+        if "group" not in kwargs_probe:
+            import torch.distributed as dist
+
+            # The Trainer hands callbacks the unwrapped model, so the probe cannot see DDP itself.
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                kwargs_probe["group"] = dist.group.WORLD
+        self.probe = Probe(model, sink=sink, start_step=state.global_step, **kwargs_probe).attach()
+        if self.sink_path is not None:
+            self._write_run_info(model)
+        self._state = state
+        self._recorded_step = None
+        self._last_rows = []
+        self._fresh = False
+        scaler = getattr(optimizer, "scaler", None)
+        if scaler is not None and getattr(scaler, "is_enabled", lambda: True)():
+            warnings.warn("ProbeCallback: fp16 loss scaling is on; recorded gradients include the loss scale "
+                          "(use bf16, or divide by the scale)", stacklevel=2)
+        for p in model.parameters():
+            if p.requires_grad:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_accumulated))
+
+    def _write_run_info(self, model) -> None:
+        """probe_run.json beside the sink: the model's class, type and placement (by model type)."""
+        from ._analysis import write_json
+
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        info = {"writer": "residual_probe.integrations.hf.ProbeCallback", "model_class": type(model).__name__,
+                "model_type": model_type, "placement": PLACEMENT_BY_MODEL_TYPE.get(model_type),
+                "placement_source": "Hugging Face model_type" if model_type in PLACEMENT_BY_MODEL_TYPE else None,
+                "blocks": [b.name for b in self.probe.blocks]}
+        write_json(self.sink_path.with_name("probe_run.json"), info)
+
+    def _teardown(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if self.probe is not None:
+            self.probe.detach()
+
+    # ---- recording: at the end of the last micro-batch's backward -------------------------
+
+    def _on_grad_accumulated(self, param: torch.Tensor) -> None:
+        if not _sync_gradients():
+            return
+        task = torch._C._current_graph_task_id()
+        if task == self._queued_task:
+            return
+        self._queued_task = task
+        torch.autograd.Variable._execution_engine.queue_callback(self._requeue)
+
+    def _requeue(self) -> None:
+        # Callbacks queued while the graph ran (DDP's all-reduce wait) are ahead of this one in the
+        # engine's list; one queued now runs after all of them.
+        torch.autograd.Variable._execution_engine.queue_callback(self._record)
+
+    def _record(self) -> None:
+        step = self._state.global_step if self._state is not None else None
+        if self.probe is None or step == self._recorded_step:
+            return  # a second backward in one optimizer step: the first recording stands
+        self._keep(self.probe.step())
+        self._recorded_step = step
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.probe is None or self._recorded_step == state.global_step:
+            return
+        # No backward reached the hooks (e.g. no parameter got a gradient through autograd): record
+        # here so that steps stay one per optimizer step; these gradients are clipped if clipping is on.
+        if args.max_grad_norm and args.max_grad_norm > 0 and not self._warned_fallback:
+            warnings.warn("ProbeCallback: gradients were not seen during backward; recording after the "
+                          "Trainer's clipping (max_grad_norm > 0), so norms are post-clip", stacklevel=2)
+            self._warned_fallback = True
+        self._keep(self.probe.step())
+        self._recorded_step = state.global_step
+
+    def _keep(self, rows: list[dict]) -> None:
+        if rows:  # a step the probe's schedule skips returns no rows: the last recorded step stands
+            self._last_rows = rows
+            self._fresh = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._queued_task = None
+
+    # ---- logging ------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, float]:
+        """The grouped scalars of the last recorded step ({} before the first)."""
+        return summary(self._last_rows)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self.log_summaries or logs is None or not self._last_rows:
+            return
+        if any(k.startswith("eval_") for k in logs) or not self._fresh:
+            return
+        values = self.summary()
+        logs.update(values)
+        # The Trainer appended a copy of `logs` to log_history before calling on_log.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(values)
+        self._fresh = False
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._teardown()

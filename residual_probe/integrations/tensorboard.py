@@ -1,0 +1,108 @@
+"""Probe summaries and per-layer profiles to TensorBoard, from any training loop.
+
+    from torch.utils.tensorboard import SummaryWriter
+    from residual_probe.integrations.tensorboard import ProbeWriter
+    tb = ProbeWriter(SummaryWriter("runs/exp"))           # or ProbeWriter("runs/exp")
+    with Probe(model, sink="runs/exp/probe.jsonl") as probe:
+        for batch in data:
+            loss.backward(); rows = probe.step(); opt.step(); ...
+            tb.write(rows)
+
+Each `write(rows)` (the rows of one probe step) adds, at that step:
+- the grouped scalars of `residual_probe.probe.summary` (`probe/grad_norm/<stack>/<kk>`,
+  `probe/first_over_last/<stack>`, `probe/block_influence/<stack>/<kk>`, ...);
+- every `image_every` written steps, an image per stack `probe/grad_norm_heatmap/<stack>`: block
+  (rows, block 0 at the bottom) x recorded step (columns), log10 of the gradient norm mapped to
+  viridis over that image's own range (brightest = largest norm); NaN/inf are red.
+
+Any writer with `add_scalar` and `add_image` works (torch's SummaryWriter, tensorboardX).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from ..probe.summary import stack_label, summary
+
+NAN_RGB = (214, 39, 40)
+
+
+def _writer(target: Any):
+    if hasattr(target, "add_scalar"):
+        return target
+    from . import require
+
+    require("tensorboard", "tensorboard", "residual_probe.integrations.tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(os.fspath(target))
+
+
+def heatmap_rgb(matrix: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """(3, layers, steps) uint8 image of log10(matrix) in viridis, block 0 at the bottom; NaN/inf/<=0 red.
+
+    Returns the image and the (low, high) of log10 that the colours span.
+    """
+    from matplotlib import colormaps
+
+    m = np.asarray(matrix, dtype=float)
+    ok = np.isfinite(m) & (m > 0)
+    logs = np.where(ok, np.log10(np.where(ok, m, 1.0)), np.nan)
+    lo, hi = (float(np.nanmin(logs)), float(np.nanmax(logs))) if ok.any() else (0.0, 1.0)
+    scaled = (logs - lo) / (hi - lo) if hi > lo else np.full_like(logs, 0.5)
+    rgb = (colormaps["viridis"](np.nan_to_num(scaled))[..., :3] * 255).astype(np.uint8)
+    rgb[~ok] = NAN_RGB
+    return np.ascontiguousarray(rgb[::-1].transpose(2, 0, 1)), lo, hi
+
+
+class ProbeWriter:
+    """Writes probe rows to TensorBoard; see the module doc.
+
+    target: a SummaryWriter-like object or a log folder. image_every: heatmap every n-th written
+    step (0: never). prefix: prepended to every tag (e.g. "train/").
+    """
+
+    def __init__(self, target: Any, image_every: int = 50, prefix: str = ""):
+        if isinstance(image_every, bool) or not isinstance(image_every, int) or image_every < 0:
+            raise ValueError(f"image_every: expected an integer >= 0, got {image_every!r}")
+        self.writer = _writer(target)
+        self.image_every, self.prefix = image_every, prefix
+        self._history: dict[str, dict[int, dict[int, float]]] = {}  # stack -> step -> layer -> grad norm
+        self._written = 0
+
+    def write(self, rows: Iterable[Mapping], step: int | None = None) -> dict[str, float]:
+        """Add one probe step's summaries (and the heatmaps when due); returns the scalars written."""
+        rows = list(rows)
+        if not rows:
+            return {}
+        step = max(int(r["step"]) for r in rows) if step is None else step
+        values = summary(rows, max(int(r["step"]) for r in rows))
+        for key, value in values.items():
+            self.writer.add_scalar(self.prefix + key, value, step)
+        for r in rows:
+            if r["metric"] == "param_grad_norm" and r["sublayer"] == "block":
+                label = stack_label(r["stack"], r["stream"])
+                self._history.setdefault(label, {}).setdefault(step, {})[int(r["layer"])] = float(r["value"])
+        self._written += 1
+        if self.image_every and (self._written - 1) % self.image_every == 0:
+            self.write_heatmaps(step)
+        return values
+
+    def write_heatmaps(self, step: int) -> None:
+        """One block x step image per stack of all gradient norms written so far."""
+        for label, by_step in self._history.items():
+            steps = sorted(by_step)
+            layers = sorted({k for v in by_step.values() for k in v})
+            m = np.array([[by_step[s].get(k, math.nan) for s in steps] for k in layers])
+            img, _, _ = heatmap_rgb(m)
+            self.writer.add_image(f"{self.prefix}probe/grad_norm_heatmap/{label}", img, step, dataformats="CHW")
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

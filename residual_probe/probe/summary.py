@@ -1,0 +1,106 @@
+"""A probe step in a few grouped scalars, for any logger (TensorBoard, W&B, the HF Trainer's logs).
+
+    summary(probe.rows(), step=None) -> {"probe/grad_norm/decoder/00": 0.31, ...}
+
+Keys (one group per quantity, then the stack, then the block; a stack's second stream, e.g.
+ResiDual's dual stream d, is named `<stack>:<stream>`):
+
+- `probe/grad_norm/<stack>/<kk>`       whole-block parameter gradient norm ||dL/dtheta_k||
+- `probe/first_over_last/<stack>`      block 0's gradient norm over the last block's (< 1: vanishing)
+- `probe/decay_rate/<stack>`           fitted per-block factor toward the input (geometric fit; < 1 vanishing)
+- `probe/w2_grad_norm/<stack>`         the last block's FFN output weight gradient (Xiong's Theorem 1)
+- `probe/act_grad_first_over_last/<stack>`  the same ratio for the activation gradient ||dL/dh_k||
+- `probe/block_influence/<stack>/<kk>` 1 - cos(h_{k-1}, h_k) (ShortGPT)
+- `probe/late_cos_adjacent/<stack>`    mean adjacent cosine over the last third of the blocks (collapse)
+- `probe/nonfinite_count`              NaN/inf values recorded in the step
+
+`kk` is the block index, zero-padded so that keys sort in block order. For a 12-block model
+that is 12 + 12 + about 6 keys per stack: per-block curves for the two quantities that answer
+the two questions (vanishing, collapse), one number for the rest. A value that cannot be
+computed (a NaN norm, too few blocks) is NaN, never an exception: logging must not stop training.
+Pure function of the rows: no torch, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping
+
+PREFIX = "probe"
+
+
+def stack_label(stack: str, stream: str) -> str:
+    """The stack's name in keys: the stack, or `<stack>:<stream>` for a second residual stream."""
+    return stack if stream in ("x", "-", "") else f"{stack}:{stream}"
+
+
+def _ratio_and_rate(values: list[float]) -> tuple[float, float]:
+    """(first/last, fitted per-block rate) of per-block norms in block order; NaN where undefined."""
+    from ..integrations._analysis import FitError, geometric_decay
+
+    if len(values) < 2:
+        return math.nan, math.nan
+    try:
+        fit = geometric_decay(values, n_boot=0)
+    except FitError:  # a NaN, inf or zero norm: the ratio is not defined, say so with NaN
+        return math.nan, math.nan
+    return fit.first_over_last, fit.rate
+
+
+def _late_cos(cos: list[float]) -> float:
+    from ..integrations._analysis import collapse_verdict
+
+    return float(collapse_verdict(cos).get("late_cos_adjacent", math.nan))
+
+
+def _series(rows: Iterable[Mapping], metric: str, sublayer: str | None = "block") -> dict[str, dict[int, float]]:
+    """{stack label: {layer: value}} of one metric."""
+    out: dict[str, dict[int, float]] = {}
+    for r in rows:
+        if r["metric"] == metric and (sublayer is None or r["sublayer"] == sublayer):
+            out.setdefault(stack_label(r["stack"], r["stream"]), {})[int(r["layer"])] = float(r["value"])
+    return out
+
+
+def _width(layers) -> int:
+    return max(2, len(str(max(layers))))
+
+
+def summary(rows: Iterable[Mapping], step: int | None = None) -> dict[str, float]:
+    """Grouped scalars of one recorded step: `step`, or the last step present in `rows`.
+
+    rows: the probe's rows (dicts with step, stack, layer, sublayer, stream, metric, value), e.g.
+    `probe.rows()`, `probe.step()`'s return value, or a sink read back. Returns {} when no row
+    belongs to the step.
+    """
+    rows = list(rows)
+    if not rows:
+        return {}
+    if step is None:
+        step = max(int(r["step"]) for r in rows)
+    rows = [r for r in rows if int(r["step"]) == step]
+    out: dict[str, float] = {}
+
+    for label, by_layer in _series(rows, "param_grad_norm").items():
+        layers = sorted(by_layer)
+        w = _width(layers)
+        for k in layers:
+            out[f"{PREFIX}/grad_norm/{label}/{k:0{w}d}"] = by_layer[k]
+        ratio, rate = _ratio_and_rate([by_layer[k] for k in layers])
+        out[f"{PREFIX}/first_over_last/{label}"] = ratio
+        out[f"{PREFIX}/decay_rate/{label}"] = rate
+    for label, by_layer in _series(rows, "w2_grad_norm", sublayer=None).items():
+        out[f"{PREFIX}/w2_grad_norm/{label}"] = by_layer[max(by_layer)]
+    for label, by_layer in _series(rows, "act_grad_norm").items():
+        out[f"{PREFIX}/act_grad_first_over_last/{label}"] = _ratio_and_rate([by_layer[k] for k in sorted(by_layer)])[0]
+    for label, by_layer in _series(rows, "block_influence").items():
+        layers = sorted(by_layer)
+        w = _width(layers)
+        for k in layers:
+            out[f"{PREFIX}/block_influence/{label}/{k:0{w}d}"] = by_layer[k]
+    for label, by_layer in _series(rows, "cos_adjacent").items():
+        out[f"{PREFIX}/late_cos_adjacent/{label}"] = _late_cos([by_layer[k] for k in sorted(by_layer)])
+    nonfinite = [float(r["value"]) for r in rows if r["metric"] == "nonfinite_count"]
+    if nonfinite:
+        out[f"{PREFIX}/nonfinite_count"] = sum(nonfinite)
+    return out
