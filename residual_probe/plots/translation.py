@@ -43,9 +43,11 @@ def plot_bleu(table: Sequence[dict], runs: Sequence[dict], path_stem: str | Path
         for gi, (model, warm) in enumerate(groups):
             for pi, p in enumerate(PLACEMENTS):
                 r = by.get((model, warm, p))
-                if r is None:
-                    continue
                 x = gi + (pi - 1) * w
+                if r is None:
+                    if which == "ours":
+                        ax.text(x, 0.02, "not run", ha="center", va="bottom", fontsize=7, color=color(p), rotation=90)
+                    continue
                 if which == "ours":
                     ax.bar(x, r["bleu_mean"], w * 0.9, color=color(p), alpha=0.75,
                            label=label(p) if gi == 0 else None)
