@@ -105,7 +105,7 @@ def plot_curves(curves: Mapping[str, Sequence[dict]], specs: Mapping[str, dict],
             ax.set_xlabel("step")
             ax.set_yscale("log")
             if j == 0:
-                ax.set_ylabel("held-out loss [nats/byte]")
+                ax.set_ylabel("held-out loss [nats/token]")
     axes[0][0].legend(frameon=False, fontsize=8)
     fig.suptitle("Held-out loss (teacher-forced, no label smoothing); one line per seed", fontsize=10)
     fig.tight_layout()
