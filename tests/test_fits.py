@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from residual_probe.analysis import fits as F
+from residual_probe.analysis import theory as T
 
 
 def test_geometric_decay_recovers_rate_and_interval():
@@ -49,7 +50,7 @@ def test_loglog_slope():
 
 def test_gradient_theory_overlay():
     rows = []
-    for p, rate in (("post-ln", 0.5), ("residual", 1.0)):
+    for p, rate in (("post-ln", 0.5), ("residual", 1.0), ("deepnorm", 0.9), ("b2t", 0.9)):
         for seed in range(2):
             for k in range(6):
                 rows.append({"placement": p, "seed": seed, "step": 0, "stack": "decoder", "layer": k,
@@ -59,7 +60,15 @@ def test_gradient_theory_overlay():
                                  "sublayer": s, "param_grad_norm": 1.0})
     curves, verdicts = F.gradient_theory_overlay(rows)
     v = {x["placement"]: x for x in verdicts}
-    assert v["post-ln"]["rate"] == pytest.approx(0.5) and v["post-ln"]["predicted_rate"] == pytest.approx(2**-1.5)
+    # the paper's curve's own rate over these 6 blocks (3 sublayers each), not its asymptote 2^-1.5
+    assert v["post-ln"]["rate"] == pytest.approx(0.5)
+    assert v["post-ln"]["predicted_rate"] == pytest.approx(T.postln_curve_rate(6, 3))
+    assert v["post-ln"]["predicted_rate"] > 2**-1.5 + 0.1
+    # DeepNorm and B2T are not Post-LN for the theory: no source gives them a curve (the old overlay drew Post-LN's)
+    for p in ("deepnorm", "b2t"):
+        assert math.isnan(v[p]["predicted_rate"]) and v[p]["source"] == ""
+        assert all(math.isnan(c["predicted"]) for c in curves if c["placement"] == p)
+    assert "ResiDual" in v["residual"]["source"]
     assert v["residual"]["rate"] == pytest.approx(1.0) and v["residual"]["verdict"].startswith("balanced")
     post = [c for c in curves if c["placement"] == "post-ln"]
     assert post[-1]["predicted"] == pytest.approx(1e-2) and post[-1]["fitted"] == pytest.approx(1e-2)

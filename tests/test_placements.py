@@ -88,7 +88,7 @@ def test_every_block_matches_its_equation(placement, arch):
 
 @pytest.mark.parametrize("placement", sorted(PLACEMENTS))
 def test_stack_start_and_end(placement):
-    """Embedding -> begin -> blocks -> end, with DESIGN.md's end-of-stack column."""
+    """Embedding -> begin -> blocks -> end, with docs/design.md's end-of-stack column."""
     model = tiny(placement)
     stack = model.decoder
     tokens = torch.randint(1, 50, (2, 7))

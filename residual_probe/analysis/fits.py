@@ -52,7 +52,7 @@ def geometric_decay(values, layers=None, n_boot: int = 2000, level: float = 0.95
     """Fit g_k = exp(a) * r^-k to per-layer norms `values` of shape (seeds, layers) or (layers,).
 
     r is the factor per block toward the input (Post-LN's vanishing gives r < 1; the ResiDual
-    paper's Post-LN path predicts 2^(-s/2) for s sublayers per block). The per-layer log norm
+    paper's Post-LN curve has 0.434 per block over 48 blocks of 3 sublayers: theory.postln_curve_rate). The per-layer log norm
     is averaged over seeds (a geometric mean), then a least-squares line in k gives -log r. The interval resamples seeds with replacement (`n_boot` times) and reports
     the `level` percentile interval of r; with one seed it collapses to r.
     """
@@ -119,11 +119,13 @@ def gradient_theory_overlay(rows: list[dict], value: str = "param_grad_norm") ->
     rows: dicts with placement, seed, step, stack, layer, sublayer, and `value` (grad_norms.csv);
     only sublayer == "block" rows are used. For each (placement, stack, step) returns
     - curves: {placement, stack, step, layer, predicted, fitted}: `fitted` the geometric fit;
-      `predicted` the theory through the last block's measured norm: post-ln (and deepnorm,
-      b2t: LN after the residual sum) follow the ResiDual paper's Post-LN path shape
-      (1/2)^(m/2) e^sqrt(m), m in sublayers from the output; every other placement has an
-      identity path to the output, predicted flat (the dual-path / Pre-LN floor);
-    - verdicts: {placement, stack, step, rate, low, high, first_over_last, predicted_rate, verdict}.
+      `predicted` the placement's own predicted profile (`theory.gradient_profile`: Post-LN the
+      ResiDual paper's (1/2)^(m/2) e^sqrt(m), m in sublayers from the output; Pre-LN and ResiDual
+      the identity path's flat floor), through the last block's measured norm; NaN (nothing
+      drawn) for placements no source gives a curve for (DeepNorm, B2T, Sandwich, ...);
+    - verdicts: {placement, stack, step, rate, low, high, first_over_last, predicted_rate,
+      source, verdict}: predicted_rate is the profile's own geometric rate over the same blocks
+      (NaN without a profile).
     """
     groups: dict[tuple, dict[int, dict[int, float]]] = {}
     sublayers: dict[tuple, set] = {}
@@ -141,20 +143,18 @@ def gradient_theory_overlay(rows: list[dict], value: str = "param_grad_norm") ->
         fit = geometric_decay(table, layers)
         n_sub = len(sublayers.get(key, ())) or (3 if stack == "decoder" else 2)
         last = float(np.exp(np.log(table[:, -1]).mean()))
-        if placement in POST_LN_LIKE:
-            m = n_sub * (layers[-1] - np.asarray(layers))
-            pred = last * theory.postln_gradient_shape(m)
-            pred_rate = theory.postln_gradient_rate_per_block(n_sub)
+        profile = theory.gradient_profile(placement)
+        if profile is None:
+            pred = np.full(len(layers), math.nan)
+            pred_rate = math.nan
         else:
-            pred = theory.residual_gradient_floor(layers, last)
-            pred_rate = 1.0
+            pred = profile.curve(layers, n_sub, last)
+            pred_rate = float(np.exp(-np.polyfit(np.asarray(layers, dtype=np.float64), np.log(pred), 1)[0])) \
+                if len(layers) > 1 else math.nan
         for k, p in zip(layers, pred):
             curves.append({"placement": placement, "stack": stack, "step": step, "layer": k,
                            "predicted": float(p), "fitted": float(math.exp(fit.intercept) * fit.rate**-k)})
         verdicts.append({"placement": placement, "stack": stack, "step": step, "rate": fit.rate, "low": fit.low,
                          "high": fit.high, "first_over_last": fit.first_over_last, "predicted_rate": pred_rate,
-                         "verdict": verdict(fit, len(layers))})
+                         "source": profile.source if profile else "", "verdict": verdict(fit, len(layers))})
     return curves, verdicts
-
-
-POST_LN_LIKE = ("post-ln", "deepnorm", "b2t")  # the only path to the output crosses every block's LN

@@ -5,7 +5,7 @@ tensor, computed in at least float32 (half and bfloat16 inputs are upcast, float
 float64), on detached inputs. Norms in denominators are eps-guarded, so zero or constant
 tokens give finite numbers (a zero vector has cosine 0 with anything), never NaN.
 
-Conventions (DESIGN.md, "What is measured"):
+Conventions (docs/design.md, section 2 "What is measured"):
 - per-layer functions take token-wise tensors of shape (..., d): every leading dim is a token,
   and they return a 0-d tensor averaged over tokens;
 - pairwise functions take a stacked subsample H of shape (L, n, d): L layers, the same n tokens.

@@ -3,11 +3,13 @@
 Runs (each seeded, one forward/backward at initialization through the probe):
 - Xiong's statements (Lemma 2, Theorem 1) and the collapse shape on `arch` (default encoder:
   bidirectional self-attention + FFN per block, the lemma's setting), Post-LN and Pre-LN at every
-  depth of the ladder, ResiDual at the largest depth;
-- ResiDual's gradient statements on seq2seq (where DESIGN.md says Post-LN's vanishing shows:
-  the decoder), Post-LN, Pre-LN and ResiDual at the largest depth;
+  depth of the ladder, ResiDual at the largest depth; Lemma 2 also in its own setting (Xiong
+  init, FFN = d) at the largest depth;
+- ResiDual's gradient statements on seq2seq (where docs/design.md says Post-LN's vanishing
+  shows: the decoder), Post-LN, Pre-LN and ResiDual at the largest depth, and its Adam
+  statement on the same Post-LN model's gradients (torch's Adam, the paper's alpha and eps);
 each in Xiong's setting (W^Q = W^K = 0) and with the default (fairseq) initialization.
-The collapse closed forms are checked by Monte-Carlo; the Adam statement with torch's Adam.
+The collapse closed forms are checked by Monte-Carlo. Statements and tolerances: docs/design.md.
 
 Writes bounds.csv (tidy probe rows), bounds_checks.csv (statement, predicted, measured,
 agreement), bounds.json and one figure per statement.
@@ -26,6 +28,8 @@ SETTINGS = ("xiong", "fairseq")
 XIONG_PLACEMENTS = ("post-ln", "pre-ln")
 GRADIENT_PLACEMENTS = ("post-ln", "pre-ln", "residual")
 LADDER = (6, 12, 24, 48, 96)
+ADAM_LR, ADAM_EPS = 1e-4, 1e-6  # the ResiDual paper's example (alpha 1e-4, eps 1e-6)
+ADAM_METRICS = ("grad_rms", "grad_absmax", "param_count", "adam_kappa")
 
 
 class BoundsError(ValueError):
@@ -53,11 +57,11 @@ class BoundsSpec:
             return sorted(set(self.depths))
         return sorted({d for d in LADDER if d < top} | {top})
 
-    def config(self, setting: str, arch: str, placement: str, depth: int):
+    def config(self, setting: str, arch: str, placement: str, depth: int, ffn: int | None = None):
         from ..models import ModelConfig
 
         return ModelConfig(arch=arch, placement=placement, depth=depth, d_model=self.d_model, heads=self.heads,
-                           ffn=self.ffn, init=setting, max_len=max(1024, self.seq_len), **self.extra)
+                           ffn=ffn or self.ffn, init=setting, max_len=max(1024, self.seq_len), **self.extra)
 
     def validate(self) -> None:
         if not self.depths or any(isinstance(d, bool) or not isinstance(d, int) or d < 2 for d in self.depths):
@@ -74,9 +78,52 @@ class BoundsSpec:
             self.config(s, "seq2seq", "pre-ln", max(self.depths))
 
 
-def measure(cfg, seed: int, batch: int, seq_len: int) -> list[dict]:
+def final_ln_inputs(model, rows: list) -> list:
+    """Hooks recording E||x||^2/d at the input of each Post-LN block's last LN (the FFN's norm), the
+    quantity of Xiong et al.'s Lemma 2 (metric `final_ln_input_sq_per_dim`, sublayer "ffn")."""
+    handles = []
+    for stack_name, stack in model.stacks():
+        for blk in stack.layers:
+            def hook(module, args, stack_name=stack_name, k=blk.k):
+                x = args[0].detach().double()
+                rows.append({"step": 0, "stack": stack_name, "layer": k, "sublayer": "ffn", "stream": "x",
+                             "metric": "final_ln_input_sq_per_dim", "value": float(x.pow(2).mean())})
+            handles.append(blk.ffn.norm.register_forward_pre_hook(hook))
+    return handles
+
+
+def adam_conditions(model, lr: float = ADAM_LR, eps: float = ADAM_EPS, rel_step: float = 1e-4) -> list[dict]:
+    """Per block of every stack: gradient RMS, parameter count, and the condition number kappa of
+    torch Adam's first update, measured as the finite difference of the update's norm in the
+    gradient's scale: (||u((1 + h) g)|| - ||u(g)||) / (h * rms(g)), in float64 (theory.py's
+    `adam_update_condition` is its closed form). Metrics `grad_rms`, `grad_absmax`, `param_count`,
+    `adam_kappa`."""
+    import torch
+
+    rows = []
+    for stack_name, stack in model.stacks():
+        for blk in stack.layers:
+            g = torch.cat([p.grad.detach().double().flatten() for p in blk.parameters() if p.grad is not None])
+            norms = []
+            for scale in (1.0, 1.0 + rel_step):
+                w = torch.zeros_like(g, requires_grad=True)
+                opt = torch.optim.Adam([w], lr=lr, eps=eps)
+                w.grad = scale * g
+                opt.step()
+                norms.append(float(w.detach().norm()))
+            rms = float(g.pow(2).mean().sqrt())
+            kappa = (norms[1] - norms[0]) / (rel_step * rms) if rms > 0 else float("nan")
+            for metric, value in (("grad_rms", rms), ("grad_absmax", float(g.abs().max())),
+                                  ("param_count", float(g.numel())), ("adam_kappa", kappa)):
+                rows.append({"step": 0, "stack": stack_name, "layer": blk.k, "sublayer": "block", "stream": "x",
+                             "metric": metric, "value": value})
+    return rows
+
+
+def measure(cfg, seed: int, batch: int, seq_len: int, adam: bool = False) -> list[dict]:
     """One forward/backward at initialization, recorded by the probe: its rows, plus the embedding's
-    E||x_0||^2/d per stack (metric `embed_norm_sq_per_dim`, layer -1) from the token subsample."""
+    E||x_0||^2/d per stack (metric `embed_norm_sq_per_dim`, layer -1) from the token subsample; for
+    Post-LN the inputs of each block's last LN (`final_ln_inputs`); with `adam`, `adam_conditions`."""
     import torch
     import torch.nn.functional as F
 
@@ -89,35 +136,22 @@ def measure(cfg, seed: int, batch: int, seq_len: int) -> list[dict]:
     model = Transformer(cfg)
     b = BatchSource(cfg.arch, batch, seq_len, cfg.vocab_size, seed).next()
     probe = Probe(model, quantities=("param_grad_norm", "w2_grad_norm", "forward_stats", "subsample"), seed=seed)
+    extra: list[dict] = []
+    handles = final_ln_inputs(model, extra) if cfg.placement == "post-ln" else []
     with probe:
         logits = model(*b.inputs)
         F.cross_entropy(logits.flatten(0, 1), b.targets.flatten(), ignore_index=-100).backward()
         probe.step()
-    rows = [r for r in probe.rows() if r["metric"] != "nonfinite_count"]
+    for h in handles:
+        h.remove()
+    rows = [r for r in probe.rows() if r["metric"] != "nonfinite_count"] + extra
+    if adam:
+        rows += adam_conditions(model)
     for (stack, stream), sub in probe.subsamples().items():
         if stream == "x":
             rows.append({"step": 0, "stack": stack, "layer": -1, "sublayer": "embed", "stream": "x",
                          "metric": "embed_norm_sq_per_dim", "value": float(norm_sq_per_dim(sub[0]))})
     return rows
-
-
-def measure_adam(g_healthy: float, g_small, eps: float = 1e-8, steps: int = 3000, seed: int = 0):
-    """Adam's effective step lr/(sqrt(v_hat)+eps) of a coordinate with gradient RMS g_small over one
-    with RMS g_healthy, after `steps` stationary Gaussian gradients (torch.optim.Adam, beta2 0.999:
-    v_hat then averages ~1000 squared samples, so each RMS scatters by ~2 %)."""
-    import numpy as np
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    scale = torch.tensor([g_healthy, *g_small], dtype=torch.float64)
-    w = torch.zeros_like(scale, requires_grad=True)
-    opt = torch.optim.Adam([w], lr=1.0, betas=(0.9, 0.999), eps=eps)
-    for _ in range(steps):
-        w.grad = scale * torch.randn(scale.shape, generator=g, dtype=torch.float64)
-        opt.step()
-    v_hat = opt.state[w]["exp_avg_sq"] / (1 - 0.999**steps)
-    step = 1.0 / (v_hat.sqrt() + eps)
-    return np.asarray((step[1:] / step[0]).tolist())
 
 
 def _select(rows, **where):
@@ -149,17 +183,22 @@ def run_bounds(spec: BoundsSpec, out: str | Path, formats=("png",), progress=Non
     spec.validate()
     out = prepare_out(out)
     ladder, top = spec.depth_ladder(), max(spec.depths)
-    runs = [(s, spec.arch, p, d) for s in spec.settings for p in XIONG_PLACEMENTS for d in ladder]
-    runs += [(s, spec.arch, "residual", top) for s in spec.settings]
-    runs += [(s, "seq2seq", p, top) for s in spec.settings for p in GRADIENT_PLACEMENTS]
+    # (setting label, init, arch, placement, depth, ffn): "lemma" is Xiong's Lemma 2 in its own
+    # setting (Xiong init, square FFN), beside the same statements at the default sizes.
+    runs = [(s, s, spec.arch, p, d, spec.ffn) for s in spec.settings for p in XIONG_PLACEMENTS for d in ladder]
+    if spec.ffn != spec.d_model:
+        runs += [("lemma", "xiong", spec.arch, p, top, spec.d_model) for p in XIONG_PLACEMENTS]
+    runs += [(s, s, spec.arch, "residual", top, spec.ffn) for s in spec.settings]
+    runs += [(s, s, "seq2seq", p, top, spec.ffn) for s in spec.settings for p in GRADIENT_PLACEMENTS]
     advance = progress(len(runs) * spec.seeds) if progress else None
 
     rows, timings, t_all = [], {}, time.perf_counter()
-    for setting, arch, placement, depth in runs:
+    for setting, init, arch, placement, depth, ffn in runs:
         t0 = time.perf_counter()
         for seed in range(spec.seeds):
-            cfg = spec.config(setting, arch, placement, depth)
-            for r in measure(cfg, seed, spec.batch, spec.seq_len):
+            cfg = spec.config(init, arch, placement, depth, ffn)
+            adam = arch == "seq2seq" and placement == "post-ln"
+            for r in measure(cfg, seed, spec.batch, spec.seq_len, adam=adam):
                 rows.append({"setting": setting, "arch": arch, "placement": placement, "depth": depth, "seed": seed,
                              **{k: r[k] for k in ("stack", "layer", "sublayer", "stream", "metric", "value")}})
             if advance:
@@ -170,15 +209,23 @@ def run_bounds(spec: BoundsSpec, out: str | Path, formats=("png",), progress=Non
     xstack = "encoder" if spec.arch == "encoder" else "decoder"
     all_checks, figs = [], []
 
-    # Xiong Lemma 2: block-output norms at the largest depth
+    # Xiong Lemma 2 at the largest depth: Post-LN at the input of each block's last LN, Pre-LN on
+    # the stream; in the lemma's own setting ("lemma": Xiong init, FFN = d) and at the default sizes
     lemma = {}
-    for setting in spec.settings:
-        for p in XIONG_PLACEMENTS:
-            sel = dict(setting=setting, arch=spec.arch, placement=p, depth=top, stack=xstack, stream="x")
-            norm_sq = _table(_select(rows, metric="norm_sq_per_dim", **sel), S, top)
-            v0 = float(np.mean([r["value"] for r in _select(rows, metric="embed_norm_sq_per_dim", **sel)]))
-            all_checks.append(checks.lemma2(f"{setting}/{spec.arch}", p, norm_sq, v0))
-            lemma[(setting, p)] = {"norm_sq": norm_sq, "v0": v0}
+    lemma_settings = (["lemma"] if spec.ffn != spec.d_model else []) + list(spec.settings)
+    for setting in lemma_settings:
+        init = "xiong" if setting == "lemma" else setting
+        ffn = spec.d_model if setting == "lemma" else spec.ffn
+        label = f"{spec.arch}, {init} init, d {spec.d_model}, FFN {ffn}" + (" (the lemma's setting)" if setting == "lemma" else "")
+        sel = dict(setting=setting, arch=spec.arch, depth=top, stack=xstack, stream="x")
+        post = _table(_select(rows, metric="final_ln_input_sq_per_dim", placement="post-ln", **sel), S, top)
+        check, post_data = checks.lemma2_postln(label, post, spec.d_model, ffn, init)
+        all_checks.append(check)
+        norm_sq = _table(_select(rows, metric="norm_sq_per_dim", placement="pre-ln", **sel), S, top)
+        v0 = float(np.mean([r["value"] for r in _select(rows, metric="embed_norm_sq_per_dim", placement="pre-ln", **sel)]))
+        check, pre_data = checks.lemma2_preln(label, norm_sq, v0, spec.d_model, ffn, init)
+        all_checks.append(check)
+        lemma[setting] = {"title": label, "post": post_data, "pre": pre_data}
     figs += plots.plot_lemma2(lemma, top, out / "bounds_lemma2", formats)
 
     # Xiong Theorem 1: last block's W2 gradient against depth
@@ -220,17 +267,23 @@ def run_bounds(spec: BoundsSpec, out: str | Path, formats=("png",), progress=Non
         for p in GRADIENT_PLACEMENTS:
             lnu = _table(_select(rows, setting=setting, arch=spec.arch, placement=p, depth=top, stack=xstack, stream="x",
                                  metric="ln_update"), S, top)
-            all_checks.append(checks.collapse_model(f"{setting}/{spec.arch}", p, lnu))
-            model_lnu[(setting, p)] = lnu
+            rel = _table(_select(rows, setting=setting, arch=spec.arch, placement=p, depth=top, stack=xstack, stream="x",
+                                 metric="relative_update"), S, top)
+            all_checks += checks.collapse_model(f"{setting}/{spec.arch}", p, lnu, rel)
+            model_lnu[(setting, p)] = {"ln_update": lnu, "closed_form": theory.collapse_from_relative_update(rel.mean(0))["ln_update"]}
     figs += plots.plot_collapse(toy, model_lnu, out / "bounds_collapse", formats)
 
-    # ResiDual's Adam argument
-    eps, g_healthy = 1e-8, 1e-2
-    g_small = np.logspace(-14, -3, 12)
-    ratio = measure_adam(g_healthy, g_small, eps)
-    all_checks.append(checks.adam(g_healthy, g_small, ratio, eps))
-    figs += plots.plot_adam(g_healthy, g_small, ratio, theory.adam_step_ratio(g_healthy, g_small, eps), eps,
-                            out / "bounds_adam", formats)
+    # ResiDual's Adam argument: torch Adam's update on the Post-LN seq2seq model's own gradients
+    adam = {}
+    for setting in spec.settings:
+        for stack in ("encoder", "decoder"):
+            sel = dict(setting=setting, arch="seq2seq", placement="post-ln", stack=stack, sublayer="block")
+            t = {m: _table(_select(rows, metric=m, **sel), S, top) for m in ADAM_METRICS}
+            adam[(setting, stack)] = t
+        both = {m: np.concatenate([adam[(setting, st)][m].ravel() for st in ("encoder", "decoder")]) for m in ADAM_METRICS}
+        all_checks.append(checks.adam(f"{setting}/seq2seq N={top}", both["grad_rms"], both["grad_absmax"],
+                                      both["param_count"], both["adam_kappa"], ADAM_LR, ADAM_EPS))
+    figs += plots.plot_adam(adam, ADAM_LR, ADAM_EPS, out / "bounds_adam", formats)
 
     wall = time.perf_counter() - t_all
     check_rows = [c.to_row() for c in all_checks]

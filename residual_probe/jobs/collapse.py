@@ -147,7 +147,8 @@ def verdict(cos: list[float]) -> dict:
         v = "collapsing"
     else:
         v = "no collapse"
-    return {"verdict": v, "late_cos_adjacent": late_cos, "late_over_early_influence": ratio}
+    return {"verdict": v, "late_cos_adjacent": late_cos, "late_over_early_influence": ratio,
+            "blocks": len(cos), "late_from": len(cos) - third}
 
 
 def summarize(label: str, rows: list[dict]) -> list[dict]:
@@ -177,22 +178,12 @@ def overall(summary: list[dict]) -> str:
 # ---- the job -----------------------------------------------------------------------------
 
 
-def labels_for(paths: tuple[str, ...]) -> list[str]:
-    """Shortest path suffixes that tell the models apart: runs/pre-ln/model, runs/post-ln/model
-    -> pre-ln/model, post-ln/model; the same path twice gets #i."""
-    parts = [Path(p).resolve().parts for p in paths]
-    for n in range(1, max(len(q) for q in parts) + 1):
-        names = ["/".join(q[-n:]) for q in parts]
-        if len(set(names)) == len(names):
-            return names
-    return [f"{Path(p).name}#{i}" for i, p in enumerate(paths)]
-
-
 def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress=None) -> dict:
     """Measure every checkpoint, write the tables, JSON and figures; returns the JSON dict."""
     import torch
 
     from ..checkpoints import load_any
+    from ..checkpoints.registry import labels_for
     from ..checkpoints.text import read_fairseq_dict, read_text
     from ..plots.collapse import plot_collapse_curves, plot_norm_growth, plot_similarity
     from ..results import prepare_out, versions, write_csv, write_json

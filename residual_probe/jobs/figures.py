@@ -19,6 +19,7 @@ ANALYSES = (
     "theory_bounds",  # Xiong Lemma 2 and Theorem 1, ResiDual's gradient floor, Adam's condition number
     "training_study",  # training on CPU: warm-up or not, loss, gradients, collapse
     "collapse_theory",  # adjacent cosine / normalized update per layer: closed forms, init, trained
+    "translation_study",  # the paper's E6D6/E12D12 translation grid at CPU scale, and the LM gap explained
 )
 
 

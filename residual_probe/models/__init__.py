@@ -1,4 +1,4 @@
-"""Reference Transformers and the norm placements (DESIGN.md, "Norm placements")."""
+"""Reference Transformers and the norm placements (docs/design.md, section 1 "Norm placements")."""
 
 from .config import ConfigError, ModelConfig
 from .placements import PLACEMENTS, Placement, register

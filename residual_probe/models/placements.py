@@ -37,6 +37,10 @@ class Placement:
     final_norm_eps = 1e-5
     embed_norm = False  # an LN on the embedding output (Peri-LN)
     streams: tuple[str, ...] = ("x",)  # names of the residual streams a block outputs
+    # What a source predicts for the per-block gradient norms at init (analysis/theory.py
+    # GRADIENT_PROFILES): "decay" (ResiDual's Post-LN curve), "floor" (an identity path's lower
+    # bound), or None where no source states one.
+    gradient_profile: str | None = None
 
     def __init__(self, cfg: "ModelConfig", role: str):
         self.cfg, self.role = cfg, role  # role: "encoder" or "decoder"
@@ -75,6 +79,7 @@ class PostLN(Placement):
     """x <- LN(x + F(x))  (Vaswani et al. 2017)."""
 
     name = "post-ln"
+    gradient_profile = "decay"  # Xie et al. 2023, Sec. 4
 
     def sublayer(self, x, f, s, blk):
         return s.norm(x + f(x))
@@ -86,6 +91,7 @@ class PreLN(Placement):
 
     name = "pre-ln"
     final_norm = True
+    gradient_profile = "floor"  # the identity path: Xiong et al. 2020; Xie et al. 2023, Sec. 4
 
     def sublayer(self, x, f, s, blk):
         return x + f(s.norm(x))
@@ -104,6 +110,7 @@ class ResiDual(Placement):
 
     name = "residual"
     final_norm = True
+    gradient_profile = "floor"  # the dual (Pre-LN) path: Xie et al. 2023, Sec. 4
     final_norm_eps = 1e-7
     streams = ("x", "d")
 
@@ -128,6 +135,8 @@ class DeepNorm(Placement):
     """x <- LN(alpha * x + F(x)); beta scales the init of v, out, fc1, fc2 (Wang et al. 2022)."""
 
     name = "deepnorm"
+    # No source states a per-block profile: each sublayer's LN sees alpha*x + F(x), whose factor
+    # alpha / sqrt(alpha^2 + Var F) is near 1 at depth, not Post-LN's 1/sqrt(2).
 
     def __init__(self, cfg, role):
         super().__init__(cfg, role)

@@ -28,24 +28,27 @@ def _band(ax, x, table, c, lab):
 
 
 def plot_lemma2(data: dict, depth: int, path_stem: str | Path, formats=("png",)) -> list[Path]:
-    """data[(setting, placement)] = {"norm_sq": (seeds, N), "v0": float}."""
-    from ..analysis.theory import xiong_lemma2_postln, xiong_lemma2_preln_band
-
+    """data[setting] = {"title", "post": {"values": (seeds, N), "predicted"}, "pre": {"norm_sq": (seeds, N),
+    "v0", "low", "high"}}: one panel per setting, Post-LN at its last LN's input, Pre-LN on the stream."""
     plt = setup()
-    settings = _settings(data)
-    fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 3.8), squeeze=False, layout="constrained")
+    keys = list(data)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.9), squeeze=False, layout="constrained")
     l = np.arange(1, depth + 1)
-    for ax, s in zip(axes[0], settings):
-        for p in ("post-ln", "pre-ln"):
-            d = data[(s, p)]
-            ax.plot(l, d["norm_sq"].mean(0), color=color(p), label=f"{label(p)} measured", lw=1.6, marker=".", ms=3)
-        lo, hi = xiong_lemma2_preln_band(l, data[(s, "pre-ln")]["v0"])
-        ax.fill_between(l, lo, hi, color=color("pre-ln"), alpha=0.12, label="Lemma 2 Pre-LN band v0 + [1/2, 3/2] l")
-        ax.plot(l, xiong_lemma2_postln(l), "--", color="k", lw=0.9, zorder=3, label="Lemma 2 Post-LN (flat, 1 after LN)")
-        ax.set(xlabel="block l (output of block l)", ylabel="E||x_l||^2 / d  (per dimension)", title=SETTING_TITLES[s],
-               yscale="log")
+    for ax, key in zip(axes[0], keys):
+        d = data[key]
+        pre, post = d["pre"], d["post"]
+        ax.fill_between(l, pre["low"], pre["high"], color=color("pre-ln"), alpha=0.15,
+                        label="Pre-LN predicted band" + (" (1 + l/2)..(1 + 3l/2)" if key == "lemma" else " (derived)"))
+        ax.plot(l, pre["norm_sq"].mean(0), color=color("pre-ln"), lw=1.6, marker=".", ms=3,
+                label="Pre-LN measured: stream after block l")
+        ax.plot(l, post["values"].mean(0), color=color("post-ln"), lw=1.6, marker=".", ms=3,
+                label="Post-LN measured: input of block l's last LN")
+        ax.axhline(post["predicted"], ls="--", color="k", lw=0.9,
+                   label=f"Post-LN predicted {post['predicted']:.3g}" + (" (3/2)" if key == "lemma" else ""))
+        ax.set(xlabel="block l", ylabel="E||x||^2 / d  (per dimension)", title=d["title"], yscale="log")
         ax.legend(fontsize=7)
-    fig.suptitle(f"Xiong et al. 2020, Lemma 2: hidden-state norm per block at initialization, depth {depth}")
+    fig.suptitle(f"Xiong et al. 2020, Lemma 2 at initialization, depth {depth}: the lemma's setting "
+                 "(Xiong init, FFN = d) and the default sizes")
     return save(fig, path_stem, formats)
 
 
@@ -86,7 +89,8 @@ def plot_residual_gradient(data: dict, path_stem: str | Path, formats=("png",)) 
                 n = d["grads"].shape[1]
                 _band(ax, np.arange(n), d["grads"], color(p), f"{label(p)} ({d['fit'].rate:.3g}/block)")
                 if p != "pre-ln":
-                    what = "Post-LN path (1/2)^(m/2) e^sqrt(m)" if p == "post-ln" else "dual-path floor (flat)"
+                    what = ("paper's curve C (1/2)^(m/2) e^sqrt(m), C fitted" if p == "post-ln"
+                            else "dual-path floor (flat)")
                     ax.plot(np.arange(n), d["predicted"], "--", color=color(p), label=f"predicted: {what}")
             ax.set(yscale="log", xlabel="block k (0 = input side)", ylabel="||dL/dtheta_k|| (block parameters)",
                    title=f"{stack} of seq2seq, {SETTING_TITLES[s]}")
@@ -117,11 +121,14 @@ def plot_collapse(toy: dict, model: dict, path_stem: str | Path, formats=("png",
                 title="toy model: normalized update", xscale="log", yscale="log")
     for ax, s in zip(axes[2:], settings):
         for p in ("post-ln", "pre-ln", "residual"):
-            t = model[(s, p)]
+            t = model[(s, p)]["ln_update"]
             _band(ax, np.arange(1, t.shape[1] + 1), t, color(p), label(p) + (" x stream (= Post-LN's at init)" if p == "residual" else ""))
-        k = np.arange(1, model[(s, "pre-ln")].shape[1] + 1)
-        ref = model[(s, "pre-ln")].mean(0)[1] * np.sqrt(2 / k)  # k^-1/2 through block 2's value
-        ax.plot(k[1:], ref[1:], "--", color=color("pre-ln"), label="k^-1/2 (shape, through block 2)")
+        pre = model[(s, "pre-ln")]
+        k = np.arange(1, pre["ln_update"].shape[1] + 1)
+        ref = pre["ln_update"].mean(0)[1] * np.sqrt(2 / k)  # k^-1/2 through block 2's value
+        ax.plot(k[1:], ref[1:], "--", color=color("pre-ln"), lw=0.9, label="k^-1/2 (toy asymptote, through block 2)")
+        ax.plot(k[1:], pre["closed_form"][1:], ":", color="k", lw=1.2,
+                label="Pre-LN closed form with its own update sizes r_k")
         ax.set(xscale="log", yscale="log", xlabel="block k", ylabel="E|LN(h_k) - LN(h_{k-1})|",
                title=f"model: {SETTING_TITLES[s]}")
     for ax in axes:
@@ -130,17 +137,31 @@ def plot_collapse(toy: dict, model: dict, path_stem: str | Path, formats=("png",
     return save(fig, path_stem, formats)
 
 
-def plot_adam(g_healthy: float, g_small, measured, predicted, eps: float, path_stem: str | Path,
-              formats=("png",)) -> list[Path]:
-    """Adam's step-size ratio between a vanishing coordinate and a healthy one, against theory."""
+def plot_adam(data: dict, lr: float, eps: float, path_stem: str | Path, formats=("png",)) -> list[Path]:
+    """data[(setting, stack)] = {"grad_rms", "param_count", "adam_kappa"}: (seeds, N) each, Post-LN seq2seq.
+
+    x: a block's gradient RMS over eps; y: torch Adam's measured kappa over the paper's
+    alpha sqrt(n)/eps; the closed form for a block of Gaussian gradients beside it."""
+    from ..analysis.theory import adam_update_condition, residual_adam_condition
+
     plt = setup()
-    fig, ax = plt.subplots(figsize=(5.2, 3.8), layout="constrained")
-    ax.plot(g_small, measured, "o", color=color("post-ln"), label="torch Adam (3000 steps, betas 0.9/0.999)")
-    ax.plot(g_small, predicted, "-", color="k", lw=1, label="(g_healthy + eps) / (g_small + eps)")
-    ax.axhline(g_healthy / eps, ls="--", color=color("residual"), label="alpha sqrt(d) / eps  (g = 0)")
-    ax.axvline(eps, ls=":", color="gray", label=f"eps = {eps:g}")
-    ax.set(xscale="log", yscale="log", xlabel="gradient RMS of the vanishing coordinate g_small",
-           ylabel="effective step ratio (condition number)",
-           title=f"ResiDual's Adam argument (g_healthy = {g_healthy:g})")
+    fig, ax = plt.subplots(figsize=(6, 4.2), layout="constrained")
+    markers = {"xiong": "o", "fairseq": "s"}
+    for (setting, stack), t in sorted(data.items()):
+        x = t["grad_rms"].ravel() / eps
+        y = t["adam_kappa"].ravel() / residual_adam_condition(lr, t["param_count"].ravel(), eps)
+        c = color("post-ln") if stack == "decoder" else color("pre-ln")
+        ax.plot(x, y, markers.get(setting, "o"), color=c, ms=3.5, alpha=0.7, mfc="none" if setting == "xiong" else c,
+                label=f"{stack}, {setting} init (each block, each seed)")
+    z = np.random.default_rng(0).standard_normal(20000)
+    grid = np.logspace(-4, 4, 60)
+    ax.plot(grid, [adam_update_condition(r * eps * z, lr, eps) / residual_adam_condition(lr, len(z), eps) for r in grid],
+            "-", color="k", lw=1, label="closed form, Gaussian gradients")
+    ax.axhline(1.0, ls="--", color=color("residual"), lw=1, label="paper: alpha sqrt(n) / eps")
+    ax.axvline(1.0, ls=":", color="gray", lw=1, label="rms(g) = eps")
+    ax.axvspan(grid[0], 1e-3, color=color("residual"), alpha=0.08, lw=0, label="checked: rms(g) < eps/1000")
+    ax.set(xscale="log", yscale="log", xlabel="block gradient RMS / eps",
+           ylabel="kappa / (alpha sqrt(n) / eps)",
+           title=f"ResiDual's Adam argument on Post-LN seq2seq at init (alpha {lr:g}, eps {eps:g})")
     ax.legend(fontsize=7)
     return save(fig, path_stem, formats)

@@ -22,7 +22,8 @@ def plot_collapse_theory(rows: Sequence[dict], path_stem: str | Path, formats=("
     for i, m in enumerate(metrics):
         for j, col in enumerate(columns):
             ax = axes[i, j]
-            sources = ("theory", "monte-carlo") if col == "toy model" else (col,)
+            sources = (("theory", "monte-carlo") if col == "toy model"
+                       else (col, col + ": closed form with its r_k") if col == "model at init" else (col,))
             for p in placements:
                 for src in sources:
                     sel = sorted((r["layer"], r["value"]) for r in rows
@@ -33,6 +34,8 @@ def plot_collapse_theory(rows: Sequence[dict], path_stem: str | Path, formats=("
                     ks = [k + 1 for k in ks]  # 1-based block index, as in the paper's k
                     if src == "monte-carlo":
                         ax.plot(ks, vs, "o", ms=2.5, color=color(p), alpha=0.6)
+                    elif src.endswith("closed form with its r_k"):
+                        ax.plot(ks, vs, ":", color="k", lw=1.4, label=label(p) + ": closed form with its own r_k")
                     elif src == "theory":
                         ax.plot(ks, vs, "--", color=color(p), lw=1.5, label=label(p) + " (closed form)")
                     else:

@@ -7,7 +7,7 @@ token count at export, so the recorded value is the token mean over all forwards
 A new token-mean statistic is one subclass here, added to TOKEN_STATS, plus its naive per-token
 twin in tests/test_probe_quantities.py.
 
-Definitions (DESIGN.md, "What is measured"; a = h_{k-1}, b = h_k per token, d = width):
+Definitions (docs/design.md, section 2 "What is measured"; a = h_{k-1}, b = h_k per token, d = width):
 - cos_adjacent      cos(a, b)
 - angular_distance  arccos(cos(a, b)) / pi, per token then averaged (Gromov et al. 2024), not
                     arccos of the mean cosine
