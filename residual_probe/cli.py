@@ -39,7 +39,6 @@ OutOpt = Annotated[Path, typer.Option(help="Output folder.")]
 @app.callback()
 def _root() -> None:
     """Diagnose residual connections and norm placement in Transformers."""
-    install_sigterm()
 
 
 # SIGTERM (a cluster's preemption, `kill`) is handled like Ctrl-C: the job stops where it is,
@@ -47,8 +46,11 @@ def _root() -> None:
 _signal_received: list[int] = []
 
 
-def install_sigterm() -> None:
+def install_sigterm():
+    """Handle SIGTERM like Ctrl-C until `restore`; returns the previous handler (None: not installed)."""
     import signal
+
+    _signal_received.clear()
 
     def on_sigterm(signum, frame):
         if _signal_received:  # already stopping: let the job finish saving
@@ -57,9 +59,16 @@ def install_sigterm() -> None:
         raise KeyboardInterrupt
 
     try:
-        signal.signal(signal.SIGTERM, on_sigterm)
+        return signal.signal(signal.SIGTERM, on_sigterm)
     except ValueError:  # not the main thread (an embedding application): leave its handlers alone
-        pass
+        return None
+
+
+def restore_sigterm(previous) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -75,24 +84,28 @@ def user_errors():
     """
     from .errors import UserError
 
-    if os.environ.get("RESIDUAL_PROBE_DEBUG"):
-        yield
-        return
+    previous = install_sigterm()  # for this command only: an embedding process keeps its own handler
     try:
-        yield
-    except typer.Exit:
-        raise
-    except KeyboardInterrupt:
-        if _signal_received:
-            fail("terminated (SIGTERM); files already written are complete", code=143)
-        fail("interrupted; files already written are complete", code=130)
-    except UserError as exc:
-        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        typer.echo(f"internal error: {type(exc).__name__}: {first} (set RESIDUAL_PROBE_DEBUG=1 for the traceback)",
-                   err=True)
-        raise typer.Exit(1)
+        if os.environ.get("RESIDUAL_PROBE_DEBUG"):
+            yield
+            return
+        try:
+            yield
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            if _signal_received:
+                fail("terminated (SIGTERM); files already written are complete", code=143)
+            fail("interrupted; files already written are complete", code=130)
+        except UserError as exc:
+            fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            typer.echo(f"internal error: {type(exc).__name__}: {first} (set RESIDUAL_PROBE_DEBUG=1 for the traceback)",
+                       err=True)
+            raise typer.Exit(1)
+    finally:
+        restore_sigterm(previous)
 
 
 @contextlib.contextmanager
@@ -159,6 +172,24 @@ AllowMissingOpt = Annotated[bool, typer.Option("--allow-missing-weights", help="
 DictOpt = Annotated[Optional[Path], typer.Option("--dict", help="fairseq checkpoints: the dictionary (fairseq's dict.txt) to tokenize --data with: whitespace-split words, </s> after each line; the text must be preprocessed (BPE) as the training data was. Default: UTF-8 bytes shifted past the 4 special ids.")]
 
 
+def invoked_command(ctx: typer.Context) -> str:
+    """The current command as a shell line: its name and every option whose value is not the default."""
+    import shlex
+
+    parts = ["residual-probe", ctx.info_name or ""]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value == param.default or value in ((), []):
+            continue
+        flag = param.opts[0]
+        if getattr(param, "is_flag", False):
+            parts.append(flag)
+        else:
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                parts += [flag, str(v)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
 def echo_data(data: dict) -> None:
     """The tokenization used and every change to the requested data (rounding, short text), on the console."""
     if "tokenization" in data:
@@ -183,7 +214,7 @@ def grad_norms(
     ffn: FfnOpt = 1024,
     seeds: Annotated[int, typer.Option(help="Seeds per placement (0..seeds-1); the figure shades their spread.")] = 3,
     batch: BatchOpt = 8,
-    seq_len: SeqLenOpt = 32,
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per sequence (default 32; 256 with --ckpt).")] = None,
     steps: Annotated[int, typer.Option(help="Adam steps before the last recording (0: at initialization); every step is recorded.")] = 0,
     lr: Annotated[float, typer.Option(help="Adam learning rate (betas 0.9, 0.98 as fairseq).")] = 5e-4,
     warmup: Annotated[int, typer.Option(help="Linear warm-up steps, then inverse-sqrt decay (fairseq); 0: constant lr.")] = 0,
@@ -193,14 +224,40 @@ def grad_norms(
     out: OutOpt = Path("results/grad-norms"),
     format: FormatOpt = "png",
     theory: Annotated[bool, typer.Option("--theory", help="Overlay the predicted per-layer curves, fit each placement's decay rate, print verdicts.")] = False,
+    ckpt: Annotated[Optional[Path], typer.Option(help="Measure a checkpoint instead of reference models (anything `collapse --ckpt` reads); see the data contract below.")] = None,
+    compare: Annotated[Optional[list[Path]], typer.Option(help="With --ckpt: further checkpoints drawn in the same figure (repeatable).")] = None,
+    loss: Annotated[Optional[str], typer.Option(help="With --ckpt: causal-lm, seq2seq or mlm (default: the checkpoint's own head).")] = None,
+    tokens: Annotated[int, typer.Option(help="With --ckpt: tokens of --data to use (floor(N / seq-len) windows).")] = 8192,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="With --ckpt: unpickle with plain torch.load (runs code in the file).")] = False,
+    allow_missing_weights: AllowMissingOpt = False,
+    dict_: DictOpt = None,
+    blocks: Annotated[Optional[str], typer.Option(help="With --ckpt: module-path pattern of the blocks when discovery fails.")] = None,
     force: ForceOpt = False,
 ):
-    """Per-layer gradient norms of reference models, per placement: do gradients vanish with depth?
+    """Per-layer gradient norms: do gradients vanish toward the input?
 
+    Reference models (default): per placement and seed, at initialization or over --steps Adam steps.
     Writes OUT/grad_norms.csv (placement, seed, step, stack, layer, sublayer, param_grad_norm),
     OUT/grad_norms.json (config, versions, seeds, wall times, summary) and OUT/grad_norms.png.
+
+    A checkpoint (--ckpt PATH [--compare PATH ...] [--loss causal-lm|seq2seq|mlm]): one gradient on
+    real text, same three files (placement column = the model's label). Data contract: the first
+    --tokens N tokens of --data (default: CPython's pydoc topics), as the checkpoint's own tokenizer
+    encodes them without special tokens (UTF-8 bytes for our models; --dict for fairseq), cut into
+    floor(N / L) consecutive non-overlapping windows of --seq-len L (default 256 with --ckpt), the
+    rest dropped; the loss is the mean over all predicted positions of all windows, accumulated
+    over batches of --batch windows, one gradient, model in eval mode (dropout off). causal-lm:
+    next token; mlm: 15% of positions masked (seeded); seq2seq: each window is both source and
+    target (a copy task), teacher-forced. Prints the verdict per stack: vanishing or not, the
+    first/last and first/median block ratios, the fitted per-block rate with its interval.
     """
     fmts = formats_option(format)
+    if ckpt is not None:
+        return _grad_norms_ckpt(ckpt, compare, loss, data, tokens, seq_len if seq_len is not None else 256, batch,
+                                trust_pickle, allow_missing_weights, dict_, blocks, out, fmts)
+    if compare or loss:
+        fail("--compare and --loss need --ckpt")
+    seq_len = 32 if seq_len is None else seq_len
     with user_errors(), no_empty_out(out):
         from .jobs.grad_norms import GradNormsSpec, run_grad_norms
 
@@ -222,6 +279,41 @@ def grad_norms(
         if meta["nonfinite_values"]:
             typer.echo(f"warning: {meta['nonfinite_values']} non-finite gradient norms recorded (NaN/inf)", err=True)
         report_files(meta["files"])
+
+
+def _grad_norms_ckpt(ckpt, compare, loss, data, tokens, seq_len, batch, trust_pickle, allow_missing, dict_, blocks,
+                     out, fmts) -> None:
+    with user_errors(), no_empty_out(out):
+        from .jobs.ckpt_grads import CkptGradSpec, run_ckpt_grad_norms
+
+        spec = CkptGradSpec(ckpts=tuple(str(p) for p in [ckpt, *(compare or [])]), loss=loss,
+                            data=str(data) if data else None, tokens=tokens, seq_len=seq_len, batch=batch,
+                            trust_pickle=trust_pickle, allow_missing=allow_missing,
+                            dictionary=str(dict_) if dict_ else None, blocks=blocks)
+        with progress_bar("grad-norms --ckpt") as start:
+            meta = run_ckpt_grad_norms(spec, out, formats=fmts, progress=start)
+        echo_gradient_models(meta["models"])
+        report_files(meta["files"])
+
+
+def echo_gradient_models(models: list[dict]) -> None:
+    for m in models:
+        if "skipped" in m:
+            typer.echo(f"{m['label']}: gradients not measured: {m['skipped']}")
+            continue
+        depth_txt = ", ".join(f"{s} {n}" for s, n in m["depth"].items())
+        typer.echo(f"{m['label']}: {m['family']}, {m['parameters']:,} parameters, width {m['width']}, {depth_txt} blocks; "
+                   f"loss {m['loss']} = {m['mean_loss']:.4f}")
+        typer.echo(f"  placement: {m['placement']} (from block structure; {m['placement_detail']}); norm: {m['norm_type']}")
+        echo_data(m["data"])
+        random = (f"partly random model ({len(m['partly_random'])} weights at random initialization): "
+                  if m["partly_random"] else "")
+        for v in m["verdicts"]:
+            typer.echo(f"  verdict {v['stack']}: {random}{v['verdict']}")
+        for note in m["notes"]:
+            typer.echo(f"  note: {note}")
+        if m["nonfinite_values"]:
+            typer.echo(f"warning: {m['label']}: {m['nonfinite_values']} non-finite gradient norms (NaN/inf)", err=True)
 
 
 @app.command("train")
@@ -411,6 +503,80 @@ def collapse(
             if m["nonfinite_values"]:
                 typer.echo(f"warning: {m['label']}: {m['nonfinite_values']} non-finite values (NaN/inf)", err=True)
         report_files(meta["files"])
+
+
+@app.command("diagnose")
+def diagnose(
+    ctx: typer.Context,
+    ckpt: Annotated[Path, typer.Option(help="Checkpoint: anything `collapse --ckpt` reads.")],
+    compare: Annotated[Optional[list[Path]], typer.Option(help="Further checkpoints drawn in the same figures (repeatable).")] = None,
+    loss: Annotated[Optional[str], typer.Option(help="causal-lm, seq2seq or mlm (default: each checkpoint's own head; a model without one gets the collapse side only).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="UTF-8 text file; default: CPython's pydoc topics.")] = None,
+    tokens: Annotated[int, typer.Option(help="Tokens of --data: floor(N / seq-len) windows.")] = 8192,
+    batch: Annotated[int, typer.Option(help="Windows per forward/backward.")] = 8,
+    seq_len: SeqLenOpt = 256,
+    subsample: Annotated[int, typer.Option(help="Tokens kept per layer for the similarity and CKA matrices.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed for MLM masking and the token subsample.")] = 0,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Unpickle with plain torch.load: runs any code in the file.")] = False,
+    allow_missing_weights: AllowMissingOpt = False,
+    dict_: DictOpt = None,
+    blocks: Annotated[Optional[str], typer.Option(help="Module-path pattern of the blocks when discovery fails.")] = None,
+    out: OutOpt = Path("results/diagnose"),
+):
+    """The whole diagnosis of a checkpoint: do its gradients vanish toward the input, do its layers collapse?
+
+    Runs `grad-norms --ckpt` (where the model has a loss head) and `collapse` on the same data
+    (the data contract of `grad-norms --help`), into OUT/gradients/ and OUT/collapse/, and writes
+    OUT/report.html (one self-contained page: verdicts in plain language with their numbers, the
+    model description, figures embedded, tables, the command, versions and times) and OUT/report.md.
+    """
+    command = invoked_command(ctx)
+    with user_errors(), no_empty_out(out):
+        import csv
+        import time
+
+        from .jobs.ckpt_grads import CkptGradSpec, run_ckpt_grad_norms
+        from .jobs.collapse import CollapseSpec, run_collapse
+        from .report import write_report
+
+        ckpts = tuple(str(p) for p in [ckpt, *(compare or [])])
+        common = dict(ckpts=ckpts, data=str(data) if data else None, tokens=tokens, batch=batch, seq_len=seq_len,
+                      seed=seed, trust_pickle=trust_pickle, allow_missing=allow_missing_weights,
+                      dictionary=str(dict_) if dict_ else None, blocks=blocks)
+        gspec = CkptGradSpec(loss=loss, skip_without_head=loss is None, **common)
+        cspec = CollapseSpec(subsample=subsample, **common)
+        gspec.validate()
+        cspec.validate()
+        t0 = time.perf_counter()
+        with progress_bar("diagnose: gradients") as start:
+            grads = run_ckpt_grad_norms(gspec, Path(out) / "gradients", progress=start)
+        t1 = time.perf_counter()
+        with progress_bar("diagnose: collapse") as start:
+            coll = run_collapse(cspec, Path(out) / "collapse", progress=start)
+        t2 = time.perf_counter()
+
+        def read(path):
+            with open(path, newline="", encoding="utf-8") as fh:
+                return list(csv.DictReader(fh))
+
+        figures = [("Per-block gradient norm (one gradient on the text)", Path(out) / "gradients" / "grad_norms.png"),
+                   ("Adjacent cosine and block influence per block", Path(out) / "collapse" / "collapse_curves.png"),
+                   ("Layer x layer cosine similarity and linear CKA", Path(out) / "collapse" / "similarity.png"),
+                   ("Norm growth and relative update per block", Path(out) / "collapse" / "norm_growth.png")]
+        figures = [(c, p) for c, p in figures if p.is_file()]
+        times = {"gradients": t1 - t0, "collapse": t2 - t1}
+        for m in grads["models"]:
+            for k, v in m.get("times", {}).items():
+                times[f"{m['label']} {k.removesuffix('_s')}"] = v
+        files = write_report(Path(out), grads, coll, read(Path(out) / "gradients" / "grad_norms.csv"),
+                             read(Path(out) / "collapse" / "collapse.csv"), figures, command, times)
+        from .report import verdict_lines
+
+        for label, lines in verdict_lines(grads, coll).items():
+            typer.echo(f"{label}:")
+            for line in lines:
+                typer.echo(f"  {line}")
+        report_files(files)
 
 
 @app.command("plot")

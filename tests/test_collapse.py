@@ -109,7 +109,7 @@ def test_cli_prints_summary_and_rejects_bad_files(saved, tmp_path):
 
 
 def test_labels_tell_models_apart_by_the_shortest_path_suffix(tmp_path):
-    from residual_probe.jobs.collapse import labels_for
+    from residual_probe.checkpoints.registry import labels_for
 
     a, b = tmp_path / "runs" / "pre-ln" / "model", tmp_path / "runs" / "post-ln" / "model"
     assert labels_for((str(a), str(b))) == ["pre-ln/model", "post-ln/model"]

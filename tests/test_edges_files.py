@@ -63,3 +63,11 @@ def test_the_bounds_table_fits_a_terminal():
         assert "…" not in buf.getvalue()  # nothing cut off: long cells wrap
         assert all(sum("fairseq/encoder" in line for line in lines) == 3 for _ in [0])
         assert all(any(p in line for line in lines) for p in ("post-ln", "pre-ln", "residual"))
+
+
+def test_the_sigterm_handler_is_only_installed_while_a_command_runs(tmp_path):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    CliRunner().invoke(app, ["train", *TINY, "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o")])
+    assert signal.getsignal(signal.SIGTERM) is before  # a process embedding the CLI keeps its own handler

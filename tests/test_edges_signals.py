@@ -94,7 +94,7 @@ def test_grad_norms_with_steps_stops_cleanly(tmp_path, sig):
     out = tmp_path / "gn"
     rc, _, stderr = run_and_signal(
         ["grad-norms", "--depth", "2", *TINY, "--seeds", "1", "--batch", "2", "--seq-len", "8", "--steps", "100000",
-         "--out", str(out)], sig, torch_loaded, tmp_path, settle=0.5)
+         "--out", str(out)], sig, torch_loaded, tmp_path, settle=1.5)
     check_stop(rc, stderr, sig, out)
     assert not (out / "grad_norms.json").exists()  # an interrupted grad-norms writes no partial results
 
@@ -104,7 +104,7 @@ def test_bounds_stops_cleanly(tmp_path, sig):
     out = tmp_path / "bounds"
     rc, _, stderr = run_and_signal(
         ["bounds", "--depth", "96", *TINY, "--seeds", "3", "--batch", "2", "--seq-len", "8", "--out", str(out)],
-        sig, torch_loaded, tmp_path, settle=0.5)
+        sig, torch_loaded, tmp_path, settle=1.5)
     check_stop(rc, stderr, sig, out)
     assert not (out / "bounds.json").exists()
 
@@ -127,6 +127,6 @@ def test_collapse_stops_cleanly(tmp_path, sig, tiny_checkpoint):
     out = tmp_path / "collapse"
     rc, _, stderr = run_and_signal(
         ["collapse", "--ckpt", str(tiny_checkpoint), "--tokens", "4000000", "--seq-len", "64", "--batch", "2",
-         "--out", str(out)], sig, torch_loaded, tmp_path, settle=0.5)
+         "--out", str(out)], sig, torch_loaded, tmp_path, settle=1.5)
     check_stop(rc, stderr, sig, out)
     assert not (out / "collapse.json").exists()

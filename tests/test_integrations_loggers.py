@@ -62,6 +62,21 @@ def test_summary_keys_values_and_nan():
     assert summary([]) == {}
 
 
+def test_probe_summary_method():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(arch="decoder", placement="pre-ln", depth=3, d_model=16, heads=2, ffn=32,
+                                    max_len=64))
+    src = BatchSource("decoder", 2, 6, 256, 0)
+    with Probe(model, quantities=("param_grad_norm", "forward_stats")) as probe:
+        assert probe.summary() == {}
+        for _ in range(2):
+            b = src.next()
+            model.zero_grad()
+            torch.nn.functional.cross_entropy(model(*b.inputs).flatten(0, 1), b.targets.flatten()).backward()
+            last = probe.step()
+    assert probe.summary() == summary(last) and "probe/grad_norm/decoder/02" in probe.summary()
+
+
 def test_tensorboard_event_file_read_back(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -19,7 +19,8 @@ SEVERITY = ("collapsed", "collapsing", "no collapse")  # most severe first
 
 def collapse_verdict(cos: list[float]) -> dict:
     """Collapse verdict of one stream from its per-block adjacent cosines (block order):
-    {"verdict", "late_cos_adjacent", "late_over_early_influence"}."""
+    {"verdict", "late_cos_adjacent", "late_over_early_influence", "blocks", "late_from"} (late: blocks
+    late_from.. onward, the last third)."""
     finite = [c for c in cos if math.isfinite(c)]
     if not finite:
         return {"verdict": "unknown (no finite cosines)"}
@@ -35,7 +36,8 @@ def collapse_verdict(cos: list[float]) -> dict:
         v = "collapsing"
     else:
         v = "no collapse"
-    return {"verdict": v, "late_cos_adjacent": late_cos, "late_over_early_influence": ratio}
+    return {"verdict": v, "late_cos_adjacent": late_cos, "late_over_early_influence": ratio,
+            "blocks": len(cos), "late_from": len(cos) - third}
 
 
 def collapse_summary(label: str, rows: list[dict]) -> list[dict]:

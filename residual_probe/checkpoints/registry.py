@@ -87,3 +87,14 @@ def load_any(path: str | Path, trust_pickle: bool = False, allow_missing: bool =
         raise CheckpointError(f"{p}: folder holds neither a residual-probe model nor a Hugging Face model "
                               "(config.json with 'format' or 'model_type')")
     raise CheckpointError(f"{p}: not a checkpoint format residual-probe reads ({', '.join(sorted(FORMATS))})")
+
+
+def labels_for(paths: tuple[str, ...]) -> list[str]:
+    """Shortest path suffixes that tell the models apart: runs/pre-ln/model, runs/post-ln/model
+    -> pre-ln/model, post-ln/model; the same path twice gets #i."""
+    parts = [Path(p).resolve().parts for p in paths]
+    for n in range(1, max(len(q) for q in parts) + 1):
+        names = ["/".join(q[-n:]) for q in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [f"{Path(p).name}#{i}" for i, p in enumerate(paths)]

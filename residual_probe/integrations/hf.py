@@ -27,9 +27,9 @@ What is recorded, and when:
   before it could add its keys).
 - Sink: `<output_dir>/probe.jsonl` by default (process 0 only); `sink=None` for none.
 
-Limits: under fp16 mixed precision with a gradient scaler the recorded gradients include the
-loss scale (a warning says so; bf16 has no scaler); DeepSpeed keeps gradients outside `.grad`
-and is not supported.
+Under fp16 mixed precision the Trainer's gradient scaler is handed to the probe, which divides
+the still-scaled gradients by the loss scale (not exercised by the CPU tests). DeepSpeed keeps
+gradients outside `.grad` and is not supported.
 """
 
 from __future__ import annotations
@@ -144,6 +144,9 @@ class ProbeCallback(TrainerCallback):
             # The Trainer hands callbacks the unwrapped model, so the probe cannot see DDP itself.
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 kwargs_probe["group"] = dist.group.WORLD
+        scaler = getattr(optimizer, "scaler", None)  # accelerate's GradScaler under fp16
+        if "scaler" not in kwargs_probe and scaler is not None and getattr(scaler, "is_enabled", lambda: False)():
+            kwargs_probe["scaler"] = scaler  # the backward just ended: .grad is still scaled; the probe divides
         self.probe = Probe(model, sink=sink, start_step=state.global_step, **kwargs_probe).attach()
         if self.sink_path is not None:
             self._write_run_info(model)
@@ -151,10 +154,6 @@ class ProbeCallback(TrainerCallback):
         self._recorded_step = None
         self._last_rows = []
         self._fresh = False
-        scaler = getattr(optimizer, "scaler", None)
-        if scaler is not None and getattr(scaler, "is_enabled", lambda: True)():
-            warnings.warn("ProbeCallback: fp16 loss scaling is on; recorded gradients include the loss scale "
-                          "(use bf16, or divide by the scale)", stacklevel=2)
         for p in model.parameters():
             if p.requires_grad:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_accumulated))

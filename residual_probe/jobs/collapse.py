@@ -124,17 +124,6 @@ def measure(loaded, batches: list, spec: CollapseSpec, advance: Callable[[], Non
 # ---- the job -----------------------------------------------------------------------------
 
 
-def labels_for(paths: tuple[str, ...]) -> list[str]:
-    """Shortest path suffixes that tell the models apart: runs/pre-ln/model, runs/post-ln/model
-    -> pre-ln/model, post-ln/model; the same path twice gets #i."""
-    parts = [Path(p).resolve().parts for p in paths]
-    for n in range(1, max(len(q) for q in parts) + 1):
-        names = ["/".join(q[-n:]) for q in parts]
-        if len(set(names)) == len(names):
-            return names
-    return [f"{Path(p).name}#{i}" for i, p in enumerate(paths)]
-
-
 def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress=None) -> dict:
     """Measure every checkpoint, write the tables, JSON and figures; returns the JSON dict."""
     import numpy as np
@@ -144,6 +133,7 @@ def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress
     from ..analysis.collapse import COLLAPSED_COS, COLLAPSING_COS, COLLAPSING_RATIO, collapse_summary, overall_verdict
     from ..analysis.theory import collapse_prediction
     from ..checkpoints import load_any
+    from ..checkpoints.registry import labels_for
     from ..checkpoints.text import read_fairseq_dict, read_text
     from ..output import prepare_out, versions, write_csv, write_json
     from ..plots.collapse import plot_collapse_curves, plot_norm_growth, plot_similarity

@@ -397,6 +397,11 @@ class Probe:
         self._collect()
         return list(self._rows)
 
+    def summary(self) -> dict[str, float]:
+        """The last recorded step as a few grouped scalars for any logger (`probe.summary`; needs keep_rows)."""
+        from .summary import summary
+        return summary(self.rows())
+
     def subsamples(self) -> dict[tuple[str, str], torch.Tensor]:
         """{(stack, stream): (n_layers + 1, n_tokens, d) float32} from the last subsampled step.
 

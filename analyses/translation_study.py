@@ -1,0 +1,51 @@
+"""The ResiDual paper's translation experiment at CPU scale: encoder-decoder across depth, placement and warm-up.
+
+The study lives in residual_probe/studies/translation.py; `residual-probe figures --only
+translation_study` runs it like the other analyses. This script adds what a long grid needs:
+    python analyses/translation_study.py [--out figures] [--quick] [--workers 2] [--partial]
+The grid is resumable (rerun the same command after an interruption: finished runs are kept);
+--partial trains nothing and writes the tables, figures and checks from the runs finished so far.
+The checks replace this analysis's rows in OUT/checks.csv and keep the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from dataclasses import asdict
+from pathlib import Path
+
+from residual_probe.studies.translation import run
+
+NAME = "translation_study"
+COLUMNS = ("analysis", "statement", "setting", "placement", "predicted", "measured", "agreement")
+
+
+def write_checks(out: Path, checks) -> None:
+    """OUT/checks.csv with this analysis's rows replaced (written whole, then renamed)."""
+    from residual_probe.output import write_csv
+
+    path = out / "checks.csv"
+    rows = []
+    if path.is_file():
+        with open(path, newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if r.get("analysis") != NAME]
+    write_csv(path, rows + [{"analysis": NAME, **asdict(c)} for c in checks], COLUMNS)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("figures"))
+    ap.add_argument("--quick", action="store_true", help="small sizes, as CI runs it")
+    ap.add_argument("--workers", type=int, default=None, help="runs in parallel (default: 2, quick: 1)")
+    ap.add_argument("--partial", action="store_true", help="train nothing; write results from finished runs")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    checks = run(args.out, args.quick, workers=args.workers, train=not args.partial)
+    write_checks(args.out, checks)
+    for c in checks:
+        print(f"[{c.agreement}] {c.statement} ({c.setting}): predicted {c.predicted}; measured {c.measured}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Verdicts on one checkpoint's gradient profile, in numbers and plain language.
+
+From the whole-block gradient norms g_0..g_{N-1} of one stack (one gradient, one model):
+- first/last = g_0 / g_{N-1} and the per-block rate r come from `fits.geometric_decay` (the one
+  first/last ratio and the one decay fit), the sentence from `fits.verdict` (vanishing when
+  first/last < 1/10, growing when > 10, else balanced);
+- first/median = g_0 / median(g): robust to an unusual last block (a final norm's gradient);
+- r's interval: one model has no seeds to resample, so the 95 % interval is the least-squares
+  slope's t-interval over blocks (scipy.stats.linregress standard error, N - 2 degrees of
+  freedom): it says how well one geometric rate describes the profile, not run-to-run spread.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+LEVEL = 0.95
+
+
+def rate_interval(norms, level: float = LEVEL) -> tuple[float, float]:
+    """(low, high) of the per-block factor r = g_{k-1} / g_k from the slope's t-interval; nan with < 3 blocks."""
+    from scipy import stats
+
+    y = np.log(np.asarray(norms, dtype=np.float64))
+    if y.size < 3:
+        return math.nan, math.nan
+    fit = stats.linregress(np.arange(y.size, dtype=np.float64), y)
+    t = stats.t.ppf(0.5 + level / 2, y.size - 2)
+    lo_slope, hi_slope = fit.slope - t * fit.stderr, fit.slope + t * fit.stderr
+    return float(np.exp(-hi_slope)), float(np.exp(-lo_slope))
+
+
+def gradient_verdict(norms) -> dict:
+    """Numbers and sentence for one stack's per-block gradient norms (block order)."""
+    from .fits import FitError, geometric_decay
+    from .gradients import decay_verdict
+
+    g = np.asarray(norms, dtype=np.float64)
+    out = {"blocks": int(g.size)}
+    try:
+        fit = geometric_decay(g)
+    except FitError as exc:
+        return {**out, "vanishing": None, "verdict": f"not fitted: {exc}"}
+    low, high = rate_interval(g)
+    out.update(first_over_last=fit.first_over_last, first_over_median=float(g[0] / np.median(g)),
+               rate=fit.rate, rate_low=low, rate_high=high, vanishing=fit.first_over_last < 0.1)
+    sentence = decay_verdict(fit, g.size)
+    if math.isfinite(low):
+        sentence += f" ({LEVEL:.0%} interval [{low:.3g}, {high:.3g}] over blocks)"
+    out["verdict"] = sentence + f"; first/median {out['first_over_median']:.3g}"
+    return out
+
+
+def gradient_verdicts(rows: list[dict]) -> list[dict]:
+    """One verdict per (model, stack) from grad_norms.csv-style rows (sublayer == "block")."""
+    series: dict[tuple[str, str], dict[int, float]] = {}
+    for r in rows:
+        if r["sublayer"] == "block":
+            series.setdefault((r["placement"], r["stack"]), {})[int(r["layer"])] = float(r["param_grad_norm"])
+    return [{"model": m, "stack": s, **gradient_verdict([v[k] for k in sorted(v)])}
+            for (m, s), v in series.items()]
+
+
+def collapse_sentence(stream: dict) -> str:
+    """Plain-language line for one stream's collapse summary (jobs.collapse.summarize output)."""
+    cos = stream.get("late_cos_adjacent", math.nan)
+    n = stream.get("blocks")
+    if n and "late_from" in stream:
+        late = f"block {n - 1}" if stream["late_from"] == n - 1 else f"blocks {stream['late_from']}-{n - 1}"
+    else:
+        late = "the last third of the blocks"
+    v = stream["verdict"]
+    if v == "collapsed":
+        verb = "barely changes" if late.startswith("block ") else "barely change"
+        return f"{late} {verb} the representation: adjacent cosine {cos:.3f}"
+    if v == "collapsing":
+        return (f"{late}: the representation changes less and less: adjacent cosine {cos:.3f}, "
+                f"{stream['late_over_early_influence']:.2f} of the early blocks' influence")
+    if v == "no collapse":
+        return f"no collapse: {late} still change the representation (adjacent cosine {cos:.3f})"
+    return v

@@ -1,0 +1,211 @@
+"""`grad-norms --ckpt`: per-block gradient norms of real checkpoints on real text.
+
+For each checkpoint: load it safely (residual_probe.checkpoints), read its placement from its
+block structure, cut the text into windows (checkpoints.text, the data contract), and take one
+gradient of the mean loss over all predicted positions of all windows, accumulated over batches
+of `batch` windows (model in eval mode: dropout off; gradients on). The probe reads every
+block's parameter-gradient norm from `.grad` after the last batch. Losses:
+- causal-lm: next-token cross-entropy, positions 0..L-2 of each window predict 1..L-1;
+- mlm: 15 % of positions (seeded; at least one per window) replaced by the mask token, predicted;
+- seq2seq: the window is both source and target (a copy task), teacher-forced: the decoder
+  reads [start] + target[:-1] and predicts all L target tokens.
+Writes grad_norms.csv (the reference runs' columns: placement = the model's label, seed 0,
+step 0), grad_norms.json (per model: label, detected placement, norm type, loss, data, verdicts)
+and grad_norms.png.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+CSV_COLUMNS = ("placement", "seed", "step", "stack", "layer", "sublayer", "param_grad_norm")
+MASK_RATE = 0.15
+
+
+@dataclass
+class CkptGradSpec:
+    ckpts: tuple[str, ...]
+    loss: str | None = None  # causal-lm / seq2seq / mlm; None: the checkpoint's own head
+    data: str | None = None  # UTF-8 text file; None: the built-in corpus (CPython's pydoc topics)
+    tokens: int = 8192
+    seq_len: int = 256
+    batch: int = 8
+    seed: int = 0  # MLM masking
+    trust_pickle: bool = False
+    allow_missing: bool = False
+    dictionary: str | None = None  # fairseq dict.txt
+    blocks: str | None = None
+    bare: dict = field(default_factory=dict)
+    skip_without_head: bool = False  # diagnose: a model with no loss head is skipped (listed), not an error
+
+    def validate(self) -> None:
+        from ..checkpoints import LOSSES
+        from ..models import ConfigError
+
+        if not self.ckpts:
+            raise ConfigError("give at least one checkpoint (--ckpt)")
+        if self.loss is not None and self.loss not in LOSSES:
+            raise ConfigError(f"--loss: unknown {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        for name, low in (("tokens", 1), ("batch", 1), ("seq_len", 2)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name.replace('_', '-')}: must be >= {low}, got {getattr(self, name)}")
+
+
+class NoLossHead(ValueError):
+    """The checkpoint defines no loss the user asked for; one line naming the choices."""
+
+
+def choose_loss(loaded, asked: str | None) -> str:
+    from ..checkpoints import LOSSES
+
+    kind = asked or loaded.default_loss
+    if kind is None:
+        raise NoLossHead(f"{loaded.source}: {type(loaded.model).__name__} has no head that defines a loss; "
+                         f"--loss chooses among {', '.join(LOSSES)} for a checkpoint that has such a head "
+                         "(an LM, masked-LM or seq2seq head)")
+    if kind not in loaded.heads:
+        have = ", ".join(loaded.heads) or "none"
+        raise NoLossHead(f"{loaded.source}: --loss {kind} needs a head this model lacks (its heads: {have}; "
+                         f"choices: {', '.join(LOSSES)})")
+    if kind == "mlm" and loaded.mask_id is None:
+        raise NoLossHead(f"{loaded.source}: masked-LM loss needs a mask token, and the folder has no tokenizer "
+                         "that defines one")
+    return kind
+
+
+def loss_batches(loaded, kind: str, windows, batch: int, seed: int) -> tuple[list[tuple[tuple, object]], int]:
+    """[(inputs, targets)] per batch of windows, and the number of predicted positions in all of them.
+
+    targets hold -100 where nothing is predicted; logits(*inputs) align with targets position by position.
+    """
+    import torch
+
+    out = []
+    if kind == "mlm":
+        gen = torch.Generator().manual_seed(seed)
+        masked = torch.rand(windows.shape, generator=gen) < MASK_RATE
+        masked[:, 0] |= ~masked.any(dim=1)  # at least one target per window
+        inputs = windows.masked_fill(masked, loaded.mask_id)
+        targets = windows.masked_fill(~masked, -100)
+        for i, t in zip(inputs.split(batch), targets.split(batch)):
+            out.append(((i,), t))
+    elif kind == "causal-lm":
+        for w in windows.split(batch):
+            # position t predicts token t + 1; the last position predicts nothing
+            out.append(((w,), torch.cat([w[:, 1:], torch.full_like(w[:, :1], -100)], dim=1)))
+    else:  # seq2seq: copy task, teacher-forced
+        for w in windows.split(batch):
+            start = torch.full_like(w[:, :1], loaded.decoder_start_id or 0)
+            out.append(((w, torch.cat([start, w[:, :-1]], dim=1)), w))
+    total = sum(int((t != -100).sum()) for _, t in out)
+    return out, total
+
+
+def accumulate_gradient(loaded, kind: str, batches, total: int, advance=None) -> float:
+    """Backpropagate sum(CE over predicted positions) / total, batch by batch; returns the mean loss."""
+    import torch
+    import torch.nn.functional as F
+
+    head = loaded.heads[kind]
+    loaded.model.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    with torch.enable_grad():
+        for inputs, targets in batches:
+            logits = head(*inputs)  # (B, T, V)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+            (loss / total).backward()
+            loss_sum += float(loss.detach())
+            del logits, loss
+            if advance:
+                advance()
+    return loss_sum / total
+
+
+def model_gradients(loaded, kind: str, windows, batch: int, seed: int = 0, blocks: str | None = None,
+                    advance=None) -> tuple[list[dict], float, list]:
+    """Probe rows (param_grad_norm per block and sublayer) of one gradient, the mean loss, the blocks."""
+    from ..probe import Probe
+
+    for p in loaded.model.parameters():
+        p.requires_grad_(True)
+    batches, total = loss_batches(loaded, kind, windows, batch, seed)
+    probe = Probe(loaded.model, quantities=("param_grad_norm",), blocks=blocks, group=None)
+    with probe:
+        mean_loss = accumulate_gradient(loaded, kind, batches, total, advance)
+        rows = probe.step()
+    loaded.model.zero_grad(set_to_none=True)
+    return [r for r in rows if r["metric"] == "param_grad_norm" and not r["sublayer"].startswith("group:")], \
+        mean_loss, probe.blocks
+
+
+def run_ckpt_grad_norms(spec: CkptGradSpec, out: str | Path, formats=("png",), progress=None) -> dict:
+    """Measure every checkpoint; write grad_norms.csv/.json/.png into `out`; returns the JSON dict."""
+    import torch
+
+    from ..analysis.diagnosis import gradient_verdicts
+    from ..checkpoints import load_any
+    from ..checkpoints.text import read_fairseq_dict, read_text, text_windows
+    from ..plots.diagnosis import plot_checkpoint_gradients
+    from ..probe import find_blocks
+    from ..probe.structure import detect_placement
+    from ..output import prepare_out, versions, write_csv, write_json
+    from ..checkpoints.registry import labels_for
+
+    spec.validate()
+    out = prepare_out(out)
+    text, source = read_text(spec.data)
+    dictionary = read_fairseq_dict(spec.dictionary) if spec.dictionary else None
+    rows, models = [], []
+    t_start = time.perf_counter()
+    for label, path in zip(labels_for(spec.ckpts), spec.ckpts):
+        t0 = time.perf_counter()
+        loaded = load_any(path, trust_pickle=spec.trust_pickle, allow_missing=spec.allow_missing, **spec.bare)
+        if loaded.modality != "text":
+            loaded.heads = {}  # no text loss for a vision model
+        try:
+            kind = choose_loss(loaded, spec.loss)
+        except NoLossHead as exc:
+            if not spec.skip_without_head:
+                raise
+            models.append({"label": label, "source": str(path), "skipped": str(exc), "verdicts": []})
+            continue
+        t1 = time.perf_counter()
+        w = text_windows(loaded, text, spec.tokens, spec.seq_len,
+                         dictionary if loaded.family.startswith("fairseq") else None)
+        with torch.no_grad():
+            found = detect_placement(find_blocks(loaded.model, spec.blocks),
+                                     lambda: loaded.forward(w.ids[:1, : min(8, spec.seq_len)]), loaded.model)
+        advance = progress(math.ceil(w.ids.shape[0] / spec.batch)) if progress else None
+        model_rows, mean_loss, blocks = model_gradients(loaded, kind, w.ids, spec.batch, spec.seed, spec.blocks, advance)
+        t2 = time.perf_counter()
+        table = [{"placement": label, "seed": 0, "step": 0, "stack": r["stack"], "layer": r["layer"],
+                  "sublayer": r["sublayer"], "param_grad_norm": r["value"]} for r in model_rows]
+        depth = {}
+        for b in blocks:
+            depth[b.stack] = max(depth.get(b.stack, 0), b.index + 1)
+        width = getattr(getattr(loaded.model, "config", None), "hidden_size", None) or \
+            getattr(getattr(loaded.model, "cfg", None), "d_model", None)
+        models.append({
+            "label": label, "source": str(path), "family": loaded.family, "placement": found["placement"],
+            "placement_detail": found["detail"], "norm_type": found["norm_type"],
+            "declared_placement": loaded.declared_placement, "loss": kind, "mean_loss": mean_loss,
+            "depth": depth, "width": width, "parameters": loaded.parameters,
+            "partly_random": loaded.missing_weights, "notes": loaded.notes,
+            "data": {**w.info, "batch": spec.batch, "source": source, "messages": w.messages},
+            "verdicts": gradient_verdicts(table),
+            "nonfinite_values": sum(1 for r in table if not math.isfinite(r["param_grad_norm"])),
+            "times": {"load_s": t1 - t0, "gradient_s": t2 - t1},
+        })
+        rows += table
+        del loaded
+    files = [write_csv(out / "grad_norms.csv", rows, CSV_COLUMNS)]
+    if rows:
+        files += plot_checkpoint_gradients(rows, {m["label"]: m for m in models}, out / "grad_norms", formats)
+    meta = {"job": "grad-norms --ckpt", "spec": {**asdict(spec), "ckpts": list(spec.ckpts)}, "models": models,
+            "data_source": source, "versions": versions(), "wall_seconds": round(time.perf_counter() - t_start, 3)}
+    meta["files"] = [str(f) for f in files] + [str(out / "grad_norms.json")]
+    write_json(out / "grad_norms.json", meta)
+    return meta

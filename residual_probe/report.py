@@ -1,0 +1,171 @@
+"""The `diagnose` report: one self-contained HTML page and the same content as Markdown.
+
+Input: the JSON sidecars and tidy tables that `grad-norms --ckpt` and `collapse` wrote (nothing is
+measured or computed here beyond formatting). The HTML embeds every figure as a base64 PNG
+data URI and uses no external resource (no scripts, fonts or style sheets), so it reads offline
+and can be mailed as one file; the Markdown links the PNGs beside it, for terminals and pull
+requests.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+from typing import Sequence
+
+CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th{background:#f4f4f4}td.l,th.l{text-align:left}ul.verdicts li{margin:.3em 0}.warn{color:#b00020;font-weight:600}
+img{max-width:100%;border:1px solid #eee;margin:.5em 0}code,pre{background:#f6f6f6;padding:.1em .3em}pre{padding:.6em;overflow-x:auto}
+.small{color:#666;font-size:.85em}"""
+
+
+def _num(v, fmt: str = ".4g") -> str:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return "nan" if isinstance(v, float) and not math.isfinite(v) else format(v, fmt)
+    return "" if v is None else str(v)
+
+
+def verdict_lines(grads: dict | None, collapse: dict) -> dict[str, list[str]]:
+    """label -> plain-language verdicts with their numbers, the partly-random warning first."""
+    from .analysis.diagnosis import collapse_sentence
+
+    out: dict[str, list[str]] = {}
+    gmodels = {m["label"]: m for m in (grads or {}).get("models", [])}
+    for m in collapse["models"]:
+        lines = []
+        g = gmodels.get(m["label"])
+        missing = m.get("partly_random") or []
+        if missing:
+            lines.append(f"partly random model: {len(missing)} weights are missing from the files and were left at "
+                         f"random initialization ({', '.join(missing[:3])}); every verdict below is about that model")
+        if g is not None and "skipped" in g:
+            lines.append(f"gradients: not measured ({g['skipped']})")
+        elif g is not None:
+            for v in g["verdicts"]:
+                lines.append(f"{v['stack']}: {v['verdict']}")
+        elif grads is not None:
+            lines.append("gradients: not measured (no loss head)")
+        for s in m["streams"]:
+            name = s["stack"] + (f" {s['stream']} stream" if s["stream"] != "x" else "")
+            lines.append(f"{name}: {collapse_sentence(s)}")
+        out[m["label"]] = lines
+    return out
+
+
+def description_rows(grads: dict | None, collapse: dict) -> list[dict]:
+    gmodels = {m["label"]: m for m in (grads or {}).get("models", [])}
+    rows = []
+    for m in collapse["models"]:
+        g = gmodels.get(m["label"], {})
+        rows.append({
+            "model": m["label"], "family": m["family"], "placement (detected)": m["placement"],
+            "detail": m["placement_detail"], "norm type": m.get("norm_type"),
+            "depth": ", ".join(f"{s} {n}" for s, n in m["depth"].items()), "width": m["width"],
+            "parameters": f"{m['parameters']:,}", "loss": g.get("loss", "-"),
+            "mean loss": _num(g.get("mean_loss"), ".4f") if g else "-",
+            "tokens": m["data"].get("tokens"), "tokenization": m["data"].get("tokenization", m["data"].get("kind")),
+        })
+    return rows
+
+
+def per_block_table(rows: Sequence[dict], key: str, value: str, filt) -> tuple[list[str], list[list[str]]]:
+    """A layer x series table: header, then one row per layer."""
+    series: dict[str, dict[int, float]] = {}
+    for r in rows:
+        if filt(r):
+            series.setdefault(key(r), {})[int(r["layer"])] = float(r[value])
+    names = list(series)
+    layers = sorted({k for v in series.values() for k in v})
+    body = [[str(k)] + [_num(series[n][k]) if k in series[n] else "-" for n in names] for k in layers]
+    return ["block"] + names, body
+
+
+def _html_table(header: list[str], body: list[list[str]], left: int = 1) -> str:
+    th = "".join(f"<th class=\"{'l' if i < left else ''}\">{html.escape(h)}</th>" for i, h in enumerate(header))
+    trs = "".join("<tr>" + "".join(f"<td class=\"{'l' if i < left else ''}\">{html.escape(str(c))}</td>"
+                                   for i, c in enumerate(r)) + "</tr>" for r in body)
+    return f"<table><tr>{th}</tr>{trs}</table>"
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> str:
+    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, grads: dict | None, collapse: dict, grad_rows: list[dict], collapse_rows: list[dict],
+                 figures: list[tuple[str, Path]], command: str, times: dict) -> list[Path]:
+    """OUT/report.html and OUT/report.md; `figures` are (caption, png path) pairs; returns the paths."""
+    from .results import write_atomic
+
+    verdicts = verdict_lines(grads, collapse)
+    desc = description_rows(grads, collapse)
+    desc_header = list(desc[0]) if desc else []
+    desc_body = [[str(v) for v in d.values()] for d in desc]
+    tables = []
+    if grad_rows:
+        tables.append(("Per-block gradient norm ‖∂L/∂θ_k‖₂ (whole block), per model and stack",
+                       per_block_table(grad_rows, lambda r: f"{r['placement']} {r['stack']}", "param_grad_norm",
+                                       lambda r: r["sublayer"] == "block")))
+    for metric, caption in (("cos_adjacent", "Adjacent cosine cos(h_{k-1}, h_k) per block (1 = the block changes nothing)"),
+                            ("relative_update", "Relative update ‖h_k − h_{k-1}‖ / ‖h_{k-1}‖ per block")):
+        tables.append((caption, per_block_table(collapse_rows, lambda r: f"{r['model']} {r['stack']} {r['stream']}",
+                                                "value", lambda r, m=metric: r["metric"] == m and int(r["layer"]) >= 0)))
+    versions = collapse.get("versions", {})
+    labels = ", ".join(m["label"] for m in collapse["models"])
+
+    # ---- HTML ----
+    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>residual-probe diagnosis: "
+             f"{html.escape(labels)}</title><style>{CSS}</style></head><body>",
+             f"<h1>residual-probe diagnosis: {html.escape(labels)}</h1>", "<h2>Verdicts</h2>"]
+    for label, lines in verdicts.items():
+        parts.append(f"<h3>{html.escape(label)}</h3><ul class=\"verdicts\">")
+        for line in lines:
+            cls = " class=\"warn\"" if line.startswith("partly random model") else ""
+            parts.append(f"<li{cls}>{html.escape(line)}</li>")
+        parts.append("</ul>")
+    parts += ["<h2>Models</h2>", _html_table(desc_header, desc_body, left=len(desc_header))]
+    notes = [(m["label"], n) for m in collapse["models"] for n in m.get("notes", []) + m["data"].get("messages", [])]
+    if notes:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(label)}: {html.escape(n)}</li>" for label, n in notes) + "</ul>")
+    parts.append("<h2>Figures</h2>")
+    for caption, png in figures:
+        data = base64.b64encode(Path(png).read_bytes()).decode("ascii")
+        parts.append(f"<figure><img alt=\"{html.escape(caption)}\" src=\"data:image/png;base64,{data}\">"
+                     f"<figcaption class=\"small\">{html.escape(caption)}</figcaption></figure>")
+    parts.append("<h2>Numbers</h2>")
+    for caption, (header, body) in tables:
+        parts += [f"<h3>{html.escape(caption)}</h3>", _html_table(header, body)]
+    parts += ["<h2>Run</h2>", f"<pre>{html.escape(command)}</pre>",
+              _html_table(["what", "value"], [[k, _num(v, ".1f") + " s"] for k, v in times.items()]
+                          + [[k, v] for k, v in versions.items()], left=1),
+              "<p class=\"small\">Written by residual-probe diagnose. Thresholds: gradients vanish when block 0's "
+              "norm is under 1/10 of the last block's; collapse from the adjacent cosine of the last third of the "
+              "blocks (collapsed &ge; 0.98; collapsing &ge; 0.9 with under half the early blocks' influence).</p>",
+              "</body></html>"]
+    html_path = write_atomic(out / "report.html", "\n".join(parts))
+
+    # ---- Markdown ----
+    md = [f"# residual-probe diagnosis: {labels}", "", "## Verdicts", ""]
+    for label, lines in verdicts.items():
+        md.append(f"**{label}**")
+        md.append("")
+        md += [f"- {'**' + line + '**' if line.startswith('partly random model') else line}" for line in lines]
+        md.append("")
+    md += ["## Models", "", _md_table(desc_header, desc_body), ""]
+    md += [f"- {label}: {n}" for label, n in notes] + ([""] if notes else [])
+    md += ["## Figures", ""]
+    md += [f"![{caption}]({Path(png).relative_to(out) if Path(png).is_relative_to(out) else png})\n" for caption, png in figures]
+    md += ["## Numbers", ""]
+    for caption, (header, body) in tables:
+        md += [f"### {caption}", "", _md_table(header, body), ""]
+    md += ["## Run", "", "```", command, "```", ""]
+    md += [f"- {k}: {_num(v, '.1f')} s" for k, v in times.items()]
+    md += [f"- {k} {v}" for k, v in versions.items()]
+    md_path = write_atomic(out / "report.md", "\n".join(md) + "\n")
+    return [html_path, md_path]

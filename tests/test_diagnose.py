@@ -1,0 +1,119 @@
+"""diagnose: one self-contained HTML page (parsed here) and a Markdown twin, verdicts first."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from residual_probe.checkpoints import save_model
+from residual_probe.checkpoints.safetensors_io import load_file, save_file
+from residual_probe.cli import app
+from residual_probe.models import ModelConfig, build_model
+
+runner = CliRunner()
+
+
+class Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.links, self.scripts, self.items, self.headings, self.cells = [], [], 0, [], [], []
+        self._tag = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self._tag = tag
+        if tag == "img":
+            self.images.append(a.get("src", ""))
+        if tag in ("link", "iframe", "object", "embed") or (tag == "a" and "href" in a):
+            self.links.append(a)
+        if tag == "script":
+            self.scripts += 1
+        if tag == "style" and a:
+            self.links.append(a)
+
+    def handle_endtag(self, tag):
+        self._tag = None
+
+    def handle_data(self, data):
+        if not data.strip():
+            return
+        if self._tag == "li":
+            self.items.append(data)
+        elif self._tag in ("h1", "h2", "h3"):
+            self.headings.append(data)
+        elif self._tag == "td":
+            self.cells.append(data)
+
+
+def models(tmp_path):
+    paths = []
+    for placement in ("post-ln", "pre-ln"):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(arch="decoder", placement=placement, depth=4, d_model=16, heads=2, ffn=24,
+                                        max_len=64))
+        paths.append(save_model(model, tmp_path / placement))
+    return paths
+
+
+def parse(path):
+    page = Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    return page
+
+
+def test_report_is_self_contained_with_verdicts_first(tmp_path):
+    post, pre = models(tmp_path)
+    out = tmp_path / "d"
+    res = runner.invoke(app, ["diagnose", "--ckpt", str(post), "--compare", str(pre), "--tokens", "128", "--seq-len",
+                              "32", "--subsample", "32", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    page = parse(out / "report.html")
+    assert page.headings[1] == "Verdicts"  # right after the title
+    assert len(page.images) == 4 and all(src.startswith("data:image/png;base64,") for src in page.images)
+    assert page.links == [] and page.scripts == 0
+    text = (out / "report.html").read_text()
+    assert "http://" not in text and "https://" not in text
+    grads = json.loads((out / "gradients" / "grad_norms.json").read_text())
+    coll = json.loads((out / "collapse" / "collapse.json").read_text())
+    for m in grads["models"]:  # every gradient verdict is on the page, with its numbers
+        for v in m["verdicts"]:
+            assert f"{v['stack']}: {v['verdict']}" in page.items
+            assert f"{v['first_over_last']:.2g}" in v["verdict"] or f"{v['first_over_last']:.3g}" in v["verdict"]
+    for m in coll["models"]:
+        for s in m["streams"]:
+            assert any(i.startswith(f"{s['stack']}: ") and f"{s['late_cos_adjacent']:.3f}" in i for i in page.items)
+    # The model description: detected placement, norm type, depth, width, parameters.
+    for expected in ("post-ln", "pre-ln", "layernorm", "decoder 4", "16", "causal-lm"):
+        assert expected in page.cells
+    md = (out / "report.md").read_text()
+    assert md.index("## Verdicts") < md.index("## Models") < md.index("## Figures")
+    assert "](gradients/grad_norms.png)" in md and "```\nresidual-probe diagnose" in md
+
+
+def test_partly_random_model_is_said_first(tmp_path):
+    post, _ = models(tmp_path)
+    tensors, meta = load_file(post / "model.safetensors")
+    del tensors["decoder.layers.3.ffn.norm.weight"]
+    save_file(tensors, post / "model.safetensors", meta)
+    args = ["diagnose", "--ckpt", str(post), "--tokens", "64", "--seq-len", "32", "--subsample", "16",
+            "--out", str(tmp_path / "d")]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "decoder.layers.3.ffn.norm.weight" in res.output
+    assert not (tmp_path / "d" / "report.html").exists()
+    res = runner.invoke(app, args + ["--allow-missing-weights"])
+    assert res.exit_code == 0, res.output
+    page = parse(tmp_path / "d" / "report.html")
+    assert page.items[0].startswith("partly random model: 1 weights")
+    assert "decoder.layers.3.ffn.norm.weight" in page.items[0]
+
+
+@pytest.mark.parametrize("bad,message", [(["--loss", "xyz"], "--loss: unknown 'xyz'"),
+                                          (["--seq-len", "1"], "seq-len: must be >= 2")])
+def test_bad_flags(tmp_path, bad, message):
+    post, _ = models(tmp_path)
+    res = runner.invoke(app, ["diagnose", "--ckpt", str(post), *bad, "--out", str(tmp_path / "d")])
+    assert res.exit_code == 2 and message in res.output
