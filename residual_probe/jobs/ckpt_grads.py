@@ -21,6 +21,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..errors import UserError
+
 CSV_COLUMNS = ("placement", "seed", "step", "stack", "layer", "sublayer", "param_grad_norm")
 MASK_RATE = 0.15
 
@@ -54,7 +56,7 @@ class CkptGradSpec:
                 raise ConfigError(f"{name.replace('_', '-')}: must be >= {low}, got {getattr(self, name)}")
 
 
-class NoLossHead(ValueError):
+class NoLossHead(UserError):
     """The checkpoint defines no loss the user asked for; one line naming the choices."""
 
 
