@@ -101,7 +101,7 @@ def _md_table(header: list[str], body: list[list[str]]) -> str:
 def write_report(out: Path, grads: dict | None, collapse: dict, grad_rows: list[dict], collapse_rows: list[dict],
                  figures: list[tuple[str, Path]], command: str, times: dict) -> list[Path]:
     """OUT/report.html and OUT/report.md; `figures` are (caption, png path) pairs; returns the paths."""
-    from .results import write_atomic
+    from .output import write_atomic
 
     verdicts = verdict_lines(grads, collapse)
     desc = description_rows(grads, collapse)
