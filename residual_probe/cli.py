@@ -425,7 +425,7 @@ def plot(
         picked = tuple(int(s) for s in csv_list(steps))
     except ValueError:
         fail(f"--steps: expected comma-separated integers, got {steps!r}")
-    with user_errors():
+    with user_errors(), no_empty_out(out):
         from .jobs.plot import run_plot
 
         meta = run_plot(run, out, steps=picked or None, placement=placement, formats=fmts)
