@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test figures bench clean
+.PHONY: demo test wheel-check figures bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,12 @@ demo: $(STAMP)
 	$(BIN)/residual-probe grad-norms --out results/demo
 
 test: $(STAMP)
+	$(MAKE) wheel-check
 	$(BIN)/python -m pytest
+
+# The installed wheel in a fresh venv, run from a temporary folder (.ci/wheel-check).
+wheel-check: $(STAMP)
+	.ci/wheel-check $(BIN)/python $(PYTHON)
 
 figures: $(STAMP)
 	$(BIN)/residual-probe figures --out figures
@@ -25,4 +30,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
 
 clean:
-	rm -rf $(VENV) results
+	rm -rf $(VENV) results build

@@ -1,32 +1,10 @@
 """The papers' theory statements against the reference models at initialization.
 
-One set of model measurements serves five figures, so this is one script rather than five:
-- bounds_theorem1.png   the last block's W2 gradient against depth, log-log, with Xiong et al.'s
-                        slopes (0 for Post-LN, -1/2 for Pre-LN)               (issue item 2)
-- bounds_lemma2.png     hidden-state norm growth E||x_l||^2/d against Xiong et al.'s Lemma 2
-                                                                               (issue item 4)
-- bounds_adam.png       Adam's update condition number against gradient scale (ResiDual's
-                        appendix argument, alpha*sqrt(d)/eps)                  (issue item 5)
-- bounds_residual_gradient.png, bounds_collapse.png   ResiDual's gradient floor and collapse shape
-It runs `residual-probe bounds`'s job (residual_probe.jobs.bounds) in both settings, Xiong's
-(W^Q = W^K = 0) and fairseq's initialization, and returns its checks.
+Entry point: the study lives in residual_probe/studies/theory_bounds.py.
+Usage: python analyses/theory_bounds.py [--out figures] [--quick]
 """
 
-from __future__ import annotations
-
-from pathlib import Path
-
-from residual_probe.jobs.bounds import BoundsSpec, run_bounds
-from residual_probe.jobs.figures import script_main
-
-
-def run(out: Path, quick: bool = False) -> list:
-    from residual_probe.analysis.checks import Check
-
-    spec = BoundsSpec(depths=(6, 12, 24), d_model=64, heads=4, ffn=256, seeds=2) if quick else BoundsSpec(depths=(6, 12, 24, 48))
-    meta = run_bounds(spec, out)
-    return [Check(**row) for row in meta["checks"]]
-
+from residual_probe.studies import main
 
 if __name__ == "__main__":
-    script_main(run, __doc__)
+    main("theory_bounds")

@@ -26,13 +26,15 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from .errors import UserError
+
 FLOAT = 4  # bytes: the reference models run in float32
 ROW_BYTES = 700  # one recorded value as a Python dict in the probe, plus the job's copy of it
 SUBSAMPLE_TOKENS = 256  # Probe's default token subsample for pairwise matrices
 MEMORY_ENV = "RESIDUAL_PROBE_MEMORY"  # e.g. "8GiB": the memory to plan for (a cluster job's share)
 
 
-class BudgetError(ValueError):
+class BudgetError(UserError):
     """A run that would not fit in memory; the message is one line meant for the user."""
 
 

@@ -2,7 +2,9 @@
 
 Heavy modules (torch, matplotlib, transformers) are imported inside the commands so that
 `residual-probe --help` answers at once. Every command writes its artifacts under `--out`.
-Errors in the user's input end the command with one line on stderr and exit status 2.
+Errors in the user's input (`residual_probe.errors.UserError`) end the command with one
+`error:` line on stderr and exit status 2; any other exception is a bug and ends with one
+`internal error:` line and exit status 1 (RESIDUAL_PROBE_DEBUG=1 shows the traceback).
 """
 
 from __future__ import annotations
@@ -67,10 +69,12 @@ def fail(message: str, code: int = 2) -> None:
 
 @contextlib.contextmanager
 def user_errors():
-    """Turn the library's user-facing errors (ValueError/OSError subclasses) into one stderr line.
+    """One stderr line for any exception: UserError exit 2, interrupt 130, anything else (a bug) exit 1.
 
     Set RESIDUAL_PROBE_DEBUG=1 to see the traceback instead.
     """
+    from .errors import UserError
+
     if os.environ.get("RESIDUAL_PROBE_DEBUG"):
         yield
         return
@@ -82,10 +86,13 @@ def user_errors():
         if _signal_received:
             fail("terminated (SIGTERM); files already written are complete", code=143)
         fail("interrupted; files already written are complete", code=130)
-    except (ValueError, OSError) as exc:
+    except UserError as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    except Exception as exc:  # an internal error: still one line, with a way to see more
-        fail(f"internal error ({type(exc).__name__}): {exc}; rerun with RESIDUAL_PROBE_DEBUG=1 for details", code=1)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        typer.echo(f"internal error: {type(exc).__name__}: {first} (set RESIDUAL_PROBE_DEBUG=1 for the traceback)",
+                   err=True)
+        raise typer.Exit(1)
 
 
 @contextlib.contextmanager
@@ -269,15 +276,15 @@ def figures(
     quick: Annotated[bool, typer.Option("--quick", help="Small sizes and fewer depths/steps (about 20 s), as CI runs it.")] = False,
     only: Annotated[str, typer.Option(help="Comma-separated analyses to run (default: all).")] = "",
 ):
-    """Regenerate the paper-style figures: run every script in analyses/ and print its checks.
+    """Regenerate the paper-style figures: run every study (residual_probe.studies) and print its checks.
 
-    Each analysis writes OUT/<name>.png and OUT/<name>.csv; all checks (claim, predicted,
+    Each study writes OUT/<name>.png and OUT/<name>.csv; all checks (claim, predicted,
     measured, agreement) go to OUT/checks.csv and OUT/checks.json.
     """
     with user_errors(), no_empty_out(out):
-        from .jobs.figures import run_figures
+        from .studies import run_all
 
-        meta = run_figures(out, quick=quick, only=csv_list(only), echo=typer.echo)
+        meta = run_all(out, quick=quick, only=csv_list(only), echo=typer.echo)
         n_bad = sum(1 for c in meta["checks"] if c["agreement"].startswith("no"))
         typer.echo(f"{len(meta['checks'])} checks, {n_bad} disagree with the claim; wrote {Path(out) / 'checks.csv'}")
 
@@ -448,9 +455,5 @@ def plot(
         report_files(meta["files"])
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
-
-
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    app()

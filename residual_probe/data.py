@@ -16,11 +16,13 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 RESERVED = 0  # decoder start / mask token
 MASK_RATE = 0.15
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Unusable input data; the message is one line meant for the user."""
 
 

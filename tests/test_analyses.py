@@ -10,13 +10,13 @@ import json
 
 import pytest
 
-from residual_probe.jobs.figures import ANALYSES, AnalysisError, run_figures
+from residual_probe.studies import STUDIES, StudyError, run_all
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("figures")
-    meta = run_figures(out, quick=True, echo=lambda line: None)
+    meta = run_all(out, quick=True, echo=lambda line: None)
     return out, meta
 
 
@@ -29,12 +29,12 @@ def agreement(meta, analysis, statement, setting_part="", placement=None):
 
 def test_every_analysis_writes_its_figures_and_checks(quick):
     out, meta = quick
-    assert meta["analyses"] == list(ANALYSES)
+    assert meta["analyses"] == list(STUDIES)
     for name in ("grad_norms_depths", "bounds_theorem1", "bounds_lemma2", "bounds_adam", "training_study_loss",
                  "training_study_grads", "training_study_collapse", "collapse_theory"):
         assert (out / f"{name}.png").stat().st_size > 20_000, name
     rows = list(csv.DictReader(open(out / "checks.csv")))
-    assert {r["analysis"] for r in rows} == set(ANALYSES)
+    assert {r["analysis"] for r in rows} == set(STUDIES)
     assert json.loads((out / "checks.json").read_text())["quick"] is True
 
 
@@ -71,5 +71,5 @@ def test_collapse_and_training(quick):
 
 
 def test_unknown_analysis_is_a_clear_error(tmp_path):
-    with pytest.raises(AnalysisError, match="unknown analysis 'nope'; choose from grad_norms_depths"):
-        run_figures(tmp_path, quick=True, only=("nope",))
+    with pytest.raises(StudyError, match="unknown analysis 'nope'; choose from grad_norms_depths"):
+        run_all(tmp_path, quick=True, only=("nope",))

@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 
 from residual_probe.checkpoints import save_model
 from residual_probe.cli import app
+from residual_probe.analysis.collapse import collapse_verdict
 from residual_probe.checkpoints.text import read_text
-from residual_probe.jobs.collapse import CollapseSpec, make_batches, run_collapse, verdict
+from residual_probe.jobs.collapse import CollapseSpec, make_batches, run_collapse
 from residual_probe.checkpoints import load_any
 from residual_probe.models import ModelConfig, build_model
 
@@ -86,10 +87,10 @@ def test_collapse_outputs_match_a_naive_loop(saved, tmp_path):
 
 def test_verdict_thresholds():
     pre_ln_theory = [math.sqrt(k / (k + 1)) for k in range(1, 61)]
-    assert verdict(pre_ln_theory)["verdict"] == "collapsed"  # late blocks: cos > 0.99
-    assert verdict([0.80, 0.82, 0.90, 0.92, 0.95, 0.955])["verdict"] == "collapsing"
-    assert verdict([0.7, 0.72, 0.69, 0.71, 0.7, 0.7])["verdict"] == "no collapse"
-    assert verdict([float("nan")] * 3)["verdict"].startswith("unknown")
+    assert collapse_verdict(pre_ln_theory)["verdict"] == "collapsed"  # late blocks: cos > 0.99
+    assert collapse_verdict([0.80, 0.82, 0.90, 0.92, 0.95, 0.955])["verdict"] == "collapsing"
+    assert collapse_verdict([0.7, 0.72, 0.69, 0.71, 0.7, 0.7])["verdict"] == "no collapse"
+    assert collapse_verdict([float("nan")] * 3)["verdict"].startswith("unknown")
 
 
 def test_cli_prints_summary_and_rejects_bad_files(saved, tmp_path):

@@ -1,4 +1,4 @@
-"""Fits of analysis.fits on curves with known rates and slopes."""
+"""Fits of analysis.fits (scipy) and the gradient verdicts of analysis.gradients on curves with known rates and slopes."""
 
 import math
 
@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from residual_probe.analysis import fits as F
+from residual_probe.analysis.gradients import decay_verdict, theory_overlay
 
 
 def test_geometric_decay_recovers_rate_and_interval():
@@ -17,15 +18,15 @@ def test_geometric_decay_recovers_rate_and_interval():
     assert fit.rate == pytest.approx(0.88, abs=2e-3)
     assert fit.low < 0.88 < fit.high and fit.high - fit.low < 0.01
     assert fit.first_over_last == pytest.approx(0.88**47, rel=0.1)
-    assert "vanish toward the input" in F.verdict(fit, 48)
+    assert "vanish toward the input" in decay_verdict(fit, 48)
     exact = F.geometric_decay(clean)
     assert exact.rate == pytest.approx(0.88) and exact.low == exact.high == exact.rate
 
 
 def test_verdicts_for_growing_and_balanced_profiles():
     k = np.arange(12)
-    assert "grow toward the input" in F.verdict(F.geometric_decay(1.3 ** (11 - k)), 12)
-    assert F.verdict(F.geometric_decay(1.01 ** (11 - k)), 12).startswith("balanced")
+    assert "grow toward the input" in decay_verdict(F.geometric_decay(1.3 ** (11 - k)), 12)
+    assert decay_verdict(F.geometric_decay(1.01 ** (11 - k)), 12).startswith("balanced")
 
 
 def test_bad_values_raise_fit_error():
@@ -57,7 +58,7 @@ def test_gradient_theory_overlay():
                 for s in ("self_attn", "cross_attn", "ffn"):
                     rows.append({"placement": p, "seed": seed, "step": 0, "stack": "decoder", "layer": k,
                                  "sublayer": s, "param_grad_norm": 1.0})
-    curves, verdicts = F.gradient_theory_overlay(rows)
+    curves, verdicts = theory_overlay(rows)
     v = {x["placement"]: x for x in verdicts}
     assert v["post-ln"]["rate"] == pytest.approx(0.5) and v["post-ln"]["predicted_rate"] == pytest.approx(2**-1.5)
     assert v["residual"]["rate"] == pytest.approx(1.0) and v["residual"]["verdict"].startswith("balanced")

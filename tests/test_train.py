@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 from residual_probe.checkpoints import load_model
 from residual_probe.cli import app
 from residual_probe.data import BatchSource
-from residual_probe.jobs.train import TrainSpec, lr_schedule, run_train
+from residual_probe.jobs.train import TrainSpec, run_train
+from residual_probe.training import lr_schedule
 
 TINY = dict(depth=3, d_model=16, heads=2, ffn=32, batch=4, seq_len=16, steps=6, probe_every=2, eval_every=3)
 
@@ -60,7 +61,7 @@ def test_reloaded_checkpoint_equals_the_trained_model(tmp_path, monkeypatch):
 
 
 def test_interrupt_keeps_everything_written(tmp_path, monkeypatch):
-    import residual_probe.jobs.train as train_mod
+    import residual_probe.training as train_mod
 
     calls = {"n": 0}
     real = train_mod.lm_loss

@@ -7,12 +7,14 @@ in plotting code. The measurement decides: a disagreement is reported with its n
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from . import theory
-from .fits import geometric_decay, loglog_slope
+from .fits import geometric_decay, line_fit, loglog_slope, power_law_scale
+from .summary import geometric_mean
 
 W2_SLOPE_TOL = 0.15  # the issue's acceptance band around Theorem 1's slopes (0 and -1/2)
 POSTLN_FLAT_TOL = 0.01  # |E||h||^2/d - 1| on Post-LN block outputs: LN eps 1e-5 moves it by ~1e-5
@@ -31,6 +33,21 @@ class Check:
     def to_row(self) -> dict:
         return asdict(self)
 
+    def line(self) -> str:
+        """One printable line: [agreement] statement (setting, placement): predicted ...; measured ..."""
+        return (f"[{self.agreement}] {self.statement} ({self.setting}, {self.placement}): "
+                f"predicted {self.predicted}; measured {self.measured}")
+
+
+def agreement(ok: bool) -> str:
+    """The agreement of a pass/fail comparison: "yes" or "no"."""
+    return "yes" if ok else "no"
+
+
+def fmt(x: float, digits: int = 3) -> str:
+    """A measured number for a check's text: `digits` significant digits, "nan" when not finite."""
+    return f"{x:.{digits}g}" if math.isfinite(x) else "nan"
+
 
 def lemma2(setting: str, placement: str, norm_sq: np.ndarray, v0: float) -> Check:
     """Xiong Lemma 2 on block outputs: norm_sq (seeds, N) of E||h_k||^2/d, v0 the embedding's.
@@ -41,8 +58,8 @@ def lemma2(setting: str, placement: str, norm_sq: np.ndarray, v0: float) -> Chec
     mean = norm_sq.mean(0)
     l = np.arange(1, len(mean) + 1)
     if placement == "pre-ln":
-        slope, icpt = np.polyfit(l, mean, 1)
-        r2 = 1 - np.sum((mean - (icpt + slope * l)) ** 2) / max(np.sum((mean - mean.mean()) ** 2), 1e-300)
+        fit = line_fit(l, mean)
+        slope, r2 = fit.slope, fit.r2
         ok = 0.5 <= slope <= 1.5
         return Check("Xiong L2: Pre-LN E||x_l||^2/d grows linearly, +1/2..+3/2 per block", setting, placement,
                      f"v0 + [0.5, 1.5] l (v0={v0:.3g})", f"v0={v0:.3g}, +{slope:.3g} per block, R^2={r2:.3f}",
@@ -57,8 +74,7 @@ def theorem1(setting: str, placement: str, depths, w2: np.ndarray) -> tuple[Chec
     fit = loglog_slope(depths, w2)
     pred = theory.XIONG_W2_SLOPE[placement]
     ok = abs(fit.slope - pred) <= W2_SLOPE_TOL
-    # the O's constant, fitted with the slope held at the prediction: geometric mean of w2 / L^pred
-    scale = float(np.exp(np.mean(np.log(w2) - pred * np.log(np.asarray(depths, dtype=np.float64)))))
+    scale = power_law_scale(depths, w2, pred)  # the O's constant, with the slope held at the prediction
     curve = theory.xiong_w2_curve(depths, placement, scale)
     check = Check(f"Xiong T1: {placement} last-block W2 grad ~ L^{pred:g}", setting, placement,
                   f"slope {pred:g} (+-{W2_SLOPE_TOL})", f"slope {fit.slope:.3f} +- {fit.stderr:.3f}",
@@ -76,7 +92,7 @@ def residual_gradient(setting: str, stack: str, placement: str, grads: np.ndarra
     """
     fit = geometric_decay(grads)
     n = grads.shape[1]
-    mean = np.exp(np.log(grads).mean(0))
+    mean = geometric_mean(grads)  # over seeds, per block
     if placement == "post-ln":
         pred_rate = theory.postln_gradient_rate_per_block(sublayers)
         m = sublayers * (n - 1 - np.arange(n))
@@ -97,6 +113,13 @@ def residual_gradient(setting: str, stack: str, placement: str, grads: np.ndarra
                       f"min/max block norm >= {FLOOR_RATIO}", f"min/max {ratio:.3g}; rate {fit.rate:.3g} per block",
                       "yes" if ratio >= FLOOR_RATIO else "no")
     return check, {"grads": grads, "predicted": curve, "fit": fit}
+
+
+def collapse_toy_rtol(d: int, tokens: int) -> float:
+    """Tolerance of the toy model's Monte-Carlo against the closed forms, width d, `tokens` samples:
+    4 standard errors of a mean of |Gaussian| (relative sd sqrt(pi/2 - 1)) over d * tokens
+    coordinates, plus 2/d for LN's O(1/d) finite-width bias."""
+    return 4 * math.sqrt(math.pi / 2 - 1) / math.sqrt(d * tokens) + 2 / d
 
 
 def collapse_toy(placement: str, measured: dict[str, np.ndarray], predicted: dict[str, np.ndarray], rtol: float) -> Check:

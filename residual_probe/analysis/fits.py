@@ -1,12 +1,14 @@
-"""Fits that turn per-layer measurements into a rate, a slope and a sentence.
+"""Fits that turn per-layer measurements into a rate, a slope or a constant, with their uncertainty.
 
 - `geometric_decay`: per-block factor r of gradient norms, log g_k = a + k log r, with a
-  bootstrap interval over seeds;
-- `loglog_slope`: slope of log y against log x (Xiong's W2 gradient against depth);
-- `verdict`: a plain-language diagnosis of one placement's per-layer gradient profile;
-- `gradient_theory_overlay`: the predicted per-layer curves and verdicts for a grad-norms table.
+  bootstrap interval over seeds (`scipy.stats.bootstrap`);
+- `loglog_slope`: slope of log y against log x with its standard error (`scipy.stats.linregress`;
+  Xiong's W2 gradient against depth, the collapse shape in k);
+- `line_fit`: a straight line with R^2 (Lemma 2's linear norm growth);
+- `power_law_scale`: the constant c of y = c x^p for a known exponent p (`scipy.optimize.curve_fit`
+  in log space): what a theory statement that fixes only a shape leaves to be fitted.
 
-numpy only: these run on exported records, never inside hooks.
+These run on exported records, never inside hooks.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import theory
+from ..errors import UserError
+from .summary import first_over_last
 
 
-class FitError(ValueError):
+class FitError(UserError):
     """Too little or unusable data for a fit; one line for the user."""
 
 
@@ -41,11 +44,10 @@ def _positive_logs(values: np.ndarray) -> np.ndarray:
     return np.log(v)
 
 
-def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Least-squares (slope, intercept) of y on x; y may be (..., n) for many fits at once."""
+def _slopes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least-squares slope of each row of y (..., n) on x (n,)."""
     xc = x - x.mean()
-    slope = (y - y.mean(-1, keepdims=True)) @ xc / (xc @ xc)
-    return slope, y.mean(-1) - slope * x.mean()
+    return (y - y.mean(-1, keepdims=True)) @ xc / (xc @ xc)
 
 
 def geometric_decay(values, layers=None, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> DecayFit:
@@ -53,25 +55,29 @@ def geometric_decay(values, layers=None, n_boot: int = 2000, level: float = 0.95
 
     r is the factor per block toward the input (Post-LN's vanishing gives r < 1; the ResiDual
     paper's Post-LN path predicts 2^(-s/2) for s sublayers per block). The per-layer log norm
-    is averaged over seeds (a geometric mean), then a least-squares line in k gives -log r. The interval resamples seeds with replacement (`n_boot` times) and reports
-    the `level` percentile interval of r; with one seed it collapses to r.
+    is averaged over seeds (a geometric mean), then a least-squares line in k gives -log r.
+    The slope is linear in the data, so it equals the mean of the seeds' own slopes, and its
+    interval is `scipy.stats.bootstrap` of that mean over seeds (`n_boot` resamples, percentile
+    method, `level`); with one seed, or seeds with equal slopes, it collapses to r.
     """
+    from scipy import stats
+
     logs = _positive_logs(values)
     logs = logs[None, :] if logs.ndim == 1 else logs
     n_seeds, n_layers = logs.shape
     if n_layers < 2:
         raise FitError(f"a decay rate needs at least 2 layers, got {n_layers}")
     k = np.arange(n_layers, dtype=np.float64) if layers is None else np.asarray(layers, dtype=np.float64)
-    slope, intercept = _line(k, logs.mean(0))
-    low = high = float(np.exp(-slope))
-    if n_seeds > 1:
-        rng = np.random.default_rng(seed)
-        picks = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
-        boot, _ = _line(k, logs[picks].mean(1))  # (n_boot,)
-        q = (1 - level) / 2
-        low, high = (float(v) for v in np.exp(-np.quantile(boot, [1 - q, q])))
-    ratio = float(np.exp(np.mean(logs[:, 0] - logs[:, -1])))
-    return DecayFit(float(np.exp(-slope)), low, high, float(intercept), ratio, n_seeds)
+    per_seed = _slopes(k, logs)  # (seeds,)
+    slope = float(per_seed.mean())
+    intercept = float(logs.mean() - slope * k.mean())
+    rate = math.exp(-slope)
+    low = high = rate
+    if n_seeds > 1 and np.ptp(per_seed) > 0:
+        ci = stats.bootstrap((per_seed,), np.mean, n_resamples=n_boot, confidence_level=level,
+                             method="percentile", rng=np.random.default_rng(seed)).confidence_interval
+        low, high = math.exp(-ci.high), math.exp(-ci.low)
+    return DecayFit(rate, low, high, intercept, first_over_last(np.exp(logs)), n_seeds)
 
 
 @dataclass(frozen=True)
@@ -84,77 +90,45 @@ class SlopeFit:
 def loglog_slope(x, y) -> SlopeFit:
     """Least-squares slope of log y against log x (both positive); y may be (seeds, len(x)):
     each seed's points enter the fit, so the standard error reflects seed spread too."""
+    from scipy import stats
+
     x = np.asarray(x, dtype=np.float64)
     ly = _positive_logs(y)
-    lx = np.log(x) if np.all(x > 0) else None
-    if lx is None or len(np.unique(x)) < 2:
+    if not np.all(x > 0) or len(np.unique(x)) < 2:
         raise FitError("a log-log slope needs at least 2 distinct positive x values")
-    lx = np.broadcast_to(lx, ly.shape).ravel()
+    lx = np.broadcast_to(np.log(x), ly.shape).ravel()
     ly = ly.ravel()
-    slope, intercept = _line(lx, ly)
-    dof = len(lx) - 2
-    resid = ly - (intercept + slope * lx)
-    stderr = math.sqrt(resid @ resid / dof / np.sum((lx - lx.mean()) ** 2)) if dof > 0 else math.nan
-    return SlopeFit(float(slope), float(intercept), stderr)
+    fit = stats.linregress(lx, ly)
+    stderr = float(fit.stderr) if len(lx) > 2 else math.nan
+    return SlopeFit(float(fit.slope), float(fit.intercept), stderr)
 
 
-def verdict(fit: DecayFit, n_layers: int, factor: float = 10.0) -> str:
-    """One sentence on a per-layer gradient profile: vanishing, growing, or balanced.
+@dataclass(frozen=True)
+class LineFit:
+    slope: float
+    intercept: float
+    r2: float  # coefficient of determination
 
-    `factor`: the first/last ratio beyond which the spread across blocks is named (10x).
+
+def line_fit(x, y) -> LineFit:
+    """Least-squares line y = intercept + slope x (`scipy.stats.linregress`) and its R^2."""
+    from scipy import stats
+
+    fit = stats.linregress(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
+    return LineFit(float(fit.slope), float(fit.intercept), float(fit.rvalue**2))
+
+
+def power_law_scale(x, y, exponent: float) -> float:
+    """The constant c of y = c x^exponent with the exponent held at its predicted value.
+
+    Fitted by `scipy.optimize.curve_fit` on log y = log c + exponent log x, all seeds' points
+    at once (y may be (seeds, len(x))): the least-squares log c is the mean of log(y / x^p),
+    i.e. c is their geometric mean.
     """
-    last = n_layers - 1
-    ratio = fit.first_over_last
-    interval = f"{fit.rate:.3g} per block" + (f" [{fit.low:.3g}, {fit.high:.3g}]" if fit.seeds > 1 else "")
-    if ratio < 1 / factor:
-        return f"gradients vanish toward the input: block 0 gets {ratio:.2g} of block {last}'s norm, {interval}"
-    if ratio > factor:
-        return f"gradients grow toward the input: block 0 gets {ratio:.3g}x block {last}'s norm, {interval}"
-    return f"balanced: block 0 gets {ratio:.3g}x block {last}'s norm, {interval}"
+    from scipy.optimize import curve_fit
 
-
-def gradient_theory_overlay(rows: list[dict], value: str = "param_grad_norm") -> tuple[list[dict], list[dict]]:
-    """Predicted per-layer curves and verdicts for a grad-norms table (the `--theory` overlay).
-
-    rows: dicts with placement, seed, step, stack, layer, sublayer, and `value` (grad_norms.csv);
-    only sublayer == "block" rows are used. For each (placement, stack, step) returns
-    - curves: {placement, stack, step, layer, predicted, fitted}: `fitted` the geometric fit;
-      `predicted` the theory through the last block's measured norm: post-ln (and deepnorm,
-      b2t: LN after the residual sum) follow the ResiDual paper's Post-LN path shape
-      (1/2)^(m/2) e^sqrt(m), m in sublayers from the output; every other placement has an
-      identity path to the output, predicted flat (the dual-path / Pre-LN floor);
-    - verdicts: {placement, stack, step, rate, low, high, first_over_last, predicted_rate, verdict}.
-    """
-    groups: dict[tuple, dict[int, dict[int, float]]] = {}
-    sublayers: dict[tuple, set] = {}
-    for r in rows:
-        key = (r["placement"], r["stack"], int(r["step"]))
-        if r["sublayer"] == "block":
-            groups.setdefault(key, {}).setdefault(int(r["seed"]), {})[int(r["layer"])] = float(r[value])
-        else:
-            sublayers.setdefault(key, set()).add(r["sublayer"])
-    curves, verdicts = [], []
-    for key, by_seed in sorted(groups.items()):
-        placement, stack, step = key
-        layers = sorted(set.intersection(*(set(v) for v in by_seed.values())))
-        table = np.array([[by_seed[s][k] for k in layers] for s in sorted(by_seed)])
-        fit = geometric_decay(table, layers)
-        n_sub = len(sublayers.get(key, ())) or (3 if stack == "decoder" else 2)
-        last = float(np.exp(np.log(table[:, -1]).mean()))
-        if placement in POST_LN_LIKE:
-            m = n_sub * (layers[-1] - np.asarray(layers))
-            pred = last * theory.postln_gradient_shape(m)
-            pred_rate = theory.postln_gradient_rate_per_block(n_sub)
-        else:
-            pred = theory.residual_gradient_floor(layers, last)
-            pred_rate = 1.0
-        for k, p in zip(layers, pred):
-            curves.append({"placement": placement, "stack": stack, "step": step, "layer": k,
-                           "predicted": float(p), "fitted": float(math.exp(fit.intercept) * fit.rate**-k)})
-        verdicts.append({"placement": placement, "stack": stack, "step": step, "rate": fit.rate, "low": fit.low,
-                         "high": fit.high, "first_over_last": fit.first_over_last, "predicted_rate": pred_rate,
-                         "verdict": verdict(fit, len(layers))})
-    return curves, verdicts
-
-
-POST_LN_LIKE = ("post-ln", "deepnorm", "b2t")  # the only path to the output crosses every block's LN
+    x = np.asarray(x, dtype=np.float64)
+    ly = _positive_logs(y)
+    lx = np.broadcast_to(np.log(x), ly.shape).ravel()
+    (log_c,), _ = curve_fit(lambda lx_, log_c: log_c + exponent * lx_, lx, ly.ravel(), p0=[0.0])
+    return float(math.exp(log_c))

@@ -17,11 +17,13 @@ import math
 
 import torch
 
+from ..errors import UserError
+
 EPS = 1e-12  # guards norms; far below any real hidden-state norm, even in float32
 LN_EPS = 1e-5  # LayerNorm eps of the reference models (torch.nn.LayerNorm's default)
 
 
-class MetricError(ValueError):
+class MetricError(UserError):
     """An input no metric can be computed from (wrong shape, too few tokens); one line for the user."""
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..errors import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError):
     """An unusable checkpoint (missing, corrupt, unsupported or unsafe); the message is one line."""

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..models import ConfigError, ModelConfig, Transformer
-from ..results import write_json
+from ..output import write_json
 from .errors import CheckpointError
 from .loaded import LoadedModel, ours
 from .registry import Source, register

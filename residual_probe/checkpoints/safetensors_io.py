@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..output import write_atomic
 from .errors import CheckpointError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -120,7 +119,7 @@ def _check_entry(p: Path, name: str, info, data_len: int):
 
 
 def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write tensors atomically (temporary file, then rename); shared storage must be deduplicated first."""
+    """Write tensors atomically (output.write_atomic); shared storage must be deduplicated first."""
     header: dict = {"__metadata__": dict(metadata or {})}
     blobs, offset = [], 0
     for name, t in tensors.items():
@@ -133,16 +132,11 @@ def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict
         offset += len(data)
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)  # align the data to 8 bytes, as the reference writer does
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
             fh.write(struct.pack("<Q", len(text)))
             fh.write(text)
             for blob in blobs:
                 fh.write(blob)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return write_atomic(path, write)

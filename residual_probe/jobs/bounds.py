@@ -20,6 +20,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..errors import UserError
+
 CSV_COLUMNS = ("setting", "arch", "placement", "depth", "seed", "stack", "layer", "sublayer", "stream", "metric", "value")
 CHECK_COLUMNS = ("statement", "setting", "placement", "predicted", "measured", "agreement")
 SETTINGS = ("xiong", "fairseq")
@@ -28,7 +30,7 @@ GRADIENT_PLACEMENTS = ("post-ln", "pre-ln", "residual")
 LADDER = (6, 12, 24, 48, 96)
 
 
-class BoundsError(ValueError):
+class BoundsError(UserError):
     """Unusable bounds options; one line for the user."""
 
 
@@ -78,21 +80,19 @@ def measure(cfg, seed: int, batch: int, seq_len: int) -> list[dict]:
     """One forward/backward at initialization, recorded by the probe: its rows, plus the embedding's
     E||x_0||^2/d per stack (metric `embed_norm_sq_per_dim`, layer -1) from the token subsample."""
     import torch
-    import torch.nn.functional as F
 
     from ..analysis.metrics import norm_sq_per_dim
     from ..data import BatchSource
     from ..models import Transformer
     from ..probe import Probe
+    from ..training import Trainer
 
     torch.manual_seed(seed)
     model = Transformer(cfg)
     b = BatchSource(cfg.arch, batch, seq_len, cfg.vocab_size, seed).next()
     probe = Probe(model, quantities=("param_grad_norm", "w2_grad_norm", "forward_stats", "subsample"), seed=seed)
     with probe:
-        logits = model(*b.inputs)
-        F.cross_entropy(logits.flatten(0, 1), b.targets.flatten(), ignore_index=-100).backward()
-        probe.step()
+        Trainer(model, probe).step(b, update=False)
     rows = [r for r in probe.rows() if r["metric"] != "nonfinite_count"]
     for (stack, stream), sub in probe.subsamples().items():
         if stream == "x":
@@ -143,8 +143,10 @@ def run_bounds(spec: BoundsSpec, out: str | Path, formats=("png",), progress=Non
 
     from ..analysis import checks, theory
     from ..analysis import metrics as M
+    from ..analysis.collapse import inverse_sqrt_reference
+    from ..analysis.summary import band
+    from ..output import prepare_out, versions, write_csv, write_json
     from ..plots import bounds as plots
-    from ..results import prepare_out, versions, write_csv, write_json
 
     spec.validate()
     out = prepare_out(out)
@@ -178,7 +180,9 @@ def run_bounds(spec: BoundsSpec, out: str | Path, formats=("png",), progress=Non
             norm_sq = _table(_select(rows, metric="norm_sq_per_dim", **sel), S, top)
             v0 = float(np.mean([r["value"] for r in _select(rows, metric="embed_norm_sq_per_dim", **sel)]))
             all_checks.append(checks.lemma2(f"{setting}/{spec.arch}", p, norm_sq, v0))
-            lemma[(setting, p)] = {"norm_sq": norm_sq, "v0": v0}
+            l = np.arange(1, top + 1)
+            curve = theory.xiong_lemma2_preln_band(l, v0) if p == "pre-ln" else theory.xiong_lemma2_postln(l)
+            lemma[(setting, p)] = {"mean": norm_sq.mean(0), "theory": curve}
     figs += plots.plot_lemma2(lemma, top, out / "bounds_lemma2", formats)
 
     # Xiong Theorem 1: last block's W2 gradient against depth
@@ -189,7 +193,7 @@ def run_bounds(spec: BoundsSpec, out: str | Path, formats=("png",), progress=Non
                                     metric="w2_grad_norm")[0]["value"] for d in ladder] for s in range(S)])
             check, data = checks.theorem1(f"{setting}/{spec.arch}", p, ladder, w2)
             all_checks.append(check)
-            thm[(setting, p)] = data
+            thm[(setting, p)] = {**data, "band": band(w2)}
     figs += plots.plot_theorem1(thm, out / "bounds_theorem1", formats)
 
     # ResiDual gradient statements: per-block gradient norms of seq2seq, both stacks
@@ -201,7 +205,7 @@ def run_bounds(spec: BoundsSpec, out: str | Path, formats=("png",), progress=Non
                                    metric="param_grad_norm"), S, top)
                 check, data = checks.residual_gradient(setting, stack, p, g, n_sub)
                 all_checks.append(check)
-                grad[(setting, stack, p)] = data
+                grad[(setting, stack, p)] = {**data, "band": band(g)}
     figs += plots.plot_residual_gradient(grad, out / "bounds_residual_gradient", formats)
 
     # ResiDual collapse: toy Monte-Carlo against closed forms, and the shape on the models
@@ -212,8 +216,7 @@ def run_bounds(spec: BoundsSpec, out: str | Path, formats=("png",), progress=Non
         mc = {m: np.array([fn(X[j - 1], X[j]).item() for j in k]) for m, fn in
               (("cos_adjacent", M.cos_adjacent), ("ln_update", M.ln_update))}
         pred = {m: v for m, v in theory.collapse_prediction(p, k).items() if m in mc}
-        rtol = 4 * math.sqrt(math.pi / 2 - 1) / math.sqrt(spec.collapse_d * spec.collapse_tokens) + 2 / spec.collapse_d
-        all_checks.append(checks.collapse_toy(p, mc, pred, rtol))
+        all_checks.append(checks.collapse_toy(p, mc, pred, checks.collapse_toy_rtol(spec.collapse_d, spec.collapse_tokens)))
         toy[p] = {"mc": mc, "pred": pred}
     model_lnu = {}
     for setting in spec.settings:
@@ -221,7 +224,7 @@ def run_bounds(spec: BoundsSpec, out: str | Path, formats=("png",), progress=Non
             lnu = _table(_select(rows, setting=setting, arch=spec.arch, placement=p, depth=top, stack=xstack, stream="x",
                                  metric="ln_update"), S, top)
             all_checks.append(checks.collapse_model(f"{setting}/{spec.arch}", p, lnu))
-            model_lnu[(setting, p)] = lnu
+            model_lnu[(setting, p)] = {"band": band(lnu), "reference": inverse_sqrt_reference(lnu.mean(0))}
     figs += plots.plot_collapse(toy, model_lnu, out / "bounds_collapse", formats)
 
     # ResiDual's Adam argument

@@ -3,7 +3,7 @@
 For each checkpoint: load it safely (residual_probe.checkpoints), read its placement from the
 block structure, run text through its body with the probe attached (forward statistics reduced
 inside the hooks, one bounded token subsample for the layer x layer matrices), and judge
-collapse from the adjacent cosine of its later blocks. Outputs in `out`:
+collapse from the adjacent cosine of its later blocks (analysis.collapse). Outputs in `out`:
 - collapse.csv    model, stack, layer, stream, metric, value (every per-layer representation metric)
 - similarity.csv  model, stack, stream, metric (cosine / cka), layer_i, layer_j, value
                   (layer -1 is the embedding output, k the output of block k)
@@ -22,12 +22,6 @@ from typing import Any, Callable
 
 CSV_COLUMNS = ("model", "stack", "layer", "stream", "metric", "value")
 SIM_COLUMNS = ("model", "stack", "stream", "metric", "layer_i", "layer_j", "value")
-# Verdict thresholds on the adjacent cosine of the last third of the blocks. A block whose output
-# keeps cos >= 0.98 with its input turns the representation by under 11 degrees: ShortGPT removes
-# such blocks with little loss. "collapsing": later blocks change the stream less than half as
-# much as early ones, the Pre-LN signature (cos_k ~ sqrt(k / (k + 1)) in the toy model).
-COLLAPSED_COS, COLLAPSING_COS, COLLAPSING_RATIO = 0.98, 0.9, 0.5
-REDUNDANT_SHOWN = 3
 
 
 @dataclass
@@ -127,53 +121,6 @@ def measure(loaded, batches: list, spec: CollapseSpec, advance: Callable[[], Non
             "times": {"forward_s": t1 - t0, "similarity_s": t2 - t1}}
 
 
-# ---- summary -----------------------------------------------------------------------------
-
-
-def verdict(cos: list[float]) -> dict:
-    """Collapse verdict of one stream from its per-block adjacent cosines (block order)."""
-    finite = [c for c in cos if math.isfinite(c)]
-    if not finite:
-        return {"verdict": "unknown (no finite cosines)"}
-    third = max(1, len(cos) // 3)
-    early, late = cos[:third], cos[-third:]
-    late_cos = sum(late) / len(late)
-    early_inf = sum(1 - c for c in early) / len(early)
-    late_inf = sum(1 - c for c in late) / len(late)
-    ratio = late_inf / early_inf if early_inf > 0 else math.inf
-    if late_cos >= COLLAPSED_COS:
-        v = "collapsed"
-    elif late_cos >= COLLAPSING_COS and ratio < COLLAPSING_RATIO:
-        v = "collapsing"
-    else:
-        v = "no collapse"
-    return {"verdict": v, "late_cos_adjacent": late_cos, "late_over_early_influence": ratio}
-
-
-def summarize(label: str, rows: list[dict]) -> list[dict]:
-    """Per (stack, stream): verdict and the most redundant blocks (highest adjacent cosine)."""
-    series: dict[tuple[str, str], dict[int, float]] = {}
-    for r in rows:
-        if r["metric"] == "cos_adjacent":
-            series.setdefault((r["stack"], r["stream"]), {})[r["layer"]] = r["value"]
-    out = []
-    for (stack, stream), by_layer in series.items():
-        cos = [by_layer[k] for k in sorted(by_layer)]
-        ranked = sorted((k for k in by_layer if math.isfinite(by_layer[k])), key=lambda k: -by_layer[k])
-        out.append({"model": label, "stack": stack, "stream": stream, **verdict(cos),
-                    "redundant": [{"layer": k, "cos_adjacent": by_layer[k]} for k in ranked[:REDUNDANT_SHOWN]]})
-    return out
-
-
-SEVERITY = ("collapsed", "collapsing", "no collapse")
-
-
-def overall(summary: list[dict]) -> str:
-    """The most severe verdict over the main ("x") streams; ResiDual's d stream is Pre-LN by design."""
-    main = [s["verdict"] for s in summary if s["stream"] == "x" and s["verdict"] in SEVERITY]
-    return min(main, key=SEVERITY.index) if main else "unknown"
-
-
 # ---- the job -----------------------------------------------------------------------------
 
 
@@ -190,12 +137,16 @@ def labels_for(paths: tuple[str, ...]) -> list[str]:
 
 def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress=None) -> dict:
     """Measure every checkpoint, write the tables, JSON and figures; returns the JSON dict."""
+    import numpy as np
+    import pandas as pd
     import torch
 
+    from ..analysis.collapse import COLLAPSED_COS, COLLAPSING_COS, COLLAPSING_RATIO, collapse_summary, overall_verdict
+    from ..analysis.theory import collapse_prediction
     from ..checkpoints import load_any
     from ..checkpoints.text import read_fairseq_dict, read_text
+    from ..output import prepare_out, versions, write_csv, write_json
     from ..plots.collapse import plot_collapse_curves, plot_norm_growth, plot_similarity
-    from ..results import prepare_out, versions, write_csv, write_json
 
     spec.validate()
     out = prepare_out(out)
@@ -227,7 +178,7 @@ def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress
                 values = mats[metric].tolist()
                 sim_rows += [dict(model=label, stack=stack, stream=stream, metric=metric, layer_i=i - 1,
                                   layer_j=j - 1, value=values[i][j]) for i in range(n) for j in range(n)]
-        summary = summarize(label, rows)
+        summary = collapse_summary(label, rows)
         depth = {}
         for b in m["blocks"]:
             depth[b.stack] = max(depth.get(b.stack, 0), b.index + 1)
@@ -236,7 +187,7 @@ def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress
             "label": label, "source": str(path), "family": loaded.family, "modality": loaded.modality,
             "placement": found["placement"], "placement_detail": found["detail"], "norm_type": found["norm_type"],
             "declared_placement": loaded.declared_placement, "depth": depth, "width": width,
-            "parameters": loaded.parameters, "verdict": overall(summary), "streams": summary,
+            "parameters": loaded.parameters, "verdict": overall_verdict(summary), "streams": summary,
             "partly_random": loaded.missing_weights,
             "nonfinite_values": nonfinite, "notes": loaded.notes, "data": data,
             "times": {"load_s": t1 - t0, **m["times"]},
@@ -249,8 +200,11 @@ def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress
                            "collapsing_ratio": COLLAPSING_RATIO}}
     files = [write_csv(out / "collapse.csv", table, CSV_COLUMNS), write_csv(out / "similarity.csv", sim_rows, SIM_COLUMNS)]
     placements = {m["label"]: m["placement"] for m in models}
-    files += plot_collapse_curves(table, placements, out / "collapse_curves", formats)
-    files += plot_similarity(sim_rows, out / "similarity", formats)
+    depth = max((r["layer"] + 1 for r in table if r["metric"] == "cos_adjacent"), default=1)
+    cos = collapse_prediction("pre-ln", np.arange(1, depth + 1))["cos_adjacent"]  # 0-based block k is the toy's k + 1
+    theory = {"cos_adjacent": cos, "block_influence": 1 - cos}
+    files += plot_collapse_curves(table, placements, theory, out / "collapse_curves", formats)
+    files += plot_similarity(pd.DataFrame(sim_rows, columns=SIM_COLUMNS), out / "similarity", formats)
     files += plot_norm_growth(table, placements, out / "norm_growth", formats)
     meta["files"] = [str(f) for f in files] + [str(out / "collapse.json")]
     write_json(out / "collapse.json", meta)

@@ -30,7 +30,7 @@ class GradNormsSpec:
     seq_len: int = 32
     steps: int = 0  # Adam steps; gradients are recorded before each and after the last
     lr: float = 5e-4
-    warmup: int = 0  # linear warm-up steps, then inverse-sqrt decay (jobs.train.lr_schedule)
+    warmup: int = 0  # linear warm-up steps, then inverse-sqrt decay (training.lr_schedule)
     data: str | None = None  # UTF-8 text file (byte tokens); None: synthetic task
     init: str = "fairseq"
     norm: str = "layernorm"
@@ -62,35 +62,27 @@ class GradNormsSpec:
 
 
 def run_one(spec: GradNormsSpec, placement: str, seed: int, text=None, on_step: Callable[[], None] | None = None):
-    """Train/record one (placement, seed); returns (rows, losses). Rows follow CSV_COLUMNS."""
+    """Train/record one (placement, seed); returns (rows, losses). Rows follow CSV_COLUMNS.
+
+    Gradients are recorded at every step 0..steps: before each Adam update and after the last.
+    """
     import torch
-    import torch.nn.functional as F
 
     from ..data import BatchSource
     from ..models import Transformer
     from ..probe import Probe
-    from .train import lr_schedule
+    from ..training import Trainer
 
     torch.manual_seed(seed)
     cfg = spec.model_config(placement)
     model = Transformer(cfg)
     source = BatchSource(cfg.arch, spec.batch, spec.seq_len, cfg.vocab_size, seed, text)
-    opt = torch.optim.Adam(model.parameters(), lr=spec.lr, betas=(0.9, 0.98), eps=1e-8)  # fairseq's betas
     probe = Probe(model, quantities=("param_grad_norm",))
+    trainer = Trainer(model, probe, lr=spec.lr, warmup=spec.warmup)
     rows, losses = [], []
     with probe:
         for step in range(spec.steps + 1):
-            batch = source.next()
-            opt.zero_grad(set_to_none=True)
-            logits = model(*batch.inputs)
-            loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100)
-            loss.backward()
-            probe.step()
-            losses.append(loss.detach())
-            if step < spec.steps:
-                for group in opt.param_groups:
-                    group["lr"] = lr_schedule(step, spec.lr, spec.warmup)
-                opt.step()
+            losses.append(trainer.step(source.next(), update=step < spec.steps))
             if on_step:
                 on_step()
     for r in probe.rows():
@@ -100,60 +92,18 @@ def run_one(spec: GradNormsSpec, placement: str, seed: int, text=None, on_step: 
     return rows, [float(v) for v in torch.stack(losses).tolist()]
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Per (placement, stack, step): mean over seeds of first-block / last-block gradient norm."""
-    import numpy as np
-
-    blocks: dict[tuple, dict[int, list[float]]] = {}
-    for r in rows:
-        if r["sublayer"] == "block":
-            blocks.setdefault((r["placement"], r["stack"], r["step"], r["seed"]), {})[r["layer"]] = r["param_grad_norm"]
-    ratios: dict[tuple, list[float]] = {}
-    for (p, stack, step, seed), by_layer in blocks.items():
-        first, last = by_layer[min(by_layer)], by_layer[max(by_layer)]
-        ratios.setdefault((p, stack, step), []).append(first / last if last > 0 else math.nan)
-    return [
-        {"placement": p, "stack": stack, "step": step, "first_over_last": float(np.exp(np.mean(np.log(v)))),
-         "seeds": len(v)}
-        for (p, stack, step), v in sorted(ratios.items())
-    ]
-
-
-def theory_overlay(rows: list[dict], step: int):
-    """Theory curves and verdicts at `step` (analysis.fits), and a plot callback drawing them.
-
-    Profiles with a zero or non-finite norm cannot be fitted on a log scale (ReZero at init has
-    zero gradients in every block but its gate); they get a verdict saying so instead.
-    """
-    from ..analysis.fits import gradient_theory_overlay
-
-    at_step = [r for r in rows if r["step"] == step]
-    bad = {(r["placement"], r["stack"]) for r in at_step
-           if r["sublayer"] == "block" and not (r["param_grad_norm"] > 0 and math.isfinite(r["param_grad_norm"]))}
-    curves, verdicts = gradient_theory_overlay([r for r in at_step if (r["placement"], r["stack"]) not in bad])
-    verdicts += [{"placement": p, "stack": s, "step": step, "verdict": "not fitted: a block has a zero or non-finite norm"}
-                 for p, s in sorted(bad)]
-
-    def overlay(ax, stack, placement, layers):
-        from ..plots.style import color
-
-        sel = [c for c in curves if c["stack"] == stack and c["placement"] == placement]
-        if sel:
-            ks = [c["layer"] for c in sel]
-            ax.plot(ks, [c["predicted"] for c in sel], "--", color=color(placement), lw=1.0, alpha=0.9)
-            ax.plot(ks, [c["fitted"] for c in sel], ":", color=color(placement), lw=1.0, alpha=0.9)
-
-    return verdicts, overlay
-
-
 def run_grad_norms(spec: GradNormsSpec, out: str | Path, formats=("png",), progress=None) -> dict:
     """Run every (placement, seed), write CSV + JSON + figure into `out`; returns the summary dict.
 
     `progress(total)` may return a callable advanced once per recorded step (a progress bar).
     """
+    import pandas as pd
+
+    from ..analysis.gradients import theory_overlay
+    from ..analysis.summary import ratio_by_step, seed_band
     from ..data import read_text_tokens
+    from ..output import prepare_out, versions, write_csv, write_json
     from ..plots.grad_norms import plot_grad_norms
-    from ..results import prepare_out, versions, write_csv, write_json
 
     spec.validate()
     out = prepare_out(out)
@@ -172,21 +122,24 @@ def run_grad_norms(spec: GradNormsSpec, out: str | Path, formats=("png",), progr
     wall = time.perf_counter() - t_all
 
     nonfinite = sum(1 for r in rows if not math.isfinite(r["param_grad_norm"]))
-    summary = summarize(rows)
     csv_path = write_csv(out / "grad_norms.csv", rows, CSV_COLUMNS)
+    df = pd.DataFrame(rows)
+    block = df[df["sublayer"] == "block"]
+    band = seed_band(block[block["step"] == spec.steps], by=["placement", "stack"])
+    ratios = ratio_by_step(block)  # first/last block ratio per placement, stack and step
     title = (f"{spec.arch}, N = {spec.depth} blocks per stack, d = {spec.d_model}, {spec.init} init, "
              f"{spec.seeds} seed(s): line = geometric mean, band = min-max")
-    verdicts, overlay = theory_overlay(rows, spec.steps) if spec.theory else ([], None)
+    curves, verdicts = theory_overlay(df, step=spec.steps) if spec.theory else ([], [])
     if spec.theory:
         title += "\ndashed: theory through the last block (Post-LN path shape / flat floor); dotted: geometric fit"
-    fig_paths = plot_grad_norms(rows, out / "grad_norms", formats=formats, steps=spec.steps, title=title,
-                                overlay=overlay)
+    fig_paths = plot_grad_norms(band, out / "grad_norms", formats=formats, steps=spec.steps, ratios=ratios,
+                                curves=pd.DataFrame(curves) if curves else None, title=title)
     meta = {
         "job": "grad-norms", "spec": asdict(spec),
         "model_configs": {p: spec.model_config(p).to_dict() for p in spec.placements},
         "seeds": list(range(spec.seeds)), "versions": versions(), "wall_seconds": round(wall, 3),
         "run_seconds": timings, "losses": losses, "nonfinite_values": nonfinite,
-        "summary": summary, "verdicts": verdicts, "files": [str(csv_path)] + [str(p) for p in fig_paths],
+        "summary": ratios.to_dict("records"), "verdicts": verdicts, "files": [str(csv_path)] + [str(p) for p in fig_paths],
     }
     json_path = write_json(out / "grad_norms.json", meta)
     meta["files"].append(str(json_path))

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ..errors import UserError
 from ..probe.records import COLUMNS
 from ..probe.summary import stack_label
 
@@ -38,7 +39,7 @@ PRE_LN_STREAMS = {"pre-ln": ("x",), "residual": ("d",)}
 PLACEMENTS = ("post-ln", "pre-ln", "residual", "deepnorm", "sandwich", "peri-ln", "b2t", "mix-ln", "lns", "rezero")
 
 
-class PlotError(ValueError):
+class PlotError(UserError):
     """Unusable input to `plot` (no sink, an empty sink, a file that is not a probe sink); one line."""
 
 

@@ -55,30 +55,18 @@ class TrainSpec:
             raise ConfigError(f"lr: must be a positive number, got {self.lr}")
 
 
-def lr_schedule(step: int, lr: float, warmup: int) -> float:
-    """Linear warm-up over `warmup` steps, then inverse-square-root decay (fairseq's schedule)."""
-    if warmup == 0:
-        return lr
-    return lr * min((step + 1) / warmup, math.sqrt(warmup / (step + 1)))
-
-
-def lm_loss(model, batch):
-    import torch.nn.functional as F
-
-    logits = model(*batch.inputs)
-    return F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100)
-
-
 def run_train(spec: TrainSpec, out: str | Path, progress=None) -> dict:
     """Train, record and save; returns the metadata written to train.json."""
     import torch
 
+    from ..analysis.summary import loss_curves
     from ..checkpoints import save_model
     from ..data import BatchSource, builtin_corpus, read_text_tokens, split_tokens
     from ..models import Transformer
+    from ..output import prepare_out, versions, write_json
     from ..plots.training import plot_losses
     from ..probe import Probe
-    from ..results import prepare_out, versions, write_json
+    from ..training import Trainer
 
     spec.validate()
     out = prepare_out(out)
@@ -90,17 +78,10 @@ def run_train(spec: TrainSpec, out: str | Path, progress=None) -> dict:
     train = BatchSource(cfg.arch, spec.batch, spec.seq_len, cfg.vocab_size, spec.seed, train_text)
     val_batches = [BatchSource(cfg.arch, spec.batch, spec.seq_len, cfg.vocab_size, 10_000 + i, val_text).next()
                    for i in range(4)]  # fixed held-out batches: comparable across steps and runs
-    opt = torch.optim.Adam(model.parameters(), lr=spec.lr, betas=(0.9, 0.98), eps=1e-8)
     probe = Probe(model, quantities=("param_grad_norm", "act_grad_norm", "w2_grad_norm", "forward_stats"),
                   every=spec.probe_every, sink=out / "probe.jsonl")
+    trainer = Trainer(model, probe, lr=spec.lr, warmup=spec.warmup, clip=spec.clip)
     advance = progress(spec.steps) if progress else None
-
-    def validate() -> float:
-        model.eval()
-        with torch.no_grad():
-            loss = sum(float(lm_loss(model, b)) for b in val_batches) / len(val_batches)
-        model.train()
-        return loss
 
     meta = {"job": "train", "spec": asdict(spec), "model_config": cfg.to_dict(), "versions": versions(),
             "parameters": sum(p.numel() for p in model.parameters()), "interrupted": False,
@@ -114,19 +95,10 @@ def run_train(spec: TrainSpec, out: str | Path, progress=None) -> dict:
             with probe:
                 model.train()
                 for step in range(spec.steps):
-                    lr = lr_schedule(step, spec.lr, spec.warmup)
-                    for group in opt.param_groups:
-                        group["lr"] = lr
-                    opt.zero_grad(set_to_none=True)
-                    loss = lm_loss(model, train.next())
-                    loss.backward()
-                    probe.step()  # after backward, before clipping
-                    if spec.clip:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.clip)
-                    opt.step()
-                    train_loss = float(loss.detach())  # one sync per step, for the loss curve
+                    lr = trainer.current_lr()
+                    train_loss = float(trainer.step(train.next()))  # a host sync per step, for the loss curve
                     is_eval = (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps
-                    writer.writerow([step, lr, train_loss, validate() if is_eval else ""])
+                    writer.writerow([step, lr, train_loss, trainer.evaluate(val_batches) if is_eval else ""])
                     fh.flush()
                     if advance:
                         advance()
@@ -138,10 +110,10 @@ def run_train(spec: TrainSpec, out: str | Path, progress=None) -> dict:
         finally:
             meta["steps_done"] = step + 1 if spec.steps else 0
             meta["wall_seconds"] = round(time.perf_counter() - t0, 3)
-            meta["final_val_loss"] = validate() if meta["diverged_at_step"] is None else math.nan
+            meta["final_val_loss"] = trainer.evaluate(val_batches) if meta["diverged_at_step"] is None else math.nan
             save_model(model, out / "model")
             files = [out / "loss.csv", out / "probe.jsonl", out / "model"]
-            files += plot_losses({spec.placement: out / "loss.csv"}, out / "loss")
+            files += plot_losses(loss_curves({spec.placement: out / "loss.csv"}), out / "loss")
             meta["files"] = [str(f) for f in files]
             write_json(out / "train.json", meta)
     if meta["interrupted"]:

@@ -12,12 +12,15 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import UserError
+from .placements import PLACEMENTS
+
 ARCHS = ("decoder", "encoder", "seq2seq")
 NORMS = ("layernorm", "rmsnorm")
 INITS = ("fairseq", "xiong")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """An invalid configuration; the message is one line meant for the user."""
 
 
@@ -52,8 +55,6 @@ class ModelConfig:
     share_all_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        from .placements import PLACEMENTS  # late: placements import this module
-
         def bad(msg: str) -> None:
             raise ConfigError(msg)
 

@@ -66,9 +66,6 @@ class Placement:
     def init_(self, stack: nn.Module) -> None:
         """Placement-specific initialization, applied after the model's own."""
 
-    def describe(self) -> dict:
-        return {"name": self.name}
-
 
 @register
 class PostLN(Placement):
@@ -119,9 +116,6 @@ class ResiDual(Placement):
         x, d = xd
         return self.cfg.alpha * x + stack.final_norm(d)
 
-    def describe(self):
-        return {"name": self.name, "alpha": self.cfg.alpha, "res_input_norm_scale": self.cfg.res_input_norm_scale}
-
 
 @register
 class DeepNorm(Placement):
@@ -144,9 +138,6 @@ class DeepNorm(Placement):
                     lin.weight.mul_(self.beta)
                     if lin.bias is not None:
                         lin.bias.mul_(self.beta)
-
-    def describe(self):
-        return {"name": self.name, "alpha": self.alpha, "beta": self.beta}
 
 
 def deepnorm_scaled(s: nn.Module) -> list[nn.Module]:
@@ -238,9 +229,6 @@ class MixLN(Placement):
         if blk.k < self.switch:
             return s.norm(x + f(x))
         return x + f(s.norm(x))
-
-    def describe(self):
-        return {"name": self.name, "mix_ratio": self.cfg.mix_ratio, "post_ln_blocks": self.switch}
 
 
 @register

@@ -1,7 +1,8 @@
 """Figures of the `bounds` job: theory (dashed) against measurement (solid, seed mean and range).
 
-Each function draws only what it is given (arrays from `jobs.bounds` / `analysis.checks`);
-nothing here computes a metric or decides an agreement. One figure per statement; settings
+Each function draws only what it is given (arrays from `jobs.bounds`, `analysis.checks` and
+`analysis.summary.band`: seed geometric mean and min..max); nothing here computes a metric, a
+theory curve or an agreement. One figure per statement; settings
 (Xiong's W^Q = W^K = 0, default fairseq) side by side.
 """
 
@@ -20,17 +21,16 @@ def _settings(keys) -> list[str]:
     return [s for s in SETTING_TITLES if any(k[0] == s for k in keys)]
 
 
-def _band(ax, x, table, c, lab):
-    """Geometric seed mean (line) and min..max over seeds (shade) of table (seeds, len(x))."""
-    ax.plot(x, np.exp(np.log(table).mean(0)), color=c, label=lab, lw=1.6)
-    if len(table) > 1:
-        ax.fill_between(x, table.min(0), table.max(0), color=c, alpha=0.2, lw=0)
+def _band(ax, x, band: dict, c, lab):
+    """A seed band (analysis.summary.band): center as a line, low..high shaded when seeds > 1."""
+    ax.plot(x, band["center"], color=c, label=lab, lw=1.6)
+    if band["seeds"] > 1:
+        ax.fill_between(x, band["low"], band["high"], color=c, alpha=0.2, lw=0)
 
 
 def plot_lemma2(data: dict, depth: int, path_stem: str | Path, formats=("png",)) -> list[Path]:
-    """data[(setting, placement)] = {"norm_sq": (seeds, N), "v0": float}."""
-    from ..analysis.theory import xiong_lemma2_postln, xiong_lemma2_preln_band
-
+    """data[(setting, placement)] = {"mean": (N,) seed mean of E||x_l||^2/d, "theory": Lemma 2's curve,
+    (N,) for post-ln, (lower, upper) band for pre-ln}."""
     plt = setup()
     settings = _settings(data)
     fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 3.8), squeeze=False, layout="constrained")
@@ -38,10 +38,10 @@ def plot_lemma2(data: dict, depth: int, path_stem: str | Path, formats=("png",))
     for ax, s in zip(axes[0], settings):
         for p in ("post-ln", "pre-ln"):
             d = data[(s, p)]
-            ax.plot(l, d["norm_sq"].mean(0), color=color(p), label=f"{label(p)} measured", lw=1.6, marker=".", ms=3)
-        lo, hi = xiong_lemma2_preln_band(l, data[(s, "pre-ln")]["v0"])
+            ax.plot(l, d["mean"], color=color(p), label=f"{label(p)} measured", lw=1.6, marker=".", ms=3)
+        lo, hi = data[(s, "pre-ln")]["theory"]
         ax.fill_between(l, lo, hi, color=color("pre-ln"), alpha=0.12, label="Lemma 2 Pre-LN band v0 + [1/2, 3/2] l")
-        ax.plot(l, xiong_lemma2_postln(l), "--", color="k", lw=0.9, zorder=3, label="Lemma 2 Post-LN (flat, 1 after LN)")
+        ax.plot(l, data[(s, "post-ln")]["theory"], "--", color="k", lw=0.9, zorder=3, label="Lemma 2 Post-LN (flat, 1 after LN)")
         ax.set(xlabel="block l (output of block l)", ylabel="E||x_l||^2 / d  (per dimension)", title=SETTING_TITLES[s],
                yscale="log")
         ax.legend(fontsize=7)
@@ -50,7 +50,7 @@ def plot_lemma2(data: dict, depth: int, path_stem: str | Path, formats=("png",))
 
 
 def plot_theorem1(data: dict, path_stem: str | Path, formats=("png",)) -> list[Path]:
-    """data[(setting, placement)] = {"depths", "w2": (seeds, len(depths)), "predicted", "slope"}."""
+    """data[(setting, placement)] = {"depths", "w2": (seeds, len(depths)), "band", "predicted", "slope"}."""
     from matplotlib.ticker import NullLocator
 
     plt = setup()
@@ -59,7 +59,7 @@ def plot_theorem1(data: dict, path_stem: str | Path, formats=("png",)) -> list[P
     for ax, s in zip(axes[0], settings):
         for p in ("post-ln", "pre-ln"):
             d = data[(s, p)]
-            _band(ax, d["depths"], d["w2"], color(p), f"{label(p)} measured (slope {d['slope']:.2f})")
+            _band(ax, d["depths"], d["band"], color(p), f"{label(p)} measured (slope {d['slope']:.2f})")
             ax.plot(d["depths"], d["w2"].T, ".", color=color(p), ms=3, alpha=0.5)  # every seed
             pred = "L^0" if p == "post-ln" else "L^-1/2"
             ax.plot(d["depths"], d["predicted"], "--", color=color(p), label=f"Theorem 1: {pred} (constant fitted)")
@@ -73,7 +73,7 @@ def plot_theorem1(data: dict, path_stem: str | Path, formats=("png",)) -> list[P
 
 
 def plot_residual_gradient(data: dict, path_stem: str | Path, formats=("png",)) -> list[Path]:
-    """data[(setting, stack, placement)] = {"grads": (seeds, N), "predicted": (N,), "fit": DecayFit}."""
+    """data[(setting, stack, placement)] = {"band": seed band over N blocks, "predicted": (N,), "fit": DecayFit}."""
     plt = setup()
     settings = _settings(data)
     stacks = ("encoder", "decoder")
@@ -83,14 +83,14 @@ def plot_residual_gradient(data: dict, path_stem: str | Path, formats=("png",)) 
             ax = axes[i][j]
             for p in ("post-ln", "pre-ln", "residual"):
                 d = data[(s, stack, p)]
-                n = d["grads"].shape[1]
-                _band(ax, np.arange(n), d["grads"], color(p), f"{label(p)} ({d['fit'].rate:.3g}/block)")
+                n = len(d["band"]["center"])
+                _band(ax, np.arange(n), d["band"], color(p), f"{label(p)} ({d['fit'].rate:.3g}/block)")
                 if p != "pre-ln":
                     what = "Post-LN path (1/2)^(m/2) e^sqrt(m)" if p == "post-ln" else "dual-path floor (flat)"
                     ax.plot(np.arange(n), d["predicted"], "--", color=color(p), label=f"predicted: {what}")
             ax.set(yscale="log", xlabel="block k (0 = input side)", ylabel="||dL/dtheta_k|| (block parameters)",
                    title=f"{stack} of seq2seq, {SETTING_TITLES[s]}")
-            lo = min(np.nanmin(data[(s, stack, p)]["grads"]) for p in ("post-ln", "pre-ln", "residual"))
+            lo = min(np.nanmin(data[(s, stack, p)]["band"]["low"]) for p in ("post-ln", "pre-ln", "residual"))
             ax.set_ylim(bottom=max(lo / 10, ax.get_ylim()[0]))  # the predicted decay may fall far below
             ax.legend(fontsize=7)
     fig.suptitle("ResiDual (Xie et al. 2023): per-block gradient norms at initialization "
@@ -99,7 +99,8 @@ def plot_residual_gradient(data: dict, path_stem: str | Path, formats=("png",)) 
 
 
 def plot_collapse(toy: dict, model: dict, path_stem: str | Path, formats=("png",)) -> list[Path]:
-    """toy[placement] = {"mc": {metric: (K,)}, "pred": {metric: (K,)}}; model[(setting, placement)] = (seeds, N)."""
+    """toy[placement] = {"mc": {metric: (K,)}, "pred": {metric: (K,)}};
+    model[(setting, placement)] = {"band": seed band of ln_update over N blocks, "reference": k^-1/2 (pre-ln)}."""
     plt = setup()
     settings = _settings(model)
     fig, axes = plt.subplots(1, 2 + len(settings), figsize=(4.4 * (2 + len(settings)), 3.8), squeeze=False, layout="constrained")
@@ -117,10 +118,11 @@ def plot_collapse(toy: dict, model: dict, path_stem: str | Path, formats=("png",
                 title="toy model: normalized update", xscale="log", yscale="log")
     for ax, s in zip(axes[2:], settings):
         for p in ("post-ln", "pre-ln", "residual"):
-            t = model[(s, p)]
-            _band(ax, np.arange(1, t.shape[1] + 1), t, color(p), label(p) + (" x stream (= Post-LN's at init)" if p == "residual" else ""))
-        k = np.arange(1, model[(s, "pre-ln")].shape[1] + 1)
-        ref = model[(s, "pre-ln")].mean(0)[1] * np.sqrt(2 / k)  # k^-1/2 through block 2's value
+            b = model[(s, p)]["band"]
+            _band(ax, np.arange(1, len(b["center"]) + 1), b, color(p),
+                  label(p) + (" x stream (= Post-LN's at init)" if p == "residual" else ""))
+        ref = model[(s, "pre-ln")]["reference"]
+        k = np.arange(1, len(ref) + 1)
         ax.plot(k[1:], ref[1:], "--", color=color("pre-ln"), label="k^-1/2 (shape, through block 2)")
         ax.set(xscale="log", yscale="log", xlabel="block k", ylabel="E|LN(h_k) - LN(h_{k-1})|",
                title=f"model: {SETTING_TITLES[s]}")

@@ -1,8 +1,8 @@
 """Figures of the `collapse` job, drawn from its tidy rows (no metric is computed here).
 
 - collapse_curves: adjacent cosine and block influence (1 - cos, ShortGPT) per block, with the
-  Pre-LN toy-model prediction sqrt(k / (k + 1)) (analysis.theory) as a dashed reference;
-- similarity: layer x layer mean cosine and linear CKA heatmaps;
+  Pre-LN toy-model prediction sqrt(k / (k + 1)) (given by the job, from analysis.theory) dashed;
+- similarity: layer x layer mean cosine and linear CKA heatmaps (seaborn);
 - norm_growth: E||h_k||^2 / d and the relative update per block (log scales: Pre-LN grows ~k).
 """
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 
 from .style import color, save, setup
 
@@ -52,24 +53,21 @@ def _styler(keys, placements: dict[str, str]):
     return style
 
 
-def plot_collapse_curves(rows: list[dict], placements: dict[str, str], stem: str | Path,
+def plot_collapse_curves(rows: list[dict], placements: dict[str, str], theory: dict[str, np.ndarray], stem: str | Path,
                          formats: Sequence[str] = ("png",)) -> list[Path]:
-    from ..analysis.theory import collapse_prediction
-
+    """theory: the Pre-LN toy model's cos_adjacent and block_influence for blocks k = 0..N-1, drawn dashed."""
     plt = setup()
     cos, infl = _series(rows, "cos_adjacent"), _series(rows, "block_influence")
     style = _styler(list(cos), placements)
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    depth = max((len(x) for x, _ in cos.values()), default=1)
-    k = np.arange(depth)
-    theory = collapse_prediction("pre-ln", k + 1)["cos_adjacent"]  # block k (0-based) is the toy model's k + 1
+    k = np.arange(len(theory["cos_adjacent"]))
     for key, (x, y) in cos.items():
         a.plot(x, y, **style(key))
-    a.plot(k, theory, color="black", ls="--", lw=1, label=r"Pre-LN theory $\sqrt{k/(k+1)}$")
+    a.plot(k, theory["cos_adjacent"], color="black", ls="--", lw=1, label=r"Pre-LN theory $\sqrt{k/(k+1)}$")
     a.set(xlabel="block k", ylabel=r"adjacent cosine  cos$(h_{k-1}, h_k)$", title="How alike each block's input and output are")
     for key, (x, y) in infl.items():
         b.plot(x, np.clip(y, 1e-8, None), **style(key))
-    b.plot(k, 1 - theory, color="black", ls="--", lw=1, label="Pre-LN theory")
+    b.plot(k, theory["block_influence"], color="black", ls="--", lw=1, label="Pre-LN theory")
     b.set_yscale("log")
     b.set(xlabel="block k", ylabel="block influence  1 − cos", title="How much each block changes the stream")
     a.legend(loc="lower right", fontsize=8)
@@ -97,27 +95,25 @@ def plot_norm_growth(rows: list[dict], placements: dict[str, str], stem: str | P
     return save(fig, stem, formats)
 
 
-def plot_similarity(sim_rows: list[dict], stem: str | Path, formats: Sequence[str] = ("png",)) -> list[Path]:
+def plot_similarity(sim: pd.DataFrame, stem: str | Path, formats: Sequence[str] = ("png",)) -> list[Path]:
+    """Heatmaps of similarity.csv's table (model, stack, stream, metric, layer_i, layer_j, value):
+    one row of panels per (model, stack, stream), mean cosine and linear CKA side by side."""
+    import seaborn as sns
+
     plt = setup()
-    mats: dict[tuple[str, str, str], dict[str, dict[tuple[int, int], float]]] = {}
-    for r in sim_rows:
-        key = (r["model"], r["stack"], r["stream"])
-        mats.setdefault(key, {}).setdefault(r["metric"], {})[(int(r["layer_i"]), int(r["layer_j"]))] = float(r["value"])
-    keys = list(mats)[:MAX_HEATMAP_ROWS]
+    keys = list(dict.fromkeys(zip(sim["model"], sim["stack"], sim["stream"])))[:MAX_HEATMAP_ROWS]
     fig, axes = plt.subplots(len(keys) or 1, 2, figsize=(9, 3.9 * max(1, len(keys))), squeeze=False)
     for row, key in enumerate(keys):
         for col, metric in enumerate(("cosine", "cka")):
-            cells = mats[key][metric]
-            n = max(i for i, _ in cells) + 2  # layers -1..n-2
-            grid = np.full((n, n), np.nan)
-            for (i, j), v in cells.items():
-                grid[i + 1, j + 1] = v
+            sel = sim[(sim["model"] == key[0]) & (sim["stack"] == key[1]) & (sim["stream"] == key[2])
+                      & (sim["metric"] == metric)]
+            grid = sel.pivot_table(index="layer_i", columns="layer_j", values="value", aggfunc="first")
             ax = axes[row][col]
-            low = min(0.0, float(np.nanmin(grid)))
-            im = ax.imshow(grid, origin="lower", cmap="viridis", vmin=low, vmax=1.0,
-                           extent=(-1.5, n - 1.5, -1.5, n - 1.5))
+            sns.heatmap(grid, ax=ax, cmap="viridis", vmin=min(0.0, float(np.nanmin(grid.to_numpy()))), vmax=1.0,
+                        square=True, cbar_kws={"fraction": 0.046, "pad": 0.04})
+            ax.invert_yaxis()  # layer -1 (the embedding) at the origin
             ax.grid(False)
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+            ax.tick_params(axis="y", labelrotation=0)
             name = "mean cosine" if metric == "cosine" else "linear CKA"
             ax.set(xlabel="layer j (−1 = embedding)", ylabel="layer i", title=f"{key[0]} · {key[1]} {key[2]}: {name}")
     fig.tight_layout()

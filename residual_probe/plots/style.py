@@ -1,13 +1,11 @@
-"""One look for every figure: placement colours, paper-sized fonts, atomic multi-format saving."""
+"""One look for every figure: placement colours, paper-sized fonts, atomic multi-format saving (output.write_atomic)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from ..results import FILE_MODE
+from ..output import write_atomic
 
 # A fixed colour per placement so that a reader can compare figures at a glance.
 PLACEMENT_COLORS = {
@@ -56,25 +54,15 @@ def setup():
 
 
 def save(fig, path_stem: str | Path, formats: Sequence[str] = ("png",)) -> list[Path]:
-    """Save `fig` as path_stem.<fmt> for each format, each file written atomically."""
+    """Save `fig` as path_stem.<fmt> for each format, each file written atomically; closes `fig`."""
     import matplotlib.pyplot as plt
 
     stem = Path(path_stem)
-    paths = []
-    for fmt in formats:
-        target = stem.with_suffix(f".{fmt}")
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=f".{fmt}")
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format=fmt)
-            os.chmod(tmp, FILE_MODE)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        paths.append(target)
-    plt.close(fig)
-    return paths
+    try:
+        return [write_atomic(stem.with_suffix(f".{fmt}"), lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt))
+                for fmt in formats]
+    finally:
+        plt.close(fig)
 
 
 FORMATS = ("png", "pdf", "svg")

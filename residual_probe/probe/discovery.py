@@ -22,13 +22,15 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..errors import UserError
+
 STACK_NAMES = ("layers", "layer", "h", "block", "blocks")
 BLOCK_CLASS = re.compile(r"(block|layer)$", re.IGNORECASE)
 NORM_CLASS = re.compile(r"(norm)$", re.IGNORECASE)
 NORM_TYPES = tuple(t for t in (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) if t)  # RMSNorm: torch>=2.4
 
 
-class DiscoveryError(ValueError):
+class DiscoveryError(UserError):
     """No blocks could be found (or the user's pattern matched none); one line for the user."""
 
 

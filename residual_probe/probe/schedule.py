@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Mapping, Union
 
+from ..errors import UserError
+
 QUANTITIES = ("param_grad_norm", "act_grad_norm", "w2_grad_norm", "forward_stats", "subsample")
 FORWARD = frozenset({"act_grad_norm", "forward_stats", "subsample"})  # need hooks during forward/backward
 PARAM = frozenset({"param_grad_norm", "w2_grad_norm"})  # read from .grad at probe.step()
@@ -17,7 +19,7 @@ PARAM = frozenset({"param_grad_norm", "w2_grad_norm"})  # read from .grad at pro
 ScheduleSpec = Union[int, Iterable[int], Callable[[int], bool]]
 
 
-class ProbeError(ValueError):
+class ProbeError(UserError):
     """Invalid probe settings (unknown quantity, bad schedule, unusable sink); one line for the user."""
 
 

@@ -1,0 +1,80 @@
+"""Per-layer gradient profiles: the decay verdict and the theory overlay.
+
+Inputs are tidy rows of gradient norms (`grad_norms.csv`: placement, seed, step, stack, layer,
+sublayer, param_grad_norm); whole-block rows (sublayer "block") carry the profile.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from . import theory
+from .fits import DecayFit, geometric_decay
+from .summary import geometric_mean
+
+POST_LN_LIKE = ("post-ln", "deepnorm", "b2t")  # the only path to the output crosses every block's LN
+VERDICT_FACTOR = 10.0  # a first/last ratio beyond 10x either way is named vanishing or growing
+
+
+def decay_verdict(fit: DecayFit, n_layers: int, factor: float = VERDICT_FACTOR) -> str:
+    """One sentence on a per-layer gradient profile: vanishing, growing, or balanced."""
+    last = n_layers - 1
+    ratio = fit.first_over_last
+    interval = f"{fit.rate:.3g} per block" + (f" [{fit.low:.3g}, {fit.high:.3g}]" if fit.seeds > 1 else "")
+    if ratio < 1 / factor:
+        return f"gradients vanish toward the input: block 0 gets {ratio:.2g} of block {last}'s norm, {interval}"
+    if ratio > factor:
+        return f"gradients grow toward the input: block 0 gets {ratio:.3g}x block {last}'s norm, {interval}"
+    return f"balanced: block 0 gets {ratio:.3g}x block {last}'s norm, {interval}"
+
+
+def theory_overlay(rows, step: int | None = None, value: str = "param_grad_norm") -> tuple[list[dict], list[dict]]:
+    """Predicted per-layer curves and verdicts for a grad-norms table (the `--theory` overlay).
+
+    rows: dicts (or a DataFrame) with placement, seed, step, stack, layer, sublayer, `value`;
+    only whole-block rows are fitted, the other sublayer names count the sublayers per block.
+    `step`: only that step (default: every step). For each (placement, stack, step) returns
+    - curves: {placement, stack, step, layer, predicted, fitted}: `fitted` the geometric fit;
+      `predicted` the theory through the last block's measured norm: post-ln (and deepnorm,
+      b2t: LN after the residual sum) follow the ResiDual paper's Post-LN path shape
+      (1/2)^(m/2) e^sqrt(m), m in sublayers from the output; every other placement has an
+      identity path to the output, predicted flat (the dual-path / Pre-LN floor);
+    - verdicts: {placement, stack, step, rate, low, high, first_over_last, predicted_rate, verdict}.
+    A profile with a zero or non-finite block norm cannot be fitted on a log scale (ReZero at
+    init has zero gradients in every block but its gate): its verdict says so, and it has no curve.
+    """
+    df = pd.DataFrame(rows)
+    if step is not None:
+        df = df[df["step"] == step]
+    curves, verdicts = [], []
+    for (placement, stack, s), g in df.groupby(["placement", "stack", "step"], sort=True):
+        block = g[g["sublayer"] == "block"]
+        if block.empty:
+            continue
+        key = {"placement": placement, "stack": stack, "step": int(s)}
+        vals = block[value].to_numpy(dtype=np.float64)
+        if not np.all((vals > 0) & np.isfinite(vals)):
+            verdicts.append({**key, "verdict": "not fitted: a block has a zero or non-finite norm"})
+            continue
+        table = block.pivot_table(index="seed", columns="layer", values=value).dropna(axis=1)
+        layers = [int(k) for k in table.columns]
+        table = table.to_numpy()
+        fit = geometric_decay(table, layers)
+        n_sub = g.loc[g["sublayer"] != "block", "sublayer"].nunique() or (3 if stack == "decoder" else 2)
+        last = float(geometric_mean(table[:, -1]))
+        if placement in POST_LN_LIKE:
+            pred = last * theory.postln_gradient_shape(n_sub * (layers[-1] - np.asarray(layers)))
+            pred_rate = theory.postln_gradient_rate_per_block(n_sub)
+        else:
+            pred = theory.residual_gradient_floor(layers, last)
+            pred_rate = 1.0
+        for k, p in zip(layers, pred):
+            curves.append({**key, "layer": k, "predicted": float(p),
+                           "fitted": float(math.exp(fit.intercept) * fit.rate**-k)})
+        verdicts.append({**key, "rate": fit.rate, "low": fit.low, "high": fit.high,
+                         "first_over_last": fit.first_over_last, "predicted_rate": pred_rate,
+                         "verdict": decay_verdict(fit, len(layers))})
+    return curves, verdicts
