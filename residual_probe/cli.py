@@ -263,10 +263,13 @@ def train(
         check_memory(train_estimate, spec, force)
         with progress_bar(f"train {placement} depth {depth}") as start:
             meta = run_train(spec, out, progress=start)
-        if meta["diverged_at_step"] is not None:
-            typer.echo(f"warning: loss became non-finite at step {meta['diverged_at_step']}; training stopped", err=True)
-        typer.echo(f"final held-out loss {meta['final_val_loss']:.4f} nats/byte after {meta['steps_done']} steps "
-                   f"({meta['wall_seconds']:.0f} s)")
+        d = meta.get("diverged")
+        if d is not None:  # one line; train.json holds the same under "diverged"
+            typer.echo(f"warning: training diverged: the loss became {d['train_loss']} at step {d['step']} "
+                       f"(lr {d['lr']:.3g}); stopped after {meta['steps_done']} steps", err=True)
+        else:
+            typer.echo(f"final held-out loss {meta['final_val_loss']:.4f} nats/byte after {meta['steps_done']} steps "
+                       f"({meta['wall_seconds']:.0f} s)")
         report_files(meta["files"] + [str(Path(out) / "train.json")])
 
 

@@ -63,3 +63,25 @@ def test_the_bounds_table_fits_a_terminal():
         assert "…" not in buf.getvalue()  # nothing cut off: long cells wrap
         assert all(sum("fairseq/encoder" in line for line in lines) == 3 for _ in [0])
         assert all(any(p in line for line in lines) for p in ("post-ln", "pre-ln", "residual"))
+
+
+def test_divergence_is_one_line_and_in_train_json_and_no_library_warning(tmp_path):
+    import csv
+    import json
+    import warnings
+
+    out = tmp_path / "div"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(app, ["train", *TINY, "--batch", "2", "--seq-len", "16", "--steps", "30",
+                                          "--lr", "1e6", "--eval-every", "50", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("train ")]  # the progress bar
+    assert len(lines) == 1 and lines[0].startswith("warning: training diverged: the loss became nan at step"), lines
+    assert "Warning" not in result.output
+    assert not [w for w in caught if "matplotlib" in w.filename or "numpy" in w.filename], [str(w.message) for w in caught]
+    meta = json.loads((out / "train.json").read_text())
+    rows = list(csv.DictReader(open(out / "loss.csv")))
+    assert meta["diverged"]["step"] == meta["diverged_at_step"] == int(rows[-1]["step"])
+    assert meta["steps_done"] == len(rows)  # what train.json says agrees with what loss.csv holds
+    assert (out / "grad_heatmap.png").exists() and (out / "collapse.png").exists()  # the probe log's figures

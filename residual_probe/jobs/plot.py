@@ -178,7 +178,8 @@ def first_over_last(by_layer: dict[int, float]) -> float:
 
 def gradient_verdict(by_layer: dict[int, float]) -> dict:
     """First/last ratio, fitted per-block rate and the sentence, for one step's per-block norms."""
-    from ..analysis.fits import FitError, geometric_decay, verdict
+    from ..analysis.fits import FitError, geometric_decay
+    from ..analysis.gradients import decay_verdict as verdict
 
     layers = sorted(by_layer)
     values = [by_layer[k] for k in layers]
@@ -194,7 +195,7 @@ def gradient_verdict(by_layer: dict[int, float]) -> dict:
 
 
 def collapse_verdict(by_layer: dict[int, float]) -> dict:
-    from .collapse import verdict
+    from ..analysis.collapse import collapse_verdict as verdict
 
     return verdict([by_layer[k] for k in sorted(by_layer)])
 
@@ -206,7 +207,7 @@ def run_plot(run: str | Path, out: str | Path, steps: Sequence[int] | None = Non
              formats: Sequence[str] = ("png",)) -> dict:
     """Read the sink, draw the figures, write summary.json; returns the summary."""
     from ..plots import run as plots
-    from ..results import prepare_out, write_json
+    from ..output import prepare_out, write_json
 
     if placement is not None and placement not in PLACEMENTS:
         raise PlotError(f"--placement: unknown {placement!r}; choose from {', '.join(PLACEMENTS)}")
