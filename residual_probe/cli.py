@@ -404,11 +404,11 @@ def collapse(
             echo_data(m["data"])
             random = (f"partly random model ({len(m['partly_random'])} weights at random initialization): "
                       if m["partly_random"] else "")
-            typer.echo(f"  verdict: {random}{m['verdict']}")
+            typer.echo(f"  verdict: {random}{m['verdict']} ({m['verdict_from']})")
             for s in m["streams"]:
                 top = ", ".join(f"{r['layer']} (cos {r['cos_adjacent']:.4f})" for r in s["redundant"])
-                typer.echo(f"  {s['stack']} {s['stream']}: {s['verdict']}, late-block adjacent cos "
-                           f"{s.get('late_cos_adjacent', float('nan')):.4f}; most redundant blocks: {top}")
+                typer.echo(f"  {s['stack']} {s['stream']}: {s['verdict']} ({s.get('basis', 'no finite cosines')}); "
+                           f"most redundant blocks: {top}")
             for note in m["notes"]:
                 typer.echo(f"  note: {note}")
             if m["nonfinite_values"]:

@@ -85,3 +85,35 @@ def test_divergence_is_one_line_and_in_train_json_and_no_library_warning(tmp_pat
     assert meta["diverged"]["step"] == meta["diverged_at_step"] == int(rows[-1]["step"])
     assert meta["steps_done"] == len(rows)  # what train.json says agrees with what loss.csv holds
     assert (out / "grad_heatmap.png").exists() and (out / "collapse.png").exists()  # the probe log's figures
+
+
+def test_gradient_verdicts_quote_numbers_and_thresholds():
+    import numpy as np
+
+    from residual_probe.analysis import fits as F
+    from residual_probe.analysis.gradients import decay_verdict
+
+    k = np.arange(12)
+    # ResiDual at init in the issue: block 0 got 0.114x block 11 and was called "balanced"
+    v = decay_verdict(F.geometric_decay(0.114 ** (1 - k / 11)), 12)
+    assert v.startswith("gradients decay toward the input: block 0 gets 0.114x block 11's norm")
+    assert "(decaying: 0.1x to 0.5x)" in v and "per block" in v
+    assert decay_verdict(F.geometric_decay(1.02 ** (11 - k)), 12).startswith("balanced: block 0 gets 1.24x")
+    assert "(balanced: 0.5x to 2x)" in decay_verdict(F.geometric_decay(1.02 ** (11 - k)), 12)
+    assert decay_verdict(F.geometric_decay(1.1 ** (11 - k)), 12).startswith("gradients rise toward the input")
+    assert "(vanishing: below 0.1x)" in decay_verdict(F.geometric_decay(0.5 ** (11 - k)), 12)
+
+
+def test_collapse_verdicts_quote_numbers_and_the_worst_stream_decides():
+    from residual_probe.analysis.collapse import collapse_verdict, overall_detail, overall_verdict
+
+    v = collapse_verdict([0.80, 0.82, 0.90, 0.92, 0.95, 0.955])
+    assert v["verdict"] == "collapsing"
+    assert "adjacent cos 0.9525" in v["basis"] and "collapsed if cos >= 0.98" in v["basis"]
+    assert "collapsing if cos >= 0.9 and influence < 0.5x" in v["basis"]
+    short = collapse_verdict([0.9, 0.93, 0.94, 0.946])  # a 4-block model: says it is few to judge
+    assert "4 blocks are few to judge a trend" in short["basis"]
+    streams = [{"stack": "decoder", "stream": "x", "verdict": "no collapse"},
+               {"stack": "decoder", "stream": "d", "verdict": "collapsing"}]
+    assert overall_verdict(streams) == "collapsing"  # not "no collapse" while the dual stream collapses
+    assert overall_detail(streams) == "decoder d; worst of 2 streams"
