@@ -111,12 +111,16 @@ def test_sink_still_being_written_reads_complete_lines(seq2seq_sink, tmp_path):
     cut = data[: len(data) - 25]  # mid-line, as a writer may leave it
     sink = tmp_path / "probe.jsonl"
     sink.write_bytes(cut)
+    (tmp_path / "train.json").write_text(json.dumps({"spec": {"placement": "residual"}}))  # as the train job
     complete = cut.count(b"\n")
     assert read_sink(sink).partial_line and len(read_sink(sink).rows) == complete
     r = plot(tmp_path, "--out", tmp_path / "o")
     assert r.exit_code == 0, r.output
     assert "incomplete last line" in r.output
-    assert json.loads((tmp_path / "o" / "summary.json").read_text())["rows"] == complete
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["rows"] == complete
+    assert (summary["placement"], summary["placement_source"]) == ("residual", "from train.json")
+    assert sorted(summary["collapse_reference_drawn_for"]) == ["decoder:d", "encoder:d"]
 
 
 def test_nonfinite_values_are_marked_not_fatal(seq2seq_sink, tmp_path):

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import UserError
+from ..integrations._analysis import UserError
 from ..probe.records import COLUMNS
 from ..probe.summary import stack_label
 
@@ -170,16 +170,18 @@ def _ranges(steps: Sequence[int]) -> str:
 
 
 def first_over_last(by_layer: dict[int, float]) -> float:
-    """Block 0's value over the last block's (NaN when either is missing or the last is 0)."""
-    layers = sorted(by_layer)
-    first, last = by_layer[layers[0]], by_layer[layers[-1]]
-    return first / last if len(layers) > 1 and last != 0 and math.isfinite(last) else math.nan
+    """Block 0's value over the last block's (analysis' one ratio); NaN where it is not defined."""
+    from ..integrations._analysis import first_over_last as ratio
+
+    values = [by_layer[k] for k in sorted(by_layer)]
+    if len(values) < 2 or not all(math.isfinite(v) and v > 0 for v in (values[0], values[-1])):
+        return math.nan
+    return ratio(values)
 
 
 def gradient_verdict(by_layer: dict[int, float]) -> dict:
     """First/last ratio, fitted per-block rate and the sentence, for one step's per-block norms."""
-    from ..analysis.fits import FitError, geometric_decay
-    from ..analysis.gradients import decay_verdict as verdict
+    from ..integrations._analysis import FitError, decay_verdict, geometric_decay
 
     layers = sorted(by_layer)
     values = [by_layer[k] for k in layers]
@@ -191,13 +193,13 @@ def gradient_verdict(by_layer: dict[int, float]) -> dict:
         fit = geometric_decay(values, layers)
     except FitError as exc:
         return {"verdict": f"unknown: {exc}", "first_over_last": math.nan, "rate": math.nan}
-    return {"verdict": verdict(fit, len(layers)), "first_over_last": fit.first_over_last, "rate": fit.rate}
+    return {"verdict": decay_verdict(fit, len(layers)), "first_over_last": fit.first_over_last, "rate": fit.rate}
 
 
 def collapse_verdict(by_layer: dict[int, float]) -> dict:
-    from ..analysis.collapse import collapse_verdict as verdict
+    from ..integrations._analysis import collapse_verdict
 
-    return verdict([by_layer[k] for k in sorted(by_layer)])
+    return collapse_verdict([by_layer[k] for k in sorted(by_layer)])
 
 
 # ---- the job -----------------------------------------------------------------------------
@@ -207,7 +209,7 @@ def run_plot(run: str | Path, out: str | Path, steps: Sequence[int] | None = Non
              formats: Sequence[str] = ("png",)) -> dict:
     """Read the sink, draw the figures, write summary.json; returns the summary."""
     from ..plots import run as plots
-    from ..output import prepare_out, write_json
+    from ..integrations._analysis import prepare_out, write_json
 
     if placement is not None and placement not in PLACEMENTS:
         raise PlotError(f"--placement: unknown {placement!r}; choose from {', '.join(PLACEMENTS)}")

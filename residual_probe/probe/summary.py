@@ -36,7 +36,7 @@ def stack_label(stack: str, stream: str) -> str:
 
 def _ratio_and_rate(values: list[float]) -> tuple[float, float]:
     """(first/last, fitted per-block rate) of per-block norms in block order; NaN where undefined."""
-    from ..analysis.fits import FitError, geometric_decay
+    from ..integrations._analysis import FitError, geometric_decay
 
     if len(values) < 2:
         return math.nan, math.nan
@@ -48,9 +48,9 @@ def _ratio_and_rate(values: list[float]) -> tuple[float, float]:
 
 
 def _late_cos(cos: list[float]) -> float:
-    from ..jobs.collapse import verdict
+    from ..integrations._analysis import collapse_verdict
 
-    return float(verdict(cos).get("late_cos_adjacent", math.nan))
+    return float(collapse_verdict(cos).get("late_cos_adjacent", math.nan))
 
 
 def _series(rows: Iterable[Mapping], metric: str, sublayer: str | None = "block") -> dict[str, dict[int, float]]:
