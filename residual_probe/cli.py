@@ -39,7 +39,6 @@ OutOpt = Annotated[Path, typer.Option(help="Output folder.")]
 @app.callback()
 def _root() -> None:
     """Diagnose residual connections and norm placement in Transformers."""
-    install_sigterm()
 
 
 # SIGTERM (a cluster's preemption, `kill`) is handled like Ctrl-C: the job stops where it is,
@@ -47,8 +46,11 @@ def _root() -> None:
 _signal_received: list[int] = []
 
 
-def install_sigterm() -> None:
+def install_sigterm():
+    """Handle SIGTERM like Ctrl-C until `restore`; returns the previous handler (None: not installed)."""
     import signal
+
+    _signal_received.clear()
 
     def on_sigterm(signum, frame):
         if _signal_received:  # already stopping: let the job finish saving
@@ -57,9 +59,16 @@ def install_sigterm() -> None:
         raise KeyboardInterrupt
 
     try:
-        signal.signal(signal.SIGTERM, on_sigterm)
+        return signal.signal(signal.SIGTERM, on_sigterm)
     except ValueError:  # not the main thread (an embedding application): leave its handlers alone
-        pass
+        return None
+
+
+def restore_sigterm(previous) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -75,24 +84,28 @@ def user_errors():
     """
     from .errors import UserError
 
-    if os.environ.get("RESIDUAL_PROBE_DEBUG"):
-        yield
-        return
+    previous = install_sigterm()  # for this command only: an embedding process keeps its own handler
     try:
-        yield
-    except typer.Exit:
-        raise
-    except KeyboardInterrupt:
-        if _signal_received:
-            fail("terminated (SIGTERM); files already written are complete", code=143)
-        fail("interrupted; files already written are complete", code=130)
-    except UserError as exc:
-        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        typer.echo(f"internal error: {type(exc).__name__}: {first} (set RESIDUAL_PROBE_DEBUG=1 for the traceback)",
-                   err=True)
-        raise typer.Exit(1)
+        if os.environ.get("RESIDUAL_PROBE_DEBUG"):
+            yield
+            return
+        try:
+            yield
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            if _signal_received:
+                fail("terminated (SIGTERM); files already written are complete", code=143)
+            fail("interrupted; files already written are complete", code=130)
+        except UserError as exc:
+            fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            typer.echo(f"internal error: {type(exc).__name__}: {first} (set RESIDUAL_PROBE_DEBUG=1 for the traceback)",
+                       err=True)
+            raise typer.Exit(1)
+    finally:
+        restore_sigterm(previous)
 
 
 @contextlib.contextmanager

@@ -117,3 +117,11 @@ def test_collapse_verdicts_quote_numbers_and_the_worst_stream_decides():
                {"stack": "decoder", "stream": "d", "verdict": "collapsing"}]
     assert overall_verdict(streams) == "collapsing"  # not "no collapse" while the dual stream collapses
     assert overall_detail(streams) == "decoder d; worst of 2 streams"
+
+
+def test_the_sigterm_handler_is_only_installed_while_a_command_runs(tmp_path):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    CliRunner().invoke(app, ["train", *TINY, "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o")])
+    assert signal.getsignal(signal.SIGTERM) is before  # a process embedding the CLI keeps its own handler
