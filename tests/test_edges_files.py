@@ -125,3 +125,41 @@ def test_the_sigterm_handler_is_only_installed_while_a_command_runs(tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     CliRunner().invoke(app, ["train", *TINY, "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o")])
     assert signal.getsignal(signal.SIGTERM) is before  # a process embedding the CLI keeps its own handler
+
+
+def _captured(monkeypatch):
+    import residual_probe.plots.collapse as pc
+
+    figs = []
+    monkeypatch.setattr(pc, "save", lambda fig, stem, formats: figs.append(fig) or [])
+    return pc, figs
+
+
+def test_similarity_figure_shows_every_combination(monkeypatch):
+    import numpy as np
+    import pandas as pd
+
+    pc, figs = _captured(monkeypatch)
+    keys = [(m, s, st) for m in ("a", "b", "c") for s, st in (("encoder", "x"), ("decoder", "x"), ("decoder", "d"))][:8]
+    rows = [dict(model=m, stack=s, stream=st, metric=metric, layer_i=i, layer_j=j, value=float(np.cos(i - j)))
+            for m, s, st in keys for metric in ("cosine", "cka") for i in range(-1, 3) for j in range(-1, 3)]
+    pc.plot_similarity(pd.DataFrame(rows), "unused")
+    titles = [ax.get_title() for ax in figs[0].axes if ax.get_visible() and ax.get_title()]
+    assert len(titles) == 16 and all(any(f"{m} · {s} {st}" in t for t in titles) for m, s, st in keys)
+    w, h = figs[0].get_size_inches() * 150
+    assert w < 3000 and h < 3000  # 8 combinations, two pairs per row: 2640 x 2220 px
+
+
+def test_theory_curve_only_for_the_placement_it_belongs_to(monkeypatch):
+    import numpy as np
+
+    pc, figs = _captured(monkeypatch)
+    rows = [dict(model="m", stack="encoder", layer=k, stream="x", metric=metric, value=v)
+            for k in range(4) for metric, v in (("cos_adjacent", 0.9), ("block_influence", 0.1))]
+    k = np.arange(4)
+    theory = {"cos_adjacent": np.sqrt((k + 1) / (k + 2)), "block_influence": 1 - np.sqrt((k + 1) / (k + 2))}
+    for placement, drawn in (("post-ln", False), ("pre-ln", True)):
+        pc.plot_collapse_curves(rows, {"m": placement}, theory, "unused")
+        labels = [t.get_text() for legend in figs[-1].legends for t in legend.get_texts()]
+        assert any("Pre-LN theory" in t and "Xie et al. 2023" in t for t in labels) is drawn, (placement, labels)
+        assert not any(ax.get_legend() for ax in figs[-1].axes)  # legends below the panels, not over data
