@@ -163,3 +163,17 @@ def test_theory_curve_only_for_the_placement_it_belongs_to(monkeypatch):
         labels = [t.get_text() for legend in figs[-1].legends for t in legend.get_texts()]
         assert any("Pre-LN theory" in t and "Xie et al. 2023" in t for t in labels) is drawn, (placement, labels)
         assert not any(ax.get_legend() for ax in figs[-1].axes)  # legends below the panels, not over data
+
+
+def test_theorem1_slope_from_two_depths_says_so():
+    import numpy as np
+
+    from residual_probe.analysis.checks import theorem1
+
+    w2 = np.array([[1.0, 0.7], [1.1, 0.76]])  # (seeds, depths)
+    check, _ = theorem1("xiong/encoder", "pre-ln", [6, 12], w2)
+    row = check.to_row()
+    assert "from only 2 depths (no uncertainty" in row["measured"] and "nan" not in row["measured"]
+    assert row["agreement"].endswith("(from 2 depths only)")
+    three, _ = theorem1("xiong/encoder", "pre-ln", [6, 12, 24], np.array([[1.0, 0.7, 0.5], [1.1, 0.76, 0.52]]))
+    assert "from 3 depths" in three.to_row()["measured"] and "only" not in three.to_row()["agreement"]
