@@ -9,12 +9,24 @@ is clean:
 Both load nothing and include one warm-up forward before timing. Memory is the peak RSS
 (VmHWM, reset after warm-up) above the process's RSS before the model was built, so it is
 weights plus whatever the run keeps; the plain run's peak is weights + one layer's activations.
+Each mode runs `--runs` times (default 3), alternating, and the ratios are of the medians; every
+run's numbers are printed, so a bimodal peak shows.
+
+Allocator: the children run with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_=1 MiB)
+and one malloc arena (MALLOC_ARENA_MAX=1) unless `--default-malloc`. With the default dynamic
+threshold, freeing one large block raises the threshold (up to 32 MiB), after which the
+per-layer activations (5-16 MiB here) are served from per-thread arenas that keep freed
+memory; whether that happens in a run depends on thread timing, which is a candidate for the
+two modes of peak memory seen before (663-691 vs 1545-1680 MiB). `--default-malloc` reruns
+with the default allocator settings to compare.
 Ends with `collapse_time_ratio: X` and `collapse_memory_ratio: Y`.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import statistics
 import subprocess
 import sys
 import time
@@ -65,19 +77,38 @@ def child(mode: str) -> None:
                       "params": loaded.parameters}))
 
 
-def run(mode: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", mode], capture_output=True, text=True, check=True)
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_ARENA_MAX": "1"}
+
+
+def run(mode: str, default_malloc: bool) -> dict:
+    env = dict(os.environ) if default_malloc else {**os.environ, **MALLOC}
+    out = subprocess.run([sys.executable, __file__, "--child", mode], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
-    plain, probed = run("plain"), run("collapse")
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3, help="runs of each mode (alternating); medians are compared")
+    ap.add_argument("--default-malloc", action="store_true", help="glibc's default (dynamic) allocator settings")
+    args = ap.parse_args()
+    runs = {"plain": [], "collapse": []}
+    for _ in range(args.runs):
+        for mode in runs:
+            runs[mode].append(run(mode, args.default_malloc))
+    plain = runs["plain"][0]
     print(f"model: {plain['params'] / 1e6:.1f}M parameters, {SIZES['depth']} layers, weights {plain['weights_kb'] / 1024:.0f} MiB")
-    print(f"tokens: {TOKENS} in batches of {BATCH} x {SEQ}, 2 threads")
-    print(f"plain forward:  {plain['wall_s']:.2f} s, peak {plain['peak_kb'] / 1024:.0f} MiB above start")
-    print(f"collapse:       {probed['wall_s']:.2f} s, peak {probed['peak_kb'] / 1024:.0f} MiB above start")
-    print(f"collapse_time_ratio: {probed['wall_s'] / plain['wall_s']:.3f}")
-    print(f"collapse_memory_ratio: {probed['peak_kb'] / plain['peak_kb']:.3f}")
+    print(f"tokens: {TOKENS} in batches of {BATCH} x {SEQ}, 2 threads, "
+          f"{'default malloc' if args.default_malloc else 'mmap threshold 1 MiB, one arena'}; {args.runs} runs each")
+    med = {}
+    for mode, rs in runs.items():
+        wall, peak = [r["wall_s"] for r in rs], [r["peak_kb"] / 1024 for r in rs]
+        med[mode] = (statistics.median(wall), statistics.median(peak))
+        print(f"{mode:<9} wall s {' '.join(f'{w:.2f}' for w in wall)} (median {med[mode][0]:.2f}); "
+              f"peak MiB above start {' '.join(f'{p:.0f}' for p in peak)} (median {med[mode][1]:.0f})")
+    print(f"collapse_time_ratio: {med['collapse'][0] / med['plain'][0]:.3f}")
+    print(f"collapse_memory_ratio: {med['collapse'][1] / med['plain'][1]:.3f}")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,17 @@ Time: the variants run interleaved, round after round, and each reports its medi
 runs alone in a fresh subprocess; peak RSS (ru_maxrss) over the whole process, and the step's
 own working memory (peak minus RSS before the first step, i.e. beyond model, data and imports).
 
-The last three lines are machine-readable: grad_norms_ratio, all_stats_ratio, memory_ratio
-(memory_ratio: all_stats peak RSS over plain peak RSS).
+`--size realistic`: decoder of 12 blocks, d 1024, 16 heads, FFN 4096, batch 4 x 512 (plain,
+grad_norms and all_stats only; on 2 CPU threads a step takes tens of seconds, so give fewer
+rounds, or run benchmarks/gpu_check.py on a GPU).
+
+Bounded state: a probe with include_eval=True over `--forwards` no-grad forwards of a small
+decoder between two steps; prints the probe's state bytes after the first forward and after
+the last (equal when pending state is one preallocated buffer per step).
+
+Each variant's line gives the median step time and the interquartile range over the rounds.
+The last lines are machine-readable: grad_norms_ratio, all_stats_ratio, memory_ratio
+(memory_ratio: all_stats peak RSS over plain peak RSS), state_bytes_before, state_bytes_after.
 """
 
 from __future__ import annotations
@@ -39,8 +48,13 @@ from residual_probe.models import build_model  # noqa: E402
 from residual_probe.probe import Probe, find_blocks  # noqa: E402
 
 VARIANTS = ("plain", "grad_norms", "all_stats", "per_param", "act_cache")
-CONFIG = dict(arch="decoder", placement="pre-ln", depth=48, d_model=256, heads=4, ffn=1024, vocab_size=256)
-BATCH, SEQ = 8, 32
+SIZES = {
+    "default": (dict(arch="decoder", placement="pre-ln", depth=48, d_model=256, heads=4, ffn=1024, vocab_size=256),
+                (8, 32)),
+    "realistic": (dict(arch="decoder", placement="pre-ln", depth=12, d_model=1024, heads=16, ffn=4096, vocab_size=256,
+                       max_len=512), (4, 512)),
+}
+CONFIG, (BATCH, SEQ) = SIZES["default"]
 
 
 def setup(depth: int):
@@ -50,6 +64,30 @@ def setup(depth: int):
     g = torch.Generator().manual_seed(0)
     seq = torch.randint(1, CONFIG["vocab_size"], (BATCH, SEQ + 1), generator=g)
     return model, opt, seq[:, :-1], seq[:, 1:]
+
+
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    if len(xs) < 2:
+        return xs[0], xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4)
+    return q[0], statistics.median(xs), q[2]
+
+
+def bounded_state(forwards: int) -> tuple[int, int]:
+    """Probe state bytes after 1 and after `forwards` no-grad forwards (include_eval=True) between two steps."""
+    torch.manual_seed(0)
+    model = build_model(arch="decoder", placement="pre-ln", depth=4, d_model=64, heads=2, ffn=128, vocab_size=256)
+    tok = torch.randint(1, 256, (1, 8))
+    probe = Probe(model, quantities=("forward_stats", "act_grad_norm", "subsample"), include_eval=True,
+                  subsample_tokens=8, keep_rows=False)
+    with probe, torch.no_grad():
+        model(tok)
+        before = probe.state_bytes()
+        for _ in range(forwards - 1):
+            model(tok)
+        after = probe.state_bytes()
+        probe.step()
+    return before, after
 
 
 class PerParamLoop:
@@ -122,13 +160,13 @@ def train_step(model, opt, tok, tgt, recorder) -> float:
     return recorded
 
 
-def time_variants(depth: int, rounds: int, warmup: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+def time_variants(depth: int, rounds: int, warmup: int, variants=VARIANTS):
     """Step times and record-only times (the step() after backward): all variants, interleaved."""
     model, opt, tok, tgt = setup(depth)
-    times = {v: [] for v in VARIANTS}
-    record = {v: [] for v in VARIANTS}
+    times = {v: [] for v in variants}
+    record = {v: [] for v in variants}
     for r in range(warmup + rounds):
-        for v in VARIANTS:
+        for v in variants:
             rec = make_recorder(v, model)
             t0 = time.perf_counter()
             rt = train_step(model, opt, tok, tgt, rec)
@@ -160,50 +198,66 @@ def memory_child(variant: str, depth: int, steps: int) -> None:
     print(json.dumps({"peak": peak, "before": before}))
 
 
-def measure_memory(depth: int, steps: int, threads: int) -> dict[str, dict]:
+def measure_memory(depth: int, steps: int, threads: int, size: str, variants=VARIANTS) -> dict[str, dict]:
     out = {}
-    for v in VARIANTS:
+    for v in variants:
         cmd = [sys.executable, __file__, "--memory-child", v, "--depth", str(depth), "--steps", str(steps),
-               "--threads", str(threads)]
+               "--threads", str(threads), "--size", size]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[v] = json.loads(res.stdout.strip().splitlines()[-1])
     return out
 
 
 def main() -> None:
+    global CONFIG, BATCH, SEQ
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--depth", type=int, default=CONFIG["depth"])
-    ap.add_argument("--rounds", type=int, default=7, help="timed rounds (each runs every variant once)")
+    ap.add_argument("--size", choices=tuple(SIZES), default="default")
+    ap.add_argument("--depth", type=int, default=None, help="blocks (default: the size's)")
+    ap.add_argument("--rounds", type=int, default=20, help="timed rounds (each runs every variant once)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3, help="steps per memory subprocess")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--forwards", type=int, default=10_000, help="no-grad forwards for the bounded-state line (0: skip)")
     ap.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    CONFIG, (BATCH, SEQ) = SIZES[args.size]
+    depth = args.depth or CONFIG["depth"]
     torch.set_num_threads(args.threads)
     if args.memory_child:
-        memory_child(args.memory_child, args.depth, args.steps)
+        memory_child(args.memory_child, depth, args.steps)
         return
-
-    print(f"decoder depth {args.depth}, d_model 256, heads 4, ffn 1024, batch {BATCH}, seq {SEQ}, "
-          f"{args.threads} threads, torch {torch.__version__}; {args.rounds} rounds after {args.warmup} warm-up")
-    times, record = time_variants(args.depth, args.rounds, args.warmup)
+    variants = VARIANTS if args.size == "default" else VARIANTS[:3]
+    print(f"{args.size}: decoder depth {depth}, d_model {CONFIG['d_model']}, heads {CONFIG['heads']}, ffn {CONFIG['ffn']}, "
+          f"batch {BATCH}, seq {SEQ}, {args.threads} threads, torch {torch.__version__}; "
+          f"{args.rounds} rounds after {args.warmup} warm-up")
+    times, record = time_variants(depth, args.rounds, args.warmup, variants)
     med = {v: statistics.median(t) for v, t in times.items()}
-    print(f"{'variant':<12} {'median s':>9} {'min s':>8} {'ratio':>7} {'step() ms':>10}")
-    for v in VARIANTS:
-        print(f"{v:<12} {med[v]:>9.4f} {min(times[v]):>8.4f} {med[v] / med['plain']:>7.3f} "
+    print(f"{'variant':<12} {'median s':>9} {'IQR s':>17} {'ratio':>7} {'ratio IQR':>13} {'step() ms':>10}")
+    for v in variants:
+        lo, m, hi = quartiles(times[v])
+        ratios = [t / p for t, p in zip(times[v], times["plain"])]  # same round: drift cancels
+        rlo, _, rhi = quartiles(ratios)
+        print(f"{v:<12} {m:>9.4f} {lo:>8.4f}-{hi:<8.4f} {m / med['plain']:>7.3f} {rlo:>6.3f}-{rhi:<6.3f} "
               f"{1e3 * statistics.median(record[v]):>10.1f}")
 
-    mem = measure_memory(args.depth, args.steps, args.threads)
+    mem = measure_memory(depth, args.steps, args.threads, args.size, variants)
     base = mem["plain"]
     print(f"{'variant':<12} {'peak MiB':>9} {'step MiB':>9} {'peak ratio':>11} {'step ratio':>11}")
-    for v in VARIANTS:
+    for v in variants:
         m = mem[v]
         step, base_step = m["peak"] - m["before"], base["peak"] - base["before"]
         print(f"{v:<12} {m['peak'] / 2**20:>9.1f} {step / 2**20:>9.1f} {m['peak'] / base['peak']:>11.3f} "
               f"{step / base_step:>11.3f}")
+    if args.forwards:
+        before, after = bounded_state(args.forwards)
+        print(f"{args.forwards} no-grad forwards between two steps (include_eval=True): probe state {before} bytes "
+              f"after the first, {after} after the last")
     print(f"grad_norms_ratio: {med['grad_norms'] / med['plain']:.4f}")
     print(f"all_stats_ratio: {med['all_stats'] / med['plain']:.4f}")
     print(f"memory_ratio: {mem['all_stats']['peak'] / base['peak']:.4f}")
+    if args.forwards:
+        print(f"state_bytes_before: {before}")
+        print(f"state_bytes_after: {after}")
 
 
 if __name__ == "__main__":

@@ -82,15 +82,8 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            with self._probe_paused(), torch.no_grad():
+            with self.probe.paused() if self.probe is not None else contextlib.nullcontext(), torch.no_grad():
                 losses = [float(lm_loss(self.model, b)) for b in batches]
         finally:
             self.model.train(was_training)
         return sum(losses) / len(losses)
-
-    def _probe_paused(self):
-        if self.probe is None:
-            return contextlib.nullcontext()
-        # TODO(arch): drop this guard once Probe.paused() (issue 9) is on main.
-        paused = getattr(self.probe, "paused", None)
-        return paused() if paused else contextlib.nullcontext()

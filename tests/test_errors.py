@@ -19,10 +19,14 @@ def test_every_user_facing_error_derives_from_user_error():
     from residual_probe.output import OutputError
     from residual_probe.probe.discovery import DiscoveryError
     from residual_probe.probe.schedule import ProbeError
+    from residual_probe.budget import BudgetError
+    from residual_probe.checkpoints.text import TextError
+    from residual_probe.integrations import MissingExtraError
+    from residual_probe.jobs.plot import PlotError
     from residual_probe.studies import StudyError
 
     for cls in (FitError, MetricError, CheckpointError, DataError, BoundsError, ConfigError, OutputError,
-                DiscoveryError, ProbeError, StudyError):
+                DiscoveryError, ProbeError, StudyError, BudgetError, TextError, MissingExtraError, PlotError):
         assert issubclass(cls, UserError), cls
 
 

@@ -72,8 +72,9 @@ def naive_stats(prev, cur, eps=1e-5):
         "cos_adjacent": c, "relative_update": float(rel.mean()),
         "norm_sq_per_dim": float((b**2).sum(-1).mean() / b.shape[-1]),
         "ln_update": float((ln(b) - ln(a)).abs().mean()),
-        "block_influence": 1 - c, "angular_distance": math.acos(c) / math.pi,
-    }
+        "block_influence": 1 - c,  # of the mean cosine (ShortGPT)
+        "angular_distance": float(sum(math.acos(max(-1.0, min(1.0, float(x)))) for x in cos) / len(cos)) / math.pi,
+    }  # angular distance: per token, then averaged (Gromov et al.), not arccos of the mean cosine
 
 
 def naive_act(grad):
@@ -222,25 +223,37 @@ def test_schedules_every_steps_and_per_quantity():
     assert 3 not in steps
 
 
+def output_hooks(model):
+    """Number of tensor hooks on each decoder block's output, seen by a test hook that runs after the probe's."""
+    seen, handles = [], []
+    for blk in model.decoder.layers:
+        handles.append(blk.register_forward_hook(lambda m, a, out: seen.append(len(out._backward_hooks or {}))))
+    return seen, handles
+
+
 def test_unscheduled_steps_register_nothing():
     model = make("decoder", "pre-ln")
     inp, targets = inputs("decoder")
     probe = Probe(model, every=2, start_step=1)
     with probe:
+        seen, handles = output_hooks(model)
         loss = loss_of(model(*inp), targets)
-        assert probe._tensor_handles == [] and probe._acc.values == []
+        assert seen == [0] * SIZES["depth"] and probe.state_bytes() == 0
         loss.backward()
-        assert probe._acc.values == [] and probe.step() == []
+        assert probe.step() == [] and probe.state_bytes() == 0
+        seen.clear()
         loss_of(model(*inp), targets).backward()
-        assert len(probe._tensor_handles) == SIZES["depth"]
+        assert seen == [1] * SIZES["depth"]
         assert probe.step()[0]["step"] == 2
+        for h in handles:
+            h.remove()
 
 
 def test_forward_stats_under_no_grad():
     model = make("decoder", "post-ln")
     inp, targets = inputs("decoder")
     ref = reference(model, inp, targets)
-    probe = Probe(model, quantities=("forward_stats", "act_grad_norm"))
+    probe = Probe(model, quantities=("forward_stats", "act_grad_norm"), include_eval=True)
     with probe, torch.no_grad():
         model(*inp)
         rows = probe.step()
@@ -345,7 +358,88 @@ def test_detach_mid_step_drops_pending_gradient_hooks():
     loss = loss_of(model(*inp), targets)
     probe.detach()
     loss.backward()  # the hooks registered before detach must not fire into the probe
-    assert probe._acc.values == [] and probe.step() == []
+    assert probe.state_bytes() == 0 and probe.step() == []
+
+
+# ---- evaluation forwards, pausing --------------------------------------------------------
+
+
+def one_step_with(model, inp, targets, between, **kw):
+    """Rows of one training step with `between(probe)` run after its forward."""
+    probe = Probe(model, subsample_tokens=8, **kw)
+    with probe:
+        loss = loss_of(model(*inp), targets)
+        between(probe)
+        loss.backward()
+        rows = probe.step()
+    model.zero_grad(set_to_none=True)
+    return probe, {(r["stack"], r["layer"], r["sublayer"], r["stream"], r["metric"]): r["value"] for r in rows}
+
+
+def test_eval_forwards_are_not_pooled_into_the_training_step():
+    model = make("decoder", "pre-ln")
+    inp, targets = inputs("decoder")
+    other, _ = inputs("decoder", seed=5)
+    ref = reference(model, inp, targets)
+
+    def validate(probe):
+        model.eval()
+        with torch.no_grad():
+            model(*other)
+        model.train()
+
+    with pytest.warns(UserWarning, match="eval mode or under no_grad were not recorded"):
+        probe, got = one_step_with(model, inp, targets, validate)
+    for key, value in ref.items():
+        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    plain, _ = one_step_with(model, inp, targets, lambda p: None)
+    for key, sub in plain.subsamples().items():  # the subsample is the training batch's, not validation's
+        assert torch.equal(probe.subsamples()[key], sub)
+
+    def train_mode_no_grad(probe):  # a training-mode module under no_grad is not a training forward either
+        with torch.no_grad():
+            model(*other)
+
+    with pytest.warns(UserWarning, match="not recorded"):
+        _, got = one_step_with(model, inp, targets, train_mode_no_grad)
+    assert got[("decoder", 1, "block", "x", "cos_adjacent")] == pytest.approx(ref[("decoder", 1, "block", "x", "cos_adjacent")], rel=1e-9)
+
+
+def test_paused_records_nothing_and_says_nothing():
+    import warnings
+
+    model = make("decoder", "pre-ln")
+    inp, targets = inputs("decoder")
+    other, other_t = inputs("decoder", seed=5)
+    ref = reference(model, inp, targets)
+
+    def paused_training_forward(probe):
+        with probe.paused():  # even a training-mode forward with grad is ignored while paused
+            loss_of(model(*other), other_t).backward()
+        model.zero_grad(set_to_none=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, got = one_step_with(model, inp, targets, paused_training_forward,
+                               quantities=("forward_stats", "act_grad_norm"))
+    for key, value in ref.items():
+        if key[-1] in FORWARD or key[-1] == "act_grad_norm":
+            assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_include_eval_records_eval_forwards():
+    model = make("decoder", "post-ln")
+    inp, targets = inputs("decoder")
+    ref = reference(model, inp, targets)
+    model.eval()
+    with Probe(model, quantities=("forward_stats",), include_eval=True) as probe, torch.no_grad():
+        model(*inp)
+        rows = probe.step()
+    model.train()
+    assert {r["metric"] for r in rows} >= set(FORWARD)
+    for r in rows:
+        if r["metric"] in FORWARD:
+            assert r["value"] == pytest.approx(ref[(r["stack"], r["layer"], "block", "x", r["metric"])], rel=1e-9)
 
 
 # ---- records on disk ------------------------------------------------------------------------
@@ -371,6 +465,39 @@ def test_sink_keeps_the_steps_before_a_crash(tmp_path, suffix):
     mem = pd.DataFrame(probe.rows())
     assert len(df) == len(mem)
     assert df["value"].tolist() == pytest.approx(mem["value"].tolist(), rel=1e-12)
+
+
+@pytest.mark.parametrize("suffix", ["csv", "jsonl"])
+def test_sink_is_appended_across_with_blocks_and_resumed_runs(tmp_path, suffix):
+    pd = pytest.importorskip("pandas")
+    model = make("decoder", "pre-ln")
+    inp, targets = inputs("decoder")
+    path = tmp_path / f"rows.{suffix}"
+
+    def steps(probe, n):
+        with probe:
+            for _ in range(n):
+                loss_of(model(*inp), targets).backward()
+                probe.step()
+                model.zero_grad(set_to_none=True)
+
+    probe = Probe(model, quantities=("param_grad_norm",), sink=str(path))
+    steps(probe, 2)
+    steps(probe, 3)  # the same probe, a second `with` block
+    steps(Probe(model, quantities=("param_grad_norm",), sink=str(path), start_step=5), 2)  # a resumed run
+    df = pd.read_csv(path) if suffix == "csv" else pd.read_json(path, lines=True)
+    assert sorted(df["step"].unique()) == list(range(7))
+    assert len(df) == 7 * len(probe.rows()) // 5
+
+
+def test_sink_refuses_to_append_to_a_foreign_csv(tmp_path):
+    path = tmp_path / "other.csv"
+    path.write_text("a,b\n1,2\n")
+    model = make("decoder", "pre-ln")
+    inp, targets = inputs("decoder")
+    with pytest.raises(ProbeError, match="not a probe CSV"):
+        probed(model, inp, targets, quantities=("param_grad_norm",), sink=str(path))
+    assert path.read_text() == "a,b\n1,2\n"
 
 
 def test_sink_writes_nonfinite_values_readably(tmp_path):

@@ -81,7 +81,7 @@ def test_hf_quantities_equal_naive_float64(family):
     model = build_hf(family).double().eval()
     inputs = batch()
     ref = twin(model, family, inputs)
-    probe = Probe(model, subsample_tokens=5)
+    probe = Probe(model, subsample_tokens=5, include_eval=True)  # eval(): no dropout, so the twin matches
     with probe:
         model(**inputs).loss.backward()
         rows = probe.step()
@@ -114,7 +114,7 @@ def test_every_family_records_every_block(family):
             inputs["decoder_input_ids"] = inputs["input_ids"][:, :4].contiguous()
             inputs["labels"] = inputs["input_ids"][:, 1:5].contiguous()
         loss_of = lambda out: out.loss  # noqa: E731
-    probe = Probe(model, subsample_tokens=4)
+    probe = Probe(model, subsample_tokens=4, include_eval=True)
     with probe:
         loss_of(model(**inputs)).backward()
         rows = probe.step()

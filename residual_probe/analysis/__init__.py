@@ -1,1 +1,15 @@
-"""The science: metrics computed from probe records, theory curves, and fits."""
+"""The science, run on exported records (never inside hooks); one module per concern:
+
+- metrics.py   per-layer metrics of hidden states (cosines, CKA, effective rank, ...), each with a
+               naive twin in the tests
+- theory.py    the papers' predicted curves, one function per statement
+- fits.py      rates, slopes and fitted constants with their uncertainty (scipy)
+- checks.py    each theory statement against a measurement: predicted, measured, agreement
+- summary.py   seed bands (geometric mean, min..max), the first/last block ratio, EMA: the tables
+               the figures draw
+- gradients.py gradient-profile verdicts (`decay_verdict`) and the `--theory` overlay
+- collapse.py  collapse verdicts (`collapse_verdict`) and thresholds, the k^-1/2 reference
+- amplification.py  output change under a parameter perturbation (Liu et al. 2020)
+
+Plots never compute: what they draw comes from here as numpy arrays or pandas DataFrames.
+"""

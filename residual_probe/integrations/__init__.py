@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import importlib
 
+from ..errors import UserError
 
-class MissingExtraError(ImportError):
+
+class MissingExtraError(UserError, ImportError):
     """An optional dependency is not installed; the message names the extra that brings it."""
 
 

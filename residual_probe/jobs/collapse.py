@@ -101,7 +101,7 @@ def measure(loaded, batches: list, spec: CollapseSpec, advance: Callable[[], Non
     from ..probe import Probe
 
     probe = Probe(loaded.model, quantities=("forward_stats", "subsample"), subsample_tokens=spec.subsample,
-                  seed=spec.seed, blocks=spec.blocks, group=None)
+                  seed=spec.seed, blocks=spec.blocks, group=None, include_eval=True)
     t0 = time.perf_counter()
     with probe, torch.no_grad():
         for x in batches:

@@ -6,11 +6,14 @@
     rows = probe.rows()
 """
 
-from .discovery import BlockInfo, DiscoveryError, find_blocks
-from .gradnorm import GroupNorms, grouped_norms, squared_norms
+from .discovery import BlockInfo, DiscoveryError, clean_path, find_blocks
+from .gradnorm import GroupNorms, SquaredNorms, grouped_norms, squared_norms
+from .params import PARAM_GROUPS, W2_NAMES, ParamPlan
 from .probe import Probe
+from .quantities import REGISTRY, TOKEN_STATS, Quantity, TokenStat
 from .records import COLUMNS, RowSink
-from .schedule import QUANTITIES, ProbeError, Schedule
+from .schedule import DEFAULT_QUANTITIES, QUANTITIES, ProbeError, Schedule
 
-__all__ = ["BlockInfo", "COLUMNS", "DiscoveryError", "GroupNorms", "Probe", "ProbeError", "QUANTITIES",
-           "RowSink", "Schedule", "find_blocks", "grouped_norms", "squared_norms"]
+__all__ = ["BlockInfo", "COLUMNS", "DEFAULT_QUANTITIES", "DiscoveryError", "GroupNorms", "PARAM_GROUPS", "ParamPlan",
+           "Probe", "ProbeError", "QUANTITIES", "Quantity", "REGISTRY", "RowSink", "Schedule", "SquaredNorms",
+           "TOKEN_STATS", "TokenStat", "W2_NAMES", "clean_path", "find_blocks", "grouped_norms", "squared_norms"]

@@ -30,6 +30,29 @@ NORM_CLASS = re.compile(r"(norm)$", re.IGNORECASE)
 NORM_TYPES = tuple(t for t in (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) if t)  # RMSNorm: torch>=2.4
 
 
+# path components that wrappers insert: DDP / DataParallel (module), FSDP1, activation-checkpoint
+# wrappers and torch.compile (_orig_mod). Stripped from names, so rows are the same wrapped or not.
+WRAPPER_PARTS = ("module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
+def clean_path(path: str, model=None) -> str:
+    """A module path without wrapper components: "module.transformer.h" -> "transformer.h".
+
+    `module` is dropped only where the module holding it is a wrapper (DDP, DataParallel, or any
+    module whose only child is `module`), so a user's own submodule named "module" is kept.
+    """
+    parts = path.split(".") if path else []
+    out, owner = [], model
+    for part in parts:
+        child = owner.get_submodule(part) if owner is not None else None
+        wrapper = part in WRAPPER_PARTS[1:] or (part == "module" and (
+            owner is None or [n for n, _ in owner.named_children()] == ["module"]))
+        if not wrapper:
+            out.append(part)
+        owner = child
+    return ".".join(out)
+
+
 class DiscoveryError(UserError):
     """No blocks could be found (or the user's pattern matched none); one line for the user."""
 
@@ -112,11 +135,12 @@ def _streams(block: nn.Module) -> tuple[str, ...]:
     return tuple(streams) if streams else ("x",)
 
 
-def _make(stacks: dict[str, list[tuple[str, nn.Module]]]) -> list[BlockInfo]:
-    """BlockInfo for each (path, module), stacks named by role and made unique."""
-    names = {path: _stack_name(path, mods[0][1]) for path, mods in stacks.items()}
+def _make(stacks: dict[str, list[tuple[str, nn.Module]]], model: nn.Module) -> list[BlockInfo]:
+    """BlockInfo for each (path, module), stacks named by role and made unique, wrappers stripped."""
+    clean = {path: clean_path(path, model) for path in stacks}
+    names = {path: _stack_name(clean[path], mods[0][1]) for path, mods in stacks.items()}
     if len(set(names.values())) < len(names):  # two stacks with one role: fall back to paths
-        names = {path: path or "blocks" for path in stacks}
+        names = {path: clean[path] or "blocks" for path in stacks}
     blocks = []
     for path, mods in stacks.items():
         for k, (name, module) in enumerate(mods):
@@ -153,7 +177,7 @@ def find_blocks(model: nn.Module, pattern: str | None = None) -> list[BlockInfo]
         stacks: dict[str, list[tuple[str, nn.Module]]] = {}
         for n in hits:
             stacks.setdefault(n.rpartition(".")[0], []).append((n, modules[n]))
-        return _make(stacks)
+        return _make(stacks, model)
 
     containers = [n for n, m in named if isinstance(m, (nn.ModuleList, nn.Sequential)) and _is_stack(n, m)]
     containers = _outermost(containers)
@@ -167,4 +191,4 @@ def find_blocks(model: nn.Module, pattern: str | None = None) -> list[BlockInfo]
     prefix = lambda path: f"{path}." if path else ""  # noqa: E731
     return _make({
         path: [(prefix(path) + n, m) for n, m in modules[path].named_children()] for path in containers
-    })
+    }, model)

@@ -1,9 +1,12 @@
-"""Gradient norms of many (overlapping) parameter groups at once, the way clip_grad_norm_ does it.
+"""Norms of many (overlapping) parameter groups at once, the way clip_grad_norm_ does it.
 
 Tensors are bucketed by (device, dtype, sharding); each bucket takes one `torch._foreach_norm`,
 and the per-tensor squared norms are summed into their groups with one `index_add_`, so a
 parameter that belongs to a block, a sublayer and a parameter group is normed once.
 Nothing calls `.item()`: results stay device tensors, so a training step is not forced to sync.
+The bucketing and the device index tensors are planned once and reused for as long as the
+tensors keep their layout (which are present, their dtypes and devices): a training loop pays
+for planning on its first recorded step only (`plans_built` counts them).
 
 Sharded gradients (FSDP2's DTensor parameters) are normed on the local shard and the squared
 sums are all-reduced over the mesh dimensions that shard them: the result is the global norm
@@ -20,15 +23,29 @@ import torch
 
 def _dtensor_type():
     try:
-        from torch.distributed.tensor import DTensor
-    except Exception:  # torch built without distributed
-        return None
+        from torch.distributed.tensor import DTensor  # torch >= 2.4
+    except Exception:
+        try:
+            from torch.distributed._tensor import DTensor  # torch 2.3
+        except Exception:  # torch built without distributed
+            return None
     return DTensor
 
 
-def _local(t: torch.Tensor, dtensor) -> tuple[torch.Tensor, tuple]:
+_DTENSOR = _dtensor_type()
+
+
+def _foreach_norm_f32(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """torch._foreach_norm accumulating in `dtype` (float32 for half/bfloat16 inputs, float64 stays)."""
+    try:
+        return list(torch._foreach_norm(tensors, 2, dtype=dtype))
+    except TypeError:  # older torch without the dtype argument
+        return list(torch._foreach_norm([t.to(dtype) for t in tensors]))
+
+
+def _local(t: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     """(local tensor, sharding key): the key names the mesh dims over which squares must be summed."""
-    if dtensor is not None and isinstance(t, dtensor):
+    if _DTENSOR is not None and isinstance(t, _DTENSOR):
         if any(p.is_partial() for p in t.placements):  # pending reduction: norm of the sum, not sum of norms
             return t.full_tensor(), ()
         shard_dims = tuple(i for i, p in enumerate(t.placements) if p.is_shard())
@@ -36,44 +53,72 @@ def _local(t: torch.Tensor, dtensor) -> tuple[torch.Tensor, tuple]:
     return t, ()
 
 
-def squared_norms(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    """Squared L2 norm of each tensor, (len(tensors),); None counts as zero.
+class SquaredNorms:
+    """Squared L2 norm of each tensor of a list, with the bucketing planned once per layout.
 
-    Accumulates in float64 when any input is float64, else float32, on the first tensor's device.
+    Call with a list of tensors (None counts as zero); returns (len,) on the first bucket's
+    device, float64 when any input is float64, else float32. `plans_built` counts re-plans.
     """
-    dtensor = _dtensor_type()
-    buckets: dict[tuple, tuple[list[torch.Tensor], list[int], tuple]] = {}
-    for i, t in enumerate(tensors):
-        if t is None:
-            continue
-        local, shard = _local(t, dtensor)
-        if local.layout != torch.strided or local.is_sparse:
-            local = local.to_dense()
-        key = (local.device, local.dtype, shard[:2] if shard else ())
-        buckets.setdefault(key, ([], [], shard))
-        buckets[key][0].append(local)
-        buckets[key][1].append(i)
-    if not buckets:
-        return torch.zeros(len(tensors))
-    acc = torch.float64 if any(dt == torch.float64 for _, dt, _ in buckets) else torch.float32
-    device = next(iter(buckets))[0]
-    out = torch.zeros(len(tensors), dtype=acc, device=device)
-    for (dev, _, _), (locals_, index, shard) in buckets.items():
-        sq = torch.stack(torch._foreach_norm(locals_)).to(acc).square()
-        if shard:
-            import torch.distributed as dist
 
-            _, dims, mesh = shard
-            for dim in dims:  # sum the shards' squares: the full tensor's squared norm
-                dist.all_reduce(sq, group=mesh.get_group(dim))
-        out.index_copy_(0, torch.tensor(index, device=device), sq.to(device))
-    return out
+    def __init__(self):
+        self._key = None
+        self._plan = None
+        self.plans_built = 0
+
+    @staticmethod
+    def _layout(locals_: list) -> tuple:
+        return tuple(None if t is None else (t.device, t.dtype, s[:2] if s else ()) for t, s in locals_)
+
+    def _build(self, locals_: list, key: tuple) -> None:
+        buckets: dict[tuple, tuple[list[int], tuple]] = {}
+        for i, ((t, shard), k) in enumerate(zip(locals_, key)):
+            if k is not None:
+                buckets.setdefault(k, ([], shard))[0].append(i)
+        if not buckets:
+            self._plan = None
+        else:
+            acc = torch.float64 if any(k[1] == torch.float64 for k in buckets) else torch.float32
+            device = next(iter(buckets))[0]
+            order = [i for idx, _ in buckets.values() for i in idx]
+            self._plan = (acc, device, [(k, idx, shard) for k, (idx, shard) in buckets.items()],
+                          torch.tensor(order, dtype=torch.long, device=device))
+        self._key = key
+        self.plans_built += 1
+
+    def __call__(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        locals_ = [(None, ()) if t is None else _local(t) for t in tensors]
+        locals_ = [(t if t is None or (t.layout == torch.strided and not t.is_sparse) else t.to_dense(), s)
+                   for t, s in locals_]
+        key = self._layout(locals_)
+        if key != self._key:
+            self._build(locals_, key)
+        if self._plan is None:
+            return torch.zeros(len(tensors))
+        acc, device, buckets, order = self._plan
+        parts = []
+        for (dev, dtype, _), idx, shard in buckets:
+            sq = torch.stack(_foreach_norm_f32([locals_[i][0] for i in idx], acc)).to(acc).square()
+            if shard:
+                import torch.distributed as dist
+
+                _, dims, mesh = shard
+                for dim in dims:  # sum the shards' squares: the full tensor's squared norm
+                    dist.all_reduce(sq, group=mesh.get_group(dim))
+            parts.append(sq.to(device, non_blocking=True))
+        out = torch.zeros(len(tensors), dtype=acc, device=device)
+        return out.index_copy_(0, order, torch.cat(parts))
+
+
+def squared_norms(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """Squared L2 norm of each tensor, (len(tensors),); None counts as zero (planned afresh)."""
+    return SquaredNorms()(tensors)
 
 
 class GroupNorms:
-    """L2 norms of fixed, possibly overlapping groups of tensors, planned once and reused.
+    """Squared sums over fixed, possibly overlapping groups of per-tensor values, planned once.
 
-    groups: for each group, indices into the tensor list passed at call time.
+    groups: for each group, indices into the per-tensor vector. `sum_squares(sq)` returns the
+    (n_groups,) group sums of `sq`; `__call__(tensors)` the groups' L2 norms.
     """
 
     def __init__(self, n_tensors: int, groups: Sequence[Sequence[int]]):
@@ -81,17 +126,28 @@ class GroupNorms:
         if any(not 0 <= i < n_tensors for i, _ in members):
             raise ValueError("group index outside the tensor list")
         self.n_tensors, self.n_groups = n_tensors, len(groups)
-        self.tensor_index = torch.tensor([i for i, _ in members], dtype=torch.long)
-        self.group_index = torch.tensor([g for _, g in members], dtype=torch.long)
+        self.groups = [list(g) for g in groups]
+        self._cpu = (torch.tensor([i for i, _ in members], dtype=torch.long),
+                     torch.tensor([g for _, g in members], dtype=torch.long))
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._squares = SquaredNorms()
+
+    def index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tensor index, group index) on `device`, copied there once."""
+        if device not in self._on:
+            self._on[device] = tuple(t.to(device) for t in self._cpu)
+        return self._on[device]
+
+    def sum_squares(self, sq: torch.Tensor) -> torch.Tensor:
+        ti, gi = self.index(sq.device)
+        total = torch.zeros(self.n_groups, dtype=sq.dtype, device=sq.device)
+        return total.index_add_(0, gi, sq.index_select(0, ti))
 
     def __call__(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
         """(n_groups,) norms of the groups, for `tensors` aligned with the planned indices."""
         if len(tensors) != self.n_tensors:
             raise ValueError(f"expected {self.n_tensors} tensors, got {len(tensors)}")
-        sq = squared_norms(tensors)
-        ti, gi = self.tensor_index.to(sq.device), self.group_index.to(sq.device)
-        total = torch.zeros(self.n_groups, dtype=sq.dtype, device=sq.device)
-        return total.index_add_(0, gi, sq[ti]).sqrt()
+        return self.sum_squares(self._squares(tensors)).sqrt()
 
 
 def grouped_norms(groups: Sequence[Sequence[torch.Tensor | None]]) -> torch.Tensor:

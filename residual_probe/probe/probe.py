@@ -7,22 +7,18 @@
             loss.backward()
             probe.step()          # after backward (and all micro-batches), before clipping
             clip_grad_norm_(model.parameters(), 1.0); opt.step(); opt.zero_grad()
+            if step % 50 == 0:
+                with probe.paused():
+                    validate(model)
     df = pandas.DataFrame(probe.rows())
 
-When each quantity is taken (DESIGN.md, "What is measured"):
-- param_grad_norm, w2_grad_norm: read from `.grad` when `probe.step()` is called, i.e. the
-  gradient accumulated over all micro-batches of the step, before clipping if `step()` is
-  called before `clip_grad_norm_`. Under DDP it is the synchronized (averaged) gradient;
-  under FSDP2 the global norm of the sharded gradient.
-- act_grad_norm: RMS over tokens of ||dL/dh_k||, pooled over every token of every backward
-  in the step (all micro-batches), each seeing the loss it was backpropagated from (a loss
-  divided by the number of micro-batches gives gradients divided by it too). Across
-  data-parallel ranks it is pooled as the gradient of the averaged loss (DDP/FSDP average).
-- forward statistics: token means over every forward of the step (micro-batches and ranks
-  pooled); block_influence and angular_distance are computed from the pooled cos_adjacent.
-  Forwards run inside backward (activation-checkpoint recomputation) are skipped.
-- subsample: a seeded draw of `subsample_tokens` token positions from the first forward of
-  each scheduled step, the same positions for every layer of a stack.
+What each quantity is and when it is taken is said in its own module under `quantities/`
+(and in the README, "Probing your own model"). The Probe only coordinates: it finds the blocks,
+owns the forward hooks (one per block, shared by every forward quantity), the step counter, the
+one device-to-host copy per recorded step, the all-reduce across data-parallel ranks and the
+sinks. Forward quantities see only *training* forwards: a module in training mode with grad
+enabled, outside `probe.paused()` and outside activation-checkpoint recomputation; eval-mode
+and no_grad forwards count only with `include_eval=True`.
 
 `probe.step()` is a collective under DDP/FSDP: call it on every rank.
 """
@@ -30,37 +26,42 @@ When each quantity is taken (DESIGN.md, "What is measured"):
 from __future__ import annotations
 
 import math
-from functools import partial
+import warnings
+import weakref
+from contextlib import contextmanager
 from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 
-from ..analysis import metrics
-from .discovery import BlockInfo, find_blocks, is_norm
-from .gradnorm import GroupNorms
+from .discovery import BlockInfo, find_blocks
+from .params import ParamPlan
+from .quantities import REGISTRY, Quantity
 from .records import RowSink, row
-from .schedule import FORWARD, PARAM, QUANTITIES, ProbeError, Schedule, ScheduleSpec
-from .stats import ACT, FORWARD_METRICS, Accumulator, block_forward_stats, grad_sq_sum, stream_tensors
+from .schedule import DEFAULT_QUANTITIES, ProbeError, Schedule, ScheduleSpec
+from .stats import stream_tensors
 
-PARAM_GROUPS = ("attention", "ffn", "norm", "other")
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()  # block -> probe (weakref)
 
 
 def _in_backward() -> bool:
     """True while autograd runs a backward pass (e.g. activation-checkpoint recomputation)."""
-    return torch._C._current_graph_task_id() != -1
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
-def _param_group(name: str, module_of: dict[str, nn.Module], sublayers: Iterable[str]) -> str:
-    """attention / ffn / norm / other for a parameter path inside a block."""
-    owner = name.rpartition(".")[0]
-    if owner in module_of and is_norm(module_of[owner]):
-        return "norm"
-    if any("attn" in part or "attention" in part for part in name.lower().split(".")[:-1]):
-        return "attention"
-    if any(name.startswith(s + ".") for s in sublayers):
-        return "ffn"
-    return "other"
+def _compiler_disable(fn):
+    """Hooks run eagerly under torch.compile: a graph break at each block, no per-block recompiles."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
+def _compiled_modules(model: nn.Module) -> list[str]:
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except Exception:
+        return []
+    return [n or "(the model)" for n, m in model.named_modules() if isinstance(m, OptimizedModule)]
 
 
 def _data_parallel_group(model: nn.Module, group: Any):
@@ -76,7 +77,7 @@ def _data_parallel_group(model: nn.Module, group: Any):
     if isinstance(model, DistributedDataParallel):
         return model.process_group
     try:
-        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp import FSDPModule  # torch >= 2.6
     except ImportError:
         return None
     if any(isinstance(m, FSDPModule) for m in model.modules()):
@@ -84,124 +85,162 @@ def _data_parallel_group(model: nn.Module, group: Any):
     return None
 
 
+class _Setup:
+    """What every quantity may read: blocks, parameter plan, options. Fixed after construction."""
+
+    def __init__(self, blocks, params, subsample_tokens, seed, grad_average):
+        self.blocks: list[BlockInfo] = blocks
+        self.params: ParamPlan = params
+        self.subsample_tokens, self.seed = subsample_tokens, seed
+        self.grad_average = grad_average  # 1 / world size under DDP/FSDP (they average gradients)
+
+
+class _StepContext:
+    """Per-export helpers: the shared per-parameter squared gradient norms, AMP unscaling."""
+
+    def __init__(self, probe: "Probe", step: int):
+        self.probe, self.step = probe, step
+        self._grad_sq = None
+        self.device: torch.device | None = None
+
+    def grad_squares(self):
+        if self._grad_sq is None:
+            self._grad_sq = self.probe._params.grad_squares()
+        return self._grad_sq
+
+    def _scale(self):
+        """(scale dividing .grad or None, scale dividing activation gradients or None) from the GradScaler."""
+        s = self.probe.scaler
+        if s is None or not s.is_enabled() or getattr(s, "_scale", None) is None:
+            return None, None
+        states = getattr(s, "_per_optimizer_states", {}) or {}
+        unscaled = any(getattr(st.get("stage"), "name", "") == "UNSCALED" for st in states.values())
+        return (None if unscaled else s._scale), s._scale
+
+    def unscale_params(self, norms: torch.Tensor) -> torch.Tensor:
+        scale = self._scale()[0]
+        return norms if scale is None else norms / scale.to(norms.device, norms.dtype)
+
+    def unscale_act_sq(self, sums: torch.Tensor) -> torch.Tensor:
+        scale = self._scale()[1]
+        return sums if scale is None else sums / scale.to(sums.device, sums.dtype).square()
+
+
 class Probe:
     """Per-layer gradient and representation statistics of any Transformer; see the module doc.
 
     quantities: names from QUANTITIES sharing the schedule `every`/`steps`, or a mapping
-    {quantity: every-int | list of steps | callable(step) -> bool}.
+        {quantity: every-int | list of steps | callable(step) -> bool}. Default: all but update_ratio.
     subsample_tokens: tokens kept per layer for pairwise metrics (similarity, CKA).
     blocks: module-path pattern naming the blocks (e.g. "model.layers.*") when discovery fails.
-    sink: .csv or .jsonl path, rows appended and flushed every step ("{rank}" is replaced).
+    sink: .csv or .jsonl path, rows appended (never truncated) and flushed every step; "{rank}" is replaced.
+    start_step: the first step's number (a resumed run continues its sink).
     group: "auto" (DDP/FSDP process group if any), None (no cross-rank pooling) or a group.
     keep_rows: keep rows in memory for `rows()`; turn off for long runs with a sink.
+    include_eval: also record forwards of modules in eval mode or under no_grad (validation,
+        generate(), a frozen model being inspected). By default only training forwards count.
+    scaler: the torch.amp.GradScaler of the loop, if any: gradient norms are recorded unscaled.
+    optimizer: the optimizer, for update_ratio (or `probe.track_optimizer(opt)` later).
+    w2: path of the FFN output weight inside a block (e.g. "mlp.down_proj") when the family's
+        name is not known or is ambiguous (mixture of experts).
+    defer: export each step's rows one step late: the device-to-host copy is started
+        non-blocking into pinned memory at step() and read at the next step() (or flush()),
+        so step() never waits for the device.
     """
 
-    def __init__(self, model: nn.Module, quantities: Iterable[str] | Mapping[str, ScheduleSpec] = QUANTITIES,
+    def __init__(self, model: nn.Module, quantities: Iterable[str] | Mapping[str, ScheduleSpec] = DEFAULT_QUANTITIES,
                  every: ScheduleSpec = 1, steps: Iterable[int] | None = None, subsample_tokens: int = 256,
                  seed: int = 0, blocks: str | None = None, sink: str | None = None, start_step: int = 0,
-                 group: Any = "auto", keep_rows: bool = True):
+                 group: Any = "auto", keep_rows: bool = True, include_eval: bool = False, scaler: Any = None,
+                 optimizer: torch.optim.Optimizer | None = None, w2: str | None = None, defer: bool = False):
         if not isinstance(model, nn.Module):
             raise ProbeError(f"Probe needs a torch.nn.Module, got {type(model).__name__}")
         for name, value, low in (("subsample_tokens", subsample_tokens, 1), ("seed", seed, 0),
                                  ("start_step", start_step, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ProbeError(f"{name}: expected an integer >= {low}, got {value!r}")
+        compiled = _compiled_modules(model)
+        if compiled:
+            raise ProbeError(f"{compiled[0]} is already torch.compile'd, and hooks added after compiling are ignored "
+                             "(pytorch#117758): attach the probe to the plain model, then compile it: "
+                             "probe = Probe(model).attach(); model = torch.compile(model)")
+        if scaler is not None and not hasattr(scaler, "is_enabled"):
+            raise ProbeError(f"scaler: expected a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise ProbeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.model = model
         self.schedule = Schedule(quantities, every, steps)
         self.subsample_tokens, self.seed = subsample_tokens, seed
+        self.include_eval = bool(include_eval)
+        self.scaler, self.optimizer, self.defer = scaler, optimizer, bool(defer)
+        self.start_step = start_step
         self.blocks: list[BlockInfo] = find_blocks(model, blocks)
         self._group = _data_parallel_group(model, group)
-        self._grad_scale = 1.0
-        rank = 0
+        grad_average, rank = 1.0, 0
         if self._group is not None:
             import torch.distributed as dist
 
-            self._grad_scale = 1.0 / dist.get_world_size(self._group)  # DDP/FSDP average gradients
+            grad_average = 1.0 / dist.get_world_size(self._group)  # DDP/FSDP average gradients
             rank = dist.get_rank()
+        explicit = not isinstance(quantities, (tuple, list)) or quantities is not DEFAULT_QUANTITIES
+        strict_w2 = "w2_grad_norm" in self.schedule.rules and explicit
+        self._params = ParamPlan(model, self.blocks, w2, strict_w2)
+        setup = _Setup(self.blocks, self._params, subsample_tokens, seed, grad_average)
+        self.quantities: list[Quantity] = [REGISTRY[name](setup, self.schedule.rules[name])
+                                           for name in REGISTRY if name in self.schedule.rules]
+        self._forward_qs = [q for q in self.quantities if q.uses_forward]
+        if "update_ratio" in self.schedule.rules and any(_is_dtensor(p) for p in self._params.tensors()):
+            raise ProbeError("update_ratio is not supported under FSDP2 (sharded parameters) yet; leave it out")
         self._sink = RowSink(sink, rank) if sink is not None else None
-        self._plan_parameters()
-        self._acc = Accumulator([len(b.streams) for b in self.blocks])
-        self._stack_len = {}
-        for b in self.blocks:
-            self._stack_len[b.stack] = max(self._stack_len.get(b.stack, 0), b.index + 1)
+        self._hook_fns = [_compiler_disable(_ForwardHook(self, pos)) for pos in range(len(self.blocks))]
         self._handles: list = []
-        self._tensor_handles: list = []
+        self._attached = False
+        self._paused = 0
         self._rows: list[dict] | None = [] if keep_rows else None
-        self._subsamples: dict[tuple[str, str], torch.Tensor] = {}
-        self.subsample_step: int | None = None
         self.nonfinite_total = 0
+        self._skipped_eval = 0
+        self._said: set[str] = set()
+        self._deferred: tuple | None = None
         self._step = start_step
         self._begin_step()
-
-    # ---- planning -----------------------------------------------------------------------
-
-    def _plan_parameters(self) -> None:
-        """Parameter groups per block, sublayer, parameter group and W2, normed in one pass."""
-        refs: list[tuple[nn.Module, str]] = []  # (owner module, attribute): re-read each step (FSDP swaps them)
-        index: dict[int, int] = {}
-        groups, keys = [], []
-
-        def idx(module: nn.Module, prefix: str) -> list[int]:
-            out = []
-            for name, p in module.named_parameters(prefix=prefix):
-                if id(p) not in index:
-                    owner_path, _, attr = name.rpartition(".")
-                    index[id(p)] = len(refs)
-                    refs.append((self._owner(owner_path), attr))
-                out.append(index[id(p)])
-            return list(dict.fromkeys(out))
-
-        last_in_stack = {}
-        for b in self.blocks:
-            last_in_stack[b.stack] = b
-        for b in self.blocks:
-            keys.append(("param_grad_norm", b, "block"))
-            groups.append(idx(b.module, b.name))
-            for sub, mod in b.sublayers.items():
-                keys.append(("param_grad_norm", b, sub))
-                groups.append(idx(mod, f"{b.name}.{sub}"))
-            module_of = dict(b.module.named_modules())
-            by_group: dict[str, list[int]] = {}
-            w2 = None
-            for name, p in b.module.named_parameters():
-                g = _param_group(name, module_of, b.sublayers)
-                by_group.setdefault(g, []).append(index[id(p)])
-                if g == "ffn" and p.dim() == 2 and name.endswith("weight"):
-                    w2 = (name, index[id(p)])  # the last FFN matrix: fc2 / c_proj / down_proj / wo
-            for g in PARAM_GROUPS:
-                if g in by_group:
-                    keys.append(("param_grad_norm", b, f"group:{g}"))
-                    groups.append(by_group[g])
-            if last_in_stack[b.stack] is b and w2 is not None:
-                keys.append(("w2_grad_norm", b, w2[0].rpartition(".")[0]))
-                groups.append([w2[1]])
-        self._param_refs, self._param_keys = refs, keys
-        self._param_norms = GroupNorms(len(refs), groups)
-
-    def _owner(self, path: str) -> nn.Module:
-        return self.model.get_submodule(path) if path else self.model
 
     # ---- attach / detach ----------------------------------------------------------------
 
     def attach(self) -> "Probe":
-        """Register the forward hooks (only if a forward quantity is scheduled at all)."""
-        if self._handles:
+        """Register the hooks: one forward hook per block (if a forward quantity is scheduled at all)."""
+        if self._attached:
             return self
-        if self.schedule.quantities & FORWARD:
-            for pos, b in enumerate(self.blocks):
-                self._handles.append(b.module.register_forward_hook(partial(self._on_forward, pos), with_kwargs=True))
+        for b in self.blocks:
+            other = _ATTACHED.get(b.module)
+            if other is not None and other() is not None and other() is not self:
+                raise ProbeError(f"another Probe is attached to block {b.name}: detach it first (two probes would "
+                                 "stack hooks and each count every forward); one probe records every quantity")
+        if self._forward_qs:
+            for b, fn in zip(self.blocks, self._hook_fns):
+                self._handles.append(b.module.register_forward_hook(fn, with_kwargs=True))
+        for b in self.blocks:
+            _ATTACHED[b.module] = weakref.ref(self)
         self._attached = True
+        for q in self.quantities:
+            q.attach(self)
         self._begin_step()
         return self
 
     def detach(self) -> "Probe":
-        """Remove every hook and drop pending per-step state; the model is as before attach."""
-        for h in self._handles + self._tensor_handles:
+        """Remove every hook, export what is pending, drop per-step state; the model is as before attach."""
+        for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._tensor_handles.clear()
+        for b in self.blocks:
+            if _ATTACHED.get(b.module) is not None and _ATTACHED[b.module]() is self:
+                del _ATTACHED[b.module]
+        was = self._attached
         self._attached = False
-        self._begin_step()
+        self.flush()
+        for q in self.quantities:
+            q.detach()
+        if was:
+            self._begin_step()
         if self._sink is not None:
             self._sink.close()
         return self
@@ -213,140 +252,141 @@ class Probe:
         self.detach()
         return False
 
+    @contextmanager
+    def paused(self):
+        """Inside, the hooks record nothing (validation, generation, anything not part of the step)."""
+        self._paused += 1
+        try:
+            yield self
+        finally:
+            self._paused -= 1
+
+    def track_optimizer(self, optimizer: torch.optim.Optimizer) -> "Probe":
+        """Measure update_ratio around this optimizer's steps (for loops whose optimizer is made later)."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ProbeError(f"track_optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.optimizer = optimizer
+        q = self._quantity("update_ratio")
+        if q is not None:
+            q.detach()
+            if self._attached:
+                q.attach(self)
+        return self
+
     @property
     def current_step(self) -> int:
         """The step the hooks are recording now (closed by the next `step()`)."""
         return self._step
 
     def _begin_step(self) -> None:
-        for h in self._tensor_handles:
-            h.remove()
-        self._tensor_handles.clear()
-        self._active = self.schedule.active(self._step)
-        self._fwd_active = self._active & FORWARD if getattr(self, "_attached", False) else frozenset()
-        self._acc.reset()
-        self._token = object()  # tags this step's gradient hooks; a late backward is ignored
-        self._sub_state: dict[str, dict] = {}
+        for q in self.quantities:
+            q.begin(self._step)
+        self._fwd_active = [q for q in self._forward_qs if q.is_active] if self._attached else []
 
-    # ---- hooks --------------------------------------------------------------------------
+    # ---- the forward hook ------------------------------------------------------------------
 
     def _on_forward(self, pos: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         active = self._fwd_active
-        if not active or _in_backward():
+        if not active or self._paused or _in_backward():
+            return
+        if not self.include_eval and not (module.training and torch.is_grad_enabled()):
+            self._skipped_eval += 1  # an evaluation forward: not part of the training step
             return
         b = self.blocks[pos]
         outs = stream_tensors(output, len(b.streams))
         if outs is None:
             return
-        if ACT in active and torch.is_grad_enabled():
-            for si, t in enumerate(outs):
-                if t.requires_grad:
-                    slot = self._acc.slot(pos, si, ACT)
-                    self._tensor_handles.append(t.register_hook(partial(self._on_grad, slot, self._token)))
-        if not active & {"forward_stats", "subsample"}:
-            return
         ins = stream_tensors(args[0] if args else kwargs.get("hidden_states"), len(b.streams))
-        if ins is None or any(i.shape != o.shape for i, o in zip(ins, outs)):
-            return  # not a residual block in the sense of the metrics (shape changes)
-        with torch.no_grad():
-            if "forward_stats" in active:
-                for si, (prev, cur) in enumerate(zip(ins, outs)):
-                    n = cur.numel() // cur.shape[-1]
-                    for metric, value in zip(FORWARD_METRICS, block_forward_stats(prev, cur)):
-                        self._acc.add(self._acc.slot(pos, si, metric), value, n, n)
-            if "subsample" in active:
-                self._take_subsample(b, ins, outs)
-
-    def _on_grad(self, slot: int, token: object, grad: torch.Tensor) -> None:
-        if token is not self._token or grad is None:
-            return
-        n = grad.numel() // grad.shape[-1]
-        self._acc.add(slot, grad_sq_sum(grad), self._grad_scale**2, n)
-
-    def _take_subsample(self, b: BlockInfo, ins: tuple, outs: tuple) -> None:
-        """Keep the same seeded token positions of every layer's output, from the step's first forward."""
-        state = self._sub_state.get(b.stack)
-        d = outs[0].shape[-1]
-        n_tok = outs[0].numel() // d
-        if b.index == 0 and state is None:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self._step * 101 + len(self._sub_state))
-            pick = torch.randperm(n_tok, generator=gen)[: self.subsample_tokens].sort().values
-            state = {"pick": pick.to(outs[0].device), "n": n_tok, "done": False,
-                     "rows": {s: [None] * (self._stack_len[b.stack] + 1) for s in b.streams}}
-            for s, t in zip(b.streams, ins):
-                state["rows"][s][0] = t.detach().reshape(-1, d).index_select(0, state["pick"]).float()
-            self._sub_state[b.stack] = state
-        if state is None or state["done"] or state["n"] != n_tok:
-            return
-        for s, t in zip(b.streams, outs):
-            state["rows"][s][b.index + 1] = t.detach().reshape(-1, d).index_select(0, state["pick"]).float()
-        state["done"] = b.index + 1 == self._stack_len[b.stack]
+        if ins is not None and any(i.shape != o.shape for i, o in zip(ins, outs)):
+            ins = None  # not a residual transition in the sense of the metrics (shape changes)
+        for q in active:
+            q.forward(pos, b, ins, outs)
 
     # ---- export -------------------------------------------------------------------------
 
     def step(self) -> list[dict]:
-        """Reduce this step's quantities to rows, write them to the sink, and start the next step.
+        """Reduce this step's quantities, write their rows to the sink, and start the next step.
 
-        Call after backward (after all micro-batches) and before gradient clipping. Returns the
-        step's rows. Under DDP/FSDP, call on every rank (it all-reduces).
+        Call after backward (after all micro-batches), before gradient clipping, and with a
+        GradScaler either before `scaler.unscale_` or after it (never after `scaler.update()`).
+        Returns the rows exported by this call: this step's, or with defer=True the previous
+        step's. At most one device-to-host copy; none on a step where nothing is scheduled.
+        Under DDP/FSDP, call on every rank (it all-reduces).
         """
-        s, active = self._step, self._active
-        rows: list[dict] = []
-        if active & PARAM:
-            rows += self._param_rows(s, active)
-        if active & {ACT, "forward_stats"} and self._handles:
-            rows += self._forward_rows(s, active)
-        if "subsample" in active:
-            self._finish_subsample(s)
+        s = self._step
+        ctx = _StepContext(self, s)
+        pooled = [q.pooled(ctx) for q in self.quantities]
+        present = [p for p in pooled if p is not None]
+        if self._group is not None and present:
+            import torch.distributed as dist
+
+            device = present[0].device
+            flat = torch.cat([p.to(device) for p in present])
+            dist.all_reduce(flat, group=self._group)
+            parts = iter(flat.split([p.numel() for p in present]))
+            pooled = [None if p is None else next(parts) for p in pooled]
+        values = [q.values(ctx, p) for q, p in zip(self.quantities, pooled)]
+        rows = self._collect()  # the previous step's, when deferred
+        exported = [(q, v) for q, v in zip(self.quantities, values) if v is not None]
+        if exported:
+            device = exported[0][1].device
+            flat = torch.cat([v.to(device=device, dtype=torch.float64 if device.type != "mps" else torch.float32)
+                              for _, v in exported])
+            self._deferred = (s, [(q, v.numel()) for q, v in exported], _to_host(flat, self.defer))
+            if not self.defer:
+                rows += self._collect()
+        self._warn_skipped()
+        self._step = s + 1
+        self._begin_step()
+        return rows
+
+    def flush(self) -> list[dict]:
+        """Export what is pending (a deferred step, updates measured since the last step())."""
+        rows = self._collect()
+        ctx = _StepContext(self, self._step - 1)
+        values = [(q, q.values(ctx, None)) for q in self.quantities if q.name == "update_ratio"]
+        values = [(q, v) for q, v in values if v is not None]
+        if values:
+            flat = torch.cat([v.double() for _, v in values])
+            self._deferred = (self._step - 1, [(q, v.numel()) for q, v in values], _to_host(flat, False))
+            rows += self._collect()
+        return rows
+
+    def _collect(self) -> list[dict]:
+        if self._deferred is None:
+            return []
+        s, parts, host = self._deferred
+        self._deferred = None
+        host = host() if callable(host) else host
+        rows, at = [], 0
+        for q, n in parts:
+            rows += q.rows(s, host[at:at + n])
+            at += n
         if rows:
-            bad = sum(1 for r in rows if not math.isfinite(r["value"]))
+            no_grad = sum(getattr(q, "no_grad", 0) for q, _ in parts)
+            if no_grad:
+                self._say("no_grad", f"probe: {no_grad} parameter group(s) had no .grad at step {s} (frozen, or "
+                          "step() before backward): recorded as NaN and counted in no_grad_count")
+                rows.append(row(s, "-", -1, "-", "-", "no_grad_count", float(no_grad)))
+            bad = sum(1 for r in rows if not math.isfinite(r["value"])) - no_grad
             self.nonfinite_total += bad
             rows.append(row(s, "-", -1, "-", "-", "nonfinite_count", float(bad)))
             if self._rows is not None:
                 self._rows.extend(rows)
             if self._sink is not None:
                 self._sink.write(rows)
-        self._step = s + 1
-        self._begin_step()
         return rows
 
-    def _param_rows(self, s: int, active: frozenset) -> list[dict]:
-        grads = [getattr(mod, attr).grad for mod, attr in self._param_refs]
-        values = self._param_norms(grads).tolist()  # the one host sync of the step's gradient norms
-        return [row(s, b.stack, b.index, sub, "-", metric, v)
-                for (metric, b, sub), v in zip(self._param_keys, values) if metric in active]
+    def _say(self, key: str, message: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            warnings.warn(message, stacklevel=4)
 
-    def _forward_rows(self, s: int, active: frozenset) -> list[dict]:
-        device = next(iter(self.model.parameters())).device
-        means, counts = self._acc.reduce(device, self._group)
-        slot = self._acc.slot
-        cos_slots = torch.tensor([slot(p, si, "cos_adjacent") for p, b in enumerate(self.blocks)
-                                  for si in range(len(b.streams))], device=device)
-        cos = means[cos_slots]
-        derived = torch.stack([metrics.block_influence(cos), metrics.angular_distance(cos)]).tolist()
-        means, counts = means.tolist(), counts.tolist()
-        rows, j = [], 0
-        for pos, b in enumerate(self.blocks):
-            for si, stream in enumerate(b.streams):
-                if "forward_stats" in active and counts[slot(pos, si, "cos_adjacent")] > 0:
-                    for metric in FORWARD_METRICS:
-                        rows.append(row(s, b.stack, b.index, "block", stream, metric, means[slot(pos, si, metric)]))
-                    rows.append(row(s, b.stack, b.index, "block", stream, "block_influence", derived[0][j]))
-                    rows.append(row(s, b.stack, b.index, "block", stream, "angular_distance", derived[1][j]))
-                if ACT in active and counts[slot(pos, si, ACT)] > 0:
-                    rows.append(row(s, b.stack, b.index, "block", stream, ACT, math.sqrt(means[slot(pos, si, ACT)])
-                                    if means[slot(pos, si, ACT)] >= 0 else math.nan))
-                j += 1
-        return rows
-
-    def _finish_subsample(self, s: int) -> None:
-        out = {}
-        for stack, state in self._sub_state.items():
-            for stream, layers in state["rows"].items():
-                if all(t is not None for t in layers):
-                    out[(stack, stream)] = torch.stack(layers)
-        if out:
-            self._subsamples, self.subsample_step = out, s
+    def _warn_skipped(self) -> None:
+        if self._skipped_eval:
+            self._say("eval", f"probe: {self._skipped_eval} forward(s) of blocks in eval mode or under no_grad were "
+                      "not recorded (pass include_eval=True to record them, or probe.paused() to silence this)")
+        self._skipped_eval = 0
 
     # ---- results ------------------------------------------------------------------------
 
@@ -354,11 +394,71 @@ class Probe:
         """All rows recorded so far (step, stack, layer, sublayer, stream, metric, value)."""
         if self._rows is None:
             raise ProbeError("rows were not kept (keep_rows=False); read the sink file instead")
+        self._collect()
         return list(self._rows)
 
     def subsamples(self) -> dict[tuple[str, str], torch.Tensor]:
         """{(stack, stream): (n_layers + 1, n_tokens, d) float32} from the last subsampled step.
 
-        Row 0 is block 0's input (the embedding output), row k + 1 block k's output.
+        Row 0 is block 0's input (the embedding output), row k + 1 block k's output; on the
+        activations' device.
         """
-        return dict(self._subsamples)
+        q = self._quantity("subsample")
+        return dict(q.last) if q is not None else {}
+
+    @property
+    def subsample_step(self) -> int | None:
+        q = self._quantity("subsample")
+        return q.last_step if q is not None else None
+
+    def state_bytes(self) -> int:
+        """Bytes the probe holds in tensors between steps (buffers, subsample, update snapshot)."""
+        return sum(q.state_bytes() for q in self.quantities)
+
+    @property
+    def plans_built(self) -> int:
+        """How many times the parameter-norm plan (buckets, index tensors) was built (1 in a steady loop)."""
+        return self._params.plans_built
+
+    def _quantity(self, name: str) -> Quantity | None:
+        return next((q for q in self.quantities if q.name == name), None)
+
+
+class _ForwardHook:
+    """The forward hook of block `pos`: one stable object per block, so re-attaching (also under
+    torch.compile, which keeps calling the hook objects it traced) never stacks two."""
+
+    def __init__(self, probe: Probe, pos: int):
+        self.probe = weakref.ref(probe)
+        self.pos = pos
+
+    def __call__(self, module, args, kwargs, output):
+        probe = self.probe()
+        if probe is not None and probe._attached:
+            probe._on_forward(self.pos, module, args, kwargs, output)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from .gradnorm import _DTENSOR
+
+    return _DTENSOR is not None and isinstance(t, _DTENSOR)
+
+
+def _to_host(flat: torch.Tensor, defer: bool):
+    """The host floats of `flat`: now (one blocking copy), or a callable that reads them later."""
+    if flat.device.type == "cpu":
+        return flat.tolist()
+    if not defer:
+        return flat.cpu().tolist()  # the one device-to-host copy of the step
+    pinned = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+    pinned.copy_(flat, non_blocking=True)
+    event = torch.cuda.Event() if flat.device.type == "cuda" else None
+    if event is not None:
+        event.record()
+
+    def read():
+        if event is not None:
+            event.synchronize()  # long done by the next step: the copy ran while the step computed
+        return pinned.tolist()
+
+    return read

@@ -35,7 +35,8 @@ def _csv_value(v: Any) -> Any:
 class RowSink:
     """Appends rows to `path` (.csv or .jsonl); `{rank}` in the path is replaced by the process rank.
 
-    The file is created (truncated) on the first write, then appended to and flushed each step.
+    The file is appended to, never truncated: a probe re-entered (`with probe:` twice) or a run
+    resumed with `start_step` continues it. A CSV header is written only into an empty file.
     """
 
     def __init__(self, path: str | os.PathLike, rank: int = 0):
@@ -54,10 +55,18 @@ class RowSink:
 
     def write(self, rows: Iterable[dict[str, Any]]) -> None:
         if self._fh is None:
-            self._fh = open(self.path, "w", encoding="utf-8", newline="")
+            fresh = not self.path.exists() or self.path.stat().st_size == 0
+            if not fresh and self.format == "csv":
+                with open(self.path, encoding="utf-8") as fh:
+                    head = fh.readline().strip()
+                if head != ",".join(COLUMNS):
+                    raise ProbeError(f"sink {str(self.path)!r} exists and is not a probe CSV (first line {head[:60]!r}); "
+                                     "rows are appended, never overwritten: choose another file")
+            self._fh = open(self.path, "a", encoding="utf-8", newline="")
             if self.format == "csv":
                 self._writer = csv.writer(self._fh, lineterminator="\n")
-                self._writer.writerow(COLUMNS)
+                if fresh:
+                    self._writer.writerow(COLUMNS)
         if self.format == "csv":
             self._writer.writerows([_csv_value(r[c]) for c in COLUMNS] for r in rows)
         else:

@@ -12,9 +12,8 @@ from typing import Callable, Iterable, Mapping, Union
 
 from ..errors import UserError
 
-QUANTITIES = ("param_grad_norm", "act_grad_norm", "w2_grad_norm", "forward_stats", "subsample")
-FORWARD = frozenset({"act_grad_norm", "forward_stats", "subsample"})  # need hooks during forward/backward
-PARAM = frozenset({"param_grad_norm", "w2_grad_norm"})  # read from .grad at probe.step()
+QUANTITIES = ("param_grad_norm", "act_grad_norm", "w2_grad_norm", "forward_stats", "subsample", "update_ratio")
+DEFAULT_QUANTITIES = QUANTITIES[:5]  # update_ratio needs an optimizer: asked for by name
 
 ScheduleSpec = Union[int, Iterable[int], Callable[[int], bool]]
 
@@ -44,7 +43,7 @@ def make_schedule(every: ScheduleSpec | None = 1, steps: Iterable[int] | None = 
 class Schedule:
     """Per-quantity schedules; `active(step)` is the set of quantities to compute on `step`."""
 
-    def __init__(self, quantities: Iterable[str] | Mapping[str, ScheduleSpec] = QUANTITIES,
+    def __init__(self, quantities: Iterable[str] | Mapping[str, ScheduleSpec] = DEFAULT_QUANTITIES,
                  every: ScheduleSpec | None = 1, steps: Iterable[int] | None = None):
         if isinstance(quantities, str):
             quantities = (quantities,)

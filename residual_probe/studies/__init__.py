@@ -93,7 +93,7 @@ def held_out_forward_stats(model, batch: int, seq_len: int, seed: int) -> list[d
 
     _, val = split_tokens(builtin_corpus())
     inputs = BatchSource("decoder", batch, seq_len, model.cfg.vocab_size, seed, val).next().inputs
-    probe = Probe(model.eval(), quantities=("forward_stats",))
+    probe = Probe(model.eval(), quantities=("forward_stats",), include_eval=True)
     with probe, torch.no_grad():
         model(*inputs)
         probe.step()

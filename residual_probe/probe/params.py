@@ -1,0 +1,163 @@
+"""The parameter plan: which parameters form each block, sublayer, parameter group and W2.
+
+Planned once when the probe is made. Parameters are kept as (owner module, attribute) and
+re-read at each step, because FSDP swaps parameter objects. The per-parameter squared gradient
+norms of a step are computed once (`grad_squares`) and shared by every quantity that reads
+`.grad` (param_grad_norm, w2_grad_norm).
+
+W2, the FFN output projection of Xiong et al.'s Theorem 1, is chosen by name per family
+(W2_NAMES), never as "the last FFN matrix": in a mixture-of-experts block that would be an
+expert's up-projection. Several candidates (one per expert) or none are reported, not guessed.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .discovery import BlockInfo, is_norm
+from .gradnorm import GroupNorms, SquaredNorms
+from .schedule import ProbeError
+
+PARAM_GROUPS = ("attention", "ffn", "norm", "other")
+# the FFN output projection, by family: ours / OPT / fairseq (fc2), GPT-2 (mlp.c_proj), Llama /
+# Mistral / Qwen2 (down_proj), T5 (wo), Mixtral-style experts (w2), GPT-NeoX / Falcon / BLOOM
+# (dense_4h_to_h), torch.nn.Transformer*Layer (linear2), BERT / RoBERTa / ViT (output.dense)
+W2_NAMES = ("fc2", "c_proj", "down_proj", "wo", "w2", "dense_4h_to_h", "linear2", "fc_out")
+W2_PATHS = (re.compile(r"(^|\.)output\.dense$"),)
+ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
+
+
+def param_group(name: str, module_of: dict[str, nn.Module], sublayers: Iterable[str]) -> str:
+    """attention / ffn / norm / other for a parameter path inside a block."""
+    owner = name.rpartition(".")[0]
+    if owner in module_of and is_norm(module_of[owner]):
+        return "norm"
+    if any(ATTENTION.search(part) for part in name.split(".")[:-1]):
+        return "attention"
+    if any(name.startswith(s + ".") for s in sublayers):
+        return "ffn"
+    return "other"
+
+
+def w2_candidates(block: BlockInfo) -> list[str]:
+    """Paths (inside the block) of FFN output-projection weights, by the family names above."""
+    module_of = dict(block.module.named_modules())
+    out = []
+    for name, p in block.module.named_parameters():
+        owner, _, attr = name.rpartition(".")
+        if attr != "weight" or p.dim() != 2 or param_group(name, module_of, block.sublayers) != "ffn":
+            continue
+        if owner.rpartition(".")[2] in W2_NAMES or any(rx.search(owner) for rx in W2_PATHS):
+            out.append(owner)
+    return out
+
+
+@dataclass
+class W2:
+    stack: str
+    pos: int  # position of the block in the probe's block list
+    path: str  # module path inside the block, e.g. "mlp.c_proj"
+    ref: int  # index into ParamPlan.refs
+
+
+class ParamPlan:
+    """Parameters per block / sublayer / parameter group, and each stack's W2, planned once.
+
+    keys[g] = (block position, sublayer label) of group g, the label being "block", a sublayer
+    name, or "group:<attention|ffn|norm|other>".
+    w2: module path inside the last block of every stack (None: by W2_NAMES), and whether a
+    missing or ambiguous W2 is an error (True when the user asked for w2_grad_norm).
+    """
+
+    def __init__(self, model: nn.Module, blocks: list[BlockInfo], w2: str | None = None, strict_w2: bool = False):
+        self.model = model
+        self.refs: list[tuple[nn.Module, str]] = []
+        index: dict[int, int] = {}
+        groups: list[list[int]] = []
+        self.keys: list[tuple[int, str]] = []
+
+        def idx(module: nn.Module) -> list[int]:
+            out = []
+            for name, p in module.named_parameters():
+                if id(p) not in index:
+                    owner_path, _, attr = name.rpartition(".")
+                    index[id(p)] = len(self.refs)
+                    self.refs.append((module.get_submodule(owner_path) if owner_path else module, attr))
+                out.append(index[id(p)])
+            return list(dict.fromkeys(out))
+
+        for pos, b in enumerate(blocks):
+            self.keys.append((pos, "block"))
+            groups.append(idx(b.module))
+            for sub, mod in b.sublayers.items():
+                self.keys.append((pos, sub))
+                groups.append(idx(mod))
+            module_of = dict(b.module.named_modules())
+            by_group: dict[str, list[int]] = {}
+            for name, p in b.module.named_parameters():
+                by_group.setdefault(param_group(name, module_of, b.sublayers), []).append(index[id(p)])
+            for g in PARAM_GROUPS:
+                if g in by_group:
+                    self.keys.append((pos, f"group:{g}"))
+                    groups.append(list(dict.fromkeys(by_group[g])))
+        self.groups = GroupNorms(len(self.refs), groups)
+        self.w2 = self._plan_w2(blocks, w2, strict_w2, index)
+        self._squares = SquaredNorms()
+        self._missing_key = None
+        self._missing: tuple[bool, ...] = ()
+
+    def _plan_w2(self, blocks, w2, strict, index) -> list[W2]:
+        last = {}
+        for pos, b in enumerate(blocks):
+            last[b.stack] = pos
+        out = []
+        for stack, pos in last.items():
+            b = blocks[pos]
+            if w2 is not None:
+                try:
+                    weight = b.module.get_submodule(w2).weight
+                except AttributeError:
+                    raise ProbeError(f"w2={w2!r}: block {b.name} has no module {w2!r} with a weight") from None
+                paths = [w2]
+            else:
+                paths = w2_candidates(b)
+                if len(paths) != 1:
+                    what = (f"several FFN output projections ({', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''}"
+                            "; a mixture of experts?)" if paths else
+                            f"no FFN output projection named {'/'.join(W2_NAMES)} or output.dense")
+                    if not strict:  # asked for by default, not by name: skipped, and said
+                        warnings.warn(f"probe: w2_grad_norm skipped: block {b.name} has {what}; name it with "
+                                      "w2='<path in the block>'", stacklevel=4)
+                        continue
+                    raise ProbeError(f"w2_grad_norm: block {b.name} has {what}; name one with w2='<path in the block>' "
+                                     "or leave w2_grad_norm out of quantities")
+                weight = b.module.get_submodule(paths[0]).weight
+            out.append(W2(stack, pos, paths[0], index[id(weight)]))
+        return out
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(m, a) for m, a in self.refs]
+
+    def grads(self) -> list[torch.Tensor | None]:
+        return [getattr(m, a).grad for m, a in self.refs]
+
+    def grad_squares(self) -> tuple[torch.Tensor, tuple[bool, ...]]:
+        """(squared norm of every parameter's .grad, which groups have no .grad at all)."""
+        grads = self.grads()
+        sq = self._squares(grads)
+        key = self._squares._key
+        if key != self._missing_key:  # recomputed only when which grads exist changes
+            present = [g is not None for g in grads]
+            self._missing = tuple(not any(present[i] for i in group) for group in self.groups.groups)
+            self._missing_key = key
+        return sq, self._missing
+
+    @property
+    def plans_built(self) -> int:
+        return self._squares.plans_built + self.groups._squares.plans_built

@@ -1,0 +1,20 @@
+"""The probe's quantities, one small class each over `base.Quantity`; REGISTRY maps name -> class.
+
+Adding a quantity: a module here with one Quantity subclass, an entry in REGISTRY, a naive twin
+in the tests. A new token-mean forward statistic is smaller still: one `token_stats.TokenStat`.
+"""
+
+from .act_grad_norm import ActGradNorm
+from .base import Quantity
+from .forward_stats import ForwardStats
+from .param_grad_norm import ParamGradNorm
+from .subsample import Subsample
+from .token_stats import TOKEN_STATS, TokenStat, Transition
+from .update_ratio import UpdateRatio
+from .w2_grad_norm import W2GradNorm
+
+REGISTRY: dict[str, type[Quantity]] = {q.name: q for q in (
+    ParamGradNorm, ActGradNorm, W2GradNorm, ForwardStats, Subsample, UpdateRatio)}
+
+__all__ = ["REGISTRY", "TOKEN_STATS", "ActGradNorm", "ForwardStats", "ParamGradNorm", "Quantity", "Subsample",
+           "TokenStat", "Transition", "UpdateRatio", "W2GradNorm"]

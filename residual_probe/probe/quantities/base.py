@@ -1,0 +1,94 @@
+"""The shared base of the probe's quantities (Cockpit's `quantities/` as the model).
+
+A quantity is one small class: its schedule (`rule`, a step -> bool callable), the hooks it
+needs (`uses_forward` for the blocks' forward hook, `attach`/`detach` for anything else, such as
+optimizer hooks), its device-side reduction (`forward`, and gradient hooks it registers itself),
+and its export (`pooled` -> `values` -> `rows`). The `Probe` only coordinates: it owns the
+hooks, the step counter, the one device-to-host copy per step and the sinks, and treats every
+quantity alike.
+
+Per recorded step the coordinator calls, for every quantity:
+1. `begin(step)` when a step opens (`active` tells whether this quantity is scheduled on it);
+2. `forward(pos, block, ins, outs)` from each training forward of block `pos`, when scheduled;
+3. at `probe.step()`: `pooled(ctx)`, a 1-D device tensor of sums to add across data-parallel
+   ranks (or None), then `values(ctx, pooled)`, the 1-D device tensor to export (or None);
+   all quantities' values are concatenated and copied to the host once;
+4. `rows(step, host)` with the host floats of its own values.
+Nothing here calls `.item()`, `.tolist()` on a device tensor or copies index tensors to a
+device inside a hook.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from ..records import row
+
+Rule = Callable[[int], bool]
+
+
+class Quantity:
+    """One measured quantity; see the module doc for the life cycle."""
+
+    name: ClassVar[str] = ""
+    uses_forward: ClassVar[bool] = False  # needs the blocks' forward hook on its scheduled steps
+
+    def __init__(self, setup: Any, rule: Rule):
+        self.setup = setup  # the probe's shared, read-only facts: blocks, parameter plan, options
+        self.rule = rule
+        self.is_active = False
+
+    def active(self, step: int) -> bool:
+        return bool(self.rule(step))
+
+    def begin(self, step: int) -> None:
+        """A step opens; reset per-step state (the buffers are reused, not reallocated)."""
+        self.is_active = self.active(step)
+
+    def forward(self, pos: int, block, ins: tuple | None, outs: tuple) -> None:
+        """One training forward of block `pos`: `outs` its output streams, `ins` its input streams
+        (None where they differ in shape from the output, i.e. not a residual transition)."""
+
+    def pooled(self, ctx) -> torch.Tensor | None:
+        """Sums over this rank's tokens that the coordinator adds across data-parallel ranks."""
+        return None
+
+    def values(self, ctx, pooled: torch.Tensor | None) -> torch.Tensor | None:
+        """The 1-D device tensor of this step's numbers (None: nothing to export)."""
+        return None
+
+    def rows(self, step: int, host: list[float]) -> list[dict]:
+        """Rows from the host copy of `values`."""
+        return []
+
+    def attach(self, probe) -> None:
+        """Extra hooks beyond the blocks' forward hook (e.g. on the optimizer)."""
+
+    def detach(self) -> None:
+        """Remove what `attach` added and drop pending state."""
+
+    def state_bytes(self) -> int:
+        """Bytes held in tensors by this quantity between steps (for the boundedness checks)."""
+        return _tensor_bytes(vars(self))
+
+
+def _tensor_bytes(obj, depth: int = 0) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if depth > 3:
+        return 0
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, depth + 1) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, depth + 1) for v in obj)
+    return 0
+
+
+def buffer_dtype(device: torch.device) -> torch.dtype:
+    """float64 accumulators, except on MPS (no float64 there)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+__all__ = ["Quantity", "Rule", "buffer_dtype", "row"]

@@ -1,0 +1,85 @@
+"""forward_stats: the token-mean statistics of `token_stats.TOKEN_STATS`, plus block_influence.
+
+Taken in each block's forward hook, from the training forwards of a scheduled step (modules in
+training mode with grad enabled; eval-mode or no_grad forwards only with include_eval=True;
+never inside `probe.paused()` or an activation-checkpoint recomputation), pooled over every
+forward of the step (micro-batches) and across data-parallel ranks: each value is a sum over
+tokens divided by the number of tokens. block_influence = 1 - cos_adjacent (ShortGPT, Men et
+al. 2024), derived at export.
+
+One preallocated (slots, n_stats + 1) buffer per step, [sums..., tokens] per (block, stream):
+constant in the number of forwards, and each forward adds one stacked vector per stream.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Quantity, buffer_dtype, row
+from .token_stats import TOKEN_STATS, Transition
+
+
+class ForwardStats(Quantity):
+    name = "forward_stats"
+    uses_forward = True
+    stats = TOKEN_STATS
+
+    def __init__(self, setup, rule):
+        super().__init__(setup, rule)
+        self.slots = [(pos, si) for pos, b in enumerate(setup.blocks) for si in range(len(b.streams))]
+        self._first = {}
+        for j, (pos, si) in enumerate(self.slots):
+            self._first.setdefault(pos, j)
+        self.buf: torch.Tensor | None = None
+        self._fresh = True
+        self._cos = [s.name for s in self.stats].index("cos_adjacent")
+
+    def begin(self, step):
+        super().begin(step)
+        self._fresh = True
+
+    def _buffer(self, device) -> torch.Tensor:
+        if self.buf is None or self.buf.device != device:
+            self.buf = torch.zeros(len(self.slots), len(self.stats) + 1, dtype=buffer_dtype(device), device=device)
+        elif self._fresh:
+            self.buf.zero_()
+        self._fresh = False
+        return self.buf
+
+    def forward(self, pos, block, ins, outs):
+        if ins is None:
+            return  # not a residual transition (the block changes the shape)
+        buf = self._buffer(outs[0].device)
+        k = len(self.stats)
+        with torch.no_grad():
+            for si, (prev, cur) in enumerate(zip(ins, outs)):
+                t = Transition(prev, cur)
+                sums = torch.stack([s(t) for s in self.stats]).to(buf.device, non_blocking=True)
+                slot = buf[self._first[pos] + si]
+                slot[:k].add_(sums)
+                slot[k].add_(t.tokens)
+
+    def pooled(self, ctx):
+        if not self.is_active or self.buf is None or self._fresh:
+            return None
+        return self.buf.reshape(-1)
+
+    def values(self, ctx, pooled):
+        if pooled is None:
+            return None
+        k = len(self.stats)
+        buf = pooled.view(-1, k + 1)
+        return torch.cat([(buf[:, :k] / buf[:, k:]).reshape(-1), buf[:, k]])
+
+    def rows(self, step, host):
+        k, n = len(self.stats), len(self.slots)
+        out = []
+        for j, (pos, si) in enumerate(self.slots):
+            if host[n * k + j] <= 0:
+                continue
+            b, stream = self.setup.blocks[pos], self.setup.blocks[pos].streams[si]
+            means = host[j * k:(j + 1) * k]
+            for s, v in zip(self.stats, means):
+                out.append(row(step, b.stack, b.index, "block", stream, s.name, v))
+            out.append(row(step, b.stack, b.index, "block", stream, "block_influence", 1.0 - means[self._cos]))
+        return out

@@ -1,0 +1,79 @@
+"""subsample: a seeded draw of `subsample_tokens` token positions of every layer's residual stream.
+
+From the first training forward of each scheduled step, the same positions in every layer of a
+stack (row 0 the input of block 0, i.e. the embedding output; row k + 1 block k's output), kept
+as float32 on the activations' device for the pairwise metrics (similarity, CKA, effective
+rank). The positions are drawn on that device with a seeded generator, so no index tensor is
+copied to the device inside a hook. Memory: (blocks + 1) x tokens x d per stream, bounded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Quantity
+
+
+class Subsample(Quantity):
+    name = "subsample"
+    uses_forward = True
+
+    def __init__(self, setup, rule):
+        super().__init__(setup, rule)
+        self.stack_len: dict[str, int] = {}
+        for b in setup.blocks:
+            self.stack_len[b.stack] = max(self.stack_len.get(b.stack, 0), b.index + 1)
+        self._gens: dict[torch.device, torch.Generator] = {}
+        self._state: dict[str, dict] = {}
+        self.last: dict[tuple[str, str], torch.Tensor] = {}
+        self.last_step: int | None = None
+        self._step = 0
+
+    def begin(self, step):
+        super().begin(step)
+        self._state = {}
+        self._step = step
+
+    def detach(self):
+        self._state = {}
+
+    def _pick(self, n_tok: int, device: torch.device) -> torch.Tensor:
+        gen = self._gens.get(device)
+        if gen is None:
+            gen = self._gens[device] = torch.Generator(device=device)
+        gen.manual_seed(self.setup.seed * 1_000_003 + self._step * 101 + len(self._state))
+        return torch.randperm(n_tok, generator=gen, device=device)[: self.setup.subsample_tokens].sort().values
+
+    def forward(self, pos, block, ins, outs):
+        if ins is None:
+            return
+        d = outs[0].shape[-1]
+        n_tok = outs[0].numel() // d
+        state = self._state.get(block.stack)
+        if block.index == 0 and state is None:
+            pick = self._pick(n_tok, outs[0].device)
+            layers = self.stack_len[block.stack] + 1
+            state = {"pick": pick, "n": n_tok, "filled": [False] * layers,
+                     "rows": {s: torch.empty(layers, len(pick), d, device=outs[0].device) for s in block.streams}}
+            for s, t in zip(block.streams, ins):
+                state["rows"][s][0].copy_(t.detach().reshape(-1, d).index_select(0, pick))
+            state["filled"][0] = True
+            self._state[block.stack] = state
+        if state is None or state["n"] != n_tok or state["filled"][block.index + 1]:
+            return
+        for s, t in zip(block.streams, outs):
+            state["rows"][s][block.index + 1].copy_(t.detach().reshape(-1, d).index_select(0, state["pick"]))
+        state["filled"][block.index + 1] = True
+
+    def values(self, ctx, pooled):
+        if not self.is_active:
+            return None
+        out = {}
+        for stack, state in self._state.items():
+            if all(state["filled"]):
+                for stream, H in state["rows"].items():
+                    out[(stack, stream)] = H
+        if out:
+            self.last, self.last_step = out, ctx.step
+        self._state = {}
+        return None
