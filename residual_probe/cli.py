@@ -355,10 +355,13 @@ def train(
         check_memory(train_estimate, spec, force)
         with progress_bar(f"train {placement} depth {depth}") as start:
             meta = run_train(spec, out, progress=start)
-        if meta["diverged_at_step"] is not None:
-            typer.echo(f"warning: loss became non-finite at step {meta['diverged_at_step']}; training stopped", err=True)
-        typer.echo(f"final held-out loss {meta['final_val_loss']:.4f} nats/byte after {meta['steps_done']} steps "
-                   f"({meta['wall_seconds']:.0f} s)")
+        d = meta.get("diverged")
+        if d is not None:  # one line; train.json holds the same under "diverged"
+            typer.echo(f"warning: training diverged: the loss became {d['train_loss']} at step {d['step']} "
+                       f"(lr {d['lr']:.3g}); stopped after {meta['steps_done']} steps", err=True)
+        else:
+            typer.echo(f"final held-out loss {meta['final_val_loss']:.4f} nats/byte after {meta['steps_done']} steps "
+                       f"({meta['wall_seconds']:.0f} s)")
         report_files(meta["files"] + [str(Path(out) / "train.json")])
 
 
@@ -493,11 +496,11 @@ def collapse(
             echo_data(m["data"])
             random = (f"partly random model ({len(m['partly_random'])} weights at random initialization): "
                       if m["partly_random"] else "")
-            typer.echo(f"  verdict: {random}{m['verdict']}")
+            typer.echo(f"  verdict: {random}{m['verdict']} ({m['verdict_from']})")
             for s in m["streams"]:
                 top = ", ".join(f"{r['layer']} (cos {r['cos_adjacent']:.4f})" for r in s["redundant"])
-                typer.echo(f"  {s['stack']} {s['stream']}: {s['verdict']}, late-block adjacent cos "
-                           f"{s.get('late_cos_adjacent', float('nan')):.4f}; most redundant blocks: {top}")
+                typer.echo(f"  {s['stack']} {s['stream']}: {s['verdict']} ({s.get('basis', 'no finite cosines')}); "
+                           f"most redundant blocks: {top}")
             for note in m["notes"]:
                 typer.echo(f"  note: {note}")
             if m["nonfinite_values"]:
@@ -621,5 +624,22 @@ def plot(
         report_files(meta["files"])
 
 
+def main() -> None:
+    """The console entry point: `app`, with an interrupted command's exit status kept.
+
+    CPython exits by SIGINT (status -2, whatever sys.exit said) when a KeyboardInterrupt went
+    unhandled in code it ran from a string (dataclass and typing machinery during imports) even if
+    an outer handler caught it: a SIGTERM landing there lost the documented 143. An interrupted
+    command has written its files, so it leaves at once with its own status."""
+    try:
+        app()
+    except SystemExit as exc:
+        if _signal_received or exc.code == 130:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.code if isinstance(exc.code, int) else 1)
+        raise
+
+
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()

@@ -19,8 +19,8 @@ SEVERITY = ("collapsed", "collapsing", "no collapse")  # most severe first
 
 def collapse_verdict(cos: list[float]) -> dict:
     """Collapse verdict of one stream from its per-block adjacent cosines (block order):
-    {"verdict", "late_cos_adjacent", "late_over_early_influence", "blocks", "late_from"} (late: blocks
-    late_from.. onward, the last third)."""
+    {"verdict", "late_cos_adjacent", "late_over_early_influence", "basis", "blocks", "late_from"} (late:
+    blocks late_from.. onward, the last third; basis: the numbers and thresholds in words)."""
     finite = [c for c in cos if math.isfinite(c)]
     if not finite:
         return {"verdict": "unknown (no finite cosines)"}
@@ -36,7 +36,13 @@ def collapse_verdict(cos: list[float]) -> dict:
         v = "collapsing"
     else:
         v = "no collapse"
-    return {"verdict": v, "late_cos_adjacent": late_cos, "late_over_early_influence": ratio,
+    # the numbers the verdict rests on, beside the thresholds they were compared with
+    basis = (f"last {third} of {len(cos)} blocks: adjacent cos {late_cos:.4f}, influence {ratio:.2f}x the first "
+             f"{third}'s; collapsed if cos >= {COLLAPSED_COS}, collapsing if cos >= {COLLAPSING_COS} and "
+             f"influence < {COLLAPSING_RATIO}x")
+    if len(cos) < 6:
+        basis += f"; {len(cos)} blocks are few to judge a trend"
+    return {"verdict": v, "late_cos_adjacent": late_cos, "late_over_early_influence": ratio, "basis": basis,
             "blocks": len(cos), "late_from": len(cos) - third}
 
 
@@ -57,9 +63,17 @@ def collapse_summary(label: str, rows: list[dict]) -> list[dict]:
 
 
 def overall_verdict(summary: list[dict]) -> str:
-    """The most severe verdict over the main ("x") streams; ResiDual's d stream is Pre-LN by design."""
-    main = [s["verdict"] for s in summary if s["stream"] == "x" and s["verdict"] in SEVERITY]
-    return min(main, key=SEVERITY.index) if main else "unknown"
+    """The most severe verdict over all of a model's streams (ResiDual's d stream included: it is
+    Pre-LN by design, and the model's output reads it through LN_f)."""
+    found = [s["verdict"] for s in summary if s["verdict"] in SEVERITY]
+    return min(found, key=SEVERITY.index) if found else "unknown"
+
+
+def overall_detail(summary: list[dict]) -> str:
+    """Which streams the overall verdict comes from, e.g. "decoder d; worst of 2 streams"."""
+    worst = overall_verdict(summary)
+    names = [f"{s['stack']} {s['stream']}" for s in summary if s["verdict"] == worst]
+    return f"{', '.join(names) or 'no stream'}; worst of {len(summary)} stream{'s' if len(summary) != 1 else ''}"
 
 
 def inverse_sqrt_reference(values) -> np.ndarray:

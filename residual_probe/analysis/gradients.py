@@ -16,18 +16,28 @@ from .fits import DecayFit, geometric_decay
 from .summary import geometric_mean
 
 VERDICT_FACTOR = 10.0  # a first/last ratio beyond 10x either way is named vanishing or growing
+BALANCED_FACTOR = 2.0  # within 2x either way is balanced; between 2x and 10x, decaying or rising
 
 
-def decay_verdict(fit: DecayFit, n_layers: int, factor: float = VERDICT_FACTOR) -> str:
-    """One sentence on a per-layer gradient profile: vanishing, growing, or balanced."""
+def decay_verdict(fit: DecayFit, n_layers: int, factor: float = VERDICT_FACTOR,
+                  balanced: float = BALANCED_FACTOR) -> str:
+    """One sentence on a per-layer gradient profile, quoting the numbers it rests on and its thresholds:
+    vanishing (< 1/factor), decaying (< 1/balanced), balanced, rising (> balanced), growing (> factor),
+    from block 0's norm over the last block's (geometric mean over seeds) and the fitted rate."""
     last = n_layers - 1
     ratio = fit.first_over_last
     interval = f"{fit.rate:.3g} per block" + (f" [{fit.low:.3g}, {fit.high:.3g}]" if fit.seeds > 1 else "")
     if ratio < 1 / factor:
-        return f"gradients vanish toward the input: block 0 gets {ratio:.2g} of block {last}'s norm, {interval}"
-    if ratio > factor:
-        return f"gradients grow toward the input: block 0 gets {ratio:.3g}x block {last}'s norm, {interval}"
-    return f"balanced: block 0 gets {ratio:.3g}x block {last}'s norm, {interval}"
+        head, band = "gradients vanish toward the input", f"vanishing: below {1 / factor:g}x"
+    elif ratio < 1 / balanced:
+        head, band = "gradients decay toward the input", f"decaying: {1 / factor:g}x to {1 / balanced:g}x"
+    elif ratio <= balanced:
+        head, band = "balanced", f"balanced: {1 / balanced:g}x to {balanced:g}x"
+    elif ratio <= factor:
+        head, band = "gradients rise toward the input", f"rising: {balanced:g}x to {factor:g}x"
+    else:
+        head, band = "gradients grow toward the input", f"growing: above {factor:g}x"
+    return f"{head}: block 0 gets {ratio:.3g}x block {last}'s norm ({band}), {interval}"
 
 
 def theory_overlay(rows, step: int | None = None, value: str = "param_grad_norm") -> tuple[list[dict], list[dict]]:

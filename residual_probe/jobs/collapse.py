@@ -130,7 +130,8 @@ def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress
     import pandas as pd
     import torch
 
-    from ..analysis.collapse import COLLAPSED_COS, COLLAPSING_COS, COLLAPSING_RATIO, collapse_summary, overall_verdict
+    from ..analysis.collapse import (COLLAPSED_COS, COLLAPSING_COS, COLLAPSING_RATIO, collapse_summary,
+                                     overall_detail, overall_verdict)
     from ..analysis.theory import collapse_prediction
     from ..checkpoints import load_any
     from ..checkpoints.registry import labels_for
@@ -177,7 +178,8 @@ def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress
             "label": label, "source": str(path), "family": loaded.family, "modality": loaded.modality,
             "placement": found["placement"], "placement_detail": found["detail"], "norm_type": found["norm_type"],
             "declared_placement": loaded.declared_placement, "depth": depth, "width": width,
-            "parameters": loaded.parameters, "verdict": overall_verdict(summary), "streams": summary,
+            "parameters": loaded.parameters, "verdict": overall_verdict(summary),
+            "verdict_from": overall_detail(summary), "streams": summary,
             "partly_random": loaded.missing_weights,
             "nonfinite_values": nonfinite, "notes": loaded.notes, "data": data,
             "times": {"load_s": t1 - t0, **m["times"]},

@@ -55,6 +55,21 @@ class TrainSpec:
             raise ConfigError(f"lr: must be a positive number, got {self.lr}")
 
 
+def probe_figures(out: Path, placement: str, meta: dict) -> list[Path]:
+    """The gradient and collapse figures of the run's own probe log, as `residual-probe plot` draws
+    them (grad_heatmap, grad_steps, act_grad, collapse and summary.json in OUT); a log with nothing
+    to draw yet (interrupted before the first recording) is noted in train.json instead."""
+    from .plot import PlotError, run_plot
+
+    try:
+        summary = run_plot(out / "probe.jsonl", out, placement=placement)
+    except PlotError as exc:
+        meta["probe_figures"] = f"not drawn: {exc}"
+        return []
+    meta["probe_figures"] = "drawn by residual-probe plot"
+    return [Path(f) for f in summary["files"]]
+
+
 def run_train(spec: TrainSpec, out: str | Path, progress=None) -> dict:
     """Train, record and save; returns the metadata written to train.json."""
     import torch
@@ -85,9 +100,9 @@ def run_train(spec: TrainSpec, out: str | Path, progress=None) -> dict:
 
     meta = {"job": "train", "spec": asdict(spec), "model_config": cfg.to_dict(), "versions": versions(),
             "parameters": sum(p.numel() for p in model.parameters()), "interrupted": False,
-            "diverged_at_step": None}
+            "diverged_at_step": None, "diverged": None}
     t0 = time.perf_counter()
-    step = 0
+    written = 0  # rows in loss.csv: what steps_done reports, so the two always agree
     with open(out / "loss.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["step", "lr", "train_loss", "val_loss"])
@@ -100,20 +115,26 @@ def run_train(spec: TrainSpec, out: str | Path, progress=None) -> dict:
                     is_eval = (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps
                     writer.writerow([step, lr, train_loss, trainer.evaluate(val_batches) if is_eval else ""])
                     fh.flush()
+                    written += 1
                     if advance:
                         advance()
                     if not math.isfinite(train_loss):
                         meta["diverged_at_step"] = step
+                        meta["diverged"] = {"step": step, "train_loss": str(train_loss), "lr": lr}
                         break
         except KeyboardInterrupt:
             meta["interrupted"] = True
         finally:
-            meta["steps_done"] = step + 1 if spec.steps else 0
+            meta["steps_done"] = written
+            # An interrupt can land between an Adam update and its loss.csv row: the saved model
+            # then holds one update more than the rows show, and this says so.
+            meta["model_updates"] = trainer.steps_done
             meta["wall_seconds"] = round(time.perf_counter() - t0, 3)
             meta["final_val_loss"] = trainer.evaluate(val_batches) if meta["diverged_at_step"] is None else math.nan
             save_model(model, out / "model")
             files = [out / "loss.csv", out / "probe.jsonl", out / "model"]
             files += plot_losses(loss_curves({spec.placement: out / "loss.csv"}), out / "loss")
+            files += probe_figures(out, spec.placement, meta)
             meta["files"] = [str(f) for f in files]
             write_json(out / "train.json", meta)
     if meta["interrupted"]:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -16,7 +17,6 @@ import pandas as pd
 
 from .style import color, save, setup
 
-MAX_HEATMAP_ROWS = 6
 LINESTYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P")  # per model, so models with identical curves stay visible
 
@@ -39,7 +39,10 @@ def _styler(keys, placements: dict[str, str]):
 
     def style(key):
         model, stack, stream = key
-        c = color(placements.get(model, "")) if by_placement else cycle[models.index(model) % len(cycle)]
+        if len(models) == 1 and len(parts) > 1:  # one model: its streams told apart by colour too
+            c = cycle[parts.index(key[1:]) % len(cycle)]
+        else:
+            c = color(placements.get(model, "")) if by_placement else cycle[models.index(model) % len(cycle)]
         name = [model] if len(models) > 1 else []
         if len(parts) > 1:
             name.append(f"{stack} {stream}" if stream != "x" or any(p[1] != "x" for p in parts) else stack)
@@ -59,20 +62,28 @@ def plot_collapse_curves(rows: list[dict], placements: dict[str, str], theory: d
     plt = setup()
     cos, infl = _series(rows, "cos_adjacent"), _series(rows, "block_influence")
     style = _styler(list(cos), placements)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    n_keys = len(set(cos) | set(infl))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8 + 0.25 * math.ceil(n_keys / 3)))
     k = np.arange(len(theory["cos_adjacent"]))
+    # The toy model's sqrt(k/(k+1)) is the Pre-LN stream's (and ResiDual's Pre-LN-like d stream's):
+    # drawn only when such a stream is on the figure, labelled with its source.
+    pre_ln = [key for key in cos if placements.get(key[0]) == "pre-ln" or (placements.get(key[0]) == "residual"
+                                                                            and key[2] == "d")]
+    if pre_ln:
+        src = r"Pre-LN theory $\sqrt{k/(k+1)}$ (ResiDual, Xie et al. 2023)"
+        a.plot(k, theory["cos_adjacent"], color="black", ls="--", lw=1, label=src)
+        b.plot(k, theory["block_influence"], color="black", ls="--", lw=1, label="_" + src)
     for key, (x, y) in cos.items():
         a.plot(x, y, **style(key))
-    a.plot(k, theory["cos_adjacent"], color="black", ls="--", lw=1, label=r"Pre-LN theory $\sqrt{k/(k+1)}$")
     a.set(xlabel="block k", ylabel=r"adjacent cosine  cos$(h_{k-1}, h_k)$", title="How alike each block's input and output are")
     for key, (x, y) in infl.items():
         b.plot(x, np.clip(y, 1e-8, None), **style(key))
-    b.plot(k, theory["block_influence"], color="black", ls="--", lw=1, label="Pre-LN theory")
     b.set_yscale("log")
     b.set(xlabel="block k", ylabel="block influence  1 − cos", title="How much each block changes the stream")
-    a.legend(loc="lower right", fontsize=8)
-    b.legend(loc="best", fontsize=8)
-    fig.tight_layout()
+    handles, labels = a.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, max(1, len(labels))), fontsize=8, frameon=False)
+    rows = math.ceil(len(labels) / 3)
+    fig.tight_layout(rect=(0, 0.06 * rows + 0.02, 1, 1))  # the legend below the panels, never over the data
     return save(fig, stem, formats)
 
 
@@ -81,7 +92,7 @@ def plot_norm_growth(rows: list[dict], placements: dict[str, str], stem: str | P
     plt = setup()
     norms, rel = _series(rows, "norm_sq_per_dim"), _series(rows, "relative_update")
     style = _styler(list(norms), placements)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8 + 0.25 * math.ceil(len(norms) / 3)))
     for key, (x, y) in norms.items():
         a.plot(x, y, **style(key))
     a.set_yscale("log")
@@ -90,25 +101,32 @@ def plot_norm_growth(rows: list[dict], placements: dict[str, str], stem: str | P
         b.plot(x, np.clip(y, 1e-8, None), **style(key))
     b.set_yscale("log")
     b.set(xlabel="block k", ylabel=r"$\|h_k - h_{k-1}\| / \|h_{k-1}\|$", title="Relative update per block")
-    a.legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = a.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, max(1, len(labels))), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(labels) / 3) + 0.02, 1, 1))
     return save(fig, stem, formats)
 
 
 def plot_similarity(sim: pd.DataFrame, stem: str | Path, formats: Sequence[str] = ("png",)) -> list[Path]:
     """Heatmaps of similarity.csv's table (model, stack, stream, metric, layer_i, layer_j, value):
-    one row of panels per (model, stack, stream), mean cosine and linear CKA side by side."""
+    every (model, stack, stream) gets its mean-cosine and linear-CKA pair, two pairs per row when there
+    are more than two, so the figure grows with the comparison and leaves nothing out."""
     import seaborn as sns
 
     plt = setup()
-    keys = list(dict.fromkeys(zip(sim["model"], sim["stack"], sim["stream"])))[:MAX_HEATMAP_ROWS]
-    fig, axes = plt.subplots(len(keys) or 1, 2, figsize=(9, 3.9 * max(1, len(keys))), squeeze=False)
-    for row, key in enumerate(keys):
+    keys = list(dict.fromkeys(zip(sim["model"], sim["stack"], sim["stream"])))  # every combination, none left out
+    per_row = 2 if len(keys) > 2 else 1  # (cosine, CKA) pairs side by side, rows added as needed
+    n_rows = max(1, math.ceil(len(keys) / per_row))
+    fig, axes = plt.subplots(n_rows, 2 * per_row, figsize=(4.4 * 2 * per_row, 3.7 * n_rows), squeeze=False)
+    for ax in axes.flat[2 * len(keys):]:
+        ax.set_visible(False)
+    for i, key in enumerate(keys):
+        row, base = divmod(i, per_row)
         for col, metric in enumerate(("cosine", "cka")):
             sel = sim[(sim["model"] == key[0]) & (sim["stack"] == key[1]) & (sim["stream"] == key[2])
                       & (sim["metric"] == metric)]
             grid = sel.pivot_table(index="layer_i", columns="layer_j", values="value", aggfunc="first")
-            ax = axes[row][col]
+            ax = axes[row][2 * base + col]
             sns.heatmap(grid, ax=ax, cmap="viridis", vmin=min(0.0, float(np.nanmin(grid.to_numpy()))), vmax=1.0,
                         square=True, cbar_kws={"fraction": 0.046, "pad": 0.04})
             ax.invert_yaxis()  # layer -1 (the embedding) at the origin

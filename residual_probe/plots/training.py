@@ -38,6 +38,9 @@ def plot_losses(curves: pd.DataFrame, path_stem: str | Path, formats=("png",), t
             ax.set_ylim(top=top * 1.05)
     ax_t.set_title(title or "training")
     ax_v.set_title("held-out (last 5% of the corpus)")
-    ax_v.legend(frameon=False, fontsize=8)
+    if ax_v.get_legend_handles_labels()[0]:  # no held-out point yet (a run that stopped early): no legend
+        ax_v.legend(frameon=False, fontsize=8)
+    else:
+        ax_v.text(0.5, 0.5, "no held-out evaluation yet", transform=ax_v.transAxes, ha="center", color="0.4")
     fig.tight_layout()
     return save(fig, path_stem, formats)
