@@ -8,7 +8,8 @@ tokens divided by the number of tokens. block_influence = 1 - cos_adjacent (Shor
 al. 2024), derived at export.
 
 One preallocated (slots, n_stats + 1) buffer per step, [sums..., tokens] per (block, stream):
-constant in the number of forwards, and each forward adds one stacked vector per stream.
+constant in the number of forwards. Each forward adds one vector per stream: the units' per-token
+columns and a column of ones (the token count), stacked and summed over tokens in one reduction.
 """
 
 from __future__ import annotations
@@ -50,14 +51,12 @@ class ForwardStats(Quantity):
         if ins is None:
             return  # not a residual transition (the block changes the shape)
         buf = self._buffer(outs[0].device)
-        k = len(self.stats)
         with torch.no_grad():
             for si, (prev, cur) in enumerate(zip(ins, outs)):
                 t = Transition(prev, cur)
-                sums = torch.stack([s(t) for s in self.stats]).to(buf.device, non_blocking=True)
-                slot = buf[self._first[pos] + si]
-                slot[:k].add_(sums)
-                slot[k].add_(t.tokens)
+                cols = [s(t) for s in self.stats]
+                sums = torch.stack([*cols, torch.ones_like(cols[0])], 1).sum(0)  # [sums..., tokens]
+                buf[self._first[pos] + si].add_(sums.to(buf.device, buf.dtype, non_blocking=True))
 
     def pooled(self, ctx):
         if not self.is_active or self.buf is None or self._fresh:
