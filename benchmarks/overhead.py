@@ -10,7 +10,8 @@ Setting (issue 3): decoder-only, depth 48, d_model 256, 4 heads, ffn 1024, batch
   act_cache      activation-cache style: every block submodule's full output cloned, stats after
 
 Time: the variants run interleaved, round after round, and each reports its median step time
-(other work on the machine drifts less into one variant than another). Memory: each variant
+(other work on the machine drifts less into one variant than another). Each recorder is built
+once, as in a real loop, and attached only around its own variant's step. Memory: each variant
 runs alone in a fresh subprocess; peak RSS (ru_maxrss) over the whole process, and the step's
 own working memory (peak minus RSS before the first step, i.e. beyond model, data and imports).
 
@@ -108,10 +109,20 @@ class ActivationCache:
     def __init__(self, model):
         self.blocks = find_blocks(model)
         self.cache, self.handles = {}, []
+        self.attach()
+
+    def attach(self):
         for b in self.blocks:
             for name, mod in b.module.named_modules(prefix=b.name):
                 self.handles.append(mod.register_forward_hook(self._keep(name)))
             self.handles.append(b.module.register_forward_pre_hook(self._keep_input(b.name)))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    detach = remove
 
     def _keep(self, name):
         def hook(mod, args, out):
@@ -161,21 +172,29 @@ def train_step(model, opt, tok, tgt, recorder) -> float:
 
 
 def time_variants(depth: int, rounds: int, warmup: int, variants=VARIANTS):
-    """Step times and record-only times (the step() after backward): all variants, interleaved."""
+    """Step times and record-only times (the step() after backward): all variants, interleaved.
+
+    Each recorder is built once, as in a real loop (the probe's plan is built at construction),
+    and attached only around its own variant's step, so no variant runs another's hooks."""
     model, opt, tok, tgt = setup(depth)
+    recorders = {v: make_recorder(v, model) for v in variants}
+    for rec in recorders.values():
+        if isinstance(rec, Probe):
+            rec.detach()
+        elif isinstance(rec, ActivationCache):
+            rec.remove()
     times = {v: [] for v in variants}
     record = {v: [] for v in variants}
     for r in range(warmup + rounds):
         for v in variants:
-            rec = make_recorder(v, model)
+            rec = recorders[v]
             t0 = time.perf_counter()
+            if isinstance(rec, (Probe, ActivationCache)):
+                rec.attach()
             rt = train_step(model, opt, tok, tgt, rec)
-            dt = time.perf_counter() - t0
-            if isinstance(rec, Probe):
+            if isinstance(rec, (Probe, ActivationCache)):
                 rec.detach()
-            elif isinstance(rec, ActivationCache):
-                for h in rec.handles:
-                    h.remove()
+            dt = time.perf_counter() - t0
             if r >= warmup:
                 times[v].append(dt)
                 record[v].append(rt)
