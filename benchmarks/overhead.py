@@ -177,12 +177,11 @@ def time_variants(depth: int, rounds: int, warmup: int, variants=VARIANTS):
     Each recorder is built once, as in a real loop (the probe's plan is built at construction),
     and attached only around its own variant's step, so no variant runs another's hooks."""
     model, opt, tok, tgt = setup(depth)
-    recorders = {v: make_recorder(v, model) for v in variants}
-    for rec in recorders.values():
-        if isinstance(rec, Probe):
+    recorders = {}
+    for v in variants:
+        rec = recorders[v] = make_recorder(v, model)
+        if isinstance(rec, (Probe, ActivationCache)):
             rec.detach()
-        elif isinstance(rec, ActivationCache):
-            rec.remove()
     times = {v: [] for v in variants}
     record = {v: [] for v in variants}
     for r in range(warmup + rounds):

@@ -6,13 +6,16 @@ the token count at export, so the recorded value is the token mean over all forw
 A new token-mean statistic is one subclass here, added to TOKEN_STATS, plus its naive per-token
 twin in tests/test_probe.py (`naive_stats`).
 
-The lean pass: every unit reads per-token reductions that the Transition computes once, lazily
-(the norms of a, b and b - a, which give cos and the angle, and the means), and ln_update forms LN(b) - LN(a) = rb b - ra a - (rb mb - ra ma)
-in place in one (tokens, d) temporary, its per-token moments taken from the norms and means
-already there (var = ||x||^2 / d - mean^2): seven passes over the activations and about twenty
-small per-token ops, against two LayerNorms and four more temporaries before (0.7x the time at
-256 x 256, 0.3-0.65x at 2048 x 1024, one CPU thread; benchmarks/overhead.py has the step ratios).
-Inputs are upcast to float32 (float64 stays); the angle comes from the chord, not arccos(cos).
+The lean pass: six kernels over the activations per stream, everything else per token. One
+LayerNorm kernel for each of a and b yields LN(x) with its mean and 1/sqrt(var + eps); the
+norms follow from those moments (||x||^2 = d (var + mean^2)), ln_update sums |LN(b) - LN(a)|
+in place, and ||b - a|| is the only other reduction; cos and the angle come from the three
+norms (the chord), so no dot product is taken. Before: eleven kernels over the activations and
+twice as many small ones. Kernels over the activations are what a forward hook pays for: each
+one reads a block output that the surrounding matmuls have evicted from the cache, and wakes
+the intra-op threads (benchmarks/overhead.py has the step ratios). Inputs are upcast to
+float32 (float64 stays); the angle comes from the chord, not arccos(cos), which keeps its
+digits for small angles.
 
 Definitions (docs/design.md, section 2 "What is measured"; a = h_{k-1}, b = h_k per token, d = width):
 - cos_adjacent      cos(a, b)
@@ -47,12 +50,30 @@ class Transition:
         self.d, self.tokens = d, a.shape[0]
 
     @cached_property
-    def norm_a(self) -> torch.Tensor:
-        return torch.linalg.vector_norm(self.a, dim=-1)
+    def _moments(self) -> tuple[torch.Tensor, ...]:
+        """One LayerNorm kernel per stream gives LN(x), the mean and 1/sqrt(var + eps) per token;
+        |LN(b) - LN(a)| is summed at once (the normalized copies are not kept), and the norms
+        follow from the moments: ||x||^2 = d (var + mean^2)."""
+        d = self.d
+        la, ma, ra = torch.native_layer_norm(self.a, (d,), None, None, LN_EPS)
+        lb, mb, rb = torch.native_layer_norm(self.b, (d,), None, None, LN_EPS)
+        ln_abs_sum = lb.sub_(la).abs_().sum(-1)
+        norms = [(d * (r.squeeze(-1).pow(-2) - LN_EPS + m.squeeze(-1).square())).clamp_min(0.0).sqrt()
+                 for m, r in ((ma, ra), (mb, rb))]
+        return ln_abs_sum, *norms
 
-    @cached_property
+    @property
+    def norm_a(self) -> torch.Tensor:
+        return self._moments[1]
+
+    @property
     def norm_b(self) -> torch.Tensor:
-        return torch.linalg.vector_norm(self.b, dim=-1)
+        return self._moments[2]
+
+    @property
+    def ln_diff_abs_sum(self) -> torch.Tensor:
+        """Per token: sum over coordinates of |LN(b) - LN(a)| (no affine, eps LN_EPS)."""
+        return self._moments[0]
 
     @cached_property
     def norm_diff(self) -> torch.Tensor:
@@ -74,18 +95,6 @@ class Transition:
     @cached_property
     def angle(self) -> torch.Tensor:
         return 2.0 * torch.asin(self.half_chord_sq.sqrt())
-
-    @cached_property
-    def ln_diff_abs_sum(self) -> torch.Tensor:
-        """Per token: sum over coordinates of |LN(b) - LN(a)| (no affine, eps LN_EPS)."""
-        d = self.d
-        ma, mb = self.a.mean(-1), self.b.mean(-1)
-        ra = ((self.norm_a.square() / d - ma.square()).clamp_min(0.0) + LN_EPS).rsqrt()
-        rb = ((self.norm_b.square() / d - mb.square()).clamp_min(0.0) + LN_EPS).rsqrt()
-        u = self.b * rb[:, None]
-        u.addcmul_(self.a, ra[:, None], value=-1.0)
-        u.sub_((rb * mb - ra * ma)[:, None])
-        return u.abs_().sum(-1)
 
 
 class TokenStat:
