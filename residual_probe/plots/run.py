@@ -185,7 +185,10 @@ def act_grad(act: Table, steps: Sequence[int], stem: str | Path, formats: Sequen
         ax.set(xlabel="block k (0 = input side)", ylabel=r"RMS$_t\,\|\partial L/\partial h_k\|$",
                title=f"{stack}: activation gradient per block")
         _integer_x(ax)
-        ax.legend(fontsize=8, frameon=False, loc="best")
+        n_labels = len(ax.get_legend_handles_labels()[1])
+        # below the panel: the late steps' curves cross the whole plot, so no corner is free
+        ax.legend(fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2),
+                  ncol=min(3, max(1, n_labels)))
     fig.tight_layout()
     return save(fig, stem, formats)
 
@@ -225,7 +228,7 @@ def collapse(cos: Table, infl: Table, steps: Sequence[int], reference: Mapping[t
             k = np.arange(n)
             pred = collapse_prediction("pre-ln", k + 1)["cos_adjacent"]  # block k (0-based) is the toy's k + 1
             top.plot(k, pred, color="black", ls="--", lw=1,
-                     label="Pre-LN toy model $\\sqrt{k/(k+1)}$\n(Gaussian updates, equal variances)")
+                     label="Pre-LN toy model $\\sqrt{k/(k+1)}$\n(ResiDual, Xie et al. 2023)")
             bottom.plot(k, 1 - pred, color="black", ls="--", lw=1, label="Pre-LN toy model")
         what = f" ({placement})" if placement else ""
         top.set(xlabel="block k", ylabel=r"cos$(h_{k-1}, h_k)$", title=f"{_title(key, keys)}{what}: adjacent cosine")
