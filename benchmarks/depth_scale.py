@@ -87,10 +87,12 @@ def run(*args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def slope(xs, ys) -> float:
-    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
-    mx, my = statistics.fmean(lx), statistics.fmean(ly)
-    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+def slope(xs, ys) -> str:
+    """Fitted exponent of y ~ x^b (least squares on logs, scipy) with its standard error."""
+    from scipy.stats import linregress
+
+    fit = linregress([math.log(x) for x in xs], [math.log(y) for y in ys])
+    return f"{fit.slope:.3f} (se {fit.stderr:.3f})"
 
 
 def main() -> None:
@@ -112,11 +114,11 @@ def main() -> None:
         print(f"{depth:>6} {t['plain']:>9.4f} {t['probe']:>9.4f} {t['probe'] / t['plain']:>7.3f} {mp / 2**20:>10.1f} "
               f"{mq / 2**20:>10.1f} {mq / mp:>10.3f}", flush=True)
     d = [r[0] for r in rows]
-    print(f"time_exponent_plain: {slope(d, [r[1] for r in rows]):.3f}")
-    print(f"time_exponent_probe: {slope(d, [r[2] for r in rows]):.3f}")
-    print(f"memory_exponent_plain: {slope(d, [max(r[3], 1) for r in rows]):.3f}")
-    print(f"memory_exponent_probe: {slope(d, [max(r[4], 1) for r in rows]):.3f}")
-    print(f"ratio_exponent: {slope(d, [r[2] / r[1] for r in rows]):.3f}")
+    print(f"time_exponent_plain: {slope(d, [r[1] for r in rows])}")
+    print(f"time_exponent_probe: {slope(d, [r[2] for r in rows])}")
+    print(f"memory_exponent_plain: {slope(d, [max(r[3], 1) for r in rows])}")
+    print(f"memory_exponent_probe: {slope(d, [max(r[4], 1) for r in rows])}")
+    print(f"ratio_exponent: {slope(d, [r[2] / r[1] for r in rows])}")
 
 
 if __name__ == "__main__":
