@@ -39,45 +39,29 @@ from ...analysis.metrics import EPS, LN_EPS
 
 
 class Transition:
-    """One stream across one block: a = input, b = output, both (tokens, d), upcast once; the
-    per-token reductions are computed on first use and shared by every unit."""
+    """One stream across one block: a = input, b = output, both (tokens, d).
+
+    Computed at once, in few kernels (a hook pays per kernel launch as much as per byte): the
+    per-token norms of a, b (from the LayerNorm moments) and b - a, and sum |LN(b) - LN(a)|.
+    The units read columns of these; cos and the angle share `half_chord_sq`."""
 
     def __init__(self, prev: torch.Tensor, cur: torch.Tensor):
         d = cur.shape[-1]
-        a, b = prev.detach().reshape(-1, d), cur.detach().reshape(-1, d)
+        a, b = prev.reshape(-1, d), cur.reshape(-1, d)  # the caller runs under no_grad
         dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
-        self.a, self.b = a.to(dtype), b.to(dtype)
+        if a.dtype != dtype:
+            a = a.to(dtype)
+        if b.dtype != dtype:
+            b = b.to(dtype)
         self.d, self.tokens = d, a.shape[0]
-
-    @cached_property
-    def _moments(self) -> tuple[torch.Tensor, ...]:
-        """One LayerNorm kernel per stream gives LN(x), the mean and 1/sqrt(var + eps) per token;
-        |LN(b) - LN(a)| is summed at once (the normalized copies are not kept), and the norms
-        follow from the moments: ||x||^2 = d (var + mean^2)."""
-        d = self.d
-        la, ma, ra = torch.native_layer_norm(self.a, (d,), None, None, LN_EPS)
-        lb, mb, rb = torch.native_layer_norm(self.b, (d,), None, None, LN_EPS)
-        ln_abs_sum = lb.sub_(la).abs_().sum(-1)
-        norms = [(d * (r.squeeze(-1).pow(-2) - LN_EPS + m.squeeze(-1).square())).clamp_min(0.0).sqrt()
-                 for m, r in ((ma, ra), (mb, rb))]
-        return ln_abs_sum, *norms
-
-    @property
-    def norm_a(self) -> torch.Tensor:
-        return self._moments[1]
-
-    @property
-    def norm_b(self) -> torch.Tensor:
-        return self._moments[2]
-
-    @property
-    def ln_diff_abs_sum(self) -> torch.Tensor:
-        """Per token: sum over coordinates of |LN(b) - LN(a)| (no affine, eps LN_EPS)."""
-        return self._moments[0]
-
-    @cached_property
-    def norm_diff(self) -> torch.Tensor:
-        return torch.linalg.vector_norm(self.b - self.a, dim=-1)
+        la, ma, ra = torch.native_layer_norm(a, (d,), None, None, LN_EPS)
+        lb, mb, rb = torch.native_layer_norm(b, (d,), None, None, LN_EPS)
+        self.ln_diff_abs_sum = lb.sub_(la).abs_().sum(-1)  # per token, sum over coordinates of |LN(b) - LN(a)|
+        # ||x||^2 = d (var + mean^2), var = rstd^-2 - eps: columns a, b
+        self.norm_sq = (torch.cat((ra, rb), 1).pow_(-2).sub_(LN_EPS) + torch.cat((ma, mb), 1).square_()).mul_(d)
+        self.norm_sq.clamp_min_(0.0)
+        self.norm_a, self.norm_b = self.norm_sq.sqrt().unbind(1)
+        self.norm_diff = torch.linalg.vector_norm(b - a, dim=-1)
 
     @cached_property
     def half_chord_sq(self) -> torch.Tensor:
@@ -85,8 +69,8 @@ class Transition:
         exact, and unlike 1 - a.b / (|a| |b|) it keeps its digits for small angles in float32
         (theta = 1e-4: the dot product's rounding alone moves arccos by 40 %)."""
         na, nb = self.norm_a, self.norm_b
-        s = (self.norm_diff.square() - (na - nb).square()) / (4 * na.clamp_min(EPS) * nb.clamp_min(EPS))
-        return s.clamp(0.0, 1.0)
+        s = (self.norm_diff.square() - (na - nb).square_()) / (4 * na * nb).clamp_min_(EPS)
+        return s.clamp_(0.0, 1.0)
 
     @cached_property
     def cos(self) -> torch.Tensor:
@@ -94,7 +78,7 @@ class Transition:
 
     @cached_property
     def angle(self) -> torch.Tensor:
-        return 2.0 * torch.asin(self.half_chord_sq.sqrt())
+        return self.half_chord_sq.sqrt().asin_().mul_(2.0)
 
 
 class TokenStat:
@@ -131,7 +115,7 @@ class NormSqPerDim(TokenStat):
     name = "norm_sq_per_dim"
 
     def __call__(self, t):
-        return t.norm_b.square() / t.d
+        return t.norm_sq[:, 1] / t.d
 
 
 class LnUpdate(TokenStat):
