@@ -2,6 +2,7 @@
 twin, and the quick grid end to end (tables, figures, checks, resuming)."""
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -144,6 +145,7 @@ def test_quick_grid_writes_tables_figures_and_checks(quick):
     assert any(s.startswith("ResiDual >= Pre-LN and Post-LN") for s in statements)
     assert sum(s.startswith("Without warm-up ResiDual loses less") for s in statements) == 2
     assert any("x stream" in s for s in statements)
+    assert any(s.startswith("ResiDual without its alpha*x output term") for s in statements)  # the ablation
     meta = json.loads((out / "translation.json").read_text())
     assert meta["missing_runs"] == [] and meta["units"]["heldout"] > 200
 
@@ -152,13 +154,22 @@ def test_quick_grid_resumes_and_writes_a_partial_grid(quick):
     out, checks = quick
     root = out / "runs" / "translation-quick"
     stamps = {p: p.stat().st_mtime_ns for p in root.glob("*/result.json")}
-    assert len(stamps) == 16
+    assert len(stamps) == 17  # 12 translation cells + the alpha = 0 ablation + 4 LMs
     again = T.run(out, quick=True, echo=lambda line: None)  # every run finished: nothing retrains
     assert {p: p.stat().st_mtime_ns for p in root.glob("*/result.json")} == stamps
     assert [c.measured for c in again] == [c.measured for c in checks]
     (root / T.run_name("translation", "post-ln", 2, False) / "result.json").unlink()
     lines = []
     partial = T.run(out, quick=True, echo=lines.append, train=False)
-    assert any("1 of 16 runs not finished" in line for line in lines)
+    assert any("1 of 17 runs not finished" in line for line in lines)
     assert len(list(csv.DictReader(open(out / "translation_runs.csv")))) == 11
     assert len(partial) == len(checks)
+
+
+def test_a_result_saved_before_a_field_was_added_still_resumes():
+    spec = T.RunSpec("translation", "residual", 1, True, d_model=16, heads=2, ffn=32, steps=20)
+    saved = dataclasses.asdict(spec)
+    del saved["alpha"]  # written before RunSpec had alpha
+    assert T.same_spec(saved, spec)
+    assert not T.same_spec(saved, dataclasses.replace(spec, alpha=0.0))
+    assert dataclasses.replace(spec, alpha=0.0).name.endswith("-alpha0") and not spec.name.endswith("alpha1")

@@ -48,7 +48,7 @@ import re
 import time
 import zlib
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable
 
@@ -292,10 +292,12 @@ class RunSpec:
     bleu_units: int = 200  # held-out units decoded greedily for BLEU (decoding dominates eval time)
     heldout_units: int = 256  # held-out units for the teacher-forced loss and accuracy
     max_bytes: int = 32
+    alpha: float = 1.0  # ResiDual's weight of x in alpha * x + LN_f(d); 0 is the ablation without the x term
 
     @property
     def name(self) -> str:
-        return run_name(self.task, self.placement, self.depth, self.warmup, self.seed)
+        return run_name(self.task, self.placement, self.depth, self.warmup, self.seed) + (
+            "" if self.alpha == 1.0 else f"-alpha{self.alpha:g}")
 
     def cost(self) -> float:
         """Relative compute, to start the longest runs first."""
@@ -309,7 +311,7 @@ class RunSpec:
             return ModelConfig.iwslt(placement=self.placement, depth=self.depth, d_model=self.d_model,
                                      heads=self.heads, ffn=self.ffn, dropout=self.dropout,
                                      attention_dropout=self.attention_dropout,
-                                     activation_dropout=self.activation_dropout, max_len=64,
+                                     activation_dropout=self.activation_dropout, max_len=64, alpha=self.alpha,
                                      vocab_size=len(task_data(self.max_bytes).vocab))
         return ModelConfig(arch="decoder", placement=self.placement, depth=self.depth, d_model=self.d_model,
                            heads=self.heads, ffn=self.ffn, dropout=self.dropout, attention_dropout=self.attention_dropout,
@@ -319,6 +321,14 @@ class RunSpec:
         from ..models import Transformer
 
         return Transformer(self.model_config())
+
+
+def same_spec(saved: dict | None, spec: RunSpec) -> bool:
+    """A saved run's spec equals `spec`; fields added to RunSpec later read as their defaults."""
+    if saved is None:
+        return False
+    defaults = {f.name: f.default for f in fields(RunSpec) if f.default is not MISSING}
+    return {**defaults, **saved} == asdict(spec)
 
 
 def lr_at(step: int, spec: RunSpec) -> float:
@@ -462,7 +472,7 @@ def run_one(spec: RunSpec, run_dir: Path) -> dict:
     done = run_dir / "result.json"
     if done.is_file():
         res = json.loads(done.read_text())
-        if res.get("spec") == asdict(spec):
+        if same_spec(res.get("spec"), spec):
             return res
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(spec.seed)
@@ -584,6 +594,8 @@ def grid(quick: bool) -> list[RunSpec]:
         lm_depths = (24, 6)
     specs = [RunSpec("translation", p, n, w, seed=s, **tr)
              for n in depths for p in PLACEMENTS for w in (True, False) for s in seeds]
+    # the ablation behind the explanation: ResiDual without its alpha * x output term
+    specs += [RunSpec("translation", "residual", depths[0], True, seed=s, alpha=0.0, **tr) for s in seeds]
     lm_common = dict(lr=1e-3, schedule="constant", dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
                      label_smoothing=0.0, warmup_steps=0)
     specs += [RunSpec("lm", p, n, False, seed=0, **lm, **lm_common) for n in lm_depths for p in ("residual", "pre-ln")]
@@ -652,7 +664,7 @@ def run_rows(results: list[dict], unigram: float) -> list[dict]:
     rows = []
     for r in results:
         s = r["spec"]
-        if s["task"] != "translation":
+        if s["task"] != "translation" or s.get("alpha", 1.0) != 1.0:  # the ablation has its own check
             continue
         loss = r["heldout_loss"]
         rows.append(dict(depth=s["depth"], placement=s["placement"], warmup="yes" if s["warmup"] else "no",
@@ -740,6 +752,28 @@ def translation_checks(table: list[dict], where: str) -> list[Check]:
     return checks
 
 
+def ablation_checks(by_name: dict[str, dict], specs: list[RunSpec], where: str) -> list[Check]:
+    """ResiDual with and without its alpha * x output term, same depth, warm-up and seeds (and Pre-LN beside)."""
+    abl = [s for s in specs if s.task == "translation" and s.alpha != 1.0]
+    if not abl:
+        return []
+    n = abl[0].depth
+    arms = {"alpha 0": [s.name for s in abl],
+            "alpha 1": [run_name("translation", "residual", n, True, s.seed) for s in abl],
+            "Pre-LN": [run_name("translation", "pre-ln", n, True, s.seed) for s in abl]}
+    got = {arm: [by_name[r] for r in names if r in by_name] for arm, names in arms.items()}
+    bleu = {arm: float(np.mean([r["bleu"] for r in rs])) if rs else math.nan for arm, rs in got.items()}
+    loss = {arm: float(np.mean([r["heldout_loss"] for r in rs])) if rs else math.nan for arm, rs in got.items()}
+    per_seed = " | ".join(" ".join(f"{r['bleu']:.2f}" for r in rs) for rs in got.values())
+    done = all(len(rs) == len(abl) for rs in got.values())
+    return [Check(
+        f"ResiDual without its alpha*x output term trains better at E{n}D{n} (warm-up): the x term holds it back",
+        where, "residual", "explanation of the gap to Pre-LN: BLEU with alpha = 0 above alpha = 1",
+        f"BLEU alpha=0 {bleu['alpha 0']:.2f}, alpha=1 {bleu['alpha 1']:.2f}, Pre-LN {bleu['Pre-LN']:.2f} "
+        f"(per seed {per_seed}); held-out loss {_fmt(loss['alpha 0'])} / {_fmt(loss['alpha 1'])} / "
+        f"{_fmt(loss['Pre-LN'])}", _yes(bleu["alpha 0"] > bleu["alpha 1"]) if done else "not run")]
+
+
 def _read_csv(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -784,7 +818,7 @@ def finished(specs: list[RunSpec], root: Path) -> list[dict]:
         f = root / spec.name / "result.json"
         if f.is_file():
             r = json.loads(f.read_text())
-            if r.get("spec") == asdict(spec):
+            if same_spec(r.get("spec"), spec):
                 out.append(r)
     return out
 
@@ -840,11 +874,13 @@ def run(out: Path, quick: bool = False, workers: int | None = None, echo=print, 
     write_csv(out / "translation_probe.csv", probe_rows, ("run", "step", "stack", "layer", "sublayer", "stream", "metric", "value"))
     write_csv(out / "translation_streams.csv", [dict(run=n, **r) for n, rs in streams.items() for r in rs],
               ("run", "step", "stack", "layer", "quantity", "value"))
-    figures(out, specs, table, runs, curves, probes, streams)
+    grid_specs = [s for s in specs if s.alpha == 1.0]  # the figures show the paper's grid; the ablation is a check
+    figures(out, grid_specs, table, runs, {s.name: curves[s.name] for s in grid_specs}, probes, streams)
 
     tr = [s for s in specs if s.task == "translation"]
     n1 = max(s.depth for s in tr)
     checks = translation_checks(table, f"Pig Latin seq2seq, {_size_text(tr[0])}, {len({s.seed for s in tr})} seeds")
+    checks += ablation_checks(by_name, specs, f"Pig Latin seq2seq, {_size_text(tr[0])}")
     checks += lm_checks(by_name, streams, [s for s in grid(quick) if s.task == "lm"], n1, out)
     write_json(out / "translation.json", dict(
         study="translation", quick=quick, wall_seconds=round(wall, 1), workers=workers, unigram_loss=unigram,
