@@ -19,6 +19,9 @@ own working memory (peak minus RSS before the first step, i.e. beyond model, dat
 grad_norms and all_stats only; on 2 CPU threads a step takes tens of seconds, so give fewer
 rounds, or run benchmarks/gpu_check.py on a GPU).
 
+`--breakdown` adds three timed variants, each forward quantity of all_stats alone
+(forward_stats, act_grad_norm, subsample); gradient norms are the grad_norms variant.
+
 Bounded state: a probe with include_eval=True over `--forwards` no-grad forwards of a small
 decoder between two steps; prints the probe's state bytes after the first forward and after
 the last (equal when pending state is one preallocated buffer per step).
@@ -49,6 +52,7 @@ from residual_probe.models import build_model  # noqa: E402
 from residual_probe.probe import Probe, find_blocks  # noqa: E402
 
 VARIANTS = ("plain", "grad_norms", "all_stats", "per_param", "act_cache")
+BREAKDOWN = {"forward_stats": ("forward_stats",), "act_grad_norm": ("act_grad_norm",), "subsample": ("subsample",)}
 SIZES = {
     "default": (dict(arch="decoder", placement="pre-ln", depth=48, d_model=256, heads=4, ffn=1024, vocab_size=256),
                 (8, 32)),
@@ -151,6 +155,8 @@ def make_recorder(variant: str, model):
         return Probe(model, quantities=("param_grad_norm", "w2_grad_norm"), keep_rows=False).attach()
     if variant == "all_stats":
         return Probe(model, subsample_tokens=256, keep_rows=False).attach()
+    if variant in BREAKDOWN:  # one forward quantity alone (--breakdown)
+        return Probe(model, quantities=BREAKDOWN[variant], subsample_tokens=256, keep_rows=False).attach()
     if variant == "per_param":
         return PerParamLoop(model)
     if variant == "act_cache":
@@ -236,6 +242,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="steps per memory subprocess")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--forwards", type=int, default=10_000, help="no-grad forwards for the bounded-state line (0: skip)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time forward_stats, act_grad_norm and subsample alone (what all_stats is made of)")
     ap.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     CONFIG, (BATCH, SEQ) = SIZES[args.size]
@@ -248,10 +256,11 @@ def main() -> None:
     print(f"{args.size}: decoder depth {depth}, d_model {CONFIG['d_model']}, heads {CONFIG['heads']}, ffn {CONFIG['ffn']}, "
           f"batch {BATCH}, seq {SEQ}, {args.threads} threads, torch {torch.__version__}; "
           f"{args.rounds} rounds after {args.warmup} warm-up")
-    times, record = time_variants(depth, args.rounds, args.warmup, variants)
+    timed = variants + tuple(BREAKDOWN) if args.breakdown else variants
+    times, record = time_variants(depth, args.rounds, args.warmup, timed)
     med = {v: statistics.median(t) for v, t in times.items()}
     print(f"{'variant':<12} {'median s':>9} {'IQR s':>17} {'ratio':>7} {'ratio IQR':>13} {'step() ms':>10}")
-    for v in variants:
+    for v in timed:
         lo, m, hi = quartiles(times[v])
         ratios = [t / p for t, p in zip(times[v], times["plain"])]  # same round: drift cancels
         rlo, _, rhi = quartiles(ratios)
