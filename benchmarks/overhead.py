@@ -26,7 +26,10 @@ Bounded state: a probe with include_eval=True over `--forwards` no-grad forwards
 decoder between two steps; prints the probe's state bytes after the first forward and after
 the last (equal when pending state is one preallocated buffer per step).
 
-Each variant's line gives the median step time and the interquartile range over the rounds.
+Each variant's line gives the median step time and its interquartile range over the rounds, the
+ratio of medians, and the paired ratio: the median (and IQR) of the per-round ratios to the plain
+step of the same round, which cancels the machine's drift (on a shared 2-core VM the plain step
+alone varies by +-10 % between rounds).
 The last lines are machine-readable: grad_norms_ratio, all_stats_ratio, memory_ratio
 (memory_ratio: all_stats peak RSS over plain peak RSS), state_bytes_before, state_bytes_after.
 """
@@ -259,12 +262,13 @@ def main() -> None:
     timed = variants + tuple(BREAKDOWN) if args.breakdown else variants
     times, record = time_variants(depth, args.rounds, args.warmup, timed)
     med = {v: statistics.median(t) for v, t in times.items()}
-    print(f"{'variant':<12} {'median s':>9} {'IQR s':>17} {'ratio':>7} {'ratio IQR':>13} {'step() ms':>10}")
+    print(f"{'variant':<13} {'median s':>9} {'IQR s':>17} {'ratio':>7} {'paired':>7} {'paired IQR':>13} {'step() ms':>10}")
+    paired = {}
     for v in timed:
         lo, m, hi = quartiles(times[v])
         ratios = [t / p for t, p in zip(times[v], times["plain"])]  # same round: drift cancels
-        rlo, _, rhi = quartiles(ratios)
-        print(f"{v:<12} {m:>9.4f} {lo:>8.4f}-{hi:<8.4f} {m / med['plain']:>7.3f} {rlo:>6.3f}-{rhi:<6.3f} "
+        rlo, paired[v], rhi = quartiles(ratios)
+        print(f"{v:<13} {m:>9.4f} {lo:>8.4f}-{hi:<8.4f} {m / med['plain']:>7.3f} {paired[v]:>7.3f} {rlo:>6.3f}-{rhi:<6.3f} "
               f"{1e3 * statistics.median(record[v]):>10.1f}")
 
     mem = measure_memory(depth, args.steps, args.threads, args.size, variants)
@@ -281,6 +285,8 @@ def main() -> None:
               f"after the first, {after} after the last")
     print(f"grad_norms_ratio: {med['grad_norms'] / med['plain']:.4f}")
     print(f"all_stats_ratio: {med['all_stats'] / med['plain']:.4f}")
+    print(f"grad_norms_paired_ratio: {paired['grad_norms']:.4f}")
+    print(f"all_stats_paired_ratio: {paired['all_stats']:.4f}")
     print(f"memory_ratio: {mem['all_stats']['peak'] / base['peak']:.4f}")
     if args.forwards:
         print(f"state_bytes_before: {before}")
