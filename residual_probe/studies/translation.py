@@ -18,8 +18,8 @@ held-out clauses with a word unseen in training are dropped (its Pig Latin is no
 dictionary). Why words and not bytes: a byte-level version (the same rule on UTF-8 bytes) did
 not learn to read the source within the budget (after 400 steps its E6D6 Post-LN decoded
 "ethay ethay ..." for every input, BLEU 0.2); words make sequences ~5x shorter. At 400 steps
-the word-level models are still early in training too (BLEU of greedy decodes below 2), so
-held-out loss and token accuracy are reported beside BLEU.
+the word-level models were still early in training (BLEU of greedy decodes below 2); at 1200
+steps Pre-LN reaches BLEU 28 at E6D6. Held-out loss and token accuracy are reported beside BLEU.
 
 Training follows the paper's released IWSLT config (microsoft/ResiDual hydra_config/iwslt.yaml):
 Adam betas (0.9, 0.98), weight decay 1e-4, inverse-sqrt schedule, label smoothing 0.1, dropout
