@@ -80,7 +80,7 @@ def plot_residual_gradient(data: dict, path_stem: str | Path, formats=("png",)) 
     plt = setup()
     settings = _settings(data)
     stacks = ("encoder", "decoder")
-    fig, axes = plt.subplots(len(settings), 2, figsize=(10, 3.6 * len(settings)), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(len(settings), 2, figsize=(10, 5.4 * len(settings)), squeeze=False, layout="constrained")
     for i, s in enumerate(settings):
         for j, stack in enumerate(stacks):
             ax = axes[i][j]
@@ -89,7 +89,7 @@ def plot_residual_gradient(data: dict, path_stem: str | Path, formats=("png",)) 
                 n = d["grads"].shape[1]
                 _band(ax, np.arange(n), d["grads"], color(p), f"{label(p)} ({d['fit'].rate:.3g}/block)")
                 if p != "pre-ln":
-                    what = ("paper's curve C (1/2)^(m/2) e^sqrt(m), C fitted" if p == "post-ln"
+                    what = ("paper's curve $C\\,2^{-m/2} e^{\\sqrt{m}}$, C fitted" if p == "post-ln"
                             else "dual-path floor (flat)")
                     ax.plot(np.arange(n), d["predicted"], "--", color=color(p), label=f"predicted: {what}")
             ax.set(yscale="log", xlabel="block k (0 = input side)", ylabel="||dL/dtheta_k|| (block parameters)",
@@ -99,7 +99,8 @@ def plot_residual_gradient(data: dict, path_stem: str | Path, formats=("png",)) 
             # the axes follow the measurements: the fitted paper curve, steeper than the data, leaves
             # the frame at both ends instead of squeezing the data into a few decades
             ax.set_ylim(lo / 10, hi * 10)
-            ax.legend(fontsize=7)
+            # below the panel: the curves cross every corner of it
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
     fig.suptitle("ResiDual (Xie et al. 2023): per-block gradient norms at initialization "
                  "(rate = factor per block toward the input)")
     return save(fig, path_stem, formats)
