@@ -160,7 +160,7 @@ class ProbeCallback(TrainerCallback):
 
     def _write_run_info(self, model) -> None:
         """probe_run.json beside the sink: the model's class, type and placement (by model type)."""
-        from ._analysis import write_json
+        from ..output import write_json
 
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         info = {"writer": "residual_probe.integrations.hf.ProbeCallback", "model_class": type(model).__name__,

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ..integrations._analysis import UserError
+from ..errors import UserError
 from ..probe.records import COLUMNS
 from ..probe.summary import stack_label
 
@@ -171,7 +171,7 @@ def _ranges(steps: Sequence[int]) -> str:
 
 def first_over_last(by_layer: dict[int, float]) -> float:
     """Block 0's value over the last block's (analysis' one ratio); NaN where it is not defined."""
-    from ..integrations._analysis import first_over_last as ratio
+    from ..analysis.summary import first_over_last as ratio
 
     values = [by_layer[k] for k in sorted(by_layer)]
     if len(values) < 2 or not all(math.isfinite(v) and v > 0 for v in (values[0], values[-1])):
@@ -181,7 +181,8 @@ def first_over_last(by_layer: dict[int, float]) -> float:
 
 def gradient_verdict(by_layer: dict[int, float]) -> dict:
     """First/last ratio, fitted per-block rate and the sentence, for one step's per-block norms."""
-    from ..integrations._analysis import FitError, decay_verdict, geometric_decay
+    from ..analysis.fits import FitError, geometric_decay
+    from ..analysis.gradients import decay_verdict
 
     layers = sorted(by_layer)
     values = [by_layer[k] for k in layers]
@@ -197,7 +198,7 @@ def gradient_verdict(by_layer: dict[int, float]) -> dict:
 
 
 def collapse_verdict(by_layer: dict[int, float]) -> dict:
-    from ..integrations._analysis import collapse_verdict
+    from ..analysis.collapse import collapse_verdict
 
     return collapse_verdict([by_layer[k] for k in sorted(by_layer)])
 
@@ -209,7 +210,7 @@ def run_plot(run: str | Path, out: str | Path, steps: Sequence[int] | None = Non
              formats: Sequence[str] = ("png",)) -> dict:
     """Read the sink, draw the figures, write summary.json; returns the summary."""
     from ..plots import run as plots
-    from ..integrations._analysis import prepare_out, write_json
+    from ..output import prepare_out, write_json
 
     if placement is not None and placement not in PLACEMENTS:
         raise PlotError(f"--placement: unknown {placement!r}; choose from {', '.join(PLACEMENTS)}")

@@ -36,7 +36,7 @@ def stack_label(stack: str, stream: str) -> str:
 
 def _ratio_and_rate(values: list[float]) -> tuple[float, float]:
     """(first/last, fitted per-block rate) of per-block norms in block order; NaN where undefined."""
-    from ..integrations._analysis import FitError, geometric_decay
+    from ..analysis.fits import FitError, geometric_decay
 
     if len(values) < 2:
         return math.nan, math.nan
@@ -48,7 +48,7 @@ def _ratio_and_rate(values: list[float]) -> tuple[float, float]:
 
 
 def _late_cos(cos: list[float]) -> float:
-    from ..integrations._analysis import collapse_verdict
+    from ..analysis.collapse import collapse_verdict
 
     return float(collapse_verdict(cos).get("late_cos_adjacent", math.nan))
 
