@@ -16,7 +16,7 @@ from functools import partial
 
 import torch
 
-from .base import Quantity, buffer_dtype, row
+from .base import StreamSlots, row
 
 
 def grad_sq_sum(grad: torch.Tensor) -> torch.Tensor:
@@ -25,35 +25,21 @@ def grad_sq_sum(grad: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(grad.detach(), dtype=dtype).square()
 
 
-class ActGradNorm(Quantity):
+class ActGradNorm(StreamSlots):
     name = "act_grad_norm"
     uses_forward = True
+    width = 2  # [sum of squares, tokens]
 
     def __init__(self, setup, rule):
         super().__init__(setup, rule)
-        self.slots = [(pos, si) for pos, b in enumerate(setup.blocks) for si in range(len(b.streams))]
-        self._first = {}
-        for j, (pos, si) in enumerate(self.slots):
-            self._first.setdefault(pos, j)
-        self.buf: torch.Tensor | None = None
-        self._fresh = True
         self._token = object()
 
     def begin(self, step):
         super().begin(step)
-        self._fresh = True
         self._token = object()  # tags this step's gradient hooks: a late backward is ignored
 
     def detach(self):
         self._token = object()
-
-    def _buffer(self, device) -> torch.Tensor:
-        if self.buf is None or self.buf.device != device:
-            self.buf = torch.zeros(len(self.slots), 2, dtype=buffer_dtype(device), device=device)
-        elif self._fresh:
-            self.buf.zero_()
-        self._fresh = False
-        return self.buf
 
     def forward(self, pos, block, ins, outs):
         if not torch.is_grad_enabled():
@@ -69,11 +55,6 @@ class ActGradNorm(Quantity):
         w = self.setup.grad_average**2  # gradient of the rank-averaged loss
         buf[slot, 0].add_(grad_sq_sum(grad).to(buf.device, non_blocking=True), alpha=w)
         buf[slot, 1].add_(grad.numel() // grad.shape[-1])
-
-    def pooled(self, ctx):
-        if not self.is_active or self.buf is None or self._fresh:
-            return None
-        return self.buf.reshape(-1)
 
     def values(self, ctx, pooled):
         if pooled is None:

@@ -74,6 +74,40 @@ class Quantity:
         return _tensor_bytes(vars(self))
 
 
+class StreamSlots(Quantity):
+    """A quantity that sums into one preallocated (slots, width) buffer per step, a slot per
+    (block, stream): allocated on the first device it sees, zeroed lazily when a step's first
+    value arrives, constant in the number of forwards; its rows are what `pooled` returns."""
+
+    width: ClassVar[int] = 1
+
+    def __init__(self, setup: Any, rule: Rule):
+        super().__init__(setup, rule)
+        self.slots = [(pos, si) for pos, b in enumerate(setup.blocks) for si in range(len(b.streams))]
+        self._first: dict[int, int] = {}  # block position -> its first slot
+        for j, (pos, _) in enumerate(self.slots):
+            self._first.setdefault(pos, j)
+        self.buf: torch.Tensor | None = None
+        self._fresh = True
+
+    def begin(self, step: int) -> None:
+        super().begin(step)
+        self._fresh = True
+
+    def _buffer(self, device: torch.device) -> torch.Tensor:
+        if self.buf is None or self.buf.device != device:
+            self.buf = torch.zeros(len(self.slots), self.width, dtype=buffer_dtype(device), device=device)
+        elif self._fresh:
+            self.buf.zero_()
+        self._fresh = False
+        return self.buf
+
+    def pooled(self, ctx) -> torch.Tensor | None:
+        if not self.is_active or self.buf is None or self._fresh:
+            return None
+        return self.buf.reshape(-1)
+
+
 def _tensor_bytes(obj, depth: int = 0) -> int:
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
@@ -91,4 +125,4 @@ def buffer_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-__all__ = ["Quantity", "Rule", "buffer_dtype", "row"]
+__all__ = ["Quantity", "Rule", "StreamSlots", "buffer_dtype", "row"]

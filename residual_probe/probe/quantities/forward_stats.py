@@ -16,36 +16,19 @@ from __future__ import annotations
 
 import torch
 
-from .base import Quantity, buffer_dtype, row
+from .base import StreamSlots, row
 from .token_stats import TOKEN_STATS, Transition
 
 
-class ForwardStats(Quantity):
+class ForwardStats(StreamSlots):
     name = "forward_stats"
     uses_forward = True
     stats = TOKEN_STATS
+    width = len(TOKEN_STATS) + 1  # [sums..., tokens]
 
     def __init__(self, setup, rule):
         super().__init__(setup, rule)
-        self.slots = [(pos, si) for pos, b in enumerate(setup.blocks) for si in range(len(b.streams))]
-        self._first = {}
-        for j, (pos, si) in enumerate(self.slots):
-            self._first.setdefault(pos, j)
-        self.buf: torch.Tensor | None = None
-        self._fresh = True
         self._cos = [s.name for s in self.stats].index("cos_adjacent")
-
-    def begin(self, step):
-        super().begin(step)
-        self._fresh = True
-
-    def _buffer(self, device) -> torch.Tensor:
-        if self.buf is None or self.buf.device != device:
-            self.buf = torch.zeros(len(self.slots), len(self.stats) + 1, dtype=buffer_dtype(device), device=device)
-        elif self._fresh:
-            self.buf.zero_()
-        self._fresh = False
-        return self.buf
 
     def forward(self, pos, block, ins, outs):
         if ins is None:
@@ -57,11 +40,6 @@ class ForwardStats(Quantity):
                 cols = [s(t) for s in self.stats]
                 sums = torch.stack([*cols, torch.ones_like(cols[0])], 1).sum(0)  # [sums..., tokens]
                 buf[self._first[pos] + si].add_(sums.to(buf.device, buf.dtype, non_blocking=True))
-
-    def pooled(self, ctx):
-        if not self.is_active or self.buf is None or self._fresh:
-            return None
-        return self.buf.reshape(-1)
 
     def values(self, ctx, pooled):
         if pooled is None:
