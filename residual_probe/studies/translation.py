@@ -865,12 +865,14 @@ def run(out: Path, quick: bool = False, workers: int | None = None, echo=print, 
         streams[s.name] = _read_csv(d / "streams.csv")
     write_csv(out / "translation_curves.csv", [dict(run=n, **r) for n, rs in curves.items() for r in rs],
               ("run", "step", "lr", "train_loss", "heldout_loss", "heldout_acc"))
+    # an extract (the full logs stay in runs/): every recorded step up to 50, then every 100th and
+    # the last, values to 6 significant digits, so the committed table stays small (~3 MB)
     probe_rows = []
     for n, rs in probes.items():
         if rs:
             last = max(int(r["step"]) for r in rs)
-            probe_rows += [dict(run=n, **r) for r in rs if int(r["step"]) <= 30 or int(r["step"]) % 50 == 0
-                           or int(r["step"]) == last]
+            probe_rows += [{"run": n, **r, "value": f"{float(r['value']):.6g}"} for r in rs
+                           if int(r["step"]) <= 50 or int(r["step"]) % 100 == 0 or int(r["step"]) == last]
     write_csv(out / "translation_probe.csv", probe_rows, ("run", "step", "stack", "layer", "sublayer", "stream", "metric", "value"))
     write_csv(out / "translation_streams.csv", [dict(run=n, **r) for n, rs in streams.items() for r in rs],
               ("run", "step", "stack", "layer", "quantity", "value"))
