@@ -14,8 +14,7 @@ norms (the chord), so no dot product is taken. Before: eleven kernels over the a
 twice as many small ones. Kernels over the activations are what a forward hook pays for: each
 one reads a block output that the surrounding matmuls have evicted from the cache, and wakes
 the intra-op threads (benchmarks/overhead.py has the step ratios). Inputs are upcast to
-float32 (float64 stays); the angle comes from the chord, not arccos(cos), which keeps its
-digits for small angles.
+float32 (float64 stays); the chord keeps small angles' digits where arccos(cos) loses them.
 
 Definitions (docs/design.md, section 2 "What is measured"; a = h_{k-1}, b = h_k per token, d = width):
 - cos_adjacent      cos(a, b)
@@ -53,7 +52,7 @@ class Transition:
             a = a.to(dtype)
         if b.dtype != dtype:
             b = b.to(dtype)
-        self.d, self.tokens = d, a.shape[0]
+        self.d = d
         la, ma, ra = torch.native_layer_norm(a, (d,), None, None, LN_EPS)
         lb, mb, rb = torch.native_layer_norm(b, (d,), None, None, LN_EPS)
         self.ln_diff_abs_sum = lb.sub_(la).abs_().sum(-1)  # per token, sum over coordinates of |LN(b) - LN(a)|
