@@ -600,7 +600,52 @@ def test_token_stats_in_float32_match_the_float64_twin(offset, step):
     a = torch.randn(64, 256, generator=g, dtype=torch.float64) + offset
     b = a + step * torch.randn(64, 256, generator=g, dtype=torch.float64)
     ref = naive_stats(a, b)
-    t = Transition(a.float(), b.float())
+    t = Transition.of(a.float(), b.float())
     for s in TOKEN_STATS:
         got = float(s(t).double().mean())
         assert got == pytest.approx(ref[s.name], rel=1e-4), s.name  # angle from the chord, not arccos
+
+
+class _Res(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        return x + torch.tanh(self.fc(x))
+
+
+class _Stack(torch.nn.Module):
+    """Residual blocks in a ModuleList whose loop edits the hidden state between blocks: in place
+    (`inplace`), or by handing the next block a new tensor (`inplace=False`)."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.h = torch.nn.ModuleList(_Res() for _ in range(4))
+        self.inplace = inplace
+        self.seen = []
+
+    def forward(self, x):
+        for blk in self.h:
+            y = blk(x)
+            self.seen.append((x.clone(), y.clone()))
+            x = y.add_(0.5) if self.inplace else y + 0.5
+        return x
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_forward_stats_reuse_the_previous_output_only_when_it_is_the_input(inplace):
+    """The previous block's output LayerNorm is reused for the next block's input only when the
+    input is that very tensor, unmodified: an in-place edit or a new tensor between blocks gives
+    the naive numbers of what each block really received."""
+    torch.manual_seed(0)
+    model = _Stack(inplace).double()
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    with Probe(model, blocks="h.*", quantities=("forward_stats",), include_eval=True) as probe, torch.no_grad():
+        model(x)
+        rows = {(r["layer"], r["metric"]): r["value"] for r in probe.step()}
+    assert len(model.seen) == 4
+    for k, (a, b) in enumerate(model.seen):
+        ref = naive_stats(a, b)
+        for name in ("cos_adjacent", "ln_update", "relative_update", "norm_sq_per_dim"):
+            assert rows[(k, name)] == pytest.approx(ref[name], rel=1e-9), (k, name)

@@ -7,9 +7,12 @@ forward of the step (micro-batches) and across data-parallel ranks: each value i
 tokens divided by the number of tokens. block_influence = 1 - cos_adjacent (ShortGPT, Men et
 al. 2024), derived at export.
 
-One preallocated (slots, n_stats + 1) buffer per step, [sums..., tokens] per (block, stream):
-constant in the number of forwards. Each forward adds one vector per stream: the units' per-token
-columns and a column of ones (the token count), stacked and summed over tokens in one reduction.
+State, constant in the number of forwards: one (slots, n_stats + 1) float64 buffer of
+[sums..., tokens] per (block, stream), and one `Pending` (slots, tokens, RAW) buffer of the
+current forward's raw columns. A hook writes its block's raw row; the per-token arithmetic runs
+once for all slots when a slot comes round again (the next forward) or at `probe.step()`, and
+adds into the sums. Each stream's output LayerNorm moments are carried to the next block, whose
+input they are (one (tokens, d) tensor per stream).
 """
 
 from __future__ import annotations
@@ -17,7 +20,30 @@ from __future__ import annotations
 import torch
 
 from .base import StreamSlots, row
-from .token_stats import TOKEN_STATS, Transition
+from .token_stats import PADDING, RAW, TOKEN_STATS, Moments, Transition, raw_columns
+
+
+class Pending:
+    """The raw columns of one forward, (slots, capacity, RAW), for streams of one width, dtype and
+    device; rows a forward did not write hold PADDING (token weight 0)."""
+
+    def __init__(self, slots: int, capacity: int, d: int, dtype: torch.dtype, device: torch.device):
+        self.d, self.filled = d, set()
+        self.raw = torch.empty(slots, capacity, len(RAW), dtype=dtype, device=device)
+        self.padding = torch.tensor(PADDING, dtype=dtype, device=device)  # once, at allocation
+        self.ones = torch.ones(capacity, 1, dtype=dtype, device=device)
+        self.clear()
+
+    def fits(self, tokens: int, d: int, dtype: torch.dtype, device: torch.device) -> bool:
+        return (tokens <= self.raw.shape[1] and d == self.d and dtype == self.raw.dtype
+                and device == self.raw.device)
+
+    def clear(self) -> None:
+        self.raw.copy_(self.padding.expand_as(self.raw))
+        self.filled.clear()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.raw, self.padding, self.ones))
 
 
 class ForwardStats(StreamSlots):
@@ -29,17 +55,57 @@ class ForwardStats(StreamSlots):
     def __init__(self, setup, rule):
         super().__init__(setup, rule)
         self._cos = [s.name for s in self.stats].index("cos_adjacent")
+        self._carry: dict[int, Moments] = {}  # stream -> moments of the last block output seen
+        self._pending: Pending | None = None
+
+    def begin(self, step):
+        super().begin(step)
+        self._carry.clear()
+        if self._pending is not None:
+            self._pending.clear()
+
+    def detach(self):
+        self._carry.clear()
+        self._pending = None
 
     def forward(self, pos, block, ins, outs):
         if ins is None:
             return  # not a residual transition (the block changes the shape)
-        buf = self._buffer(outs[0].device)
+        self._buffer(outs[0].device)  # the step's sums: allocated (or zeroed) with its first forward
         with torch.no_grad():
             for si, (prev, cur) in enumerate(zip(ins, outs)):
-                t = Transition(prev, cur)
-                cols = [s(t) for s in self.stats]
-                sums = torch.stack([*cols, torch.ones_like(cols[0])], 1).sum(0)  # [sums..., tokens]
-                buf[self._first[pos] + si].add_(sums.to(buf.device, buf.dtype, non_blocking=True))
+                slot, d = self._first[pos] + si, cur.shape[-1]
+                tokens = cur.numel() // d
+                dtype = torch.float64 if torch.float64 in (prev.dtype, cur.dtype) else torch.float32
+                pend = self._pending
+                if pend is None or not pend.fits(tokens, d, dtype, cur.device):
+                    self._reduce()
+                    cap = tokens if pend is None or pend.raw.device != cur.device else max(tokens, pend.raw.shape[1])
+                    pend = self._pending = Pending(len(self.slots), cap, d, dtype, cur.device)
+                elif slot in pend.filled:
+                    self._reduce()  # a new forward (or a block called twice in one)
+                self._carry[si] = raw_columns(prev, cur, pend.raw[slot, :tokens], pend.ones, self._carry.get(si))
+                pend.filled.add(slot)
+
+    def _reduce(self) -> None:
+        """Sum the pending forward's per-token statistics into the step's buffer, for all slots at once."""
+        pend = self._pending
+        if pend is None or not pend.filled:
+            return
+        t = Transition(pend.raw, pend.d)
+        w = t.weight
+        sums = torch.stack([*(s(t) for s in self.stats), w], -1).mul_(w.unsqueeze(-1)).sum(1)  # (slots, width)
+        self._buffer(pend.raw.device).add_(sums)
+        pend.clear()
+
+    def pooled(self, ctx):
+        if self.is_active:
+            self._reduce()
+        return super().pooled(ctx)
+
+    def state_bytes(self):
+        carry = sum(m.nbytes() for m in self._carry.values())
+        return super().state_bytes() + carry + (self._pending.nbytes() if self._pending is not None else 0)
 
     def values(self, ctx, pooled):
         if pooled is None:

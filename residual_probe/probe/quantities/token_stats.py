@@ -1,20 +1,25 @@
 """Token-mean forward statistics of one block transition h_{k-1} -> h_k, one small unit each.
 
-A unit returns its *per-token* values (a (tokens,) tensor) from a shared `Transition`;
-`forward_stats` stacks the units' columns and sums over tokens in one reduction, and divides by
-the token count at export, so the recorded value is the token mean over all forwards of the step.
-A new token-mean statistic is one subclass here, added to TOKEN_STATS, plus its naive per-token
-twin in tests/test_probe.py (`naive_stats`).
+Two stages. In a block's forward hook, `raw_columns` runs the few kernels over the activations
+and writes seven numbers per token (`RAW`) into a row of a pending buffer. Later, once per
+forward for all blocks together, a `Transition` over those raw rows gives each unit's per-token
+values, and `forward_stats` sums them over tokens (dividing by the token count at export, so the
+recorded value is the token mean over all forwards of the step). A new token-mean statistic is
+one `TokenStat` subclass here, added to TOKEN_STATS, plus its naive per-token twin in
+tests/test_probe.py (`naive_stats`); if it needs a new per-token reduction of the activations,
+that is one more RAW column.
 
-The lean pass: six kernels over the activations per stream, everything else per token. One
-LayerNorm kernel for each of a and b yields LN(x) with its mean and 1/sqrt(var + eps); the
-norms follow from those moments (||x||^2 = d (var + mean^2)), ln_update sums |LN(b) - LN(a)|
-in place, and ||b - a|| is the only other reduction; cos and the angle come from the three
-norms (the chord), so no dot product is taken. Before: eleven kernels over the activations and
-twice as many small ones. Kernels over the activations are what a forward hook pays for: each
-one reads a block output that the surrounding matmuls have evicted from the cache, and wakes
-the intra-op threads (benchmarks/overhead.py has the step ratios). Inputs are upcast to
-float32 (float64 stays); the chord keeps small angles' digits where arccos(cos) loses them.
+Why two stages: a hook pays per kernel launch as much as per byte (each kernel reads a block
+output the surrounding matmuls evicted from the cache and wakes the intra-op threads), and the
+per-token arithmetic is ~40 small kernels: done per block they cost more than the reductions
+themselves; done once per forward over a (blocks, tokens) buffer they cost almost nothing.
+The hook's kernels, per stream: one LayerNorm kernel yields LN(b) with its mean and
+1/sqrt(var + eps), from which the norms follow (||x||^2 = d (var + mean^2)); a = h_{k-1} is the
+previous block's output, so its LayerNorm is carried over (`Moments`, reused when the input is
+the very tensor the previous block returned, unmodified); sum |LN(b) - LN(a)| and ||b - a||
+are the only other reductions; cos and the angle come from the three norms (the chord), so no
+dot product is taken. Inputs are upcast to float32 (float64 stays); the chord keeps small
+angles' digits where arccos(cos) loses them.
 
 Definitions (docs/design.md, section 2 "What is measured"; a = h_{k-1}, b = h_k per token, d = width):
 - cos_adjacent      cos(a, b)
@@ -30,6 +35,7 @@ Norms in denominators are guarded by metrics.EPS.
 from __future__ import annotations
 
 import math
+import weakref
 from functools import cached_property
 
 import torch
@@ -37,30 +43,67 @@ import torch
 from ...analysis.metrics import EPS, LN_EPS
 
 
+class Moments:
+    """LN(x) without affine, with the per-token mean and 1/sqrt(var + eps), of one (tokens, d)
+    stream in the statistics' dtype: one LayerNorm kernel. A block's output moments are the next
+    block's input moments; `matches` tells whether they may be reused for a given input."""
+
+    def __init__(self, source: torch.Tensor, flat: torch.Tensor):
+        """`flat`: `source` as (tokens, d) in the statistics' dtype."""
+        self.source = weakref.ref(source)  # the tensor these moments were taken from (not kept alive)
+        self.version = source._version  # in-place writes since then invalidate them
+        self.ln, self.mean, self.rstd = torch.native_layer_norm(flat, flat.shape[-1:], None, None, LN_EPS)
+
+    def matches(self, x: torch.Tensor) -> bool:
+        return self.source() is x and x._version == self.version
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.ln, self.mean, self.rstd))
+
+
+# Per-token raw columns, in this order: a token weight (1; 0 in padding), sum |LN(b) - LN(a)|,
+# ||b - a||, mean of a and of b, 1/sqrt(var + eps) of a and of b.
+RAW = ("tokens", "ln_diff_abs_sum", "norm_diff", "mean_a", "mean_b", "rstd_a", "rstd_b")
+PADDING = (0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0)  # a row that is no token: weight 0, finite statistics
+
+
+def raw_columns(prev: torch.Tensor, cur: torch.Tensor, out: torch.Tensor, ones: torch.Tensor,
+                prev_moments: Moments | None = None) -> Moments:
+    """Write the RAW columns of the transition prev -> cur into `out` (tokens, len(RAW)), with
+    `ones` a (>= tokens, 1) column of ones; return cur's moments for the next block. Six
+    kernels over the activations (seven when `prev_moments` do not match `prev`) and one copy."""
+    d = cur.shape[-1]  # the caller runs under no_grad
+    a, b = _upcast(prev.reshape(-1, d)), _upcast(cur.reshape(-1, d))
+    ma = prev_moments if prev_moments is not None and prev_moments.matches(prev) else Moments(prev, a)
+    mb = Moments(cur, b)
+    # LN(a) is dead after this block (the caller carries LN(b) on): the difference is taken in its place.
+    # |.|.sum, not vector_norm(ord=1): 7x slower on the CPU.
+    ln_diff = ma.ln.sub_(mb.ln).abs_().sum(-1, keepdim=True)
+    norm_diff = torch.linalg.vector_norm(b - a, 2, -1, keepdim=True)
+    torch.cat((ones[:len(b)], ln_diff, norm_diff, ma.mean, mb.mean, ma.rstd, mb.rstd), 1, out=out)
+    return mb
+
+
 class Transition:
-    """One stream across one block: a = input, b = output, both (tokens, d).
+    """Per-token quantities of transitions from their RAW columns (..., len(RAW)), any leading
+    shape (a pending (slots, tokens) buffer, or one block's tokens), d the width. The units read
+    these; cos and the angle share `half_chord_sq`."""
 
-    Computed at once, in few kernels (a hook pays per kernel launch as much as per byte): the
-    per-token norms of a, b (from the LayerNorm moments) and b - a, and sum |LN(b) - LN(a)|.
-    The units read columns of these; cos and the angle share `half_chord_sq`."""
-
-    def __init__(self, prev: torch.Tensor, cur: torch.Tensor):
-        d = cur.shape[-1]
-        a, b = prev.reshape(-1, d), cur.reshape(-1, d)  # the caller runs under no_grad
-        dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
-        if a.dtype != dtype:
-            a = a.to(dtype)
-        if b.dtype != dtype:
-            b = b.to(dtype)
+    def __init__(self, raw: torch.Tensor, d: int):
         self.d = d
-        la, ma, ra = torch.native_layer_norm(a, (d,), None, None, LN_EPS)
-        lb, mb, rb = torch.native_layer_norm(b, (d,), None, None, LN_EPS)
-        self.ln_diff_abs_sum = lb.sub_(la).abs_().sum(-1)  # per token, sum over coordinates of |LN(b) - LN(a)|
-        # ||x||^2 = d (var + mean^2), var = rstd^-2 - eps: columns a, b
-        self.norm_sq = (torch.cat((ra, rb), 1).pow_(-2).sub_(LN_EPS) + torch.cat((ma, mb), 1).square_()).mul_(d)
-        self.norm_sq.clamp_min_(0.0)
-        self.norm_a, self.norm_b = self.norm_sq.sqrt().unbind(1)
-        self.norm_diff = torch.linalg.vector_norm(b - a, dim=-1)
+        self.weight, self.ln_diff_abs_sum, self.norm_diff = raw[..., 0], raw[..., 1], raw[..., 2]
+        # ||x||^2 = d (var + mean^2), var = rstd^-2 - eps: last axis a, b
+        self.norm_sq = (raw[..., 5:7].pow(-2).sub_(LN_EPS) + raw[..., 3:5].square()).mul_(d).clamp_min_(0.0)
+        self.norm_a, self.norm_b = self.norm_sq.sqrt().unbind(-1)
+
+    @classmethod
+    def of(cls, prev: torch.Tensor, cur: torch.Tensor) -> "Transition":
+        """The transition of one block, in one go (tests, one-off use)."""
+        b = cur.reshape(-1, cur.shape[-1])
+        dtype = _upcast(b[:1]).dtype
+        raw = torch.empty(len(b), len(RAW), dtype=dtype, device=b.device)
+        raw_columns(prev, cur, raw, torch.ones(len(b), 1, dtype=dtype, device=b.device))
+        return cls(raw, cur.shape[-1])
 
     @cached_property
     def half_chord_sq(self) -> torch.Tensor:
@@ -80,8 +123,13 @@ class Transition:
         return self.half_chord_sq.sqrt().asin_().mul_(2.0)
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half and bfloat16 streams; float32 and float64 stay as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 class TokenStat:
-    """One per-token statistic of a Transition, as a (tokens,) tensor."""
+    """One per-token statistic of a Transition, a tensor of its leading shape."""
 
     name = ""
 
@@ -114,7 +162,7 @@ class NormSqPerDim(TokenStat):
     name = "norm_sq_per_dim"
 
     def __call__(self, t):
-        return t.norm_sq[:, 1] / t.d
+        return t.norm_sq[..., 1] / t.d
 
 
 class LnUpdate(TokenStat):
