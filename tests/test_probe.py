@@ -649,3 +649,51 @@ def test_forward_stats_reuse_the_previous_output_only_when_it_is_the_input(inpla
         ref = naive_stats(a, b)
         for name in ("cos_adjacent", "ln_update", "relative_update", "norm_sq_per_dim"):
             assert rows[(k, name)] == pytest.approx(ref[name], rel=1e-9), (k, name)
+
+
+class _TwoWidths(torch.nn.Module):
+    """Two stacks of residual blocks at widths 16 and 8, and a record of what each block saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.wide, self.narrow = _Stack(False), torch.nn.Module()
+        self.narrow.h = torch.nn.ModuleList(_Res8() for _ in range(3))
+        self.down = torch.nn.Linear(16, 8)
+        self.seen = {}
+
+    def forward(self, x):
+        for k, blk in enumerate(self.wide.h):
+            y = blk(x)
+            self.seen.setdefault(("wide.h", k), []).append((x.clone(), y.clone()))
+            x = y
+        x = self.down(x)
+        for k, blk in enumerate(self.narrow.h):
+            y = blk(x)
+            self.seen.setdefault(("narrow.h", k), []).append((x.clone(), y.clone()))
+            x = y
+        return x
+
+
+class _Res8(_Res):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+
+def test_forward_stats_pool_forwards_of_other_lengths_and_stacks_of_other_widths():
+    """Micro-batches of growing and shrinking length in one step (the pending buffer grows mid-step)
+    and two stacks of different widths: each block's values are the token means over everything
+    it saw, as the naive twin computes them on the concatenated tokens."""
+    torch.manual_seed(0)
+    model = _TwoWidths().double()
+    with Probe(model, blocks="*.h.*", quantities=("forward_stats",), include_eval=True) as probe, torch.no_grad():
+        for seq in (5, 9, 3, 9):
+            model(torch.randn(2, seq, 16, dtype=torch.float64))
+        rows = {(r["stack"], r["layer"], r["metric"]): r["value"] for r in probe.step() if r["stack"] != "-"}
+    assert {s for s, _, _ in rows} == {"wide.h", "narrow.h"}
+    for (stack, k), pairs in model.seen.items():
+        a = torch.cat([p.reshape(-1, p.shape[-1]) for p, _ in pairs])
+        b = torch.cat([c.reshape(-1, c.shape[-1]) for _, c in pairs])
+        ref = naive_stats(a, b)
+        for name in ("cos_adjacent", "angular_distance", "ln_update", "relative_update", "norm_sq_per_dim"):
+            assert rows[(stack, k, name)] == pytest.approx(ref[name], rel=1e-9), (stack, k, name)

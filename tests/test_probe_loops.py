@@ -213,6 +213,9 @@ def test_w2_is_chosen_by_name_and_ambiguity_fails_clearly():
         float(model.layers[1].moe["experts"][0].w2.weight.grad.norm()), rel=1e-6)
     with pytest.warns(UserWarning, match="w2_grad_norm skipped"):
         Probe(model)  # the default quantities skip W2 where it is ambiguous, and say so
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Probe(model, quantities=("forward_stats",))  # W2 not asked for: not searched, nothing said
 
 
 def test_two_probes_on_one_model_are_refused():

@@ -75,7 +75,8 @@ class ParamPlan:
     missing or ambiguous W2 is an error (True when the user asked for w2_grad_norm).
     """
 
-    def __init__(self, model: nn.Module, blocks: list[BlockInfo], w2: str | None = None, strict_w2: bool = False):
+    def __init__(self, model: nn.Module, blocks: list[BlockInfo], w2: str | None = None, strict_w2: bool = False,
+                 want_w2: bool = True):
         self.model = model
         self.refs: list[tuple[nn.Module, str]] = []
         index: dict[int, int] = {}
@@ -107,7 +108,7 @@ class ParamPlan:
                     self.keys.append((pos, f"group:{g}"))
                     groups.append(list(dict.fromkeys(by_group[g])))
         self.groups = GroupNorms(len(self.refs), groups)
-        self.w2 = self._plan_w2(blocks, w2, strict_w2, index)
+        self.w2 = self._plan_w2(blocks, w2, strict_w2, index) if want_w2 else []  # not asked for: no search, no warning
         self._squares = SquaredNorms()
         self._missing_key = None
         self._missing: tuple[bool, ...] = ()

@@ -184,7 +184,7 @@ class Probe:
             rank = dist.get_rank()
         explicit = not isinstance(quantities, (tuple, list)) or quantities is not DEFAULT_QUANTITIES
         strict_w2 = "w2_grad_norm" in self.schedule.rules and explicit
-        self._params = ParamPlan(model, self.blocks, w2, strict_w2)
+        self._params = ParamPlan(model, self.blocks, w2, strict_w2, want_w2="w2_grad_norm" in self.schedule.rules)
         setup = _Setup(self.blocks, self._params, subsample_tokens, seed, grad_average)
         self.quantities: list[Quantity] = [REGISTRY[name](setup, self.schedule.rules[name])
                                            for name in REGISTRY if name in self.schedule.rules]

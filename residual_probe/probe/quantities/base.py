@@ -95,7 +95,9 @@ class StreamSlots(Quantity):
         self._fresh = True
 
     def _buffer(self, device: torch.device) -> torch.Tensor:
-        if self.buf is None or self.buf.device != device:
+        """This step's buffer; on the device of the step's first value (a model split over devices
+        adds its other blocks' values with a non-blocking copy)."""
+        if self.buf is None or (self._fresh and self.buf.device != device):
             self.buf = torch.zeros(len(self.slots), self.width, dtype=buffer_dtype(device), device=device)
         elif self._fresh:
             self.buf.zero_()

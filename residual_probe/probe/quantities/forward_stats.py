@@ -8,8 +8,8 @@ tokens divided by the number of tokens. block_influence = 1 - cos_adjacent (Shor
 al. 2024), derived at export.
 
 State, constant in the number of forwards: one (slots, n_stats + 1) float64 buffer of
-[sums..., tokens] per (block, stream), and one `Pending` (slots, tokens, RAW) buffer of the
-current forward's raw columns. A hook writes its block's raw row; the per-token arithmetic runs
+[sums..., tokens] per (block, stream), and a `Pending` (slots, tokens, RAW) buffer of the
+current forward's raw columns per stream width, dtype and device (one, in most models). A hook writes its block's raw row; the per-token arithmetic runs
 once for all slots when a slot comes round again (the next forward) or at `probe.step()`, and
 adds into the sums. Each stream's output LayerNorm moments are carried to the next block, whose
 input they are (one (tokens, d) tensor per stream).
@@ -25,7 +25,8 @@ from .token_stats import PADDING, RAW, TOKEN_STATS, Moments, Transition, raw_col
 
 class Pending:
     """The raw columns of one forward, (slots, capacity, RAW), for streams of one width, dtype and
-    device; rows a forward did not write hold PADDING (token weight 0)."""
+    device; rows a forward did not write hold PADDING (token weight 0). Grows to the largest
+    token count seen (reallocated once per new maximum)."""
 
     def __init__(self, slots: int, capacity: int, d: int, dtype: torch.dtype, device: torch.device):
         self.d, self.filled = d, set()
@@ -34,9 +35,9 @@ class Pending:
         self.ones = torch.ones(capacity, 1, dtype=dtype, device=device)
         self.clear()
 
-    def fits(self, tokens: int, d: int, dtype: torch.dtype, device: torch.device) -> bool:
-        return (tokens <= self.raw.shape[1] and d == self.d and dtype == self.raw.dtype
-                and device == self.raw.device)
+    @property
+    def capacity(self) -> int:
+        return self.raw.shape[1]
 
     def clear(self) -> None:
         self.raw.copy_(self.padding.expand_as(self.raw))
@@ -56,17 +57,17 @@ class ForwardStats(StreamSlots):
         super().__init__(setup, rule)
         self._cos = [s.name for s in self.stats].index("cos_adjacent")
         self._carry: dict[int, Moments] = {}  # stream -> moments of the last block output seen
-        self._pending: Pending | None = None
+        self._pending: dict[tuple, Pending] = {}  # (width, dtype, device) -> the current forward's raw columns
 
     def begin(self, step):
         super().begin(step)
         self._carry.clear()
-        if self._pending is not None:
-            self._pending.clear()
+        for pend in self._pending.values():
+            pend.clear()
 
     def detach(self):
         self._carry.clear()
-        self._pending = None
+        self._pending = {}
 
     def forward(self, pos, block, ins, outs):
         if ins is None:
@@ -76,36 +77,37 @@ class ForwardStats(StreamSlots):
             for si, (prev, cur) in enumerate(zip(ins, outs)):
                 slot, d = self._first[pos] + si, cur.shape[-1]
                 tokens = cur.numel() // d
-                dtype = torch.float64 if torch.float64 in (prev.dtype, cur.dtype) else torch.float32
-                pend = self._pending
-                if pend is None or not pend.fits(tokens, d, dtype, cur.device):
-                    self._reduce()
-                    cap = tokens if pend is None or pend.raw.device != cur.device else max(tokens, pend.raw.shape[1])
-                    pend = self._pending = Pending(len(self.slots), cap, d, dtype, cur.device)
+                key = (d, torch.float64 if torch.float64 in (prev.dtype, cur.dtype) else torch.float32, cur.device)
+                pend = self._pending.get(key)
+                if pend is None or tokens > pend.capacity:
+                    self._reduce(pend)
+                    cap = tokens if pend is None else max(tokens, pend.capacity)
+                    pend = self._pending[key] = Pending(len(self.slots), cap, *key)
                 elif slot in pend.filled:
-                    self._reduce()  # a new forward (or a block called twice in one)
+                    self._reduce(pend)  # a new forward (or a block called twice in one)
                 self._carry[si] = raw_columns(prev, cur, pend.raw[slot, :tokens], pend.ones, self._carry.get(si))
                 pend.filled.add(slot)
 
-    def _reduce(self) -> None:
-        """Sum the pending forward's per-token statistics into the step's buffer, for all slots at once."""
-        pend = self._pending
+    def _reduce(self, pend: Pending | None) -> None:
+        """Sum a pending forward's per-token statistics into the step's buffer, for all slots at once."""
         if pend is None or not pend.filled:
             return
         t = Transition(pend.raw, pend.d)
         w = t.weight
         sums = torch.stack([*(s(t) for s in self.stats), w], -1).mul_(w.unsqueeze(-1)).sum(1)  # (slots, width)
-        self._buffer(pend.raw.device).add_(sums)
+        buf = self._buffer(pend.raw.device)
+        buf.add_(sums.to(buf.device, non_blocking=True))
         pend.clear()
 
     def pooled(self, ctx):
         if self.is_active:
-            self._reduce()
+            for pend in self._pending.values():
+                self._reduce(pend)
         return super().pooled(ctx)
 
     def state_bytes(self):
         carry = sum(m.nbytes() for m in self._carry.values())
-        return super().state_bytes() + carry + (self._pending.nbytes() if self._pending is not None else 0)
+        return super().state_bytes() + carry + sum(p.nbytes() for p in self._pending.values())
 
     def values(self, ctx, pooled):
         if pooled is None:
