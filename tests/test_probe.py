@@ -199,6 +199,30 @@ def test_subsample_is_bounded_by_the_tokens_there_are():
     assert probe.subsamples()[("decoder", "x")].shape == (SIZES["depth"] + 1, 6, 16)
 
 
+def test_subsample_buffers_are_reused_and_what_subsamples_returns_is_not_overwritten():
+    """The probe fills the same two buffers step after step (no fresh allocation per step), and
+    the tensors a caller got from subsamples() keep that step's values after later steps."""
+    model = make("decoder", "pre-ln")
+    inp, targets = inputs("decoder", batch=2, T=3)
+    probe = Probe(model, quantities=("subsample",), subsample_tokens=4)
+    got, snaps, buffers = [], [], []
+    with probe:
+        for _ in range(4):
+            model(*inp)  # the same input each step: the same rows, drawn at other positions
+            probe.step()
+            got.append(probe.subsamples()[("decoder", "x")])
+            snaps.append(got[-1].clone())
+            buffers.append(probe._quantity("subsample").last[("decoder", "x")].data_ptr())
+    assert len(set(buffers)) == 2  # two buffers, alternating
+    _, cap = manual_forward(model, inp)
+    full = torch.cat([cap[("decoder", 0)][0][0].reshape(-1, 16)] +
+                     [cap[("decoder", k)][1][0].reshape(-1, 16) for k in range(SIZES["depth"])], 1).detach().float()
+    for t in got:  # each copy is still a set of real token paths (not a later step's overwrite of it)
+        assert torch.cdist(torch.cat(list(t), dim=1), full).min(dim=1).values.max() < 1e-5
+    assert any(not torch.equal(got[0], t) for t in got[1:])  # other positions on other steps
+    assert all(torch.equal(t, snap) for t, snap in zip(got, snaps))  # not overwritten by later draws
+
+
 def test_schedules_every_steps_and_per_quantity():
     model = make("decoder", "pre-ln")
     inp, targets = inputs("decoder")

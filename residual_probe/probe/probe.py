@@ -406,10 +406,10 @@ class Probe:
         """{(stack, stream): (n_layers + 1, n_tokens, d) float32} from the last subsampled step.
 
         Row 0 is block 0's input (the embedding output), row k + 1 block k's output; on the
-        activations' device.
+        activations' device. Copies: the probe reuses its own buffers for later draws.
         """
         q = self._quantity("subsample")
-        return dict(q.last) if q is not None else {}
+        return {k: v.clone() for k, v in q.last.items()} if q is not None else {}
 
     @property
     def subsample_step(self) -> int | None:
