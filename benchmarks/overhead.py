@@ -10,7 +10,10 @@ Setting (issue 3): decoder-only, depth 48, d_model 256, 4 heads, ffn 1024, batch
   act_cache      activation-cache style: every block submodule's full output cloned, stats after
 
 Time: the variants run interleaved, round after round, and each reports its median step time
-(other work on the machine drifts less into one variant than another). Each recorder is built
+(other work on the machine drifts less into one variant than another). In each round every
+variant takes a turn of `--turn` steps (default 2) of which only the last is timed, so what
+the previous variant left behind (allocator state, evicted caches) is not charged to it; the
+order rotates from round to round. Each recorder is built
 once, as in a real loop, and attached only around its own variant's step. Memory: each variant
 runs alone in a fresh subprocess; peak RSS (ru_maxrss) over the whole process, and the step's
 own working memory (peak minus RSS before the first step, i.e. beyond model, data and imports).
@@ -180,11 +183,15 @@ def train_step(model, opt, tok, tgt, recorder) -> float:
     return recorded
 
 
-def time_variants(depth: int, rounds: int, warmup: int, variants=VARIANTS):
+def time_variants(depth: int, rounds: int, warmup: int, variants=VARIANTS, turn: int = 2):
     """Step times and record-only times (the step() after backward): all variants, interleaved.
 
     Each recorder is built once, as in a real loop (the probe's plan is built at construction),
-    and attached only around its own variant's step, so no variant runs another's hooks."""
+    and attached only around its own variant's turn, so no variant runs another's hooks. A turn
+    is `turn` steps of one variant, of which only the last is timed: the untimed steps absorb
+    what the previous variant left behind (allocator state, caches; caching every activation
+    leaves the next step page faults), so the timed step is the steady state a training loop
+    sees. The order of the variants rotates from round to round."""
     model, opt, tok, tgt = setup(depth)
     recorders = {}
     for v in variants:
@@ -194,15 +201,17 @@ def time_variants(depth: int, rounds: int, warmup: int, variants=VARIANTS):
     times = {v: [] for v in variants}
     record = {v: [] for v in variants}
     for r in range(warmup + rounds):
-        for v in variants:
+        for v in variants[r % len(variants):] + variants[:r % len(variants)]:
             rec = recorders[v]
-            t0 = time.perf_counter()
             if isinstance(rec, (Probe, ActivationCache)):
                 rec.attach()
+            for _ in range(turn - 1):
+                train_step(model, opt, tok, tgt, rec)
+            t0 = time.perf_counter()
             rt = train_step(model, opt, tok, tgt, rec)
+            dt = time.perf_counter() - t0
             if isinstance(rec, (Probe, ActivationCache)):
                 rec.detach()
-            dt = time.perf_counter() - t0
             if r >= warmup:
                 times[v].append(dt)
                 record[v].append(rt)
@@ -242,9 +251,12 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=None, help="blocks (default: the size's)")
     ap.add_argument("--rounds", type=int, default=20, help="timed rounds (each runs every variant once)")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--turn", type=int, default=2, help="steps per variant per round; only the last is timed")
     ap.add_argument("--steps", type=int, default=3, help="steps per memory subprocess")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--forwards", type=int, default=10_000, help="no-grad forwards for the bounded-state line (0: skip)")
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated subset to time, plain always included (e.g. all_stats: more rounds in the same time)")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time forward_stats, act_grad_norm and subsample alone (what all_stats is made of)")
     ap.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -258,9 +270,16 @@ def main() -> None:
     variants = VARIANTS if args.size == "default" else VARIANTS[:3]
     print(f"{args.size}: decoder depth {depth}, d_model {CONFIG['d_model']}, heads {CONFIG['heads']}, ffn {CONFIG['ffn']}, "
           f"batch {BATCH}, seq {SEQ}, {args.threads} threads, torch {torch.__version__}; "
-          f"{args.rounds} rounds after {args.warmup} warm-up")
+          f"{args.rounds} rounds after {args.warmup} warm-up, turns of {args.turn} steps (the last timed)")
     timed = variants + tuple(BREAKDOWN) if args.breakdown else variants
-    times, record = time_variants(depth, args.rounds, args.warmup, timed)
+    if args.variants:
+        asked = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = [v for v in asked if v not in VARIANTS + tuple(BREAKDOWN)]
+        if unknown:
+            ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS + tuple(BREAKDOWN))}")
+        timed = ("plain",) + tuple(v for v in dict.fromkeys(asked) if v != "plain")
+        variants = tuple(v for v in timed if v in VARIANTS)
+    times, record = time_variants(depth, args.rounds, args.warmup, timed, args.turn)
     med = {v: statistics.median(t) for v, t in times.items()}
     print(f"{'variant':<13} {'median s':>9} {'IQR s':>17} {'ratio':>7} {'paired':>7} {'paired IQR':>13} {'step() ms':>10}")
     paired = {}
@@ -283,11 +302,14 @@ def main() -> None:
         before, after = bounded_state(args.forwards)
         print(f"{args.forwards} no-grad forwards between two steps (include_eval=True): probe state {before} bytes "
               f"after the first, {after} after the last")
-    print(f"grad_norms_ratio: {med['grad_norms'] / med['plain']:.4f}")
-    print(f"all_stats_ratio: {med['all_stats'] / med['plain']:.4f}")
-    print(f"grad_norms_paired_ratio: {paired['grad_norms']:.4f}")
-    print(f"all_stats_paired_ratio: {paired['all_stats']:.4f}")
-    print(f"memory_ratio: {mem['all_stats']['peak'] / base['peak']:.4f}")
+    for v in ("grad_norms", "all_stats"):
+        if v in med:
+            print(f"{v}_ratio: {med[v] / med['plain']:.4f}")
+    for v in ("grad_norms", "all_stats"):
+        if v in paired:
+            print(f"{v}_paired_ratio: {paired[v]:.4f}")
+    if "all_stats" in mem:
+        print(f"memory_ratio: {mem['all_stats']['peak'] / base['peak']:.4f}")
     if args.forwards:
         print(f"state_bytes_before: {before}")
         print(f"state_bytes_after: {after}")

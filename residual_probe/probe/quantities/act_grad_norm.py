@@ -7,7 +7,11 @@ ranks it is pooled as the gradient of the averaged loss (each rank's gradient di
 world size, as DDP/FSDP average). Under a GradScaler the scale is divided out at probe.step().
 Forwards re-run inside backward (activation checkpointing) register nothing.
 
-Accumulated in one preallocated (rows, 2) buffer per step: [sum of squares, tokens].
+Accumulated in one preallocated (rows, 2) buffer per step: [sum of squares, tokens]. A gradient
+hook costs two small kernels: it writes ||dL/dh_k|| and the token count into its slot of a
+pending (slots, 2) buffer; squaring, weighting and adding into the step's buffer run once for all
+slots, when a slot comes round again (the next backward) or at `probe.step()`. (Inside backward
+every kernel launch costs several times what it costs warm: eight per hook took ~200 us.)
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ from .base import StreamSlots, row
 
 def grad_sq_sum(grad: torch.Tensor) -> torch.Tensor:
     """Sum over tokens of ||dL/dh_t||^2 (the squared Frobenius norm), accumulated in float32 or float64."""
-    dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(grad.detach(), dtype=dtype).square()
+    return torch.linalg.vector_norm(grad.detach(), dtype=_acc_dtype(grad)).square()
+
+
+def _acc_dtype(grad: torch.Tensor) -> torch.dtype:
+    return torch.float64 if grad.dtype == torch.float64 else torch.float32
 
 
 class ActGradNorm(StreamSlots):
@@ -33,13 +40,18 @@ class ActGradNorm(StreamSlots):
     def __init__(self, setup, rule):
         super().__init__(setup, rule)
         self._token = object()
+        self._pend: torch.Tensor | None = None  # (slots, 2): [norm, tokens] of the current backward
+        self._rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # views of _pend's slots, made once
+        self._filled: set[int] = set()
 
     def begin(self, step):
         super().begin(step)
         self._token = object()  # tags this step's gradient hooks: a late backward is ignored
+        self._filled.clear()
 
     def detach(self):
         self._token = object()
+        self._filled.clear()
 
     def forward(self, pos, block, ins, outs):
         if not torch.is_grad_enabled():
@@ -51,11 +63,38 @@ class ActGradNorm(StreamSlots):
     def _on_grad(self, slot: int, token: object, grad: torch.Tensor) -> None:
         if token is not self._token or grad is None:
             return
-        buf = self._buffer(grad.device)
-        w = self.setup.grad_average**2  # gradient of the rank-averaged loss
-        buf[slot, 0].add_(grad_sq_sum(grad).to(buf.device, non_blocking=True), alpha=w)
-        buf[slot, 1].add_(grad.numel() // grad.shape[-1])
+        dtype = _acc_dtype(grad)
+        pend = self._pend
+        if pend is None or pend.dtype != dtype or pend.device != grad.device:
+            self._reduce()
+            pend = self._pend = torch.zeros(len(self.slots), 2, dtype=dtype, device=grad.device)
+            self._rows = [(r[0], r[1]) for r in pend]
+        elif slot in self._filled:
+            self._reduce()  # the next backward (micro-batch), or a block run twice
+        norm, tokens = self._rows[slot]
+        torch.linalg.vector_norm(grad.detach(), dtype=dtype, out=norm)
+        tokens.fill_(grad.numel() // grad.shape[-1])
+        self._filled.add(slot)
 
+    def _reduce(self) -> None:
+        """Add the pending backward's squared norms (weighted for the rank average) and counts into the step's buffer."""
+        if not self._filled:
+            return
+        pend = self._pend
+        pend[:, 0].square_().mul_(self.setup.grad_average**2)  # gradient of the rank-averaged loss
+        buf = self._buffer(pend.device)
+        buf.add_(pend.to(buf.device, non_blocking=True))
+        pend.zero_()
+        self._filled.clear()
+
+    def pooled(self, ctx):
+        if self.is_active:
+            self._reduce()
+        return super().pooled(ctx)
+
+    def state_bytes(self):
+        views = sum(t.numel() * t.element_size() for r in self._rows for t in r)  # of _pend, counted there
+        return super().state_bytes() - views
     def values(self, ctx, pooled):
         if pooled is None:
             return None
