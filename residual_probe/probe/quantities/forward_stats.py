@@ -30,6 +30,7 @@ class Pending:
 
     def __init__(self, slots: int, capacity: int, d: int, dtype: torch.dtype, device: torch.device):
         self.d, self.filled = d, set()
+        self._views: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}  # slot -> (tokens, row, ones)
         self.raw = torch.empty(slots, capacity, len(RAW), dtype=dtype, device=device)
         self.padding = torch.tensor(PADDING, dtype=dtype, device=device)  # once, at allocation
         self.ones = torch.ones(capacity, 1, dtype=dtype, device=device)
@@ -39,12 +40,20 @@ class Pending:
     def capacity(self) -> int:
         return self.raw.shape[1]
 
+    def row(self, slot: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the slot's first `tokens` rows, a (tokens, 1) column of ones): views made once, as
+        every view is a dispatched op, and inside a forward each op costs several times its warm cost."""
+        v = self._views.get(slot)
+        if v is None or v[0] != tokens:
+            v = self._views[slot] = (tokens, self.raw[slot, :tokens], self.ones[:tokens])
+        return v[1], v[2]
+
     def clear(self) -> None:
         self.raw.copy_(self.padding.expand_as(self.raw))
         self.filled.clear()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.raw, self.padding, self.ones))
+        return sum(t.numel() * t.element_size() for t in (self.raw, self.padding, self.ones))  # views: none of their own
 
 
 class ForwardStats(StreamSlots):
@@ -85,7 +94,7 @@ class ForwardStats(StreamSlots):
                     pend = self._pending[key] = Pending(len(self.slots), cap, *key)
                 elif slot in pend.filled:
                     self._reduce(pend)  # a new forward (or a block called twice in one)
-                self._carry[si] = raw_columns(prev, cur, pend.raw[slot, :tokens], pend.ones, self._carry.get(si))
+                self._carry[si] = raw_columns(prev, cur, *pend.row(slot, tokens), self._carry.get(si))
                 pend.filled.add(slot)
 
     def _reduce(self, pend: Pending | None) -> None:

@@ -16,6 +16,15 @@ import torch
 from .base import Quantity
 
 
+def _take(t: torch.Tensor, pick: torch.Tensor, out: torch.Tensor) -> None:
+    """out = the picked token rows of t, as float32: one kernel (index_select into `out`) when t is float32."""
+    flat = t.detach().reshape(-1, t.shape[-1])
+    if flat.dtype == out.dtype:
+        torch.index_select(flat, 0, pick, out=out)
+    else:
+        out.copy_(flat.index_select(0, pick))
+
+
 class Subsample(Quantity):
     name = "subsample"
     uses_forward = True
@@ -59,13 +68,13 @@ class Subsample(Quantity):
             state = {"pick": pick, "n": n_tok, "filled": [False] * layers,
                      "rows": self._rows(block.stack, block.streams, (layers, len(pick), d), outs[0].device)}
             for s, t in zip(block.streams, ins):
-                state["rows"][s][0].copy_(t.detach().reshape(-1, d).index_select(0, pick))
+                _take(t, pick, state["rows"][s][0])
             state["filled"][0] = True
             self._state[block.stack] = state
         if state is None or state["n"] != n_tok or state["filled"][block.index + 1]:
             return
         for s, t in zip(block.streams, outs):
-            state["rows"][s][block.index + 1].copy_(t.detach().reshape(-1, d).index_select(0, state["pick"]))
+            _take(t, state["pick"], state["rows"][s][block.index + 1])
         state["filled"][block.index + 1] = True
 
     def _rows(self, stack: str, streams, shape: tuple, device: torch.device) -> dict[str, torch.Tensor]:

@@ -70,7 +70,7 @@ PADDING = (0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0)  # a row that is no token: weight 
 def raw_columns(prev: torch.Tensor, cur: torch.Tensor, out: torch.Tensor, ones: torch.Tensor,
                 prev_moments: Moments | None = None) -> Moments:
     """Write the RAW columns of the transition prev -> cur into `out` (tokens, len(RAW)), with
-    `ones` a (>= tokens, 1) column of ones; return cur's moments for the next block. Six
+    `ones` a (tokens, 1) column of ones; return cur's moments for the next block. Six
     kernels over the activations (seven when `prev_moments` do not match `prev`) and one copy."""
     d = cur.shape[-1]  # the caller runs under no_grad
     a, b = _upcast(prev.reshape(-1, d)), _upcast(cur.reshape(-1, d))
@@ -80,7 +80,7 @@ def raw_columns(prev: torch.Tensor, cur: torch.Tensor, out: torch.Tensor, ones: 
     # |.|.sum, not vector_norm(ord=1): 7x slower on the CPU.
     ln_diff = ma.ln.sub_(mb.ln).abs_().sum(-1, keepdim=True)
     norm_diff = torch.linalg.vector_norm(b - a, 2, -1, keepdim=True)
-    torch.cat((ones[:len(b)], ln_diff, norm_diff, ma.mean, mb.mean, ma.rstd, mb.rstd), 1, out=out)
+    torch.cat((ones, ln_diff, norm_diff, ma.mean, mb.mean, ma.rstd, mb.rstd), 1, out=out)
     return mb
 
 
