@@ -16,23 +16,25 @@ grad_norm or the HF Trainer log under FSDP). Replicated (DDP) gradients need no 
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 import torch
 
 
-def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor  # torch >= 2.4
-    except Exception:
-        try:
-            from torch.distributed._tensor import DTensor  # torch 2.3
-        except Exception:  # torch built without distributed
-            return None
-    return DTensor
+def dtensor_type():
+    """DTensor's class if its module has been imported, else None: a DTensor cannot exist before
+    that, and importing torch.distributed.tensor ourselves costs ~1 s (sympy and the op tables)."""
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):  # torch >= 2.4, torch 2.3
+        mod = sys.modules.get(name)
+        if mod is not None and hasattr(mod, "DTensor"):
+            return mod.DTensor
+    return None
 
 
-_DTENSOR = _dtensor_type()
+def is_dtensor(t) -> bool:
+    cls = dtensor_type()
+    return cls is not None and isinstance(t, cls)
 
 
 def _foreach_norm_f32(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -45,7 +47,7 @@ def _foreach_norm_f32(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[t
 
 def _local(t: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     """(local tensor, sharding key): the key names the mesh dims over which squares must be summed."""
-    if _DTENSOR is not None and isinstance(t, _DTENSOR):
+    if is_dtensor(t):
         if any(p.is_partial() for p in t.placements):  # pending reduction: norm of the sum, not sum of norms
             return t.full_tensor(), ()
         shard_dims = tuple(i for i, p in enumerate(t.placements) if p.is_shard())

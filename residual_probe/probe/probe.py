@@ -26,6 +26,7 @@ and no_grad forwards count only with `include_eval=True`.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 import weakref
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from .discovery import BlockInfo, find_blocks
+from .gradnorm import is_dtensor
 from .params import ParamPlan
 from .quantities import REGISTRY, Quantity
 from .records import RowSink, row
@@ -57,9 +59,9 @@ def _compiler_disable(fn):
 
 
 def _compiled_modules(model: nn.Module) -> list[str]:
-    try:
-        from torch._dynamo.eval_frame import OptimizedModule
-    except Exception:
+    frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing is compiled (and importing costs ~1 s)
+    OptimizedModule = getattr(frame, "OptimizedModule", None)
+    if OptimizedModule is None:
         return []
     return [n or "(the model)" for n, m in model.named_modules() if isinstance(m, OptimizedModule)]
 
@@ -189,7 +191,7 @@ class Probe:
         self.quantities: list[Quantity] = [REGISTRY[name](setup, self.schedule.rules[name])
                                            for name in REGISTRY if name in self.schedule.rules]
         self._forward_qs = [q for q in self.quantities if q.uses_forward]
-        if "update_ratio" in self.schedule.rules and any(_is_dtensor(p) for p in self._params.tensors()):
+        if "update_ratio" in self.schedule.rules and any(is_dtensor(p) for p in self._params.tensors()):
             raise ProbeError("update_ratio is not supported under FSDP2 (sharded parameters) yet; leave it out")
         self._sink = RowSink(sink, rank) if sink is not None else None
         self._hook_fns = [_compiler_disable(_ForwardHook(self, pos)) for pos in range(len(self.blocks))]
@@ -441,12 +443,6 @@ class _ForwardHook:
         probe = self.probe()
         if probe is not None and probe._attached:
             probe._on_forward(self.pos, module, args, kwargs, output)
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    from .gradnorm import _DTENSOR
-
-    return _DTENSOR is not None and isinstance(t, _DTENSOR)
 
 
 def _to_host(flat: torch.Tensor, defer: bool):
