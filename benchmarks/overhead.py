@@ -27,7 +27,7 @@ rounds, or run benchmarks/gpu_check.py on a GPU).
 
 Bounded state: a probe with include_eval=True over `--forwards` no-grad forwards of a small
 decoder between two steps; prints the probe's state bytes after the first forward and after
-the last (equal when pending state is one preallocated buffer per step).
+the last (equal when pending state is preallocated buffers of fixed size, not one entry per forward).
 
 Each variant's line gives the median step time and its interquartile range over the rounds, the
 ratio of medians, and the paired ratio: the median (and IQR) of the per-round ratios to the plain
