@@ -32,7 +32,10 @@ class Pending:
         self.d, self.filled = d, set()
         self._views: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}  # slot -> (tokens, row, ones)
         self.raw = torch.empty(slots, capacity, len(RAW), dtype=dtype, device=device)
-        self.padding = torch.tensor(PADDING, dtype=dtype, device=device)  # once, at allocation
+        self.padding = torch.zeros(len(PADDING), dtype=dtype, device=device)  # filled by kernels: no host copy
+        for i, v in enumerate(PADDING):
+            if v:
+                self.padding[i].fill_(v)
         self.ones = torch.ones(capacity, 1, dtype=dtype, device=device)
         self.clear()
 
