@@ -9,10 +9,11 @@ al. 2024), derived at export.
 
 State, constant in the number of forwards: one (slots, n_stats + 1) float64 buffer of
 [sums..., tokens] per (block, stream), and a `Pending` (slots, tokens, RAW) buffer of the
-current forward's raw columns per stream width, dtype and device (one, in most models). A hook writes its block's raw row; the per-token arithmetic runs
-once for all slots when a slot comes round again (the next forward) or at `probe.step()`, and
-adds into the sums. Each stream's output LayerNorm moments are carried to the next block, whose
-input they are (one (tokens, d) tensor per stream).
+current forward's raw columns per stream width, dtype and device (one, in most models). A hook
+writes its block's raw row; the per-token arithmetic runs once for all slots when a slot comes
+round again (the next forward) or at `probe.step()`, and adds into the sums. Each stream's
+output LayerNorm moments are carried to the next block, whose input they are (one (tokens, d)
+tensor per stream).
 """
 
 from __future__ import annotations
