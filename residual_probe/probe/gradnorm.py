@@ -22,14 +22,19 @@ from typing import Sequence
 import torch
 
 
+_DTENSOR: list = []  # DTensor's class, once its module has been seen
+
+
 def dtensor_type():
     """DTensor's class if its module has been imported, else None: a DTensor cannot exist before
     that, and importing torch.distributed.tensor ourselves costs ~1 s (sympy and the op tables)."""
-    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):  # torch >= 2.4, torch 2.3
-        mod = sys.modules.get(name)
-        if mod is not None and hasattr(mod, "DTensor"):
-            return mod.DTensor
-    return None
+    if not _DTENSOR:
+        for name in ("torch.distributed.tensor", "torch.distributed._tensor"):  # torch >= 2.4, torch 2.3
+            cls = getattr(sys.modules.get(name), "DTensor", None)
+            if cls is not None:
+                _DTENSOR.append(cls)
+                break
+    return _DTENSOR[0] if _DTENSOR else None
 
 
 def is_dtensor(t) -> bool:

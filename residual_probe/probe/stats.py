@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from .quantities.act_grad_norm import grad_sq_sum  # noqa: F401  (re-exported)
-
 
 def stream_tensors(value, n_streams: int) -> tuple[torch.Tensor, ...] | None:
     """The residual stream tensors in a block's input or output, or None if there are none.

@@ -23,12 +23,8 @@ import torch
 from .base import StreamSlots, row
 
 
-def grad_sq_sum(grad: torch.Tensor) -> torch.Tensor:
-    """Sum over tokens of ||dL/dh_t||^2 (the squared Frobenius norm), accumulated in float32 or float64."""
-    return torch.linalg.vector_norm(grad.detach(), dtype=_acc_dtype(grad)).square()
-
-
 def _acc_dtype(grad: torch.Tensor) -> torch.dtype:
+    """float32 accumulation for float32 and half gradients, float64 for float64."""
     return torch.float64 if grad.dtype == torch.float64 else torch.float32
 
 
@@ -41,7 +37,7 @@ class ActGradNorm(StreamSlots):
         super().__init__(setup, rule)
         self._token = object()
         self._pend: torch.Tensor | None = None  # (slots, 2): [norm, tokens] of the current backward
-        self._rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # views of _pend's slots, made once
+        self._slot_views: list[tuple[torch.Tensor, torch.Tensor]] = []  # views of _pend's slots, made once
         self._filled: set[int] = set()
 
     def begin(self, step):
@@ -68,10 +64,10 @@ class ActGradNorm(StreamSlots):
         if pend is None or pend.dtype != dtype or pend.device != grad.device:
             self._reduce()
             pend = self._pend = torch.zeros(len(self.slots), 2, dtype=dtype, device=grad.device)
-            self._rows = [(r[0], r[1]) for r in pend]
+            self._slot_views = [(r[0], r[1]) for r in pend]
         elif slot in self._filled:
             self._reduce()  # the next backward (micro-batch), or a block run twice
-        norm, tokens = self._rows[slot]
+        norm, tokens = self._slot_views[slot]
         torch.linalg.vector_norm(grad.detach(), dtype=dtype, out=norm)
         tokens.fill_(grad.numel() // grad.shape[-1])
         self._filled.add(slot)
@@ -93,7 +89,7 @@ class ActGradNorm(StreamSlots):
         return super().pooled(ctx)
 
     def state_bytes(self):
-        views = sum(t.numel() * t.element_size() for r in self._rows for t in r)  # of _pend, counted there
+        views = sum(t.numel() * t.element_size() for r in self._slot_views for t in r)  # of _pend, counted there
         return super().state_bytes() - views
     def values(self, ctx, pooled):
         if pooled is None:

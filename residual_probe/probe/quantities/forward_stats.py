@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .base import StreamSlots, row
-from .token_stats import PADDING, RAW, TOKEN_STATS, Moments, Transition, raw_columns
+from .token_stats import PADDING, RAW, TOKEN_STATS, Moments, Transition, raw_columns, stats_dtype
 
 
 class Pending:
@@ -90,12 +90,11 @@ class ForwardStats(StreamSlots):
             for si, (prev, cur) in enumerate(zip(ins, outs)):
                 slot, d = self._first[pos] + si, cur.shape[-1]
                 tokens = cur.numel() // d
-                key = (d, torch.float64 if torch.float64 in (prev.dtype, cur.dtype) else torch.float32, cur.device)
+                key = (d, stats_dtype(prev, cur), cur.device)
                 pend = self._pending.get(key)
                 if pend is None or tokens > pend.capacity:
                     self._reduce(pend)
-                    cap = tokens if pend is None else max(tokens, pend.capacity)
-                    pend = self._pending[key] = Pending(len(self.slots), cap, *key)
+                    pend = self._pending[key] = Pending(len(self.slots), tokens, *key)
                 elif slot in pend.filled:
                     self._reduce(pend)  # a new forward (or a block called twice in one)
                 self._carry[si] = raw_columns(prev, cur, *pend.row(slot, tokens), self._carry.get(si))

@@ -72,8 +72,9 @@ def raw_columns(prev: torch.Tensor, cur: torch.Tensor, out: torch.Tensor, ones: 
     """Write the RAW columns of the transition prev -> cur into `out` (tokens, len(RAW)), with
     `ones` a (tokens, 1) column of ones; return cur's moments for the next block. Six
     kernels over the activations (seven when `prev_moments` do not match `prev`) and one copy."""
-    d = cur.shape[-1]  # the caller runs under no_grad
-    a, b = _upcast(prev.reshape(-1, d)), _upcast(cur.reshape(-1, d))
+    d, dtype = cur.shape[-1], stats_dtype(prev, cur)  # the caller runs under no_grad
+    a, b = (x.reshape(-1, d) for x in (prev, cur))
+    a, b = (x if x.dtype == dtype else x.to(dtype) for x in (a, b))  # no dispatch when already there
     ma = prev_moments if prev_moments is not None and prev_moments.matches(prev) else Moments(prev, a)
     mb = Moments(cur, b)
     # LN(a) is dead after this block (the caller carries LN(b) on): the difference is taken in its place.
@@ -99,10 +100,9 @@ class Transition:
     @classmethod
     def of(cls, prev: torch.Tensor, cur: torch.Tensor) -> "Transition":
         """The transition of one block, in one go (tests, one-off use)."""
-        b = cur.reshape(-1, cur.shape[-1])
-        dtype = _upcast(b[:1]).dtype
-        raw = torch.empty(len(b), len(RAW), dtype=dtype, device=b.device)
-        raw_columns(prev, cur, raw, torch.ones(len(b), 1, dtype=dtype, device=b.device))
+        tokens, dtype = cur.numel() // cur.shape[-1], stats_dtype(prev, cur)
+        raw = torch.empty(tokens, len(RAW), dtype=dtype, device=cur.device)
+        raw_columns(prev, cur, raw, torch.ones(tokens, 1, dtype=dtype, device=cur.device))
         return cls(raw, cur.shape[-1])
 
     @cached_property
@@ -123,9 +123,9 @@ class Transition:
         return self.half_chord_sq.sqrt().asin_().mul_(2.0)
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """float32 for half and bfloat16 streams; float32 and float64 stay as they are."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+def stats_dtype(prev: torch.Tensor, cur: torch.Tensor) -> torch.dtype:
+    """The statistics' dtype: float64 if either stream is float64, else float32 (half and bfloat16 upcast)."""
+    return torch.float64 if torch.float64 in (prev.dtype, cur.dtype) else torch.float32
 
 
 class TokenStat:
