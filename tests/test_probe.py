@@ -657,11 +657,16 @@ class _Stack(torch.nn.Module):
         return x
 
 
+CHAIN_SIZES = [4 << 20, 1, 7000]  # the default; two states a chain (a flush every block); three to six
+
+
+@pytest.mark.parametrize("chain_bytes", CHAIN_SIZES)
 @pytest.mark.parametrize("inplace", [True, False])
-def test_forward_stats_reuse_the_previous_output_only_when_it_is_the_input(inplace):
-    """The previous block's output LayerNorm is reused for the next block's input only when the
-    input is that very tensor, unmodified: an in-place edit or a new tensor between blocks gives
-    the naive numbers of what each block really received."""
+def test_forward_stats_chain_blocks_only_while_each_input_is_the_previous_output(inplace, chain_bytes, monkeypatch):
+    """A block's output is queued as the next block's input only when the input is that very
+    tensor, unmodified: an in-place edit (after the hook copied the output) or a new tensor between
+    blocks gives the naive numbers of what each block really received, whatever the chain length."""
+    monkeypatch.setattr("residual_probe.probe.quantities.forward_stats.CHAIN_BYTES", chain_bytes)
     torch.manual_seed(0)
     model = _Stack(inplace).double()
     x = torch.randn(3, 5, 16, dtype=torch.float64)
@@ -704,10 +709,12 @@ class _Res8(_Res):
         self.fc = torch.nn.Linear(8, 8)
 
 
-def test_forward_stats_pool_forwards_of_other_lengths_and_stacks_of_other_widths():
+@pytest.mark.parametrize("chain_bytes", CHAIN_SIZES)
+def test_forward_stats_pool_forwards_of_other_lengths_and_stacks_of_other_widths(chain_bytes, monkeypatch):
     """Micro-batches of growing and shrinking length in one step (the pending buffer grows mid-step)
     and two stacks of different widths: each block's values are the token means over everything
     it saw, as the naive twin computes them on the concatenated tokens."""
+    monkeypatch.setattr("residual_probe.probe.quantities.forward_stats.CHAIN_BYTES", chain_bytes)
     torch.manual_seed(0)
     model = _TwoWidths().double()
     with Probe(model, blocks="*.h.*", quantities=("forward_stats",), include_eval=True) as probe, torch.no_grad():

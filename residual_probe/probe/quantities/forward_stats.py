@@ -8,20 +8,29 @@ tokens divided by the number of tokens. block_influence = 1 - cos_adjacent (Shor
 al. 2024), derived at export.
 
 State, constant in the number of forwards: one (slots, n_stats + 1) float64 buffer of
-[sums..., tokens] per (block, stream), and a `Pending` (slots, tokens, RAW) buffer of the
-current forward's raw columns per stream width, dtype and device (one, in most models). A hook
-writes its block's raw row; the per-token arithmetic runs once for all slots when a slot comes
-round again (the next forward) or at `probe.step()`, and adds into the sums. Each stream's
-output LayerNorm moments are carried to the next block, whose input they are (one (tokens, d)
-tensor per stream).
+[sums..., tokens] per (block, stream); a `Pending` (slots, tokens, RAW) buffer of the current
+forward's raw columns per stream width, dtype and device (one, in most models); and per stream a
+`Chain`, a buffer of about CHAIN_BYTES into which a hook copies its block's output while it is
+hot (one kernel). While each block's input is the previous block's output, unmodified (identity
+and version checked), the states queue up in the chain; when it is full, breaks, or at the end
+of the forward, `chain_columns` turns the queued states into raw rows for all their blocks at
+once. Copies, not references: an edit of a block's output after its hook cannot change what was
+recorded. The per-token arithmetic runs once for all slots when a slot comes round again (the
+next forward) or at `probe.step()`, and adds into the sums.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .base import StreamSlots, row
-from .token_stats import PADDING, RAW, TOKEN_STATS, Moments, Transition, raw_columns, stats_dtype
+from .token_stats import PADDING, RAW, TOKEN_STATS, Transition, chain_columns, stats_dtype
+
+CHAIN_BYTES = 4 << 20
+"""A chain's buffer size: at 256 tokens x 256 dims, 16 states (15 blocks a batch); at 2048 x 1024,
+where a block's own work dwarfs a kernel launch, two (one block a batch)."""
 
 
 class Pending:
@@ -31,33 +40,80 @@ class Pending:
 
     def __init__(self, slots: int, capacity: int, d: int, dtype: torch.dtype, device: torch.device):
         self.d, self.filled = d, set()
-        self._views: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}  # slot -> (tokens, row, ones)
         self.raw = torch.empty(slots, capacity, len(RAW), dtype=dtype, device=device)
         self.padding = torch.zeros(len(PADDING), dtype=dtype, device=device)  # filled by kernels: no host copy
         for i, v in enumerate(PADDING):
             if v:
                 self.padding[i].fill_(v)
-        self.ones = torch.ones(capacity, 1, dtype=dtype, device=device)
         self.clear()
 
     @property
     def capacity(self) -> int:
         return self.raw.shape[1]
 
-    def row(self, slot: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the slot's first `tokens` rows, a (tokens, 1) column of ones): views made once, as
-        every view is a dispatched op, and inside a forward each op costs several times its warm cost."""
-        v = self._views.get(slot)
-        if v is None or v[0] != tokens:
-            v = self._views[slot] = (tokens, self.raw[slot, :tokens], self.ones[:tokens])
-        return v[1], v[2]
+    def write(self, slots: list[int], raw: torch.Tensor) -> None:
+        """raw (len(slots), tokens, RAW) into the given slots' first `tokens` rows: one copy when
+        the slots are evenly spaced (consecutive blocks of a stack), else one per slot."""
+        tokens, step = raw.shape[1], slots[1] - slots[0] if len(slots) > 1 else 1
+        if step > 0 and all(b - a == step for a, b in zip(slots, slots[1:])):
+            self.raw[slots[0]:slots[-1] + 1:step, :tokens].copy_(raw)
+        else:
+            for s, r in zip(slots, raw):
+                self.raw[s, :tokens].copy_(r)
 
     def clear(self) -> None:
         self.raw.copy_(self.padding.expand_as(self.raw))
         self.filled.clear()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.raw, self.padding, self.ones))  # views: none of their own
+        return sum(t.numel() * t.element_size() for t in (self.raw, self.padding))
+
+
+class Chain:
+    """Consecutive residual states of one stream, each the next block's input, copied into one
+    buffer as the hooks see them; `flush` writes the raw columns of their transitions to the
+    pending slots. Keeps the last state, so the chain goes on across flushes."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.store = torch.empty(0, dtype=dtype, device=device)
+        self.states: torch.Tensor | None = None  # (rows, tokens, d), a view of store
+        self.n = 0  # states queued
+        self.slots: list[int] = []  # the pending slot of each queued transition
+        self.last: weakref.ref | None = None  # the tensor the last state was copied from
+        self.version = -1
+
+    def continues(self, prev: torch.Tensor) -> bool:
+        """Whether `prev` is the last state queued, unmodified since."""
+        return self.n > 0 and self.last is not None and self.last() is prev and prev._version == self.version
+
+    def start(self, prev: torch.Tensor, tokens: int, d: int) -> None:
+        """Begin a new chain at `prev` (after `flush`)."""
+        per = tokens * d
+        rows = max(2, CHAIN_BYTES // (per * self.store.element_size()))
+        if self.store.numel() < rows * per:
+            self.store = torch.empty(rows * per, dtype=self.store.dtype, device=self.store.device)
+        self.states, self.n = self.store[:rows * per].view(rows, tokens, d), 0
+        self._push(prev)
+
+    def push(self, cur: torch.Tensor, slot: int) -> bool:
+        """Queue block output `cur` as the transition of `slot`; True when the buffer is full."""
+        self._push(cur)
+        self.slots.append(slot)
+        return self.n == self.states.shape[0]
+
+    def _push(self, t: torch.Tensor) -> None:
+        self.states[self.n].copy_(t.detach().reshape(self.states.shape[1:]))
+        self.n += 1
+        self.last, self.version = weakref.ref(t), t._version
+
+    def flush(self, pend: Pending) -> None:
+        if self.slots:
+            pend.write(self.slots, chain_columns(self.states[:self.n]))
+            self.states[0].copy_(self.states[self.n - 1])
+            self.n, self.slots = 1, []
+
+    def nbytes(self) -> int:
+        return self.store.numel() * self.store.element_size()
 
 
 class ForwardStats(StreamSlots):
@@ -69,18 +125,18 @@ class ForwardStats(StreamSlots):
     def __init__(self, setup, rule):
         super().__init__(setup, rule)
         self._cos = [s.name for s in self.stats].index("cos_adjacent")
-        self._carry: dict[int, Moments] = {}  # stream -> moments of the last block output seen
         self._pending: dict[tuple, Pending] = {}  # (width, dtype, device) -> the current forward's raw columns
+        self._chains: dict[tuple, Chain] = {}  # (stream, width, dtype, device) -> its chain
 
     def begin(self, step):
         super().begin(step)
-        self._carry.clear()
+        for chain in self._chains.values():
+            chain.n, chain.slots = 0, []
         for pend in self._pending.values():
             pend.clear()
 
     def detach(self):
-        self._carry.clear()
-        self._pending = {}
+        self._pending, self._chains = {}, {}
 
     def forward(self, pos, block, ins, outs):
         if ins is None:
@@ -97,13 +153,23 @@ class ForwardStats(StreamSlots):
                     pend = self._pending[key] = Pending(len(self.slots), tokens, *key)
                 elif slot in pend.filled:
                     self._reduce(pend)  # a new forward (or a block called twice in one)
-                self._carry[si] = raw_columns(prev, cur, *pend.row(slot, tokens), self._carry.get(si))
+                chain = self._chains.get((si, *key))
+                if chain is None:
+                    chain = self._chains[(si, *key)] = Chain(*key[1:])
+                if not chain.continues(prev):
+                    chain.flush(pend)
+                    chain.start(prev, tokens, d)
+                if chain.push(cur, slot):
+                    chain.flush(pend)
                 pend.filled.add(slot)
 
     def _reduce(self, pend: Pending | None) -> None:
         """Sum a pending forward's per-token statistics into the step's buffer, for all slots at once."""
         if pend is None or not pend.filled:
             return
+        for (si, *key), chain in self._chains.items():
+            if self._pending.get(tuple(key)) is pend:
+                chain.flush(pend)
         t = Transition(pend.raw, pend.d)
         w = t.weight
         sums = torch.stack([*(s(t) for s in self.stats), w], -1).mul_(w.unsqueeze(-1)).sum(1)  # (slots, width)
@@ -118,8 +184,8 @@ class ForwardStats(StreamSlots):
         return super().pooled(ctx)
 
     def state_bytes(self):
-        carry = sum(m.nbytes() for m in self._carry.values())
-        return super().state_bytes() + carry + sum(p.nbytes() for p in self._pending.values())
+        chains = sum(c.nbytes() for c in self._chains.values())
+        return super().state_bytes() + chains + sum(p.nbytes() for p in self._pending.values())
 
     def values(self, ctx, pooled):
         if pooled is None:

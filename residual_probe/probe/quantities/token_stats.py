@@ -1,25 +1,22 @@
 """Token-mean forward statistics of one block transition h_{k-1} -> h_k, one small unit each.
 
-Two stages. In a block's forward hook, `raw_columns` runs the few kernels over the activations
-and writes seven numbers per token (`RAW`) into a row of a pending buffer. Later, once per
-forward for all blocks together, a `Transition` over those raw rows gives each unit's per-token
-values, and `forward_stats` sums them over tokens (dividing by the token count at export, so the
-recorded value is the token mean over all forwards of the step). A new token-mean statistic is
-one `TokenStat` subclass here, added to TOKEN_STATS, plus its naive per-token twin in
-tests/test_probe.py (`naive_stats`); if it needs a new per-token reduction of the activations,
-that is one more RAW column.
+Two stages. `chain_columns` takes consecutive residual states h_j, ..., h_{j+n} (each block's
+output is the next block's input) stacked as (n + 1, tokens, d) and returns seven numbers per
+token of each of the n transitions (`RAW`): a handful of kernels for all n blocks together.
+Then a `Transition` over those raw rows gives each unit's per-token values, and `forward_stats`
+sums them over tokens (dividing by the token count at export, so the recorded value is the token
+mean over all forwards of the step). A new token-mean statistic is one `TokenStat` subclass here,
+added to TOKEN_STATS, plus its naive per-token twin in tests/test_probe.py (`naive_stats`); if it
+needs a new per-token reduction of the activations, that is one more RAW column.
 
-Why two stages: a hook pays per kernel launch as much as per byte (each kernel reads a block
-output the surrounding matmuls evicted from the cache and wakes the intra-op threads), and the
-per-token arithmetic is ~40 small kernels: done per block they cost more than the reductions
-themselves; done once per forward over a (blocks, tokens) buffer they cost almost nothing.
-The hook's kernels, per stream: one LayerNorm kernel yields LN(b) with its mean and
-1/sqrt(var + eps), from which the norms follow (||x||^2 = d (var + mean^2)); a = h_{k-1} is the
-previous block's output, so its LayerNorm is carried over (`Moments`, reused when the input is
-the very tensor the previous block returned, unmodified); sum |LN(b) - LN(a)| and ||b - a||
-are the only other reductions; cos and the angle come from the three norms (the chord), so no
-dot product is taken. Inputs are upcast to float32 (float64 stays); the chord keeps small
-angles' digits where arccos(cos) loses them.
+Why chains: inside a training step a hook pays per kernel launch far more than per byte (each
+kernel's code and data were evicted by the surrounding matmuls: ~25 us a kernel in situ against
+~5 us warm, at 256 tokens x 256 dims), so the work is batched over blocks. Per chain: one
+LayerNorm kernel over all states yields LN with its mean and 1/sqrt(var + eps), from which the
+norms follow (||x||^2 = d (var + mean^2)); sum |LN(b) - LN(a)| and ||b - a|| over the chain's
+consecutive pairs are the only other reductions; cos and the angle come from the three norms
+(the chord), so no dot product is taken. States are upcast to float32 (float64 stays); the chord
+keeps small angles' digits where arccos(cos) loses them.
 
 Definitions (docs/design.md, section 2 "What is measured"; a = h_{k-1}, b = h_k per token, d = width):
 - cos_adjacent      cos(a, b)
@@ -35,30 +32,11 @@ Norms in denominators are guarded by metrics.EPS.
 from __future__ import annotations
 
 import math
-import weakref
 from functools import cached_property
 
 import torch
 
 from ...analysis.metrics import EPS, LN_EPS
-
-
-class Moments:
-    """LN(x) without affine, with the per-token mean and 1/sqrt(var + eps), of one (tokens, d)
-    stream in the statistics' dtype: one LayerNorm kernel. A block's output moments are the next
-    block's input moments; `matches` tells whether they may be reused for a given input."""
-
-    def __init__(self, source: torch.Tensor, flat: torch.Tensor):
-        """`flat`: `source` as (tokens, d) in the statistics' dtype."""
-        self.source = weakref.ref(source)  # the tensor these moments were taken from (not kept alive)
-        self.version = source._version  # in-place writes since then invalidate them
-        self.ln, self.mean, self.rstd = torch.native_layer_norm(flat, flat.shape[-1:], None, None, LN_EPS)
-
-    def matches(self, x: torch.Tensor) -> bool:
-        return self.source() is x and x._version == self.version
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.ln, self.mean, self.rstd))
 
 
 # Per-token raw columns, in this order: a token weight (1; 0 in padding), sum |LN(b) - LN(a)|,
@@ -67,22 +45,17 @@ RAW = ("tokens", "ln_diff_abs_sum", "norm_diff", "mean_a", "mean_b", "rstd_a", "
 PADDING = (0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0)  # a row that is no token: weight 0, finite statistics
 
 
-def raw_columns(prev: torch.Tensor, cur: torch.Tensor, out: torch.Tensor, ones: torch.Tensor,
-                prev_moments: Moments | None = None) -> Moments:
-    """Write the RAW columns of the transition prev -> cur into `out` (tokens, len(RAW)), with
-    `ones` a (tokens, 1) column of ones; return cur's moments for the next block. Six
-    kernels over the activations (seven when `prev_moments` do not match `prev`) and one copy."""
-    d, dtype = cur.shape[-1], stats_dtype(prev, cur)  # the caller runs under no_grad
-    a, b = (x.reshape(-1, d) for x in (prev, cur))
-    a, b = (x if x.dtype == dtype else x.to(dtype) for x in (a, b))  # no dispatch when already there
-    ma = prev_moments if prev_moments is not None and prev_moments.matches(prev) else Moments(prev, a)
-    mb = Moments(cur, b)
-    # LN(a) is dead after this block (the caller carries LN(b) on): the difference is taken in its place.
+def chain_columns(states: torch.Tensor) -> torch.Tensor:
+    """The RAW columns (n, tokens, len(RAW)) of the n transitions states[i] -> states[i + 1] of
+    `states` (n + 1, tokens, d), in the statistics' dtype. Seven kernels, whatever n."""
+    d = states.shape[-1]
+    ln, mean, rstd = torch.native_layer_norm(states, (d,), None, None, LN_EPS)
     # |.|.sum, not vector_norm(ord=1): 7x slower on the CPU.
-    ln_diff = ma.ln.sub_(mb.ln).abs_().sum(-1, keepdim=True)
-    norm_diff = torch.linalg.vector_norm(b - a, 2, -1, keepdim=True)
-    torch.cat((ones, ln_diff, norm_diff, ma.mean, mb.mean, ma.rstd, mb.rstd), 1, out=out)
-    return mb
+    ln_diff = torch.sub(ln[1:], ln[:-1]).abs_().sum(-1)
+    del ln
+    norm_diff = torch.linalg.vector_norm(states[1:] - states[:-1], 2, -1)
+    mean, rstd = mean.squeeze(-1), rstd.squeeze(-1)
+    return torch.stack((torch.ones_like(ln_diff), ln_diff, norm_diff, mean[:-1], mean[1:], rstd[:-1], rstd[1:]), -1)
 
 
 class Transition:
@@ -100,10 +73,9 @@ class Transition:
     @classmethod
     def of(cls, prev: torch.Tensor, cur: torch.Tensor) -> "Transition":
         """The transition of one block, in one go (tests, one-off use)."""
-        tokens, dtype = cur.numel() // cur.shape[-1], stats_dtype(prev, cur)
-        raw = torch.empty(tokens, len(RAW), dtype=dtype, device=cur.device)
-        raw_columns(prev, cur, raw, torch.ones(tokens, 1, dtype=dtype, device=cur.device))
-        return cls(raw, cur.shape[-1])
+        d, dtype = cur.shape[-1], stats_dtype(prev, cur)
+        states = torch.stack([x.detach().reshape(-1, d).to(dtype) for x in (prev, cur)])
+        return cls(chain_columns(states)[0], d)
 
     @cached_property
     def half_chord_sq(self) -> torch.Tensor:

@@ -30,8 +30,7 @@ class W2GradNorm(Quantity):
         sq, _ = ctx.grad_squares()
         if sq.device not in self._index:
             self._index[sq.device] = torch.tensor([w.ref for w in w2], device=sq.device)
-        grads = self.setup.params.grads()
-        self._missing = [grads[w.ref] is None for w in w2]
+        self._missing = [g is None for g in self.setup.params.grads([w.ref for w in w2])]
         return ctx.unscale_params(sq.index_select(0, self._index[sq.device]).sqrt())
 
     def rows(self, step, host):
