@@ -77,6 +77,7 @@ class Chain:
     def __init__(self, dtype: torch.dtype, device: torch.device):
         self.store = torch.empty(0, dtype=dtype, device=device)
         self.states: torch.Tensor | None = None  # (rows, tokens, d), a view of store
+        self.rows: tuple[torch.Tensor, ...] = ()  # its rows, each in the shape of the block outputs
         self.n = 0  # states queued
         self.slots: list[int] = []  # the pending slot of each queued transition
         self.last: weakref.ref | None = None  # the tensor the last state was copied from
@@ -86,30 +87,33 @@ class Chain:
         """Whether `prev` is the last state queued, unmodified since."""
         return self.n > 0 and self.last is not None and self.last() is prev and prev._version == self.version
 
-    def start(self, prev: torch.Tensor, tokens: int, d: int) -> None:
+    def start(self, prev: torch.Tensor) -> None:
         """Begin a new chain at `prev` (after `flush`)."""
-        per = tokens * d
+        d = prev.shape[-1]
+        per = prev.numel()
         rows = max(2, CHAIN_BYTES // (per * self.store.element_size()))
         if self.store.numel() < rows * per:
             self.store = torch.empty(rows * per, dtype=self.store.dtype, device=self.store.device)
-        self.states, self.n = self.store[:rows * per].view(rows, tokens, d), 0
+        self.states = self.store[:rows * per].view(rows, per // d, d)
+        self.rows = self.store[:rows * per].view(rows, *prev.shape).unbind(0)  # one view per row, in the input's shape
+        self.n = 0
         self._push(prev)
 
     def push(self, cur: torch.Tensor, slot: int) -> bool:
         """Queue block output `cur` as the transition of `slot`; True when the buffer is full."""
         self._push(cur)
         self.slots.append(slot)
-        return self.n == self.states.shape[0]
+        return self.n == len(self.rows)
 
     def _push(self, t: torch.Tensor) -> None:
-        self.states[self.n].copy_(t.detach().reshape(self.states.shape[1:]))
+        self.rows[self.n].copy_(t)  # one kernel: the caller runs under no_grad
         self.n += 1
         self.last, self.version = weakref.ref(t), t._version
 
     def flush(self, pend: Pending) -> None:
         if self.slots:
             pend.write(self.slots, chain_columns(self.states[:self.n]))
-            self.states[0].copy_(self.states[self.n - 1])
+            self.rows[0].copy_(self.rows[self.n - 1])
             self.n, self.slots = 1, []
 
     def nbytes(self) -> int:
@@ -158,7 +162,7 @@ class ForwardStats(StreamSlots):
                     chain = self._chains[(si, *key)] = Chain(*key[1:])
                 if not chain.continues(prev):
                     chain.flush(pend)
-                    chain.start(prev, tokens, d)
+                    chain.start(prev)
                 if chain.push(cur, slot):
                     chain.flush(pend)
                 pend.filled.add(slot)
