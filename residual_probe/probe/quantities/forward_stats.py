@@ -74,7 +74,8 @@ class Chain:
     buffer as the hooks see them; `flush` writes the raw columns of their transitions to the
     pending slots. Keeps the last state, so the chain goes on across flushes."""
 
-    def __init__(self, dtype: torch.dtype, device: torch.device):
+    def __init__(self, dtype: torch.dtype, device: torch.device, longest: int):
+        self.longest = longest  # states of the longest chain a forward can make (blocks + 1)
         self.store = torch.empty(0, dtype=dtype, device=device)
         self.states: torch.Tensor | None = None  # (rows, tokens, d), a view of store
         self.rows: tuple[torch.Tensor, ...] = ()  # its rows, each in the shape of the block outputs
@@ -91,7 +92,7 @@ class Chain:
         """Begin a new chain at `prev` (after `flush`)."""
         d = prev.shape[-1]
         per = prev.numel()
-        rows = max(2, CHAIN_BYTES // (per * self.store.element_size()))
+        rows = max(2, min(self.longest, CHAIN_BYTES // (per * self.store.element_size())))
         if self.store.numel() < rows * per:
             self.store = torch.empty(rows * per, dtype=self.store.dtype, device=self.store.device)
         self.states = self.store[:rows * per].view(rows, per // d, d)
@@ -159,7 +160,7 @@ class ForwardStats(StreamSlots):
                     self._reduce(pend)  # a new forward (or a block called twice in one)
                 chain = self._chains.get((si, *key))
                 if chain is None:
-                    chain = self._chains[(si, *key)] = Chain(*key[1:])
+                    chain = self._chains[(si, *key)] = Chain(*key[1:], len(self.setup.blocks) + 1)
                 if not chain.continues(prev):
                     chain.flush(pend)
                     chain.start(prev)
