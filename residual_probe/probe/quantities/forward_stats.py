@@ -8,15 +8,20 @@ tokens divided by the number of tokens. block_influence = 1 - cos_adjacent (Shor
 al. 2024), derived at export.
 
 State, constant in the number of forwards: one (slots, n_stats + 1) float64 buffer of
-[sums..., tokens] per (block, stream); a `Pending` (slots, tokens, RAW) buffer of the current
-forward's raw columns per stream width, dtype and device (one, in most models); and per stream a
-`Chain`, a buffer of about CHAIN_BYTES into which a hook copies its block's output while it is
-hot (one kernel). While each block's input is the previous block's output, unmodified (identity
-and version checked), the states queue up in the chain; when it is full, breaks, or at the end
-of the forward, `chain_columns` turns the queued states into raw rows for all their blocks at
-once. Copies, not references: an edit of a block's output after its hook cannot change what was
-recorded. The per-token arithmetic runs once for all slots when a slot comes round again (the
-next forward) or at `probe.step()`, and adds into the sums.
+[sums..., tokens] per (block, stream), and a `Pending` (slots, tokens, RAW) buffer of the current
+forward's raw columns per stream width, dtype and device (one, in most models). How a block's
+raw rows are made depends on the size of its states (token_stats explains why):
+- small (at most CHAIN_BYTES / MIN_CHAIN): per stream a `Chain`, a buffer of about CHAIN_BYTES
+  into which the hook copies the block's output while it is hot (one kernel). While each block's
+  input is the previous block's output, unmodified (identity and version checked), the states
+  queue up; when the chain is full, breaks, or at the end of the forward, `chain_columns` turns
+  them into raw rows for all their blocks at once. Copies, not references: an edit of a block's
+  output after its hook cannot change what was recorded.
+- large: `raw_columns` in the hook, on the tensors where they are, with the previous output's
+  LayerNorm carried to the next block (`Moments`, one (tokens, d) tensor per stream; reused only
+  when the input is that very tensor, unmodified).
+The per-token arithmetic runs once for all slots when a slot comes round again (the next
+forward) or at `probe.step()`, and adds into the sums.
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ import weakref
 import torch
 
 from .base import StreamSlots, row
-from .token_stats import PADDING, RAW, TOKEN_STATS, Transition, chain_columns, stats_dtype
+from .token_stats import PADDING, RAW, TOKEN_STATS, Moments, Transition, chain_columns, raw_columns, stats_dtype
 
 CHAIN_BYTES = 4 << 20
-"""A chain's buffer size: at 256 tokens x 256 dims, 16 states (15 blocks a batch); at 2048 x 1024,
-where a block's own work dwarfs a kernel launch, two (one block a batch)."""
+"""A chain's buffer size. States of at most CHAIN_BYTES / MIN_CHAIN bytes are chained (at 256
+tokens x 256 dims, 16 states: 15 blocks a batch); larger ones (2048 x 1024 dims: 8 MiB), where a
+block's own work dwarfs a kernel launch, are reduced in place, one block at a time."""
+MIN_CHAIN = 4
 
 
 class Pending:
@@ -40,16 +47,26 @@ class Pending:
 
     def __init__(self, slots: int, capacity: int, d: int, dtype: torch.dtype, device: torch.device):
         self.d, self.filled = d, set()
+        self._views: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}  # slot -> (tokens, row, ones)
         self.raw = torch.empty(slots, capacity, len(RAW), dtype=dtype, device=device)
         self.padding = torch.zeros(len(PADDING), dtype=dtype, device=device)  # filled by kernels: no host copy
         for i, v in enumerate(PADDING):
             if v:
                 self.padding[i].fill_(v)
+        self.ones = torch.ones(capacity, 1, dtype=dtype, device=device)
         self.clear()
 
     @property
     def capacity(self) -> int:
         return self.raw.shape[1]
+
+    def row(self, slot: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the slot's first `tokens` rows, a (tokens, 1) column of ones) for `raw_columns`: views
+        made once, as every view is a dispatched op, and inside a forward each op costs several times its warm cost."""
+        v = self._views.get(slot)
+        if v is None or v[0] != tokens:
+            v = self._views[slot] = (tokens, self.raw[slot, :tokens], self.ones[:tokens])
+        return v[1], v[2]
 
     def write(self, slots: list[int], raw: torch.Tensor) -> None:
         """raw (len(slots), tokens, RAW) into the given slots' first `tokens` rows: one copy when
@@ -66,7 +83,7 @@ class Pending:
         self.filled.clear()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.raw, self.padding))
+        return sum(t.numel() * t.element_size() for t in (self.raw, self.padding, self.ones))  # views: none of their own
 
 
 class Chain:
@@ -131,10 +148,12 @@ class ForwardStats(StreamSlots):
         super().__init__(setup, rule)
         self._cos = [s.name for s in self.stats].index("cos_adjacent")
         self._pending: dict[tuple, Pending] = {}  # (width, dtype, device) -> the current forward's raw columns
-        self._chains: dict[tuple, Chain] = {}  # (stream, width, dtype, device) -> its chain
+        self._chains: dict[tuple, Chain] = {}  # (stream, width, dtype, device) -> its chain (small states)
+        self._carry: dict[int, Moments] = {}  # stream -> moments of the last large block output seen
 
     def begin(self, step):
         super().begin(step)
+        self._carry.clear()
         for chain in self._chains.values():
             chain.n, chain.slots = 0, []
         for pend in self._pending.values():
@@ -142,6 +161,7 @@ class ForwardStats(StreamSlots):
 
     def detach(self):
         self._pending, self._chains = {}, {}
+        self._carry.clear()
 
     def forward(self, pos, block, ins, outs):
         if ins is None:
@@ -158,15 +178,21 @@ class ForwardStats(StreamSlots):
                     pend = self._pending[key] = Pending(len(self.slots), tokens, *key)
                 elif slot in pend.filled:
                     self._reduce(pend)  # a new forward (or a block called twice in one)
-                chain = self._chains.get((si, *key))
-                if chain is None:
-                    chain = self._chains[(si, *key)] = Chain(*key[1:], len(self.setup.blocks) + 1)
-                if not chain.continues(prev):
-                    chain.flush(pend)
-                    chain.start(prev)
-                if chain.push(cur, slot):
-                    chain.flush(pend)
+                if MIN_CHAIN * tokens * d * pend.raw.element_size() <= CHAIN_BYTES:
+                    self._chain(si, key, pend, prev, cur, slot)
+                else:
+                    self._carry[si] = raw_columns(prev, cur, *pend.row(slot, tokens), self._carry.get(si))
                 pend.filled.add(slot)
+
+    def _chain(self, si, key, pend, prev, cur, slot) -> None:
+        chain = self._chains.get((si, *key))
+        if chain is None:
+            chain = self._chains[(si, *key)] = Chain(*key[1:], len(self.setup.blocks) + 1)
+        if not chain.continues(prev):
+            chain.flush(pend)
+            chain.start(prev)
+        if chain.push(cur, slot):
+            chain.flush(pend)
 
     def _reduce(self, pend: Pending | None) -> None:
         """Sum a pending forward's per-token statistics into the step's buffer, for all slots at once."""
@@ -189,7 +215,7 @@ class ForwardStats(StreamSlots):
         return super().pooled(ctx)
 
     def state_bytes(self):
-        chains = sum(c.nbytes() for c in self._chains.values())
+        chains = sum(c.nbytes() for c in self._chains.values()) + sum(m.nbytes() for m in self._carry.values())
         return super().state_bytes() + chains + sum(p.nbytes() for p in self._pending.values())
 
     def values(self, ctx, pooled):

@@ -1,22 +1,26 @@
 """Token-mean forward statistics of one block transition h_{k-1} -> h_k, one small unit each.
 
-Two stages. `chain_columns` takes consecutive residual states h_j, ..., h_{j+n} (each block's
-output is the next block's input) stacked as (n + 1, tokens, d) and returns seven numbers per
-token of each of the n transitions (`RAW`): a handful of kernels for all n blocks together.
-Then a `Transition` over those raw rows gives each unit's per-token values, and `forward_stats`
-sums them over tokens (dividing by the token count at export, so the recorded value is the token
-mean over all forwards of the step). A new token-mean statistic is one `TokenStat` subclass here,
-added to TOKEN_STATS, plus its naive per-token twin in tests/test_probe.py (`naive_stats`); if it
-needs a new per-token reduction of the activations, that is one more RAW column.
+Two stages. First, seven numbers per token of each transition (`RAW`), written by one of two
+functions with the same output. `chain_columns` takes consecutive residual states h_j, ..., h_{j+n}
+(each block's output is the next block's input) stacked as (n + 1, tokens, d): seven kernels
+for all n blocks together. `raw_columns` takes one block's input and output where they are, with
+the input's LayerNorm carried over from the previous block (`Moments`). Then a `Transition` over
+the raw rows gives each unit's per-token values, and `forward_stats` sums them over tokens
+(dividing by the token count at export, so the recorded value is the token mean over all
+forwards of the step). A new token-mean statistic is one `TokenStat` subclass here, added to
+TOKEN_STATS, plus its naive per-token twin in tests/test_probe.py (`naive_stats`); if it needs a
+new per-token reduction of the activations, that is one more RAW column (in both functions).
 
-Why chains: inside a training step a hook pays per kernel launch far more than per byte (each
-kernel's code and data were evicted by the surrounding matmuls: ~25 us a kernel in situ against
-~5 us warm, at 256 tokens x 256 dims), so the work is batched over blocks. Per chain: one
-LayerNorm kernel over all states yields LN with its mean and 1/sqrt(var + eps), from which the
-norms follow (||x||^2 = d (var + mean^2)); sum |LN(b) - LN(a)| and ||b - a|| over the chain's
-consecutive pairs are the only other reductions; cos and the angle come from the three norms
-(the chord), so no dot product is taken. States are upcast to float32 (float64 stays); the chord
-keeps small angles' digits where arccos(cos) loses them.
+Why two: inside a training step a hook pays per kernel launch far more than per byte when the
+states are small (each kernel's code and data were evicted by the surrounding matmuls: ~25 us a
+kernel in situ against ~5 us warm, at 256 tokens x 256 dims), so small states are copied while
+hot and batched over blocks (`chain_columns`); when states are large the bytes dominate, and the
+copy and the recomputed LayerNorm of each batch's first state would cost more than the launches
+saved (`raw_columns`, in place). Either way one LayerNorm kernel per state yields LN with its
+mean and 1/sqrt(var + eps), from which the norms follow (||x||^2 = d (var + mean^2));
+sum |LN(b) - LN(a)| and ||b - a|| are the only other reductions; cos and the angle come from the
+three norms (the chord), so no dot product is taken. States are upcast to float32 (float64
+stays); the chord keeps small angles' digits where arccos(cos) loses them.
 
 Definitions (docs/design.md, section 2 "What is measured"; a = h_{k-1}, b = h_k per token, d = width):
 - cos_adjacent      cos(a, b)
@@ -32,6 +36,7 @@ Norms in denominators are guarded by metrics.EPS.
 from __future__ import annotations
 
 import math
+import weakref
 from functools import cached_property
 
 import torch
@@ -39,10 +44,46 @@ import torch
 from ...analysis.metrics import EPS, LN_EPS
 
 
+class Moments:
+    """LN(x) without affine, with the per-token mean and 1/sqrt(var + eps), of one (tokens, d)
+    stream in the statistics' dtype: one LayerNorm kernel. A block's output moments are the next
+    block's input moments; `matches` tells whether they may be reused for a given input."""
+
+    def __init__(self, source: torch.Tensor, flat: torch.Tensor):
+        """`flat`: `source` as (tokens, d) in the statistics' dtype."""
+        self.source = weakref.ref(source)  # the tensor these moments were taken from (not kept alive)
+        self.version = source._version  # in-place writes since then invalidate them
+        self.ln, self.mean, self.rstd = torch.native_layer_norm(flat, flat.shape[-1:], None, None, LN_EPS)
+
+    def matches(self, x: torch.Tensor) -> bool:
+        return self.source() is x and x._version == self.version
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.ln, self.mean, self.rstd))
+
+
 # Per-token raw columns, in this order: a token weight (1; 0 in padding), sum |LN(b) - LN(a)|,
 # ||b - a||, mean of a and of b, 1/sqrt(var + eps) of a and of b.
 RAW = ("tokens", "ln_diff_abs_sum", "norm_diff", "mean_a", "mean_b", "rstd_a", "rstd_b")
 PADDING = (0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0)  # a row that is no token: weight 0, finite statistics
+
+
+def raw_columns(prev: torch.Tensor, cur: torch.Tensor, out: torch.Tensor, ones: torch.Tensor,
+                prev_moments: Moments | None = None) -> Moments:
+    """Write the RAW columns of the transition prev -> cur into `out` (tokens, len(RAW)), with
+    `ones` a (tokens, 1) column of ones; return cur's moments for the next block. Six
+    kernels over the activations (seven when `prev_moments` do not match `prev`) and one copy."""
+    d, dtype = cur.shape[-1], stats_dtype(prev, cur)  # the caller runs under no_grad
+    a, b = (x.reshape(-1, d) for x in (prev, cur))
+    a, b = (x if x.dtype == dtype else x.to(dtype) for x in (a, b))  # no dispatch when already there
+    ma = prev_moments if prev_moments is not None and prev_moments.matches(prev) else Moments(prev, a)
+    mb = Moments(cur, b)
+    # LN(a) is dead after this block (the caller carries LN(b) on): the difference is taken in its place.
+    # |.|.sum, not vector_norm(ord=1): 7x slower on the CPU.
+    ln_diff = ma.ln.sub_(mb.ln).abs_().sum(-1, keepdim=True)
+    norm_diff = torch.linalg.vector_norm(b - a, 2, -1, keepdim=True)
+    torch.cat((ones, ln_diff, norm_diff, ma.mean, mb.mean, ma.rstd, mb.rstd), 1, out=out)
+    return mb
 
 
 def chain_columns(states: torch.Tensor) -> torch.Tensor:
