@@ -102,7 +102,6 @@ def run_train(spec: TrainSpec, out: str | Path, progress=None) -> dict:
             "parameters": sum(p.numel() for p in model.parameters()), "interrupted": False,
             "diverged_at_step": None, "diverged": None}
     t0 = time.perf_counter()
-    written = 0  # rows in loss.csv: what steps_done reports, so the two always agree
     with open(out / "loss.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["step", "lr", "train_loss", "val_loss"])
@@ -115,7 +114,6 @@ def run_train(spec: TrainSpec, out: str | Path, progress=None) -> dict:
                     is_eval = (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps
                     writer.writerow([step, lr, train_loss, trainer.evaluate(val_batches) if is_eval else ""])
                     fh.flush()
-                    written += 1
                     if advance:
                         advance()
                     if not math.isfinite(train_loss):
@@ -125,7 +123,11 @@ def run_train(spec: TrainSpec, out: str | Path, progress=None) -> dict:
         except KeyboardInterrupt:
             meta["interrupted"] = True
         finally:
-            meta["steps_done"] = written
+            # steps_done: the rows loss.csv holds, counted there (an interrupt can land between a
+            # row's write and any counter kept beside it), so the two always agree.
+            fh.flush()
+            with open(out / "loss.csv", newline="") as rows:
+                meta["steps_done"] = sum(1 for _ in csv.reader(rows)) - 1
             # An interrupt can land between an Adam update and its loss.csv row: the saved model
             # then holds one update more than the rows show, and this says so.
             meta["model_updates"] = trainer.steps_done
