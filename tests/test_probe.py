@@ -624,10 +624,14 @@ def test_token_stats_in_float32_match_the_float64_twin(offset, step):
     a = torch.randn(64, 256, generator=g, dtype=torch.float64) + offset
     b = a + step * torch.randn(64, 256, generator=g, dtype=torch.float64)
     ref = naive_stats(a, b)
-    t = Transition.of(a.float(), b.float())
-    for s in TOKEN_STATS:
-        got = float(s(t).double().mean())
-        assert got == pytest.approx(ref[s.name], rel=1e-4), s.name  # angle from the chord, not arccos
+    from residual_probe.probe.quantities.token_stats import RAW, raw_columns
+
+    raw = torch.empty(64, len(RAW))
+    raw_columns(a.float(), b.float(), raw, torch.ones(64, 1))  # the in-place path (large states)
+    for t in (Transition.of(a.float(), b.float()), Transition(raw, 256)):  # the chained path, the in-place path
+        for s in TOKEN_STATS:
+            got = float(s(t).double().mean())
+            assert got == pytest.approx(ref[s.name], rel=1e-4), s.name  # angle from the chord, not arccos
 
 
 class _Res(torch.nn.Module):

@@ -142,18 +142,17 @@ class ParamPlan:
             out.append(W2(stack, pos, paths[0], index[id(weight)]))
         return out
 
-    def tensors(self) -> list[torch.Tensor]:
-        """The parameters as they are now (a module may have been given a new Parameter since):
-        looked up in the owner's `_parameters` (nn.Module.__getattr__ costs ~1 us a name, 3 ms a step
-        at 771 parameters), by attribute where the name is no longer a registered parameter."""
-        return [m._parameters.get(a) if a in m._parameters else getattr(m, a) for m, a in self.refs]
+    def tensors(self, refs: list[int] | None = None) -> list[torch.Tensor]:
+        """The parameters as they are now (a module may have been given a new Parameter since), all
+        or those at indices `refs`: looked up in the owner's `_parameters` (nn.Module.__getattr__
+        costs ~1 us a name, 3 ms a step at 771 parameters), by attribute where the name is no
+        longer a registered parameter."""
+        pairs = self.refs if refs is None else [self.refs[i] for i in refs]
+        return [m._parameters[a] if a in m._parameters else getattr(m, a) for m, a in pairs]
 
     def grads(self, refs: list[int] | None = None) -> list[torch.Tensor | None]:
         """The `.grad` of every parameter (or of those at indices `refs`)."""
-        if refs is None:
-            return [p.grad for p in self.tensors()]
-        return [(m._parameters.get(a) if a in m._parameters else getattr(m, a)).grad
-                for m, a in (self.refs[i] for i in refs)]
+        return [p.grad for p in self.tensors(refs)]
 
     def grad_squares(self) -> tuple[torch.Tensor, tuple[bool, ...]]:
         """(squared norm of every parameter's .grad, which groups have no .grad at all)."""
