@@ -247,30 +247,29 @@ def test_schedules_every_steps_and_per_quantity():
     assert 3 not in steps
 
 
-def output_hooks(model):
-    """Number of tensor hooks on each decoder block's output, seen by a test hook that runs after the probe's."""
-    seen, handles = [], []
-    for blk in model.decoder.layers:
-        handles.append(blk.register_forward_hook(lambda m, a, out: seen.append(len(out._backward_hooks or {}))))
-    return seen, handles
+def fired_gradient_hooks(monkeypatch) -> list[int]:
+    """The slots of the probe's gradient hooks, appended as they fire: every hook it registers fires
+    in the backward (on the node that made a block's output), so none firing means none registered."""
+    from residual_probe.probe.quantities.act_grad_norm import ActGradNorm
+
+    fired, on_grads = [], ActGradNorm._on_grads
+    monkeypatch.setattr(ActGradNorm, "_on_grads", lambda self, slot, *a: fired.append(slot) or on_grads(self, slot, *a))
+    return fired
 
 
-def test_unscheduled_steps_register_nothing():
+def test_unscheduled_steps_register_nothing(monkeypatch):
     model = make("decoder", "pre-ln")
     inp, targets = inputs("decoder")
+    fired = fired_gradient_hooks(monkeypatch)
     probe = Probe(model, every=2, start_step=1)
     with probe:
-        seen, handles = output_hooks(model)
         loss = loss_of(model(*inp), targets)
-        assert seen == [0] * SIZES["depth"] and probe.state_bytes() == 0
+        assert probe.state_bytes() == 0
         loss.backward()
-        assert probe.step() == [] and probe.state_bytes() == 0
-        seen.clear()
+        assert fired == [] and probe.step() == [] and probe.state_bytes() == 0
         loss_of(model(*inp), targets).backward()
-        assert seen == [1] * SIZES["depth"]
+        assert sorted(fired) == list(range(SIZES["depth"]))
         assert probe.step()[0]["step"] == 2
-        for h in handles:
-            h.remove()
 
 
 def test_forward_stats_under_no_grad():
@@ -732,3 +731,68 @@ def test_forward_stats_pool_forwards_of_other_lengths_and_stacks_of_other_widths
         ref = naive_stats(a, b)
         for name in ("cos_adjacent", "angular_distance", "ln_update", "relative_update", "norm_sq_per_dim"):
             assert rows[(stack, k, name)] == pytest.approx(ref[name], rel=1e-9), (stack, k, name)
+
+
+HOLD_SIZES = [4 << 20, 1, 3000]  # the default (all held to step()); each normed in its hook; a few at a time
+
+
+@pytest.mark.parametrize("hold_bytes", HOLD_SIZES)
+@pytest.mark.parametrize("arch,placement", [("decoder", "pre-ln"), ("seq2seq", "residual")])
+def test_act_grad_norm_held_gradients_equal_direct_over_micro_batches(arch, placement, hold_bytes, monkeypatch):
+    """Gradients are held and normed in batches: whatever the batch size, over micro-batches and
+    over two stacks (the backward jumps from the decoder to the encoder) and two streams a block,
+    the values are those of the full batch computed directly."""
+    monkeypatch.setattr("residual_probe.probe.quantities.act_grad_norm.HOLD_BYTES", hold_bytes)
+    model = make(arch, placement)
+    inp, targets = inputs(arch, batch=4)
+    ref = {k: v for k, v in reference(model, inp, targets).items() if k[-1] == "act_grad_norm"}
+    probe = Probe(model, quantities=("act_grad_norm",))
+    with probe:
+        for half in (slice(0, 2), slice(2, 4)):
+            loss_of(model(*(x[half] for x in inp)), targets[half], scale=0.5).backward()
+        got = {(r["stack"], r["layer"], r["sublayer"], r["stream"], r["metric"]): r["value"] for r in probe.step()}
+    assert set(ref) <= set(got) and len(ref) >= 3
+    for key, value in ref.items():
+        assert got[key] == pytest.approx(value, rel=1e-9), key
+
+
+class _GradTimes3(torch.autograd.Function):
+    """Identity forward; backward triples its grad_output, in place (inplace=True) or not."""
+
+    @staticmethod
+    def forward(ctx, x, inplace):
+        ctx.inplace = inplace
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g.mul_(3) if ctx.inplace else g * 3), None
+
+
+def test_act_grad_norm_of_a_gradient_modified_after_its_hook_is_nan_said_once_then_exact(monkeypatch):
+    """A custom Function that makes block 0's output and writes into its grad_output in place: the held
+    gradient changed before it was normed. That step's value is NaN (not the tripled norm), a warning
+    says so once, and later steps norm in the hook: the value equals the out-of-place twin's."""
+    def run(inplace):
+        model = make("decoder", "pre-ln")
+        inp, targets = inputs("decoder")
+        hook = model.decoder.layers[0].register_forward_hook(lambda m, a, out: _GradTimes3.apply(out, inplace))
+        probe = Probe(model, quantities=("act_grad_norm",))  # attached after: sees the Function's output
+        steps = []
+        with probe:
+            for _ in range(2):
+                loss_of(model(*inp), targets).backward()
+                steps.append({(r["layer"], r["metric"]): r["value"] for r in probe.step() if r["layer"] >= 0})
+                model.zero_grad(set_to_none=True)
+        hook.remove()
+        return steps
+
+    twin = run(False)
+    with pytest.warns(UserWarning, match="modified in place during backward") as caught:
+        first, second = run(True)
+    assert sum("modified in place" in str(w.message) for w in caught) == 1
+    assert math.isnan(first[(0, "act_grad_norm")])
+    for key, value in twin[1].items():
+        assert second[key] == pytest.approx(value, rel=1e-12), key
+        if key[0] > 0:
+            assert first[key] == pytest.approx(value, rel=1e-12), key

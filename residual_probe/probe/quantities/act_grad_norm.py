@@ -1,26 +1,38 @@
 """act_grad_norm: RMS over tokens of ||dL/dh_k||, the gradient reaching the residual stream at block k's output.
 
-Taken by a tensor hook on each block's output stream(s), registered from the training forwards
-of a scheduled step and fired in their backward: every token of every backward of the step
-(all micro-batches), each seeing the loss it was backpropagated from. Across data-parallel
-ranks it is pooled as the gradient of the averaged loss (each rank's gradient divided by the
-world size, as DDP/FSDP average). Under a GradScaler the scale is divided out at probe.step().
-Forwards re-run inside backward (activation checkpointing) register nothing.
+Taken by a backward pre-hook on the autograd node that made each block output stream,
+registered from the training forwards of a scheduled step and fired in their backward: every
+token of every backward of the step (all micro-batches), each seeing the loss it was
+backpropagated from. Across data-parallel ranks it is pooled as the gradient of the averaged
+loss (each rank's gradient divided by the world size, as DDP/FSDP average). Under a GradScaler
+the scale is divided out at probe.step(). Forwards re-run inside backward (activation
+checkpointing) register nothing.
 
-Accumulated in one preallocated (rows, 2) buffer per step: [sum of squares, tokens]. A gradient
-hook costs two small kernels: it writes ||dL/dh_k|| and the token count into its slot of a
-pending (slots, 2) buffer; squaring, weighting and adding into the step's buffer run once for all
-slots, when a slot comes round again (the next backward) or at `probe.step()`. (Inside backward
-every kernel launch costs several times what it costs warm: eight per hook took ~200 us.)
+Cost. A hook launches no kernel: it keeps a reference to the gradient (and its version) and
+counts its tokens on the host; the held gradients are normed together with one
+`torch._foreach_norm` when they reach HOLD_BYTES, when a slot comes round again (the next
+micro-batch) or at `probe.step()`, and their squares added into the step's (slots, 2) buffer
+of [sum of squares, tokens] with one strided add per run of consecutive blocks. Inside
+backward each kernel a hook launches costs several times its warm cost (a norm and a fill per
+hook took ~95 us), and `Tensor.register_hook` costs ~44 us a call against ~3 us for the node's
+`register_prehook`. Should anything modify a held gradient in place before it is normed (its
+version moved: a custom autograd Function writing into its grad_output), that value is
+recorded as NaN, said once, and from then on each gradient is normed in its own hook.
 """
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 
 import torch
 
-from .base import StreamSlots, row
+from ..gradnorm import _foreach_norm_f32
+from .base import StreamSlots, row, slot_runs
+
+HOLD_BYTES = 4 << 20
+"""Gradient bytes held before they are normed: at most this (plus one gradient) is kept alive
+beyond the plain backward; at 256 tokens x 256 dims, 16 blocks a `_foreach_norm`."""
 
 
 def _acc_dtype(grad: torch.Tensor) -> torch.dtype:
@@ -36,61 +48,98 @@ class ActGradNorm(StreamSlots):
     def __init__(self, setup, rule):
         super().__init__(setup, rule)
         self._token = object()
-        self._pend: torch.Tensor | None = None  # (slots, 2): [norm, tokens] of the current backward
-        self._slot_views: list[tuple[torch.Tensor, torch.Tensor]] = []  # views of _pend's slots, made once
-        self._filled: set[int] = set()
+        self._held: list[tuple[int, torch.Tensor, int]] = []  # (slot, gradient, its version when seen)
+        self._held_slots: set[int] = set()
+        self._held_bytes = 0
+        self._counts = [0] * len(self.slots)  # tokens per slot this step: host integers, no kernel per hook
+        self._hold = True  # False once a held gradient was seen modified: norm each in its hook
 
     def begin(self, step):
         super().begin(step)
         self._token = object()  # tags this step's gradient hooks: a late backward is ignored
-        self._filled.clear()
+        self._drop()
 
     def detach(self):
         self._token = object()
-        self._filled.clear()
+        self._drop()
+
+    def _drop(self):
+        self._held, self._held_bytes = [], 0
+        self._held_slots.clear()
+        self._counts = [0] * len(self.slots)
 
     def forward(self, pos, block, ins, outs):
         if not torch.is_grad_enabled():
             return
         for si, t in enumerate(outs):
             if t.requires_grad:
-                t.register_hook(partial(self._on_grad, self._first[pos] + si, self._token))
+                slot = self._first[pos] + si
+                node = t.grad_fn
+                if node is not None:  # ~3 us, against ~44 us for Tensor.register_hook
+                    node.register_prehook(partial(self._on_grads, slot, self._token, t.output_nr))
+                else:  # a leaf passed through: its gradient is accumulated, not flowed
+                    t.register_hook(partial(self._on_grad, slot, self._token))
 
-    def _on_grad(self, slot: int, token: object, grad: torch.Tensor) -> None:
+    def _on_grads(self, slot: int, token: object, nr: int, grad_outputs: tuple) -> None:
+        self._on_grad(slot, token, grad_outputs[nr])
+
+    def _on_grad(self, slot: int, token: object, grad: torch.Tensor | None) -> None:
         if token is not self._token or grad is None:
             return
-        dtype = _acc_dtype(grad)
-        pend = self._pend
-        if pend is None or pend.dtype != dtype or pend.device != grad.device:
-            self._reduce()
-            pend = self._pend = torch.zeros(len(self.slots), 2, dtype=dtype, device=grad.device)
-            self._slot_views = [(r[0], r[1]) for r in pend]
-        elif slot in self._filled:
-            self._reduce()  # the next backward (micro-batch), or a block run twice
-        norm, tokens = self._slot_views[slot]
-        torch.linalg.vector_norm(grad.detach(), dtype=dtype, out=norm)
-        tokens.fill_(grad.numel() // grad.shape[-1])
-        self._filled.add(slot)
+        if slot in self._held_slots:
+            self._flush()  # the next backward (micro-batch), or a block run twice
+        self._held.append((slot, grad, grad._version))
+        self._held_slots.add(slot)
+        self._counts[slot] += grad.numel() // grad.shape[-1]
+        self._held_bytes += grad.numel() * grad.element_size()
+        if self._held_bytes >= HOLD_BYTES or not self._hold:
+            self._flush()
 
-    def _reduce(self) -> None:
-        """Add the pending backward's squared norms (weighted for the rank average) and counts into the step's buffer."""
-        if not self._filled:
+    def _flush(self) -> None:
+        """Norm the held gradients and add their squares (weighted for the rank average) into the step's buffer."""
+        held = self._held
+        if not held:
             return
-        pend = self._pend
-        pend[:, 0].square_().mul_(self.setup.grad_average**2)  # gradient of the rank-averaged loss
-        buf = self._buffer(pend.device)
-        buf.add_(pend.to(buf.device, non_blocking=True))
-        pend.zero_()
-        self._filled.clear()
+        self._held, self._held_bytes = [], 0
+        self._held_slots.clear()
+        groups: dict[tuple, list[tuple[int, torch.Tensor, int]]] = {}
+        for h in held:
+            groups.setdefault((h[1].device, _acc_dtype(h[1])), []).append(h)
+        with torch.no_grad():
+            for (device, acc), part in groups.items():
+                norms = _foreach_norm_f32([g for _, g, _ in part], acc)
+                buf = self._buffer(device)
+                sq = torch.stack(norms).to(buf.dtype).square_()
+                if self.setup.grad_average != 1.0:
+                    sq.mul_(self.setup.grad_average**2)  # gradient of the rank-averaged loss
+                changed = [i for i, (_, g, v) in enumerate(part) if g._version != v]
+                if changed:
+                    self._modified(changed, sq, part)
+                col = buf[:, 0]
+                slots = [s for s, _, _ in part]
+                for i, j, rows, flip in slot_runs(slots):
+                    col[rows].add_(sq[i:j].flip(0) if flip else sq[i:j])
+
+    def _modified(self, changed: list[int], sq: torch.Tensor, part) -> None:
+        """A held gradient changed before it was normed: its value is unknown (NaN); hold no more."""
+        for i in changed:
+            sq[i] = float("nan")
+        self._hold = False
+        b = self.setup.blocks[self.slots[part[changed[0]][0]][0]]
+        warnings.warn(f"probe: the gradient at {b.name}'s output was modified in place during backward (a custom "
+                      "autograd Function?): act_grad_norm of this step is NaN there; from now on it is taken in "
+                      "each hook", stacklevel=3)
 
     def pooled(self, ctx):
         if self.is_active:
-            self._reduce()
+            self._flush()
+            if self.buf is not None and not self._fresh:
+                counts = torch.tensor(self._counts, dtype=self.buf.dtype)
+                if self.buf.device.type == "cuda":
+                    counts = counts.pin_memory()
+                self.buf[:, 1].copy_(counts, non_blocking=True)  # host to device: no sync
         return super().pooled(ctx)
 
-    def state_bytes(self):
-        views = sum(t.numel() * t.element_size() for r in self._slot_views for t in r)  # of _pend, counted there
-        return super().state_bytes() - views
     def values(self, ctx, pooled):
         if pooled is None:
             return None

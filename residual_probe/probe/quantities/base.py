@@ -110,6 +110,24 @@ class StreamSlots(Quantity):
         return self.buf.reshape(-1)
 
 
+def slot_runs(slots: list[int]) -> list[tuple[int, int, slice, bool]]:
+    """Split `slots` into runs of evenly spaced slots: (i, j, target, flip) means values[i:j]
+    go to rows[target], reversed when flip. A stack's blocks come in order (forward) or in
+    reverse (backward), so a run is usually the whole list: one kernel, not one per slot."""
+    runs, i = [], 0
+    while i < len(slots):
+        j = i + 1
+        step = slots[j] - slots[i] if j < len(slots) else 1
+        while step != 0 and j < len(slots) and slots[j] - slots[j - 1] == step:
+            j += 1
+        if j == i + 1:
+            step = 1
+        lo, hi = min(slots[i], slots[j - 1]), max(slots[i], slots[j - 1])
+        runs.append((i, j, slice(lo, hi + 1, abs(step)), step < 0))
+        i = j
+    return runs
+
+
 def _tensor_bytes(obj, depth: int = 0) -> int:
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
@@ -127,4 +145,4 @@ def buffer_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-__all__ = ["Quantity", "Rule", "StreamSlots", "buffer_dtype", "row"]
+__all__ = ["Quantity", "Rule", "StreamSlots", "buffer_dtype", "row", "slot_runs"]

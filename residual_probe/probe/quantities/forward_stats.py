@@ -30,7 +30,7 @@ import weakref
 
 import torch
 
-from .base import StreamSlots, row
+from .base import StreamSlots, row, slot_runs
 from .token_stats import PADDING, RAW, TOKEN_STATS, Moments, Transition, chain_columns, raw_columns, stats_dtype
 
 CHAIN_BYTES = 4 << 20
@@ -69,14 +69,11 @@ class Pending:
         return v[1], v[2]
 
     def write(self, slots: list[int], raw: torch.Tensor) -> None:
-        """raw (len(slots), tokens, RAW) into the given slots' first `tokens` rows: one copy when
-        the slots are evenly spaced (consecutive blocks of a stack), else one per slot."""
-        tokens, step = raw.shape[1], slots[1] - slots[0] if len(slots) > 1 else 1
-        if step > 0 and all(b - a == step for a, b in zip(slots, slots[1:])):
-            self.raw[slots[0]:slots[-1] + 1:step, :tokens].copy_(raw)
-        else:
-            for s, r in zip(slots, raw):
-                self.raw[s, :tokens].copy_(r)
+        """raw (len(slots), tokens, RAW) into the given slots' first `tokens` rows: one copy per run
+        of evenly spaced slots (a chain of consecutive blocks is one run)."""
+        tokens = raw.shape[1]
+        for i, j, rows, flip in slot_runs(slots):
+            self.raw[rows, :tokens].copy_(raw[i:j].flip(0) if flip else raw[i:j])
 
     def clear(self) -> None:
         self.raw.copy_(self.padding.expand_as(self.raw))
