@@ -584,6 +584,23 @@ def test_grouped_norms_against_a_hand_reference():
     assert grouped_norms([[None], []]).tolist() == [0.0, 0.0]
 
 
+def test_squared_norms_replan_on_layout_change_and_sparse_gradients_normed_densely():
+    from residual_probe.probe.gradnorm import SquaredNorms
+
+    emb = torch.nn.Embedding(10, 4, sparse=True).double()
+    emb(torch.tensor([1, 3, 3])).square().sum().backward()
+    assert emb.weight.grad.is_sparse
+    a = torch.randn(3, dtype=torch.float64)
+    sq = SquaredNorms()
+    got = sq([a, emb.weight.grad, None])
+    assert got.tolist() == pytest.approx([float(a.square().sum()), float(emb.weight.grad.to_dense().square().sum()),
+                                          0.0], rel=1e-12)
+    sq([a * 2, emb.weight.grad, None])
+    assert sq.plans_built == 1  # same layout: the plan is reused
+    got = sq([a, a.float(), a])  # a dtype and a presence changed: planned again
+    assert sq.plans_built == 2 and got.tolist() == pytest.approx([float(a.square().sum())] * 3, rel=1e-6)
+
+
 def test_torch_transformer_encoder_is_probed():
     torch.manual_seed(0)
     enc = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True),

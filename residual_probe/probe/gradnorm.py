@@ -70,17 +70,25 @@ class SquaredNorms:
     def __init__(self):
         self._key = None
         self._plan = None
+        self._dense: list[int] = []  # indices of tensors that are not strided (sparse gradients)
         self.plans_built = 0
 
     @staticmethod
-    def _layout(locals_: list) -> tuple:
-        return tuple(None if t is None else (t.device, t.dtype, s[:2] if s else ()) for t, s in locals_)
+    def _layout(tensors: list, shards: list | None) -> tuple:
+        """What the plan depends on: which tensors are present, their dtypes, devices, layouts and
+        sharding. Flat lists, not a tuple per tensor: at 12k parameters those tuples alone trigger
+        dozens of garbage-collector passes a step."""
+        return ([None if t is None else t.dtype for t in tensors], [None if t is None else t.device for t in tensors],
+                [None if t is None else t.layout for t in tensors],
+                None if shards is None else [s[:2] if s else () for s in shards])
 
-    def _build(self, locals_: list, key: tuple) -> None:
+    def _build(self, tensors: list, shards: list | None, key: tuple) -> None:
         buckets: dict[tuple, tuple[list[int], tuple]] = {}
-        for i, ((t, shard), k) in enumerate(zip(locals_, key)):
-            if k is not None:
-                buckets.setdefault(k, ([], shard))[0].append(i)
+        for i, (dtype, device) in enumerate(zip(key[0], key[1])):
+            if dtype is not None:
+                shard = shards[i] if shards is not None else ()
+                buckets.setdefault((device, dtype, shard[:2] if shard else ()), ([], shard))[0].append(i)
+        self._dense = [i for i, layout in enumerate(key[2]) if layout is not None and layout != torch.strided]
         if not buckets:
             self._plan = None
         else:
@@ -93,18 +101,25 @@ class SquaredNorms:
         self.plans_built += 1
 
     def __call__(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        locals_ = [(None, ()) if t is None else _local(t) for t in tensors]
-        locals_ = [(t if t is None or (t.layout == torch.strided and not t.is_sparse) else t.to_dense(), s)
-                   for t, s in locals_]
-        key = self._layout(locals_)
+        cls = dtensor_type()
+        if cls is None or not any(isinstance(t, cls) for t in tensors):  # plain tensors, nothing sharded
+            shards = None
+        else:
+            pairs = [(None, ()) if t is None else _local(t) for t in tensors]
+            tensors, shards = [t for t, _ in pairs], [s for _, s in pairs]
+        key = self._layout(tensors, shards)
         if key != self._key:
-            self._build(locals_, key)
+            self._build(tensors, shards, key)
         if self._plan is None:
             return torch.zeros(len(tensors))
+        if self._dense:  # sparse gradients (nn.Embedding(sparse=True)) are normed densely
+            tensors = list(tensors)
+            for i in self._dense:
+                tensors[i] = tensors[i].to_dense()
         acc, device, buckets, order = self._plan
         parts = []
-        for (dev, dtype, _), idx, shard in buckets:
-            sq = torch.stack(_foreach_norm_f32([locals_[i][0] for i in idx], acc)).to(acc).square()
+        for _, idx, shard in buckets:
+            sq = torch.stack(_foreach_norm_f32([tensors[i] for i in idx], acc)).to(acc).square()
             if shard:
                 import torch.distributed as dist
 
