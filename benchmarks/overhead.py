@@ -204,6 +204,7 @@ def time_variants(depth: int, rounds: int, warmup: int, variants=VARIANTS, turn:
         if isinstance(rec, (Probe, ActivationCache)):
             rec.detach()
     times = {v: [] for v in variants}
+    stamps = {v: [] for v in variants}  # when each timed step ran (its midpoint)
     record = {v: [] for v in variants}
     for r in range(warmup + rounds):
         for v in variants[r % len(variants):] + variants[:r % len(variants)]:
@@ -219,8 +220,19 @@ def time_variants(depth: int, rounds: int, warmup: int, variants=VARIANTS, turn:
                 rec.detach()
             if r >= warmup:
                 times[v].append(dt)
+                stamps[v].append(t0 + dt / 2)
                 record[v].append(rt)
-    return times, record
+    return times, stamps, record
+
+
+def bracketed(times: dict, stamps: dict, v: str) -> list[float]:
+    """Each timed step of `v` over the plain step time interpolated at the moment it ran, between
+    the plain steps just before and just after it: a drift that is linear over those few
+    seconds cancels (the round's own plain step may be two turns away)."""
+    import numpy as np
+
+    ps, pt = np.asarray(stamps["plain"]), np.asarray(times["plain"])
+    return [t / float(np.interp(s, ps, pt)) for t, s in zip(times[v], stamps[v]) if ps[0] < s < ps[-1]]
 
 
 def rss_bytes() -> int:
@@ -284,17 +296,20 @@ def main() -> None:
             ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS + tuple(BREAKDOWN))}")
         timed = ("plain",) + tuple(v for v in dict.fromkeys(asked) if v != "plain")
         variants = tuple(v for v in timed if v in VARIANTS)
-    times, record = time_variants(depth, args.rounds, args.warmup, timed, args.turn)
+    times, stamps, record = time_variants(depth, args.rounds, args.warmup, timed, args.turn)
     med = {v: statistics.median(t) for v, t in times.items()}
-    print(f"{'variant':<13} {'median s':>9} {'IQR s':>17} {'ratio':>7} {'paired':>7} {'paired IQR':>13} {'step() ms':>10}")
-    paired, paired_iqr = {}, {}
+    print(f"{'variant':<13} {'median s':>9} {'IQR s':>17} {'ratio':>7} {'paired':>7} {'paired IQR':>13} "
+          f"{'bracket':>8} {'bracket IQR':>13} {'step() ms':>10}")
+    paired, paired_iqr, brack = {}, {}, {}
     for v in timed:
         lo, m, hi = quartiles(times[v])
         ratios = [t / p for t, p in zip(times[v], times["plain"])]  # same round: drift cancels
         rlo, paired[v], rhi = quartiles(ratios)
         paired_iqr[v] = (rlo, rhi)
+        b = bracketed(times, stamps, v) if v != "plain" else [1.0, 1.0]
+        brack[v] = quartiles(b)
         print(f"{v:<13} {m:>9.4f} {lo:>8.4f}-{hi:<8.4f} {m / med['plain']:>7.3f} {paired[v]:>7.3f} {rlo:>6.3f}-{rhi:<6.3f} "
-              f"{1e3 * statistics.median(record[v]):>10.1f}")
+              f"{brack[v][1]:>8.3f} {brack[v][0]:>6.3f}-{brack[v][2]:<6.3f} {1e3 * statistics.median(record[v]):>10.1f}")
 
     mem = measure_memory(depth, args.steps, args.threads, args.size, variants)
     base = mem["plain"]
@@ -313,6 +328,7 @@ def main() -> None:
             print(f"{v}_ratio: {paired[v]:.4f}")
             print(f"{v}_ratio_iqr: {paired_iqr[v][0]:.4f}-{paired_iqr[v][1]:.4f}")
             print(f"{v}_ratio_of_medians: {med[v] / med['plain']:.4f}")
+            print(f"{v}_ratio_bracketed: {brack[v][1]:.4f} (IQR {brack[v][0]:.4f}-{brack[v][2]:.4f})")
     if "all_stats" in mem:
         print(f"memory_ratio: {mem['all_stats']['peak'] / base['peak']:.4f}")
     if args.forwards:

@@ -196,7 +196,11 @@ def test_subsample_is_bounded_by_the_tokens_there_are():
     model = make("decoder", "pre-ln")
     inp, targets = inputs("decoder", batch=2, T=3)
     probe, _ = probed(model, inp, targets, subsample_tokens=1000)
-    assert probe.subsamples()[("decoder", "x")].shape == (SIZES["depth"] + 1, 6, 16)
+    got = probe.subsamples()[("decoder", "x")]
+    assert got.shape == (SIZES["depth"] + 1, 6, 16)
+    _, cap = manual_forward(model, inp)  # every token kept: the states themselves, in token order
+    layers = [cap[("decoder", 0)][0][0]] + [cap[("decoder", k)][1][0] for k in range(SIZES["depth"])]
+    assert torch.equal(got, torch.stack([h.detach().reshape(-1, 16).float() for h in layers]))
 
 
 def test_subsample_buffers_are_reused_and_what_subsamples_returns_is_not_overwritten():
