@@ -817,3 +817,34 @@ def test_act_grad_norm_of_a_gradient_modified_after_its_hook_is_nan_said_once_th
         assert second[key] == pytest.approx(value, rel=1e-12), key
         if key[0] > 0:
             assert first[key] == pytest.approx(value, rel=1e-12), key
+
+
+def test_step_runs_no_garbage_collection_and_restores_the_collector():
+    """probe.step() makes a 0-d tensor per parameter; counted by a running collector they
+    triggered passes (and, in a deep model, full collections) inside every step. Now at most the
+    one young-generation pass that its returned rows cause once the collector is back on."""
+    import gc
+
+    model = build_model(arch="decoder", placement="pre-ln", depth=150, d_model=8, heads=2, ffn=8, vocab_size=11)
+    tok = torch.randint(0, 11, (2, 4))
+    probe = Probe(model, quantities=("param_grad_norm",), keep_rows=False)
+    passes = []
+
+    def count(phase, info):
+        if phase == "start":
+            passes.append(info["generation"])
+
+    gc.callbacks.append(count)
+    try:
+        with probe:
+            for enabled in (True, False):
+                (gc.enable if enabled else gc.disable)()
+                model(tok).float().square().mean().backward()
+                gc.collect()  # the count starts at 0: a pass inside step() is step()'s own doing
+                del passes[:]
+                probe.step()
+                assert passes == ([0] if enabled else []) and gc.isenabled() is enabled  # one young pass as it ends
+    finally:
+        gc.callbacks.remove(count)
+        gc.enable()
+    assert len(probe._params.refs) > 2000
