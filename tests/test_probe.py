@@ -843,7 +843,7 @@ def test_step_runs_no_garbage_collection_and_restores_the_collector():
                 gc.collect()  # the count starts at 0: a pass inside step() is step()'s own doing
                 del passes[:]
                 probe.step()
-                assert passes == ([0] if enabled else []) and gc.isenabled() is enabled  # one young pass as it ends
+                assert passes in (([], [0]) if enabled else ([],)) and gc.isenabled() is enabled  # at most one young pass
     finally:
         gc.callbacks.remove(count)
         gc.enable()

@@ -87,7 +87,7 @@ class SquaredNorms:
         for i, (dtype, device) in enumerate(zip(key[0], key[1])):
             if dtype is not None:
                 shard = shards[i] if shards is not None else ()
-                buckets.setdefault((device, dtype, shard[:2] if shard else ()), ([], shard))[0].append(i)
+                buckets.setdefault((device, dtype, key[3][i] if shards is not None else ()), ([], shard))[0].append(i)
         self._dense = [i for i, layout in enumerate(key[2]) if layout is not None and layout != torch.strided]
         if not buckets:
             self._plan = None
