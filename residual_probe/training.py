@@ -5,13 +5,13 @@ Every command that trains or takes gradients goes through `Trainer.step`: `grad-
 the studies behind `figures`. A step is, in this order:
 
     lr <- schedule(step)                       # fairseq's linear warm-up, inverse-sqrt decay
-    loss = cross_entropy(model(*inputs), targets); loss.backward()
+    loss = cross_entropy(model(*inputs), targets, label_smoothing); loss.backward()
     probe.step()                               # records gradients before clipping
     clip_grad_norm_(max_norm)                  # if clip > 0
     optimizer.step()                           # Adam, betas (0.9, 0.98) as fairseq; skipped if update=False
 
-Validation (`Trainer.evaluate`) runs with the probe paused, so held-out batches never enter
-the recorded statistics.
+Validation (`Trainer.evaluate`, `Trainer.scores`) runs with the probe paused, so held-out
+batches never enter the recorded statistics; its loss is never label-smoothed.
 """
 
 from __future__ import annotations
@@ -27,18 +27,32 @@ BETAS = (0.9, 0.98)  # fairseq's Adam betas, which the ResiDual paper trained wi
 ADAM_EPS = 1e-8
 
 
-def lr_schedule(step: int, lr: float, warmup: int) -> float:
+DECAYS = ("inverse_sqrt", "constant")
+
+
+def lr_schedule(step: int, lr: float, warmup: int, ramp: bool = True, decay: str = "inverse_sqrt") -> float:
     """Learning rate at `step` (0-based): linear warm-up over `warmup` steps, then inverse-square-root
-    decay (fairseq's `inverse_sqrt`); `warmup` 0 gives a constant `lr`."""
+    decay (fairseq's `inverse_sqrt`); `warmup` 0 gives a constant `lr`.
+
+    ramp=False drops the linear ramp and keeps the decay after `warmup` steps (the ResiDual paper's
+    "no warm-up" arm differs from its warm-up arm only in the ramp); decay="constant" keeps `lr`
+    after the ramp.
+    """
+    if decay not in DECAYS:
+        raise ValueError(f"unknown decay {decay!r}; choose from {', '.join(DECAYS)}")
     if warmup == 0:
         return lr
-    return lr * min((step + 1) / warmup, math.sqrt(warmup / (step + 1)))
+    t = step + 1
+    up = min(1.0, t / warmup) if ramp else 1.0
+    down = min(1.0, math.sqrt(warmup / t)) if decay == "inverse_sqrt" else 1.0
+    return lr * up * down
 
 
-def lm_loss(model, batch) -> torch.Tensor:
+def lm_loss(model, batch, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean token cross-entropy (nats) of `model(*batch.inputs)` against `batch.targets` (-100: no target)."""
     logits = model(*batch.inputs)  # (B, T, vocab)
-    return F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100)
+    return F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100,
+                           label_smoothing=label_smoothing)
 
 
 class Trainer:
@@ -48,13 +62,19 @@ class Trainer:
     backward and before clipping, so it sees the raw accumulated gradient.
     """
 
-    def __init__(self, model, probe=None, lr: float = 5e-4, warmup: int = 0, clip: float = 0.0):
+    def __init__(self, model, probe=None, lr: float = 5e-4, warmup: int = 0, clip: float = 0.0,
+                 ramp: bool = True, decay: str = "inverse_sqrt", weight_decay: float = 0.0,
+                 label_smoothing: float = 0.0):
+        lr_schedule(0, lr, warmup, ramp, decay)  # an unknown decay fails here, before any step
         self.model, self.probe, self.lr, self.warmup, self.clip = model, probe, lr, warmup, clip
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=BETAS, eps=ADAM_EPS)
+        self.ramp, self.decay, self.label_smoothing = ramp, decay, label_smoothing
+        # weight decay as fairseq's Adam applies it: added to the gradient (L2), not decoupled
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=BETAS, eps=ADAM_EPS,
+                                          weight_decay=weight_decay)
         self.steps_done = 0
 
     def current_lr(self) -> float:
-        return lr_schedule(self.steps_done, self.lr, self.warmup)
+        return lr_schedule(self.steps_done, self.lr, self.warmup, self.ramp, self.decay)
 
     def step(self, batch, update: bool = True) -> torch.Tensor:
         """Forward, backward, probe, clip and (if `update`) one Adam step; returns the detached loss.
@@ -66,7 +86,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        loss = lm_loss(self.model, batch)
+        loss = lm_loss(self.model, batch, self.label_smoothing)
         loss.backward()
         if self.probe is not None:
             self.probe.step()
@@ -78,12 +98,23 @@ class Trainer:
         return loss.detach()
 
     def evaluate(self, batches: Iterable) -> float:
-        """Mean loss over `batches` in eval mode, without gradients, with the probe paused."""
+        """Mean loss per target token over `batches` (nats, no label smoothing); see `scores`."""
+        return self.scores(batches)[0]
+
+    def scores(self, batches: Iterable) -> tuple[float, float]:
+        """(loss in nats per target token, token accuracy) over `batches`, teacher-forced, in eval
+        mode, without gradients, with the probe paused."""
         was_training = self.model.training
         self.model.eval()
+        total, correct, n = 0.0, 0, 0
         try:
             with self.probe.paused() if self.probe is not None else contextlib.nullcontext(), torch.no_grad():
-                losses = [float(lm_loss(self.model, b)) for b in batches]
+                for b in batches:
+                    logits = self.model(*b.inputs)
+                    mask = b.targets != -100
+                    total += float(F.cross_entropy(logits[mask], b.targets[mask], reduction="sum"))
+                    correct += int((logits[mask].argmax(-1) == b.targets[mask]).sum())
+                    n += int(mask.sum())
         finally:
             self.model.train(was_training)
-        return sum(losses) / len(losses)
+        return total / n, correct / n

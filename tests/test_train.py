@@ -66,11 +66,11 @@ def test_interrupt_keeps_everything_written(tmp_path, monkeypatch):
     calls = {"n": 0}
     real = train_mod.lm_loss
 
-    def interrupting(model, batch):
+    def interrupting(model, batch, *rest):
         calls["n"] += 1
         if calls["n"] >= 4 and model.training:
             raise KeyboardInterrupt
-        return real(model, batch)
+        return real(model, batch, *rest)
 
     monkeypatch.setattr(train_mod, "lm_loss", interrupting)
     with pytest.raises(KeyboardInterrupt):

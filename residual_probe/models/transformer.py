@@ -62,10 +62,17 @@ class Stack(nn.Module):
     def embed_tokens(self) -> nn.Embedding:
         return self.embed.embed_tokens
 
-    def forward(self, tokens: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, memory: torch.Tensor | None = None,
+                states: list | None = None) -> torch.Tensor:
+        """states: a list that receives each block's input state and the last block's output
+        (N + 1 entries; ResiDual's are (x, d) pairs), for analyses that differentiate through them."""
         x = self.placement.begin(self.embed(tokens), self)  # (B, T, C), or ResiDual's (x, d)
         for block in self.layers:
+            if states is not None:
+                states.append(x)
             x = block(x, memory)
+        if states is not None:
+            states.append(x)
         return self.placement.end(x, self)  # (B, T, C)
 
 

@@ -1,5 +1,5 @@
-"""Figures of the translation study (residual_probe/studies/translation.py): BLEU beside the paper's,
-held-out loss curves, per-block gradients and block influence during training, ResiDual's streams.
+"""Figures of the translation study (residual_probe/studies/translation/): BLEU beside the paper's,
+held-out loss and BLEU over training, per-block gradients and block influence, ResiDual's streams.
 
 Inputs are the study's tidy rows (lists of dicts); nothing here computes a metric.
 """
@@ -23,26 +23,33 @@ def _integer_x(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _groups(table: Sequence[dict]) -> list[tuple[str, str]]:
+def _groups(table: Sequence[dict]) -> list[tuple[str, str, float]]:
+    """(model, warm-up, lr) of the table's placement-grid rows (the alpha = 0 ablation is a check)."""
     seen = []
     for r in table:
-        key = (r["model"], r["warmup"])
-        if key not in seen:
+        key = (r["model"], r["warmup"], float(r["lr"]))
+        if float(r["alpha"]) == 1.0 and key not in seen:
             seen.append(key)
     return seen
+
+
+def _group_label(model: str, warm: str, lr: float | None = None) -> str:
+    return f"{model}\n{'warm-up' if warm == 'yes' else 'no warm-up'}" + ("" if lr is None else f"\nlr {lr:g}")
 
 
 def plot_bleu(table: Sequence[dict], runs: Sequence[dict], path_stem: str | Path, formats=("png",)) -> list[Path]:
     """Left: this study's BLEU (bar: seed mean, dots: seeds, x: failed run). Right: the paper's table."""
     plt = setup()
-    groups = _groups(table)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.9))
+    ours = _groups(table)
+    paper = list(dict.fromkeys((m, w) for m, w, _ in ours))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw=dict(width_ratios=[len(ours), max(len(paper), 1)]))
     w = 0.26
-    by = {(r["model"], r["warmup"], r["placement"]): r for r in table}
-    for ax, which in zip(axes, ("ours", "paper")):
-        for gi, (model, warm) in enumerate(groups):
+    by = {(r["model"], r["warmup"], float(r["lr"]), r["placement"]): r for r in table if float(r["alpha"]) == 1.0}
+    first = {(m, wu): lr for m, wu, lr in reversed(ours)}  # the paper's value read from one lr arm
+    for ax, which, groups in zip(axes, ("ours", "paper"), (ours, [(m, wu, first[m, wu]) for m, wu in paper])):
+        for gi, (model, warm, lr) in enumerate(groups):
             for pi, p in enumerate(PLACEMENTS):
-                r = by.get((model, warm, p))
+                r = by.get((model, warm, lr, p))
                 x = gi + (pi - 1) * w
                 if r is None:
                     if which == "ours":
@@ -54,7 +61,8 @@ def plot_bleu(table: Sequence[dict], runs: Sequence[dict], path_stem: str | Path
                     pts = [float(v) for v in str(r["bleu_per_seed"]).split()]
                     ax.plot([x] * len(pts), pts, "k.", ms=4)
                     fails = [q for q in runs if f"E{q['depth']}D{q['depth']}" == model and q["warmup"] == warm
-                             and q["placement"] == p and q["failed"] == "yes"]
+                             and float(q["lr"]) == lr and float(q["alpha"]) == 1.0 and q["placement"] == p
+                             and q["failed"] == "yes"]
                     if fails:
                         ax.text(x, max(r["bleu_mean"], 0) + 0.5, f"{len(fails)}\u00d7\nfail", ha="center",
                                 va="bottom", fontsize=7, color=color(p))
@@ -67,11 +75,12 @@ def plot_bleu(table: Sequence[dict], runs: Sequence[dict], path_stem: str | Path
                         ax.text(x, 1.0, "fail" if v == "fail" else "n/r", ha="center", va="bottom", fontsize=7,
                                 color=color(p), rotation=90)
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels([f"{m}\n{'warm-up' if wu == 'yes' else 'no warm-up'}" for m, wu in groups])
+        ax.set_xticklabels([_group_label(m, wu, lr if which == "ours" else None) for m, wu, lr in groups], fontsize=8)
         ax.set_ylabel("BLEU (sacrebleu)" if which == "ours" else "BLEU (paper)")
-    axes[0].set_title("This study: Pig Latin of pydoc sentences,\nd 64, held-out sentences, greedy decoding")
-    axes[1].set_title("ResiDual paper: IWSLT'14 De-En, d 256, beam 5\n(n/r: not reported in the issue's table)")
-    top = max([float(r["bleu_mean"]) for r in table if np.isfinite(float(r["bleu_mean"]))] + [1.0])
+    axes[0].set_title("This study: Pig Latin of pydoc sentences, d 64, held-out sentences,\n"
+                      "greedy decoding (bar: seed mean, dots: seeds)")
+    axes[1].set_title("ResiDual paper: IWSLT'14 De-En, d 256\n(n/r: not reported)")
+    top = max([float(v) for r in table for v in str(r["bleu_per_seed"]).split()] + [1.0])
     axes[0].set_ylim(0, top * 1.25)
     axes[1].set_ylim(0, 42)
     axes[0].legend(frameon=False, fontsize=8, loc="upper right", ncol=3)
@@ -80,20 +89,18 @@ def plot_bleu(table: Sequence[dict], runs: Sequence[dict], path_stem: str | Path
 
 
 def plot_curves(curves: Mapping[str, Sequence[dict]], specs: Mapping[str, dict], path_stem: str | Path,
-                formats=("png",)) -> list[Path]:
-    """Held-out loss over training: one panel per model size and warm-up, one colour per placement."""
+                column: str = "heldout_loss", title: str = "", formats=("png",)) -> list[Path]:
+    """`column` of the curve rows over training (held-out loss, or BLEU): one panel per model size
+    and warm-up, one colour per placement, one line per seed."""
     plt = setup()
-    keys = sorted({(s["depth"], s["warmup"]) for s in specs.values() if s["task"] == "translation"},
-                  key=lambda k: (k[0], not k[1]))
-    depths = sorted({k[0] for k in keys})
+    depths = sorted({s["depth"] for s in specs.values()})
     fig, axes = plt.subplots(len(depths), 2, figsize=(9.5, 3.0 * len(depths)), squeeze=False, sharey=True)
     for name, rows in curves.items():
         s = specs[name]
-        if s["task"] != "translation":
-            continue
         ax = axes[depths.index(s["depth"])][0 if s["warmup"] else 1]
+        rows = [r for r in rows if np.isfinite(r[column])]
         steps = [r["step"] for r in rows]
-        loss = [r["heldout_loss"] for r in rows]
+        loss = [r[column] for r in rows]
         ax.plot(steps, loss, "-", color=color(s["placement"]), lw=1.3, alpha=0.85,
                 marker=marker(s["placement"]), ms=3, label=label(s["placement"]) if s["seed"] == 0 else None)
         if len(rows) and len(steps) and steps[-1] < s["steps"]:  # stopped early: diverged
@@ -103,11 +110,12 @@ def plot_curves(curves: Mapping[str, Sequence[dict]], specs: Mapping[str, dict],
             ax = axes[i][j]
             ax.set_title(f"E{n}D{n}, {warm}")
             ax.set_xlabel("step")
-            ax.set_yscale("log")
+            if column == "heldout_loss":
+                ax.set_yscale("log")
             if j == 0:
-                ax.set_ylabel("held-out loss [nats/token]")
+                ax.set_ylabel("held-out loss [nats/token]" if column == "heldout_loss" else "held-out BLEU")
     axes[0][0].legend(frameon=False, fontsize=8)
-    fig.suptitle("Held-out loss (teacher-forced, no label smoothing); one line per seed", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return save(fig, path_stem, formats)
 

@@ -7,8 +7,8 @@ A study is a module `residual_probe/studies/<name>.py` with
   confronts with the measurement as `residual_probe.analysis.checks.Check` rows (statement,
   setting, placement, predicted, measured, agreement). `quick` picks small sizes (CI, tests).
 
-To add a study: write the module, add its name to `STUDIES` (and to `MODULES` if the module is named otherwise) (the order is the run order; a
-study may read what an earlier one wrote into `out`), and add a two-line entry point
+To add a study: write the module (or package), add its name to `STUDIES` (the order is the run
+order; a study may read what an earlier one wrote into `out`), and add a two-line entry point
 `analyses/<name>.py` calling `main("<name>")`. Studies ship inside the package, so
 `residual-probe figures` runs from an installed wheel in any folder.
 """
@@ -29,9 +29,8 @@ STUDIES = (
     "theory_bounds",  # Xiong Lemma 2 and Theorem 1, ResiDual's gradient floor, Adam's condition number
     "training_study",  # training on CPU: warm-up or not, loss, gradients, collapse
     "collapse_theory",  # adjacent cosine / normalized update per layer: closed forms, init, trained (reads training_study's runs)
-    "translation_study",  # the paper's E6D6/E12D12 translation grid at CPU scale, and the LM gap explained
+    "translation",  # the paper's E6D6/E12D12 translation table at CPU scale, in a regime its baselines pass
 )
-MODULES = {"translation_study": "translation"}  # study name -> module name, where they differ
 CHECK_COLUMNS = ("analysis", "statement", "setting", "placement", "predicted", "measured", "agreement")
 
 
@@ -42,8 +41,8 @@ class StudyError(UserError):
 def load(name: str) -> ModuleType:
     """The study module `name` (one of STUDIES)."""
     if name not in STUDIES:
-        raise StudyError(f"unknown analysis {name!r}; choose from {', '.join(STUDIES)}")
-    return importlib.import_module(f"{__name__}.{MODULES.get(name, name)}")
+        raise StudyError(f"unknown study {name!r}; choose from {', '.join(STUDIES)}")
+    return importlib.import_module(f"{__name__}.{name}")
 
 
 def keep_other_checks(path: Path, rerun: tuple[str, ...]) -> list[dict]:

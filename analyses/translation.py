@@ -1,8 +1,8 @@
 """The ResiDual paper's translation experiment at CPU scale: encoder-decoder across depth, placement and warm-up.
 
-The study lives in residual_probe/studies/translation.py; `residual-probe figures --only
-translation_study` runs it like the other analyses. This script adds what a long grid needs:
-    python analyses/translation_study.py [--out figures] [--quick] [--workers 2] [--partial]
+The study lives in residual_probe/studies/translation/; `residual-probe figures --only
+translation` runs it like the other analyses. This script adds what a long grid needs:
+    python analyses/translation.py [--out figures] [--quick] [--workers 2] [--partial]
 The grid is resumable (rerun the same command after an interruption: finished runs are kept);
 --partial trains nothing and writes the tables, figures and checks from the runs finished so far.
 The checks replace this analysis's rows in OUT/checks.csv and keep the others.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from residual_probe.studies.translation import run
 
-NAME = "translation_study"
+NAME = "translation"
 COLUMNS = ("analysis", "statement", "setting", "placement", "predicted", "measured", "agreement")
 
 

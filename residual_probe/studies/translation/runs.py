@@ -1,0 +1,282 @@
+"""One training run of the translation study, and the grid of runs in two stages.
+
+A run trains through the project's one training loop (`residual_probe.training.Trainer`): Adam
+betas (0.9, 0.98), fairseq's inverse-sqrt schedule with or without its linear ramp, weight decay
+and label smoothing as the paper's released IWSLT config. It records the probe during training,
+the held-out loss and token accuracy every `eval_every` steps, BLEU (greedy decodes of every
+held-out unit) every `bleu_every` steps, and for ResiDual its two streams at the BLEU points.
+
+Runs are resumable: a run writes ROOT/<name>/result.json last and is skipped when that file
+holds the same spec.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .task import PigLatinBatches, heldout_batches, references, task_data, translate
+
+PLACEMENTS = ("post-ln", "pre-ln", "residual")
+PROBE_METRICS = ("param_grad_norm", "act_grad_norm", "block_influence", "ln_update")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One translation run (encoder-decoder, E{depth}D{depth})."""
+
+    placement: str
+    depth: int
+    warmup: bool  # with the linear warm-up ramp
+    lr: float = 1e-3  # peak learning rate
+    seed: int = 0
+    steps: int = 3000
+    warmup_steps: int = 300  # length of the ramp; the decay after it is the same with or without
+    d_model: int = 64
+    heads: int = 4
+    ffn: int = 256
+    batch: int = 32
+    dropout: float = 0.1  # 0.3 in the released config at d 512: at d 64 it stops Post-LN (docs/results.md)
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.1
+    label_smoothing: float = 0.1
+    weight_decay: float = 1e-4
+    eval_every: int = 100
+    bleu_every: int = 500
+    probe_every: int = 10
+    max_bytes: int = 32
+    alpha: float = 1.0  # ResiDual's weight of x in alpha * x + LN_f(d); 0 is the ablation without the x term
+
+    @property
+    def name(self) -> str:
+        return (f"E{self.depth}D{self.depth}-{self.placement}-{'warmup' if self.warmup else 'nowarmup'}"
+                f"-lr{self.lr:g}-s{self.seed}" + ("" if self.alpha == 1.0 else f"-alpha{self.alpha:g}"))
+
+    @property
+    def cell(self) -> tuple:
+        """The grid cell (all but the seed): runs of one cell are seeds of one recipe."""
+        return (self.depth, self.placement, self.warmup, self.lr, self.alpha)
+
+    def cost(self) -> float:
+        """Relative compute, to start the longest runs first within a stage."""
+        return self.depth * self.steps * self.batch * self.d_model**2
+
+    def model_config(self):
+        from ...models import ModelConfig
+
+        # the paper's IWSLT model (ModelConfig.iwslt) at this width and depth
+        return ModelConfig.iwslt(placement=self.placement, depth=self.depth, d_model=self.d_model, heads=self.heads,
+                                 ffn=self.ffn, dropout=self.dropout, attention_dropout=self.attention_dropout,
+                                 activation_dropout=self.activation_dropout, max_len=64, alpha=self.alpha,
+                                 vocab_size=len(task_data(self.max_bytes).vocab))
+
+
+def same_spec(saved: dict | None, spec: RunSpec) -> bool:
+    """A saved run's spec equals `spec`."""
+    if saved is None:
+        return False
+    defaults = {f.name: f.default for f in fields(RunSpec) if f.default is not MISSING}
+    return {**defaults, **saved} == asdict(spec)
+
+
+def load_result(spec: RunSpec, root: Path) -> dict | None:
+    """The finished run's result, or None (not run, or run with another spec)."""
+    f = root / spec.name / "result.json"
+    if f.is_file():
+        res = json.loads(f.read_text())
+        if same_spec(res.get("spec"), spec):
+            return res
+    return None
+
+
+def read_rows(path: Path) -> list[dict]:
+    """A run's CSV as rows of text (empty when the file is missing)."""
+    import csv
+
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def run_one(spec: RunSpec, run_dir: Path) -> dict:
+    """Train, evaluate and record one run into run_dir; returns the result (also result.json)."""
+    import torch
+
+    from ...models import Transformer
+    from ...output import write_csv, write_json
+    from ...probe import Probe
+    from ...training import Trainer
+    from .streams import stream_diagnostics
+
+    done = load_result(spec, run_dir.parent)
+    if done is not None:
+        return done
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(spec.seed)
+    model = Transformer(spec.model_config())
+    data = task_data(spec.max_bytes)
+    train = PigLatinBatches(data, spec.batch, spec.seed)
+    units = data.heldout  # every held-out unit: loss, accuracy and BLEU on the same sentences
+    held, refs = heldout_batches(units, data, 64), references(units)
+    stream_batch = max(held, key=lambda b: int((b.targets != -100).sum()))  # the most target tokens
+    probe = Probe(model, quantities=("param_grad_norm", "act_grad_norm", "forward_stats"), every=spec.probe_every)
+    trainer = Trainer(model, probe, lr=spec.lr, warmup=spec.warmup_steps, ramp=spec.warmup,
+                      weight_decay=spec.weight_decay, label_smoothing=spec.label_smoothing)
+    curve, streams, losses, hyps = [], [], [], []
+    diverged = None
+
+    def record(step: int) -> None:
+        from .task import corpus_bleu
+
+        loss, acc = trainer.scores(held)
+        row = dict(step=step, lr=trainer.current_lr(), train_loss=float(np.mean(losses[-spec.eval_every:]))
+                   if losses else math.nan, heldout_loss=loss, heldout_acc=acc, bleu=math.nan)
+        if step % spec.bleu_every == 0 or step == spec.steps:
+            model.eval()
+            with probe.paused():
+                hyps[:] = translate(model, units, data)
+                if spec.placement == "residual":
+                    streams.extend(dict(step=step, **r) for r in stream_diagnostics(model, stream_batch))
+            model.train()
+            row["bleu"] = corpus_bleu(hyps, refs)
+        curve.append(row)
+
+    t0 = time.perf_counter()
+    with probe:
+        model.train()
+        record(0)
+        for step in range(spec.steps):
+            losses.append(float(trainer.step(train.next())))
+            if not math.isfinite(losses[-1]):
+                diverged = step
+                break
+            if trainer.steps_done % spec.eval_every == 0 or trainer.steps_done == spec.steps:
+                record(trainer.steps_done)
+    result = dict(spec=asdict(spec), name=spec.name, diverged_at_step=diverged, steps_done=trainer.steps_done,
+                  train_seconds=round(time.perf_counter() - t0, 1),
+                  parameters=sum(p.numel() for p in model.parameters()))
+    if diverged is None:
+        last = curve[-1]
+        result.update(heldout_loss=last["heldout_loss"], heldout_acc=last["heldout_acc"], bleu=last["bleu"],
+                      hypotheses=list(hyps))
+    else:  # a diverged model decodes nothing: every hypothesis empty
+        result.update(heldout_loss=math.nan, heldout_acc=math.nan, bleu=0.0, hypotheses=[""] * len(units))
+    result["samples"] = [dict(source=u, reference=r, output=h)
+                         for u, r, h in list(zip(units, refs, result["hypotheses"]))[::40]]
+    keep = [r for r in probe.rows() if r["metric"] in PROBE_METRICS
+            and (r["metric"] != "param_grad_norm" or r["sublayer"] == "block")]
+    write_csv(run_dir / "probe.csv", keep, ("step", "stack", "layer", "sublayer", "stream", "metric", "value"))
+    write_csv(run_dir / "curve.csv", curve, ("step", "lr", "train_loss", "heldout_loss", "heldout_acc", "bleu"))
+    if streams:
+        write_csv(run_dir / "streams.csv", streams, ("step", "stack", "layer", "quantity", "value"))
+    write_json(run_dir / "result.json", result)  # last: its presence marks the run finished
+    return result
+
+
+# ---- the grid, in two stages ----------------------------------------------------------------------
+
+LRS = (1e-3, 2e-3)  # the peak-lr arms at E6D6 with warm-up
+SEEDS_E6_WARMUP = (0, 1, 2)
+SEEDS = (0, 1)
+
+
+def common(quick: bool) -> dict:
+    if quick:
+        return dict(d_model=16, heads=2, ffn=32, steps=20, warmup_steps=4, batch=8, eval_every=5, bleu_every=10,
+                    probe_every=5)
+    return {}
+
+
+def depths(quick: bool) -> tuple[int, int]:
+    return (1, 2) if quick else (6, 12)
+
+
+def calibration(quick: bool) -> list[RunSpec]:
+    """The baselines the regime is chosen from: Post-LN and Pre-LN, E6D6 (quick: E1D1), warm-up, each lr, seed 0."""
+    n0 = depths(quick)[0]
+    return [RunSpec(p, n0, True, lr=lr, seed=0, **common(quick)) for lr in LRS for p in ("post-ln", "pre-ln")]
+
+
+def stage_a(quick: bool) -> list[RunSpec]:
+    """Runs that do not depend on the regime's lr: calibration first, then the rest of E6D6 warm-up."""
+    n0 = depths(quick)[0]
+    seeds = (0,) if quick else SEEDS_E6_WARMUP
+    rest = [RunSpec(p, n0, True, lr=lr, seed=s, **common(quick)) for lr in LRS for p in PLACEMENTS for s in seeds]
+    cal = calibration(quick)
+    return cal + [s for s in rest if s not in cal]
+
+
+def stage_b(quick: bool, lr: float) -> list[RunSpec]:
+    """Runs at the main lr: the deep model with warm-up, both depths without, and the alpha = 0 ablation."""
+    n0, n1 = depths(quick)
+    seeds = (0,) if quick else SEEDS
+    c = dict(lr=lr, **common(quick))
+    return ([RunSpec(p, n1, True, seed=s, **c) for p in PLACEMENTS for s in seeds]
+            + [RunSpec(p, n0, False, seed=s, **c) for p in PLACEMENTS for s in seeds]
+            + [RunSpec("residual", n0, True, seed=s, alpha=0.0, **c) for s in seeds]
+            + [RunSpec(p, n1, False, seed=s, **c) for p in PLACEMENTS for s in seeds])
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one core per run: two runs in parallel use two cores best at this size
+
+
+def _run_in_worker(spec: RunSpec, run_dir: str) -> dict:
+    return run_one(spec, Path(run_dir))
+
+
+def run_stages(first: list[RunSpec], then: Callable[[dict[str, dict]], list[RunSpec]], root: Path,
+               workers: int = 1, echo=print, gate: Iterable[RunSpec] = ()) -> dict[str, dict]:
+    """Run `first`, and as soon as the `gate` runs (a subset of `first`) have finished, queue
+    `then(results so far)`; returns {name: result} of every run. `workers` processes in parallel."""
+    gate_names = {s.name for s in gate}
+    results: dict[str, dict] = {}
+    total = len(first)
+
+    def report(res: dict) -> None:
+        results[res["name"]] = res
+        echo(_progress(len(results), total, res))
+
+    if workers <= 1:
+        queue, added = list(first), False
+        while queue:
+            spec = queue.pop(0)
+            report(run_one(spec, root / spec.name))
+            if not added and gate_names <= set(results):
+                more = then(results)
+                total += len(more)
+                queue += more
+                added = True
+        return results
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
+        pending = {pool.submit(_run_in_worker, s, str(root / s.name)) for s in first}
+        added = False
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                report(fut.result())
+            if not added and gate_names <= set(results):
+                more = then(results)
+                total += len(more)
+                pending |= {pool.submit(_run_in_worker, s, str(root / s.name)) for s in more}
+                added = True
+    return results
+
+
+def _progress(i: int, n: int, r: dict) -> str:
+    return (f"[{i}/{n}] {r['name']}: held-out loss {r['heldout_loss']:.3f}, acc {r['heldout_acc']:.3f}, "
+            f"BLEU {r['bleu']:.2f}, {r['train_seconds']:.0f} s"
+            + (f", diverged at {r['diverged_at_step']}" if r["diverged_at_step"] is not None else ""))

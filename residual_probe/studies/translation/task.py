@@ -1,0 +1,243 @@
+"""The task: CPython's documentation prose translated into Pig Latin, word by word.
+
+Sentences of CPython's documentation (`pydoc_data.topics`, shipped with every CPython),
+lowercased and cut into clauses of at most 32 bytes, are translated into Pig Latin: a word moves
+its onset (the consonants before the first vowel) to the end and adds "ay" ("the" -> "ethay"),
+a vowel-initial word adds "way". Tokens are words and punctuation marks in one joint dictionary
+(as fairseq's joined dictionary with shared embeddings), so this is word-by-word translation
+into a language with its own vocabulary: deterministic and linguistically shaped (the onset/rime
+split of English syllables), not a copy (every word becomes another token; punctuation stays), and
+the decoder needs the source at every step (nothing in the target prefix tells which word comes
+next). Held-out sentences (10 %, chosen by a hash of the sentence) are never seen in training;
+held-out clauses with a word unseen in training are dropped (its Pig Latin is not in the
+dictionary). A byte-level version did not learn to read the source on CPU budgets; words make
+sequences ~5x shorter.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import re
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+BOS, EOS, PAD = 0, 1, 2  # the first ids of the task's dictionary (SPECIALS)
+VOWELS = frozenset("aeiou")
+
+
+# ---- the task ---------------------------------------------------------------------------------
+
+def pig_latin_word(w: str) -> str:
+    """One lowercase word: onset (consonants before the first vowel; "qu" and a non-initial "y"
+    as in English spelling) moved to the end plus "ay"; vowel-initial words add "way"."""
+    if w[0] in VOWELS:
+        return w + "way"
+    i = 0
+    while i < len(w) and not (w[i] in VOWELS or (i > 0 and w[i] == "y")):
+        i += 2 if w[i] == "q" and w[i + 1 : i + 2] == "u" else 1
+    return w[i:] + w[:i] + "ay"
+
+
+def pig_latin(text: str) -> str:
+    """Every run of letters a-z rewritten by `pig_latin_word`; everything else unchanged."""
+    return re.sub(r"[a-z]+", lambda m: pig_latin_word(m.group()), text)
+
+
+def prose_sentences() -> list[str]:
+    """Lowercased English sentences of the pydoc topics, unique and sorted.
+
+    Paragraphs with indented lines (code, grammar, tables) are skipped; a sentence is kept if it is
+    printable ASCII, starts with a capital, ends with . ! or ?, and is at least 85 % letters and spaces.
+    """
+    from pydoc_data.topics import topics
+
+    found = set()
+    for para in re.split(r"\n\s*\n", "\n\n".join(topics[k] for k in sorted(topics))):
+        lines = para.splitlines()
+        if any(line.startswith("   ") for line in lines):
+            continue
+        for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", " ".join(line.strip() for line in lines)):
+            s = s.strip()
+            if (s and s.isascii() and s.isprintable() and s[0].isupper() and s[-1] in ".!?"
+                    and sum(c.isalpha() or c == " " for c in s) >= 0.85 * len(s)):
+                found.add(s.lower())
+    return sorted(found)
+
+
+def sentence_units(sentence: str, max_bytes: int, min_bytes: int) -> list[str]:
+    """A sentence cut at clause punctuation (, ; :), then into word-aligned chunks of <= max_bytes."""
+    units = []
+    for clause in re.split(r"(?<=[,;:])\s+", sentence):
+        cur = ""
+        for w in clause.split():
+            if cur and len(cur) + 1 + len(w) > max_bytes:
+                units.append(cur)
+                cur = w
+            else:
+                cur = f"{cur} {w}" if cur else w
+        if cur:
+            units.append(cur)
+    return [u for u in units if min_bytes <= len(u) <= max_bytes]
+
+
+TOKEN = re.compile(r"[a-z]+|[^a-z\s]")  # a word, or one punctuation mark
+
+
+def tokens(unit: str) -> list[str]:
+    return TOKEN.findall(unit)
+
+
+def target_tokens(unit: str) -> list[str]:
+    """The Pig Latin of a unit, token by token (what the decoder writes)."""
+    return [pig_latin_word(t) if t.isalpha() else t for t in tokens(unit)]
+
+
+SPECIALS = ("<s>", "</s>", "<pad>")  # ids 0, 1, 2: BOS, EOS, PAD
+
+
+@dataclass
+class TaskData:
+    train: dict[int, list[str]]  # source length in tokens -> training units of that length
+    heldout: list[str]  # held-out units: from held-out sentences, not in training, every word known
+    sentences: tuple[int, int]  # (training, held-out) sentence counts
+    vocab: list[str]  # one joint dictionary (fairseq's joined dictionary, shared embeddings)
+
+    def __post_init__(self):
+        self.index = {t: i for i, t in enumerate(self.vocab)}
+
+    def ids(self, toks: list[str]) -> list[int]:
+        return [self.index[t] for t in toks]
+
+
+@functools.lru_cache(maxsize=4)
+def task_data(max_bytes: int = 32, min_bytes: int = 12, holdout_per_mille: int = 100) -> TaskData:
+    """Units of the prose sentences, split by sentence (a stable hash puts ~10 % of sentences in held-out).
+
+    The dictionary holds the training units' source and target tokens; a held-out unit with a word
+    never seen in training is dropped (its Pig Latin would be a token the model has no entry for:
+    the task tests the transformation of known words in unseen sentences).
+    """
+    train, held, n = set(), set(), [0, 0]
+    for s in prose_sentences():
+        side = zlib.crc32(s.encode()) % 1000 < holdout_per_mille
+        n[side] += 1
+        (held if side else train).update(sentence_units(s, max_bytes, min_bytes))
+    held -= train  # a unit that also occurs in a training sentence is not held out
+    known = {t for u in train for t in tokens(u)}
+    vocab = list(SPECIALS) + sorted(known | {t for u in train for t in target_tokens(u)})
+    by_len: dict[int, list[str]] = defaultdict(list)
+    for u in sorted(train):
+        by_len[len(tokens(u))].append(u)
+    heldout = sorted(u for u in held if set(tokens(u)) <= known)
+    return TaskData(dict(by_len), heldout, (n[0], n[1]), vocab)
+
+
+def encode_pairs(units: list[str], data: TaskData):
+    """(src (B, S), tgt_in (B, T), targets (B, T)) for units of one source length; T = longest target + EOS."""
+    import torch
+
+    src = torch.tensor([data.ids(tokens(u)) for u in units])
+    tgts = [data.ids(target_tokens(u)) + [EOS] for u in units]
+    T = max(map(len, tgts))
+    tgt_in = torch.full((len(units), T), PAD)
+    targets = torch.full((len(units), T), -100)
+    for i, t in enumerate(tgts):
+        targets[i, : len(t)] = torch.tensor(t)
+        tgt_in[i, 0] = BOS
+        tgt_in[i, 1 : len(t)] = torch.tensor(t[:-1])
+    return src, tgt_in, targets
+
+
+class PigLatinBatches:
+    """Seeded training batches; all sources of a batch have one length, so no source padding is needed
+    (the reference model has no attention mask). Target padding sits after EOS, where the causal
+    decoder never looks back at it, and is excluded from the loss."""
+
+    def __init__(self, data: TaskData, batch: int, seed: int):
+        self.lengths = sorted(data.train)
+        self.weights = [len(data.train[n]) for n in self.lengths]  # a length as often as its units
+        self.data, self.batch, self.rng = data, batch, random.Random(seed)
+
+    def next(self):
+        from ...data import Batch
+
+        n = self.rng.choices(self.lengths, self.weights)[0]
+        units = self.rng.choices(self.data.train[n], k=self.batch)
+        src, tgt_in, targets = encode_pairs(units, self.data)
+        return Batch((src, tgt_in), targets)
+
+
+def _by_length(units: list[str], data: TaskData, batch: int):
+    """(Batch, its units) for `units` grouped by source length (no source padding), `batch` at most."""
+    from ...data import Batch
+
+    by_len: dict[int, list[str]] = defaultdict(list)
+    for u in units:
+        by_len[len(tokens(u))].append(u)
+    for n in sorted(by_len):
+        group = by_len[n]
+        for i in range(0, len(group), batch):
+            src, tgt_in, targets = encode_pairs(group[i : i + batch], data)
+            yield Batch((src, tgt_in), targets), group[i : i + batch]
+
+
+def heldout_batches(units: list[str], data: TaskData, batch: int) -> list:
+    return [b for b, _ in _by_length(units, data, batch)]
+
+
+def greedy_decode(model, src, max_new: int) -> list[list[int]]:
+    """Greedy decodes of a seq2seq model (no cache: the decoder reruns on the prefix): token ids up to EOS."""
+    import torch
+
+    with torch.no_grad():
+        memory = model.encoder(src)
+        out = torch.full((src.shape[0], 1), BOS, dtype=torch.long)
+        done = torch.zeros(src.shape[0], dtype=torch.bool)
+        for _ in range(max_new):
+            nxt = model.output_projection(model.decoder(out, memory=memory)[:, -1]).argmax(-1)
+            nxt = nxt.masked_fill(done, PAD)
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            done |= nxt == EOS
+            if bool(done.all()):
+                break
+    rows = []
+    for row in out[:, 1:].tolist():
+        row = row[: row.index(EOS)] if EOS in row else row
+        rows.append([t for t in row if t > PAD])
+    return rows
+
+
+def corpus_bleu(hypotheses: list[str], references: list[str]) -> float:
+    """sacrebleu's corpus BLEU (default 13a tokenization), the field's standard scorer."""
+    import sacrebleu
+
+    return float(sacrebleu.corpus_bleu(hypotheses, [references]).score)
+
+
+def translate(model, units: list[str], data: TaskData, batch: int = 64) -> list[str]:
+    """Greedy translations of `units` (in their order), as space-joined target tokens."""
+    hyps = {}
+    for b, group in _by_length(units, data, batch):
+        for u, row in zip(group, greedy_decode(model, b.inputs[0], b.inputs[0].shape[1] + 4)):
+            hyps[u] = " ".join(data.vocab[t] for t in row)
+    return [hyps[u] for u in units]
+
+
+def references(units: list[str]) -> list[str]:
+    return [" ".join(target_tokens(u)) for u in units]
+
+
+def unigram_loss(data: TaskData) -> float:
+    """Held-out loss (nats per target token) of the training targets' token frequencies, no context:
+    a run that does not beat it learned nothing from the source or the prefix."""
+    counts = np.ones(len(data.vocab))
+    for units in data.train.values():
+        for u in units:
+            np.add.at(counts, data.ids(target_tokens(u)) + [EOS], 1)
+    logp = np.log(counts / counts.sum())
+    held = [t for u in data.heldout for t in data.ids(target_tokens(u)) + [EOS]]
+    return float(-logp[held].mean())
