@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/residual-probe grad-norms --out results/demo
+	$(BIN)/residual-probe grad-norms --out results/demo --overwrite
 
 test: $(STAMP)
 	$(MAKE) wheel-check
@@ -24,7 +24,7 @@ wheel-check: $(STAMP)
 	.ci/wheel-check $(BIN)/python $(PYTHON)
 
 figures: $(STAMP)
-	$(BIN)/residual-probe figures --out figures
+	$(BIN)/residual-probe figures --out figures --overwrite
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py

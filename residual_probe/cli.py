@@ -17,6 +17,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from .ownership import owned_out
+
 app = typer.Typer(
     name="residual-probe",
     help="Diagnose residual connections and norm placement in Transformers: "
@@ -33,7 +35,8 @@ BatchOpt = Annotated[int, typer.Option(help="Sequences per batch.")]
 FfnOpt = Annotated[int, typer.Option(help="FFN hidden width.")]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")]
 DModelOpt = Annotated[int, typer.Option("--d-model", help="Model width.")]
-OutOpt = Annotated[Path, typer.Option(help="Output folder.")]
+OutOpt = Annotated[Path, typer.Option(help="Output folder; the command owns it (see --overwrite).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the outputs of an earlier run in --out (only the files that run wrote, as its manifest lists them); without it such a folder is refused.")]
 
 
 @app.callback()
@@ -100,29 +103,17 @@ def user_errors():
         except UserError as exc:
             fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         except Exception as exc:
+            from .integrations import missing_extra
+
+            extra = missing_extra(exc) if isinstance(exc, ImportError) else None
+            if extra is not None:  # an optional package is missing: the user's to install
+                fail(str(extra))
             first = str(exc).splitlines()[0] if str(exc) else ""
             typer.echo(f"internal error: {type(exc).__name__}: {first} (set RESIDUAL_PROBE_DEBUG=1 for the traceback)",
                        err=True)
             raise typer.Exit(1)
     finally:
         restore_sigterm(previous)
-
-
-@contextlib.contextmanager
-def no_empty_out(out: Path):
-    """A command that fails or is interrupted before writing a file leaves no --out folder behind:
-    the folders it created (the first missing ancestor of `out` down) are removed while they hold no file."""
-    top, p = None, Path(out).absolute()
-    while not p.exists() and p != p.parent:
-        top, p = p, p.parent
-    try:
-        yield
-    except BaseException:
-        if top is not None and top.is_dir() and not any(not f.is_dir() for f in top.rglob("*")):
-            import shutil
-
-            shutil.rmtree(top, ignore_errors=True)
-        raise
 
 
 def csv_list(value: str) -> tuple[str, ...]:
@@ -206,6 +197,7 @@ def report_files(paths) -> None:
 
 @app.command("grad-norms")
 def grad_norms(
+    ctx: typer.Context,
     depth: Annotated[int, typer.Option(help="Blocks per stack (encoder and decoder each for seq2seq).")] = 48,
     placements: Annotated[str, typer.Option(help="Comma-separated placements to compare.")] = "post-ln,pre-ln,residual",
     arch: Annotated[str, typer.Option(help="seq2seq (translation, the paper's setting), decoder (causal LM) or encoder.")] = "seq2seq",
@@ -233,6 +225,7 @@ def grad_norms(
     dict_: DictOpt = None,
     blocks: Annotated[Optional[str], typer.Option(help="With --ckpt: module-path pattern of the blocks when discovery fails.")] = None,
     force: ForceOpt = False,
+    overwrite: OverwriteOpt = False,
 ):
     """Per-layer gradient norms: do gradients vanish toward the input?
 
@@ -254,11 +247,12 @@ def grad_norms(
     fmts = formats_option(format)
     if ckpt is not None:
         return _grad_norms_ckpt(ckpt, compare, loss, data, tokens, seq_len if seq_len is not None else 256, batch,
-                                trust_pickle, allow_missing_weights, dict_, blocks, out, fmts)
+                                trust_pickle, allow_missing_weights, dict_, blocks, out, fmts,
+                                invoked_command(ctx), overwrite)
     if compare or loss:
         fail("--compare and --loss need --ckpt")
     seq_len = 32 if seq_len is None else seq_len
-    with user_errors(), no_empty_out(out):
+    with user_errors(), owned_out(out, invoked_command(ctx), overwrite):
         from .jobs.grad_norms import GradNormsSpec, run_grad_norms
 
         spec = GradNormsSpec(
@@ -282,8 +276,8 @@ def grad_norms(
 
 
 def _grad_norms_ckpt(ckpt, compare, loss, data, tokens, seq_len, batch, trust_pickle, allow_missing, dict_, blocks,
-                     out, fmts) -> None:
-    with user_errors(), no_empty_out(out):
+                     out, fmts, command: str, overwrite: bool) -> None:
+    with user_errors(), owned_out(out, command, overwrite):
         from .jobs.ckpt_grads import CkptGradSpec, run_ckpt_grad_norms
 
         spec = CkptGradSpec(ckpts=tuple(str(p) for p in [ckpt, *(compare or [])]), loss=loss,
@@ -318,6 +312,7 @@ def echo_gradient_models(models: list[dict]) -> None:
 
 @app.command("train")
 def train(
+    ctx: typer.Context,
     placement: Annotated[str, typer.Option(help="Norm placement of the model to train.")] = "residual",
     arch: Annotated[str, typer.Option(help="decoder (causal LM), encoder or seq2seq.")] = "decoder",
     depth: Annotated[int, typer.Option(help="Blocks per stack.")] = 24,
@@ -337,13 +332,14 @@ def train(
     clip: Annotated[float, typer.Option(help="Gradient clipping max-norm (0: none); the probe records before clipping.")] = 0.0,
     out: OutOpt = Path("results/train"),
     force: ForceOpt = False,
+    overwrite: OverwriteOpt = False,
 ):
     """Train a small deep model on real text, recording per-layer gradients and collapse as it goes.
 
     Writes OUT/loss.csv, OUT/probe.jsonl (flushed as written), OUT/model/ (a checkpoint that
     `collapse --ckpt` reads), OUT/train.json and OUT/loss.png. Ctrl-C keeps all of it.
     """
-    with user_errors(), no_empty_out(out):
+    with user_errors(), owned_out(out, invoked_command(ctx), overwrite):
         from .jobs.train import TrainSpec, run_train
 
         spec = TrainSpec(placement=placement, arch=arch, depth=depth, d_model=d_model, heads=heads, ffn=ffn,
@@ -367,16 +363,18 @@ def train(
 
 @app.command("figures")
 def figures(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="Folder for the figures, their CSVs and checks.{csv,json}.")] = Path("figures"),
     quick: Annotated[bool, typer.Option("--quick", help="Small sizes and fewer depths/steps (about 20 s), as CI runs it.")] = False,
     only: Annotated[str, typer.Option(help="Comma-separated analyses to run (default: all).")] = "",
+    overwrite: OverwriteOpt = False,
 ):
     """Regenerate the paper-style figures: run every study (residual_probe.studies) and print its checks.
 
     Each study writes OUT/<name>.png and OUT/<name>.csv; all checks (claim, predicted,
     measured, agreement) go to OUT/checks.csv and OUT/checks.json.
     """
-    with user_errors(), no_empty_out(out):
+    with user_errors(), owned_out(out, invoked_command(ctx), overwrite, update=bool(only)):
         from .studies import run_all
 
         meta = run_all(out, quick=quick, only=csv_list(only), echo=typer.echo)
@@ -386,6 +384,7 @@ def figures(
 
 @app.command("bounds")
 def bounds(
+    ctx: typer.Context,
     depth: Annotated[str, typer.Option(help="Depth, or comma-separated depths; one depth D measures Theorem 1 on 6, 12, 24, ... up to D.")] = "48",
     arch: Annotated[str, typer.Option(help="Architecture for Xiong's statements and the collapse shape: encoder (the lemma's setting), decoder or seq2seq. ResiDual's gradient statements always use seq2seq.")] = "encoder",
     d_model: DModelOpt = 128,
@@ -398,6 +397,7 @@ def bounds(
     out: OutOpt = Path("results/bounds"),
     format: FormatOpt = "png",
     force: ForceOpt = False,
+    overwrite: OverwriteOpt = False,
 ):
     """Check each theory statement (Xiong et al. 2020 Lemma 2 and Theorem 1; ResiDual's gradient, collapse
     and Adam results) against the reference models at initialization.
@@ -410,7 +410,7 @@ def bounds(
         depths = tuple(int(d) for d in csv_list(depth))
     except ValueError:
         fail(f"--depth: expected an integer or comma-separated integers, got {depth!r}")
-    with user_errors(), no_empty_out(out):
+    with user_errors(), owned_out(out, invoked_command(ctx), overwrite):
         from rich.console import Console
 
         from .jobs.bounds import BoundsSpec, run_bounds
@@ -444,6 +444,7 @@ def checks_table(checks: list[dict]):
 
 @app.command("collapse")
 def collapse(
+    ctx: typer.Context,
     ckpt: Annotated[Path, typer.Option(help="Checkpoint: a residual-probe or Hugging Face folder, a fairseq .pt, or a bare state dict (.pt/.bin/.safetensors).")],
     compare: Annotated[Optional[list[Path]], typer.Option(help="Further checkpoints drawn in the same figures (repeatable).")] = None,
     label: Annotated[Optional[list[str]], typer.Option("--label", help="Name of each model in the figures and tables, in the order --ckpt, then each --compare (repeatable); default: the shortest path suffixes that tell them apart.")] = None,
@@ -466,6 +467,7 @@ def collapse(
     out: OutOpt = Path("results/collapse"),
     format: FormatOpt = "png",
     force: ForceOpt = False,
+    overwrite: OverwriteOpt = False,
 ):
     """Representation collapse of real checkpoints: how much does each layer still change the representation?
 
@@ -475,7 +477,7 @@ def collapse(
     redundant layers. Checkpoints are untrusted: no pickled code runs unless --trust-pickle.
     """
     fmts = formats_option(format)
-    with user_errors(), no_empty_out(out):
+    with user_errors(), owned_out(out, invoked_command(ctx), overwrite):
         from .jobs.collapse import CollapseSpec, run_collapse
 
         bare = {"placement": placement, "heads": heads, "depth": depth, "d_model": d_model, "ffn": ffn, "norm": norm}
@@ -525,6 +527,7 @@ def diagnose(
     dict_: DictOpt = None,
     blocks: Annotated[Optional[str], typer.Option(help="Module-path pattern of the blocks when discovery fails.")] = None,
     out: OutOpt = Path("results/diagnose"),
+    overwrite: OverwriteOpt = False,
 ):
     """The whole diagnosis of a checkpoint: do its gradients vanish toward the input, do its layers collapse?
 
@@ -534,7 +537,7 @@ def diagnose(
     model description, figures embedded, tables, the command, versions and times) and OUT/report.md.
     """
     command = invoked_command(ctx)
-    with user_errors(), no_empty_out(out):
+    with user_errors(), owned_out(out, invoked_command(ctx), overwrite):
         import csv
         import time
 
@@ -584,11 +587,13 @@ def diagnose(
 
 @app.command("plot")
 def plot(
+    ctx: typer.Context,
     run: Annotated[Path, typer.Argument(help="A probe sink (.jsonl/.csv) or a folder holding one (probe.jsonl: a Trainer's output_dir, the train job's OUT).")],
     steps: Annotated[str, typer.Option(help="Comma-separated recorded steps for the per-layer collapse and activation-gradient curves (default: first, middle, last).")] = "",
     placement: Annotated[Optional[str], typer.Option(help="The run's norm placement, for the Pre-LN collapse reference (default: from train.json or probe_run.json beside the sink).")] = None,
     out: OutOpt = Path("results/plot"),
     format: FormatOpt = "png",
+    overwrite: OverwriteOpt = False,
 ):
     """Paper-style figures of any probe sink (your own training run), and its verdicts at the last recorded step.
 
@@ -601,7 +606,7 @@ def plot(
         picked = tuple(int(s) for s in csv_list(steps))
     except ValueError:
         fail(f"--steps: expected comma-separated integers, got {steps!r}")
-    with user_errors(), no_empty_out(out):
+    with user_errors(), owned_out(out, invoked_command(ctx), overwrite):
         from .jobs.plot import run_plot
 
         meta = run_plot(run, out, steps=picked or None, placement=placement, formats=fmts)
@@ -610,12 +615,15 @@ def plot(
                    + ("; an incomplete last line (run still writing) was skipped" if meta["partial_last_line_skipped"] else ""))
         for m in meta["missing"]:
             typer.echo(f"not recorded: {m}")
+        for note in meta["notes"]:
+            typer.echo(f"note: {note}", err=True)
         for v in meta["gradient_verdicts"]:
-            typer.echo(f"{v['stack']} step {v['step']}: first/last block grad norm {v['first_over_last']:.3g}; {v['verdict']}")
+            typer.echo(f"{v['stack']} step {v['step']}: {v['verdict']}")
         for c in meta["collapse_verdicts"]:
             name = c["stack"] + ("" if c["stream"] == "x" else f" stream {c['stream']}")
+            since = f", {c['since_start']}" if c.get("since_start") else ""
             typer.echo(f"{name} step {c['step']}: collapse: {c['verdict']}"
-                       + (f" (late-block adjacent cos {c['late_cos_adjacent']:.4f})" if "late_cos_adjacent" in c else ""))
+                       + (f" (late-block adjacent cos {c['late_cos_adjacent']:.4f}{since})" if "late_cos_adjacent" in c else ""))
         typer.echo(f"placement: {meta['placement'] or 'unknown'} ({meta['placement_source']})")
         n = meta["nonfinite"]
         if n["count"]:

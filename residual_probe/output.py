@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, Union
 
 from .errors import UserError
+from .ownership import record_write
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -71,6 +72,7 @@ def write_atomic(path: str | Path, content: Content) -> Path:
                 fh.write(data)
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
+        record_write(path)  # the command that owns the folder lists the file in its manifest
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):

@@ -13,11 +13,9 @@ import pytest
 from residual_probe.studies import STUDIES, StudyError, run_all
 
 
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-    out = tmp_path_factory.mktemp("figures")
-    meta = run_all(out, quick=True, echo=lambda line: None)
-    return out, meta
+@pytest.fixture
+def quick(quick_figures):
+    return quick_figures
 
 
 def agreement(meta, analysis, statement, setting_part="", placement=None):

@@ -24,10 +24,11 @@ def test_every_user_facing_error_derives_from_user_error():
     from residual_probe.integrations import MissingExtraError
     from residual_probe.jobs.ckpt_grads import NoLossHead
     from residual_probe.jobs.plot import PlotError
+    from residual_probe.probe.records import SinkError
     from residual_probe.studies import StudyError
 
     for cls in (FitError, MetricError, CheckpointError, DataError, BoundsError, ConfigError, OutputError,
-                DiscoveryError, ProbeError, StudyError, BudgetError, TextError, MissingExtraError, PlotError, NoLossHead):
+                DiscoveryError, ProbeError, StudyError, BudgetError, TextError, MissingExtraError, PlotError, SinkError, NoLossHead):
         assert issubclass(cls, UserError), cls
 
 

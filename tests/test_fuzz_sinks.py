@@ -1,7 +1,7 @@
-"""Fuzz pass over the probe sinks' reader (`residual-probe plot`, jobs.plot.read_sink / run_plot):
+"""Fuzz pass over the probe sinks' reader (`residual-probe plot`, probe.records.read_sink / run_plot):
 truncated, bit-flipped, spliced and random-byte CSV/JSONL files, and well-formed rows with hostile
 values (NaN, inf, huge or negative layers and steps, unknown stacks and metrics), end in the
-documented `PlotError` (one line, exit 2) or are read and drawn; never another exception or a hang.
+documented `SinkError`/`PlotError` (one line, exit 2) or are read and drawn; never another exception or a hang.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from residual_probe.jobs.plot import PlotError, read_sink, run_plot
+from residual_probe.jobs.plot import PlotError, run_plot
+from residual_probe.probe.records import SinkError, read_sink
 from residual_probe.models import ModelConfig, Transformer
 from residual_probe.probe import Probe
 
@@ -52,7 +53,7 @@ def read_or_plot_error(path: Path) -> str:
     try:
         with no_hang():
             sink = read_sink(path)
-    except PlotError as exc:
+    except (PlotError, SinkError) as exc:
         assert str(exc) and "\n" not in str(exc)
         return "error"
     assert all(set(r) == {"step", "stack", "layer", "sublayer", "stream", "metric", "value"} for r in sink.rows)
@@ -102,7 +103,7 @@ def test_hostile_rows_are_read_and_drawn_or_refused(tmp_path_factory, rows, fmt)
     try:
         with no_hang(60):
             summary = run_plot(sink, folder / "out")
-    except PlotError as exc:
+    except (PlotError, SinkError) as exc:
         assert str(exc) and "\n" not in str(exc)
         return
     assert Path(summary["files"][-1]).is_file()

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from residual_probe.cli import app
 from residual_probe.data import BatchSource
-from residual_probe.jobs.plot import read_sink
+from residual_probe.probe.records import read_sink
 from residual_probe.models import ModelConfig, Transformer
 from residual_probe.probe import Probe
 
@@ -73,7 +73,7 @@ def test_two_stacks_two_streams_figures_and_verdicts(seq2seq_sink, tmp_path):
             and x["metric"] == "param_grad_norm" and x["sublayer"] == "block"}
     for v in summary["gradient_verdicts"]:
         assert v["first_over_last"] == pytest.approx(last[(v["stack"], 0)] / last[(v["stack"], 2)])
-        assert f"{v['stack']} step 3: first/last block grad norm" in r.output
+        assert f"{v['stack']} step 3: {v['verdict']}" in r.output
     streams = {(c["stack"], c["stream"]) for c in summary["collapse_verdicts"]}
     assert streams == {("encoder", "x"), ("encoder", "d"), ("decoder", "x"), ("decoder", "d")}
     assert "collapse:" in r.output and str(tmp_path / "summary.json") in r.output
@@ -108,17 +108,21 @@ def test_hf_gpt2_block_names_csv_and_chosen_steps(tmp_path):
 def test_sink_still_being_written_reads_complete_lines(seq2seq_sink, tmp_path):
     run, rows = seq2seq_sink
     data = (run / "probe.jsonl").read_bytes()
-    cut = data[: len(data) - 25]  # mid-line, as a writer may leave it
+    lines = data.splitlines(keepends=True)
+    cut = b"".join(lines[:-3]) + lines[-3][:30]  # mid-line inside the last step's block rows, as a writer may leave it
     sink = tmp_path / "probe.jsonl"
     sink.write_bytes(cut)
     (tmp_path / "train.json").write_text(json.dumps({"spec": {"placement": "residual"}}))  # as the train job
-    complete = cut.count(b"\n")
-    assert read_sink(sink).partial_line and len(read_sink(sink).rows) == complete
+    complete = [json.loads(line) for line in cut.splitlines()[:-1]]
+    last = complete[-1]["step"]
+    whole = [x for x in complete if x["step"] != last]  # the last step was cut mid-write: dropped
+    got = read_sink(sink)
+    assert got.partial_line and len(got.rows) == len(whole) and f"step {last} is incomplete" in got.notes[0]
     r = plot(tmp_path, "--out", tmp_path / "o")
     assert r.exit_code == 0, r.output
-    assert "incomplete last line" in r.output
+    assert "incomplete last line" in r.output and f"step {last} is incomplete" in r.output
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
-    assert summary["rows"] == complete
+    assert summary["rows"] == len(whole) and summary["steps"]["last"] == last - 1
     assert (summary["placement"], summary["placement_source"]) == ("residual", "from train.json")
     assert sorted(summary["collapse_reference_drawn_for"]) == ["decoder:d", "encoder:d"]
 
@@ -147,7 +151,7 @@ def test_only_gradients_recorded(tmp_path):
     write_sink(tmp_path / "probe.jsonl", arch="decoder", placement="post-ln", quantities=("param_grad_norm",))
     r = plot(tmp_path, "--out", tmp_path / "o")
     assert r.exit_code == 0, r.output
-    files = sorted(p.name for p in (tmp_path / "o").iterdir())
+    files = sorted(p.name for p in (tmp_path / "o").iterdir() if not p.name.startswith("."))
     assert files == ["grad_heatmap.png", "grad_steps.png", "summary.json"]
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert len(summary["missing"]) == 2 and summary["collapse_verdicts"] == []
@@ -192,3 +196,32 @@ def test_bad_input_real_process(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: '{tmp_path / 'none.jsonl'}' does not exist"]
+
+
+def test_a_sink_cut_between_blocks_is_judged_on_its_last_complete_step(seq2seq_sink, tmp_path):
+    """Only blocks 0-1 of the last step written: the verdict must not read block 1 as the last block."""
+    run, rows = seq2seq_sink
+    last = max(x["step"] for x in rows)
+    head = [x for x in rows if x["step"] < last]
+    tail = [x for x in rows if x["step"] == last and x["layer"] <= 1]
+    sink = tmp_path / "cut.jsonl"
+    sink.write_text("".join(json.dumps(x) + "\n" for x in head + tail))
+    r = plot(sink, "--out", tmp_path / "o", "--placement", "residual")
+    assert r.exit_code == 0, r.output
+    assert f"step {last} is incomplete" in r.output
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert {v["step"] for v in summary["collapse_verdicts"]} == {last - 1}
+    full = plot(run, "--out", tmp_path / "full", "--placement", "residual")
+    want = {(c["stack"], c["stream"]): c["late_cos_adjacent"] for c in
+            json.loads((tmp_path / "full" / "summary.json").read_text())["collapse_verdicts"]}
+    assert full.exit_code == 0
+    # the same numbers as the uncut sink had at step last - 1 (recomputed from its rows)
+    from residual_probe.analysis.collapse import collapse_verdict
+
+    for c in summary["collapse_verdicts"]:
+        cos = sorted((x["layer"], x["value"]) for x in head if x["step"] == last - 1 and x["metric"] == "cos_adjacent"
+                     and x["stack"] == c["stack"] and x["stream"] == c["stream"])
+        assert c["late_cos_adjacent"] == collapse_verdict([v for _, v in cos])["late_cos_adjacent"]
+        assert (c["stack"], c["stream"]) in want
+    # the verdict line says how the late cosine moved since the first recorded step
+    assert "from" in summary["collapse_verdicts"][0]["since_start"] and "at step 0" in r.output

@@ -1,5 +1,6 @@
 """The translation study: its task, its held-out split, the stream measurements against a naive
-twin, and the quick grid end to end (tables, figures, checks, resuming)."""
+twin, the regime rules, the significance rule, and the quick grid end to end (tables, figures,
+checks, resuming)."""
 
 import csv
 import dataclasses
@@ -9,7 +10,12 @@ import math
 import pytest
 import torch
 
-from residual_probe.studies import translation as T
+from residual_probe.analysis import regime, significance
+from residual_probe.models import Transformer
+from residual_probe.studies.translation import runs as R
+from residual_probe.studies.translation import task as T
+from residual_probe.studies.translation.streams import stream_diagnostics
+from residual_probe.training import lr_schedule
 
 
 def test_pig_latin_rules():
@@ -56,19 +62,26 @@ def test_batches_teacher_forcing():
 
 
 def test_schedule_warmup_and_no_warmup_differ_only_in_the_ramp():
-    w = T.RunSpec("translation", "pre-ln", 2, True, lr=1e-3, warmup_steps=10)
-    n = T.RunSpec("translation", "pre-ln", 2, False, lr=1e-3, warmup_steps=10)
-    assert T.lr_at(0, w) == pytest.approx(1e-4) and T.lr_at(0, n) == pytest.approx(1e-3)
+    assert lr_schedule(0, 1e-3, 10) == pytest.approx(1e-4) and lr_schedule(0, 1e-3, 10, ramp=False) == 1e-3
     for step in range(9, 60):
-        assert T.lr_at(step, w) == T.lr_at(step, n) == pytest.approx(1e-3 * math.sqrt(10 / (step + 1)))
+        assert lr_schedule(step, 1e-3, 10) == lr_schedule(step, 1e-3, 10, ramp=False) == pytest.approx(
+            1e-3 * math.sqrt(10 / (step + 1)))
+    assert lr_schedule(50, 1e-3, 10, decay="constant") == 1e-3
+    with pytest.raises(ValueError, match="unknown decay"):
+        lr_schedule(0, 1e-3, 10, decay="cosine")
 
 
-def test_bleu_scorer():
+def test_bleu_scorer_and_translate():
     refs = ["ethay atcay atsay onway ethay atmay", "away ogday anray otay emay!"]
     assert T.corpus_bleu(refs, refs) == pytest.approx(100.0)
     assert T.corpus_bleu(["xx yy zz ww vv uu", "qq rr ss tt oo pp"], refs) < 1.0
-    half = T.corpus_bleu(["ethay atcay atsay onway ethay atmay", "xx yy zz ww vv uu"], refs)
-    assert 10 < half < 90
+    torch.manual_seed(0)
+    model = Transformer(R.RunSpec("pre-ln", 1, True, d_model=16, heads=2, ffn=32).model_config()).eval()
+    data = T.task_data()
+    units = data.heldout[:5] + data.heldout[-3:]  # two source lengths at least
+    hyps = T.translate(model, units, data)
+    # in the units' order, whatever batch each went to: a unit alone decodes the same
+    assert hyps[-1] == T.translate(model, units[-1:], data)[0] and len(hyps) == len(units)
 
 
 def _x_path_twin(model, batch):
@@ -95,11 +108,11 @@ def _x_path_twin(model, batch):
 
 def test_x_path_gradient_equals_naive_twin():
     torch.manual_seed(0)
-    spec = T.RunSpec("translation", "residual", 3, True, d_model=16, heads=2, ffn=32, dropout=0.0,
-                     attention_dropout=0.0, activation_dropout=0.0)
-    model = spec.build_model().double().eval()
+    spec = R.RunSpec("residual", 3, True, d_model=16, heads=2, ffn=32, dropout=0.0, attention_dropout=0.0,
+                     activation_dropout=0.0)
+    model = Transformer(spec.model_config()).double().eval()
     batch = T.PigLatinBatches(T.task_data(), 4, seed=1).next()
-    rows = T.stream_diagnostics(model, batch)
+    rows = stream_diagnostics(model, batch)
     got = {r["layer"]: r["value"] for r in rows if r["stack"] == "decoder" and r["quantity"] == "grad_x_path"}
     want, _ = _x_path_twin(model, batch)
     assert sorted(got) == [0, 1, 2]
@@ -108,68 +121,97 @@ def test_x_path_gradient_equals_naive_twin():
     # the d stream's total gradient is the same at every block (d_{k+1} = d_k + b_k), by construction
     d = [r["value"] for r in rows if r["stack"] == "decoder" and r["quantity"] == "grad_d_total"]
     assert max(d) == pytest.approx(min(d), rel=1e-9)
-    # mean-ablating a term of the output changes the loss by a finite amount
     abl = {r["quantity"]: r["value"] for r in rows if r["quantity"].startswith("ablate")}
     assert set(abl) == {"ablate_x", "ablate_d"} and all(math.isfinite(v) for v in abl.values())
 
 
-def test_greedy_decode_returns_text():
+def test_stack_states_are_the_block_inputs():
     torch.manual_seed(0)
-    spec = T.RunSpec("translation", "pre-ln", 1, True, d_model=16, heads=2, ffn=32)
-    model = spec.build_model().eval()
-    data = T.task_data()
-    src = T.encode_pairs(["the value is true .", "a list of the names"], data)[0]
-    outs = T.greedy_decode(model, src, max_new=7)
-    assert len(outs) == 2 and all(len(o) <= 7 and all(3 <= t < len(data.vocab) for t in o) for o in outs)
+    model = Transformer(R.RunSpec("pre-ln", 2, True, d_model=16, heads=2, ffn=32).model_config()).eval()
+    src = torch.randint(3, 50, (2, 5))
+    states = []
+    out = model.encoder(src, states=states)
+    assert len(states) == 3 and torch.equal(model.encoder.layers[1](states[1]), states[2])
+    assert torch.equal(out, model.encoder(src))  # collecting states changes nothing
 
 
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("translation")
-    checks = T.run(out, quick=True, echo=lambda line: None)
-    return out, checks
+def test_convergence_rule_and_gate():
+    flat = [dict(step=s, heldout_loss=1.0 - 0.001 * s / 100) for s in range(0, 3001, 100)]
+    assert regime.tail_improvement(flat) == pytest.approx((0.976 - 0.970) / 0.976)
+    assert regime.converged(flat)
+    falling = [dict(step=s, heldout_loss=2.0 - 0.03 * s / 100) for s in range(0, 3001, 100)]
+    assert not regime.converged(falling)
+    assert regime.gate_passes(31.0, 35.0) and not regime.gate_passes(29.0, 35.0) and regime.gate_passes(40, 35)
+    lr, why = regime.choose_lr({1e-3: {"post-ln": 70, "pre-ln": 72}, 2e-3: {"post-ln": 60, "pre-ln": 72}})
+    assert lr == 1e-3 and "largest lr" in why  # 2e-3 fails the gate: 12 BLEU apart
+    lr, why = regime.choose_lr({1e-3: {"post-ln": 10, "pre-ln": 72}, 2e-3: {"post-ln": 20, "pre-ln": 72}})
+    assert lr == 2e-3 and "no lr passes" in why
 
 
-def test_quick_grid_writes_tables_figures_and_checks(quick):
-    out, checks = quick
+def test_significance_rule():
+    refs = [f"ethay atcay {w} atsay onway" for w in ("away", "ogday", "emay", "itway", "usay", "ouyay")] * 20
+    good = list(refs)
+    bad = [r.replace("atsay", "xx").replace("onway", "yy") for r in refs]
+    p = significance.paired_bleu(good, bad, refs)
+    assert p.diff > 50 and p.p_value < 0.01
+    assert significance.resolve([p, p]) == "yes"
+    q = significance.paired_bleu(bad, good, refs)
+    assert significance.resolve([q, q]) == "no"
+    assert significance.resolve([p, q]) == "not resolved"  # the seeds disagree
+    same = significance.paired_bleu(good, good, refs)
+    assert same.diff == 0 and significance.resolve([same]) == "not resolved"
+    assert "per seed" in significance.describe([p, q])
+
+
+def test_quick_grid_writes_tables_figures_and_checks(quick_figures):
+    out, meta = quick_figures
     table = list(csv.DictReader(open(out / "translation_table.csv")))
-    assert len(table) == 12  # 2 depths x 3 placements x warm-up or not
-    assert {r["placement"] for r in table} == set(T.PLACEMENTS)
+    # E1D1 warm-up x 2 lr arms, then at the main lr: E2D2 warm-up, both depths without, the ablation
+    assert len(table) == 3 * 2 + 3 + 3 + 3 + 1
     runs = list(csv.DictReader(open(out / "translation_runs.csv")))
-    assert len(runs) == 12 and all(0 <= float(r["bleu"]) <= 100 for r in runs)
-    for name in ("bleu", "curves", "grads", "collapse", "streams"):
+    assert len(runs) == 16 and all(0 <= float(r["bleu"]) <= 100 for r in runs)
+    cal = list(csv.DictReader(open(out / "translation_calibration.csv")))
+    assert {(r["placement"], float(r["lr"])) for r in cal} == {(p, lr) for p in ("post-ln", "pre-ln") for lr in R.LRS}
+    for name in ("bleu", "bleu_curves", "curves", "grads", "collapse", "streams"):
         assert (out / f"translation_{name}.png").stat().st_size > 20_000, name
-    assert {c.agreement for c in checks} <= {"yes", "no"}
-    statements = [c.statement for c in checks]
-    assert any(s.startswith("ResiDual >= Pre-LN and Post-LN") for s in statements)
-    assert sum(s.startswith("Without warm-up ResiDual loses less") for s in statements) == 2
-    assert any("x stream" in s for s in statements)
-    assert any(s.startswith("ResiDual without its alpha*x output term") for s in statements)  # the ablation
-    meta = json.loads((out / "translation.json").read_text())
-    assert meta["missing_runs"] == [] and meta["units"]["heldout"] > 200
+    checks = [c for c in meta["checks"] if c["analysis"] == "translation"]
+    assert {c["agreement"] for c in checks} <= {"yes", "no", "not resolved"}
+    statements = [c["statement"] for c in checks]
+    assert any(s.startswith("Gate: Post-LN") for s in statements)
+    assert any(s.startswith("The step budget lets training level off") for s in statements)
+    assert sum(s.startswith("ResiDual > Pre-LN at E1D1 (warm-up, lr") for s in statements) == 2  # both lr arms
+    assert any("alpha 1 > alpha 0" in s for s in statements)
+    meta_t = json.loads((out / "translation.json").read_text())
+    assert meta_t["missing_runs"] == [] and meta_t["units"]["heldout"] > 200 and meta_t["main_lr"] in R.LRS
+    # every comparison row gives its per-seed interval
+    assert all("per seed" in c["measured"] for c in checks if c["statement"].startswith("ResiDual >"))
 
 
-def test_quick_grid_resumes_and_writes_a_partial_grid(quick):
-    out, checks = quick
-    root = out / "runs" / "translation-quick"
+def test_quick_grid_resumes_and_writes_a_partial_grid(quick_figures, tmp_path):
+    import shutil
+
+    from residual_probe.studies import translation
+
+    src, _ = quick_figures
+    shutil.copytree(src / "runs", tmp_path / "runs")  # a copy: the shared fixture stays whole
+    root = tmp_path / "runs" / "translation-quick"
     stamps = {p: p.stat().st_mtime_ns for p in root.glob("*/result.json")}
-    assert len(stamps) == 17  # 12 translation cells + the alpha = 0 ablation + 4 LMs
-    again = T.run(out, quick=True, echo=lambda line: None)  # every run finished: nothing retrains
+    assert len(stamps) == 16
+    first = translation.run(tmp_path, quick=True, echo=lambda line: None)  # all finished: nothing retrains
     assert {p: p.stat().st_mtime_ns for p in root.glob("*/result.json")} == stamps
-    assert [c.measured for c in again] == [c.measured for c in checks]
-    (root / T.run_name("translation", "post-ln", 2, False) / "result.json").unlink()
+    lr = json.loads((tmp_path / "translation.json").read_text())["main_lr"]
+    gone = R.RunSpec("post-ln", 2, False, lr=lr, **R.common(True))
+    (root / gone.name / "result.json").unlink()
     lines = []
-    partial = T.run(out, quick=True, echo=lines.append, train=False)
-    assert any("1 of 17 runs not finished" in line for line in lines)
-    assert len(list(csv.DictReader(open(out / "translation_runs.csv")))) == 11
-    assert len(partial) == len(checks)
+    partial = translation.run(tmp_path, quick=True, echo=lines.append, train=False)
+    assert any("1 of 16 runs not finished" in line for line in lines)
+    assert len(list(csv.DictReader(open(tmp_path / "translation_runs.csv")))) == 15
+    assert len(partial) == len(first)
 
 
-def test_a_result_saved_before_a_field_was_added_still_resumes():
-    spec = T.RunSpec("translation", "residual", 1, True, d_model=16, heads=2, ffn=32, steps=20)
+def test_a_result_with_another_spec_is_not_reused():
+    spec = R.RunSpec("residual", 1, True, d_model=16, heads=2, ffn=32, steps=20)
     saved = dataclasses.asdict(spec)
-    del saved["alpha"]  # written before RunSpec had alpha
-    assert T.same_spec(saved, spec)
-    assert not T.same_spec(saved, dataclasses.replace(spec, alpha=0.0))
+    assert R.same_spec(saved, spec)
+    assert not R.same_spec(saved, dataclasses.replace(spec, alpha=0.0))
     assert dataclasses.replace(spec, alpha=0.0).name.endswith("-alpha0") and not spec.name.endswith("alpha1")

@@ -46,6 +46,17 @@ def collapse_verdict(cos: list[float]) -> dict:
             "blocks": len(cos), "late_from": len(cos) - third}
 
 
+def collapse_change(cos_start: list[float], cos_now: list[float], start_step: int) -> str:
+    """How the late-block adjacent cosine moved since the first recorded step, in words:
+    "down from 0.990 at step 0" (a verdict during training is relative to where the run began)."""
+    a = collapse_verdict(cos_start).get("late_cos_adjacent", math.nan)
+    b = collapse_verdict(cos_now).get("late_cos_adjacent", math.nan)
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return ""
+    way = "up" if b > a else "down" if b < a else "unchanged"
+    return f"{way} from {a:.4f} at step {start_step}" if way != "unchanged" else f"unchanged since step {start_step}"
+
+
 def collapse_summary(label: str, rows: list[dict]) -> list[dict]:
     """Per (stack, stream) of one model's tidy rows: verdict and the most redundant blocks
     (highest adjacent cosine)."""

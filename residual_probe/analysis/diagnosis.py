@@ -2,8 +2,8 @@
 
 From the whole-block gradient norms g_0..g_{N-1} of one stack (one gradient, one model):
 - first/last = g_0 / g_{N-1} and the per-block rate r come from `fits.geometric_decay` (the one
-  first/last ratio and the one decay fit), the sentence from `fits.verdict` (vanishing when
-  first/last < 1/10, growing when > 10, else balanced);
+  first/last ratio and the one decay fit), the sentence from `gradients.decay_verdict` (vanishing
+  when first/last < 1/10, growing when > 10, else balanced);
 - first/median = g_0 / median(g): robust to an unusual last block (a final norm's gradient);
 - r's interval: one model has no seeds to resample, so the 95 % interval is the least-squares
   slope's t-interval over blocks (scipy.stats.linregress standard error, N - 2 degrees of
@@ -39,10 +39,14 @@ def gradient_verdict(norms) -> dict:
 
     g = np.asarray(norms, dtype=np.float64)
     out = {"blocks": int(g.size)}
+    bad = [k for k, v in enumerate(g) if not (math.isfinite(v) and v > 0)]
+    if bad:  # a NaN/inf or zero norm: no ratio or rate is defined; name the blocks
+        return {**out, "vanishing": None, "first_over_last": math.nan, "rate": math.nan,
+                "verdict": f"unknown: blocks {', '.join(map(str, bad[:5]))} have non-finite or zero gradient norms"}
     try:
         fit = geometric_decay(g)
     except FitError as exc:
-        return {**out, "vanishing": None, "verdict": f"not fitted: {exc}"}
+        return {**out, "vanishing": None, "first_over_last": math.nan, "rate": math.nan, "verdict": f"not fitted: {exc}"}
     low, high = rate_interval(g)
     out.update(first_over_last=fit.first_over_last, first_over_median=float(g[0] / np.median(g)),
                rate=fit.rate, rate_low=low, rate_high=high, vanishing=fit.first_over_last < 0.1)
@@ -64,7 +68,7 @@ def gradient_verdicts(rows: list[dict]) -> list[dict]:
 
 
 def collapse_sentence(stream: dict) -> str:
-    """Plain-language line for one stream's collapse summary (jobs.collapse.summarize output)."""
+    """Plain-language line for one stream's collapse summary (`collapse.collapse_summary` output)."""
     cos = stream.get("late_cos_adjacent", math.nan)
     n = stream.get("blocks")
     if n and "late_from" in stream:

@@ -60,6 +60,15 @@ def first_over_last(norms) -> float:
         return float(np.exp(np.mean(np.log(ratio))))
 
 
+def profile_ratio(by_layer: dict[int, float]) -> float:
+    """First block's value over the last block's, of one step's profile {block: value}; NaN where
+    it is not defined (fewer than 2 blocks, a non-finite or non-positive end)."""
+    values = [by_layer[k] for k in sorted(by_layer)]
+    if len(values) < 2 or not all(math.isfinite(v) and v > 0 for v in (values[0], values[-1])):
+        return math.nan
+    return values[0] / values[-1]
+
+
 def layer_table(df: pd.DataFrame, value: str = "param_grad_norm") -> np.ndarray:
     """(seeds, layers) array of one profile (the rows of one placement/stack/step), in sorted order."""
     return df.pivot_table(index="seed", columns="layer", values=value, aggfunc="first", dropna=False) \

@@ -16,6 +16,20 @@ import importlib
 from ..errors import UserError
 
 
+# the optional packages and the extra (pyproject.toml) that installs each
+EXTRA_OF = {"transformers": "hf", "accelerate": "hf", "safetensors": "safetensors", "lightning": "lightning",
+            "pytorch_lightning": "lightning", "tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def missing_extra(exc: ImportError) -> "MissingExtraError | None":
+    """The user error for an ImportError of an optional package (None for any other import error: a bug)."""
+    top = (getattr(exc, "name", None) or "").split(".")[0]
+    if top not in EXTRA_OF:
+        return None
+    return MissingExtraError(f"this needs the optional package '{top}', which is not installed; install it with: "
+                             f"pip install 'residual-probe[{EXTRA_OF[top]}]'")
+
+
 class MissingExtraError(UserError, ImportError):
     """An optional dependency is not installed; the message names the extra that brings it."""
 

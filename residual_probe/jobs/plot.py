@@ -28,99 +28,17 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import UserError
-from ..probe.records import COLUMNS
+from ..models import PLACEMENTS
+from ..probe.records import read_sink
 from ..probe.summary import stack_label
 
-SINK_NAMES = ("probe.jsonl", "probe.csv", "probe.ndjson")
-SUFFIXES = (".jsonl", ".ndjson", ".csv")
 # Streams on which the Pre-LN collapse reference (ResiDual's toy model, cos = sqrt(k/(k+1))) applies:
 # a stream that is never normalized and takes each update as x + F(LN(x)).
 PRE_LN_STREAMS = {"pre-ln": ("x",), "residual": ("d",)}
-PLACEMENTS = ("post-ln", "pre-ln", "residual", "deepnorm", "sandwich", "peri-ln", "b2t", "mix-ln", "lns", "rezero")
 
 
 class PlotError(UserError):
-    """Unusable input to `plot` (no sink, an empty sink, a file that is not a probe sink); one line."""
-
-
-@dataclass
-class Sink:
-    path: Path
-    rows: list[dict]
-    partial_line: bool = False  # the last line was incomplete (a run still writing) and was left out
-    notes: list[str] = field(default_factory=list)
-
-
-def find_sink(run: str | Path) -> Path:
-    p = Path(run)
-    if not p.exists():
-        raise PlotError(f"{str(p)!r} does not exist")
-    if p.is_dir():
-        for name in SINK_NAMES:
-            if (p / name).is_file():
-                return p / name
-        found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in SUFFIXES)
-        if len(found) == 1:
-            return found[0]
-        if not found:
-            raise PlotError(f"folder {str(p)!r} holds no probe sink (probe.jsonl or probe.csv)")
-        raise PlotError(f"folder {str(p)!r} holds several possible sinks ({', '.join(q.name for q in found[:4])}); "
-                        "name the file")
-    if p.suffix.lower() not in SUFFIXES:
-        raise PlotError(f"{str(p)!r} is not a probe sink: expected a .jsonl or .csv file, or a folder holding one")
-    return p
-
-
-def _row(raw: dict, where: str) -> dict:
-    try:
-        return {"step": int(raw["step"]), "stack": str(raw["stack"]), "layer": int(raw["layer"]),
-                "sublayer": str(raw["sublayer"]), "stream": str(raw["stream"]), "metric": str(raw["metric"]),
-                "value": float(raw["value"])}
-    except (KeyError, TypeError, ValueError):
-        raise PlotError(f"{where} is not a probe row (expected the columns {', '.join(COLUMNS)})") from None
-
-
-def read_sink(run: str | Path) -> Sink:
-    """The rows of a sink, up to its last complete line. Raises PlotError for unusable input."""
-    path = find_sink(run)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise PlotError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
-    partial = bool(data) and not data.endswith(b"\n")
-    if partial:  # a writer is mid-line: keep only complete lines
-        data = data[: data.rfind(b"\n") + 1]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise PlotError(f"{str(path)!r} is not a probe sink (not UTF-8 text)") from None
-    rows = []
-    if path.suffix.lower() == ".csv":
-        reader = csv.reader(io.StringIO(text))
-        header = next(reader, None)
-        if header is None:
-            raise PlotError(f"{str(path)!r} is empty: no probe rows recorded yet")
-        if tuple(header) != COLUMNS:
-            raise PlotError(f"{str(path)!r} is not a probe sink: its header is not {','.join(COLUMNS)}")
-        for i, rec in enumerate(reader, start=2):
-            if len(rec) != len(COLUMNS):
-                raise PlotError(f"{str(path)!r} line {i} is not a probe row ({len(rec)} fields)")
-            rows.append(_row(dict(zip(COLUMNS, rec)), f"{str(path)!r} line {i}"))
-    else:
-        for i, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError:
-                raise PlotError(f"{str(path)!r} line {i} is not JSON: not a probe sink") from None
-            if not isinstance(raw, dict):
-                raise PlotError(f"{str(path)!r} line {i} is not a probe row")
-            rows.append(_row(raw, f"{str(path)!r} line {i}"))
-    if not rows:
-        raise PlotError(f"{str(path)!r} is empty: no probe rows recorded yet")
-    return Sink(path, rows, partial)
-
+    """Unusable input to `plot` (a sink without the quantities drawn, an unknown step); one line."""
 
 def guess_placement(sink_path: Path) -> tuple[str | None, str]:
     """(placement, where it came from) from files beside the sink: the train job's train.json, the
@@ -169,53 +87,27 @@ def _ranges(steps: Sequence[int]) -> str:
     return f"{steps[0]}, {steps[1]}, ..., {steps[-1]} ({len(steps)} steps)"
 
 
-def first_over_last(by_layer: dict[int, float]) -> float:
-    """Block 0's value over the last block's (analysis' one ratio); NaN where it is not defined."""
-    from ..analysis.summary import first_over_last as ratio
-
-    values = [by_layer[k] for k in sorted(by_layer)]
-    if len(values) < 2 or not all(math.isfinite(v) and v > 0 for v in (values[0], values[-1])):
-        return math.nan
-    return ratio(values)
-
-
-def gradient_verdict(by_layer: dict[int, float]) -> dict:
-    """First/last ratio, fitted per-block rate and the sentence, for one step's per-block norms."""
-    from ..analysis.fits import FitError, geometric_decay
-    from ..analysis.gradients import decay_verdict
-
-    layers = sorted(by_layer)
-    values = [by_layer[k] for k in layers]
-    bad = [k for k in layers if not (math.isfinite(by_layer[k]) and by_layer[k] > 0)]
-    if bad:
-        return {"verdict": f"unknown: blocks {', '.join(map(str, bad[:5]))} have non-finite or zero gradient norms",
-                "first_over_last": math.nan, "rate": math.nan}
-    try:
-        fit = geometric_decay(values, layers)
-    except FitError as exc:
-        return {"verdict": f"unknown: {exc}", "first_over_last": math.nan, "rate": math.nan}
-    return {"verdict": decay_verdict(fit, len(layers)), "first_over_last": fit.first_over_last, "rate": fit.rate}
-
-
-def collapse_verdict(by_layer: dict[int, float]) -> dict:
-    from ..analysis.collapse import collapse_verdict
-
-    return collapse_verdict([by_layer[k] for k in sorted(by_layer)])
-
-
 # ---- the job -----------------------------------------------------------------------------
 
 
 def run_plot(run: str | Path, out: str | Path, steps: Sequence[int] | None = None, placement: str | None = None,
              formats: Sequence[str] = ("png",)) -> dict:
     """Read the sink, draw the figures, write summary.json; returns the summary."""
-    from ..plots import run as plots
+    from ..analysis.collapse import collapse_change, collapse_verdict
+    from ..analysis.diagnosis import gradient_verdict
+    from ..analysis.summary import profile_ratio
+    from ..ownership import folder_state
     from ..output import prepare_out, write_json
+    from ..plots import run as plots
 
     if placement is not None and placement not in PLACEMENTS:
         raise PlotError(f"--placement: unknown {placement!r}; choose from {', '.join(PLACEMENTS)}")
     sink = read_sink(run)
     rows = sink.rows
+    notes = list(sink.notes)
+    state = folder_state(sink.path.parent)
+    if state:
+        notes.insert(0, f"the run folder is {state}")
     if placement is None:
         placement, placement_source = guess_placement(sink.path)
     else:
@@ -243,7 +135,7 @@ def run_plot(run: str | Path, out: str | Path, steps: Sequence[int] | None = Non
     files: list[Path] = []
     if grads:
         files += plots.grad_heatmap(grads, out / "grad_heatmap", formats)
-        ratios = {key: (sorted(by_step), [first_over_last(by_step[s]) for s in sorted(by_step)])
+        ratios = {key: (sorted(by_step), [profile_ratio(by_step[s]) for s in sorted(by_step)])
                   for key, by_step in grads.items()}
         files += plots.grad_steps(grads, ratios, out / "grad_steps", formats)
     if act:
@@ -258,14 +150,17 @@ def run_plot(run: str | Path, out: str | Path, steps: Sequence[int] | None = Non
     for (stack, stream), by_step in grads.items():
         last = max(by_step)
         verdicts.append({"stack": stack, "stream": stream, "step": last, "quantity": "param_grad_norm",
-                         **gradient_verdict(by_step[last])})
+                         **gradient_verdict([by_step[last][k] for k in sorted(by_step[last])])})
     collapse = []
     for (stack, stream), by_step in cos.items():
-        last = max(by_step)
-        collapse.append({"stack": stack, "stream": stream, "step": last, **collapse_verdict(by_step[last])})
+        first, last = min(by_step), max(by_step)
+        per = {s: [by_step[s][k] for k in sorted(by_step[s])] for s in (first, last)}
+        collapse.append({"stack": stack, "stream": stream, "step": last, **collapse_verdict(per[last]),
+                         "since_start": collapse_change(per[first], per[last], first)})
 
     summary = {
         "job": "plot", "sink": str(sink.path), "rows": len(rows), "partial_last_line_skipped": sink.partial_line,
+        "notes": notes,
         "steps": {"first": recorded_steps[0], "last": recorded_steps[-1], "count": len(recorded_steps)},
         "stacks": {stack_label(s, st): len(next(iter(v.values()))) for (s, st), v in (grads or cos or act).items()},
         "metrics": metrics, "missing": missing, "placement": placement, "placement_source": placement_source,

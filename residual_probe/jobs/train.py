@@ -59,11 +59,12 @@ def probe_figures(out: Path, placement: str, meta: dict) -> list[Path]:
     """The gradient and collapse figures of the run's own probe log, as `residual-probe plot` draws
     them (grad_heatmap, grad_steps, act_grad, collapse and summary.json in OUT); a log with nothing
     to draw yet (interrupted before the first recording) is noted in train.json instead."""
-    from .plot import PlotError, run_plot
+    from ..errors import UserError
+    from .plot import run_plot
 
     try:
         summary = run_plot(out / "probe.jsonl", out, placement=placement)
-    except PlotError as exc:
+    except UserError as exc:  # no sink yet, or nothing to draw in it
         meta["probe_figures"] = f"not drawn: {exc}"
         return []
     meta["probe_figures"] = "drawn by residual-probe plot"
