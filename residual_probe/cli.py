@@ -132,11 +132,13 @@ def formats_option(value: str) -> tuple[str, ...]:
 
 @contextlib.contextmanager
 def progress_bar(description: str):
-    """A rich progress bar; yields `start(total) -> advance()`."""
+    """A rich progress bar on stderr (stdout holds results only, so `cmd > out.txt` keeps them clean);
+    none when stderr is not a terminal. Yields `start(total) -> advance()`."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=False, disable=not sys.stderr.isatty() and bool(os.environ.get("CI"))) as bar:
+                  console=Console(stderr=True), transient=False, disable=not sys.stderr.isatty()) as bar:
         def start(total: int):
             task = bar.add_task(description, total=total)
             return lambda: bar.advance(task)
@@ -183,9 +185,9 @@ def invoked_command(ctx: typer.Context) -> str:
 
 def echo_data(data: dict) -> None:
     """The tokenization used and every change to the requested data (rounding, short text), on the console."""
-    if "tokenization" in data:
-        typer.echo(f"  data: {data['windows']} windows x {data['seq_len']} tokens = {data['tokens']} tokens; "
-                   f"tokenization: {data['tokenization']}")
+    from .report import data_line
+
+    typer.echo(f"  {data_line(data)}")
     for message in data.get("messages", []):
         typer.echo(f"  note: {message}")
 
@@ -299,6 +301,8 @@ def echo_gradient_models(models: list[dict]) -> None:
         typer.echo(f"{m['label']}: {m['family']}, {m['parameters']:,} parameters, width {m['width']}, {depth_txt} blocks; "
                    f"loss {m['loss']} = {m['mean_loss']:.4f}")
         typer.echo(f"  placement: {m['placement']} (from block structure; {m['placement_detail']}); norm: {m['norm_type']}")
+        for w in m.get("warnings", []):
+            typer.echo(f"warning: {m['label']}: {w}", err=True)
         echo_data(m["data"])
         random = (f"partly random model ({len(m['partly_random'])} weights at random initialization): "
                   if m["partly_random"] else "")
@@ -411,8 +415,6 @@ def bounds(
     except ValueError:
         fail(f"--depth: expected an integer or comma-separated integers, got {depth!r}")
     with user_errors(), owned_out(out, invoked_command(ctx), overwrite):
-        from rich.console import Console
-
         from .jobs.bounds import BoundsSpec, run_bounds
 
         spec = BoundsSpec(depths=depths, arch=arch, d_model=d_model, heads=heads, ffn=ffn, seeds=seeds, batch=batch,
@@ -422,10 +424,23 @@ def bounds(
         check_memory(bounds_estimate, spec, force)
         with progress_bar(f"bounds depth {max(depths) if depths else '?'}") as start:
             meta = run_bounds(spec, out, formats=fmts, progress=start)
-        Console().print(checks_table(meta["checks"]))  # the terminal's width (80 when not a terminal)
+        print_checks(meta["checks"])
         if meta["nonfinite_values"]:
             typer.echo(f"warning: {meta['nonfinite_values']} non-finite values recorded (NaN/inf)", err=True)
         report_files(meta["files"])
+
+
+def print_checks(checks: list[dict]) -> None:
+    """The checks on stdout: a table in a terminal; elsewhere (a file, a pipe) one plain line per
+    check, so no column is squeezed to nothing by an assumed width."""
+    if sys.stdout.isatty():
+        from rich.console import Console
+
+        Console().print(checks_table(checks))
+        return
+    for c in checks:
+        typer.echo(f"[{c['agreement']}] {c['statement']} ({c['setting']}, {c['placement']}): "
+                   f"predicted {c['predicted']}; measured {c['measured']}")
 
 
 def checks_table(checks: list[dict]):

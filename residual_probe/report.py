@@ -29,19 +29,33 @@ def _num(v, fmt: str = ".4g") -> str:
     return "" if v is None else str(v)
 
 
+def data_line(data: dict) -> str:
+    """What the verdicts rest on: windows, tokens and tokenization of the text actually used."""
+    if "tokenization" not in data:
+        return f"data: {data.get('tokens', '?')} tokens"
+    return (f"data: {data['windows']} windows x {data['seq_len']} tokens = {data['tokens']} tokens; "
+            f"tokenization: {data['tokenization']}")
+
+
+WARN_PREFIXES = ("warning:", "partly random model")  # lines the report sets apart
+
+
 def verdict_lines(grads: dict | None, collapse: dict) -> dict[str, list[str]]:
-    """label -> plain-language verdicts with their numbers, the partly-random warning first."""
+    """label -> plain-language verdicts with their numbers: warnings first (a model that does not
+    predict the text, a partly random model), then the verdicts, then the data they rest on and
+    every adjustment made to the request."""
     from .analysis.diagnosis import collapse_sentence
 
     out: dict[str, list[str]] = {}
     gmodels = {m["label"]: m for m in (grads or {}).get("models", [])}
     for m in collapse["models"]:
-        lines = []
         g = gmodels.get(m["label"])
+        lines = []
         missing = m.get("partly_random") or []
-        if missing:
+        if missing:  # first: it explains everything below, a loss warning included
             lines.append(f"partly random model: {len(missing)} weights are missing from the files and were left at "
                          f"random initialization ({', '.join(missing[:3])}); every verdict below is about that model")
+        lines += [f"warning: {w}" for w in (g or {}).get("warnings", [])]
         if g is not None and "skipped" in g:
             lines.append(f"gradients: not measured ({g['skipped']})")
         elif g is not None:
@@ -52,6 +66,8 @@ def verdict_lines(grads: dict | None, collapse: dict) -> dict[str, list[str]]:
         for s in m["streams"]:
             name = s["stack"] + (f" {s['stream']} stream" if s["stream"] != "x" else "")
             lines.append(f"{name}: {collapse_sentence(s)}")
+        lines.append(data_line(m["data"]))
+        lines += [f"note: {n}" for n in m.get("notes", []) + m["data"].get("messages", [])]
         out[m["label"]] = lines
     return out
 
@@ -126,13 +142,10 @@ def write_report(out: Path, grads: dict | None, collapse: dict, grad_rows: list[
     for label, lines in verdicts.items():
         parts.append(f"<h3>{html.escape(label)}</h3><ul class=\"verdicts\">")
         for line in lines:
-            cls = " class=\"warn\"" if line.startswith("partly random model") else ""
+            cls = " class=\"warn\"" if line.startswith(WARN_PREFIXES) else ""
             parts.append(f"<li{cls}>{html.escape(line)}</li>")
         parts.append("</ul>")
     parts += ["<h2>Models</h2>", _html_table(desc_header, desc_body, left=len(desc_header))]
-    notes = [(m["label"], n) for m in collapse["models"] for n in m.get("notes", []) + m["data"].get("messages", [])]
-    if notes:
-        parts.append("<ul>" + "".join(f"<li>{html.escape(label)}: {html.escape(n)}</li>" for label, n in notes) + "</ul>")
     parts.append("<h2>Figures</h2>")
     for caption, png in figures:
         data = base64.b64encode(Path(png).read_bytes()).decode("ascii")
@@ -155,10 +168,9 @@ def write_report(out: Path, grads: dict | None, collapse: dict, grad_rows: list[
     for label, lines in verdicts.items():
         md.append(f"**{label}**")
         md.append("")
-        md += [f"- {'**' + line + '**' if line.startswith('partly random model') else line}" for line in lines]
+        md += [f"- {'**' + line + '**' if line.startswith(WARN_PREFIXES) else line}" for line in lines]
         md.append("")
     md += ["## Models", "", _md_table(desc_header, desc_body), ""]
-    md += [f"- {label}: {n}" for label, n in notes] + ([""] if notes else [])
     md += ["## Figures", ""]
     md += [f"![{caption}]({Path(png).relative_to(out) if Path(png).is_relative_to(out) else png})\n" for caption, png in figures]
     md += ["## Numbers", ""]

@@ -85,7 +85,7 @@ def test_hf_gradients_equal_direct_autograd(tmp_path, name, kind):
     loaded.model.double()
     w = text_windows(loaded, TEXT, tokens=70, seq_len=12)  # 5 windows, batches of 2, 2, 1
     assert w.ids.shape == (5, 12)
-    rows, mean_loss, blocks = model_gradients(loaded, kind, w.ids, batch=2, seed=0)
+    rows, mean_loss, blocks, _ = model_gradients(loaded, kind, w.ids, batch=2, seed=0)
     got = [r["value"] for r in sorted(rows, key=lambda r: r["layer"]) if r["sublayer"] == "block"]
     want = direct(loaded.model, find_blocks(loaded.model), kind, w.ids, mask_id=loaded.mask_id)
     assert len(got) == 3 and got == pytest.approx(want, rel=1e-10)
@@ -101,7 +101,7 @@ def test_our_seq2seq_gradients_equal_direct_autograd(tmp_path):
     loaded = load_any(tmp_path / "m")
     loaded.model.double()
     w = text_windows(loaded, TEXT, tokens=60, seq_len=20)
-    rows, _, blocks = model_gradients(loaded, "seq2seq", w.ids, batch=2)
+    rows, _, blocks, _ = model_gradients(loaded, "seq2seq", w.ids, batch=2)
     got = {(r["stack"], r["layer"]): r["value"] for r in rows if r["sublayer"] == "block"}
     want = direct(loaded.model, blocks, "seq2seq", w.ids, start=0)
     assert [got[(b.stack, b.index)] for b in blocks] == pytest.approx(want, rel=1e-10)

@@ -117,3 +117,33 @@ def test_bad_flags(tmp_path, bad, message):
     post, _ = models(tmp_path)
     res = runner.invoke(app, ["diagnose", "--ckpt", str(post), *bad, "--out", str(tmp_path / "d")])
     assert res.exit_code == 2 and message in res.output
+
+
+def test_the_console_says_what_the_verdict_rests_on(tmp_path):
+    """A short text, a worse-than-uniform loss: both on the console and at the top of the report."""
+    ckpt = models(tmp_path)[0]
+    text = tmp_path / "short.txt"
+    text.write_text("a short text. " * 50)  # 700 bytes: far fewer tokens than asked
+    r = runner.invoke(app, ["diagnose", "--ckpt", str(ckpt), "--data", str(text), "--tokens", "100000",
+                            "--seq-len", "32", "--out", str(tmp_path / "d")])
+    assert r.exit_code == 0, r.output
+    assert "data: 21 windows x 32 tokens = 672 tokens" in r.stdout
+    assert "note: the text gives only 700 tokens" in r.stdout  # the adjustment, said on the console
+    # a random model does not predict text: its mean loss is above ln(256), said first
+    assert "warning: the model does not predict this text" in r.stdout
+    md = (tmp_path / "d" / "report.md").read_text()
+    verdicts = md.split("## Verdicts")[1].split("## Models")[0]
+    assert verdicts.index("warning: the model does not predict") < verdicts.index("decoder:")
+    assert "data: 21 windows x 32 tokens" in verdicts
+
+
+def test_loss_warning_rule():
+    import math
+
+    from residual_probe.analysis.diagnosis import loss_warnings
+
+    assert loss_warnings(6.0, 1000, "hf") == []  # below ln(1000) = 6.91
+    (w,) = loss_warnings(8.27, 1000, "fairseq")
+    assert "ln(1000) = 6.91" in w and "--dict" in w
+    assert "--dict" not in loss_warnings(8.27, 1000, "hf")[0]
+    assert loss_warnings(math.nan, 1000, "hf")[0].startswith("the mean loss is nan")

@@ -57,6 +57,19 @@ def gradient_verdict(norms) -> dict:
     return out
 
 
+def loss_warnings(mean_loss: float, vocab: int, family: str) -> list[str]:
+    """Warnings about what the gradients describe: a mean loss at or above ln(V), the loss of a
+    uniform guess over the vocabulary, means the model does not predict this text (usually the
+    text was tokenized otherwise than the model was trained), so its gradients describe a model
+    far from its data."""
+    if not (vocab > 1 and math.isfinite(mean_loss)) or mean_loss < math.log(vocab):
+        return [] if math.isfinite(mean_loss) else [f"the mean loss is {mean_loss}: the gradients are not usable"]
+    hint = " (fairseq: pass --dict with the model's dictionary)" if family.startswith("fairseq") else ""
+    return [f"the model does not predict this text: mean loss {mean_loss:.2f} nats is at or above ln({vocab}) = "
+            f"{math.log(vocab):.2f}, a uniform guess; the gradients describe a model far from its data, usually a "
+            f"tokenization mismatch{hint}"]
+
+
 def gradient_verdicts(rows: list[dict]) -> list[dict]:
     """One verdict per (model, stack) from grad_norms.csv-style rows (sublayer == "block")."""
     series: dict[tuple[str, str], dict[int, float]] = {}
@@ -76,12 +89,13 @@ def collapse_sentence(stream: dict) -> str:
     else:
         late = "the last third of the blocks"
     v = stream["verdict"]
+    one = late.startswith("block ")  # "block 3 changes", "blocks 2-3 change"
     if v == "collapsed":
-        verb = "barely changes" if late.startswith("block ") else "barely change"
-        return f"{late} {verb} the representation: adjacent cosine {cos:.3f}"
+        return f"{late} {'barely changes' if one else 'barely change'} the representation: adjacent cosine {cos:.3f}"
     if v == "collapsing":
         return (f"{late}: the representation changes less and less: adjacent cosine {cos:.3f}, "
                 f"{stream['late_over_early_influence']:.2f} of the early blocks' influence")
     if v == "no collapse":
-        return f"no collapse: {late} still change the representation (adjacent cosine {cos:.3f})"
+        return (f"no collapse: {late} still {'changes' if one else 'change'} the representation "
+                f"(adjacent cosine {cos:.3f})")
     return v

@@ -106,29 +106,32 @@ def loss_batches(loaded, kind: str, windows, batch: int, seed: int) -> tuple[lis
     return out, total
 
 
-def accumulate_gradient(loaded, kind: str, batches, total: int, advance=None) -> float:
-    """Backpropagate sum(CE over predicted positions) / total, batch by batch; returns the mean loss."""
+def accumulate_gradient(loaded, kind: str, batches, total: int, advance=None) -> tuple[float, int]:
+    """Backpropagate sum(CE over predicted positions) / total, batch by batch; returns the mean loss
+    and the number of classes it was taken over (the vocabulary: ln V is the uniform guess's loss)."""
     import torch
     import torch.nn.functional as F
 
     head = loaded.heads[kind]
     loaded.model.zero_grad(set_to_none=True)
-    loss_sum = 0.0
+    loss_sum, vocab = 0.0, 0
     with torch.enable_grad():
         for inputs, targets in batches:
             logits = head(*inputs)  # (B, T, V)
+            vocab = logits.shape[-1]
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
             (loss / total).backward()
             loss_sum += float(loss.detach())
             del logits, loss
             if advance:
                 advance()
-    return loss_sum / total
+    return loss_sum / total, vocab
 
 
 def model_gradients(loaded, kind: str, windows, batch: int, seed: int = 0, blocks: str | None = None,
-                    advance=None) -> tuple[list[dict], float, list]:
-    """Probe rows (param_grad_norm per block and sublayer) of one gradient, the mean loss, the blocks."""
+                    advance=None) -> tuple[list[dict], float, list, int]:
+    """Probe rows (param_grad_norm per block and sublayer) of one gradient, the mean loss, the blocks,
+    and the vocabulary size of the loss."""
     from ..probe import Probe
 
     for p in loaded.model.parameters():
@@ -136,18 +139,18 @@ def model_gradients(loaded, kind: str, windows, batch: int, seed: int = 0, block
     batches, total = loss_batches(loaded, kind, windows, batch, seed)
     probe = Probe(loaded.model, quantities=("param_grad_norm",), blocks=blocks, group=None)
     with probe:
-        mean_loss = accumulate_gradient(loaded, kind, batches, total, advance)
+        mean_loss, vocab = accumulate_gradient(loaded, kind, batches, total, advance)
         rows = probe.step()
     loaded.model.zero_grad(set_to_none=True)
     return [r for r in rows if r["metric"] == "param_grad_norm" and not r["sublayer"].startswith("group:")], \
-        mean_loss, probe.blocks
+        mean_loss, probe.blocks, vocab
 
 
 def run_ckpt_grad_norms(spec: CkptGradSpec, out: str | Path, formats=("png",), progress=None) -> dict:
     """Measure every checkpoint; write grad_norms.csv/.json/.png into `out`; returns the JSON dict."""
     import torch
 
-    from ..analysis.diagnosis import gradient_verdicts
+    from ..analysis.diagnosis import gradient_verdicts, loss_warnings
     from ..checkpoints import load_any
     from ..checkpoints.text import read_fairseq_dict, read_text, text_windows
     from ..plots.diagnosis import plot_checkpoint_gradients
@@ -181,7 +184,8 @@ def run_ckpt_grad_norms(spec: CkptGradSpec, out: str | Path, formats=("png",), p
             found = detect_placement(find_blocks(loaded.model, spec.blocks),
                                      lambda: loaded.forward(w.ids[:1, : min(8, spec.seq_len)]), loaded.model)
         advance = progress(math.ceil(w.ids.shape[0] / spec.batch)) if progress else None
-        model_rows, mean_loss, blocks = model_gradients(loaded, kind, w.ids, spec.batch, spec.seed, spec.blocks, advance)
+        model_rows, mean_loss, blocks, vocab = model_gradients(loaded, kind, w.ids, spec.batch, spec.seed, spec.blocks,
+                                                               advance)
         t2 = time.perf_counter()
         table = [{"placement": label, "seed": 0, "step": 0, "stack": r["stack"], "layer": r["layer"],
                   "sublayer": r["sublayer"], "param_grad_norm": r["value"]} for r in model_rows]
@@ -197,7 +201,8 @@ def run_ckpt_grad_norms(spec: CkptGradSpec, out: str | Path, formats=("png",), p
             "depth": depth, "width": width, "parameters": loaded.parameters,
             "partly_random": loaded.missing_weights, "notes": loaded.notes,
             "data": {**w.info, "batch": spec.batch, "source": source, "messages": w.messages},
-            "verdicts": gradient_verdicts(table),
+            "verdicts": gradient_verdicts(table), "vocab_size": vocab,
+            "warnings": loss_warnings(mean_loss, vocab, loaded.family),
             "nonfinite_values": sum(1 for r in table if not math.isfinite(r["param_grad_norm"])),
             "times": {"load_s": t1 - t0, "gradient_s": t2 - t1},
         })
