@@ -52,7 +52,7 @@ class RefTrainer(transformers.Trainer):
 
     def _clip_grad_norm(self, model):
         ref = getattr(self, "ref", {})
-        ref[self.state.global_step] = [math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in ps))
+        ref[self.state.global_step + 1] = [math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in ps))
                                        for ps in block_params(self.model)]
         self.ref = ref
         total = super()._clip_grad_norm(model)
@@ -88,14 +88,14 @@ def test_preclip_norms_exact_when_every_step_clips(tmp_path):
                         quantities=("param_grad_norm",))
     free, cb_free = train(tmp_path / "free", max_grad_norm=0.0, steps=4, quantities=("param_grad_norm",))
     got, ref = block_norms(cb.probe.rows()), clipped.ref
-    assert sorted(got) == sorted(ref) == [0, 1, 2, 3]  # one recorded step per optimizer step
+    assert sorted(got) == sorted(ref) == [1, 2, 3, 4]  # one recorded step per optimizer step, numbered as the Trainer
     # every step was clipped, hard: the clipped total norm is max_grad_norm, far below the per-block norms
     assert all(abs(t - 1e-4) / 1e-4 < 1e-3 for t in clipped.clipped_total)
     assert min(min(v) for v in ref.values()) > 100 * 1e-4
     for s in ref:
         assert got[s] == pytest.approx(ref[s], rel=1e-5), s
-    # step 0: same weights and batch with and without clipping
-    assert got[0] == pytest.approx(block_norms(cb_free.probe.rows())[0], rel=1e-5)
+    # step 1: same weights and batch with and without clipping
+    assert got[1] == pytest.approx(block_norms(cb_free.probe.rows())[1], rel=1e-5)
     # the sink is the default <output_dir>/probe.jsonl and holds the same rows
     lines = [json.loads(x) for x in open(tmp_path / "clip" / "probe.jsonl")]
     assert block_norms(lines) == got
@@ -105,8 +105,8 @@ def test_gradient_accumulation_one_step_per_optimizer_step(tmp_path):
     trainer, cb = train(tmp_path, max_grad_norm=1e-3, accumulation=3, steps=2, trainer_cls=RefTrainer,
                         quantities=("param_grad_norm", "act_grad_norm"))
     got = block_norms(cb.probe.rows())
-    assert sorted(got) == [0, 1]
-    for s in (0, 1):
+    assert sorted(got) == [1, 2]
+    for s in (1, 2):
         assert got[s] == pytest.approx(trainer.ref[s], rel=1e-5)
     # the activation gradient pools all three micro-batches' tokens: one row per block per step
     act = [r for r in cb.probe.rows() if r["metric"] == "act_grad_norm"]
@@ -124,7 +124,7 @@ def test_families_and_logged_summaries(tmp_path, family, stack):
     assert f"probe/first_over_last/{stack}" in keys and f"probe/late_cos_adjacent/{stack}" in keys
     assert len(keys) <= 3 * 2 + 6  # grouped, not one key per parameter
     rows = cb.probe.rows()
-    last = {r["layer"]: r["value"] for r in rows if r["step"] == 1 and r["metric"] == "param_grad_norm"
+    last = {r["layer"]: r["value"] for r in rows if r["step"] == 2 and r["metric"] == "param_grad_norm"
             and r["sublayer"] == "block"}
     assert logged[-1][f"probe/grad_norm/{stack}/01"] == last[1]
     assert logged[-1][f"probe/first_over_last/{stack}"] == pytest.approx(last[0] / last[2])
@@ -146,13 +146,30 @@ def test_summaries_reach_a_report_to_logger(tmp_path):
     assert len(values) == 2 and all(v > 0 for v in values)
 
 
+def test_a_spike_between_two_logs_reaches_the_log_at_its_step(tmp_path):
+    """Logging every 3rd step: the log at step 3 has step 3's values and the max over steps 1-3;
+    the probe's step, global_step and the logged step are one number; probe_run.json is written."""
+    trainer, cb = train(tmp_path, steps=3, logging_steps=3, quantities=("param_grad_norm",))
+    rows = cb.probe.rows()
+    (log,) = [h for h in trainer.state.log_history if "loss" in h]
+    assert log["step"] == trainer.state.global_step == 3 == max(r["step"] for r in rows)
+    key = "transformer.h/00"
+    per_step = {r["step"]: r["value"] for r in rows if r["metric"] == "param_grad_norm" and r["layer"] == 0
+                and r["sublayer"] == "block"}
+    assert sorted(per_step) == [1, 2, 3] and max(per_step.values()) > per_step[3]  # the window is what is tested
+    assert log[f"probe/grad_norm/{key}"] == per_step[3]
+    assert log[f"probe_max/grad_norm/{key}"] == max(per_step.values())
+    info = json.loads((tmp_path / "probe_run.json").read_text())
+    assert info["placement"] == "pre-ln" and info["model_type"] == "gpt2"
+
+
 def test_no_sink_schedule_and_bad_kwargs(tmp_path):
     trainer, cb = train(tmp_path, steps=3, sink=None, every=2, quantities=("param_grad_norm",))
     assert not (tmp_path / "probe.jsonl").exists()
-    assert sorted({r["step"] for r in cb.probe.rows()}) == [0, 2]  # every=2 of optimizer steps 0, 1, 2
+    assert sorted({r["step"] for r in cb.probe.rows()}) == [2]  # every=2 of optimizer steps 1, 2, 3
     # a log after a recorded step carries its summaries; a log after a skipped step none
     logged = {h["step"]: any(k.startswith("probe/") for k in h) for h in trainer.state.log_history if "loss" in h}
-    assert logged == {1: True, 2: False, 3: True}
+    assert logged == {1: False, 2: True, 3: False}
     with pytest.raises(TypeError, match="sets 'model'"):
         ProbeCallback(model=None)
 

@@ -77,3 +77,27 @@ def test_lightning_preclip_accumulated_norms_and_logs(tmp_path):
     assert float(logged[-1]["probe/grad_norm/decoder/02"]) == pytest.approx(got[2][2], rel=1e-6)
     assert float(logged[-1]["probe/first_over_last/decoder"]) == pytest.approx(got[2][0] / got[2][2], rel=1e-6)
     assert "probe/block_influence/decoder/01" in logged[-1] and "probe/late_cos_adjacent/decoder" in logged[-1]
+    # the logged step is the probe's step (Lightning writes a step's metrics under its global_step)
+    assert [int(r["step"]) for r in logged] == [0, 1, 2]
+    # the run's metadata beside the sink, as the Hugging Face callback writes it: plot knows the placement
+    info = json.loads((sink.parent / "probe_run.json").read_text())
+    assert info["placement"] == "post-ln" and info["placement_source"] == "the model's config"
+
+
+def test_lightning_logs_the_max_since_the_previous_log(tmp_path):
+    """log_every_n_steps=3: one log at step 2 with step 2's values and the max over steps 0-2."""
+    module = LM()
+    cb = ProbeCallback(quantities=("param_grad_norm",))
+    logger = L.pytorch.loggers.CSVLogger(tmp_path, name="run")
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=logger, log_every_n_steps=3,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, callbacks=[cb])
+    trainer.fit(module, loader(3))
+    per_step = {r["step"]: r["value"] for r in cb.probe.rows() if r["metric"] == "param_grad_norm"
+                and r["layer"] == 0 and r["sublayer"] == "block"}
+    with open(tmp_path / "run" / "version_0" / "metrics.csv") as fh:
+        logged = [r for r in csv.DictReader(fh) if r.get("probe/grad_norm/decoder/00")]
+    assert [int(r["step"]) for r in logged] == [2]
+    assert max(per_step.values()) > per_step[2]  # the max is not the last value: the window is what is tested
+    assert float(logged[0]["probe/grad_norm/decoder/00"]) == pytest.approx(per_step[2], rel=1e-6)
+    assert float(logged[0]["probe_max/grad_norm/decoder/00"]) == pytest.approx(max(per_step.values()), rel=1e-6)

@@ -8,8 +8,9 @@
 
 What is recorded, and when:
 - One probe step per optimizer step (with gradient accumulation: the gradient accumulated over
-  all micro-batches). Probe step s is the optimizer step that takes `state.global_step` from s
-  to s + 1.
+  all micro-batches). Probe step s is the optimizer step that takes `state.global_step` from
+  s - 1 to s: the Trainer's numbering, so the probe's step, `global_step` and the step the
+  loggers show are one number (the first update is step 1; `every=10` records steps 10, 20, ...).
 - Gradients are read BEFORE clipping. The Trainer clips between the last backward and its
   `on_pre_optimizer_step` event, so every callback event sees clipped gradients when
   `max_grad_norm > 0` (the default 1.0). The callback therefore records at the end of the last
@@ -22,10 +23,13 @@ What is recorded, and when:
 - The summaries (`residual_probe.probe.summary`: per-block gradient norm and block influence,
   first/last ratio, decay rate, late adjacent cosine; about 30 keys for 12 blocks) are added to
   the Trainer's logs at every `logging_steps`, so `report_to` (TensorBoard, W&B, ...) and
-  `trainer.state.log_history` show them. For that the callback moves itself ahead of the
+  `trainer.state.log_history` show them: each key's value at the last recorded step, and under
+  `probe_max/...` its largest value over the steps since the previous log (a spike between two
+  logs shows). For that the callback moves itself ahead of the
   reporting callbacks in the Trainer's callback list (they are created first and would log
   before it could add its keys).
-- Sink: `<output_dir>/probe.jsonl` by default (process 0 only); `sink=None` for none.
+- Sink: `<output_dir>/probe.jsonl` by default (process 0 only), with probe_run.json beside it;
+  `sink=None` for none.
 
 Under fp16 mixed precision the Trainer's gradient scaler is handed to the probe, which divides
 the still-scaled gradients by the loss scale (not exercised by the CPU tests). DeepSpeed keeps
@@ -50,16 +54,8 @@ from transformers import TrainerCallback  # noqa: E402
 from transformers.trainer_callback import CallbackHandler  # noqa: E402
 
 from ..probe import Probe  # noqa: E402
-from ..probe.summary import summary  # noqa: E402
-
-AUTO = "auto"
-# Placement of common Hugging Face families by model_type, written beside the sink (probe_run.json)
-# so that `residual-probe plot` knows where the Pre-LN collapse reference belongs.
-PLACEMENT_BY_MODEL_TYPE = {
-    **{t: "pre-ln" for t in ("gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt_neox", "gptj", "opt",
-                             "phi", "phi3", "gemma", "gemma2", "falcon", "bloom", "olmo")},
-    **{t: "post-ln" for t in ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "albert")},
-}
+from ..probe.summary import SummaryWindow, summary  # noqa: E402
+from .common import AUTO, PLACEMENT_BY_MODEL_TYPE, sink_path, write_run_info  # noqa: E402,F401
 
 
 def _sync_gradients() -> bool:
@@ -103,7 +99,7 @@ class ProbeCallback(TrainerCallback):
         self._queued_task = None
         self._recorded_step: int | None = None
         self._last_rows: list[dict] = []
-        self._fresh = False  # rows recorded since the last log
+        self._window = SummaryWindow()  # summaries recorded since the last log
         self._warned_fallback = False
 
     # ---- set-up -------------------------------------------------------------------------
@@ -128,15 +124,8 @@ class ProbeCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._go_first()
         self._teardown()
-        sink = self.sink
-        if sink == AUTO:
-            sink = None
-            if state.is_world_process_zero:
-                os.makedirs(args.output_dir, exist_ok=True)
-                sink = os.path.join(args.output_dir, "probe.jsonl")
-        elif sink is not None and "{rank}" not in str(sink) and not state.is_world_process_zero:
-            sink = None  # one file, written by process 0 (the probe's numbers are the same on every rank)
-        self.sink_path = Path(sink) if sink is not None else None
+        self.sink_path = sink_path(self.sink, args.output_dir, state.is_world_process_zero)
+        sink = str(self.sink_path) if self.sink_path is not None else None
         kwargs_probe = dict(self.probe_kwargs)
         if "group" not in kwargs_probe:
             import torch.distributed as dist
@@ -147,27 +136,17 @@ class ProbeCallback(TrainerCallback):
         scaler = getattr(optimizer, "scaler", None)  # accelerate's GradScaler under fp16
         if "scaler" not in kwargs_probe and scaler is not None and getattr(scaler, "is_enabled", lambda: False)():
             kwargs_probe["scaler"] = scaler  # the backward just ended: .grad is still scaled; the probe divides
-        self.probe = Probe(model, sink=sink, start_step=state.global_step, **kwargs_probe).attach()
+        # the step being taken is global_step + 1 (the Trainer's numbering of updates)
+        self.probe = Probe(model, sink=sink, start_step=state.global_step + 1, **kwargs_probe).attach()
         if self.sink_path is not None:
-            self._write_run_info(model)
+            write_run_info(self.sink_path, model, self.probe, "residual_probe.integrations.hf.ProbeCallback")
         self._state = state
         self._recorded_step = None
         self._last_rows = []
-        self._fresh = False
+        self._window = SummaryWindow()
         for p in model.parameters():
             if p.requires_grad:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_accumulated))
-
-    def _write_run_info(self, model) -> None:
-        """probe_run.json beside the sink: the model's class, type and placement (by model type)."""
-        from ..output import write_json
-
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        info = {"writer": "residual_probe.integrations.hf.ProbeCallback", "model_class": type(model).__name__,
-                "model_type": model_type, "placement": PLACEMENT_BY_MODEL_TYPE.get(model_type),
-                "placement_source": "Hugging Face model_type" if model_type in PLACEMENT_BY_MODEL_TYPE else None,
-                "blocks": [b.name for b in self.probe.blocks]}
-        write_json(self.sink_path.with_name("probe_run.json"), info)
 
     def _teardown(self) -> None:
         for h in self._hooks:
@@ -214,7 +193,7 @@ class ProbeCallback(TrainerCallback):
     def _keep(self, rows: list[dict]) -> None:
         if rows:  # a step the probe's schedule skips returns no rows: the last recorded step stands
             self._last_rows = rows
-            self._fresh = True
+            self._window.add(summary(rows))
 
     def on_step_end(self, args, state, control, **kwargs):
         self._queued_task = None
@@ -228,14 +207,13 @@ class ProbeCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.log_summaries or logs is None or not self._last_rows:
             return
-        if any(k.startswith("eval_") for k in logs) or not self._fresh:
+        if any(k.startswith("eval_") for k in logs) or not self._window:
             return
-        values = self.summary()
+        values = self._window.take()
         logs.update(values)
         # The Trainer appended a copy of `logs` to log_history before calling on_log.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(values)
-        self._fresh = False
 
     def on_train_end(self, args, state, control, **kwargs):
         self._teardown()

@@ -10,13 +10,16 @@
 - It steps in `on_before_optimizer_step`, which Lightning calls once per optimizer step after
   gradient accumulation and AMP unscaling and before gradient clipping: the norms are of the
   accumulated, unscaled, unclipped gradient. Probe step s is the optimizer step that takes
-  `trainer.global_step` from s to s + 1.
-- The summaries (`residual_probe.probe.summary`) go through `pl_module.log_dict` on every step;
-  the loggers write them at `log_every_n_steps`.
+  `trainer.global_step` from s to s + 1: the step Lightning's loggers write its metrics under
+  (`global_step` inside the hook), so the probe's step and the logged step are one number.
+- The summaries (`residual_probe.probe.summary`) go through `pl_module.log_dict` on the steps the
+  loggers write (`log_every_n_steps`): each key's value at the last recorded step, and under
+  `probe_max/...` its largest value since the previous log (a spike between two logs shows).
 - Under DDP the gradient is already averaged across ranks when the hook runs; forward and
   activation statistics are pooled across ranks by the probe. Every rank steps the probe (it is
   a collective); only global rank 0 writes the sink.
-- Sink: `<trainer.log_dir or default_root_dir>/probe.jsonl` by default; `sink=None` for none.
+- Sink: `<trainer.log_dir or default_root_dir>/probe.jsonl` by default, with probe_run.json
+  beside it (as the Hugging Face callback); `sink=None` for none.
 
 Built for the `lightning` package (`import lightning`), not the older standalone
 `pytorch_lightning`, whose Trainer accepts only its own Callback class.
@@ -35,9 +38,14 @@ require("lightning", "lightning", "residual_probe.integrations.lightning")
 from lightning.pytorch import Callback  # noqa: E402
 
 from ..probe import Probe  # noqa: E402
-from ..probe.summary import summary  # noqa: E402
+from ..probe.summary import SummaryWindow, summary  # noqa: E402
+from .common import AUTO, sink_path, write_run_info  # noqa: E402
 
-AUTO = "auto"
+
+def _logs_now(trainer) -> bool:
+    """Whether Lightning's loggers write this step's metrics (log_every_n_steps, or the run stops)."""
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True))
 
 
 class ProbeCallback(Callback):
@@ -57,20 +65,13 @@ class ProbeCallback(Callback):
         self.sink_path: Path | None = None
         self._recorded_step: int | None = None
         self._last_rows: list[dict] = []
+        self._window = SummaryWindow()
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.probe is not None:
             self.probe.detach()
-        sink = self.sink
-        if sink == AUTO:
-            sink = None
-            if trainer.is_global_zero:
-                folder = trainer.log_dir or trainer.default_root_dir
-                os.makedirs(folder, exist_ok=True)
-                sink = os.path.join(folder, "probe.jsonl")
-        elif sink is not None and "{rank}" not in str(sink) and not trainer.is_global_zero:
-            sink = None  # one file, written by rank 0 (the probe's numbers are the same on every rank)
-        self.sink_path = Path(sink) if sink is not None else None
+        self.sink_path = sink_path(self.sink, trainer.log_dir or trainer.default_root_dir, trainer.is_global_zero)
+        sink = str(self.sink_path) if self.sink_path is not None else None
         kwargs = dict(self.probe_kwargs)
         if "group" not in kwargs:
             import torch.distributed as dist
@@ -79,8 +80,11 @@ class ProbeCallback(Callback):
             if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
                 kwargs["group"] = dist.group.WORLD
         self.probe = Probe(pl_module, sink=sink, start_step=trainer.global_step, **kwargs).attach()
+        if self.sink_path is not None:
+            write_run_info(self.sink_path, pl_module, self.probe, "residual_probe.integrations.lightning.ProbeCallback")
         self._recorded_step = None
         self._last_rows = []
+        self._window = SummaryWindow()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.probe is None or self._recorded_step == trainer.global_step:
@@ -89,10 +93,9 @@ class ProbeCallback(Callback):
         self._recorded_step = trainer.global_step
         if rows:  # a step the probe's schedule skips returns no rows: the last recorded step stands
             self._last_rows = rows
-        if self.log_summaries and rows:
-            values = summary(rows)
-            if values:
-                pl_module.log_dict(values, on_step=True, on_epoch=False, prog_bar=False, logger=True)
+            self._window.add(summary(rows))
+        if self.log_summaries and self._window and _logs_now(trainer):
+            pl_module.log_dict(self._window.take(), on_step=True, on_epoch=False, prog_bar=False, logger=True)
 
     def summary(self) -> dict[str, float]:
         """The grouped scalars of the last recorded step ({} before the first)."""

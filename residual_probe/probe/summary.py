@@ -104,3 +104,33 @@ def summary(rows: Iterable[Mapping], step: int | None = None) -> dict[str, float
     if nonfinite:
         out[f"{PREFIX}/nonfinite_count"] = sum(nonfinite)
     return out
+
+
+class SummaryWindow:
+    """The summaries of every recorded step since the last `take()`, for loggers that write only
+    every n-th step: `take()` gives each key's last value and, under `probe_max/...`, its largest
+    finite value over the window, so a spike between two logs still shows.
+
+        window.add(summary(rows))      # every recorded step
+        logs.update(window.take())     # at a log
+    """
+
+    def __init__(self):
+        self._last: dict[str, float] = {}
+        self._max: dict[str, float] = {}
+
+    def add(self, values: Mapping[str, float]) -> None:
+        for key, value in values.items():
+            self._last[key] = value
+            if math.isfinite(value) and not value <= self._max.get(key, -math.inf):
+                self._max[key] = value
+
+    def __bool__(self) -> bool:
+        return bool(self._last)
+
+    def take(self) -> dict[str, float]:
+        """{key: last value} plus {probe_max/<rest of key>: max}; empties the window."""
+        out = dict(self._last)
+        out.update({f"{PREFIX}_max/{key[len(PREFIX) + 1:]}": value for key, value in self._max.items()})
+        self._last, self._max = {}, {}
+        return out

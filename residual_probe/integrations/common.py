@@ -1,0 +1,53 @@
+"""What the Hugging Face and Lightning callbacks share: where the sink goes, and the run's
+metadata beside it (probe_run.json), which `residual-probe plot` reads for the placement."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+AUTO = "auto"
+# Placement of common Hugging Face families by model_type, written beside the sink (probe_run.json)
+# so that `residual-probe plot` knows where the Pre-LN collapse reference belongs.
+PLACEMENT_BY_MODEL_TYPE = {
+    **{t: "pre-ln" for t in ("gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt_neox", "gptj", "opt",
+                             "phi", "phi3", "gemma", "gemma2", "falcon", "bloom", "olmo")},
+    **{t: "post-ln" for t in ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "albert")},
+}
+
+
+def sink_path(sink, folder: str | os.PathLike, is_zero: bool) -> Path | None:
+    """The sink a callback writes: "auto" is <folder>/probe.jsonl on process 0; a path without
+    "{rank}" is written by process 0 only (the probe's numbers are the same on every rank)."""
+    if sink == AUTO:
+        if not is_zero:
+            return None
+        os.makedirs(folder, exist_ok=True)
+        return Path(folder) / "probe.jsonl"
+    if sink is not None and "{rank}" not in str(sink) and not is_zero:
+        return None
+    return Path(sink) if sink is not None else None
+
+
+def write_run_info(path: Path, model, probe, writer: str) -> None:
+    """probe_run.json beside the sink: the writer, the model's class and type, its placement (by
+    Hugging Face model_type, or the reference model's config) and the blocks probed."""
+    from ..output import write_json
+
+    config = getattr(model, "config", None) or getattr(model, "cfg", None)
+    model_type = getattr(config, "model_type", None)
+    placement, source = PLACEMENT_BY_MODEL_TYPE.get(model_type), "Hugging Face model_type"
+    if placement is None and isinstance(getattr(config, "placement", None), str):
+        placement, source = config.placement, "the model's config"
+    for child in () if placement else model.children():  # a LightningModule wrapping a model
+        inner = getattr(child, "config", None) or getattr(child, "cfg", None)
+        if isinstance(getattr(inner, "placement", None), str):
+            placement, source = inner.placement, "the model's config"
+        elif getattr(inner, "model_type", None) in PLACEMENT_BY_MODEL_TYPE:
+            placement, source = PLACEMENT_BY_MODEL_TYPE[inner.model_type], "Hugging Face model_type"
+        if placement:
+            break
+    info = {"writer": writer, "model_class": type(model).__name__, "model_type": model_type,
+            "placement": placement, "placement_source": source if placement else None,
+            "blocks": [b.name for b in probe.blocks]}
+    write_json(path.with_name("probe_run.json"), info)
