@@ -26,8 +26,19 @@ PLACEMENT_MARKERS = {"post-ln": "o", "pre-ln": "s", "residual": "^"}
 PLACEMENT_LABELS = {"residual": "ResiDual (Pre-Post-LN)", "post-ln": "Post-LN", "pre-ln": "Pre-LN"}
 
 
+# Colours for placements registered later (models.PLACEMENTS), in registration order.
+SPARE_COLORS = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5")
+
+
 def color(name: str) -> str:
-    return PLACEMENT_COLORS.get(name, "#333333")
+    """The placement's colour: fixed for the built-in ones, a spare one for any other registered
+    placement (so a new placement is told apart in every figure), grey for anything else."""
+    if name in PLACEMENT_COLORS:
+        return PLACEMENT_COLORS[name]
+    from ..models import PLACEMENTS
+
+    others = [p for p in PLACEMENTS if p not in PLACEMENT_COLORS]
+    return SPARE_COLORS[others.index(name) % len(SPARE_COLORS)] if name in others else "#333333"
 
 
 def marker(name: str) -> str:

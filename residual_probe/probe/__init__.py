@@ -12,7 +12,8 @@ from .params import PARAM_GROUPS, W2_NAMES, ParamPlan
 from .probe import Probe
 from .quantities import REGISTRY, TOKEN_STATS, Quantity, TokenStat
 from .records import COLUMNS, RowSink
-from .schedule import DEFAULT_QUANTITIES, QUANTITIES, ProbeError, Schedule
+from .quantities import DEFAULT_QUANTITIES, QUANTITIES
+from .schedule import ProbeError, Schedule
 
 __all__ = ["BlockInfo", "COLUMNS", "DEFAULT_QUANTITIES", "DiscoveryError", "GroupNorms", "PARAM_GROUPS", "ParamPlan",
            "Probe", "ProbeError", "QUANTITIES", "Quantity", "REGISTRY", "RowSink", "Schedule", "SquaredNorms",

@@ -39,9 +39,9 @@ from torch import nn
 from .discovery import BlockInfo, find_blocks
 from .gradnorm import is_dtensor
 from .params import ParamPlan
-from .quantities import REGISTRY, Quantity
+from .quantities import DEFAULT_QUANTITIES, REGISTRY, Quantity
 from .records import RowSink, row
-from .schedule import DEFAULT_QUANTITIES, ProbeError, Schedule, ScheduleSpec
+from .schedule import ProbeError, Schedule, ScheduleSpec
 from .stats import stream_tensors
 
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()  # block -> probe (weakref)
@@ -172,7 +172,7 @@ class Probe:
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise ProbeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.model = model
-        self.schedule = Schedule(quantities, every, steps)
+        self.schedule = Schedule(quantities, every, steps, known=REGISTRY)
         self.subsample_tokens, self.seed = subsample_tokens, seed
         self.include_eval = bool(include_eval)
         self.scaler, self.optimizer, self.defer = scaler, optimizer, bool(defer)

@@ -12,8 +12,6 @@ from typing import Callable, Iterable, Mapping, Union
 
 from ..errors import UserError
 
-QUANTITIES = ("param_grad_norm", "act_grad_norm", "w2_grad_norm", "forward_stats", "subsample", "update_ratio")
-DEFAULT_QUANTITIES = QUANTITIES[:5]  # update_ratio needs an optimizer: asked for by name
 
 ScheduleSpec = Union[int, Iterable[int], Callable[[int], bool]]
 
@@ -43,8 +41,10 @@ def make_schedule(every: ScheduleSpec | None = 1, steps: Iterable[int] | None = 
 class Schedule:
     """Per-quantity schedules; `active(step)` is the set of quantities to compute on `step`."""
 
-    def __init__(self, quantities: Iterable[str] | Mapping[str, ScheduleSpec] = DEFAULT_QUANTITIES,
-                 every: ScheduleSpec | None = 1, steps: Iterable[int] | None = None):
+    def __init__(self, quantities: Iterable[str] | Mapping[str, ScheduleSpec], every: ScheduleSpec | None = 1,
+                 steps: Iterable[int] | None = None, known: Iterable[str] = ()):
+        """known: the quantity names that exist (the registry's); any other name is refused."""
+        known = tuple(known)
         if isinstance(quantities, str):
             quantities = (quantities,)
         if isinstance(quantities, Mapping):
@@ -52,11 +52,11 @@ class Schedule:
         else:
             shared = make_schedule(every, steps)
             items = [(q, shared) for q in quantities]
-        unknown = [q for q, _ in items if q not in QUANTITIES]
+        unknown = [q for q, _ in items if q not in known]
         if unknown:
-            raise ProbeError(f"unknown quantity {unknown[0]!r}; choose from {', '.join(QUANTITIES)}")
+            raise ProbeError(f"unknown quantity {unknown[0]!r}; choose from {', '.join(known)}")
         if not items:
-            raise ProbeError("quantities: choose at least one of " + ", ".join(QUANTITIES))
+            raise ProbeError("quantities: choose at least one of " + ", ".join(known))
         self.rules = dict(items)
 
     @staticmethod

@@ -15,6 +15,8 @@ from .w2_grad_norm import W2GradNorm
 
 REGISTRY: dict[str, type[Quantity]] = {q.name: q for q in (
     ParamGradNorm, ActGradNorm, W2GradNorm, ForwardStats, Subsample, UpdateRatio)}
+QUANTITIES = tuple(REGISTRY)  # every name a Probe accepts
+DEFAULT_QUANTITIES = tuple(name for name, q in REGISTRY.items() if q.default)  # a Probe without `quantities=`
 
-__all__ = ["REGISTRY", "TOKEN_STATS", "ActGradNorm", "ForwardStats", "ParamGradNorm", "Quantity", "Subsample",
+__all__ = ["DEFAULT_QUANTITIES", "QUANTITIES", "REGISTRY", "TOKEN_STATS", "ActGradNorm", "ForwardStats", "ParamGradNorm", "Quantity", "Subsample",
            "TokenStat", "Transition", "UpdateRatio", "W2GradNorm"]

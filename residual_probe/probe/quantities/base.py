@@ -34,6 +34,7 @@ class Quantity:
 
     name: ClassVar[str] = ""
     uses_forward: ClassVar[bool] = False  # needs the blocks' forward hook on its scheduled steps
+    default: ClassVar[bool] = True  # recorded by a Probe built without `quantities=`
 
     def __init__(self, setup: Any, rule: Rule):
         self.setup = setup  # the probe's shared, read-only facts: blocks, parameter plan, options

@@ -30,6 +30,7 @@ from .base import Quantity, row
 
 class UpdateRatio(Quantity):
     name = "update_ratio"
+    default = False  # needs an optimizer's step: asked for by name
 
     def __init__(self, setup, rule):
         super().__init__(setup, rule)
