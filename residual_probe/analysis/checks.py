@@ -168,6 +168,13 @@ def residual_gradient(setting: str, stack: str, placement: str, grads: np.ndarra
     return check, {"grads": grads, "predicted": curve, "fit": fit}
 
 
+def collapse_toy_rtol(d: int, tokens: int) -> float:
+    """Tolerance of the toy model's Monte-Carlo against its closed form: 4 standard errors of a mean
+    of |N(0,1) - N(0,1)|-like terms over d * tokens samples (sd sqrt(pi/2 - 1)), plus the O(1/d)
+    bias of LayerNorm's finite-width variance."""
+    return 4 * math.sqrt(math.pi / 2 - 1) / math.sqrt(d * tokens) + 2 / d
+
+
 def collapse_toy(placement: str, measured: dict[str, np.ndarray], predicted: dict[str, np.ndarray], rtol: float) -> Check:
     """Monte-Carlo of the toy model against the closed forms: max relative error over blocks."""
     err = max(float(np.max(np.abs(measured[m] / predicted[m] - 1))) for m in measured)

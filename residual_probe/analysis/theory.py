@@ -319,3 +319,13 @@ def adam_update_condition(g, alpha: float, eps: float) -> float:
     du = alpha * g * eps / (np.abs(g) + eps) ** 2
     rms = float(np.sqrt(np.mean(g**2)))
     return float(u @ du / (np.linalg.norm(u) * rms))
+
+
+def adam_condition_curve(alpha: float, eps: float, n: int = 20000, seed: int = 0,
+                         grid=np.logspace(-4, 4, 60)) -> tuple[np.ndarray, np.ndarray]:
+    """kappa / (alpha sqrt(n) / eps) for a block of n standard Gaussian gradients scaled to RMS r * eps,
+    over r in `grid`: the closed form beside which a model's measured kappa is drawn."""
+    z = np.random.default_rng(seed).standard_normal(n)
+    ratio = np.array([adam_update_condition(r * eps * z, alpha, eps) / residual_adam_condition(alpha, n, eps)
+                      for r in grid])
+    return np.asarray(grid), ratio

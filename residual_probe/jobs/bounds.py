@@ -177,6 +177,7 @@ def run_bounds(spec: BoundsSpec, out: str | Path, formats=("png",), progress=Non
 
     from ..analysis import checks, theory
     from ..analysis import metrics as M
+    from ..analysis.collapse import inverse_sqrt_reference
     from ..plots import bounds as plots
     from ..output import prepare_out, versions, write_csv, write_json
 
@@ -259,8 +260,7 @@ def run_bounds(spec: BoundsSpec, out: str | Path, formats=("png",), progress=Non
         mc = {m: np.array([fn(X[j - 1], X[j]).item() for j in k]) for m, fn in
               (("cos_adjacent", M.cos_adjacent), ("ln_update", M.ln_update))}
         pred = {m: v for m, v in theory.collapse_prediction(p, k).items() if m in mc}
-        rtol = 4 * math.sqrt(math.pi / 2 - 1) / math.sqrt(spec.collapse_d * spec.collapse_tokens) + 2 / spec.collapse_d
-        all_checks.append(checks.collapse_toy(p, mc, pred, rtol))
+        all_checks.append(checks.collapse_toy(p, mc, pred, checks.collapse_toy_rtol(spec.collapse_d, spec.collapse_tokens)))
         toy[p] = {"mc": mc, "pred": pred}
     model_lnu = {}
     for setting in spec.settings:
@@ -270,7 +270,9 @@ def run_bounds(spec: BoundsSpec, out: str | Path, formats=("png",), progress=Non
             rel = _table(_select(rows, setting=setting, arch=spec.arch, placement=p, depth=top, stack=xstack, stream="x",
                                  metric="relative_update"), S, top)
             all_checks += checks.collapse_model(f"{setting}/{spec.arch}", p, lnu, rel)
-            model_lnu[(setting, p)] = {"ln_update": lnu, "closed_form": theory.collapse_from_relative_update(rel.mean(0))["ln_update"]}
+            model_lnu[(setting, p)] = {"ln_update": lnu,
+                                       "closed_form": theory.collapse_from_relative_update(rel.mean(0))["ln_update"],
+                                       "inverse_sqrt": inverse_sqrt_reference(lnu.mean(0))}
     figs += plots.plot_collapse(toy, model_lnu, out / "bounds_collapse", formats)
 
     # ResiDual's Adam argument: torch Adam's update on the Post-LN seq2seq model's own gradients
@@ -279,11 +281,13 @@ def run_bounds(spec: BoundsSpec, out: str | Path, formats=("png",), progress=Non
         for stack in ("encoder", "decoder"):
             sel = dict(setting=setting, arch="seq2seq", placement="post-ln", stack=stack, sublayer="block")
             t = {m: _table(_select(rows, metric=m, **sel), S, top) for m in ADAM_METRICS}
+            t["kappa_over_paper"] = t["adam_kappa"] / theory.residual_adam_condition(ADAM_LR, t["param_count"], ADAM_EPS)
             adam[(setting, stack)] = t
         both = {m: np.concatenate([adam[(setting, st)][m].ravel() for st in ("encoder", "decoder")]) for m in ADAM_METRICS}
         all_checks.append(checks.adam(f"{setting}/seq2seq N={top}", both["grad_rms"], both["grad_absmax"],
                                       both["param_count"], both["adam_kappa"], ADAM_LR, ADAM_EPS))
-    figs += plots.plot_adam(adam, ADAM_LR, ADAM_EPS, out / "bounds_adam", formats)
+    figs += plots.plot_adam(adam, ADAM_LR, ADAM_EPS, theory.adam_condition_curve(ADAM_LR, ADAM_EPS),
+                            out / "bounds_adam", formats)
 
     wall = time.perf_counter() - t_all
     check_rows = [c.to_row() for c in all_checks]

@@ -19,13 +19,12 @@ Computations (ratios, fits, verdicts) come from `residual_probe.analysis`; the p
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
+
+import numpy as np
 
 from ..errors import UserError
 from ..models import PLACEMENTS
@@ -96,6 +95,7 @@ def run_plot(run: str | Path, out: str | Path, steps: Sequence[int] | None = Non
     from ..analysis.collapse import collapse_change, collapse_verdict
     from ..analysis.diagnosis import gradient_verdict
     from ..analysis.summary import profile_ratio
+    from ..analysis.theory import collapse_prediction
     from ..ownership import folder_state
     from ..output import prepare_out, write_json
     from ..plots import run as plots
@@ -142,7 +142,10 @@ def run_plot(run: str | Path, out: str | Path, steps: Sequence[int] | None = Non
         act_steps = [s for s in picked if any(s in v for v in act.values())] or chosen_steps(
             sorted({s for v in act.values() for s in v}), None)
         files += plots.act_grad(act, act_steps, out / "act_grad", formats)
-    reference = {key: key[1] in PRE_LN_STREAMS.get(placement or "", ()) for key in cos}
+    # the Pre-LN toy model's adjacent cosine where the stream is Pre-LN-like (block k is the toy's k + 1)
+    reference = {key: collapse_prediction("pre-ln", np.arange(1, 1 + max(len(v) for v in by_step.values())))[
+                 "cos_adjacent"] if key[1] in PRE_LN_STREAMS.get(placement or "", ()) else None
+                 for key, by_step in cos.items()}
     if cos:
         files += plots.collapse(cos, infl, picked, reference, placement, out / "collapse", formats)
 
@@ -164,7 +167,7 @@ def run_plot(run: str | Path, out: str | Path, steps: Sequence[int] | None = Non
         "steps": {"first": recorded_steps[0], "last": recorded_steps[-1], "count": len(recorded_steps)},
         "stacks": {stack_label(s, st): len(next(iter(v.values()))) for (s, st), v in (grads or cos or act).items()},
         "metrics": metrics, "missing": missing, "placement": placement, "placement_source": placement_source,
-        "collapse_reference_drawn_for": [stack_label(s, st) for (s, st), yes in reference.items() if yes],
+        "collapse_reference_drawn_for": [stack_label(s, st) for (s, st), ref in reference.items() if ref is not None],
         "chosen_steps": picked,
         "nonfinite": {"count": len(nonfinite), "first_step": min((r["step"] for r in nonfinite), default=None),
                       "metrics": sorted({r["metric"] for r in nonfinite})},

@@ -21,10 +21,14 @@ def _settings(keys) -> list[str]:
 
 
 def _band(ax, x, table, c, lab):
-    """Geometric seed mean (line) and min..max over seeds (shade) of table (seeds, len(x))."""
-    ax.plot(x, np.exp(np.log(table).mean(0)), color=c, label=lab, lw=1.6)
-    if len(table) > 1:
-        ax.fill_between(x, table.min(0), table.max(0), color=c, alpha=0.2, lw=0)
+    """Geometric seed mean (line) and min..max over seeds (shade) of table (seeds, len(x)), as
+    `analysis.summary.band` defines them."""
+    from ..analysis.summary import band
+
+    b = band(table)
+    ax.plot(x, b["center"], color=c, label=lab, lw=1.6)
+    if b["seeds"] > 1:
+        ax.fill_between(x, b["low"], b["high"], color=c, alpha=0.2, lw=0)
 
 
 def plot_lemma2(data: dict, depth: int, path_stem: str | Path, formats=("png",)) -> list[Path]:
@@ -129,8 +133,7 @@ def plot_collapse(toy: dict, model: dict, path_stem: str | Path, formats=("png",
             _band(ax, np.arange(1, t.shape[1] + 1), t, color(p), label(p) + (" x stream (= Post-LN's at init)" if p == "residual" else ""))
         pre = model[(s, "pre-ln")]
         k = np.arange(1, pre["ln_update"].shape[1] + 1)
-        ref = pre["ln_update"].mean(0)[1] * np.sqrt(2 / k)  # k^-1/2 through block 2's value
-        ax.plot(k[1:], ref[1:], "--", color=color("pre-ln"), lw=0.9, label="k^-1/2 (toy asymptote, through block 2)")
+        ax.plot(k[1:], pre["inverse_sqrt"][1:], "--", color=color("pre-ln"), lw=0.9, label="k^-1/2 (toy asymptote, through block 2)")
         ax.plot(k[1:], pre["closed_form"][1:], ":", color="k", lw=1.2,
                 label="Pre-LN closed form with its own update sizes r_k")
         ax.set(xscale="log", yscale="log", xlabel="block k", ylabel="E|LN(h_k) - LN(h_{k-1})|",
@@ -141,26 +144,24 @@ def plot_collapse(toy: dict, model: dict, path_stem: str | Path, formats=("png",
     return save(fig, path_stem, formats)
 
 
-def plot_adam(data: dict, lr: float, eps: float, path_stem: str | Path, formats=("png",)) -> list[Path]:
-    """data[(setting, stack)] = {"grad_rms", "param_count", "adam_kappa"}: (seeds, N) each, Post-LN seq2seq.
+def plot_adam(data: dict, lr: float, eps: float, closed_form: tuple, path_stem: str | Path,
+              formats=("png",)) -> list[Path]:
+    """data[(setting, stack)] = {"grad_rms", "kappa_over_paper", ...}: (seeds, N) each, Post-LN seq2seq.
 
     x: a block's gradient RMS over eps; y: torch Adam's measured kappa over the paper's
-    alpha sqrt(n)/eps; the closed form for a block of Gaussian gradients beside it."""
-    from ..analysis.theory import adam_update_condition, residual_adam_condition
-
+    alpha sqrt(n)/eps; closed_form (rms/eps grid, ratio) for a block of Gaussian gradients beside it
+    (`analysis.theory.adam_condition_curve`)."""
     plt = setup()
     fig, ax = plt.subplots(figsize=(6, 4.2), layout="constrained")
     markers = {"xiong": "o", "fairseq": "s"}
     for (setting, stack), t in sorted(data.items()):
         x = t["grad_rms"].ravel() / eps
-        y = t["adam_kappa"].ravel() / residual_adam_condition(lr, t["param_count"].ravel(), eps)
+        y = t["kappa_over_paper"].ravel()
         c = color("post-ln") if stack == "decoder" else color("pre-ln")
         ax.plot(x, y, markers.get(setting, "o"), color=c, ms=3.5, alpha=0.7, mfc="none" if setting == "xiong" else c,
                 label=f"{stack}, {setting} init (each block, each seed)")
-    z = np.random.default_rng(0).standard_normal(20000)
-    grid = np.logspace(-4, 4, 60)
-    ax.plot(grid, [adam_update_condition(r * eps * z, lr, eps) / residual_adam_condition(lr, len(z), eps) for r in grid],
-            "-", color="k", lw=1, label="closed form, Gaussian gradients")
+    grid, ratio = closed_form
+    ax.plot(grid, ratio, "-", color="k", lw=1, label="closed form, Gaussian gradients")
     ax.axhline(1.0, ls="--", color=color("residual"), lw=1, label="paper: alpha sqrt(n) / eps")
     ax.axvline(1.0, ls=":", color="gray", lw=1, label="rms(g) = eps")
     ax.axvspan(grid[0], 1e-3, color=color("residual"), alpha=0.08, lw=0, label="checked: rms(g) < eps/1000")

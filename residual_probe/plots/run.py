@@ -193,15 +193,13 @@ def act_grad(act: Table, steps: Sequence[int], stem: str | Path, formats: Sequen
     return save(fig, stem, formats)
 
 
-def collapse(cos: Table, infl: Table, steps: Sequence[int], reference: Mapping[tuple[str, str], bool],
+def collapse(cos: Table, infl: Table, steps: Sequence[int], reference: Mapping[tuple[str, str], "np.ndarray | None"],
              placement: str | None, stem: str | Path, formats: Sequence[str] = ("png",)) -> list[Path]:
     """Adjacent cosine (top) and block influence 1 - cos (bottom, log) per block at the chosen steps.
 
-    The Pre-LN collapse reference sqrt(k/(k+1)) (ResiDual's toy model, `analysis.theory`) is drawn
-    on a panel only when `reference[(stack, stream)]` says the stream is Pre-LN-like.
+    reference[(stack, stream)]: the Pre-LN collapse reference sqrt(k/(k+1)) per block (ResiDual's
+    toy model, `analysis.theory.collapse_prediction`) where the stream is Pre-LN-like, else None.
     """
-    from ..analysis.theory import collapse_prediction
-
     plt = setup()
     keys = _keys(cos)
     fig, axes = _grid(plt, len(keys), width=4.8, height=3.3, rows=2)
@@ -224,9 +222,9 @@ def collapse(cos: Table, infl: Table, steps: Sequence[int], reference: Mapping[t
             bottom.plot(xs, np.where(yi > 0, yi, np.nan), color=colors[s], marker="o", ms=3, lw=1.4,
                         label=f"step {s}")
             _mark_nonfinite(bottom, xs, yi)
-        if reference.get(key) and n:
-            k = np.arange(n)
-            pred = collapse_prediction("pre-ln", k + 1)["cos_adjacent"]  # block k (0-based) is the toy's k + 1
+        pred = reference.get(key)
+        if pred is not None and n:
+            k = np.arange(len(pred))
             top.plot(k, pred, color="black", ls="--", lw=1,
                      label="Pre-LN toy model $\\sqrt{k/(k+1)}$\n(ResiDual, Xie et al. 2023)")
             bottom.plot(k, 1 - pred, color="black", ls="--", lw=1, label="Pre-LN toy model")
@@ -237,7 +235,7 @@ def collapse(cos: Table, infl: Table, steps: Sequence[int], reference: Mapping[t
         for ax in (top, bottom):
             _integer_x(ax)
             ax.legend(fontsize=8, frameon=False, loc="best")
-    if not any(reference.values()):
+    if all(v is None for v in reference.values()):
         why = f"not drawn for {placement}" if placement else "not drawn: placement unknown (--placement)"
         fig.text(0.5, -0.01, f"Pre-LN collapse reference {why}", ha="center", fontsize=8, color="0.35")
     fig.tight_layout()
