@@ -36,6 +36,15 @@ FfnOpt = Annotated[int, typer.Option(help="FFN hidden width.")]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")]
 DModelOpt = Annotated[int, typer.Option("--d-model", help="Model width.")]
 OutOpt = Annotated[Path, typer.Option(help="Output folder; the command owns it (see --overwrite).")]
+# Options of the commands that read checkpoints and text (grad-norms --ckpt, collapse, diagnose).
+CompareOpt = Annotated[Optional[list[Path]], typer.Option(help="Further checkpoints drawn in the same figures (repeatable).")]
+LossOpt = Annotated[Optional[str], typer.Option(help="causal-lm, seq2seq or mlm (default: each checkpoint's own head).")]
+TextOpt = Annotated[Optional[Path], typer.Option("--data", help="UTF-8 text file, tokenized by the checkpoint's tokenizer (bytes for byte-level models); default: CPython's pydoc topics.")]
+TokensOpt = Annotated[int, typer.Option(help="Tokens of --data to use: floor(N / seq-len) windows of consecutive tokens.")]
+TrustPickleOpt = Annotated[bool, typer.Option("--trust-pickle", help="Unpickle with plain torch.load: runs any code in the file. Only for files you trust.")]
+BlocksOpt = Annotated[Optional[str], typer.Option(help="Module-path pattern of the blocks when discovery fails, e.g. 'model.layers.*'.")]
+SubsampleOpt = Annotated[int, typer.Option(help="Tokens kept per layer for the similarity and CKA matrices.")]
+CkptSeedOpt = Annotated[int, typer.Option(help="Seed for MLM masking and the token subsample.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the outputs of an earlier run in --out (only the files that run wrote, as its manifest lists them); without it such a folder is refused.")]
 
 
@@ -165,6 +174,22 @@ AllowMissingOpt = Annotated[bool, typer.Option("--allow-missing-weights", help="
 DictOpt = Annotated[Optional[Path], typer.Option("--dict", help="fairseq checkpoints: the dictionary (fairseq's dict.txt) to tokenize --data with: whitespace-split words, </s> after each line; the text must be preprocessed (BPE) as the training data was. Default: UTF-8 bytes shifted past the 4 special ids.")]
 
 
+# grad-norms options that belong to one of its two modes (reference models, or --ckpt)
+REFERENCE_ONLY = frozenset({"depth", "placements", "arch", "d_model", "heads", "ffn", "seeds", "steps", "lr", "warmup",
+                            "init", "norm", "theory", "force"})
+CKPT_ONLY = frozenset({"compare", "loss", "tokens", "trust_pickle", "allow_missing_weights", "dict_", "blocks"})
+
+
+def given_options(ctx: typer.Context) -> set[str]:
+    """The options the user typed (not defaults), by parameter name."""
+    # compared by name: typer may ship its own copy of click, with its own ParameterSource enum
+    return {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}
+
+
+def _flag(ctx: typer.Context, name: str) -> str:
+    return next((p.opts[0] for p in ctx.command.params if p.name == name), f"--{name}")
+
+
 def invoked_command(ctx: typer.Context) -> str:
     """The current command as a shell line: its name and every option whose value is not the default."""
     import shlex
@@ -219,13 +244,13 @@ def grad_norms(
     format: FormatOpt = "png",
     theory: Annotated[bool, typer.Option("--theory", help="Overlay the predicted per-layer curves, fit each placement's decay rate, print verdicts.")] = False,
     ckpt: Annotated[Optional[Path], typer.Option(help="Measure a checkpoint instead of reference models (anything `collapse --ckpt` reads); see the data contract below.")] = None,
-    compare: Annotated[Optional[list[Path]], typer.Option(help="With --ckpt: further checkpoints drawn in the same figure (repeatable).")] = None,
-    loss: Annotated[Optional[str], typer.Option(help="With --ckpt: causal-lm, seq2seq or mlm (default: the checkpoint's own head).")] = None,
-    tokens: Annotated[int, typer.Option(help="With --ckpt: tokens of --data to use (floor(N / seq-len) windows).")] = 8192,
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="With --ckpt: unpickle with plain torch.load (runs code in the file).")] = False,
+    compare: CompareOpt = None,
+    loss: LossOpt = None,
+    tokens: TokensOpt = 8192,
+    trust_pickle: TrustPickleOpt = False,
     allow_missing_weights: AllowMissingOpt = False,
     dict_: DictOpt = None,
-    blocks: Annotated[Optional[str], typer.Option(help="With --ckpt: module-path pattern of the blocks when discovery fails.")] = None,
+    blocks: BlocksOpt = None,
     force: ForceOpt = False,
     overwrite: OverwriteOpt = False,
 ):
@@ -247,12 +272,17 @@ def grad_norms(
     first/last and first/median block ratios, the fitted per-block rate with its interval.
     """
     fmts = formats_option(format)
+    given = given_options(ctx)
     if ckpt is not None:
+        wrong = given & REFERENCE_ONLY
+        if wrong:
+            fail(f"{_flag(ctx, sorted(wrong)[0])} sets up the reference models and does not apply with --ckpt")
         return _grad_norms_ckpt(ckpt, compare, loss, data, tokens, seq_len if seq_len is not None else 256, batch,
                                 trust_pickle, allow_missing_weights, dict_, blocks, out, fmts,
                                 invoked_command(ctx), overwrite)
-    if compare or loss:
-        fail("--compare and --loss need --ckpt")
+    wrong = given & CKPT_ONLY
+    if wrong:
+        fail(f"{_flag(ctx, sorted(wrong)[0])} needs --ckpt")
     seq_len = 32 if seq_len is None else seq_len
     with user_errors(), owned_out(out, invoked_command(ctx), overwrite):
         from .jobs.grad_norms import GradNormsSpec, run_grad_norms
@@ -461,18 +491,18 @@ def checks_table(checks: list[dict]):
 def collapse(
     ctx: typer.Context,
     ckpt: Annotated[Path, typer.Option(help="Checkpoint: a residual-probe or Hugging Face folder, a fairseq .pt, or a bare state dict (.pt/.bin/.safetensors).")],
-    compare: Annotated[Optional[list[Path]], typer.Option(help="Further checkpoints drawn in the same figures (repeatable).")] = None,
+    compare: CompareOpt = None,
     label: Annotated[Optional[list[str]], typer.Option("--label", help="Name of each model in the figures and tables, in the order --ckpt, then each --compare (repeatable); default: the shortest path suffixes that tell them apart.")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="UTF-8 text file (the checkpoint's tokenizer if it has one, else bytes); default: CPython's pydoc topics.")] = None,
-    tokens: Annotated[int, typer.Option(help="Token positions run through each model.")] = 8192,
+    data: TextOpt = None,
+    tokens: TokensOpt = 8192,
     batch: Annotated[int, typer.Option(help="Sequences per forward.")] = 8,
     seq_len: SeqLenOpt = 256,
-    subsample: Annotated[int, typer.Option(help="Tokens kept per layer for the similarity and CKA matrices.")] = 256,
-    seed: Annotated[int, typer.Option(help="Seed for the token subsample (and images for vision models).")] = 0,
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Unpickle with plain torch.load: runs any code in the file. Only for files you trust.")] = False,
+    subsample: SubsampleOpt = 256,
+    seed: CkptSeedOpt = 0,
+    trust_pickle: TrustPickleOpt = False,
     allow_missing_weights: AllowMissingOpt = False,
     dict_: DictOpt = None,
-    blocks: Annotated[Optional[str], typer.Option(help="Module-path pattern of the blocks when discovery fails, e.g. 'model.layers.*'.")] = None,
+    blocks: BlocksOpt = None,
     placement: Annotated[Optional[str], typer.Option(help="Bare state dicts: the placement the weights were trained with.")] = None,
     heads: Annotated[Optional[int], typer.Option(help="Bare state dicts: attention heads.")] = None,
     depth: Annotated[Optional[int], typer.Option(help="Bare state dicts: blocks per stack (checked against the weights).")] = None,
@@ -529,18 +559,18 @@ def collapse(
 def diagnose(
     ctx: typer.Context,
     ckpt: Annotated[Path, typer.Option(help="Checkpoint: anything `collapse --ckpt` reads.")],
-    compare: Annotated[Optional[list[Path]], typer.Option(help="Further checkpoints drawn in the same figures (repeatable).")] = None,
-    loss: Annotated[Optional[str], typer.Option(help="causal-lm, seq2seq or mlm (default: each checkpoint's own head; a model without one gets the collapse side only).")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="UTF-8 text file; default: CPython's pydoc topics.")] = None,
-    tokens: Annotated[int, typer.Option(help="Tokens of --data: floor(N / seq-len) windows.")] = 8192,
+    compare: CompareOpt = None,
+    loss: LossOpt = None,
+    data: TextOpt = None,
+    tokens: TokensOpt = 8192,
     batch: Annotated[int, typer.Option(help="Windows per forward/backward.")] = 8,
     seq_len: SeqLenOpt = 256,
-    subsample: Annotated[int, typer.Option(help="Tokens kept per layer for the similarity and CKA matrices.")] = 256,
-    seed: Annotated[int, typer.Option(help="Seed for MLM masking and the token subsample.")] = 0,
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Unpickle with plain torch.load: runs any code in the file.")] = False,
+    subsample: SubsampleOpt = 256,
+    seed: CkptSeedOpt = 0,
+    trust_pickle: TrustPickleOpt = False,
     allow_missing_weights: AllowMissingOpt = False,
     dict_: DictOpt = None,
-    blocks: Annotated[Optional[str], typer.Option(help="Module-path pattern of the blocks when discovery fails.")] = None,
+    blocks: BlocksOpt = None,
     out: OutOpt = Path("results/diagnose"),
     overwrite: OverwriteOpt = False,
 ):

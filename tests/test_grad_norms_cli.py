@@ -146,3 +146,12 @@ def test_theory_overlay_prints_a_verdict_per_placement_and_stack(tmp_path):
     assert rezero_enc["verdict"].startswith("not fitted")
     post_dec = next(v for v in verdicts if v["placement"] == "post-ln" and v["stack"] == "decoder")
     assert post_dec["verdict"] in result.output and 0 < post_dec["rate"] < 1
+
+
+def test_flags_of_the_other_mode_are_refused(tmp_path):
+    """--ckpt with a reference-model flag, or a checkpoint flag without --ckpt: one line, exit 2."""
+    r = runner.invoke(app, ["grad-norms", "--ckpt", str(tmp_path / "x"), "--depth", "12", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "--depth sets up the reference models and does not apply with --ckpt" in r.output
+    r = runner.invoke(app, ["grad-norms", "--tokens", "100", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "--tokens needs --ckpt" in r.output
+    assert not (tmp_path / "o").exists()
