@@ -171,13 +171,15 @@ def check_memory(estimate, spec, force: bool) -> None:
 
 ForceOpt = Annotated[bool, typer.Option("--force", help="Run even when the memory estimate exceeds what the machine has free.")]
 AllowMissingOpt = Annotated[bool, typer.Option("--allow-missing-weights", help="Measure a checkpoint whose files lack some weights (after resolving tied and aliased names), leaving those at random initialization; the verdict then starts with 'partly random model'. Without it such a checkpoint is an error.")]
+AllowUnusedOpt = Annotated[bool, typer.Option("--allow-unused-weights", help="Measure a Hugging Face checkpoint whose files hold weights of blocks its config does not declare (a truncated model). Without it that is an error.")]
 DictOpt = Annotated[Optional[Path], typer.Option("--dict", help="fairseq checkpoints: the dictionary (fairseq's dict.txt) to tokenize --data with: whitespace-split words, </s> after each line; the text must be preprocessed (BPE) as the training data was. Default: UTF-8 bytes shifted past the 4 special ids.")]
 
 
 # grad-norms options that belong to one of its two modes (reference models, or --ckpt)
 REFERENCE_ONLY = frozenset({"depth", "placements", "arch", "d_model", "heads", "ffn", "seeds", "steps", "lr", "warmup",
                             "init", "norm", "theory", "force"})
-CKPT_ONLY = frozenset({"compare", "loss", "tokens", "trust_pickle", "allow_missing_weights", "dict_", "blocks"})
+CKPT_ONLY = frozenset({"compare", "loss", "tokens", "trust_pickle", "allow_missing_weights", "allow_unused_weights",
+                       "dict_", "blocks"})
 
 
 def given_options(ctx: typer.Context) -> set[str]:
@@ -249,6 +251,7 @@ def grad_norms(
     tokens: TokensOpt = 8192,
     trust_pickle: TrustPickleOpt = False,
     allow_missing_weights: AllowMissingOpt = False,
+    allow_unused_weights: AllowUnusedOpt = False,
     dict_: DictOpt = None,
     blocks: BlocksOpt = None,
     force: ForceOpt = False,
@@ -279,7 +282,7 @@ def grad_norms(
             fail(f"{_flag(ctx, sorted(wrong)[0])} sets up the reference models and does not apply with --ckpt")
         return _grad_norms_ckpt(ckpt, compare, loss, data, tokens, seq_len if seq_len is not None else 256, batch,
                                 trust_pickle, allow_missing_weights, dict_, blocks, out, fmts,
-                                invoked_command(ctx), overwrite)
+                                invoked_command(ctx), overwrite, allow_unused_weights)
     wrong = given & CKPT_ONLY
     if wrong:
         fail(f"{_flag(ctx, sorted(wrong)[0])} needs --ckpt")
@@ -308,13 +311,13 @@ def grad_norms(
 
 
 def _grad_norms_ckpt(ckpt, compare, loss, data, tokens, seq_len, batch, trust_pickle, allow_missing, dict_, blocks,
-                     out, fmts, command: str, overwrite: bool) -> None:
+                     out, fmts, command: str, overwrite: bool, allow_unused: bool) -> None:
     with user_errors(), owned_out(out, command, overwrite):
         from .jobs.ckpt_grads import CkptGradSpec, run_ckpt_grad_norms
 
         spec = CkptGradSpec(ckpts=tuple(str(p) for p in [ckpt, *(compare or [])]), loss=loss,
                             data=str(data) if data else None, tokens=tokens, seq_len=seq_len, batch=batch,
-                            trust_pickle=trust_pickle, allow_missing=allow_missing,
+                            trust_pickle=trust_pickle, allow_missing=allow_missing, allow_unused=allow_unused,
                             dictionary=str(dict_) if dict_ else None, blocks=blocks)
         with progress_bar("grad-norms --ckpt") as start:
             meta = run_ckpt_grad_norms(spec, out, formats=fmts, progress=start)
@@ -501,6 +504,7 @@ def collapse(
     seed: CkptSeedOpt = 0,
     trust_pickle: TrustPickleOpt = False,
     allow_missing_weights: AllowMissingOpt = False,
+    allow_unused_weights: AllowUnusedOpt = False,
     dict_: DictOpt = None,
     blocks: BlocksOpt = None,
     placement: Annotated[Optional[str], typer.Option(help="Bare state dicts: the placement the weights were trained with.")] = None,
@@ -530,6 +534,7 @@ def collapse(
             ckpts=tuple(str(p) for p in [ckpt, *(compare or [])]), data=str(data) if data else None, tokens=tokens,
             batch=batch, seq_len=seq_len, subsample=subsample, seed=seed, trust_pickle=trust_pickle, blocks=blocks,
             bare={k: v for k, v in bare.items() if v is not None}, allow_missing=allow_missing_weights,
+            allow_unused=allow_unused_weights,
             dictionary=str(dict_) if dict_ else None, force=force, labels=tuple(label or ()),
         )
         with progress_bar("collapse") as start:
@@ -569,6 +574,7 @@ def diagnose(
     seed: CkptSeedOpt = 0,
     trust_pickle: TrustPickleOpt = False,
     allow_missing_weights: AllowMissingOpt = False,
+    allow_unused_weights: AllowUnusedOpt = False,
     dict_: DictOpt = None,
     blocks: BlocksOpt = None,
     out: OutOpt = Path("results/diagnose"),
@@ -593,6 +599,7 @@ def diagnose(
         ckpts = tuple(str(p) for p in [ckpt, *(compare or [])])
         common = dict(ckpts=ckpts, data=str(data) if data else None, tokens=tokens, batch=batch, seq_len=seq_len,
                       seed=seed, trust_pickle=trust_pickle, allow_missing=allow_missing_weights,
+                      allow_unused=allow_unused_weights,
                       dictionary=str(dict_) if dict_ else None, blocks=blocks)
         gspec = CkptGradSpec(loss=loss, skip_without_head=loss is None, **common)
         cspec = CollapseSpec(subsample=subsample, **common)

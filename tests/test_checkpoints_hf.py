@@ -128,3 +128,21 @@ def test_missing_transformers_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(CheckpointError, match=r"residual-probe\[hf\]"):
         load_any(tmp_path / "b")
+
+
+def test_a_config_declaring_fewer_layers_than_the_weights_is_an_error(tmp_path):
+    """A truncated model (config edited to fewer layers) is refused, naming the omitted blocks;
+    --allow-unused-weights accepts it. Missing-weight lists read in layer order (2 before 10)."""
+    import json
+
+    from residual_probe.checkpoints.huggingface import natural_key
+
+    save_family("gpt2", tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["n_layer"] = 1
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"blocks the config does not declare \(layers 1-2, 22 weights; config.json declares 1 layer\)"):
+        load_any(tmp_path / "m")
+    loaded = load_any(tmp_path / "m", allow_unused=True)
+    assert len(find_blocks(loaded.model)) == 1 and any("not used" in n for n in loaded.notes)
+    assert sorted(["h.100.w", "h.2.w", "h.10.w"], key=natural_key) == ["h.2.w", "h.10.w", "h.100.w"]

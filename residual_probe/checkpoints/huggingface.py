@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +211,8 @@ def fill_missing(model, missing: list[str], files: list[Path], safetensors: bool
             or tuple(found[targets[k]].shape) != tuple(state[k].shape)]
 
 
-def load_hf_dir(path: str | Path, trust: bool = False, allow_missing: bool = False) -> tuple[Any, Any, dict[str, Any]]:
+def load_hf_dir(path: str | Path, trust: bool = False, allow_missing: bool = False,
+                allow_unused: bool = False) -> tuple[Any, Any, dict[str, Any]]:
     """(model in eval mode, tokenizer or None, description) of a Hugging Face folder.
 
     Tied and aliased weights are resolved as `from_pretrained` does (the config's tie flags, which
@@ -239,7 +241,8 @@ def load_hf_dir(path: str | Path, trust: bool = False, allow_missing: bool = Fal
         raise CheckpointError(f"{folder}: transformers could not load the weights ({_one_line(exc)})") from None
     if info.get("mismatched_keys"):
         raise CheckpointError(f"{folder}: weights with the wrong shape for the config (e.g. {sorted(info['mismatched_keys'])[0]})")
-    missing = sorted(fill_missing(model, sorted(info.get("missing_keys") or []), files, safetensors, aliases))
+    missing = sorted(fill_missing(model, sorted(info.get("missing_keys") or []), files, safetensors, aliases),
+                     key=natural_key)
     model = model.float().eval()
     notes = []
     if missing:
@@ -249,13 +252,42 @@ def load_hf_dir(path: str | Path, trust: bool = False, allow_missing: bool = Fal
                                   "pass --allow-missing-weights to measure them at random initialization")
         notes.append(f"partly random model: {len(missing)} weights missing from the files were left at "
                      f"random initialization ({shown})")
-    unused = sorted(info.get("unexpected_keys") or [])
+    unused = sorted(info.get("unexpected_keys") or [], key=natural_key)
+    omitted = omitted_blocks(unused, config)
+    if omitted and not allow_unused:  # the config declares fewer blocks than the files hold
+        raise CheckpointError(
+            f"{folder}: the files hold weights of blocks the config does not declare ({omitted}); the model "
+            "would be a truncated copy. Fix config.json, or pass --allow-unused-weights to measure the truncated model")
     if unused:
         notes.append(f"{len(unused)} stored weights are not used by {cls.__name__} (e.g. {unused[0]})")
     tokenizer = load_tokenizer(transformers, folder, notes)
     desc = {"family": f"huggingface:{config.model_type}", "class": type(model).__name__, "notes": notes,
             "missing_keys": missing}
     return model, tokenizer, desc
+
+
+def natural_key(name: str) -> list:
+    """Sort key reading the digit runs as numbers: layers.2 before layers.10 before layers.100."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def omitted_blocks(unused: list[str], config) -> str:
+    """The unused stored weights that belong to block indices at or past the config's layer count,
+    described ("layers 3-5, 48 weights"); "" when there are none."""
+    n = next((getattr(config, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if
+              isinstance(getattr(config, k, None), int)), None)
+    if n is None:
+        return ""
+    found = set()
+    count = 0
+    for name in unused:
+        idx = [int(t) for t in name.split(".") if t.isdigit()]
+        if idx and idx[0] >= n:
+            found.add(idx[0])
+            count += 1
+    if not found:
+        return ""
+    return f"layers {min(found)}-{max(found)}, {count} weights; config.json declares {n} layer{'s' if n != 1 else ''}"
 
 
 def _forward_args(module) -> set[str]:
@@ -312,7 +344,8 @@ def hf_loaded(transformers, model, tokenizer, desc: dict, source: str) -> Loaded
 @register("huggingface", 20, lambda s: s.path.is_dir() and is_hf_dir(s.path))
 def load_hf_source(source: Source) -> LoadedModel:
     source.no_bare_flags("a folder")
-    model, tokenizer, desc = load_hf_dir(source.path, trust=source.trust_pickle, allow_missing=source.allow_missing)
+    model, tokenizer, desc = load_hf_dir(source.path, trust=source.trust_pickle, allow_missing=source.allow_missing,
+                                         allow_unused=source.allow_unused)
     return hf_loaded(import_transformers(), model, tokenizer, desc, str(source.path))
 
 

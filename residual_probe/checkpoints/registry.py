@@ -28,6 +28,7 @@ class Source:
     path: Path
     trust_pickle: bool = False
     allow_missing: bool = False
+    allow_unused: bool = False  # stored weights of blocks the config omits (a truncated model) accepted
     given: dict[str, Any] = field(default_factory=dict)  # BARE_FIELDS the user gave (not None)
     _obj: Any = field(default=_UNREAD, repr=False)
 
@@ -67,7 +68,8 @@ def register(name: str, order: int, claims: Callable[[Source], bool]):
     return wrap
 
 
-def load_any(path: str | Path, trust_pickle: bool = False, allow_missing: bool = False, **given: Any) -> LoadedModel:
+def load_any(path: str | Path, trust_pickle: bool = False, allow_missing: bool = False, allow_unused: bool = False,
+             **given: Any) -> LoadedModel:
     """Load any registered checkpoint format; `given` holds BARE_FIELDS for bare state dicts (None: not given).
 
     A weight that the files do not hold, even after resolving tied and aliased names, is an error
@@ -79,7 +81,7 @@ def load_any(path: str | Path, trust_pickle: bool = False, allow_missing: bool =
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
-    source = Source(p, trust_pickle, allow_missing, {k: v for k, v in given.items() if v is not None})
+    source = Source(p, trust_pickle, allow_missing, allow_unused, {k: v for k, v in given.items() if v is not None})
     for fmt in sorted(FORMATS.values(), key=lambda f: f.order):
         if fmt.claims(source):
             return fmt.load(source)

@@ -38,6 +38,7 @@ class CkptGradSpec:
     seed: int = 0  # MLM masking
     trust_pickle: bool = False
     allow_missing: bool = False
+    allow_unused: bool = False  # stored weights of blocks the config omits (a truncated model) accepted
     dictionary: str | None = None  # fairseq dict.txt
     blocks: str | None = None
     bare: dict = field(default_factory=dict)
@@ -167,7 +168,8 @@ def run_ckpt_grad_norms(spec: CkptGradSpec, out: str | Path, formats=("png",), p
     t_start = time.perf_counter()
     for label, path in zip(labels_for(spec.ckpts), spec.ckpts):
         t0 = time.perf_counter()
-        loaded = load_any(path, trust_pickle=spec.trust_pickle, allow_missing=spec.allow_missing, **spec.bare)
+        loaded = load_any(path, trust_pickle=spec.trust_pickle, allow_missing=spec.allow_missing,
+                          allow_unused=spec.allow_unused, **spec.bare)
         if loaded.modality != "text":
             loaded.heads = {}  # no text loss for a vision model
         try:

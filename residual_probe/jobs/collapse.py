@@ -35,6 +35,7 @@ class CollapseSpec:
     seed: int = 0
     trust_pickle: bool = False
     allow_missing: bool = False  # measure weights the files lack at random init (verdict says so)
+    allow_unused: bool = False  # stored weights of blocks the config omits (a truncated model) accepted
     dictionary: str | None = None  # fairseq dict.txt for fairseq checkpoints
     blocks: str | None = None  # module-path pattern when block discovery fails, e.g. "model.layers.*"
     bare: dict = field(default_factory=dict)  # placement, heads, depth, ... for bare state dicts
@@ -148,7 +149,8 @@ def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress
     t_start = time.perf_counter()
     for label, path in zip(spec.labels or labels_for(spec.ckpts), spec.ckpts):
         t0 = time.perf_counter()
-        loaded = load_any(path, trust_pickle=spec.trust_pickle, allow_missing=spec.allow_missing, **spec.bare)
+        loaded = load_any(path, trust_pickle=spec.trust_pickle, allow_missing=spec.allow_missing,
+                          allow_unused=spec.allow_unused, **spec.bare)
         t1 = time.perf_counter()
         sample = _sample(loaded, spec, text)
         found = detect(loaded, sample, spec.blocks)
