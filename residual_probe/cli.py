@@ -395,6 +395,12 @@ def train(
         else:
             typer.echo(f"final held-out loss {meta['final_val_loss']:.4f} nats/byte after {meta['steps_done']} steps "
                        f"({meta['wall_seconds']:.0f} s)")
+        from .analysis.instability import Event
+
+        events = meta.get("instability_events", [])
+        typer.echo(f"instability events: {len(events) or 'none'}")
+        for e in events:
+            typer.echo(f"  {Event(**e).describe()}")
         report_files(meta["files"] + [str(Path(out) / "train.json")])
 
 
@@ -659,6 +665,7 @@ def plot(
     except ValueError:
         fail(f"--steps: expected comma-separated integers, got {steps!r}")
     with user_errors(), owned_out(out, invoked_command(ctx), overwrite):
+        from .analysis.instability import K, WINDOW, Event
         from .jobs.plot import run_plot
 
         meta = run_plot(run, out, steps=picked or None, placement=placement, formats=fmts)
@@ -676,6 +683,11 @@ def plot(
             since = f", {c['since_start']}" if c.get("since_start") else ""
             typer.echo(f"{name} step {c['step']}: collapse: {c['verdict']}"
                        + (f" (late-block adjacent cos {c['late_cos_adjacent']:.4f}{since})" if "late_cos_adjacent" in c else ""))
+        events = meta["instability_events"]
+        typer.echo(f"instability events: {len(events) or 'none'} (a block's gradient norm or update ratio above "
+                   f"{K:g}x its median over the {WINDOW} recorded steps before)")
+        for e in events:
+            typer.echo(f"  {Event(**e).describe()}")
         typer.echo(f"placement: {meta['placement'] or 'unknown'} ({meta['placement_source']})")
         n = meta["nonfinite"]
         if n["count"]:

@@ -54,7 +54,7 @@ from transformers import TrainerCallback  # noqa: E402
 from transformers.trainer_callback import CallbackHandler  # noqa: E402
 
 from ..probe import Probe  # noqa: E402
-from ..probe.summary import SummaryWindow, summary  # noqa: E402
+from ..probe.summary import InstabilityLog, SummaryWindow, summary  # noqa: E402
 from .common import AUTO, PLACEMENT_BY_MODEL_TYPE, sink_path, write_run_info  # noqa: E402,F401
 
 
@@ -100,6 +100,7 @@ class ProbeCallback(TrainerCallback):
         self._recorded_step: int | None = None
         self._last_rows: list[dict] = []
         self._window = SummaryWindow()  # summaries recorded since the last log
+        self.instability = InstabilityLog()
         self._warned_fallback = False
 
     # ---- set-up -------------------------------------------------------------------------
@@ -144,6 +145,7 @@ class ProbeCallback(TrainerCallback):
         self._recorded_step = None
         self._last_rows = []
         self._window = SummaryWindow()
+        self.instability = InstabilityLog()
         for p in model.parameters():
             if p.requires_grad:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_accumulated))
@@ -193,7 +195,8 @@ class ProbeCallback(TrainerCallback):
     def _keep(self, rows: list[dict]) -> None:
         if rows:  # a step the probe's schedule skips returns no rows: the last recorded step stands
             self._last_rows = rows
-            self._window.add(summary(rows))
+            self.instability.update(rows)
+            self._window.add({**summary(rows), **self.instability.values()})
 
     def on_step_end(self, args, state, control, **kwargs):
         self._queued_task = None

@@ -38,7 +38,7 @@ require("lightning", "lightning", "residual_probe.integrations.lightning")
 from lightning.pytorch import Callback  # noqa: E402
 
 from ..probe import Probe  # noqa: E402
-from ..probe.summary import SummaryWindow, summary  # noqa: E402
+from ..probe.summary import InstabilityLog, SummaryWindow, summary  # noqa: E402
 from .common import AUTO, sink_path, write_run_info  # noqa: E402
 
 
@@ -66,6 +66,7 @@ class ProbeCallback(Callback):
         self._recorded_step: int | None = None
         self._last_rows: list[dict] = []
         self._window = SummaryWindow()
+        self.instability = InstabilityLog()
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.probe is not None:
@@ -85,6 +86,7 @@ class ProbeCallback(Callback):
         self._recorded_step = None
         self._last_rows = []
         self._window = SummaryWindow()
+        self.instability = InstabilityLog()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.probe is None or self._recorded_step == trainer.global_step:
@@ -93,7 +95,8 @@ class ProbeCallback(Callback):
         self._recorded_step = trainer.global_step
         if rows:  # a step the probe's schedule skips returns no rows: the last recorded step stands
             self._last_rows = rows
-            self._window.add(summary(rows))
+            self.instability.update(rows)
+            self._window.add({**summary(rows), **self.instability.values()})
         if self.log_summaries and self._window and _logs_now(trainer):
             pl_module.log_dict(self._window.take(), on_step=True, on_epoch=False, prog_bar=False, logger=True)
 

@@ -94,6 +94,7 @@ def run_plot(run: str | Path, out: str | Path, steps: Sequence[int] | None = Non
     """Read the sink, draw the figures, write summary.json; returns the summary."""
     from ..analysis.collapse import collapse_change, collapse_verdict
     from ..analysis.diagnosis import gradient_verdict
+    from ..analysis.instability import find_events
     from ..analysis.summary import profile_ratio
     from ..analysis.theory import collapse_prediction
     from ..ownership import folder_state
@@ -132,12 +133,14 @@ def run_plot(run: str | Path, out: str | Path, steps: Sequence[int] | None = Non
         sorted({s for by_step in act.values() for s in by_step})
     picked = chosen_steps(fwd_steps, steps) if fwd_steps else []
 
+    events = find_events(rows)
     files: list[Path] = []
     if grads:
         files += plots.grad_heatmap(grads, out / "grad_heatmap", formats)
         ratios = {key: (sorted(by_step), [profile_ratio(by_step[s]) for s in sorted(by_step)])
                   for key, by_step in grads.items()}
-        files += plots.grad_steps(grads, ratios, out / "grad_steps", formats)
+        marks = [(e.step, e.stack, f"block {e.layer}") for e in events]
+        files += plots.grad_steps(grads, ratios, out / "grad_steps", formats, marks)
     if act:
         act_steps = [s for s in picked if any(s in v for v in act.values())] or chosen_steps(
             sorted({s for v in act.values() for s in v}), None)
@@ -172,6 +175,7 @@ def run_plot(run: str | Path, out: str | Path, steps: Sequence[int] | None = Non
         "nonfinite": {"count": len(nonfinite), "first_step": min((r["step"] for r in nonfinite), default=None),
                       "metrics": sorted({r["metric"] for r in nonfinite})},
         "gradient_verdicts": verdicts, "collapse_verdicts": collapse,
+        "instability_events": [e.to_row() for e in events],
         "files": [str(f) for f in files] + [str(out / "summary.json")],
     }
     write_json(out / "summary.json", summary)

@@ -68,6 +68,7 @@ def probe_figures(out: Path, placement: str, meta: dict) -> list[Path]:
         meta["probe_figures"] = f"not drawn: {exc}"
         return []
     meta["probe_figures"] = "drawn by residual-probe plot"
+    meta["instability_events"] = summary["instability_events"]
     return [Path(f) for f in summary["files"]]
 
 
@@ -94,9 +95,10 @@ def run_train(spec: TrainSpec, out: str | Path, progress=None) -> dict:
     train = BatchSource(cfg.arch, spec.batch, spec.seq_len, cfg.vocab_size, spec.seed, train_text)
     val_batches = [BatchSource(cfg.arch, spec.batch, spec.seq_len, cfg.vocab_size, 10_000 + i, val_text).next()
                    for i in range(4)]  # fixed held-out batches: comparable across steps and runs
-    probe = Probe(model, quantities=("param_grad_norm", "act_grad_norm", "w2_grad_norm", "forward_stats"),
-                  every=spec.probe_every, sink=out / "probe.jsonl")
+    probe = Probe(model, quantities=("param_grad_norm", "act_grad_norm", "w2_grad_norm", "forward_stats",
+                                     "update_ratio"), every=spec.probe_every, sink=out / "probe.jsonl")
     trainer = Trainer(model, probe, lr=spec.lr, warmup=spec.warmup, clip=spec.clip)
+    probe.track_optimizer(trainer.optimizer)  # update ratios: a block whose update blew up is an instability event
     advance = progress(spec.steps) if progress else None
 
     meta = {"job": "train", "spec": asdict(spec), "model_config": cfg.to_dict(), "versions": versions(),

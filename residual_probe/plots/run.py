@@ -118,8 +118,12 @@ def grad_heatmap(grads: Table, stem: str | Path, formats: Sequence[str] = ("png"
 
 
 def grad_steps(grads: Table, ratios: Mapping[tuple[str, str], tuple[Sequence[int], Sequence[float]]],
-               stem: str | Path, formats: Sequence[str] = ("png",)) -> list[Path]:
-    """Top: first, median and last block's gradient norm against step. Bottom: first/last ratio."""
+               stem: str | Path, formats: Sequence[str] = ("png",),
+               events: Sequence[tuple[int, str, str]] = ()) -> list[Path]:
+    """Top: first, median and last block's gradient norm against step. Bottom: first/last ratio.
+
+    events: (step, stack, label) of the instability events (`analysis.instability`): a red
+    vertical line at the step on the origin stack's panels, labelled with the origin block."""
     plt = setup()
     keys = _keys(grads)
     fig, axes = _grid(plt, len(keys), width=4.8, height=3.1, rows=2)
@@ -136,6 +140,12 @@ def grad_steps(grads: Table, ratios: Mapping[tuple[str, str], tuple[Sequence[int
                                                   else " (median)"))
             marked |= _mark_nonfinite(ax, steps, np.where(y > 0, y, np.nan), label=not marked)
         ax.set_yscale("log")
+        for i, (step, stack, text) in enumerate(e for e in events if e[1] == key[0]):
+            for a in (ax, axes[1, j]):
+                a.axvline(step, color="#d62728", lw=0.9, ls="--", alpha=0.8,
+                          label="instability event" if (i == 0 and a is ax) else None)
+            ax.annotate(text, (step, 1.0), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right",
+                        fontsize=6.5, color="#d62728")
         ax.set(xlabel="optimizer step", ylabel=r"$\|\partial L/\partial\theta_k\|_2$",
                title=f"{_title(key)}: gradient norm of three blocks")
         ax.legend(fontsize=8, frameon=False)

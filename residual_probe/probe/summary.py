@@ -13,6 +13,8 @@ ResiDual's dual stream d, is named `<stack>:<stream>`):
 - `probe/block_influence/<stack>/<kk>` 1 - cos(h_{k-1}, h_k) (ShortGPT)
 - `probe/late_cos_adjacent/<stack>`    mean adjacent cosine over the last third of the blocks (collapse)
 - `probe/nonfinite_count`              NaN/inf values recorded in the step
+- `probe/instability_events`, `probe/instability_last_block`: with `InstabilityLog`, the count of
+  instability events so far and the last one's origin block (`analysis.instability`)
 
 `kk` is the block index, zero-padded so that keys sort in block order. For a 12-block model
 that is 12 + 12 + about 6 keys per stack: per-block curves for the two quantities that answer
@@ -134,3 +136,23 @@ class SummaryWindow:
         out.update({f"{PREFIX}_max/{key[len(PREFIX) + 1:]}": value for key, value in self._max.items()})
         self._last, self._max = {}, {}
         return out
+
+
+class InstabilityLog:
+    """Instability events over a run (`analysis.instability.Monitor`), as summary keys for loggers:
+    `probe/instability_events` (count so far) and `probe/instability_last_block` (the last event's
+    origin block; -1 before the first)."""
+
+    def __init__(self):
+        from ..analysis.instability import Monitor
+
+        self.monitor = Monitor()
+
+    def update(self, rows) -> list:
+        """Feed the rows of one `probe.step()`; returns the events that started in them."""
+        return self.monitor.update(rows)
+
+    def values(self) -> dict[str, float]:
+        events = self.monitor.events
+        return {f"{PREFIX}/instability_events": float(len(events)),
+                f"{PREFIX}/instability_last_block": float(events[-1].layer) if events else -1.0}

@@ -1,0 +1,113 @@
+"""Instability events on runs where the answer is known: one block's learning rate multiplied at
+a chosen step must be named with that step; a quiet run has no event; Post-LN without warm-up
+on text, which fails, shows events from block 0 while Pre-LN in the same setting has none."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from residual_probe.analysis.instability import Event, Monitor, find_events
+from residual_probe.data import BatchSource, builtin_corpus, split_tokens
+from residual_probe.models import ModelConfig, Transformer
+from residual_probe.probe import Probe
+from residual_probe.probe.summary import InstabilityLog, SummaryWindow
+
+
+def train(placement, steps, lr=1e-3, depth=6, d=32, block=None, at=None, mult=1.0, text=False):
+    """A decoder trained with the probe; block `block`'s learning rate is multiplied by `mult` at step `at`."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="decoder", placement=placement, depth=depth, d_model=d, heads=2, ffn=2 * d, max_len=64,
+                      dropout=0.0)
+    model = Transformer(cfg)
+    tokens = split_tokens(builtin_corpus())[0] if text else None
+    src = BatchSource("decoder", 8, 32, cfg.vocab_size, 0, tokens)
+    chosen = {id(p) for p in model.decoder.layers[block].parameters()} if block is not None else set()
+    groups = [{"params": [p for p in model.parameters() if id(p) not in chosen]}]
+    if chosen:
+        groups.append({"params": list(model.decoder.layers[block].parameters())})
+    opt = torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.98))
+    probe = Probe(model, quantities=("param_grad_norm", "update_ratio"), optimizer=opt)
+    log, losses = InstabilityLog(), []
+    with probe:
+        for step in range(steps):
+            opt.param_groups[-1]["lr"] = lr * (mult if step == at else 1.0)
+            b = src.next()
+            opt.zero_grad()
+            loss = F.cross_entropy(model(*b.inputs).flatten(0, 1), b.targets.flatten())
+            loss.backward()
+            log.update(probe.step())
+            opt.step()
+            losses.append(float(loss.detach()))
+    log.update(probe.step())  # the last update's ratios
+    return probe.rows(), log, losses
+
+
+@pytest.mark.parametrize("placement", ["pre-ln", "post-ln"])
+def test_a_block_whose_learning_rate_blew_up_is_named_with_its_step(placement):
+    rows, log, _ = train(placement, 40, block=2, at=30, mult=300.0)
+    events = find_events(rows)
+    assert len(events) == 1
+    e = events[0]
+    assert (e.step, e.stack, e.layer, e.metric) == (30, "decoder", 2, "update_ratio") and e.ratio > 50
+    assert "step 30: decoder block 2" in e.describe()
+    # the online monitor (the callbacks' and train's) finds the same event
+    assert [(x.step, x.layer) for x in log.monitor.events] == [(30, 2)]
+    assert log.values() == {"probe/instability_events": 1.0, "probe/instability_last_block": 2.0}
+
+
+def test_a_quiet_run_has_no_event():
+    rows, log, _ = train("pre-ln", 40)
+    assert find_events(rows) == [] and log.values()["probe/instability_events"] == 0.0
+
+
+@pytest.fixture
+def flush_denormals():
+    """Post-LN's vanishing gradients reach float32 denormals, which the CPU computes ~30x slower."""
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_flush_denormal(False)
+
+
+def test_post_ln_without_warmup_on_text_shows_events_that_pre_ln_does_not(flush_denormals):
+    post_rows, _, post_loss = train("post-ln", 50, depth=12, d=64, text=True)
+    pre_rows, _, pre_loss = train("pre-ln", 50, depth=12, d=64, text=True)
+    post, pre = find_events(post_rows), find_events(pre_rows)
+    assert pre == [] and min(pre_loss) < min(post_loss)  # Pre-LN trains and is quiet
+    # Post-LN: block 0's gradient spikes first (step 22), block 2 and others follow
+    assert post and (post[0].step, post[0].layer, post[0].metric) == (22, 0, "param_grad_norm")
+    assert post[0].followers
+
+
+def test_rule_on_hand_made_rows():
+    """Block 3 jumps 10x at step 12, block 4 follows at 13; a slow drift is not an event; NaN is."""
+    rows = []
+    for step in range(50):
+        for k in range(6):
+            v = 1.0 * 0.97 ** step  # drifting down 3 % a step
+            if k == 3 and step == 12:
+                v *= 10
+            if k == 4 and step == 13:
+                v *= 8
+            rows.append(dict(step=step, stack="decoder", layer=k, sublayer="block", stream="x",
+                             metric="param_grad_norm", value=v))
+    (e,) = find_events(rows)  # the slow drift (3 % a step) is not an event
+    assert (e.step, e.layer, round(e.ratio, 1)) == (12, 3, 8.2)  # 10 x 0.97^12 over the median of steps 0-11
+    assert [(f["layer"], f["step"]) for f in e.followers] == [(4, 13)]
+    rows.append(dict(step=40, stack="decoder", layer=0, sublayer="block", stream="x", metric="param_grad_norm",
+                     value=math.nan))
+    assert find_events(rows)[-1].step == 40 and "nan" in find_events(rows)[-1].describe()
+    assert find_events(rows, k=20.0)[0].step == 40  # a larger k: the 10x jump is not an event
+    with pytest.raises(ValueError):
+        Monitor(k=1.0)
+    assert isinstance(Event(**e.to_row()), Event)
+
+
+def test_summary_window_keeps_the_max_between_logs():
+    w = SummaryWindow()
+    for v in (1.0, 9.0, math.nan, 2.0):
+        w.add({"probe/grad_norm/decoder/00": v})
+    out = w.take()
+    assert out == {"probe/grad_norm/decoder/00": 2.0, "probe_max/grad_norm/decoder/00": 9.0}
+    assert not w and w.take() == {}
