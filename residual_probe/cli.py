@@ -197,10 +197,11 @@ def invoked_command(ctx: typer.Context) -> str:
     import shlex
 
     parts = ["residual-probe", ctx.info_name or ""]
+    given = given_options(ctx)
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
-        if value is None or value == param.default or value in ((), []):
-            continue
+        if value is None or value in ((), []) or (value == param.default and param.name not in given):
+            continue  # a default the user did not type
         flag = param.opts[0]
         if getattr(param, "is_flag", False):
             parts.append(flag)

@@ -125,7 +125,7 @@ def test_the_console_says_what_the_verdict_rests_on(tmp_path):
     text = tmp_path / "short.txt"
     text.write_text("a short text. " * 50)  # 700 bytes: far fewer tokens than asked
     r = runner.invoke(app, ["diagnose", "--ckpt", str(ckpt), "--data", str(text), "--tokens", "100000",
-                            "--seq-len", "32", "--out", str(tmp_path / "d")])
+                            "--seq-len", "32", "--batch", "8", "--out", str(tmp_path / "d")])
     assert r.exit_code == 0, r.output
     assert "data: 21 windows x 32 tokens = 672 tokens" in r.stdout
     assert "note: the text gives only 700 tokens" in r.stdout  # the adjustment, said on the console
@@ -135,6 +135,8 @@ def test_the_console_says_what_the_verdict_rests_on(tmp_path):
     verdicts = md.split("## Verdicts")[1].split("## Models")[0]
     assert verdicts.index("warning: the model does not predict") < verdicts.index("decoder:")
     assert "data: 21 windows x 32 tokens" in verdicts
+    # the report's command line is what was typed, a typed default (--batch 8) included
+    assert "--tokens 100000" in md and "--seq-len 32" in md and "--batch 8" in md
 
 
 def test_loss_warning_rule():

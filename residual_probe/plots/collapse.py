@@ -127,8 +127,10 @@ def plot_similarity(sim: pd.DataFrame, stem: str | Path, formats: Sequence[str] 
                       & (sim["metric"] == metric)]
             grid = sel.pivot_table(index="layer_i", columns="layer_j", values="value", aggfunc="first")
             ax = axes[row][2 * base + col]
+            stride = max(1, -(-len(grid) // 12))  # at most ~12 labels per axis: 30 layers stay readable
             sns.heatmap(grid, ax=ax, cmap="viridis", vmin=min(0.0, float(np.nanmin(grid.to_numpy()))), vmax=1.0,
-                        square=True, cbar_kws={"fraction": 0.046, "pad": 0.04})
+                        square=True, cbar_kws={"fraction": 0.046, "pad": 0.04}, xticklabels=stride,
+                        yticklabels=stride)
             ax.invert_yaxis()  # layer -1 (the embedding) at the origin
             ax.grid(False)
             ax.tick_params(axis="y", labelrotation=0)

@@ -36,12 +36,13 @@ def plot_checkpoint_gradients(rows: Sequence[dict], models: dict[str, dict], ste
     fig, axes = plt.subplots(1, len(panels), figsize=(max(6.4, 4.8 * len(panels)), 3.8), squeeze=False)
     for j, (panel, members) in enumerate(panels.items()):
         ax = axes[0, j]
-        n, values = 0, []
+        n, values, depths = 0, [], set()
         for m, stack in members:
             i = labels.index(m)
             sel = sorted((int(r["layer"]), float(r["param_grad_norm"])) for r in block
                          if r["placement"] == m and r["stack"] == stack)
             n = max(n, len(sel))
+            depths.add(len(sel))
             values += [v for _, v in sel if v > 0]
             c = color(placements[i]) if by_placement else CYCLE[i % len(CYCLE)]
             info = models.get(m, {})
@@ -54,7 +55,8 @@ def plot_checkpoint_gradients(rows: Sequence[dict], models: dict[str, dict], ste
             ax.yaxis.set_major_formatter(plain)
             ax.yaxis.set_minor_formatter(plain)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel(f"block k (0 = input side, {n - 1} = output side)")
+        ax.set_xlabel(f"block k (0 = input side, {n - 1} = output side)" if len(depths) == 1
+                      else "block k (0 = input side; each model's last block is its output side)")
         ax.set_ylabel(r"$\|\partial L/\partial\theta_k\|_2$")
         ax.set_title(f"{panel + ': ' if panel else ''}per-block gradient norm, one gradient on text")
         ax.legend(loc="best", frameon=False, fontsize=8)
