@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -124,14 +122,17 @@ def test_a_weight_really_missing_is_an_error_unless_allowed(tmp_path):
     assert loaded.partly_random and loaded.missing_weights == ["model.norm.weight"]
     assert loaded.notes[0].startswith("partly random model")
     # The CLI: exit 2, one line naming the weight; with the flag the verdict opens with the warning.
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
-    cmd = [sys.executable, "-m", "residual_probe.cli", "collapse", "--ckpt", str(folder), "--tokens", "64",
-           "--seq-len", "32", "--subsample", "16", "--out", str(tmp_path / "out")]
-    bad = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "model.norm.weight" in bad.stderr
+    from typer.testing import CliRunner
+
+    from residual_probe.cli import app
+
+    cmd = ["collapse", "--ckpt", str(folder), "--tokens", "64", "--seq-len", "32", "--subsample", "16",
+           "--out", str(tmp_path / "out")]
+    bad = CliRunner().invoke(app, cmd)
+    assert bad.exit_code == 2 and bad.stderr.strip().count("\n") == 0 and "model.norm.weight" in bad.stderr
     assert not (tmp_path / "out" / "collapse.json").exists()
-    ok = subprocess.run(cmd + ["--allow-missing-weights"], capture_output=True, text=True, env=env)
-    assert ok.returncode == 0, ok.stderr
+    ok = CliRunner().invoke(app, cmd + ["--allow-missing-weights"])
+    assert ok.exit_code == 0, ok.stderr
     verdict = [line for line in ok.stdout.splitlines() if "verdict" in line][0]
     assert "partly random model" in verdict
 

@@ -122,14 +122,20 @@ def bad_input_cases(tmp_path: Path):
 
 
 def test_bad_input_gives_one_line_and_no_files(tmp_path):
-    for name, (args, message) in bad_input_cases(tmp_path).items():
+    """In process (the CLI's error mapping), and the first case once more in a real process (its exit status)."""
+    for i, (name, (args, message)) in enumerate(bad_input_cases(tmp_path).items()):
         out = tmp_path / f"out-{name.replace(' ', '_')}"
         extra = [] if "--out" in args else ["--out", str(out)]
-        proc = run_cli(*args, *extra, cwd=tmp_path)
-        assert proc.returncode == 2, (name, proc.stderr)
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (name, proc.stderr)
-        assert "Traceback" not in proc.stderr + proc.stdout
+        if i == 0:
+            proc = run_cli(*args, *extra, cwd=tmp_path)
+            code, stderr, stdout = proc.returncode, proc.stderr, proc.stdout
+        else:
+            r = invoke(*args, *extra)
+            code, stderr, stdout = r.exit_code, r.stderr, r.stdout
+        assert code == 2, (name, stderr)
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (name, stderr)
+        assert "Traceback" not in stderr + stdout
         assert not list(out.glob("grad_norms*")), name
 
 

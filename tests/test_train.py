@@ -80,7 +80,17 @@ def test_interrupt_keeps_everything_written(tmp_path, monkeypatch):
     meta = json.loads((tmp_path / "train.json").read_text())
     assert meta["interrupted"] is True
     assert len(list(csv.DictReader(open(tmp_path / "loss.csv")))) >= 2
-    assert load_model(tmp_path / "model") is not None
+    # the saved model is the trained one: as many Adam updates as train.json says, reloading to equal weights
+    saved = load_model(tmp_path / "model")
+    assert meta["model_updates"] >= meta["steps_done"] >= 2
+    assert saved.cfg.placement == "pre-ln" and saved.cfg.depth == TINY["depth"]
+    fresh = load_model(tmp_path / "model")
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), fresh.state_dict().values()))
+    torch.manual_seed(0)
+    from residual_probe.models import Transformer
+
+    init = Transformer(saved.cfg)  # the same seed's initialization: training moved the weights
+    assert not torch.equal(init.decoder.layers[0].ffn.fc1.weight, saved.decoder.layers[0].ffn.fc1.weight)
     assert (tmp_path / "probe.jsonl").stat().st_size > 0
 
 
