@@ -337,6 +337,8 @@ def echo_gradient_models(models: list[dict]) -> None:
         typer.echo(f"  placement: {m['placement']} (from block structure; {m['placement_detail']}); norm: {m['norm_type']}")
         for w in m.get("warnings", []):
             typer.echo(f"warning: {m['label']}: {w}", err=True)
+        if m.get("whole_model"):
+            typer.echo("  gradient norm: " + ", ".join(f"{k} {v:.4g}" for k, v in m["whole_model"].items()))
         echo_data(m["data"])
         random = (f"partly random model ({len(m['partly_random'])} weights at random initialization): "
                   if m["partly_random"] else "")

@@ -61,6 +61,8 @@ def verdict_lines(grads: dict | None, collapse: dict) -> dict[str, list[str]]:
         elif g is not None:
             for v in g["verdicts"]:
                 lines.append(f"{v['stack']}: {v['verdict']}")
+            if g.get("whole_model"):
+                lines.append("gradient norm by part: " + ", ".join(f"{k} {v:.4g}" for k, v in g["whole_model"].items()))
         elif grads is not None:
             lines.append("gradients: not measured (no loss head)")
         for s in m["streams"]:

@@ -60,7 +60,12 @@ def test_csv_equals_direct_autograd_for_every_placement(tmp_path, arch):
     assert list(rows[0]) == ["placement", "seed", "step", "stack", "layer", "sublayer", "param_grad_norm"]
     # rows per (placement, seed): 3 blocks x (block, self_attn, [cross_attn,] ffn) per stack
     per_run = {"seq2seq": 3 * 3 + 3 * 4, "decoder": 3 * 3, "encoder": 3 * 3}[arch]
-    assert len(rows) == len(placements) * 2 * per_run
+    blocks = [r for r in rows if r["stack"] != "model"]
+    assert len(blocks) == len(placements) * 2 * per_run
+    # and the whole-model rows: the parts outside the blocks and the total, one "total" per run
+    totals = [r for r in rows if r["stack"] == "model" and r["sublayer"] == "total"]
+    assert len(totals) == len(placements) * 2 and {r["sublayer"] for r in rows if r["stack"] == "model"} >= {
+        "embedding", "total"}
     for placement in placements:
         for seed in (0, 1):
             direct = direct_block_norms(placement, arch, seed)
@@ -95,7 +100,7 @@ def test_data_file_is_used(tmp_path):
     text.write_text("The residual stream carries every layer's update. " * 40, encoding="utf-8")
     result = invoke("--arch", "decoder", "--seeds", "1", "--placements", "pre-ln", "--data", str(text), "--out", str(tmp_path / "o"))
     assert result.exit_code == 0, result.output
-    assert len(read_rows(tmp_path / "o" / "grad_norms.csv")) == 3 * 3
+    assert len([r for r in read_rows(tmp_path / "o" / "grad_norms.csv") if r["stack"] != "model"]) == 3 * 3
 
 
 def run_cli(*args, cwd):

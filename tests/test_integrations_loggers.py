@@ -53,8 +53,11 @@ def test_summary_keys_values_and_nan():
     assert s0["probe/nonfinite_count"] == 0
     # per-block keys for two quantities, a handful of numbers per stack
     # 2 stacks x 3 blocks of grad_norm; first/last, rate, w2 per stack; 4 (stack, stream) of block influence
-    # x 3 blocks, act-grad ratio, late cos; the non-finite count
-    assert len(s0) == 2 * 3 + 2 * 3 + 4 * 3 + 4 + 4 + 1
+    # x 3 blocks, act-grad ratio, late cos; the non-finite count; the whole model: embedding (shared by
+    # both stacks), the two stacks' final norms and the total (the head is tied)
+    assert len(s0) == 2 * 3 + 2 * 3 + 4 * 3 + 4 + 4 + 1 + 3
+    whole = {r["sublayer"]: r["value"] for r in rows if r["stack"] == "model"}
+    assert s0["probe/grad_norm_model/total"] == whole["total"] and set(whole) == {"embedding", "final_norm", "total"}
     # the last step of a list of steps; NaN gradients give NaN summaries, not an exception
     s1 = summary(steps[0] + steps[1])
     assert math.isnan(s1["probe/grad_norm/encoder/01"]) and math.isnan(s1["probe/first_over_last/encoder"])

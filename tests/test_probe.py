@@ -116,6 +116,16 @@ def reference(model, inp, targets):
                 ref[(role, k, "group:other", "-", "param_grad_norm")] = param_norm([named["gate"]])
         last = len(stack.layers) - 1
         ref[(role, last, "ffn.fc2", "-", "w2_grad_norm")] = float(stack.layers[last].ffn.fc2.weight.grad.norm())
+    # the parts outside the blocks, and the total over every parameter once (clip_grad_norm_'s norm)
+    stacks = [s for _, s in model.stacks()]
+    parts = {"embedding": {p for s in stacks for p in s.embed.parameters()},
+             "final_norm": {p for s in stacks for m in (s.final_norm, s.embed_norm) if m is not None
+                            for p in m.parameters()},
+             "head": set(model.output_projection.parameters()) - {p for s in stacks for p in s.embed.parameters()}}
+    for part, ps in parts.items():
+        if ps:
+            ref[("model", -1, part, "-", "param_grad_norm")] = param_norm(ps)
+    ref[("model", -1, "total", "-", "param_grad_norm")] = param_norm(model.parameters())
     model.zero_grad(set_to_none=True)
     return ref
 

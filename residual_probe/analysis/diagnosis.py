@@ -70,11 +70,22 @@ def loss_warnings(mean_loss: float, vocab: int, family: str) -> list[str]:
             f"tokenization mismatch{hint}"]
 
 
+def whole_model_norms(rows: list[dict]) -> dict[str, float]:
+    """{part: norm} of one model's grad_norms.csv-style rows: the parts outside the blocks, "blocks"
+    (the root sum of squares of every block's norm) and "total" (clip_grad_norm_'s norm)."""
+    out = {r["sublayer"]: float(r["param_grad_norm"]) for r in rows if r["stack"] == "model"}
+    blocks = [float(r["param_grad_norm"]) for r in rows if r["sublayer"] == "block" and r["stack"] != "model"]
+    if blocks:
+        out["blocks"] = math.sqrt(sum(v * v for v in blocks))
+    order = ("embedding", "blocks", "final_norm", "head", "other", "total")
+    return {k: out[k] for k in order if k in out}
+
+
 def gradient_verdicts(rows: list[dict]) -> list[dict]:
     """One verdict per (model, stack) from grad_norms.csv-style rows (sublayer == "block")."""
     series: dict[tuple[str, str], dict[int, float]] = {}
     for r in rows:
-        if r["sublayer"] == "block":
+        if r["sublayer"] == "block" and r["stack"] != "model":
             series.setdefault((r["placement"], r["stack"]), {})[int(r["layer"])] = float(r["param_grad_norm"])
     return [{"model": m, "stack": s, **gradient_verdict([v[k] for k in sorted(v)])}
             for (m, s), v in series.items()]

@@ -151,7 +151,7 @@ def run_ckpt_grad_norms(spec: CkptGradSpec, out: str | Path, formats=("png",), p
     """Measure every checkpoint; write grad_norms.csv/.json/.png into `out`; returns the JSON dict."""
     import torch
 
-    from ..analysis.diagnosis import gradient_verdicts, loss_warnings
+    from ..analysis.diagnosis import gradient_verdicts, loss_warnings, whole_model_norms
     from ..checkpoints import load_any
     from ..checkpoints.text import read_fairseq_dict, read_text, text_windows
     from ..plots.diagnosis import plot_checkpoint_gradients
@@ -203,7 +203,7 @@ def run_ckpt_grad_norms(spec: CkptGradSpec, out: str | Path, formats=("png",), p
             "depth": depth, "width": width, "parameters": loaded.parameters,
             "partly_random": loaded.missing_weights, "notes": loaded.notes,
             "data": {**w.info, "batch": spec.batch, "source": source, "messages": w.messages},
-            "verdicts": gradient_verdicts(table), "vocab_size": vocab,
+            "verdicts": gradient_verdicts(table), "vocab_size": vocab, "whole_model": whole_model_norms(table),
             "warnings": loss_warnings(mean_loss, vocab, loaded.family),
             "nonfinite_values": sum(1 for r in table if not math.isfinite(r["param_grad_norm"])),
             "times": {"load_s": t1 - t0, "gradient_s": t2 - t1},

@@ -22,7 +22,7 @@ def plot_checkpoint_gradients(rows: Sequence[dict], models: dict[str, dict], ste
                               formats: Sequence[str] = ("png",)) -> list[Path]:
     """rows: grad_norms.csv rows (placement = model label); models: label -> {"placement", "loss", ...}."""
     plt = setup()
-    block = [r for r in rows if r["sublayer"] == "block"]
+    block = [r for r in rows if r["sublayer"] == "block" and r["stack"] != "model"]
     labels = list(dict.fromkeys(r["placement"] for r in block))
     stacks_of = {m: list(dict.fromkeys(r["stack"] for r in block if r["placement"] == m)) for m in labels}
     if all(len(v) == 1 for v in stacks_of.values()):  # one stack per model (decoder-only, encoder-only): one panel

@@ -20,11 +20,59 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .discovery import BlockInfo, is_norm
+from .discovery import BlockInfo, clean_path, is_norm
 from .gradnorm import GroupNorms, SquaredNorms
 from .schedule import ProbeError
 
 PARAM_GROUPS = ("attention", "ffn", "norm", "other")
+# the parts of a model outside its blocks, as param_grad_norm rows (stack "model", layer -1), then "total"
+PARTS = ("embedding", "final_norm", "head", "other")
+HEAD_NAMES = ("lm_head", "output_projection", "embed_out", "head", "classifier", "cls", "output", "qa_outputs")
+
+
+class Parts:
+    """The parameters outside the blocks, by part, for the whole-model rows of param_grad_norm.
+
+    embedding: nn.Embedding parameters (token and position); final_norm: norm modules outside the
+    blocks; head: the output projection (HEAD_NAMES) when its weight is its own tensor (a head tied
+    to the embedding is that tensor, counted once: `tied_head` says so); other: the rest. Every
+    parameter is counted once (`model.parameters()` order, as torch.nn.utils.clip_grad_norm_ sees
+    them), so the total over blocks and parts is clip_grad_norm_'s norm.
+    """
+
+    def __init__(self, model: nn.Module, block_ids: set[int]):
+        named = dict(model.named_modules())
+        owner = {}
+        for mpath, mod in named.items():
+            for attr, p in mod.named_parameters(recurse=False):
+                owner.setdefault(id(p), (mpath, mod, attr))
+        head_ids = {id(p) for mpath, mod in named.items()
+                    if mpath.rpartition(".")[2] in HEAD_NAMES for p in mod.parameters(recurse=False)}
+        embed_ids = {id(p) for mod in named.values() if isinstance(mod, nn.Embedding) for p in mod.parameters(recurse=False)}
+        self.refs: list[tuple[nn.Module, str]] = []
+        self.names: list[str] = []
+        members: dict[str, list[int]] = {part: [] for part in PARTS}
+        self.tied_head = False
+        for name, p in model.named_parameters():  # each tensor once: a tied weight under its first name
+            if id(p) in block_ids:
+                continue
+            mpath, mod, attr = owner[id(p)]
+            part = ("embedding" if id(p) in embed_ids else "head" if id(p) in head_ids else
+                    "final_norm" if is_norm(mod) else "other")
+            self.tied_head |= id(p) in embed_ids and id(p) in head_ids
+            members[part].append(len(self.refs))
+            self.refs.append((mod, attr))
+            mod_path = clean_path(name.rpartition(".")[0], model)  # the name without wrapper prefixes
+            self.names.append(f"{mod_path}.{attr}" if mod_path else attr)
+        self.keys = [part for part in PARTS if members[part]]
+        self.groups = GroupNorms(len(self.refs), [members[part] for part in self.keys])
+        self._squares = SquaredNorms()
+
+    def grad_squares(self) -> tuple[torch.Tensor, tuple[bool, ...]]:
+        """(squared norm of each part parameter's .grad, which parts have no .grad at all)."""
+        grads = [m._parameters[a].grad if a in m._parameters else getattr(m, a).grad for m, a in self.refs]
+        missing = tuple(all(grads[i] is None for i in group) for group in self.groups.groups)
+        return self._squares(grads), missing
 # the FFN output projection, by family: ours / OPT / fairseq (fc2), GPT-2 (mlp.c_proj), Llama /
 # Mistral / Qwen2 (down_proj), T5 (wo), Mixtral-style experts (w2), GPT-NeoX / Falcon / BLOOM
 # (dense_4h_to_h), torch.nn.Transformer*Layer (linear2), BERT / RoBERTa / ViT (output.dense)
@@ -108,6 +156,7 @@ class ParamPlan:
                     self.keys.append((pos, f"group:{g}"))
                     groups.append(list(dict.fromkeys(by_group[g])))
         self.groups = GroupNorms(len(self.refs), groups)
+        self.parts = Parts(model, {id(p) for p in self.tensors()})
         self.w2 = self._plan_w2(blocks, w2, strict_w2, index) if want_w2 else []  # not asked for: no search, no warning
         self._squares = SquaredNorms()
         self._missing_key = None

@@ -12,6 +12,8 @@ ResiDual's dual stream d, is named `<stack>:<stream>`):
 - `probe/act_grad_first_over_last/<stack>`  the same ratio for the activation gradient ||dL/dh_k||
 - `probe/block_influence/<stack>/<kk>` 1 - cos(h_{k-1}, h_k) (ShortGPT)
 - `probe/late_cos_adjacent/<stack>`    mean adjacent cosine over the last third of the blocks (collapse)
+- `probe/grad_norm_model/<part>`       the parts outside the blocks (embedding, final_norm, head,
+                                       other) and `total`, clip_grad_norm_'s norm
 - `probe/nonfinite_count`              NaN/inf values recorded in the step
 - `probe/instability_events`, `probe/instability_last_block`: with `InstabilityLog`, the count of
   instability events so far and the last one's origin block (`analysis.instability`)
@@ -102,6 +104,9 @@ def summary(rows: Iterable[Mapping], step: int | None = None) -> dict[str, float
             out[f"{PREFIX}/block_influence/{label}/{k:0{w}d}"] = by_layer[k]
     for label, by_layer in _series(rows, "cos_adjacent").items():
         out[f"{PREFIX}/late_cos_adjacent/{label}"] = _late_cos([by_layer[k] for k in sorted(by_layer)])
+    for r in rows:
+        if r["metric"] == "param_grad_norm" and r["stack"] == "model":
+            out[f"{PREFIX}/grad_norm_model/{r['sublayer']}"] = float(r["value"])
     nonfinite = [float(r["value"]) for r in rows if r["metric"] == "nonfinite_count"]
     if nonfinite:
         out[f"{PREFIX}/nonfinite_count"] = sum(nonfinite)
