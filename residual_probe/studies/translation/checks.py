@@ -14,6 +14,8 @@ import numpy as np
 from ...analysis import regime, significance
 from ...analysis.checks import Check, fmt
 
+FAILED_BLEU = 1.0  # below this held-out BLEU a run has not learned to translate
+
 # The paper's Table (IWSLT'14 De-En BLEU); None: not reported, "fail": did not train.
 PAPER_BLEU = {
     (6, "post-ln", True): 35.37, (6, "pre-ln", True): 35.12, (6, "residual", True): 35.63,
@@ -37,8 +39,10 @@ class Cells:
         return self.runs.get((depth, placement, warmup, lr, alpha), {})
 
     def failed(self, r: dict) -> bool:
-        """Diverged, or held-out loss no better than the unigram frequencies: learned nothing."""
-        return not (math.isfinite(r["heldout_loss"]) and r["heldout_loss"] < self.unigram)
+        """Did not learn to translate: diverged, held-out loss no better than the unigram frequencies,
+        or held-out BLEU under FAILED_BLEU (its decodes share almost no n-grams with the references:
+        a target-side language model that ignores the source gets there)."""
+        return not (math.isfinite(r["heldout_loss"]) and r["heldout_loss"] < self.unigram and r["bleu"] >= FAILED_BLEU)
 
     def bleu(self, cell) -> float:
         rs = self.get(*cell)
@@ -93,7 +97,8 @@ def regime_checks(cells: Cells, curves: dict[str, list[dict]], names: dict[tuple
         ("yes" if passed else "no") if pairs else "not run"))
     nw = cells.get(n0, "pre-ln", False, lr)
     rows.append(Check(
-        f"Pre-LN E{n0}D{n0} trains without warm-up (held-out loss below the unigram loss {cells.unigram:.2f})",
+        f"Pre-LN E{n0}D{n0} trains without warm-up (BLEU >= {FAILED_BLEU:g}, held-out loss below the unigram "
+        f"loss {cells.unigram:.2f})",
         setting, "pre-ln", "field: Pre-LN needs no warm-up (Xiong et al. 2020)",
         ", ".join(f"s{s}: loss {fmt(r['heldout_loss'])}, BLEU {r['bleu']:.2f}" for s, r in sorted(nw.items()))
         or "not run", ("yes" if not any(cells.failed(r) for r in nw.values()) else "no") if nw else "not run"))
@@ -113,7 +118,7 @@ def paper_checks(cells: Cells, n0: int, n1: int, lr: float, setting: str, gate_p
     nfail = sum(cells.failed(r) for r in post1.values())
     rows.append(Check(
         f"Post-LN fails to train at E{n1}D{n1} (warm-up)", where, "post-ln", "paper: fails",
-        f"failed seeds {nfail}/{len(post1)} (loss >= unigram or diverged); BLEU "
+        f"failed seeds {nfail}/{len(post1)} (BLEU < {FAILED_BLEU:g}, loss >= unigram or diverged); BLEU "
         + " ".join(f"{r['bleu']:.2f}" for _, r in sorted(post1.items())),
         ("yes" if nfail == len(post1) else "no" if nfail == 0 else "not resolved") if post1 else "not run"))
     rows.append(compare(cells, f"ResiDual > Post-LN at E{n1}D{n1} (warm-up)", where, "residual",
