@@ -59,8 +59,10 @@ def verdict_lines(grads: dict | None, collapse: dict) -> dict[str, list[str]]:
         if g is not None and "skipped" in g:
             lines.append(f"gradients: not measured ({g['skipped']})")
         elif g is not None:
+            how = (" (gradient of a contrastive loss, unsupervised SimCSE: the model has no loss head)"
+                   if g.get("loss") == "contrastive" else "")
             for v in g["verdicts"]:
-                lines.append(f"{v['stack']}: {v['verdict']}")
+                lines.append(f"{v['stack']}{how}: {v['verdict']}")
             if g.get("whole_model"):
                 lines.append("gradient norm by part: " + ", ".join(f"{k} {v:.4g}" for k, v in g["whole_model"].items()))
         elif grads is not None:

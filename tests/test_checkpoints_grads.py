@@ -147,3 +147,57 @@ def test_bad_inputs_fail_with_one_line(tmp_path):
         assert len(err) == 1 and message in err[0], res.output
         assert "Traceback" not in res.output
         assert not (tmp_path / "o" / "grad_norms.json").exists()
+
+
+def test_contrastive_loss_of_a_bare_encoder_equals_a_direct_simcse(tmp_path):
+    """A head-less BertModel: --loss contrastive (SimCSE: two dropout views, mean pooling, InfoNCE at
+    temperature 0.05) gives the per-block gradient norms of a direct computation with the same
+    dropout masks; diagnose uses it by default and says so."""
+    transformers = pytest.importorskip("transformers")
+    import torch.nn.functional as F
+
+    from residual_probe.checkpoints import load_any
+    from residual_probe.checkpoints.text import text_windows
+    from residual_probe.jobs.ckpt_grads import model_gradients
+    from residual_probe.probe import find_blocks
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                  intermediate_size=48, max_position_embeddings=64)
+    transformers.BertModel(cfg).save_pretrained(tmp_path / "bert")
+    loaded = load_any(tmp_path / "bert")
+    assert loaded.default_loss is None  # a bare encoder: no head
+    ids = torch.randint(5, 300, (6, 16))
+    torch.manual_seed(7)
+    rows, loss, blocks, vocab = model_gradients(loaded, "contrastive", ids, batch=3)
+    got = {r["layer"]: r["value"] for r in rows if r["sublayer"] == "block"}
+    # direct: the same seed, so the same dropout masks, batch by batch
+    model = loaded.model
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    model.train()
+    total = 0.0
+    for w in ids.split(3):
+        z1 = model(input_ids=w).last_hidden_state.mean(1)
+        z2 = model(input_ids=w).last_hidden_state.mean(1)
+        sim = F.cosine_similarity(z1[:, None], z2[None], dim=-1) / 0.05
+        part = F.cross_entropy(sim, torch.arange(w.shape[0]), reduction="sum")
+        (part / 6).backward()
+        total += float(part)
+    model.eval()
+    want = {b.index: math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in b.module.parameters()))
+            for b in find_blocks(model)}
+    assert loss == pytest.approx(total / 6, rel=1e-6) and vocab == 3
+    assert sorted(got) == [0, 1, 2]
+    for k in got:
+        assert got[k] == pytest.approx(want[k], rel=1e-5)
+    # diagnose: the contrastive loss by default for a head-less checkpoint, named in the verdict
+    from typer.testing import CliRunner
+
+    from residual_probe.cli import app
+
+    r = CliRunner().invoke(app, ["diagnose", "--ckpt", str(tmp_path / "bert"), "--tokens", "256", "--seq-len", "32",
+                                 "--out", str(tmp_path / "d")])
+    assert r.exit_code == 0, r.output
+    assert "gradient of a contrastive loss" in r.stdout and "gradients: not measured" not in r.stdout
+    assert "| contrastive |" in (tmp_path / "d" / "report.md").read_text()

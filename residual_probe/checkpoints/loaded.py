@@ -6,6 +6,7 @@ checkpoint can compute:
 - "causal-lm": logits(ids (B, T)) -> (B, T, V), position t predicts token t + 1;
 - "mlm": logits(masked ids (B, T)) -> (B, T, V), predicted at the masked positions;
 - "seq2seq": logits(src (B, T), decoder input (B, T)) -> (B, T, V), teacher-forced.
+"contrastive" needs no head: any text model's body gives it (`jobs.ckpt_grads.simcse_logits`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-LOSSES = ("causal-lm", "seq2seq", "mlm")
+LOSSES = ("causal-lm", "seq2seq", "mlm", "contrastive")
+
+
+def hidden_states(out) -> torch.Tensor:
+    """The (B, T, C) last hidden state of a body forward's output (a tensor, a Hugging Face output, a tuple)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if getattr(out, "last_hidden_state", None) is not None:
+        return out.last_hidden_state
+    return out[0]
 
 
 @dataclass

@@ -61,14 +61,42 @@ class NoLossHead(UserError):
     """The checkpoint defines no loss the user asked for; one line naming the choices."""
 
 
-def choose_loss(loaded, asked: str | None) -> str:
+TEMPERATURE = 0.05  # SimCSE's (Gao et al. 2021)
+
+
+def simcse_logits(loaded, ids, temperature: float = TEMPERATURE):
+    """Unsupervised SimCSE (Gao et al. 2021) as logits for cross-entropy: each window encoded twice
+    with dropout on (two views), mean-pooled over its tokens; logits[i, 0, j] = cos(z1_i, z2_j) / tau,
+    the target of row i is i (in-batch negatives). Returns (B, 1, B)."""
+    import torch.nn.functional as F
+
+    from ..checkpoints.loaded import hidden_states
+
+    model = loaded.model
+    was = model.training
+    model.train()  # dropout is the augmentation
+    try:
+        z1 = hidden_states(loaded.forward(ids)).mean(dim=1)
+        z2 = hidden_states(loaded.forward(ids)).mean(dim=1)
+    finally:
+        model.train(was)
+    return (F.cosine_similarity(z1[:, None, :], z2[None, :, :], dim=-1) / temperature)[:, None, :]
+
+
+def choose_loss(loaded, asked: str | None, headless_default: str | None = None) -> str:
+    """The loss to take the gradient of: `asked`, else the checkpoint's own head, else
+    `headless_default` (diagnose: "contrastive" for a bare encoder)."""
     from ..checkpoints import LOSSES
 
+    if asked == "contrastive" or (asked is None and loaded.default_loss is None and headless_default):
+        if loaded.modality != "text":
+            raise NoLossHead(f"{loaded.source}: the contrastive loss needs a text model")
+        return "contrastive"
     kind = asked or loaded.default_loss
     if kind is None:
         raise NoLossHead(f"{loaded.source}: {type(loaded.model).__name__} has no head that defines a loss; "
-                         f"--loss chooses among {', '.join(LOSSES)} for a checkpoint that has such a head "
-                         "(an LM, masked-LM or seq2seq head)")
+                         f"--loss chooses among {', '.join(LOSSES)} (--loss contrastive needs no head: "
+                         "unsupervised SimCSE, as sentence encoders are trained)")
     if kind not in loaded.heads:
         have = ", ".join(loaded.heads) or "none"
         raise NoLossHead(f"{loaded.source}: --loss {kind} needs a head this model lacks (its heads: {have}; "
@@ -87,6 +115,16 @@ def loss_batches(loaded, kind: str, windows, batch: int, seed: int) -> tuple[lis
     import torch
 
     out = []
+    if kind == "contrastive":  # targets: window i's two views match; the batch's other windows are negatives
+        parts = list(windows.split(batch))
+        if len(parts) > 1 and parts[-1].shape[0] == 1:  # one window alone has no negative: join the previous batch
+            parts[-2:] = [torch.cat(parts[-2:])]
+        if parts[0].shape[0] < 2:
+            from ..errors import UserError
+
+            raise UserError("--loss contrastive needs at least 2 windows of text (in-batch negatives)")
+        out = [((w,), torch.arange(w.shape[0])[:, None]) for w in parts]
+        return out, sum(w.shape[0] for w in parts)
     if kind == "mlm":
         gen = torch.Generator().manual_seed(seed)
         masked = torch.rand(windows.shape, generator=gen) < MASK_RATE
@@ -113,7 +151,7 @@ def accumulate_gradient(loaded, kind: str, batches, total: int, advance=None) ->
     import torch
     import torch.nn.functional as F
 
-    head = loaded.heads[kind]
+    head = (lambda ids: simcse_logits(loaded, ids)) if kind == "contrastive" else loaded.heads[kind]
     loaded.model.zero_grad(set_to_none=True)
     loss_sum, vocab = 0.0, 0
     with torch.enable_grad():
@@ -173,7 +211,7 @@ def run_ckpt_grad_norms(spec: CkptGradSpec, out: str | Path, formats=("png",), p
         if loaded.modality != "text":
             loaded.heads = {}  # no text loss for a vision model
         try:
-            kind = choose_loss(loaded, spec.loss)
+            kind = choose_loss(loaded, spec.loss, "contrastive" if spec.skip_without_head else None)
         except NoLossHead as exc:
             if not spec.skip_without_head:
                 raise
@@ -204,7 +242,8 @@ def run_ckpt_grad_norms(spec: CkptGradSpec, out: str | Path, formats=("png",), p
             "partly_random": loaded.missing_weights, "notes": loaded.notes,
             "data": {**w.info, "batch": spec.batch, "source": source, "messages": w.messages},
             "verdicts": gradient_verdicts(table), "vocab_size": vocab, "whole_model": whole_model_norms(table),
-            "warnings": loss_warnings(mean_loss, vocab, loaded.family),
+            # the uniform-guess test is about a vocabulary; a contrastive loss's classes are the batch
+            "warnings": loss_warnings(mean_loss, vocab, loaded.family) if kind != "contrastive" else [],
             "nonfinite_values": sum(1 for r in table if not math.isfinite(r["param_grad_norm"])),
             "times": {"load_s": t1 - t0, "gradient_s": t2 - t1},
         })
