@@ -11,26 +11,29 @@ The checks replace this analysis's rows in OUT/checks.csv and keep the others.
 from __future__ import annotations
 
 import argparse
-import csv
 from dataclasses import asdict
 from pathlib import Path
 
 from residual_probe.studies.translation import run
 
 NAME = "translation"
-COLUMNS = ("analysis", "statement", "setting", "placement", "predicted", "measured", "agreement")
 
 
 def write_checks(out: Path, checks) -> None:
-    """OUT/checks.csv with this analysis's rows replaced (written whole, then renamed)."""
-    from residual_probe.output import write_csv
+    """OUT/checks.csv and OUT/checks.json with this study's rows replaced; rows of other studies
+    are kept, rows of names no longer in STUDIES (a renamed study) dropped."""
+    import json
 
-    path = out / "checks.csv"
-    rows = []
-    if path.is_file():
-        with open(path, newline="") as fh:
-            rows = [r for r in csv.DictReader(fh) if r.get("analysis") != NAME]
-    write_csv(path, rows + [{"analysis": NAME, **asdict(c)} for c in checks], COLUMNS)
+    from residual_probe.output import write_csv, write_json
+    from residual_probe.studies import CHECK_COLUMNS, keep_other_checks
+
+    rows = keep_other_checks(out / "checks.csv", (NAME,)) + [{"analysis": NAME, **asdict(c)} for c in checks]
+    write_csv(out / "checks.csv", rows, CHECK_COLUMNS)
+    meta_path = out / "checks.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        meta["checks"] = rows
+        write_json(meta_path, meta)
 
 
 def main() -> None:
