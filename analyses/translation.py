@@ -25,7 +25,7 @@ def write_checks(out: Path, checks) -> None:
     import json
 
     from residual_probe.output import write_csv, write_json
-    from residual_probe.studies import CHECK_COLUMNS, keep_other_checks
+    from residual_probe.studies import CHECK_COLUMNS, STUDIES, keep_other_checks
 
     rows = keep_other_checks(out / "checks.csv", (NAME,)) + [{"analysis": NAME, **asdict(c)} for c in checks]
     write_csv(out / "checks.csv", rows, CHECK_COLUMNS)
@@ -33,6 +33,8 @@ def write_checks(out: Path, checks) -> None:
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         meta["checks"] = rows
+        meta["analyses"] = [name for name in STUDIES if any(r["analysis"] == name for r in rows)]
+        meta["seconds"] = {k: v for k, v in meta.get("seconds", {}).items() if k in STUDIES}
         write_json(meta_path, meta)
 
 
