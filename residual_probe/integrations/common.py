@@ -51,3 +51,72 @@ def write_run_info(path: Path, model, probe, writer: str) -> None:
             "placement": placement, "placement_source": source if placement else None,
             "blocks": [b.name for b in probe.blocks]}
     write_json(path.with_name("probe_run.json"), info)
+
+
+class GradHistory:
+    """Whole-block gradient norms of every written step, per stack, for the block x step heatmaps
+    the TensorBoard and W&B writers log (`heatmaps()` -> {stack label: (image, steps, log10 range)})."""
+
+    def __init__(self):
+        self._by_stack: dict[str, dict[int, dict[int, float]]] = {}
+
+    def add(self, rows, step: int) -> None:
+        from ..probe.summary import stack_label
+
+        for r in rows:
+            if r["metric"] == "param_grad_norm" and r["sublayer"] == "block":
+                label = stack_label(r["stack"], r["stream"])
+                self._by_stack.setdefault(label, {}).setdefault(step, {})[int(r["layer"])] = float(r["value"])
+
+    def heatmaps(self) -> dict[str, tuple]:
+        import math
+
+        import numpy as np
+
+        from .tensorboard import heatmap_rgb
+
+        out = {}
+        for label, by_step in self._by_stack.items():
+            steps = sorted(by_step)
+            layers = sorted({k for v in by_step.values() for k in v})
+            img, lo, hi = heatmap_rgb(np.array([[by_step[s].get(k, math.nan) for s in steps] for k in layers]))
+            out[label] = (img, steps, (lo, hi))
+        return out
+
+
+class CallbackCore:
+    """The state and logging the Hugging Face and Lightning callbacks share: options, the probe,
+    the last recorded rows, the summary window between logs and the instability events."""
+
+    def __init__(self, sink=AUTO, log_summaries: bool = True, **probe_kwargs):
+        for key in ("model", "start_step", "sink"):
+            if key in probe_kwargs:
+                raise TypeError(f"ProbeCallback sets {key!r} itself")
+        self.sink, self.log_summaries, self.probe_kwargs = sink, log_summaries, probe_kwargs
+        self.probe = None
+        self.sink_path: Path | None = None
+        self._recorded_step: int | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """A new run: forget the last rows, the window and the events."""
+        from ..probe.summary import InstabilityLog, SummaryWindow
+
+        self._last_rows: list[dict] = []
+        self._window = SummaryWindow()
+        self.instability = InstabilityLog()
+
+    def _keep(self, rows: list[dict]) -> None:
+        """A probe step's rows: a step the schedule skips returns none, and the last recorded one stands."""
+        from ..probe.summary import summary
+
+        if rows:
+            self._last_rows = rows
+            self.instability.update(rows)
+            self._window.add({**summary(rows), **self.instability.values()})
+
+    def summary(self) -> dict[str, float]:
+        """The grouped scalars of the last recorded step ({} before the first)."""
+        from ..probe.summary import summary
+
+        return summary(self._last_rows)

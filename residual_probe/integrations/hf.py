@@ -41,7 +41,6 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
 from . import require
@@ -54,8 +53,7 @@ from transformers import TrainerCallback  # noqa: E402
 from transformers.trainer_callback import CallbackHandler  # noqa: E402
 
 from ..probe import Probe  # noqa: E402
-from ..probe.summary import InstabilityLog, SummaryWindow, summary  # noqa: E402
-from .common import AUTO, PLACEMENT_BY_MODEL_TYPE, sink_path, write_run_info  # noqa: E402,F401
+from .common import AUTO, PLACEMENT_BY_MODEL_TYPE, CallbackCore, sink_path, write_run_info  # noqa: E402,F401 (re-exported)
 
 
 def _sync_gradients() -> bool:
@@ -78,7 +76,7 @@ def _caller_handler(callback) -> CallbackHandler | None:
     return None
 
 
-class ProbeCallback(TrainerCallback):
+class ProbeCallback(CallbackCore, TrainerCallback):
     """Records the probe once per optimizer step, before clipping; see the module doc.
 
     sink: "auto" (`<output_dir>/probe.jsonl`), a .csv/.jsonl path (written by process 0 unless it
@@ -88,19 +86,10 @@ class ProbeCallback(TrainerCallback):
     """
 
     def __init__(self, sink: str | os.PathLike | None = AUTO, log_summaries: bool = True, **probe_kwargs: Any):
-        for key in ("model", "start_step", "sink"):
-            if key in probe_kwargs:
-                raise TypeError(f"ProbeCallback sets {key!r} itself")
-        self.sink, self.log_summaries, self.probe_kwargs = sink, log_summaries, probe_kwargs
-        self.probe: Probe | None = None
-        self.sink_path: Path | None = None
+        super().__init__(sink, log_summaries, **probe_kwargs)
         self._hooks: list = []
         self._state = None
         self._queued_task = None
-        self._recorded_step: int | None = None
-        self._last_rows: list[dict] = []
-        self._window = SummaryWindow()  # summaries recorded since the last log
-        self.instability = InstabilityLog()
         self._warned_fallback = False
 
     # ---- set-up -------------------------------------------------------------------------
@@ -143,9 +132,7 @@ class ProbeCallback(TrainerCallback):
             write_run_info(self.sink_path, model, self.probe, "residual_probe.integrations.hf.ProbeCallback")
         self._state = state
         self._recorded_step = None
-        self._last_rows = []
-        self._window = SummaryWindow()
-        self.instability = InstabilityLog()
+        self.reset()
         for p in model.parameters():
             if p.requires_grad:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_accumulated))
@@ -192,20 +179,10 @@ class ProbeCallback(TrainerCallback):
         self._keep(self.probe.step())
         self._recorded_step = state.global_step
 
-    def _keep(self, rows: list[dict]) -> None:
-        if rows:  # a step the probe's schedule skips returns no rows: the last recorded step stands
-            self._last_rows = rows
-            self.instability.update(rows)
-            self._window.add({**summary(rows), **self.instability.values()})
-
     def on_step_end(self, args, state, control, **kwargs):
         self._queued_task = None
 
     # ---- logging ------------------------------------------------------------------------
-
-    def summary(self) -> dict[str, float]:
-        """The grouped scalars of the last recorded step ({} before the first)."""
-        return summary(self._last_rows)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.log_summaries or logs is None or not self._last_rows:

@@ -28,7 +28,6 @@ Built for the `lightning` package (`import lightning`), not the older standalone
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from . import require
@@ -38,8 +37,7 @@ require("lightning", "lightning", "residual_probe.integrations.lightning")
 from lightning.pytorch import Callback  # noqa: E402
 
 from ..probe import Probe  # noqa: E402
-from ..probe.summary import InstabilityLog, SummaryWindow, summary  # noqa: E402
-from .common import AUTO, sink_path, write_run_info  # noqa: E402
+from .common import AUTO, CallbackCore, sink_path, write_run_info  # noqa: E402
 
 
 def _logs_now(trainer) -> bool:
@@ -48,7 +46,7 @@ def _logs_now(trainer) -> bool:
     return bool(getattr(connector, "should_update_logs", True))
 
 
-class ProbeCallback(Callback):
+class ProbeCallback(CallbackCore, Callback):
     """Records the probe once per optimizer step, before clipping; see the module doc.
 
     sink: "auto" (`<log_dir>/probe.jsonl`), a .csv/.jsonl path, or None.
@@ -57,16 +55,7 @@ class ProbeCallback(Callback):
     """
 
     def __init__(self, sink: str | os.PathLike | None = AUTO, log_summaries: bool = True, **probe_kwargs: Any):
-        for key in ("model", "start_step", "sink"):
-            if key in probe_kwargs:
-                raise TypeError(f"ProbeCallback sets {key!r} itself")
-        self.sink, self.log_summaries, self.probe_kwargs = sink, log_summaries, probe_kwargs
-        self.probe: Probe | None = None
-        self.sink_path: Path | None = None
-        self._recorded_step: int | None = None
-        self._last_rows: list[dict] = []
-        self._window = SummaryWindow()
-        self.instability = InstabilityLog()
+        super().__init__(sink, log_summaries, **probe_kwargs)
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.probe is not None:
@@ -84,25 +73,16 @@ class ProbeCallback(Callback):
         if self.sink_path is not None:
             write_run_info(self.sink_path, pl_module, self.probe, "residual_probe.integrations.lightning.ProbeCallback")
         self._recorded_step = None
-        self._last_rows = []
-        self._window = SummaryWindow()
-        self.instability = InstabilityLog()
+        self.reset()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.probe is None or self._recorded_step == trainer.global_step:
             return  # a second optimizer in the same step: one recording per step
         rows = self.probe.step()
         self._recorded_step = trainer.global_step
-        if rows:  # a step the probe's schedule skips returns no rows: the last recorded step stands
-            self._last_rows = rows
-            self.instability.update(rows)
-            self._window.add({**summary(rows), **self.instability.values()})
+        self._keep(rows)
         if self.log_summaries and self._window and _logs_now(trainer):
             pl_module.log_dict(self._window.take(), on_step=True, on_epoch=False, prog_bar=False, logger=True)
-
-    def summary(self) -> dict[str, float]:
-        """The grouped scalars of the last recorded step ({} before the first)."""
-        return summary(self._last_rows)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.probe is not None:

@@ -20,13 +20,13 @@ Any writer with `add_scalar` and `add_image` works (torch's SummaryWriter, tenso
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from ..probe.summary import stack_label, summary
+from ..probe.summary import summary
+from .common import GradHistory
 
 NAN_RGB = (214, 39, 40)
 
@@ -71,7 +71,7 @@ class ProbeWriter:
             raise ValueError(f"image_every: expected an integer >= 0, got {image_every!r}")
         self.writer = _writer(target)
         self.image_every, self.prefix = image_every, prefix
-        self._history: dict[str, dict[int, dict[int, float]]] = {}  # stack -> step -> layer -> grad norm
+        self._history = GradHistory()
         self._written = 0
 
     def write(self, rows: Iterable[Mapping], step: int | None = None) -> dict[str, float]:
@@ -83,10 +83,7 @@ class ProbeWriter:
         values = summary(rows, max(int(r["step"]) for r in rows))
         for key, value in values.items():
             self.writer.add_scalar(self.prefix + key, value, step)
-        for r in rows:
-            if r["metric"] == "param_grad_norm" and r["sublayer"] == "block":
-                label = stack_label(r["stack"], r["stream"])
-                self._history.setdefault(label, {}).setdefault(step, {})[int(r["layer"])] = float(r["value"])
+        self._history.add(rows, step)
         self._written += 1
         if self.image_every and (self._written - 1) % self.image_every == 0:
             self.write_heatmaps(step)
@@ -94,11 +91,7 @@ class ProbeWriter:
 
     def write_heatmaps(self, step: int) -> None:
         """One block x step image per stack of all gradient norms written so far."""
-        for label, by_step in self._history.items():
-            steps = sorted(by_step)
-            layers = sorted({k for v in by_step.values() for k in v})
-            m = np.array([[by_step[s].get(k, math.nan) for s in steps] for k in layers])
-            img, _, _ = heatmap_rgb(m)
+        for label, (img, _, _) in self._history.heatmaps().items():
             self.writer.add_image(f"{self.prefix}probe/grad_norm_heatmap/{label}", img, step, dataformats="CHW")
 
     def flush(self) -> None:

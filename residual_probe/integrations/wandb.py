@@ -21,13 +21,13 @@ Offline runs (`WANDB_MODE=offline`) work the same and need no network.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from . import require
-from ..probe.summary import stack_label, summary
+from ..probe.summary import summary
+from .common import GradHistory
 
 
 class ProbeWandb:
@@ -42,7 +42,7 @@ class ProbeWandb:
             raise ValueError("no W&B run: call wandb.init() first, or pass the run")
         self.run, self.image_every, self.prefix, self.use_probe_step = run, image_every, prefix, use_probe_step
         self._wandb = wandb
-        self._history: dict[str, dict[int, dict[int, float]]] = {}
+        self._history = GradHistory()
         self._written = 0
 
     def write(self, rows: Iterable[Mapping]) -> dict[str, Any]:
@@ -52,10 +52,7 @@ class ProbeWandb:
             return {}
         step = max(int(r["step"]) for r in rows)
         values: dict[str, Any] = {self.prefix + k: v for k, v in summary(rows, step).items()}
-        for r in rows:
-            if r["metric"] == "param_grad_norm" and r["sublayer"] == "block":
-                label = stack_label(r["stack"], r["stream"])
-                self._history.setdefault(label, {}).setdefault(step, {})[int(r["layer"])] = float(r["value"])
+        self._history.add(rows, step)
         self._written += 1
         if self.image_every and (self._written - 1) % self.image_every == 0:
             values.update(self.heatmaps())
@@ -69,14 +66,8 @@ class ProbeWandb:
         """{tag: wandb.Image} of every gradient norm written so far, block x step per stack."""
         from PIL import Image
 
-        from .tensorboard import heatmap_rgb
-
         out = {}
-        for label, by_step in self._history.items():
-            steps = sorted(by_step)
-            layers = sorted({k for v in by_step.values() for k in v})
-            m = np.array([[by_step[s].get(k, math.nan) for s in steps] for k in layers])
-            img, lo, hi = heatmap_rgb(m)
+        for label, (img, steps, (lo, hi)) in self._history.heatmaps().items():
             caption = (f"block (rows, 0 at the bottom) x step {steps[0]}..{steps[-1]}; "
                        f"log10 grad norm {lo:.2f}..{hi:.2f}; red: NaN/inf")
             # a PIL image: W&B would read a (3, 1, 3) array as channels-first
