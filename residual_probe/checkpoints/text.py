@@ -121,8 +121,11 @@ def tokenize(loaded, text: str, need: int, dictionary: dict[str, int] | None = N
                                        + (" (no dictionary given: --dict)" if low else ""))
 
 
-def cut_windows(ids: torch.Tensor, tokens: int, seq_len: int, how: str) -> Windows:
-    """floor(tokens / seq_len) consecutive windows of `ids` (at least one), every change said."""
+def cut_windows(ids: torch.Tensor, tokens: int, seq_len: int, how: str, whole_text: bool = True) -> Windows:
+    """floor(tokens / seq_len) consecutive windows of `ids` (at least one), every change said.
+
+    whole_text: `ids` tokenize the whole text (False: tokenization stopped once enough tokens were
+    read, so the text's token count is unknown: `text_tokens` is None, `tokens_read` says how many)."""
     if seq_len < 2:
         raise TextError(f"--seq-len must be >= 2, got {seq_len}")
     if tokens < 1:
@@ -144,7 +147,8 @@ def cut_windows(ids: torch.Tensor, tokens: int, seq_len: int, how: str) -> Windo
     n = min(have, wanted)
     windows = ids[: n * seq_len].view(n, seq_len)
     info = {"tokenization": how, "tokens_requested": tokens, "tokens": n * seq_len, "windows": n,
-            "seq_len": seq_len, "text_tokens": int(ids.numel()), "repeated": False}
+            "seq_len": seq_len, "text_tokens": int(ids.numel()) if whole_text else None,
+            "tokens_read": int(ids.numel()), "repeated": False}
     return Windows(windows, how, messages, info)
 
 
@@ -156,4 +160,5 @@ def text_windows(loaded, text: str, tokens: int, seq_len: int, dictionary: dict[
     ids, how = tokenize(loaded, text, need, dictionary)
     if loaded.vocab_size is not None and ids.numel() and int(ids.max()) >= loaded.vocab_size:
         raise TextError(f"the tokenizer gives id {int(ids.max())}, outside the model's vocabulary of {loaded.vocab_size}")
-    return cut_windows(ids, tokens, seq_len, how)
+    stopped = dictionary is not None and loaded.family.startswith("fairseq") and ids.numel() >= need
+    return cut_windows(ids, tokens, seq_len, how, whole_text=not stopped)  # fairseq's reader stops at `need`
