@@ -597,53 +597,23 @@ def diagnose(
     model description, figures embedded, tables, the command, versions and times) and OUT/report.md.
     """
     command = invoked_command(ctx)
-    with user_errors(), owned_out(out, invoked_command(ctx), overwrite):
-        import csv
-        import time
-
-        from .jobs.ckpt_grads import CkptGradSpec, run_ckpt_grad_norms
-        from .jobs.collapse import CollapseSpec, run_collapse
-        from .report import write_report
+    with user_errors(), owned_out(out, command, overwrite):
+        from .jobs.ckpt_grads import CkptGradSpec
+        from .jobs.collapse import CollapseSpec
+        from .jobs.diagnose import run_diagnose
+        from .report import verdict_lines
 
         ckpts = tuple(str(p) for p in [ckpt, *(compare or [])])
         common = dict(ckpts=ckpts, data=str(data) if data else None, tokens=tokens, batch=batch, seq_len=seq_len,
                       seed=seed, trust_pickle=trust_pickle, allow_missing=allow_missing_weights,
-                      allow_unused=allow_unused_weights,
-                      dictionary=str(dict_) if dict_ else None, blocks=blocks)
-        gspec = CkptGradSpec(loss=loss, skip_without_head=loss is None, **common)
-        cspec = CollapseSpec(subsample=subsample, **common)
-        gspec.validate()
-        cspec.validate()
-        t0 = time.perf_counter()
-        with progress_bar("diagnose: gradients") as start:
-            grads = run_ckpt_grad_norms(gspec, Path(out) / "gradients", progress=start)
-        t1 = time.perf_counter()
-        with progress_bar("diagnose: collapse") as start:
-            coll = run_collapse(cspec, Path(out) / "collapse", progress=start)
-        t2 = time.perf_counter()
-
-        def read(path):
-            with open(path, newline="", encoding="utf-8") as fh:
-                return list(csv.DictReader(fh))
-
-        figures = [("Per-block gradient norm (one gradient on the text)", Path(out) / "gradients" / "grad_norms.png"),
-                   ("Adjacent cosine and block influence per block", Path(out) / "collapse" / "collapse_curves.png"),
-                   ("Layer x layer cosine similarity and linear CKA", Path(out) / "collapse" / "similarity.png"),
-                   ("Norm growth and relative update per block", Path(out) / "collapse" / "norm_growth.png")]
-        figures = [(c, p) for c, p in figures if p.is_file()]
-        times = {"gradients": t1 - t0, "collapse": t2 - t1}
-        for m in grads["models"]:
-            for k, v in m.get("times", {}).items():
-                times[f"{m['label']} {k.removesuffix('_s')}"] = v
-        files = write_report(Path(out), grads, coll, read(Path(out) / "gradients" / "grad_norms.csv"),
-                             read(Path(out) / "collapse" / "collapse.csv"), figures, command, times)
-        from .report import verdict_lines
-
-        for label, lines in verdict_lines(grads, coll).items():
+                      allow_unused=allow_unused_weights, dictionary=str(dict_) if dict_ else None, blocks=blocks)
+        result = run_diagnose(CkptGradSpec(loss=loss, skip_without_head=loss is None, **common),
+                              CollapseSpec(subsample=subsample, **common), out, command, progress_bar)
+        for label, lines in verdict_lines(result["gradients"], result["collapse"]).items():
             typer.echo(f"{label}:")
             for line in lines:
                 typer.echo(f"  {line}")
-        report_files(files)
+        report_files(result["files"])
 
 
 @app.command("plot")
