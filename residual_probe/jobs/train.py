@@ -81,6 +81,7 @@ def run_train(spec: TrainSpec, out: str | Path, progress=None) -> dict:
     from ..data import BatchSource, builtin_corpus, read_text_tokens, split_tokens
     from ..models import Transformer
     from ..output import prepare_out, versions, write_json
+    from ..ownership import record_write
     from ..plots.training import plot_losses
     from ..probe import Probe
     from ..training import Trainer
@@ -106,6 +107,7 @@ def run_train(spec: TrainSpec, out: str | Path, progress=None) -> dict:
             "diverged_at_step": None, "diverged": None}
     t0 = time.perf_counter()
     with open(out / "loss.csv", "w", newline="") as fh:
+        record_write(out / "loss.csv")  # written line by line: listed in the manifest from the start
         writer = csv.writer(fh)
         writer.writerow(["step", "lr", "train_loss", "val_loss"])
         try:

@@ -67,6 +67,9 @@ class RowSink:
                     raise ProbeError(f"sink {str(self.path)!r} exists and is not a probe CSV (first line {head[:60]!r}); "
                                      "rows are appended, never overwritten: choose another file")
             self._fh = open(self.path, "a", encoding="utf-8", newline="")
+            from ..ownership import record_write
+
+            record_write(self.path)  # a command's own folder lists its sink from the first line
             if self.format == "csv":
                 self._writer = csv.writer(self._fh, lineterminator="\n")
                 if fresh:
