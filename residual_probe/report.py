@@ -18,7 +18,7 @@ from typing import Sequence
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
 padding:0 1em;color:#222;line-height:1.45}h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
-th{background:#f4f4f4}td.l,th.l{text-align:left}ul.verdicts li{margin:.3em 0}.warn{color:#b00020;font-weight:600}
+th{background:#f4f4f4}td.l,th.l{text-align:left}div.scroll{overflow-x:auto;max-width:100%}ul.verdicts li{margin:.3em 0}.warn{color:#b00020;font-weight:600}
 img{max-width:100%;border:1px solid #eee;margin:.5em 0}code,pre{background:#f6f6f6;padding:.1em .3em}pre{padding:.6em;overflow-x:auto}
 .small{color:#666;font-size:.85em}"""
 
@@ -108,7 +108,7 @@ def _html_table(header: list[str], body: list[list[str]], left: int = 1) -> str:
     th = "".join(f"<th class=\"{'l' if i < left else ''}\">{html.escape(h)}</th>" for i, h in enumerate(header))
     trs = "".join("<tr>" + "".join(f"<td class=\"{'l' if i < left else ''}\">{html.escape(str(c))}</td>"
                                    for i, c in enumerate(r)) + "</tr>" for r in body)
-    return f"<table><tr>{th}</tr>{trs}</table>"
+    return f"<div class=\"scroll\"><table><tr>{th}</tr>{trs}</table></div>"  # wide tables scroll, the page does not
 
 
 def _md_table(header: list[str], body: list[list[str]]) -> str:
