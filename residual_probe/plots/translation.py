@@ -37,23 +37,24 @@ def _group_label(model: str, warm: str, lr: float | None = None) -> str:
     return f"{model}\n{'warm-up' if warm == 'yes' else 'no warm-up'}" + ("" if lr is None else f"\nlr {lr:g}")
 
 
-def plot_bleu(table: Sequence[dict], runs: Sequence[dict], path_stem: str | Path, formats=("png",)) -> list[Path]:
-    """Left: this study's BLEU (bar: seed mean, dots: seeds, x: failed run). Right: the paper's table."""
+def plot_bleu(table: Sequence[dict], runs: Sequence[dict], paper_bleu: Mapping[tuple, object], path_stem: str | Path,
+              formats=("png",)) -> list[Path]:
+    """Left: this study's BLEU (bar: seed mean, dots: seeds, x: failed run). Right: the paper's table,
+    paper_bleu[(depth, placement, warm-up)] = BLEU, "fail", or None (not reported)."""
     plt = setup()
     ours = _groups(table)
     paper = list(dict.fromkeys((m, w) for m, w, _ in ours))
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw=dict(width_ratios=[len(ours), max(len(paper), 1)]))
     w = 0.26
     by = {(r["model"], r["warmup"], float(r["lr"]), r["placement"]): r for r in table if float(r["alpha"]) == 1.0}
-    first = {(m, wu): lr for m, wu, lr in reversed(ours)}  # the paper's value read from one lr arm
+    first = {(m, wu): lr for m, wu, lr in reversed(ours)}  # one paper group per (model, warm-up)
     for ax, which, groups in zip(axes, ("ours", "paper"), (ours, [(m, wu, first[m, wu]) for m, wu in paper])):
         for gi, (model, warm, lr) in enumerate(groups):
             for pi, p in enumerate(PLACEMENTS):
                 r = by.get((model, warm, lr, p))
                 x = gi + (pi - 1) * w
-                if r is None:
-                    if which == "ours":
-                        ax.text(x, 0.02, "not run", ha="center", va="bottom", fontsize=7, color=color(p), rotation=90)
+                if r is None and which == "ours":
+                    ax.text(x, 0.02, "not run", ha="center", va="bottom", fontsize=7, color=color(p), rotation=90)
                     continue
                 if which == "ours":
                     ax.bar(x, r["bleu_mean"], w * 0.9, color=color(p), alpha=0.75,
@@ -67,8 +68,8 @@ def plot_bleu(table: Sequence[dict], runs: Sequence[dict], path_stem: str | Path
                         ax.text(x, max(r["bleu_mean"], 0) + 0.5, f"{len(fails)}\u00d7\nfail", ha="center",
                                 va="bottom", fontsize=7, color=color(p))
                 else:
-                    v = r["paper_bleu"]
-                    if isinstance(v, (int, float)) and v != "":
+                    v = paper_bleu.get((int(model[1:].split("D")[0]), p, warm == "yes"))
+                    if isinstance(v, (int, float)):
                         ax.bar(x, v, w * 0.9, color=color(p), alpha=0.75, label=label(p) if gi == 0 else None)
                         ax.text(x, v + 0.3, f"{v:.1f}", ha="center", va="bottom", fontsize=6.5, rotation=90)
                     else:

@@ -31,7 +31,9 @@ def draw(out: Path, specs: list[RunSpec], table, runs, curves, probes, streams, 
 
     size = f"d {specs[0].d_model}, {specs[0].steps} steps, dropout {specs[0].dropout:g}"
     note = "" if gate else " [gate failed: outside the paper's regime]"
-    plot_bleu(table, runs, out / "translation_bleu")
+    from .checks import PAPER_BLEU
+
+    plot_bleu(table, runs, PAPER_BLEU, out / "translation_bleu")
     main = [s for s in specs if s.lr == lr and s.alpha == 1.0]
     spec_rows = {s.name: asdict(s) for s in main}
     plot_curves({s.name: curves[s.name] for s in main}, spec_rows, out / "translation_curves",
