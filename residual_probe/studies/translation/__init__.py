@@ -84,11 +84,11 @@ def run(out: Path, quick: bool = False, workers: int | None = None, echo=print, 
     if missing:
         echo(f"translation: {len(missing)} of {len(planned)} runs not finished: {', '.join(missing)}")
     specs = [s for s in planned if s.name in results]
-    return write_results(out, specs, results, lr, why, quick, wall, workers, missing, root)
+    return write_results(out, specs, results, lr, why, quick, wall, workers, missing, root, train)
 
 
 def write_results(out: Path, specs: list[RunSpec], results: dict[str, dict], lr: float, why: str, quick: bool,
-                  wall: float, workers: int, missing: list[str], root: Path) -> list[Check]:
+                  wall: float, workers: int, missing: list[str], root: Path, trained: bool = True) -> list[Check]:
     from ...output import write_csv, write_json
 
     data = task_data(specs[0].max_bytes)
@@ -144,7 +144,10 @@ def write_results(out: Path, specs: list[RunSpec], results: dict[str, dict], lr:
 
     draw(out, specs, table, runs, curves, probes, streams, lr, n0, n1, res_runs, gate)
     write_json(out / "translation.json", dict(
-        study="translation", quick=quick, wall_seconds=round(wall, 1), workers=workers, unigram_loss=unigram,
+        study="translation", quick=quick, workers=workers, unigram_loss=unigram,
+        # this call's wall time when it trained; a --partial write trains nothing: None
+        wall_seconds=round(wall, 1) if trained else None,
+        train_seconds_total=round(sum(results[s.name]["train_seconds"] for s in specs), 1),
         main_lr=lr, lr_rule=why, gate_passed=gate, missing_runs=missing,
         sentences=dict(train=data.sentences[0], heldout=data.sentences[1]),
         units=dict(train=sum(map(len, data.train.values())), heldout=len(data.heldout)),
