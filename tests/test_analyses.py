@@ -72,5 +72,5 @@ def test_collapse_and_training(quick):
 
 
 def test_unknown_analysis_is_a_clear_error(tmp_path):
-    with pytest.raises(StudyError, match="unknown analysis 'nope'; choose from grad_norms_depths"):
+    with pytest.raises(StudyError, match="unknown study 'nope'; choose from grad_norms_depths"):
         run_all(tmp_path, quick=True, only=("nope",))
