@@ -4,7 +4,9 @@ Setting (issue 3): decoder-only, depth 48, d_model 256, 4 heads, ffn 1024, batch
 2 CPU threads, Adam. Variants, each a full step (zero_grad, forward, backward, record, Adam):
 
   plain          no measurement
-  grad_norms     Probe(param_grad_norm, w2_grad_norm): foreach norms at probe.step()
+  grad_norms     Probe(param_grad_norm, w2_grad_norm): foreach norms at probe.step() (blocks, the
+                 parts outside them and the total)
+  tensor_norms   (with --variants) grad_norms plus param_tensor_norm: a row per parameter tensor
   all_stats      Probe(every quantity): + act_grad_norm hooks, forward statistics, 256-token subsample
   per_param      Lightning-style grad_norm: a Python loop over every parameter's .grad, .item() each
   act_cache      activation-cache style: every block submodule's full output cloned, stats after
@@ -63,7 +65,9 @@ from residual_probe.models import build_model  # noqa: E402
 from residual_probe.probe import Probe, find_blocks  # noqa: E402
 
 VARIANTS = ("plain", "grad_norms", "all_stats", "per_param", "act_cache")
-BREAKDOWN = {"forward_stats": ("forward_stats",), "act_grad_norm": ("act_grad_norm",), "subsample": ("subsample",)}
+BREAKDOWN = {"forward_stats": ("forward_stats",), "act_grad_norm": ("act_grad_norm",), "subsample": ("subsample",),
+             # the gradient norms with a row per parameter tensor too (param_tensor_norm, off by default)
+             "tensor_norms": ("param_grad_norm", "w2_grad_norm", "param_tensor_norm")}
 SIZES = {
     "default": (dict(arch="decoder", placement="pre-ln", depth=48, d_model=256, heads=4, ffn=1024, vocab_size=256),
                 (8, 32)),
