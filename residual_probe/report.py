@@ -70,6 +70,7 @@ def verdict_lines(grads: dict | None, collapse: dict) -> dict[str, list[str]]:
         for s in m["streams"]:
             name = s["stack"] + (f" {s['stream']} stream" if s["stream"] != "x" else "")
             lines.append(f"{name}: {collapse_sentence(s)}")
+        lines += m.get("massive_activations", [])
         lines.append(data_line(m["data"]))
         lines += [f"note: {n}" for n in m.get("notes", []) + m["data"].get("messages", [])]
         out[m["label"]] = lines

@@ -115,3 +115,32 @@ def test_labels_tell_models_apart_by_the_shortest_path_suffix(tmp_path):
     assert labels_for((str(a), str(b))) == ["pre-ln/model", "post-ln/model"]
     assert labels_for((str(a), str(tmp_path / "x.pt"))) == ["model", "x.pt"]
     assert labels_for((str(a), str(a))) == ["model#0", "model#1"]
+
+
+def test_massive_activations_are_named_with_their_numbers():
+    """A few tokens made huge at block 2's output: the mean jumps, the median does not, and the
+    verdict names the block, how many tokens and how large (Sun et al. 2024's massive activations)."""
+    from residual_probe.analysis.collapse import massive_activations
+    from residual_probe.checkpoints.loaded import ours
+    from residual_probe.jobs.collapse import CollapseSpec, measure
+    from residual_probe.models import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(arch="decoder", placement="pre-ln", depth=4, d_model=16, heads=2, ffn=32,
+                                    max_len=64)).eval()
+
+    def spike(module, args, out):  # token 0 of every sequence x 100 in the residual stream
+        out = out.clone()
+        out[:, 0] *= 100.0
+        return out
+
+    model.decoder.layers[2].register_forward_hook(spike)
+    batches = [torch.randint(3, 250, (4, 16)) for _ in range(2)]
+    m = measure(ours(model, "residual-probe", "test"), batches, CollapseSpec(ckpts=("x",), subsample=16))
+    by = {(r["metric"], r["layer"]): r["value"] for r in m["rows"] if r["stream"] == "x"}
+    assert by[("massive_count", 2)] == 8 and by[("tokens", 2)] == 128  # 8 sequences, token 0 of each
+    assert by[("massive_count", 1)] == 0
+    assert by[("norm_sq_per_dim", 2)] > 50 * by[("norm_sq_per_dim_median", 2)]  # the mean is pulled up
+    (line,) = [s for s in massive_activations(m["rows"]) if s.startswith("decoder:")]
+    assert "from block 2: 8 of 128 tokens" in line and "median" in line
+    assert by[("norm_sq_per_dim_max", 2)] > 1000 * by[("norm_sq_per_dim_median", 2)]  # 100x the state: 10^4 in h^2

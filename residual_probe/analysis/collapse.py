@@ -46,6 +46,44 @@ def collapse_verdict(cos: list[float]) -> dict:
             "blocks": len(cos), "late_from": len(cos) - third}
 
 
+MASSIVE = 100.0  # a token is a massive activation when its ||h||^2/d is above 100x its block's median
+
+
+def token_norm_rows(per_token: dict[tuple, "np.ndarray"]) -> list[dict]:
+    """Rows of the per-token ||h||^2/d at each block output, {(stack, layer, stream): values}:
+    its median, maximum and the number of tokens above MASSIVE x the median (`massive_count`, with
+    `tokens` beside it)."""
+    rows = []
+    for (stack, layer, stream), v in per_token.items():
+        med = float(np.median(v))
+        for metric, value in (("norm_sq_per_dim_median", med), ("norm_sq_per_dim_max", float(v.max())),
+                              ("massive_count", float((v > MASSIVE * med).sum())), ("tokens", float(v.size))):
+            rows.append(dict(step=0, stack=stack, layer=layer, sublayer="block", stream=stream, metric=metric,
+                             value=value))
+    return rows
+
+
+def massive_activations(rows: list[dict]) -> list[str]:
+    """Per (stack, stream), the first block where some tokens' ||h||^2/d exceed MASSIVE x the median:
+    "massive activations from block 11: 8 of 2048 tokens reach ||h||^2/d 1.0e+06, median 31" (Sun et
+    al. 2024, a known property of Pre-LN residual streams: the mean alone reads as the whole stream
+    blowing up)."""
+    by: dict[tuple, dict[int, dict[str, float]]] = {}
+    for r in rows:
+        if r["metric"] in ("norm_sq_per_dim_median", "norm_sq_per_dim_max", "massive_count", "tokens"):
+            by.setdefault((r["stack"], r["stream"]), {}).setdefault(int(r["layer"]), {})[r["metric"]] = float(r["value"])
+    out = []
+    for (stack, stream), layers in by.items():
+        hit = [k for k in sorted(layers) if layers[k].get("massive_count", 0) > 0]
+        if hit:
+            k, v = hit[0], layers[hit[0]]
+            name = stack + ("" if stream in ("x", "-") else f" {stream} stream")
+            out.append(f"{name}: massive activations from block {k}: {int(v['massive_count'])} of {int(v['tokens'])} "
+                       f"tokens reach ||h||^2/d {v['norm_sq_per_dim_max']:.3g}, median "
+                       f"{v['norm_sq_per_dim_median']:.3g} (Sun et al. 2024: a few tokens, not the whole stream)")
+    return out
+
+
 def collapse_change(cos_start: list[float], cos_now: list[float], start_step: int) -> str:
     """How the late-block adjacent cosine moved since the first recorded step, in words:
     "down from 0.990 at step 0" (a verdict during training is relative to where the run began)."""

@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 CSV_COLUMNS = ("model", "stack", "layer", "stream", "metric", "value")
 SIM_COLUMNS = ("model", "stack", "stream", "metric", "layer_i", "layer_j", "value")
@@ -101,15 +101,35 @@ def measure(loaded, batches: list, spec: CollapseSpec, advance: Callable[[], Non
     from ..analysis import metrics
     from ..probe import Probe
 
+    from ..analysis.collapse import token_norm_rows
+    from ..probe.stats import stream_tensors
+
     probe = Probe(loaded.model, quantities=("forward_stats", "subsample"), subsample_tokens=spec.subsample,
                   seed=spec.seed, blocks=spec.blocks, group=None, include_eval=True)
+    # every token's ||h||^2/d at every block output (a few floats a token and block, on the host): the
+    # mean hides massive activations (Sun et al. 2024), so the median and the maximum are kept beside it
+    per_token: dict[tuple, list] = {}
+
+    def keep(block):
+        def hook(module, args, output):
+            for stream, h in zip(block.streams, stream_tensors(output, len(block.streams)) or ()):
+                v = h.detach().double().pow(2).mean(-1).flatten().cpu()
+                per_token.setdefault((block.stack, block.index, stream), []).append(v)
+        return hook
+
+    handles = [b.module.register_forward_hook(keep(b)) for b in probe.blocks]
     t0 = time.perf_counter()
-    with probe, torch.no_grad():
-        for x in batches:
-            loaded.forward(x)
-            if advance:
-                advance()
-        rows = probe.step()
+    try:
+        with probe, torch.no_grad():
+            for x in batches:
+                loaded.forward(x)
+                if advance:
+                    advance()
+            rows = probe.step()
+    finally:
+        for h in handles:
+            h.remove()
+    rows += token_norm_rows({k: torch.cat(v).numpy() for k, v in per_token.items()})
     t1 = time.perf_counter()
     matrices = {}
     for (stack, stream), H in probe.subsamples().items():  # H: (n_blocks + 1, n_tokens, d)
@@ -132,7 +152,7 @@ def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress
     import torch
 
     from ..analysis.collapse import (COLLAPSED_COS, COLLAPSING_COS, COLLAPSING_RATIO, collapse_summary,
-                                     overall_detail, overall_verdict)
+                                     massive_activations, overall_detail, overall_verdict)
     from ..analysis.theory import collapse_prediction
     from ..checkpoints import load_any
     from ..checkpoints.registry import labels_for
@@ -182,6 +202,7 @@ def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress
             "declared_placement": loaded.declared_placement, "depth": depth, "width": width,
             "parameters": loaded.parameters, "verdict": overall_verdict(summary),
             "verdict_from": overall_detail(summary), "streams": summary,
+            "massive_activations": massive_activations(rows),
             "partly_random": loaded.missing_weights,
             "nonfinite_values": nonfinite, "notes": loaded.notes, "data": data,
             "times": {"load_s": t1 - t0, **m["times"]},

@@ -91,12 +91,20 @@ def plot_norm_growth(rows: list[dict], placements: dict[str, str], stem: str | P
                      formats: Sequence[str] = ("png",)) -> list[Path]:
     plt = setup()
     norms, rel = _series(rows, "norm_sq_per_dim"), _series(rows, "relative_update")
+    medians, maxima = _series(rows, "norm_sq_per_dim_median"), _series(rows, "norm_sq_per_dim_max")
     style = _styler(list(norms), placements)
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8 + 0.25 * math.ceil(len(norms) / 3)))
     for key, (x, y) in norms.items():
         a.plot(x, y, **style(key))
+        c = style(key).get("color")
+        if key in medians:  # the median token and the largest: a few massive tokens move the mean alone
+            a.plot(*medians[key], color=c, ls="--", lw=1.0, alpha=0.8)
+            a.plot(*maxima[key], color=c, ls=":", lw=1.0, alpha=0.8)
+    if medians:
+        a.plot([], [], color="0.3", ls="--", lw=1.0, label="median token")
+        a.plot([], [], color="0.3", ls=":", lw=1.0, label="largest token")
     a.set_yscale("log")
-    a.set(xlabel="block k", ylabel=r"$E\,\|h_k\|^2 / d$", title="Residual-stream magnitude per block output")
+    a.set(xlabel="block k", ylabel=r"$\|h_k\|^2 / d$ (solid: mean)", title="Residual-stream magnitude per block output")
     for key, (x, y) in rel.items():
         b.plot(x, np.clip(y, 1e-8, None), **style(key))
     b.set_yscale("log")
