@@ -117,15 +117,16 @@ def write_results(out: Path, specs: list[RunSpec], results: dict[str, dict], lr:
               ("run", "step", "lr", "train_loss", "heldout_loss", "heldout_acc", "bleu"))
     probes = {s.name: read_rows(root / s.name / "probe.csv") for s in specs}
     streams = {s.name: read_rows(root / s.name / "streams.csv") for s in specs if s.placement == "residual"}
-    # an extract of the probe logs (the full logs stay in runs/): every 100th recorded step and the
-    # last, at the main lr, values to 6 significant digits, so the committed table stays small
+    # an extract of the probe logs (the full logs stay in runs/): the BLEU points (every bleu_every
+    # steps) and the last recorded step, at the main lr, values to 6 significant digits, so the
+    # committed table stays small (~1 MB for the full grid)
     probe_rows = []
     for s in specs:
         rs = probes[s.name]
         if rs and s.lr == lr and s.alpha == 1.0:
             last = max(int(r["step"]) for r in rs)
             probe_rows += [{"run": s.name, **r, "value": f"{float(r['value']):.6g}"} for r in rs
-                           if int(r["step"]) % 100 == 0 or int(r["step"]) == last]
+                           if int(r["step"]) % s.bleu_every == 0 or int(r["step"]) == last]
     write_csv(out / "translation_probe.csv", probe_rows,
               ("run", "step", "stack", "layer", "sublayer", "stream", "metric", "value"))
     write_csv(out / "translation_streams.csv", [dict(run=n, **r) for n, rs in streams.items() for r in rs],
