@@ -24,6 +24,14 @@ from .discovery import BlockInfo, clean_path, is_norm
 from .gradnorm import GroupNorms, SquaredNorms
 from .schedule import ProbeError
 
+def current(refs: list[tuple[nn.Module, str]]) -> list[torch.Tensor]:
+    """The parameters (owner module, attribute name) as they are now: FSDP swaps parameter objects,
+    so they are re-read at each step. Looked up in the owner's `_parameters` (nn.Module.__getattr__
+    costs ~1 us a name, 3 ms a step at 771 parameters), by attribute where the name is no longer a
+    registered parameter."""
+    return [m._parameters[a] if a in m._parameters else getattr(m, a) for m, a in refs]
+
+
 PARAM_GROUPS = ("attention", "ffn", "norm", "other")
 # the parts of a model outside its blocks, as param_grad_norm rows (stack "model", layer -1), then "total"
 PARTS = ("embedding", "final_norm", "head", "other")
@@ -70,7 +78,7 @@ class Parts:
 
     def grad_squares(self) -> tuple[torch.Tensor, tuple[bool, ...]]:
         """(squared norm of each part parameter's .grad, which parts have no .grad at all)."""
-        grads = [m._parameters[a].grad if a in m._parameters else getattr(m, a).grad for m, a in self.refs]
+        grads = [p.grad for p in current(self.refs)]
         missing = tuple(all(grads[i] is None for i in group) for group in self.groups.groups)
         return self._squares(grads), missing
 # the FFN output projection, by family: ours / OPT / fairseq (fc2), GPT-2 (mlp.c_proj), Llama /
@@ -192,12 +200,8 @@ class ParamPlan:
         return out
 
     def tensors(self, refs: list[int] | None = None) -> list[torch.Tensor]:
-        """The parameters as they are now (a module may have been given a new Parameter since), all
-        or those at indices `refs`: looked up in the owner's `_parameters` (nn.Module.__getattr__
-        costs ~1 us a name, 3 ms a step at 771 parameters), by attribute where the name is no
-        longer a registered parameter."""
-        pairs = self.refs if refs is None else [self.refs[i] for i in refs]
-        return [m._parameters[a] if a in m._parameters else getattr(m, a) for m, a in pairs]
+        """The parameters as they are now (`current`), all or those at indices `refs`."""
+        return current(self.refs if refs is None else [self.refs[i] for i in refs])
 
     def grads(self, refs: list[int] | None = None) -> list[torch.Tensor | None]:
         """The `.grad` of every parameter (or of those at indices `refs`)."""

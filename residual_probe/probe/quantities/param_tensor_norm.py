@@ -13,6 +13,7 @@ import math
 
 from ..discovery import clean_path
 from ..gradnorm import SquaredNorms
+from ..params import current
 from .base import Quantity, row
 
 
@@ -36,7 +37,7 @@ class ParamTensorNorm(Quantity):
     def values(self, ctx, pooled):
         if not self.is_active:
             return None
-        grads = [m._parameters[a].grad if a in m._parameters else getattr(m, a).grad for m, a in self.refs]
+        grads = [p.grad for p in current(self.refs)]
         self._present = [g is not None for g in grads]
         return ctx.unscale_params(self._squares(grads).sqrt())
 
