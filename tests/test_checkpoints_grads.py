@@ -157,7 +157,6 @@ def test_contrastive_loss_of_a_bare_encoder_equals_a_direct_simcse(tmp_path):
     import torch.nn.functional as F
 
     from residual_probe.checkpoints import load_any
-    from residual_probe.checkpoints.text import text_windows
     from residual_probe.jobs.ckpt_grads import model_gradients
     from residual_probe.probe import find_blocks
 

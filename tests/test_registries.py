@@ -4,7 +4,7 @@ consumer (config, budget, plot, style; schedule and Probe) without another list 
 import torch
 
 from residual_probe.models import PLACEMENTS, ModelConfig, Transformer
-from residual_probe.models.placements import Placement, register
+from residual_probe.models.placements import register
 
 
 def test_a_new_placement_reaches_config_budget_plot_and_style(tmp_path, monkeypatch):
