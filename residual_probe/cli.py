@@ -376,7 +376,7 @@ def train(
 ):
     """Train a small deep model on real text, recording per-layer gradients and collapse as it goes.
 
-    Writes OUT/loss.csv, OUT/probe.jsonl (flushed as written), OUT/model/ (a checkpoint that
+    Writes OUT/loss.csv, OUT/probe.csv (flushed as written), OUT/model/ (a checkpoint that
     `collapse --ckpt` reads), OUT/train.json and OUT/loss.png. Ctrl-C keeps all of it.
     """
     with user_errors(), owned_out(out, invoked_command(ctx), overwrite):
@@ -619,7 +619,7 @@ def diagnose(
 @app.command("plot")
 def plot(
     ctx: typer.Context,
-    run: Annotated[Path, typer.Argument(help="A probe sink (.jsonl/.csv) or a folder holding one (probe.jsonl: a Trainer's output_dir, the train job's OUT).")],
+    run: Annotated[Path, typer.Argument(help="A probe sink (.csv/.jsonl) or a folder holding one (probe.csv: a Trainer's output_dir, the train job's OUT).")],
     steps: Annotated[str, typer.Option(help="Comma-separated recorded steps for the per-layer collapse and activation-gradient curves (default: first, middle, last).")] = "",
     placement: Annotated[Optional[str], typer.Option(help="The run's norm placement, for the Pre-LN collapse reference (default: from train.json or probe_run.json beside the sink).")] = None,
     out: OutOpt = Path("results/plot"),

@@ -14,6 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from residual_probe.probe.records import read_sink
 from residual_probe.integrations.hf import ProbeCallback  # noqa: E402
 
 VOCAB, SEQ = 64, 8
@@ -96,9 +97,9 @@ def test_preclip_norms_exact_when_every_step_clips(tmp_path):
         assert got[s] == pytest.approx(ref[s], rel=1e-5), s
     # step 1: same weights and batch with and without clipping
     assert got[1] == pytest.approx(block_norms(cb_free.probe.rows())[1], rel=1e-5)
-    # the sink is the default <output_dir>/probe.jsonl and holds the same rows
-    lines = [json.loads(x) for x in open(tmp_path / "clip" / "probe.jsonl")]
-    assert block_norms(lines) == got
+    # the sink is the default <output_dir>/probe.csv and holds the same rows (to its 9 digits)
+    stored = block_norms(read_sink(tmp_path / "clip" / "probe.csv").rows)
+    assert stored.keys() == got.keys() and all(stored[s] == pytest.approx(got[s], rel=1e-8) for s in got)
 
 
 def test_gradient_accumulation_one_step_per_optimizer_step(tmp_path):
@@ -167,7 +168,7 @@ def test_a_spike_between_two_logs_reaches_the_log_at_its_step(tmp_path):
 
 def test_no_sink_schedule_and_bad_kwargs(tmp_path):
     trainer, cb = train(tmp_path, steps=3, sink=None, every=2, quantities=("param_grad_norm",))
-    assert not (tmp_path / "probe.jsonl").exists()
+    assert not (tmp_path / "probe.csv").exists()
     assert sorted({r["step"] for r in cb.probe.rows()}) == [2]  # every=2 of optimizer steps 1, 2, 3
     # a log after a recorded step carries its summaries; a log after a skipped step none
     logged = {h["step"]: any(k.startswith("probe/") for k in h) for h in trainer.state.log_history if "loss" in h}

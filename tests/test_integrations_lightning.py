@@ -13,6 +13,7 @@ import torch
 
 L = pytest.importorskip("lightning")
 
+from residual_probe.probe.records import read_sink
 from residual_probe.data import BatchSource  # noqa: E402
 from residual_probe.integrations.lightning import ProbeCallback  # noqa: E402
 from residual_probe.models import ModelConfig, Transformer  # noqa: E402
@@ -68,8 +69,8 @@ def test_lightning_preclip_accumulated_norms_and_logs(tmp_path):
     assert module.clipped == pytest.approx(1e-4, rel=1e-3) and min(module.ref[2]) > 100 * 1e-4  # clipped hard
     # the sink, under the logger's folder
     sink = cb.sink_path
-    assert sink.parent == tmp_path / "run" / "version_0" and sink.name == "probe.jsonl"
-    assert len([json.loads(x) for x in open(sink)]) == len(rows)
+    assert sink.parent == tmp_path / "run" / "version_0" and sink.name == "probe.csv"
+    assert len(read_sink(sink).rows) == len(rows)
     # summaries in the logger's metrics
     with open(tmp_path / "run" / "version_0" / "metrics.csv") as fh:
         logged = [r for r in csv.DictReader(fh) if r.get("probe/grad_norm/decoder/00")]

@@ -7,6 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from residual_probe.probe.records import read_sink
 from residual_probe.checkpoints import load_model
 from residual_probe.cli import app
 from residual_probe.data import BatchSource
@@ -23,7 +24,7 @@ def test_train_writes_a_checkpoint_that_reloads_to_identical_outputs(tmp_path):
         rows = list(csv.DictReader(fh))
     assert [int(r["step"]) for r in rows] == list(range(6))
     assert [r["val_loss"] != "" for r in rows] == [False, False, True, False, False, True]
-    probe_rows = [json.loads(line) for line in open(tmp_path / "probe.jsonl")]
+    probe_rows = read_sink(tmp_path / "probe.csv").rows
     assert sorted({r["step"] for r in probe_rows if r["metric"] != "nonfinite_count"}) == [0, 2, 4]  # every second step
     assert {"param_grad_norm", "act_grad_norm", "w2_grad_norm", "cos_adjacent", "update_ratio"} <= {
         r["metric"] for r in probe_rows}
@@ -91,7 +92,7 @@ def test_interrupt_keeps_everything_written(tmp_path, monkeypatch):
 
     init = Transformer(saved.cfg)  # the same seed's initialization: training moved the weights
     assert not torch.equal(init.decoder.layers[0].ffn.fc1.weight, saved.decoder.layers[0].ffn.fc1.weight)
-    assert (tmp_path / "probe.jsonl").stat().st_size > 0
+    assert (tmp_path / "probe.csv").stat().st_size > 0
 
 
 def test_lr_schedule():

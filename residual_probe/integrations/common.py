@@ -17,13 +17,13 @@ PLACEMENT_BY_MODEL_TYPE = {
 
 
 def sink_path(sink, folder: str | os.PathLike, is_zero: bool) -> Path | None:
-    """The sink a callback writes: "auto" is <folder>/probe.jsonl on process 0; a path without
+    """The sink a callback writes: "auto" is <folder>/probe.csv on process 0; a path without
     "{rank}" is written by process 0 only (the probe's numbers are the same on every rank)."""
     if sink == AUTO:
         if not is_zero:
             return None
         os.makedirs(folder, exist_ok=True)
-        return Path(folder) / "probe.jsonl"
+        return Path(folder) / "probe.csv"
     if sink is not None and "{rank}" not in str(sink) and not is_zero:
         return None
     return Path(sink) if sink is not None else None

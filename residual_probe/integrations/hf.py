@@ -4,7 +4,7 @@
     probe_cb = ProbeCallback(quantities=("param_grad_norm", "act_grad_norm", "forward_stats"))
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[probe_cb])
     trainer.train()
-    rows = probe_cb.probe.rows()              # also in <output_dir>/probe.jsonl
+    rows = probe_cb.probe.rows()              # also in <output_dir>/probe.csv
 
 What is recorded, and when:
 - One probe step per optimizer step (with gradient accumulation: the gradient accumulated over
@@ -28,7 +28,7 @@ What is recorded, and when:
   logs shows). For that the callback moves itself ahead of the
   reporting callbacks in the Trainer's callback list (they are created first and would log
   before it could add its keys).
-- Sink: `<output_dir>/probe.jsonl` by default (process 0 only), with probe_run.json beside it;
+- Sink: `<output_dir>/probe.csv` by default (process 0 only), with probe_run.json beside it;
   `sink=None` for none.
 
 Under fp16 mixed precision the Trainer's gradient scaler is handed to the probe, which divides
@@ -79,7 +79,7 @@ def _caller_handler(callback) -> CallbackHandler | None:
 class ProbeCallback(CallbackCore, TrainerCallback):
     """Records the probe once per optimizer step, before clipping; see the module doc.
 
-    sink: "auto" (`<output_dir>/probe.jsonl`), a .csv/.jsonl path (written by process 0 unless it
+    sink: "auto" (`<output_dir>/probe.csv`), a .csv/.jsonl path (written by process 0 unless it
     holds "{rank}"), or None.
     log_summaries: add `probe/...` summaries to the Trainer's logs at `logging_steps`.
     **probe_kwargs: passed to `Probe` (quantities, every, steps, blocks, subsample_tokens, keep_rows, ...).

@@ -4,7 +4,7 @@
     probe_cb = ProbeCallback(quantities=("param_grad_norm", "act_grad_norm", "forward_stats"))
     trainer = lightning.Trainer(max_steps=200, gradient_clip_val=1.0, callbacks=[probe_cb])
     trainer.fit(module, loader)
-    rows = probe_cb.probe.rows()              # also in <log_dir>/probe.jsonl
+    rows = probe_cb.probe.rows()              # also in <log_dir>/probe.csv
 
 - The probe is built on the LightningModule at `on_train_start` (its blocks are found inside it).
 - It steps in `on_before_optimizer_step`, which Lightning calls once per optimizer step after
@@ -18,7 +18,7 @@
 - Under DDP the gradient is already averaged across ranks when the hook runs; forward and
   activation statistics are pooled across ranks by the probe. Every rank steps the probe (it is
   a collective); only global rank 0 writes the sink.
-- Sink: `<trainer.log_dir or default_root_dir>/probe.jsonl` by default, with probe_run.json
+- Sink: `<trainer.log_dir or default_root_dir>/probe.csv` by default, with probe_run.json
   beside it (as the Hugging Face callback); `sink=None` for none.
 
 Built for the `lightning` package (`import lightning`), not the older standalone
@@ -49,7 +49,7 @@ def _logs_now(trainer) -> bool:
 class ProbeCallback(CallbackCore, Callback):
     """Records the probe once per optimizer step, before clipping; see the module doc.
 
-    sink: "auto" (`<log_dir>/probe.jsonl`), a .csv/.jsonl path, or None.
+    sink: "auto" (`<log_dir>/probe.csv`), a .csv/.jsonl path, or None.
     log_summaries: log the grouped `probe/...` scalars with `pl_module.log_dict`.
     **probe_kwargs: passed to `Probe` (quantities, every, steps, blocks, subsample_tokens, keep_rows, ...).
     """

@@ -3,7 +3,7 @@
     from torch.utils.tensorboard import SummaryWriter
     from residual_probe.integrations.tensorboard import ProbeWriter
     tb = ProbeWriter(SummaryWriter("runs/exp"))           # or ProbeWriter("runs/exp")
-    with Probe(model, sink="runs/exp/probe.jsonl") as probe:
+    with Probe(model, sink="runs/exp/probe.csv") as probe:
         for batch in data:
             loss.backward(); rows = probe.step(); opt.step(); ...
             tb.write(rows)

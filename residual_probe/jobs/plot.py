@@ -2,7 +2,7 @@
 
 RUN is a probe sink written by `Probe(sink=...)` in any loop, by the Hugging Face or Lightning
 callbacks, or by the `train` job: a `.jsonl` or `.csv` file, or a folder holding one
-(`probe.jsonl`, `probe.csv`). Lines are read up to the last complete one, so a sink that is
+(`probe.csv`, `probe.jsonl`). Lines are read up to the last complete one, so a sink that is
 still being written can be drawn at any time.
 
 Outputs in OUT:

@@ -2,7 +2,7 @@
 
 Outputs in `out`, each usable even if the run is interrupted:
 - loss.csv      step, lr, train_loss, val_loss (appended and flushed every step)
-- probe.jsonl   the probe's rows (per-layer gradient norms and forward statistics), flushed as written
+- probe.csv     the probe's rows (per-layer gradient norms and forward statistics), flushed as written
 - model/        the final (or last, if interrupted) checkpoint: safetensors + config.json, which
                 `residual-probe collapse --ckpt` reads
 - train.json    the full config, versions, timings, final losses and whether it diverged
@@ -63,7 +63,7 @@ def probe_figures(out: Path, placement: str, meta: dict) -> list[Path]:
     from .plot import run_plot
 
     try:
-        summary = run_plot(out / "probe.jsonl", out, placement=placement)
+        summary = run_plot(out / "probe.csv", out, placement=placement)
     except UserError as exc:  # no sink yet, or nothing to draw in it
         meta["probe_figures"] = f"not drawn: {exc}"
         return []
@@ -97,7 +97,7 @@ def run_train(spec: TrainSpec, out: str | Path, progress=None) -> dict:
     val_batches = [BatchSource(cfg.arch, spec.batch, spec.seq_len, cfg.vocab_size, 10_000 + i, val_text).next()
                    for i in range(4)]  # fixed held-out batches: comparable across steps and runs
     probe = Probe(model, quantities=("param_grad_norm", "act_grad_norm", "w2_grad_norm", "forward_stats",
-                                     "update_ratio"), every=spec.probe_every, sink=out / "probe.jsonl")
+                                     "update_ratio"), every=spec.probe_every, sink=out / "probe.csv")
     trainer = Trainer(model, probe, lr=spec.lr, warmup=spec.warmup, clip=spec.clip)
     probe.track_optimizer(trainer.optimizer)  # update ratios: a block whose update blew up is an instability event
     advance = progress(spec.steps) if progress else None
@@ -139,7 +139,7 @@ def run_train(spec: TrainSpec, out: str | Path, progress=None) -> dict:
             meta["wall_seconds"] = round(time.perf_counter() - t0, 3)
             meta["final_val_loss"] = trainer.evaluate(val_batches) if meta["diverged_at_step"] is None else math.nan
             save_model(model, out / "model")
-            files = [out / "loss.csv", out / "probe.jsonl", out / "model"]
+            files = [out / "loss.csv", out / "probe.csv", out / "model"]
             files += plot_losses(loss_curves({spec.placement: out / "loss.csv"}), out / "loss")
             files += probe_figures(out, spec.placement, meta)
             meta["files"] = [str(f) for f in files]

@@ -44,10 +44,10 @@ def collapse_profile(run_dir: Path) -> dict[int, float]:
 
 
 def grad_ratio_by_step(run_dir: Path) -> dict[int, float]:
-    """First-block / last-block parameter-gradient norm at each recorded step, from probe.jsonl."""
-    import pandas as pd
+    """First-block / last-block parameter-gradient norm at each recorded step, from the run's sink."""
+    from ..probe.records import read_sink
 
-    df = pd.read_json(run_dir / "probe.jsonl", lines=True)
+    df = read_sink(run_dir).frame()
     df = df[df["metric"] == "param_grad_norm"].rename(columns={"value": "param_grad_norm"}).assign(seed=0)
     ratios = ratio_by_step(df, by=())
     return dict(zip(ratios["step"].tolist(), ratios["first_over_last"].tolist()))
