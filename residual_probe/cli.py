@@ -368,6 +368,7 @@ def train(
     data: Annotated[Optional[Path], typer.Option(help="UTF-8 text file (byte tokens); default: CPython's pydoc topics, on every machine.")] = None,
     dropout: Annotated[float, typer.Option(help="Dropout rate.")] = 0.0,
     probe_every: Annotated[int, typer.Option("--probe-every", help="Record the probe every n-th step.")] = 10,
+    forward_every: Annotated[int, typer.Option("--forward-every", help="Forward statistics (collapse) on every n-th recorded step, the first and the last; 1: on every one.")] = 10,
     eval_every: Annotated[int, typer.Option("--eval-every", help="Held-out loss every n-th step.")] = 50,
     clip: Annotated[float, typer.Option(help="Gradient clipping max-norm (0: none); the probe records before clipping.")] = 0.0,
     out: OutOpt = Path("results/train"),
@@ -385,7 +386,7 @@ def train(
         spec = TrainSpec(placement=placement, arch=arch, depth=depth, d_model=d_model, heads=heads, ffn=ffn,
                          batch=batch, seq_len=seq_len, steps=steps, lr=lr, warmup=warmup, seed=seed,
                          data=str(data) if data else None, dropout=dropout, probe_every=probe_every,
-                         eval_every=eval_every, clip=clip)
+                         forward_every=forward_every, eval_every=eval_every, clip=clip)
         from .budget import train_estimate
 
         check_memory(train_estimate, spec, force)

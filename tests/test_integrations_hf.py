@@ -120,9 +120,12 @@ def test_families_and_logged_summaries(tmp_path, family, stack):
                         quantities=("param_grad_norm", "forward_stats"))
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 2
-    keys = sorted(k for k in logged[-1] if k.startswith("probe/"))
+    keys = sorted(k for k in logged[0] if k.startswith("probe/"))
     assert f"probe/grad_norm/{stack}/00" in keys and f"probe/block_influence/{stack}/02" in keys
     assert f"probe/first_over_last/{stack}" in keys and f"probe/late_cos_adjacent/{stack}" in keys
+    # forward statistics on the first recorded step and every 10th (FORWARD_EVERY): not on step 2
+    assert not any("block_influence" in k or "late_cos" in k for k in logged[-1])
+    assert {r["step"] for r in cb.probe.rows() if r["metric"] == "cos_adjacent"} == {1}
     # grouped, not one key per parameter: per block 2 x 3, per stack 6, the whole model's parts and
     # total (at most 5) and the instability count and last block
     assert len(keys) <= 3 * 2 + 6 + 5 + 2 and "probe/grad_norm_model/total" in keys

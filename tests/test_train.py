@@ -28,6 +28,8 @@ def test_train_writes_a_checkpoint_that_reloads_to_identical_outputs(tmp_path):
     assert sorted({r["step"] for r in probe_rows if r["metric"] != "nonfinite_count"}) == [0, 2, 4]  # every second step
     assert {"param_grad_norm", "act_grad_norm", "w2_grad_norm", "cos_adjacent", "update_ratio"} <= {
         r["metric"] for r in probe_rows}
+    # forward statistics on the first and the last recorded step (and every 10th: none here)
+    assert {r["step"] for r in probe_rows if r["metric"] == "cos_adjacent"} == {0, 4}
     assert meta["instability_events"] == []  # a quiet run
 
     # Train the same model again in memory, identically seeded, and compare outputs.
@@ -107,3 +109,16 @@ def test_train_cli_bad_input_is_one_line(tmp_path):
     assert result.exit_code == 2
     assert "placement: unknown 'postln'" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o" / "train.json").exists()
+
+
+def test_sparse_forward_schedule():
+    from residual_probe.probe.schedule import ProbeError, sparse_forward
+
+    rules = sparse_forward(("param_grad_norm", "forward_stats"), every=5, start=1, forward_every=10,
+                           sparse=("forward_stats",), last=995)
+    grad = [s for s in range(1000) if rules["param_grad_norm"](s)]
+    fwd = [s for s in range(1000) if rules["forward_stats"](s)]
+    assert grad == list(range(0, 1000, 5))  # the probe of a run starting at step 1 never sees step 0
+    assert fwd == [0, 5, 50, 100, 150, 200, 250, 300, 350, 400, 450, 500, 550, 600, 650, 700, 750, 800, 850, 900, 950, 995]
+    with pytest.raises(ProbeError, match="forward_every"):
+        sparse_forward(("forward_stats",), 1, 0, 0, ("forward_stats",))

@@ -4,7 +4,10 @@ metadata beside it (probe_run.json), which `residual-probe plot` reads for the p
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+
+from ..probe.schedule import FORWARD_EVERY
 
 AUTO = "auto"
 # Placement of common Hugging Face families by model_type, written beside the sink (probe_run.json)
@@ -88,15 +91,34 @@ class CallbackCore:
     """The state and logging the Hugging Face and Lightning callbacks share: options, the probe,
     the last recorded rows, the summary window between logs and the instability events."""
 
-    def __init__(self, sink=AUTO, log_summaries: bool = True, **probe_kwargs):
+    def __init__(self, sink=AUTO, log_summaries: bool = True, forward_every: int = FORWARD_EVERY, **probe_kwargs):
         for key in ("model", "start_step", "sink"):
             if key in probe_kwargs:
                 raise TypeError(f"ProbeCallback sets {key!r} itself")
         self.sink, self.log_summaries, self.probe_kwargs = sink, log_summaries, probe_kwargs
+        self.forward_every = forward_every
         self.probe = None
         self.sink_path: Path | None = None
         self._recorded_step: int | None = None
         self.reset()
+
+    def probe_options(self, start: int) -> dict:
+        """The Probe's keyword arguments: the user's, with the forward statistics on every
+        `forward_every`-th recorded step (schedule.FORWARD_EVERY) unless the user scheduled
+        quantities themselves (a mapping, `steps=` or a callable `every`)."""
+        from ..probe.quantities import DEFAULT_QUANTITIES, REGISTRY
+        from ..probe.schedule import sparse_forward
+
+        kwargs = dict(self.probe_kwargs)
+        quantities, every = kwargs.get("quantities", DEFAULT_QUANTITIES), kwargs.get("every", 1)
+        if isinstance(quantities, str):
+            quantities = (quantities,)
+        if self.forward_every != 1 and "steps" not in kwargs and isinstance(every, int) \
+                and not isinstance(every, bool) and not isinstance(quantities, Mapping):
+            sparse = [q for q in quantities if q in REGISTRY and REGISTRY[q].sparse]
+            kwargs["quantities"] = sparse_forward(quantities, every, start, self.forward_every, sparse)
+            kwargs.pop("every", None)
+        return kwargs
 
     def reset(self) -> None:
         """A new run: forget the last rows, the window and the events."""

@@ -53,7 +53,7 @@ from transformers import TrainerCallback  # noqa: E402
 from transformers.trainer_callback import CallbackHandler  # noqa: E402
 
 from ..probe import Probe  # noqa: E402
-from .common import AUTO, PLACEMENT_BY_MODEL_TYPE, CallbackCore, sink_path, write_run_info  # noqa: E402,F401 (re-exported)
+from .common import AUTO, FORWARD_EVERY, PLACEMENT_BY_MODEL_TYPE, CallbackCore, sink_path, write_run_info  # noqa: E402,F401 (re-exported)
 
 
 def _sync_gradients() -> bool:
@@ -82,11 +82,15 @@ class ProbeCallback(CallbackCore, TrainerCallback):
     sink: "auto" (`<output_dir>/probe.csv`), a .csv/.jsonl path (written by process 0 unless it
     holds "{rank}"), or None.
     log_summaries: add `probe/...` summaries to the Trainer's logs at `logging_steps`.
+    forward_every: forward statistics (forward_stats, subsample) on every n-th recorded step, and
+        on the first: 10 by default (see `probe.schedule.FORWARD_EVERY`); 1 records them on every one.
+        Ignored when the quantities carry their own schedules (a mapping, `steps=`, a callable `every`).
     **probe_kwargs: passed to `Probe` (quantities, every, steps, blocks, subsample_tokens, keep_rows, ...).
     """
 
-    def __init__(self, sink: str | os.PathLike | None = AUTO, log_summaries: bool = True, **probe_kwargs: Any):
-        super().__init__(sink, log_summaries, **probe_kwargs)
+    def __init__(self, sink: str | os.PathLike | None = AUTO, log_summaries: bool = True,
+                 forward_every: int = FORWARD_EVERY, **probe_kwargs: Any):
+        super().__init__(sink, log_summaries, forward_every, **probe_kwargs)
         self._hooks: list = []
         self._state = None
         self._queued_task = None
@@ -116,7 +120,7 @@ class ProbeCallback(CallbackCore, TrainerCallback):
         self._teardown()
         self.sink_path = sink_path(self.sink, args.output_dir, state.is_world_process_zero)
         sink = str(self.sink_path) if self.sink_path is not None else None
-        kwargs_probe = dict(self.probe_kwargs)
+        kwargs_probe = self.probe_options(state.global_step + 1)
         if "group" not in kwargs_probe:
             import torch.distributed as dist
 

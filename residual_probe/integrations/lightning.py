@@ -37,7 +37,7 @@ require("lightning", "lightning", "residual_probe.integrations.lightning")
 from lightning.pytorch import Callback  # noqa: E402
 
 from ..probe import Probe  # noqa: E402
-from .common import AUTO, CallbackCore, sink_path, write_run_info  # noqa: E402
+from .common import AUTO, FORWARD_EVERY, CallbackCore, sink_path, write_run_info  # noqa: E402
 
 
 def _logs_now(trainer) -> bool:
@@ -51,18 +51,22 @@ class ProbeCallback(CallbackCore, Callback):
 
     sink: "auto" (`<log_dir>/probe.csv`), a .csv/.jsonl path, or None.
     log_summaries: log the grouped `probe/...` scalars with `pl_module.log_dict`.
+    forward_every: forward statistics (forward_stats, subsample) on every n-th recorded step, and
+        on the first: 10 by default (see `probe.schedule.FORWARD_EVERY`); 1 records them on every one.
+        Ignored when the quantities carry their own schedules (a mapping, `steps=`, a callable `every`).
     **probe_kwargs: passed to `Probe` (quantities, every, steps, blocks, subsample_tokens, keep_rows, ...).
     """
 
-    def __init__(self, sink: str | os.PathLike | None = AUTO, log_summaries: bool = True, **probe_kwargs: Any):
-        super().__init__(sink, log_summaries, **probe_kwargs)
+    def __init__(self, sink: str | os.PathLike | None = AUTO, log_summaries: bool = True,
+                 forward_every: int = FORWARD_EVERY, **probe_kwargs: Any):
+        super().__init__(sink, log_summaries, forward_every, **probe_kwargs)
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.probe is not None:
             self.probe.detach()
         self.sink_path = sink_path(self.sink, trainer.log_dir or trainer.default_root_dir, trainer.is_global_zero)
         sink = str(self.sink_path) if self.sink_path is not None else None
-        kwargs = dict(self.probe_kwargs)
+        kwargs = self.probe_options(trainer.global_step)
         if "group" not in kwargs:
             import torch.distributed as dist
 

@@ -17,6 +17,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..probe.schedule import FORWARD_EVERY
+
 
 @dataclass
 class TrainSpec:
@@ -35,6 +37,7 @@ class TrainSpec:
     data: str | None = None  # UTF-8 text file; None: the built-in corpus (CPython's pydoc topics)
     dropout: float = 0.0
     probe_every: int = 10  # record the probe every n-th step
+    forward_every: int = FORWARD_EVERY  # forward statistics on every n-th recorded step, the first and the last
     eval_every: int = 50  # validation loss every n-th step
     clip: float = 0.0  # gradient clipping max-norm; 0 = none (the probe records before clipping)
 
@@ -48,7 +51,7 @@ class TrainSpec:
         from ..models import ConfigError
 
         self.model_config()
-        for name in ("steps", "warmup", "probe_every", "eval_every", "batch", "seq_len"):
+        for name in ("steps", "warmup", "probe_every", "forward_every", "eval_every", "batch", "seq_len"):
             if getattr(self, name) < (0 if name in ("steps", "warmup") else 1):
                 raise ConfigError(f"{name}: out of range, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -84,6 +87,8 @@ def run_train(spec: TrainSpec, out: str | Path, progress=None) -> dict:
     from ..ownership import record_write
     from ..plots.training import plot_losses
     from ..probe import Probe
+    from ..probe.quantities import REGISTRY
+    from ..probe.schedule import sparse_forward
     from ..training import Trainer
 
     spec.validate()
@@ -96,8 +101,11 @@ def run_train(spec: TrainSpec, out: str | Path, progress=None) -> dict:
     train = BatchSource(cfg.arch, spec.batch, spec.seq_len, cfg.vocab_size, spec.seed, train_text)
     val_batches = [BatchSource(cfg.arch, spec.batch, spec.seq_len, cfg.vocab_size, 10_000 + i, val_text).next()
                    for i in range(4)]  # fixed held-out batches: comparable across steps and runs
-    probe = Probe(model, quantities=("param_grad_norm", "act_grad_norm", "w2_grad_norm", "forward_stats",
-                                     "update_ratio"), every=spec.probe_every, sink=out / "probe.csv")
+    names = ("param_grad_norm", "act_grad_norm", "w2_grad_norm", "forward_stats", "update_ratio")
+    last = (spec.steps - 1) // spec.probe_every * spec.probe_every  # the last recorded step: collapse at the end
+    probe = Probe(model, quantities=sparse_forward(names, spec.probe_every, 0, spec.forward_every,
+                                                        [n for n in names if REGISTRY[n].sparse], last),
+                  sink=out / "probe.csv")
     trainer = Trainer(model, probe, lr=spec.lr, warmup=spec.warmup, clip=spec.clip)
     probe.track_optimizer(trainer.optimizer)  # update ratios: a block whose update blew up is an instability event
     advance = progress(spec.steps) if progress else None

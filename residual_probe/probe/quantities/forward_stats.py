@@ -138,6 +138,7 @@ class Chain:
 class ForwardStats(StreamSlots):
     name = "forward_stats"
     uses_forward = True
+    sparse = True
     stats = TOKEN_STATS
     width = len(TOKEN_STATS) + 1  # [sums..., tokens]
 

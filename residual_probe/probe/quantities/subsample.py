@@ -30,6 +30,7 @@ def _take(t: torch.Tensor, pick: torch.Tensor | None, out: torch.Tensor) -> None
 
 class Subsample(Quantity):
     name = "subsample"
+    sparse = True
     uses_forward = True
 
     def __init__(self, setup, rule):
