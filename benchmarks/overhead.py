@@ -8,6 +8,8 @@ Setting (issue 3): decoder-only, depth 48, d_model 256, 4 heads, ffn 1024, batch
                  parts outside them and the total)
   tensor_norms   (with --variants) grad_norms plus param_tensor_norm: a row per parameter tensor
   all_stats      Probe(every quantity): + act_grad_norm hooks, forward statistics, 256-token subsample
+  between        Probe(param_grad_norm, w2_grad_norm, act_grad_norm): what the callbacks and `train`
+                 record on the steps between two forward-statistics steps (schedule.FORWARD_EVERY)
   per_param      Lightning-style grad_norm: a Python loop over every parameter's .grad, .item() each
   act_cache      activation-cache style: every block submodule's full output cloned, stats after
 
@@ -39,6 +41,14 @@ rounds, printed with the interquartile range"): on this shared 2-core VM the mac
 between a fast and a slow state (a plain step 0.51 or 0.65 s, for tens of seconds at a time), so
 each variant's median step lands in one state or the other and the ratio of medians jumps (1.080
 against a paired 1.053 in one run), while a round's variants share a state.
+`amortized_ratio` is what the callbacks and `train` cost per recorded step with their default
+schedule: (FORWARD_EVERY - 1) steps of `between` and one of `all_stats`, from the paired ratios.
+
+Kernel launches: one step of each variant under torch.profiler; the extra launches over the
+plain step, per block. On a GPU these are cudaLaunchKernel calls; on the CPU, top-level ATen
+operator calls (each runs its kernel inline): the count that makes a small step slow on a GPU,
+tracked on every machine.
+
 The last lines are machine-readable: grad_norms_ratio, all_stats_ratio (paired medians), their
 _iqr and _ratio_of_medians twins, memory_ratio (all_stats peak RSS over plain peak RSS),
 state_bytes_before, state_bytes_after.
@@ -63,8 +73,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from residual_probe.analysis import metrics  # noqa: E402
 from residual_probe.models import build_model  # noqa: E402
 from residual_probe.probe import Probe, find_blocks  # noqa: E402
+from residual_probe.probe.schedule import FORWARD_EVERY  # noqa: E402
 
-VARIANTS = ("plain", "grad_norms", "all_stats", "per_param", "act_cache")
+VARIANTS = ("plain", "grad_norms", "between", "all_stats", "per_param", "act_cache")
 BREAKDOWN = {"forward_stats": ("forward_stats",), "act_grad_norm": ("act_grad_norm",), "subsample": ("subsample",),
              # the gradient norms with a row per parameter tensor too (param_tensor_norm, off by default)
              "tensor_norms": ("param_grad_norm", "w2_grad_norm", "param_tensor_norm")}
@@ -168,6 +179,8 @@ class ActivationCache:
 def make_recorder(variant: str, model):
     if variant == "grad_norms":
         return Probe(model, quantities=("param_grad_norm", "w2_grad_norm"), keep_rows=False).attach()
+    if variant == "between":
+        return Probe(model, quantities=("param_grad_norm", "w2_grad_norm", "act_grad_norm"), keep_rows=False).attach()
     if variant == "all_stats":
         return Probe(model, subsample_tokens=256, keep_rows=False).attach()
     if variant in BREAKDOWN:  # one forward quantity alone (--breakdown)
@@ -229,6 +242,29 @@ def time_variants(depth: int, rounds: int, warmup: int, variants=VARIANTS, turn:
     return times, stamps, record
 
 
+def launches(depth: int, variants) -> tuple[dict[str, int], str]:
+    """Kernel launches of one step of each variant (after one unprofiled step): cudaLaunchKernel
+    calls on a GPU, top-level ATen operator calls on the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, opt, tok, tgt = setup(depth)
+    counts, kind = {}, "top-level ATen ops (CPU)"
+    for v in variants:
+        rec = make_recorder(v, model)
+        train_step(model, opt, tok, tgt, rec)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            train_step(model, opt, tok, tgt, rec)
+        if isinstance(rec, (Probe, ActivationCache)):
+            rec.detach()
+        events = prof.events()
+        if any(e.name in ("cudaLaunchKernel", "cuLaunchKernel") for e in events):
+            counts[v], kind = sum(e.name in ("cudaLaunchKernel", "cuLaunchKernel") for e in events), "cudaLaunchKernel"
+        else:
+            counts[v] = sum(e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+                            for e in events)
+    return counts, kind
+
+
 def bracketed(times: dict, stamps: dict, v: str) -> list[float]:
     """Each timed step of `v` over the plain step time interpolated at the moment it ran, between
     the plain steps just before and just after it: a drift that is linear over those few
@@ -288,7 +324,7 @@ def main() -> None:
     if args.memory_child:
         memory_child(args.memory_child, depth, args.steps)
         return
-    variants = VARIANTS if args.size == "default" else VARIANTS[:3]
+    variants = VARIANTS if args.size == "default" else ("plain", "grad_norms", "between", "all_stats")
     print(f"{args.size}: decoder depth {depth}, d_model {CONFIG['d_model']}, heads {CONFIG['heads']}, ffn {CONFIG['ffn']}, "
           f"batch {BATCH}, seq {SEQ}, {args.threads} threads, torch {torch.__version__}; "
           f"{args.rounds} rounds after {args.warmup} warm-up, turns of {args.turn} steps (the last timed)")
@@ -315,6 +351,10 @@ def main() -> None:
         print(f"{v:<13} {m:>9.4f} {lo:>8.4f}-{hi:<8.4f} {m / med['plain']:>7.3f} {paired[v]:>7.3f} {rlo:>6.3f}-{rhi:<6.3f} "
               f"{brack[v][1]:>8.3f} {brack[v][0]:>6.3f}-{brack[v][2]:<6.3f} {1e3 * statistics.median(record[v]):>10.1f}")
 
+    counted, kind = launches(depth, [v for v in timed if v not in ("per_param", "act_cache")])
+    print(f"kernel launches per step ({kind}), "
+          f"extra over plain per block ({depth} blocks): " + ", ".join(
+              f"{v} {n} (+{(n - counted['plain']) / depth:.1f})" for v, n in counted.items()))
     mem = measure_memory(depth, args.steps, args.threads, args.size, variants)
     base = mem["plain"]
     print(f"{'variant':<12} {'peak MiB':>9} {'step MiB':>9} {'peak ratio':>11} {'step ratio':>11}")
@@ -333,6 +373,13 @@ def main() -> None:
             print(f"{v}_ratio_iqr: {paired_iqr[v][0]:.4f}-{paired_iqr[v][1]:.4f}")
             print(f"{v}_ratio_of_medians: {med[v] / med['plain']:.4f}")
             print(f"{v}_ratio_bracketed: {brack[v][1]:.4f} (IQR {brack[v][0]:.4f}-{brack[v][2]:.4f})")
+    if "between" in paired and "all_stats" in paired:
+        k = FORWARD_EVERY
+        print(f"amortized_ratio: {((k - 1) * paired['between'] + paired['all_stats']) / k:.4f} "
+              f"(callbacks' and train's default: forward statistics on 1 of {k} recorded steps)")
+    for v in ("grad_norms", "between", "all_stats"):
+        if v in counted:
+            print(f"{v}_launches_per_block: {(counted[v] - counted['plain']) / depth:.1f}")
     if "all_stats" in mem:
         print(f"memory_ratio: {mem['all_stats']['peak'] / base['peak']:.4f}")
     if args.forwards:
