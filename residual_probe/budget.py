@@ -282,17 +282,6 @@ def bounds_estimate(spec) -> Estimate:
                     P, parts)
 
 
-def model_width(model) -> int | None:
-    """The residual-stream width of a loaded model: our config's d_model, or a Hugging Face
-    config's hidden_size / d_model / n_embd / dim / embed_dim; None when it says none."""
-    cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
-    for name in ("d_model", "hidden_size", "n_embd", "dim", "embed_dim"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
-
-
 def collapse_estimate(label: str, parameters: int, blocks: int, width: int, streams: int, batch: int,
                       seq_len: int, subsample: int) -> Estimate:
     """`collapse` of one loaded model (its weights already in memory, so not counted): a no-grad
@@ -306,4 +295,22 @@ def collapse_estimate(label: str, parameters: int, blocks: int, width: int, stre
         "layer x layer matrices": FLOAT * 4 * n * n * streams,
     }
     return Estimate(f"collapse of {label} ({blocks} blocks, width {width}, batch {batch} x {seq_len} tokens)",
+                    parameters, parts)
+
+
+def ckpt_gradient_estimate(label: str, parameters: int, blocks: int, width: int, batch: int, seq_len: int,
+                           vocab: int) -> Estimate:
+    """`grad-norms --ckpt` of one loaded model (its weights already in memory, so not counted): one
+    backward of a batch of windows. Per block and token ~16·width floats saved for backward (the
+    `_block_floats` count with an FFN of 4·width) and the attention probabilities B·H·T² with the
+    usual head size of 64; the logits three times (output, log-softmax, its gradient); a gradient
+    per parameter. A planning figure, not held against measured peaks as the reference models' are."""
+    tokens = batch * seq_len
+    heads = max(1, width // 64)
+    parts = {
+        "gradients": FLOAT * parameters,
+        "activations": FLOAT * blocks * (16 * tokens * width + batch * heads * seq_len * seq_len),
+        "logits": FLOAT * 3 * tokens * vocab,
+    }
+    return Estimate(f"the gradient of {label} ({blocks} blocks, width {width}, batch {batch} x {seq_len} tokens)",
                     parameters, parts)

@@ -149,3 +149,25 @@ def test_loss_warning_rule():
     assert "ln(1000) = 6.91" in w and "--dict" in w
     assert "--dict" not in loss_warnings(8.27, 1000, "hf")[0]
     assert loss_warnings(math.nan, 1000, "hf")[0].startswith("the mean loss is nan")
+
+
+def test_each_checkpoint_is_loaded_once(tmp_path, monkeypatch):
+    """diagnose hands one loaded checkpoint to both parts (jobs.inspection), not one load per part."""
+    import residual_probe.checkpoints as checkpoints
+
+    post, pre = models(tmp_path)
+    calls = []
+    real = checkpoints.load_any
+
+    def counting(path, *args, **kwargs):
+        calls.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "load_any", counting)
+    res = runner.invoke(app, ["diagnose", "--ckpt", str(post), "--compare", str(pre), "--tokens", "64", "--seq-len",
+                              "32", "--subsample", "16", "--out", str(tmp_path / "d")])
+    assert res.exit_code == 0, res.output
+    assert sorted(calls) == sorted([str(post), str(pre)])
+    grads = json.loads((tmp_path / "d" / "gradients" / "grad_norms.json").read_text())
+    coll = json.loads((tmp_path / "d" / "collapse" / "collapse.json").read_text())
+    assert [m["placement"] for m in grads["models"]] == [m["placement"] for m in coll["models"]] == ["post-ln", "pre-ln"]

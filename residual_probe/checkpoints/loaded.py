@@ -58,6 +58,17 @@ class LoadedModel:
     def parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
 
+    @property
+    def width(self) -> int | None:
+        """The residual-stream width: our config's d_model, or a Hugging Face config's hidden_size /
+        d_model / n_embd / dim / embed_dim; None when the model's config names none."""
+        cfg = getattr(self.model, "cfg", None) or getattr(self.model, "config", None)
+        for name in ("d_model", "hidden_size", "n_embd", "dim", "embed_dim"):
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+
 
 def body_forward(model) -> Callable[[torch.Tensor], torch.Tensor]:
     """Our Transformer's stacks without the output projection; seq2seq reads the same ids as target."""

@@ -18,43 +18,28 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from .inspection import CheckpointInputs, Inspection, inspect_checkpoint
 
 CSV_COLUMNS = ("placement", "seed", "step", "stack", "layer", "sublayer", "param_grad_norm")
 MASK_RATE = 0.15
 
 
 @dataclass
-class CkptGradSpec:
-    ckpts: tuple[str, ...]
-    loss: str | None = None  # causal-lm / seq2seq / mlm; None: the checkpoint's own head
-    data: str | None = None  # UTF-8 text file; None: the built-in corpus (CPython's pydoc topics)
-    tokens: int = 8192
-    seq_len: int = 256
-    batch: int = 8
-    seed: int = 0  # MLM masking
-    trust_pickle: bool = False
-    allow_missing: bool = False
-    allow_unused: bool = False  # stored weights of blocks the config omits (a truncated model) accepted
-    dictionary: str | None = None  # fairseq dict.txt
-    blocks: str | None = None
-    bare: dict = field(default_factory=dict)
+class CkptGradSpec(CheckpointInputs):
+    loss: str | None = None  # causal-lm / seq2seq / mlm / contrastive; None: the checkpoint's own head
     skip_without_head: bool = False  # diagnose: a model with no loss head is skipped (listed), not an error
 
     def validate(self) -> None:
         from ..checkpoints import LOSSES
         from ..models import ConfigError
 
-        if not self.ckpts:
-            raise ConfigError("give at least one checkpoint (--ckpt)")
+        super().validate()
         if self.loss is not None and self.loss not in LOSSES:
             raise ConfigError(f"--loss: unknown {self.loss!r}; choose one of {', '.join(LOSSES)}")
-        for name, low in (("tokens", 1), ("batch", 1), ("seq_len", 2)):
-            if getattr(self, name) < low:
-                raise ConfigError(f"{name.replace('_', '-')}: must be >= {low}, got {getattr(self, name)}")
 
 
 class NoLossHead(UserError):
@@ -187,73 +172,84 @@ def model_gradients(loaded, kind: str, windows, batch: int, seed: int = 0, block
 
 def run_ckpt_grad_norms(spec: CkptGradSpec, out: str | Path, formats=("png",), progress=None) -> dict:
     """Measure every checkpoint; write grad_norms.csv/.json/.png into `out`; returns the JSON dict."""
-    import torch
-
-    from ..analysis.diagnosis import gradient_verdicts, loss_warnings, whole_model_norms
-    from ..checkpoints import load_any
-    from ..checkpoints.text import read_fairseq_dict, read_text, text_windows
-    from ..plots.diagnosis import plot_checkpoint_gradients
-    from ..probe import find_blocks
-    from ..probe.structure import detect_placement
-    from ..output import prepare_out, versions, write_csv, write_json
-    from ..checkpoints.registry import labels_for
+    from ..output import prepare_out
 
     spec.validate()
     out = prepare_out(out)
-    text, source = read_text(spec.data)
-    dictionary = read_fairseq_dict(spec.dictionary) if spec.dictionary else None
+    text, source, dictionary = spec.read_inputs()
     rows, models = [], []
     t_start = time.perf_counter()
-    for label, path in zip(labels_for(spec.ckpts), spec.ckpts):
-        t0 = time.perf_counter()
-        loaded = load_any(path, trust_pickle=spec.trust_pickle, allow_missing=spec.allow_missing,
-                          allow_unused=spec.allow_unused, **spec.bare)
-        if loaded.modality != "text":
-            loaded.heads = {}  # no text loss for a vision model
-        try:
-            kind = choose_loss(loaded, spec.loss, "contrastive" if spec.skip_without_head else None)
-        except NoLossHead as exc:
-            if not spec.skip_without_head:
-                raise
-            models.append({"label": label, "source": str(path), "skipped": str(exc), "verdicts": []})
-            continue
-        t1 = time.perf_counter()
-        w = text_windows(loaded, text, spec.tokens, spec.seq_len,
-                         dictionary if loaded.family.startswith("fairseq") else None)
-        with torch.no_grad():
-            found = detect_placement(find_blocks(loaded.model, spec.blocks),
-                                     lambda: loaded.forward(w.ids[:1, : min(8, spec.seq_len)]), loaded.model)
-        advance = progress(math.ceil(w.ids.shape[0] / spec.batch)) if progress else None
-        model_rows, mean_loss, blocks, vocab = model_gradients(loaded, kind, w.ids, spec.batch, spec.seed, spec.blocks,
-                                                               advance)
-        t2 = time.perf_counter()
-        table = [{"placement": label, "seed": 0, "step": 0, "stack": r["stack"], "layer": r["layer"],
-                  "sublayer": r["sublayer"], "param_grad_norm": r["value"]} for r in model_rows]
-        depth = {}
-        for b in blocks:
-            depth[b.stack] = max(depth.get(b.stack, 0), b.index + 1)
-        width = getattr(getattr(loaded.model, "config", None), "hidden_size", None) or \
-            getattr(getattr(loaded.model, "cfg", None), "d_model", None)
-        models.append({
-            "label": label, "source": str(path), "family": loaded.family, "placement": found["placement"],
-            "placement_detail": found["detail"], "norm_type": found["norm_type"],
-            "declared_placement": loaded.declared_placement, "loss": kind, "mean_loss": mean_loss,
-            "depth": depth, "width": width, "parameters": loaded.parameters,
-            "partly_random": loaded.missing_weights, "notes": loaded.notes,
-            "data": {**w.info, "batch": spec.batch, "source": source, "messages": w.messages},
-            "verdicts": gradient_verdicts(table), "vocab_size": vocab, "whole_model": whole_model_norms(table),
-            # the uniform-guess test is about a vocabulary; a contrastive loss's classes are the batch
-            "warnings": loss_warnings(mean_loss, vocab, loaded.family) if kind != "contrastive" else [],
-            "nonfinite_values": sum(1 for r in table if not math.isfinite(r["param_grad_norm"])),
-            "times": {"load_s": t1 - t0, "gradient_s": t2 - t1},
-        })
+    for label, path in spec.named():
+        inspection = inspect_checkpoint(label, path, spec, text, dictionary)
+        model, table = measure_gradients(inspection, spec, text, source, progress)
+        models.append(model)
         rows += table
-        del loaded
+        del inspection
+    return write_gradients(out, spec, models, rows, source, formats, time.perf_counter() - t_start)
+
+
+def measure_gradients(inspection: Inspection, spec: CkptGradSpec, text: str, source: str,
+                      progress=None) -> tuple[dict, list[dict]]:
+    """One checkpoint's gradient: its grad_norms.json entry and its grad_norms.csv rows (none when a
+    model without a loss head is skipped)."""
+    from ..analysis.diagnosis import gradient_verdicts, loss_warnings, whole_model_norms
+    from ..checkpoints.text import text_windows
+
+    label, loaded = inspection.label, inspection.loaded
+    if loaded.modality != "text":
+        loaded.heads = {}  # no text loss for a vision model
+    try:
+        kind = choose_loss(loaded, spec.loss, "contrastive" if spec.skip_without_head else None)
+    except NoLossHead as exc:
+        if not spec.skip_without_head:
+            raise
+        return {"label": label, "source": inspection.path, "skipped": str(exc), "verdicts": []}, []
+    t1 = time.perf_counter()
+    w = text_windows(loaded, text, spec.tokens, spec.seq_len, inspection.dictionary)
+    check_memory(inspection, kind, tuple(w.ids.shape), spec)
+    advance = progress(math.ceil(w.ids.shape[0] / spec.batch)) if progress else None
+    model_rows, mean_loss, _, vocab = model_gradients(loaded, kind, w.ids, spec.batch, spec.seed, spec.blocks, advance)
+    t2 = time.perf_counter()
+    table = [{"placement": label, "seed": 0, "step": 0, "stack": r["stack"], "layer": r["layer"],
+              "sublayer": r["sublayer"], "param_grad_norm": r["value"]} for r in model_rows]
+    model = {
+        **inspection.description(), "loss": kind, "mean_loss": mean_loss,
+        "data": {**w.info, "batch": spec.batch, "source": source, "messages": w.messages},
+        "verdicts": gradient_verdicts(table), "vocab_size": vocab, "whole_model": whole_model_norms(table),
+        # the uniform-guess test is about a vocabulary; a contrastive loss's classes are the batch
+        "warnings": loss_warnings(mean_loss, vocab, loaded.family) if kind != "contrastive" else [],
+        "nonfinite_values": sum(1 for r in table if not math.isfinite(r["param_grad_norm"])),
+        "times": {"load_s": inspection.load_s, "gradient_s": t2 - t1},
+    }
+    return model, table
+
+
+def check_memory(inspection: Inspection, kind: str, windows: tuple[int, int], spec: CkptGradSpec) -> None:
+    """Refuse (budget.BudgetError) a gradient whose gradients, saved activations and logits would not
+    fit, before the first batch runs; `spec.force` runs it anyway."""
+    from .. import budget
+
+    loaded = inspection.loaded
+    n_windows, seq_len = windows
+    # the contrastive loss encodes each window twice (two dropout views) and keeps both for backward
+    batch = min(spec.batch, n_windows) * (2 if kind == "contrastive" else 1)
+    est = budget.ckpt_gradient_estimate(inspection.label, loaded.parameters, len(inspection.blocks),
+                                        loaded.width or 0, batch, seq_len,
+                                        0 if kind == "contrastive" else loaded.vocab_size or 0)
+    budget.check(est, spec.force)
+
+
+def write_gradients(out: Path, spec: CkptGradSpec, models: list[dict], rows: list[dict], source: str,
+                    formats, wall_s: float) -> dict:
+    """grad_norms.csv, .png and .json of the measured checkpoints; returns the JSON dict."""
+    from ..output import versions, write_csv, write_json
+    from ..plots.diagnosis import plot_checkpoint_gradients
+
     files = [write_csv(out / "grad_norms.csv", rows, CSV_COLUMNS)]
     if rows:
         files += plot_checkpoint_gradients(rows, {m["label"]: m for m in models}, out / "grad_norms", formats)
     meta = {"job": "grad-norms --ckpt", "spec": {**asdict(spec), "ckpts": list(spec.ckpts)}, "models": models,
-            "data_source": source, "versions": versions(), "wall_seconds": round(time.perf_counter() - t_start, 3)}
+            "data_source": source, "versions": versions(), "wall_seconds": round(wall_s, 3)}
     meta["files"] = [str(f) for f in files] + [str(out / "grad_norms.json")]
     write_json(out / "grad_norms.json", meta)
     return meta

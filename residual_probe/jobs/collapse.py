@@ -16,46 +16,21 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
+
+from .inspection import CheckpointInputs, Inspection, inspect_checkpoint
 
 CSV_COLUMNS = ("model", "stack", "layer", "stream", "metric", "value")
 SIM_COLUMNS = ("model", "stack", "stream", "metric", "layer_i", "layer_j", "value")
 
 
 @dataclass
-class CollapseSpec:
-    ckpts: tuple[str, ...]
-    data: str | None = None  # UTF-8 text file; None: the built-in corpus (CPython's pydoc topics)
-    tokens: int = 8192  # tokens (positions) run through each model
-    batch: int = 8
-    seq_len: int = 256
+class CollapseSpec(CheckpointInputs):
     subsample: int = 256  # tokens kept per layer for the similarity / CKA matrices
-    seed: int = 0
-    trust_pickle: bool = False
-    allow_missing: bool = False  # measure weights the files lack at random init (verdict says so)
-    allow_unused: bool = False  # stored weights of blocks the config omits (a truncated model) accepted
-    dictionary: str | None = None  # fairseq dict.txt for fairseq checkpoints
-    blocks: str | None = None  # module-path pattern when block discovery fails, e.g. "model.layers.*"
-    bare: dict = field(default_factory=dict)  # placement, heads, depth, ... for bare state dicts
-    force: bool = False  # run even when the memory estimate exceeds what the machine has free
-    labels: tuple[str, ...] = ()  # names of the models (ckpts order); default: shortest distinct path suffixes
 
-    def validate(self) -> None:
-        from ..models import ConfigError
-
-        if not self.ckpts:
-            raise ConfigError("give at least one checkpoint (--ckpt)")
-        for name, low in (("tokens", 16), ("batch", 1), ("seq_len", 2), ("subsample", 4)):
-            if getattr(self, name) < low:
-                raise ConfigError(f"{name.replace('_', '-')}: must be >= {low}, got {getattr(self, name)}")
-        if self.labels:
-            if len(self.labels) != len(self.ckpts):
-                raise ConfigError(f"--label: {len(self.labels)} names for {len(self.ckpts)} checkpoints; "
-                                  "give one per --ckpt / --compare, in that order")
-            if len(set(self.labels)) != len(self.labels) or not all(str(x).strip() for x in self.labels):
-                raise ConfigError(f"--label: names must be distinct and non-empty, got {list(self.labels)}")
+    LOWS = (("tokens", 16), ("batch", 1), ("seq_len", 2), ("subsample", 4))
 
 
 # ---- input -------------------------------------------------------------------------------
@@ -80,18 +55,6 @@ def make_batches(loaded, spec: CollapseSpec, text: str, item_tokens: int | None 
 
 
 # ---- measurement -------------------------------------------------------------------------
-
-
-def detect(loaded, sample, blocks: str | None = None) -> dict:
-    import torch
-
-    from ..probe import find_blocks
-    from ..probe.structure import detect_placement
-
-    with torch.no_grad():
-        found = detect_placement(find_blocks(loaded.model, blocks), lambda: loaded.forward(sample), loaded.model)
-    loaded.norm_type = found["norm_type"]
-    return found
 
 
 def measure(loaded, batches: list, spec: CollapseSpec, advance: Callable[[], None] | None = None) -> dict:
@@ -147,70 +110,71 @@ def measure(loaded, batches: list, spec: CollapseSpec, advance: Callable[[], Non
 
 def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress=None) -> dict:
     """Measure every checkpoint, write the tables, JSON and figures; returns the JSON dict."""
-    import numpy as np
-    import pandas as pd
     import torch
 
-    from ..analysis.collapse import (COLLAPSED_COS, COLLAPSING_COS, COLLAPSING_RATIO, collapse_summary,
-                                     massive_activations, overall_detail, overall_verdict)
-    from ..analysis.theory import collapse_prediction
-    from ..checkpoints import load_any
-    from ..checkpoints.registry import labels_for
-    from ..checkpoints.text import read_fairseq_dict, read_text
-    from ..output import prepare_out, versions, write_csv, write_json
-    from ..plots.collapse import plot_collapse_curves, plot_norm_growth, plot_similarity
+    from ..output import prepare_out
 
     spec.validate()
     out = prepare_out(out)
     torch.manual_seed(spec.seed)
-    text, source = read_text(spec.data)
-    dictionary = read_fairseq_dict(spec.dictionary) if spec.dictionary else None
+    text, source, dictionary = spec.read_inputs()
     table, sim_rows, models = [], [], []
     t_start = time.perf_counter()
-    for label, path in zip(spec.labels or labels_for(spec.ckpts), spec.ckpts):
-        t0 = time.perf_counter()
-        loaded = load_any(path, trust_pickle=spec.trust_pickle, allow_missing=spec.allow_missing,
-                          allow_unused=spec.allow_unused, **spec.bare)
-        t1 = time.perf_counter()
-        sample = _sample(loaded, spec, text)
-        found = detect(loaded, sample, spec.blocks)
-        batches, data = make_batches(loaded, spec, text, found["item_tokens"],
-                                     dictionary if loaded.family.startswith("fairseq") else None)
-        check_memory(label, loaded, found, batches, spec)
-        data["source"] = source if loaded.modality == "text" else data["kind"]
-        advance = progress(len(batches)) if progress else None
-        m = measure(loaded, batches, spec, advance)
-        rows = [dict(model=label, stack=r["stack"], layer=r["layer"], stream=r["stream"], metric=r["metric"],
-                     value=r["value"]) for r in m["rows"] if r["metric"] != "nonfinite_count"]
-        nonfinite = sum(1 for r in rows if not math.isfinite(r["value"]))
-        for (stack, stream), mats in m["matrices"].items():
-            n = mats["cosine"].shape[0]
-            rows += [dict(model=label, stack=stack, layer=i - 1, stream=stream, metric="effective_rank", value=v)
-                     for i, v in enumerate(mats["effective_rank"].tolist())]
-            for metric in ("cosine", "cka"):
-                values = mats[metric].tolist()
-                sim_rows += [dict(model=label, stack=stack, stream=stream, metric=metric, layer_i=i - 1,
-                                  layer_j=j - 1, value=values[i][j]) for i in range(n) for j in range(n)]
-        summary = collapse_summary(label, rows)
-        depth = {}
-        for b in m["blocks"]:
-            depth[b.stack] = max(depth.get(b.stack, 0), b.index + 1)
-        width = next(iter(m["matrices"].values()))["width"] if m["matrices"] else None
-        models.append({
-            "label": label, "source": str(path), "family": loaded.family, "modality": loaded.modality,
-            "placement": found["placement"], "placement_detail": found["detail"], "norm_type": found["norm_type"],
-            "declared_placement": loaded.declared_placement, "depth": depth, "width": width,
-            "parameters": loaded.parameters, "verdict": overall_verdict(summary),
-            "verdict_from": overall_detail(summary), "streams": summary,
-            "massive_activations": massive_activations(rows),
-            "partly_random": loaded.missing_weights,
-            "nonfinite_values": nonfinite, "notes": loaded.notes, "data": data,
-            "times": {"load_s": t1 - t0, **m["times"]},
-        })
+    for label, path in spec.named():
+        inspection = inspect_checkpoint(label, path, spec, text, dictionary)
+        model, rows, sims = measure_collapse(inspection, spec, text, source, progress)
+        models.append(model)
         table += rows
-        del loaded, m, batches
+        sim_rows += sims
+        del inspection
+    return write_collapse(out, spec, models, table, sim_rows, source, formats, time.perf_counter() - t_start)
+
+
+def measure_collapse(inspection: Inspection, spec: CollapseSpec, text: str, source: str,
+                     progress=None) -> tuple[dict, list[dict], list[dict]]:
+    """One checkpoint's collapse: its collapse.json entry, its collapse.csv and its similarity.csv rows."""
+    from ..analysis.collapse import collapse_summary, massive_activations, overall_detail, overall_verdict
+
+    label, loaded, found = inspection.label, inspection.loaded, inspection.found
+    batches, data = make_batches(loaded, spec, text, found["item_tokens"], inspection.dictionary)
+    check_memory(inspection, batches, spec)
+    data["source"] = source if loaded.modality == "text" else data["kind"]
+    advance = progress(len(batches)) if progress else None
+    m = measure(loaded, batches, spec, advance)
+    rows = [dict(model=label, stack=r["stack"], layer=r["layer"], stream=r["stream"], metric=r["metric"],
+                 value=r["value"]) for r in m["rows"] if r["metric"] != "nonfinite_count"]
+    nonfinite = sum(1 for r in rows if not math.isfinite(r["value"]))
+    sim_rows = []
+    for (stack, stream), mats in m["matrices"].items():
+        n = mats["cosine"].shape[0]
+        rows += [dict(model=label, stack=stack, layer=i - 1, stream=stream, metric="effective_rank", value=v)
+                 for i, v in enumerate(mats["effective_rank"].tolist())]
+        for metric in ("cosine", "cka"):
+            values = mats[metric].tolist()
+            sim_rows += [dict(model=label, stack=stack, stream=stream, metric=metric, layer_i=i - 1,
+                              layer_j=j - 1, value=values[i][j]) for i in range(n) for j in range(n)]
+    summary = collapse_summary(label, rows)
+    model = {
+        **inspection.description(), "verdict": overall_verdict(summary), "verdict_from": overall_detail(summary),
+        "streams": summary, "massive_activations": massive_activations(rows), "nonfinite_values": nonfinite,
+        "data": data, "times": {"load_s": inspection.load_s, **m["times"]},
+    }
+    return model, rows, sim_rows
+
+
+def write_collapse(out: Path, spec: CollapseSpec, models: list[dict], table: list[dict], sim_rows: list[dict],
+                   source: str, formats, wall_s: float) -> dict:
+    """collapse.csv, similarity.csv, the figures and collapse.json of the measured checkpoints."""
+    import numpy as np
+    import pandas as pd
+
+    from ..analysis.collapse import COLLAPSED_COS, COLLAPSING_COS, COLLAPSING_RATIO
+    from ..analysis.theory import collapse_prediction
+    from ..output import versions, write_csv, write_json
+    from ..plots.collapse import plot_collapse_curves, plot_norm_growth, plot_similarity
+
     meta = {"spec": {**asdict(spec), "ckpts": list(spec.ckpts)}, "models": models, "data_source": source,
-            "versions": versions(), "wall_s": time.perf_counter() - t_start,
+            "versions": versions(), "wall_s": wall_s,
             "thresholds": {"collapsed_cos": COLLAPSED_COS, "collapsing_cos": COLLAPSING_COS,
                            "collapsing_ratio": COLLAPSING_RATIO}}
     files = [write_csv(out / "collapse.csv", table, CSV_COLUMNS), write_csv(out / "similarity.csv", sim_rows, SIM_COLUMNS)]
@@ -226,29 +190,17 @@ def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress
     return meta
 
 
-def check_memory(label: str, loaded, found: dict, batches: list, spec: CollapseSpec) -> None:
+def check_memory(inspection: Inspection, batches: list, spec: CollapseSpec) -> None:
     """Refuse (budget.BudgetError) a forward whose activations and matrices would not fit."""
     from .. import budget
 
-    width = budget.model_width(loaded.model)
-    if width is None or not batches:
+    loaded, found = inspection.loaded, inspection.found
+    if loaded.width is None or not batches:
         return
     shape = batches[0].shape
     blocks = sum(len(kinds) for kinds in found.get("per_block", {}).values())
-    est = budget.collapse_estimate(label, loaded.parameters, blocks, width, 2 if found["placement"] == "residual" else 1,
-                                   shape[0], shape[1] if loaded.modality == "text" else (found["item_tokens"] or 1),
+    est = budget.collapse_estimate(inspection.label, loaded.parameters, blocks, loaded.width,
+                                   2 if found["placement"] == "residual" else 1, shape[0],
+                                   shape[1] if loaded.modality == "text" else (found["item_tokens"] or 1),
                                    spec.subsample)
     budget.check(est, spec.force)
-
-
-def _sample(loaded, spec: CollapseSpec, text: str):
-    """A one-item input for placement detection."""
-    import torch
-
-    from ..checkpoints.text import tokenize
-
-    if loaded.modality == "image":
-        return torch.randn(1, *loaded.image_shape, generator=torch.Generator().manual_seed(spec.seed))
-    ids, _ = tokenize(loaded, text, 16)
-    n = min(8, ids.numel(), loaded.max_len or 8)
-    return ids[:n].view(1, n)

@@ -1,15 +1,17 @@
 """The `diagnose` job: both questions for checkpoints, and one report.
 
-Runs `grad-norms --ckpt` (models with a loss head, or the contrastive loss for a bare encoder)
-into OUT/gradients/ and `collapse` into OUT/collapse/ on the same text (the data contract of
-`checkpoints.text`), then writes OUT/report.html and OUT/report.md (`report.write_report`).
+Loads each checkpoint once (jobs.inspection) and hands it to both parts: the gradient of
+`grad-norms --ckpt` (models with a loss head, or the contrastive loss for a bare encoder) and the
+forward statistics of `collapse`, on the same text (the data contract of `checkpoints.text`); one
+model is in memory at a time. Writes OUT/gradients/ and OUT/collapse/ as those commands do, then
+OUT/report.html and OUT/report.md (`report.write_report`).
 """
 
 from __future__ import annotations
 
-import csv
 import contextlib
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Callable, ContextManager
 
@@ -19,38 +21,64 @@ FIGURES = (("Per-block gradient norm (one gradient on the text)", "gradients/gra
            ("Norm growth and relative update per block", "collapse/norm_growth.png"))
 
 
-def _read(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
-
-
 def run_diagnose(gspec, cspec, out: str | Path, command: str,
                  progress: Callable[[str], ContextManager] | None = None) -> dict:
-    """Both jobs and the report; returns {"gradients": ..., "collapse": ..., "files": [...]}.
+    """Both parts and the report; returns {"gradients": ..., "collapse": ..., "files": [...]}.
 
+    `gspec` (CkptGradSpec) and `cspec` (CollapseSpec) must name the same checkpoints, loaded the same
+    way (their CheckpointInputs fields other than `force` equal); each checkpoint is loaded once.
     progress(description) -> a context manager yielding `start(total) -> advance()` (the CLI's bar).
     """
+    import torch
+
+    from ..output import prepare_out
     from ..report import write_report
-    from .ckpt_grads import run_ckpt_grad_norms
-    from .collapse import run_collapse
+    from .ckpt_grads import measure_gradients, write_gradients
+    from .collapse import measure_collapse, write_collapse
+    from .inspection import CheckpointInputs, inspect_checkpoint
 
     out = Path(out)
     progress = progress or (lambda _: contextlib.nullcontext(None))
     gspec.validate()
     cspec.validate()
+    shared = [f.name for f in fields(CheckpointInputs) if f.name != "force"]
+    differ = [n for n in shared if getattr(gspec, n) != getattr(cspec, n)]
+    if differ:
+        raise ValueError(f"run_diagnose: the two specs differ in {', '.join(differ)}")
+    gout, cout = prepare_out(out / "gradients"), prepare_out(out / "collapse")
+    torch.manual_seed(cspec.seed)
+    text, source, dictionary = cspec.read_inputs()
+    grad_models, grad_rows, coll_models, coll_rows, sim_rows = [], [], [], [], []
+    spent = {"load": 0.0, "gradients": 0.0, "collapse": 0.0}
     t0 = time.perf_counter()
-    with progress("diagnose: gradients") as start:
-        grads = run_ckpt_grad_norms(gspec, out / "gradients", progress=start)
-    t1 = time.perf_counter()
-    with progress("diagnose: collapse") as start:
-        coll = run_collapse(cspec, out / "collapse", progress=start)
-    t2 = time.perf_counter()
+    for label, path in cspec.named():
+        t = time.perf_counter()
+        inspection = inspect_checkpoint(label, path, cspec, text, dictionary)
+        spent["load"] += time.perf_counter() - t
+        t = time.perf_counter()
+        with progress(f"diagnose: gradients of {label}") as start:
+            model, rows = measure_gradients(inspection, gspec, text, source, start)
+        grad_models.append(model)
+        grad_rows += rows
+        spent["gradients"] += time.perf_counter() - t
+        t = time.perf_counter()
+        with progress(f"diagnose: collapse of {label}") as start:
+            model, rows, sims = measure_collapse(inspection, cspec, text, source, start)
+        coll_models.append(model)
+        coll_rows += rows
+        sim_rows += sims
+        spent["collapse"] += time.perf_counter() - t
+        del inspection
+    wall = time.perf_counter() - t0
+    grads = write_gradients(gout, gspec, grad_models, grad_rows, source, ("png",), wall)
+    coll = write_collapse(cout, cspec, coll_models, coll_rows, sim_rows, source, ("png",), wall)
     figures = [(caption, out / rel) for caption, rel in FIGURES if (out / rel).is_file()]
-    # wall-clock seconds of each part, each loading its checkpoints (the per-model lines split them)
-    times = {"gradients (load + one gradient)": t1 - t0, "collapse (load + forward statistics)": t2 - t1}
+    # wall-clock seconds of each part over all models (each checkpoint loaded once, for both parts)
+    times = {"loading and placement detection": spent["load"], "gradients (one gradient)": spent["gradients"],
+             "collapse (forward statistics)": spent["collapse"]}
     for m in grads["models"]:
         for k, v in m.get("times", {}).items():
-            times[f"{m['label']} gradients: {k.removesuffix('_s')}"] = v
-    files = write_report(out, grads, coll, _read(out / "gradients" / "grad_norms.csv"),
-                         _read(out / "collapse" / "collapse.csv"), figures, command, times)
+            if k != "load_s":
+                times[f"{m['label']} gradients: {k.removesuffix('_s')}"] = v
+    files = write_report(out, grads, coll, grad_rows, coll_rows, figures, command, times)
     return {"gradients": grads, "collapse": coll, "files": files}
