@@ -377,7 +377,8 @@ class Probe:
                 rows.append(row(s, "-", -1, "-", "-", "no_grad_count", float(no_grad)))
             bad = sum(1 for r in rows if not math.isfinite(r["value"])) - no_grad
             self.nonfinite_total += bad
-            rows.append(row(s, "-", -1, "-", "-", "nonfinite_count", float(bad)))
+            if any(r["step"] == s for r in rows):  # not for an export of the previous step's update ratios alone
+                rows.append(row(s, "-", -1, "-", "-", "nonfinite_count", float(bad)))
             if self._rows is not None:
                 self._rows.extend(rows)
             if self._sink is not None:
