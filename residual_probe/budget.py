@@ -140,6 +140,17 @@ def check(est: Estimate, force: bool = False) -> tuple[int, str]:
     return have, source
 
 
+def require(est: Estimate, force: bool = False, echo=None) -> None:
+    """`check`, then say what was decided through `echo(line, err=...)` (typer.echo; None: silent):
+    a warning on stderr when `force` runs past what the machine has, and the estimate on stdout."""
+    have, source = check(est, force)
+    if echo is None:
+        return
+    if force and have and est.peak_bytes > have:
+        echo(f"warning: --force: {est.what} needs {est.describe()}, more than the {human(have)} {source}", err=True)
+    echo(f"memory: {est.describe()}; {human(have)} {source}")
+
+
 # ---- the models ----------------------------------------------------------------------------
 
 

@@ -156,17 +156,12 @@ def progress_bar(description: str):
 
 
 def check_memory(estimate, spec, force: bool) -> None:
-    """Refuse a run that would not fit in memory (budget.BudgetError, exit 2) before anything is built;
-    print the estimate otherwise. `spec.validate()` first, so a bad option gets its own message."""
+    """`train`'s memory budget (budget.require): its job (jobs/train.py) does not check it yet, unlike
+    the other jobs, which check their own. `spec.validate()` first, so a bad option gets its own message."""
     from . import budget
 
     spec.validate()
-    est = estimate(spec)
-    have, source = budget.check(est, force)
-    if force and have and est.peak_bytes > have:
-        typer.echo(f"warning: --force: {est.what} needs {est.describe()}, more than the {budget.human(have)} "
-                   f"{source}", err=True)
-    typer.echo(f"memory: {est.describe()}; {budget.human(have)} {source}")
+    budget.require(estimate(spec), force, typer.echo)
 
 
 ForceOpt = Annotated[bool, typer.Option("--force", help="Run even when the memory estimate exceeds what the machine has free.")]
@@ -177,7 +172,7 @@ DictOpt = Annotated[Optional[Path], typer.Option("--dict", help="fairseq checkpo
 
 # grad-norms options that belong to one of its two modes (reference models, or --ckpt)
 REFERENCE_ONLY = frozenset({"depth", "placements", "arch", "d_model", "heads", "ffn", "seeds", "steps", "lr", "warmup",
-                            "init", "norm", "theory", "force"})
+                            "init", "norm", "theory"})
 CKPT_ONLY = frozenset({"compare", "loss", "tokens", "trust_pickle", "allow_missing_weights", "allow_unused_weights",
                        "dict_", "blocks"})
 
@@ -283,7 +278,7 @@ def grad_norms(
             fail(f"{_flag(ctx, sorted(wrong)[0])} sets up the reference models and does not apply with --ckpt")
         return _grad_norms_ckpt(ckpt, compare, loss, data, tokens, seq_len if seq_len is not None else 256, batch,
                                 trust_pickle, allow_missing_weights, dict_, blocks, out, fmts,
-                                invoked_command(ctx), overwrite, allow_unused_weights)
+                                invoked_command(ctx), overwrite, allow_unused_weights, force)
     wrong = given & CKPT_ONLY
     if wrong:
         fail(f"{_flag(ctx, sorted(wrong)[0])} needs --ckpt")
@@ -294,13 +289,10 @@ def grad_norms(
         spec = GradNormsSpec(
             placements=csv_list(placements), arch=arch, depth=depth, d_model=d_model, heads=heads, ffn=ffn,
             seeds=seeds, batch=batch, seq_len=seq_len, steps=steps, lr=lr, warmup=warmup,
-            data=str(data) if data else None, init=init, norm=norm, theory=theory,
+            data=str(data) if data else None, init=init, norm=norm, theory=theory, force=force,
         )
-        from .budget import grad_norms_estimate
-
-        check_memory(grad_norms_estimate, spec, force)
         with progress_bar(f"grad-norms {arch} depth {depth}") as start:
-            meta = run_grad_norms(spec, out, formats=fmts, progress=start)
+            meta = run_grad_norms(spec, out, formats=fmts, progress=start, echo=typer.echo)
         for s in meta["summary"]:
             if s["step"] == spec.steps:
                 typer.echo(f"{s['stack']:>8} {s['placement']:>10}: first/last block grad norm = {s['first_over_last']:.3g}")
@@ -312,14 +304,14 @@ def grad_norms(
 
 
 def _grad_norms_ckpt(ckpt, compare, loss, data, tokens, seq_len, batch, trust_pickle, allow_missing, dict_, blocks,
-                     out, fmts, command: str, overwrite: bool, allow_unused: bool) -> None:
+                     out, fmts, command: str, overwrite: bool, allow_unused: bool, force: bool) -> None:
     with user_errors(), owned_out(out, command, overwrite):
         from .jobs.ckpt_grads import CkptGradSpec, run_ckpt_grad_norms
 
         spec = CkptGradSpec(ckpts=tuple(str(p) for p in [ckpt, *(compare or [])]), loss=loss,
                             data=str(data) if data else None, tokens=tokens, seq_len=seq_len, batch=batch,
                             trust_pickle=trust_pickle, allow_missing=allow_missing, allow_unused=allow_unused,
-                            dictionary=str(dict_) if dict_ else None, blocks=blocks)
+                            dictionary=str(dict_) if dict_ else None, blocks=blocks, force=force)
         with progress_bar("grad-norms --ckpt") as start:
             meta = run_ckpt_grad_norms(spec, out, formats=fmts, progress=start)
         echo_gradient_models(meta["models"])
@@ -461,12 +453,9 @@ def bounds(
         from .jobs.bounds import BoundsSpec, run_bounds
 
         spec = BoundsSpec(depths=depths, arch=arch, d_model=d_model, heads=heads, ffn=ffn, seeds=seeds, batch=batch,
-                          seq_len=seq_len, settings=csv_list(settings))
-        from .budget import bounds_estimate
-
-        check_memory(bounds_estimate, spec, force)
+                          seq_len=seq_len, settings=csv_list(settings), force=force)
         with progress_bar(f"bounds depth {max(depths) if depths else '?'}") as start:
-            meta = run_bounds(spec, out, formats=fmts, progress=start)
+            meta = run_bounds(spec, out, formats=fmts, progress=start, echo=typer.echo)
         print_checks(meta["checks"])
         if meta["nonfinite_values"]:
             typer.echo(f"warning: {meta['nonfinite_values']} non-finite values recorded (NaN/inf)", err=True)
@@ -588,6 +577,7 @@ def diagnose(
     dict_: DictOpt = None,
     blocks: BlocksOpt = None,
     out: OutOpt = Path("results/diagnose"),
+    force: ForceOpt = False,
     overwrite: OverwriteOpt = False,
 ):
     """The whole diagnosis of a checkpoint: do its gradients vanish toward the input, do its layers collapse?
@@ -607,7 +597,8 @@ def diagnose(
         ckpts = tuple(str(p) for p in [ckpt, *(compare or [])])
         common = dict(ckpts=ckpts, data=str(data) if data else None, tokens=tokens, batch=batch, seq_len=seq_len,
                       seed=seed, trust_pickle=trust_pickle, allow_missing=allow_missing_weights,
-                      allow_unused=allow_unused_weights, dictionary=str(dict_) if dict_ else None, blocks=blocks)
+                      allow_unused=allow_unused_weights, dictionary=str(dict_) if dict_ else None, blocks=blocks,
+                      force=force)
         result = run_diagnose(CkptGradSpec(loss=loss, skip_without_head=loss is None, **common),
                               CollapseSpec(subsample=subsample, **common), out, command, progress_bar)
         for label, lines in verdict_lines(result["gradients"], result["collapse"]).items():

@@ -144,3 +144,24 @@ def test_bounds_estimate_counts_the_monte_carlo_and_subsamples():
     assert est.parts["token subsamples"] > 10 * 2**30
     small = budget.bounds_estimate(BoundsSpec(depths=(12,), d_model=32, heads=2, ffn=64, seeds=1))
     assert small.peak_bytes < 200 * 2**20
+
+
+def test_grad_norms_ckpt_checks_its_budget_and_honours_force(tmp_path, monkeypatch):
+    """grad-norms --ckpt estimates its one gradient before running it: over the limit it is one line and
+    exit 2; --force runs it anyway."""
+    from residual_probe.checkpoints import save_model
+    from residual_probe.models import build_model
+
+    save_model(build_model(ModelConfig(arch="decoder", placement="pre-ln", depth=2, d_model=16, heads=2, ffn=24,
+                                       max_len=32)), tmp_path / "m")
+    args = ["grad-norms", "--ckpt", str(tmp_path / "m"), "--tokens", "64", "--seq-len", "32"]
+    monkeypatch.setenv(budget.MEMORY_ENV, "64KiB")  # the limit, not a huge model
+    refused = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert refused.exit_code == 2
+    line = one_error_line(refused)
+    assert "the gradient of m" in line and "this machine has 64.0 KiB RESIDUAL_PROBE_MEMORY" in line
+    assert "--force" in line and not (tmp_path / "a" / "grad_norms.csv").exists()
+    forced = CliRunner().invoke(app, [*args, "--force", "--out", str(tmp_path / "b")])
+    assert forced.exit_code == 0, forced.output
+    assert (tmp_path / "b" / "grad_norms.csv").is_file()
+    assert json.loads((tmp_path / "b" / "grad_norms.json").read_text())["spec"]["force"] is True

@@ -51,6 +51,7 @@ class BoundsSpec:
     settings: tuple[str, ...] = SETTINGS
     collapse_d: int = 1024  # Monte-Carlo width and tokens for the toy collapse model
     collapse_tokens: int = 64
+    force: bool = False  # run even when the memory estimate exceeds what the machine has free
     extra: dict = field(default_factory=dict)
 
     def depth_ladder(self) -> list[int]:
@@ -168,13 +169,15 @@ def _table(rows, seeds: int, n_layers: int):
     return out
 
 
-def run_bounds(spec: BoundsSpec, out: str | Path, formats=("png",), progress=None) -> dict:
+def run_bounds(spec: BoundsSpec, out: str | Path, formats=("png",), progress=None, echo=None) -> dict:
     """Measure, check and draw every statement; writes into `out` and returns the JSON sidecar dict.
 
-    `progress(total)` may return a callable advanced once per model run.
+    `progress(total)` may return a callable advanced once per model run; `echo(line, err=...)` hears
+    the memory estimate (budget.require), which refuses a run too big.
     """
     import numpy as np
 
+    from .. import budget
     from ..analysis import checks, theory
     from ..analysis import metrics as M
     from ..analysis.collapse import inverse_sqrt_reference
@@ -182,6 +185,7 @@ def run_bounds(spec: BoundsSpec, out: str | Path, formats=("png",), progress=Non
     from ..output import prepare_out, versions, write_csv, write_json
 
     spec.validate()
+    budget.require(budget.bounds_estimate(spec), spec.force, echo)  # before anything is built or written
     out = prepare_out(out)
     ladder, top = spec.depth_ladder(), max(spec.depths)
     # (setting label, init, arch, placement, depth, ffn): "lemma" is Xiong's Lemma 2 in its own

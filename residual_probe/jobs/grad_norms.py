@@ -36,6 +36,7 @@ class GradNormsSpec:
     norm: str = "layernorm"
     dropout: float = 0.0
     theory: bool = False  # overlay the predicted per-layer curves and fit a decay rate per placement
+    force: bool = False  # run even when the memory estimate exceeds what the machine has free
     extra: dict = field(default_factory=dict)  # further ModelConfig fields
 
     def model_config(self, placement: str):
@@ -92,13 +93,15 @@ def run_one(spec: GradNormsSpec, placement: str, seed: int, text=None, on_step: 
     return rows, [float(v) for v in torch.stack(losses).tolist()]
 
 
-def run_grad_norms(spec: GradNormsSpec, out: str | Path, formats=("png",), progress=None) -> dict:
+def run_grad_norms(spec: GradNormsSpec, out: str | Path, formats=("png",), progress=None, echo=None) -> dict:
     """Run every (placement, seed), write CSV + JSON + figure into `out`; returns the summary dict.
 
-    `progress(total)` may return a callable advanced once per recorded step (a progress bar).
+    `progress(total)` may return a callable advanced once per recorded step (a progress bar);
+    `echo(line, err=...)` hears the memory estimate (budget.require), which refuses a run too big.
     """
     import pandas as pd
 
+    from .. import budget
     from ..analysis.gradients import theory_overlay
     from ..analysis.summary import ratio_by_step, seed_band
     from ..data import read_text_tokens
@@ -106,6 +109,7 @@ def run_grad_norms(spec: GradNormsSpec, out: str | Path, formats=("png",), progr
     from ..plots.grad_norms import plot_grad_norms
 
     spec.validate()
+    budget.require(budget.grad_norms_estimate(spec), spec.force, echo)  # before anything is built or written
     out = prepare_out(out)
     text = read_text_tokens(spec.data) if spec.data else None
     advance = progress(len(spec.placements) * spec.seeds * (spec.steps + 1)) if progress else None
