@@ -97,9 +97,9 @@ def test_preclip_norms_exact_when_every_step_clips(tmp_path):
         assert got[s] == pytest.approx(ref[s], rel=1e-5), s
     # step 1: same weights and batch with and without clipping
     assert got[1] == pytest.approx(block_norms(cb_free.probe.rows())[1], rel=1e-5)
-    # the sink is the default <output_dir>/probe.csv and holds the same rows (to its 9 digits)
+    # the sink is the default <output_dir>/probe.csv and holds the same rows (to its 7 digits)
     stored = block_norms(read_sink(tmp_path / "clip" / "probe.csv").rows)
-    assert stored.keys() == got.keys() and all(stored[s] == pytest.approx(got[s], rel=1e-8) for s in got)
+    assert stored.keys() == got.keys() and all(stored[s] == pytest.approx(got[s], rel=6e-7) for s in got)
 
 
 def test_gradient_accumulation_one_step_per_optimizer_step(tmp_path):

@@ -504,8 +504,8 @@ def test_sink_keeps_the_steps_before_a_crash(tmp_path, suffix):
     key = ["step", "stack", "layer", "sublayer", "stream", "metric"]
     df, mem = df.sort_values(key), pd.DataFrame(probe.rows()).sort_values(key)
     assert len(df) == len(mem)
-    # the compact CSV keeps 9 significant digits, JSONL every bit
-    assert df["value"].tolist() == pytest.approx(mem["value"].tolist(), rel=1e-8 if suffix == "csv" else 1e-12)
+    # the compact CSV keeps 7 significant digits, JSONL every bit
+    assert df["value"].tolist() == pytest.approx(mem["value"].tolist(), rel=6e-7 if suffix == "csv" else 1e-12)
 
 
 @pytest.mark.parametrize("suffix", ["csv", "jsonl"])

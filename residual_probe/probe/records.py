@@ -44,9 +44,9 @@ class RowSink:
     """Appends rows to `path` (.csv or .jsonl); `{rank}` in the path is replaced by the process rank.
 
     A .csv sink is wide: one line per (step, stack, layer), a column per `metric/sublayer/stream`,
-    values to 9 significant digits (every float32 round-trips; 5e-9 relative at most for float64;
-    about 13 bytes a number instead of a 60-byte tidy row: under 250 bytes per block per
-    recorded step at the default quantities). A key first seen
+    values to 7 significant digits (relative error at most 5e-7, float32's own resolution;
+    about 12 bytes a number instead of a 60-byte tidy row: under 250 bytes per block per
+    recorded step at the default quantities, also with ResiDual's two streams). A key first seen
     after the header was written adds a column at the end: the header line is rewritten once
     (atomically) and the earlier, shorter lines stay valid. A .jsonl sink is tidy, a JSON row
     per number (larger; every value at full precision). An existing tidy CSV (older versions)
@@ -141,10 +141,10 @@ class RowSink:
 
 
 def _short(v: Any) -> str:
-    """A value of the wide CSV: 9 significant digits (exact for float32), nan/inf as words."""
+    """A value of the wide CSV: 7 significant digits (float32's resolution), nan/inf as words."""
     v = float(v)
     if math.isfinite(v):
-        return f"{v:.9g}"
+        return f"{v:.7g}"
     return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
 
 
