@@ -155,15 +155,6 @@ def progress_bar(description: str):
         yield start
 
 
-def check_memory(estimate, spec, force: bool) -> None:
-    """`train`'s memory budget (budget.require): its job (jobs/train.py) does not check it yet, unlike
-    the other jobs, which check their own. `spec.validate()` first, so a bad option gets its own message."""
-    from . import budget
-
-    spec.validate()
-    budget.require(estimate(spec), force, typer.echo)
-
-
 ForceOpt = Annotated[bool, typer.Option("--force", help="Run even when the memory estimate exceeds what the machine has free.")]
 AllowMissingOpt = Annotated[bool, typer.Option("--allow-missing-weights", help="Measure a checkpoint whose files lack some weights (after resolving tied and aliased names), leaving those at random initialization; the verdict then starts with 'partly random model'. Without it such a checkpoint is an error.")]
 AllowUnusedOpt = Annotated[bool, typer.Option("--allow-unused-weights", help="Measure a Hugging Face checkpoint whose files hold weights of blocks its config does not declare (a truncated model). Without it that is an error.")]
@@ -378,12 +369,9 @@ def train(
         spec = TrainSpec(placement=placement, arch=arch, depth=depth, d_model=d_model, heads=heads, ffn=ffn,
                          batch=batch, seq_len=seq_len, steps=steps, lr=lr, warmup=warmup, seed=seed,
                          data=str(data) if data else None, dropout=dropout, probe_every=probe_every,
-                         forward_every=forward_every, eval_every=eval_every, clip=clip)
-        from .budget import train_estimate
-
-        check_memory(train_estimate, spec, force)
+                         forward_every=forward_every, eval_every=eval_every, clip=clip, force=force)
         with progress_bar(f"train {placement} depth {depth}") as start:
-            meta = run_train(spec, out, progress=start)
+            meta = run_train(spec, out, progress=start, echo=typer.echo)
         d = meta.get("diverged")
         if d is not None:  # one line; train.json holds the same under "diverged"
             typer.echo(f"warning: training diverged: the loss became {d['train_loss']} at step {d['step']} "

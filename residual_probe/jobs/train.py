@@ -40,6 +40,7 @@ class TrainSpec:
     forward_every: int = FORWARD_EVERY  # forward statistics on every n-th recorded step, the first and the last
     eval_every: int = 50  # validation loss every n-th step
     clip: float = 0.0  # gradient clipping max-norm; 0 = none (the probe records before clipping)
+    force: bool = False  # run even when the memory estimate exceeds what the machine has free
 
     def model_config(self):
         from ..models import ModelConfig
@@ -75,9 +76,12 @@ def probe_figures(out: Path, placement: str, meta: dict) -> list[Path]:
     return [Path(f) for f in summary["files"]]
 
 
-def run_train(spec: TrainSpec, out: str | Path, progress=None) -> dict:
-    """Train, record and save; returns the metadata written to train.json."""
+def run_train(spec: TrainSpec, out: str | Path, progress=None, echo=None) -> dict:
+    """Train, record and save; returns the metadata written to train.json. `echo(line, err=...)`
+    hears the memory estimate (budget.require), which refuses a run too big."""
     import torch
+
+    from .. import budget
 
     from ..analysis.summary import loss_curves
     from ..checkpoints import save_model
@@ -92,6 +96,7 @@ def run_train(spec: TrainSpec, out: str | Path, progress=None) -> dict:
     from ..training import Trainer
 
     spec.validate()
+    budget.require(budget.train_estimate(spec), spec.force, echo)  # before anything is built or written
     out = prepare_out(out)
     tokens = read_text_tokens(spec.data) if spec.data else builtin_corpus()
     train_text, val_text = split_tokens(tokens)
