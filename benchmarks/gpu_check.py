@@ -5,7 +5,11 @@
 1. Overhead: a decoder of 12 blocks, d 1024, 16 heads, FFN 4096, batch 4 x 512, bf16 autocast,
    AdamW; plain steps, steps with Probe(param_grad_norm, w2_grad_norm) and with every quantity
    (subsample 256 tokens), interleaved for --rounds rounds after warm-up; median step time and
-   IQR per variant, ratios to plain (targets: both <= 1.03).
+   IQR per variant, ratios to plain (targets: both <= 1.03); `between` (param_grad_norm,
+   w2_grad_norm, act_grad_norm: what the callbacks and `train` record between two
+   forward-statistics steps) and the amortized ratio of their default schedule (one all_stats
+   step in FORWARD_EVERY); kernel launches per block of one step of each variant
+   (cudaLaunchKernel calls under torch.profiler, extra over plain).
 2. Host syncs: after warm-up steps (the plan and index tensors are built once, on the first
    recorded step), `torch.cuda.set_sync_debug_mode("error")` around a full probed step: the
    forward and backward (all hooks) must raise nothing; `probe.step()` is then allowed exactly
@@ -15,6 +19,7 @@
    (scaler passed to the probe): per-block parameter-gradient norms within 5 % of float32.
 
 Prints one line per check and ends with `gpu_overhead_grad_norms`, `gpu_overhead_all_stats`,
+`gpu_overhead_amortized`, `gpu_launches_per_block_grad_norms`, `gpu_launches_per_block_all_stats`,
 `gpu_syncs_in_hooks`, `gpu_syncs_in_step`, `gpu_bf16_max_rel_diff`.
 """
 
@@ -64,6 +69,7 @@ def overhead(torch, rounds: int, warmup: int) -> dict[str, list[float]]:
     model, opt, tok, tgt = setup(torch)
     probes = {"plain": None,
               "grad_norms": Probe(model, quantities=("param_grad_norm", "w2_grad_norm"), keep_rows=False),
+              "between": Probe(model, quantities=("param_grad_norm", "w2_grad_norm", "act_grad_norm"), keep_rows=False),
               "all_stats": Probe(model, subsample_tokens=256, keep_rows=False)}
     times = {v: [] for v in probes}
     for r in range(warmup + rounds):
@@ -82,7 +88,23 @@ def overhead(torch, rounds: int, warmup: int) -> dict[str, list[float]]:
                 times[v].append(time.perf_counter() - t0)
             if probe is not None:
                 probe.detach()
-    return times
+    launches = {}
+    for v, probe in probes.items():  # one profiled step each: cudaLaunchKernel calls
+        from torch.profiler import ProfilerActivity, profile
+
+        if probe is not None:
+            probe.attach()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            opt.zero_grad(set_to_none=True)
+            loss_fn(torch, model, tok, tgt).backward()
+            if probe is not None:
+                probe.step()
+            opt.step()
+            torch.cuda.synchronize()
+        if probe is not None:
+            probe.detach()
+        launches[v] = sum(e.name in ("cudaLaunchKernel", "cuLaunchKernel") for e in prof.events())
+    return times, launches
 
 
 def count_syncs(torch, fn) -> int:
@@ -159,11 +181,17 @@ def main() -> int:
         return 2
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; decoder 12 x d 1024, batch {BATCH} x {SEQ}, "
           f"bf16 autocast, {args.rounds} rounds after {args.warmup} warm-up")
-    times = overhead(torch, args.rounds, args.warmup)
+    from residual_probe.probe.schedule import FORWARD_EVERY
+
+    times, launches = overhead(torch, args.rounds, args.warmup)
     base = statistics.median(times["plain"])
+    depth = CONFIG["depth"]
     for v, t in times.items():
         lo, med, hi = quartiles(t)
-        print(f"{v:<11} median {1e3 * med:8.2f} ms  IQR {1e3 * lo:.2f}-{1e3 * hi:.2f} ms  ratio {med / base:.3f}")
+        print(f"{v:<11} median {1e3 * med:8.2f} ms  IQR {1e3 * lo:.2f}-{1e3 * hi:.2f} ms  ratio {med / base:.3f}  "
+              f"kernel launches {launches[v]} (+{(launches[v] - launches['plain']) / depth:.1f} per block)")
+    ratio = {v: statistics.median(t) / base for v, t in times.items()}
+    amortized = ((FORWARD_EVERY - 1) * ratio["between"] + ratio["all_stats"]) / FORWARD_EVERY
     hooks, step_syncs, deferred_syncs = syncs(torch)
     print(f"host syncs: hooks {hooks} (sync debug mode 'error' raised nothing), probe.step() {step_syncs}, "
           f"probe.step(defer=True) {deferred_syncs}")
@@ -171,6 +199,9 @@ def main() -> int:
     print(f"bf16 autocast + GradScaler vs float32, per-block parameter-gradient norms: max relative difference {rel:.4f}")
     print(f"gpu_overhead_grad_norms: {statistics.median(times['grad_norms']) / base:.4f}")
     print(f"gpu_overhead_all_stats: {statistics.median(times['all_stats']) / base:.4f}")
+    print(f"gpu_overhead_amortized: {amortized:.4f} (forward statistics on 1 of {FORWARD_EVERY} recorded steps)")
+    for v in ("grad_norms", "all_stats"):
+        print(f"gpu_launches_per_block_{v}: {(launches[v] - launches['plain']) / depth:.1f}")
     print(f"gpu_syncs_in_hooks: {hooks}")
     print(f"gpu_syncs_in_step: {step_syncs}")
     print(f"gpu_bf16_max_rel_diff: {rel:.4f}")
