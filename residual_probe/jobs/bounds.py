@@ -22,16 +22,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..analysis.bounds import ADAM_EPS, ADAM_LR, GRADIENT_PLACEMENTS, XIONG_PLACEMENTS
 from ..errors import UserError
 
 CSV_COLUMNS = ("setting", "arch", "placement", "depth", "seed", "stack", "layer", "sublayer", "stream", "metric", "value")
 CHECK_COLUMNS = ("statement", "setting", "placement", "predicted", "measured", "agreement")
 SETTINGS = ("xiong", "fairseq")
-XIONG_PLACEMENTS = ("post-ln", "pre-ln")
-GRADIENT_PLACEMENTS = ("post-ln", "pre-ln", "residual")
 LADDER = (6, 12, 24, 48, 96)
-ADAM_LR, ADAM_EPS = 1e-4, 1e-6  # the ResiDual paper's example (alpha 1e-4, eps 1e-6)
-ADAM_METRICS = ("grad_rms", "grad_absmax", "param_count", "adam_kappa")
 
 
 class BoundsError(UserError):
@@ -155,32 +152,15 @@ def measure(cfg, seed: int, batch: int, seq_len: int, adam: bool = False) -> lis
     return rows
 
 
-def _select(rows, **where):
-    return [r for r in rows if all(r[k] == v for k, v in where.items())]
-
-
-def _table(rows, seeds: int, n_layers: int):
-    """(seeds, layers) array of values from rows with seed and layer keys."""
-    import numpy as np
-
-    out = np.full((seeds, n_layers), np.nan)
-    for r in rows:
-        out[r["seed"], r["layer"]] = r["value"]
-    return out
-
-
 def run_bounds(spec: BoundsSpec, out: str | Path, formats=("png",), progress=None, echo=None) -> dict:
     """Measure, check and draw every statement; writes into `out` and returns the JSON sidecar dict.
 
     `progress(total)` may return a callable advanced once per model run; `echo(line, err=...)` hears
     the memory estimate (budget.require), which refuses a run too big.
     """
-    import numpy as np
-
     from .. import budget
-    from ..analysis import checks, theory
-    from ..analysis import metrics as M
-    from ..analysis.collapse import inverse_sqrt_reference
+    from ..analysis import bounds as statements
+    from ..analysis.theory import adam_condition_curve
     from ..plots import bounds as plots
     from ..output import prepare_out, versions, write_csv, write_json
 
@@ -210,95 +190,30 @@ def run_bounds(spec: BoundsSpec, out: str | Path, formats=("png",), progress=Non
                 advance()
         timings[f"{setting}/{arch}/{placement}/{depth}"] = round(time.perf_counter() - t0, 3)
     wall_models = time.perf_counter() - t_all
-    S = spec.seeds
-    xstack = "encoder" if spec.arch == "encoder" else "decoder"
+    runs_done = statements.Runs(spec.arch, spec.d_model, spec.ffn, tuple(spec.settings), spec.seeds, tuple(ladder))
     all_checks, figs = [], []
-
-    # Xiong Lemma 2 at the largest depth: Post-LN at the input of each block's last LN, Pre-LN on
-    # the stream; in the lemma's own setting ("lemma": Xiong init, FFN = d) and at the default sizes
-    lemma = {}
-    lemma_settings = (["lemma"] if spec.ffn != spec.d_model else []) + list(spec.settings)
-    for setting in lemma_settings:
-        init = "xiong" if setting == "lemma" else setting
-        ffn = spec.d_model if setting == "lemma" else spec.ffn
-        label = f"{spec.arch}, {init} init, d {spec.d_model}, FFN {ffn}" + (" (the lemma's setting)" if setting == "lemma" else "")
-        sel = dict(setting=setting, arch=spec.arch, depth=top, stack=xstack, stream="x")
-        post = _table(_select(rows, metric="final_ln_input_sq_per_dim", placement="post-ln", **sel), S, top)
-        check, post_data = checks.lemma2_postln(label, post, spec.d_model, ffn, init)
-        all_checks.append(check)
-        norm_sq = _table(_select(rows, metric="norm_sq_per_dim", placement="pre-ln", **sel), S, top)
-        v0 = float(np.mean([r["value"] for r in _select(rows, metric="embed_norm_sq_per_dim", placement="pre-ln", **sel)]))
-        check, pre_data = checks.lemma2_preln(label, norm_sq, v0, spec.d_model, ffn, init)
-        all_checks.append(check)
-        lemma[setting] = {"title": label, "post": post_data, "pre": pre_data}
-    figs += plots.plot_lemma2(lemma, top, out / "bounds_lemma2", formats)
-
-    # Xiong Theorem 1: last block's W2 gradient against depth
-    thm = {}
-    for setting in spec.settings:
-        for p in XIONG_PLACEMENTS:
-            w2 = np.array([[_select(rows, setting=setting, arch=spec.arch, placement=p, depth=d, seed=s, stack=xstack,
-                                    metric="w2_grad_norm")[0]["value"] for d in ladder] for s in range(S)])
-            check, data = checks.theorem1(f"{setting}/{spec.arch}", p, ladder, w2)
-            all_checks.append(check)
-            thm[(setting, p)] = data
-    figs += plots.plot_theorem1(thm, out / "bounds_theorem1", formats)
-
-    # ResiDual gradient statements: per-block gradient norms of seq2seq, both stacks
-    grad = {}
-    for setting in spec.settings:
-        for stack, n_sub in (("encoder", 2), ("decoder", 3)):
-            for p in GRADIENT_PLACEMENTS:
-                g = _table(_select(rows, setting=setting, arch="seq2seq", placement=p, stack=stack, sublayer="block",
-                                   metric="param_grad_norm"), S, top)
-                check, data = checks.residual_gradient(setting, stack, p, g, n_sub)
-                all_checks.append(check)
-                grad[(setting, stack, p)] = data
-    figs += plots.plot_residual_gradient(grad, out / "bounds_residual_gradient", formats)
-
-    # ResiDual collapse: toy Monte-Carlo against closed forms, and the shape on the models
-    k = np.arange(1, top + 1)
-    toy = {}
-    for i, p in enumerate(GRADIENT_PLACEMENTS):
-        X = theory.simulate_collapse(p, top, spec.collapse_d, spec.collapse_tokens, seed=i)
-        mc = {m: np.array([fn(X[j - 1], X[j]).item() for j in k]) for m, fn in
-              (("cos_adjacent", M.cos_adjacent), ("ln_update", M.ln_update))}
-        pred = {m: v for m, v in theory.collapse_prediction(p, k).items() if m in mc}
-        all_checks.append(checks.collapse_toy(p, mc, pred, checks.collapse_toy_rtol(spec.collapse_d, spec.collapse_tokens)))
-        toy[p] = {"mc": mc, "pred": pred}
-    model_lnu = {}
-    for setting in spec.settings:
-        for p in GRADIENT_PLACEMENTS:
-            lnu = _table(_select(rows, setting=setting, arch=spec.arch, placement=p, depth=top, stack=xstack, stream="x",
-                                 metric="ln_update"), S, top)
-            rel = _table(_select(rows, setting=setting, arch=spec.arch, placement=p, depth=top, stack=xstack, stream="x",
-                                 metric="relative_update"), S, top)
-            all_checks += checks.collapse_model(f"{setting}/{spec.arch}", p, lnu, rel)
-            model_lnu[(setting, p)] = {"ln_update": lnu,
-                                       "closed_form": theory.collapse_from_relative_update(rel.mean(0))["ln_update"],
-                                       "inverse_sqrt": inverse_sqrt_reference(lnu.mean(0))}
-    figs += plots.plot_collapse(toy, model_lnu, out / "bounds_collapse", formats)
-
-    # ResiDual's Adam argument: torch Adam's update on the Post-LN seq2seq model's own gradients
-    adam = {}
-    for setting in spec.settings:
-        for stack in ("encoder", "decoder"):
-            sel = dict(setting=setting, arch="seq2seq", placement="post-ln", stack=stack, sublayer="block")
-            t = {m: _table(_select(rows, metric=m, **sel), S, top) for m in ADAM_METRICS}
-            t["kappa_over_paper"] = t["adam_kappa"] / theory.residual_adam_condition(ADAM_LR, t["param_count"], ADAM_EPS)
-            adam[(setting, stack)] = t
-        both = {m: np.concatenate([adam[(setting, st)][m].ravel() for st in ("encoder", "decoder")]) for m in ADAM_METRICS}
-        all_checks.append(checks.adam(f"{setting}/seq2seq N={top}", both["grad_rms"], both["grad_absmax"],
-                                      both["param_count"], both["adam_kappa"], ADAM_LR, ADAM_EPS))
-    figs += plots.plot_adam(adam, ADAM_LR, ADAM_EPS, theory.adam_condition_curve(ADAM_LR, ADAM_EPS),
-                            out / "bounds_adam", formats)
+    found, data = statements.check_lemma2(rows, runs_done)
+    all_checks += found
+    figs += plots.plot_lemma2(data, top, out / "bounds_lemma2", formats)
+    found, data = statements.check_theorem1(rows, runs_done)
+    all_checks += found
+    figs += plots.plot_theorem1(data, out / "bounds_theorem1", formats)
+    found, data = statements.check_gradients(rows, runs_done)
+    all_checks += found
+    figs += plots.plot_residual_gradient(data, out / "bounds_residual_gradient", formats)
+    found, toy, models = statements.check_collapse(rows, runs_done, spec.collapse_d, spec.collapse_tokens)
+    all_checks += found
+    figs += plots.plot_collapse(toy, models, out / "bounds_collapse", formats)
+    found, data = statements.check_adam(rows, runs_done, ADAM_LR, ADAM_EPS)
+    all_checks += found
+    figs += plots.plot_adam(data, ADAM_LR, ADAM_EPS, adam_condition_curve(ADAM_LR, ADAM_EPS), out / "bounds_adam", formats)
 
     wall = time.perf_counter() - t_all
     check_rows = [c.to_row() for c in all_checks]
     nonfinite = sum(1 for r in rows if not math.isfinite(r["value"]))
     files = [write_csv(out / "bounds.csv", rows, CSV_COLUMNS), write_csv(out / "bounds_checks.csv", check_rows, CHECK_COLUMNS)]
     meta = {
-        "job": "bounds", "spec": asdict(spec), "depth_ladder": ladder, "seeds": list(range(S)),
+        "job": "bounds", "spec": asdict(spec), "depth_ladder": ladder, "seeds": list(range(spec.seeds)),
         "versions": versions(), "wall_seconds": round(wall, 3), "model_seconds": round(wall_models, 3),
         "run_seconds": timings, "nonfinite_values": nonfinite, "checks": check_rows,
         "files": [str(p) for p in files + figs],
