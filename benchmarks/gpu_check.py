@@ -63,7 +63,10 @@ def loss_fn(torch, model, tok, tgt):
     return F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten())
 
 
-def overhead(torch, rounds: int, warmup: int) -> dict[str, list[float]]:
+def overhead(torch, rounds: int, warmup: int) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Step times per variant (interleaved rounds) and the kernel launches of one profiled step each."""
+    from torch.profiler import ProfilerActivity, profile
+
     from residual_probe.probe import Probe
 
     model, opt, tok, tgt = setup(torch)
@@ -71,38 +74,32 @@ def overhead(torch, rounds: int, warmup: int) -> dict[str, list[float]]:
               "grad_norms": Probe(model, quantities=("param_grad_norm", "w2_grad_norm"), keep_rows=False),
               "between": Probe(model, quantities=("param_grad_norm", "w2_grad_norm", "act_grad_norm"), keep_rows=False),
               "all_stats": Probe(model, subsample_tokens=256, keep_rows=False)}
+
+    def step(probe) -> float:
+        if probe is not None:
+            probe.attach()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss_fn(torch, model, tok, tgt).backward()
+        if probe is not None:
+            probe.step()
+        opt.step()
+        torch.cuda.synchronize()
+        if probe is not None:
+            probe.detach()
+        return time.perf_counter() - t0
+
     times = {v: [] for v in probes}
     for r in range(warmup + rounds):
         for v, probe in probes.items():
-            if probe is not None:
-                probe.attach()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss_fn(torch, model, tok, tgt).backward()
-            if probe is not None:
-                probe.step()
-            opt.step()
-            torch.cuda.synchronize()
+            t = step(probe)
             if r >= warmup:
-                times[v].append(time.perf_counter() - t0)
-            if probe is not None:
-                probe.detach()
+                times[v].append(t)
     launches = {}
-    for v, probe in probes.items():  # one profiled step each: cudaLaunchKernel calls
-        from torch.profiler import ProfilerActivity, profile
-
-        if probe is not None:
-            probe.attach()
+    for v, probe in probes.items():
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            opt.zero_grad(set_to_none=True)
-            loss_fn(torch, model, tok, tgt).backward()
-            if probe is not None:
-                probe.step()
-            opt.step()
-            torch.cuda.synchronize()
-        if probe is not None:
-            probe.detach()
+            step(probe)
         launches[v] = sum(e.name in ("cudaLaunchKernel", "cuLaunchKernel") for e in prof.events())
     return times, launches
 

@@ -103,9 +103,10 @@ class CallbackCore:
         self.reset()
 
     def probe_options(self, start: int) -> dict:
-        """The Probe's keyword arguments: the user's, with the forward statistics on every
-        `forward_every`-th recorded step (schedule.FORWARD_EVERY) unless the user scheduled
-        quantities themselves (a mapping, `steps=` or a callable `every`)."""
+        """The Probe's keyword arguments: the user's, with the forward statistics (forward_stats,
+        subsample) on every `forward_every`-th recorded step and the first (default
+        schedule.FORWARD_EVERY, 10; 1: every one), unless the user scheduled the quantities
+        themselves (a mapping, `steps=` or a callable `every`)."""
         from ..probe.quantities import DEFAULT_QUANTITIES, REGISTRY
         from ..probe.schedule import sparse_forward
 

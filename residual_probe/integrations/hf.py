@@ -82,9 +82,7 @@ class ProbeCallback(CallbackCore, TrainerCallback):
     sink: "auto" (`<output_dir>/probe.csv`), a .csv/.jsonl path (written by process 0 unless it
     holds "{rank}"), or None.
     log_summaries: add `probe/...` summaries to the Trainer's logs at `logging_steps`.
-    forward_every: forward statistics (forward_stats, subsample) on every n-th recorded step, and
-        on the first: 10 by default (see `probe.schedule.FORWARD_EVERY`); 1 records them on every one.
-        Ignored when the quantities carry their own schedules (a mapping, `steps=`, a callable `every`).
+    forward_every: forward statistics on every n-th recorded step (`CallbackCore.probe_options`).
     **probe_kwargs: passed to `Probe` (quantities, every, steps, blocks, subsample_tokens, keep_rows, ...).
     """
 

@@ -51,9 +51,7 @@ class ProbeCallback(CallbackCore, Callback):
 
     sink: "auto" (`<log_dir>/probe.csv`), a .csv/.jsonl path, or None.
     log_summaries: log the grouped `probe/...` scalars with `pl_module.log_dict`.
-    forward_every: forward statistics (forward_stats, subsample) on every n-th recorded step, and
-        on the first: 10 by default (see `probe.schedule.FORWARD_EVERY`); 1 records them on every one.
-        Ignored when the quantities carry their own schedules (a mapping, `steps=`, a callable `every`).
+    forward_every: forward statistics on every n-th recorded step (`CallbackCore.probe_options`).
     **probe_kwargs: passed to `Probe` (quantities, every, steps, blocks, subsample_tokens, keep_rows, ...).
     """
 
