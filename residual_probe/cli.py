@@ -160,6 +160,50 @@ AllowMissingOpt = Annotated[bool, typer.Option("--allow-missing-weights", help="
 AllowUnusedOpt = Annotated[bool, typer.Option("--allow-unused-weights", help="Measure a Hugging Face checkpoint whose files hold weights of blocks its config does not declare (a truncated model). Without it that is an error.")]
 DictOpt = Annotated[Optional[Path], typer.Option("--dict", help="fairseq checkpoints: the dictionary (fairseq's dict.txt) to tokenize --data with: whitespace-split words, </s> after each line; the text must be preprocessed (BPE) as the training data was. Default: UTF-8 bytes shifted past the 4 special ids.")]
 
+# The inputs of the commands that measure checkpoints on text (collapse, diagnose), declared once:
+# name -> (annotation, default); `with_checkpoint_inputs` adds them to a command's parameters.
+CHECKPOINT_INPUTS = {
+    "data": (TextOpt, None),
+    "tokens": (TokensOpt, 8192),
+    "batch": (Annotated[int, typer.Option(help="Windows per forward (and backward, for a gradient).")], 8),
+    "seq_len": (SeqLenOpt, 256),
+    "subsample": (SubsampleOpt, 256),
+    "seed": (CkptSeedOpt, 0),
+    "trust_pickle": (TrustPickleOpt, False),
+    "allow_missing_weights": (AllowMissingOpt, False),
+    "allow_unused_weights": (AllowUnusedOpt, False),
+    "dict_": (DictOpt, None),
+    "blocks": (BlocksOpt, None),
+}
+
+
+def with_checkpoint_inputs(before: str):
+    """Decorator: CHECKPOINT_INPUTS become parameters of the command, placed before its parameter
+    `before` (the order of --help); the command receives them in `**inputs`. Typer reads the
+    parameters from the function's signature, which this sets (`__signature__`)."""
+    import inspect
+
+    def wrap(fn):
+        own = [p.replace(kind=p.KEYWORD_ONLY) for p in inspect.signature(fn, eval_str=True).parameters.values()
+               if p.kind != p.VAR_KEYWORD]
+        at = next(i for i, p in enumerate(own) if p.name == before)
+        shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann, default=default)
+                  for name, (ann, default) in CHECKPOINT_INPUTS.items()]
+        fn.__signature__ = inspect.Signature(own[:at] + shared + own[at:])
+        return fn
+
+    return wrap
+
+
+def checkpoint_fields(ckpt: Path, compare, inputs: dict) -> dict:
+    """The jobs' CheckpointInputs fields (jobs.inspection) from the command's --ckpt, --compare and
+    CHECKPOINT_INPUTS (--subsample, collapse's own, left out)."""
+    return dict(ckpts=tuple(str(p) for p in [ckpt, *(compare or [])]),
+                data=str(inputs["data"]) if inputs["data"] else None, tokens=inputs["tokens"], batch=inputs["batch"],
+                seq_len=inputs["seq_len"], seed=inputs["seed"], trust_pickle=inputs["trust_pickle"],
+                allow_missing=inputs["allow_missing_weights"], allow_unused=inputs["allow_unused_weights"],
+                dictionary=str(inputs["dict_"]) if inputs["dict_"] else None, blocks=inputs["blocks"])
+
 
 # grad-norms options that belong to one of its two modes (reference models, or --ckpt)
 REFERENCE_ONLY = frozenset({"depth", "placements", "arch", "d_model", "heads", "ffn", "seeds", "steps", "lr", "warmup",
@@ -478,22 +522,12 @@ def checks_table(checks: list[dict]):
 
 
 @app.command("collapse")
+@with_checkpoint_inputs(before="placement")
 def collapse(
     ctx: typer.Context,
     ckpt: Annotated[Path, typer.Option(help="Checkpoint: a residual-probe or Hugging Face folder, a fairseq .pt, or a bare state dict (.pt/.bin/.safetensors).")],
     compare: CompareOpt = None,
     label: Annotated[Optional[list[str]], typer.Option("--label", help="Name of each model in the figures and tables, in the order --ckpt, then each --compare (repeatable); default: the shortest path suffixes that tell them apart.")] = None,
-    data: TextOpt = None,
-    tokens: TokensOpt = 8192,
-    batch: Annotated[int, typer.Option(help="Sequences per forward.")] = 8,
-    seq_len: SeqLenOpt = 256,
-    subsample: SubsampleOpt = 256,
-    seed: CkptSeedOpt = 0,
-    trust_pickle: TrustPickleOpt = False,
-    allow_missing_weights: AllowMissingOpt = False,
-    allow_unused_weights: AllowUnusedOpt = False,
-    dict_: DictOpt = None,
-    blocks: BlocksOpt = None,
     placement: Annotated[Optional[str], typer.Option(help="Bare state dicts: the placement the weights were trained with.")] = None,
     heads: Annotated[Optional[int], typer.Option(help="Bare state dicts: attention heads.")] = None,
     depth: Annotated[Optional[int], typer.Option(help="Bare state dicts: blocks per stack (checked against the weights).")] = None,
@@ -504,6 +538,7 @@ def collapse(
     format: FormatOpt = "png",
     force: ForceOpt = False,
     overwrite: OverwriteOpt = False,
+    **inputs,
 ):
     """Representation collapse of real checkpoints: how much does each layer still change the representation?
 
@@ -517,13 +552,8 @@ def collapse(
         from .jobs.collapse import CollapseSpec, run_collapse
 
         bare = {"placement": placement, "heads": heads, "depth": depth, "d_model": d_model, "ffn": ffn, "norm": norm}
-        spec = CollapseSpec(
-            ckpts=tuple(str(p) for p in [ckpt, *(compare or [])]), data=str(data) if data else None, tokens=tokens,
-            batch=batch, seq_len=seq_len, subsample=subsample, seed=seed, trust_pickle=trust_pickle, blocks=blocks,
-            bare={k: v for k, v in bare.items() if v is not None}, allow_missing=allow_missing_weights,
-            allow_unused=allow_unused_weights,
-            dictionary=str(dict_) if dict_ else None, force=force, labels=tuple(label or ()),
-        )
+        spec = CollapseSpec(**checkpoint_fields(ckpt, compare, inputs), subsample=inputs["subsample"],
+                            bare={k: v for k, v in bare.items() if v is not None}, force=force, labels=tuple(label or ()))
         with progress_bar("collapse") as start:
             meta = run_collapse(spec, out, formats=fmts, progress=start)
         for m in meta["models"]:
@@ -548,25 +578,16 @@ def collapse(
 
 
 @app.command("diagnose")
+@with_checkpoint_inputs(before="out")
 def diagnose(
     ctx: typer.Context,
     ckpt: Annotated[Path, typer.Option(help="Checkpoint: anything `collapse --ckpt` reads.")],
     compare: CompareOpt = None,
     loss: LossOpt = None,
-    data: TextOpt = None,
-    tokens: TokensOpt = 8192,
-    batch: Annotated[int, typer.Option(help="Windows per forward/backward.")] = 8,
-    seq_len: SeqLenOpt = 256,
-    subsample: SubsampleOpt = 256,
-    seed: CkptSeedOpt = 0,
-    trust_pickle: TrustPickleOpt = False,
-    allow_missing_weights: AllowMissingOpt = False,
-    allow_unused_weights: AllowUnusedOpt = False,
-    dict_: DictOpt = None,
-    blocks: BlocksOpt = None,
     out: OutOpt = Path("results/diagnose"),
     force: ForceOpt = False,
     overwrite: OverwriteOpt = False,
+    **inputs,
 ):
     """The whole diagnosis of a checkpoint: do its gradients vanish toward the input, do its layers collapse?
 
@@ -582,13 +603,9 @@ def diagnose(
         from .jobs.diagnose import run_diagnose
         from .report import verdict_lines
 
-        ckpts = tuple(str(p) for p in [ckpt, *(compare or [])])
-        common = dict(ckpts=ckpts, data=str(data) if data else None, tokens=tokens, batch=batch, seq_len=seq_len,
-                      seed=seed, trust_pickle=trust_pickle, allow_missing=allow_missing_weights,
-                      allow_unused=allow_unused_weights, dictionary=str(dict_) if dict_ else None, blocks=blocks,
-                      force=force)
+        common = dict(checkpoint_fields(ckpt, compare, inputs), force=force)
         result = run_diagnose(CkptGradSpec(loss=loss, skip_without_head=loss is None, **common),
-                              CollapseSpec(subsample=subsample, **common), out, command, progress_bar)
+                              CollapseSpec(subsample=inputs["subsample"], **common), out, command, progress_bar)
         for label, lines in verdict_lines(result["gradients"], result["collapse"]).items():
             typer.echo(f"{label}:")
             for line in lines:
