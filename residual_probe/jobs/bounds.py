@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..analysis.bounds import ADAM_EPS, ADAM_LR, GRADIENT_PLACEMENTS, XIONG_PLACEMENTS
 from ..errors import UserError
+from .reference import ReferenceModel
 
 CSV_COLUMNS = ("setting", "arch", "placement", "depth", "seed", "stack", "layer", "sublayer", "stream", "metric", "value")
 CHECK_COLUMNS = ("statement", "setting", "placement", "predicted", "measured", "agreement")
@@ -36,20 +37,16 @@ class BoundsError(UserError):
 
 
 @dataclass
-class BoundsSpec:
-    depths: tuple[int, ...] = (48,)  # one depth: Theorem 1 uses the ladder 6, 12, 24, ... up to it
+class BoundsSpec(ReferenceModel):
     arch: str = "encoder"  # architecture for Xiong's statements and the collapse shape
     d_model: int = 128
-    heads: int = 4
     ffn: int = 512
+    depths: tuple[int, ...] = (48,)  # one depth: Theorem 1 uses the ladder 6, 12, 24, ... up to it
     seeds: int = 3
-    batch: int = 8
-    seq_len: int = 32
     settings: tuple[str, ...] = SETTINGS
     collapse_d: int = 1024  # Monte-Carlo width and tokens for the toy collapse model
     collapse_tokens: int = 64
     force: bool = False  # run even when the memory estimate exceeds what the machine has free
-    extra: dict = field(default_factory=dict)
 
     def depth_ladder(self) -> list[int]:
         top = max(self.depths)
@@ -58,10 +55,7 @@ class BoundsSpec:
         return sorted({d for d in LADDER if d < top} | {top})
 
     def config(self, setting: str, arch: str, placement: str, depth: int, ffn: int | None = None):
-        from ..models import ModelConfig
-
-        return ModelConfig(arch=arch, placement=placement, depth=depth, d_model=self.d_model, heads=self.heads,
-                           ffn=ffn or self.ffn, init=setting, max_len=max(1024, self.seq_len), **self.extra)
+        return self.build_config(arch=arch, placement=placement, depth=depth, ffn=ffn or self.ffn, init=setting)
 
     def validate(self) -> None:
         if not self.depths or any(isinstance(d, bool) or not isinstance(d, int) or d < 2 for d in self.depths):

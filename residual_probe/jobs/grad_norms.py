@@ -10,43 +10,30 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
+
+from .reference import ReferenceModel
 
 CSV_COLUMNS = ("placement", "seed", "step", "stack", "layer", "sublayer", "param_grad_norm")
 
 
 @dataclass
-class GradNormsSpec:
+class GradNormsSpec(ReferenceModel):
     placements: tuple[str, ...] = ("post-ln", "pre-ln", "residual")
-    arch: str = "seq2seq"
     depth: int = 48
-    d_model: int = 256
-    heads: int = 4
-    ffn: int = 1024
     seeds: int = 3
-    batch: int = 8
-    seq_len: int = 32
     steps: int = 0  # Adam steps; gradients are recorded before each and after the last
     lr: float = 5e-4
     warmup: int = 0  # linear warm-up steps, then inverse-sqrt decay (training.lr_schedule)
     data: str | None = None  # UTF-8 text file (byte tokens); None: synthetic task
     init: str = "fairseq"
-    norm: str = "layernorm"
-    dropout: float = 0.0
     theory: bool = False  # overlay the predicted per-layer curves and fit a decay rate per placement
     force: bool = False  # run even when the memory estimate exceeds what the machine has free
-    extra: dict = field(default_factory=dict)  # further ModelConfig fields
 
     def model_config(self, placement: str):
-        from ..models import ModelConfig
-
-        return ModelConfig(
-            arch=self.arch, placement=placement, depth=self.depth, d_model=self.d_model, heads=self.heads,
-            ffn=self.ffn, dropout=self.dropout, init=self.init, norm=self.norm,
-            max_len=max(1024, self.seq_len), **self.extra,
-        )
+        return self.build_config(placement=placement, depth=self.depth, init=self.init)
 
     def validate(self) -> None:
         """Fail before any work: every placement's config, and the run's own sizes."""
