@@ -11,7 +11,9 @@ for planning on its first recorded step only (`plans_built` counts them).
 Sharded gradients (FSDP2's DTensor parameters) are normed on the local shard and the squared
 sums are all-reduced over the mesh dimensions that shard them: the result is the global norm
 of the full gradient, on every rank (not the shard-local norm that wandb.watch, Lightning's
-grad_norm or the HF Trainer log under FSDP). Replicated (DDP) gradients need no reduction.
+grad_norm or the HF Trainer log under FSDP). Replicated (DDP) gradients need no reduction. On a
+2-D mesh (FSDP2 + tensor parallel) a parameter is sharded on both dimensions (FSDP's
+`_StridedShard` over the tensor-parallel `Shard`): its squares are summed over both.
 """
 
 from __future__ import annotations
@@ -55,7 +57,9 @@ def _local(t: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     if is_dtensor(t):
         if any(p.is_partial() for p in t.placements):  # pending reduction: norm of the sum, not sum of norms
             return t.full_tensor(), ()
-        shard_dims = tuple(i for i, p in enumerate(t.placements) if p.is_shard())
+        # every placement that is neither Replicate nor Partial splits the tensor: Shard, and the
+        # _StridedShard FSDP2 puts on top of tensor parallelism (whose is_shard() says False)
+        shard_dims = tuple(i for i, p in enumerate(t.placements) if not p.is_replicate())
         return t.to_local(), ((id(t.device_mesh), shard_dims, t.device_mesh) if shard_dims else ())
     return t, ()
 

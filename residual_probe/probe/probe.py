@@ -20,7 +20,8 @@ sinks. Forward quantities see only *training* forwards: a module in training mod
 enabled, outside `probe.paused()` and outside activation-checkpoint recomputation; eval-mode
 and no_grad forwards count only with `include_eval=True`.
 
-`probe.step()` is a collective under DDP/FSDP: call it on every rank.
+`probe.step()` is a collective under DDP/FSDP/tensor parallelism and with `pipeline_group`:
+call it on every rank.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from .params import ParamPlan
 from .quantities import DEFAULT_QUANTITIES, REGISTRY, Quantity
 from .records import RowSink, row
 from .schedule import ProbeError, Schedule, ScheduleSpec
-from .stats import stream_tensors
+from .stats import local_streams, stream_tensors
 
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()  # block -> probe (weakref)
 
@@ -67,25 +68,55 @@ def _compiled_modules(model: nn.Module) -> list[str]:
     return [n or "(the model)" for n, m in model.named_modules() if isinstance(m, OptimizedModule)]
 
 
-def _data_parallel_group(model: nn.Module, group: Any):
-    """The process group across which gradients are averaged, or None on one process."""
-    if group != "auto":
-        return group
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(model, DistributedDataParallel):
-        return model.process_group
+def _fsdp_data_parallel(model: nn.Module):
+    """(the FSDP2 mesh information of the model, or None): its data-parallel process group(s) and sizes."""
     try:
         from torch.distributed.fsdp import FSDPModule  # torch >= 2.6
     except ImportError:
         return None
-    if any(isinstance(m, FSDPModule) for m in model.modules()):
-        return dist.group.WORLD
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            group = getattr(m._get_fsdp_state(), "_fsdp_param_group", None)
+            info = getattr(group, "mesh_info", None)
+            if info is not None:
+                return info
     return None
+
+
+def _parallel_groups(model: nn.Module, group: Any, pipeline: bool) -> tuple[Any, int]:
+    """(the process group over which the step's token sums are pooled, or None; the number of
+    data-parallel replicas whose gradients are averaged).
+
+    Under FSDP2, with or without tensor parallelism on a second mesh dimension, the sums are pooled
+    over every rank: ranks holding the same tokens (tensor-parallel replicas) add the same sums
+    and the same token counts, ranks holding other tokens (data-parallel replicas, sequence
+    shards) add theirs, so each ratio is the global token mean. Gradients are averaged over
+    FSDP's mesh only (its shard and replicate dimensions), not over the tensor-parallel one.
+    With a pipeline the stages hold different blocks, so only a data-parallel group pools.
+    """
+    import torch.distributed as dist
+
+    if group != "auto":
+        return group, (dist.get_world_size(group) if group is not None else 1)
+    if not (dist.is_available() and dist.is_initialized()):
+        return None, 1
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        return model.process_group, dist.get_world_size(model.process_group)
+    info = _fsdp_data_parallel(model)
+    if info is not None:
+        size = getattr(info, "shard_mesh_size", 1) * getattr(info, "replicate_mesh_size", 1)
+        if not pipeline:
+            return dist.group.WORLD, size
+        if info.mesh.ndim != 1 or size != dist.get_world_size(info.mesh.get_group()) or any(
+                is_dtensor(p) and p.device_mesh.ndim > 1 for p in model.parameters()):
+            raise ProbeError("pipeline_group with HSDP or tensor parallelism: pass group= (the process group over "
+                             "which this stage's ranks hold other tokens of the same blocks)")
+        return info.mesh.get_group(), size
+    if not pipeline and any(is_dtensor(p) for p in model.parameters()):  # tensor parallelism alone
+        return dist.group.WORLD, 1
+    return None, 1
 
 
 class _Setup:
@@ -136,9 +167,30 @@ class Probe:
         {quantity: every-int | list of steps | callable(step) -> bool}. Default: all but update_ratio.
     subsample_tokens: tokens kept per layer for pairwise metrics (similarity, CKA).
     blocks: module-path pattern naming the blocks (e.g. "model.layers.*") when discovery fails.
-    sink: .csv or .jsonl path, rows appended (never truncated) and flushed every step; "{rank}" is replaced.
+    sink: .csv or .jsonl path, rows appended (never truncated) and flushed every step; "{rank}" is
+        replaced, and every rank writes its own file; without "{rank}" only rank 0 writes (under
+        DDP/FSDP/tensor parallelism every rank has the same rows; with pipeline_group rank 0 has all).
     start_step: the first step's number (a resumed run continues its sink).
     group: "auto" (DDP/FSDP process group if any), None (no cross-rank pooling) or a group.
+        Under FSDP2 and tensor parallelism (DTensor parameters, 2-D mesh) "auto" pools the token
+        sums over every rank: tensor-parallel replicas add equal sums and counts, sequence
+        shards their own tokens, so the means are global. DTensor block outputs are read as
+        their local tensors (replicated, or sharded on a token dimension); the gradient norms
+        sum squares over every mesh dimension that shards a parameter.
+    pipeline_group: with `torch.distributed.pipelining`, the process group of the stages (one
+        rank per stage; `torch.distributed.group.WORLD` for a pipeline alone). Give each stage
+        its own module with the blocks it holds, named by their global index (a ModuleDict
+        "0".."N-1" with the others deleted, or a ModuleList with the others replaced by
+        nn.Identity): rows carry that index. At each recorded `step()` the stages' rows are
+        gathered to the group's first rank once (one gather_object of the host rows, never in
+        a hook); its `rows()` and sink hold every block, with the whole-model rows (stack
+        "model") combined over the stages (root of the summed squares; a weight tied across
+        stages would count twice) and the counts summed; the other stages keep their own rows
+        and write no sink. `flush()`/`detach()` gather too (call them on every stage). Not with
+        defer=True. act_grad_norm is the gradient of the loss the schedule backpropagates:
+        with the default `scale_grads=True` each micro-batch's own mean loss (n_microbatches
+        times the gradient of the mean loss); pass scale_grads=False and a loss_fn divided by
+        n_microbatches to get the single-process numbers.
     keep_rows: keep rows in memory for `rows()`; turn off for long runs with a sink.
     include_eval: also record forwards of modules in eval mode or under no_grad (validation,
         generate(), a frozen model being inspected). By default only training forwards count.
@@ -155,7 +207,8 @@ class Probe:
                  every: ScheduleSpec = 1, steps: Iterable[int] | None = None, subsample_tokens: int = 256,
                  seed: int = 0, blocks: str | None = None, sink: str | None = None, start_step: int = 0,
                  group: Any = "auto", keep_rows: bool = True, include_eval: bool = False, scaler: Any = None,
-                 optimizer: torch.optim.Optimizer | None = None, w2: str | None = None, defer: bool = False):
+                 optimizer: torch.optim.Optimizer | None = None, w2: str | None = None, defer: bool = False,
+                 pipeline_group: Any = None):
         if not isinstance(model, nn.Module):
             raise ProbeError(f"Probe needs a torch.nn.Module, got {type(model).__name__}")
         for name, value, low in (("subsample_tokens", subsample_tokens, 1), ("seed", seed, 0),
@@ -178,13 +231,12 @@ class Probe:
         self.scaler, self.optimizer, self.defer = scaler, optimizer, bool(defer)
         self.start_step = start_step
         self.blocks: list[BlockInfo] = find_blocks(model, blocks)
-        self._group = _data_parallel_group(model, group)
-        grad_average, rank = 1.0, 0
-        if self._group is not None:
-            import torch.distributed as dist
-
-            grad_average = 1.0 / dist.get_world_size(self._group)  # DDP/FSDP average gradients
-            rank = dist.get_rank()
+        self._pipeline = pipeline_group
+        if pipeline_group is not None and self.defer:
+            raise ProbeError("pipeline_group: defer=True is not supported (the stages' rows are gathered at step())")
+        self._group, replicas = _parallel_groups(model, group, pipeline_group is not None)
+        grad_average = 1.0 / replicas  # DDP/FSDP average gradients over their replicas
+        rank = _global_rank()
         explicit = not isinstance(quantities, (tuple, list)) or quantities is not DEFAULT_QUANTITIES
         strict_w2 = "w2_grad_norm" in self.schedule.rules and explicit
         self._params = ParamPlan(model, self.blocks, w2, strict_w2, want_w2="w2_grad_norm" in self.schedule.rules)
@@ -193,8 +245,10 @@ class Probe:
                                            for name in REGISTRY if name in self.schedule.rules]
         self._forward_qs = [q for q in self.quantities if q.uses_forward]
         if "update_ratio" in self.schedule.rules and any(is_dtensor(p) for p in self._params.tensors()):
-            raise ProbeError("update_ratio is not supported under FSDP2 (sharded parameters) yet; leave it out")
-        self._sink = RowSink(sink, rank) if sink is not None else None
+            raise ProbeError("update_ratio is not supported under FSDP2 or tensor parallelism (DTensor parameters) "
+                             "yet; leave it out")
+        writes = sink is not None and (rank == 0 or "{rank}" in str(sink))  # one file per replica set
+        self._sink = RowSink(sink, rank) if writes else None
         self._hook_fns = [_compiler_disable(_ForwardHook(self, pos)) for pos in range(len(self.blocks))]
         self._handles: list = []
         self._attached = False
@@ -300,10 +354,19 @@ class Probe:
         if outs is None:
             return
         ins = stream_tensors(args[0] if args else kwargs.get("hidden_states"), len(b.streams))
-        if ins is not None and any(i.shape != o.shape for i, o in zip(ins, outs)):
+        local_outs = local_streams(outs)  # DTensors (tensor parallelism): this rank's tokens
+        if ins is not None:
+            ins = local_streams(ins)
+        if local_outs is None:
+            self._say("dtensor", f"probe: the output of {b.name} is a DTensor sharded on its features (or a pending "
+                      "Partial sum): its forward statistics are not recorded")
+        if ins is not None and local_outs is not None and any(i.shape != o.shape for i, o in zip(ins, local_outs)):
             ins = None  # not a residual transition in the sense of the metrics (shape changes)
         for q in active:
-            q.forward(pos, b, ins, outs)
+            if q.wants_dtensor:  # a gradient hook on the DTensor's own autograd node
+                q.forward(pos, b, ins, outs)
+            elif local_outs is not None:
+                q.forward(pos, b, ins, local_outs)
 
     # ---- export -------------------------------------------------------------------------
 
@@ -333,7 +396,8 @@ class Probe:
             parts = iter(flat.split([p.numel() for p in present]))
             pooled = [None if p is None else next(parts) for p in pooled]
         values = [q.values(ctx, p) for q, p in zip(self.quantities, pooled)]
-        rows = self._collect()  # the previous step's, when deferred
+        alone = self._pipeline is None  # with a pipeline, rows are recorded once gathered
+        rows = self._collect(record=alone)  # the previous step's, when deferred
         exported = [(q, v) for q, v in zip(self.quantities, values) if v is not None]
         if exported:
             device = exported[0][1].device
@@ -341,7 +405,9 @@ class Probe:
                               for _, v in exported])
             self._deferred = (s, [(q, v.numel()) for q, v in exported], _to_host(flat, self.defer))
             if not self.defer:
-                rows += self._collect()
+                rows += self._collect(record=alone)
+        if not alone and (exported or any(q.is_active for q in self.quantities)):
+            rows = self._record(self._gather(rows))  # once per recorded step, the same on every stage
         self._warn_skipped()
         self._step = s + 1
         self._begin_step()
@@ -349,17 +415,44 @@ class Probe:
 
     def flush(self) -> list[dict]:
         """Export what is pending (a deferred step, updates measured since the last step())."""
-        rows = self._collect()
+        alone = self._pipeline is None
+        rows = self._collect(record=alone)
         ctx = _StepContext(self, self._step - 1)
         values = [(q, q.values(ctx, None)) for q in self.quantities if q.name == "update_ratio"]
         values = [(q, v) for q, v in values if v is not None]
         if values:
             flat = torch.cat([v.double() for _, v in values])
             self._deferred = (self._step - 1, [(q, v.numel()) for q, v in values], _to_host(flat, False))
-            rows += self._collect()
+            rows += self._collect(record=alone)
+        if not alone and self._flush_gathers:
+            rows = self._record(self._gather(rows))
         return rows
 
-    def _collect(self) -> list[dict]:
+    _flush_gathers = True  # flush() is a collective with pipeline_group (off once detached by a failure)
+
+    def _gather(self, rows: list[dict]) -> list[dict]:
+        """Pipeline stages: every stage's rows to the group's first rank (one gather_object), merged."""
+        import torch.distributed as dist
+
+        group = self._pipeline
+        first = 0 if group is dist.group.WORLD else dist.get_global_rank(group, 0)
+        mine = dist.get_rank(group)
+        got = [None] * dist.get_world_size(group) if mine == 0 else None
+        dist.gather_object(rows, got, dst=first, group=group)
+        if mine != 0:
+            return rows
+        self.nonfinite_total += sum(r["value"] for other in got[1:] for r in other if r["metric"] == "nonfinite_count")
+        return merge_stage_rows(got)
+
+    def _record(self, rows: list[dict]) -> list[dict]:
+        if rows:
+            if self._rows is not None:
+                self._rows.extend(rows)
+            if self._sink is not None:
+                self._sink.write(rows)
+        return rows
+
+    def _collect(self, record: bool = True) -> list[dict]:
         if self._deferred is None:
             return []
         s, parts, host = self._deferred
@@ -379,10 +472,8 @@ class Probe:
             self.nonfinite_total += bad
             if any(r["step"] == s for r in rows):  # not for an export of the previous step's update ratios alone
                 rows.append(row(s, "-", -1, "-", "-", "nonfinite_count", float(bad)))
-            if self._rows is not None:
-                self._rows.extend(rows)
-            if self._sink is not None:
-                self._sink.write(rows)
+            if record:
+                self._record(rows)
         return rows
 
     def _say(self, key: str, message: str) -> None:
@@ -435,6 +526,35 @@ class Probe:
 
     def _quantity(self, name: str) -> Quantity | None:
         return next((q for q in self.quantities if q.name == name), None)
+
+
+def merge_stage_rows(stages: list[list[dict]]) -> list[dict]:
+    """One model's rows from the rows of its pipeline stages (each holding other blocks): block
+    rows as they are; whole-model gradient norms (stack "model", param_grad_norm) as the root of
+    the stages' summed squares; the counts summed. In step order, stages in order within a step."""
+    out: list[dict] = []
+    combined: dict[tuple, dict] = {}
+    for rows in stages:
+        for r in rows:
+            norm = r["stack"] == "model" and r["metric"] == "param_grad_norm"
+            if not norm and r["metric"] not in ("nonfinite_count", "no_grad_count"):
+                out.append(r)
+                continue
+            key = (r["step"], r["stack"], r["layer"], r["sublayer"], r["stream"], r["metric"])
+            have = combined.get(key)
+            if have is None:
+                combined[key] = dict(r)
+            else:
+                have["value"] = math.hypot(have["value"], r["value"]) if norm else have["value"] + r["value"]
+    out += combined.values()
+    out.sort(key=lambda r: r["step"])  # stable: within a step, blocks by stage, then the combined rows
+    return out
+
+
+def _global_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 class _ForwardHook:

@@ -1,4 +1,5 @@
-"""Helpers the hooks share: the residual stream tensors in a block's input or output.
+"""Helpers the hooks share: the residual stream tensors in a block's input or output, and
+their local parts where they are DTensors (tensor and sequence parallelism).
 
 (The per-quantity reductions live in `quantities/`; this module stays as the place other
 packages import `stream_tensors` from.)
@@ -22,3 +23,38 @@ def stream_tensors(value, n_streams: int) -> tuple[torch.Tensor, ...] | None:
         if all(isinstance(t, torch.Tensor) for t in head):
             return head
     return None
+
+
+def whole_tokens(t) -> bool:
+    """Whether a DTensor's local part is a set of whole tokens of the global tensor: replicated, or
+    sharded on a token dimension (sequence parallelism), not on the features (the last dimension)
+    and with no Partial sum pending. Token means pooled across the ranks are then global means."""
+    last = t.dim() - 1
+    for p in t.placements:
+        if p.is_partial():
+            return False
+        if not p.is_replicate():
+            dim = getattr(p, "dim", None)
+            if dim is None or dim % t.dim() == last:
+                return False
+    return True
+
+
+def local_streams(streams: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+    """The streams as this rank holds them: a DTensor (tensor or sequence parallelism) gives its
+    local tensor, with no collective and no autograd node. None when a DTensor's local part is
+    not whole tokens (`whole_tokens`): no token statistic can be taken from it on this rank."""
+    from .gradnorm import dtensor_type
+
+    cls = dtensor_type()
+    if cls is None or not any(isinstance(t, cls) for t in streams):
+        return streams
+    out = []
+    for t in streams:
+        if isinstance(t, cls):
+            if not whole_tokens(t):
+                return None
+            with torch.no_grad():
+                t = t.to_local()  # the local tensor itself: the same object for the same DTensor
+        out.append(t)
+    return tuple(out)

@@ -8,6 +8,12 @@ loss (each rank's gradient divided by the world size, as DDP/FSDP average). Unde
 the scale is divided out at probe.step(). Forwards re-run inside backward (activation
 checkpointing) register nothing.
 
+Tensor parallelism: a block output that is a DTensor (replicated, or sharded on the sequence)
+gets its hook on the DTensor's own autograd node, and the gradient's local tensor is normed
+(no collective); the coordinator pools the sums and token counts over the mesh, so each rank's
+share of the tokens counts once in the ratio. A gradient sharded on the features, or a Partial
+sum pending, is not normed (said once).
+
 Cost. A hook launches no kernel: it keeps a reference to the gradient (and its version) and
 counts its tokens on the host; the held gradients are normed together with one
 `torch._foreach_norm` when they reach HOLD_BYTES, when a slot comes round again (the next
@@ -27,7 +33,8 @@ from functools import partial
 
 import torch
 
-from ..gradnorm import _foreach_norm_f32
+from ..gradnorm import _foreach_norm_f32, is_dtensor
+from ..stats import whole_tokens
 from .base import StreamSlots, row, slot_runs
 
 HOLD_BYTES = 4 << 20
@@ -43,6 +50,7 @@ def _acc_dtype(grad: torch.Tensor) -> torch.dtype:
 class ActGradNorm(StreamSlots):
     name = "act_grad_norm"
     uses_forward = True
+    wants_dtensor = True  # the hook goes on a DTensor output's own node; its gradient is read locally
     width = 2  # [sum of squares, tokens]
 
     def __init__(self, setup, rule):
@@ -86,6 +94,12 @@ class ActGradNorm(StreamSlots):
     def _on_grad(self, slot: int, token: object, grad: torch.Tensor | None) -> None:
         if token is not self._token or grad is None:
             return
+        if is_dtensor(grad):  # tensor parallelism: this rank's tokens of the gradient
+            if not whole_tokens(grad):
+                warnings.warn("probe: a block output's gradient is a DTensor sharded on its features (or a pending "
+                              "Partial sum): act_grad_norm skips it", stacklevel=3)
+                return
+            grad = grad.to_local()
         if slot in self._held_slots:
             self._flush()  # the next backward (micro-batch), or a block run twice
         self._held.append((slot, grad, grad._version))

@@ -35,6 +35,7 @@ class Quantity:
     name: ClassVar[str] = ""
     uses_forward: ClassVar[bool] = False  # needs the blocks' forward hook on its scheduled steps
     default: ClassVar[bool] = True  # recorded by a Probe built without `quantities=`
+    wants_dtensor: ClassVar[bool] = False  # `forward` gets DTensor block outputs as they are, not their local tensors
     sparse: ClassVar[bool] = False  # on a sparser schedule in the integrations and `train` (schedule.FORWARD_EVERY)
 
     def __init__(self, setup: Any, rule: Rule):
