@@ -102,14 +102,16 @@ def worst(got, ref):
     return out
 
 
-def assert_one_writer(path, rows):
-    """The sink holds each (step, stack, layer) once (rank 0 alone wrote it), and every step."""
+def sink_lines(path):
+    """The (step, stack, layer) of each line of a CSV sink, sorted."""
     with open(path, newline="") as fh:
-        lines = list(csv.reader(fh))[1:]
-    keys = [tuple(line[:3]) for line in lines]
-    assert keys and len(keys) == len(set(keys)), "duplicate rows: more than one rank wrote the sink"
-    assert {int(k[0]) for k in keys} == {k[0] for k in rows}
-    assert {(k[1], int(k[2])) for k in keys} == {(k[1], k[2]) for k in rows}
+        return sorted(tuple(line[:3]) for line in list(csv.reader(fh))[1:])
+
+
+def assert_one_writer(path, twin):
+    """The sink has the lines of the single-process twin's, once each: one rank wrote it."""
+    got, want = sink_lines(path), sink_lines(twin)
+    assert want and got == want, f"{len(got)} lines, the twin wrote {len(want)}"
 
 
 def keyed(rows):
@@ -189,16 +191,16 @@ def _tp_worker(rank, world, tmp):
     return out
 
 
-def single_process(steps=2):
+def single_process(sink, steps=2):
     tok, tgt = data()
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    return run_steps(model, Probe(model, subsample_tokens=4), tok, tgt, steps=steps, opt=opt)
+    return run_steps(model, Probe(model, subsample_tokens=4, sink=sink), tok, tgt, steps=steps, opt=opt)
 
 
 def test_fsdp2_and_tensor_parallel_equal_one_process(tmp_path):
     results = spawn(_tp_worker, 4, tmp_path)
-    ref = single_process()
+    ref = single_process(tmp_path / "twin.csv")
     assert any(k[-1] == "act_grad_norm" for k in ref) and any(k[-1] == "cos_adjacent" for k in ref)
     assert any(k[1] == "model" for k in ref) and any(k[-1] == "w2_grad_norm" for k in ref)
     outputs = {"tp": "Tensor", "tp-dtensor": "DTensor", "sp": "DTensor", "sp-local": "Tensor"}
@@ -209,6 +211,116 @@ def test_fsdp2_and_tensor_parallel_equal_one_process(tmp_path):
             if case == "sp":
                 assert "Shard(dim=1)" in placements
             worst(rows, ref)
-        assert_one_writer(tmp_path / f"{case}.csv", results[0][case][0])
+        assert_one_writer(tmp_path / f"{case}.csv", tmp_path / "twin.csv")
     for result in results:
         assert "update_ratio is not supported" in result["update_ratio"]
+
+
+# ---- pipeline parallel -------------------------------------------------------------------------
+
+PP_DEPTH, MICRO = 4, 4
+PP_CASES = (("gpipe", "dict"), ("1f1b", "list"))  # schedule, how a stage keeps its blocks' global names
+QUANTITIES = ("param_grad_norm", "w2_grad_norm", "act_grad_norm", "forward_stats", "param_tensor_norm",
+              "update_ratio")
+
+
+def make_deep_model():
+    torch.manual_seed(0)
+    from residual_probe.models import build_model
+
+    return build_model(**{**SIZES, "depth": PP_DEPTH, "tie_embeddings": False}).double()  # a tie across stages needs its own all-reduce
+
+
+class Stage(nn.Module):
+    """One stage of the reference decoder: `decoder.layers` holds this stage's blocks under their
+    global names (a ModuleDict without the others, or the ModuleList with nn.Identity in their
+    place); the first stage has the embedding, the last the final norm and the output projection."""
+
+    def __init__(self, model, stage: int, stages: int, container: str):
+        super().__init__()
+        per = PP_DEPTH // stages
+        keep = range(stage * per, (stage + 1) * per)
+        self.first, self.last = stage == 0, stage == stages - 1
+        self.decoder = stack = model.decoder
+        if container == "dict":
+            stack.layers = nn.ModuleDict({str(k): stack.layers[k] for k in keep})
+        else:
+            stack.layers = nn.ModuleList(blk if k in keep else nn.Identity() for k, blk in enumerate(stack.layers))
+        if not self.first:
+            stack.embed = None
+        if not self.last:
+            stack.final_norm = None
+        self.output_projection = model.output_projection if self.last else None
+
+    def forward(self, x):
+        stack = self.decoder
+        if self.first:
+            x = stack.placement.begin(stack.embed(x), stack)
+        layers = stack.layers.values() if isinstance(stack.layers, nn.ModuleDict) else stack.layers
+        for blk in layers:
+            x = blk(x)
+        if self.last:
+            x = self.output_projection(stack.placement.end(x, stack))
+        return x
+
+
+def micro_loss(logits, target):
+    """Each micro-batch's mean loss over the number of micro-batches: summed, the global mean loss."""
+    return F.cross_entropy(logits.flatten(0, 1), target.flatten()) / MICRO
+
+
+def _pp_worker(rank, world, tmp):
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    tok, tgt = data()
+    mb = GLOBAL_BATCH // MICRO
+    out = {}
+    for schedule, container in PP_CASES:
+        mod = Stage(make_deep_model(), rank, world, container)
+        # static stage metadata (shapes, dtypes, which tensors need a gradient), from a forward
+        # before the probe is made: no shape-inference forward inside the schedule for it to see
+        x = tok[:mb] if rank == 0 else torch.zeros(mb, T, SIZES["d_model"], dtype=torch.float64, requires_grad=True)
+        y = mod(x)
+        stage = PipelineStage(mod, rank, world, torch.device("cpu"), input_args=x, output_args=y)
+        kind = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
+        sched = kind(stage, n_microbatches=MICRO, loss_fn=micro_loss, scale_grads=False)
+        opt = torch.optim.SGD(mod.parameters(), lr=0.1)
+        probe = Probe(mod, quantities=QUANTITIES, subsample_tokens=4, optimizer=opt,
+                      pipeline_group=dist.group.WORLD, sink=f"{tmp}/{schedule}.csv")
+        blocks = [(b.name, b.index) for b in probe.blocks]
+        with probe:
+            for _ in range(2):
+                if rank == 0:
+                    sched.step(tok)
+                else:
+                    sched.step(target=tgt)
+                probe.step()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        out[schedule] = (keyed(probe.rows()), blocks)
+    return out
+
+
+def single_process_deep(sink, steps=2):
+    tok, tgt = data()
+    model = make_deep_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = Probe(model, quantities=QUANTITIES, subsample_tokens=4, optimizer=opt, sink=sink)
+    run_steps(model, probe, tok, tgt, steps=steps, opt=opt)
+    return keyed(probe.rows())
+
+
+def test_pipeline_stages_equal_one_process(tmp_path):
+    (stage0, stage1) = spawn(_pp_worker, 2, tmp_path)
+    ref = single_process_deep(tmp_path / "twin.csv")
+    assert {k[-1] for k in ref} >= {"update_ratio", "act_grad_norm", "cos_adjacent", "w2_grad_norm"}
+    for schedule, container in PP_CASES:
+        rows0, blocks0 = stage0[schedule]
+        rows1, blocks1 = stage1[schedule]
+        # each stage discovered its own blocks under their global indices
+        assert [i for _, i in blocks0] == [0, 1] and [i for _, i in blocks1] == [2, 3]
+        assert blocks1[0][0] == "decoder.layers.2"
+        # stage 1 kept its own blocks' rows; rank 0 holds every block of every step, equal to one process
+        assert {k[2] for k in rows1 if k[1] == "decoder"} == {2, 3}
+        worst(rows0, ref)
+        assert_one_writer(tmp_path / f"{schedule}.csv", tmp_path / "twin.csv")

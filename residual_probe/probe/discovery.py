@@ -13,6 +13,12 @@ A *block* is one repeated layer of a stack: residual-probe's `Block`, Hugging Fa
 
 Where this finds nothing, the user names the blocks by a module-path pattern
 (`blocks="model.layers.*"`, one `*` per path component).
+
+A block's index is its name in the container when that is an integer, else its position. So a
+pipeline stage holding only some blocks keeps their global indices when it keeps their names:
+a `ModuleDict` "0".."N-1" with the other blocks deleted (torchtitan's split), or a `ModuleList`
+with the other blocks replaced by `nn.Identity` (placeholders are not blocks). A `ModuleList`
+whose items were deleted renumbers them: its blocks are indexed from 0 again.
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ class BlockInfo:
     """One residual block: where it is, what it holds, and which residual streams it carries."""
 
     stack: str  # "encoder", "decoder", or the container's module path (e.g. "transformer.h")
-    index: int  # 0-based position within its stack
+    index: int  # 0-based index within its stack (the global one on a pipeline stage; see the module doc)
     name: str  # module path, e.g. "decoder.layers.3"
     module: nn.Module
     sublayers: dict[str, nn.Module] = field(default_factory=dict)  # e.g. self_attn, ffn / attn, mlp
@@ -90,8 +96,28 @@ def _looks_like_block(module: nn.Module) -> bool:
     return sum(1 for c in module.children() if _has_params(c)) >= 2 or len(_sublayers(module)) >= 2
 
 
+STACK_TYPES = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
+
+
+def _placeholder(module: nn.Module) -> bool:
+    """nn.Identity standing in for a block another pipeline stage holds."""
+    return type(module) is nn.Identity
+
+
+def _members(container: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of a stack container's children, placeholders left out."""
+    return [(n, m) for n, m in container.named_children() if not _placeholder(m)]
+
+
+def _index(name: str, position: int) -> int:
+    """A block's index: its name in the container when that is an integer (the global index
+    a pipeline stage keeps), else its position."""
+    last = name.rpartition(".")[2]
+    return int(last) if last.isdecimal() else position
+
+
 def _is_stack(name: str, container: nn.Module) -> bool:
-    children = list(container.children())
+    children = [m for _, m in _members(container)]
     if not children or len({type(c) for c in children}) != 1:
         return False
     first = children[0]
@@ -145,7 +171,8 @@ def _make(stacks: dict[str, list[tuple[str, nn.Module]]], model: nn.Module) -> l
     for path, mods in stacks.items():
         for k, (name, module) in enumerate(mods):
             norms = {n: m for n, m in module.named_modules() if n and is_norm(m)}
-            blocks.append(BlockInfo(names[path], k, name, module, _sublayers(module), norms, _streams(module)))
+            blocks.append(BlockInfo(names[path], _index(name, k), name, module, _sublayers(module), norms,
+                                    _streams(module)))
     return blocks
 
 
@@ -179,7 +206,7 @@ def find_blocks(model: nn.Module, pattern: str | None = None) -> list[BlockInfo]
             stacks.setdefault(n.rpartition(".")[0], []).append((n, modules[n]))
         return _make(stacks, model)
 
-    containers = [n for n, m in named if isinstance(m, (nn.ModuleList, nn.Sequential)) and _is_stack(n, m)]
+    containers = [n for n, m in named if isinstance(m, STACK_TYPES) and _is_stack(n, m)]
     containers = _outermost(containers)
     if not containers:
         raise DiscoveryError(
@@ -190,5 +217,5 @@ def find_blocks(model: nn.Module, pattern: str | None = None) -> list[BlockInfo]
     modules = dict(named)
     prefix = lambda path: f"{path}." if path else ""  # noqa: E731
     return _make({
-        path: [(prefix(path) + n, m) for n, m in modules[path].named_children()] for path in containers
+        path: [(prefix(path) + n, m) for n, m in _members(modules[path])] for path in containers
     }, model)

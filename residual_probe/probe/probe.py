@@ -531,11 +531,20 @@ class Probe:
 def merge_stage_rows(stages: list[list[dict]]) -> list[dict]:
     """One model's rows from the rows of its pipeline stages (each holding other blocks): block
     rows as they are; whole-model gradient norms (stack "model", param_grad_norm) as the root of
-    the stages' summed squares; the counts summed. In step order, stages in order within a step."""
+    the stages' summed squares; the counts summed; w2_grad_norm from the stage holding the
+    stack's last block (each stage reports its own last block). In step order, stages in order
+    within a step."""
     out: list[dict] = []
     combined: dict[tuple, dict] = {}
+    last = {}  # (step, stack) -> the highest block index with a w2_grad_norm row
     for rows in stages:
         for r in rows:
+            if r["metric"] == "w2_grad_norm":
+                last[r["step"], r["stack"]] = max(last.get((r["step"], r["stack"]), r["layer"]), r["layer"])
+    for rows in stages:
+        for r in rows:
+            if r["metric"] == "w2_grad_norm" and r["layer"] != last[r["step"], r["stack"]]:
+                continue
             norm = r["stack"] == "model" and r["metric"] == "param_grad_norm"
             if not norm and r["metric"] not in ("nonfinite_count", "no_grad_count"):
                 out.append(r)
