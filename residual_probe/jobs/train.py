@@ -18,15 +18,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..probe.schedule import FORWARD_EVERY
+from .reference import ReferenceModel
 
 
 @dataclass
-class TrainSpec:
+class TrainSpec(ReferenceModel):
+    """The run: the reference model (ReferenceModel's fields; the defaults that differ are here)
+    and the training and recording options."""
+
     placement: str = "residual"
     arch: str = "decoder"
     depth: int = 24
     d_model: int = 128
-    heads: int = 4
     ffn: int = 512
     batch: int = 16
     seq_len: int = 64
@@ -35,7 +38,6 @@ class TrainSpec:
     warmup: int = 0  # linear warm-up steps; 0 = none (the setting where Post-LN is said to fail)
     seed: int = 0
     data: str | None = None  # UTF-8 text file; None: the built-in corpus (CPython's pydoc topics)
-    dropout: float = 0.0
     probe_every: int = 10  # record the probe every n-th step
     forward_every: int = FORWARD_EVERY  # forward statistics on every n-th recorded step, the first and the last
     eval_every: int = 50  # validation loss every n-th step
@@ -43,10 +45,7 @@ class TrainSpec:
     force: bool = False  # run even when the memory estimate exceeds what the machine has free
 
     def model_config(self):
-        from ..models import ModelConfig
-
-        return ModelConfig(arch=self.arch, placement=self.placement, depth=self.depth, d_model=self.d_model,
-                           heads=self.heads, ffn=self.ffn, dropout=self.dropout, max_len=max(1024, self.seq_len))
+        return self.build_config(placement=self.placement, depth=self.depth)
 
     def validate(self) -> None:
         from ..models import ConfigError
