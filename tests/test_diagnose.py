@@ -65,12 +65,22 @@ def parse(path):
     return page
 
 
-def test_report_is_self_contained_with_verdicts_first(tmp_path):
+def test_report_is_self_contained_with_verdicts_first(tmp_path, monkeypatch):
+    import residual_probe.checkpoints as checkpoints
+
     post, pre = models(tmp_path)
     out = tmp_path / "d"
+    loads, load_any = [], checkpoints.load_any
+
+    def counted(path, *args, **kwargs):
+        loads.append(str(path))
+        return load_any(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "load_any", counted)
     res = runner.invoke(app, ["diagnose", "--ckpt", str(post), "--compare", str(pre), "--tokens", "128", "--seq-len",
                               "32", "--subsample", "32", "--out", str(out)])
     assert res.exit_code == 0, res.output
+    assert loads == [str(post), str(pre)]  # each checkpoint loaded once, for both parts (jobs.inspection)
     page = parse(out / "report.html")
     assert page.headings[1] == "Verdicts"  # right after the title
     assert len(page.images) == 4 and all(src.startswith("data:image/png;base64,") for src in page.images)
@@ -150,24 +160,3 @@ def test_loss_warning_rule():
     assert "--dict" not in loss_warnings(8.27, 1000, "hf")[0]
     assert loss_warnings(math.nan, 1000, "hf")[0].startswith("the mean loss is nan")
 
-
-def test_each_checkpoint_is_loaded_once(tmp_path, monkeypatch):
-    """diagnose hands one loaded checkpoint to both parts (jobs.inspection), not one load per part."""
-    import residual_probe.checkpoints as checkpoints
-
-    post, pre = models(tmp_path)
-    calls = []
-    real = checkpoints.load_any
-
-    def counting(path, *args, **kwargs):
-        calls.append(str(path))
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(checkpoints, "load_any", counting)
-    res = runner.invoke(app, ["diagnose", "--ckpt", str(post), "--compare", str(pre), "--tokens", "64", "--seq-len",
-                              "32", "--subsample", "16", "--out", str(tmp_path / "d")])
-    assert res.exit_code == 0, res.output
-    assert sorted(calls) == sorted([str(post), str(pre)])
-    grads = json.loads((tmp_path / "d" / "gradients" / "grad_norms.json").read_text())
-    coll = json.loads((tmp_path / "d" / "collapse" / "collapse.json").read_text())
-    assert [m["placement"] for m in grads["models"]] == [m["placement"] for m in coll["models"]] == ["post-ln", "pre-ln"]
