@@ -5,7 +5,7 @@ vocab 49152, tied embeddings, Pre-LN), and runs, each in a fresh subprocess so p
 is clean:
 - plain:    a no-grad forward of the model body over the same batches (no probe);
 - collapse: the collapse measurement (probe hooks, forward statistics, token subsample,
-            similarity/CKA/effective rank), i.e. `jobs.collapse.measure`.
+            similarity/CKA/effective rank), i.e. `jobs.collapse.measure_forward`.
 Both load nothing and include one warm-up forward before timing. Memory is the peak RSS
 (VmHWM, reset after warm-up) above the process's RSS before the model was built, so it is
 weights plus whatever the run keeps; the plain run's peak is weights + one layer's activations.
@@ -52,7 +52,7 @@ def child(mode: str) -> None:
     torch.set_num_threads(2)
     from residual_probe.checkpoints.loaded import ours
     from residual_probe.checkpoints.text import read_text
-    from residual_probe.jobs.collapse import CollapseSpec, make_batches, measure
+    from residual_probe.jobs.collapse import CollapseSpec, make_batches, measure_forward
     from residual_probe.models import ModelConfig, build_model
 
     base = rss_kb("VmRSS")
@@ -70,7 +70,7 @@ def child(mode: str) -> None:
             for x in batches:
                 loaded.forward(x)
     else:
-        measure(loaded, batches, spec)
+        measure_forward(loaded, batches, spec)
     wall = time.perf_counter() - t0
     weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     print(json.dumps({"mode": mode, "wall_s": wall, "peak_kb": rss_kb("VmHWM") - base, "weights_kb": weights / 1024,

@@ -8,7 +8,7 @@ import pytest
 
 from residual_probe.analysis import checks
 from residual_probe.analysis.fits import loglog_slope
-from residual_probe.jobs.bounds import BoundsError, BoundsSpec, measure, run_bounds
+from residual_probe.jobs.bounds import BoundsError, BoundsSpec, measure_bounds, run_bounds
 
 DEPTHS = (6, 12, 24, 48)
 
@@ -19,7 +19,7 @@ def w2_norms(placement: str, seeds: int = 3) -> np.ndarray:
     out = np.zeros((seeds, len(DEPTHS)))
     for i, depth in enumerate(DEPTHS):
         for seed in range(seeds):
-            rows = measure(spec.config("xiong", "encoder", placement, depth), seed, spec.batch, spec.seq_len)
+            rows = measure_bounds(spec.config("xiong", "encoder", placement, depth), seed, spec.batch, spec.seq_len)
             (w2,) = [r["value"] for r in rows if r["metric"] == "w2_grad_norm"]
             out[seed, i] = w2
     return out

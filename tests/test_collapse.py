@@ -122,7 +122,7 @@ def test_massive_activations_are_named_with_their_numbers():
     verdict names the block, how many tokens and how large (Sun et al. 2024's massive activations)."""
     from residual_probe.analysis.collapse import massive_activations
     from residual_probe.checkpoints.loaded import ours
-    from residual_probe.jobs.collapse import CollapseSpec, measure
+    from residual_probe.jobs.collapse import CollapseSpec, measure_forward
     from residual_probe.models import ModelConfig, Transformer
 
     torch.manual_seed(0)
@@ -136,7 +136,7 @@ def test_massive_activations_are_named_with_their_numbers():
 
     model.decoder.layers[2].register_forward_hook(spike)
     batches = [torch.randint(3, 250, (4, 16)) for _ in range(2)]
-    m = measure(ours(model, "residual-probe", "test"), batches, CollapseSpec(ckpts=("x",), subsample=16))
+    m = measure_forward(ours(model, "residual-probe", "test"), batches, CollapseSpec(ckpts=("x",), subsample=16))
     by = {(r["metric"], r["layer"]): r["value"] for r in m["rows"] if r["stream"] == "x"}
     assert by[("massive_count", 2)] == 8 and by[("tokens", 2)] == 128  # 8 sequences, token 0 of each
     assert by[("massive_count", 1)] == 0

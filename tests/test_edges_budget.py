@@ -37,7 +37,7 @@ MEASURE = textwrap.dedent("""
     import gc, json, sys
     import torch
     torch.set_num_threads(1)
-    from residual_probe.jobs.grad_norms import GradNormsSpec, run_one
+    from residual_probe.jobs.grad_norms import GradNormsSpec, record_run
 
     def status(key):
         for line in open("/proc/self/status"):
@@ -48,7 +48,7 @@ MEASURE = textwrap.dedent("""
     spec = GradNormsSpec(seeds=1, **kw)
     p = spec.placements[0]
     # kernels and allocator warmed on a tiny model first, so their one-time cost is not counted
-    run_one(GradNormsSpec(placements=(p,), seeds=1, steps=1, arch=spec.arch, depth=1, d_model=8, heads=2, ffn=8,
+    record_run(GradNormsSpec(placements=(p,), seeds=1, steps=1, arch=spec.arch, depth=1, d_model=8, heads=2, ffn=8,
                           batch=1, seq_len=4), p, 0)
     gc.collect()
     base = status("VmRSS")
@@ -56,7 +56,7 @@ MEASURE = textwrap.dedent("""
     # forking parent's peak across exec, which inside a large pytest process dominates).
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
-    run_one(spec, p, 0)
+    record_run(spec, p, 0)
     print(json.dumps(status("VmHWM") - base))
 """)
 FACTOR = 1.5  # measured 0.88x-1.19x on six configs (budget.py's docstring)

@@ -41,10 +41,17 @@ def loss_rows(out: Path) -> int:
         return 0
 
 
+def default_sigint() -> None:
+    """In the child: SIGINT at its default, as in a terminal. A suite started in the background by a
+    non-interactive shell (`make test &`, nohup) inherits SIGINT ignored, and Python then keeps it
+    ignored: the command would rightly not see the Ctrl-C this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_and_signal(args: list[str], sig, ready, tmp_path: Path, settle: float = 0.0):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "residual_probe.cli", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     deadline = time.monotonic() + 240
     while not ready(proc.pid):
         if proc.poll() is not None:

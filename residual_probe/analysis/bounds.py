@@ -1,5 +1,5 @@
 """The theory statements that `bounds` checks, one function each: the tidy probe rows of the
-reference models at initialization in (jobs.bounds.measure's, with setting, arch, placement,
+reference models at initialization in (jobs.bounds.measure_bounds', with setting, arch, placement,
 depth and seed), the checks (analysis.checks) and what the statement's figure draws out.
 
 Statements and tolerances: docs/design.md.

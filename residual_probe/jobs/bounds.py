@@ -114,7 +114,7 @@ def adam_conditions(model, lr: float = ADAM_LR, eps: float = ADAM_EPS, rel_step:
     return rows
 
 
-def measure(cfg, seed: int, batch: int, seq_len: int, adam: bool = False) -> list[dict]:
+def measure_bounds(cfg, seed: int, batch: int, seq_len: int, adam: bool = False) -> list[dict]:
     """One forward/backward at initialization, recorded by the probe: its rows, plus the embedding's
     E||x_0||^2/d per stack (metric `embed_norm_sq_per_dim`, layer -1) from the token subsample; for
     Post-LN the inputs of each block's last LN (`final_ln_inputs`); with `adam`, `adam_conditions`."""
@@ -177,7 +177,7 @@ def run_bounds(spec: BoundsSpec, out: str | Path, formats=("png",), progress=Non
         for seed in range(spec.seeds):
             cfg = spec.config(init, arch, placement, depth, ffn)
             adam = arch == "seq2seq" and placement == "post-ln"
-            for r in measure(cfg, seed, spec.batch, spec.seq_len, adam=adam):
+            for r in measure_bounds(cfg, seed, spec.batch, spec.seq_len, adam=adam):
                 rows.append({"setting": setting, "arch": arch, "placement": placement, "depth": depth, "seed": seed,
                              **{k: r[k] for k in ("stack", "layer", "sublayer", "stream", "metric", "value")}})
             if advance:

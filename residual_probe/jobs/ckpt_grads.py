@@ -206,7 +206,7 @@ def measure_gradients(inspection: Inspection, spec: CkptGradSpec, text: str, sou
         return {"label": label, "source": inspection.path, "skipped": str(exc), "verdicts": []}, []
     t1 = time.perf_counter()
     w = text_windows(loaded, text, spec.tokens, spec.seq_len, inspection.dictionary)
-    check_memory(inspection, kind, tuple(w.ids.shape), spec)
+    require_gradient_memory(inspection, kind, tuple(w.ids.shape), spec)
     advance = progress(math.ceil(w.ids.shape[0] / spec.batch)) if progress else None
     model_rows, mean_loss, _, vocab = model_gradients(loaded, kind, w.ids, spec.batch, spec.seed, spec.blocks, advance)
     t2 = time.perf_counter()
@@ -224,7 +224,7 @@ def measure_gradients(inspection: Inspection, spec: CkptGradSpec, text: str, sou
     return model, table
 
 
-def check_memory(inspection: Inspection, kind: str, windows: tuple[int, int], spec: CkptGradSpec) -> None:
+def require_gradient_memory(inspection: Inspection, kind: str, windows: tuple[int, int], spec: CkptGradSpec) -> None:
     """Refuse (budget.BudgetError) a gradient whose gradients, saved activations and logits would not
     fit, before the first batch runs; `spec.force` runs it anyway."""
     from .. import budget

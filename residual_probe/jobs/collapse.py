@@ -57,7 +57,7 @@ def make_batches(loaded, spec: CollapseSpec, text: str, item_tokens: int | None 
 # ---- measurement -------------------------------------------------------------------------
 
 
-def measure(loaded, batches: list, spec: CollapseSpec, advance: Callable[[], None] | None = None) -> dict:
+def measure_forward(loaded, batches: list, spec: CollapseSpec, advance: Callable[[], None] | None = None) -> dict:
     """Probe rows and layer x layer matrices of one model over `batches` (all pooled into one step)."""
     import torch
 
@@ -137,10 +137,10 @@ def measure_collapse(inspection: Inspection, spec: CollapseSpec, text: str, sour
 
     label, loaded, found = inspection.label, inspection.loaded, inspection.found
     batches, data = make_batches(loaded, spec, text, found["item_tokens"], inspection.dictionary)
-    check_memory(inspection, batches, spec)
+    require_collapse_memory(inspection, batches, spec)
     data["source"] = source if loaded.modality == "text" else data["kind"]
     advance = progress(len(batches)) if progress else None
-    m = measure(loaded, batches, spec, advance)
+    m = measure_forward(loaded, batches, spec, advance)
     rows = [dict(model=label, stack=r["stack"], layer=r["layer"], stream=r["stream"], metric=r["metric"],
                  value=r["value"]) for r in m["rows"] if r["metric"] != "nonfinite_count"]
     nonfinite = sum(1 for r in rows if not math.isfinite(r["value"]))
@@ -190,7 +190,7 @@ def write_collapse(out: Path, spec: CollapseSpec, models: list[dict], table: lis
     return meta
 
 
-def check_memory(inspection: Inspection, batches: list, spec: CollapseSpec) -> None:
+def require_collapse_memory(inspection: Inspection, batches: list, spec: CollapseSpec) -> None:
     """Refuse (budget.BudgetError) a forward whose activations and matrices would not fit."""
     from .. import budget
 

@@ -49,7 +49,7 @@ class GradNormsSpec(ReferenceModel):
             raise ConfigError(f"lr: must be a positive number, got {self.lr}")
 
 
-def run_one(spec: GradNormsSpec, placement: str, seed: int, text=None, on_step: Callable[[], None] | None = None):
+def record_run(spec: GradNormsSpec, placement: str, seed: int, text=None, on_step: Callable[[], None] | None = None):
     """Train/record one (placement, seed); returns (rows, losses). Rows follow CSV_COLUMNS.
 
     Gradients are recorded at every step 0..steps: before each Adam update and after the last.
@@ -106,7 +106,7 @@ def run_grad_norms(spec: GradNormsSpec, out: str | Path, formats=("png",), progr
     for placement in spec.placements:
         for seed in range(spec.seeds):
             t0 = time.perf_counter()
-            r, l = run_one(spec, placement, seed, text, advance)
+            r, l = record_run(spec, placement, seed, text, advance)
             rows += r
             losses[f"{placement}/seed{seed}"] = l
             timings[f"{placement}/seed{seed}"] = round(time.perf_counter() - t0, 3)

@@ -16,7 +16,7 @@ import pandas as pd
 
 from ..analysis.checks import Check, agreement, fmt
 from ..analysis.summary import first_over_last, layer_table, seed_band
-from ..jobs.grad_norms import GradNormsSpec, run_one
+from ..jobs.grad_norms import GradNormsSpec, record_run
 from ..output import write_csv
 from ..plots.grad_norms import plot_depth_grid
 
@@ -25,7 +25,7 @@ SETTINGS = {"seq2seq encoder": ("seq2seq", "encoder"), "seq2seq decoder": ("seq2
             "decoder-only LM": ("decoder", "decoder")}
 
 
-def measure(quick: bool):
+def depth_rows(quick: bool):
     depths = (6, 12, 24) if quick else (6, 12, 24, 48)
     size = dict(d_model=64, heads=4, ffn=256, seeds=2) if quick else dict(d_model=256, heads=4, ffn=1024, seeds=3)
     rows = []
@@ -34,14 +34,14 @@ def measure(quick: bool):
             spec = GradNormsSpec(placements=PLACEMENTS, arch=arch, depth=depth, batch=8, seq_len=32, **size)
             for p in PLACEMENTS:
                 for seed in range(spec.seeds):
-                    for r in run_one(spec, p, seed)[0]:
+                    for r in record_run(spec, p, seed)[0]:
                         if r["sublayer"] == "block":
                             rows.append({**r, "arch": arch, "depth": depth})
     return rows, depths
 
 
 def run(out: Path, quick: bool = False) -> list[Check]:
-    rows, depths = measure(quick)
+    rows, depths = depth_rows(quick)
     write_csv(out / "grad_norms_depths.csv", rows,
               ("arch", "depth", "placement", "seed", "step", "stack", "layer", "sublayer", "param_grad_norm"))
     df = pd.DataFrame(rows)

@@ -105,7 +105,7 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def run_one(spec: RunSpec, run_dir: Path) -> dict:
+def train_run(spec: RunSpec, run_dir: Path) -> dict:
     """Train, evaluate and record one run into run_dir; returns the result (also result.json)."""
     import torch
 
@@ -231,7 +231,7 @@ def _worker_init() -> None:
 
 
 def _run_in_worker(spec: RunSpec, run_dir: str) -> dict:
-    return run_one(spec, Path(run_dir))
+    return train_run(spec, Path(run_dir))
 
 
 def run_stages(first: list[RunSpec], then: Callable[[dict[str, dict]], list[RunSpec]], root: Path,
@@ -250,7 +250,7 @@ def run_stages(first: list[RunSpec], then: Callable[[dict[str, dict]], list[RunS
         queue, added = list(first), False
         while queue:
             spec = queue.pop(0)
-            report(run_one(spec, root / spec.name))
+            report(train_run(spec, root / spec.name))
             if not added and gate_names <= set(results):
                 more = then(results)
                 total += len(more)
