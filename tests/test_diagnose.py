@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from html.parser import HTMLParser
 
 import pytest
@@ -102,6 +103,13 @@ def test_report_is_self_contained_with_verdicts_first(tmp_path, monkeypatch):
     md = (out / "report.md").read_text()
     assert md.index("## Verdicts") < md.index("## Models") < md.index("## Figures")
     assert "](gradients/grad_norms.png)" in md and "```\nresidual-probe diagnose" in md
+    # the times agree: the three parts add up to the whole, and so do each model's own
+    times = dict(re.findall(r"^- (.+): ([\d.]+) s$", md.split("## Run")[1], re.M))
+    times = {k: float(v) for k, v in times.items()}
+    parts = ("loading and placement detection", "gradients (one gradient per model)", "collapse (forward statistics)")
+    assert sum(times[p] for p in parts) == pytest.approx(times["all models, the three parts"], abs=0.25)
+    for part, name in zip(("load", "gradients", "collapse"), parts):
+        assert sum(times[f"{m['label']}: {part}"] for m in grads["models"]) == pytest.approx(times[name], abs=0.15)
 
 
 def test_partly_random_model_is_said_first(tmp_path):

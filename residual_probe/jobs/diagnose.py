@@ -49,36 +49,36 @@ def run_diagnose(gspec, cspec, out: str | Path, command: str,
     torch.manual_seed(cspec.seed)
     text, source, dictionary = cspec.read_inputs()
     grad_models, grad_rows, coll_models, coll_rows, sim_rows = [], [], [], [], []
-    spent = {"load": 0.0, "gradients": 0.0, "collapse": 0.0}
+    spent: dict[str, dict[str, float]] = {}  # label -> wall-clock seconds of each part
     t0 = time.perf_counter()
     for label, path in cspec.named():
+        part = spent[label] = {}
         t = time.perf_counter()
         inspection = inspect_checkpoint(label, path, cspec, text, dictionary)
-        spent["load"] += time.perf_counter() - t
-        t = time.perf_counter()
+        part["load"], t = time.perf_counter() - t, time.perf_counter()
         with progress(f"diagnose: gradients of {label}") as start:
             model, rows = measure_gradients(inspection, gspec, text, source, start)
         grad_models.append(model)
         grad_rows += rows
-        spent["gradients"] += time.perf_counter() - t
-        t = time.perf_counter()
+        part["gradients"], t = time.perf_counter() - t, time.perf_counter()
         with progress(f"diagnose: collapse of {label}") as start:
             model, rows, sims = measure_collapse(inspection, cspec, text, source, start)
         coll_models.append(model)
         coll_rows += rows
         sim_rows += sims
-        spent["collapse"] += time.perf_counter() - t
+        part["collapse"] = time.perf_counter() - t
         del inspection
     wall = time.perf_counter() - t0
     grads = write_gradients(gout, gspec, grad_models, grad_rows, source, ("png",), wall)
     coll = write_collapse(cout, cspec, coll_models, coll_rows, sim_rows, source, ("png",), wall)
     figures = [(caption, out / rel) for caption, rel in FIGURES if (out / rel).is_file()]
-    # wall-clock seconds of each part over all models (each checkpoint loaded once, for both parts)
-    times = {"loading and placement detection": spent["load"], "gradients (one gradient)": spent["gradients"],
-             "collapse (forward statistics)": spent["collapse"]}
-    for m in grads["models"]:
-        for k, v in m.get("times", {}).items():
-            if k != "load_s":
-                times[f"{m['label']} gradients: {k.removesuffix('_s')}"] = v
+    # wall-clock seconds of each part summed over the models (each checkpoint loaded once, for both
+    # parts), the whole measurement, and with several models each model's own three
+    names = {"load": "loading and placement detection", "gradients": "gradients (one gradient per model)",
+             "collapse": "collapse (forward statistics)"}
+    times = {name: sum(p[k] for p in spent.values()) for k, name in names.items()}
+    times["all models, the three parts"] = wall
+    if len(spent) > 1:
+        times.update({f"{label}: {k}": v for label, p in spent.items() for k, v in p.items()})
     files = write_report(out, grads, coll, grad_rows, coll_rows, figures, command, times)
     return {"gradients": grads, "collapse": coll, "files": files}
