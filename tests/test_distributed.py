@@ -9,6 +9,7 @@ parameters are DTensor shards, so this also checks that norms are reduced across
 
 import math
 import pickle
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -50,6 +51,23 @@ def run_steps(model, probe, tok, tgt, steps=2, opt=None, after_step=None):
     return {(r["step"], r["stack"], r["layer"], r["sublayer"], r["stream"], r["metric"]): r["value"] for r in rows}
 
 
+@contextmanager
+def probe_reductions():
+    """The torch.distributed.all_reduce calls made inside, in a list: DDP's reducer, FSDP2 and
+    DTensor reach their collectives by other paths, so these are the probe's."""
+    calls, all_reduce = [], dist.all_reduce
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        yield calls
+    finally:
+        dist.all_reduce = all_reduce
+
+
 def _worker(rank, world, tmp, mode):
     dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -80,7 +98,9 @@ def _worker(rank, world, tmp, mode):
                 grads = [p.grad.to_local() for p in model.decoder.layers[0].parameters()]
                 extra["local_block0"] = math.sqrt(sum(float((g**2).sum()) for g in grads))
 
-        rows = run_steps(wrapped, probe, tok[half], tgt[half], opt=opt, after_step=shard_local_norm)
+        with probe_reductions() as calls:
+            rows = run_steps(wrapped, probe, tok[half], tgt[half], opt=opt, after_step=shard_local_norm)
+        extra["reductions"] = len(calls)
         with open(f"{tmp}/rank{rank}.pkl", "wb") as fh:
             pickle.dump((rows, extra), fh)
         dist.barrier()  # no rank tears gloo down while the other still talks to it
@@ -117,6 +137,7 @@ def test_two_ranks_equal_one_process(tmp_path, mode):
     assert any(k[-1] == "act_grad_norm" for k in ref) and any(k[-1] == "cos_adjacent" for k in ref)
     assert_same(rows0, ref)
     assert_same(rows1, ref)
+    assert extra0["reductions"] == extra1["reductions"] == 2  # one all-reduce per recorded step, none in hooks
     if mode == "fsdp":
         assert extra0["sharded"] and extra1["sharded"]
         # step 1, block 0: each shard-local norm falls short; their squares add up to the global one

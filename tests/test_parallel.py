@@ -17,7 +17,8 @@ with FSDP2 on the other dimension, float64, each rank against the twin on the wh
 Checked: param_grad_norm (blocks, sublayers, groups and the whole-model rows, stack "model"),
 w2_grad_norm, the forward statistics (cos_adjacent, relative_update, norm_sq_per_dim, ln_update,
 angular_distance, block_influence) and act_grad_norm equal the twin's to 1e-6 relative on every
-rank; only rank 0 writes a sink named without "{rank}". update_ratio is refused under DTensor
+rank, with one all-reduce per recorded step (none in the hooks: the gradient squares' sums over
+shards join the token sums'); only rank 0 writes a sink named without "{rank}". update_ratio is refused under DTensor
 parameters (tested).
 
 Pipeline parallel (one spawn of 2 processes): `torch.distributed.pipelining` with a manual split
@@ -53,7 +54,7 @@ from torch import nn
 
 from residual_probe.probe import Probe
 from residual_probe.probe.schedule import ProbeError
-from test_distributed import SIZES, make_model, run_steps
+from test_distributed import SIZES, make_model, probe_reductions, run_steps
 
 pytest.importorskip("torch.distributed.tensor.parallel", reason="torch without tensor parallelism")
 pytest.importorskip("torch.distributed.pipelining", reason="torch without torch.distributed.pipelining")
@@ -180,10 +181,10 @@ def _tp_worker(rank, world, tmp):
             lambda m, a, o: seen.setdefault("out", (type(o).__name__, str(getattr(o, "placements", "")))) and None)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         probe = Probe(model, subsample_tokens=4, sink=f"{tmp}/{case}.csv")
-        with sdpa_kernel(SDPBackend.MATH), implicit_replication():
+        with probe_reductions() as reductions, sdpa_kernel(SDPBackend.MATH), implicit_replication():
             rows = run_steps(model, probe, tok[half], tgt[half], opt=opt)
         watch.remove()
-        out[case] = (rows, seen["out"])
+        out[case] = (rows, seen["out"], len(reductions))
     try:
         Probe(model, quantities=["update_ratio"], optimizer=opt)
         out["update_ratio"] = "accepted"
@@ -207,8 +208,9 @@ def test_fsdp2_and_tensor_parallel_equal_one_process(tmp_path):
     outputs = {"tp": "Tensor", "tp-dtensor": "DTensor", "sp": "DTensor", "sp-local": "Tensor"}
     for case in TP_CASES:
         for rank, result in enumerate(results):
-            rows, (kind, placements) = result[case]
+            rows, (kind, placements), reductions = result[case]
             assert kind == outputs[case], (case, kind)  # the case tests what it says
+            assert reductions == 2  # one all-reduce per recorded step (2 steps), none in the hooks
             if case == "sp":
                 assert "Shard(dim=1)" in placements
             worst(rows, ref)

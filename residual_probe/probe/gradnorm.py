@@ -14,6 +14,10 @@ of the full gradient, on every rank (not the shard-local norm that wandb.watch, 
 grad_norm or the HF Trainer log under FSDP). Replicated (DDP) gradients need no reduction. On a
 2-D mesh (FSDP2 + tensor parallel) a parameter is sharded on both dimensions (FSDP's
 `_StridedShard` over the tensor-parallel `Shard`): its squares are summed over both.
+
+Inside a probe step the sum over shards joins the step's one all-reduce (`RankSums`): each
+rank's squared sums are divided by the number of ranks holding the same shard, so that one sum
+over the probe's process group counts every shard once, whatever the mesh's shape.
 """
 
 from __future__ import annotations
@@ -64,6 +68,15 @@ def _local(t: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     return t, ()
 
 
+class RankSums:
+    """Vectors to be summed over a process group of `world` ranks at the probe step's one
+    all-reduce, which writes the sums back into them in place."""
+
+    def __init__(self, world: int):
+        self.world = world
+        self.vectors: list[torch.Tensor] = []
+
+
 class SquaredNorms:
     """Squared L2 norm of each tensor of a list, with the bucketing planned once per layout.
 
@@ -104,7 +117,9 @@ class SquaredNorms:
         self._key = key
         self.plans_built += 1
 
-    def __call__(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    def __call__(self, tensors: Sequence[torch.Tensor | None], sums: RankSums | None = None) -> torch.Tensor:
+        """sums: with sharded tensors, leave the sum over shards to the caller's one all-reduce
+        (the result is complete once it ran); None: all-reduce here, per mesh dimension."""
         cls = dtensor_type()
         if cls is None or not any(isinstance(t, cls) for t in tensors):  # plain tensors, nothing sharded
             shards = None
@@ -121,10 +136,17 @@ class SquaredNorms:
             for i in self._dense:
                 tensors[i] = tensors[i].to_dense()
         acc, device, buckets, order = self._plan
+        defer = sums is not None and any(shard for _, _, shard in buckets)
         parts = []
         for _, idx, shard in buckets:
             sq = torch.stack(_foreach_norm_f32([tensors[i] for i in idx], acc)).to(acc).square()
-            if shard:
+            if defer:  # every rank adds its share: world / (number of distinct shards) ranks hold each shard
+                _, dims, mesh = shard or (None, (), None)
+                shards = 1
+                for dim in dims:
+                    shards *= mesh.size(dim)
+                sq = sq * (shards / sums.world)
+            elif shard:
                 import torch.distributed as dist
 
                 _, dims, mesh = shard
@@ -132,7 +154,10 @@ class SquaredNorms:
                     dist.all_reduce(sq, group=mesh.get_group(dim))
             parts.append(sq.to(device, non_blocking=True))
         out = torch.zeros(len(tensors), dtype=acc, device=device)
-        return out.index_copy_(0, order, torch.cat(parts))
+        out.index_copy_(0, order, torch.cat(parts))
+        if defer:
+            sums.vectors.append(out)
+        return out
 
 
 def squared_norms(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:

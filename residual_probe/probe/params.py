@@ -76,11 +76,12 @@ class Parts:
         self.groups = GroupNorms(len(self.refs), [members[part] for part in self.keys])
         self._squares = SquaredNorms()
 
-    def grad_squares(self) -> tuple[torch.Tensor, tuple[bool, ...]]:
-        """(squared norm of each part parameter's .grad, which parts have no .grad at all)."""
+    def grad_squares(self, sums=None) -> tuple[torch.Tensor, tuple[bool, ...]]:
+        """(squared norm of each part parameter's .grad, which parts have no .grad at all); `sums`:
+        gradnorm.RankSums of the probe step (sharded squares complete after its all-reduce)."""
         grads = [p.grad for p in current(self.refs)]
         missing = tuple(all(grads[i] is None for i in group) for group in self.groups.groups)
-        return self._squares(grads), missing
+        return self._squares(grads, sums), missing
 # the FFN output projection, by family: ours / OPT / fairseq (fc2), GPT-2 (mlp.c_proj), Llama /
 # Mistral / Qwen2 (down_proj), T5 (wo), Mixtral-style experts (w2), GPT-NeoX / Falcon / BLOOM
 # (dense_4h_to_h), torch.nn.Transformer*Layer (linear2), BERT / RoBERTa / ViT (output.dense)
@@ -207,10 +208,11 @@ class ParamPlan:
         """The `.grad` of every parameter (or of those at indices `refs`)."""
         return [p.grad for p in self.tensors(refs)]
 
-    def grad_squares(self) -> tuple[torch.Tensor, tuple[bool, ...]]:
-        """(squared norm of every parameter's .grad, which groups have no .grad at all)."""
+    def grad_squares(self, sums=None) -> tuple[torch.Tensor, tuple[bool, ...]]:
+        """(squared norm of every parameter's .grad, which groups have no .grad at all); `sums`:
+        gradnorm.RankSums of the probe step (sharded squares complete after its all-reduce)."""
         grads = self.grads()
-        sq = self._squares(grads)
+        sq = self._squares(grads, sums)
         key = self._squares._key
         if key != self._missing_key:  # recomputed only when which grads exist changes
             present = [g is not None for g in grads]

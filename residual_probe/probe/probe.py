@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .discovery import BlockInfo, find_blocks
-from .gradnorm import is_dtensor
+from .gradnorm import RankSums, is_dtensor
 from .params import ParamPlan
 from .quantities import DEFAULT_QUANTITIES, REGISTRY, Quantity
 from .records import RowSink, row
@@ -119,6 +119,12 @@ def _parallel_groups(model: nn.Module, group: Any, pipeline: bool) -> tuple[Any,
     return None, 1
 
 
+def _group_size(group) -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size(group)
+
+
 class _Setup:
     """What every quantity may read: blocks, parameter plan, options. Fixed after construction."""
 
@@ -130,16 +136,19 @@ class _Setup:
 
 
 class _StepContext:
-    """Per-export helpers: the shared per-parameter squared gradient norms, AMP unscaling."""
+    """Per-export helpers: the shared per-parameter squared gradient norms, AMP unscaling, and the
+    sharded squared sums that join the step's one all-reduce (`sums`; None on one process).
+    Quantities take gradient squares in `pooled()`, before that all-reduce; they are complete
+    from `values()` on."""
 
-    def __init__(self, probe: "Probe", step: int):
-        self.probe, self.step = probe, step
+    def __init__(self, probe: "Probe", step: int, sums: RankSums | None = None):
+        self.probe, self.step, self.sums = probe, step, sums
         self._grad_sq = None
         self.device: torch.device | None = None
 
     def grad_squares(self):
         if self._grad_sq is None:
-            self._grad_sq = self.probe._params.grad_squares()
+            self._grad_sq = self.probe._params.grad_squares(self.sums)
         return self._grad_sq
 
     def _scale(self):
@@ -235,6 +244,7 @@ class Probe:
         if pipeline_group is not None and self.defer:
             raise ProbeError("pipeline_group: defer=True is not supported (the stages' rows are gathered at step())")
         self._group, replicas = _parallel_groups(model, group, pipeline_group is not None)
+        self._world = 1 if self._group is None else _group_size(self._group)
         grad_average = 1.0 / replicas  # DDP/FSDP average gradients over their replicas
         rank = _global_rank()
         explicit = not isinstance(quantities, (tuple, list)) or quantities is not DEFAULT_QUANTITIES
@@ -384,17 +394,21 @@ class Probe:
 
     def _step_export(self) -> list[dict]:
         s = self._step
-        ctx = _StepContext(self, s)
+        ctx = _StepContext(self, s, None if self._group is None else RankSums(self._world))
         pooled = [q.pooled(ctx) for q in self.quantities]
         present = [p for p in pooled if p is not None]
-        if self._group is not None and present:
+        shared = ctx.sums.vectors if ctx.sums is not None else []  # sharded gradient squares
+        if self._group is not None and (present or shared):
             import torch.distributed as dist
 
-            device = present[0].device
-            flat = torch.cat([p.to(device) for p in present])
-            dist.all_reduce(flat, group=self._group)
-            parts = iter(flat.split([p.numel() for p in present]))
+            device = (present or shared)[0].device
+            flat = torch.cat([p.to(device, torch.float64 if device.type != "mps" else torch.float32)
+                              for p in present + shared])
+            dist.all_reduce(flat, group=self._group)  # the step's one reduction
+            parts = iter(flat.split([p.numel() for p in present + shared]))
             pooled = [None if p is None else next(parts) for p in pooled]
+            for v in shared:
+                v.copy_(next(parts))
         values = [q.values(ctx, p) for q, p in zip(self.quantities, pooled)]
         alone = self._pipeline is None  # with a pipeline, rows are recorded once gathered
         rows = self._collect(record=alone)  # the previous step's, when deferred

@@ -27,12 +27,19 @@ class ParamGradNorm(Quantity):
     _missing: tuple = ()
     _parts_missing: tuple = ()
 
+    def pooled(self, ctx):
+        """Takes the squared norms now, so that sharded ones join the step's one all-reduce."""
+        if self.is_active:
+            self._sq = ctx.grad_squares()
+            self._part_sq = self.setup.params.parts.grad_squares(ctx.sums)
+        return None
+
     def values(self, ctx, pooled):
         if not self.is_active:
             return None
         params = self.setup.params
-        sq, self._missing = ctx.grad_squares()
-        part_sq, self._parts_missing = params.parts.grad_squares()
+        (sq, self._missing), (part_sq, self._parts_missing) = self._sq, self._part_sq
+        self._sq = self._part_sq = None
         part_sq = params.parts.groups.sum_squares(part_sq.to(sq.device, sq.dtype))
         total = sq.sum() + part_sq.sum()  # every tensor once: blocks' parameters, then the parts'
         norms = torch.cat([params.groups.sum_squares(sq), part_sq, total[None]]).sqrt()

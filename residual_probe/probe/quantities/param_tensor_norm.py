@@ -34,12 +34,19 @@ class ParamTensorNorm(Quantity):
         self._squares = SquaredNorms()
         self._present: list[bool] = []
 
+    def pooled(self, ctx):
+        """Takes the squared norms now, so that sharded ones join the step's one all-reduce."""
+        if self.is_active:
+            grads = [p.grad for p in current(self.refs)]
+            self._present = [g is not None for g in grads]
+            self._sq = self._squares(grads, ctx.sums)
+        return None
+
     def values(self, ctx, pooled):
         if not self.is_active:
             return None
-        grads = [p.grad for p in current(self.refs)]
-        self._present = [g is not None for g in grads]
-        return ctx.unscale_params(self._squares(grads).sqrt())
+        sq, self._sq = self._sq, None
+        return ctx.unscale_params(sq.sqrt())
 
     def rows(self, step, host):
         return [row(step, "model", -1, name, "-", self.name, v if ok else math.nan)

@@ -23,6 +23,11 @@ class W2GradNorm(Quantity):
         super().__init__(setup, rule)
         self._index = {}  # device -> index tensor of the W2 weights in the parameter list, made once
 
+    def pooled(self, ctx):
+        if self.is_active and self.setup.params.w2:
+            ctx.grad_squares()  # taken before the step's all-reduce (sharded squares join it)
+        return None
+
     def values(self, ctx, pooled):
         w2 = self.setup.params.w2
         if not self.is_active or not w2:
