@@ -12,7 +12,9 @@ Per recorded step the coordinator calls, for every quantity:
 2. `forward(pos, block, ins, outs)` from each training forward of block `pos`, when scheduled;
 3. at `probe.step()`: `pooled(ctx)`, a 1-D device tensor of sums to add across data-parallel
    ranks (or None), then `values(ctx, pooled)`, the 1-D device tensor to export (or None);
-   all quantities' values are concatenated and copied to the host once;
+   gradient quantities take their squared norms in `pooled` (`ctx.grad_squares()`), so that
+   sharded ones join the same one all-reduce; all quantities' values are concatenated and
+   copied to the host once;
 4. `rows(step, host)` with the host floats of its own values.
 Nothing here calls `.item()`, `.tolist()` on a device tensor or copies index tensors to a
 device inside a hook.
