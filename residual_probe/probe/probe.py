@@ -409,6 +409,7 @@ class Probe:
             pooled = [None if p is None else next(parts) for p in pooled]
             for v in shared:
                 v.copy_(next(parts))
+        ctx.sums = None  # squares first taken after this point reduce themselves (correct, one more collective)
         values = [q.values(ctx, p) for q, p in zip(self.quantities, pooled)]
         alone = self._pipeline is None  # with a pipeline, rows are recorded once gathered
         rows = self._collect(record=alone)  # the previous step's, when deferred
