@@ -107,7 +107,7 @@ class CallbackCore:
         subsample) on every `forward_every`-th recorded step and the first (default
         schedule.FORWARD_EVERY, 10; 1: every one), unless the user scheduled the quantities
         themselves (a mapping, `steps=` or a callable `every`)."""
-        from ..probe.quantities import DEFAULT_QUANTITIES, REGISTRY
+        from ..probe.quantities import DEFAULT_QUANTITIES
         from ..probe.schedule import sparse_forward
 
         kwargs = dict(self.probe_kwargs)
@@ -116,8 +116,7 @@ class CallbackCore:
             quantities = (quantities,)
         if self.forward_every != 1 and "steps" not in kwargs and isinstance(every, int) \
                 and not isinstance(every, bool) and not isinstance(quantities, Mapping):
-            sparse = [q for q in quantities if q in REGISTRY and REGISTRY[q].sparse]
-            kwargs["quantities"] = sparse_forward(quantities, every, start, self.forward_every, sparse)
+            kwargs["quantities"] = sparse_forward(quantities, every, start, self.forward_every)
             kwargs.pop("every", None)
         return kwargs
 

@@ -90,7 +90,6 @@ def run_train(spec: TrainSpec, out: str | Path, progress=None, echo=None) -> dic
     from ..ownership import record_write
     from ..plots.training import plot_losses
     from ..probe import Probe
-    from ..probe.quantities import REGISTRY
     from ..probe.schedule import sparse_forward
     from ..training import Trainer
 
@@ -107,8 +106,7 @@ def run_train(spec: TrainSpec, out: str | Path, progress=None, echo=None) -> dic
                    for i in range(4)]  # fixed held-out batches: comparable across steps and runs
     names = ("param_grad_norm", "act_grad_norm", "w2_grad_norm", "forward_stats", "update_ratio")
     last = (spec.steps - 1) // spec.probe_every * spec.probe_every  # the last recorded step: collapse at the end
-    probe = Probe(model, quantities=sparse_forward(names, spec.probe_every, 0, spec.forward_every,
-                                                        [n for n in names if REGISTRY[n].sparse], last),
+    probe = Probe(model, quantities=sparse_forward(names, spec.probe_every, 0, spec.forward_every, last=last),
                   sink=out / "probe.csv")
     trainer = Trainer(model, probe, lr=spec.lr, warmup=spec.warmup, clip=spec.clip)
     probe.track_optimizer(trainer.optimizer)  # update ratios: a block whose update blew up is an instability event

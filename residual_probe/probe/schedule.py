@@ -46,12 +46,17 @@ dominate), the gradient norms a few per model (about 1.04x); collapse moves slow
 spike does not."""
 
 
-def sparse_forward(quantities: Iterable[str], every: int, start: int, forward_every: int, sparse: Iterable[str],
-                   last: int | None = None) -> dict[str, Callable[[int], bool]]:
-    """Schedules: every quantity on `every`; those in `sparse` only on every `forward_every`-th
-    multiple of `every`, on the first recorded step at or after `start`, and on `last`."""
+def sparse_forward(quantities: Iterable[str], every: int, start: int, forward_every: int,
+                   sparse: Iterable[str] | None = None, last: int | None = None) -> dict[str, Callable[[int], bool]]:
+    """Schedules: every quantity on `every`; those in `sparse` (default: the registry's quantities
+    marked `sparse`) only on every `forward_every`-th multiple of `every`, on the first recorded
+    step at or after `start`, and on `last`."""
     if isinstance(forward_every, bool) or not isinstance(forward_every, int) or forward_every < 1:
         raise ProbeError(f"forward_every: expected a positive integer, got {forward_every!r}")
+    if sparse is None:
+        from .quantities import REGISTRY  # here, not at import: the quantities import this module
+
+        sparse = [q for q in quantities if q in REGISTRY and REGISTRY[q].sparse]
     base = make_schedule(every)
     first, period, sparse = -(-start // every) * every, every * forward_every, frozenset(sparse)
 
