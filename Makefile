@@ -17,7 +17,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(MAKE) wheel-check
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n logical --dist loadfile
 
 # The installed wheel in a fresh venv, run from a temporary folder (.ci/wheel-check).
 wheel-check: $(STAMP)

@@ -7,25 +7,36 @@
   26 s with one, on a busy 2-core machine). A value set by the caller is kept.
 - `quick_figures`: `run_all(quick=True)` into one folder (every study, the translation grid
   included), read by test_analyses.py and test_translation_study.py. It is the suite's largest
-  single cost (about 40 s on one core), so when a selected test needs it, a second process
+  single cost (about 50 s on one core), so when a selected test needs it, a separate process
   starts making it as the session's first test starts, and the modules that read it run last:
-  it is made beside the rest of the suite instead of before it. The same call, the same files:
-  only where and when it runs changes.
+  it is made beside the rest of the suite instead of before it. Under pytest-xdist (`make test`
+  runs two workers) the first worker to start claims it and the others wait for its result, so
+  it is made once per run, not once per worker.
 """
 
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import json  # noqa: E402
 import multiprocessing  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 QUICK = "quick_figures"
+WAIT = 900  # seconds a reader waits for quick_figures (it takes about 50)
+# Under xdist the workers lower their own priority by this much once quick_figures is started, so
+# that its process, the longest single piece of the run, gets a whole core and is done before its
+# readers (run last) ask for it; two workers and it on two cores otherwise share them evenly.
+WORKER_NICE = 5
 
 
-def make_quick_figures(out: str, conn) -> None:
-    """In the second process: run_all(quick=True) into `out`; sends ("ok", meta) or ("error", traceback)."""
+def make_quick_figures(shared: str) -> None:
+    """In the separate process: run_all(quick=True) into SHARED/out, then SHARED/result.json (written
+    last and atomically): {"status": "ok", "meta": ...} or {"status": "error", "traceback": ...}."""
+    import json
     import traceback
 
     try:
@@ -33,11 +44,12 @@ def make_quick_figures(out: str, conn) -> None:
         os.dup2(devnull, 1)
         from residual_probe.studies import run_all
 
-        conn.send(("ok", run_all(out, quick=True, echo=lambda line: None)))
+        result = {"status": "ok", "meta": run_all(os.path.join(shared, "out"), quick=True, echo=lambda line: None)}
     except BaseException:  # noqa: BLE001 - the test that reads the result reports it
-        conn.send(("error", traceback.format_exc()))
-    finally:
-        conn.close()
+        result = {"status": "error", "traceback": traceback.format_exc()}
+    with open(os.path.join(shared, "result.tmp"), "w") as fh:
+        json.dump(result, fh)
+    os.replace(os.path.join(shared, "result.tmp"), os.path.join(shared, "result.json"))
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -46,35 +58,54 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: getattr(item, "module", None) is not None and item.module.__name__ in readers)
 
 
+def shared_temp(tmp_path_factory) -> Path:
+    """A folder every worker of this run sees: under xdist the workers' base temps are siblings."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _quick_figures_in_background(request, tmp_path_factory):
-    """Starts `quick_figures`' work in a second process when the session's first test starts, if any
-    selected test reads it; stops that process at the end of the session if it still runs."""
+    """Starts `quick_figures`' work in a separate process when the session's first test starts, if
+    any selected test reads it and no other worker of this run has claimed it (mkdir is the claim).
+    The claiming worker waits for that process at its end, since another worker may still read it."""
     if not any(QUICK in getattr(item, "fixturenames", ()) for item in request.session.items):
         yield None
         return
-    out = tmp_path_factory.mktemp("figures")
-    ctx = multiprocessing.get_context("spawn")  # not fork: this process has imported torch
-    receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=make_quick_figures, args=(str(out), send), daemon=True)
-    proc.start()
-    send.close()  # the child holds the sending end: its exit without a result reads as EOFError
+    shared = shared_temp(tmp_path_factory) / QUICK
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
     try:
-        yield out, receive
+        shared.mkdir()
+    except FileExistsError:  # another worker makes it
+        os.nice(WORKER_NICE)
+        yield shared
+        return
+    ctx = multiprocessing.get_context("spawn")  # not fork: this process has imported torch
+    proc = ctx.Process(target=make_quick_figures, args=(str(shared),), daemon=True)
+    proc.start()
+    if worker:
+        os.nice(WORKER_NICE)  # after the start: the process making quick_figures keeps priority 0
+    try:
+        yield shared
     finally:
-        if proc.is_alive():
+        if worker:
+            proc.join(WAIT)
+        if proc.is_alive():  # no reader is left in this process: not needed any more
             proc.terminate()
         proc.join()
-        receive.close()
+        if not (shared / "result.json").exists():
+            (shared / "result.json").write_text(json.dumps({"status": "error", "traceback": f"exit code {proc.exitcode}"}))
 
 
 @pytest.fixture(scope="session")
 def quick_figures(_quick_figures_in_background):
-    out, receive = _quick_figures_in_background
-    try:
-        status, value = receive.recv()  # waits for the second process
-    except EOFError:
-        raise RuntimeError("run_all(quick=True): the process making it ended without a result") from None
-    if status != "ok":
-        raise RuntimeError(f"run_all(quick=True) failed:\n{value}")
-    return out, value
+    shared = _quick_figures_in_background
+    deadline = time.monotonic() + WAIT
+    while not (shared / "result.json").exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"run_all(quick=True): no result after {WAIT} s")
+        time.sleep(0.2)
+    result = json.loads((shared / "result.json").read_text())
+    if result["status"] != "ok":
+        raise RuntimeError(f"run_all(quick=True) failed:\n{result['traceback']}")
+    return shared / "out", result["meta"]

@@ -14,11 +14,11 @@ from contextlib import contextmanager
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from residual_probe.models import build_model
 from residual_probe.probe import Probe
+from ranks import spawn_ranks
 
 SIZES = dict(arch="decoder", placement="pre-ln", depth=2, d_model=16, heads=2, ffn=24, vocab_size=23)
 GLOBAL_BATCH, T = 4, 5
@@ -109,7 +109,7 @@ def _worker(rank, world, tmp, mode):
 
 
 def run_distributed(tmp_path, mode):
-    mp.spawn(_worker, args=(2, str(tmp_path), mode), nprocs=2, join=True)
+    spawn_ranks(_worker, args=(2, str(tmp_path), mode), nprocs=2)
     out = []
     for r in range(2):
         with open(tmp_path / f"rank{r}.pkl", "rb") as fh:

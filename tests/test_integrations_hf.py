@@ -16,6 +16,7 @@ pytest.importorskip("accelerate")
 
 from residual_probe.probe.records import read_sink
 from residual_probe.integrations.hf import ProbeCallback  # noqa: E402
+from ranks import spawn_ranks  # noqa: E402
 
 VOCAB, SEQ = 64, 8
 
@@ -212,12 +213,10 @@ def test_ddp_two_processes_read_the_synchronized_gradient(tmp_path):
     """
     import socket
 
-    import torch.multiprocessing as mp
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path), port), nprocs=2)
+    spawn_ranks(_ddp_worker, args=(2, str(tmp_path), port), nprocs=2)
     outs = [json.load(open(tmp_path / f"out{r}.json")) for r in range(2)]
     assert outs[0]["wrapped"] == "DistributedDataParallel"
     for o in outs:

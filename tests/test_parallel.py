@@ -48,12 +48,12 @@ import pickle
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from residual_probe.probe import Probe
 from residual_probe.probe.schedule import ProbeError
+from ranks import spawn_ranks
 from test_distributed import SIZES, make_model, probe_reductions, run_steps
 
 pytest.importorskip("torch.distributed.tensor.parallel", reason="torch without tensor parallelism")
@@ -72,7 +72,7 @@ def data(batch=GLOBAL_BATCH, seed=3):
 
 def spawn(worker, world, tmp_path, *args):
     """Run `worker(rank, world, tmp, *args)` on `world` gloo processes; each rank's pickled result."""
-    mp.spawn(_init, args=(world, str(tmp_path), worker, args), nprocs=world, join=True)
+    spawn_ranks(_init, args=(world, str(tmp_path), worker, args), nprocs=world)
     out = []
     for r in range(world):
         with open(tmp_path / f"rank{r}.pkl", "rb") as fh:
