@@ -75,9 +75,11 @@ def probe_figures(out: Path, placement: str, meta: dict) -> list[Path]:
     return [Path(f) for f in summary["files"]]
 
 
-def run_train(spec: TrainSpec, out: str | Path, progress=None, echo=None) -> dict:
+def run_train(spec: TrainSpec, out: str | Path, progress=None, echo=None, draw: bool = True) -> dict:
     """Train, record and save; returns the metadata written to train.json. `echo(line, err=...)`
-    hears the memory estimate (budget.require), which refuses a run too big."""
+    hears the memory estimate (budget.require), which refuses a run too big. `draw=False` leaves
+    out the run's own figures (a study that draws its runs side by side; `residual-probe plot`
+    draws one later from its probe.csv)."""
     import torch
 
     from .. import budget
@@ -150,8 +152,11 @@ def run_train(spec: TrainSpec, out: str | Path, progress=None, echo=None) -> dic
             meta["final_val_loss"] = trainer.evaluate(val_batches) if meta["diverged_at_step"] is None else math.nan
             save_model(model, out / "model")
             files = [out / "loss.csv", out / "probe.csv", out / "model"]
-            files += plot_losses(loss_curves({spec.placement: out / "loss.csv"}), out / "loss")
-            files += probe_figures(out, spec.placement, meta)
+            if draw:
+                files += plot_losses(loss_curves({spec.placement: out / "loss.csv"}), out / "loss")
+                files += probe_figures(out, spec.placement, meta)
+            else:
+                meta["probe_figures"] = "not drawn: residual-probe plot draws them from probe.csv"
             meta["files"] = [str(f) for f in files]
             write_json(out / "train.json", meta)
     if meta["interrupted"]:

@@ -63,7 +63,7 @@ def run(out: Path, quick: bool = False) -> list[Check]:
         for warmup in (0, warm):
             name = f"{placement} {'warm-up ' + str(warmup) if warmup else 'no warm-up'}"
             run_dir = out / "runs" / f"{placement}-warmup{warmup}"
-            meta = run_train(TrainSpec(placement=placement, warmup=warmup, **size), run_dir)
+            meta = run_train(TrainSpec(placement=placement, warmup=warmup, **size), run_dir, draw=False)
             ratios = grad_ratio_by_step(run_dir)
             influence = collapse_profile(run_dir)
             layers = sorted(influence)
