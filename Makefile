@@ -17,7 +17,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(MAKE) wheel-check
-	$(BIN)/python -m pytest -n logical --dist loadfile
+	$(BIN)/python -m pytest -n logical --dist worksteal
 
 # The installed wheel in a fresh venv, run from a temporary folder (.ci/wheel-check).
 wheel-check: $(STAMP)

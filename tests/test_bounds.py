@@ -34,24 +34,24 @@ def test_theorem1_w2_slope_on_reference_models(placement, low, high):
     assert low <= fit.slope <= high, f"{placement}: slope {fit.slope:.3f} +- {fit.stderr:.3f}"
 
 
-def test_run_bounds_writes_checks_and_figures(tmp_path):
-    spec = BoundsSpec(depths=(3, 6), d_model=32, ffn=64, heads=2, seeds=3, batch=2, seq_len=8, collapse_d=256,
-                      collapse_tokens=32)
-    meta = run_bounds(spec, tmp_path)
-    names = {p.name for p in tmp_path.iterdir()}
+def test_run_bounds_writes_checks_and_figures(quick_figures):
+    """run_bounds as `figures --quick` runs it (the theory_bounds study: depths 6, 12, 24, d 64)."""
+    out, meta = quick_figures
+    names = {p.name for p in out.iterdir()}
     for stem in ("lemma2", "theorem1", "residual_gradient", "collapse", "adam"):
         assert f"bounds_{stem}.png" in names
-    with open(tmp_path / "bounds_checks.csv") as fh:
+    with open(out / "bounds_checks.csv") as fh:
         checks = list(csv.DictReader(fh))
     # Lemma 2: 2 per setting (lemma + 2 inits); T1: 2 x 2; gradients: 2 x 2 x 3; toy collapse 3;
     # model collapse: 3 shapes + 1 Pre-LN closed form per init; Adam: 1 per init
-    assert len(checks) == len(meta["checks"]) == 3 * 2 + 2 * 2 + 2 * 2 * 3 + 3 + 2 * 4 + 2
+    assert len(checks) == len([c for c in meta["checks"] if c["analysis"] == "theory_bounds"]) == (
+        3 * 2 + 2 * 2 + 2 * 2 * 3 + 3 + 2 * 4 + 2)
     by = {(c["statement"][:25], c["setting"], c["placement"]): c["agreement"] for c in checks}
-    assert by[("Xiong L2: Post-LN E||x||^", "encoder, xiong init, d 32, FFN 32 (the lemma's setting)", "post-ln")] == "yes"  # 3/2 at the last LN
+    assert by[("Xiong L2: Post-LN E||x||^", "encoder, xiong init, d 64, FFN 64 (the lemma's setting)", "post-ln")] == "yes"  # 3/2 at the last LN
     assert all(c["agreement"] == "yes" for c in checks if c["setting"] == "monte-carlo")
-    sidecar = json.loads((tmp_path / "bounds.json").read_text())
-    assert sidecar["depth_ladder"] == [3, 6] and sidecar["nonfinite_values"] == 0
-    with open(tmp_path / "bounds.csv") as fh:
+    sidecar = json.loads((out / "bounds.json").read_text())
+    assert sidecar["depth_ladder"] == [6, 12, 24] and sidecar["nonfinite_values"] == 0
+    with open(out / "bounds.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert {r["metric"] for r in rows} >= {"w2_grad_norm", "param_grad_norm", "norm_sq_per_dim", "embed_norm_sq_per_dim",
                                            "final_ln_input_sq_per_dim", "adam_kappa", "grad_absmax"}

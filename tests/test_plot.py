@@ -55,9 +55,16 @@ def seq2seq_sink(tmp_path_factory):
     return d, rows
 
 
-def test_two_stacks_two_streams_figures_and_verdicts(seq2seq_sink, tmp_path):
+@pytest.fixture(scope="module")
+def seq2seq_plot(seq2seq_sink, tmp_path_factory):
+    """`plot` of the whole seq2seq sink, as PNG and PDF: (out folder, CLI result)."""
+    out = tmp_path_factory.mktemp("plot")
+    return out, plot(seq2seq_sink[0], "--out", out, "--placement", "residual", "--format", "png,pdf")
+
+
+def test_two_stacks_two_streams_figures_and_verdicts(seq2seq_sink, seq2seq_plot):
     run, rows = seq2seq_sink
-    r = plot(run, "--out", tmp_path, "--placement", "residual", "--format", "png,pdf")
+    tmp_path, r = seq2seq_plot
     assert r.exit_code == 0, r.output
     for name in ("grad_heatmap", "grad_steps", "act_grad", "collapse"):
         assert (tmp_path / f"{name}.png").stat().st_size > 5000
@@ -198,7 +205,7 @@ def test_bad_input_real_process(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"error: '{tmp_path / 'none.jsonl'}' does not exist"]
 
 
-def test_a_sink_cut_between_blocks_is_judged_on_its_last_complete_step(seq2seq_sink, tmp_path):
+def test_a_sink_cut_between_blocks_is_judged_on_its_last_complete_step(seq2seq_sink, seq2seq_plot, tmp_path):
     """Only blocks 0-1 of the last step written: the verdict must not read block 1 as the last block."""
     run, rows = seq2seq_sink
     last = max(x["step"] for x in rows)
@@ -211,10 +218,10 @@ def test_a_sink_cut_between_blocks_is_judged_on_its_last_complete_step(seq2seq_s
     assert f"step {last} is incomplete" in r.output
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert {v["step"] for v in summary["collapse_verdicts"]} == {last - 1}
-    full = plot(run, "--out", tmp_path / "full", "--placement", "residual")
+    full, result = seq2seq_plot
     want = {(c["stack"], c["stream"]): c["late_cos_adjacent"] for c in
-            json.loads((tmp_path / "full" / "summary.json").read_text())["collapse_verdicts"]}
-    assert full.exit_code == 0
+            json.loads((full / "summary.json").read_text())["collapse_verdicts"]}
+    assert result.exit_code == 0
     # the same numbers as the uncut sink had at step last - 1 (recomputed from its rows)
     from residual_probe.analysis.collapse import collapse_verdict
 
