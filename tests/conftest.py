@@ -6,12 +6,12 @@
   test_bounds, test_edges_files and test_placements together: 74 s with the default threads,
   26 s with one, on a busy 2-core machine). A value set by the caller is kept.
 - `quick_figures`: `run_all(quick=True)` into one folder (every study, the translation grid
-  included), read by test_analyses.py and test_translation_study.py. It is the suite's largest
-  single cost (about 50 s on one core), so when a selected test needs it, a separate process
-  starts making it as the session's first test starts, and the modules that read it run last:
-  it is made beside the rest of the suite instead of before it. Under pytest-xdist (`make test`
-  runs two workers) the first worker to start claims it and the others wait for its result, so
-  it is made once per run, not once per worker.
+  included), read by test_analyses.py, test_translation_study.py and test_bounds.py. It is the
+  suite's largest single cost (about 40 s on one core), so when a selected test needs it, a
+  separate process starts making it as the session's first test starts, and the modules that
+  read it are collected last: it is made beside the rest of the suite instead of before it.
+  Under pytest-xdist (`make test`: one worker per core, work stealing) the first worker to start
+  claims it and the others wait for its result, so it is made once per run, not once per worker.
 """
 
 import os
@@ -26,7 +26,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 QUICK = "quick_figures"
-WAIT = 900  # seconds a reader waits for quick_figures (it takes about 50)
+WAIT = 900  # seconds a reader waits for quick_figures (it takes about 40)
 # Under xdist the workers lower their own priority by this much once quick_figures is started, so
 # that its process, the longest single piece of the run, gets a whole core and is done before its
 # readers (run last) ask for it; two workers and it on two cores otherwise share them evenly.
@@ -36,7 +36,6 @@ WORKER_NICE = 5
 def make_quick_figures(shared: str) -> None:
     """In the separate process: run_all(quick=True) into SHARED/out, then SHARED/result.json (written
     last and atomically): {"status": "ok", "meta": ...} or {"status": "error", "traceback": ...}."""
-    import json
     import traceback
 
     try:
@@ -53,7 +52,7 @@ def make_quick_figures(shared: str) -> None:
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """The modules that read `quick_figures` run last (each module kept whole, in its own order)."""
+    """The modules that read `quick_figures` are collected last (each kept whole, in its own order)."""
     readers = {item.module.__name__ for item in items if QUICK in getattr(item, "fixturenames", ())}
     items.sort(key=lambda item: getattr(item, "module", None) is not None and item.module.__name__ in readers)
 
