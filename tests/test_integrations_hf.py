@@ -5,6 +5,7 @@ optimizer steps each. The reference for "pre-clip" is computed inside the Traine
 override of `_clip_grad_norm` that reads `.grad` right before the Trainer clips.
 """
 
+import functools
 import json
 import math
 
@@ -49,22 +50,29 @@ def block_params(model):
     return [[p for p in b.module.parameters()] for b in find_blocks(model)]
 
 
-class RefTrainer(transformers.Trainer):
-    """Records plain per-block norms of the gradient the Trainer is about to clip (float64)."""
+@functools.cache
+def ref_trainer():
+    """The Trainer subclass below, made on first use: transformers.Trainer takes 2 s to import,
+    which collection would otherwise pay in every xdist worker."""
 
-    def _clip_grad_norm(self, model):
-        ref = getattr(self, "ref", {})
-        ref[self.state.global_step + 1] = [math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in ps))
-                                       for ps in block_params(self.model)]
-        self.ref = ref
-        total = super()._clip_grad_norm(model)
-        self.clipped_total = getattr(self, "clipped_total", []) + [float(torch.sqrt(sum(
-            (p.grad.double() ** 2).sum() for p in self.model.parameters() if p.grad is not None)))]
-        return total
+    class RefTrainer(transformers.Trainer):
+        """Records plain per-block norms of the gradient the Trainer is about to clip (float64)."""
+
+        def _clip_grad_norm(self, model):
+            ref = getattr(self, "ref", {})
+            ref[self.state.global_step + 1] = [math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in ps))
+                                               for ps in block_params(self.model)]
+            self.ref = ref
+            total = super()._clip_grad_norm(model)
+            self.clipped_total = getattr(self, "clipped_total", []) + [float(torch.sqrt(sum(
+                (p.grad.double() ** 2).sum() for p in self.model.parameters() if p.grad is not None)))]
+            return total
+
+    return RefTrainer
 
 
 def train(tmp_path, family="gpt2", max_grad_norm=0.0, accumulation=1, steps=3, logging_steps=1,
-          trainer_cls=transformers.Trainer, report_to="none", **probe_kwargs):
+          trainer_cls=None, report_to="none", **probe_kwargs):
     model = make_model(family)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=accumulation,
@@ -72,7 +80,8 @@ def train(tmp_path, family="gpt2", max_grad_norm=0.0, accumulation=1, steps=3, l
         report_to=report_to, save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
         dataloader_drop_last=True, lr_scheduler_type="constant", data_seed=0)
     cb = ProbeCallback(**probe_kwargs)
-    trainer = trainer_cls(model=model, args=args, train_dataset=dataset(2 * accumulation * steps), callbacks=[cb])
+    trainer = (trainer_cls or transformers.Trainer)(model=model, args=args,
+                                                    train_dataset=dataset(2 * accumulation * steps), callbacks=[cb])
     trainer.train()
     return trainer, cb
 
@@ -86,7 +95,7 @@ def block_norms(rows):
 
 
 def test_preclip_norms_exact_when_every_step_clips(tmp_path):
-    clipped, cb = train(tmp_path / "clip", max_grad_norm=1e-4, steps=4, trainer_cls=RefTrainer,
+    clipped, cb = train(tmp_path / "clip", max_grad_norm=1e-4, steps=4, trainer_cls=ref_trainer(),
                         quantities=("param_grad_norm",))
     free, cb_free = train(tmp_path / "free", max_grad_norm=0.0, steps=4, quantities=("param_grad_norm",))
     got, ref = block_norms(cb.probe.rows()), clipped.ref
@@ -104,7 +113,7 @@ def test_preclip_norms_exact_when_every_step_clips(tmp_path):
 
 
 def test_gradient_accumulation_one_step_per_optimizer_step(tmp_path):
-    trainer, cb = train(tmp_path, max_grad_norm=1e-3, accumulation=3, steps=2, trainer_cls=RefTrainer,
+    trainer, cb = train(tmp_path, max_grad_norm=1e-3, accumulation=3, steps=2, trainer_cls=ref_trainer(),
                         quantities=("param_grad_norm", "act_grad_norm"))
     got = block_norms(cb.probe.rows())
     assert sorted(got) == [1, 2]
@@ -192,7 +201,7 @@ def _ddp_worker(rank, world, tmp, port):
         report_to="none", save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, ddp_backend="gloo",
         lr_scheduler_type="constant", logging_steps=1)
     cb = ProbeCallback(quantities=("param_grad_norm",), sink=None)
-    trainer = RefTrainer(model=make_model("gpt2"), args=args, train_dataset=dataset(8), callbacks=[cb])
+    trainer = ref_trainer()(model=make_model("gpt2"), args=args, train_dataset=dataset(8), callbacks=[cb])
     trainer.train()
     out = {"wrapped": type(trainer.model_wrapped).__name__, "ref": trainer.ref,
            "got": {s: v for s, v in block_norms(cb.probe.rows()).items()}}

@@ -7,39 +7,59 @@ before the module clips. Single process (a 2-process DDP run costs more than the
 import csv
 import json
 import math
+from importlib.util import find_spec
 
 import pytest
 import torch
 
-L = pytest.importorskip("lightning")
-
 from residual_probe.probe.records import read_sink
-from residual_probe.data import BatchSource  # noqa: E402
-from residual_probe.integrations.lightning import ProbeCallback  # noqa: E402
-from residual_probe.models import ModelConfig, Transformer  # noqa: E402
-from residual_probe.probe import find_blocks  # noqa: E402
+from residual_probe.data import BatchSource
+from residual_probe.models import ModelConfig, Transformer
+from residual_probe.probe import find_blocks
+
+pytestmark = pytest.mark.skipif(find_spec("lightning") is None, reason="lightning is not installed")
 
 
-class LM(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.model = Transformer(ModelConfig(arch="decoder", placement="post-ln", depth=3, d_model=16, heads=2,
-                                             ffn=32, max_len=64))
-        self.ref = {}
+@pytest.fixture(scope="module")
+def L():
+    """lightning, imported when a test here runs, not at collection (2 s in every xdist worker)."""
+    import lightning
 
-    def training_step(self, batch, _):
-        x, y = batch
-        return torch.nn.functional.cross_entropy(self.model(x).flatten(0, 1), y.flatten())
+    return lightning
 
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        self.ref[self.global_step] = [math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in b.module.parameters()))
-                                      for b in find_blocks(self.model)]
-        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        self.clipped = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in self.parameters()))
+def callback(**kwargs):
+    from residual_probe.integrations.lightning import ProbeCallback
+
+    return ProbeCallback(**kwargs)
+
+
+def lm(L):
+    """A post-LN reference decoder as a LightningModule that records the pre-clip per-block norms."""
+
+    class LM(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.model = Transformer(ModelConfig(arch="decoder", placement="post-ln", depth=3, d_model=16, heads=2,
+                                                 ffn=32, max_len=64))
+            self.ref = {}
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.model(x).flatten(0, 1), y.flatten())
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            self.ref[self.global_step] = [
+                math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in b.module.parameters()))
+                for b in find_blocks(self.model)]
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            self.clipped = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in self.parameters()))
+
+    return LM()
 
 
 def loader(n):
@@ -49,9 +69,9 @@ def loader(n):
     return torch.utils.data.DataLoader(data, batch_size=2, shuffle=False)
 
 
-def test_lightning_preclip_accumulated_norms_and_logs(tmp_path):
-    module = LM()
-    cb = ProbeCallback(quantities=("param_grad_norm", "forward_stats"))
+def test_lightning_preclip_accumulated_norms_and_logs(tmp_path, L):
+    module = lm(L)
+    cb = callback(quantities=("param_grad_norm", "forward_stats"))
     logger = L.pytorch.loggers.CSVLogger(tmp_path, name="run")
     trainer = L.Trainer(max_steps=3, accumulate_grad_batches=2, gradient_clip_val=1e-4, accelerator="cpu",
                         devices=1, logger=logger, log_every_n_steps=1, enable_checkpointing=False,
@@ -85,10 +105,10 @@ def test_lightning_preclip_accumulated_norms_and_logs(tmp_path):
     assert info["placement"] == "post-ln" and info["placement_source"] == "the model's config"
 
 
-def test_lightning_logs_the_max_since_the_previous_log(tmp_path):
+def test_lightning_logs_the_max_since_the_previous_log(tmp_path, L):
     """log_every_n_steps=3: one log at step 2 with step 2's values and the max over steps 0-2."""
-    module = LM()
-    cb = ProbeCallback(quantities=("param_grad_norm",))
+    module = lm(L)
+    cb = callback(quantities=("param_grad_norm",))
     logger = L.pytorch.loggers.CSVLogger(tmp_path, name="run")
     trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=logger, log_every_n_steps=3,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

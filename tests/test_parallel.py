@@ -44,6 +44,7 @@ Not supported by PyTorch on gloo/CPU, so not tested here:
 import csv
 import math
 import pickle
+from importlib.util import find_spec
 
 import pytest
 import torch
@@ -56,8 +57,9 @@ from residual_probe.probe.schedule import ProbeError
 from ranks import spawn_ranks
 from test_distributed import SIZES, make_model, probe_reductions, run_steps
 
-pytest.importorskip("torch.distributed.tensor.parallel", reason="torch without tensor parallelism")
-pytest.importorskip("torch.distributed.pipelining", reason="torch without torch.distributed.pipelining")
+# Looked up, not imported: importing both costs 2 s per collecting process, and the ranks import them.
+pytestmark = pytest.mark.skipif(find_spec("torch.distributed.tensor") is None or find_spec("torch.distributed.pipelining")
+                                is None, reason="torch without tensor parallelism or torch.distributed.pipelining")
 
 GLOBAL_BATCH, T = 4, 6  # T divisible by the tensor-parallel degree (sequence parallelism)
 TP_CASES = ("tp", "tp-dtensor", "sp", "sp-local")
