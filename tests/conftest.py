@@ -29,7 +29,7 @@ QUICK = "quick_figures"
 WAIT = 900  # seconds a reader waits for quick_figures (it takes about 40)
 # Under xdist the workers lower their own priority by this much once quick_figures is started, so
 # that its process, the longest single piece of the run, gets a whole core and is done before its
-# readers (run last) ask for it; two workers and it on two cores otherwise share them evenly.
+# readers (collected last) ask for it; two workers and it on two cores otherwise share them evenly.
 WORKER_NICE = 5
 
 
@@ -46,9 +46,13 @@ def make_quick_figures(shared: str) -> None:
         result = {"status": "ok", "meta": run_all(os.path.join(shared, "out"), quick=True, echo=lambda line: None)}
     except BaseException:  # noqa: BLE001 - the test that reads the result reports it
         result = {"status": "error", "traceback": traceback.format_exc()}
-    with open(os.path.join(shared, "result.tmp"), "w") as fh:
-        json.dump(result, fh)
-    os.replace(os.path.join(shared, "result.tmp"), os.path.join(shared, "result.json"))
+    write_result(Path(shared), result)
+
+
+def write_result(shared: Path, result: dict) -> None:
+    """SHARED/result.json, atomically: a reader polling for it never sees half of it."""
+    (shared / "result.tmp").write_text(json.dumps(result))
+    os.replace(shared / "result.tmp", shared / "result.json")
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -93,7 +97,7 @@ def _quick_figures_in_background(request, tmp_path_factory):
             proc.terminate()
         proc.join()
         if not (shared / "result.json").exists():
-            (shared / "result.json").write_text(json.dumps({"status": "error", "traceback": f"exit code {proc.exitcode}"}))
+            write_result(shared, {"status": "error", "traceback": f"ended with exit code {proc.exitcode}"})
 
 
 @pytest.fixture(scope="session")

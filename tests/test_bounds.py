@@ -47,7 +47,8 @@ def test_run_bounds_writes_checks_and_figures(quick_figures):
     assert len(checks) == len([c for c in meta["checks"] if c["analysis"] == "theory_bounds"]) == (
         3 * 2 + 2 * 2 + 2 * 2 * 3 + 3 + 2 * 4 + 2)
     by = {(c["statement"][:25], c["setting"], c["placement"]): c["agreement"] for c in checks}
-    assert by[("Xiong L2: Post-LN E||x||^", "encoder, xiong init, d 64, FFN 64 (the lemma's setting)", "post-ln")] == "yes"  # 3/2 at the last LN
+    lemma = ("Xiong L2: Post-LN E||x||^", "encoder, xiong init, d 64, FFN 64 (the lemma's setting)", "post-ln")
+    assert by[lemma] == "yes"  # 3/2 at the last LN
     assert all(c["agreement"] == "yes" for c in checks if c["setting"] == "monte-carlo")
     sidecar = json.loads((out / "bounds.json").read_text())
     assert sidecar["depth_ladder"] == [6, 12, 24] and sidecar["nonfinite_values"] == 0

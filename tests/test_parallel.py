@@ -58,8 +58,9 @@ from ranks import spawn_ranks
 from test_distributed import SIZES, make_model, probe_reductions, run_steps
 
 # Looked up, not imported: importing both costs 2 s per collecting process, and the ranks import them.
-pytestmark = pytest.mark.skipif(find_spec("torch.distributed.tensor") is None or find_spec("torch.distributed.pipelining")
-                                is None, reason="torch without tensor parallelism or torch.distributed.pipelining")
+pytestmark = pytest.mark.skipif(
+    find_spec("torch.distributed.tensor") is None or find_spec("torch.distributed.pipelining") is None,
+    reason="torch without tensor parallelism or torch.distributed.pipelining")
 
 GLOBAL_BATCH, T = 4, 6  # T divisible by the tensor-parallel degree (sequence parallelism)
 TP_CASES = ("tp", "tp-dtensor", "sp", "sp-local")

@@ -20,7 +20,8 @@ TINY = dict(depth=3, d_model=16, heads=2, ffn=32, batch=4, seq_len=16, steps=6, 
 def test_a_run_for_a_study_draws_nothing_and_says_so(tmp_path):
     meta = run_train(TrainSpec(placement="pre-ln", **TINY), tmp_path, draw=False)
     assert not list(tmp_path.glob("*.png")) and meta["probe_figures"].startswith("not drawn")
-    assert json.loads((tmp_path / "train.json").read_text())["files"] == [str(tmp_path / f) for f in ("loss.csv", "probe.csv", "model")]
+    files = json.loads((tmp_path / "train.json").read_text())["files"]
+    assert files == [str(tmp_path / f) for f in ("loss.csv", "probe.csv", "model")]
 
 
 def test_train_writes_a_checkpoint_that_reloads_to_identical_outputs(tmp_path):
