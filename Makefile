@@ -19,6 +19,8 @@ demo: $(STAMP)
 # compiling the sources once here spares each of them compiling what it imports when
 # PYTHONDONTWRITEBYTECODE is set (101 s instead of 117 s for the suite on 2 cores).
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(MAKE) wheel-check
 	$(BIN)/python -m compileall -q residual_probe tests
 	$(BIN)/python -m pytest -n logical --dist worksteal

@@ -46,16 +46,32 @@ def batch(setting: str, seed: int):
 def w2_grad(setting: str, init: str, depth: int, seed: int) -> float:
     arch = "decoder" if setting.startswith("decoder") else "encoder"
     torch.manual_seed(seed)
-    model = Transformer(ModelConfig(arch=arch, placement="pre-ln", depth=depth, d_model=128, heads=4, ffn=512,
-                                    init=init, dropout=0.0, max_len=64))
+    model = Transformer(
+        ModelConfig(
+            arch=arch,
+            placement="pre-ln",
+            depth=depth,
+            d_model=128,
+            heads=4,
+            ffn=512,
+            init=init,
+            dropout=0.0,
+            max_len=64,
+        )
+    )
     x, y = batch(setting, seed)
     F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100).backward()
     stack = model.decoder if arch == "decoder" else model.encoder
     return float(stack.layers[-1].ffn.fc2.weight.grad.double().norm())
 
 
-SETTINGS = ("encoder, masked-token", "encoder, masked unreplaced", "encoder, random targets at every position",
-            "decoder, next token at every position", "decoder, masked-token")
+SETTINGS = (
+    "encoder, masked-token",
+    "encoder, masked unreplaced",
+    "encoder, random targets at every position",
+    "decoder, next token at every position",
+    "decoder, masked-token",
+)
 
 
 def slope(depths, values) -> tuple[float, float]:

@@ -27,7 +27,9 @@ def write_checks(out: Path, checks) -> None:
     from residual_probe.output import write_csv, write_json
     from residual_probe.studies import CHECK_COLUMNS, STUDIES, keep_other_checks
 
-    rows = keep_other_checks(out / "checks.csv", (NAME,)) + [{"analysis": NAME, **asdict(c)} for c in checks]
+    rows = keep_other_checks(out / "checks.csv", (NAME,)) + [
+        {"analysis": NAME, **asdict(c)} for c in checks
+    ]
     write_csv(out / "checks.csv", rows, CHECK_COLUMNS)
     meta_path = out / "checks.json"
     if meta_path.is_file():
@@ -42,14 +44,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("figures"))
     ap.add_argument("--quick", action="store_true", help="small sizes, as CI runs it")
-    ap.add_argument("--workers", type=int, default=None, help="runs in parallel (default: 2, quick: 1)")
-    ap.add_argument("--partial", action="store_true", help="train nothing; write results from finished runs")
+    ap.add_argument(
+        "--workers", type=int, default=None, help="runs in parallel (default: 2, quick: 1)"
+    )
+    ap.add_argument(
+        "--partial", action="store_true", help="train nothing; write results from finished runs"
+    )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     checks = run(args.out, args.quick, workers=args.workers, train=not args.partial)
     write_checks(args.out, checks)
     for c in checks:
-        print(f"[{c.agreement}] {c.statement} ({c.setting}): predicted {c.predicted}; measured {c.measured}")
+        print(
+            f"[{c.agreement}] {c.statement} ({c.setting}): predicted {c.predicted}; measured {c.measured}"
+        )
 
 
 if __name__ == "__main__":

@@ -37,9 +37,18 @@ def make_model(folder: Path) -> int:
     import torch
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                   num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                                   tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg)
     model.save_pretrained(folder)
@@ -64,7 +73,9 @@ def child(mode: str, folder: str, tokens: int, seq_len: int, batch: int) -> dict
         model.zero_grad(set_to_none=True)
         for (ids,), targets in batches:
             logits = model(input_ids=ids, use_cache=False).logits
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+            loss = F.cross_entropy(
+                logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+            )
             (loss / total).backward()
             del logits, loss
     else:
@@ -72,10 +83,17 @@ def child(mode: str, folder: str, tokens: int, seq_len: int, batch: int) -> dict
         from residual_probe.probe.structure import detect_placement
 
         with torch.no_grad():
-            detect_placement(find_blocks(loaded.model), lambda: loaded.forward(w.ids[:1, :8]), loaded.model)
+            detect_placement(
+                find_blocks(loaded.model), lambda: loaded.forward(w.ids[:1, :8]), loaded.model
+            )
         model_gradients(loaded, "causal-lm", w.ids, batch)
-    return {"mode": mode, "seconds": time.perf_counter() - t0, "rss_model": rss_model, "peak": status("VmHWM"),
-            "windows": int(w.ids.shape[0])}
+    return {
+        "mode": mode,
+        "seconds": time.perf_counter() - t0,
+        "rss_model": rss_model,
+        "peak": status("VmHWM"),
+        "windows": int(w.ids.shape[0]),
+    }
 
 
 def main() -> None:
@@ -90,28 +108,51 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(json.dumps(child(args.child[0], args.child[1], args.tokens, args.seq_len, args.batch)))
+        print(
+            json.dumps(child(args.child[0], args.child[1], args.tokens, args.seq_len, args.batch))
+        )
         return
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     with tempfile.TemporaryDirectory() as tmp:
         n = make_model(Path(tmp) / "llama135m")
-        print(f"model: random Llama, {n / 1e6:.1f}M parameters, 30 blocks; {args.tokens} tokens at seq-len "
-              f"{args.seq_len}, batches of {args.batch}, {args.threads} threads")
+        print(
+            f"model: random Llama, {n / 1e6:.1f}M parameters, 30 blocks; {args.tokens} tokens at seq-len "
+            f"{args.seq_len}, batches of {args.batch}, {args.threads} threads"
+        )
         results = {}
         for mode in ("plain", "probe"):
-            cmd = [sys.executable, __file__, "--child", mode, str(Path(tmp) / "llama135m"), "--tokens", str(args.tokens),
-                   "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--threads", str(args.threads)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                mode,
+                str(Path(tmp) / "llama135m"),
+                "--tokens",
+                str(args.tokens),
+                "--seq-len",
+                str(args.seq_len),
+                "--batch",
+                str(args.batch),
+                "--threads",
+                str(args.threads),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode:
-                raise SystemExit(f"{mode} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")
+                raise SystemExit(
+                    f"{mode} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}"
+                )
             results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
             r = results[mode]
-            print(f"{mode:>6}: {r['seconds']:.1f} s, peak {r['peak'] / 2**30:.2f} GiB, after loading "
-                  f"{r['rss_model'] / 2**30:.2f} GiB ({r['windows']} windows)")
+            print(
+                f"{mode:>6}: {r['seconds']:.1f} s, peak {r['peak'] / 2**30:.2f} GiB, after loading "
+                f"{r['rss_model'] / 2**30:.2f} GiB ({r['windows']} windows)"
+            )
     plain, probe = results["plain"], results["probe"]
     print(f"peak ratio probe / plain: {probe['peak'] / plain['peak']:.3f}")
-    print(f"increment ratio (peak - loaded): "
-          f"{(probe['peak'] - probe['rss_model']) / (plain['peak'] - plain['rss_model']):.3f}")
+    print(
+        f"increment ratio (peak - loaded): "
+        f"{(probe['peak'] - probe['rss_model']) / (plain['peak'] - plain['rss_model']):.3f}"
+    )
     print(f"time ratio: {probe['seconds'] / plain['seconds']:.2f}")
 
 

@@ -33,8 +33,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZES = dict(arch="decoder", placement="pre-ln", depth=30, d_model=576, heads=9, ffn=1920, vocab_size=49152,
-             max_len=2048, tie_embeddings=True)
+SIZES = dict(
+    arch="decoder",
+    placement="pre-ln",
+    depth=30,
+    d_model=576,
+    heads=9,
+    ffn=1920,
+    vocab_size=49152,
+    max_len=2048,
+    tie_embeddings=True,
+)
 TOKENS, BATCH, SEQ = 8192, 8, 256
 
 
@@ -72,9 +81,20 @@ def child(mode: str) -> None:
     else:
         measure_forward(loaded, batches, spec)
     wall = time.perf_counter() - t0
-    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-    print(json.dumps({"mode": mode, "wall_s": wall, "peak_kb": rss_kb("VmHWM") - base, "weights_kb": weights / 1024,
-                      "params": loaded.parameters}))
+    weights = sum(
+        p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
+    )
+    print(
+        json.dumps(
+            {
+                "mode": mode,
+                "wall_s": wall,
+                "peak_kb": rss_kb("VmHWM") - base,
+                "weights_kb": weights / 1024,
+                "params": loaded.parameters,
+            }
+        )
+    )
 
 
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_ARENA_MAX": "1"}
@@ -82,7 +102,13 @@ MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_ARENA_MAX": "1"}
 
 def run(mode: str, default_malloc: bool) -> dict:
     env = dict(os.environ) if default_malloc else {**os.environ, **MALLOC}
-    out = subprocess.run([sys.executable, __file__, "--child", mode], capture_output=True, text=True, check=True, env=env)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -90,23 +116,33 @@ def main() -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=3, help="runs of each mode (alternating); medians are compared")
-    ap.add_argument("--default-malloc", action="store_true", help="glibc's default (dynamic) allocator settings")
+    ap.add_argument(
+        "--runs", type=int, default=3, help="runs of each mode (alternating); medians are compared"
+    )
+    ap.add_argument(
+        "--default-malloc", action="store_true", help="glibc's default (dynamic) allocator settings"
+    )
     args = ap.parse_args()
     runs = {"plain": [], "collapse": []}
     for _ in range(args.runs):
         for mode in runs:
             runs[mode].append(run(mode, args.default_malloc))
     plain = runs["plain"][0]
-    print(f"model: {plain['params'] / 1e6:.1f}M parameters, {SIZES['depth']} layers, weights {plain['weights_kb'] / 1024:.0f} MiB")
-    print(f"tokens: {TOKENS} in batches of {BATCH} x {SEQ}, 2 threads, "
-          f"{'default malloc' if args.default_malloc else 'mmap threshold 1 MiB, one arena'}; {args.runs} runs each")
+    print(
+        f"model: {plain['params'] / 1e6:.1f}M parameters, {SIZES['depth']} layers, weights {plain['weights_kb'] / 1024:.0f} MiB"
+    )
+    print(
+        f"tokens: {TOKENS} in batches of {BATCH} x {SEQ}, 2 threads, "
+        f"{'default malloc' if args.default_malloc else 'mmap threshold 1 MiB, one arena'}; {args.runs} runs each"
+    )
     med = {}
     for mode, rs in runs.items():
         wall, peak = [r["wall_s"] for r in rs], [r["peak_kb"] / 1024 for r in rs]
         med[mode] = (statistics.median(wall), statistics.median(peak))
-        print(f"{mode:<9} wall s {' '.join(f'{w:.2f}' for w in wall)} (median {med[mode][0]:.2f}); "
-              f"peak MiB above start {' '.join(f'{p:.0f}' for p in peak)} (median {med[mode][1]:.0f})")
+        print(
+            f"{mode:<9} wall s {' '.join(f'{w:.2f}' for w in wall)} (median {med[mode][0]:.2f}); "
+            f"peak MiB above start {' '.join(f'{p:.0f}' for p in peak)} (median {med[mode][1]:.0f})"
+        )
     print(f"collapse_time_ratio: {med['collapse'][0] / med['plain'][0]:.3f}")
     print(f"collapse_memory_ratio: {med['collapse'][1] / med['plain'][1]:.3f}")
 

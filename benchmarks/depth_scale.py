@@ -46,7 +46,15 @@ def child(depth: int, rounds: int, mode: str) -> None:
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    model = build_model(arch="decoder", placement="pre-ln", depth=depth, d_model=64, heads=2, ffn=256, vocab_size=256)
+    model = build_model(
+        arch="decoder",
+        placement="pre-ln",
+        depth=depth,
+        d_model=64,
+        heads=2,
+        ffn=256,
+        vocab_size=256,
+    )
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     seq = torch.randint(1, 256, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(0))
     tok, tgt = seq[:, :-1], seq[:, 1:]
@@ -82,8 +90,12 @@ def child(depth: int, rounds: int, mode: str) -> None:
 
 
 def run(*args) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", *map(str, args)], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -104,15 +116,22 @@ def main() -> None:
     if args.child:
         child(int(args.child[0]), int(args.child[1]), args.child[2])
         return
-    print(f"decoder d 64, heads 2, FFN 256, batch {BATCH} x {SEQ}, 2 threads; median of {args.rounds} interleaved steps")
-    print(f"{'depth':>6} {'plain s':>9} {'probe s':>9} {'ratio':>7} {'plain MiB':>10} {'probe MiB':>10} {'mem ratio':>10}")
+    print(
+        f"decoder d 64, heads 2, FFN 256, batch {BATCH} x {SEQ}, 2 threads; median of {args.rounds} interleaved steps"
+    )
+    print(
+        f"{'depth':>6} {'plain s':>9} {'probe s':>9} {'ratio':>7} {'plain MiB':>10} {'probe MiB':>10} {'mem ratio':>10}"
+    )
     rows = []
     for depth in args.depths:
         t = run(depth, args.rounds, "time")
         mp, mq = run(depth, 0, "plain")["step_bytes"], run(depth, 0, "probe")["step_bytes"]
         rows.append((depth, t["plain"], t["probe"], mp, mq))
-        print(f"{depth:>6} {t['plain']:>9.4f} {t['probe']:>9.4f} {t['probe'] / t['plain']:>7.3f} {mp / 2**20:>10.1f} "
-              f"{mq / 2**20:>10.1f} {mq / mp:>10.3f}", flush=True)
+        print(
+            f"{depth:>6} {t['plain']:>9.4f} {t['probe']:>9.4f} {t['probe'] / t['plain']:>7.3f} {mp / 2**20:>10.1f} "
+            f"{mq / 2**20:>10.1f} {mq / mp:>10.3f}",
+            flush=True,
+        )
     d = [r[0] for r in rows]
     print(f"time_exponent_plain: {slope(d, [r[1] for r in rows])}")
     print(f"time_exponent_probe: {slope(d, [r[2] for r in rows])}")

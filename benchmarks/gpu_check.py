@@ -34,8 +34,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CONFIG = dict(arch="decoder", placement="pre-ln", depth=12, d_model=1024, heads=16, ffn=4096, vocab_size=32000,
-              max_len=512)
+CONFIG = dict(
+    arch="decoder",
+    placement="pre-ln",
+    depth=12,
+    d_model=1024,
+    heads=16,
+    ffn=4096,
+    vocab_size=32000,
+    max_len=512,
+)
 BATCH, SEQ = 4, 512
 
 
@@ -70,10 +78,14 @@ def overhead(torch, rounds: int, warmup: int) -> tuple[dict[str, list[float]], d
     from residual_probe.probe import Probe
 
     model, opt, tok, tgt = setup(torch)
-    probes = {"plain": None,
-              "grad_norms": Probe(model, quantities=("param_grad_norm", "w2_grad_norm"), keep_rows=False),
-              "between": Probe(model, quantities=("param_grad_norm", "w2_grad_norm", "act_grad_norm"), keep_rows=False),
-              "all_stats": Probe(model, subsample_tokens=256, keep_rows=False)}
+    probes = {
+        "plain": None,
+        "grad_norms": Probe(model, quantities=("param_grad_norm", "w2_grad_norm"), keep_rows=False),
+        "between": Probe(
+            model, quantities=("param_grad_norm", "w2_grad_norm", "act_grad_norm"), keep_rows=False
+        ),
+        "all_stats": Probe(model, subsample_tokens=256, keep_rows=False),
+    }
 
     def step(probe) -> float:
         if probe is not None:
@@ -137,12 +149,18 @@ def syncs(torch) -> tuple[int, int, int]:
             loss.backward()  # every forward and gradient hook runs here: any sync raises
         except RuntimeError as e:
             hooks = 1
-            print(f"a host sync in the forward/backward with the probe attached: {e}".splitlines()[0])
+            print(
+                f"a host sync in the forward/backward with the probe attached: {e}".splitlines()[0]
+            )
         finally:
             torch.cuda.set_sync_debug_mode("default")
         out.append(count_syncs(torch, probe.step))
         probe.detach()
-    return hooks, out[0], out[1]  # hooks: of the last (defer=True) run; both runs use the same hooks
+    return (
+        hooks,
+        out[0],
+        out[1],
+    )  # hooks: of the last (defer=True) run; both runs use the same hooks
 
 
 def bf16_agreement(torch) -> float:
@@ -173,11 +191,15 @@ def main() -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU machine",
-              file=sys.stderr)
+        print(
+            "gpu_check: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU machine",
+            file=sys.stderr,
+        )
         return 2
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; decoder 12 x d 1024, batch {BATCH} x {SEQ}, "
-          f"bf16 autocast, {args.rounds} rounds after {args.warmup} warm-up")
+    print(
+        f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; decoder 12 x d 1024, batch {BATCH} x {SEQ}, "
+        f"bf16 autocast, {args.rounds} rounds after {args.warmup} warm-up"
+    )
     from residual_probe.probe.schedule import FORWARD_EVERY
 
     times, launches = overhead(torch, args.rounds, args.warmup)
@@ -185,18 +207,26 @@ def main() -> int:
     depth = CONFIG["depth"]
     for v, t in times.items():
         lo, med, hi = quartiles(t)
-        print(f"{v:<11} median {1e3 * med:8.2f} ms  IQR {1e3 * lo:.2f}-{1e3 * hi:.2f} ms  ratio {med / base:.3f}  "
-              f"kernel launches {launches[v]} (+{(launches[v] - launches['plain']) / depth:.1f} per block)")
+        print(
+            f"{v:<11} median {1e3 * med:8.2f} ms  IQR {1e3 * lo:.2f}-{1e3 * hi:.2f} ms  ratio {med / base:.3f}  "
+            f"kernel launches {launches[v]} (+{(launches[v] - launches['plain']) / depth:.1f} per block)"
+        )
     ratio = {v: statistics.median(t) / base for v, t in times.items()}
     amortized = ((FORWARD_EVERY - 1) * ratio["between"] + ratio["all_stats"]) / FORWARD_EVERY
     hooks, step_syncs, deferred_syncs = syncs(torch)
-    print(f"host syncs: hooks {hooks} (sync debug mode 'error' raised nothing), probe.step() {step_syncs}, "
-          f"probe.step(defer=True) {deferred_syncs}")
+    print(
+        f"host syncs: hooks {hooks} (sync debug mode 'error' raised nothing), probe.step() {step_syncs}, "
+        f"probe.step(defer=True) {deferred_syncs}"
+    )
     rel = bf16_agreement(torch)
-    print(f"bf16 autocast + GradScaler vs float32, per-block parameter-gradient norms: max relative difference {rel:.4f}")
+    print(
+        f"bf16 autocast + GradScaler vs float32, per-block parameter-gradient norms: max relative difference {rel:.4f}"
+    )
     print(f"gpu_overhead_grad_norms: {statistics.median(times['grad_norms']) / base:.4f}")
     print(f"gpu_overhead_all_stats: {statistics.median(times['all_stats']) / base:.4f}")
-    print(f"gpu_overhead_amortized: {amortized:.4f} (forward statistics on 1 of {FORWARD_EVERY} recorded steps)")
+    print(
+        f"gpu_overhead_amortized: {amortized:.4f} (forward statistics on 1 of {FORWARD_EVERY} recorded steps)"
+    )
     for v in ("grad_norms", "all_stats"):
         print(f"gpu_launches_per_block_{v}: {(launches[v] - launches['plain']) / depth:.1f}")
     print(f"gpu_syncs_in_hooks: {hooks}")

@@ -70,20 +70,45 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from residual_probe.analysis import metrics  # noqa: E402
-from residual_probe.models import build_model  # noqa: E402
-from residual_probe.probe import Probe, find_blocks  # noqa: E402
-from residual_probe.probe.schedule import FORWARD_EVERY  # noqa: E402
+from residual_probe.analysis import metrics
+from residual_probe.models import build_model
+from residual_probe.probe import Probe, find_blocks
+from residual_probe.probe.schedule import FORWARD_EVERY
 
 VARIANTS = ("plain", "grad_norms", "between", "all_stats", "per_param", "act_cache")
-BREAKDOWN = {"forward_stats": ("forward_stats",), "act_grad_norm": ("act_grad_norm",), "subsample": ("subsample",),
-             # the gradient norms with a row per parameter tensor too (param_tensor_norm, off by default)
-             "tensor_norms": ("param_grad_norm", "w2_grad_norm", "param_tensor_norm")}
+BREAKDOWN = {
+    "forward_stats": ("forward_stats",),
+    "act_grad_norm": ("act_grad_norm",),
+    "subsample": ("subsample",),
+    # the gradient norms with a row per parameter tensor too (param_tensor_norm, off by default)
+    "tensor_norms": ("param_grad_norm", "w2_grad_norm", "param_tensor_norm"),
+}
 SIZES = {
-    "default": (dict(arch="decoder", placement="pre-ln", depth=48, d_model=256, heads=4, ffn=1024, vocab_size=256),
-                (8, 32)),
-    "realistic": (dict(arch="decoder", placement="pre-ln", depth=12, d_model=1024, heads=16, ffn=4096, vocab_size=256,
-                       max_len=512), (4, 512)),
+    "default": (
+        dict(
+            arch="decoder",
+            placement="pre-ln",
+            depth=48,
+            d_model=256,
+            heads=4,
+            ffn=1024,
+            vocab_size=256,
+        ),
+        (8, 32),
+    ),
+    "realistic": (
+        dict(
+            arch="decoder",
+            placement="pre-ln",
+            depth=12,
+            d_model=1024,
+            heads=16,
+            ffn=4096,
+            vocab_size=256,
+            max_len=512,
+        ),
+        (4, 512),
+    ),
 }
 CONFIG, (BATCH, SEQ) = SIZES["default"]
 
@@ -107,10 +132,17 @@ def quartiles(xs: list[float]) -> tuple[float, float, float]:
 def bounded_state(forwards: int) -> tuple[int, int]:
     """Probe state bytes after 1 and after `forwards` no-grad forwards (include_eval=True) between two steps."""
     torch.manual_seed(0)
-    model = build_model(arch="decoder", placement="pre-ln", depth=4, d_model=64, heads=2, ffn=128, vocab_size=256)
+    model = build_model(
+        arch="decoder", placement="pre-ln", depth=4, d_model=64, heads=2, ffn=128, vocab_size=256
+    )
     tok = torch.randint(1, 256, (1, 8))
-    probe = Probe(model, quantities=("forward_stats", "act_grad_norm", "subsample"), include_eval=True,
-                  subsample_tokens=8, keep_rows=False)
+    probe = Probe(
+        model,
+        quantities=("forward_stats", "act_grad_norm", "subsample"),
+        include_eval=True,
+        subsample_tokens=8,
+        keep_rows=False,
+    )
     with probe, torch.no_grad():
         model(tok)
         before = probe.state_bytes()
@@ -158,19 +190,25 @@ class ActivationCache:
         def hook(mod, args, out):
             if isinstance(out, torch.Tensor):
                 self.cache[name] = out.detach().clone()
+
         return hook
 
     def _keep_input(self, name):
         def hook(mod, args):
             self.cache[name + ".input"] = args[0].detach().clone()
+
         return hook
 
     def step(self):
         stats = []
         for b in self.blocks:
             prev, cur = self.cache[b.name + ".input"], self.cache[b.name]
-            stats += [metrics.cos_adjacent(prev, cur), metrics.relative_update(prev, cur),
-                      metrics.norm_sq_per_dim(cur), metrics.ln_update(prev, cur)]
+            stats += [
+                metrics.cos_adjacent(prev, cur),
+                metrics.relative_update(prev, cur),
+                metrics.norm_sq_per_dim(cur),
+                metrics.ln_update(prev, cur),
+            ]
         values = torch.stack(stats).tolist()
         self.cache.clear()
         return values
@@ -178,13 +216,19 @@ class ActivationCache:
 
 def make_recorder(variant: str, model):
     if variant == "grad_norms":
-        return Probe(model, quantities=("param_grad_norm", "w2_grad_norm"), keep_rows=False).attach()
+        return Probe(
+            model, quantities=("param_grad_norm", "w2_grad_norm"), keep_rows=False
+        ).attach()
     if variant == "between":
-        return Probe(model, quantities=("param_grad_norm", "w2_grad_norm", "act_grad_norm"), keep_rows=False).attach()
+        return Probe(
+            model, quantities=("param_grad_norm", "w2_grad_norm", "act_grad_norm"), keep_rows=False
+        ).attach()
     if variant == "all_stats":
         return Probe(model, subsample_tokens=256, keep_rows=False).attach()
     if variant in BREAKDOWN:  # one forward quantity alone (--breakdown)
-        return Probe(model, quantities=BREAKDOWN[variant], subsample_tokens=256, keep_rows=False).attach()
+        return Probe(
+            model, quantities=BREAKDOWN[variant], subsample_tokens=256, keep_rows=False
+        ).attach()
     if variant == "per_param":
         return PerParamLoop(model)
     if variant == "act_cache":
@@ -224,7 +268,7 @@ def time_variants(depth: int, rounds: int, warmup: int, variants=VARIANTS, turn:
     stamps = {v: [] for v in variants}  # when each timed step ran (its midpoint)
     record = {v: [] for v in variants}
     for r in range(warmup + rounds):
-        for v in variants[r % len(variants):] + variants[:r % len(variants)]:
+        for v in variants[r % len(variants) :] + variants[: r % len(variants)]:
             rec = recorders[v]
             if isinstance(rec, (Probe, ActivationCache)):
                 rec.attach()
@@ -258,10 +302,16 @@ def launches(depth: int, variants) -> tuple[dict[str, int], str]:
             rec.detach()
         events = prof.events()
         if any(e.name in ("cudaLaunchKernel", "cuLaunchKernel") for e in events):
-            counts[v], kind = sum(e.name in ("cudaLaunchKernel", "cuLaunchKernel") for e in events), "cudaLaunchKernel"
+            counts[v], kind = (
+                sum(e.name in ("cudaLaunchKernel", "cuLaunchKernel") for e in events),
+                "cudaLaunchKernel",
+            )
         else:
-            counts[v] = sum(e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
-                            for e in events)
+            counts[v] = sum(
+                e.name.startswith("aten::")
+                and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+                for e in events
+            )
     return counts, kind
 
 
@@ -272,7 +322,9 @@ def bracketed(times: dict, stamps: dict, v: str) -> list[float]:
     import numpy as np
 
     ps, pt = np.asarray(stamps["plain"]), np.asarray(times["plain"])
-    return [t / float(np.interp(s, ps, pt)) for t, s in zip(times[v], stamps[v]) if ps[0] < s < ps[-1]]
+    return [
+        t / float(np.interp(s, ps, pt)) for t, s in zip(times[v], stamps[v]) if ps[0] < s < ps[-1]
+    ]
 
 
 def rss_bytes() -> int:
@@ -291,11 +343,25 @@ def memory_child(variant: str, depth: int, steps: int) -> None:
     print(json.dumps({"peak": peak, "before": before}))
 
 
-def measure_memory(depth: int, steps: int, threads: int, size: str, variants=VARIANTS) -> dict[str, dict]:
+def measure_memory(
+    depth: int, steps: int, threads: int, size: str, variants=VARIANTS
+) -> dict[str, dict]:
     out = {}
     for v in variants:
-        cmd = [sys.executable, __file__, "--memory-child", v, "--depth", str(depth), "--steps", str(steps),
-               "--threads", str(threads), "--size", size]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            v,
+            "--depth",
+            str(depth),
+            "--steps",
+            str(steps),
+            "--threads",
+            str(threads),
+            "--size",
+            size,
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[v] = json.loads(res.stdout.strip().splitlines()[-1])
     return out
@@ -306,16 +372,31 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=tuple(SIZES), default="default")
     ap.add_argument("--depth", type=int, default=None, help="blocks (default: the size's)")
-    ap.add_argument("--rounds", type=int, default=20, help="timed rounds (each runs every variant once)")
+    ap.add_argument(
+        "--rounds", type=int, default=20, help="timed rounds (each runs every variant once)"
+    )
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--turn", type=int, default=2, help="steps per variant per round; only the last is timed")
+    ap.add_argument(
+        "--turn", type=int, default=2, help="steps per variant per round; only the last is timed"
+    )
     ap.add_argument("--steps", type=int, default=3, help="steps per memory subprocess")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--forwards", type=int, default=10_000, help="no-grad forwards for the bounded-state line (0: skip)")
-    ap.add_argument("--variants", default=None,
-                    help="comma-separated subset to time, plain always included (e.g. all_stats: more rounds in the same time)")
-    ap.add_argument("--breakdown", action="store_true",
-                    help="also time forward_stats, act_grad_norm and subsample alone (what all_stats is made of)")
+    ap.add_argument(
+        "--forwards",
+        type=int,
+        default=10_000,
+        help="no-grad forwards for the bounded-state line (0: skip)",
+    )
+    ap.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated subset to time, plain always included (e.g. all_stats: more rounds in the same time)",
+    )
+    ap.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time forward_stats, act_grad_norm and subsample alone (what all_stats is made of)",
+    )
     ap.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     CONFIG, (BATCH, SEQ) = SIZES[args.size]
@@ -324,22 +405,30 @@ def main() -> None:
     if args.memory_child:
         memory_child(args.memory_child, depth, args.steps)
         return
-    variants = VARIANTS if args.size == "default" else ("plain", "grad_norms", "between", "all_stats")
-    print(f"{args.size}: decoder depth {depth}, d_model {CONFIG['d_model']}, heads {CONFIG['heads']}, ffn {CONFIG['ffn']}, "
-          f"batch {BATCH}, seq {SEQ}, {args.threads} threads, torch {torch.__version__}; "
-          f"{args.rounds} rounds after {args.warmup} warm-up, turns of {args.turn} steps (the last timed)")
+    variants = (
+        VARIANTS if args.size == "default" else ("plain", "grad_norms", "between", "all_stats")
+    )
+    print(
+        f"{args.size}: decoder depth {depth}, d_model {CONFIG['d_model']}, heads {CONFIG['heads']}, ffn {CONFIG['ffn']}, "
+        f"batch {BATCH}, seq {SEQ}, {args.threads} threads, torch {torch.__version__}; "
+        f"{args.rounds} rounds after {args.warmup} warm-up, turns of {args.turn} steps (the last timed)"
+    )
     timed = variants + tuple(BREAKDOWN) if args.breakdown else variants
     if args.variants:
         asked = [v.strip() for v in args.variants.split(",") if v.strip()]
         unknown = [v for v in asked if v not in VARIANTS + tuple(BREAKDOWN)]
         if unknown:
-            ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS + tuple(BREAKDOWN))}")
+            ap.error(
+                f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS + tuple(BREAKDOWN))}"
+            )
         timed = ("plain",) + tuple(v for v in dict.fromkeys(asked) if v != "plain")
         variants = tuple(v for v in timed if v in VARIANTS)
     times, stamps, record = time_variants(depth, args.rounds, args.warmup, timed, args.turn)
     med = {v: statistics.median(t) for v, t in times.items()}
-    print(f"{'variant':<13} {'median s':>9} {'IQR s':>17} {'ratio':>7} {'paired':>7} {'paired IQR':>13} "
-          f"{'bracket':>8} {'bracket IQR':>13} {'step() ms':>10}")
+    print(
+        f"{'variant':<13} {'median s':>9} {'IQR s':>17} {'ratio':>7} {'paired':>7} {'paired IQR':>13} "
+        f"{'bracket':>8} {'bracket IQR':>13} {'step() ms':>10}"
+    )
     paired, paired_iqr, brack = {}, {}, {}
     for v in timed:
         lo, m, hi = quartiles(times[v])
@@ -348,35 +437,47 @@ def main() -> None:
         paired_iqr[v] = (rlo, rhi)
         b = bracketed(times, stamps, v) if v != "plain" else [1.0, 1.0]
         brack[v] = quartiles(b)
-        print(f"{v:<13} {m:>9.4f} {lo:>8.4f}-{hi:<8.4f} {m / med['plain']:>7.3f} {paired[v]:>7.3f} {rlo:>6.3f}-{rhi:<6.3f} "
-              f"{brack[v][1]:>8.3f} {brack[v][0]:>6.3f}-{brack[v][2]:<6.3f} {1e3 * statistics.median(record[v]):>10.1f}")
+        print(
+            f"{v:<13} {m:>9.4f} {lo:>8.4f}-{hi:<8.4f} {m / med['plain']:>7.3f} {paired[v]:>7.3f} {rlo:>6.3f}-{rhi:<6.3f} "
+            f"{brack[v][1]:>8.3f} {brack[v][0]:>6.3f}-{brack[v][2]:<6.3f} {1e3 * statistics.median(record[v]):>10.1f}"
+        )
 
     counted, kind = launches(depth, [v for v in timed if v not in ("per_param", "act_cache")])
-    print(f"kernel launches per step ({kind}), "
-          f"extra over plain per block ({depth} blocks): " + ", ".join(
-              f"{v} {n} (+{(n - counted['plain']) / depth:.1f})" for v, n in counted.items()))
+    print(
+        f"kernel launches per step ({kind}), "
+        f"extra over plain per block ({depth} blocks): "
+        + ", ".join(f"{v} {n} (+{(n - counted['plain']) / depth:.1f})" for v, n in counted.items())
+    )
     mem = measure_memory(depth, args.steps, args.threads, args.size, variants)
     base = mem["plain"]
     print(f"{'variant':<12} {'peak MiB':>9} {'step MiB':>9} {'peak ratio':>11} {'step ratio':>11}")
     for v in variants:
         m = mem[v]
         step, base_step = m["peak"] - m["before"], base["peak"] - base["before"]
-        print(f"{v:<12} {m['peak'] / 2**20:>9.1f} {step / 2**20:>9.1f} {m['peak'] / base['peak']:>11.3f} "
-              f"{step / base_step:>11.3f}")
+        print(
+            f"{v:<12} {m['peak'] / 2**20:>9.1f} {step / 2**20:>9.1f} {m['peak'] / base['peak']:>11.3f} "
+            f"{step / base_step:>11.3f}"
+        )
     if args.forwards:
         before, after = bounded_state(args.forwards)
-        print(f"{args.forwards} no-grad forwards between two steps (include_eval=True): probe state {before} bytes "
-              f"after the first, {after} after the last")
+        print(
+            f"{args.forwards} no-grad forwards between two steps (include_eval=True): probe state {before} bytes "
+            f"after the first, {after} after the last"
+        )
     for v in ("grad_norms", "all_stats"):
         if v in paired:
             print(f"{v}_ratio: {paired[v]:.4f}")
             print(f"{v}_ratio_iqr: {paired_iqr[v][0]:.4f}-{paired_iqr[v][1]:.4f}")
             print(f"{v}_ratio_of_medians: {med[v] / med['plain']:.4f}")
-            print(f"{v}_ratio_bracketed: {brack[v][1]:.4f} (IQR {brack[v][0]:.4f}-{brack[v][2]:.4f})")
+            print(
+                f"{v}_ratio_bracketed: {brack[v][1]:.4f} (IQR {brack[v][0]:.4f}-{brack[v][2]:.4f})"
+            )
     if "between" in paired and "all_stats" in paired:
         k = FORWARD_EVERY
-        print(f"amortized_ratio: {((k - 1) * paired['between'] + paired['all_stats']) / k:.4f} "
-              f"(callbacks' and train's default: forward statistics on 1 of {k} recorded steps)")
+        print(
+            f"amortized_ratio: {((k - 1) * paired['between'] + paired['all_stats']) / k:.4f} "
+            f"(callbacks' and train's default: forward statistics on 1 of {k} recorded steps)"
+        )
     for v in ("grad_norms", "between", "all_stats"):
         if v in counted:
             print(f"{v}_launches_per_block: {(counted[v] - counted['plain']) / depth:.1f}")

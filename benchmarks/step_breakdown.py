@@ -26,22 +26,31 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from residual_probe.models import build_model  # noqa: E402
-from residual_probe.probe import Probe  # noqa: E402
-from residual_probe.probe import params as PA  # noqa: E402
-from residual_probe.probe import probe as P  # noqa: E402
-from residual_probe.probe.quantities import act_grad_norm as AG  # noqa: E402
-from residual_probe.probe.quantities import forward_stats as FS  # noqa: E402
-from residual_probe.probe.quantities import subsample as SU  # noqa: E402
+from residual_probe.models import build_model
+from residual_probe.probe import Probe
+from residual_probe.probe import params as PA
+from residual_probe.probe import probe as P
+from residual_probe.probe.quantities import act_grad_norm as AG
+from residual_probe.probe.quantities import forward_stats as FS
+from residual_probe.probe.quantities import subsample as SU
 
-SIZES = {"default": (dict(depth=48, d_model=256, heads=4, ffn=1024), (8, 32)),
-         "realistic": (dict(depth=12, d_model=1024, heads=16, ffn=4096), (4, 512))}
-PARTS = [(P.Probe, "_on_forward", "hook.forward"), (FS.ForwardStats, "forward", "fs.forward"),
-         (FS.Chain, "_push", "fs.chain_push"), (FS.Chain, "flush", "fs.chain_flush"),
-         (FS.ForwardStats, "_reduce", "fs.reduce"), (SU.Subsample, "forward", "sub.forward"),
-         (AG.ActGradNorm, "forward", "ag.register"), (AG.ActGradNorm, "_on_grad", "ag.on_grad"),
-         (AG.ActGradNorm, "_flush", "ag.flush"), (P.Probe, "step", "probe.step"),
-         (PA.ParamPlan, "grad_squares", "step.grad_squares")]
+SIZES = {
+    "default": (dict(depth=48, d_model=256, heads=4, ffn=1024), (8, 32)),
+    "realistic": (dict(depth=12, d_model=1024, heads=16, ffn=4096), (4, 512)),
+}
+PARTS = [
+    (P.Probe, "_on_forward", "hook.forward"),
+    (FS.ForwardStats, "forward", "fs.forward"),
+    (FS.Chain, "_push", "fs.chain_push"),
+    (FS.Chain, "flush", "fs.chain_flush"),
+    (FS.ForwardStats, "_reduce", "fs.reduce"),
+    (SU.Subsample, "forward", "sub.forward"),
+    (AG.ActGradNorm, "forward", "ag.register"),
+    (AG.ActGradNorm, "_on_grad", "ag.on_grad"),
+    (AG.ActGradNorm, "_flush", "ag.flush"),
+    (P.Probe, "step", "probe.step"),
+    (PA.ParamPlan, "grad_squares", "step.grad_squares"),
+]
 spent: dict[str, float] = {}
 
 
@@ -53,6 +62,7 @@ def timed(f, label):
             return f(*a, **k)
         finally:
             spent[label] = spent.get(label, 0.0) + time.perf_counter() - t0
+
     return wrapper
 
 
@@ -92,11 +102,17 @@ def main() -> None:
                 if probed:
                     parts.append(dict(spent))
     plain = statistics.median(steps["plain"])
-    print(f"{args.size}: {cfg}, batch {batch} x {seq}, {args.threads} threads; medians of {args.rounds} rounds")
-    print(f"plain step {1e3 * plain:.1f} ms, probed step {1e3 * statistics.median(steps['probed']):.1f} ms")
+    print(
+        f"{args.size}: {cfg}, batch {batch} x {seq}, {args.threads} threads; medians of {args.rounds} rounds"
+    )
+    print(
+        f"plain step {1e3 * plain:.1f} ms, probed step {1e3 * statistics.median(steps['probed']):.1f} ms"
+    )
     for _, _, label in PARTS:
         print(f"{label:<18} {1e3 * statistics.median(p.get(label, 0.0) for p in parts):8.2f} ms")
-    total = statistics.median(sum(p.get(k, 0.0) for k in ("hook.forward", "ag.on_grad", "probe.step")) for p in parts)
+    total = statistics.median(
+        sum(p.get(k, 0.0) for k in ("hook.forward", "ag.on_grad", "probe.step")) for p in parts
+    )
     print(f"probe_work_ms: {1e3 * total:.1f}")
     print(f"probe_work_share: {total / plain:.4f}")
 

@@ -52,8 +52,10 @@ class Estimate:
 
     def describe(self) -> str:
         top = max(self.parts, key=self.parts.get) if self.parts else "nothing"
-        return (f"about {human(self.peak_bytes)} ({self.parameters:,} parameters; "
-                f"largest part: {top} {human(self.parts.get(top, 0))})")
+        return (
+            f"about {human(self.peak_bytes)} ({self.parameters:,} parameters; "
+            f"largest part: {top} {human(self.parts.get(top, 0))})"
+        )
 
 
 def human(n: float) -> str:
@@ -66,14 +68,30 @@ def human(n: float) -> str:
 
 def parse_size(text: str) -> int:
     """'8GiB', '512 MB', '1e9' -> bytes."""
-    units = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
-             "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+    units = {
+        "": 1,
+        "b": 1,
+        "k": 1e3,
+        "kb": 1e3,
+        "kib": 2**10,
+        "m": 1e6,
+        "mb": 1e6,
+        "mib": 2**20,
+        "g": 1e9,
+        "gb": 1e9,
+        "gib": 2**30,
+        "t": 1e12,
+        "tb": 1e12,
+        "tib": 2**40,
+    }
     s = text.strip().lower().replace(" ", "")
     num = s.rstrip("kmgtib")
     try:
-        value = float(num) * units[s[len(num):]]
+        value = float(num) * units[s[len(num) :]]
     except (ValueError, KeyError):
-        raise BudgetError(f"{MEMORY_ENV}: expected a size such as 8GiB or 512MB, got {text!r}") from None
+        raise BudgetError(
+            f"{MEMORY_ENV}: expected a size such as 8GiB or 512MB, got {text!r}"
+        ) from None
     if not value > 0:
         raise BudgetError(f"{MEMORY_ENV}: must be positive, got {text!r}")
     return int(value)
@@ -95,9 +113,13 @@ def _meminfo(key: str) -> int | None:
 
 def _cgroup_free() -> int | None:
     """Room left under a cgroup v2 (or v1) memory limit, where one is set."""
-    for limit_path, usage_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for limit_path, usage_path in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),
+    ):
         try:
             with open(limit_path) as fh:
                 limit = fh.read().strip()
@@ -135,8 +157,10 @@ def check(est: Estimate, force: bool = False) -> tuple[int, str]:
     returns (available bytes, source) for the caller to report."""
     have, source = available_memory()
     if have and est.peak_bytes > have and not force:
-        raise BudgetError(f"{est.what} needs {est.describe()} of memory, but this machine has {human(have)} {source}; "
-                          "use smaller sizes, or --force to run anyway")
+        raise BudgetError(
+            f"{est.what} needs {est.describe()} of memory, but this machine has {human(have)} {source}; "
+            "use smaller sizes, or --force to run anyway"
+        )
     return have, source
 
 
@@ -147,7 +171,10 @@ def require(est: Estimate, force: bool = False, echo=None) -> None:
     if echo is None:
         return
     if force and have and est.peak_bytes > have:
-        echo(f"warning: --force: {est.what} needs {est.describe()}, more than the {human(have)} {source}", err=True)
+        echo(
+            f"warning: --force: {est.what} needs {est.describe()}, more than the {human(have)} {source}",
+            err=True,
+        )
     echo(f"memory: {est.describe()}; {human(have)} {source}")
 
 
@@ -180,9 +207,17 @@ def model_parameters(cfg) -> tuple[int, dict[str, int]]:
             if not depth:
                 continue
             placement = make_placement(cfg, role)
-            block = Block(cfg, placement, 0, causal=role == "decoder", cross=role == "decoder" and cfg.arch == "seq2seq")
+            block = Block(
+                cfg,
+                placement,
+                0,
+                causal=role == "decoder",
+                cross=role == "decoder" and cfg.arch == "seq2seq",
+            )
             per_block[role] = count(block)
-            shared = role == "decoder" and getattr(cfg, "share_all_embeddings", False)  # the encoder's table
+            shared = role == "decoder" and getattr(
+                cfg, "share_all_embeddings", False
+            )  # the encoder's table
             total += depth * per_block[role] + (0 if shared else vocab * d)
             total += norm * (bool(placement.embed_norm) + bool(placement.final_norm))
     return int(total), per_block
@@ -198,9 +233,15 @@ def _block_floats(cfg, role: str, batch: int, seq_len: int, training: bool) -> f
     path, which dropout forces; without dropout PyTorch's CPU/flash kernels keep B·H·T.
     """
     d, f, h, T = cfg.d_model, cfg.ffn, cfg.heads, seq_len
-    rates = (cfg.dropout, getattr(cfg, "attention_dropout_rate", cfg.dropout), getattr(cfg, "activation_dropout_rate", cfg.dropout))
+    rates = (
+        cfg.dropout,
+        getattr(cfg, "attention_dropout_rate", cfg.dropout),
+        getattr(cfg, "activation_dropout_rate", cfg.dropout),
+    )
     drop = 1.25 if training and max(rates) > 0 else 0.0
-    extra = (d if cfg.placement == "residual" else 0) + (2 * d if cfg.placement in ("sandwich", "peri-ln") else 0)
+    extra = (d if cfg.placement == "residual" else 0) + (
+        2 * d if cfg.placement in ("sandwich", "peri-ln") else 0
+    )
     attn = 7 * d + extra + drop * d
     ffn = 3 * d + f + extra + drop * (d + f)
     n_attn = 2 if cfg.arch == "seq2seq" and role == "decoder" else 1
@@ -208,20 +249,29 @@ def _block_floats(cfg, role: str, batch: int, seq_len: int, training: bool) -> f
     return (n_attn * attn + ffn) * batch * T + probs
 
 
-def step_parts(cfg, batch: int, seq_len: int, optimizer: bool, training: bool = True) -> tuple[int, dict[str, float]]:
+def step_parts(
+    cfg, batch: int, seq_len: int, optimizer: bool, training: bool = True
+) -> tuple[int, dict[str, float]]:
     """(parameters, parts in bytes) of one forward/backward (and Adam update) of `Transformer(cfg)`."""
     P, _ = model_parameters(cfg)
     tokens = batch * seq_len
     stacks = [("encoder", cfg.encoder_depth), ("decoder", cfg.dec_depth)]
     blocks = {role: _block_floats(cfg, role, batch, seq_len, training) for role, n in stacks if n}
     acts = sum(blocks[role] * n for role, n in stacks if n) + 2 * cfg.d_model * tokens * len(blocks)
-    parts = {"weights": FLOAT * P, "positions table": FLOAT * cfg.max_len * cfg.d_model * len(blocks)}
+    parts = {
+        "weights": FLOAT * P,
+        "positions table": FLOAT * cfg.max_len * cfg.d_model * len(blocks),
+    }
     if training:
         parts["gradients"] = FLOAT * P
-        parts["activations"] = FLOAT * (acts + max(blocks.values()))  # + one block's transient gradients
+        parts["activations"] = FLOAT * (
+            acts + max(blocks.values())
+        )  # + one block's transient gradients
         parts["logits"] = FLOAT * 3 * tokens * cfg.vocab_size
         if optimizer:
-            parts["Adam state"] = FLOAT * 2.5 * P  # two moments and the foreach update's temporaries
+            parts["Adam state"] = (
+                FLOAT * 2.5 * P
+            )  # two moments and the foreach update's temporaries
     else:
         parts["activations"] = FLOAT * 3 * max(blocks.values())
     # Building the positions table goes through float64 sin/cos halves: a transient of ~20 bytes
@@ -253,7 +303,9 @@ def train_estimate(spec) -> Estimate:
     P, parts = step_parts(cfg, spec.batch, spec.seq_len, optimizer=spec.steps > 0)
     recorded = math.ceil(max(spec.steps, 1) / spec.probe_every)
     parts["probe records"] = ROW_BYTES * recorded * (12 * _blocks(cfg) + 2 * _sublayers(cfg))
-    return Estimate(f"train ({_describe_cfg(cfg)}, batch {spec.batch} x {spec.seq_len} tokens)", P, parts)
+    return Estimate(
+        f"train ({_describe_cfg(cfg)}, batch {spec.batch} x {spec.seq_len} tokens)", P, parts
+    )
 
 
 def grad_norms_estimate(spec) -> Estimate:
@@ -267,7 +319,9 @@ def grad_norms_estimate(spec) -> Estimate:
     cfg, P, parts = best
     rows = len(spec.placements) * spec.seeds * (spec.steps + 1) * (_blocks(cfg) + _sublayers(cfg))
     parts = dict(parts, **{"recorded rows": 2 * ROW_BYTES * rows})
-    return Estimate(f"grad-norms ({_describe_cfg(cfg)}, batch {spec.batch} x {spec.seq_len} tokens)", P, parts)
+    return Estimate(
+        f"grad-norms ({_describe_cfg(cfg)}, batch {spec.batch} x {spec.seq_len} tokens)", P, parts
+    )
 
 
 def bounds_estimate(spec) -> Estimate:
@@ -277,11 +331,17 @@ def bounds_estimate(spec) -> Estimate:
     settings = spec.settings or ("xiong",)
     ladder = spec.depth_ladder()
     best = None
-    for arch, placement in ((spec.arch, "residual"), ("seq2seq", "residual"), ("seq2seq", "post-ln")):
+    for arch, placement in (
+        (spec.arch, "residual"),
+        ("seq2seq", "residual"),
+        ("seq2seq", "post-ln"),
+    ):
         cfg = spec.config(settings[0], arch, placement, top)
         P, parts = step_parts(cfg, spec.batch, spec.seq_len, optimizer=False)
         streams = 2 if placement == "residual" else 1
-        parts["token subsamples"] = FLOAT * 2 * (_blocks(cfg) + 2) * streams * SUBSAMPLE_TOKENS * cfg.d_model
+        parts["token subsamples"] = (
+            FLOAT * 2 * (_blocks(cfg) + 2) * streams * SUBSAMPLE_TOKENS * cfg.d_model
+        )
         if best is None or sum(parts.values()) > sum(best[2].values()):
             best = (cfg, P, parts)
     cfg, P, parts = best
@@ -289,12 +349,23 @@ def bounds_estimate(spec) -> Estimate:
     block_runs = len(settings) * (2 * sum(ladder) * n_stack + top * n_stack + 3 * 2 * top)
     parts["recorded rows"] = ROW_BYTES * spec.seeds * block_runs * 16
     parts["collapse Monte-Carlo"] = 8 * 3 * (top + 1) * spec.collapse_tokens * spec.collapse_d
-    return Estimate(f"bounds (depth {top}: {_describe_cfg(cfg)}, batch {spec.batch} x {spec.seq_len} tokens)",
-                    P, parts)
+    return Estimate(
+        f"bounds (depth {top}: {_describe_cfg(cfg)}, batch {spec.batch} x {spec.seq_len} tokens)",
+        P,
+        parts,
+    )
 
 
-def collapse_estimate(label: str, parameters: int, blocks: int, width: int, streams: int, batch: int,
-                      seq_len: int, subsample: int) -> Estimate:
+def collapse_estimate(
+    label: str,
+    parameters: int,
+    blocks: int,
+    width: int,
+    streams: int,
+    batch: int,
+    seq_len: int,
+    subsample: int,
+) -> Estimate:
     """`collapse` of one loaded model (its weights already in memory, so not counted): a no-grad
     forward of one batch (a few (B, T, width) tensors and one B·T² attention matrix per head group),
     the token subsamples, and the layer x layer matrices (cosine and CKA, and their temporaries)."""
@@ -305,12 +376,16 @@ def collapse_estimate(label: str, parameters: int, blocks: int, width: int, stre
         "token subsamples": FLOAT * 2 * n * streams * subsample * width,
         "layer x layer matrices": FLOAT * 4 * n * n * streams,
     }
-    return Estimate(f"collapse of {label} ({blocks} blocks, width {width}, batch {batch} x {seq_len} tokens)",
-                    parameters, parts)
+    return Estimate(
+        f"collapse of {label} ({blocks} blocks, width {width}, batch {batch} x {seq_len} tokens)",
+        parameters,
+        parts,
+    )
 
 
-def ckpt_gradient_estimate(label: str, parameters: int, blocks: int, width: int, batch: int, seq_len: int,
-                           vocab: int) -> Estimate:
+def ckpt_gradient_estimate(
+    label: str, parameters: int, blocks: int, width: int, batch: int, seq_len: int, vocab: int
+) -> Estimate:
     """`grad-norms --ckpt` of one loaded model (its weights already in memory, so not counted): one
     backward of a batch of windows. Per block and token ~16·width floats saved for backward (the
     `_block_floats` count with an FFN of 4·width) and the attention probabilities B·H·T² with the
@@ -323,5 +398,8 @@ def ckpt_gradient_estimate(label: str, parameters: int, blocks: int, width: int,
         "activations": FLOAT * blocks * (16 * tokens * width + batch * heads * seq_len * seq_len),
         "logits": FLOAT * 3 * tokens * vocab,
     }
-    return Estimate(f"the gradient of {label} ({blocks} blocks, width {width}, batch {batch} x {seq_len} tokens)",
-                    parameters, parts)
+    return Estimate(
+        f"the gradient of {label} ({blocks} blocks, width {width}, batch {batch} x {seq_len} tokens)",
+        parameters,
+        parts,
+    )

@@ -55,15 +55,30 @@ def read_text_tokens(path: str | Path) -> torch.Tensor:
 class BatchSource:
     """Seeded batches for one architecture, drawn from random tokens or from a token stream."""
 
-    def __init__(self, arch: str, batch: int, seq_len: int, vocab: int, seed: int,
-                 text: torch.Tensor | None = None):
+    def __init__(
+        self,
+        arch: str,
+        batch: int,
+        seq_len: int,
+        vocab: int,
+        seed: int,
+        text: torch.Tensor | None = None,
+    ):
         if batch < 1 or seq_len < 2:
             raise DataError(f"batch must be >= 1 and seq-len >= 2, got {batch} and {seq_len}")
         if text is not None and text.numel() < seq_len + 2:
-            raise DataError(f"data has {text.numel()} tokens, fewer than seq-len + 2 = {seq_len + 2}")
+            raise DataError(
+                f"data has {text.numel()} tokens, fewer than seq-len + 2 = {seq_len + 2}"
+            )
         if text is not None and int(text.max()) >= vocab:
             raise DataError(f"data holds token {int(text.max())}, outside a vocabulary of {vocab}")
-        self.arch, self.batch, self.seq_len, self.vocab, self.text = arch, batch, seq_len, vocab, text
+        self.arch, self.batch, self.seq_len, self.vocab, self.text = (
+            arch,
+            batch,
+            seq_len,
+            vocab,
+            text,
+        )
         self.gen = torch.Generator().manual_seed(seed)
 
     def _sequences(self, length: int) -> torch.Tensor:  # (B, length)

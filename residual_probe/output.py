@@ -36,7 +36,9 @@ def prepare_out(out: str | Path) -> Path:
         with tempfile.NamedTemporaryFile(dir=p, prefix=".write-test-"):
             pass
     except OSError as exc:
-        raise OutputError(f"cannot write to output folder {str(p)!r}: {exc.strerror or exc}") from None
+        raise OutputError(
+            f"cannot write to output folder {str(p)!r}: {exc.strerror or exc}"
+        ) from None
     return p
 
 
@@ -81,8 +83,11 @@ def write_atomic(path: str | Path, content: Content) -> Path:
     return path
 
 
-def write_csv(path: str | Path, rows: "Iterable[dict[str, Any]] | pd.DataFrame",
-              columns: Sequence[str] | None = None) -> Path:
+def write_csv(
+    path: str | Path,
+    rows: "Iterable[dict[str, Any]] | pd.DataFrame",
+    columns: Sequence[str] | None = None,
+) -> Path:
     """The one tidy-table writer: a pandas DataFrame (or dict rows) as CSV, atomically.
 
     columns: the columns in order (default: the DataFrame's, or the first row's keys); a row
@@ -105,7 +110,9 @@ def write_csv(path: str | Path, rows: "Iterable[dict[str, Any]] | pd.DataFrame",
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> Path:
-    return write_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str, allow_nan=True) + "\n")
+    return write_atomic(
+        path, json.dumps(data, indent=2, sort_keys=True, default=str, allow_nan=True) + "\n"
+    )
 
 
 def versions() -> dict[str, str]:
@@ -116,6 +123,9 @@ def versions() -> dict[str, str]:
     from . import __version__
 
     return {
-        "residual_probe": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
-        "python": platform.python_version(), "platform": platform.platform(),
+        "residual_probe": __version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
     }

@@ -84,7 +84,9 @@ class Owned:
     def __init__(self, folder: Path, command: str):
         self.folder, self.command = folder, command
         self.files: list[str] = []
-        self.meta = dict(command=command, pid=os.getpid(), host=socket.gethostname(), started=_now())
+        self.meta = dict(
+            command=command, pid=os.getpid(), host=socket.gethostname(), started=_now()
+        )
 
     def record(self, path: Path) -> None:
         rel = os.path.relpath(Path(path).absolute(), self.folder.absolute())
@@ -110,7 +112,9 @@ def record_write(path: str | Path) -> None:
 
 def _take_lock(folder: Path, command: str) -> Path:
     lock = folder / LOCK
-    info = json.dumps(dict(pid=os.getpid(), host=socket.gethostname(), command=command, started=_now()))
+    info = json.dumps(
+        dict(pid=os.getpid(), host=socket.gethostname(), command=command, started=_now())
+    )
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -121,13 +125,17 @@ def _take_lock(folder: Path, command: str) -> Path:
             except (OSError, ValueError, KeyError, TypeError):
                 held, pid, host = {}, 0, ""
             if held and _alive(pid, host):
-                raise FolderError(f"{str(folder)!r} is being written by another run (pid {pid} on {host}: "
-                                  f"`{held.get('command', '?')}`, since {held.get('started', '?')}); wait for it "
-                                  "or choose another --out") from None
+                raise FolderError(
+                    f"{str(folder)!r} is being written by another run (pid {pid} on {host}: "
+                    f"`{held.get('command', '?')}`, since {held.get('started', '?')}); wait for it "
+                    "or choose another --out"
+                ) from None
             lock.unlink(missing_ok=True)  # stale: its process is gone (or the lock is unreadable)
             continue
         except OSError as exc:
-            raise FolderError(f"cannot write to output folder {str(folder)!r}: {exc.strerror or exc}") from None
+            raise FolderError(
+                f"cannot write to output folder {str(folder)!r}: {exc.strerror or exc}"
+            ) from None
         with os.fdopen(fd, "w") as fh:
             fh.write(info + "\n")
         return lock
@@ -150,7 +158,9 @@ def _remove_earlier(folder: Path, manifest: dict) -> None:
 
 
 @contextlib.contextmanager
-def owned_out(out: str | Path, command: str, overwrite: bool = False, update: bool = False) -> Iterator[Path]:
+def owned_out(
+    out: str | Path, command: str, overwrite: bool = False, update: bool = False
+) -> Iterator[Path]:
     """Own `out` for the duration of a command: lock, refuse or clear another run's outputs, list
     every file written, mark the end complete or partial, release the lock.
 
@@ -165,7 +175,9 @@ def owned_out(out: str | Path, command: str, overwrite: bool = False, update: bo
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise FolderError(f"cannot write to output folder {str(folder)!r}: {exc.strerror or exc}") from None
+        raise FolderError(
+            f"cannot write to output folder {str(folder)!r}: {exc.strerror or exc}"
+        ) from None
     owned = None
     try:
         lock = _take_lock(folder, command)
@@ -180,7 +192,8 @@ def owned_out(out: str | Path, command: str, overwrite: bool = False, update: bo
                     raise FolderError(
                         f"{str(folder)!r} holds the outputs of another run (`{earlier.get('command', '?')}`, "
                         f"{earlier['status']}, {earlier.get('started', '?')}); pass --overwrite to replace them, "
-                        "or choose another --out")
+                        "or choose another --out"
+                    )
                 else:
                     _remove_earlier(folder, earlier)
             owned.write("running")
@@ -188,10 +201,16 @@ def owned_out(out: str | Path, command: str, overwrite: bool = False, update: bo
             try:
                 yield folder
             except BaseException as exc:
-                if not owned.files:  # nothing written (bad input, usually): leave no trace of this run
+                if (
+                    not owned.files
+                ):  # nothing written (bad input, usually): leave no trace of this run
                     (folder / MANIFEST).unlink(missing_ok=True)
                     raise
-                reason = "was interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "failed"
+                reason = (
+                    "was interrupted"
+                    if isinstance(exc, (KeyboardInterrupt, SystemExit))
+                    else "failed"
+                )
                 owned.write("partial", reason=f"{reason} ({type(exc).__name__})", finished=_now())
                 raise
             owned.write("complete", finished=_now())
@@ -200,7 +219,10 @@ def owned_out(out: str | Path, command: str, overwrite: bool = False, update: bo
                 _active.remove(owned)
             lock.unlink(missing_ok=True)
     except BaseException:
-        if top is not None and top.is_dir() and not any(
-                f.is_file() and f.name not in (MANIFEST, LOCK) for f in top.rglob("*")):
+        if (
+            top is not None
+            and top.is_dir()
+            and not any(f.is_file() and f.name not in (MANIFEST, LOCK) for f in top.rglob("*"))
+        ):
             shutil.rmtree(top, ignore_errors=True)
         raise

@@ -33,8 +33,10 @@ def data_line(data: dict) -> str:
     """What the verdicts rest on: windows, tokens and tokenization of the text actually used."""
     if "tokenization" not in data:
         return f"data: {data.get('tokens', '?')} tokens"
-    return (f"data: {data['windows']} windows x {data['seq_len']} tokens = {data['tokens']} tokens; "
-            f"tokenization: {data['tokenization']}")
+    return (
+        f"data: {data['windows']} windows x {data['seq_len']} tokens = {data['tokens']} tokens; "
+        f"tokenization: {data['tokenization']}"
+    )
 
 
 WARN_PREFIXES = ("warning:", "partly random model")  # lines the report sets apart
@@ -53,18 +55,26 @@ def verdict_lines(grads: dict | None, collapse: dict) -> dict[str, list[str]]:
         lines = []
         missing = m.get("partly_random") or []
         if missing:  # first: it explains everything below, a loss warning included
-            lines.append(f"partly random model: {len(missing)} weights are missing from the files and were left at "
-                         f"random initialization ({', '.join(missing[:3])}); every verdict below is about that model")
+            lines.append(
+                f"partly random model: {len(missing)} weights are missing from the files and were left at "
+                f"random initialization ({', '.join(missing[:3])}); every verdict below is about that model"
+            )
         lines += [f"warning: {w}" for w in (g or {}).get("warnings", [])]
         if g is not None and "skipped" in g:
             lines.append(f"gradients: not measured ({g['skipped']})")
         elif g is not None:
-            how = (" (gradient of a contrastive loss, unsupervised SimCSE: the model has no loss head)"
-                   if g.get("loss") == "contrastive" else "")
+            how = (
+                " (gradient of a contrastive loss, unsupervised SimCSE: the model has no loss head)"
+                if g.get("loss") == "contrastive"
+                else ""
+            )
             for v in g["verdicts"]:
                 lines.append(f"{v['stack']}{how}: {v['verdict']}")
             if g.get("whole_model"):
-                lines.append("gradient norm by part: " + ", ".join(f"{k} {v:.4g}" for k, v in g["whole_model"].items()))
+                lines.append(
+                    "gradient norm by part: "
+                    + ", ".join(f"{k} {v:.4g}" for k, v in g["whole_model"].items())
+                )
         elif grads is not None:
             lines.append("gradients: not measured (no loss head)")
         for s in m["streams"]:
@@ -82,18 +92,28 @@ def description_rows(grads: dict | None, collapse: dict) -> list[dict]:
     rows = []
     for m in collapse["models"]:
         g = gmodels.get(m["label"], {})
-        rows.append({
-            "model": m["label"], "family": m["family"], "placement (detected)": m["placement"],
-            "detail": m["placement_detail"], "norm type": m.get("norm_type"),
-            "depth": ", ".join(f"{s} {n}" for s, n in m["depth"].items()), "width": m["width"],
-            "parameters": f"{m['parameters']:,}", "loss": g.get("loss", "-"),
-            "mean loss": _num(g.get("mean_loss"), ".4f") if g else "-",
-            "tokens": m["data"].get("tokens"), "tokenization": m["data"].get("tokenization", m["data"].get("kind")),
-        })
+        rows.append(
+            {
+                "model": m["label"],
+                "family": m["family"],
+                "placement (detected)": m["placement"],
+                "detail": m["placement_detail"],
+                "norm type": m.get("norm_type"),
+                "depth": ", ".join(f"{s} {n}" for s, n in m["depth"].items()),
+                "width": m["width"],
+                "parameters": f"{m['parameters']:,}",
+                "loss": g.get("loss", "-"),
+                "mean loss": _num(g.get("mean_loss"), ".4f") if g else "-",
+                "tokens": m["data"].get("tokens"),
+                "tokenization": m["data"].get("tokenization", m["data"].get("kind")),
+            }
+        )
     return rows
 
 
-def per_block_table(rows: Sequence[dict], key: str, value: str, filt) -> tuple[list[str], list[list[str]]]:
+def per_block_table(
+    rows: Sequence[dict], key: str, value: str, filt
+) -> tuple[list[str], list[list[str]]]:
     """A layer x series table: header, then one row per layer."""
     series: dict[str, dict[int, float]] = {}
     for r in rows:
@@ -101,15 +121,26 @@ def per_block_table(rows: Sequence[dict], key: str, value: str, filt) -> tuple[l
             series.setdefault(key(r), {})[int(r["layer"])] = float(r[value])
     names = list(series)
     layers = sorted({k for v in series.values() for k in v})
-    body = [[str(k)] + [_num(series[n][k]) if k in series[n] else "-" for n in names] for k in layers]
+    body = [
+        [str(k)] + [_num(series[n][k]) if k in series[n] else "-" for n in names] for k in layers
+    ]
     return ["block"] + names, body
 
 
 def _html_table(header: list[str], body: list[list[str]], left: int = 1) -> str:
-    th = "".join(f"<th class=\"{'l' if i < left else ''}\">{html.escape(h)}</th>" for i, h in enumerate(header))
-    trs = "".join("<tr>" + "".join(f"<td class=\"{'l' if i < left else ''}\">{html.escape(str(c))}</td>"
-                                   for i, c in enumerate(r)) + "</tr>" for r in body)
-    return f"<div class=\"scroll\"><table><tr>{th}</tr>{trs}</table></div>"  # wide tables scroll, the page does not
+    th = "".join(
+        f'<th class="{"l" if i < left else ""}">{html.escape(h)}</th>' for i, h in enumerate(header)
+    )
+    trs = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="{"l" if i < left else ""}">{html.escape(str(c))}</td>'
+            for i, c in enumerate(r)
+        )
+        + "</tr>"
+        for r in body
+    )
+    return f'<div class="scroll"><table><tr>{th}</tr>{trs}</table></div>'  # wide tables scroll, the page does not
 
 
 def _md_table(header: list[str], body: list[list[str]]) -> str:
@@ -119,8 +150,16 @@ def _md_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, grads: dict | None, collapse: dict, grad_rows: list[dict], collapse_rows: list[dict],
-                 figures: list[tuple[str, Path]], command: str, times: dict) -> list[Path]:
+def write_report(
+    out: Path,
+    grads: dict | None,
+    collapse: dict,
+    grad_rows: list[dict],
+    collapse_rows: list[dict],
+    figures: list[tuple[str, Path]],
+    command: str,
+    times: dict,
+) -> list[Path]:
     """OUT/report.html and OUT/report.md; `figures` are (caption, png path) pairs; returns the paths."""
     from .output import write_atomic
 
@@ -130,42 +169,76 @@ def write_report(out: Path, grads: dict | None, collapse: dict, grad_rows: list[
     desc_body = [[str(v) for v in d.values()] for d in desc]
     tables = []
     if grad_rows:
-        tables.append(("Per-block gradient norm ‖∂L/∂θ_k‖₂ (whole block), per model and stack",
-                       per_block_table(grad_rows, lambda r: f"{r['placement']} {r['stack']}", "param_grad_norm",
-                                       lambda r: r["sublayer"] == "block")))
-    for metric, caption in (("cos_adjacent", "Adjacent cosine cos(h_{k-1}, h_k) per block (1 = the block changes nothing)"),
-                            ("relative_update", "Relative update ‖h_k − h_{k-1}‖ / ‖h_{k-1}‖ per block")):
-        tables.append((caption, per_block_table(collapse_rows, lambda r: f"{r['model']} {r['stack']} {r['stream']}",
-                                                "value", lambda r, m=metric: r["metric"] == m and int(r["layer"]) >= 0)))
+        tables.append(
+            (
+                "Per-block gradient norm ‖∂L/∂θ_k‖₂ (whole block), per model and stack",
+                per_block_table(
+                    grad_rows,
+                    lambda r: f"{r['placement']} {r['stack']}",
+                    "param_grad_norm",
+                    lambda r: r["sublayer"] == "block",
+                ),
+            )
+        )
+    for metric, caption in (
+        (
+            "cos_adjacent",
+            "Adjacent cosine cos(h_{k-1}, h_k) per block (1 = the block changes nothing)",
+        ),
+        ("relative_update", "Relative update ‖h_k − h_{k-1}‖ / ‖h_{k-1}‖ per block"),
+    ):
+        tables.append(
+            (
+                caption,
+                per_block_table(
+                    collapse_rows,
+                    lambda r: f"{r['model']} {r['stack']} {r['stream']}",
+                    "value",
+                    lambda r, m=metric: r["metric"] == m and int(r["layer"]) >= 0,
+                ),
+            )
+        )
     versions = collapse.get("versions", {})
     labels = ", ".join(m["label"] for m in collapse["models"])
 
     # ---- HTML ----
-    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>residual-probe diagnosis: "
-             f"{html.escape(labels)}</title><style>{CSS}</style></head><body>",
-             f"<h1>residual-probe diagnosis: {html.escape(labels)}</h1>", "<h2>Verdicts</h2>"]
+    parts = [
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>residual-probe diagnosis: '
+        f"{html.escape(labels)}</title><style>{CSS}</style></head><body>",
+        f"<h1>residual-probe diagnosis: {html.escape(labels)}</h1>",
+        "<h2>Verdicts</h2>",
+    ]
     for label, lines in verdicts.items():
-        parts.append(f"<h3>{html.escape(label)}</h3><ul class=\"verdicts\">")
+        parts.append(f'<h3>{html.escape(label)}</h3><ul class="verdicts">')
         for line in lines:
-            cls = " class=\"warn\"" if line.startswith(WARN_PREFIXES) else ""
+            cls = ' class="warn"' if line.startswith(WARN_PREFIXES) else ""
             parts.append(f"<li{cls}>{html.escape(line)}</li>")
         parts.append("</ul>")
     parts += ["<h2>Models</h2>", _html_table(desc_header, desc_body, left=len(desc_header))]
     parts.append("<h2>Figures</h2>")
     for caption, png in figures:
         data = base64.b64encode(Path(png).read_bytes()).decode("ascii")
-        parts.append(f"<figure><img alt=\"{html.escape(caption)}\" src=\"data:image/png;base64,{data}\">"
-                     f"<figcaption class=\"small\">{html.escape(caption)}</figcaption></figure>")
+        parts.append(
+            f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+            f'<figcaption class="small">{html.escape(caption)}</figcaption></figure>'
+        )
     parts.append("<h2>Numbers</h2>")
     for caption, (header, body) in tables:
         parts += [f"<h3>{html.escape(caption)}</h3>", _html_table(header, body)]
-    parts += ["<h2>Run</h2>", f"<pre>{html.escape(command)}</pre>",
-              _html_table(["what", "value"], [[k, _num(v, ".1f") + " s"] for k, v in times.items()]
-                          + [[k, v] for k, v in versions.items()], left=1),
-              "<p class=\"small\">Written by residual-probe diagnose. Thresholds: gradients vanish when block 0's "
-              "norm is under 1/10 of the last block's; collapse from the adjacent cosine of the last third of the "
-              "blocks (collapsed &ge; 0.98; collapsing &ge; 0.9 with under half the early blocks' influence).</p>",
-              "</body></html>"]
+    parts += [
+        "<h2>Run</h2>",
+        f"<pre>{html.escape(command)}</pre>",
+        _html_table(
+            ["what", "value"],
+            [[k, _num(v, ".1f") + " s"] for k, v in times.items()]
+            + [[k, v] for k, v in versions.items()],
+            left=1,
+        ),
+        '<p class="small">Written by residual-probe diagnose. Thresholds: gradients vanish when block 0\'s '
+        "norm is under 1/10 of the last block's; collapse from the adjacent cosine of the last third of the "
+        "blocks (collapsed &ge; 0.98; collapsing &ge; 0.9 with under half the early blocks' influence).</p>",
+        "</body></html>",
+    ]
     html_path = write_atomic(out / "report.html", "\n".join(parts))
 
     # ---- Markdown ----
@@ -173,11 +246,16 @@ def write_report(out: Path, grads: dict | None, collapse: dict, grad_rows: list[
     for label, lines in verdicts.items():
         md.append(f"**{label}**")
         md.append("")
-        md += [f"- {'**' + line + '**' if line.startswith(WARN_PREFIXES) else line}" for line in lines]
+        md += [
+            f"- {'**' + line + '**' if line.startswith(WARN_PREFIXES) else line}" for line in lines
+        ]
         md.append("")
     md += ["## Models", "", _md_table(desc_header, desc_body), ""]
     md += ["## Figures", ""]
-    md += [f"![{caption}]({Path(png).relative_to(out) if Path(png).is_relative_to(out) else png})\n" for caption, png in figures]
+    md += [
+        f"![{caption}]({Path(png).relative_to(out) if Path(png).is_relative_to(out) else png})\n"
+        for caption, png in figures
+    ]
     md += ["## Numbers", ""]
     for caption, (header, body) in tables:
         md += [f"### {caption}", "", _md_table(header, body), ""]

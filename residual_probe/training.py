@@ -30,7 +30,9 @@ ADAM_EPS = 1e-8
 DECAYS = ("inverse_sqrt", "constant")
 
 
-def lr_schedule(step: int, lr: float, warmup: int, ramp: bool = True, decay: str = "inverse_sqrt") -> float:
+def lr_schedule(
+    step: int, lr: float, warmup: int, ramp: bool = True, decay: str = "inverse_sqrt"
+) -> float:
     """Learning rate at `step` (0-based): linear warm-up over `warmup` steps, then inverse-square-root
     decay (fairseq's `inverse_sqrt`); `warmup` 0 gives a constant `lr`.
 
@@ -51,8 +53,12 @@ def lr_schedule(step: int, lr: float, warmup: int, ramp: bool = True, decay: str
 def lm_loss(model, batch, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean token cross-entropy (nats) of `model(*batch.inputs)` against `batch.targets` (-100: no target)."""
     logits = model(*batch.inputs)  # (B, T, vocab)
-    return F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100,
-                           label_smoothing=label_smoothing)
+    return F.cross_entropy(
+        logits.flatten(0, 1),
+        batch.targets.flatten(),
+        ignore_index=-100,
+        label_smoothing=label_smoothing,
+    )
 
 
 class Trainer:
@@ -62,15 +68,25 @@ class Trainer:
     backward and before clipping, so it sees the raw accumulated gradient.
     """
 
-    def __init__(self, model, probe=None, lr: float = 5e-4, warmup: int = 0, clip: float = 0.0,
-                 ramp: bool = True, decay: str = "inverse_sqrt", weight_decay: float = 0.0,
-                 label_smoothing: float = 0.0):
+    def __init__(
+        self,
+        model,
+        probe=None,
+        lr: float = 5e-4,
+        warmup: int = 0,
+        clip: float = 0.0,
+        ramp: bool = True,
+        decay: str = "inverse_sqrt",
+        weight_decay: float = 0.0,
+        label_smoothing: float = 0.0,
+    ):
         lr_schedule(0, lr, warmup, ramp, decay)  # an unknown decay fails here, before any step
         self.model, self.probe, self.lr, self.warmup, self.clip = model, probe, lr, warmup, clip
         self.ramp, self.decay, self.label_smoothing = ramp, decay, label_smoothing
         # weight decay as fairseq's Adam applies it: added to the gradient (L2), not decoupled
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=BETAS, eps=ADAM_EPS,
-                                          weight_decay=weight_decay)
+        self.optimizer = torch.optim.Adam(
+            model.parameters(), lr=lr, betas=BETAS, eps=ADAM_EPS, weight_decay=weight_decay
+        )
         self.steps_done = 0
 
     def current_lr(self) -> float:
@@ -108,7 +124,10 @@ class Trainer:
         self.model.eval()
         total, correct, n = 0.0, 0, 0
         try:
-            with self.probe.paused() if self.probe is not None else contextlib.nullcontext(), torch.no_grad():
+            with (
+                self.probe.paused() if self.probe is not None else contextlib.nullcontext(),
+                torch.no_grad(),
+            ):
                 for b in batches:
                     logits = self.model(*b.inputs)
                     mask = b.targets != -100

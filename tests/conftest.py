@@ -18,12 +18,12 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import json  # noqa: E402
-import multiprocessing  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import json
+import multiprocessing
+import time
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
 QUICK = "quick_figures"
 WAIT = 900  # seconds a reader waits for quick_figures (it takes about 40)
@@ -39,12 +39,17 @@ def make_quick_figures(shared: str) -> None:
     import traceback
 
     try:
-        devnull = os.open(os.devnull, os.O_WRONLY)  # the studies' progress lines: not in pytest's output
+        devnull = os.open(
+            os.devnull, os.O_WRONLY
+        )  # the studies' progress lines: not in pytest's output
         os.dup2(devnull, 1)
         from residual_probe.studies import run_all
 
-        result = {"status": "ok", "meta": run_all(os.path.join(shared, "out"), quick=True, echo=lambda line: None)}
-    except BaseException:  # noqa: BLE001 - the test that reads the result reports it
+        result = {
+            "status": "ok",
+            "meta": run_all(os.path.join(shared, "out"), quick=True, echo=lambda line: None),
+        }
+    except BaseException:
         result = {"status": "error", "traceback": traceback.format_exc()}
     write_result(Path(shared), result)
 
@@ -58,7 +63,11 @@ def write_result(shared: Path, result: dict) -> None:
 def pytest_collection_modifyitems(session, config, items):
     """The modules that read `quick_figures` are collected last (each kept whole, in its own order)."""
     readers = {item.module.__name__ for item in items if QUICK in getattr(item, "fixturenames", ())}
-    items.sort(key=lambda item: getattr(item, "module", None) is not None and item.module.__name__ in readers)
+    items.sort(
+        key=lambda item: (
+            getattr(item, "module", None) is not None and item.module.__name__ in readers
+        )
+    )
 
 
 def shared_temp(tmp_path_factory) -> Path:
@@ -97,7 +106,9 @@ def _quick_figures_in_background(request, tmp_path_factory):
             proc.terminate()
         proc.join()
         if not (shared / "result.json").exists():
-            write_result(shared, {"status": "error", "traceback": f"ended with exit code {proc.exitcode}"})
+            write_result(
+                shared, {"status": "error", "traceback": f"ended with exit code {proc.exitcode}"}
+            )
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,9 @@ import multiprocessing
 
 import torch.multiprocessing as mp
 
-multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "residual_probe.models", "residual_probe.probe"])
+multiprocessing.set_forkserver_preload(
+    ["torch", "torch.distributed", "residual_probe.models", "residual_probe.probe"]
+)
 
 
 def spawn_ranks(fn, args=(), nprocs=1):

@@ -17,7 +17,9 @@ def test_linear_model_closed_form_and_restored_weights():
     eps = 1e-2
     mc = torch.stack([output_change(lin, (x,), eps, seed=s) for s in range(200)]).mean()
     expected = eps**2 * lin.weight.double().square().mean() * x.double().square().sum(-1).mean()
-    assert mc.item() == pytest.approx(expected.item(), rel=0.05)  # 200 x 512 chi-square terms: ~1 % sd
+    assert mc.item() == pytest.approx(
+        expected.item(), rel=0.05
+    )  # 200 x 512 chi-square terms: ~1 % sd
     assert torch.equal(lin.weight, before)
 
 
@@ -29,7 +31,13 @@ def test_postln_output_change_grows_faster_with_depth_than_preln():
         change = []
         for depth in (2, 16):
             torch.manual_seed(0)
-            model = Transformer(ModelConfig(arch="encoder", placement=p, depth=depth, d_model=32, heads=2, ffn=64))
-            change.append(torch.stack([output_change(model, (tokens,), 1e-2, seed=s) for s in range(4)]).mean())
+            model = Transformer(
+                ModelConfig(arch="encoder", placement=p, depth=depth, d_model=32, heads=2, ffn=64)
+            )
+            change.append(
+                torch.stack(
+                    [output_change(model, (tokens,), 1e-2, seed=s) for s in range(4)]
+                ).mean()
+            )
         growth[p] = (change[1] / change[0]).item()
     assert growth["post-ln"] > 2 * growth["pre-ln"], growth

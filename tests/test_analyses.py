@@ -19,8 +19,14 @@ def quick(quick_figures):
 
 
 def agreement(meta, analysis, statement, setting_part="", placement=None):
-    found = [c for c in meta["checks"] if c["analysis"] == analysis and c["statement"].startswith(statement)
-             and setting_part in c["setting"] and (placement is None or c["placement"] == placement)]
+    found = [
+        c
+        for c in meta["checks"]
+        if c["analysis"] == analysis
+        and c["statement"].startswith(statement)
+        and setting_part in c["setting"]
+        and (placement is None or c["placement"] == placement)
+    ]
     assert found, (analysis, statement, setting_part)
     return [c["agreement"] for c in found]
 
@@ -28,8 +34,16 @@ def agreement(meta, analysis, statement, setting_part="", placement=None):
 def test_every_analysis_writes_its_figures_and_checks(quick):
     out, meta = quick
     assert meta["analyses"] == list(STUDIES)
-    for name in ("grad_norms_depths", "bounds_theorem1", "bounds_lemma2", "bounds_adam", "training_study_loss",
-                 "training_study_grads", "training_study_collapse", "collapse_theory"):
+    for name in (
+        "grad_norms_depths",
+        "bounds_theorem1",
+        "bounds_lemma2",
+        "bounds_adam",
+        "training_study_loss",
+        "training_study_grads",
+        "training_study_collapse",
+        "collapse_theory",
+    ):
         assert (out / f"{name}.png").stat().st_size > 20_000, name
     rows = list(csv.DictReader(open(out / "checks.csv")))
     assert {r["analysis"] for r in rows} == set(STUDIES)
@@ -39,10 +53,16 @@ def test_every_analysis_writes_its_figures_and_checks(quick):
 def test_gradient_vanishing_is_where_the_measurement_puts_it(quick):
     _, meta = quick
     a = "grad_norms_depths"
-    assert agreement(meta, a, "Post-LN gradients vanish toward the input", "seq2seq decoder") == ["yes"]
+    assert agreement(meta, a, "Post-LN gradients vanish toward the input", "seq2seq decoder") == [
+        "yes"
+    ]
     assert agreement(meta, a, "Post-LN vanishing grows with depth") == ["yes"]
-    assert agreement(meta, a, "Post-LN gradients vanish toward the input", "seq2seq encoder") == ["no"]
-    assert agreement(meta, a, "Post-LN gradients vanish toward the input", "decoder-only LM") == ["no"]
+    assert agreement(meta, a, "Post-LN gradients vanish toward the input", "seq2seq encoder") == [
+        "no"
+    ]
+    assert agreement(meta, a, "Post-LN gradients vanish toward the input", "decoder-only LM") == [
+        "no"
+    ]
     assert agreement(meta, a, "ResiDual keeps a gradient floor") == ["yes"]
     assert agreement(meta, a, "Pre-LN's lower blocks get larger gradients") == ["yes"]
 
@@ -56,7 +76,9 @@ def test_theory_statements(quick):
     assert set(agreement(meta, a, "ResiDual collapse (toy")) == {"yes"}
     # quick is depth 24: the decoder's gradients stay above eps/1000, where alpha sqrt(d)/eps is not yet reached
     assert set(agreement(meta, a, "ResiDual: Adam")) == {"no: no block in the vanishing regime"}
-    assert set(agreement(meta, a, "ResiDual collapse closed form with the model's own update sizes")) == {"yes"}
+    assert set(
+        agreement(meta, a, "ResiDual collapse closed form with the model's own update sizes")
+    ) == {"yes"}
     assert set(agreement(meta, a, "ResiDual: residual per-block gradient bounded below")) == {"yes"}
 
 
@@ -65,7 +87,9 @@ def test_collapse_and_training(quick):
     assert agreement(meta, "collapse_theory", "Collapse closed forms match") == ["yes"]
     assert agreement(meta, "collapse_theory", "Pre-LN adjacent cosine tends to 1") == ["yes"]
     assert agreement(meta, "collapse_theory", "Post-LN adjacent cosine is constant") == ["yes"]
-    assert agreement(meta, "collapse_theory", "Pre-LN closed form with the model's own update sizes") == ["yes"]
+    assert agreement(
+        meta, "collapse_theory", "Pre-LN closed form with the model's own update sizes"
+    ) == ["yes"]
     assert agreement(meta, "training_study", "Pre-LN trains without warm-up") == ["yes"]
     assert agreement(meta, "training_study", "ResiDual trains with and without warm-up") == ["yes"]
     assert agreement(meta, "training_study", "Pre-LN's later layers add little") == ["yes"]

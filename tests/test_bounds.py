@@ -19,7 +19,9 @@ def w2_norms(placement: str, seeds: int = 3) -> np.ndarray:
     out = np.zeros((seeds, len(DEPTHS)))
     for i, depth in enumerate(DEPTHS):
         for seed in range(seeds):
-            rows = measure_bounds(spec.config("xiong", "encoder", placement, depth), seed, spec.batch, spec.seq_len)
+            rows = measure_bounds(
+                spec.config("xiong", "encoder", placement, depth), seed, spec.batch, spec.seq_len
+            )
             (w2,) = [r["value"] for r in rows if r["metric"] == "w2_grad_norm"]
             out[seed, i] = w2
     return out
@@ -44,18 +46,32 @@ def test_run_bounds_writes_checks_and_figures(quick_figures):
         checks = list(csv.DictReader(fh))
     # Lemma 2: 2 per setting (lemma + 2 inits); T1: 2 x 2; gradients: 2 x 2 x 3; toy collapse 3;
     # model collapse: 3 shapes + 1 Pre-LN closed form per init; Adam: 1 per init
-    assert len(checks) == len([c for c in meta["checks"] if c["analysis"] == "theory_bounds"]) == (
-        3 * 2 + 2 * 2 + 2 * 2 * 3 + 3 + 2 * 4 + 2)
+    assert (
+        len(checks)
+        == len([c for c in meta["checks"] if c["analysis"] == "theory_bounds"])
+        == (3 * 2 + 2 * 2 + 2 * 2 * 3 + 3 + 2 * 4 + 2)
+    )
     by = {(c["statement"][:25], c["setting"], c["placement"]): c["agreement"] for c in checks}
-    lemma = ("Xiong L2: Post-LN E||x||^", "encoder, xiong init, d 64, FFN 64 (the lemma's setting)", "post-ln")
+    lemma = (
+        "Xiong L2: Post-LN E||x||^",
+        "encoder, xiong init, d 64, FFN 64 (the lemma's setting)",
+        "post-ln",
+    )
     assert by[lemma] == "yes"  # 3/2 at the last LN
     assert all(c["agreement"] == "yes" for c in checks if c["setting"] == "monte-carlo")
     sidecar = json.loads((out / "bounds.json").read_text())
     assert sidecar["depth_ladder"] == [6, 12, 24] and sidecar["nonfinite_values"] == 0
     with open(out / "bounds.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert {r["metric"] for r in rows} >= {"w2_grad_norm", "param_grad_norm", "norm_sq_per_dim", "embed_norm_sq_per_dim",
-                                           "final_ln_input_sq_per_dim", "adam_kappa", "grad_absmax"}
+    assert {r["metric"] for r in rows} >= {
+        "w2_grad_norm",
+        "param_grad_norm",
+        "norm_sq_per_dim",
+        "embed_norm_sq_per_dim",
+        "final_ln_input_sq_per_dim",
+        "adam_kappa",
+        "grad_absmax",
+    }
 
 
 def test_lemma2_postln_check_fails_on_block_outputs():
@@ -70,10 +86,12 @@ def test_lemma2_postln_check_fails_on_block_outputs():
 
 
 def test_lemma2_preln_band_is_the_lemmas_in_its_setting_and_derived_otherwise():
-    l = np.arange(1, 13)
-    inside = np.stack([1.5 + 1.0 * l] * 3)  # +1 per block: inside (1/2, 3/2)
+    ell = np.arange(1, 13)
+    inside = np.stack([1.5 + 1.0 * ell] * 3)  # +1 per block: inside (1/2, 3/2)
     assert checks.lemma2_preln("t", inside, 1.5, 64, 64, "xiong")[0].agreement == "yes"
-    slow = np.stack([1.5 + 0.4 * l] * 3)  # +0.4: below the lemma's band, inside the FFN-4d band (0.32..1.32)
+    slow = np.stack(
+        [1.5 + 0.4 * ell] * 3
+    )  # +0.4: below the lemma's band, inside the FFN-4d band (0.32..1.32)
     assert checks.lemma2_preln("t", slow, 1.5, 64, 64, "xiong")[0].agreement == "no"
     assert checks.lemma2_preln("t", slow, 1.5, 64, 256, "xiong")[0].agreement == "yes"
 
@@ -84,12 +102,16 @@ def test_postln_decay_on_the_papers_curve_agrees():
     from residual_probe.analysis import theory
 
     rng = np.random.default_rng(0)
-    on_curve = 3e-2 * theory.postln_gradient_curve(48, 3) * np.exp(0.05 * rng.standard_normal((3, 48)))
+    on_curve = (
+        3e-2 * theory.postln_gradient_curve(48, 3) * np.exp(0.05 * rng.standard_normal((3, 48)))
+    )
     check, data = checks.residual_gradient("t", "decoder", "post-ln", on_curve, 3)
     assert check.agreement == "yes", check
     assert "0.434 per block" in check.predicted
     slower = 3e-2 * 0.8 ** (47 - np.arange(48)) * np.exp(0.05 * rng.standard_normal((3, 48)))
-    assert checks.residual_gradient("t", "decoder", "post-ln", slower, 3)[0].agreement.startswith("no: vanishes slower")
+    assert checks.residual_gradient("t", "decoder", "post-ln", slower, 3)[0].agreement.startswith(
+        "no: vanishes slower"
+    )
 
 
 def test_adam_check_needs_vanished_blocks_and_the_papers_number():
@@ -100,7 +122,9 @@ def test_adam_check_needs_vanished_blocks_and_the_papers_number():
     paper = alpha * np.sqrt(n) / eps
     kappa = np.where(rms < 1e-8, paper, 1e-3 * paper)
     assert checks.adam("t", rms, absmax, n, kappa, alpha, eps).agreement == "yes"
-    assert checks.adam("t", rms, absmax, n, 2 * kappa, alpha, eps).agreement == "no"  # e.g. alpha taken for a gradient scale
+    assert (
+        checks.adam("t", rms, absmax, n, 2 * kappa, alpha, eps).agreement == "no"
+    )  # e.g. alpha taken for a gradient scale
     healthy = checks.adam("t", rms + 1e-3, absmax + 1e-3, n, kappa, alpha, eps)
     assert healthy.agreement.startswith("no: no block")
 
@@ -119,19 +143,33 @@ def test_adam_conditions_on_a_postln_model_with_vanished_blocks():
     torch.manual_seed(0)
     model = Transformer(spec.config("xiong", "seq2seq", "post-ln", 48))
     b = BatchSource("seq2seq", 2, 8, model.cfg.vocab_size, 0).next()
-    F.cross_entropy(model(*b.inputs).flatten(0, 1), b.targets.flatten(), ignore_index=-100).backward()
+    F.cross_entropy(
+        model(*b.inputs).flatten(0, 1), b.targets.flatten(), ignore_index=-100
+    ).backward()
     lr, eps = 1e-4, 1e-5
-    get = {(r["stack"], r["layer"], r["metric"]): r["value"] for r in adam_conditions(model, lr, eps)}
-    ratio = {k: get[("decoder", k, "adam_kappa")] / (lr * np.sqrt(get[("decoder", k, "param_count")]) / eps)
-             for k in range(48)}
+    get = {
+        (r["stack"], r["layer"], r["metric"]): r["value"] for r in adam_conditions(model, lr, eps)
+    }
+    ratio = {
+        k: get[("decoder", k, "adam_kappa")]
+        / (lr * np.sqrt(get[("decoder", k, "param_count")]) / eps)
+        for k in range(48)
+    }
     low = [k for k in range(48) if get[("decoder", k, "grad_rms")] < eps / 1000]
     assert low, "the decoder's lower blocks should have vanished at depth 48 in Xiong's setting"
     assert all(abs(ratio[k] - 1) < 0.03 for k in low), {k: ratio[k] for k in low}
     assert ratio[47] < 0.01 and get[("decoder", 47, "grad_rms")] > 100 * eps
 
 
-@pytest.mark.parametrize("kwargs,match", [({"depths": (4,)}, "two depths"), ({"depths": (1, 8)}, ">= 2"),
-                                          ({"seeds": 0}, "seeds"), ({"settings": ("nope",)}, "unknown nope")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"depths": (4,)}, "two depths"),
+        ({"depths": (1, 8)}, ">= 2"),
+        ({"seeds": 0}, "seeds"),
+        ({"settings": ("nope",)}, "unknown nope"),
+    ],
+)
 def test_bad_options_fail_before_work(tmp_path, kwargs, match):
     with pytest.raises(BoundsError, match=match):
         run_bounds(BoundsSpec(**kwargs), tmp_path / "out")

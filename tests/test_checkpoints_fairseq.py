@@ -21,8 +21,18 @@ class AverageMeter:  # a non-tensor object in extra_state, as fairseq's meters a
 
 def make_model(placement, arch="seq2seq", tie=True):
     torch.manual_seed(0)
-    cfg = ModelConfig(arch=arch, placement=placement, depth=3, d_model=16, heads=4, ffn=24, vocab_size=40,
-                      max_len=64, position_offset=2, tie_embeddings=tie)
+    cfg = ModelConfig(
+        arch=arch,
+        placement=placement,
+        depth=3,
+        d_model=16,
+        heads=4,
+        ffn=24,
+        vocab_size=40,
+        max_len=64,
+        position_offset=2,
+        tie_embeddings=tie,
+    )
     model = build_model(cfg).eval()
     with torch.no_grad():  # trained-looking norms, so a swapped LN would show
         for name, p in model.named_parameters():
@@ -34,24 +44,50 @@ def make_model(placement, arch="seq2seq", tie=True):
 def hydra_cfg(model):
     """cfg as fairseq >= 0.10 saves it: a plain dict, the model options nested per stack."""
     c = model.cfg
-    stack = {"embed_dim": c.d_model, "ffn_embed_dim": c.ffn, "layers": c.depth, "attention_heads": c.heads,
-             "normalize_before": c.placement != "post-ln", "learned_pos": False}
-    m = {"_name": ARCH_NAME[c.placement], "dropout": 0.3, "activation_fn": "relu", "encoder": dict(stack),
-         "decoder": dict(stack), "share_decoder_input_output_embed": c.tie_embeddings,
-         "max_source_positions": c.max_len, "max_target_positions": c.max_len}
+    stack = {
+        "embed_dim": c.d_model,
+        "ffn_embed_dim": c.ffn,
+        "layers": c.depth,
+        "attention_heads": c.heads,
+        "normalize_before": c.placement != "post-ln",
+        "learned_pos": False,
+    }
+    m = {
+        "_name": ARCH_NAME[c.placement],
+        "dropout": 0.3,
+        "activation_fn": "relu",
+        "encoder": dict(stack),
+        "decoder": dict(stack),
+        "share_decoder_input_output_embed": c.tie_embeddings,
+        "max_source_positions": c.max_len,
+        "max_target_positions": c.max_len,
+    }
     if c.placement == "residual":
-        m.update(enc_alpha=1.0, dec_alpha=1.0, enc_res_input_norm_scale=1.0, dec_res_input_norm_scale=1.0)
+        m.update(
+            enc_alpha=1.0, dec_alpha=1.0, enc_res_input_norm_scale=1.0, dec_res_input_norm_scale=1.0
+        )
     return {"_name": None, "common": {"seed": 1}, "model": m, "task": {"_name": "translation"}}
 
 
 def legacy_args(model):
     """args as older fairseq saves them: one flat argparse Namespace."""
     c = model.cfg
-    flat = {"arch": ARCH_NAME[c.placement], "activation_fn": "relu", "max_source_positions": c.max_len,
-            "max_target_positions": c.max_len}
+    flat = {
+        "arch": ARCH_NAME[c.placement],
+        "activation_fn": "relu",
+        "max_source_positions": c.max_len,
+        "max_target_positions": c.max_len,
+    }
     for s in ("encoder", "decoder"):
-        flat.update({f"{s}_embed_dim": c.d_model, f"{s}_ffn_embed_dim": c.ffn, f"{s}_layers": c.depth,
-                     f"{s}_attention_heads": c.heads, f"{s}_normalize_before": c.placement == "pre-ln"})
+        flat.update(
+            {
+                f"{s}_embed_dim": c.d_model,
+                f"{s}_ffn_embed_dim": c.ffn,
+                f"{s}_layers": c.depth,
+                f"{s}_attention_heads": c.heads,
+                f"{s}_normalize_before": c.placement == "pre-ln",
+            }
+        )
     return argparse.Namespace(**flat)
 
 
@@ -61,11 +97,24 @@ def save_fairseq(model, path, legacy=False):
         "model": state,
         "cfg": None if legacy else hydra_cfg(model),
         "args": legacy_args(model) if legacy else None,
-        "optimizer_history": [{"criterion_name": "LabelSmoothedCrossEntropyCriterion", "optimizer_name": "FairseqAdam",
-                               "lr_scheduler_state": {"best": 3.2}, "num_updates": 1200}],
-        "extra_state": {"epoch": 4, "train_iterator": {"epoch": 4, "iterations_in_epoch": 10},
-                        "metrics": {"train": [(0, "loss", AverageMeter())]}, "previous_training_time": 12.5},
-        "last_optimizer_state": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 1e-3}]},
+        "optimizer_history": [
+            {
+                "criterion_name": "LabelSmoothedCrossEntropyCriterion",
+                "optimizer_name": "FairseqAdam",
+                "lr_scheduler_state": {"best": 3.2},
+                "num_updates": 1200,
+            }
+        ],
+        "extra_state": {
+            "epoch": 4,
+            "train_iterator": {"epoch": 4, "iterations_in_epoch": 10},
+            "metrics": {"train": [(0, "loss", AverageMeter())]},
+            "previous_training_time": 12.5,
+        },
+        "last_optimizer_state": {
+            "state": {0: {"exp_avg": torch.zeros(3)}},
+            "param_groups": [{"lr": 1e-3}],
+        },
     }
     torch.save(ckpt, path)
     return state
@@ -83,10 +132,16 @@ def test_fairseq_round_trip_is_exact(tmp_path, placement, legacy):
     model = make_model(placement)
     state = save_fairseq(model, tmp_path / "checkpoint_best.pt", legacy=legacy)
     # The layout really is fairseq's.
-    for key in ("encoder.layers.0.self_attn_layer_norm.weight", "decoder.layers.2.encoder_attn.k_proj.bias",
-                "decoder.layers.1.encoder_attn_layer_norm.bias", "encoder.layers.2.fc1.weight",
-                "decoder.layers.0.final_layer_norm.weight", "decoder.output_projection.weight",
-                "encoder.embed_tokens.weight", "decoder.embed_positions._float_tensor"):
+    for key in (
+        "encoder.layers.0.self_attn_layer_norm.weight",
+        "decoder.layers.2.encoder_attn.k_proj.bias",
+        "decoder.layers.1.encoder_attn_layer_norm.bias",
+        "encoder.layers.2.fc1.weight",
+        "decoder.layers.0.final_layer_norm.weight",
+        "decoder.output_projection.weight",
+        "encoder.embed_tokens.weight",
+        "decoder.embed_positions._float_tensor",
+    ):
         assert key in state
     assert ("encoder.layer_norm.weight" in state) == (placement != "post-ln")
     loaded, info = load_fairseq_file(tmp_path / "checkpoint_best.pt")
@@ -109,7 +164,10 @@ def test_positions_follow_fairseq_padding_offset():
     model = make_model("pre-ln")
     d = model.cfg.d_model
     half = d // 2
-    freq = torch.exp(torch.arange(half, dtype=torch.float64) * -(torch.log(torch.tensor(10000.0, dtype=torch.float64)) / (half - 1)))
+    freq = torch.exp(
+        torch.arange(half, dtype=torch.float64)
+        * -(torch.log(torch.tensor(10000.0, dtype=torch.float64)) / (half - 1))
+    )
     expected = torch.cat([(2 * freq).sin(), (2 * freq).cos()]).float()
     assert torch.allclose(model.encoder.embed.positions[0], expected, atol=1e-6)
 
@@ -132,4 +190,10 @@ def test_fairseq_unsupported_and_inconsistent(tmp_path):
     with pytest.raises(CheckpointError, match="layernorm_embedding"):
         load_fairseq_file(tmp_path / "extra.pt")
     with pytest.raises(CheckpointError, match="no fairseq counterpart"):
-        fairseq_state(build_model(ModelConfig(placement="rezero", depth=1, d_model=8, heads=2, ffn=8, position_offset=2)))
+        fairseq_state(
+            build_model(
+                ModelConfig(
+                    placement="rezero", depth=1, d_model=8, heads=2, ffn=8, position_offset=2
+                )
+            )
+        )

@@ -22,13 +22,22 @@ from residual_probe.probe import find_blocks
 
 transformers = pytest.importorskip("transformers")
 os.environ["HF_HUB_OFFLINE"] = "1"
-SMALL = dict(vocab_size=120, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=24)
-TEXT = "the residual stream of a deep transformer either keeps its gradient or keeps its representation " * 8
+SMALL = dict(
+    vocab_size=120, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=24
+)
+TEXT = (
+    "the residual stream of a deep transformer either keeps its gradient or keeps its representation "
+    * 8
+)
 runner = CliRunner()
 
 
 def bert_tokenizer(folder):
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(TEXT.split())) + list("abcdefghijklmnopqrstuvwxyz")
+    words = (
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        + sorted(set(TEXT.split()))
+        + list("abcdefghijklmnopqrstuvwxyz")
+    )
     (folder / "vocab.txt").write_text("\n".join(words) + "\n")
     tok = transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
     tok.save_pretrained(folder)
@@ -38,11 +47,13 @@ def bert_tokenizer(folder):
 def save(name, folder):
     torch.manual_seed(0)
     if name == "gpt2":
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=300, n_embd=16, n_layer=3, n_head=2,
-                                                                     n_positions=64))
+        model = transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(vocab_size=300, n_embd=16, n_layer=3, n_head=2, n_positions=64)
+        )
     elif name == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**SMALL, "vocab_size": 300},
-                                                                       num_key_value_heads=1))
+        model = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(**{**SMALL, "vocab_size": 300}, num_key_value_heads=1)
+        )
     else:
         model = transformers.BertForMaskedLM(transformers.BertConfig(**SMALL))
     model.save_pretrained(folder)
@@ -68,8 +79,16 @@ def direct(model, blocks, kind, windows, mask_id=None, start=0):
         logits = model(windows, dec_in)
         loss = F.cross_entropy(logits.flatten(0, 1), windows.flatten())
     loss.backward()
-    return [math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in b.module.parameters() if p.grad is not None))
-            for b in blocks]
+    return [
+        math.sqrt(
+            sum(
+                float((p.grad.double() ** 2).sum())
+                for p in b.module.parameters()
+                if p.grad is not None
+            )
+        )
+        for b in blocks
+    ]
 
 
 def _logits(model, ids):
@@ -77,7 +96,9 @@ def _logits(model, ids):
     return out.logits if hasattr(out, "logits") else out
 
 
-@pytest.mark.parametrize("name,kind", [("gpt2", "causal-lm"), ("llama", "causal-lm"), ("bert", "mlm")])
+@pytest.mark.parametrize(
+    "name,kind", [("gpt2", "causal-lm"), ("llama", "causal-lm"), ("bert", "mlm")]
+)
 def test_hf_gradients_equal_direct_autograd(tmp_path, name, kind):
     save(name, tmp_path / name)
     loaded = load_any(tmp_path / name)
@@ -95,8 +116,11 @@ def test_hf_gradients_equal_direct_autograd(tmp_path, name, kind):
 
 def test_our_seq2seq_gradients_equal_direct_autograd(tmp_path):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="seq2seq", placement="residual", depth=2, d_model=16, heads=2, ffn=24,
-                                    max_len=64))
+    model = build_model(
+        ModelConfig(
+            arch="seq2seq", placement="residual", depth=2, d_model=16, heads=2, ffn=24, max_len=64
+        )
+    )
     save_model(model, tmp_path / "m")
     loaded = load_any(tmp_path / "m")
     loaded.model.double()
@@ -109,20 +133,53 @@ def test_our_seq2seq_gradients_equal_direct_autograd(tmp_path):
 
 def test_cli_writes_the_reference_files_and_prints_the_verdict(tmp_path):
     torch.manual_seed(0)
-    save_model(build_model(ModelConfig(arch="decoder", placement="post-ln", depth=4, d_model=16, heads=2, ffn=24,
-                                       max_len=64)), tmp_path / "post")
-    res = runner.invoke(app, ["grad-norms", "--ckpt", str(tmp_path / "post"), "--tokens", "100", "--seq-len", "32",
-                              "--out", str(tmp_path / "out")])
+    save_model(
+        build_model(
+            ModelConfig(
+                arch="decoder",
+                placement="post-ln",
+                depth=4,
+                d_model=16,
+                heads=2,
+                ffn=24,
+                max_len=64,
+            )
+        ),
+        tmp_path / "post",
+    )
+    res = runner.invoke(
+        app,
+        [
+            "grad-norms",
+            "--ckpt",
+            str(tmp_path / "post"),
+            "--tokens",
+            "100",
+            "--seq-len",
+            "32",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
     assert res.exit_code == 0, res.output
-    assert "note: --tokens 100 rounded down to 96" in res.output and "tokenization: UTF-8 bytes" in res.output
-    assert "verdict decoder:" in res.output and "per block" in res.output and "first/median" in res.output
+    assert (
+        "note: --tokens 100 rounded down to 96" in res.output
+        and "tokenization: UTF-8 bytes" in res.output
+    )
+    assert (
+        "verdict decoder:" in res.output
+        and "per block" in res.output
+        and "first/median" in res.output
+    )
     for f in ("grad_norms.csv", "grad_norms.json", "grad_norms.png"):
         assert (tmp_path / "out" / f).is_file()
     header = (tmp_path / "out" / "grad_norms.csv").read_text().splitlines()[0]
     assert header == "placement,seed,step,stack,layer,sublayer,param_grad_norm"
     meta = json.loads((tmp_path / "out" / "grad_norms.json").read_text())
     m = meta["models"][0]
-    assert m["placement"] == "post-ln" and m["loss"] == "causal-lm" and m["norm_type"] == "layernorm"
+    assert (
+        m["placement"] == "post-ln" and m["loss"] == "causal-lm" and m["norm_type"] == "layernorm"
+    )
     v = m["verdicts"][0]
     assert v["rate_low"] <= v["rate"] <= v["rate_high"] and v["blocks"] == 4
 
@@ -130,15 +187,39 @@ def test_cli_writes_the_reference_files_and_prints_the_verdict(tmp_path):
 def test_bad_inputs_fail_with_one_line(tmp_path):
     torch.manual_seed(0)
     transformers.BertModel(transformers.BertConfig(**SMALL)).save_pretrained(tmp_path / "bare")
-    save_model(build_model(ModelConfig(arch="decoder", placement="pre-ln", depth=2, d_model=16, heads=2, ffn=24,
-                                       max_len=64)), tmp_path / "lm")
+    save_model(
+        build_model(
+            ModelConfig(
+                arch="decoder", placement="pre-ln", depth=2, d_model=16, heads=2, ffn=24, max_len=64
+            )
+        ),
+        tmp_path / "lm",
+    )
     (tmp_path / "short.txt").write_text("too short")
     cases = [
-        (["--ckpt", str(tmp_path / "bare")], "BertModel has no head that defines a loss; --loss chooses among causal-lm, seq2seq, mlm"),
-        (["--ckpt", str(tmp_path / "lm"), "--data", str(tmp_path / "short.txt"), "--seq-len", "32"],
-         "shorter than one window of --seq-len 32"),
-        (["--ckpt", str(tmp_path / "lm"), "--loss", "nonsense"], "--loss: unknown 'nonsense'; choose one of causal-lm, seq2seq, mlm"),
-        (["--ckpt", str(tmp_path / "lm"), "--loss", "mlm"], "--loss mlm needs a head this model lacks"),
+        (
+            ["--ckpt", str(tmp_path / "bare")],
+            "BertModel has no head that defines a loss; --loss chooses among causal-lm, seq2seq, mlm",
+        ),
+        (
+            [
+                "--ckpt",
+                str(tmp_path / "lm"),
+                "--data",
+                str(tmp_path / "short.txt"),
+                "--seq-len",
+                "32",
+            ],
+            "shorter than one window of --seq-len 32",
+        ),
+        (
+            ["--ckpt", str(tmp_path / "lm"), "--loss", "nonsense"],
+            "--loss: unknown 'nonsense'; choose one of causal-lm, seq2seq, mlm",
+        ),
+        (
+            ["--ckpt", str(tmp_path / "lm"), "--loss", "mlm"],
+            "--loss mlm needs a head this model lacks",
+        ),
     ]
     for args, message in cases:
         res = runner.invoke(app, ["grad-norms", *args, "--out", str(tmp_path / "o")])
@@ -161,8 +242,14 @@ def test_contrastive_loss_of_a_bare_encoder_equals_a_direct_simcse(tmp_path):
     from residual_probe.probe import find_blocks
 
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                  intermediate_size=48, max_position_embeddings=64)
+    cfg = transformers.BertConfig(
+        vocab_size=300,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+    )
     transformers.BertModel(cfg).save_pretrained(tmp_path / "bert")
     loaded = load_any(tmp_path / "bert")
     assert loaded.default_loss is None  # a bare encoder: no head
@@ -184,8 +271,10 @@ def test_contrastive_loss_of_a_bare_encoder_equals_a_direct_simcse(tmp_path):
         (part / 6).backward()
         total += float(part)
     model.eval()
-    want = {b.index: math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in b.module.parameters()))
-            for b in find_blocks(model)}
+    want = {
+        b.index: math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in b.module.parameters()))
+        for b in find_blocks(model)
+    }
     assert loss == pytest.approx(total / 6, rel=1e-6) and vocab == 3
     assert sorted(got) == [0, 1, 2]
     for k in got:
@@ -195,8 +284,22 @@ def test_contrastive_loss_of_a_bare_encoder_equals_a_direct_simcse(tmp_path):
 
     from residual_probe.cli import app
 
-    r = CliRunner().invoke(app, ["diagnose", "--ckpt", str(tmp_path / "bert"), "--tokens", "256", "--seq-len", "32",
-                                 "--out", str(tmp_path / "d")])
+    r = CliRunner().invoke(
+        app,
+        [
+            "diagnose",
+            "--ckpt",
+            str(tmp_path / "bert"),
+            "--tokens",
+            "256",
+            "--seq-len",
+            "32",
+            "--out",
+            str(tmp_path / "d"),
+        ],
+    )
     assert r.exit_code == 0, r.output
-    assert "gradient of a contrastive loss" in r.stdout and "gradients: not measured" not in r.stdout
+    assert (
+        "gradient of a contrastive loss" in r.stdout and "gradients: not measured" not in r.stdout
+    )
     assert "| contrastive |" in (tmp_path / "d" / "report.md").read_text()

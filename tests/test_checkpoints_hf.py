@@ -9,25 +9,72 @@ import pytest
 import torch
 
 from residual_probe.checkpoints import CheckpointError, load_any
-from residual_probe.probe.structure import detect_placement
 from residual_probe.probe import find_blocks
+from residual_probe.probe.structure import detect_placement
 
 transformers = pytest.importorskip("transformers")
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48)
+SMALL = dict(
+    vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48
+)
 FAMILIES = {  # name: (config, model class, expected placement)
     "bert": (lambda: transformers.BertConfig(**SMALL), "BertModel", "post-ln"),
-    "roberta": (lambda: transformers.RobertaConfig(**SMALL, pad_token_id=1), "RobertaForMaskedLM", "post-ln"),
-    "gpt2": (lambda: transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=4, n_positions=64,
-                                             bos_token_id=0, eos_token_id=0), "GPT2LMHeadModel", "pre-ln"),
-    "gpt_neox": (lambda: transformers.GPTNeoXConfig(**SMALL, bos_token_id=0, eos_token_id=0), "GPTNeoXForCausalLM", "pre-ln"),
-    "llama": (lambda: transformers.LlamaConfig(**SMALL, num_key_value_heads=2, bos_token_id=0, eos_token_id=0, pad_token_id=0),
-              "LlamaForCausalLM", "pre-ln"),
-    "t5": (lambda: transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-                                         decoder_start_token_id=0), "T5ForConditionalGeneration", "pre-ln"),
-    "vit": (lambda: transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                           intermediate_size=48, image_size=16, patch_size=8), "ViTModel", "pre-ln"),
+    "roberta": (
+        lambda: transformers.RobertaConfig(**SMALL, pad_token_id=1),
+        "RobertaForMaskedLM",
+        "post-ln",
+    ),
+    "gpt2": (
+        lambda: transformers.GPT2Config(
+            vocab_size=64,
+            n_embd=32,
+            n_layer=3,
+            n_head=4,
+            n_positions=64,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+        "GPT2LMHeadModel",
+        "pre-ln",
+    ),
+    "gpt_neox": (
+        lambda: transformers.GPTNeoXConfig(**SMALL, bos_token_id=0, eos_token_id=0),
+        "GPTNeoXForCausalLM",
+        "pre-ln",
+    ),
+    "llama": (
+        lambda: transformers.LlamaConfig(
+            **SMALL, num_key_value_heads=2, bos_token_id=0, eos_token_id=0, pad_token_id=0
+        ),
+        "LlamaForCausalLM",
+        "pre-ln",
+    ),
+    "t5": (
+        lambda: transformers.T5Config(
+            vocab_size=64,
+            d_model=32,
+            d_kv=8,
+            d_ff=48,
+            num_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+        ),
+        "T5ForConditionalGeneration",
+        "pre-ln",
+    ),
+    "vit": (
+        lambda: transformers.ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            image_size=16,
+            patch_size=8,
+        ),
+        "ViTModel",
+        "pre-ln",
+    ),
 }
 
 
@@ -82,18 +129,24 @@ def test_pytorch_bin_and_sharded_bin(tmp_path):
     assert torch.allclose(ref, got, atol=1e-6, rtol=0)
     # Sharded .bin, then a missing shard.
     keys = sorted(state)
-    shards = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+    shards = {
+        "pytorch_model-00001-of-00002.bin": keys[::2],
+        "pytorch_model-00002-of-00002.bin": keys[1::2],
+    }
     (one / "pytorch_model.bin").unlink()
     for fname, ks in shards.items():
         torch.save({k: state[k] for k in ks}, one / fname)
     import json
 
-    (one / "pytorch_model.bin.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+    (one / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}})
+    )
     ref, got = hidden(load_any(one), model, "gpt2")
     assert torch.allclose(ref, got, atol=1e-6, rtol=0)
     (one / "pytorch_model-00002-of-00002.bin").unlink()
-    with pytest.raises(CheckpointError, match="shard pytorch_model-00002-of-00002.bin .* is missing"):
+    with pytest.raises(
+        CheckpointError, match="shard pytorch_model-00002-of-00002.bin .* is missing"
+    ):
         load_any(one)
 
 
@@ -103,15 +156,23 @@ def test_tokenizer_is_used_when_present(tmp_path):
     vocab = {w: i for i, w in enumerate(["[UNK]", "the", "residual", "stream", "collapses"])}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path / "g")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(
+        tmp_path / "g"
+    )
     loaded = load_any(tmp_path / "g")
     assert loaded.tokenizer is not None
-    assert loaded.tokenizer("the residual stream", add_special_tokens=False)["input_ids"] == [1, 2, 3]
+    assert loaded.tokenizer("the residual stream", add_special_tokens=False)["input_ids"] == [
+        1,
+        2,
+        3,
+    ]
 
 
 def test_hf_bad_folders(tmp_path):
     save_family("bert", tmp_path / "b")
-    (tmp_path / "b" / "model.safetensors").write_bytes((tmp_path / "b" / "model.safetensors").read_bytes()[:3000])
+    (tmp_path / "b" / "model.safetensors").write_bytes(
+        (tmp_path / "b" / "model.safetensors").read_bytes()[:3000]
+    )
     with pytest.raises(CheckpointError, match="truncated"):
         load_any(tmp_path / "b")
     (tmp_path / "b" / "model.safetensors").unlink()
@@ -141,7 +202,10 @@ def test_a_config_declaring_fewer_layers_than_the_weights_is_an_error(tmp_path):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["n_layer"] = 1
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"blocks the config does not declare \(layers 1-2, 22 weights; config.json declares 1 layer\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"blocks the config does not declare \(layers 1-2, 22 weights; config.json declares 1 layer\)",
+    ):
         load_any(tmp_path / "m")
     loaded = load_any(tmp_path / "m", allow_unused=True)
     assert len(find_blocks(loaded.model)) == 1 and any("not used" in n for n in loaded.notes)

@@ -6,14 +6,24 @@ import pytest
 import torch
 
 from residual_probe.checkpoints import CheckpointError, load_any, save_model
-from residual_probe.checkpoints.safetensors_io import save_file
 from residual_probe.checkpoints.native import unique_state
+from residual_probe.checkpoints.safetensors_io import save_file
 from residual_probe.models import ModelConfig, build_model
+
 
 def model_of(placement="pre-ln", arch="decoder", **kw):
     torch.manual_seed(0)
-    cfg = ModelConfig(arch=arch, placement=placement, depth=4, d_model=16, heads=4, ffn=24, max_len=64,
-                      mix_ratio=0.5, **kw)
+    cfg = ModelConfig(
+        arch=arch,
+        placement=placement,
+        depth=4,
+        d_model=16,
+        heads=4,
+        ffn=24,
+        max_len=64,
+        mix_ratio=0.5,
+        **kw,
+    )
     return build_model(cfg).eval()
 
 
@@ -41,7 +51,12 @@ def test_bare_state_dict_with_flags(tmp_path, fmt):
     if fmt == "safetensors":
         save_file(unique_state(model), path)
     else:
-        torch.save({"state_dict": model.state_dict(), "epoch": 3} if fmt == "wrapped" else model.state_dict(), path)
+        torch.save(
+            {"state_dict": model.state_dict(), "epoch": 3}
+            if fmt == "wrapped"
+            else model.state_dict(),
+            path,
+        )
     loaded = load_any(path, placement="post-ln", heads=4, depth=4)
     assert loaded.model.cfg.tie_embeddings is False and loaded.model.cfg.d_model == 16
     ids = torch.randint(1, 256, (2, 12))

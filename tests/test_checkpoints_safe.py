@@ -37,10 +37,16 @@ class Meter:  # stands in for fairseq's meters: a plain class, not a tensor
 
 def tiny(placement="pre-ln", arch="decoder", **kw):
     torch.manual_seed(0)
-    return build_model(ModelConfig(arch=arch, placement=placement, depth=2, d_model=16, heads=2, ffn=32, max_len=32, **kw)).eval()
+    return build_model(
+        ModelConfig(
+            arch=arch, placement=placement, depth=2, d_model=16, heads=2, ffn=32, max_len=32, **kw
+        )
+    ).eval()
 
 
-@pytest.mark.parametrize("placement,arch", [("pre-ln", "decoder"), ("residual", "seq2seq"), ("rezero", "encoder")])
+@pytest.mark.parametrize(
+    "placement,arch", [("pre-ln", "decoder"), ("residual", "seq2seq"), ("rezero", "encoder")]
+)
 def test_native_round_trip_gives_identical_outputs(tmp_path, placement, arch):
     model = tiny(placement, arch)
     save_model(model, tmp_path / "m")
@@ -56,22 +62,36 @@ def test_native_round_trip_gives_identical_outputs(tmp_path, placement, arch):
 
 def test_own_safetensors_matches_the_reference_package(tmp_path):
     safetensors = pytest.importorskip("safetensors.torch")
-    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64), "c": torch.randn(2, 2).bfloat16(),
-               "d": torch.tensor([True, False, True]), "e": torch.zeros(0, 3)}
+    tensors = {
+        "a": torch.randn(3, 4),
+        "b": torch.arange(5, dtype=torch.int64),
+        "c": torch.randn(2, 2).bfloat16(),
+        "d": torch.tensor([True, False, True]),
+        "e": torch.zeros(0, 3),
+    }
     save_file(tensors, tmp_path / "ours.safetensors", {"k": "v"})
     theirs = safetensors.load_file(str(tmp_path / "ours.safetensors"))
     safetensors.save_file(tensors, str(tmp_path / "ref.safetensors"))
     ours, meta = load_file(tmp_path / "ref.safetensors")
     assert meta == {}
     for name, t in tensors.items():
-        assert torch.equal(theirs[name], t) and torch.equal(ours[name], t) and ours[name].dtype == t.dtype
+        assert (
+            torch.equal(theirs[name], t)
+            and torch.equal(ours[name], t)
+            and ours[name].dtype == t.dtype
+        )
 
 
 def test_bad_safetensors_files_raise_one_clear_error(tmp_path):
     save_file({"w": torch.randn(64, 64)}, tmp_path / "good.safetensors")
     raw = (tmp_path / "good.safetensors").read_bytes()
-    cases = {"empty": b"", "short": raw[:5], "truncated": raw[: len(raw) // 2],
-             "text": b"hello world, not weights at all", "badjson": struct.pack("<Q", 4) + b"{x}!"}
+    cases = {
+        "empty": b"",
+        "short": raw[:5],
+        "truncated": raw[: len(raw) // 2],
+        "text": b"hello world, not weights at all",
+        "badjson": struct.pack("<Q", 4) + b"{x}!",
+    }
     for name, data in cases.items():
         (tmp_path / f"{name}.safetensors").write_bytes(data)
         with pytest.raises(CheckpointError) as info:
@@ -97,8 +117,11 @@ def test_native_folder_errors(tmp_path):
 
 def test_pickle_payload_never_runs(tmp_path):
     target = tmp_path / "pwned"
-    ckpt = {"model": {"w": torch.ones(2)}, "args": argparse.Namespace(arch="transformer", encoder_layers=3),
-            "extra_state": {"meter": Meter(), "evil": Payload(target)}}
+    ckpt = {
+        "model": {"w": torch.ones(2)},
+        "args": argparse.Namespace(arch="transformer", encoder_layers=3),
+        "extra_state": {"meter": Meter(), "evil": Payload(target)},
+    }
     for legacy in (False, True):
         path = tmp_path / f"ckpt{int(legacy)}.pt"
         torch.save(ckpt, path, _use_new_zipfile_serialization=not legacy)
@@ -121,7 +144,12 @@ def test_pickle_payload_never_runs(tmp_path):
 def test_bad_pickle_files_raise_one_clear_error(tmp_path):
     torch.save({"w": torch.randn(100, 100)}, tmp_path / "good.pt")
     raw = (tmp_path / "good.pt").read_bytes()
-    cases = {"empty": b"", "truncated": raw[: len(raw) // 3], "text": b"just some text\n", "zeros": b"\0" * 64}
+    cases = {
+        "empty": b"",
+        "truncated": raw[: len(raw) // 3],
+        "text": b"just some text\n",
+        "zeros": b"\0" * 64,
+    }
     for name, data in cases.items():
         (tmp_path / f"{name}.pt").write_bytes(data)
         with pytest.raises(CheckpointError) as info:

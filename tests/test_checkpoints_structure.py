@@ -12,8 +12,18 @@ from residual_probe.models import PLACEMENTS, ModelConfig, build_model
 from residual_probe.probe import find_blocks
 from residual_probe.probe.structure import classify, detect_placement
 
-OURS = {"post-ln": "post-ln", "deepnorm": "post-ln", "b2t": "post-ln", "pre-ln": "pre-ln", "sandwich": "sandwich",
-        "peri-ln": "peri-ln", "lns": "pre-ln", "residual": "residual", "mix-ln": "mix-ln", "rezero": "no-norm"}
+OURS = {
+    "post-ln": "post-ln",
+    "deepnorm": "post-ln",
+    "b2t": "post-ln",
+    "pre-ln": "pre-ln",
+    "sandwich": "sandwich",
+    "peri-ln": "peri-ln",
+    "lns": "pre-ln",
+    "residual": "residual",
+    "mix-ln": "mix-ln",
+    "rezero": "no-norm",
+}
 
 
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
@@ -21,8 +31,19 @@ OURS = {"post-ln": "post-ln", "deepnorm": "post-ln", "b2t": "post-ln", "pre-ln":
 def test_our_placements(placement, norm):
     assert set(OURS) == set(PLACEMENTS)
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="seq2seq", placement=placement, depth=4, d_model=16, heads=4, ffn=24,
-                                    max_len=64, mix_ratio=0.5, norm=norm)).eval()
+    model = build_model(
+        ModelConfig(
+            arch="seq2seq",
+            placement=placement,
+            depth=4,
+            d_model=16,
+            heads=4,
+            ffn=24,
+            max_len=64,
+            mix_ratio=0.5,
+            norm=norm,
+        )
+    ).eval()
     with torch.no_grad():  # trained-looking norm weights and ReZero gates
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("gate"):
@@ -49,22 +70,67 @@ def test_classify_on_hand_made_tensors():
 
 transformers = pytest.importorskip("transformers")
 os.environ["HF_HUB_OFFLINE"] = "1"
-SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+SMALL = dict(
+    vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+)
 HF = {  # name: (config, class, placement, norm type)
-    "gpt2": (lambda: transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64),
-             "GPT2LMHeadModel", "pre-ln", "layernorm"),
-    "llama": (lambda: transformers.LlamaConfig(**SMALL, num_key_value_heads=2), "LlamaForCausalLM", "pre-ln", "rmsnorm"),
+    "gpt2": (
+        lambda: transformers.GPT2Config(
+            vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64
+        ),
+        "GPT2LMHeadModel",
+        "pre-ln",
+        "layernorm",
+    ),
+    "llama": (
+        lambda: transformers.LlamaConfig(**SMALL, num_key_value_heads=2),
+        "LlamaForCausalLM",
+        "pre-ln",
+        "rmsnorm",
+    ),
     "bert": (lambda: transformers.BertConfig(**SMALL), "BertForMaskedLM", "post-ln", "layernorm"),
-    "t5": (lambda: transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-                                         decoder_start_token_id=0), "T5ForConditionalGeneration", "pre-ln", "rmsnorm"),
-    "bart": (lambda: transformers.BartConfig(vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2,
-                                             encoder_attention_heads=4, decoder_attention_heads=4,
-                                             encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64),
-             "BartForConditionalGeneration", "post-ln", "layernorm"),
-    "gemma2": (lambda: transformers.Gemma2Config(**SMALL, num_key_value_heads=2, head_dim=8),
-               "Gemma2ForCausalLM", "sandwich", "rmsnorm"),
-    "olmo2": (lambda: transformers.Olmo2Config(**SMALL, num_key_value_heads=2), "Olmo2ForCausalLM",
-              "res-post-ln", "rmsnorm"),
+    "t5": (
+        lambda: transformers.T5Config(
+            vocab_size=64,
+            d_model=32,
+            d_kv=8,
+            d_ff=48,
+            num_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+        ),
+        "T5ForConditionalGeneration",
+        "pre-ln",
+        "rmsnorm",
+    ),
+    "bart": (
+        lambda: transformers.BartConfig(
+            vocab_size=64,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=48,
+            decoder_ffn_dim=48,
+            max_position_embeddings=64,
+        ),
+        "BartForConditionalGeneration",
+        "post-ln",
+        "layernorm",
+    ),
+    "gemma2": (
+        lambda: transformers.Gemma2Config(**SMALL, num_key_value_heads=2, head_dim=8),
+        "Gemma2ForCausalLM",
+        "sandwich",
+        "rmsnorm",
+    ),
+    "olmo2": (
+        lambda: transformers.Olmo2Config(**SMALL, num_key_value_heads=2),
+        "Olmo2ForCausalLM",
+        "res-post-ln",
+        "rmsnorm",
+    ),
 }
 
 

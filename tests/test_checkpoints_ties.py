@@ -22,9 +22,18 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def tiny_llama(tie=True):
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                   intermediate_size=48, num_key_value_heads=2, tie_word_embeddings=tie,
-                                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # trained-looking norms, so a random (all-ones) norm would show
@@ -45,7 +54,12 @@ def save_like_save_model(model, folder, architectures=False):
 def logits(loaded, model):
     ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        return model(ids).logits, loaded.heads["causal-lm"](ids), model.model(ids).last_hidden_state, loaded.forward(ids).last_hidden_state
+        return (
+            model(ids).logits,
+            loaded.heads["causal-lm"](ids),
+            model.model(ids).last_hidden_state,
+            loaded.forward(ids).last_hidden_state,
+        )
 
 
 def test_save_model_file_stores_the_tie_once_in_metadata(tmp_path):
@@ -67,7 +81,9 @@ def test_tied_llama_saved_by_save_model_loads_exactly(tmp_path, architectures):
     assert loaded.default_loss == "causal-lm"
     ref, got, ref_h, got_h = logits(loaded, model)
     assert torch.equal(loaded.model.get_input_embeddings().weight, model.model.embed_tokens.weight)
-    assert torch.allclose(ref, got, atol=1e-6, rtol=0) and torch.allclose(ref_h, got_h, atol=1e-6, rtol=0)
+    assert torch.allclose(ref, got, atol=1e-6, rtol=0) and torch.allclose(
+        ref_h, got_h, atol=1e-6, rtol=0
+    )
 
 
 def test_sharded_save_model_folder_with_alias_in_one_shard(tmp_path):
@@ -78,18 +94,23 @@ def test_sharded_save_model_folder_with_alias_in_one_shard(tmp_path):
     model.config.save_pretrained(folder)
     state = {k: v for k, v in model.state_dict().items() if k != "model.embed_tokens.weight"}
     keys = sorted(state)
-    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    shards = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
     for name, ks in shards.items():
         meta = {"format": "pt"}
         if "lm_head.weight" in ks:
             meta["model.embed_tokens.weight"] = "lm_head.weight"
         st.save_file({k: state[k].contiguous() for k in ks}, str(folder / name), metadata=meta)
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {k: n for n, ks in shards.items() for k in ks}}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: n for n, ks in shards.items() for k in ks}})
+    )
     loaded = load_any(folder)
     ref, got, ref_h, got_h = logits(loaded, model)
-    assert torch.allclose(ref, got, atol=1e-6, rtol=0) and torch.allclose(ref_h, got_h, atol=1e-6, rtol=0)
+    assert torch.allclose(ref, got, atol=1e-6, rtol=0) and torch.allclose(
+        ref_h, got_h, atol=1e-6, rtol=0
+    )
 
 
 def test_sharded_save_pretrained_and_config_tie_flag_alone(tmp_path):
@@ -103,10 +124,18 @@ def test_sharded_save_pretrained_and_config_tie_flag_alone(tmp_path):
     folder.mkdir()
     model.config.architectures = None
     model.config.save_pretrained(folder)
-    st.save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "model.embed_tokens.weight"},
-                 str(folder / "model.safetensors"))
+    st.save_file(
+        {
+            k: v.contiguous()
+            for k, v in model.state_dict().items()
+            if k != "model.embed_tokens.weight"
+        },
+        str(folder / "model.safetensors"),
+    )
     ref, got, ref_h, got_h = logits(load_any(folder), model)
-    assert torch.allclose(ref, got, atol=1e-6, rtol=0) and torch.allclose(ref_h, got_h, atol=1e-6, rtol=0)
+    assert torch.allclose(ref, got, atol=1e-6, rtol=0) and torch.allclose(
+        ref_h, got_h, atol=1e-6, rtol=0
+    )
 
 
 def test_a_weight_really_missing_is_an_error_unless_allowed(tmp_path):
@@ -115,8 +144,15 @@ def test_a_weight_really_missing_is_an_error_unless_allowed(tmp_path):
     save_like_save_model(model, folder)
     tensors = st.load_file(str(folder / "model.safetensors"))
     del tensors["model.norm.weight"]
-    st.save_file(tensors, str(folder / "model.safetensors"), metadata={"model.embed_tokens.weight": "lm_head.weight"})
-    with pytest.raises(CheckpointError, match=r"1 weights are missing from the files \(model\.norm\.weight\).*--allow-missing-weights"):
+    st.save_file(
+        tensors,
+        str(folder / "model.safetensors"),
+        metadata={"model.embed_tokens.weight": "lm_head.weight"},
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"1 weights are missing from the files \(model\.norm\.weight\).*--allow-missing-weights",
+    ):
         load_any(folder)
     loaded = load_any(folder, allow_missing=True)
     assert loaded.partly_random and loaded.missing_weights == ["model.norm.weight"]
@@ -126,10 +162,25 @@ def test_a_weight_really_missing_is_an_error_unless_allowed(tmp_path):
 
     from residual_probe.cli import app
 
-    cmd = ["collapse", "--ckpt", str(folder), "--tokens", "64", "--seq-len", "32", "--subsample", "16",
-           "--out", str(tmp_path / "out")]
+    cmd = [
+        "collapse",
+        "--ckpt",
+        str(folder),
+        "--tokens",
+        "64",
+        "--seq-len",
+        "32",
+        "--subsample",
+        "16",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     bad = CliRunner().invoke(app, cmd)
-    assert bad.exit_code == 2 and bad.stderr.strip().count("\n") == 0 and "model.norm.weight" in bad.stderr
+    assert (
+        bad.exit_code == 2
+        and bad.stderr.strip().count("\n") == 0
+        and "model.norm.weight" in bad.stderr
+    )
     assert not (tmp_path / "out" / "collapse.json").exists()
     ok = CliRunner().invoke(app, cmd + ["--allow-missing-weights"])
     assert ok.exit_code == 0, ok.stderr
@@ -139,8 +190,11 @@ def test_a_weight_really_missing_is_an_error_unless_allowed(tmp_path):
 
 def test_bare_state_dict_from_save_model_and_fairseq_shared_embeddings(tmp_path):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="decoder", placement="pre-ln", depth=2, d_model=16, heads=4, ffn=24,
-                                    max_len=64)).eval()
+    model = build_model(
+        ModelConfig(
+            arch="decoder", placement="pre-ln", depth=2, d_model=16, heads=4, ffn=24, max_len=64
+        )
+    ).eval()
     st.save_model(model, str(tmp_path / "bare.safetensors"))
     loaded = load_any(tmp_path / "bare.safetensors", placement="pre-ln", heads=4)
     ids = torch.randint(1, 256, (2, 7))
@@ -150,15 +204,41 @@ def test_bare_state_dict_from_save_model_and_fairseq_shared_embeddings(tmp_path)
     from residual_probe.checkpoints.fairseq import fairseq_state
 
     torch.manual_seed(0)
-    s2s = build_model(ModelConfig(arch="seq2seq", placement="pre-ln", depth=2, d_model=16, heads=4, ffn=24,
-                                  vocab_size=40, max_len=64, position_offset=2)).eval()
+    s2s = build_model(
+        ModelConfig(
+            arch="seq2seq",
+            placement="pre-ln",
+            depth=2,
+            d_model=16,
+            heads=4,
+            ffn=24,
+            vocab_size=40,
+            max_len=64,
+            position_offset=2,
+        )
+    ).eval()
     with torch.no_grad():
         s2s.encoder.embed.embed_tokens.weight.copy_(s2s.decoder.embed.embed_tokens.weight)
     state = fairseq_state(s2s)
     del state["encoder.embed_tokens.weight"], state["decoder.output_projection.weight"]
-    stack = {"embed_dim": 16, "ffn_embed_dim": 24, "layers": 2, "attention_heads": 4, "normalize_before": True}
-    cfg = {"model": {"_name": "transformer", "activation_fn": "relu", "encoder": stack, "decoder": stack,
-                     "share_all_embeddings": True, "max_source_positions": 64, "max_target_positions": 64}}
+    stack = {
+        "embed_dim": 16,
+        "ffn_embed_dim": 24,
+        "layers": 2,
+        "attention_heads": 4,
+        "normalize_before": True,
+    }
+    cfg = {
+        "model": {
+            "_name": "transformer",
+            "activation_fn": "relu",
+            "encoder": stack,
+            "decoder": stack,
+            "share_all_embeddings": True,
+            "max_source_positions": 64,
+            "max_target_positions": 64,
+        }
+    }
     torch.save({"model": state, "cfg": cfg}, tmp_path / "shared.pt")
     back = load_any(tmp_path / "shared.pt")
     src = torch.randint(4, 40, (2, 6))

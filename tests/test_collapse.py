@@ -10,12 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from residual_probe.checkpoints import save_model
-from residual_probe.cli import app
 from residual_probe.analysis.collapse import collapse_verdict
+from residual_probe.checkpoints import load_any, save_model
 from residual_probe.checkpoints.text import read_text
+from residual_probe.cli import app
 from residual_probe.jobs.collapse import CollapseSpec, make_batches, run_collapse
-from residual_probe.checkpoints import load_any
 from residual_probe.models import ModelConfig, build_model
 
 
@@ -24,7 +23,9 @@ def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
     for placement in ("pre-ln", "residual"):
         torch.manual_seed(0)
-        cfg = ModelConfig(arch="decoder", placement=placement, depth=4, d_model=32, heads=4, ffn=64, max_len=64)
+        cfg = ModelConfig(
+            arch="decoder", placement=placement, depth=4, d_model=32, heads=4, ffn=64, max_len=64
+        )
         save_model(build_model(cfg), root / placement)
     return root
 
@@ -43,37 +44,61 @@ def naive_cos(model, batches):
             x = stack.placement.begin(stack.embed(ids), stack)
             for k, blk in enumerate(stack.layers):
                 y = blk(x)
-                sums[k] += torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1).sum()
+                sums[k] += torch.nn.functional.cosine_similarity(
+                    x.double(), y.double(), dim=-1
+                ).sum()
                 x = y
             n += ids.numel()
     return (sums / n).tolist()
 
 
 def test_collapse_outputs_match_a_naive_loop(saved, tmp_path):
-    spec = CollapseSpec(ckpts=(str(saved / "pre-ln"), str(saved / "residual")), tokens=600, batch=3, seq_len=40,
-                        subsample=64)
+    spec = CollapseSpec(
+        ckpts=(str(saved / "pre-ln"), str(saved / "residual")),
+        tokens=600,
+        batch=3,
+        seq_len=40,
+        subsample=64,
+    )
     meta = run_collapse(spec, tmp_path / "out")
-    for name in ("collapse.csv", "similarity.csv", "collapse.json", "collapse_curves.png", "similarity.png",
-                 "norm_growth.png"):
+    for name in (
+        "collapse.csv",
+        "similarity.csv",
+        "collapse.json",
+        "collapse_curves.png",
+        "similarity.png",
+        "norm_growth.png",
+    ):
         assert (tmp_path / "out" / name).is_file()
     rows = read_csv(tmp_path / "out" / "collapse.csv")
     assert set(rows[0]) == {"model", "stack", "layer", "stream", "metric", "value"}
     metrics = {r["metric"] for r in rows}
-    assert {"cos_adjacent", "block_influence", "relative_update", "norm_sq_per_dim", "ln_update",
-            "effective_rank"} <= metrics
+    assert {
+        "cos_adjacent",
+        "block_influence",
+        "relative_update",
+        "norm_sq_per_dim",
+        "ln_update",
+        "effective_rank",
+    } <= metrics
     # 600 tokens in windows of 40 -> 15 windows; the pooled cosine equals a plain loop's.
     loaded = load_any(saved / "pre-ln")
     batches, data = make_batches(loaded, spec, read_text(None)[0])
     assert data["tokens"] == 600 and len(batches) == 5
     expected = naive_cos(loaded.model, batches)
-    got = [float(r["value"]) for r in rows if r["model"] == "pre-ln" and r["metric"] == "cos_adjacent"]
+    got = [
+        float(r["value"]) for r in rows if r["model"] == "pre-ln" and r["metric"] == "cos_adjacent"
+    ]
     assert got == pytest.approx(expected, abs=1e-5)
     # Similarity: unit diagonal, symmetric, layers -1..3 for each stream (ResiDual has x and d).
     sim = read_csv(tmp_path / "out" / "similarity.csv")
     keys = {(r["model"], r["stream"]) for r in sim}
     assert keys == {("pre-ln", "x"), ("residual", "x"), ("residual", "d")}
-    cos = {(int(r["layer_i"]), int(r["layer_j"])): float(r["value"]) for r in sim
-           if r["model"] == "pre-ln" and r["metric"] == "cosine"}
+    cos = {
+        (int(r["layer_i"]), int(r["layer_j"])): float(r["value"])
+        for r in sim
+        if r["model"] == "pre-ln" and r["metric"] == "cosine"
+    }
     assert len(cos) == 25 and all(abs(cos[(i, i)] - 1) < 1e-5 for i in range(-1, 4))
     assert all(abs(cos[(i, j)] - cos[(j, i)]) < 1e-6 for i in range(-1, 4) for j in range(-1, 4))
     summary = json.loads((tmp_path / "out" / "collapse.json").read_text())
@@ -81,7 +106,9 @@ def test_collapse_outputs_match_a_naive_loop(saved, tmp_path):
     assert first["placement"] == "pre-ln" and second["placement"] == "residual"
     assert first["depth"] == {"decoder": 4} and first["width"] == 32
     assert first["parameters"] == sum(p.numel() for p in loaded.model.parameters())
-    assert [r["layer"] for r in first["streams"][0]["redundant"]] == sorted(range(4), key=lambda k: -got[k])[:3]
+    assert [r["layer"] for r in first["streams"][0]["redundant"]] == sorted(
+        range(4), key=lambda k: -got[k]
+    )[:3]
     assert meta["models"][0]["verdict"] in ("collapsed", "collapsing", "no collapse")
 
 
@@ -95,8 +122,22 @@ def test_verdict_thresholds():
 
 def test_cli_prints_summary_and_rejects_bad_files(saved, tmp_path):
     runner = CliRunner()
-    res = runner.invoke(app, ["collapse", "--ckpt", str(saved / "residual"), "--tokens", "256", "--seq-len", "32",
-                              "--subsample", "32", "--out", str(tmp_path / "ok")])
+    res = runner.invoke(
+        app,
+        [
+            "collapse",
+            "--ckpt",
+            str(saved / "residual"),
+            "--tokens",
+            "256",
+            "--seq-len",
+            "32",
+            "--subsample",
+            "32",
+            "--out",
+            str(tmp_path / "ok"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "placement: residual" in res.output and "most redundant blocks" in res.output
     for data in (b"", b"\x80\x02garbage", b"PK\x03\x04broken zip"):
@@ -126,8 +167,11 @@ def test_massive_activations_are_named_with_their_numbers():
     from residual_probe.models import ModelConfig, Transformer
 
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(arch="decoder", placement="pre-ln", depth=4, d_model=16, heads=2, ffn=32,
-                                    max_len=64)).eval()
+    model = Transformer(
+        ModelConfig(
+            arch="decoder", placement="pre-ln", depth=4, d_model=16, heads=2, ffn=32, max_len=64
+        )
+    ).eval()
 
     def spike(module, args, out):  # token 0 of every sequence x 100 in the residual stream
         out = out.clone()
@@ -136,11 +180,19 @@ def test_massive_activations_are_named_with_their_numbers():
 
     model.decoder.layers[2].register_forward_hook(spike)
     batches = [torch.randint(3, 250, (4, 16)) for _ in range(2)]
-    m = measure_forward(ours(model, "residual-probe", "test"), batches, CollapseSpec(ckpts=("x",), subsample=16))
+    m = measure_forward(
+        ours(model, "residual-probe", "test"), batches, CollapseSpec(ckpts=("x",), subsample=16)
+    )
     by = {(r["metric"], r["layer"]): r["value"] for r in m["rows"] if r["stream"] == "x"}
-    assert by[("massive_count", 2)] == 8 and by[("tokens", 2)] == 128  # 8 sequences, token 0 of each
+    assert (
+        by[("massive_count", 2)] == 8 and by[("tokens", 2)] == 128
+    )  # 8 sequences, token 0 of each
     assert by[("massive_count", 1)] == 0
-    assert by[("norm_sq_per_dim", 2)] > 50 * by[("norm_sq_per_dim_median", 2)]  # the mean is pulled up
+    assert (
+        by[("norm_sq_per_dim", 2)] > 50 * by[("norm_sq_per_dim_median", 2)]
+    )  # the mean is pulled up
     (line,) = [s for s in massive_activations(m["rows"]) if s.startswith("decoder:")]
     assert "from block 2: 8 of 128 tokens" in line and "median" in line
-    assert by[("norm_sq_per_dim_max", 2)] > 1000 * by[("norm_sq_per_dim_median", 2)]  # 100x the state: 10^4 in h^2
+    assert (
+        by[("norm_sq_per_dim_max", 2)] > 1000 * by[("norm_sq_per_dim_median", 2)]
+    )  # 100x the state: 10^4 in h^2

@@ -21,7 +21,14 @@ runner = CliRunner()
 class Page(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.images, self.links, self.scripts, self.items, self.headings, self.cells = [], [], 0, [], [], []
+        self.images, self.links, self.scripts, self.items, self.headings, self.cells = (
+            [],
+            [],
+            0,
+            [],
+            [],
+            [],
+        )
         self._tag = None
 
     def handle_starttag(self, tag, attrs):
@@ -54,8 +61,17 @@ def models(tmp_path):
     paths = []
     for placement in ("post-ln", "pre-ln"):
         torch.manual_seed(0)
-        model = build_model(ModelConfig(arch="decoder", placement=placement, depth=4, d_model=16, heads=2, ffn=24,
-                                        max_len=64))
+        model = build_model(
+            ModelConfig(
+                arch="decoder",
+                placement=placement,
+                depth=4,
+                d_model=16,
+                heads=2,
+                ffn=24,
+                max_len=64,
+            )
+        )
         paths.append(save_model(model, tmp_path / placement))
     return paths
 
@@ -78,13 +94,34 @@ def test_report_is_self_contained_with_verdicts_first(tmp_path, monkeypatch):
         return load_any(path, *args, **kwargs)
 
     monkeypatch.setattr(checkpoints, "load_any", counted)
-    res = runner.invoke(app, ["diagnose", "--ckpt", str(post), "--compare", str(pre), "--tokens", "128", "--seq-len",
-                              "32", "--subsample", "32", "--out", str(out)])
+    res = runner.invoke(
+        app,
+        [
+            "diagnose",
+            "--ckpt",
+            str(post),
+            "--compare",
+            str(pre),
+            "--tokens",
+            "128",
+            "--seq-len",
+            "32",
+            "--subsample",
+            "32",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
-    assert loads == [str(post), str(pre)]  # each checkpoint loaded once, for both parts (jobs.inspection)
+    assert loads == [
+        str(post),
+        str(pre),
+    ]  # each checkpoint loaded once, for both parts (jobs.inspection)
     page = parse(out / "report.html")
     assert page.headings[1] == "Verdicts"  # right after the title
-    assert len(page.images) == 4 and all(src.startswith("data:image/png;base64,") for src in page.images)
+    assert len(page.images) == 4 and all(
+        src.startswith("data:image/png;base64,") for src in page.images
+    )
     assert page.links == [] and page.scripts == 0
     text = (out / "report.html").read_text()
     assert "http://" not in text and "https://" not in text
@@ -93,10 +130,16 @@ def test_report_is_self_contained_with_verdicts_first(tmp_path, monkeypatch):
     for m in grads["models"]:  # every gradient verdict is on the page, with its numbers
         for v in m["verdicts"]:
             assert f"{v['stack']}: {v['verdict']}" in page.items
-            assert f"{v['first_over_last']:.2g}" in v["verdict"] or f"{v['first_over_last']:.3g}" in v["verdict"]
+            assert (
+                f"{v['first_over_last']:.2g}" in v["verdict"]
+                or f"{v['first_over_last']:.3g}" in v["verdict"]
+            )
     for m in coll["models"]:
         for s in m["streams"]:
-            assert any(i.startswith(f"{s['stack']}: ") and f"{s['late_cos_adjacent']:.3f}" in i for i in page.items)
+            assert any(
+                i.startswith(f"{s['stack']}: ") and f"{s['late_cos_adjacent']:.3f}" in i
+                for i in page.items
+            )
     # The model description: detected placement, norm type, depth, width, parameters.
     for expected in ("post-ln", "pre-ln", "layernorm", "decoder 4", "16", "causal-lm"):
         assert expected in page.cells
@@ -106,10 +149,18 @@ def test_report_is_self_contained_with_verdicts_first(tmp_path, monkeypatch):
     # the times agree: the three parts add up to the whole, and so do each model's own
     times = dict(re.findall(r"^- (.+): ([\d.]+) s$", md.split("## Run")[1], re.M))
     times = {k: float(v) for k, v in times.items()}
-    parts = ("loading and placement detection", "gradients (one gradient per model)", "collapse (forward statistics)")
-    assert sum(times[p] for p in parts) == pytest.approx(times["all models, the three parts"], abs=0.25)
+    parts = (
+        "loading and placement detection",
+        "gradients (one gradient per model)",
+        "collapse (forward statistics)",
+    )
+    assert sum(times[p] for p in parts) == pytest.approx(
+        times["all models, the three parts"], abs=0.25
+    )
     for part, name in zip(("load", "gradients", "collapse"), parts):
-        assert sum(times[f"{m['label']}: {part}"] for m in grads["models"]) == pytest.approx(times[name], abs=0.15)
+        assert sum(times[f"{m['label']}: {part}"] for m in grads["models"]) == pytest.approx(
+            times[name], abs=0.15
+        )
 
 
 def test_partly_random_model_is_said_first(tmp_path):
@@ -117,8 +168,19 @@ def test_partly_random_model_is_said_first(tmp_path):
     tensors, meta = load_file(post / "model.safetensors")
     del tensors["decoder.layers.3.ffn.norm.weight"]
     save_file(tensors, post / "model.safetensors", meta)
-    args = ["diagnose", "--ckpt", str(post), "--tokens", "64", "--seq-len", "32", "--subsample", "16",
-            "--out", str(tmp_path / "d")]
+    args = [
+        "diagnose",
+        "--ckpt",
+        str(post),
+        "--tokens",
+        "64",
+        "--seq-len",
+        "32",
+        "--subsample",
+        "16",
+        "--out",
+        str(tmp_path / "d"),
+    ]
     res = runner.invoke(app, args)
     assert res.exit_code == 2 and "decoder.layers.3.ffn.norm.weight" in res.output
     assert not (tmp_path / "d" / "report.html").exists()
@@ -129,8 +191,10 @@ def test_partly_random_model_is_said_first(tmp_path):
     assert "decoder.layers.3.ffn.norm.weight" in page.items[0]
 
 
-@pytest.mark.parametrize("bad,message", [(["--loss", "xyz"], "--loss: unknown 'xyz'"),
-                                          (["--seq-len", "1"], "seq-len: must be >= 2")])
+@pytest.mark.parametrize(
+    "bad,message",
+    [(["--loss", "xyz"], "--loss: unknown 'xyz'"), (["--seq-len", "1"], "seq-len: must be >= 2")],
+)
 def test_bad_flags(tmp_path, bad, message):
     post, _ = models(tmp_path)
     res = runner.invoke(app, ["diagnose", "--ckpt", str(post), *bad, "--out", str(tmp_path / "d")])
@@ -142,8 +206,24 @@ def test_the_console_says_what_the_verdict_rests_on(tmp_path):
     ckpt = models(tmp_path)[0]
     text = tmp_path / "short.txt"
     text.write_text("a short text. " * 50)  # 700 bytes: far fewer tokens than asked
-    r = runner.invoke(app, ["diagnose", "--ckpt", str(ckpt), "--data", str(text), "--tokens", "100000",
-                            "--seq-len", "32", "--batch", "8", "--out", str(tmp_path / "d")])
+    r = runner.invoke(
+        app,
+        [
+            "diagnose",
+            "--ckpt",
+            str(ckpt),
+            "--data",
+            str(text),
+            "--tokens",
+            "100000",
+            "--seq-len",
+            "32",
+            "--batch",
+            "8",
+            "--out",
+            str(tmp_path / "d"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "data: 21 windows x 32 tokens = 672 tokens" in r.stdout
     assert "note: the text gives only 700 tokens" in r.stdout  # the adjustment, said on the console
@@ -167,4 +247,3 @@ def test_loss_warning_rule():
     assert "ln(1000) = 6.91" in w and "--dict" in w
     assert "--dict" not in loss_warnings(8.27, 1000, "hf")[0]
     assert loss_warnings(math.nan, 1000, "hf")[0].startswith("the mean loss is nan")
-

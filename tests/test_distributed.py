@@ -15,12 +15,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from ranks import spawn_ranks
 
 from residual_probe.models import build_model
 from residual_probe.probe import Probe
-from ranks import spawn_ranks
 
-SIZES = dict(arch="decoder", placement="pre-ln", depth=2, d_model=16, heads=2, ffn=24, vocab_size=23)
+SIZES = dict(
+    arch="decoder", placement="pre-ln", depth=2, d_model=16, heads=2, ffn=24, vocab_size=23
+)
 GLOBAL_BATCH, T = 4, 5
 
 
@@ -48,7 +50,10 @@ def run_steps(model, probe, tok, tgt, steps=2, opt=None, after_step=None):
             if opt is not None:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-    return {(r["step"], r["stack"], r["layer"], r["sublayer"], r["stream"], r["metric"]): r["value"] for r in rows}
+    return {
+        (r["step"], r["stack"], r["layer"], r["sublayer"], r["stream"], r["metric"]): r["value"]
+        for r in rows
+    }
 
 
 @contextmanager
@@ -99,7 +104,9 @@ def _worker(rank, world, tmp, mode):
                 extra["local_block0"] = math.sqrt(sum(float((g**2).sum()) for g in grads))
 
         with probe_reductions() as calls:
-            rows = run_steps(wrapped, probe, tok[half], tgt[half], opt=opt, after_step=shard_local_norm)
+            rows = run_steps(
+                wrapped, probe, tok[half], tgt[half], opt=opt, after_step=shard_local_norm
+            )
         extra["reductions"] = len(calls)
         with open(f"{tmp}/rank{rank}.pkl", "wb") as fh:
             pickle.dump((rows, extra), fh)
@@ -137,7 +144,9 @@ def test_two_ranks_equal_one_process(tmp_path, mode):
     assert any(k[-1] == "act_grad_norm" for k in ref) and any(k[-1] == "cos_adjacent" for k in ref)
     assert_same(rows0, ref)
     assert_same(rows1, ref)
-    assert extra0["reductions"] == extra1["reductions"] == 2  # one all-reduce per recorded step, none in hooks
+    assert (
+        extra0["reductions"] == extra1["reductions"] == 2
+    )  # one all-reduce per recorded step, none in hooks
     if mode == "fsdp":
         assert extra0["sharded"] and extra1["sharded"]
         # step 1, block 0: each shard-local norm falls short; their squares add up to the global one

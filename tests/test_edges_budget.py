@@ -26,8 +26,14 @@ def test_parameter_count_is_exact_for_every_placement(arch):
     for placement in PLACEMENTS:
         for extra in ({}, {"norm": "rmsnorm", "tie_embeddings": False}):
             if arch == "seq2seq":
-                extra = {**extra, "decoder_depth": 4, "share_all_embeddings": "tie_embeddings" not in extra}
-            cfg = ModelConfig(arch=arch, placement=placement, depth=3, d_model=16, heads=2, ffn=24, **extra)
+                extra = {
+                    **extra,
+                    "decoder_depth": 4,
+                    "share_all_embeddings": "tie_embeddings" not in extra,
+                }
+            cfg = ModelConfig(
+                arch=arch, placement=placement, depth=3, d_model=16, heads=2, ffn=24, **extra
+            )
             model = Transformer(cfg)
             real = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
             assert budget.model_parameters(cfg)[0] == real, (placement, extra)
@@ -65,12 +71,38 @@ MEASURE = textwrap.dedent("""
 """)
 FACTOR = 1.5  # measured 0.88x-1.19x on six configs (budget.py's docstring)
 PEAK_CASES = {  # the largest first
-    "encoder-post-ln-adam": dict(arch="encoder", placements=("post-ln",), depth=8, d_model=512, heads=8, ffn=512,
-                                 batch=4, seq_len=64, steps=2),
-    "seq2seq-residual": dict(arch="seq2seq", placements=("residual",), depth=3, d_model=128, heads=4, ffn=512,
-                             batch=8, seq_len=256),
-    "decoder-pre-ln-adam": dict(arch="decoder", placements=("pre-ln",), depth=4, d_model=256, heads=4, ffn=1024,
-                                batch=8, seq_len=128, steps=1),
+    "encoder-post-ln-adam": dict(
+        arch="encoder",
+        placements=("post-ln",),
+        depth=8,
+        d_model=512,
+        heads=8,
+        ffn=512,
+        batch=4,
+        seq_len=64,
+        steps=2,
+    ),
+    "seq2seq-residual": dict(
+        arch="seq2seq",
+        placements=("residual",),
+        depth=3,
+        d_model=128,
+        heads=4,
+        ffn=512,
+        batch=8,
+        seq_len=256,
+    ),
+    "decoder-pre-ln-adam": dict(
+        arch="decoder",
+        placements=("pre-ln",),
+        depth=4,
+        d_model=256,
+        heads=4,
+        ffn=1024,
+        batch=8,
+        seq_len=128,
+        steps=1,
+    ),
 }
 
 
@@ -80,8 +112,15 @@ def measured_peaks():
     the other in one fresh process (torch imported once). Each case's peak is within 6 % of what
     it shows alone in its own process (measured: 236/171/138 MiB against 235/162/130 MiB)."""
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    arg = json.dumps([{k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()} for kw in PEAK_CASES.values()])
-    proc = subprocess.run([sys.executable, "-c", MEASURE, arg], capture_output=True, text=True, timeout=300, env=env)
+    arg = json.dumps(
+        [
+            {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
+            for kw in PEAK_CASES.values()
+        ]
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", MEASURE, arg], capture_output=True, text=True, timeout=300, env=env
+    )
     assert proc.returncode == 0, proc.stderr
     return dict(zip(PEAK_CASES, json.loads(proc.stdout.strip().splitlines()[-1])))
 
@@ -91,7 +130,9 @@ def measured_peaks():
 def test_estimate_is_within_a_factor_of_the_measured_peak(case, measured_peaks):
     measured = measured_peaks[case]
     est = budget.grad_norms_estimate(GradNormsSpec(seeds=1, **PEAK_CASES[case])).peak_bytes
-    assert 1 / FACTOR < est / measured < FACTOR, f"estimate {est / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB"
+    assert 1 / FACTOR < est / measured < FACTOR, (
+        f"estimate {est / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB"
+    )
 
 
 def one_error_line(result) -> str:
@@ -101,25 +142,50 @@ def one_error_line(result) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("args, what", [
-    (["train", "--d-model", "1000000"], "train (decoder residual, 24 blocks, d 1000000"),
-    (["train", "--depth", "20000", "--steps", "10"], "train (decoder residual, 20000 blocks"),
-    (["grad-norms", "--depth", "5000"], "grad-norms (seq2seq residual, 10000 blocks"),
-    (["bounds", "--depth", "100000"], "bounds (depth 100000"),
-])
+@pytest.mark.parametrize(
+    "args, what",
+    [
+        (["train", "--d-model", "1000000"], "train (decoder residual, 24 blocks, d 1000000"),
+        (["train", "--depth", "20000", "--steps", "10"], "train (decoder residual, 20000 blocks"),
+        (["grad-norms", "--depth", "5000"], "grad-norms (seq2seq residual, 10000 blocks"),
+        (["bounds", "--depth", "100000"], "bounds (depth 100000"),
+    ],
+)
 def test_impossible_sizes_are_refused_before_anything_is_built(tmp_path, args, what):
     out = tmp_path / "out"
     result = CliRunner().invoke(app, [*args, "--out", str(out)])
     assert result.exit_code == 2
     line = one_error_line(result)
-    assert what in line and "needs about" in line and "parameters" in line and "this machine has" in line
+    assert (
+        what in line
+        and "needs about" in line
+        and "parameters" in line
+        and "this machine has" in line
+    )
     assert "--force" in line
     assert not out.exists()  # refused before the output folder was made
 
 
 def test_memory_env_and_force(tmp_path, monkeypatch):
-    tiny = ["grad-norms", "--depth", "2", "--d-model", "16", "--heads", "2", "--ffn", "32", "--seeds", "1",
-            "--batch", "2", "--seq-len", "8", "--placements", "pre-ln"]
+    tiny = [
+        "grad-norms",
+        "--depth",
+        "2",
+        "--d-model",
+        "16",
+        "--heads",
+        "2",
+        "--ffn",
+        "32",
+        "--seeds",
+        "1",
+        "--batch",
+        "2",
+        "--seq-len",
+        "8",
+        "--placements",
+        "pre-ln",
+    ]
     monkeypatch.setenv(budget.MEMORY_ENV, "64KiB")
     refused = CliRunner().invoke(app, [*tiny, "--out", str(tmp_path / "a")])
     assert refused.exit_code == 2
@@ -129,7 +195,11 @@ def test_memory_env_and_force(tmp_path, monkeypatch):
     assert "warning: --force" in forced.stderr and (tmp_path / "b" / "grad_norms.csv").exists()
     monkeypatch.setenv(budget.MEMORY_ENV, "8GiB")
     ok = CliRunner().invoke(app, [*tiny, "--out", str(tmp_path / "c")])
-    assert ok.exit_code == 0 and "memory: about" in ok.stdout and "8.0 GiB RESIDUAL_PROBE_MEMORY" in ok.stdout
+    assert (
+        ok.exit_code == 0
+        and "memory: about" in ok.stdout
+        and "8.0 GiB RESIDUAL_PROBE_MEMORY" in ok.stdout
+    )
     monkeypatch.setenv(budget.MEMORY_ENV, "lots")
     bad = CliRunner().invoke(app, [*tiny, "--out", str(tmp_path / "d")])
     assert bad.exit_code == 2 and "RESIDUAL_PROBE_MEMORY: expected a size" in one_error_line(bad)
@@ -155,7 +225,9 @@ def test_bounds_estimate_counts_the_monte_carlo_and_subsamples():
     from residual_probe.jobs.bounds import BoundsSpec
 
     est = budget.bounds_estimate(BoundsSpec(depths=(100000,)))
-    assert est.parts["collapse Monte-Carlo"] > 40 * 2**30  # (100001, 64, 1024) float64, three copies
+    assert (
+        est.parts["collapse Monte-Carlo"] > 40 * 2**30
+    )  # (100001, 64, 1024) float64, three copies
     assert est.parts["token subsamples"] > 10 * 2**30
     small = budget.bounds_estimate(BoundsSpec(depths=(12,), d_model=32, heads=2, ffn=64, seeds=1))
     assert small.peak_bytes < 200 * 2**20
@@ -167,8 +239,14 @@ def test_grad_norms_ckpt_checks_its_budget_and_honours_force(tmp_path, monkeypat
     from residual_probe.checkpoints import save_model
     from residual_probe.models import build_model
 
-    save_model(build_model(ModelConfig(arch="decoder", placement="pre-ln", depth=2, d_model=16, heads=2, ffn=24,
-                                       max_len=32)), tmp_path / "m")
+    save_model(
+        build_model(
+            ModelConfig(
+                arch="decoder", placement="pre-ln", depth=2, d_model=16, heads=2, ffn=24, max_len=32
+            )
+        ),
+        tmp_path / "m",
+    )
     args = ["grad-norms", "--ckpt", str(tmp_path / "m"), "--tokens", "64", "--seq-len", "32"]
     monkeypatch.setenv(budget.MEMORY_ENV, "64KiB")  # the limit, not a huge model
     refused = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a")])

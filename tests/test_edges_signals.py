@@ -24,7 +24,9 @@ TINY = ["--d-model", "16", "--heads", "2", "--ffn", "32"]
 CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
 WORDS = {signal.SIGTERM: "terminated (SIGTERM)", signal.SIGINT: "interrupted"}
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="readiness read from /proc")
+pytestmark = pytest.mark.skipif(
+    not Path("/proc/self/maps").exists(), reason="readiness read from /proc"
+)
 
 
 def torch_loaded(pid: int) -> bool:
@@ -50,8 +52,15 @@ def default_sigint() -> None:
 
 def run_and_signal(args: list[str], sig, ready, tmp_path: Path, settle: float = 0.0):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "residual_probe.cli", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "residual_probe.cli", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_sigint,
+    )
     deadline = time.monotonic() + 240
     while not ready(proc.pid):
         if proc.poll() is not None:
@@ -76,15 +85,37 @@ def check_stop(rc, stderr, sig, out: Path):
     lines = stderr.strip().splitlines()
     assert lines and lines[-1].startswith("error: ") and WORDS[sig] in lines[-1], stderr
     assert "Traceback" not in stderr and "Aborted" not in stderr
-    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")] if out.exists() else True  # nothing half-written
+    assert (
+        not [p for p in out.rglob("*") if p.name.endswith(".tmp")] if out.exists() else True
+    )  # nothing half-written
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_train_keeps_what_an_interrupt_keeps(tmp_path, sig):
     out = tmp_path / "train"
     rc, _, stderr = run_and_signal(
-        ["train", "--depth", "2", *TINY, "--batch", "2", "--seq-len", "16", "--steps", "100000", "--probe-every", "1",
-         "--eval-every", "1000", "--out", str(out)], sig, lambda pid: loss_rows(out) >= 3, tmp_path)
+        [
+            "train",
+            "--depth",
+            "2",
+            *TINY,
+            "--batch",
+            "2",
+            "--seq-len",
+            "16",
+            "--steps",
+            "100000",
+            "--probe-every",
+            "1",
+            "--eval-every",
+            "1000",
+            "--out",
+            str(out),
+        ],
+        sig,
+        lambda pid: loss_rows(out) >= 3,
+        tmp_path,
+    )
     check_stop(rc, stderr, sig, out)
     meta = json.loads((out / "train.json").read_text())
     assert meta["interrupted"] is True
@@ -101,18 +132,56 @@ def test_train_keeps_what_an_interrupt_keeps(tmp_path, sig):
 def test_grad_norms_with_steps_stops_cleanly(tmp_path, sig):
     out = tmp_path / "gn"
     rc, _, stderr = run_and_signal(
-        ["grad-norms", "--depth", "2", *TINY, "--seeds", "1", "--batch", "2", "--seq-len", "8", "--steps", "100000",
-         "--out", str(out)], sig, torch_loaded, tmp_path, settle=1.5)
+        [
+            "grad-norms",
+            "--depth",
+            "2",
+            *TINY,
+            "--seeds",
+            "1",
+            "--batch",
+            "2",
+            "--seq-len",
+            "8",
+            "--steps",
+            "100000",
+            "--out",
+            str(out),
+        ],
+        sig,
+        torch_loaded,
+        tmp_path,
+        settle=1.5,
+    )
     check_stop(rc, stderr, sig, out)
-    assert not (out / "grad_norms.json").exists()  # an interrupted grad-norms writes no partial results
+    assert not (
+        out / "grad_norms.json"
+    ).exists()  # an interrupted grad-norms writes no partial results
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_bounds_stops_cleanly(tmp_path, sig):
     out = tmp_path / "bounds"
     rc, _, stderr = run_and_signal(
-        ["bounds", "--depth", "96", *TINY, "--seeds", "3", "--batch", "2", "--seq-len", "8", "--out", str(out)],
-        sig, torch_loaded, tmp_path, settle=1.5)
+        [
+            "bounds",
+            "--depth",
+            "96",
+            *TINY,
+            "--seeds",
+            "3",
+            "--batch",
+            "2",
+            "--seq-len",
+            "8",
+            "--out",
+            str(out),
+        ],
+        sig,
+        torch_loaded,
+        tmp_path,
+        settle=1.5,
+    )
     check_stop(rc, stderr, sig, out)
     assert not (out / "bounds.json").exists()
 
@@ -126,7 +195,12 @@ def tiny_checkpoint(tmp_path_factory):
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "model"
-    save_model(Transformer(ModelConfig(arch="decoder", placement="pre-ln", depth=2, d_model=16, heads=2, ffn=32)), path)
+    save_model(
+        Transformer(
+            ModelConfig(arch="decoder", placement="pre-ln", depth=2, d_model=16, heads=2, ffn=32)
+        ),
+        path,
+    )
     return path
 
 
@@ -134,7 +208,23 @@ def tiny_checkpoint(tmp_path_factory):
 def test_collapse_stops_cleanly(tmp_path, sig, tiny_checkpoint):
     out = tmp_path / "collapse"
     rc, _, stderr = run_and_signal(
-        ["collapse", "--ckpt", str(tiny_checkpoint), "--tokens", "4000000", "--seq-len", "64", "--batch", "2",
-         "--out", str(out)], sig, torch_loaded, tmp_path, settle=1.5)
+        [
+            "collapse",
+            "--ckpt",
+            str(tiny_checkpoint),
+            "--tokens",
+            "4000000",
+            "--seq-len",
+            "64",
+            "--batch",
+            "2",
+            "--out",
+            str(out),
+        ],
+        sig,
+        torch_loaded,
+        tmp_path,
+        settle=1.5,
+    )
     check_stop(rc, stderr, sig, out)
     assert not (out / "collapse.json").exists()

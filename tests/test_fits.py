@@ -54,11 +54,29 @@ def test_gradient_theory_overlay():
     for p, rate in (("post-ln", 0.5), ("residual", 1.0), ("deepnorm", 0.9), ("b2t", 0.9)):
         for seed in range(2):
             for k in range(6):
-                rows.append({"placement": p, "seed": seed, "step": 0, "stack": "decoder", "layer": k,
-                             "sublayer": "block", "param_grad_norm": 1e-2 * rate ** (5 - k)})
+                rows.append(
+                    {
+                        "placement": p,
+                        "seed": seed,
+                        "step": 0,
+                        "stack": "decoder",
+                        "layer": k,
+                        "sublayer": "block",
+                        "param_grad_norm": 1e-2 * rate ** (5 - k),
+                    }
+                )
                 for s in ("self_attn", "cross_attn", "ffn"):
-                    rows.append({"placement": p, "seed": seed, "step": 0, "stack": "decoder", "layer": k,
-                                 "sublayer": s, "param_grad_norm": 1.0})
+                    rows.append(
+                        {
+                            "placement": p,
+                            "seed": seed,
+                            "step": 0,
+                            "stack": "decoder",
+                            "layer": k,
+                            "sublayer": s,
+                            "param_grad_norm": 1.0,
+                        }
+                    )
     curves, verdicts = theory_overlay(rows)
     v = {x["placement"]: x for x in verdicts}
     # the paper's curve's own rate over these 6 blocks (3 sublayers each), not its asymptote 2^-1.5
@@ -70,7 +88,11 @@ def test_gradient_theory_overlay():
         assert math.isnan(v[p]["predicted_rate"]) and v[p]["source"] == ""
         assert all(math.isnan(c["predicted"]) for c in curves if c["placement"] == p)
     assert "ResiDual" in v["residual"]["source"]
-    assert v["residual"]["rate"] == pytest.approx(1.0) and v["residual"]["verdict"].startswith("balanced")
+    assert v["residual"]["rate"] == pytest.approx(1.0) and v["residual"]["verdict"].startswith(
+        "balanced"
+    )
     post = [c for c in curves if c["placement"] == "post-ln"]
-    assert post[-1]["predicted"] == pytest.approx(1e-2) and post[-1]["fitted"] == pytest.approx(1e-2)
+    assert post[-1]["predicted"] == pytest.approx(1e-2) and post[-1]["fitted"] == pytest.approx(
+        1e-2
+    )
     assert post[0]["fitted"] == pytest.approx(1e-2 * 0.5**5)

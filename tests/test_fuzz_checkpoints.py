@@ -32,9 +32,16 @@ from residual_probe.models import ModelConfig, Transformer
 
 # FUZZ_EXAMPLES=2000 runs a deeper, randomized pass (not part of the suite's time budget).
 DEEP = int(os.environ.get("FUZZ_EXAMPLES", "0"))
-FUZZ = settings(max_examples=DEEP or 30, deadline=None, derandomize=not DEEP, database=None,
-                suppress_health_check=list(HealthCheck))
-FEW = settings(FUZZ, max_examples=DEEP or 12)  # formats whose valid variants take transformers' full load
+FUZZ = settings(
+    max_examples=DEEP or 30,
+    deadline=None,
+    derandomize=not DEEP,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+FEW = settings(
+    FUZZ, max_examples=DEEP or 12
+)  # formats whose valid variants take transformers' full load
 HANG_SECONDS = 30
 
 
@@ -77,11 +84,17 @@ def mutations(data: bytes):
     """Truncations, bit flips (biased to the first and last 600 bytes, where headers and zip
     directories live), spliced random bytes, and random files with the real file's first bytes."""
     n = len(data)
-    pos = st.one_of(st.integers(0, min(n - 1, 600)), st.integers(max(0, n - 600), n - 1), st.integers(0, n - 1))
+    pos = st.one_of(
+        st.integers(0, min(n - 1, 600)), st.integers(max(0, n - 600), n - 1), st.integers(0, n - 1)
+    )
     return st.one_of(
         st.integers(0, n - 1).map(lambda k: data[:k]),
-        st.lists(st.tuples(pos, st.integers(0, 7)), min_size=1, max_size=6).map(lambda f: flip(data, f)),
-        st.tuples(pos, st.binary(min_size=1, max_size=64)).map(lambda t: data[: t[0]] + t[1] + data[t[0] + len(t[1]):]),
+        st.lists(st.tuples(pos, st.integers(0, 7)), min_size=1, max_size=6).map(
+            lambda f: flip(data, f)
+        ),
+        st.tuples(pos, st.binary(min_size=1, max_size=64)).map(
+            lambda t: data[: t[0]] + t[1] + data[t[0] + len(t[1]) :]
+        ),
         st.tuples(st.integers(0, 16), st.binary(max_size=600)).map(lambda t: data[: t[0]] + t[1]),
     )
 
@@ -102,8 +115,19 @@ def attempt(load, path, ran) -> str:
 
 def tiny_model(placement="pre-ln", arch="decoder", **kw):
     torch.manual_seed(0)
-    return Transformer(ModelConfig(arch=arch, placement=placement, depth=2, d_model=8, heads=2, ffn=16,
-                                   vocab_size=40, max_len=32, **kw))
+    return Transformer(
+        ModelConfig(
+            arch=arch,
+            placement=placement,
+            depth=2,
+            d_model=8,
+            heads=2,
+            ffn=16,
+            vocab_size=40,
+            max_len=32,
+            **kw,
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -115,17 +139,38 @@ def files(tmp_path_factory):
     torch.save(state, root / "bare.pt")
     torch.save(state, root / "bare.bin", _use_new_zipfile_serialization=False)
     save_file(state, root / "bare.safetensors")
-    s2s = tiny_model("post-ln", "seq2seq", position_offset=2)  # fairseq's positions start at padding_idx + 1
+    s2s = tiny_model(
+        "post-ln", "seq2seq", position_offset=2
+    )  # fairseq's positions start at padding_idx + 1
     c = s2s.cfg
-    args = argparse.Namespace(arch="transformer", activation_fn="relu", max_source_positions=c.max_len,
-                              max_target_positions=c.max_len, **{
-                                  f"{s}_{k}": v for s in ("encoder", "decoder") for k, v in (
-                                      ("embed_dim", c.d_model), ("ffn_embed_dim", c.ffn), ("layers", c.depth),
-                                      ("attention_heads", c.heads), ("normalize_before", False))})
+    args = argparse.Namespace(
+        arch="transformer",
+        activation_fn="relu",
+        max_source_positions=c.max_len,
+        max_target_positions=c.max_len,
+        **{
+            f"{s}_{k}": v
+            for s in ("encoder", "decoder")
+            for k, v in (
+                ("embed_dim", c.d_model),
+                ("ffn_embed_dim", c.ffn),
+                ("layers", c.depth),
+                ("attention_heads", c.heads),
+                ("normalize_before", False),
+            )
+        },
+    )
     ckpt = {"model": fairseq_state(s2s), "args": args, "extra_state": {"epoch": 3}}
     torch.save(ckpt, root / "fairseq.pt")
     torch.save(ckpt, root / "fairseq_legacy.pt", _use_new_zipfile_serialization=False)
-    for p in ("native", "bare.pt", "bare.bin", "bare.safetensors", "fairseq.pt", "fairseq_legacy.pt"):
+    for p in (
+        "native",
+        "bare.pt",
+        "bare.bin",
+        "bare.safetensors",
+        "fairseq.pt",
+        "fairseq_legacy.pt",
+    ):
         assert attempt(loader(p), root / p, []) == "loaded", p  # every seed file is valid
     return root
 
@@ -143,7 +188,9 @@ def write_mutant(tmp_path: Path, name: str, data: bytes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["bare.pt", "bare.bin", "bare.safetensors", "fairseq.pt", "fairseq_legacy.pt"])
+@pytest.mark.parametrize(
+    "name", ["bare.pt", "bare.bin", "bare.safetensors", "fairseq.pt", "fairseq_legacy.pt"]
+)
 def test_single_file_formats(files, tmp_path_factory, name, canary):
     data = (files / name).read_bytes()
     scratch = tmp_path_factory.mktemp("mutants")
@@ -184,11 +231,14 @@ def hf_folders(tmp_path_factory):
     os.environ["HF_HUB_OFFLINE"] = "1"
     root = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=40, n_embd=8, n_layer=2, n_head=2, n_positions=16, bos_token_id=0,
-                                  eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        vocab_size=40, n_embd=8, n_layer=2, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0
+    )
     model = transformers.GPT2LMHeadModel(cfg).eval()
     model.save_pretrained(root / "st")
-    model.save_pretrained(root / "bin")  # then the weights as a torch pickle, as older transformers saved them
+    model.save_pretrained(
+        root / "bin"
+    )  # then the weights as a torch pickle, as older transformers saved them
     (root / "bin" / "model.safetensors").unlink()
     torch.save(model.state_dict(), root / "bin" / "pytorch_model.bin")
     for sub in ("st", "bin"):
@@ -196,7 +246,9 @@ def hf_folders(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("sub, part", [("st", "model.safetensors"), ("bin", "pytorch_model.bin"), ("st", "config.json")])
+@pytest.mark.parametrize(
+    "sub, part", [("st", "model.safetensors"), ("bin", "pytorch_model.bin"), ("st", "config.json")]
+)
 def test_hugging_face_folder(hf_folders, tmp_path_factory, sub, part, canary):
     import shutil
 
@@ -221,21 +273,31 @@ class Shell:
 
 
 # pickled here, at import, before the canary replaces posix.system
-EVIL = {proto: pickle.dumps({"w": [1.0, 2.0], "evil": Shell()}, protocol=proto)
-        for proto in range(pickle.HIGHEST_PROTOCOL + 1)}
+EVIL = {
+    proto: pickle.dumps({"w": [1.0, 2.0], "evil": Shell()}, protocol=proto)
+    for proto in range(pickle.HIGHEST_PROTOCOL + 1)
+}
 EVIL_BARE = pickle.dumps(Shell(), protocol=2)
 
 
-@given(junk=st.binary(max_size=64), protocol=st.integers(0, pickle.HIGHEST_PROTOCOL), cut=st.integers(0, 40))
+@given(
+    junk=st.binary(max_size=64),
+    protocol=st.integers(0, pickle.HIGHEST_PROTOCOL),
+    cut=st.integers(0, 40),
+)
 @settings(FUZZ, max_examples=40)
-def test_a_pickle_calling_system_is_refused_as_unsafe_even_when_damaged(tmp_path_factory, canary, junk, protocol, cut):
+def test_a_pickle_calling_system_is_refused_as_unsafe_even_when_damaged(
+    tmp_path_factory, canary, junk, protocol, cut
+):
     """Plain pickles (one record, not torch's legacy four), with trailing junk or cut short after the
     payload's global: refused as unsafe and named so, never reported as merely corrupt, never run."""
     raw = EVIL[protocol]
     at = raw.find(b"system") + len(b"system")
     mutant = raw + junk if cut == 0 else raw[: at + cut]
     path = write_mutant(tmp_path_factory.mktemp("evil"), "evil.pt", mutant)
-    with pytest.raises(CheckpointError, match=r"refusing to load: the pickle calls posix\.system.*unsafe pickle"):
+    with pytest.raises(
+        CheckpointError, match=r"refusing to load: the pickle calls posix\.system.*unsafe pickle"
+    ):
         with no_hang():
             load_any(path)
     assert not canary
@@ -262,8 +324,23 @@ def test_the_cli_answers_corrupt_files_with_one_line_and_exit_2(files, tmp_path)
     }
     for name, data in cases.items():
         path = write_mutant(tmp_path, name, data)
-        result = CliRunner().invoke(app, ["collapse", "--ckpt", str(path), "--placement", "pre-ln", "--heads", "2",
-                                          "--out", str(tmp_path / "out")])
+        result = CliRunner().invoke(
+            app,
+            [
+                "collapse",
+                "--ckpt",
+                str(path),
+                "--placement",
+                "pre-ln",
+                "--heads",
+                "2",
+                "--out",
+                str(tmp_path / "out"),
+            ],
+        )
         lines = result.stderr.strip().splitlines()
-        assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, result.output)
+        assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (
+            name,
+            result.output,
+        )
         assert "Traceback" not in result.output

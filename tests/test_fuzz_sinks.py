@@ -15,17 +15,21 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_fuzz_checkpoints import mutations, no_hang
 
 from residual_probe.jobs.plot import PlotError, run_plot
-from residual_probe.probe.records import SinkError, read_sink
 from residual_probe.models import ModelConfig, Transformer
 from residual_probe.probe import Probe
-
-from test_fuzz_checkpoints import mutations, no_hang  # noqa: E402  (same mutations, same hang guard)
+from residual_probe.probe.records import SinkError, read_sink
 
 DEEP = int(os.environ.get("FUZZ_EXAMPLES", "0"))
-FUZZ = settings(max_examples=DEEP or 40, deadline=None, derandomize=not DEEP, database=None,
-                suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    max_examples=DEEP or 40,
+    deadline=None,
+    derandomize=not DEEP,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 DRAWN = settings(FUZZ, max_examples=DEEP or 5)  # each example draws the figures
 
 
@@ -34,10 +38,17 @@ def sinks(tmp_path_factory):
     """probe.jsonl and probe.csv of three recorded steps of a tiny ResiDual model."""
     root = tmp_path_factory.mktemp("sinks")
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(arch="decoder", placement="residual", depth=3, d_model=8, heads=2, ffn=16,
-                                    vocab_size=32))
+    model = Transformer(
+        ModelConfig(
+            arch="decoder", placement="residual", depth=3, d_model=8, heads=2, ffn=16, vocab_size=32
+        )
+    )
     for name in ("probe.jsonl", "probe.csv"):
-        probe = Probe(model, quantities=("param_grad_norm", "act_grad_norm", "forward_stats"), sink=root / name)
+        probe = Probe(
+            model,
+            quantities=("param_grad_norm", "act_grad_norm", "forward_stats"),
+            sink=root / name,
+        )
         with probe:
             for step in range(3):
                 tokens = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(step))
@@ -56,7 +67,10 @@ def read_or_plot_error(path: Path) -> str:
     except (PlotError, SinkError) as exc:
         assert str(exc) and "\n" not in str(exc)
         return "error"
-    assert all(set(r) == {"step", "stack", "layer", "sublayer", "stream", "metric", "value"} for r in sink.rows)
+    assert all(
+        set(r) == {"step", "stack", "layer", "sublayer", "stream", "metric", "value"}
+        for r in sink.rows
+    )
     return "read"
 
 
@@ -77,17 +91,30 @@ def test_damaged_sink_files(sinks, tmp_path_factory, name):
 
 
 finite = st.floats(allow_nan=False, allow_infinity=False, width=32)
-VALUES = st.one_of(finite, st.just(math.nan), st.just(math.inf), st.just(-math.inf), st.floats(0, 10))
-ROWS = st.fixed_dictionaries({
-    "step": st.one_of(st.integers(0, 5), st.integers(-10**12, 10**12)),
-    "stack": st.sampled_from(["decoder", "encoder", "", "layers", "x" * 200]),
-    "layer": st.one_of(st.integers(0, 4), st.integers(-10**9, 10**9)),
-    "sublayer": st.sampled_from(["block", "self_attn", "ffn", "group:attention", ""]),
-    "stream": st.sampled_from(["x", "d", "-", "z"]),
-    "metric": st.sampled_from(["param_grad_norm", "act_grad_norm", "cos_adjacent", "block_influence",
-                               "w2_grad_norm", "nonfinite_count", "made_up"]),
-    "value": VALUES,
-})
+VALUES = st.one_of(
+    finite, st.just(math.nan), st.just(math.inf), st.just(-math.inf), st.floats(0, 10)
+)
+ROWS = st.fixed_dictionaries(
+    {
+        "step": st.one_of(st.integers(0, 5), st.integers(-(10**12), 10**12)),
+        "stack": st.sampled_from(["decoder", "encoder", "", "layers", "x" * 200]),
+        "layer": st.one_of(st.integers(0, 4), st.integers(-(10**9), 10**9)),
+        "sublayer": st.sampled_from(["block", "self_attn", "ffn", "group:attention", ""]),
+        "stream": st.sampled_from(["x", "d", "-", "z"]),
+        "metric": st.sampled_from(
+            [
+                "param_grad_norm",
+                "act_grad_norm",
+                "cos_adjacent",
+                "block_influence",
+                "w2_grad_norm",
+                "nonfinite_count",
+                "made_up",
+            ]
+        ),
+        "value": VALUES,
+    }
+)
 
 
 @given(rows=st.lists(ROWS, min_size=1, max_size=40), fmt=st.sampled_from(["jsonl", "csv"]))
@@ -99,7 +126,9 @@ def test_hostile_rows_are_read_and_drawn_or_refused(tmp_path_factory, rows, fmt)
         sink.write_text("".join(json.dumps(r) + "\n" for r in rows))
     else:
         cols = ("step", "stack", "layer", "sublayer", "stream", "metric", "value")
-        sink.write_text(",".join(cols) + "\n" + "".join(",".join(str(r[c]) for c in cols) + "\n" for r in rows))
+        sink.write_text(
+            ",".join(cols) + "\n" + "".join(",".join(str(r[c]) for c in cols) + "\n" for r in rows)
+        )
     try:
         with no_hang(60):
             summary = run_plot(sink, folder / "out")
@@ -115,11 +144,20 @@ def test_the_cli_answers_a_damaged_sink_with_one_line_and_exit_2(sinks, tmp_path
     from residual_probe.cli import app
 
     data = (sinks / "probe.jsonl").read_bytes()
-    cases = {"binary.jsonl": b"\xff\xfe" + data[:200], "cut.csv": (sinks / "probe.csv").read_bytes()[:10],
-             "junk.jsonl": b"{\"step\": 1}\n", "empty.csv": b""}
+    cases = {
+        "binary.jsonl": b"\xff\xfe" + data[:200],
+        "cut.csv": (sinks / "probe.csv").read_bytes()[:10],
+        "junk.jsonl": b'{"step": 1}\n',
+        "empty.csv": b"",
+    }
     for name, content in cases.items():
         (tmp_path / name).write_bytes(content)
-        result = CliRunner().invoke(app, ["plot", str(tmp_path / name), "--out", str(tmp_path / "out")])
+        result = CliRunner().invoke(
+            app, ["plot", str(tmp_path / name), "--out", str(tmp_path / "out")]
+        )
         lines = result.stderr.strip().splitlines()
-        assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, result.output)
+        assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (
+            name,
+            result.output,
+        )
         assert not (tmp_path / "out").exists()  # nothing created for a run that failed on its input

@@ -18,12 +18,22 @@ from residual_probe.probe.summary import InstabilityLog, SummaryWindow
 def train(placement, steps, lr=1e-3, depth=6, d=32, block=None, at=None, mult=1.0, text=False):
     """A decoder trained with the probe; block `block`'s learning rate is multiplied by `mult` at step `at`."""
     torch.manual_seed(0)
-    cfg = ModelConfig(arch="decoder", placement=placement, depth=depth, d_model=d, heads=2, ffn=2 * d, max_len=64,
-                      dropout=0.0)
+    cfg = ModelConfig(
+        arch="decoder",
+        placement=placement,
+        depth=depth,
+        d_model=d,
+        heads=2,
+        ffn=2 * d,
+        max_len=64,
+        dropout=0.0,
+    )
     model = Transformer(cfg)
     tokens = split_tokens(builtin_corpus())[0] if text else None
     src = BatchSource("decoder", 8, 32, cfg.vocab_size, 0, tokens)
-    chosen = {id(p) for p in model.decoder.layers[block].parameters()} if block is not None else set()
+    chosen = (
+        {id(p) for p in model.decoder.layers[block].parameters()} if block is not None else set()
+    )
     groups = [{"params": [p for p in model.parameters() if id(p) not in chosen]}]
     if chosen:
         groups.append({"params": list(model.decoder.layers[block].parameters())})
@@ -50,7 +60,12 @@ def test_a_block_whose_learning_rate_blew_up_is_named_with_its_step(placement):
     events = find_events(rows)
     assert len(events) == 1
     e = events[0]
-    assert (e.step, e.stack, e.layer, e.metric) == (30, "decoder", 2, "update_ratio") and e.ratio > 50
+    assert (e.step, e.stack, e.layer, e.metric) == (
+        30,
+        "decoder",
+        2,
+        "update_ratio",
+    ) and e.ratio > 50
     assert "step 30: decoder block 2" in e.describe()
     # the online monitor (the callbacks' and train's) finds the same event
     assert [(x.step, x.layer) for x in log.monitor.events] == [(30, 2)]
@@ -85,18 +100,40 @@ def test_rule_on_hand_made_rows():
     rows = []
     for step in range(50):
         for k in range(6):
-            v = 1.0 * 0.97 ** step  # drifting down 3 % a step
+            v = 1.0 * 0.97**step  # drifting down 3 % a step
             if k == 3 and step == 12:
                 v *= 10
             if k == 4 and step == 13:
                 v *= 8
-            rows.append(dict(step=step, stack="decoder", layer=k, sublayer="block", stream="x",
-                             metric="param_grad_norm", value=v))
+            rows.append(
+                dict(
+                    step=step,
+                    stack="decoder",
+                    layer=k,
+                    sublayer="block",
+                    stream="x",
+                    metric="param_grad_norm",
+                    value=v,
+                )
+            )
     (e,) = find_events(rows)  # the slow drift (3 % a step) is not an event
-    assert (e.step, e.layer, round(e.ratio, 1)) == (12, 3, 8.2)  # 10 x 0.97^12 over the median of steps 0-11
+    assert (e.step, e.layer, round(e.ratio, 1)) == (
+        12,
+        3,
+        8.2,
+    )  # 10 x 0.97^12 over the median of steps 0-11
     assert [(f["layer"], f["step"]) for f in e.followers] == [(4, 13)]
-    rows.append(dict(step=40, stack="decoder", layer=0, sublayer="block", stream="x", metric="param_grad_norm",
-                     value=math.nan))
+    rows.append(
+        dict(
+            step=40,
+            stack="decoder",
+            layer=0,
+            sublayer="block",
+            stream="x",
+            metric="param_grad_norm",
+            value=math.nan,
+        )
+    )
     assert find_events(rows)[-1].step == 40 and "nan" in find_events(rows)[-1].describe()
     assert find_events(rows, k=20.0)[0].step == 40  # a larger k: the 10x jump is not an event
     with pytest.raises(ValueError):

@@ -15,9 +15,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from residual_probe.probe.records import read_sink
-from residual_probe.integrations.hf import ProbeCallback  # noqa: E402
 from ranks import spawn_ranks  # noqa: E402
+
+from residual_probe.integrations.hf import ProbeCallback  # noqa: E402
+from residual_probe.probe.records import read_sink  # noqa: E402
 
 VOCAB, SEQ = 64, 8
 
@@ -25,16 +26,39 @@ VOCAB, SEQ = 64, 8
 def make_model(family: str, layers: int = 3):
     T = transformers
     torch.manual_seed(0)
-    small = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=VOCAB,
-                 max_position_embeddings=16)
+    small = dict(
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=16,
+    )
     if family == "gpt2":
-        return T.GPT2LMHeadModel(T.GPT2Config(n_layer=layers, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=16,
-                                              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+        return T.GPT2LMHeadModel(
+            T.GPT2Config(
+                n_layer=layers,
+                n_embd=32,
+                n_head=2,
+                vocab_size=VOCAB,
+                n_positions=16,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+            )
+        )
     if family == "llama":
-        return T.LlamaForCausalLM(T.LlamaConfig(num_hidden_layers=layers, num_key_value_heads=1, **small))
+        return T.LlamaForCausalLM(
+            T.LlamaConfig(num_hidden_layers=layers, num_key_value_heads=1, **small)
+        )
     if family == "bert":
-        return T.BertForMaskedLM(T.BertConfig(num_hidden_layers=layers, hidden_dropout_prob=0.0,
-                                              attention_probs_dropout_prob=0.0, **small))
+        return T.BertForMaskedLM(
+            T.BertConfig(
+                num_hidden_layers=layers,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+                **small,
+            )
+        )
     raise KeyError(family)
 
 
@@ -60,28 +84,61 @@ def ref_trainer():
 
         def _clip_grad_norm(self, model):
             ref = getattr(self, "ref", {})
-            ref[self.state.global_step + 1] = [math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in ps))
-                                               for ps in block_params(self.model)]
+            ref[self.state.global_step + 1] = [
+                math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in ps))
+                for ps in block_params(self.model)
+            ]
             self.ref = ref
             total = super()._clip_grad_norm(model)
-            self.clipped_total = getattr(self, "clipped_total", []) + [float(torch.sqrt(sum(
-                (p.grad.double() ** 2).sum() for p in self.model.parameters() if p.grad is not None)))]
+            self.clipped_total = getattr(self, "clipped_total", []) + [
+                float(
+                    torch.sqrt(
+                        sum(
+                            (p.grad.double() ** 2).sum()
+                            for p in self.model.parameters()
+                            if p.grad is not None
+                        )
+                    )
+                )
+            ]
             return total
 
     return RefTrainer
 
 
-def train(tmp_path, family="gpt2", max_grad_norm=0.0, accumulation=1, steps=3, logging_steps=1,
-          trainer_cls=None, report_to="none", **probe_kwargs):
+def train(
+    tmp_path,
+    family="gpt2",
+    max_grad_norm=0.0,
+    accumulation=1,
+    steps=3,
+    logging_steps=1,
+    trainer_cls=None,
+    report_to="none",
+    **probe_kwargs,
+):
     model = make_model(family)
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=accumulation,
-        max_steps=steps, learning_rate=1e-2, max_grad_norm=max_grad_norm, logging_steps=logging_steps,
-        report_to=report_to, save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
-        dataloader_drop_last=True, lr_scheduler_type="constant", data_seed=0)
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=accumulation,
+        max_steps=steps,
+        learning_rate=1e-2,
+        max_grad_norm=max_grad_norm,
+        logging_steps=logging_steps,
+        report_to=report_to,
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_drop_last=True,
+        lr_scheduler_type="constant",
+        data_seed=0,
+    )
     cb = ProbeCallback(**probe_kwargs)
-    trainer = (trainer_cls or transformers.Trainer)(model=model, args=args,
-                                                    train_dataset=dataset(2 * accumulation * steps), callbacks=[cb])
+    trainer = (trainer_cls or transformers.Trainer)(
+        model=model, args=args, train_dataset=dataset(2 * accumulation * steps), callbacks=[cb]
+    )
     trainer.train()
     return trainer, cb
 
@@ -95,11 +152,20 @@ def block_norms(rows):
 
 
 def test_preclip_norms_exact_when_every_step_clips(tmp_path):
-    clipped, cb = train(tmp_path / "clip", max_grad_norm=1e-4, steps=4, trainer_cls=ref_trainer(),
-                        quantities=("param_grad_norm",))
-    free, cb_free = train(tmp_path / "free", max_grad_norm=0.0, steps=4, quantities=("param_grad_norm",))
+    clipped, cb = train(
+        tmp_path / "clip",
+        max_grad_norm=1e-4,
+        steps=4,
+        trainer_cls=ref_trainer(),
+        quantities=("param_grad_norm",),
+    )
+    free, cb_free = train(
+        tmp_path / "free", max_grad_norm=0.0, steps=4, quantities=("param_grad_norm",)
+    )
     got, ref = block_norms(cb.probe.rows()), clipped.ref
-    assert sorted(got) == sorted(ref) == [1, 2, 3, 4]  # one recorded step per optimizer step, numbered as the Trainer
+    assert (
+        sorted(got) == sorted(ref) == [1, 2, 3, 4]
+    )  # one recorded step per optimizer step, numbered as the Trainer
     # every step was clipped, hard: the clipped total norm is max_grad_norm, far below the per-block norms
     assert all(abs(t - 1e-4) / 1e-4 < 1e-3 for t in clipped.clipped_total)
     assert min(min(v) for v in ref.values()) > 100 * 1e-4
@@ -109,12 +175,20 @@ def test_preclip_norms_exact_when_every_step_clips(tmp_path):
     assert got[1] == pytest.approx(block_norms(cb_free.probe.rows())[1], rel=1e-5)
     # the sink is the default <output_dir>/probe.csv and holds the same rows (to its 7 digits)
     stored = block_norms(read_sink(tmp_path / "clip" / "probe.csv").rows)
-    assert stored.keys() == got.keys() and all(stored[s] == pytest.approx(got[s], rel=6e-7) for s in got)
+    assert stored.keys() == got.keys() and all(
+        stored[s] == pytest.approx(got[s], rel=6e-7) for s in got
+    )
 
 
 def test_gradient_accumulation_one_step_per_optimizer_step(tmp_path):
-    trainer, cb = train(tmp_path, max_grad_norm=1e-3, accumulation=3, steps=2, trainer_cls=ref_trainer(),
-                        quantities=("param_grad_norm", "act_grad_norm"))
+    trainer, cb = train(
+        tmp_path,
+        max_grad_norm=1e-3,
+        accumulation=3,
+        steps=2,
+        trainer_cls=ref_trainer(),
+        quantities=("param_grad_norm", "act_grad_norm"),
+    )
     got = block_norms(cb.probe.rows())
     assert sorted(got) == [1, 2]
     for s in (1, 2):
@@ -126,8 +200,14 @@ def test_gradient_accumulation_one_step_per_optimizer_step(tmp_path):
 
 @pytest.mark.parametrize("family,stack", [("llama", "decoder"), ("bert", "encoder")])
 def test_families_and_logged_summaries(tmp_path, family, stack):
-    trainer, cb = train(tmp_path, family=family, max_grad_norm=1.0, steps=2, logging_steps=1,
-                        quantities=("param_grad_norm", "forward_stats"))
+    trainer, cb = train(
+        tmp_path,
+        family=family,
+        max_grad_norm=1.0,
+        steps=2,
+        logging_steps=1,
+        quantities=("param_grad_norm", "forward_stats"),
+    )
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 2
     keys = sorted(k for k in logged[0] if k.startswith("probe/"))
@@ -140,8 +220,11 @@ def test_families_and_logged_summaries(tmp_path, family, stack):
     # total (at most 5) and the instability count and last block
     assert len(keys) <= 3 * 2 + 6 + 5 + 2 and "probe/grad_norm_model/total" in keys
     rows = cb.probe.rows()
-    last = {r["layer"]: r["value"] for r in rows if r["step"] == 2 and r["metric"] == "param_grad_norm"
-            and r["sublayer"] == "block"}
+    last = {
+        r["layer"]: r["value"]
+        for r in rows
+        if r["step"] == 2 and r["metric"] == "param_grad_norm" and r["sublayer"] == "block"
+    }
     assert logged[-1][f"probe/grad_norm/{stack}/01"] == last[1]
     assert logged[-1][f"probe/first_over_last/{stack}"] == pytest.approx(last[0] / last[2])
 
@@ -150,9 +233,14 @@ def test_summaries_reach_a_report_to_logger(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    trainer, cb = train(tmp_path, steps=2, logging_steps=1, report_to="tensorboard",
-                        quantities=("param_grad_norm",))
-    runs = list((tmp_path / "runs").glob("*")) if (tmp_path / "runs").exists() else list(tmp_path.rglob("events.*"))
+    trainer, cb = train(
+        tmp_path, steps=2, logging_steps=1, report_to="tensorboard", quantities=("param_grad_norm",)
+    )
+    runs = (
+        list((tmp_path / "runs").glob("*"))
+        if (tmp_path / "runs").exists()
+        else list(tmp_path.rglob("events.*"))
+    )
     events = list(tmp_path.rglob("events.out.tfevents.*"))
     assert events, runs
     acc = EventAccumulator(str(events[0].parent)).Reload()
@@ -170,9 +258,14 @@ def test_a_spike_between_two_logs_reaches_the_log_at_its_step(tmp_path):
     (log,) = [h for h in trainer.state.log_history if "loss" in h]
     assert log["step"] == trainer.state.global_step == 3 == max(r["step"] for r in rows)
     key = "transformer.h/00"
-    per_step = {r["step"]: r["value"] for r in rows if r["metric"] == "param_grad_norm" and r["layer"] == 0
-                and r["sublayer"] == "block"}
-    assert sorted(per_step) == [1, 2, 3] and max(per_step.values()) > per_step[3]  # the window is what is tested
+    per_step = {
+        r["step"]: r["value"]
+        for r in rows
+        if r["metric"] == "param_grad_norm" and r["layer"] == 0 and r["sublayer"] == "block"
+    }
+    assert (
+        sorted(per_step) == [1, 2, 3] and max(per_step.values()) > per_step[3]
+    )  # the window is what is tested
     assert log[f"probe/grad_norm/{key}"] == per_step[3]
     assert log[f"probe_max/grad_norm/{key}"] == max(per_step.values())
     info = json.loads((tmp_path / "probe_run.json").read_text())
@@ -184,7 +277,11 @@ def test_no_sink_schedule_and_bad_kwargs(tmp_path):
     assert not (tmp_path / "probe.csv").exists()
     assert sorted({r["step"] for r in cb.probe.rows()}) == [2]  # every=2 of optimizer steps 1, 2, 3
     # a log after a recorded step carries its summaries; a log after a skipped step none
-    logged = {h["step"]: any(k.startswith("probe/") for k in h) for h in trainer.state.log_history if "loss" in h}
+    logged = {
+        h["step"]: any(k.startswith("probe/") for k in h)
+        for h in trainer.state.log_history
+        if "loss" in h
+    }
     assert logged == {1: False, 2: True, 3: False}
     with pytest.raises(TypeError, match="sets 'model'"):
         ProbeCallback(model=None)
@@ -193,23 +290,47 @@ def test_no_sink_schedule_and_bad_kwargs(tmp_path):
 def _ddp_worker(rank, world, tmp, port):
     import os
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     args = transformers.TrainingArguments(
-        output_dir=tmp, per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2, max_grad_norm=1e-4,
-        report_to="none", save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, ddp_backend="gloo",
-        lr_scheduler_type="constant", logging_steps=1)
+        output_dir=tmp,
+        per_device_train_batch_size=2,
+        max_steps=2,
+        learning_rate=1e-2,
+        max_grad_norm=1e-4,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        ddp_backend="gloo",
+        lr_scheduler_type="constant",
+        logging_steps=1,
+    )
     cb = ProbeCallback(quantities=("param_grad_norm",), sink=None)
-    trainer = ref_trainer()(model=make_model("gpt2"), args=args, train_dataset=dataset(8), callbacks=[cb])
+    trainer = ref_trainer()(
+        model=make_model("gpt2"), args=args, train_dataset=dataset(8), callbacks=[cb]
+    )
     trainer.train()
-    out = {"wrapped": type(trainer.model_wrapped).__name__, "ref": trainer.ref,
-           "got": {s: v for s, v in block_norms(cb.probe.rows()).items()}}
+    out = {
+        "wrapped": type(trainer.model_wrapped).__name__,
+        "ref": trainer.ref,
+        "got": {s: v for s, v in block_norms(cb.probe.rows()).items()},
+    }
     with open(f"{tmp}/out{rank}.json", "w") as fh:
         json.dump(out, fh)
     import torch.distributed as dist
 
-    if dist.is_initialized():  # a process group left to the interpreter's exit can abort in gloo's teardown
+    if (
+        dist.is_initialized()
+    ):  # a process group left to the interpreter's exit can abort in gloo's teardown
         dist.barrier()
         dist.destroy_process_group()
 

@@ -23,16 +23,22 @@ from residual_probe.probe.summary import summary
 
 def probe_steps(steps=3, arch="decoder", placement="pre-ln", depth=3, nan_at=None):
     torch.manual_seed(0)
-    cfg = ModelConfig(arch=arch, placement=placement, depth=depth, d_model=16, heads=2, ffn=32, max_len=64)
+    cfg = ModelConfig(
+        arch=arch, placement=placement, depth=depth, d_model=16, heads=2, ffn=32, max_len=64
+    )
     model = Transformer(cfg)
     src = BatchSource(arch, 2, 6, cfg.vocab_size, 0)
-    probe = Probe(model, quantities=("param_grad_norm", "act_grad_norm", "w2_grad_norm", "forward_stats"))
+    probe = Probe(
+        model, quantities=("param_grad_norm", "act_grad_norm", "w2_grad_norm", "forward_stats")
+    )
     out = []
     with probe:
         for s in range(steps):
             b = src.next()
             model.zero_grad()
-            torch.nn.functional.cross_entropy(model(*b.inputs).flatten(0, 1), b.targets.flatten()).backward()
+            torch.nn.functional.cross_entropy(
+                model(*b.inputs).flatten(0, 1), b.targets.flatten()
+            ).backward()
             if s == nan_at:
                 next(probe.blocks[1].module.parameters()).grad.fill_(math.nan)
             out.append(probe.step())
@@ -43,11 +49,20 @@ def test_summary_keys_values_and_nan():
     steps = probe_steps(steps=2, arch="seq2seq", placement="residual", nan_at=1)
     s0 = summary(steps[0])
     rows = steps[0]
-    g = {(r["stack"], r["layer"]): r["value"] for r in rows if r["metric"] == "param_grad_norm"
-         and r["sublayer"] == "block"}
+    g = {
+        (r["stack"], r["layer"]): r["value"]
+        for r in rows
+        if r["metric"] == "param_grad_norm" and r["sublayer"] == "block"
+    }
     assert s0["probe/grad_norm/decoder/02"] == g[("decoder", 2)]
-    assert s0["probe/first_over_last/encoder"] == pytest.approx(g[("encoder", 0)] / g[("encoder", 2)])
-    infl = {(r["stack"], r["stream"], r["layer"]): r["value"] for r in rows if r["metric"] == "block_influence"}
+    assert s0["probe/first_over_last/encoder"] == pytest.approx(
+        g[("encoder", 0)] / g[("encoder", 2)]
+    )
+    infl = {
+        (r["stack"], r["stream"], r["layer"]): r["value"]
+        for r in rows
+        if r["metric"] == "block_influence"
+    }
     assert s0["probe/block_influence/decoder:d/01"] == infl[("decoder", "d", 1)]
     assert s0["probe/block_influence/encoder/00"] == infl[("encoder", "x", 0)]
     assert s0["probe/nonfinite_count"] == 0
@@ -57,25 +72,36 @@ def test_summary_keys_values_and_nan():
     # both stacks), the two stacks' final norms and the total (the head is tied)
     assert len(s0) == 2 * 3 + 2 * 3 + 4 * 3 + 4 + 4 + 1 + 3
     whole = {r["sublayer"]: r["value"] for r in rows if r["stack"] == "model"}
-    assert s0["probe/grad_norm_model/total"] == whole["total"] and set(whole) == {"embedding", "final_norm", "total"}
+    assert s0["probe/grad_norm_model/total"] == whole["total"] and set(whole) == {
+        "embedding",
+        "final_norm",
+        "total",
+    }
     # the last step of a list of steps; NaN gradients give NaN summaries, not an exception
     s1 = summary(steps[0] + steps[1])
-    assert math.isnan(s1["probe/grad_norm/encoder/01"]) and math.isnan(s1["probe/first_over_last/encoder"])
+    assert math.isnan(s1["probe/grad_norm/encoder/01"]) and math.isnan(
+        s1["probe/first_over_last/encoder"]
+    )
     assert s1["probe/nonfinite_count"] > 0
     assert summary([]) == {}
 
 
 def test_probe_summary_method():
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(arch="decoder", placement="pre-ln", depth=3, d_model=16, heads=2, ffn=32,
-                                    max_len=64))
+    model = Transformer(
+        ModelConfig(
+            arch="decoder", placement="pre-ln", depth=3, d_model=16, heads=2, ffn=32, max_len=64
+        )
+    )
     src = BatchSource("decoder", 2, 6, 256, 0)
     with Probe(model, quantities=("param_grad_norm", "forward_stats")) as probe:
         assert probe.summary() == {}
         for _ in range(2):
             b = src.next()
             model.zero_grad()
-            torch.nn.functional.cross_entropy(model(*b.inputs).flatten(0, 1), b.targets.flatten()).backward()
+            torch.nn.functional.cross_entropy(
+                model(*b.inputs).flatten(0, 1), b.targets.flatten()
+            ).backward()
             last = probe.step()
     assert probe.summary() == summary(last) and "probe/grad_norm/decoder/02" in probe.summary()
 
@@ -93,17 +119,24 @@ def test_tensorboard_event_file_read_back(tmp_path):
     acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0, "scalars": 0}).Reload()
     scalars = acc.Tags()["scalars"]
     assert set(scalars) == set(written[0])
-    for key in ("probe/grad_norm/decoder/01", "probe/first_over_last/decoder", "probe/block_influence/decoder/02"):
+    for key in (
+        "probe/grad_norm/decoder/01",
+        "probe/first_over_last/decoder",
+        "probe/block_influence/decoder/02",
+    ):
         events = acc.Scalars(key)
         assert [e.step for e in events] == [0, 1, 2]
         for e, w in zip(events, written):
-            assert (math.isnan(e.value) and math.isnan(w[key])) or e.value == pytest.approx(w[key], rel=1e-6)
+            assert (math.isnan(e.value) and math.isnan(w[key])) or e.value == pytest.approx(
+                w[key], rel=1e-6
+            )
     images = acc.Images("probe/grad_norm_heatmap/decoder")
     assert [e.step for e in images] == [0, 2]  # written steps 1 and 3 (image_every=2)
     last = images[-1]
     assert (last.height, last.width) == (3, 3)  # 3 blocks x 3 steps so far
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     px = np.asarray(Image.open(io.BytesIO(last.encoded_image_string)).convert("RGB"))
     assert tuple(px[-2, 2]) == (214, 39, 40)  # block 1 (rows bottom-up), step 2: the NaN, in red
@@ -119,16 +152,18 @@ def wandb_history(folder):
     data = open(files[0], "rb").read()
     assert data[:4] == b":W&B"
     pos, buf, out = 7, b"", []
-    while pos + 7 <= len(data):  # LevelDB log format: 32 KiB blocks of (crc, length, type, data) records
+    while pos + 7 <= len(
+        data
+    ):  # LevelDB log format: 32 KiB blocks of (crc, length, type, data) records
         left = 32768 - pos % 32768
         if left < 7:
             pos += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0:
             pos += left
             continue
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind in (1, 2):
             buf = chunk
         else:
@@ -137,7 +172,12 @@ def wandb_history(folder):
             rec = pb.Record()
             rec.ParseFromString(buf)
             if rec.WhichOneof("record_type") == "history":
-                out.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
+                out.append(
+                    {
+                        (i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+                        for i in rec.history.item
+                    }
+                )
     return out
 
 
@@ -160,11 +200,18 @@ def test_wandb_offline_run_files(tmp_path, monkeypatch):
     history = wandb_history(tmp_path)
     assert [h["_step"] for h in history] == [0, 1, 2]
     for h, w in zip(history, written):
-        for key in ("probe/grad_norm/decoder/00", "probe/first_over_last/decoder", "probe/late_cos_adjacent/decoder"):
+        for key in (
+            "probe/grad_norm/decoder/00",
+            "probe/first_over_last/decoder",
+            "probe/late_cos_adjacent/decoder",
+        ):
             assert h[key] == pytest.approx(w[key], rel=1e-9)
     image = "probe/grad_norm_heatmap/decoder"
     assert history[0][f"{image}/_type"] == "image-file" and f"{image}/_type" not in history[1]
-    assert (history[0][f"{image}/height"], history[0][f"{image}/width"]) == (3, 1)  # 3 blocks x 1 step
+    assert (history[0][f"{image}/height"], history[0][f"{image}/width"]) == (
+        3,
+        1,
+    )  # 3 blocks x 1 step
     png = list(tmp_path.glob(f"wandb/offline-run-*/files/{history[0][f'{image}/path']}"))
     assert len(png) == 1 and png[0].read_bytes()[:4] == b"\x89PNG"
 
@@ -172,8 +219,10 @@ def test_wandb_offline_run_files(tmp_path, monkeypatch):
 def test_missing_extra_names_it(monkeypatch):
     from residual_probe.integrations import MissingExtraError
 
-    for module, extra in (("residual_probe.integrations.lightning", "lightning"),
-                          ("residual_probe.integrations.hf", "hf")):
+    for module, extra in (
+        ("residual_probe.integrations.lightning", "lightning"),
+        ("residual_probe.integrations.hf", "hf"),
+    ):
         monkeypatch.setitem(sys.modules, extra if extra != "hf" else "transformers", None)
         monkeypatch.delitem(sys.modules, module, raising=False)
         with pytest.raises(MissingExtraError, match=rf"pip install 'residual-probe\[{extra}\]'"):

@@ -27,8 +27,11 @@ def naive_hsic_unbiased(K, L):
     np.fill_diagonal(K, 0)
     np.fill_diagonal(L, 0)
     one = np.ones(n)
-    return (np.trace(K @ L) + (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2))
-            - 2 / (n - 2) * one @ K @ L @ one) / (n * (n - 3))
+    return (
+        np.trace(K @ L)
+        + (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2))
+        - 2 / (n - 2) * one @ K @ L @ one
+    ) / (n * (n - 3))
 
 
 def naive_cka(X, Y, debiased):
@@ -36,7 +39,9 @@ def naive_cka(X, Y, debiased):
     Y = Y - Y.mean(0)
     if debiased:
         K, L = X @ X.T, Y @ Y.T
-        return naive_hsic_unbiased(K, L) / math.sqrt(naive_hsic_unbiased(K, K) * naive_hsic_unbiased(L, L))
+        return naive_hsic_unbiased(K, L) / math.sqrt(
+            naive_hsic_unbiased(K, K) * naive_hsic_unbiased(L, L)
+        )
     return np.linalg.norm(Y.T @ X) ** 2 / (np.linalg.norm(X.T @ X) * np.linalg.norm(Y.T @ Y))
 
 
@@ -55,7 +60,9 @@ def test_per_layer_metrics_match_loops():
     assert M.cos_adjacent(prev, cur).item() == pytest.approx(cos, rel=1e-12)
     assert M.relative_update(prev, cur).item() == pytest.approx(rel, rel=1e-12)
     assert M.ln_update(prev, cur).item() == pytest.approx(lnu, rel=1e-10)
-    assert M.norm_sq_per_dim(cur).item() == pytest.approx(np.mean([c @ c / 16 for c in C]), rel=1e-12)
+    assert M.norm_sq_per_dim(cur).item() == pytest.approx(
+        np.mean([c @ c / 16 for c in C]), rel=1e-12
+    )
     assert M.block_influence(M.cos_adjacent(prev, cur)).item() == pytest.approx(1 - cos, rel=1e-10)
     assert M.angular_distance(0.0).item() == pytest.approx(0.5)
     assert M.angular_distance(1.0 + 1e-7).item() == 0.0  # rounding above 1 is clamped, not NaN
@@ -66,14 +73,22 @@ def test_per_layer_known_values():
     assert M.cos_adjacent(x, x).item() == pytest.approx(1.0, abs=1e-6)
     assert M.cos_adjacent(x, -x).item() == pytest.approx(-1.0, abs=1e-6)
     assert M.relative_update(x, 2 * x).item() == pytest.approx(1.0, rel=1e-6)
-    assert M.ln_update(x, 3 * x + 1).item() == pytest.approx(0.0, abs=1e-5)  # LN removes scale/shift
+    assert M.ln_update(x, 3 * x + 1).item() == pytest.approx(
+        0.0, abs=1e-5
+    )  # LN removes scale/shift
     assert M.norm_sq_per_dim(torch.full((4, 9), 2.0)).item() == pytest.approx(4.0)
 
 
 def test_degenerate_tokens_are_finite():
     z, c = torch.zeros(4, 8), torch.ones(4, 8)
-    for v in (M.cos_adjacent(z, c), M.relative_update(z, c), M.ln_update(z, c), M.relative_update(z, z),
-              M.ln_update(c, c), M.norm_sq_per_dim(z)):
+    for v in (
+        M.cos_adjacent(z, c),
+        M.relative_update(z, c),
+        M.ln_update(z, c),
+        M.relative_update(z, z),
+        M.ln_update(c, c),
+        M.norm_sq_per_dim(z),
+    ):
         assert torch.isfinite(v)
     assert M.cos_adjacent(z, c).item() == 0.0
     assert M.ln_update(c, 2 * c).item() == 0.0  # constant tokens normalize to 0, not NaN
@@ -83,8 +98,12 @@ def test_half_precision_is_upcast():
     x = torch.randn(64, 32, generator=_gen(3)) * 300  # ||x||^2 ~ 3e6 overflows float16 (max 65504)
     y = x + torch.randn(64, 32, generator=_gen(4)) * 30
     assert M.norm_sq_per_dim(x.half()).dtype == torch.float32
-    assert M.norm_sq_per_dim(x.half()).item() == pytest.approx(M.norm_sq_per_dim(x).item(), rel=1e-3)
-    assert M.cos_adjacent(x.half(), y.half()).item() == pytest.approx(M.cos_adjacent(x, y).item(), abs=1e-3)
+    assert M.norm_sq_per_dim(x.half()).item() == pytest.approx(
+        M.norm_sq_per_dim(x).item(), rel=1e-3
+    )
+    assert M.cos_adjacent(x.half(), y.half()).item() == pytest.approx(
+        M.cos_adjacent(x, y).item(), abs=1e-3
+    )
     assert M.cos_adjacent(x.bfloat16(), y.bfloat16()).isfinite()
 
 
@@ -112,12 +131,16 @@ def test_similarity_matrix_matches_loops():
 def test_cka_matches_naive(debiased):
     g = _gen(6)
     X = torch.randn(20, 7, generator=g, dtype=torch.float64)
-    Y = X @ torch.randn(7, 11, generator=g, dtype=torch.float64) + torch.randn(20, 11, generator=g, dtype=torch.float64)
+    Y = X @ torch.randn(7, 11, generator=g, dtype=torch.float64) + torch.randn(
+        20, 11, generator=g, dtype=torch.float64
+    )
     ref = naive_cka(X.numpy(), Y.numpy(), debiased)
     assert M.linear_cka(X, Y, debiased).item() == pytest.approx(ref, rel=1e-10)
     H = torch.stack([X[:, :5], Y[:, :5], X[:, :5] * 3 + 1])
     C = M.cka_matrix(H, debiased)
-    assert C[0, 1].item() == pytest.approx(naive_cka(X[:, :5].numpy(), Y[:, :5].numpy(), debiased), rel=1e-10)
+    assert C[0, 1].item() == pytest.approx(
+        naive_cka(X[:, :5].numpy(), Y[:, :5].numpy(), debiased), rel=1e-10
+    )
     assert C[0, 2].item() == pytest.approx(1.0, abs=1e-12)  # CKA is invariant to scale and shift
     assert torch.allclose(C, C.T)
 
@@ -161,8 +184,19 @@ def test_effective_rank_known_cases():
 def test_token_uniformity_and_rank1_residual():
     g = _gen(11)
     X = torch.randn(3, 9, 5, generator=g, dtype=torch.float64)
-    ref = np.mean([np.mean([naive_cos(x[i].numpy(), x[j].numpy()) for i in range(9) for j in range(9) if i != j])
-                   for x in X])
+    ref = np.mean(
+        [
+            np.mean(
+                [
+                    naive_cos(x[i].numpy(), x[j].numpy())
+                    for i in range(9)
+                    for j in range(9)
+                    if i != j
+                ]
+            )
+            for x in X
+        ]
+    )
     assert M.token_uniformity(X).item() == pytest.approx(ref, rel=1e-12)
     same = torch.randn(5, generator=g).expand(6, 5)
     assert M.token_uniformity(same).item() == pytest.approx(1.0, abs=1e-6)
@@ -185,6 +219,11 @@ def test_transition_stats_equals_the_four_metrics():
         cur = prev + 0.3 * torch.randn(2, 9, 16, generator=g, dtype=dtype)
         prev[0, 0] = 0.0
         fused = M.transition_stats(prev, cur)
-        single = (M.cos_adjacent(prev, cur), M.relative_update(prev, cur), M.norm_sq_per_dim(cur), M.ln_update(prev, cur))
+        single = (
+            M.cos_adjacent(prev, cur),
+            M.relative_update(prev, cur),
+            M.norm_sq_per_dim(cur),
+            M.ln_update(prev, cur),
+        )
         for f, s in zip(fused, single, strict=True):
             assert torch.allclose(f, s, rtol=tol, atol=tol), (dtype, f, s)

@@ -11,12 +11,33 @@ import pytest
 from typer.testing import CliRunner
 
 from residual_probe.cli import app
-from residual_probe.ownership import LOCK, MANIFEST, FolderError, folder_state, owned_out, read_manifest
 from residual_probe.output import write_atomic
+from residual_probe.ownership import (
+    LOCK,
+    MANIFEST,
+    FolderError,
+    folder_state,
+    owned_out,
+    read_manifest,
+)
 
 runner = CliRunner()
-TINY = ["--depth", "2", "--d-model", "16", "--heads", "2", "--ffn", "32", "--batch", "2", "--seq-len", "6",
-        "--seeds", "1"]
+TINY = [
+    "--depth",
+    "2",
+    "--d-model",
+    "16",
+    "--heads",
+    "2",
+    "--ffn",
+    "32",
+    "--batch",
+    "2",
+    "--seq-len",
+    "6",
+    "--seeds",
+    "1",
+]
 
 
 def grad_norms(out, *extra):
@@ -31,7 +52,11 @@ def test_an_earlier_runs_folder_is_refused_then_replaced_with_overwrite(tmp_path
     (out / "mine.txt").write_text("the user's own notes")
     (out / "stale.png").write_text("x")  # not listed in a manifest: never touched
     r = grad_norms(out, "--placements", "pre-ln")
-    assert r.exit_code == 2 and "holds the outputs of another run" in r.output and "--overwrite" in r.output
+    assert (
+        r.exit_code == 2
+        and "holds the outputs of another run" in r.output
+        and "--overwrite" in r.output
+    )
     assert "Traceback" not in r.output
     assert read_manifest(out) == first  # the refused run changed nothing
     r = grad_norms(out, "--placements", "pre-ln", "--overwrite")
@@ -55,10 +80,14 @@ def test_a_second_concurrent_run_exits_2_naming_the_first(tmp_path):
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     out = tmp_path / "stale"
     out.mkdir()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     import socket
 
-    (out / LOCK).write_text(json.dumps(dict(pid=int(dead.stdout), host=socket.gethostname(), command="x")))
+    (out / LOCK).write_text(
+        json.dumps(dict(pid=int(dead.stdout), host=socket.gethostname(), command="x"))
+    )
     assert grad_norms(out).exit_code == 0
 
 
@@ -72,9 +101,11 @@ def test_a_crash_between_two_files_leaves_a_partial_folder_that_readers_name(tmp
     assert m["status"] == "partial" and m["files"] == ["probe.jsonl"] and "failed" in m["reason"]
     assert folder_state(out).startswith("partial")
     # a process killed outright (no chance to mark itself): the manifest says running, its PID is gone
-    code = ("import sys; from residual_probe.ownership import owned_out; from residual_probe.output import write_atomic\n"
-            f"with owned_out({str(tmp_path / 'killed')!r}, 'residual-probe train'):\n"
-            f"    write_atomic({str(tmp_path / 'killed' / 'a.csv')!r}, 'x\\n'); import os; os._exit(9)")
+    code = (
+        "import sys; from residual_probe.ownership import owned_out; from residual_probe.output import write_atomic\n"
+        f"with owned_out({str(tmp_path / 'killed')!r}, 'residual-probe train'):\n"
+        f"    write_atomic({str(tmp_path / 'killed' / 'a.csv')!r}, 'x\\n'); import os; os._exit(9)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 9
     assert read_manifest(tmp_path / "killed")["status"] == "running"
     assert folder_state(tmp_path / "killed").startswith("interrupted")
@@ -94,7 +125,9 @@ def test_overwrite_removes_only_files_inside_the_folder(tmp_path):
     out.mkdir()
     outside = tmp_path / "keep.txt"
     outside.write_text("keep")
-    (out / MANIFEST).write_text(json.dumps(dict(status="complete", command="x", files=["../keep.txt", "a.txt"])))
+    (out / MANIFEST).write_text(
+        json.dumps(dict(status="complete", command="x", files=["../keep.txt", "a.txt"]))
+    )
     (out / "a.txt").write_text("old")
     with owned_out(out, "residual-probe plot", overwrite=True):
         pass

@@ -42,7 +42,6 @@ Not supported by PyTorch on gloo/CPU, so not tested here:
 """
 
 import csv
-import math
 import pickle
 from importlib.util import find_spec
 
@@ -50,17 +49,19 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from ranks import spawn_ranks
+from test_distributed import SIZES, make_model, probe_reductions, run_steps
 from torch import nn
 
 from residual_probe.probe import Probe
 from residual_probe.probe.schedule import ProbeError
-from ranks import spawn_ranks
-from test_distributed import SIZES, make_model, probe_reductions, run_steps
 
 # Looked up, not imported: importing both costs 2 s per collecting process, and the ranks import them.
 pytestmark = pytest.mark.skipif(
-    find_spec("torch.distributed.tensor") is None or find_spec("torch.distributed.pipelining") is None,
-    reason="torch without tensor parallelism or torch.distributed.pipelining")
+    find_spec("torch.distributed.tensor") is None
+    or find_spec("torch.distributed.pipelining") is None,
+    reason="torch without tensor parallelism or torch.distributed.pipelining",
+)
 
 GLOBAL_BATCH, T = 4, 6  # T divisible by the tensor-parallel degree (sequence parallelism)
 TP_CASES = ("tp", "tp-dtensor", "sp", "sp-local")
@@ -97,10 +98,12 @@ def _init(rank, world, tmp, worker, args):
 
 def worst(got, ref):
     """{metric: largest relative difference}; asserts the same keys and 1e-6 relative."""
-    assert set(got) == set(ref), (set(got) ^ set(ref))
+    assert set(got) == set(ref), set(got) ^ set(ref)
     out = {}
     for key, value in ref.items():
-        tiny = abs(value) < 1e-12 and abs(got[key]) < 1e-12  # zero but for rounding (the key bias's gradient)
+        tiny = (
+            abs(value) < 1e-12 and abs(got[key]) < 1e-12
+        )  # zero but for rounding (the key bias's gradient)
         diff = 0.0 if tiny or value == got[key] else abs(got[key] - value) / abs(value)
         out[key[-1]] = max(out.get(key[-1], 0.0), diff)
         assert got[key] == pytest.approx(value, rel=REL, abs=1e-12), key
@@ -120,29 +123,48 @@ def assert_one_writer(path, twin):
 
 
 def keyed(rows):
-    return {(r["step"], r["stack"], r["layer"], r["sublayer"], r["stream"], r["metric"]): r["value"] for r in rows}
+    return {
+        (r["step"], r["stack"], r["layer"], r["sublayer"], r["stream"], r["metric"]): r["value"]
+        for r in rows
+    }
 
 
 # ---- tensor parallel ---------------------------------------------------------------------------
 
+
 def tp_plan(case, depth):
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleInputOutput,
-                                                   PrepareModuleOutput, RowwiseParallel, SequenceParallel)
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        PrepareModuleInputOutput,
+        PrepareModuleOutput,
+        RowwiseParallel,
+        SequenceParallel,
+    )
 
     sp = case.startswith("sp")
     local = case in ("tp", "sp-local")  # block outputs plain tensors, or DTensors
     stream = Shard(1) if sp else Replicate()
-    plan = {"decoder.embed": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=stream,
-                                                 use_local_output=local),
-            "output_projection": PrepareModuleInput(input_layouts=stream, desired_input_layouts=Replicate(),
-                                                    use_local_output=True)}
+    plan = {
+        "decoder.embed": PrepareModuleOutput(
+            output_layouts=Replicate(), desired_output_layouts=stream, use_local_output=local
+        ),
+        "output_projection": PrepareModuleInput(
+            input_layouts=stream, desired_input_layouts=Replicate(), use_local_output=True
+        ),
+    }
     if sp:
         norm = lambda: SequenceParallel(use_local_output=False)  # noqa: E731
     elif not local:  # a replicated DTensor stream through plain norms: local in, DTensor out
         norm = lambda: PrepareModuleInputOutput(  # noqa: E731
-            input_layouts=Replicate(), desired_input_layouts=Replicate(), use_local_input=True,
-            output_layouts=Replicate(), desired_output_layouts=Replicate(), use_local_output=False)
+            input_layouts=Replicate(),
+            desired_input_layouts=Replicate(),
+            use_local_input=True,
+            output_layouts=Replicate(),
+            desired_output_layouts=Replicate(),
+            use_local_output=False,
+        )
     else:
         norm = None
     if norm is not None:
@@ -150,9 +172,15 @@ def tp_plan(case, depth):
     into = dict(input_layouts=stream)
     for k in range(depth):
         b = f"decoder.layers.{k}"
-        for name in ("q_proj", "k_proj", "v_proj"):  # heads stay a DTensor dimension: the model splits by its width
+        for name in (
+            "q_proj",
+            "k_proj",
+            "v_proj",
+        ):  # heads stay a DTensor dimension: the model splits by its width
             plan[f"{b}.self_attn.{name}"] = ColwiseParallel(**into, use_local_output=False)
-        plan[f"{b}.self_attn.out_proj"] = RowwiseParallel(output_layouts=stream, use_local_output=local)
+        plan[f"{b}.self_attn.out_proj"] = RowwiseParallel(
+            output_layouts=stream, use_local_output=local
+        )
         plan[f"{b}.ffn.fc1"] = ColwiseParallel(**into)
         plan[f"{b}.ffn.fc2"] = RowwiseParallel(output_layouts=stream, use_local_output=local)
         if norm is not None:
@@ -180,8 +208,11 @@ def _tp_worker(rank, world, tmp):
             fully_shard(blk, mesh=mesh["dp"])
         fully_shard(model, mesh=mesh["dp"])
         seen = {}
-        watch = model.decoder.layers[0].register_forward_hook(
-            lambda m, a, o: seen.setdefault("out", (type(o).__name__, str(getattr(o, "placements", "")))) and None)
+
+        def record_output(module, args, out, seen=seen):
+            seen.setdefault("out", (type(out).__name__, str(getattr(out, "placements", ""))))
+
+        watch = model.decoder.layers[0].register_forward_hook(record_output)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         probe = Probe(model, subsample_tokens=4, sink=f"{tmp}/{case}.csv")
         with probe_reductions() as reductions, sdpa_kernel(SDPBackend.MATH), implicit_replication():
@@ -200,7 +231,9 @@ def single_process(sink, steps=2):
     tok, tgt = data()
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    return run_steps(model, Probe(model, subsample_tokens=4, sink=sink), tok, tgt, steps=steps, opt=opt)
+    return run_steps(
+        model, Probe(model, subsample_tokens=4, sink=sink), tok, tgt, steps=steps, opt=opt
+    )
 
 
 def test_fsdp2_and_tensor_parallel_equal_one_process(tmp_path):
@@ -210,7 +243,7 @@ def test_fsdp2_and_tensor_parallel_equal_one_process(tmp_path):
     assert any(k[1] == "model" for k in ref) and any(k[-1] == "w2_grad_norm" for k in ref)
     outputs = {"tp": "Tensor", "tp-dtensor": "DTensor", "sp": "DTensor", "sp-local": "Tensor"}
     for case in TP_CASES:
-        for rank, result in enumerate(results):
+        for _rank, result in enumerate(results):
             rows, (kind, placements), reductions = result[case]
             assert kind == outputs[case], (case, kind)  # the case tests what it says
             assert reductions == 2  # one all-reduce per recorded step (2 steps), none in the hooks
@@ -225,16 +258,27 @@ def test_fsdp2_and_tensor_parallel_equal_one_process(tmp_path):
 # ---- pipeline parallel -------------------------------------------------------------------------
 
 PP_DEPTH, MICRO = 4, 4
-PP_CASES = (("gpipe", "dict"), ("1f1b", "list"))  # schedule, how a stage keeps its blocks' global names
-QUANTITIES = ("param_grad_norm", "w2_grad_norm", "act_grad_norm", "forward_stats", "param_tensor_norm",
-              "update_ratio")
+PP_CASES = (
+    ("gpipe", "dict"),
+    ("1f1b", "list"),
+)  # schedule, how a stage keeps its blocks' global names
+QUANTITIES = (
+    "param_grad_norm",
+    "w2_grad_norm",
+    "act_grad_norm",
+    "forward_stats",
+    "param_tensor_norm",
+    "update_ratio",
+)
 
 
 def make_deep_model():
     torch.manual_seed(0)
     from residual_probe.models import build_model
 
-    return build_model(**{**SIZES, "depth": PP_DEPTH, "tie_embeddings": False}).double()  # a tie across stages needs its own all-reduce
+    return build_model(
+        **{**SIZES, "depth": PP_DEPTH, "tie_embeddings": False}
+    ).double()  # a tie across stages needs its own all-reduce
 
 
 class Stage(nn.Module):
@@ -251,7 +295,9 @@ class Stage(nn.Module):
         if container == "dict":
             stack.layers = nn.ModuleDict({str(k): stack.layers[k] for k in keep})
         else:
-            stack.layers = nn.ModuleList(blk if k in keep else nn.Identity() for k, blk in enumerate(stack.layers))
+            stack.layers = nn.ModuleList(
+                blk if k in keep else nn.Identity() for k, blk in enumerate(stack.layers)
+            )
         if not self.first:
             stack.embed = None
         if not self.last:
@@ -285,14 +331,24 @@ def _pp_worker(rank, world, tmp):
         mod = Stage(make_deep_model(), rank, world, container)
         # static stage metadata (shapes, dtypes, which tensors need a gradient), from a forward
         # before the probe is made: no shape-inference forward inside the schedule for it to see
-        x = tok[:mb] if rank == 0 else torch.zeros(mb, T, SIZES["d_model"], dtype=torch.float64, requires_grad=True)
+        x = (
+            tok[:mb]
+            if rank == 0
+            else torch.zeros(mb, T, SIZES["d_model"], dtype=torch.float64, requires_grad=True)
+        )
         y = mod(x)
         stage = PipelineStage(mod, rank, world, torch.device("cpu"), input_args=x, output_args=y)
         kind = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
         sched = kind(stage, n_microbatches=MICRO, loss_fn=micro_loss, scale_grads=False)
         opt = torch.optim.SGD(mod.parameters(), lr=0.1)
-        probe = Probe(mod, quantities=QUANTITIES, subsample_tokens=4, optimizer=opt,
-                      pipeline_group=dist.group.WORLD, sink=f"{tmp}/{schedule}.csv")
+        probe = Probe(
+            mod,
+            quantities=QUANTITIES,
+            subsample_tokens=4,
+            optimizer=opt,
+            pipeline_group=dist.group.WORLD,
+            sink=f"{tmp}/{schedule}.csv",
+        )
         blocks = [(b.name, b.index) for b in probe.blocks]
         with probe:
             for _ in range(2):
@@ -320,7 +376,7 @@ def test_pipeline_stages_equal_one_process(tmp_path):
     (stage0, stage1) = spawn(_pp_worker, 2, tmp_path)
     ref = single_process_deep(tmp_path / "twin.csv")
     assert {k[-1] for k in ref} >= {"update_ratio", "act_grad_norm", "cos_adjacent", "w2_grad_norm"}
-    for schedule, container in PP_CASES:
+    for schedule, _container in PP_CASES:
         rows0, blocks0 = stage0[schedule]
         rows1, blocks1 = stage1[schedule]
         # each stage discovered its own blocks under their global indices

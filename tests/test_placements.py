@@ -81,7 +81,9 @@ def test_every_block_matches_its_equation(placement, arch):
     memory = model.encoder(tokens) if arch == "seq2seq" else None
     state = stack.placement.begin(stack.embed(tokens), stack)
     for blk in stack.layers:
-        expected = reference_block(placement, blk, state, memory, depth=len(stack.layers), mix_ratio=0.6, s_res=0.3)
+        expected = reference_block(
+            placement, blk, state, memory, depth=len(stack.layers), mix_ratio=0.6, s_res=0.3
+        )
         state = blk(state, memory)
         assert close(state, expected), f"{placement} block {blk.k}"
 
@@ -100,7 +102,8 @@ def test_stack_start_and_end(placement):
     if placement == "residual":
         x, d = state
         expected = 1.0 * x + torch.nn.functional.layer_norm(
-            d, (16,), stack.final_norm.weight, stack.final_norm.bias, eps=1e-7)
+            d, (16,), stack.final_norm.weight, stack.final_norm.bias, eps=1e-7
+        )
     elif placement in ("pre-ln", "sandwich", "peri-ln", "mix-ln", "lns"):
         expected = stack.final_norm(state)
     else:
@@ -172,7 +175,9 @@ def test_residual_matches_a_port_of_the_released_code(s):
     model = tiny("residual", arch="seq2seq", res_input_norm_scale=s)
     src, tgt = torch.randint(1, 50, (2, 6)), torch.randint(1, 50, (2, 5))
     ours = model(src, tgt)
-    assert torch.allclose(ours, released_residual_logits(model, src, tgt, s), rtol=1e-10, atol=1e-10)
+    assert torch.allclose(
+        ours, released_residual_logits(model, src, tgt, s), rtol=1e-10, atol=1e-10
+    )
     if s != 1.0:
         ones = tiny("residual", arch="seq2seq", res_input_norm_scale=1.0)
         assert (ours - ones(src, tgt)).abs().max() < 1e-5  # only LN_f's eps sees s
@@ -192,16 +197,32 @@ def test_residual_seq2seq_cross_attention_reads_combined_encoder_output():
 @pytest.mark.parametrize("arch,N,M", [("encoder", 6, 0), ("decoder", 0, 12), ("seq2seq", 6, 12)])
 def test_deepnorm_constants(arch, N, M):
     depth = N or M
-    cfg = ModelConfig(arch=arch, placement="deepnorm", depth=depth, decoder_depth=M if arch == "seq2seq" else None, **{k: v for k, v in SMALL.items() if k != "depth"})
+    cfg = ModelConfig(
+        arch=arch,
+        placement="deepnorm",
+        depth=depth,
+        decoder_depth=M if arch == "seq2seq" else None,
+        **{k: v for k, v in SMALL.items() if k != "depth"},
+    )
     if arch == "encoder":
-        assert deepnorm_constants(cfg, "encoder") == pytest.approx(((2 * N) ** 0.25, (8 * N) ** -0.25))
+        assert deepnorm_constants(cfg, "encoder") == pytest.approx(
+            ((2 * N) ** 0.25, (8 * N) ** -0.25)
+        )
     elif arch == "decoder":
-        assert deepnorm_constants(cfg, "decoder") == pytest.approx(((2 * M) ** 0.25, (8 * M) ** -0.25))
+        assert deepnorm_constants(cfg, "decoder") == pytest.approx(
+            ((2 * M) ** 0.25, (8 * M) ** -0.25)
+        )
     else:
         # The DeepNet paper's encoder beta, 0.87 (N^4 M)^(-1/16), not torchscale's 1.15 (N^4 M)^(-1/16).
-        assert deepnorm_constants(cfg, "encoder") == pytest.approx((0.81 * (N**4 * M) ** (1 / 16), 0.87 * (N**4 * M) ** (-1 / 16)))
-        assert deepnorm_constants(cfg, "encoder")[1] == pytest.approx(0.87 * 6 ** -0.25 * 12 ** (-1 / 16))
-        assert deepnorm_constants(cfg, "decoder") == pytest.approx(((3 * M) ** 0.25, (12 * M) ** -0.25))
+        assert deepnorm_constants(cfg, "encoder") == pytest.approx(
+            (0.81 * (N**4 * M) ** (1 / 16), 0.87 * (N**4 * M) ** (-1 / 16))
+        )
+        assert deepnorm_constants(cfg, "encoder")[1] == pytest.approx(
+            0.87 * 6**-0.25 * 12 ** (-1 / 16)
+        )
+        assert deepnorm_constants(cfg, "decoder") == pytest.approx(
+            ((3 * M) ** 0.25, (12 * M) ** -0.25)
+        )
 
 
 def test_deepnorm_beta_scales_v_out_fc1_fc2_only():
@@ -217,7 +238,18 @@ def test_deepnorm_beta_scales_v_out_fc1_fc2_only():
         assert torch.allclose(q, beta * p if scaled else p), name
 
 
-@pytest.mark.parametrize("ratio,depth,switch", [(0.25, 8, 2), (0.25, 6, 1), (0.5, 5, 2), (0.0, 4, 0), (1.0, 4, 4), (0.2, 4, 0), (15 / 22, 22, 15)])
+@pytest.mark.parametrize(
+    "ratio,depth,switch",
+    [
+        (0.25, 8, 2),
+        (0.25, 6, 1),
+        (0.5, 5, 2),
+        (0.0, 4, 0),
+        (1.0, 4, 4),
+        (0.2, 4, 0),
+        (15 / 22, 22, 15),
+    ],
+)
 def test_mix_ln_switch_point(ratio, depth, switch):
     """floor(rho * N) Post-LN blocks, an integer count as in the Mix-LN paper and code (ceil gave 2, 3, 1
     for the second, third and last cases)."""
@@ -248,12 +280,20 @@ def test_a_few_adam_steps_lower_the_loss(placement):
     from residual_probe.data import BatchSource
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="decoder", placement=placement, d_model=32, heads=2, ffn=64, depth=3, vocab_size=20))
-    batch = BatchSource("decoder", 4, 12, 20, seed=0).next()  # one fixed batch: the loss must fall on it
+    model = build_model(
+        ModelConfig(
+            arch="decoder", placement=placement, d_model=32, heads=2, ffn=64, depth=3, vocab_size=20
+        )
+    )
+    batch = BatchSource(
+        "decoder", 4, 12, 20, seed=0
+    ).next()  # one fixed batch: the loss must fall on it
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
 
     def loss():
-        return torch.nn.functional.cross_entropy(model(*batch.inputs).flatten(0, 1), batch.targets.flatten())
+        return torch.nn.functional.cross_entropy(
+            model(*batch.inputs).flatten(0, 1), batch.targets.flatten()
+        )
 
     first = float(loss().detach())
     for _ in range(15):
@@ -266,7 +306,9 @@ def test_a_few_adam_steps_lower_the_loss(placement):
 def test_config_rejects_unknown_keys_and_conflicts():
     with pytest.raises(ConfigError, match="unknown config keys: colour"):
         ModelConfig.from_dict({"colour": 1})
-    with pytest.raises(ConfigError, match="placement: unknown 'pre_ln'; choose one of post-ln, pre-ln"):
+    with pytest.raises(
+        ConfigError, match="placement: unknown 'pre_ln'; choose one of post-ln, pre-ln"
+    ):
         ModelConfig(placement="pre_ln")
     with pytest.raises(ConfigError, match="divisible"):
         ModelConfig(d_model=10, heads=3)
@@ -277,15 +319,24 @@ def test_config_rejects_unknown_keys_and_conflicts():
 
 
 def test_config_json_round_trip():
-    cfg = ModelConfig(arch="seq2seq", placement="residual", depth=3, decoder_depth=5, alpha=0.5, norm="rmsnorm")
+    cfg = ModelConfig(
+        arch="seq2seq", placement="residual", depth=3, decoder_depth=5, alpha=0.5, norm="rmsnorm"
+    )
     assert ModelConfig.from_json(cfg.to_json()) == cfg
     model = build_model(cfg)
     assert len(model.encoder.layers) == 3 and len(model.decoder.layers) == 5
 
 
 def test_config_new_keys_strict_and_round_trip():
-    cfg = ModelConfig(arch="seq2seq", placement="residual", dropout=0.3, attention_dropout=0.1,
-                      activation_dropout=0.1, share_all_embeddings=True, res_input_norm_scale=0.5)
+    cfg = ModelConfig(
+        arch="seq2seq",
+        placement="residual",
+        dropout=0.3,
+        attention_dropout=0.1,
+        activation_dropout=0.1,
+        share_all_embeddings=True,
+        res_input_norm_scale=0.5,
+    )
     assert ModelConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ConfigError, match="attention_dropout: must be in"):
         ModelConfig(attention_dropout=1.0)
@@ -304,8 +355,11 @@ def test_config_new_keys_strict_and_round_trip():
 def test_config_json_without_the_new_keys_still_loads_with_its_old_meaning():
     """A config.json written before attention_dropout/activation_dropout/share_all_embeddings
     existed: its single `dropout` still applies to attention weights and activations."""
-    old = {k: v for k, v in ModelConfig(dropout=0.2).to_dict().items()
-           if k not in ("attention_dropout", "activation_dropout", "share_all_embeddings")}
+    old = {
+        k: v
+        for k, v in ModelConfig(dropout=0.2).to_dict().items()
+        if k not in ("attention_dropout", "activation_dropout", "share_all_embeddings")
+    }
     cfg = ModelConfig.from_dict(old)
     assert cfg.attention_dropout_rate == cfg.activation_dropout_rate == 0.2
     assert cfg.share_all_embeddings is False
@@ -315,7 +369,9 @@ def test_config_json_without_the_new_keys_still_loads_with_its_old_meaning():
 
 
 def test_three_dropout_rates_act_where_fairseq_puts_them():
-    cfg = ModelConfig(arch="seq2seq", dropout=0.3, attention_dropout=0.1, activation_dropout=0.05, **SMALL)
+    cfg = ModelConfig(
+        arch="seq2seq", dropout=0.3, attention_dropout=0.1, activation_dropout=0.05, **SMALL
+    )
     model = build_model(cfg)
     blk = model.decoder.layers[0]
     assert model.decoder.embed.dropout.p == 0.3
@@ -346,11 +402,22 @@ def test_share_all_embeddings_is_one_table():
 def test_untied_output_projection_is_fairseq_normal():
     """fairseq's TransformerDecoderBase: an output projection of its own is N(0, d^-1/2)."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="decoder", tie_embeddings=False, d_model=64, heads=2, ffn=64, depth=1,
-                                    vocab_size=4000))
+    model = build_model(
+        ModelConfig(
+            arch="decoder",
+            tie_embeddings=False,
+            d_model=64,
+            heads=2,
+            ffn=64,
+            depth=1,
+            vocab_size=4000,
+        )
+    )
     w = model.output_projection.weight.detach()
     assert w.mean().abs() < 3 * 64**-0.5 / math.sqrt(w.numel())
-    assert w.std().item() == pytest.approx(64**-0.5, rel=0.02)  # PyTorch's default gives 1/sqrt(3*64)
+    assert w.std().item() == pytest.approx(
+        64**-0.5, rel=0.02
+    )  # PyTorch's default gives 1/sqrt(3*64)
     kurt = ((w - w.mean()) ** 4).mean() / w.var() ** 2
     assert kurt.item() == pytest.approx(3.0, abs=0.15)  # normal, not uniform (1.8)
 

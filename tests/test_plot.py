@@ -17,17 +17,21 @@ from typer.testing import CliRunner
 
 from residual_probe.cli import app
 from residual_probe.data import BatchSource
-from residual_probe.probe.records import read_sink
 from residual_probe.models import ModelConfig, Transformer
 from residual_probe.probe import Probe
+from residual_probe.probe.records import read_sink
 
 runner = CliRunner()
 QUANTITIES = ("param_grad_norm", "act_grad_norm", "forward_stats")
 
 
-def write_sink(path: Path, arch="seq2seq", placement="residual", steps=4, quantities=QUANTITIES, every=1):
+def write_sink(
+    path: Path, arch="seq2seq", placement="residual", steps=4, quantities=QUANTITIES, every=1
+):
     torch.manual_seed(0)
-    cfg = ModelConfig(arch=arch, placement=placement, depth=3, d_model=16, heads=2, ffn=32, max_len=64)
+    cfg = ModelConfig(
+        arch=arch, placement=placement, depth=3, d_model=16, heads=2, ffn=32, max_len=64
+    )
     model = Transformer(cfg)
     source = BatchSource(arch, 2, 6, cfg.vocab_size, 0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -35,7 +39,9 @@ def write_sink(path: Path, arch="seq2seq", placement="residual", steps=4, quanti
     with probe:
         for _ in range(steps):
             b = source.next()
-            loss = torch.nn.functional.cross_entropy(model(*b.inputs).flatten(0, 1), b.targets.flatten())
+            loss = torch.nn.functional.cross_entropy(
+                model(*b.inputs).flatten(0, 1), b.targets.flatten()
+            )
             opt.zero_grad()
             loss.backward()
             probe.step()
@@ -59,7 +65,9 @@ def seq2seq_sink(tmp_path_factory):
 def seq2seq_plot(seq2seq_sink, tmp_path_factory):
     """`plot` of the whole seq2seq sink, as PNG and PDF: (out folder, CLI result)."""
     out = tmp_path_factory.mktemp("plot")
-    return out, plot(seq2seq_sink[0], "--out", out, "--placement", "residual", "--format", "png,pdf")
+    return out, plot(
+        seq2seq_sink[0], "--out", out, "--placement", "residual", "--format", "png,pdf"
+    )
 
 
 def test_two_stacks_two_streams_figures_and_verdicts(seq2seq_sink, seq2seq_plot):
@@ -76,8 +84,11 @@ def test_two_stacks_two_streams_figures_and_verdicts(seq2seq_sink, seq2seq_plot)
     # ResiDual: the Pre-LN reference belongs to the dual stream d only, not to x
     assert sorted(summary["collapse_reference_drawn_for"]) == ["decoder:d", "encoder:d"]
     # the verdict numbers are the rows' numbers
-    last = {(x["stack"], x["layer"]): x["value"] for x in rows if x["step"] == 3
-            and x["metric"] == "param_grad_norm" and x["sublayer"] == "block"}
+    last = {
+        (x["stack"], x["layer"]): x["value"]
+        for x in rows
+        if x["step"] == 3 and x["metric"] == "param_grad_norm" and x["sublayer"] == "block"
+    }
     for v in summary["gradient_verdicts"]:
         assert v["first_over_last"] == pytest.approx(last[(v["stack"], 0)] / last[(v["stack"], 2)])
         assert f"{v['stack']} step 3: {v['verdict']}" in r.output
@@ -89,8 +100,9 @@ def test_two_stacks_two_streams_figures_and_verdicts(seq2seq_sink, seq2seq_plot)
 def test_hf_gpt2_block_names_csv_and_chosen_steps(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=50,
-                                                                 n_positions=16))
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=50, n_positions=16)
+    )
     sink = tmp_path / "gpt2.csv"
     probe = Probe(model, quantities=("param_grad_norm", "forward_stats"), sink=str(sink))
     with probe:
@@ -116,15 +128,23 @@ def test_sink_still_being_written_reads_complete_lines(seq2seq_sink, tmp_path):
     run, rows = seq2seq_sink
     data = (run / "probe.jsonl").read_bytes()
     lines = data.splitlines(keepends=True)
-    cut = b"".join(lines[:-3]) + lines[-3][:30]  # mid-line inside the last step's block rows, as a writer may leave it
+    cut = (
+        b"".join(lines[:-3]) + lines[-3][:30]
+    )  # mid-line inside the last step's block rows, as a writer may leave it
     sink = tmp_path / "probe.jsonl"
     sink.write_bytes(cut)
-    (tmp_path / "train.json").write_text(json.dumps({"spec": {"placement": "residual"}}))  # as the train job
+    (tmp_path / "train.json").write_text(
+        json.dumps({"spec": {"placement": "residual"}})
+    )  # as the train job
     complete = [json.loads(line) for line in cut.splitlines()[:-1]]
     last = complete[-1]["step"]
     whole = [x for x in complete if x["step"] != last]  # the last step was cut mid-write: dropped
     got = read_sink(sink)
-    assert got.partial_line and len(got.rows) == len(whole) and f"step {last} is incomplete" in got.notes[0]
+    assert (
+        got.partial_line
+        and len(got.rows) == len(whole)
+        and f"step {last} is incomplete" in got.notes[0]
+    )
     r = plot(tmp_path, "--out", tmp_path / "o")
     assert r.exit_code == 0, r.output
     assert "incomplete last line" in r.output and f"step {last} is incomplete" in r.output
@@ -139,8 +159,12 @@ def test_nonfinite_values_are_marked_not_fatal(seq2seq_sink, tmp_path):
     spoiled = []
     for x in rows:
         x = dict(x)
-        if x["step"] == 3 and x["stack"] == "decoder" and x["layer"] == 1 and x["metric"] in (
-                "param_grad_norm", "cos_adjacent", "act_grad_norm"):
+        if (
+            x["step"] == 3
+            and x["stack"] == "decoder"
+            and x["layer"] == 1
+            and x["metric"] in ("param_grad_norm", "cos_adjacent", "act_grad_norm")
+        ):
             x["value"] = math.nan if x["metric"] != "act_grad_norm" else math.inf
         spoiled.append(x)
     sink = tmp_path / "nan.jsonl"
@@ -155,7 +179,12 @@ def test_nonfinite_values_are_marked_not_fatal(seq2seq_sink, tmp_path):
 
 
 def test_only_gradients_recorded(tmp_path):
-    write_sink(tmp_path / "probe.jsonl", arch="decoder", placement="post-ln", quantities=("param_grad_norm",))
+    write_sink(
+        tmp_path / "probe.jsonl",
+        arch="decoder",
+        placement="post-ln",
+        quantities=("param_grad_norm",),
+    )
     r = plot(tmp_path, "--out", tmp_path / "o")
     assert r.exit_code == 0, r.output
     files = sorted(p.name for p in (tmp_path / "o").iterdir() if not p.name.startswith("."))
@@ -194,18 +223,29 @@ def test_bad_input_one_line_exit_2_no_files(tmp_path):
         r = plot(run, "--out", out)
         assert r.exit_code == 2, (name, r.output)
         lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (name, r.stderr)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
+            name,
+            r.stderr,
+        )
         assert not out.exists() or not list(out.iterdir()), name
 
 
 def test_bad_input_real_process(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "residual_probe.cli", "plot", str(tmp_path / "none.jsonl")],
-                          capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "residual_probe.cli", "plot", str(tmp_path / "none.jsonl")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: '{tmp_path / 'none.jsonl'}' does not exist"]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: '{tmp_path / 'none.jsonl'}' does not exist"
+    ]
 
 
-def test_a_sink_cut_between_blocks_is_judged_on_its_last_complete_step(seq2seq_sink, seq2seq_plot, tmp_path):
+def test_a_sink_cut_between_blocks_is_judged_on_its_last_complete_step(
+    seq2seq_sink, seq2seq_plot, tmp_path
+):
     """Only blocks 0-1 of the last step written: the verdict must not read block 1 as the last block."""
     run, rows = seq2seq_sink
     last = max(x["step"] for x in rows)
@@ -219,15 +259,23 @@ def test_a_sink_cut_between_blocks_is_judged_on_its_last_complete_step(seq2seq_s
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert {v["step"] for v in summary["collapse_verdicts"]} == {last - 1}
     full, result = seq2seq_plot
-    want = {(c["stack"], c["stream"]): c["late_cos_adjacent"] for c in
-            json.loads((full / "summary.json").read_text())["collapse_verdicts"]}
+    want = {
+        (c["stack"], c["stream"]): c["late_cos_adjacent"]
+        for c in json.loads((full / "summary.json").read_text())["collapse_verdicts"]
+    }
     assert result.exit_code == 0
     # the same numbers as the uncut sink had at step last - 1 (recomputed from its rows)
     from residual_probe.analysis.collapse import collapse_verdict
 
     for c in summary["collapse_verdicts"]:
-        cos = sorted((x["layer"], x["value"]) for x in head if x["step"] == last - 1 and x["metric"] == "cos_adjacent"
-                     and x["stack"] == c["stack"] and x["stream"] == c["stream"])
+        cos = sorted(
+            (x["layer"], x["value"])
+            for x in head
+            if x["step"] == last - 1
+            and x["metric"] == "cos_adjacent"
+            and x["stack"] == c["stack"]
+            and x["stream"] == c["stream"]
+        )
         assert c["late_cos_adjacent"] == collapse_verdict([v for _, v in cos])["late_cos_adjacent"]
         assert (c["stack"], c["stream"]) in want
     # the verdict line says how the late cosine moved since the first recorded step

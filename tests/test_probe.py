@@ -16,7 +16,14 @@ from residual_probe.probe import DiscoveryError, Probe, ProbeError
 from residual_probe.probe.records import read_sink
 
 SIZES = dict(depth=3, d_model=16, heads=2, ffn=32, vocab_size=23, max_len=64)
-FORWARD = ("cos_adjacent", "relative_update", "norm_sq_per_dim", "ln_update", "block_influence", "angular_distance")
+FORWARD = (
+    "cos_adjacent",
+    "relative_update",
+    "norm_sq_per_dim",
+    "ln_update",
+    "block_influence",
+    "angular_distance",
+)
 
 
 def make(arch, placement, seed=0, **kw):
@@ -66,15 +73,21 @@ def naive_stats(prev, cur, eps=1e-5):
     rel = torch.stack([(b[t] - a[t]).norm() / a[t].norm() for t in range(len(a))])
 
     def ln(v):
-        return (v - v.mean(-1, keepdim=True)) / torch.sqrt(v.var(-1, unbiased=False, keepdim=True) + eps)
+        return (v - v.mean(-1, keepdim=True)) / torch.sqrt(
+            v.var(-1, unbiased=False, keepdim=True) + eps
+        )
 
     c = float(cos.mean())
     return {
-        "cos_adjacent": c, "relative_update": float(rel.mean()),
+        "cos_adjacent": c,
+        "relative_update": float(rel.mean()),
         "norm_sq_per_dim": float((b**2).sum(-1).mean() / b.shape[-1]),
         "ln_update": float((ln(b) - ln(a)).abs().mean()),
         "block_influence": 1 - c,  # of the mean cosine (ShortGPT)
-        "angular_distance": float(sum(math.acos(max(-1.0, min(1.0, float(x)))) for x in cos) / len(cos)) / math.pi,
+        "angular_distance": float(
+            sum(math.acos(max(-1.0, min(1.0, float(x)))) for x in cos) / len(cos)
+        )
+        / math.pi,
     }  # angular distance: per token, then averaged (Gromov et al.), not arccos of the mean cosine
 
 
@@ -104,7 +117,9 @@ def reference(model, inp, targets):
             ref[(role, k, "block", "-", "param_grad_norm")] = param_norm(blk.parameters())
             for name in ("self_attn", "cross_attn", "ffn"):
                 if getattr(blk, name) is not None:
-                    ref[(role, k, name, "-", "param_grad_norm")] = param_norm(getattr(blk, name).parameters())
+                    ref[(role, k, name, "-", "param_grad_norm")] = param_norm(
+                        getattr(blk, name).parameters()
+                    )
             named = dict(blk.named_parameters())
             is_norm = lambda n: ".norm." in n or ".out_norm." in n  # noqa: E731
             norms = [p for n, p in named.items() if is_norm(n)]
@@ -116,13 +131,23 @@ def reference(model, inp, targets):
             if "gate" in named:
                 ref[(role, k, "group:other", "-", "param_grad_norm")] = param_norm([named["gate"]])
         last = len(stack.layers) - 1
-        ref[(role, last, "ffn.fc2", "-", "w2_grad_norm")] = float(stack.layers[last].ffn.fc2.weight.grad.norm())
+        ref[(role, last, "ffn.fc2", "-", "w2_grad_norm")] = float(
+            stack.layers[last].ffn.fc2.weight.grad.norm()
+        )
     # the parts outside the blocks, and the total over every parameter once (clip_grad_norm_'s norm)
     stacks = [s for _, s in model.stacks()]
-    parts = {"embedding": {p for s in stacks for p in s.embed.parameters()},
-             "final_norm": {p for s in stacks for m in (s.final_norm, s.embed_norm) if m is not None
-                            for p in m.parameters()},
-             "head": set(model.output_projection.parameters()) - {p for s in stacks for p in s.embed.parameters()}}
+    parts = {
+        "embedding": {p for s in stacks for p in s.embed.parameters()},
+        "final_norm": {
+            p
+            for s in stacks
+            for m in (s.final_norm, s.embed_norm)
+            if m is not None
+            for p in m.parameters()
+        },
+        "head": set(model.output_projection.parameters())
+        - {p for s in stacks for p in s.embed.parameters()},
+    }
     for part, ps in parts.items():
         if ps:
             ref[("model", -1, part, "-", "param_grad_norm")] = param_norm(ps)
@@ -137,11 +162,20 @@ def probed(model, inp, targets, **kw):
         loss_of(model(*inp), targets).backward()
         rows = probe.step()
     model.zero_grad(set_to_none=True)
-    return probe, {(r["stack"], r["layer"], r["sublayer"], r["stream"], r["metric"]): r["value"] for r in rows}
+    return probe, {
+        (r["stack"], r["layer"], r["sublayer"], r["stream"], r["metric"]): r["value"] for r in rows
+    }
 
 
-CASES = [("decoder", "pre-ln"), ("decoder", "post-ln"), ("encoder", "sandwich"), ("seq2seq", "residual"),
-         ("seq2seq", "deepnorm"), ("decoder", "rezero"), ("decoder", "b2t")]
+CASES = [
+    ("decoder", "pre-ln"),
+    ("decoder", "post-ln"),
+    ("encoder", "sandwich"),
+    ("seq2seq", "residual"),
+    ("seq2seq", "deepnorm"),
+    ("decoder", "rezero"),
+    ("decoder", "b2t"),
+]
 
 
 @pytest.mark.parametrize("arch,placement", CASES)
@@ -160,7 +194,10 @@ def test_every_quantity_equals_direct_float64(arch, placement):
     for key, value in ref.items():
         assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
     if placement == "residual":  # both streams recorded, and they differ
-        assert got[("decoder", 0, "block", "d", "cos_adjacent")] != got[("decoder", 0, "block", "x", "cos_adjacent")]
+        assert (
+            got[("decoder", 0, "block", "d", "cos_adjacent")]
+            != got[("decoder", 0, "block", "x", "cos_adjacent")]
+        )
 
 
 def test_micro_batches_pool_to_the_full_batch():
@@ -173,7 +210,9 @@ def test_micro_batches_pool_to_the_full_batch():
         for half in (slice(0, 2), slice(2, 4)):
             loss_of(model(tok[half]), targets[half], scale=0.5).backward()
         rows = probe.step()
-    got = {(r["stack"], r["layer"], r["sublayer"], r["stream"], r["metric"]): r["value"] for r in rows}
+    got = {
+        (r["stack"], r["layer"], r["sublayer"], r["stream"], r["metric"]): r["value"] for r in rows
+    }
     assert set(got) == set(full)
     for key, value in full.items():
         assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
@@ -210,7 +249,9 @@ def test_subsample_is_bounded_by_the_tokens_there_are():
     got = probe.subsamples()[("decoder", "x")]
     assert got.shape == (SIZES["depth"] + 1, 6, 16)
     _, cap = manual_forward(model, inp)  # every token kept: the states themselves, in token order
-    layers = [cap[("decoder", 0)][0][0]] + [cap[("decoder", k)][1][0] for k in range(SIZES["depth"])]
+    layers = [cap[("decoder", 0)][0][0]] + [
+        cap[("decoder", k)][1][0] for k in range(SIZES["depth"])
+    ]
     assert torch.equal(got, torch.stack([h.detach().reshape(-1, 16).float() for h in layers]))
 
 
@@ -230,12 +271,23 @@ def test_subsample_buffers_are_reused_and_what_subsamples_returns_is_not_overwri
             buffers.append(probe._quantity("subsample").last[("decoder", "x")].data_ptr())
     assert len(set(buffers)) == 2  # two buffers, alternating
     _, cap = manual_forward(model, inp)
-    full = torch.cat([cap[("decoder", 0)][0][0].reshape(-1, 16)] +
-                     [cap[("decoder", k)][1][0].reshape(-1, 16) for k in range(SIZES["depth"])], 1).detach().float()
-    for t in got:  # each copy is still a set of real token paths (not a later step's overwrite of it)
+    full = (
+        torch.cat(
+            [cap[("decoder", 0)][0][0].reshape(-1, 16)]
+            + [cap[("decoder", k)][1][0].reshape(-1, 16) for k in range(SIZES["depth"])],
+            1,
+        )
+        .detach()
+        .float()
+    )
+    for (
+        t
+    ) in got:  # each copy is still a set of real token paths (not a later step's overwrite of it)
         assert torch.cdist(torch.cat(list(t), dim=1), full).min(dim=1).values.max() < 1e-5
     assert any(not torch.equal(got[0], t) for t in got[1:])  # other positions on other steps
-    assert all(torch.equal(t, snap) for t, snap in zip(got, snaps))  # not overwritten by later draws
+    assert all(
+        torch.equal(t, snap) for t, snap in zip(got, snaps)
+    )  # not overwritten by later draws
 
 
 def test_schedules_every_steps_and_per_quantity():
@@ -255,7 +307,16 @@ def test_schedules_every_steps_and_per_quantity():
 
     assert sorted(run(Probe(model, quantities=("param_grad_norm",), every=3))) == [0, 3]
     assert sorted(run(Probe(model, quantities=("act_grad_norm",), steps=[1, 4]))) == [1, 4]
-    steps = run(Probe(model, quantities={"param_grad_norm": 2, "forward_stats": [1], "w2_grad_norm": lambda s: s == 5}))
+    steps = run(
+        Probe(
+            model,
+            quantities={
+                "param_grad_norm": 2,
+                "forward_stats": [1],
+                "w2_grad_norm": lambda s: s == 5,
+            },
+        )
+    )
     assert steps[0] == steps[2] == steps[4] == {"param_grad_norm", "nonfinite_count"}
     assert steps[1] == set(FORWARD) | {"nonfinite_count"}
     assert steps[5] == {"w2_grad_norm", "nonfinite_count"}
@@ -268,7 +329,11 @@ def fired_gradient_hooks(monkeypatch) -> list[int]:
     from residual_probe.probe.quantities.act_grad_norm import ActGradNorm
 
     fired, on_grads = [], ActGradNorm._on_grads
-    monkeypatch.setattr(ActGradNorm, "_on_grads", lambda self, slot, *a: fired.append(slot) or on_grads(self, slot, *a))
+    monkeypatch.setattr(
+        ActGradNorm,
+        "_on_grads",
+        lambda self, slot, *a: fired.append(slot) or on_grads(self, slot, *a),
+    )
     return fired
 
 
@@ -299,7 +364,9 @@ def test_forward_stats_under_no_grad():
     assert "act_grad_norm" not in metrics and set(FORWARD) <= metrics
     for r in rows:
         if r["metric"] in FORWARD:
-            assert r["value"] == pytest.approx(ref[(r["stack"], r["layer"], "block", "x", r["metric"])], rel=1e-9)
+            assert r["value"] == pytest.approx(
+                ref[(r["stack"], r["layer"], "block", "x", r["metric"])], rel=1e-9
+            )
 
 
 def test_activation_checkpoint_recomputation_is_not_counted_twice():
@@ -309,7 +376,9 @@ def test_activation_checkpoint_recomputation_is_not_counted_twice():
     inp, targets = inputs("decoder")
     ref = reference(model, inp, targets)
     for blk in model.decoder.layers:
-        blk.forward = (lambda f: lambda x, memory=None: checkpoint(f, x, memory, use_reentrant=False))(blk.forward)
+        blk.forward = (
+            lambda f: lambda x, memory=None: checkpoint(f, x, memory, use_reentrant=False)
+        )(blk.forward)
     _, got = probed(model, inp, targets)
     for key, value in ref.items():
         assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
@@ -331,7 +400,10 @@ def test_nonfinite_values_are_recorded_and_counted_not_raised():
 
 
 def hook_count(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        for m in model.modules()
+    )
 
 
 def test_detach_restores_the_model_exactly():
@@ -366,7 +438,9 @@ def test_no_references_or_memory_remain_across_300_steps(one_thread):
     import weakref
 
     torch.manual_seed(0)
-    model = build_model(arch="decoder", placement="residual", depth=2, d_model=8, heads=2, ffn=8, vocab_size=11)
+    model = build_model(
+        arch="decoder", placement="residual", depth=2, d_model=8, heads=2, ffn=8, vocab_size=11
+    )
     tok = torch.randint(1, 11, (2, 4))
 
     def live_tensors():
@@ -412,7 +486,9 @@ def one_step_with(model, inp, targets, between, **kw):
         loss.backward()
         rows = probe.step()
     model.zero_grad(set_to_none=True)
-    return probe, {(r["stack"], r["layer"], r["sublayer"], r["stream"], r["metric"]): r["value"] for r in rows}
+    return probe, {
+        (r["stack"], r["layer"], r["sublayer"], r["stream"], r["metric"]): r["value"] for r in rows
+    }
 
 
 def test_eval_forwards_are_not_pooled_into_the_training_step():
@@ -432,16 +508,23 @@ def test_eval_forwards_are_not_pooled_into_the_training_step():
     for key, value in ref.items():
         assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
     plain, _ = one_step_with(model, inp, targets, lambda p: None)
-    for key, sub in plain.subsamples().items():  # the subsample is the training batch's, not validation's
+    for (
+        key,
+        sub,
+    ) in plain.subsamples().items():  # the subsample is the training batch's, not validation's
         assert torch.equal(probe.subsamples()[key], sub)
 
-    def train_mode_no_grad(probe):  # a training-mode module under no_grad is not a training forward either
+    def train_mode_no_grad(
+        probe,
+    ):  # a training-mode module under no_grad is not a training forward either
         with torch.no_grad():
             model(*other)
 
     with pytest.warns(UserWarning, match="not recorded"):
         _, got = one_step_with(model, inp, targets, train_mode_no_grad)
-    assert got[("decoder", 1, "block", "x", "cos_adjacent")] == pytest.approx(ref[("decoder", 1, "block", "x", "cos_adjacent")], rel=1e-9)
+    assert got[("decoder", 1, "block", "x", "cos_adjacent")] == pytest.approx(
+        ref[("decoder", 1, "block", "x", "cos_adjacent")], rel=1e-9
+    )
 
 
 def test_paused_records_nothing_and_says_nothing():
@@ -459,8 +542,13 @@ def test_paused_records_nothing_and_says_nothing():
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _, got = one_step_with(model, inp, targets, paused_training_forward,
-                               quantities=("forward_stats", "act_grad_norm"))
+        _, got = one_step_with(
+            model,
+            inp,
+            targets,
+            paused_training_forward,
+            quantities=("forward_stats", "act_grad_norm"),
+        )
     for key, value in ref.items():
         if key[-1] in FORWARD or key[-1] == "act_grad_norm":
             assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
@@ -478,7 +566,9 @@ def test_include_eval_records_eval_forwards():
     assert {r["metric"] for r in rows} >= set(FORWARD)
     for r in rows:
         if r["metric"] in FORWARD:
-            assert r["value"] == pytest.approx(ref[(r["stack"], r["layer"], "block", "x", r["metric"])], rel=1e-9)
+            assert r["value"] == pytest.approx(
+                ref[(r["stack"], r["layer"], "block", "x", r["metric"])], rel=1e-9
+            )
 
 
 # ---- records on disk ------------------------------------------------------------------------
@@ -498,7 +588,9 @@ def test_sink_keeps_the_steps_before_a_crash(tmp_path, suffix):
                     raise RuntimeError("boom")
                 loss_of(model(*inp), targets).backward()
                 probe.step()
-    raw = pd.read_csv(path) if suffix == "csv" else pd.read_json(path, lines=True)  # one call either way
+    raw = (
+        pd.read_csv(path) if suffix == "csv" else pd.read_json(path, lines=True)
+    )  # one call either way
     assert sorted(raw["step"].unique()) == [0, 1, 2, 3]
     df = read_sink(path).frame()
     assert list(df.columns) == ["step", "stack", "layer", "sublayer", "stream", "metric", "value"]
@@ -506,12 +598,14 @@ def test_sink_keeps_the_steps_before_a_crash(tmp_path, suffix):
     df, mem = df.sort_values(key), pd.DataFrame(probe.rows()).sort_values(key)
     assert len(df) == len(mem)
     # the compact CSV keeps 7 significant digits, JSONL every bit
-    assert df["value"].tolist() == pytest.approx(mem["value"].tolist(), rel=6e-7 if suffix == "csv" else 1e-12)
+    assert df["value"].tolist() == pytest.approx(
+        mem["value"].tolist(), rel=6e-7 if suffix == "csv" else 1e-12
+    )
 
 
 @pytest.mark.parametrize("suffix", ["csv", "jsonl"])
 def test_sink_is_appended_across_with_blocks_and_resumed_runs(tmp_path, suffix):
-    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pandas")
     model = make("decoder", "pre-ln")
     inp, targets = inputs("decoder")
     path = tmp_path / f"rows.{suffix}"
@@ -526,7 +620,9 @@ def test_sink_is_appended_across_with_blocks_and_resumed_runs(tmp_path, suffix):
     probe = Probe(model, quantities=("param_grad_norm",), sink=str(path))
     steps(probe, 2)
     steps(probe, 3)  # the same probe, a second `with` block
-    steps(Probe(model, quantities=("param_grad_norm",), sink=str(path), start_step=5), 2)  # a resumed run
+    steps(
+        Probe(model, quantities=("param_grad_norm",), sink=str(path), start_step=5), 2
+    )  # a resumed run
     df = read_sink(path).frame()
     assert sorted(df["step"].unique()) == list(range(7))
     assert len(df) == 7 * len(probe.rows()) // 5
@@ -552,7 +648,9 @@ def test_sink_writes_nonfinite_values_readably(tmp_path):
         path = tmp_path / f"bad.{suffix}"
         probed(model, inp, targets, quantities=("param_grad_norm",), sink=str(path))
         if suffix == "csv":
-            cells = path.read_text().replace("\n", ",").split(",")  # an empty cell is "not recorded", not NaN
+            cells = (
+                path.read_text().replace("\n", ",").split(",")
+            )  # an empty cell is "not recorded", not NaN
             assert {"nan", "inf", "-inf"} & set(cells) and pd.read_csv(path).shape[0] > 0
         df = read_sink(path).frame()
         assert df["value"].apply(lambda v: not math.isfinite(v)).sum() > 0
@@ -561,16 +659,19 @@ def test_sink_writes_nonfinite_values_readably(tmp_path):
 # ---- bad input ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(quantities=("param_grad_norm", "grad_norm")), "unknown quantity 'grad_norm'"),
-    (dict(quantities=()), "at least one"),
-    (dict(every=0), "every"),
-    (dict(steps=["a"]), "steps"),
-    (dict(steps=[-1]), "steps"),
-    (dict(subsample_tokens=0), "subsample_tokens"),
-    (dict(sink="rows.txt"), r"\.csv or \.jsonl"),
-    (dict(sink="/nonexistent-dir/rows.csv"), "does not exist"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(quantities=("param_grad_norm", "grad_norm")), "unknown quantity 'grad_norm'"),
+        (dict(quantities=()), "at least one"),
+        (dict(every=0), "every"),
+        (dict(steps=["a"]), "steps"),
+        (dict(steps=[-1]), "steps"),
+        (dict(subsample_tokens=0), "subsample_tokens"),
+        (dict(sink="rows.txt"), r"\.csv or \.jsonl"),
+        (dict(sink="/nonexistent-dir/rows.csv"), "does not exist"),
+    ],
+)
 def test_bad_settings_raise_one_line_probe_errors(kwargs, match):
     with pytest.raises(ProbeError, match=match) as err:
         Probe(make("decoder", "pre-ln"), **kwargs)
@@ -585,7 +686,9 @@ def test_not_a_module():
 
 def test_model_without_blocks_says_what_was_tried_and_how_to_name_them():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
-    with pytest.raises(DiscoveryError, match=r"no residual blocks found in Sequential.*blocks='model\.layers\.\*'"):
+    with pytest.raises(
+        DiscoveryError, match=r"no residual blocks found in Sequential.*blocks='model\.layers\.\*'"
+    ):
         Probe(model)
 
 
@@ -596,11 +699,19 @@ def test_grouped_norms_against_a_hand_reference():
     from residual_probe.probe import grouped_norms
 
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    a, b = (
+        torch.randn(3, 4, generator=g, dtype=torch.float64),
+        torch.randn(5, generator=g, dtype=torch.float64),
+    )
     c = torch.randn(2, 2, generator=g).to(torch.float32)
     got = grouped_norms([[a, b], [b], [], [None, c], [a, c, a]])
-    expect = [math.sqrt(float((a**2).sum() + (b**2).sum())), float(b.norm()), 0.0, float(c.double().norm()),
-              math.sqrt(float((a**2).sum()) + float((c.double() ** 2).sum()))]  # a repeated: normed once
+    expect = [
+        math.sqrt(float((a**2).sum() + (b**2).sum())),
+        float(b.norm()),
+        0.0,
+        float(c.double().norm()),
+        math.sqrt(float((a**2).sum()) + float((c.double() ** 2).sum())),
+    ]  # a repeated: normed once
     assert got.dtype == torch.float64
     assert got.tolist() == pytest.approx(expect, rel=1e-7)
     assert grouped_norms([[None], []]).tolist() == [0.0, 0.0]
@@ -615,18 +726,24 @@ def test_squared_norms_replan_on_layout_change_and_sparse_gradients_normed_dense
     a = torch.randn(3, dtype=torch.float64)
     sq = SquaredNorms()
     got = sq([a, emb.weight.grad, None])
-    assert got.tolist() == pytest.approx([float(a.square().sum()), float(emb.weight.grad.to_dense().square().sum()),
-                                          0.0], rel=1e-12)
+    assert got.tolist() == pytest.approx(
+        [float(a.square().sum()), float(emb.weight.grad.to_dense().square().sum()), 0.0], rel=1e-12
+    )
     sq([a * 2, emb.weight.grad, None])
     assert sq.plans_built == 1  # same layout: the plan is reused
     got = sq([a, a.float(), a])  # a dtype and a presence changed: planned again
-    assert sq.plans_built == 2 and got.tolist() == pytest.approx([float(a.square().sum())] * 3, rel=1e-6)
+    assert sq.plans_built == 2 and got.tolist() == pytest.approx(
+        [float(a.square().sum())] * 3, rel=1e-6
+    )
 
 
 def test_torch_transformer_encoder_is_probed():
     torch.manual_seed(0)
-    enc = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True),
-                                      num_layers=3, enable_nested_tensor=False).double()
+    enc = torch.nn.TransformerEncoder(
+        torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True),
+        num_layers=3,
+        enable_nested_tensor=False,
+    ).double()
     x = torch.randn(2, 5, 16, dtype=torch.float64)
     outs = []
 
@@ -638,8 +755,14 @@ def test_torch_transformer_encoder_is_probed():
     enc(x).square().mean().backward()
     for h in handles:
         h.remove()
-    ref = {k: (naive_stats(i, o)["cos_adjacent"], naive_act(o.grad), param_norm(enc.layers[k].parameters()))
-           for k, (i, o) in enumerate(outs)}
+    ref = {
+        k: (
+            naive_stats(i, o)["cos_adjacent"],
+            naive_act(o.grad),
+            param_norm(enc.layers[k].parameters()),
+        )
+        for k, (i, o) in enumerate(outs)
+    }
     enc.zero_grad()
     probe = Probe(enc)
     with probe:
@@ -666,10 +789,15 @@ def test_token_stats_in_float32_match_the_float64_twin(offset, step):
 
     raw = torch.empty(64, len(RAW))
     raw_columns(a.float(), b.float(), raw, torch.ones(64, 1))  # the in-place path (large states)
-    for t in (Transition.of(a.float(), b.float()), Transition(raw, 256)):  # the chained path, the in-place path
+    for t in (
+        Transition.of(a.float(), b.float()),
+        Transition(raw, 256),
+    ):  # the chained path, the in-place path
         for s in TOKEN_STATS:
             got = float(s(t).double().mean())
-            assert got == pytest.approx(ref[s.name], rel=1e-4), s.name  # angle from the chord, not arccos
+            assert got == pytest.approx(ref[s.name], rel=1e-4), (
+                s.name
+            )  # angle from the chord, not arccos
 
 
 class _Res(torch.nn.Module):
@@ -699,12 +827,18 @@ class _Stack(torch.nn.Module):
         return x
 
 
-CHAIN_SIZES = [4 << 20, 1, 9000]  # the default; no chains (every state in place); chains of 4-5 states and some in place
+CHAIN_SIZES = [
+    4 << 20,
+    1,
+    9000,
+]  # the default; no chains (every state in place); chains of 4-5 states and some in place
 
 
 @pytest.mark.parametrize("chain_bytes", CHAIN_SIZES)
 @pytest.mark.parametrize("inplace", [True, False])
-def test_forward_stats_chain_blocks_only_while_each_input_is_the_previous_output(inplace, chain_bytes, monkeypatch):
+def test_forward_stats_chain_blocks_only_while_each_input_is_the_previous_output(
+    inplace, chain_bytes, monkeypatch
+):
     """A block's output is queued as the next block's input only when the input is that very
     tensor, unmodified: an in-place edit (after the hook copied the output) or a new tensor between
     blocks gives the naive numbers of what each block really received, whatever the chain length."""
@@ -712,7 +846,10 @@ def test_forward_stats_chain_blocks_only_while_each_input_is_the_previous_output
     torch.manual_seed(0)
     model = _Stack(inplace).double()
     x = torch.randn(3, 5, 16, dtype=torch.float64)
-    with Probe(model, blocks="h.*", quantities=("forward_stats",), include_eval=True) as probe, torch.no_grad():
+    with (
+        Probe(model, blocks="h.*", quantities=("forward_stats",), include_eval=True) as probe,
+        torch.no_grad(),
+    ):
         model(x)
         rows = {(r["layer"], r["metric"]): r["value"] for r in probe.step()}
     assert len(model.seen) == 4
@@ -752,32 +889,53 @@ class _Res8(_Res):
 
 
 @pytest.mark.parametrize("chain_bytes", CHAIN_SIZES)
-def test_forward_stats_pool_forwards_of_other_lengths_and_stacks_of_other_widths(chain_bytes, monkeypatch):
+def test_forward_stats_pool_forwards_of_other_lengths_and_stacks_of_other_widths(
+    chain_bytes, monkeypatch
+):
     """Micro-batches of growing and shrinking length in one step (the pending buffer grows mid-step)
     and two stacks of different widths: each block's values are the token means over everything
     it saw, as the naive twin computes them on the concatenated tokens."""
     monkeypatch.setattr("residual_probe.probe.quantities.forward_stats.CHAIN_BYTES", chain_bytes)
     torch.manual_seed(0)
     model = _TwoWidths().double()
-    with Probe(model, blocks="*.h.*", quantities=("forward_stats",), include_eval=True) as probe, torch.no_grad():
+    with (
+        Probe(model, blocks="*.h.*", quantities=("forward_stats",), include_eval=True) as probe,
+        torch.no_grad(),
+    ):
         for seq in (5, 9, 3, 9):
             model(torch.randn(2, seq, 16, dtype=torch.float64))
-        rows = {(r["stack"], r["layer"], r["metric"]): r["value"] for r in probe.step() if r["stack"] != "-"}
+        rows = {
+            (r["stack"], r["layer"], r["metric"]): r["value"]
+            for r in probe.step()
+            if r["stack"] != "-"
+        }
     assert {s for s, _, _ in rows} == {"wide.h", "narrow.h"}
     for (stack, k), pairs in model.seen.items():
         a = torch.cat([p.reshape(-1, p.shape[-1]) for p, _ in pairs])
         b = torch.cat([c.reshape(-1, c.shape[-1]) for _, c in pairs])
         ref = naive_stats(a, b)
-        for name in ("cos_adjacent", "angular_distance", "ln_update", "relative_update", "norm_sq_per_dim"):
+        for name in (
+            "cos_adjacent",
+            "angular_distance",
+            "ln_update",
+            "relative_update",
+            "norm_sq_per_dim",
+        ):
             assert rows[(stack, k, name)] == pytest.approx(ref[name], rel=1e-9), (stack, k, name)
 
 
-HOLD_SIZES = [4 << 20, 1, 3000]  # the default (all held to step()); each normed in its hook; a few at a time
+HOLD_SIZES = [
+    4 << 20,
+    1,
+    3000,
+]  # the default (all held to step()); each normed in its hook; a few at a time
 
 
 @pytest.mark.parametrize("hold_bytes", HOLD_SIZES)
 @pytest.mark.parametrize("arch,placement", [("decoder", "pre-ln"), ("seq2seq", "residual")])
-def test_act_grad_norm_held_gradients_equal_direct_over_micro_batches(arch, placement, hold_bytes, monkeypatch):
+def test_act_grad_norm_held_gradients_equal_direct_over_micro_batches(
+    arch, placement, hold_bytes, monkeypatch
+):
     """Gradients are held and normed in batches: whatever the batch size, over micro-batches and
     over two stacks (the backward jumps from the decoder to the encoder) and two streams a block,
     the values are those of the full batch computed directly."""
@@ -789,7 +947,10 @@ def test_act_grad_norm_held_gradients_equal_direct_over_micro_batches(arch, plac
     with probe:
         for half in (slice(0, 2), slice(2, 4)):
             loss_of(model(*(x[half] for x in inp)), targets[half], scale=0.5).backward()
-        got = {(r["stack"], r["layer"], r["sublayer"], r["stream"], r["metric"]): r["value"] for r in probe.step()}
+        got = {
+            (r["stack"], r["layer"], r["sublayer"], r["stream"], r["metric"]): r["value"]
+            for r in probe.step()
+        }
     assert set(ref) <= set(got) and len(ref) >= 3
     for key, value in ref.items():
         assert got[key] == pytest.approx(value, rel=1e-9), key
@@ -808,20 +969,29 @@ class _GradTimes3(torch.autograd.Function):
         return (g.mul_(3) if ctx.inplace else g * 3), None
 
 
-def test_act_grad_norm_of_a_gradient_modified_after_its_hook_is_nan_said_once_then_exact(monkeypatch):
+def test_act_grad_norm_of_a_gradient_modified_after_its_hook_is_nan_said_once_then_exact(
+    monkeypatch,
+):
     """A custom Function that makes block 0's output and writes into its grad_output in place: the held
     gradient changed before it was normed. That step's value is NaN (not the tripled norm), a warning
     says so once, and later steps norm in the hook: the value equals the out-of-place twin's."""
+
     def run(inplace):
         model = make("decoder", "pre-ln")
         inp, targets = inputs("decoder")
-        hook = model.decoder.layers[0].register_forward_hook(lambda m, a, out: _GradTimes3.apply(out, inplace))
-        probe = Probe(model, quantities=("act_grad_norm",))  # attached after: sees the Function's output
+        hook = model.decoder.layers[0].register_forward_hook(
+            lambda m, a, out: _GradTimes3.apply(out, inplace)
+        )
+        probe = Probe(
+            model, quantities=("act_grad_norm",)
+        )  # attached after: sees the Function's output
         steps = []
         with probe:
             for _ in range(2):
                 loss_of(model(*inp), targets).backward()
-                steps.append({(r["layer"], r["metric"]): r["value"] for r in probe.step() if r["layer"] >= 0})
+                steps.append(
+                    {(r["layer"], r["metric"]): r["value"] for r in probe.step() if r["layer"] >= 0}
+                )
                 model.zero_grad(set_to_none=True)
         hook.remove()
         return steps
@@ -845,7 +1015,9 @@ def test_step_runs_no_garbage_collection_and_restores_the_collector():
     state (on or off) is what it was."""
     import gc
 
-    model = build_model(arch="decoder", placement="pre-ln", depth=150, d_model=8, heads=2, ffn=8, vocab_size=11)
+    model = build_model(
+        arch="decoder", placement="pre-ln", depth=150, d_model=8, heads=2, ffn=8, vocab_size=11
+    )
     assert sum(1 for _ in model.parameters()) > 2000
     tok = torch.randint(0, 11, (2, 4))
     probe = Probe(model, quantities=("param_grad_norm",), keep_rows=False)
@@ -856,7 +1028,9 @@ def test_step_runs_no_garbage_collection_and_restores_the_collector():
             passes.append(info["generation"])
 
     thresholds = gc.get_threshold()
-    gc.set_threshold(100, 1, 1)  # a collector eager to run full passes: as a deep model's many objects make it
+    gc.set_threshold(
+        100, 1, 1
+    )  # a collector eager to run full passes: as a deep model's many objects make it
     gc.callbacks.append(count)
     try:
         with probe:

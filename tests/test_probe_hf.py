@@ -9,22 +9,32 @@ import math
 
 import pytest
 import torch
-
-from residual_probe.probe import Probe
-
 from test_discovery import build_hf
 from test_probe import naive_act, naive_stats
+
+from residual_probe.probe import Probe
 
 pytest.importorskip("transformers")
 
 # family: (parameter-name prefixes of each group inside a block, W2 of the last block)
 GROUPS = {
     "gpt2": ({"attention": ("attn.",), "ffn": ("mlp.",), "norm": ("ln_1.", "ln_2.")}, "mlp.c_proj"),
-    "bert": ({"attention": ("attention.self.", "attention.output.dense."),
-              "ffn": ("intermediate.", "output.dense."),
-              "norm": ("attention.output.LayerNorm.", "output.LayerNorm.")}, "output.dense"),
-    "llama": ({"attention": ("self_attn.",), "ffn": ("mlp.",),
-               "norm": ("input_layernorm.", "post_attention_layernorm.")}, "mlp.down_proj"),
+    "bert": (
+        {
+            "attention": ("attention.self.", "attention.output.dense."),
+            "ffn": ("intermediate.", "output.dense."),
+            "norm": ("attention.output.LayerNorm.", "output.LayerNorm."),
+        },
+        "output.dense",
+    ),
+    "llama": (
+        {
+            "attention": ("self_attn.",),
+            "ffn": ("mlp.",),
+            "norm": ("input_layernorm.", "post_attention_layernorm."),
+        },
+        "mlp.down_proj",
+    ),
 }
 
 
@@ -40,15 +50,20 @@ def batch(seed=0):
 
 def twin(model, family, inputs):
     """Expected rows from a plain forward with test-side capture hooks."""
-    layers = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1].isdigit()
-              and type(m).__name__.endswith(("Block", "Layer"))]
+    layers = [
+        m
+        for n, m in model.named_modules()
+        if n.rsplit(".", 1)[-1].isdigit() and type(m).__name__.endswith(("Block", "Layer"))
+    ]
     cap, handles = [], []
     for blk in layers:
+
         def hook(mod, args, kwargs, out):
             h_in = args[0] if args else kwargs["hidden_states"]
             h_out = out[0] if isinstance(out, tuple) else out
             h_out.retain_grad()
             cap.append((h_in, h_out))
+
         handles.append(blk.register_forward_hook(hook, with_kwargs=True))
     model.zero_grad(set_to_none=True)
     model(**inputs).loss.backward()
@@ -68,8 +83,10 @@ def twin(model, family, inputs):
                 ref[(k, sub, "-", "param_grad_norm")] = norm_of(ps)
         for g, prefixes in groups.items():
             ref[(k, f"group:{g}", "-", "param_grad_norm")] = norm_of(
-                p for n, p in named.items() if n.startswith(prefixes) and not (
-                    g != "norm" and n.startswith(groups["norm"])))
+                p
+                for n, p in named.items()
+                if n.startswith(prefixes) and not (g != "norm" and n.startswith(groups["norm"]))
+            )
     last = len(layers) - 1
     ref[(last, w2, "-", "w2_grad_norm")] = float(layers[last].get_submodule(w2).weight.grad.norm())
     model.zero_grad(set_to_none=True)
@@ -81,15 +98,21 @@ def test_hf_quantities_equal_naive_float64(family):
     model = build_hf(family).double().eval()
     inputs = batch()
     ref = twin(model, family, inputs)
-    probe = Probe(model, subsample_tokens=5, include_eval=True)  # eval(): no dropout, so the twin matches
+    probe = Probe(
+        model, subsample_tokens=5, include_eval=True
+    )  # eval(): no dropout, so the twin matches
     with probe:
         model(**inputs).loss.backward()
         rows = probe.step()
-    got = {(r["layer"], r["sublayer"], r["stream"], r["metric"]): r["value"] for r in rows if r["layer"] >= 0}
+    got = {
+        (r["layer"], r["sublayer"], r["stream"], r["metric"]): r["value"]
+        for r in rows
+        if r["layer"] >= 0
+    }
     assert set(got) == set(ref)
     for key, value in ref.items():
         assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
-    (key, sub), = probe.subsamples().items()
+    ((key, sub),) = probe.subsamples().items()
     assert sub.shape == (3, 5, 32)
 
 
@@ -106,7 +129,9 @@ def test_hf_outputs_unchanged_by_the_probe():
 def test_every_family_records_every_block(family):
     model = build_hf(family).eval()
     if family == "vit":
-        inputs = {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))}
+        inputs = {
+            "pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        }
         loss_of = lambda out: out.last_hidden_state.square().mean()  # noqa: E731
     else:
         inputs = batch()
@@ -126,5 +151,7 @@ def test_every_family_records_every_block(family):
     assert len(per_block) == len(probe.blocks)
     for metrics in per_block.values():
         assert {"param_grad_norm", "act_grad_norm", "cos_adjacent", "ln_update"} <= metrics
-    assert sum("w2_grad_norm" in m for m in per_block.values()) == len({b.stack for b in probe.blocks})
+    assert sum("w2_grad_norm" in m for m in per_block.values()) == len(
+        {b.stack for b in probe.blocks}
+    )
     assert len(probe.subsamples()) == len({b.stack for b in probe.blocks})

@@ -10,17 +10,18 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
+from test_probe import SIZES, inputs, loss_of, make, probed
 from torch import nn
 
 from residual_probe.models import build_model
 from residual_probe.probe import Probe, ProbeError
 
-from test_probe import SIZES, inputs, loss_of, make, probed
-
 
 def keyed(rows):
-    return {(r["step"], r["stack"], r["layer"], r["sublayer"], r["stream"], r["metric"]): r["value"] for r in rows}
+    return {
+        (r["step"], r["stack"], r["layer"], r["sublayer"], r["stream"], r["metric"]): r["value"]
+        for r in rows
+    }
 
 
 def train(model, probe, inp, targets, steps=3, opt=None):
@@ -39,12 +40,17 @@ def train(model, probe, inp, targets, steps=3, opt=None):
 
 def amp_rows(scaler_arg: bool, unscale_first: bool = False):
     torch.manual_seed(0)
-    model = build_model(arch="decoder", placement="pre-ln", depth=3, d_model=32, heads=2, ffn=64, vocab_size=23)
+    model = build_model(
+        arch="decoder", placement="pre-ln", depth=3, d_model=32, heads=2, ffn=64, vocab_size=23
+    )
     inp, targets = inputs("decoder", batch=4, T=8)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    probe = Probe(model, quantities=("param_grad_norm", "act_grad_norm", "w2_grad_norm"),
-                  scaler=scaler if scaler_arg else None)
+    probe = Probe(
+        model,
+        quantities=("param_grad_norm", "act_grad_norm", "w2_grad_norm"),
+        scaler=scaler if scaler_arg else None,
+    )
     with probe:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = loss_of(model(*inp), targets)
@@ -87,7 +93,10 @@ def test_scaler_must_be_a_grad_scaler():
 
 def test_a_compiled_model_is_refused_with_one_line_saying_what_to_do():
     model = make("decoder", "pre-ln")
-    with pytest.raises(ProbeError, match=r"already torch.compile'd.*Probe\(model\).attach\(\); model = torch.compile") as e:
+    with pytest.raises(
+        ProbeError,
+        match=r"already torch.compile'd.*Probe\(model\).attach\(\); model = torch.compile",
+    ) as e:
         Probe(torch.compile(model, backend="eager"))
     assert "\n" not in str(e.value)
 
@@ -147,7 +156,9 @@ def test_step_before_any_backward_records_missing():
     with pytest.warns(UserWarning, match="had no .grad"):
         with Probe(model, quantities=("param_grad_norm", "w2_grad_norm")) as probe:
             rows = probe.step()
-    assert all(math.isnan(r["value"]) for r in rows if r["metric"] in ("param_grad_norm", "w2_grad_norm"))
+    assert all(
+        math.isnan(r["value"]) for r in rows if r["metric"] in ("param_grad_norm", "w2_grad_norm")
+    )
 
 
 # ---- wrappers, W2, two probes --------------------------------------------------------------------
@@ -159,7 +170,9 @@ def test_wrapper_prefixes_are_stripped():
 
     model = build_hf("gpt2")
     plain = {(b.stack, b.index) for b in Probe(model).blocks}
-    wrapped = {(b.stack, b.index) for b in Probe(nn.DataParallel(model)).blocks}  # DDP names it the same way
+    wrapped = {
+        (b.stack, b.index) for b in Probe(nn.DataParallel(model)).blocks
+    }  # DDP names it the same way
     assert plain == wrapped == {("transformer.h", 0), ("transformer.h", 1)}
 
     class Outer(nn.Module):  # a user's own submodule called "module" is not a wrapper
@@ -182,7 +195,9 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(d)
         self.attn = nn.Linear(d, d)
-        self.moe = nn.ModuleDict({"gate": nn.Linear(d, n), "experts": nn.ModuleList(Expert(d) for _ in range(n))})
+        self.moe = nn.ModuleDict(
+            {"gate": nn.Linear(d, n), "experts": nn.ModuleList(Expert(d) for _ in range(n))}
+        )
 
     def forward(self, x):
         h = x + self.attn(self.norm(x))
@@ -203,14 +218,18 @@ class MoEModel(nn.Module):
 
 def test_w2_is_chosen_by_name_and_ambiguity_fails_clearly():
     model = MoEModel()
-    with pytest.raises(ProbeError, match=r"several FFN output projections \(moe.experts.0.w2, .*mixture of experts.*w2="):
+    with pytest.raises(
+        ProbeError,
+        match=r"several FFN output projections \(moe.experts.0.w2, .*mixture of experts.*w2=",
+    ):
         Probe(model, quantities=("w2_grad_norm",))
     probe = Probe(model, quantities=("w2_grad_norm",), w2="moe.experts.0.w2")
     with probe:
         model(torch.randn(2, 3, 8)).square().mean().backward()
         (r, _) = probe.step()
     assert r["sublayer"] == "moe.experts.0.w2" and r["value"] == pytest.approx(
-        float(model.layers[1].moe["experts"][0].w2.weight.grad.norm()), rel=1e-6)
+        float(model.layers[1].moe["experts"][0].w2.weight.grad.norm()), rel=1e-6
+    )
     with pytest.warns(UserWarning, match="w2_grad_norm skipped"):
         Probe(model)  # the default quantities skip W2 where it is ambiguous, and say so
     with warnings.catch_warnings():
@@ -235,8 +254,12 @@ def test_two_probes_on_one_model_are_refused():
 def test_state_does_not_grow_with_forwards_between_steps():
     model = make("decoder", "pre-ln")
     inp, _ = inputs("decoder")
-    probe = Probe(model, quantities=("forward_stats", "subsample", "act_grad_norm"), include_eval=True,
-                  subsample_tokens=4)
+    probe = Probe(
+        model,
+        quantities=("forward_stats", "subsample", "act_grad_norm"),
+        include_eval=True,
+        subsample_tokens=4,
+    )
     with probe, torch.no_grad():
         model(*inp)
         one = probe.state_bytes()
@@ -281,8 +304,10 @@ def naive_update_ratios(model, before):
     out = {}
     for k, blk in enumerate(model.decoder.layers):
         for label, mod in (("block", blk), ("self_attn", blk.self_attn), ("ffn", blk.ffn)):
-            names = [f"decoder.layers.{k}.{n}" if label == "block" else f"decoder.layers.{k}.{label}.{n}"
-                     for n, _ in mod.named_parameters()]
+            names = [
+                f"decoder.layers.{k}.{n}" if label == "block" else f"decoder.layers.{k}.{label}.{n}"
+                for n, _ in mod.named_parameters()
+            ]
             now = {n: p.detach() for n, p in model.named_parameters()}
             d = math.sqrt(sum(float(((now[n] - before[n]) ** 2).sum()) for n in names))
             w = math.sqrt(sum(float((before[n] ** 2).sum()) for n in names))
@@ -290,8 +315,13 @@ def naive_update_ratios(model, before):
     return out
 
 
-@pytest.mark.parametrize("make_opt", [lambda p: torch.optim.Adam(p, lr=1e-3),
-                                      lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01)])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.Adam(p, lr=1e-3),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01),
+    ],
+)
 def test_update_ratio_equals_a_naive_copy(make_opt):
     model = make("decoder", "pre-ln")
     inp, targets = inputs("decoder")
@@ -307,7 +337,11 @@ def test_update_ratio_equals_a_naive_copy(make_opt):
             opt.zero_grad(set_to_none=True)
             for (k, label), v in naive_update_ratios(model, before).items():
                 expect[(step, k, label)] = v
-    got = {(r["step"], r["layer"], r["sublayer"]): r["value"] for r in probe.rows() if r["metric"] == "update_ratio"}
+    got = {
+        (r["step"], r["layer"], r["sublayer"]): r["value"]
+        for r in probe.rows()
+        if r["metric"] == "update_ratio"
+    }
     assert {s for s, _, _ in got} == {0, 1, 2}  # step 2's update exported when the probe detached
     for key, value in expect.items():
         assert got[key] == pytest.approx(value, rel=1e-9), key

@@ -15,11 +15,18 @@ D, TOKENS, BLOCKS = 1024, 64, 24
 # = 1.2 %; the closed forms are d -> infinity limits, off by O(1/d) (LN's sample mean and
 # variance), allowed as 2/D. The cosine and relative update fluctuate less, so this bounds all three.
 RTOL = 4 * math.sqrt(math.pi / 2 - 1) / math.sqrt(TOKENS * D) + 2 / D
-METRICS = {"cos_adjacent": M.cos_adjacent, "ln_update": M.ln_update, "relative_update": M.relative_update}
+METRICS = {
+    "cos_adjacent": M.cos_adjacent,
+    "ln_update": M.ln_update,
+    "relative_update": M.relative_update,
+}
 
 
 def measured(X):
-    return {name: np.array([fn(X[i - 1], X[i]).item() for i in range(1, len(X))]) for name, fn in METRICS.items()}
+    return {
+        name: np.array([fn(X[i - 1], X[i]).item() for i in range(1, len(X))])
+        for name, fn in METRICS.items()
+    }
 
 
 @pytest.mark.parametrize("placement", ["pre-ln", "post-ln", "residual"])
@@ -36,11 +43,15 @@ def test_collapse_shapes():
     k = np.arange(1, 201)
     pre = T.collapse_prediction("pre-ln", k)
     post = T.collapse_prediction("post-ln", k, sigma2=0.5)
-    np.testing.assert_allclose(pre["cos_adjacent"], np.sqrt(k / (k + 1)))  # docs/design.md 3.4: sqrt(k/(k+1))
+    np.testing.assert_allclose(
+        pre["cos_adjacent"], np.sqrt(k / (k + 1))
+    )  # docs/design.md 3.4: sqrt(k/(k+1))
     # O(1/sqrt(k)): sqrt(k) * ln_update tends to sqrt(2/pi)
     assert math.sqrt(200) * pre["ln_update"][-1] == pytest.approx(math.sqrt(2 / math.pi), rel=2e-3)
     assert np.all(np.diff(pre["ln_update"]) < 0)
-    np.testing.assert_allclose(post["cos_adjacent"][1:], 1 / math.sqrt(1.5))  # 1/sqrt(1+sigma^2), flat
+    np.testing.assert_allclose(
+        post["cos_adjacent"][1:], 1 / math.sqrt(1.5)
+    )  # 1/sqrt(1+sigma^2), flat
     assert np.ptp(post["ln_update"][1:]) == 0.0
     # Monte-Carlo log-log slope of the Pre-LN normalized update between k = 8 and 24: -1/2 asymptotically;
     # the exact curve's local slope there is -0.48, and MC must agree with it, not only with -1/2
@@ -48,7 +59,9 @@ def test_collapse_shapes():
     mc = measured(X)["ln_update"][7:]
     kk = np.arange(8, BLOCKS + 1)
     mc_slope = np.polyfit(np.log(kk), np.log(mc), 1)[0]
-    exact_slope = np.polyfit(np.log(kk), np.log(T.collapse_prediction("pre-ln", kk)["ln_update"]), 1)[0]
+    exact_slope = np.polyfit(
+        np.log(kk), np.log(T.collapse_prediction("pre-ln", kk)["ln_update"]), 1
+    )[0]
     assert mc_slope == pytest.approx(exact_slope, abs=0.03)
     assert -0.55 < exact_slope < -0.45
 
@@ -63,7 +76,9 @@ def test_lemma2_band_and_theorem1_slopes():
     assert T.ffn_gain(128, 512, "xiong") == pytest.approx(0.32)
     assert T.ffn_gain(128, 512, "fairseq") == pytest.approx(129 / (18 * 128) + 1 / 1536)
     L = np.array([6, 12, 24, 48])
-    assert np.polyfit(np.log(L), np.log(T.xiong_w2_curve(L, "pre-ln", 3.0)), 1)[0] == pytest.approx(-0.5)
+    assert np.polyfit(np.log(L), np.log(T.xiong_w2_curve(L, "pre-ln", 3.0)), 1)[0] == pytest.approx(
+        -0.5
+    )
     assert np.all(T.xiong_w2_curve(L, "post-ln", 3.0) == 3.0)
     with pytest.raises(ValueError):
         T.xiong_w2_curve(L, "residual")
@@ -88,10 +103,16 @@ def _ffn_mc(d, ffn, init, draws=40, tokens=64, seed=0):
     return float(np.mean(vals)), float(np.std(vals) / np.sqrt(draws))
 
 
-@pytest.mark.parametrize("d,ffn,init", [(64, 64, "xiong"), (64, 256, "xiong"), (64, 256, "fairseq"), (32, 32, "fairseq")])
+@pytest.mark.parametrize(
+    "d,ffn,init", [(64, 64, "xiong"), (64, 256, "xiong"), (64, 256, "fairseq"), (32, 32, "fairseq")]
+)
 def test_ffn_gain_against_monte_carlo_of_the_reference_modules(d, ffn, init):
     mean, se = _ffn_mc(d, ffn, init)
-    assert abs(mean - T.ffn_gain(d, ffn, init)) < 4 * se + 1e-3, (mean, se, T.ffn_gain(d, ffn, init))
+    assert abs(mean - T.ffn_gain(d, ffn, init)) < 4 * se + 1e-3, (
+        mean,
+        se,
+        T.ffn_gain(d, ffn, init),
+    )
 
 
 @pytest.mark.parametrize("init", ["xiong", "fairseq"])
@@ -112,7 +133,9 @@ def test_attention_gain_range_against_monte_carlo(init):
             indep.append(attn.branch(x, None).pow(2).mean().item())
     lo, hi = T.attention_gain_range(d, init)
     assert np.mean(same) == pytest.approx(hi, rel=0.08)
-    assert lo <= np.mean(indep) < lo + (hi - lo) * 3 / T_tok * (4 if init == "fairseq" else 1) + 0.02
+    assert (
+        lo <= np.mean(indep) < lo + (hi - lo) * 3 / T_tok * (4 if init == "fairseq" else 1) + 0.02
+    )
 
 
 def test_postln_final_ln_input_in_the_lemma_setting_on_the_model():
@@ -123,19 +146,27 @@ def test_postln_final_ln_input_in_the_lemma_setting_on_the_model():
     spec = BoundsSpec(d_model=64, ffn=64, heads=4, batch=4, seq_len=16)
     vals, outs = [], []
     for seed in range(4):
-        rows = measure_bounds(spec.config("xiong", "encoder", "post-ln", 6, ffn=64), seed, spec.batch, spec.seq_len)
+        rows = measure_bounds(
+            spec.config("xiong", "encoder", "post-ln", 6, ffn=64), seed, spec.batch, spec.seq_len
+        )
         vals += [r["value"] for r in rows if r["metric"] == "final_ln_input_sq_per_dim"]
-        outs += [r["value"] for r in rows if r["metric"] == "norm_sq_per_dim" and r["stream"] == "x"]
+        outs += [
+            r["value"] for r in rows if r["metric"] == "norm_sq_per_dim" and r["stream"] == "x"
+        ]
     se = np.std(vals) / np.sqrt(len(vals))
     assert abs(np.mean(vals) - 1.5) < 4 * se + 0.01, (np.mean(vals), se)
-    assert np.allclose(outs, 1.0, atol=1e-3)  # what the old check compared with: true by construction
+    assert np.allclose(
+        outs, 1.0, atol=1e-3
+    )  # what the old check compared with: true by construction
 
 
 def test_postln_gradient_shape():
     m = np.arange(0, 400)
     g = T.postln_gradient_shape(m)
     assert g[0] == 1.0
-    assert g[400 - 1] / g[400 - 2] == pytest.approx(2**-0.5 * math.exp(1 / (2 * math.sqrt(398))), rel=1e-3)
+    assert g[400 - 1] / g[400 - 2] == pytest.approx(
+        2**-0.5 * math.exp(1 / (2 * math.sqrt(398))), rel=1e-3
+    )
     assert T.postln_gradient_rate_per_block(3) == pytest.approx(2**-1.5)
     assert np.all(T.residual_gradient_floor(np.arange(7), 2.5) == 2.5)
     # over the same 48 blocks the curve itself decays by 0.434 (3 sublayers) and 0.592 (2), not 0.354 and 0.5
@@ -180,7 +211,9 @@ def test_adam_condition_number_against_torch_adam():
 
     for rms in (1e-10, 1e-8, 1e-6, 1e-4):
         g = rms * z
-        assert torch_kappa(g) == pytest.approx(T.adam_update_condition(g.numpy(), alpha, eps), rel=1e-3)
+        assert torch_kappa(g) == pytest.approx(
+            T.adam_update_condition(g.numpy(), alpha, eps), rel=1e-3
+        )
     assert T.residual_adam_condition(1e-4, 1024, 1e-6) == pytest.approx(3200)
     assert torch_kappa(1e-10 * z) == pytest.approx(3200, rel=1e-3)  # vanished: the paper's number
     assert torch_kappa(1e-3 * z) < 0.01 * 3200  # healthy: the step ignores the gradient's scale

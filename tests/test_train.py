@@ -7,14 +7,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from residual_probe.probe.records import read_sink
 from residual_probe.checkpoints import load_model
 from residual_probe.cli import app
 from residual_probe.data import BatchSource
 from residual_probe.jobs.train import TrainSpec, run_train
+from residual_probe.probe.records import read_sink
 from residual_probe.training import lr_schedule
 
-TINY = dict(depth=3, d_model=16, heads=2, ffn=32, batch=4, seq_len=16, steps=6, probe_every=2, eval_every=3)
+TINY = dict(
+    depth=3, d_model=16, heads=2, ffn=32, batch=4, seq_len=16, steps=6, probe_every=2, eval_every=3
+)
 
 
 def test_a_run_for_a_study_draws_nothing_and_says_so(tmp_path):
@@ -32,9 +34,14 @@ def test_train_writes_a_checkpoint_that_reloads_to_identical_outputs(tmp_path):
     assert [int(r["step"]) for r in rows] == list(range(6))
     assert [r["val_loss"] != "" for r in rows] == [False, False, True, False, False, True]
     probe_rows = read_sink(tmp_path / "probe.csv").rows
-    assert sorted({r["step"] for r in probe_rows}) == [0, 2, 4]  # every second step (update ratios: labelled by their step)
+    assert sorted({r["step"] for r in probe_rows}) == [
+        0,
+        2,
+        4,
+    ]  # every second step (update ratios: labelled by their step)
     assert {"param_grad_norm", "act_grad_norm", "w2_grad_norm", "cos_adjacent", "update_ratio"} <= {
-        r["metric"] for r in probe_rows}
+        r["metric"] for r in probe_rows
+    }
     # forward statistics on the first and the last recorded step (and every 10th: none here)
     assert {r["step"] for r in probe_rows if r["metric"] == "cos_adjacent"} == {0, 4}
     assert meta["instability_events"] == []  # a quiet run
@@ -95,12 +102,16 @@ def test_interrupt_keeps_everything_written(tmp_path, monkeypatch):
     assert meta["model_updates"] >= meta["steps_done"] >= 2
     assert saved.cfg.placement == "pre-ln" and saved.cfg.depth == TINY["depth"]
     fresh = load_model(tmp_path / "model")
-    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), fresh.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(saved.state_dict().values(), fresh.state_dict().values())
+    )
     torch.manual_seed(0)
     from residual_probe.models import Transformer
 
     init = Transformer(saved.cfg)  # the same seed's initialization: training moved the weights
-    assert not torch.equal(init.decoder.layers[0].ffn.fc1.weight, saved.decoder.layers[0].ffn.fc1.weight)
+    assert not torch.equal(
+        init.decoder.layers[0].ffn.fc1.weight, saved.decoder.layers[0].ffn.fc1.weight
+    )
     assert (tmp_path / "probe.csv").stat().st_size > 0
 
 
@@ -112,7 +123,9 @@ def test_lr_schedule():
 
 
 def test_train_cli_bad_input_is_one_line(tmp_path):
-    result = CliRunner().invoke(app, ["train", "--placement", "postln", "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(
+        app, ["train", "--placement", "postln", "--out", str(tmp_path / "o")]
+    )
     assert result.exit_code == 2
     assert "placement: unknown 'postln'" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o" / "train.json").exists()
@@ -121,11 +134,42 @@ def test_train_cli_bad_input_is_one_line(tmp_path):
 def test_sparse_forward_schedule():
     from residual_probe.probe.schedule import ProbeError, sparse_forward
 
-    rules = sparse_forward(("param_grad_norm", "forward_stats"), every=5, start=1, forward_every=10,
-                           sparse=("forward_stats",), last=995)
+    rules = sparse_forward(
+        ("param_grad_norm", "forward_stats"),
+        every=5,
+        start=1,
+        forward_every=10,
+        sparse=("forward_stats",),
+        last=995,
+    )
     grad = [s for s in range(1000) if rules["param_grad_norm"](s)]
     fwd = [s for s in range(1000) if rules["forward_stats"](s)]
-    assert grad == list(range(0, 1000, 5))  # the probe of a run starting at step 1 never sees step 0
-    assert fwd == [0, 5, 50, 100, 150, 200, 250, 300, 350, 400, 450, 500, 550, 600, 650, 700, 750, 800, 850, 900, 950, 995]
+    assert grad == list(
+        range(0, 1000, 5)
+    )  # the probe of a run starting at step 1 never sees step 0
+    assert fwd == [
+        0,
+        5,
+        50,
+        100,
+        150,
+        200,
+        250,
+        300,
+        350,
+        400,
+        450,
+        500,
+        550,
+        600,
+        650,
+        700,
+        750,
+        800,
+        850,
+        900,
+        950,
+        995,
+    ]
     with pytest.raises(ProbeError, match="forward_every"):
         sparse_forward(("forward_stats",), 1, 0, 0, ("forward_stats",))

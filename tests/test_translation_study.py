@@ -55,17 +55,25 @@ def test_batches_teacher_forcing():
     for i in range(6):
         words = [data.vocab[t] for t in src[i].tolist()]
         t = b.targets[i][b.targets[i] != -100].tolist()
-        assert t[-1] == T.EOS and [data.vocab[j] for j in t[:-1]] == T.target_tokens(" ".join(words))
+        assert t[-1] == T.EOS and [data.vocab[j] for j in t[:-1]] == T.target_tokens(
+            " ".join(words)
+        )
         assert tgt_in[i, 1 : len(t)].tolist() == t[:-1]
         # every word changes (punctuation is kept): no target word copies its source word
         assert all(s != j for s, j in zip(src[i].tolist(), t) if data.vocab[s].isalpha())
 
 
 def test_schedule_warmup_and_no_warmup_differ_only_in_the_ramp():
-    assert lr_schedule(0, 1e-3, 10) == pytest.approx(1e-4) and lr_schedule(0, 1e-3, 10, ramp=False) == 1e-3
+    assert (
+        lr_schedule(0, 1e-3, 10) == pytest.approx(1e-4)
+        and lr_schedule(0, 1e-3, 10, ramp=False) == 1e-3
+    )
     for step in range(9, 60):
-        assert lr_schedule(step, 1e-3, 10) == lr_schedule(step, 1e-3, 10, ramp=False) == pytest.approx(
-            1e-3 * math.sqrt(10 / (step + 1)))
+        assert (
+            lr_schedule(step, 1e-3, 10)
+            == lr_schedule(step, 1e-3, 10, ramp=False)
+            == pytest.approx(1e-3 * math.sqrt(10 / (step + 1)))
+        )
     assert lr_schedule(50, 1e-3, 10, decay="constant") == 1e-3
     with pytest.raises(ValueError, match="unknown decay"):
         lr_schedule(0, 1e-3, 10, decay="cosine")
@@ -76,7 +84,9 @@ def test_bleu_scorer_and_translate():
     assert T.corpus_bleu(refs, refs) == pytest.approx(100.0)
     assert T.corpus_bleu(["xx yy zz ww vv uu", "qq rr ss tt oo pp"], refs) < 1.0
     torch.manual_seed(0)
-    model = Transformer(R.RunSpec("pre-ln", 1, True, d_model=16, heads=2, ffn=32).model_config()).eval()
+    model = Transformer(
+        R.RunSpec("pre-ln", 1, True, d_model=16, heads=2, ffn=32).model_config()
+    ).eval()
     data = T.task_data()
     units = data.heldout[:5] + data.heldout[-3:]  # two source lengths at least
     hyps = T.translate(model, units, data)
@@ -101,19 +111,34 @@ def _x_path_twin(model, batch):
         xs.append(x)
     out = model.cfg.alpha * x + dec.final_norm(d)
     mask = batch.targets != -100
-    loss = torch.nn.functional.cross_entropy(model.output_projection(out)[mask], batch.targets[mask])
+    loss = torch.nn.functional.cross_entropy(
+        model.output_projection(out)[mask], batch.targets[mask]
+    )
     loss.backward()
     return [float(t.grad.pow(2).sum(-1).mean().sqrt()) for t in xs], float(loss.detach())
 
 
 def test_x_path_gradient_equals_naive_twin():
     torch.manual_seed(0)
-    spec = R.RunSpec("residual", 3, True, d_model=16, heads=2, ffn=32, dropout=0.0, attention_dropout=0.0,
-                     activation_dropout=0.0)
+    spec = R.RunSpec(
+        "residual",
+        3,
+        True,
+        d_model=16,
+        heads=2,
+        ffn=32,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+    )
     model = Transformer(spec.model_config()).double().eval()
     batch = T.PigLatinBatches(T.task_data(), 4, seed=1).next()
     rows = stream_diagnostics(model, batch)
-    got = {r["layer"]: r["value"] for r in rows if r["stack"] == "decoder" and r["quantity"] == "grad_x_path"}
+    got = {
+        r["layer"]: r["value"]
+        for r in rows
+        if r["stack"] == "decoder" and r["quantity"] == "grad_x_path"
+    }
     want, _ = _x_path_twin(model, batch)
     assert sorted(got) == [0, 1, 2]
     for k in range(3):
@@ -127,7 +152,9 @@ def test_x_path_gradient_equals_naive_twin():
 
 def test_stack_states_are_the_block_inputs():
     torch.manual_seed(0)
-    model = Transformer(R.RunSpec("pre-ln", 2, True, d_model=16, heads=2, ffn=32).model_config()).eval()
+    model = Transformer(
+        R.RunSpec("pre-ln", 2, True, d_model=16, heads=2, ffn=32).model_config()
+    ).eval()
     src = torch.randint(3, 50, (2, 5))
     states = []
     out = model.encoder(src, states=states)
@@ -141,15 +168,25 @@ def test_convergence_rule_and_gate():
     assert regime.converged(flat)
     falling = [dict(step=s, heldout_loss=2.0 - 0.03 * s / 100) for s in range(0, 3001, 100)]
     assert not regime.converged(falling)
-    assert regime.gate_passes(31.0, 35.0) and not regime.gate_passes(29.0, 35.0) and regime.gate_passes(40, 35)
-    lr, why = regime.choose_lr({1e-3: {"post-ln": 70, "pre-ln": 72}, 2e-3: {"post-ln": 60, "pre-ln": 72}})
+    assert (
+        regime.gate_passes(31.0, 35.0)
+        and not regime.gate_passes(29.0, 35.0)
+        and regime.gate_passes(40, 35)
+    )
+    lr, why = regime.choose_lr(
+        {1e-3: {"post-ln": 70, "pre-ln": 72}, 2e-3: {"post-ln": 60, "pre-ln": 72}}
+    )
     assert lr == 1e-3 and "largest lr" in why  # 2e-3 fails the gate: 12 BLEU apart
-    lr, why = regime.choose_lr({1e-3: {"post-ln": 10, "pre-ln": 72}, 2e-3: {"post-ln": 20, "pre-ln": 72}})
+    lr, why = regime.choose_lr(
+        {1e-3: {"post-ln": 10, "pre-ln": 72}, 2e-3: {"post-ln": 20, "pre-ln": 72}}
+    )
     assert lr == 2e-3 and "no lr passes" in why
 
 
 def test_significance_rule():
-    refs = [f"ethay atcay {w} atsay onway" for w in ("away", "ogday", "emay", "itway", "usay", "ouyay")] * 20
+    refs = [
+        f"ethay atcay {w} atsay onway" for w in ("away", "ogday", "emay", "itway", "usay", "ouyay")
+    ] * 20
     good = list(refs)
     bad = [r.replace("atsay", "xx").replace("onway", "yy") for r in refs]
     p = significance.paired_bleu(good, bad, refs)
@@ -171,7 +208,9 @@ def test_quick_grid_writes_tables_figures_and_checks(quick_figures):
     runs = list(csv.DictReader(open(out / "translation_runs.csv")))
     assert len(runs) == 16 and all(0 <= float(r["bleu"]) <= 100 for r in runs)
     cal = list(csv.DictReader(open(out / "translation_calibration.csv")))
-    assert {(r["placement"], float(r["lr"])) for r in cal} == {(p, lr) for p in ("post-ln", "pre-ln") for lr in R.LRS}
+    assert {(r["placement"], float(r["lr"])) for r in cal} == {
+        (p, lr) for p in ("post-ln", "pre-ln") for lr in R.LRS
+    }
     for name in ("bleu", "bleu_curves", "curves", "grads", "collapse", "streams"):
         assert (out / f"translation_{name}.png").stat().st_size > 20_000, name
     checks = [c for c in meta["checks"] if c["analysis"] == "translation"]
@@ -179,12 +218,20 @@ def test_quick_grid_writes_tables_figures_and_checks(quick_figures):
     statements = [c["statement"] for c in checks]
     assert any(s.startswith("Gate: Post-LN") for s in statements)
     assert any(s.startswith("The step budget lets training level off") for s in statements)
-    assert sum(s.startswith("ResiDual > Pre-LN at E1D1 (warm-up, lr") for s in statements) == 2  # both lr arms
+    assert (
+        sum(s.startswith("ResiDual > Pre-LN at E1D1 (warm-up, lr") for s in statements) == 2
+    )  # both lr arms
     assert any("alpha 1 > alpha 0" in s for s in statements)
     meta_t = json.loads((out / "translation.json").read_text())
-    assert meta_t["missing_runs"] == [] and meta_t["units"]["heldout"] > 200 and meta_t["main_lr"] in R.LRS
+    assert (
+        meta_t["missing_runs"] == []
+        and meta_t["units"]["heldout"] > 200
+        and meta_t["main_lr"] in R.LRS
+    )
     # every comparison row gives its per-seed interval
-    assert all("per seed" in c["measured"] for c in checks if c["statement"].startswith("ResiDual >"))
+    assert all(
+        "per seed" in c["measured"] for c in checks if c["statement"].startswith("ResiDual >")
+    )
 
 
 def test_quick_grid_resumes_and_writes_a_partial_grid(quick_figures, tmp_path, monkeypatch):
@@ -197,9 +244,13 @@ def test_quick_grid_resumes_and_writes_a_partial_grid(quick_figures, tmp_path, m
     root = tmp_path / "runs" / "translation-quick"
     stamps = {p: p.stat().st_mtime_ns for p in root.glob("*/result.json")}
     assert len(stamps) == 16
-    with monkeypatch.context() as m:  # the resume alone: the tables and figures are the partial run's
+    with (
+        monkeypatch.context() as m
+    ):  # the resume alone: the tables and figures are the partial run's
         m.setattr(translation, "write_results", lambda *args, **kwargs: [])
-        translation.run(tmp_path, quick=True, echo=lambda line: None)  # all finished: nothing retrains
+        translation.run(
+            tmp_path, quick=True, echo=lambda line: None
+        )  # all finished: nothing retrains
     assert {p: p.stat().st_mtime_ns for p in root.glob("*/result.json")} == stamps
     lr = json.loads((src / "translation.json").read_text())["main_lr"]
     gone = R.RunSpec("post-ln", 2, False, lr=lr, **R.common(True))
@@ -216,4 +267,6 @@ def test_a_result_with_another_spec_is_not_reused():
     saved = dataclasses.asdict(spec)
     assert R.same_spec(saved, spec)
     assert not R.same_spec(saved, dataclasses.replace(spec, alpha=0.0))
-    assert dataclasses.replace(spec, alpha=0.0).name.endswith("-alpha0") and not spec.name.endswith("alpha1")
+    assert dataclasses.replace(spec, alpha=0.0).name.endswith("-alpha0") and not spec.name.endswith(
+        "alpha1"
+    )

@@ -13,8 +13,9 @@ from torch import nn
 
 
 @torch.no_grad()
-def output_change(model: nn.Module, inputs: tuple[torch.Tensor, ...], epsilon: float = 1e-3,
-                  seed: int = 0) -> torch.Tensor:
+def output_change(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], epsilon: float = 1e-3, seed: int = 0
+) -> torch.Tensor:
     """Mean over output elements of (F(x, W) - F(x, W + delta))^2, a 0-d float64 tensor.
 
     delta_p = epsilon * rms(p) * N(0, 1) for each floating-point parameter p (a relative

@@ -37,16 +37,26 @@ def collapse_verdict(cos: list[float]) -> dict:
     else:
         v = "no collapse"
     # the numbers the verdict rests on, beside the thresholds they were compared with
-    basis = (f"last {third} of {len(cos)} blocks: adjacent cos {late_cos:.4f}, influence {ratio:.2f}x the first "
-             f"{third}'s; collapsed if cos >= {COLLAPSED_COS}, collapsing if cos >= {COLLAPSING_COS} and "
-             f"influence < {COLLAPSING_RATIO}x")
+    basis = (
+        f"last {third} of {len(cos)} blocks: adjacent cos {late_cos:.4f}, influence {ratio:.2f}x the first "
+        f"{third}'s; collapsed if cos >= {COLLAPSED_COS}, collapsing if cos >= {COLLAPSING_COS} and "
+        f"influence < {COLLAPSING_RATIO}x"
+    )
     if len(cos) < 6:
         basis += f"; {len(cos)} blocks are few to judge a trend"
-    return {"verdict": v, "late_cos_adjacent": late_cos, "late_over_early_influence": ratio, "basis": basis,
-            "blocks": len(cos), "late_from": len(cos) - third}
+    return {
+        "verdict": v,
+        "late_cos_adjacent": late_cos,
+        "late_over_early_influence": ratio,
+        "basis": basis,
+        "blocks": len(cos),
+        "late_from": len(cos) - third,
+    }
 
 
-MASSIVE = 100.0  # a token is a massive activation when its ||h||^2/d is above 100x its block's median
+MASSIVE = (
+    100.0  # a token is a massive activation when its ||h||^2/d is above 100x its block's median
+)
 
 
 def token_norm_rows(per_token: dict[tuple, "np.ndarray"]) -> list[dict]:
@@ -56,10 +66,23 @@ def token_norm_rows(per_token: dict[tuple, "np.ndarray"]) -> list[dict]:
     rows = []
     for (stack, layer, stream), v in per_token.items():
         med = float(np.median(v))
-        for metric, value in (("norm_sq_per_dim_median", med), ("norm_sq_per_dim_max", float(v.max())),
-                              ("massive_count", float((v > MASSIVE * med).sum())), ("tokens", float(v.size))):
-            rows.append(dict(step=0, stack=stack, layer=layer, sublayer="block", stream=stream, metric=metric,
-                             value=value))
+        for metric, value in (
+            ("norm_sq_per_dim_median", med),
+            ("norm_sq_per_dim_max", float(v.max())),
+            ("massive_count", float((v > MASSIVE * med).sum())),
+            ("tokens", float(v.size)),
+        ):
+            rows.append(
+                dict(
+                    step=0,
+                    stack=stack,
+                    layer=layer,
+                    sublayer="block",
+                    stream=stream,
+                    metric=metric,
+                    value=value,
+                )
+            )
     return rows
 
 
@@ -70,17 +93,26 @@ def massive_activations(rows: list[dict]) -> list[str]:
     blowing up)."""
     by: dict[tuple, dict[int, dict[str, float]]] = {}
     for r in rows:
-        if r["metric"] in ("norm_sq_per_dim_median", "norm_sq_per_dim_max", "massive_count", "tokens"):
-            by.setdefault((r["stack"], r["stream"]), {}).setdefault(int(r["layer"]), {})[r["metric"]] = float(r["value"])
+        if r["metric"] in (
+            "norm_sq_per_dim_median",
+            "norm_sq_per_dim_max",
+            "massive_count",
+            "tokens",
+        ):
+            by.setdefault((r["stack"], r["stream"]), {}).setdefault(int(r["layer"]), {})[
+                r["metric"]
+            ] = float(r["value"])
     out = []
     for (stack, stream), layers in by.items():
         hit = [k for k in sorted(layers) if layers[k].get("massive_count", 0) > 0]
         if hit:
             k, v = hit[0], layers[hit[0]]
             name = stack + ("" if stream in ("x", "-") else f" {stream} stream")
-            out.append(f"{name}: massive activations from block {k}: {int(v['massive_count'])} of {int(v['tokens'])} "
-                       f"tokens reach ||h||^2/d {v['norm_sq_per_dim_max']:.3g}, median "
-                       f"{v['norm_sq_per_dim_median']:.3g} (Sun et al. 2024: a few tokens, not the whole stream)")
+            out.append(
+                f"{name}: massive activations from block {k}: {int(v['massive_count'])} of {int(v['tokens'])} "
+                f"tokens reach ||h||^2/d {v['norm_sq_per_dim_max']:.3g}, median "
+                f"{v['norm_sq_per_dim_median']:.3g} (Sun et al. 2024: a few tokens, not the whole stream)"
+            )
     return out
 
 
@@ -92,7 +124,11 @@ def collapse_change(cos_start: list[float], cos_now: list[float], start_step: in
     if not (math.isfinite(a) and math.isfinite(b)):
         return ""
     way = "up" if b > a else "down" if b < a else "unchanged"
-    return f"{way} from {a:.4f} at step {start_step}" if way != "unchanged" else f"unchanged since step {start_step}"
+    return (
+        f"{way} from {a:.4f} at step {start_step}"
+        if way != "unchanged"
+        else f"unchanged since step {start_step}"
+    )
 
 
 def collapse_summary(label: str, rows: list[dict]) -> list[dict]:
@@ -105,9 +141,20 @@ def collapse_summary(label: str, rows: list[dict]) -> list[dict]:
     out = []
     for (stack, stream), by_layer in series.items():
         cos = [by_layer[k] for k in sorted(by_layer)]
-        ranked = sorted((k for k in by_layer if math.isfinite(by_layer[k])), key=lambda k: -by_layer[k])
-        out.append({"model": label, "stack": stack, "stream": stream, **collapse_verdict(cos),
-                    "redundant": [{"layer": k, "cos_adjacent": by_layer[k]} for k in ranked[:REDUNDANT_SHOWN]]})
+        ranked = sorted(
+            (k for k in by_layer if math.isfinite(by_layer[k])), key=lambda k: -by_layer[k]
+        )
+        out.append(
+            {
+                "model": label,
+                "stack": stack,
+                "stream": stream,
+                **collapse_verdict(cos),
+                "redundant": [
+                    {"layer": k, "cos_adjacent": by_layer[k]} for k in ranked[:REDUNDANT_SHOWN]
+                ],
+            }
+        )
     return out
 
 

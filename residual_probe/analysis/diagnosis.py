@@ -41,15 +41,32 @@ def gradient_verdict(norms) -> dict:
     out = {"blocks": int(g.size)}
     bad = [k for k, v in enumerate(g) if not (math.isfinite(v) and v > 0)]
     if bad:  # a NaN/inf or zero norm: no ratio or rate is defined; name the blocks
-        return {**out, "vanishing": None, "first_over_last": math.nan, "rate": math.nan,
-                "verdict": f"unknown: blocks {', '.join(map(str, bad[:5]))} have non-finite or zero gradient norms"}
+        return {
+            **out,
+            "vanishing": None,
+            "first_over_last": math.nan,
+            "rate": math.nan,
+            "verdict": f"unknown: blocks {', '.join(map(str, bad[:5]))} have non-finite or zero gradient norms",
+        }
     try:
         fit = geometric_decay(g)
     except FitError as exc:
-        return {**out, "vanishing": None, "first_over_last": math.nan, "rate": math.nan, "verdict": f"not fitted: {exc}"}
+        return {
+            **out,
+            "vanishing": None,
+            "first_over_last": math.nan,
+            "rate": math.nan,
+            "verdict": f"not fitted: {exc}",
+        }
     low, high = rate_interval(g)
-    out.update(first_over_last=fit.first_over_last, first_over_median=float(g[0] / np.median(g)),
-               rate=fit.rate, rate_low=low, rate_high=high, vanishing=fit.first_over_last < 0.1)
+    out.update(
+        first_over_last=fit.first_over_last,
+        first_over_median=float(g[0] / np.median(g)),
+        rate=fit.rate,
+        rate_low=low,
+        rate_high=high,
+        vanishing=fit.first_over_last < 0.1,
+    )
     sentence = decay_verdict(fit, g.size)
     if math.isfinite(low):
         sentence += f" ({LEVEL:.0%} interval [{low:.3g}, {high:.3g}] over blocks)"
@@ -63,18 +80,32 @@ def loss_warnings(mean_loss: float, vocab: int, family: str) -> list[str]:
     text was tokenized otherwise than the model was trained), so its gradients describe a model
     far from its data."""
     if not (vocab > 1 and math.isfinite(mean_loss)) or mean_loss < math.log(vocab):
-        return [] if math.isfinite(mean_loss) else [f"the mean loss is {mean_loss}: the gradients are not usable"]
-    hint = " (fairseq: pass --dict with the model's dictionary)" if family.startswith("fairseq") else ""
-    return [f"the model does not predict this text: mean loss {mean_loss:.2f} nats is at or above ln({vocab}) = "
-            f"{math.log(vocab):.2f}, a uniform guess; the gradients describe a model far from its data, usually a "
-            f"tokenization mismatch{hint}"]
+        return (
+            []
+            if math.isfinite(mean_loss)
+            else [f"the mean loss is {mean_loss}: the gradients are not usable"]
+        )
+    hint = (
+        " (fairseq: pass --dict with the model's dictionary)"
+        if family.startswith("fairseq")
+        else ""
+    )
+    return [
+        f"the model does not predict this text: mean loss {mean_loss:.2f} nats is at or above ln({vocab}) = "
+        f"{math.log(vocab):.2f}, a uniform guess; the gradients describe a model far from its data, usually a "
+        f"tokenization mismatch{hint}"
+    ]
 
 
 def whole_model_norms(rows: list[dict]) -> dict[str, float]:
     """{part: norm} of one model's grad_norms.csv-style rows: the parts outside the blocks, "blocks"
     (the root sum of squares of every block's norm) and "total" (clip_grad_norm_'s norm)."""
     out = {r["sublayer"]: float(r["param_grad_norm"]) for r in rows if r["stack"] == "model"}
-    blocks = [float(r["param_grad_norm"]) for r in rows if r["sublayer"] == "block" and r["stack"] != "model"]
+    blocks = [
+        float(r["param_grad_norm"])
+        for r in rows
+        if r["sublayer"] == "block" and r["stack"] != "model"
+    ]
     if blocks:
         out["blocks"] = math.sqrt(sum(v * v for v in blocks))
     order = ("embedding", "blocks", "final_norm", "head", "other", "total")
@@ -86,9 +117,13 @@ def gradient_verdicts(rows: list[dict]) -> list[dict]:
     series: dict[tuple[str, str], dict[int, float]] = {}
     for r in rows:
         if r["sublayer"] == "block" and r["stack"] != "model":
-            series.setdefault((r["placement"], r["stack"]), {})[int(r["layer"])] = float(r["param_grad_norm"])
-    return [{"model": m, "stack": s, **gradient_verdict([v[k] for k in sorted(v)])}
-            for (m, s), v in series.items()]
+            series.setdefault((r["placement"], r["stack"]), {})[int(r["layer"])] = float(
+                r["param_grad_norm"]
+            )
+    return [
+        {"model": m, "stack": s, **gradient_verdict([v[k] for k in sorted(v)])}
+        for (m, s), v in series.items()
+    ]
 
 
 def collapse_sentence(stream: dict) -> str:
@@ -96,7 +131,11 @@ def collapse_sentence(stream: dict) -> str:
     cos = stream.get("late_cos_adjacent", math.nan)
     n = stream.get("blocks")
     if n and "late_from" in stream:
-        late = f"block {n - 1}" if stream["late_from"] == n - 1 else f"blocks {stream['late_from']}-{n - 1}"
+        late = (
+            f"block {n - 1}"
+            if stream["late_from"] == n - 1
+            else f"blocks {stream['late_from']}-{n - 1}"
+        )
     else:
         late = "the last third of the blocks"
     v = stream["verdict"]
@@ -104,9 +143,13 @@ def collapse_sentence(stream: dict) -> str:
     if v == "collapsed":
         return f"{late} {'barely changes' if one else 'barely change'} the representation: adjacent cosine {cos:.3f}"
     if v == "collapsing":
-        return (f"{late}: the representation changes less and less: adjacent cosine {cos:.3f}, "
-                f"{stream['late_over_early_influence']:.2f} of the early blocks' influence")
+        return (
+            f"{late}: the representation changes less and less: adjacent cosine {cos:.3f}, "
+            f"{stream['late_over_early_influence']:.2f} of the early blocks' influence"
+        )
     if v == "no collapse":
-        return (f"no collapse: {late} still {'changes' if one else 'change'} the representation "
-                f"(adjacent cosine {cos:.3f})")
+        return (
+            f"no collapse: {late} still {'changes' if one else 'change'} the representation "
+            f"(adjacent cosine {cos:.3f})"
+        )
     return v

@@ -31,7 +31,9 @@ class DecayFit:
     rate: float  # per-block factor toward the input, g_{k-1} / g_k on the fitted line (< 1: vanishing)
     low: float  # bootstrap percentile interval of r over seeds (equal to rate with one seed)
     high: float
-    intercept: float  # log g at layer 0 on the fitted line (natural log): g_k = exp(intercept) * rate^-k
+    intercept: (
+        float  # log g at layer 0 on the fitted line (natural log): g_k = exp(intercept) * rate^-k
+    )
     first_over_last: float  # geometric mean over seeds of g_0 / g_{N-1}
     seeds: int
 
@@ -39,8 +41,10 @@ class DecayFit:
 def _positive_logs(values: np.ndarray) -> np.ndarray:
     v = np.asarray(values, dtype=np.float64)
     if not np.all(np.isfinite(v)) or np.any(v <= 0):
-        raise FitError("gradient norms must be finite and positive to fit a decay rate "
-                       f"({int(np.sum(~np.isfinite(v)))} non-finite, {int(np.sum(v <= 0))} non-positive)")
+        raise FitError(
+            "gradient norms must be finite and positive to fit a decay rate "
+            f"({int(np.sum(~np.isfinite(v)))} non-finite, {int(np.sum(v <= 0))} non-positive)"
+        )
     return np.log(v)
 
 
@@ -50,7 +54,9 @@ def _slopes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (y - y.mean(-1, keepdims=True)) @ xc / (xc @ xc)
 
 
-def geometric_decay(values, layers=None, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> DecayFit:
+def geometric_decay(
+    values, layers=None, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> DecayFit:
     """Fit g_k = exp(a) * r^-k to per-layer norms `values` of shape (seeds, layers) or (layers,).
 
     r is the factor per block toward the input (Post-LN's vanishing gives r < 1; the ResiDual
@@ -68,15 +74,25 @@ def geometric_decay(values, layers=None, n_boot: int = 2000, level: float = 0.95
     n_seeds, n_layers = logs.shape
     if n_layers < 2:
         raise FitError(f"a decay rate needs at least 2 layers, got {n_layers}")
-    k = np.arange(n_layers, dtype=np.float64) if layers is None else np.asarray(layers, dtype=np.float64)
+    k = (
+        np.arange(n_layers, dtype=np.float64)
+        if layers is None
+        else np.asarray(layers, dtype=np.float64)
+    )
     per_seed = _slopes(k, logs)  # (seeds,)
     slope = float(per_seed.mean())
     intercept = float(logs.mean() - slope * k.mean())
     rate = math.exp(-slope)
     low = high = rate
     if n_seeds > 1 and np.ptp(per_seed) > 0:
-        ci = stats.bootstrap((per_seed,), np.mean, n_resamples=n_boot, confidence_level=level,
-                             method="percentile", rng=np.random.default_rng(seed)).confidence_interval
+        ci = stats.bootstrap(
+            (per_seed,),
+            np.mean,
+            n_resamples=n_boot,
+            confidence_level=level,
+            method="percentile",
+            rng=np.random.default_rng(seed),
+        ).confidence_interval
         low, high = math.exp(-ci.high), math.exp(-ci.low)
     return DecayFit(rate, low, high, intercept, first_over_last(np.exp(logs)), n_seeds)
 

@@ -19,18 +19,24 @@ VERDICT_FACTOR = 10.0  # a first/last ratio beyond 10x either way is named vanis
 BALANCED_FACTOR = 2.0  # within 2x either way is balanced; between 2x and 10x, decaying or rising
 
 
-def decay_verdict(fit: DecayFit, n_layers: int, factor: float = VERDICT_FACTOR,
-                  balanced: float = BALANCED_FACTOR) -> str:
+def decay_verdict(
+    fit: DecayFit, n_layers: int, factor: float = VERDICT_FACTOR, balanced: float = BALANCED_FACTOR
+) -> str:
     """One sentence on a per-layer gradient profile, quoting the numbers it rests on and its thresholds:
     vanishing (< 1/factor), decaying (< 1/balanced), balanced, rising (> balanced), growing (> factor),
     from block 0's norm over the last block's (geometric mean over seeds) and the fitted rate."""
     last = n_layers - 1
     ratio = fit.first_over_last
-    interval = f"{fit.rate:.3g} per block" + (f" [{fit.low:.3g}, {fit.high:.3g}]" if fit.seeds > 1 else "")
+    interval = f"{fit.rate:.3g} per block" + (
+        f" [{fit.low:.3g}, {fit.high:.3g}]" if fit.seeds > 1 else ""
+    )
     if ratio < 1 / factor:
         head, band = "gradients vanish toward the input", f"vanishing: below {1 / factor:g}x"
     elif ratio < 1 / balanced:
-        head, band = "gradients decay toward the input", f"decaying: {1 / factor:g}x to {1 / balanced:g}x"
+        head, band = (
+            "gradients decay toward the input",
+            f"decaying: {1 / factor:g}x to {1 / balanced:g}x",
+        )
     elif ratio <= balanced:
         head, band = "balanced", f"balanced: {1 / balanced:g}x to {balanced:g}x"
     elif ratio <= factor:
@@ -40,7 +46,9 @@ def decay_verdict(fit: DecayFit, n_layers: int, factor: float = VERDICT_FACTOR,
     return f"{head}: block 0 gets {ratio:.3g}x block {last}'s norm ({band}), {interval}"
 
 
-def theory_overlay(rows, step: int | None = None, value: str = "param_grad_norm") -> tuple[list[dict], list[dict]]:
+def theory_overlay(
+    rows, step: int | None = None, value: str = "param_grad_norm"
+) -> tuple[list[dict], list[dict]]:
     """Predicted per-layer curves and verdicts for a grad-norms table (the `--theory` overlay).
 
     rows: dicts (or a DataFrame) with placement, seed, step, stack, layer, sublayer, `value`;
@@ -74,7 +82,9 @@ def theory_overlay(rows, step: int | None = None, value: str = "param_grad_norm"
         layers = [int(k) for k in table.columns]
         table = table.to_numpy()
         fit = geometric_decay(table, layers)
-        n_sub = g.loc[g["sublayer"] != "block", "sublayer"].nunique() or (3 if stack == "decoder" else 2)
+        n_sub = g.loc[g["sublayer"] != "block", "sublayer"].nunique() or (
+            3 if stack == "decoder" else 2
+        )
         last = float(geometric_mean(table[:, -1]))
         profile = theory.gradient_profile(placement)
         if profile is None:
@@ -82,12 +92,30 @@ def theory_overlay(rows, step: int | None = None, value: str = "param_grad_norm"
             pred_rate = math.nan
         else:
             pred = profile.curve(layers, n_sub, last)
-            pred_rate = float(np.exp(-np.polyfit(np.asarray(layers, dtype=np.float64), np.log(pred), 1)[0])) \
-                if len(layers) > 1 else math.nan
+            pred_rate = (
+                float(np.exp(-np.polyfit(np.asarray(layers, dtype=np.float64), np.log(pred), 1)[0]))
+                if len(layers) > 1
+                else math.nan
+            )
         for k, p in zip(layers, pred):
-            curves.append({**key, "layer": k, "predicted": float(p),
-                           "fitted": float(math.exp(fit.intercept) * fit.rate**-k)})
-        verdicts.append({**key, "rate": fit.rate, "low": fit.low, "high": fit.high,
-                         "first_over_last": fit.first_over_last, "predicted_rate": pred_rate,
-                         "source": profile.source if profile else "", "verdict": decay_verdict(fit, len(layers))})
+            curves.append(
+                {
+                    **key,
+                    "layer": k,
+                    "predicted": float(p),
+                    "fitted": float(math.exp(fit.intercept) * fit.rate**-k),
+                }
+            )
+        verdicts.append(
+            {
+                **key,
+                "rate": fit.rate,
+                "low": fit.low,
+                "high": fit.high,
+                "first_over_last": fit.first_over_last,
+                "predicted_rate": pred_rate,
+                "source": profile.source if profile else "",
+                "verdict": decay_verdict(fit, len(layers)),
+            }
+        )
     return curves, verdicts

@@ -40,18 +40,25 @@ class Event:
     stack: str
     stream: str
     layer: int
-    sublayer: str  # the origin block's sublayer whose gradient rose most ("block" when none is recorded)
+    sublayer: (
+        str  # the origin block's sublayer whose gradient rose most ("block" when none is recorded)
+    )
     value: float
     median: float
     ratio: float  # value / median (inf for a non-finite value)
-    followers: list[dict] = field(default_factory=list)  # {metric, stack, stream, layer, step, ratio}, in order
+    followers: list[dict] = field(
+        default_factory=list
+    )  # {metric, stack, stream, layer, step, ratio}, in order
 
     def describe(self) -> str:
         where = self.stack + ("" if self.stream in ("x", "-", "") else f" {self.stream} stream")
         part = "" if self.sublayer == "block" else f" ({self.sublayer})"
         what = "gradient norm" if self.metric == "param_grad_norm" else "update ratio"
-        size = (f"{what} {self.value:.3g}, {self.ratio:.3g}x its trailing median {self.median:.3g}"
-                if math.isfinite(self.value) else f"{what} {self.value} (trailing median {self.median:.3g})")
+        size = (
+            f"{what} {self.value:.3g}, {self.ratio:.3g}x its trailing median {self.median:.3g}"
+            if math.isfinite(self.value)
+            else f"{what} {self.value} (trailing median {self.median:.3g})"
+        )
         text = f"step {self.step}: {where} block {self.layer}{part} first: {size}"
         if self.followers:
             shown = ", ".join(f"block {f['layer']} at step {f['step']}" for f in self.followers[:6])
@@ -68,7 +75,9 @@ class Monitor:
 
     def __init__(self, k: float = K, window: int = WINDOW, min_history: int = MIN_HISTORY):
         if not (k > 1 and window >= min_history >= 2):
-            raise ValueError(f"instability rule: need k > 1 and window >= min_history >= 2, got {k}, {window}, {min_history}")
+            raise ValueError(
+                f"instability rule: need k > 1 and window >= min_history >= 2, got {k}, {window}, {min_history}"
+            )
         self.k, self.window, self.min_history = k, window, min_history
         self._history: dict[tuple, deque] = {}
         self.events: list[Event] = []
@@ -108,10 +117,14 @@ class Monitor:
             if r["sublayer"] == "block":
                 out, med = self._excursion(key, v)
                 if out:
-                    blocks.append((key, v, med, v / med if math.isfinite(v) and med > 0 else math.inf))
+                    blocks.append(
+                        (key, v, med, v / med if math.isfinite(v) and med > 0 else math.inf)
+                    )
             elif not r["sublayer"].startswith("group:"):
                 _, med = self._excursion(key + (r["sublayer"],), v)
-                subs.setdefault(key, []).append((v / med if med > 0 and math.isfinite(v) else math.inf, r["sublayer"]))
+                subs.setdefault(key, []).append(
+                    (v / med if med > 0 and math.isfinite(v) else math.inf, r["sublayer"])
+                )
         if self._open is not None and self._recorded - self._open_at > self.window:
             self._open = None  # the event is over: the next excursion starts a new one
         started = []
@@ -119,15 +132,27 @@ class Monitor:
         for key, v, med, ratio in blocks:
             block = key[1:]  # the same block out in both series counts once
             if self._open is None:
-                sub = max(subs.get(key, []), key=lambda s: (s[0] if not math.isnan(s[0]) else -1), default=(0, "block"))
+                sub = max(
+                    subs.get(key, []),
+                    key=lambda s: s[0] if not math.isnan(s[0]) else -1,
+                    default=(0, "block"),
+                )
                 self._open = Event(step, key[0], key[1], key[2], key[3], sub[1], v, med, ratio)
                 self._open_seen, self._open_at = {block}, self._recorded
                 self.events.append(self._open)
                 started.append(self._open)
             elif block not in self._open_seen:
                 self._open_seen.add(block)
-                self._open.followers.append(dict(metric=key[0], stack=key[1], stream=key[2], layer=key[3], step=step,
-                                                 ratio=ratio))
+                self._open.followers.append(
+                    dict(
+                        metric=key[0],
+                        stack=key[1],
+                        stream=key[2],
+                        layer=key[3],
+                        step=step,
+                        ratio=ratio,
+                    )
+                )
         return started
 
 
@@ -137,8 +162,9 @@ def _median(values) -> float:
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
 
 
-def find_events(rows: Iterable[Mapping], k: float = K, window: int = WINDOW,
-                min_history: int = MIN_HISTORY) -> list[Event]:
+def find_events(
+    rows: Iterable[Mapping], k: float = K, window: int = WINDOW, min_history: int = MIN_HISTORY
+) -> list[Event]:
     """The instability events in a run's rows (any order), by the rule of the module doc."""
     monitor = Monitor(k, window, min_history)
     monitor.update(rows)

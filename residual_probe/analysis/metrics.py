@@ -36,13 +36,17 @@ def _up(x: torch.Tensor) -> torch.Tensor:
 def _tokens(x: torch.Tensor) -> torch.Tensor:
     """(..., d) -> (tokens, d), upcast; rejects scalars and empty inputs."""
     if x.dim() < 1 or x.numel() == 0:
-        raise MetricError(f"expected a non-empty tensor of shape (..., d), got shape {tuple(x.shape)}")
+        raise MetricError(
+            f"expected a non-empty tensor of shape (..., d), got shape {tuple(x.shape)}"
+        )
     return _up(x).reshape(-1, x.shape[-1])
 
 
 def _pair(prev: torch.Tensor, cur: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if prev.shape != cur.shape:
-        raise MetricError(f"layer outputs differ in shape: {tuple(prev.shape)} vs {tuple(cur.shape)}")
+        raise MetricError(
+            f"layer outputs differ in shape: {tuple(prev.shape)} vs {tuple(cur.shape)}"
+        )
     a, b = _tokens(prev), _tokens(cur)
     dtype = torch.promote_types(a.dtype, b.dtype)
     return a.to(dtype), b.to(dtype)
@@ -109,7 +113,9 @@ def ln_update(prev: torch.Tensor, cur: torch.Tensor, eps: float = LN_EPS) -> tor
     return (layer_norm(b, eps) - layer_norm(a, eps)).abs().mean()
 
 
-def transition_stats(prev: torch.Tensor, cur: torch.Tensor, eps: float = LN_EPS) -> tuple[torch.Tensor, ...]:
+def transition_stats(
+    prev: torch.Tensor, cur: torch.Tensor, eps: float = LN_EPS
+) -> tuple[torch.Tensor, ...]:
     """(cos_adjacent, relative_update, norm_sq_per_dim(cur), ln_update) of one block in one pass.
 
     The same four quantities as the functions above, sharing their intermediates (token norms,
@@ -130,7 +136,9 @@ def transition_stats(prev: torch.Tensor, cur: torch.Tensor, eps: float = LN_EPS)
 
 def _stack(H: torch.Tensor) -> torch.Tensor:
     if H.dim() != 3 or H.numel() == 0:
-        raise MetricError(f"expected stacked layer outputs of shape (L, n, d), got {tuple(H.shape)}")
+        raise MetricError(
+            f"expected stacked layer outputs of shape (L, n, d), got {tuple(H.shape)}"
+        )
     return _up(H)
 
 
@@ -191,7 +199,9 @@ def linear_cka(X: torch.Tensor, Y: torch.Tensor, debiased: bool = False) -> torc
     inputs whose centered features are orthogonal give 0 (biased).
     """
     if X.dim() != 2 or Y.dim() != 2 or X.shape[0] != Y.shape[0]:
-        raise MetricError(f"CKA needs (n, d1) and (n, d2) with equal n, got {tuple(X.shape)}, {tuple(Y.shape)}")
+        raise MetricError(
+            f"CKA needs (n, d1) and (n, d2) with equal n, got {tuple(X.shape)}, {tuple(Y.shape)}"
+        )
     _check_cka_tokens(X.shape[0], debiased)
     dtype = torch.promote_types(_up(X).dtype, _up(Y).dtype)
     G = torch.stack([_centered_gram(_up(Z).to(dtype), debiased) for Z in (X, Y)])
@@ -227,7 +237,9 @@ def _sequences(X: torch.Tensor) -> torch.Tensor:
     if X.dim() == 2:
         X = X.unsqueeze(0)
     if X.dim() != 3 or X.numel() == 0:
-        raise MetricError(f"expected token matrices of shape (T, d) or (B, T, d), got {tuple(X.shape)}")
+        raise MetricError(
+            f"expected token matrices of shape (T, d) or (B, T, d), got {tuple(X.shape)}"
+        )
     return _up(X)
 
 

@@ -37,7 +37,9 @@ def converged(curve: Sequence[Mapping]) -> bool:
 
 def gate_passes(post_bleu: float, pre_bleu: float) -> bool:
     """The sanity gate: Post-LN (with warm-up) within GATE_BLEU of Pre-LN (or above it)."""
-    return math.isfinite(post_bleu) and math.isfinite(pre_bleu) and pre_bleu - post_bleu <= GATE_BLEU
+    return (
+        math.isfinite(post_bleu) and math.isfinite(pre_bleu) and pre_bleu - post_bleu <= GATE_BLEU
+    )
 
 
 def choose_lr(calibration: Mapping[float, Mapping[str, float]]) -> tuple[float, str]:
@@ -55,6 +57,8 @@ def choose_lr(calibration: Mapping[float, Mapping[str, float]]) -> tuple[float, 
     else:
         lr = min(gaps, key=lambda k: gaps[k] if math.isfinite(gaps[k]) else math.inf)
         why = "no lr passes the gate; the smallest Pre-LN - Post-LN gap"
-    detail = ", ".join(f"lr {k:g}: Post-LN {c['post-ln']:.2f} / Pre-LN {c['pre-ln']:.2f}"
-                       for k, c in sorted(calibration.items()))
+    detail = ", ".join(
+        f"lr {k:g}: Post-LN {c['post-ln']:.2f} / Pre-LN {c['pre-ln']:.2f}"
+        for k, c in sorted(calibration.items())
+    )
     return lr, f"{why} ({detail}; BLEU, warm-up, seed 0)"

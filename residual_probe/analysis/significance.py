@@ -45,8 +45,13 @@ def paired_bleu(hyps_a: Sequence[str], hyps_b: Sequence[str], refs: Sequence[str
     from sacrebleu.metrics import BLEU
     from sacrebleu.significance import PairedTest
 
-    test = PairedTest([("B", list(hyps_b)), ("A", list(hyps_a))], {"BLEU": BLEU()}, [list(refs)],
-                      test_type="bs", n_samples=N_SAMPLES)
+    test = PairedTest(
+        [("B", list(hyps_b)), ("A", list(hyps_a))],
+        {"BLEU": BLEU()},
+        [list(refs)],
+        test_type="bs",
+        n_samples=N_SAMPLES,
+    )
     _, scores = test()
     b, a = scores["BLEU"]
     return Paired(a.score - b.score, float(a.p_value), float(a.ci), float(b.ci))

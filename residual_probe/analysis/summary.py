@@ -19,7 +19,9 @@ def geometric_mean(table, axis: int = 0) -> np.ndarray:
     """exp(mean(log x)) along `axis`; non-positive or non-finite entries are left out (nan if none is left)."""
     a = np.asarray(table, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # an all-nan column: nan, said by the result
+        warnings.simplefilter(
+            "ignore", RuntimeWarning
+        )  # an all-nan column: nan, said by the result
         logs = np.where((a > 0) & np.isfinite(a), np.log(np.where(a > 0, a, 1.0)), np.nan)
         return np.exp(np.nanmean(logs, axis=axis))
 
@@ -29,18 +31,33 @@ def band(table) -> dict[str, np.ndarray]:
     a = np.atleast_2d(np.asarray(table, dtype=np.float64))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return {"center": geometric_mean(a), "low": np.nanmin(a, axis=0), "high": np.nanmax(a, axis=0),
-                "seeds": a.shape[0]}
+        return {
+            "center": geometric_mean(a),
+            "low": np.nanmin(a, axis=0),
+            "high": np.nanmax(a, axis=0),
+            "seeds": a.shape[0],
+        }
 
 
-def seed_band(df: pd.DataFrame, by: list[str], x: str = "layer", value: str = "param_grad_norm") -> pd.DataFrame:
+def seed_band(
+    df: pd.DataFrame, by: list[str], x: str = "layer", value: str = "param_grad_norm"
+) -> pd.DataFrame:
     """`band` per group of a tidy table: columns by..., x, center, low, high, seeds (one row per point)."""
     parts = []
     for key, g in df.groupby(by, sort=False):
-        wide = g.pivot_table(index="seed", columns=x, values=value, aggfunc="first").sort_index(axis=1)
+        wide = g.pivot_table(index="seed", columns=x, values=value, aggfunc="first").sort_index(
+            axis=1
+        )
         b = band(wide.to_numpy())
-        part = pd.DataFrame({x: wide.columns.to_numpy(), "center": b["center"], "low": b["low"], "high": b["high"],
-                             "seeds": b["seeds"]})
+        part = pd.DataFrame(
+            {
+                x: wide.columns.to_numpy(),
+                "center": b["center"],
+                "low": b["low"],
+                "high": b["high"],
+                "seeds": b["seeds"],
+            }
+        )
         for name, v in zip(by, key if isinstance(key, tuple) else (key,)):
             part.insert(0, name, v)
         parts.append(part)
@@ -71,19 +88,25 @@ def profile_ratio(by_layer: dict[int, float]) -> float:
 
 def layer_table(df: pd.DataFrame, value: str = "param_grad_norm") -> np.ndarray:
     """(seeds, layers) array of one profile (the rows of one placement/stack/step), in sorted order."""
-    return df.pivot_table(index="seed", columns="layer", values=value, aggfunc="first", dropna=False) \
-        .sort_index(axis=1).to_numpy()
+    return (
+        df.pivot_table(index="seed", columns="layer", values=value, aggfunc="first", dropna=False)
+        .sort_index(axis=1)
+        .to_numpy()
+    )
 
 
-def ratio_by_step(df: pd.DataFrame, by: tuple[str, ...] = ("placement", "stack"),
-                  value: str = "param_grad_norm") -> pd.DataFrame:
+def ratio_by_step(
+    df: pd.DataFrame, by: tuple[str, ...] = ("placement", "stack"), value: str = "param_grad_norm"
+) -> pd.DataFrame:
     """`first_over_last` per (by..., step) from whole-block rows: columns by..., step, first_over_last, seeds."""
     block = df[df["sublayer"] == "block"] if "sublayer" in df else df
     keys = [*by, "step"]
     rows = []
     for key, g in block.groupby(keys, sort=True):
         table = layer_table(g, value)
-        rows.append({**dict(zip(keys, key)), "first_over_last": first_over_last(table), "seeds": len(table)})
+        rows.append(
+            {**dict(zip(keys, key)), "first_over_last": first_over_last(table), "seeds": len(table)}
+        )
     return pd.DataFrame(rows, columns=[*keys, "first_over_last", "seeds"])
 
 
@@ -104,8 +127,16 @@ def loss_curves(runs, beta: float = 0.9) -> pd.DataFrame:
     parts = []
     for name, path in runs.items():
         d = pd.read_csv(path)
-        parts.append(pd.DataFrame({"run": name, "step": d["step"], "train_loss": d["train_loss"].astype(float),
-                                   "train_ema": ema(d["train_loss"].to_numpy(dtype=np.float64), beta),
-                                   "val_loss": d["val_loss"].astype(float)}))
+        parts.append(
+            pd.DataFrame(
+                {
+                    "run": name,
+                    "step": d["step"],
+                    "train_loss": d["train_loss"].astype(float),
+                    "train_ema": ema(d["train_loss"].to_numpy(dtype=np.float64), beta),
+                    "val_loss": d["val_loss"].astype(float),
+                }
+            )
+        )
     columns = ["run", "step", "train_loss", "train_ema", "val_loss"]
     return pd.concat(parts, ignore_index=True)[columns] if parts else pd.DataFrame(columns=columns)

@@ -63,7 +63,9 @@ def attention_gain_range(d: int, init: str) -> tuple[float, float]:
     raise ValueError(f"init: unknown {init!r}")
 
 
-def preln_norm_band(layers, v0: float, d: int, ffn: int, init: str) -> tuple[np.ndarray, np.ndarray]:
+def preln_norm_band(
+    layers, v0: float, d: int, ffn: int, init: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Pre-LN: (lower, upper) of E||x_l||^2 / d after l blocks of self-attention + FFN, at init.
 
     Each block adds its sublayers' gains (the stream's own part is carried unchanged and the
@@ -72,10 +74,10 @@ def preln_norm_band(layers, v0: float, d: int, ffn: int, init: str) -> tuple[np.
     their Lemma 2, (1 + l/2) ... (1 + 3l/2) with v0 = 1; other widths and inits change the
     constants, not the linear form.
     """
-    l = _arr(layers)
+    ell = _arr(layers)
     g = ffn_gain(d, ffn, init)
     lo, hi = attention_gain_range(d, init)
-    return v0 + l * (g + lo), v0 + l * (g + hi)
+    return v0 + ell * (g + lo), v0 + ell * (g + hi)
 
 
 def xiong_lemma2_preln_band(layers, v0: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -85,8 +87,8 @@ def xiong_lemma2_preln_band(layers, v0: float = 1.0) -> tuple[np.ndarray, np.nda
     variance 1/d), W^Q = W^K = 0 (uniform attention), E||x_0||^2/d = v0 (1 in the lemma).
     `preln_norm_band(l, v0, d, d, "xiong")` up to its O(1/d) terms; other sizes: use that.
     """
-    l = _arr(layers)
-    return v0 + 0.5 * l, v0 + 1.5 * l
+    ell = _arr(layers)
+    return v0 + 0.5 * ell, v0 + 1.5 * ell
 
 
 def postln_final_ln_input(d: int, ffn: int, init: str) -> float:
@@ -182,8 +184,13 @@ class GradientProfile:
 
 
 GRADIENT_PROFILES = {
-    "decay": GradientProfile("decay", "Xie et al. 2023 (ResiDual), Sec. 4: Post-LN gradient ~ (1/2)^(m/2) e^sqrt(m)"),
-    "floor": GradientProfile("floor", "Xie et al. 2023 (ResiDual), Sec. 4: an identity path to the output bounds the gradient below"),
+    "decay": GradientProfile(
+        "decay", "Xie et al. 2023 (ResiDual), Sec. 4: Post-LN gradient ~ (1/2)^(m/2) e^sqrt(m)"
+    ),
+    "floor": GradientProfile(
+        "floor",
+        "Xie et al. 2023 (ResiDual), Sec. 4: an identity path to the output bounds the gradient below",
+    ),
 }
 
 
@@ -215,7 +222,9 @@ def collapse_stream_variance(placement: str, k, sigma2: float = 1.0, v1: float =
     raise ValueError(f"the collapse result covers pre-ln, post-ln and residual, not {placement!r}")
 
 
-def collapse_prediction(placement: str, k, sigma2: float = 1.0, v1: float = 1.0) -> dict[str, np.ndarray]:
+def collapse_prediction(
+    placement: str, k, sigma2: float = 1.0, v1: float = 1.0
+) -> dict[str, np.ndarray]:
     """Exact large-d closed forms for block k's (1-based) effect on the stream, in the toy model.
 
     With a = sqrt(v_k) and b = sqrt(v_k + sigma2) (d -> infinity, so ||x||^2/d -> its mean and
@@ -242,8 +251,15 @@ def collapse_prediction(placement: str, k, sigma2: float = 1.0, v1: float = 1.0)
     return {"cos_adjacent": cos, "ln_update": ln_update, "relative_update": rel}
 
 
-def simulate_collapse(placement: str, n_blocks: int, d: int, tokens: int, sigma2: float = 1.0,
-                      v1: float = 1.0, seed: int = 0):
+def simulate_collapse(
+    placement: str,
+    n_blocks: int,
+    d: int,
+    tokens: int,
+    sigma2: float = 1.0,
+    v1: float = 1.0,
+    seed: int = 0,
+):
     """Monte-Carlo of the toy model: the stream x_1..x_{n_blocks+1}, shape (n_blocks + 1, tokens, d).
 
     Same assumptions as `collapse_prediction` (LN without affine, eps 1e-5), in float64.
@@ -253,7 +269,9 @@ def simulate_collapse(placement: str, n_blocks: int, d: int, tokens: int, sigma2
     from .metrics import layer_norm
 
     if placement not in ("pre-ln", "post-ln", "residual"):
-        raise ValueError(f"the collapse result covers pre-ln, post-ln and residual, not {placement!r}")
+        raise ValueError(
+            f"the collapse result covers pre-ln, post-ln and residual, not {placement!r}"
+        )
     g = torch.Generator().manual_seed(seed)
     x = math.sqrt(v1) * torch.randn(tokens, d, generator=g, dtype=torch.float64)
     states = [x]
@@ -321,11 +339,18 @@ def adam_update_condition(g, alpha: float, eps: float) -> float:
     return float(u @ du / (np.linalg.norm(u) * rms))
 
 
-def adam_condition_curve(alpha: float, eps: float, n: int = 20000, seed: int = 0,
-                         grid=np.logspace(-4, 4, 60)) -> tuple[np.ndarray, np.ndarray]:
+def adam_condition_curve(
+    alpha: float, eps: float, n: int = 20000, seed: int = 0, grid=None
+) -> tuple[np.ndarray, np.ndarray]:
     """kappa / (alpha sqrt(n) / eps) for a block of n standard Gaussian gradients scaled to RMS r * eps,
-    over r in `grid`: the closed form beside which a model's measured kappa is drawn."""
+    over r in `grid` (default: 60 points from 1e-4 to 1e4): the closed form beside which a
+    model's measured kappa is drawn."""
+    grid = np.logspace(-4, 4, 60) if grid is None else grid
     z = np.random.default_rng(seed).standard_normal(n)
-    ratio = np.array([adam_update_condition(r * eps * z, alpha, eps) / residual_adam_condition(alpha, n, eps)
-                      for r in grid])
+    ratio = np.array(
+        [
+            adam_update_condition(r * eps * z, alpha, eps) / residual_adam_condition(alpha, n, eps)
+            for r in grid
+        ]
+    )
     return np.asarray(grid), ratio

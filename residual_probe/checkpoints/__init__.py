@@ -11,4 +11,12 @@ from .loaded import LOSSES, LoadedModel
 from .native import load_model, save_model
 from .registry import FORMATS, load_any
 
-__all__ = ["CheckpointError", "FORMATS", "LOSSES", "LoadedModel", "load_any", "load_model", "save_model"]
+__all__ = [
+    "CheckpointError",
+    "FORMATS",
+    "LOSSES",
+    "LoadedModel",
+    "load_any",
+    "load_model",
+    "save_model",
+]

@@ -23,8 +23,14 @@ from .safetensors_io import read_header
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # with a ".index.json" twin when sharded
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
-                   "tokenizer.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "tokenizer.model",
+)
 HF_EXTRA = "Hugging Face folders need the 'hf' extra: pip install 'residual-probe[hf]'"
 
 
@@ -59,25 +65,41 @@ def weight_files(folder: Path) -> tuple[list[Path], bool]:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
                 shards = sorted(set(weight_map.values()))
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                raise CheckpointError(f"{index}: not a valid shard index (needs a 'weight_map')") from None
+                raise CheckpointError(
+                    f"{index}: not a valid shard index (needs a 'weight_map')"
+                ) from None
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
-                raise CheckpointError(f"{folder}: shard {missing[0]} listed in {index.name} is missing")
+                raise CheckpointError(
+                    f"{folder}: shard {missing[0]} listed in {index.name} is missing"
+                )
             return [folder / s for s in shards], name.endswith("safetensors")
         if (folder / name).is_file():
             return [folder / name], name.endswith("safetensors")
-    raise CheckpointError(f"{folder}: no weights found (expected {' or '.join(WEIGHTS)}, or a sharded index)")
+    raise CheckpointError(
+        f"{folder}: no weights found (expected {' or '.join(WEIGHTS)}, or a sharded index)"
+    )
 
 
 def check_files(files: list[Path], safetensors: bool) -> None:
     for f in files:
         if safetensors:
             header, start, size = read_header(f)
-            end = max((v["data_offsets"][1] for k, v in header.items()
-                       if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("data_offsets"), list)
-                       and len(v["data_offsets"]) == 2), default=0)
+            end = max(
+                (
+                    v["data_offsets"][1]
+                    for k, v in header.items()
+                    if k != "__metadata__"
+                    and isinstance(v, dict)
+                    and isinstance(v.get("data_offsets"), list)
+                    and len(v["data_offsets"]) == 2
+                ),
+                default=0,
+            )
             if start + end > size:
-                raise CheckpointError(f"{f}: truncated safetensors file ({size} bytes, header says {start + end})")
+                raise CheckpointError(
+                    f"{f}: truncated safetensors file ({size} bytes, header says {start + end})"
+                )
         else:
             if f.stat().st_size == 0:
                 raise CheckpointError(f"{f}: empty file")
@@ -130,14 +152,16 @@ def _torch_load(f: Path) -> dict:
         try:
             state = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise CheckpointError(f"{f}: not a PyTorch checkpoint or corrupt ({_one_line(exc)})") from None
+            raise CheckpointError(
+                f"{f}: not a PyTorch checkpoint or corrupt ({_one_line(exc)})"
+            ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{f}: not a state dict")
     return state
 
 
 def _strip(name: str, prefix: str) -> str:
-    return name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else name
+    return name[len(prefix) + 1 :] if prefix and name.startswith(prefix + ".") else name
 
 
 def _fit(cls, config, stored: set[str]) -> tuple[int, int] | None:
@@ -147,7 +171,9 @@ def _fit(cls, config, stored: set[str]) -> tuple[int, int] | None:
     try:
         with torch.device("meta"):
             model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
-    except Exception:  # the class does not take this config (e.g. no seq2seq head for a decoder-only family)
+    except (
+        Exception
+    ):  # the class does not take this config (e.g. no seq2seq head for a decoder-only family)
         return None
     prefix = getattr(model, "base_model_prefix", "")
     expected = {_strip(k, prefix) for k in model.state_dict()}
@@ -173,7 +199,9 @@ def model_class(transformers, config, stored: set[str] | None = None) -> Any:
     return getattr(transformers, min(scored)[2]) if scored else transformers.AutoModel
 
 
-def fill_missing(model, missing: list[str], files: list[Path], safetensors: bool, aliases: dict[str, str]) -> list[str]:
+def fill_missing(
+    model, missing: list[str], files: list[Path], safetensors: bool, aliases: dict[str, str]
+) -> list[str]:
     """Load weights transformers reported missing from their stored alias (safetensors metadata),
     looking under the name with and without the base-model prefix; returns the names still missing."""
     import torch
@@ -207,12 +235,18 @@ def fill_missing(model, missing: list[str], files: list[Path], safetensors: bool
             if t is None or tuple(t.shape) != tuple(state[key].shape):
                 continue
             state[key].copy_(t.to(state[key].dtype))
-    return [k for k in missing if k not in targets or targets[k] not in found
-            or tuple(found[targets[k]].shape) != tuple(state[k].shape)]
+    return [
+        k
+        for k in missing
+        if k not in targets
+        or targets[k] not in found
+        or tuple(found[targets[k]].shape) != tuple(state[k].shape)
+    ]
 
 
-def load_hf_dir(path: str | Path, trust: bool = False, allow_missing: bool = False,
-                allow_unused: bool = False) -> tuple[Any, Any, dict[str, Any]]:
+def load_hf_dir(
+    path: str | Path, trust: bool = False, allow_missing: bool = False, allow_unused: bool = False
+) -> tuple[Any, Any, dict[str, Any]]:
     """(model in eval mode, tokenizer or None, description) of a Hugging Face folder.
 
     Tied and aliased weights are resolved as `from_pretrained` does (the config's tie flags, which
@@ -228,41 +262,71 @@ def load_hf_dir(path: str | Path, trust: bool = False, allow_missing: bool = Fal
     stored, aliases = stored_names(files, safetensors)
     transformers = import_transformers()
     try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        config = transformers.AutoConfig.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=False
+        )
     except Exception as exc:
-        raise CheckpointError(f"{folder}/config.json: transformers cannot read it ({_one_line(exc)})") from None
+        raise CheckpointError(
+            f"{folder}/config.json: transformers cannot read it ({_one_line(exc)})"
+        ) from None
     cls = model_class(transformers, config, stored | set(aliases))
     try:
         model, info = cls.from_pretrained(
-            folder, config=config, local_files_only=True, trust_remote_code=False, use_safetensors=safetensors,
-            weights_only=not trust, output_loading_info=True,
+            folder,
+            config=config,
+            local_files_only=True,
+            trust_remote_code=False,
+            use_safetensors=safetensors,
+            weights_only=not trust,
+            output_loading_info=True,
         )
     except Exception as exc:
-        raise CheckpointError(f"{folder}: transformers could not load the weights ({_one_line(exc)})") from None
+        raise CheckpointError(
+            f"{folder}: transformers could not load the weights ({_one_line(exc)})"
+        ) from None
     if info.get("mismatched_keys"):
-        raise CheckpointError(f"{folder}: weights with the wrong shape for the config (e.g. {sorted(info['mismatched_keys'])[0]})")
-    missing = sorted(fill_missing(model, sorted(info.get("missing_keys") or []), files, safetensors, aliases),
-                     key=natural_key)
+        raise CheckpointError(
+            f"{folder}: weights with the wrong shape for the config (e.g. {sorted(info['mismatched_keys'])[0]})"
+        )
+    missing = sorted(
+        fill_missing(model, sorted(info.get("missing_keys") or []), files, safetensors, aliases),
+        key=natural_key,
+    )
     model = model.float().eval()
     notes = []
     if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        if not allow_missing:  # a weight left at random initialization would be measured as if trained
-            raise CheckpointError(f"{folder}: {len(missing)} weights are missing from the files ({shown}); "
-                                  "pass --allow-missing-weights to measure them at random initialization")
-        notes.append(f"partly random model: {len(missing)} weights missing from the files were left at "
-                     f"random initialization ({shown})")
+        shown = ", ".join(missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
+        if (
+            not allow_missing
+        ):  # a weight left at random initialization would be measured as if trained
+            raise CheckpointError(
+                f"{folder}: {len(missing)} weights are missing from the files ({shown}); "
+                "pass --allow-missing-weights to measure them at random initialization"
+            )
+        notes.append(
+            f"partly random model: {len(missing)} weights missing from the files were left at "
+            f"random initialization ({shown})"
+        )
     unused = sorted(info.get("unexpected_keys") or [], key=natural_key)
     omitted = omitted_blocks(unused, config)
     if omitted and not allow_unused:  # the config declares fewer blocks than the files hold
         raise CheckpointError(
             f"{folder}: the files hold weights of blocks the config does not declare ({omitted}); the model "
-            "would be a truncated copy. Fix config.json, or pass --allow-unused-weights to measure the truncated model")
+            "would be a truncated copy. Fix config.json, or pass --allow-unused-weights to measure the truncated model"
+        )
     if unused:
-        notes.append(f"{len(unused)} stored weights are not used by {cls.__name__} (e.g. {unused[0]})")
+        notes.append(
+            f"{len(unused)} stored weights are not used by {cls.__name__} (e.g. {unused[0]})"
+        )
     tokenizer = load_tokenizer(transformers, folder, notes)
-    desc = {"family": f"huggingface:{config.model_type}", "class": type(model).__name__, "notes": notes,
-            "missing_keys": missing}
+    desc = {
+        "family": f"huggingface:{config.model_type}",
+        "class": type(model).__name__,
+        "notes": notes,
+        "missing_keys": missing,
+    }
     return model, tokenizer, desc
 
 
@@ -274,8 +338,14 @@ def natural_key(name: str) -> list:
 def omitted_blocks(unused: list[str], config) -> str:
     """The unused stored weights that belong to block indices at or past the config's layer count,
     described ("layers 3-5, 48 weights"); "" when there are none."""
-    n = next((getattr(config, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if
-              isinstance(getattr(config, k, None), int)), None)
+    n = next(
+        (
+            getattr(config, k)
+            for k in ("num_hidden_layers", "n_layer", "num_layers")
+            if isinstance(getattr(config, k, None), int)
+        ),
+        None,
+    )
     if n is None:
         return ""
     found = set()
@@ -301,8 +371,13 @@ def head_kind(transformers, model) -> str | None:
     from transformers.models.auto import modeling_auto as auto
 
     name = type(model).__name__
-    tables = [("causal-lm", auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), ("mlm", auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES)]
-    if getattr(model.config, "is_encoder_decoder", False):  # BART's ForConditionalGeneration is listed as both
+    tables = [
+        ("causal-lm", auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+        ("mlm", auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES),
+    ]
+    if getattr(
+        model.config, "is_encoder_decoder", False
+    ):  # BART's ForConditionalGeneration is listed as both
         tables.insert(0, ("seq2seq", auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES))
     for kind, table in tables:
         if name in {v for v in table.values() if isinstance(v, str)}:
@@ -318,13 +393,28 @@ def hf_loaded(transformers, model, tokenizer, desc: dict, source: str) -> Loaded
     if image:
         size = image if isinstance(image, int) else image[0]
         shape = (int(getattr(config, "num_channels", 3)), int(size), int(size))
-        return LoadedModel(model, lambda px: base(pixel_values=px), desc["family"], source, modality="image",
-                           image_shape=shape, notes=desc["notes"], missing_weights=desc["missing_keys"])
-    if getattr(config, "is_encoder_decoder", False):  # the stacks alone: no LM head even when base is the model
+        return LoadedModel(
+            model,
+            lambda px: base(pixel_values=px),
+            desc["family"],
+            source,
+            modality="image",
+            image_shape=shape,
+            notes=desc["notes"],
+            missing_weights=desc["missing_keys"],
+        )
+    # the stacks alone: no LM head even when base is the model
+    if getattr(config, "is_encoder_decoder", False):
         enc, dec = model.get_encoder(), model.get_decoder()
-        fwd = lambda ids: dec(input_ids=ids, encoder_hidden_states=enc(input_ids=ids).last_hidden_state, **extra)  # noqa: E731
+
+        def fwd(ids):
+            memory = enc(input_ids=ids).last_hidden_state
+            return dec(input_ids=ids, encoder_hidden_states=memory, **extra)
     else:
-        fwd = lambda ids: base(input_ids=ids, **extra)  # noqa: E731
+
+        def fwd(ids):
+            return base(input_ids=ids, **extra)
+
     kind = head_kind(transformers, model)
     heads = {}
     if kind == "seq2seq":
@@ -335,17 +425,35 @@ def hf_loaded(transformers, model, tokenizer, desc: dict, source: str) -> Loaded
     start = getattr(config, "decoder_start_token_id", None)
     if start is None and kind == "seq2seq":
         start = getattr(config, "bos_token_id", None) or 0
-    max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    return LoadedModel(model, fwd, desc["family"], source, vocab_size=getattr(config, "vocab_size", None),
-                       max_len=max_len, tokenizer=tokenizer, notes=desc["notes"], missing_weights=desc["missing_keys"],
-                       heads=heads, default_loss=kind, mask_id=mask, decoder_start_id=start)
+    max_len = getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None
+    )
+    return LoadedModel(
+        model,
+        fwd,
+        desc["family"],
+        source,
+        vocab_size=getattr(config, "vocab_size", None),
+        max_len=max_len,
+        tokenizer=tokenizer,
+        notes=desc["notes"],
+        missing_weights=desc["missing_keys"],
+        heads=heads,
+        default_loss=kind,
+        mask_id=mask,
+        decoder_start_id=start,
+    )
 
 
 @register("huggingface", 20, lambda s: s.path.is_dir() and is_hf_dir(s.path))
 def load_hf_source(source: Source) -> LoadedModel:
     source.no_bare_flags("a folder")
-    model, tokenizer, desc = load_hf_dir(source.path, trust=source.trust_pickle, allow_missing=source.allow_missing,
-                                         allow_unused=source.allow_unused)
+    model, tokenizer, desc = load_hf_dir(
+        source.path,
+        trust=source.trust_pickle,
+        allow_missing=source.allow_missing,
+        allow_unused=source.allow_unused,
+    )
     return hf_loaded(import_transformers(), model, tokenizer, desc, str(source.path))
 
 
@@ -353,9 +461,13 @@ def load_tokenizer(transformers, folder: Path, notes: list[str]):
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         return None
     try:
-        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        return transformers.AutoTokenizer.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=False
+        )
     except Exception as exc:
-        notes.append(f"tokenizer files present but unusable ({_one_line(exc)}); byte-level tokens used instead")
+        notes.append(
+            f"tokenizer files present but unusable ({_one_line(exc)}); byte-level tokens used instead"
+        )
         return None
 
 

@@ -30,7 +30,9 @@ FAIRSEQ_IGNORED = re.compile(r"^(encoder|decoder)\.(version|embed_positions\._fl
 
 
 def _compile(form: str) -> re.Pattern:
-    pattern = re.escape(form).replace(r"\{s\}", "(?P<s>encoder|decoder)").replace(r"\{i\}", r"(?P<i>\d+)")
+    pattern = (
+        re.escape(form).replace(r"\{s\}", "(?P<s>encoder|decoder)").replace(r"\{i\}", r"(?P<i>\d+)")
+    )
     return re.compile("^" + pattern)
 
 
@@ -38,7 +40,7 @@ def _rename(name: str, rows: list[tuple[re.Pattern, str]]) -> str | None:
     for pattern, template in rows:
         m = pattern.match(name)
         if m:
-            return template.format(**m.groupdict()) + name[m.end():]
+            return template.format(**m.groupdict()) + name[m.end() :]
     return None
 
 
@@ -52,7 +54,9 @@ def to_fairseq(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for name, t in state.items():
         new = _rename(name, _TO_FAIRSEQ)
         if new is None:
-            raise CheckpointError(f"{name}: no fairseq equivalent (fairseq has only post-ln, pre-ln and resi_dual)")
+            raise CheckpointError(
+                f"{name}: no fairseq equivalent (fairseq has only post-ln, pre-ln and resi_dual)"
+            )
         out[new] = t
     return out
 
@@ -76,7 +80,9 @@ def from_fairseq(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-FAIRSEQ_MARK = re.compile(r"^(encoder|decoder)\.(embed_tokens\.|layers\.\d+\.(self_attn_layer_norm|final_layer_norm|fc1)\.)")
+FAIRSEQ_MARK = re.compile(
+    r"^(encoder|decoder)\.(embed_tokens\.|layers\.\d+\.(self_attn_layer_norm|final_layer_norm|fc1)\.)"
+)
 
 
 def looks_fairseq(state: dict[str, torch.Tensor]) -> bool:
@@ -89,18 +95,33 @@ def shapes(state: dict[str, torch.Tensor]) -> dict:
     for s in ("encoder", "decoder"):
         idx = {int(m.group(1)) for k in state if (m := re.match(rf"^{s}\.layers\.(\d+)\.", k))}
         if idx and idx != set(range(len(idx))):
-            raise CheckpointError(f"{s} layers are not numbered 0..{len(idx) - 1} (found {sorted(idx)[:8]})")
+            raise CheckpointError(
+                f"{s} layers are not numbered 0..{len(idx) - 1} (found {sorted(idx)[:8]})"
+            )
         depth[s] = len(idx)
     if not depth["encoder"] and not depth["decoder"]:
-        raise CheckpointError("no transformer layers found in the weights (expected encoder.layers.* or decoder.layers.*)")
-    arch = "seq2seq" if depth["encoder"] and depth["decoder"] else ("encoder" if depth["encoder"] else "decoder")
+        raise CheckpointError(
+            "no transformer layers found in the weights (expected encoder.layers.* or decoder.layers.*)"
+        )
+    arch = (
+        "seq2seq"
+        if depth["encoder"] and depth["decoder"]
+        else ("encoder" if depth["encoder"] else "decoder")
+    )
     stack = "decoder" if depth["decoder"] else "encoder"
     emb = state.get(f"{stack}.embed.embed_tokens.weight")
     fc1 = state.get(f"{stack}.layers.0.ffn.fc1.weight")
     if emb is None or emb.dim() != 2 or fc1 is None or fc1.dim() != 2:
-        raise CheckpointError(f"weights lack {stack}'s token embedding or first FFN (embed_tokens, fc1)")
-    out = {"arch": arch, "depth": depth["encoder"] or depth["decoder"], "vocab_size": emb.shape[0],
-           "d_model": emb.shape[1], "ffn": fc1.shape[0]}
+        raise CheckpointError(
+            f"weights lack {stack}'s token embedding or first FFN (embed_tokens, fc1)"
+        )
+    out = {
+        "arch": arch,
+        "depth": depth["encoder"] or depth["decoder"],
+        "vocab_size": emb.shape[0],
+        "d_model": emb.shape[1],
+        "ffn": fc1.shape[0],
+    }
     if arch == "seq2seq" and depth["decoder"] != depth["encoder"]:
         out["decoder_depth"] = depth["decoder"]
     return out

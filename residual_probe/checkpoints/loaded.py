@@ -32,7 +32,9 @@ def hidden_states(out) -> torch.Tensor:
 @dataclass
 class LoadedModel:
     model: nn.Module  # the whole model, in eval mode; the probe attaches here
-    forward: Callable[[torch.Tensor], Any]  # runs the body on a batch (B, T) of ids, or (B, C, H, W) images
+    forward: Callable[
+        [torch.Tensor], Any
+    ]  # runs the body on a batch (B, T) of ids, or (B, C, H, W) images
     family: str  # residual-probe, fairseq:<arch>, huggingface:<model_type>, state-dict
     source: str
     modality: str = "text"  # "text" or "image"
@@ -42,12 +44,18 @@ class LoadedModel:
     tokenizer: Any = None  # a Hugging Face tokenizer when the folder has one
     declared_placement: str | None = None  # from the config, where it names one
     notes: list[str] = field(default_factory=list)
-    missing_weights: list[str] = field(default_factory=list)  # left at random init (--allow-missing-weights)
-    heads: dict[str, Callable[..., torch.Tensor]] = field(default_factory=dict)  # loss kind -> logits function
+    missing_weights: list[str] = field(
+        default_factory=list
+    )  # left at random init (--allow-missing-weights)
+    heads: dict[str, Callable[..., torch.Tensor]] = field(
+        default_factory=dict
+    )  # loss kind -> logits function
     default_loss: str | None = None  # the loss the checkpoint was trained with, where it says
     mask_id: int | None = None  # the token that replaces masked positions for "mlm"
     decoder_start_id: int | None = None  # first decoder input for "seq2seq"
-    special_ids: tuple[int, ...] = ()  # ids byte-level input must avoid (fairseq's <s>, <pad>, </s>, <unk>)
+    special_ids: tuple[
+        int, ...
+    ] = ()  # ids byte-level input must avoid (fairseq's <s>, <pad>, </s>, <unk>)
     norm_type: str | None = None  # filled by placement detection: layernorm / rmsnorm / ...
 
     @property
@@ -78,8 +86,14 @@ def body_forward(model) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda ids: stack(ids)
 
 
-def ours(model, family: str, source: str, notes: list[str] | None = None, missing: list[str] | None = None,
-         decoder_start_id: int = 0) -> LoadedModel:
+def ours(
+    model,
+    family: str,
+    source: str,
+    notes: list[str] | None = None,
+    missing: list[str] | None = None,
+    decoder_start_id: int = 0,
+) -> LoadedModel:
     """A residual-probe `Transformer` (native, fairseq or bare weights) as a LoadedModel.
 
     Its one head is the one it was built for: decoder -> causal LM, encoder -> masked LM (mask id 0,
@@ -90,6 +104,18 @@ def ours(model, family: str, source: str, notes: list[str] | None = None, missin
     cfg = model.cfg
     kind = {"decoder": "causal-lm", "encoder": "mlm", "seq2seq": "seq2seq"}[cfg.arch]
     head = (lambda src, tgt: model(src, tgt)) if kind == "seq2seq" else (lambda ids: model(ids))
-    return LoadedModel(model, body_forward(model), family, source, vocab_size=cfg.vocab_size, max_len=cfg.max_len,
-                       declared_placement=cfg.placement, notes=list(notes or []), missing_weights=list(missing or []),
-                       heads={kind: head}, default_loss=kind, mask_id=RESERVED, decoder_start_id=decoder_start_id)
+    return LoadedModel(
+        model,
+        body_forward(model),
+        family,
+        source,
+        vocab_size=cfg.vocab_size,
+        max_len=cfg.max_len,
+        declared_placement=cfg.placement,
+        notes=list(notes or []),
+        missing_weights=list(missing or []),
+        heads={kind: head},
+        default_loss=kind,
+        mask_id=RESERVED,
+        decoder_start_id=decoder_start_id,
+    )

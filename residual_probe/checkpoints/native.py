@@ -42,7 +42,10 @@ def save_model(model: Transformer, out_dir: str | Path) -> Path:
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     save_file(unique_state(model), d / WEIGHTS, metadata={"format": FORMAT})
-    write_json(d / CONFIG, {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.cfg.to_dict()})
+    write_json(
+        d / CONFIG,
+        {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.cfg.to_dict()},
+    )
     return d
 
 
@@ -62,10 +65,16 @@ def read_config(path: str | Path) -> ModelConfig:
         raise CheckpointError(f"cannot read {p}: {exc.strerror or exc}") from None
     except ValueError:
         raise CheckpointError(f"{p}: not valid JSON") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("model"), dict):
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != FORMAT
+        or not isinstance(data.get("model"), dict)
+    ):
         raise CheckpointError(f"{p}: not a residual-probe model config")
     if data.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{p}: format version {data['format_version']} is newer than this residual-probe reads")
+        raise CheckpointError(
+            f"{p}: format version {data['format_version']} is newer than this residual-probe reads"
+        )
     try:
         return ModelConfig.from_dict(data["model"])
     except (ConfigError, TypeError) as exc:
@@ -77,8 +86,9 @@ def load_model(path: str | Path, allow_missing: bool = False) -> Transformer:
     cfg = read_config(path)
     tensors, metadata = load_file(Path(path) / WEIGHTS)
     model = Transformer(cfg)
-    model.missing_weights = load_exact(model, resolve_aliases(tensors, metadata), str(Path(path) / WEIGHTS),
-                                       allow_missing)
+    model.missing_weights = load_exact(
+        model, resolve_aliases(tensors, metadata), str(Path(path) / WEIGHTS), allow_missing
+    )
     return model.eval()
 
 
@@ -87,12 +97,20 @@ def load_native(source: Source) -> LoadedModel:
     source.no_bare_flags("a folder")
     model = load_model(source.path, source.allow_missing)
     missing = model.missing_weights
-    notes = [f"partly random model: {len(missing)} weights missing from the file were left at random "
-             f"initialization ({', '.join(missing[:3])})"] if missing else []
+    notes = (
+        [
+            f"partly random model: {len(missing)} weights missing from the file were left at random "
+            f"initialization ({', '.join(missing[:3])})"
+        ]
+        if missing
+        else []
+    )
     return ours(model, "residual-probe", str(source.path), notes, missing)
 
 
-def load_exact(model: nn.Module, tensors: dict[str, torch.Tensor], source: str, allow_missing: bool = False) -> list[str]:
+def load_exact(
+    model: nn.Module, tensors: dict[str, torch.Tensor], source: str, allow_missing: bool = False
+) -> list[str]:
     """Copy `tensors` into `model`, requiring every weight present once, with matching shapes.
 
     Aliased names (tied weights) may be absent: their other name carries the data. A weight the
@@ -106,9 +124,13 @@ def load_exact(model: nn.Module, tensors: dict[str, torch.Tensor], source: str, 
     if (missing and not allow_missing) or unexpected:
         parts = []
         if missing:
-            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-            parts.append(f"missing {len(missing)} weights ({shown}; --allow-missing-weights measures them "
-                         "at random initialization)")
+            shown = ", ".join(missing[:3]) + (
+                f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            )
+            parts.append(
+                f"missing {len(missing)} weights ({shown}; --allow-missing-weights measures them "
+                "at random initialization)"
+            )
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         raise CheckpointError(f"{source}: weights do not fit the model: {'; '.join(parts)}")
@@ -117,11 +139,15 @@ def load_exact(model: nn.Module, tensors: dict[str, torch.Tensor], source: str, 
             raise CheckpointError(
                 f"{source}: {name} has shape {tuple(t.shape)}, the model expects {tuple(expected[name].shape)}"
             )
-    model.load_state_dict(tensors, strict=False)  # checked above: only aliases (or allowed names) can be absent
+    model.load_state_dict(
+        tensors, strict=False
+    )  # checked above: only aliases (or allowed names) can be absent
     return missing
 
 
-def resolve_aliases(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
+def resolve_aliases(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> dict[str, torch.Tensor]:
     """Add the names `safetensors.torch.save_model` dropped for shared tensors: its metadata maps each
     dropped name to the stored one ({"output_projection.weight": "decoder.embed.embed_tokens.weight"})."""
     out = dict(tensors)

@@ -16,8 +16,20 @@ from typing import Any, Callable
 from .errors import CheckpointError
 from .loaded import LoadedModel
 
-BARE_FIELDS = ("placement", "depth", "decoder_depth", "d_model", "heads", "ffn", "vocab_size", "arch", "norm",
-               "max_len", "position_offset", "alpha")
+BARE_FIELDS = (
+    "placement",
+    "depth",
+    "decoder_depth",
+    "d_model",
+    "heads",
+    "ffn",
+    "vocab_size",
+    "arch",
+    "norm",
+    "max_len",
+    "position_offset",
+    "alpha",
+)
 _UNREAD = object()
 
 
@@ -28,7 +40,9 @@ class Source:
     path: Path
     trust_pickle: bool = False
     allow_missing: bool = False
-    allow_unused: bool = False  # stored weights of blocks the config omits (a truncated model) accepted
+    allow_unused: bool = (
+        False  # stored weights of blocks the config omits (a truncated model) accepted
+    )
     given: dict[str, Any] = field(default_factory=dict)  # BARE_FIELDS the user gave (not None)
     _obj: Any = field(default=_UNREAD, repr=False)
 
@@ -42,7 +56,9 @@ class Source:
     def no_bare_flags(self, what: str) -> None:
         if self.given:
             names = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(self.given))
-            raise CheckpointError(f"{self.path}: {names} only apply to bare state dicts; this is {what}")
+            raise CheckpointError(
+                f"{self.path}: {names} only apply to bare state dicts; this is {what}"
+            )
 
 
 @dataclass(frozen=True)
@@ -68,8 +84,13 @@ def register(name: str, order: int, claims: Callable[[Source], bool]):
     return wrap
 
 
-def load_any(path: str | Path, trust_pickle: bool = False, allow_missing: bool = False, allow_unused: bool = False,
-             **given: Any) -> LoadedModel:
+def load_any(
+    path: str | Path,
+    trust_pickle: bool = False,
+    allow_missing: bool = False,
+    allow_unused: bool = False,
+    **given: Any,
+) -> LoadedModel:
     """Load any registered checkpoint format; `given` holds BARE_FIELDS for bare state dicts (None: not given).
 
     A weight that the files do not hold, even after resolving tied and aliased names, is an error
@@ -81,14 +102,24 @@ def load_any(path: str | Path, trust_pickle: bool = False, allow_missing: bool =
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
-    source = Source(p, trust_pickle, allow_missing, allow_unused, {k: v for k, v in given.items() if v is not None})
+    source = Source(
+        p,
+        trust_pickle,
+        allow_missing,
+        allow_unused,
+        {k: v for k, v in given.items() if v is not None},
+    )
     for fmt in sorted(FORMATS.values(), key=lambda f: f.order):
         if fmt.claims(source):
             return fmt.load(source)
     if p.is_dir():
-        raise CheckpointError(f"{p}: folder holds neither a residual-probe model nor a Hugging Face model "
-                              "(config.json with 'format' or 'model_type')")
-    raise CheckpointError(f"{p}: not a checkpoint format residual-probe reads ({', '.join(sorted(FORMATS))})")
+        raise CheckpointError(
+            f"{p}: folder holds neither a residual-probe model nor a Hugging Face model "
+            "(config.json with 'format' or 'model_type')"
+        )
+    raise CheckpointError(
+        f"{p}: not a checkpoint format residual-probe reads ({', '.join(sorted(FORMATS))})"
+    )
 
 
 def labels_for(paths: tuple[str, ...]) -> list[str]:

@@ -83,9 +83,18 @@ def _scan(stream: BinaryIO, found: set[str], strings: list, memo: dict) -> None:
         if name == "GLOBAL":
             module, attr = arg.split(" ", 1)
             # Python 2 names, mapped as pickle (and torch's unpickler) map them for protocol < 3.
-            module, attr = NAME_MAPPING.get((module, attr), (IMPORT_MAPPING.get(module, module), attr))
+            module, attr = NAME_MAPPING.get(
+                (module, attr), (IMPORT_MAPPING.get(module, module), attr)
+            )
             found.add(f"{module}.{attr}")
-        elif name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8", "SHORT_BINSTRING", "BINSTRING"):
+        elif name in (
+            "SHORT_BINUNICODE",
+            "BINUNICODE",
+            "UNICODE",
+            "BINUNICODE8",
+            "SHORT_BINSTRING",
+            "BINSTRING",
+        ):
             strings.append(arg)
         elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
             memo[arg] = strings[-1] if strings else None
@@ -108,7 +117,9 @@ def checkpoint_globals(path: Path, found: set[str] | None = None) -> set[str]:
             with zipfile.ZipFile(fh) as zf:
                 pkl = [n for n in zf.namelist() if n.endswith("data.pkl")]
                 if not pkl:
-                    raise CheckpointError(f"{path}: a zip file but not a PyTorch checkpoint (no data.pkl)")
+                    raise CheckpointError(
+                        f"{path}: a zip file but not a PyTorch checkpoint (no data.pkl)"
+                    )
                 return pickle_globals(io.BytesIO(zf.read(pkl[0])), found)
         fh.seek(0)
         for _ in range(LEGACY_PICKLES):
@@ -124,8 +135,10 @@ def blocked_globals(names: set[str]) -> list[str]:
 
 
 def unsafe_message(path, blocked: list[str]) -> str:
-    return (f"{path}: refusing to load: the pickle calls {blocked[0]}, which would run code on loading "
-            "(an unsafe pickle; nothing was run)")
+    return (
+        f"{path}: refusing to load: the pickle calls {blocked[0]}, which would run code on loading "
+        "(an unsafe pickle; nothing was run)"
+    )
 
 
 def _torch_allowed() -> set[str]:
@@ -159,18 +172,28 @@ def load_pickle(path: str | Path, trust: bool = False) -> Any:
         checkpoint_globals(p, names)
     except CheckpointError:
         raise
-    except Exception as exc:  # truncated or not a pickle at all; but a payload seen before the damage is named
+    except (
+        Exception
+    ) as exc:  # truncated or not a pickle at all; but a payload seen before the damage is named
         if blocked_globals(names):
             raise CheckpointError(unsafe_message(p, blocked_globals(names))) from None
-        raise CheckpointError(f"{p}: not a PyTorch checkpoint or corrupt ({_describe(exc)})") from None
+        raise CheckpointError(
+            f"{p}: not a PyTorch checkpoint or corrupt ({_describe(exc)})"
+        ) from None
     blocked = blocked_globals(names)
     if blocked:
         raise CheckpointError(unsafe_message(p, blocked))
     allowed = _torch_allowed()
-    stand_ins = [(placeholder(n), n) for n in sorted(names) if n not in allowed and not n.startswith("torch.")]
+    stand_ins = [
+        (placeholder(n), n)
+        for n in sorted(names)
+        if n not in allowed and not n.startswith("torch.")
+    ]
     try:
         with torch.serialization.safe_globals(stand_ins), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{p}: not a PyTorch checkpoint or corrupt ({_describe(exc)})") from None
+        raise CheckpointError(
+            f"{p}: not a PyTorch checkpoint or corrupt ({_describe(exc)})"
+        ) from None

@@ -15,10 +15,16 @@ import importlib
 
 from ..errors import UserError
 
-
 # the optional packages and the extra (pyproject.toml) that installs each
-EXTRA_OF = {"transformers": "hf", "accelerate": "hf", "safetensors": "safetensors", "lightning": "lightning",
-            "pytorch_lightning": "lightning", "tensorboard": "tensorboard", "wandb": "wandb"}
+EXTRA_OF = {
+    "transformers": "hf",
+    "accelerate": "hf",
+    "safetensors": "safetensors",
+    "lightning": "lightning",
+    "pytorch_lightning": "lightning",
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+}
 
 
 def missing_extra(exc: ImportError) -> "MissingExtraError | None":
@@ -26,8 +32,10 @@ def missing_extra(exc: ImportError) -> "MissingExtraError | None":
     top = (getattr(exc, "name", None) or "").split(".")[0]
     if top not in EXTRA_OF:
         return None
-    return MissingExtraError(f"this needs the optional package '{top}', which is not installed; install it with: "
-                             f"pip install 'residual-probe[{EXTRA_OF[top]}]'")
+    return MissingExtraError(
+        f"this needs the optional package '{top}', which is not installed; install it with: "
+        f"pip install 'residual-probe[{EXTRA_OF[top]}]'"
+    )
 
 
 class MissingExtraError(UserError, ImportError):

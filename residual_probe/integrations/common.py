@@ -13,8 +13,27 @@ AUTO = "auto"
 # Placement of common Hugging Face families by model_type, written beside the sink (probe_run.json)
 # so that `residual-probe plot` knows where the Pre-LN collapse reference belongs.
 PLACEMENT_BY_MODEL_TYPE = {
-    **{t: "pre-ln" for t in ("gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt_neox", "gptj", "opt",
-                             "phi", "phi3", "gemma", "gemma2", "falcon", "bloom", "olmo")},
+    **{
+        t: "pre-ln"
+        for t in (
+            "gpt2",
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen3",
+            "gpt_neox",
+            "gptj",
+            "opt",
+            "phi",
+            "phi3",
+            "gemma",
+            "gemma2",
+            "falcon",
+            "bloom",
+            "olmo",
+        )
+    },
     **{t: "post-ln" for t in ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "albert")},
 }
 
@@ -50,9 +69,14 @@ def write_run_info(path: Path, model, probe, writer: str) -> None:
             placement, source = PLACEMENT_BY_MODEL_TYPE[inner.model_type], "Hugging Face model_type"
         if placement:
             break
-    info = {"writer": writer, "model_class": type(model).__name__, "model_type": model_type,
-            "placement": placement, "placement_source": source if placement else None,
-            "blocks": [b.name for b in probe.blocks]}
+    info = {
+        "writer": writer,
+        "model_class": type(model).__name__,
+        "model_type": model_type,
+        "placement": placement,
+        "placement_source": source if placement else None,
+        "blocks": [b.name for b in probe.blocks],
+    }
     write_json(path.with_name("probe_run.json"), info)
 
 
@@ -69,7 +93,9 @@ class GradHistory:
         for r in rows:
             if r["metric"] == "param_grad_norm" and r["sublayer"] == "block":
                 label = stack_label(r["stack"], r["stream"])
-                self._by_stack.setdefault(label, {}).setdefault(step, {})[int(r["layer"])] = float(r["value"])
+                self._by_stack.setdefault(label, {}).setdefault(step, {})[int(r["layer"])] = float(
+                    r["value"]
+                )
 
     def heatmaps(self) -> dict[str, tuple]:
         import math
@@ -82,7 +108,9 @@ class GradHistory:
         for label, by_step in self._by_stack.items():
             steps = sorted(by_step)
             layers = sorted({k for v in by_step.values() for k in v})
-            img, lo, hi = heatmap_rgb(np.array([[by_step[s].get(k, math.nan) for s in steps] for k in layers]))
+            img, lo, hi = heatmap_rgb(
+                np.array([[by_step[s].get(k, math.nan) for s in steps] for k in layers])
+            )
             out[label] = (img, steps, (lo, hi))
         return out
 
@@ -91,7 +119,13 @@ class CallbackCore:
     """The state and logging the Hugging Face and Lightning callbacks share: options, the probe,
     the last recorded rows, the summary window between logs and the instability events."""
 
-    def __init__(self, sink=AUTO, log_summaries: bool = True, forward_every: int = FORWARD_EVERY, **probe_kwargs):
+    def __init__(
+        self,
+        sink=AUTO,
+        log_summaries: bool = True,
+        forward_every: int = FORWARD_EVERY,
+        **probe_kwargs,
+    ):
         for key in ("model", "start_step", "sink"):
             if key in probe_kwargs:
                 raise TypeError(f"ProbeCallback sets {key!r} itself")
@@ -114,8 +148,13 @@ class CallbackCore:
         quantities, every = kwargs.get("quantities", DEFAULT_QUANTITIES), kwargs.get("every", 1)
         if isinstance(quantities, str):
             quantities = (quantities,)
-        if self.forward_every != 1 and "steps" not in kwargs and isinstance(every, int) \
-                and not isinstance(every, bool) and not isinstance(quantities, Mapping):
+        if (
+            self.forward_every != 1
+            and "steps" not in kwargs
+            and isinstance(every, int)
+            and not isinstance(every, bool)
+            and not isinstance(quantities, Mapping)
+        ):
             kwargs["quantities"] = sparse_forward(quantities, every, start, self.forward_every)
             kwargs.pop("every", None)
         return kwargs

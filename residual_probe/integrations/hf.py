@@ -53,7 +53,14 @@ from transformers import TrainerCallback  # noqa: E402
 from transformers.trainer_callback import CallbackHandler  # noqa: E402
 
 from ..probe import Probe  # noqa: E402
-from .common import AUTO, FORWARD_EVERY, PLACEMENT_BY_MODEL_TYPE, CallbackCore, sink_path, write_run_info  # noqa: E402,F401 (re-exported)
+from .common import (  # noqa: E402,F401 (re-exported)
+    AUTO,
+    FORWARD_EVERY,
+    PLACEMENT_BY_MODEL_TYPE,
+    CallbackCore,
+    sink_path,
+    write_run_info,
+)
 
 
 def _sync_gradients() -> bool:
@@ -86,8 +93,13 @@ class ProbeCallback(CallbackCore, TrainerCallback):
     **probe_kwargs: passed to `Probe` (quantities, every, steps, blocks, subsample_tokens, keep_rows, ...).
     """
 
-    def __init__(self, sink: str | os.PathLike | None = AUTO, log_summaries: bool = True,
-                 forward_every: int = FORWARD_EVERY, **probe_kwargs: Any):
+    def __init__(
+        self,
+        sink: str | os.PathLike | None = AUTO,
+        log_summaries: bool = True,
+        forward_every: int = FORWARD_EVERY,
+        **probe_kwargs: Any,
+    ):
         super().__init__(sink, log_summaries, forward_every, **probe_kwargs)
         self._hooks: list = []
         self._state = None
@@ -100,8 +112,11 @@ class ProbeCallback(CallbackCore, TrainerCallback):
         handler = _caller_handler(self)
         if handler is None:
             if self.log_summaries:
-                warnings.warn("ProbeCallback: could not find the Trainer's callback list; the probe summaries "
-                              "reach report_to loggers only if the callback is listed before them", stacklevel=3)
+                warnings.warn(
+                    "ProbeCallback: could not find the Trainer's callback list; the probe summaries "
+                    "reach report_to loggers only if the callback is listed before them",
+                    stacklevel=3,
+                )
             return
         if handler.callbacks[0] is not self:
             # Reporting callbacks come first in the list and log a step's `logs` before later callbacks
@@ -126,12 +141,22 @@ class ProbeCallback(CallbackCore, TrainerCallback):
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 kwargs_probe["group"] = dist.group.WORLD
         scaler = getattr(optimizer, "scaler", None)  # accelerate's GradScaler under fp16
-        if "scaler" not in kwargs_probe and scaler is not None and getattr(scaler, "is_enabled", lambda: False)():
-            kwargs_probe["scaler"] = scaler  # the backward just ended: .grad is still scaled; the probe divides
+        if (
+            "scaler" not in kwargs_probe
+            and scaler is not None
+            and getattr(scaler, "is_enabled", lambda: False)()
+        ):
+            kwargs_probe["scaler"] = (
+                scaler  # the backward just ended: .grad is still scaled; the probe divides
+            )
         # the step being taken is global_step + 1 (the Trainer's numbering of updates)
-        self.probe = Probe(model, sink=sink, start_step=state.global_step + 1, **kwargs_probe).attach()
+        self.probe = Probe(
+            model, sink=sink, start_step=state.global_step + 1, **kwargs_probe
+        ).attach()
         if self.sink_path is not None:
-            write_run_info(self.sink_path, model, self.probe, "residual_probe.integrations.hf.ProbeCallback")
+            write_run_info(
+                self.sink_path, model, self.probe, "residual_probe.integrations.hf.ProbeCallback"
+            )
         self._state = state
         self._recorded_step = None
         self.reset()
@@ -175,8 +200,11 @@ class ProbeCallback(CallbackCore, TrainerCallback):
         # No backward reached the hooks (e.g. no parameter got a gradient through autograd): record
         # here so that steps stay one per optimizer step; these gradients are clipped if clipping is on.
         if args.max_grad_norm and args.max_grad_norm > 0 and not self._warned_fallback:
-            warnings.warn("ProbeCallback: gradients were not seen during backward; recording after the "
-                          "Trainer's clipping (max_grad_norm > 0), so norms are post-clip", stacklevel=2)
+            warnings.warn(
+                "ProbeCallback: gradients were not seen during backward; recording after the "
+                "Trainer's clipping (max_grad_norm > 0), so norms are post-clip",
+                stacklevel=2,
+            )
             self._warned_fallback = True
         self._keep(self.probe.step())
         self._recorded_step = state.global_step

@@ -55,14 +55,21 @@ class ProbeCallback(CallbackCore, Callback):
     **probe_kwargs: passed to `Probe` (quantities, every, steps, blocks, subsample_tokens, keep_rows, ...).
     """
 
-    def __init__(self, sink: str | os.PathLike | None = AUTO, log_summaries: bool = True,
-                 forward_every: int = FORWARD_EVERY, **probe_kwargs: Any):
+    def __init__(
+        self,
+        sink: str | os.PathLike | None = AUTO,
+        log_summaries: bool = True,
+        forward_every: int = FORWARD_EVERY,
+        **probe_kwargs: Any,
+    ):
         super().__init__(sink, log_summaries, forward_every, **probe_kwargs)
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.probe is not None:
             self.probe.detach()
-        self.sink_path = sink_path(self.sink, trainer.log_dir or trainer.default_root_dir, trainer.is_global_zero)
+        self.sink_path = sink_path(
+            self.sink, trainer.log_dir or trainer.default_root_dir, trainer.is_global_zero
+        )
         sink = str(self.sink_path) if self.sink_path is not None else None
         kwargs = self.probe_options(trainer.global_step)
         if "group" not in kwargs:
@@ -73,7 +80,12 @@ class ProbeCallback(CallbackCore, Callback):
                 kwargs["group"] = dist.group.WORLD
         self.probe = Probe(pl_module, sink=sink, start_step=trainer.global_step, **kwargs).attach()
         if self.sink_path is not None:
-            write_run_info(self.sink_path, pl_module, self.probe, "residual_probe.integrations.lightning.ProbeCallback")
+            write_run_info(
+                self.sink_path,
+                pl_module,
+                self.probe,
+                "residual_probe.integrations.lightning.ProbeCallback",
+            )
         self._recorded_step = None
         self.reset()
 
@@ -84,7 +96,9 @@ class ProbeCallback(CallbackCore, Callback):
         self._recorded_step = trainer.global_step
         self._keep(rows)
         if self.log_summaries and self._window and _logs_now(trainer):
-            pl_module.log_dict(self._window.take(), on_step=True, on_epoch=False, prog_bar=False, logger=True)
+            pl_module.log_dict(
+                self._window.take(), on_step=True, on_epoch=False, prog_bar=False, logger=True
+            )
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.probe is not None:

@@ -92,7 +92,9 @@ class ProbeWriter:
     def write_heatmaps(self, step: int) -> None:
         """One block x step image per stack of all gradient norms written so far."""
         for label, (img, _, _) in self._history.heatmaps().items():
-            self.writer.add_image(f"{self.prefix}probe/grad_norm_heatmap/{label}", img, step, dataformats="CHW")
+            self.writer.add_image(
+                f"{self.prefix}probe/grad_norm_heatmap/{label}", img, step, dataformats="CHW"
+            )
 
     def flush(self) -> None:
         self.writer.flush()

@@ -25,22 +25,29 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from . import require
 from ..probe.summary import summary
+from . import require
 from .common import GradHistory
 
 
 class ProbeWandb:
     """Writes probe rows to a W&B run; see the module doc. run: a `wandb.Run`, or None for `wandb.run`."""
 
-    def __init__(self, run: Any = None, image_every: int = 0, prefix: str = "", use_probe_step: bool = True):
+    def __init__(
+        self, run: Any = None, image_every: int = 0, prefix: str = "", use_probe_step: bool = True
+    ):
         wandb = require("wandb", "wandb", "residual_probe.integrations.wandb")
         if isinstance(image_every, bool) or not isinstance(image_every, int) or image_every < 0:
             raise ValueError(f"image_every: expected an integer >= 0, got {image_every!r}")
         run = run if run is not None else wandb.run
         if run is None:
             raise ValueError("no W&B run: call wandb.init() first, or pass the run")
-        self.run, self.image_every, self.prefix, self.use_probe_step = run, image_every, prefix, use_probe_step
+        self.run, self.image_every, self.prefix, self.use_probe_step = (
+            run,
+            image_every,
+            prefix,
+            use_probe_step,
+        )
         self._wandb = wandb
         self._history = GradHistory()
         self._written = 0
@@ -68,9 +75,13 @@ class ProbeWandb:
 
         out = {}
         for label, (img, steps, (lo, hi)) in self._history.heatmaps().items():
-            caption = (f"block (rows, 0 at the bottom) x step {steps[0]}..{steps[-1]}; "
-                       f"log10 grad norm {lo:.2f}..{hi:.2f}; red: NaN/inf")
+            caption = (
+                f"block (rows, 0 at the bottom) x step {steps[0]}..{steps[-1]}; "
+                f"log10 grad norm {lo:.2f}..{hi:.2f}; red: NaN/inf"
+            )
             # a PIL image: W&B would read a (3, 1, 3) array as channels-first
             pil = Image.fromarray(np.ascontiguousarray(img.transpose(1, 2, 0)), mode="RGB")
-            out[f"{self.prefix}probe/grad_norm_heatmap/{label}"] = self._wandb.Image(pil, caption=caption)
+            out[f"{self.prefix}probe/grad_norm_heatmap/{label}"] = self._wandb.Image(
+                pil, caption=caption
+            )
         return out

@@ -30,8 +30,12 @@ MASK_RATE = 0.15
 
 @dataclass
 class CkptGradSpec(CheckpointInputs):
-    loss: str | None = None  # causal-lm / seq2seq / mlm / contrastive; None: the checkpoint's own head
-    skip_without_head: bool = False  # diagnose: a model with no loss head is skipped (listed), not an error
+    loss: str | None = (
+        None  # causal-lm / seq2seq / mlm / contrastive; None: the checkpoint's own head
+    )
+    skip_without_head: bool = (
+        False  # diagnose: a model with no loss head is skipped (listed), not an error
+    )
 
     def validate(self) -> None:
         from ..checkpoints import LOSSES
@@ -73,26 +77,36 @@ def choose_loss(loaded, asked: str | None, headless_default: str | None = None) 
     `headless_default` (diagnose: "contrastive" for a bare encoder)."""
     from ..checkpoints import LOSSES
 
-    if asked == "contrastive" or (asked is None and loaded.default_loss is None and headless_default):
+    if asked == "contrastive" or (
+        asked is None and loaded.default_loss is None and headless_default
+    ):
         if loaded.modality != "text":
             raise NoLossHead(f"{loaded.source}: the contrastive loss needs a text model")
         return "contrastive"
     kind = asked or loaded.default_loss
     if kind is None:
-        raise NoLossHead(f"{loaded.source}: {type(loaded.model).__name__} has no head that defines a loss; "
-                         f"--loss chooses among {', '.join(LOSSES)} (--loss contrastive needs no head: "
-                         "unsupervised SimCSE, as sentence encoders are trained)")
+        raise NoLossHead(
+            f"{loaded.source}: {type(loaded.model).__name__} has no head that defines a loss; "
+            f"--loss chooses among {', '.join(LOSSES)} (--loss contrastive needs no head: "
+            "unsupervised SimCSE, as sentence encoders are trained)"
+        )
     if kind not in loaded.heads:
         have = ", ".join(loaded.heads) or "none"
-        raise NoLossHead(f"{loaded.source}: --loss {kind} needs a head this model lacks (its heads: {have}; "
-                         f"choices: {', '.join(LOSSES)})")
+        raise NoLossHead(
+            f"{loaded.source}: --loss {kind} needs a head this model lacks (its heads: {have}; "
+            f"choices: {', '.join(LOSSES)})"
+        )
     if kind == "mlm" and loaded.mask_id is None:
-        raise NoLossHead(f"{loaded.source}: masked-LM loss needs a mask token, and the folder has no tokenizer "
-                         "that defines one")
+        raise NoLossHead(
+            f"{loaded.source}: masked-LM loss needs a mask token, and the folder has no tokenizer "
+            "that defines one"
+        )
     return kind
 
 
-def loss_batches(loaded, kind: str, windows, batch: int, seed: int) -> tuple[list[tuple[tuple, object]], int]:
+def loss_batches(
+    loaded, kind: str, windows, batch: int, seed: int
+) -> tuple[list[tuple[tuple, object]], int]:
     """[(inputs, targets)] per batch of windows, and the number of predicted positions in all of them.
 
     targets hold -100 where nothing is predicted; logits(*inputs) align with targets position by position.
@@ -100,14 +114,20 @@ def loss_batches(loaded, kind: str, windows, batch: int, seed: int) -> tuple[lis
     import torch
 
     out = []
-    if kind == "contrastive":  # targets: window i's two views match; the batch's other windows are negatives
+    if (
+        kind == "contrastive"
+    ):  # targets: window i's two views match; the batch's other windows are negatives
         parts = list(windows.split(batch))
-        if len(parts) > 1 and parts[-1].shape[0] == 1:  # one window alone has no negative: join the previous batch
+        if (
+            len(parts) > 1 and parts[-1].shape[0] == 1
+        ):  # one window alone has no negative: join the previous batch
             parts[-2:] = [torch.cat(parts[-2:])]
         if parts[0].shape[0] < 2:
             from ..errors import UserError
 
-            raise UserError("--loss contrastive needs at least 2 windows of text (in-batch negatives)")
+            raise UserError(
+                "--loss contrastive needs at least 2 windows of text (in-batch negatives)"
+            )
         out = [((w,), torch.arange(w.shape[0])[:, None]) for w in parts]
         return out, sum(w.shape[0] for w in parts)
     if kind == "mlm":
@@ -143,7 +163,9 @@ def accumulate_gradient(loaded, kind: str, batches, total: int, advance=None) ->
         for inputs, targets in batches:
             logits = head(*inputs)  # (B, T, V)
             vocab = logits.shape[-1]
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+            loss = F.cross_entropy(
+                logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+            )
             (loss / total).backward()
             loss_sum += float(loss.detach())
             del logits, loss
@@ -152,8 +174,9 @@ def accumulate_gradient(loaded, kind: str, batches, total: int, advance=None) ->
     return loss_sum / total, vocab
 
 
-def model_gradients(loaded, kind: str, windows, batch: int, seed: int = 0, blocks: str | None = None,
-                    advance=None) -> tuple[list[dict], float, list, int]:
+def model_gradients(
+    loaded, kind: str, windows, batch: int, seed: int = 0, blocks: str | None = None, advance=None
+) -> tuple[list[dict], float, list, int]:
     """Probe rows (param_grad_norm per block and sublayer) of one gradient, the mean loss, the blocks,
     and the vocabulary size of the loss."""
     from ..probe import Probe
@@ -166,11 +189,21 @@ def model_gradients(loaded, kind: str, windows, batch: int, seed: int = 0, block
         mean_loss, vocab = accumulate_gradient(loaded, kind, batches, total, advance)
         rows = probe.step()
     loaded.model.zero_grad(set_to_none=True)
-    return [r for r in rows if r["metric"] == "param_grad_norm" and not r["sublayer"].startswith("group:")], \
-        mean_loss, probe.blocks, vocab
+    return (
+        [
+            r
+            for r in rows
+            if r["metric"] == "param_grad_norm" and not r["sublayer"].startswith("group:")
+        ],
+        mean_loss,
+        probe.blocks,
+        vocab,
+    )
 
 
-def run_ckpt_grad_norms(spec: CkptGradSpec, out: str | Path, formats=("png",), progress=None) -> dict:
+def run_ckpt_grad_norms(
+    spec: CkptGradSpec, out: str | Path, formats=("png",), progress=None
+) -> dict:
     """Measure every checkpoint; write grad_norms.csv/.json/.png into `out`; returns the JSON dict."""
     from ..output import prepare_out
 
@@ -188,8 +221,9 @@ def run_ckpt_grad_norms(spec: CkptGradSpec, out: str | Path, formats=("png",), p
     return write_gradients(out, spec, models, rows, source, formats, time.perf_counter() - t_start)
 
 
-def measure_gradients(inspection: Inspection, spec: CkptGradSpec, text: str, source: str,
-                      progress=None) -> tuple[dict, list[dict]]:
+def measure_gradients(
+    inspection: Inspection, spec: CkptGradSpec, text: str, source: str, progress=None
+) -> tuple[dict, list[dict]]:
     """One checkpoint's gradient: its grad_norms.json entry and its grad_norms.csv rows (none when a
     model without a loss head is skipped)."""
     from ..analysis.diagnosis import gradient_verdicts, loss_warnings, whole_model_norms
@@ -208,14 +242,30 @@ def measure_gradients(inspection: Inspection, spec: CkptGradSpec, text: str, sou
     w = text_windows(loaded, text, spec.tokens, spec.seq_len, inspection.dictionary)
     require_gradient_memory(inspection, kind, tuple(w.ids.shape), spec)
     advance = progress(math.ceil(w.ids.shape[0] / spec.batch)) if progress else None
-    model_rows, mean_loss, _, vocab = model_gradients(loaded, kind, w.ids, spec.batch, spec.seed, spec.blocks, advance)
+    model_rows, mean_loss, _, vocab = model_gradients(
+        loaded, kind, w.ids, spec.batch, spec.seed, spec.blocks, advance
+    )
     t2 = time.perf_counter()
-    table = [{"placement": label, "seed": 0, "step": 0, "stack": r["stack"], "layer": r["layer"],
-              "sublayer": r["sublayer"], "param_grad_norm": r["value"]} for r in model_rows]
+    table = [
+        {
+            "placement": label,
+            "seed": 0,
+            "step": 0,
+            "stack": r["stack"],
+            "layer": r["layer"],
+            "sublayer": r["sublayer"],
+            "param_grad_norm": r["value"],
+        }
+        for r in model_rows
+    ]
     model = {
-        **inspection.description(), "loss": kind, "mean_loss": mean_loss,
+        **inspection.description(),
+        "loss": kind,
+        "mean_loss": mean_loss,
         "data": {**w.info, "batch": spec.batch, "source": source, "messages": w.messages},
-        "verdicts": gradient_verdicts(table), "vocab_size": vocab, "whole_model": whole_model_norms(table),
+        "verdicts": gradient_verdicts(table),
+        "vocab_size": vocab,
+        "whole_model": whole_model_norms(table),
         # the uniform-guess test is about a vocabulary; a contrastive loss's classes are the batch
         "warnings": loss_warnings(mean_loss, vocab, loaded.family) if kind != "contrastive" else [],
         "nonfinite_values": sum(1 for r in table if not math.isfinite(r["param_grad_norm"])),
@@ -224,7 +274,9 @@ def measure_gradients(inspection: Inspection, spec: CkptGradSpec, text: str, sou
     return model, table
 
 
-def require_gradient_memory(inspection: Inspection, kind: str, windows: tuple[int, int], spec: CkptGradSpec) -> None:
+def require_gradient_memory(
+    inspection: Inspection, kind: str, windows: tuple[int, int], spec: CkptGradSpec
+) -> None:
     """Refuse (budget.BudgetError) a gradient whose gradients, saved activations and logits would not
     fit, before the first batch runs; `spec.force` runs it anyway."""
     from .. import budget
@@ -233,23 +285,44 @@ def require_gradient_memory(inspection: Inspection, kind: str, windows: tuple[in
     n_windows, seq_len = windows
     # the contrastive loss encodes each window twice (two dropout views) and keeps both for backward
     batch = min(spec.batch, n_windows) * (2 if kind == "contrastive" else 1)
-    est = budget.ckpt_gradient_estimate(inspection.label, loaded.parameters, len(inspection.blocks),
-                                        loaded.width or 0, batch, seq_len,
-                                        0 if kind == "contrastive" else loaded.vocab_size or 0)
+    est = budget.ckpt_gradient_estimate(
+        inspection.label,
+        loaded.parameters,
+        len(inspection.blocks),
+        loaded.width or 0,
+        batch,
+        seq_len,
+        0 if kind == "contrastive" else loaded.vocab_size or 0,
+    )
     budget.check(est, spec.force)
 
 
-def write_gradients(out: Path, spec: CkptGradSpec, models: list[dict], rows: list[dict], source: str,
-                    formats, wall_s: float) -> dict:
+def write_gradients(
+    out: Path,
+    spec: CkptGradSpec,
+    models: list[dict],
+    rows: list[dict],
+    source: str,
+    formats,
+    wall_s: float,
+) -> dict:
     """grad_norms.csv, .png and .json of the measured checkpoints; returns the JSON dict."""
     from ..output import versions, write_csv, write_json
     from ..plots.diagnosis import plot_checkpoint_gradients
 
     files = [write_csv(out / "grad_norms.csv", rows, CSV_COLUMNS)]
     if rows:
-        files += plot_checkpoint_gradients(rows, {m["label"]: m for m in models}, out / "grad_norms", formats)
-    meta = {"job": "grad-norms --ckpt", "spec": {**asdict(spec), "ckpts": list(spec.ckpts)}, "models": models,
-            "data_source": source, "versions": versions(), "wall_seconds": round(wall_s, 3)}
+        files += plot_checkpoint_gradients(
+            rows, {m["label"]: m for m in models}, out / "grad_norms", formats
+        )
+    meta = {
+        "job": "grad-norms --ckpt",
+        "spec": {**asdict(spec), "ckpts": list(spec.ckpts)},
+        "models": models,
+        "data_source": source,
+        "versions": versions(),
+        "wall_seconds": round(wall_s, 3),
+    }
     meta["files"] = [str(f) for f in files] + [str(out / "grad_norms.json")]
     write_json(out / "grad_norms.json", meta)
     return meta

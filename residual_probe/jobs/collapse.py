@@ -36,8 +36,13 @@ class CollapseSpec(CheckpointInputs):
 # ---- input -------------------------------------------------------------------------------
 
 
-def make_batches(loaded, spec: CollapseSpec, text: str, item_tokens: int | None = None,
-                 dictionary: dict | None = None) -> tuple[list, dict]:
+def make_batches(
+    loaded,
+    spec: CollapseSpec,
+    text: str,
+    item_tokens: int | None = None,
+    dictionary: dict | None = None,
+) -> tuple[list, dict]:
     """Input batches under the checkpoint data contract (checkpoints.text), and a description of them."""
     import torch
 
@@ -48,8 +53,12 @@ def make_batches(loaded, spec: CollapseSpec, text: str, item_tokens: int | None 
         n = math.ceil(spec.tokens / per)
         gen = torch.Generator().manual_seed(spec.seed)
         images = torch.randn(n, *loaded.image_shape, generator=gen)
-        return list(images.split(spec.batch)), {"kind": "synthetic images (seeded N(0, 1) pixels)", "items": n,
-                                                "tokens": n * per, "messages": []}
+        return list(images.split(spec.batch)), {
+            "kind": "synthetic images (seeded N(0, 1) pixels)",
+            "items": n,
+            "tokens": n * per,
+            "messages": [],
+        }
     w = text_windows(loaded, text, spec.tokens, spec.seq_len, dictionary)
     return list(w.ids.split(spec.batch)), {**w.info, "batch": spec.batch, "messages": w.messages}
 
@@ -57,18 +66,26 @@ def make_batches(loaded, spec: CollapseSpec, text: str, item_tokens: int | None 
 # ---- measurement -------------------------------------------------------------------------
 
 
-def measure_forward(loaded, batches: list, spec: CollapseSpec, advance: Callable[[], None] | None = None) -> dict:
+def measure_forward(
+    loaded, batches: list, spec: CollapseSpec, advance: Callable[[], None] | None = None
+) -> dict:
     """Probe rows and layer x layer matrices of one model over `batches` (all pooled into one step)."""
     import torch
 
     from ..analysis import metrics
-    from ..probe import Probe
-
     from ..analysis.collapse import token_norm_rows
+    from ..probe import Probe
     from ..probe.stats import stream_tensors
 
-    probe = Probe(loaded.model, quantities=("forward_stats", "subsample"), subsample_tokens=spec.subsample,
-                  seed=spec.seed, blocks=spec.blocks, group=None, include_eval=True)
+    probe = Probe(
+        loaded.model,
+        quantities=("forward_stats", "subsample"),
+        subsample_tokens=spec.subsample,
+        seed=spec.seed,
+        blocks=spec.blocks,
+        group=None,
+        include_eval=True,
+    )
     # every token's ||h||^2/d at every block output (a few floats a token and block, on the host): the
     # mean hides massive activations (Sun et al. 2024), so the median and the maximum are kept beside it
     per_token: dict[tuple, list] = {}
@@ -76,8 +93,11 @@ def measure_forward(loaded, batches: list, spec: CollapseSpec, advance: Callable
     def keep(block):
         def hook(module, args, output):
             for stream, h in zip(block.streams, stream_tensors(output, len(block.streams)) or ()):
-                v = h.detach().float().pow(2).mean(-1).flatten().cpu()  # float32: a median and a max
+                v = (
+                    h.detach().float().pow(2).mean(-1).flatten().cpu()
+                )  # float32: a median and a max
                 per_token.setdefault((block.stack, block.index, stream), []).append(v)
+
         return hook
 
     handles = [b.module.register_forward_hook(keep(b)) for b in probe.blocks]
@@ -97,12 +117,18 @@ def measure_forward(loaded, batches: list, spec: CollapseSpec, advance: Callable
     matrices = {}
     for (stack, stream), H in probe.subsamples().items():  # H: (n_blocks + 1, n_tokens, d)
         matrices[(stack, stream)] = {
-            "cosine": metrics.similarity_matrix(H), "cka": metrics.cka_matrix(H),
-            "effective_rank": torch.stack([metrics.effective_rank(h) for h in H]), "width": H.shape[-1],
+            "cosine": metrics.similarity_matrix(H),
+            "cka": metrics.cka_matrix(H),
+            "effective_rank": torch.stack([metrics.effective_rank(h) for h in H]),
+            "width": H.shape[-1],
         }
     t2 = time.perf_counter()
-    return {"rows": rows, "matrices": matrices, "blocks": probe.blocks,
-            "times": {"forward_s": t1 - t0, "similarity_s": t2 - t1}}
+    return {
+        "rows": rows,
+        "matrices": matrices,
+        "blocks": probe.blocks,
+        "times": {"forward_s": t1 - t0, "similarity_s": t2 - t1},
+    }
 
 
 # ---- the job -----------------------------------------------------------------------------
@@ -127,13 +153,21 @@ def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress
         table += rows
         sim_rows += sims
         del inspection
-    return write_collapse(out, spec, models, table, sim_rows, source, formats, time.perf_counter() - t_start)
+    return write_collapse(
+        out, spec, models, table, sim_rows, source, formats, time.perf_counter() - t_start
+    )
 
 
-def measure_collapse(inspection: Inspection, spec: CollapseSpec, text: str, source: str,
-                     progress=None) -> tuple[dict, list[dict], list[dict]]:
+def measure_collapse(
+    inspection: Inspection, spec: CollapseSpec, text: str, source: str, progress=None
+) -> tuple[dict, list[dict], list[dict]]:
     """One checkpoint's collapse: its collapse.json entry, its collapse.csv and its similarity.csv rows."""
-    from ..analysis.collapse import collapse_summary, massive_activations, overall_detail, overall_verdict
+    from ..analysis.collapse import (
+        collapse_summary,
+        massive_activations,
+        overall_detail,
+        overall_verdict,
+    )
 
     label, loaded, found = inspection.label, inspection.loaded, inspection.found
     batches, data = make_batches(loaded, spec, text, found["item_tokens"], inspection.dictionary)
@@ -141,29 +175,72 @@ def measure_collapse(inspection: Inspection, spec: CollapseSpec, text: str, sour
     data["source"] = source if loaded.modality == "text" else data["kind"]
     advance = progress(len(batches)) if progress else None
     m = measure_forward(loaded, batches, spec, advance)
-    rows = [dict(model=label, stack=r["stack"], layer=r["layer"], stream=r["stream"], metric=r["metric"],
-                 value=r["value"]) for r in m["rows"] if r["metric"] != "nonfinite_count"]
+    rows = [
+        dict(
+            model=label,
+            stack=r["stack"],
+            layer=r["layer"],
+            stream=r["stream"],
+            metric=r["metric"],
+            value=r["value"],
+        )
+        for r in m["rows"]
+        if r["metric"] != "nonfinite_count"
+    ]
     nonfinite = sum(1 for r in rows if not math.isfinite(r["value"]))
     sim_rows = []
     for (stack, stream), mats in m["matrices"].items():
         n = mats["cosine"].shape[0]
-        rows += [dict(model=label, stack=stack, layer=i - 1, stream=stream, metric="effective_rank", value=v)
-                 for i, v in enumerate(mats["effective_rank"].tolist())]
+        rows += [
+            dict(
+                model=label,
+                stack=stack,
+                layer=i - 1,
+                stream=stream,
+                metric="effective_rank",
+                value=v,
+            )
+            for i, v in enumerate(mats["effective_rank"].tolist())
+        ]
         for metric in ("cosine", "cka"):
             values = mats[metric].tolist()
-            sim_rows += [dict(model=label, stack=stack, stream=stream, metric=metric, layer_i=i - 1,
-                              layer_j=j - 1, value=values[i][j]) for i in range(n) for j in range(n)]
+            sim_rows += [
+                dict(
+                    model=label,
+                    stack=stack,
+                    stream=stream,
+                    metric=metric,
+                    layer_i=i - 1,
+                    layer_j=j - 1,
+                    value=values[i][j],
+                )
+                for i in range(n)
+                for j in range(n)
+            ]
     summary = collapse_summary(label, rows)
     model = {
-        **inspection.description(), "verdict": overall_verdict(summary), "verdict_from": overall_detail(summary),
-        "streams": summary, "massive_activations": massive_activations(rows), "nonfinite_values": nonfinite,
-        "data": data, "times": {"load_s": inspection.load_s, **m["times"]},
+        **inspection.description(),
+        "verdict": overall_verdict(summary),
+        "verdict_from": overall_detail(summary),
+        "streams": summary,
+        "massive_activations": massive_activations(rows),
+        "nonfinite_values": nonfinite,
+        "data": data,
+        "times": {"load_s": inspection.load_s, **m["times"]},
     }
     return model, rows, sim_rows
 
 
-def write_collapse(out: Path, spec: CollapseSpec, models: list[dict], table: list[dict], sim_rows: list[dict],
-                   source: str, formats, wall_s: float) -> dict:
+def write_collapse(
+    out: Path,
+    spec: CollapseSpec,
+    models: list[dict],
+    table: list[dict],
+    sim_rows: list[dict],
+    source: str,
+    formats,
+    wall_s: float,
+) -> dict:
     """collapse.csv, similarity.csv, the figures and collapse.json of the measured checkpoints."""
     import numpy as np
     import pandas as pd
@@ -173,17 +250,32 @@ def write_collapse(out: Path, spec: CollapseSpec, models: list[dict], table: lis
     from ..output import versions, write_csv, write_json
     from ..plots.collapse import plot_collapse_curves, plot_norm_growth, plot_similarity
 
-    meta = {"spec": {**asdict(spec), "ckpts": list(spec.ckpts)}, "models": models, "data_source": source,
-            "versions": versions(), "wall_s": wall_s,
-            "thresholds": {"collapsed_cos": COLLAPSED_COS, "collapsing_cos": COLLAPSING_COS,
-                           "collapsing_ratio": COLLAPSING_RATIO}}
-    files = [write_csv(out / "collapse.csv", table, CSV_COLUMNS), write_csv(out / "similarity.csv", sim_rows, SIM_COLUMNS)]
+    meta = {
+        "spec": {**asdict(spec), "ckpts": list(spec.ckpts)},
+        "models": models,
+        "data_source": source,
+        "versions": versions(),
+        "wall_s": wall_s,
+        "thresholds": {
+            "collapsed_cos": COLLAPSED_COS,
+            "collapsing_cos": COLLAPSING_COS,
+            "collapsing_ratio": COLLAPSING_RATIO,
+        },
+    }
+    files = [
+        write_csv(out / "collapse.csv", table, CSV_COLUMNS),
+        write_csv(out / "similarity.csv", sim_rows, SIM_COLUMNS),
+    ]
     placements = {m["label"]: m["placement"] for m in models}
     depth = max((r["layer"] + 1 for r in table if r["metric"] == "cos_adjacent"), default=1)
-    cos = collapse_prediction("pre-ln", np.arange(1, depth + 1))["cos_adjacent"]  # 0-based block k is the toy's k + 1
+    cos = collapse_prediction("pre-ln", np.arange(1, depth + 1))[
+        "cos_adjacent"
+    ]  # 0-based block k is the toy's k + 1
     theory = {"cos_adjacent": cos, "block_influence": 1 - cos}
     files += plot_collapse_curves(table, placements, theory, out / "collapse_curves", formats)
-    files += plot_similarity(pd.DataFrame(sim_rows, columns=SIM_COLUMNS), out / "similarity", formats)
+    files += plot_similarity(
+        pd.DataFrame(sim_rows, columns=SIM_COLUMNS), out / "similarity", formats
+    )
     files += plot_norm_growth(table, placements, out / "norm_growth", formats)
     meta["files"] = [str(f) for f in files] + [str(out / "collapse.json")]
     write_json(out / "collapse.json", meta)
@@ -199,8 +291,14 @@ def require_collapse_memory(inspection: Inspection, batches: list, spec: Collaps
         return
     shape = batches[0].shape
     blocks = sum(len(kinds) for kinds in found.get("per_block", {}).values())
-    est = budget.collapse_estimate(inspection.label, loaded.parameters, blocks, loaded.width,
-                                   2 if found["placement"] == "residual" else 1, shape[0],
-                                   shape[1] if loaded.modality == "text" else (found["item_tokens"] or 1),
-                                   spec.subsample)
+    est = budget.collapse_estimate(
+        inspection.label,
+        loaded.parameters,
+        blocks,
+        loaded.width,
+        2 if found["placement"] == "residual" else 1,
+        shape[0],
+        shape[1] if loaded.modality == "text" else (found["item_tokens"] or 1),
+        spec.subsample,
+    )
     budget.check(est, spec.force)

@@ -15,14 +15,21 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Callable, ContextManager
 
-FIGURES = (("Per-block gradient norm (one gradient on the text)", "gradients/grad_norms.png"),
-           ("Adjacent cosine and block influence per block", "collapse/collapse_curves.png"),
-           ("Layer x layer cosine similarity and linear CKA", "collapse/similarity.png"),
-           ("Norm growth and relative update per block", "collapse/norm_growth.png"))
+FIGURES = (
+    ("Per-block gradient norm (one gradient on the text)", "gradients/grad_norms.png"),
+    ("Adjacent cosine and block influence per block", "collapse/collapse_curves.png"),
+    ("Layer x layer cosine similarity and linear CKA", "collapse/similarity.png"),
+    ("Norm growth and relative update per block", "collapse/norm_growth.png"),
+)
 
 
-def run_diagnose(gspec, cspec, out: str | Path, command: str,
-                 progress: Callable[[str], ContextManager] | None = None) -> dict:
+def run_diagnose(
+    gspec,
+    cspec,
+    out: str | Path,
+    command: str,
+    progress: Callable[[str], ContextManager] | None = None,
+) -> dict:
     """Both parts and the report; returns {"gradients": ..., "collapse": ..., "files": [...]}.
 
     `gspec` (CkptGradSpec) and `cspec` (CollapseSpec) must name the same checkpoints, loaded the same
@@ -74,8 +81,11 @@ def run_diagnose(gspec, cspec, out: str | Path, command: str,
     figures = [(caption, out / rel) for caption, rel in FIGURES if (out / rel).is_file()]
     # wall-clock seconds of each part summed over the models (each checkpoint loaded once, for both
     # parts), the whole measurement, and with several models each model's own three
-    names = {"load": "loading and placement detection", "gradients": "gradients (one gradient per model)",
-             "collapse": "collapse (forward statistics)"}
+    names = {
+        "load": "loading and placement detection",
+        "gradients": "gradients (one gradient per model)",
+        "collapse": "collapse (forward statistics)",
+    }
     times = {name: sum(p[k] for p in spent.values()) for k, name in names.items()}
     times["all models, the three parts"] = wall
     if len(spent) > 1:

@@ -29,7 +29,9 @@ class GradNormsSpec(ReferenceModel):
     warmup: int = 0  # linear warm-up steps, then inverse-sqrt decay (training.lr_schedule)
     data: str | None = None  # UTF-8 text file (byte tokens); None: synthetic task
     init: str = "fairseq"
-    theory: bool = False  # overlay the predicted per-layer curves and fit a decay rate per placement
+    theory: bool = (
+        False  # overlay the predicted per-layer curves and fit a decay rate per placement
+    )
     force: bool = False  # run even when the memory estimate exceeds what the machine has free
 
     def model_config(self, placement: str):
@@ -49,7 +51,13 @@ class GradNormsSpec(ReferenceModel):
             raise ConfigError(f"lr: must be a positive number, got {self.lr}")
 
 
-def record_run(spec: GradNormsSpec, placement: str, seed: int, text=None, on_step: Callable[[], None] | None = None):
+def record_run(
+    spec: GradNormsSpec,
+    placement: str,
+    seed: int,
+    text=None,
+    on_step: Callable[[], None] | None = None,
+):
     """Train/record one (placement, seed); returns (rows, losses). Rows follow CSV_COLUMNS.
 
     Gradients are recorded at every step 0..steps: before each Adam update and after the last.
@@ -75,12 +83,23 @@ def record_run(spec: GradNormsSpec, placement: str, seed: int, text=None, on_ste
                 on_step()
     for r in probe.rows():
         if r["metric"] == "param_grad_norm" and not r["sublayer"].startswith("group:"):
-            rows.append({"placement": placement, "seed": seed, "step": r["step"], "stack": r["stack"],
-                         "layer": r["layer"], "sublayer": r["sublayer"], "param_grad_norm": r["value"]})
+            rows.append(
+                {
+                    "placement": placement,
+                    "seed": seed,
+                    "step": r["step"],
+                    "stack": r["stack"],
+                    "layer": r["layer"],
+                    "sublayer": r["sublayer"],
+                    "param_grad_norm": r["value"],
+                }
+            )
     return rows, [float(v) for v in torch.stack(losses).tolist()]
 
 
-def run_grad_norms(spec: GradNormsSpec, out: str | Path, formats=("png",), progress=None, echo=None) -> dict:
+def run_grad_norms(
+    spec: GradNormsSpec, out: str | Path, formats=("png",), progress=None, echo=None
+) -> dict:
     """Run every (placement, seed), write CSV + JSON + figure into `out`; returns the summary dict.
 
     `progress(total)` may return a callable advanced once per recorded step (a progress bar);
@@ -96,7 +115,9 @@ def run_grad_norms(spec: GradNormsSpec, out: str | Path, formats=("png",), progr
     from ..plots.grad_norms import plot_grad_norms
 
     spec.validate()
-    budget.require(budget.grad_norms_estimate(spec), spec.force, echo)  # before anything is built or written
+    budget.require(
+        budget.grad_norms_estimate(spec), spec.force, echo
+    )  # before anything is built or written
     out = prepare_out(out)
     text = read_text_tokens(spec.data) if spec.data else None
     advance = progress(len(spec.placements) * spec.seeds * (spec.steps + 1)) if progress else None
@@ -106,9 +127,9 @@ def run_grad_norms(spec: GradNormsSpec, out: str | Path, formats=("png",), progr
     for placement in spec.placements:
         for seed in range(spec.seeds):
             t0 = time.perf_counter()
-            r, l = record_run(spec, placement, seed, text, advance)
+            r, loss = record_run(spec, placement, seed, text, advance)
             rows += r
-            losses[f"{placement}/seed{seed}"] = l
+            losses[f"{placement}/seed{seed}"] = loss
             timings[f"{placement}/seed{seed}"] = round(time.perf_counter() - t0, 3)
     wall = time.perf_counter() - t_all
 
@@ -118,19 +139,35 @@ def run_grad_norms(spec: GradNormsSpec, out: str | Path, formats=("png",), progr
     block = df[df["sublayer"] == "block"]
     band = seed_band(block[block["step"] == spec.steps], by=["placement", "stack"])
     ratios = ratio_by_step(block)  # first/last block ratio per placement, stack and step
-    title = (f"{spec.arch}, N = {spec.depth} blocks per stack, d = {spec.d_model}, {spec.init} init, "
-             f"{spec.seeds} seed(s): line = geometric mean, band = min-max")
+    title = (
+        f"{spec.arch}, N = {spec.depth} blocks per stack, d = {spec.d_model}, {spec.init} init, "
+        f"{spec.seeds} seed(s): line = geometric mean, band = min-max"
+    )
     curves, verdicts = theory_overlay(df, step=spec.steps) if spec.theory else ([], [])
     if spec.theory:
         title += "\ndashed: theory through the last block (Post-LN path shape / flat floor); dotted: geometric fit"
-    fig_paths = plot_grad_norms(band, out / "grad_norms", formats=formats, steps=spec.steps, ratios=ratios,
-                                curves=pd.DataFrame(curves) if curves else None, title=title)
+    fig_paths = plot_grad_norms(
+        band,
+        out / "grad_norms",
+        formats=formats,
+        steps=spec.steps,
+        ratios=ratios,
+        curves=pd.DataFrame(curves) if curves else None,
+        title=title,
+    )
     meta = {
-        "job": "grad-norms", "spec": asdict(spec),
+        "job": "grad-norms",
+        "spec": asdict(spec),
         "model_configs": {p: spec.model_config(p).to_dict() for p in spec.placements},
-        "seeds": list(range(spec.seeds)), "versions": versions(), "wall_seconds": round(wall, 3),
-        "run_seconds": timings, "losses": losses, "nonfinite_values": nonfinite,
-        "summary": ratios.to_dict("records"), "verdicts": verdicts, "files": [str(csv_path)] + [str(p) for p in fig_paths],
+        "seeds": list(range(spec.seeds)),
+        "versions": versions(),
+        "wall_seconds": round(wall, 3),
+        "run_seconds": timings,
+        "losses": losses,
+        "nonfinite_values": nonfinite,
+        "summary": ratios.to_dict("records"),
+        "verdicts": verdicts,
+        "files": [str(csv_path)] + [str(p) for p in fig_paths],
     }
     json_path = write_json(out / "grad_norms.json", meta)
     meta["files"].append(str(json_path))

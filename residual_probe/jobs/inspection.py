@@ -27,11 +27,17 @@ class CheckpointInputs:
     seed: int = 0  # MLM masking, the token subsample, synthetic images
     trust_pickle: bool = False
     allow_missing: bool = False  # measure weights the files lack at random init (verdict says so)
-    allow_unused: bool = False  # stored weights of blocks the config omits (a truncated model) accepted
+    allow_unused: bool = (
+        False  # stored weights of blocks the config omits (a truncated model) accepted
+    )
     dictionary: str | None = None  # fairseq dict.txt for fairseq checkpoints
-    blocks: str | None = None  # module-path pattern when block discovery fails, e.g. "model.layers.*"
+    blocks: str | None = (
+        None  # module-path pattern when block discovery fails, e.g. "model.layers.*"
+    )
     bare: dict = field(default_factory=dict)  # placement, heads, depth, ... for bare state dicts
-    labels: tuple[str, ...] = ()  # names of the models (ckpts order); default: shortest distinct path suffixes
+    labels: tuple[
+        str, ...
+    ] = ()  # names of the models (ckpts order); default: shortest distinct path suffixes
     force: bool = False  # run even when the memory estimate exceeds what the machine has free
 
     # (field, lowest value) checked by validate(), in this order
@@ -44,13 +50,21 @@ class CheckpointInputs:
             raise ConfigError("give at least one checkpoint (--ckpt)")
         for name, low in self.LOWS:
             if getattr(self, name) < low:
-                raise ConfigError(f"{name.replace('_', '-')}: must be >= {low}, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"{name.replace('_', '-')}: must be >= {low}, got {getattr(self, name)}"
+                )
         if self.labels:
             if len(self.labels) != len(self.ckpts):
-                raise ConfigError(f"--label: {len(self.labels)} names for {len(self.ckpts)} checkpoints; "
-                                  "give one per --ckpt / --compare, in that order")
-            if len(set(self.labels)) != len(self.labels) or not all(str(x).strip() for x in self.labels):
-                raise ConfigError(f"--label: names must be distinct and non-empty, got {list(self.labels)}")
+                raise ConfigError(
+                    f"--label: {len(self.labels)} names for {len(self.ckpts)} checkpoints; "
+                    "give one per --ckpt / --compare, in that order"
+                )
+            if len(set(self.labels)) != len(self.labels) or not all(
+                str(x).strip() for x in self.labels
+            ):
+                raise ConfigError(
+                    f"--label: names must be distinct and non-empty, got {list(self.labels)}"
+                )
 
     def named(self) -> list[tuple[str, str]]:
         """(label, path) of every checkpoint, in order."""
@@ -89,15 +103,30 @@ class Inspection:
     def description(self) -> dict:
         """The model as every job's JSON describes it."""
         loaded, found = self.loaded, self.found
-        return {"label": self.label, "source": self.path, "family": loaded.family, "modality": loaded.modality,
-                "placement": found["placement"], "placement_detail": found["detail"],
-                "norm_type": found["norm_type"], "declared_placement": loaded.declared_placement,
-                "depth": self.depth, "width": loaded.width, "parameters": loaded.parameters,
-                "partly_random": loaded.missing_weights, "notes": loaded.notes}
+        return {
+            "label": self.label,
+            "source": self.path,
+            "family": loaded.family,
+            "modality": loaded.modality,
+            "placement": found["placement"],
+            "placement_detail": found["detail"],
+            "norm_type": found["norm_type"],
+            "declared_placement": loaded.declared_placement,
+            "depth": self.depth,
+            "width": loaded.width,
+            "parameters": loaded.parameters,
+            "partly_random": loaded.missing_weights,
+            "notes": loaded.notes,
+        }
 
 
-def inspect_checkpoint(label: str, path: str, spec: CheckpointInputs, text: str,
-                       dictionary: dict[str, int] | None = None) -> Inspection:
+def inspect_checkpoint(
+    label: str,
+    path: str,
+    spec: CheckpointInputs,
+    text: str,
+    dictionary: dict[str, int] | None = None,
+) -> Inspection:
     """Load `path` with `spec`'s options and detect its placement on a one-item input of `text`."""
     import torch
 
@@ -106,10 +135,17 @@ def inspect_checkpoint(label: str, path: str, spec: CheckpointInputs, text: str,
     from ..probe.structure import detect_placement
 
     t0 = time.perf_counter()
-    loaded = load_any(path, trust_pickle=spec.trust_pickle, allow_missing=spec.allow_missing,
-                      allow_unused=spec.allow_unused, **spec.bare)
+    loaded = load_any(
+        path,
+        trust_pickle=spec.trust_pickle,
+        allow_missing=spec.allow_missing,
+        allow_unused=spec.allow_unused,
+        **spec.bare,
+    )
     load_s = time.perf_counter() - t0
-    own = dictionary if loaded.family.startswith("fairseq") else None  # other models read bytes or their tokenizer
+    own = (
+        dictionary if loaded.family.startswith("fairseq") else None
+    )  # other models read bytes or their tokenizer
     blocks = find_blocks(loaded.model, spec.blocks)
     sample = detection_sample(loaded, text, spec.seed, own)
     with torch.no_grad():

@@ -39,6 +39,7 @@ PRE_LN_STREAMS = {"pre-ln": ("x",), "residual": ("d",)}
 class PlotError(UserError):
     """Unusable input to `plot` (a sink without the quantities drawn, an unknown step); one line."""
 
+
 def guess_placement(sink_path: Path) -> tuple[str | None, str]:
     """(placement, where it came from) from files beside the sink: the train job's train.json, the
     Trainer callback's probe_run.json; (None, reason) when nothing says."""
@@ -59,12 +60,16 @@ def guess_placement(sink_path: Path) -> tuple[str | None, str]:
 # ---- tables the plots draw --------------------------------------------------------------
 
 
-def series(rows: Sequence[dict], metric: str, sublayer: str = "block") -> dict[tuple[str, str], dict[int, dict[int, float]]]:
+def series(
+    rows: Sequence[dict], metric: str, sublayer: str = "block"
+) -> dict[tuple[str, str], dict[int, dict[int, float]]]:
     """{(stack, stream): {step: {layer: value}}} of one per-block metric."""
     out: dict[tuple[str, str], dict[int, dict[int, float]]] = {}
     for r in rows:
         if r["metric"] == metric and r["sublayer"] == sublayer:
-            out.setdefault((r["stack"], r["stream"]), {}).setdefault(r["step"], {})[r["layer"]] = r["value"]
+            out.setdefault((r["stack"], r["stream"]), {}).setdefault(r["step"], {})[r["layer"]] = r[
+                "value"
+            ]
     return out
 
 
@@ -74,8 +79,10 @@ def chosen_steps(available: Sequence[int], wanted: Sequence[int] | None) -> list
     if wanted:
         missing = [s for s in wanted if s not in set(steps)]
         if missing:
-            raise PlotError(f"--steps: step {missing[0]} was not recorded for the forward statistics; "
-                            f"recorded: {_ranges(steps)}")
+            raise PlotError(
+                f"--steps: step {missing[0]} was not recorded for the forward statistics; "
+                f"recorded: {_ranges(steps)}"
+            )
         return sorted(set(wanted))
     return sorted({steps[0], steps[len(steps) // 2], steps[-1]})
 
@@ -89,16 +96,21 @@ def _ranges(steps: Sequence[int]) -> str:
 # ---- the job -----------------------------------------------------------------------------
 
 
-def run_plot(run: str | Path, out: str | Path, steps: Sequence[int] | None = None, placement: str | None = None,
-             formats: Sequence[str] = ("png",)) -> dict:
+def run_plot(
+    run: str | Path,
+    out: str | Path,
+    steps: Sequence[int] | None = None,
+    placement: str | None = None,
+    formats: Sequence[str] = ("png",),
+) -> dict:
     """Read the sink, draw the figures, write summary.json; returns the summary."""
     from ..analysis.collapse import collapse_change, collapse_verdict
     from ..analysis.diagnosis import gradient_verdict
     from ..analysis.instability import find_events
     from ..analysis.summary import profile_ratio
     from ..analysis.theory import collapse_prediction
-    from ..ownership import folder_state
     from ..output import prepare_out, write_json
+    from ..ownership import folder_state
     from ..plots import run as plots
 
     if placement is not None and placement not in PLACEMENTS:
@@ -121,60 +133,106 @@ def run_plot(run: str | Path, out: str | Path, steps: Sequence[int] | None = Non
     infl = series(rows, "block_influence")
     metrics = sorted({r["metric"] for r in rows} - {"nonfinite_count"})
     recorded_steps = sorted({r["step"] for r in rows})
-    wanted = {"param_grad_norm": "per-block gradient norms (grad_heatmap, grad_steps)",
-              "act_grad_norm": "activation gradients (act_grad)",
-              "cos_adjacent": "forward statistics (collapse)"}
+    wanted = {
+        "param_grad_norm": "per-block gradient norms (grad_heatmap, grad_steps)",
+        "act_grad_norm": "activation gradients (act_grad)",
+        "cos_adjacent": "forward statistics (collapse)",
+    }
     missing = [f"{m}: no {what}" for m, what in wanted.items() if m not in metrics]
     if not (grads or act or cos):
         raise PlotError(f"{str(sink.path)!r} holds none of {', '.join(wanted)}: nothing to draw")
-    nonfinite = [r for r in rows if r["metric"] != "nonfinite_count" and not math.isfinite(r["value"])]
+    nonfinite = [
+        r for r in rows if r["metric"] != "nonfinite_count" and not math.isfinite(r["value"])
+    ]
 
-    fwd_steps = sorted({s for by_step in cos.values() for s in by_step}) or \
-        sorted({s for by_step in act.values() for s in by_step})
+    fwd_steps = sorted({s for by_step in cos.values() for s in by_step}) or sorted(
+        {s for by_step in act.values() for s in by_step}
+    )
     picked = chosen_steps(fwd_steps, steps) if fwd_steps else []
 
     events = find_events(rows)
     files: list[Path] = []
     if grads:
         files += plots.grad_heatmap(grads, out / "grad_heatmap", formats)
-        ratios = {key: (sorted(by_step), [profile_ratio(by_step[s]) for s in sorted(by_step)])
-                  for key, by_step in grads.items()}
+        ratios = {
+            key: (sorted(by_step), [profile_ratio(by_step[s]) for s in sorted(by_step)])
+            for key, by_step in grads.items()
+        }
         marks = [(e.step, e.stack, f"block {e.layer}") for e in events]
         files += plots.grad_steps(grads, ratios, out / "grad_steps", formats, marks)
     if act:
         act_steps = [s for s in picked if any(s in v for v in act.values())] or chosen_steps(
-            sorted({s for v in act.values() for s in v}), None)
+            sorted({s for v in act.values() for s in v}), None
+        )
         files += plots.act_grad(act, act_steps, out / "act_grad", formats)
     # the Pre-LN toy model's adjacent cosine where the stream is Pre-LN-like (block k is the toy's k + 1)
-    reference = {key: collapse_prediction("pre-ln", np.arange(1, 1 + max(len(v) for v in by_step.values())))[
-                 "cos_adjacent"] if key[1] in PRE_LN_STREAMS.get(placement or "", ()) else None
-                 for key, by_step in cos.items()}
+    reference = {
+        key: collapse_prediction("pre-ln", np.arange(1, 1 + max(len(v) for v in by_step.values())))[
+            "cos_adjacent"
+        ]
+        if key[1] in PRE_LN_STREAMS.get(placement or "", ())
+        else None
+        for key, by_step in cos.items()
+    }
     if cos:
         files += plots.collapse(cos, infl, picked, reference, placement, out / "collapse", formats)
 
     verdicts = []
     for (stack, stream), by_step in grads.items():
         last = max(by_step)
-        verdicts.append({"stack": stack, "stream": stream, "step": last, "quantity": "param_grad_norm",
-                         **gradient_verdict([by_step[last][k] for k in sorted(by_step[last])])})
+        verdicts.append(
+            {
+                "stack": stack,
+                "stream": stream,
+                "step": last,
+                "quantity": "param_grad_norm",
+                **gradient_verdict([by_step[last][k] for k in sorted(by_step[last])]),
+            }
+        )
     collapse = []
     for (stack, stream), by_step in cos.items():
         first, last = min(by_step), max(by_step)
         per = {s: [by_step[s][k] for k in sorted(by_step[s])] for s in (first, last)}
-        collapse.append({"stack": stack, "stream": stream, "step": last, **collapse_verdict(per[last]),
-                         "since_start": collapse_change(per[first], per[last], first)})
+        collapse.append(
+            {
+                "stack": stack,
+                "stream": stream,
+                "step": last,
+                **collapse_verdict(per[last]),
+                "since_start": collapse_change(per[first], per[last], first),
+            }
+        )
 
     summary = {
-        "job": "plot", "sink": str(sink.path), "rows": len(rows), "partial_last_line_skipped": sink.partial_line,
+        "job": "plot",
+        "sink": str(sink.path),
+        "rows": len(rows),
+        "partial_last_line_skipped": sink.partial_line,
         "notes": notes,
-        "steps": {"first": recorded_steps[0], "last": recorded_steps[-1], "count": len(recorded_steps)},
-        "stacks": {stack_label(s, st): len(next(iter(v.values()))) for (s, st), v in (grads or cos or act).items()},
-        "metrics": metrics, "missing": missing, "placement": placement, "placement_source": placement_source,
-        "collapse_reference_drawn_for": [stack_label(s, st) for (s, st), ref in reference.items() if ref is not None],
+        "steps": {
+            "first": recorded_steps[0],
+            "last": recorded_steps[-1],
+            "count": len(recorded_steps),
+        },
+        "stacks": {
+            stack_label(s, st): len(next(iter(v.values())))
+            for (s, st), v in (grads or cos or act).items()
+        },
+        "metrics": metrics,
+        "missing": missing,
+        "placement": placement,
+        "placement_source": placement_source,
+        "collapse_reference_drawn_for": [
+            stack_label(s, st) for (s, st), ref in reference.items() if ref is not None
+        ],
         "chosen_steps": picked,
-        "nonfinite": {"count": len(nonfinite), "first_step": min((r["step"] for r in nonfinite), default=None),
-                      "metrics": sorted({r["metric"] for r in nonfinite})},
-        "gradient_verdicts": verdicts, "collapse_verdicts": collapse,
+        "nonfinite": {
+            "count": len(nonfinite),
+            "first_step": min((r["step"] for r in nonfinite), default=None),
+            "metrics": sorted({r["metric"] for r in nonfinite}),
+        },
+        "gradient_verdicts": verdicts,
+        "collapse_verdicts": collapse,
         "instability_events": [e.to_row() for e in events],
         "files": [str(f) for f in files] + [str(out / "summary.json")],
     }

@@ -31,6 +31,15 @@ class ReferenceModel:
     def build_config(self, **job) -> ModelConfig:
         """ModelConfig of these fields, the job's own (`job`: placement, depth, init, or an override of
         one of these fields) and `extra`; positions cover at least 1024 tokens and the sequence."""
-        own = {"arch": self.arch, "d_model": self.d_model, "heads": self.heads, "ffn": self.ffn, "norm": self.norm,
-               "dropout": self.dropout, "max_len": max(1024, self.seq_len)}
-        return ModelConfig(**{**own, **job}, **self.extra)  # extra naming a field above: TypeError, as before
+        own = {
+            "arch": self.arch,
+            "d_model": self.d_model,
+            "heads": self.heads,
+            "ffn": self.ffn,
+            "norm": self.norm,
+            "dropout": self.dropout,
+            "max_len": max(1024, self.seq_len),
+        }
+        return ModelConfig(
+            **{**own, **job}, **self.extra
+        )  # extra naming a field above: TypeError, as before

@@ -39,7 +39,9 @@ class TrainSpec(ReferenceModel):
     seed: int = 0
     data: str | None = None  # UTF-8 text file; None: the built-in corpus (CPython's pydoc topics)
     probe_every: int = 10  # record the probe every n-th step
-    forward_every: int = FORWARD_EVERY  # forward statistics on every n-th recorded step, the first and the last
+    forward_every: int = (
+        FORWARD_EVERY  # forward statistics on every n-th recorded step, the first and the last
+    )
     eval_every: int = 50  # validation loss every n-th step
     clip: float = 0.0  # gradient clipping max-norm; 0 = none (the probe records before clipping)
     force: bool = False  # run even when the memory estimate exceeds what the machine has free
@@ -51,7 +53,15 @@ class TrainSpec(ReferenceModel):
         from ..models import ConfigError
 
         self.model_config()
-        for name in ("steps", "warmup", "probe_every", "forward_every", "eval_every", "batch", "seq_len"):
+        for name in (
+            "steps",
+            "warmup",
+            "probe_every",
+            "forward_every",
+            "eval_every",
+            "batch",
+            "seq_len",
+        ):
             if getattr(self, name) < (0 if name in ("steps", "warmup") else 1):
                 raise ConfigError(f"{name}: out of range, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -75,7 +85,9 @@ def probe_figures(out: Path, placement: str, meta: dict) -> list[Path]:
     return [Path(f) for f in summary["files"]]
 
 
-def run_train(spec: TrainSpec, out: str | Path, progress=None, echo=None, draw: bool = True) -> dict:
+def run_train(
+    spec: TrainSpec, out: str | Path, progress=None, echo=None, draw: bool = True
+) -> dict:
     """Train, record and save; returns the metadata written to train.json. `echo(line, err=...)`
     hears the memory estimate (budget.require), which refuses a run too big. `draw=False` leaves
     out the run's own figures (a study that draws its runs side by side; `residual-probe plot`
@@ -83,7 +95,6 @@ def run_train(spec: TrainSpec, out: str | Path, progress=None, echo=None, draw: 
     import torch
 
     from .. import budget
-
     from ..analysis.summary import loss_curves
     from ..checkpoints import save_model
     from ..data import BatchSource, builtin_corpus, read_text_tokens, split_tokens
@@ -96,7 +107,9 @@ def run_train(spec: TrainSpec, out: str | Path, progress=None, echo=None, draw: 
     from ..training import Trainer
 
     spec.validate()
-    budget.require(budget.train_estimate(spec), spec.force, echo)  # before anything is built or written
+    budget.require(
+        budget.train_estimate(spec), spec.force, echo
+    )  # before anything is built or written
     out = prepare_out(out)
     tokens = read_text_tokens(spec.data) if spec.data else builtin_corpus()
     train_text, val_text = split_tokens(tokens)
@@ -104,22 +117,40 @@ def run_train(spec: TrainSpec, out: str | Path, progress=None, echo=None, draw: 
     cfg = spec.model_config()
     model = Transformer(cfg)
     train = BatchSource(cfg.arch, spec.batch, spec.seq_len, cfg.vocab_size, spec.seed, train_text)
-    val_batches = [BatchSource(cfg.arch, spec.batch, spec.seq_len, cfg.vocab_size, 10_000 + i, val_text).next()
-                   for i in range(4)]  # fixed held-out batches: comparable across steps and runs
+    val_batches = [
+        BatchSource(cfg.arch, spec.batch, spec.seq_len, cfg.vocab_size, 10_000 + i, val_text).next()
+        for i in range(4)
+    ]  # fixed held-out batches: comparable across steps and runs
     names = ("param_grad_norm", "act_grad_norm", "w2_grad_norm", "forward_stats", "update_ratio")
-    last = (spec.steps - 1) // spec.probe_every * spec.probe_every  # the last recorded step: collapse at the end
-    probe = Probe(model, quantities=sparse_forward(names, spec.probe_every, 0, spec.forward_every, last=last),
-                  sink=out / "probe.csv")
+    last = (
+        (spec.steps - 1) // spec.probe_every * spec.probe_every
+    )  # the last recorded step: collapse at the end
+    probe = Probe(
+        model,
+        quantities=sparse_forward(names, spec.probe_every, 0, spec.forward_every, last=last),
+        sink=out / "probe.csv",
+    )
     trainer = Trainer(model, probe, lr=spec.lr, warmup=spec.warmup, clip=spec.clip)
-    probe.track_optimizer(trainer.optimizer)  # update ratios: a block whose update blew up is an instability event
+    probe.track_optimizer(
+        trainer.optimizer
+    )  # update ratios: a block whose update blew up is an instability event
     advance = progress(spec.steps) if progress else None
 
-    meta = {"job": "train", "spec": asdict(spec), "model_config": cfg.to_dict(), "versions": versions(),
-            "parameters": sum(p.numel() for p in model.parameters()), "interrupted": False,
-            "diverged_at_step": None, "diverged": None}
+    meta = {
+        "job": "train",
+        "spec": asdict(spec),
+        "model_config": cfg.to_dict(),
+        "versions": versions(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "interrupted": False,
+        "diverged_at_step": None,
+        "diverged": None,
+    }
     t0 = time.perf_counter()
     with open(out / "loss.csv", "w", newline="") as fh:
-        record_write(out / "loss.csv")  # written line by line: listed in the manifest from the start
+        record_write(
+            out / "loss.csv"
+        )  # written line by line: listed in the manifest from the start
         writer = csv.writer(fh)
         writer.writerow(["step", "lr", "train_loss", "val_loss"])
         try:
@@ -127,9 +158,13 @@ def run_train(spec: TrainSpec, out: str | Path, progress=None, echo=None, draw: 
                 model.train()
                 for step in range(spec.steps):
                     lr = trainer.current_lr()
-                    train_loss = float(trainer.step(train.next()))  # a host sync per step, for the loss curve
+                    train_loss = float(
+                        trainer.step(train.next())
+                    )  # a host sync per step, for the loss curve
                     is_eval = (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps
-                    writer.writerow([step, lr, train_loss, trainer.evaluate(val_batches) if is_eval else ""])
+                    writer.writerow(
+                        [step, lr, train_loss, trainer.evaluate(val_batches) if is_eval else ""]
+                    )
                     fh.flush()
                     if advance:
                         advance()
@@ -149,7 +184,9 @@ def run_train(spec: TrainSpec, out: str | Path, progress=None, echo=None, draw: 
             # then holds one update more than the rows show, and this says so.
             meta["model_updates"] = trainer.steps_done
             meta["wall_seconds"] = round(time.perf_counter() - t0, 3)
-            meta["final_val_loss"] = trainer.evaluate(val_batches) if meta["diverged_at_step"] is None else math.nan
+            meta["final_val_loss"] = (
+                trainer.evaluate(val_batches) if meta["diverged_at_step"] is None else math.nan
+            )
             save_model(model, out / "model")
             files = [out / "loss.csv", out / "probe.csv", out / "model"]
             if draw:

@@ -35,7 +35,9 @@ class ModelConfig:
     ffn: int = 1024
     vocab_size: int = 256  # byte-level by default: every UTF-8 text is in vocabulary
     max_len: int = 1024  # longest sequence the sinusoidal positions cover
-    position_offset: int = 0  # first sinusoidal position index; fairseq checkpoints use padding_idx + 1
+    position_offset: int = (
+        0  # first sinusoidal position index; fairseq checkpoints use padding_idx + 1
+    )
     dropout: float = 0.0  # fairseq's `dropout`: on the embedding and on every sublayer output
     # fairseq's separate rates (the ResiDual configs: dropout 0.3, attention 0.1, activation 0.1).
     # None means "the same as `dropout`", which is what config.json files written before these
@@ -83,14 +85,20 @@ class ModelConfig:
             value = getattr(self, name)
             if value is None and name != "dropout":
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0.0 <= value < 1.0
+            ):
                 bad(f"{name}: must be in [0, 1), got {value!r}")
         if self.share_all_embeddings:
             if self.arch != "seq2seq":
                 bad(f"share_all_embeddings: only for arch 'seq2seq', not {self.arch!r}")
             if not self.tie_embeddings:
-                bad("share_all_embeddings=True needs tie_embeddings=True (fairseq: sharing all "
-                    "embeddings shares the decoder's input and output embedding too)")
+                bad(
+                    "share_all_embeddings=True needs tie_embeddings=True (fairseq: sharing all "
+                    "embeddings shares the decoder's input and output embedding too)"
+                )
         for name in ("tie_embeddings", "share_all_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 bad(f"{name}: must be true or false, got {getattr(self, name)!r}")
@@ -104,9 +112,19 @@ class ModelConfig:
         """The ResiDual paper's IWSLT'14 De-En model (microsoft/ResiDual hydra_config/iwslt.yaml):
         6+6 blocks, d 256, FFN 1024, 4 heads, dropout 0.3 / attention 0.1 / activation 0.1,
         all embeddings shared; the placement defaults to `residual`. `changes` override fields."""
-        base = dict(arch="seq2seq", placement="residual", depth=6, d_model=256, heads=4, ffn=1024,
-                    dropout=0.3, attention_dropout=0.1, activation_dropout=0.1,
-                    share_all_embeddings=True, tie_embeddings=True)
+        base = dict(
+            arch="seq2seq",
+            placement="residual",
+            depth=6,
+            d_model=256,
+            heads=4,
+            ffn=1024,
+            dropout=0.3,
+            attention_dropout=0.1,
+            activation_dropout=0.1,
+            share_all_embeddings=True,
+            tie_embeddings=True,
+        )
         return cls(**{**base, **changes})
 
     @property

@@ -55,8 +55,16 @@ class Attention(Sublayer):
     (fairseq's two rates).
     """
 
-    def __init__(self, d: int, heads: int, dropout: float, causal: bool, norms: int, norm_kind: str,
-                 attention_dropout: float = 0.0):
+    def __init__(
+        self,
+        d: int,
+        heads: int,
+        dropout: float,
+        causal: bool,
+        norms: int,
+        norm_kind: str,
+        attention_dropout: float = 0.0,
+    ):
         super().__init__(norms, norm_kind, d, dropout)
         self.heads, self.causal, self.attn_dropout = heads, causal, attention_dropout
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
@@ -70,7 +78,10 @@ class Attention(Sublayer):
 
         q, k, v = split(self.q_proj(h)), split(self.k_proj(src)), split(self.v_proj(src))
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=self.causal and memory is None,
+            q,
+            k,
+            v,
+            is_causal=self.causal and memory is None,
             dropout_p=self.attn_dropout if self.training else 0.0,
         )
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
@@ -82,8 +93,15 @@ class FeedForward(Sublayer):
     `dropout` acts on the sublayer's output, `activation_dropout` after the ReLU (fairseq).
     """
 
-    def __init__(self, d: int, ffn: int, dropout: float, norms: int, norm_kind: str,
-                 activation_dropout: float = 0.0):
+    def __init__(
+        self,
+        d: int,
+        ffn: int,
+        dropout: float,
+        norms: int,
+        norm_kind: str,
+        activation_dropout: float = 0.0,
+    ):
         super().__init__(norms, norm_kind, d, dropout)
         self.fc1, self.fc2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
         self.act_dropout = nn.Dropout(activation_dropout)
@@ -95,7 +113,9 @@ class FeedForward(Sublayer):
 def sinusoidal_positions(n: int, d: int, offset: int = 0) -> torch.Tensor:
     """fairseq's sinusoidal table, (n, d): sin in the first half of the channels, cos in the second."""
     half = d // 2
-    freq = torch.exp(torch.arange(half, dtype=torch.float64) * -(math.log(10000.0) / max(half - 1, 1)))
+    freq = torch.exp(
+        torch.arange(half, dtype=torch.float64) * -(math.log(10000.0) / max(half - 1, 1))
+    )
     angle = torch.arange(offset, offset + n, dtype=torch.float64)[:, None] * freq[None, :]
     table = torch.cat([angle.sin(), angle.cos()], dim=1)
     if d % 2:

@@ -26,7 +26,9 @@ class Block(nn.Module):
         self.placement = placement  # a plain object, not a module: it owns no parameters
         n, d, p_attn = placement.sublayer_norms, cfg.d_model, cfg.attention_dropout_rate
         self.self_attn = Attention(d, cfg.heads, cfg.dropout, causal, n, cfg.norm, p_attn)
-        self.cross_attn = Attention(d, cfg.heads, cfg.dropout, False, n, cfg.norm, p_attn) if cross else None
+        self.cross_attn = (
+            Attention(d, cfg.heads, cfg.dropout, False, n, cfg.norm, p_attn) if cross else None
+        )
         self.ffn = FeedForward(d, cfg.ffn, cfg.dropout, n, cfg.norm, cfg.activation_dropout_rate)
         placement.add_parameters(self)
 
@@ -49,21 +51,27 @@ class Stack(nn.Module):
         self.role = role
         self.placement = placement = make_placement(cfg, role)
         decoder_of_seq2seq = role == "decoder" and cfg.arch == "seq2seq"
-        self.embed = Embedding(cfg.vocab_size, cfg.d_model, cfg.max_len, cfg.dropout, cfg.position_offset)
+        self.embed = Embedding(
+            cfg.vocab_size, cfg.d_model, cfg.max_len, cfg.dropout, cfg.position_offset
+        )
         self.embed_norm = make_norm(cfg.norm, cfg.d_model) if placement.embed_norm else None
         self.layers = nn.ModuleList(
-            Block(cfg, placement, k, causal=role == "decoder", cross=decoder_of_seq2seq) for k in range(depth)
+            Block(cfg, placement, k, causal=role == "decoder", cross=decoder_of_seq2seq)
+            for k in range(depth)
         )
         self.final_norm = (
-            make_norm(cfg.norm, cfg.d_model, placement.final_norm_eps) if placement.final_norm else None
+            make_norm(cfg.norm, cfg.d_model, placement.final_norm_eps)
+            if placement.final_norm
+            else None
         )
 
     @property
     def embed_tokens(self) -> nn.Embedding:
         return self.embed.embed_tokens
 
-    def forward(self, tokens: torch.Tensor, memory: torch.Tensor | None = None,
-                states: list | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, memory: torch.Tensor | None = None, states: list | None = None
+    ) -> torch.Tensor:
         """states: a list that receives each block's input state and the last block's output
         (N + 1 entries; ResiDual's are (x, d) pairs), for analyses that differentiate through them."""
         x = self.placement.begin(self.embed(tokens), self)  # (B, T, C), or ResiDual's (x, d)
@@ -96,7 +104,11 @@ class Transformer(nn.Module):
 
     def stacks(self) -> list[tuple[str, Stack]]:
         """(role, stack) pairs, encoder first."""
-        return [(r, s) for r, s in (("encoder", self.encoder), ("decoder", self.decoder)) if s is not None]
+        return [
+            (r, s)
+            for r, s in (("encoder", self.encoder), ("decoder", self.decoder))
+            if s is not None
+        ]
 
     def forward(self, tokens: torch.Tensor, tgt: torch.Tensor | None = None) -> torch.Tensor:
         if self.cfg.arch == "seq2seq":

@@ -21,12 +21,16 @@ LINESTYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P")  # per model, so models with identical curves stay visible
 
 
-def _series(rows: list[dict], metric: str) -> dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]]:
+def _series(
+    rows: list[dict], metric: str
+) -> dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]]:
     """{(model, stack, stream): (layers, values)} for one metric, layers sorted."""
     acc: dict[tuple[str, str, str], dict[int, float]] = {}
     for r in rows:
         if r["metric"] == metric:
-            acc.setdefault((r["model"], r["stack"], r["stream"]), {})[int(r["layer"])] = float(r["value"])
+            acc.setdefault((r["model"], r["stack"], r["stream"]), {})[int(r["layer"])] = float(
+                r["value"]
+            )
     return {k: (np.array(sorted(v)), np.array([v[i] for i in sorted(v)])) for k, v in acc.items()}
 
 
@@ -42,22 +46,40 @@ def _styler(keys, placements: dict[str, str]):
         if len(models) == 1 and len(parts) > 1:  # one model: its streams told apart by colour too
             c = cycle[parts.index(key[1:]) % len(cycle)]
         else:
-            c = color(placements.get(model, "")) if by_placement else cycle[models.index(model) % len(cycle)]
+            c = (
+                color(placements.get(model, ""))
+                if by_placement
+                else cycle[models.index(model) % len(cycle)]
+            )
         name = [model] if len(models) > 1 else []
         if len(parts) > 1:
-            name.append(f"{stack} {stream}" if stream != "x" or any(p[1] != "x" for p in parts) else stack)
+            name.append(
+                f"{stack} {stream}" if stream != "x" or any(p[1] != "x" for p in parts) else stack
+            )
         label = " · ".join(name) or model
         if len(models) == 1:
             label += f" ({placements.get(model, '?')})"
         i = models.index(model)
-        return dict(color=c, ls=LINESTYLES[parts.index(key[1:]) % len(LINESTYLES)], label=label,
-                    marker=MARKERS[i % len(MARKERS)], ms=6 - 1.5 * min(i, 2), mfc="none" if i else c, alpha=0.9)
+        return dict(
+            color=c,
+            ls=LINESTYLES[parts.index(key[1:]) % len(LINESTYLES)],
+            label=label,
+            marker=MARKERS[i % len(MARKERS)],
+            ms=6 - 1.5 * min(i, 2),
+            mfc="none" if i else c,
+            alpha=0.9,
+        )
 
     return style
 
 
-def plot_collapse_curves(rows: list[dict], placements: dict[str, str], theory: dict[str, np.ndarray], stem: str | Path,
-                         formats: Sequence[str] = ("png",)) -> list[Path]:
+def plot_collapse_curves(
+    rows: list[dict],
+    placements: dict[str, str],
+    theory: dict[str, np.ndarray],
+    stem: str | Path,
+    formats: Sequence[str] = ("png",),
+) -> list[Path]:
     """theory: the Pre-LN toy model's cos_adjacent and block_influence for blocks k = 0..N-1, drawn dashed."""
     plt = setup()
     cos, infl = _series(rows, "cos_adjacent"), _series(rows, "block_influence")
@@ -67,28 +89,53 @@ def plot_collapse_curves(rows: list[dict], placements: dict[str, str], theory: d
     k = np.arange(len(theory["cos_adjacent"]))
     # The toy model's sqrt(k/(k+1)) is the Pre-LN stream's (and ResiDual's Pre-LN-like d stream's):
     # drawn only when such a stream is on the figure, labelled with its source.
-    pre_ln = [key for key in cos if placements.get(key[0]) == "pre-ln" or (placements.get(key[0]) == "residual"
-                                                                            and key[2] == "d")]
+    pre_ln = [
+        key
+        for key in cos
+        if placements.get(key[0]) == "pre-ln"
+        or (placements.get(key[0]) == "residual" and key[2] == "d")
+    ]
     if pre_ln:
         src = r"Pre-LN theory $\sqrt{k/(k+1)}$ (ResiDual, Xie et al. 2023)"
         a.plot(k, theory["cos_adjacent"], color="black", ls="--", lw=1, label=src)
         b.plot(k, theory["block_influence"], color="black", ls="--", lw=1, label="_" + src)
     for key, (x, y) in cos.items():
         a.plot(x, y, **style(key))
-    a.set(xlabel="block k", ylabel=r"adjacent cosine  cos$(h_{k-1}, h_k)$", title="How alike each block's input and output are")
+    a.set(
+        xlabel="block k",
+        ylabel=r"adjacent cosine  cos$(h_{k-1}, h_k)$",
+        title="How alike each block's input and output are",
+    )
     for key, (x, y) in infl.items():
         b.plot(x, np.clip(y, 1e-8, None), **style(key))
     b.set_yscale("log")
-    b.set(xlabel="block k", ylabel="block influence  1 − cos", title="How much each block changes the stream")
+    b.set(
+        xlabel="block k",
+        ylabel="block influence  1 − cos",
+        title="How much each block changes the stream",
+    )
     handles, labels = a.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(3, max(1, len(labels))), fontsize=8, frameon=False)
+    fig.legend(
+        handles,
+        labels,
+        loc="lower center",
+        ncol=min(3, max(1, len(labels))),
+        fontsize=8,
+        frameon=False,
+    )
     rows = math.ceil(len(labels) / 3)
-    fig.tight_layout(rect=(0, 0.06 * rows + 0.02, 1, 1))  # the legend below the panels, never over the data
+    fig.tight_layout(
+        rect=(0, 0.06 * rows + 0.02, 1, 1)
+    )  # the legend below the panels, never over the data
     return save(fig, stem, formats)
 
 
-def plot_norm_growth(rows: list[dict], placements: dict[str, str], stem: str | Path,
-                     formats: Sequence[str] = ("png",)) -> list[Path]:
+def plot_norm_growth(
+    rows: list[dict],
+    placements: dict[str, str],
+    stem: str | Path,
+    formats: Sequence[str] = ("png",),
+) -> list[Path]:
     plt = setup()
     norms, rel = _series(rows, "norm_sq_per_dim"), _series(rows, "relative_update")
     medians, maxima = _series(rows, "norm_sq_per_dim_median"), _series(rows, "norm_sq_per_dim_max")
@@ -97,35 +144,58 @@ def plot_norm_growth(rows: list[dict], placements: dict[str, str], stem: str | P
     for key, (x, y) in norms.items():
         a.plot(x, y, **style(key))
         c = style(key).get("color")
-        if key in medians:  # the median token and the largest: a few massive tokens move the mean alone
+        if (
+            key in medians
+        ):  # the median token and the largest: a few massive tokens move the mean alone
             a.plot(*medians[key], color=c, ls="--", lw=1.0, alpha=0.8)
             a.plot(*maxima[key], color=c, ls=":", lw=1.0, alpha=0.8)
     if medians:
         a.plot([], [], color="0.3", ls="--", lw=1.0, label="median token")
         a.plot([], [], color="0.3", ls=":", lw=1.0, label="largest token")
     a.set_yscale("log")
-    a.set(xlabel="block k", ylabel=r"$\|h_k\|^2 / d$ (solid: mean)", title="Residual-stream magnitude per block output")
+    a.set(
+        xlabel="block k",
+        ylabel=r"$\|h_k\|^2 / d$ (solid: mean)",
+        title="Residual-stream magnitude per block output",
+    )
     for key, (x, y) in rel.items():
         b.plot(x, np.clip(y, 1e-8, None), **style(key))
     b.set_yscale("log")
-    b.set(xlabel="block k", ylabel=r"$\|h_k - h_{k-1}\| / \|h_{k-1}\|$", title="Relative update per block")
+    b.set(
+        xlabel="block k",
+        ylabel=r"$\|h_k - h_{k-1}\| / \|h_{k-1}\|$",
+        title="Relative update per block",
+    )
     handles, labels = a.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(3, max(1, len(labels))), fontsize=8, frameon=False)
+    fig.legend(
+        handles,
+        labels,
+        loc="lower center",
+        ncol=min(3, max(1, len(labels))),
+        fontsize=8,
+        frameon=False,
+    )
     fig.tight_layout(rect=(0, 0.06 * math.ceil(len(labels) / 3) + 0.02, 1, 1))
     return save(fig, stem, formats)
 
 
-def plot_similarity(sim: pd.DataFrame, stem: str | Path, formats: Sequence[str] = ("png",)) -> list[Path]:
+def plot_similarity(
+    sim: pd.DataFrame, stem: str | Path, formats: Sequence[str] = ("png",)
+) -> list[Path]:
     """Heatmaps of similarity.csv's table (model, stack, stream, metric, layer_i, layer_j, value):
     every (model, stack, stream) gets its mean-cosine and linear-CKA pair, two pairs per row when there
     are more than two, so the figure grows with the comparison and leaves nothing out."""
     import seaborn as sns
 
     plt = setup()
-    keys = list(dict.fromkeys(zip(sim["model"], sim["stack"], sim["stream"])))  # every combination, none left out
+    keys = list(
+        dict.fromkeys(zip(sim["model"], sim["stack"], sim["stream"]))
+    )  # every combination, none left out
     per_row = 2 if len(keys) > 2 else 1  # (cosine, CKA) pairs side by side, rows added as needed
     n_rows = max(1, math.ceil(len(keys) / per_row))
-    fig, axes = plt.subplots(n_rows, 2 * per_row, figsize=(4.4 * 2 * per_row, 3.7 * n_rows), squeeze=False)
+    fig, axes = plt.subplots(
+        n_rows, 2 * per_row, figsize=(4.4 * 2 * per_row, 3.7 * n_rows), squeeze=False
+    )
     # sns.heatmap draws the whole figure once per call (to see whether tick labels overlap): with
     # every panel visible, 16 panels cost 16 whole-figure draws (7 s). So each panel is shown only
     # while it is made, and the panels made (with their colour bars) are shown again at the end;
@@ -136,20 +206,40 @@ def plot_similarity(sim: pd.DataFrame, stem: str | Path, formats: Sequence[str] 
     for i, key in enumerate(keys):
         row, base = divmod(i, per_row)
         for col, metric in enumerate(("cosine", "cka")):
-            sel = sim[(sim["model"] == key[0]) & (sim["stack"] == key[1]) & (sim["stream"] == key[2])
-                      & (sim["metric"] == metric)]
-            grid = sel.pivot_table(index="layer_i", columns="layer_j", values="value", aggfunc="first")
+            sel = sim[
+                (sim["model"] == key[0])
+                & (sim["stack"] == key[1])
+                & (sim["stream"] == key[2])
+                & (sim["metric"] == metric)
+            ]
+            grid = sel.pivot_table(
+                index="layer_i", columns="layer_j", values="value", aggfunc="first"
+            )
             ax = axes[row][2 * base + col]
             ax.set_visible(True)
-            stride = max(1, -(-len(grid) // 12))  # at most ~12 labels per axis: 30 layers stay readable
-            sns.heatmap(grid, ax=ax, cmap="viridis", vmin=min(0.0, float(np.nanmin(grid.to_numpy()))), vmax=1.0,
-                        square=True, cbar_kws={"fraction": 0.046, "pad": 0.04}, xticklabels=stride,
-                        yticklabels=stride)
+            stride = max(
+                1, -(-len(grid) // 12)
+            )  # at most ~12 labels per axis: 30 layers stay readable
+            sns.heatmap(
+                grid,
+                ax=ax,
+                cmap="viridis",
+                vmin=min(0.0, float(np.nanmin(grid.to_numpy()))),
+                vmax=1.0,
+                square=True,
+                cbar_kws={"fraction": 0.046, "pad": 0.04},
+                xticklabels=stride,
+                yticklabels=stride,
+            )
             ax.invert_yaxis()  # layer -1 (the embedding) at the origin
             ax.grid(False)
             ax.tick_params(axis="y", labelrotation=0)
             name = "mean cosine" if metric == "cosine" else "linear CKA"
-            ax.set(xlabel="layer j (−1 = embedding)", ylabel="layer i", title=f"{key[0]} · {key[1]} {key[2]}: {name}")
+            ax.set(
+                xlabel="layer j (−1 = embedding)",
+                ylabel="layer i",
+                title=f"{key[0]} · {key[1]} {key[2]}: {name}",
+            )
             for shown in fig.axes:  # this panel and its colour bar
                 if shown.get_visible():
                     shown.set_visible(False)

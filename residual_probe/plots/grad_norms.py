@@ -19,10 +19,14 @@ from .style import color, label, save, setup
 
 def _stacks(df: pd.DataFrame) -> list[str]:
     found = list(dict.fromkeys(df["stack"]))
-    return [s for s in ("encoder", "decoder") if s in found] + sorted(set(found) - {"encoder", "decoder"})
+    return [s for s in ("encoder", "decoder") if s in found] + sorted(
+        set(found) - {"encoder", "decoder"}
+    )
 
 
-def draw_layer_profile(ax, band: pd.DataFrame, placements: Sequence[str], curves: pd.DataFrame | None = None) -> None:
+def draw_layer_profile(
+    ax, band: pd.DataFrame, placements: Sequence[str], curves: pd.DataFrame | None = None
+) -> None:
     """One stack's per-block gradient norm: band rows (placement, layer, center, low, high, seeds);
     curves (placement, layer, predicted, fitted), when given, dashed and dotted."""
     n = 0
@@ -44,9 +48,15 @@ def draw_layer_profile(ax, band: pd.DataFrame, placements: Sequence[str], curves
     ax.set_ylabel(r"$\|\partial L/\partial\theta_k\|_2$")
 
 
-def plot_grad_norms(band: pd.DataFrame, path_stem: str | Path, formats=("png",), steps: int = 0,
-                    ratios: pd.DataFrame | None = None, curves: pd.DataFrame | None = None,
-                    title: str = "") -> list[Path]:
+def plot_grad_norms(
+    band: pd.DataFrame,
+    path_stem: str | Path,
+    formats=("png",),
+    steps: int = 0,
+    ratios: pd.DataFrame | None = None,
+    curves: pd.DataFrame | None = None,
+    title: str = "",
+) -> list[Path]:
     """band: per-block seed bands at the last step (placement, stack, layer, center, low, high, seeds);
     ratios (placement, stack, step, first_over_last): the second row when steps > 0;
     curves (placement, stack, layer, predicted, fitted): the theory overlay."""
@@ -54,7 +64,9 @@ def plot_grad_norms(band: pd.DataFrame, path_stem: str | Path, formats=("png",),
     stacks = _stacks(band)
     placements = list(dict.fromkeys(band["placement"]))
     nrows = 2 if steps > 0 and ratios is not None else 1
-    fig, axes = plt.subplots(nrows, len(stacks), figsize=(max(6.4, 4.6 * len(stacks)), 3.6 * nrows), squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, len(stacks), figsize=(max(6.4, 4.6 * len(stacks)), 3.6 * nrows), squeeze=False
+    )
     for j, stack in enumerate(stacks):
         ax = axes[0, j]
         sel = curves[curves["stack"] == stack] if curves is not None and len(curves) else None
@@ -65,7 +77,9 @@ def plot_grad_norms(band: pd.DataFrame, path_stem: str | Path, formats=("png",),
         if nrows == 2:
             ax = axes[1, j]
             for p in placements:
-                r = ratios[(ratios["stack"] == stack) & (ratios["placement"] == p)].sort_values("step")
+                r = ratios[(ratios["stack"] == stack) & (ratios["placement"] == p)].sort_values(
+                    "step"
+                )
                 ax.plot(r["step"], r["first_over_last"], color=color(p), label=label(p), lw=1.6)
             ax.axhline(1.0, color="black", lw=0.8, ls=":")
             ax.set_yscale("log")
@@ -80,14 +94,19 @@ def plot_grad_norms(band: pd.DataFrame, path_stem: str | Path, formats=("png",),
     return save(fig, path_stem, formats)
 
 
-def plot_depth_grid(panels: dict[tuple[str, int], pd.DataFrame], path_stem: str | Path, formats=("png",),
-                    title: str = "") -> list[Path]:
+def plot_depth_grid(
+    panels: dict[tuple[str, int], pd.DataFrame],
+    path_stem: str | Path,
+    formats=("png",),
+    title: str = "",
+) -> list[Path]:
     """Rows: settings (e.g. "seq2seq decoder"); columns: depths. `panels[(setting, depth)]` = a seed-band table."""
     plt = setup()
     settings = list(dict.fromkeys(s for s, _ in panels))
     depths = sorted({d for _, d in panels})
-    fig, axes = plt.subplots(len(settings), len(depths), figsize=(3.3 * len(depths), 2.9 * len(settings)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(settings), len(depths), figsize=(3.3 * len(depths), 2.9 * len(settings)), squeeze=False
+    )
     for i, setting in enumerate(settings):
         for j, depth in enumerate(depths):
             ax = axes[i, j]

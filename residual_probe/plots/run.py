@@ -22,8 +22,11 @@ STACK_ORDER = ("encoder", "decoder")
 
 def _keys(table: Table) -> list[tuple[str, str]]:
     """Panels in reading order: encoder, decoder, other stacks; a stack's x stream before its others."""
-    rank = lambda k: (STACK_ORDER.index(k[0]) if k[0] in STACK_ORDER else len(STACK_ORDER), k[0],  # noqa: E731
-                      k[1] not in ("x", "-"), k[1])
+
+    def rank(k):
+        stack_rank = STACK_ORDER.index(k[0]) if k[0] in STACK_ORDER else len(STACK_ORDER)
+        return stack_rank, k[0], k[1] not in ("x", "-"), k[1]
+
     return sorted(table, key=rank)
 
 
@@ -40,7 +43,9 @@ def _integer_x(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _matrix(by_step: Mapping[int, Mapping[int, float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _matrix(
+    by_step: Mapping[int, Mapping[int, float]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(steps, layers, values (layers x steps, NaN where missing), recorded mask)."""
     steps = np.array(sorted(by_step))
     layers = np.array(sorted({k for v in by_step.values() for k in v}))
@@ -76,8 +81,17 @@ def _mark_nonfinite(ax, xs, ys, at_top: bool = True, label: bool = False) -> boo
     if not bad.any():
         return False
     trans = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
-    ax.plot(xs[bad], np.full(bad.sum(), 0.97 if at_top else 0.03), "x", color=NAN_COLOR, ms=7, mew=1.8,
-            transform=trans, clip_on=False, label="NaN/inf" if label else None)
+    ax.plot(
+        xs[bad],
+        np.full(bad.sum(), 0.97 if at_top else 0.03),
+        "x",
+        color=NAN_COLOR,
+        ms=7,
+        mew=1.8,
+        transform=trans,
+        clip_on=False,
+        label="NaN/inf" if label else None,
+    )
     return True
 
 
@@ -95,10 +109,18 @@ def grad_heatmap(grads: Table, stem: str | Path, formats: Sequence[str] = ("png"
         lo, hi = (np.nanmin(m[finite]), np.nanmax(m[finite])) if finite.any() else (1e-3, 1.0)
         if hi <= lo:
             lo, hi = lo / 2, hi * 2
-        mesh = ax.pcolormesh(_edges(steps.astype(float)), _edges(layers.astype(float)),
-                             np.ma.masked_where(~finite, m), norm=LogNorm(lo, hi), cmap="viridis", shading="flat")
+        mesh = ax.pcolormesh(
+            _edges(steps.astype(float)),
+            _edges(layers.astype(float)),
+            np.ma.masked_where(~finite, m),
+            norm=LogNorm(lo, hi),
+            cmap="viridis",
+            shading="flat",
+        )
         ax.grid(False)
-        fig.colorbar(mesh, ax=ax, pad=0.02).set_label(r"$\|\partial L/\partial\theta_k\|_2$ (log scale)")
+        fig.colorbar(mesh, ax=ax, pad=0.02).set_label(
+            r"$\|\partial L/\partial\theta_k\|_2$ (log scale)"
+        )
         bad = present & ~finite
         handles = []
         if bad.any():
@@ -109,17 +131,24 @@ def grad_heatmap(grads: Table, stem: str | Path, formats: Sequence[str] = ("png"
             handles.append(Patch(facecolor="white", edgecolor="0.6", label="not recorded"))
         if handles:
             ax.legend(handles=handles, loc="upper left", fontsize=8, framealpha=0.9)
-        ax.set(xlabel="optimizer step", ylabel="block k (0 = input side)",
-               title=f"{_title(key)}: per-block gradient norm")
+        ax.set(
+            xlabel="optimizer step",
+            ylabel="block k (0 = input side)",
+            title=f"{_title(key)}: per-block gradient norm",
+        )
         if len(layers) <= 24:
             ax.set_yticks(layers[:: max(1, len(layers) // 12)])
     fig.tight_layout()
     return save(fig, stem, formats)
 
 
-def grad_steps(grads: Table, ratios: Mapping[tuple[str, str], tuple[Sequence[int], Sequence[float]]],
-               stem: str | Path, formats: Sequence[str] = ("png",),
-               events: Sequence[tuple[int, str, str]] = ()) -> list[Path]:
+def grad_steps(
+    grads: Table,
+    ratios: Mapping[tuple[str, str], tuple[Sequence[int], Sequence[float]]],
+    stem: str | Path,
+    formats: Sequence[str] = ("png",),
+    events: Sequence[tuple[int, str, str]] = (),
+) -> list[Path]:
     """Top: first, median and last block's gradient norm against step. Bottom: first/last ratio.
 
     events: (step, stack, label) of the instability events (`analysis.instability`): a red
@@ -135,19 +164,42 @@ def grad_steps(grads: Table, ratios: Mapping[tuple[str, str], tuple[Sequence[int
         marked = False
         for (c, ls), i in zip(styles, picks):
             y = m[i]
-            ax.plot(steps, np.where(np.isfinite(y) & (y > 0), y, np.nan), color=c, ls=ls, lw=1.5,
-                    label=f"block {layers[i]}" + (" (first)" if i == 0 else " (last)" if i == len(layers) - 1
-                                                  else " (median)"))
+            ax.plot(
+                steps,
+                np.where(np.isfinite(y) & (y > 0), y, np.nan),
+                color=c,
+                ls=ls,
+                lw=1.5,
+                label=f"block {layers[i]}"
+                + (" (first)" if i == 0 else " (last)" if i == len(layers) - 1 else " (median)"),
+            )
             marked |= _mark_nonfinite(ax, steps, np.where(y > 0, y, np.nan), label=not marked)
         ax.set_yscale("log")
-        for i, (step, stack, text) in enumerate(e for e in events if e[1] == key[0]):
+        for i, (step, _stack, text) in enumerate(e for e in events if e[1] == key[0]):
             for a in (ax, axes[1, j]):
-                a.axvline(step, color="#d62728", lw=0.9, ls="--", alpha=0.8,
-                          label="instability event" if (i == 0 and a is ax) else None)
-            ax.annotate(text, (step, 1.0), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right",
-                        fontsize=6.5, color="#d62728")
-        ax.set(xlabel="optimizer step", ylabel=r"$\|\partial L/\partial\theta_k\|_2$",
-               title=f"{_title(key)}: gradient norm of three blocks")
+                a.axvline(
+                    step,
+                    color="#d62728",
+                    lw=0.9,
+                    ls="--",
+                    alpha=0.8,
+                    label="instability event" if (i == 0 and a is ax) else None,
+                )
+            ax.annotate(
+                text,
+                (step, 1.0),
+                xycoords=("data", "axes fraction"),
+                rotation=90,
+                va="top",
+                ha="right",
+                fontsize=6.5,
+                color="#d62728",
+            )
+        ax.set(
+            xlabel="optimizer step",
+            ylabel=r"$\|\partial L/\partial\theta_k\|_2$",
+            title=f"{_title(key)}: gradient norm of three blocks",
+        )
         ax.legend(fontsize=8, frameon=False)
         ax = axes[1, j]
         xs, ys = ratios[key]
@@ -156,8 +208,11 @@ def grad_steps(grads: Table, ratios: Mapping[tuple[str, str], tuple[Sequence[int
         _mark_nonfinite(ax, xs, np.where(ys > 0, ys, np.nan), label=True)
         ax.axhline(1.0, color="0.4", lw=0.8, ls=":")
         ax.set_yscale("log")
-        ax.set(xlabel="optimizer step", ylabel=f"block {layers[0]} / block {layers[-1]}",
-               title=f"{_title(key)}: first / last block gradient (< 1: vanishing)")
+        ax.set(
+            xlabel="optimizer step",
+            ylabel=f"block {layers[0]} / block {layers[-1]}",
+            title=f"{_title(key)}: first / last block gradient (< 1: vanishing)",
+        )
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
@@ -170,7 +225,9 @@ def _step_colors(plt, steps: Sequence[int]) -> dict[int, tuple]:
     return {s: cmap(0.85 * i / n) for i, s in enumerate(steps)}
 
 
-def act_grad(act: Table, steps: Sequence[int], stem: str | Path, formats: Sequence[str] = ("png",)) -> list[Path]:
+def act_grad(
+    act: Table, steps: Sequence[int], stem: str | Path, formats: Sequence[str] = ("png",)
+) -> list[Path]:
     """Activation-gradient norm RMS_t ||dL/dh_k|| per block at the chosen steps; one panel per stack,
     one line style per stream."""
     plt = setup()
@@ -188,23 +245,46 @@ def act_grad(act: Table, steps: Sequence[int], stem: str | Path, formats: Sequen
                 xs = np.array(sorted(by_layer))
                 ys = np.array([by_layer[k] for k in xs])
                 name = f"step {s}" + (f", stream {key[1]}" if len(streams) > 1 else "")
-                ax.plot(xs, np.where(np.isfinite(ys) & (ys > 0), ys, np.nan), color=colors[s],
-                        ls=("-", "--", ":")[si % 3], marker="o", ms=3, lw=1.4, label=name)
+                ax.plot(
+                    xs,
+                    np.where(np.isfinite(ys) & (ys > 0), ys, np.nan),
+                    color=colors[s],
+                    ls=("-", "--", ":")[si % 3],
+                    marker="o",
+                    ms=3,
+                    lw=1.4,
+                    label=name,
+                )
                 marked |= _mark_nonfinite(ax, xs, np.where(ys > 0, ys, np.nan), label=not marked)
         ax.set_yscale("log")
-        ax.set(xlabel="block k (0 = input side)", ylabel=r"RMS$_t\,\|\partial L/\partial h_k\|$",
-               title=f"{stack}: activation gradient per block")
+        ax.set(
+            xlabel="block k (0 = input side)",
+            ylabel=r"RMS$_t\,\|\partial L/\partial h_k\|$",
+            title=f"{stack}: activation gradient per block",
+        )
         _integer_x(ax)
         n_labels = len(ax.get_legend_handles_labels()[1])
         # below the panel: the late steps' curves cross the whole plot, so no corner is free
-        ax.legend(fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2),
-                  ncol=min(3, max(1, n_labels)))
+        ax.legend(
+            fontsize=8,
+            frameon=False,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.2),
+            ncol=min(3, max(1, n_labels)),
+        )
     fig.tight_layout()
     return save(fig, stem, formats)
 
 
-def collapse(cos: Table, infl: Table, steps: Sequence[int], reference: Mapping[tuple[str, str], "np.ndarray | None"],
-             placement: str | None, stem: str | Path, formats: Sequence[str] = ("png",)) -> list[Path]:
+def collapse(
+    cos: Table,
+    infl: Table,
+    steps: Sequence[int],
+    reference: Mapping[tuple[str, str], "np.ndarray | None"],
+    placement: str | None,
+    stem: str | Path,
+    formats: Sequence[str] = ("png",),
+) -> list[Path]:
     """Adjacent cosine (top) and block influence 1 - cos (bottom, log) per block at the chosen steps.
 
     reference[(stack, stream)]: the Pre-LN collapse reference sqrt(k/(k+1)) per block (ResiDual's
@@ -229,24 +309,51 @@ def collapse(cos: Table, infl: Table, steps: Sequence[int], reference: Mapping[t
             marked |= _mark_nonfinite(top, xs, ys, at_top=False, label=not marked)
             ib = infl.get(key, {}).get(s, {})
             yi = np.array([ib.get(k, math.nan) for k in xs])
-            bottom.plot(xs, np.where(yi > 0, yi, np.nan), color=colors[s], marker="o", ms=3, lw=1.4,
-                        label=f"step {s}")
+            bottom.plot(
+                xs,
+                np.where(yi > 0, yi, np.nan),
+                color=colors[s],
+                marker="o",
+                ms=3,
+                lw=1.4,
+                label=f"step {s}",
+            )
             _mark_nonfinite(bottom, xs, yi)
         pred = reference.get(key)
         if pred is not None and n:
             k = np.arange(len(pred))
-            top.plot(k, pred, color="black", ls="--", lw=1,
-                     label="Pre-LN toy model $\\sqrt{k/(k+1)}$\n(ResiDual, Xie et al. 2023)")
+            top.plot(
+                k,
+                pred,
+                color="black",
+                ls="--",
+                lw=1,
+                label="Pre-LN toy model $\\sqrt{k/(k+1)}$\n(ResiDual, Xie et al. 2023)",
+            )
             bottom.plot(k, 1 - pred, color="black", ls="--", lw=1, label="Pre-LN toy model")
         what = f" ({placement})" if placement else ""
-        top.set(xlabel="block k", ylabel=r"cos$(h_{k-1}, h_k)$", title=f"{_title(key, keys)}{what}: adjacent cosine")
+        top.set(
+            xlabel="block k",
+            ylabel=r"cos$(h_{k-1}, h_k)$",
+            title=f"{_title(key, keys)}{what}: adjacent cosine",
+        )
         bottom.set_yscale("log")
-        bottom.set(xlabel="block k", ylabel="block influence 1 − cos", title=f"{_title(key, keys)}: block influence")
+        bottom.set(
+            xlabel="block k",
+            ylabel="block influence 1 − cos",
+            title=f"{_title(key, keys)}: block influence",
+        )
         for ax in (top, bottom):
             _integer_x(ax)
             ax.legend(fontsize=8, frameon=False, loc="best")
     if all(v is None for v in reference.values()):
-        why = f"not drawn for {placement}" if placement else "not drawn: placement unknown (--placement)"
-        fig.text(0.5, -0.01, f"Pre-LN collapse reference {why}", ha="center", fontsize=8, color="0.35")
+        why = (
+            f"not drawn for {placement}"
+            if placement
+            else "not drawn: placement unknown (--placement)"
+        )
+        fig.text(
+            0.5, -0.01, f"Pre-LN collapse reference {why}", ha="center", fontsize=8, color="0.35"
+        )
     fig.tight_layout()
     return save(fig, stem, formats)

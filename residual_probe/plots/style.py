@@ -27,7 +27,17 @@ PLACEMENT_LABELS = {"residual": "ResiDual (Pre-Post-LN)", "post-ln": "Post-LN", 
 
 
 # Colours for placements registered later (models.PLACEMENTS), in registration order.
-SPARE_COLORS = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5")
+SPARE_COLORS = (
+    "#aec7e8",
+    "#ffbb78",
+    "#98df8a",
+    "#ff9896",
+    "#c5b0d5",
+    "#c49c94",
+    "#f7b6d2",
+    "#dbdb8d",
+    "#9edae5",
+)
 
 
 def color(name: str) -> str:
@@ -56,11 +66,21 @@ def setup():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({
-        "figure.dpi": 110, "savefig.dpi": 150, "font.size": 10, "axes.titlesize": 11,
-        "axes.labelsize": 10, "legend.fontsize": 9, "axes.grid": True, "grid.alpha": 0.3,
-        "axes.spines.top": False, "axes.spines.right": False, "savefig.bbox": "tight",
-    })
+    plt.rcParams.update(
+        {
+            "figure.dpi": 110,
+            "savefig.dpi": 150,
+            "font.size": 10,
+            "axes.titlesize": 11,
+            "axes.labelsize": 10,
+            "legend.fontsize": 9,
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+            "savefig.bbox": "tight",
+        }
+    )
     return plt
 
 
@@ -70,8 +90,12 @@ def save(fig, path_stem: str | Path, formats: Sequence[str] = ("png",)) -> list[
 
     stem = Path(path_stem)
     try:
-        return [write_atomic(stem.with_suffix(f".{fmt}"), lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt))
-                for fmt in formats]
+        return [
+            write_atomic(
+                stem.with_suffix(f".{fmt}"), lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt)
+            )
+            for fmt in formats
+        ]
     finally:
         plt.close(fig)
 

@@ -14,7 +14,9 @@ import pandas as pd
 from .style import color, save, setup
 
 
-def plot_losses(curves: pd.DataFrame, path_stem: str | Path, formats=("png",), title: str = "") -> list[Path]:
+def plot_losses(
+    curves: pd.DataFrame, path_stem: str | Path, formats=("png",), title: str = ""
+) -> list[Path]:
     """One line per run; the run label's first word picks the placement colour, "no warm-up" dashes it."""
     plt = setup()
     fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(9.5, 3.6))
@@ -30,7 +32,15 @@ def plot_losses(curves: pd.DataFrame, path_stem: str | Path, formats=("png",), t
                 ax_t.plot(d["step"].iloc[-1], top, "x", color=color(placement), ms=9)
         v = d.dropna(subset=["val_loss"])
         if len(v):
-            ax_v.plot(v["step"], v["val_loss"], style + "o", color=color(placement), label=name, lw=1.4, ms=3)
+            ax_v.plot(
+                v["step"],
+                v["val_loss"],
+                style + "o",
+                color=color(placement),
+                label=name,
+                lw=1.4,
+                ms=3,
+            )
     for ax, what in ((ax_t, "training loss (EMA 0.9)"), (ax_v, "held-out loss")):
         ax.set_xlabel("step")
         ax.set_ylabel(f"{what} [nats/byte]")
@@ -38,9 +48,18 @@ def plot_losses(curves: pd.DataFrame, path_stem: str | Path, formats=("png",), t
             ax.set_ylim(top=top * 1.05)
     ax_t.set_title(title or "training")
     ax_v.set_title("held-out (last 5% of the corpus)")
-    if ax_v.get_legend_handles_labels()[0]:  # no held-out point yet (a run that stopped early): no legend
+    if ax_v.get_legend_handles_labels()[
+        0
+    ]:  # no held-out point yet (a run that stopped early): no legend
         ax_v.legend(frameon=False, fontsize=8)
     else:
-        ax_v.text(0.5, 0.5, "no held-out evaluation yet", transform=ax_v.transAxes, ha="center", color="0.4")
+        ax_v.text(
+            0.5,
+            0.5,
+            "no held-out evaluation yet",
+            transform=ax_v.transAxes,
+            ha="center",
+            color="0.4",
+        )
     fig.tight_layout()
     return save(fig, path_stem, formats)

@@ -15,30 +15,49 @@ from .style import color, save, setup
 def _runs(series: Mapping[str, Mapping[int, float]], ax) -> None:
     for name, curve in series.items():
         xs = sorted(curve)
-        ax.plot(xs, [curve[x] for x in xs], "--" if "no warm-up" in name else "-", color=color(name.split()[0]),
-                label=name, lw=1.5)
+        ax.plot(
+            xs,
+            [curve[x] for x in xs],
+            "--" if "no warm-up" in name else "-",
+            color=color(name.split()[0]),
+            label=name,
+            lw=1.5,
+        )
     ax.set_yscale("log")
 
 
-def plot_collapse_profiles(profiles: Mapping[str, Mapping[int, float]], path_stem: str | Path, formats=("png",)) -> list[Path]:
+def plot_collapse_profiles(
+    profiles: Mapping[str, Mapping[int, float]], path_stem: str | Path, formats=("png",)
+) -> list[Path]:
     """Block influence 1 - cos(h_{k-1}, h_k) per layer, one line per run (label -> {layer: value})."""
     plt = setup()
     fig, ax = plt.subplots(figsize=(5.6, 3.6))
     _runs(profiles, ax)
-    ax.set(xlabel="block k", ylabel=r"block influence $1-\cos(h_{k-1}, h_k)$",
-           title="How much each block changes the residual stream\n(trained models, held-out text)")
+    ax.set(
+        xlabel="block k",
+        ylabel=r"block influence $1-\cos(h_{k-1}, h_k)$",
+        title="How much each block changes the residual stream\n(trained models, held-out text)",
+    )
     ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
     return save(fig, path_stem, formats)
 
 
-def plot_ratio_curves(curves: Mapping[str, Mapping[int, float]], path_stem: str | Path, formats=("png",)) -> list[Path]:
+def plot_ratio_curves(
+    curves: Mapping[str, Mapping[int, float]], path_stem: str | Path, formats=("png",)
+) -> list[Path]:
     """First-block / last-block gradient norm over training steps, one line per run (label -> {step: ratio})."""
     plt = setup()
     fig, ax = plt.subplots(figsize=(5.6, 3.6))
     _runs(curves, ax)
     ax.axhline(1.0, color="black", lw=0.8, ls=":")
-    ax.set(xlabel="step", ylabel="block 0 / block N-1 gradient norm", title="Vanishing toward the input during training")
-    ax.legend(frameon=False, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))  # outside: curves span the plot
+    ax.set(
+        xlabel="step",
+        ylabel="block 0 / block N-1 gradient norm",
+        title="Vanishing toward the input during training",
+    )
+    ax.legend(
+        frameon=False, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5)
+    )  # outside: curves span the plot
     fig.tight_layout()
     return save(fig, path_stem, formats)

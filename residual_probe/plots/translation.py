@@ -34,52 +34,124 @@ def _groups(table: Sequence[dict]) -> list[tuple[str, str, float]]:
 
 
 def _group_label(model: str, warm: str, lr: float | None = None) -> str:
-    return f"{model}\n{'warm-up' if warm == 'yes' else 'no warm-up'}" + ("" if lr is None else f"\nlr {lr:g}")
+    return f"{model}\n{'warm-up' if warm == 'yes' else 'no warm-up'}" + (
+        "" if lr is None else f"\nlr {lr:g}"
+    )
 
 
-def plot_bleu(table: Sequence[dict], runs: Sequence[dict], paper_bleu: Mapping[tuple, object], path_stem: str | Path,
-              formats=("png",)) -> list[Path]:
+def plot_bleu(
+    table: Sequence[dict],
+    runs: Sequence[dict],
+    paper_bleu: Mapping[tuple, object],
+    path_stem: str | Path,
+    formats=("png",),
+) -> list[Path]:
     """Left: this study's BLEU (bar: seed mean, dots: seeds, x: failed run). Right: the paper's table,
     paper_bleu[(depth, placement, warm-up)] = BLEU, "fail", or None (not reported)."""
     plt = setup()
     ours = _groups(table)
     paper = list(dict.fromkeys((m, w) for m, w, _ in ours))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw=dict(width_ratios=[len(ours), max(len(paper), 1)]))
+    fig, axes = plt.subplots(
+        1, 2, figsize=(13, 4.2), gridspec_kw=dict(width_ratios=[len(ours), max(len(paper), 1)])
+    )
     w = 0.26
-    by = {(r["model"], r["warmup"], float(r["lr"]), r["placement"]): r for r in table if float(r["alpha"]) == 1.0}
+    by = {
+        (r["model"], r["warmup"], float(r["lr"]), r["placement"]): r
+        for r in table
+        if float(r["alpha"]) == 1.0
+    }
     first = {(m, wu): lr for m, wu, lr in reversed(ours)}  # one paper group per (model, warm-up)
-    for ax, which, groups in zip(axes, ("ours", "paper"), (ours, [(m, wu, first[m, wu]) for m, wu in paper])):
+    for ax, which, groups in zip(
+        axes, ("ours", "paper"), (ours, [(m, wu, first[m, wu]) for m, wu in paper])
+    ):
         for gi, (model, warm, lr) in enumerate(groups):
             for pi, p in enumerate(PLACEMENTS):
                 r = by.get((model, warm, lr, p))
                 x = gi + (pi - 1) * w
                 if r is None and which == "ours":
-                    ax.text(x, 0.02, "not run", ha="center", va="bottom", fontsize=7, color=color(p), rotation=90)
+                    ax.text(
+                        x,
+                        0.02,
+                        "not run",
+                        ha="center",
+                        va="bottom",
+                        fontsize=7,
+                        color=color(p),
+                        rotation=90,
+                    )
                     continue
                 if which == "ours":
-                    ax.bar(x, r["bleu_mean"], w * 0.9, color=color(p), alpha=0.75,
-                           label=label(p) if gi == 0 else None)
+                    ax.bar(
+                        x,
+                        r["bleu_mean"],
+                        w * 0.9,
+                        color=color(p),
+                        alpha=0.75,
+                        label=label(p) if gi == 0 else None,
+                    )
                     pts = [float(v) for v in str(r["bleu_per_seed"]).split()]
                     ax.plot([x] * len(pts), pts, "k.", ms=4)
-                    fails = [q for q in runs if f"E{q['depth']}D{q['depth']}" == model and q["warmup"] == warm
-                             and float(q["lr"]) == lr and float(q["alpha"]) == 1.0 and q["placement"] == p
-                             and q["failed"] == "yes"]
+                    fails = [
+                        q
+                        for q in runs
+                        if f"E{q['depth']}D{q['depth']}" == model
+                        and q["warmup"] == warm
+                        and float(q["lr"]) == lr
+                        and float(q["alpha"]) == 1.0
+                        and q["placement"] == p
+                        and q["failed"] == "yes"
+                    ]
                     if fails:
-                        ax.text(x, max(r["bleu_mean"], 0) + 0.5, f"{len(fails)}\u00d7\nfail", ha="center",
-                                va="bottom", fontsize=7, color=color(p))
+                        ax.text(
+                            x,
+                            max(r["bleu_mean"], 0) + 0.5,
+                            f"{len(fails)}\u00d7\nfail",
+                            ha="center",
+                            va="bottom",
+                            fontsize=7,
+                            color=color(p),
+                        )
                 else:
                     v = paper_bleu.get((int(model[1:].split("D")[0]), p, warm == "yes"))
                     if isinstance(v, (int, float)):
-                        ax.bar(x, v, w * 0.9, color=color(p), alpha=0.75, label=label(p) if gi == 0 else None)
-                        ax.text(x, v + 0.3, f"{v:.1f}", ha="center", va="bottom", fontsize=6.5, rotation=90)
+                        ax.bar(
+                            x,
+                            v,
+                            w * 0.9,
+                            color=color(p),
+                            alpha=0.75,
+                            label=label(p) if gi == 0 else None,
+                        )
+                        ax.text(
+                            x,
+                            v + 0.3,
+                            f"{v:.1f}",
+                            ha="center",
+                            va="bottom",
+                            fontsize=6.5,
+                            rotation=90,
+                        )
                     else:
-                        ax.text(x, 1.0, "fail" if v == "fail" else "n/r", ha="center", va="bottom", fontsize=7,
-                                color=color(p), rotation=90)
+                        ax.text(
+                            x,
+                            1.0,
+                            "fail" if v == "fail" else "n/r",
+                            ha="center",
+                            va="bottom",
+                            fontsize=7,
+                            color=color(p),
+                            rotation=90,
+                        )
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels([_group_label(m, wu, lr if which == "ours" else None) for m, wu, lr in groups], fontsize=8)
+        ax.set_xticklabels(
+            [_group_label(m, wu, lr if which == "ours" else None) for m, wu, lr in groups],
+            fontsize=8,
+        )
         ax.set_ylabel("BLEU (sacrebleu)" if which == "ours" else "BLEU (paper)")
-    axes[0].set_title("This study: Pig Latin of pydoc sentences, d 64, held-out sentences,\n"
-                      "greedy decoding (bar: seed mean, dots: seeds)")
+    axes[0].set_title(
+        "This study: Pig Latin of pydoc sentences, d 64, held-out sentences,\n"
+        "greedy decoding (bar: seed mean, dots: seeds)"
+    )
     axes[1].set_title("ResiDual paper: IWSLT'14 De-En, d 256\n(n/r: not reported)")
     top = max([float(v) for r in table for v in str(r["bleu_per_seed"]).split()] + [1.0])
     axes[0].set_ylim(0, top * 1.25)
@@ -89,21 +161,38 @@ def plot_bleu(table: Sequence[dict], runs: Sequence[dict], paper_bleu: Mapping[t
     return save(fig, path_stem, formats)
 
 
-def plot_curves(curves: Mapping[str, Sequence[dict]], specs: Mapping[str, dict], path_stem: str | Path,
-                column: str = "heldout_loss", title: str = "", formats=("png",)) -> list[Path]:
+def plot_curves(
+    curves: Mapping[str, Sequence[dict]],
+    specs: Mapping[str, dict],
+    path_stem: str | Path,
+    column: str = "heldout_loss",
+    title: str = "",
+    formats=("png",),
+) -> list[Path]:
     """`column` of the curve rows over training (held-out loss, or BLEU): one panel per model size
     and warm-up, one colour per placement, one line per seed."""
     plt = setup()
     depths = sorted({s["depth"] for s in specs.values()})
-    fig, axes = plt.subplots(len(depths), 2, figsize=(9.5, 3.0 * len(depths)), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        len(depths), 2, figsize=(9.5, 3.0 * len(depths)), squeeze=False, sharey=True
+    )
     for name, rows in curves.items():
         s = specs[name]
         ax = axes[depths.index(s["depth"])][0 if s["warmup"] else 1]
         rows = [r for r in rows if np.isfinite(r[column])]
         steps = [r["step"] for r in rows]
         loss = [r[column] for r in rows]
-        ax.plot(steps, loss, "-", color=color(s["placement"]), lw=1.3, alpha=0.85,
-                marker=marker(s["placement"]), ms=3, label=label(s["placement"]) if s["seed"] == 0 else None)
+        ax.plot(
+            steps,
+            loss,
+            "-",
+            color=color(s["placement"]),
+            lw=1.3,
+            alpha=0.85,
+            marker=marker(s["placement"]),
+            ms=3,
+            label=label(s["placement"]) if s["seed"] == 0 else None,
+        )
         if len(rows) and len(steps) and steps[-1] < s["steps"]:  # stopped early: diverged
             ax.plot(steps[-1], loss[-1], "x", color=color(s["placement"]), ms=9)
     for i, n in enumerate(depths):
@@ -114,16 +203,22 @@ def plot_curves(curves: Mapping[str, Sequence[dict]], specs: Mapping[str, dict],
             if column == "heldout_loss":
                 ax.set_yscale("log")
             if j == 0:
-                ax.set_ylabel("held-out loss [nats/token]" if column == "heldout_loss" else "held-out BLEU")
+                ax.set_ylabel(
+                    "held-out loss [nats/token]" if column == "heldout_loss" else "held-out BLEU"
+                )
     axes[0][0].legend(frameon=False, fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return save(fig, path_stem, formats)
 
 
-def plot_gradients(profiles: Mapping[str, Mapping[int, Mapping[int, float]]],
-                   ratios: Mapping[str, Mapping[str, Mapping[int, float]]], title: str, path_stem: str | Path,
-                   formats=("png",)) -> list[Path]:
+def plot_gradients(
+    profiles: Mapping[str, Mapping[int, Mapping[int, float]]],
+    ratios: Mapping[str, Mapping[str, Mapping[int, float]]],
+    title: str,
+    path_stem: str | Path,
+    formats=("png",),
+) -> list[Path]:
     """Per-block parameter-gradient norms during training.
 
     profiles: "<placement> <stack>" -> {step: {block: norm}} (one run per placement);
@@ -140,8 +235,15 @@ def plot_gradients(profiles: Mapping[str, Mapping[int, Mapping[int, float]]],
             steps = sorted(prof)
             for si, step in enumerate(steps):
                 ks = sorted(prof[step])
-                ax.plot(ks, [prof[step][k] for k in ks], "-o", ms=2.5, lw=1.2,
-                        color=cmap(si / max(len(steps) - 1, 1)), label=f"step {step}")
+                ax.plot(
+                    ks,
+                    [prof[step][k] for k in ks],
+                    "-o",
+                    ms=2.5,
+                    lw=1.2,
+                    color=cmap(si / max(len(steps) - 1, 1)),
+                    label=f"step {step}",
+                )
             ax.set_yscale("log")
             ax.set_title(f"{label(p)}, {stack}")
             ax.set_xlabel("block k")
@@ -155,8 +257,15 @@ def plot_gradients(profiles: Mapping[str, Mapping[int, Mapping[int, float]]],
             curve = per_stack.get(stack, {})
             steps = sorted(curve)
             p = name.split()[0]
-            ax.plot(steps, [curve[s] for s in steps], "--" if "no warm-up" in name else "-", color=color(p), lw=1.1,
-                    alpha=0.85, label=name)
+            ax.plot(
+                steps,
+                [curve[s] for s in steps],
+                "--" if "no warm-up" in name else "-",
+                color=color(p),
+                lw=1.1,
+                alpha=0.85,
+                label=name,
+            )
         ax.axhline(1.0, color="black", lw=0.7, ls=":")
         ax.set_yscale("log")
         ax.set_xlabel("step")
@@ -169,8 +278,12 @@ def plot_gradients(profiles: Mapping[str, Mapping[int, Mapping[int, float]]],
     return save(fig, path_stem, formats)
 
 
-def plot_influence(profiles: Mapping[str, Mapping[str, Mapping[int, float]]], title: str, path_stem: str | Path,
-                   formats=("png",)) -> list[Path]:
+def plot_influence(
+    profiles: Mapping[str, Mapping[str, Mapping[int, float]]],
+    title: str,
+    path_stem: str | Path,
+    formats=("png",),
+) -> list[Path]:
     """Block influence 1 - cos(h_{k-1}, h_k) per block: "<placement>" -> {"<stack> <stream>": {block: value}}."""
     plt = setup()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.7), squeeze=False)
@@ -183,8 +296,15 @@ def plot_influence(profiles: Mapping[str, Mapping[str, Mapping[int, float]]], ti
                     continue
                 ks = sorted(prof)
                 name = label(p) + (f", {stream} stream" if p == "residual" else "")
-                ax.plot(ks, [prof[k] for k in ks], "-" if stream == "x" else ":", marker=marker(p), ms=3,
-                        color=color(p), label=name)
+                ax.plot(
+                    ks,
+                    [prof[k] for k in ks],
+                    "-" if stream == "x" else ":",
+                    marker=marker(p),
+                    ms=3,
+                    color=color(p),
+                    label=name,
+                )
         ax.set_yscale("log")
         ax.set_xlabel("block k")
         _integer_x(ax)
@@ -196,7 +316,9 @@ def plot_influence(profiles: Mapping[str, Mapping[str, Mapping[int, float]]], ti
     return save(fig, path_stem, formats)
 
 
-def plot_streams(panels: Mapping[str, Sequence[dict]], path_stem: str | Path, formats=("png",)) -> list[Path]:
+def plot_streams(
+    panels: Mapping[str, Sequence[dict]], path_stem: str | Path, formats=("png",)
+) -> list[Path]:
     """ResiDual's two streams over training, one column per run ("title" -> stream rows of its final stack).
 
     Row 1: gradient through the x stream alone (the Post-LN half) per block, at each evaluation step,
@@ -219,12 +341,26 @@ def plot_streams(panels: Mapping[str, Sequence[dict]], path_stem: str | Path, fo
         for si, step in enumerate(steps):
             prof = q["grad_x_path"][step]
             ks = sorted(prof)
-            ax.plot(ks, [prof[k] for k in ks], "-", lw=1.1, color=cmap(si / max(len(steps) - 1, 1)),
-                    label=f"x path, step {step}" if si in (0, len(steps) - 1) or len(steps) <= 4 else None)
+            ax.plot(
+                ks,
+                [prof[k] for k in ks],
+                "-",
+                lw=1.1,
+                color=cmap(si / max(len(steps) - 1, 1)),
+                label=f"x path, step {step}"
+                if si in (0, len(steps) - 1) or len(steps) <= 4
+                else None,
+            )
         if steps:
             prof = q["grad_d_total"][steps[-1]]
             ks = sorted(prof)
-            ax.plot(ks, [prof[k] for k in ks], "k--", lw=1.2, label=f"d stream (total), step {steps[-1]}")
+            ax.plot(
+                ks,
+                [prof[k] for k in ks],
+                "k--",
+                lw=1.2,
+                label=f"d stream (total), step {steps[-1]}",
+            )
         ax.set_yscale("log")
         ax.set_xlabel("block k (output of)")
         _integer_x(ax)
@@ -232,15 +368,29 @@ def plot_streams(panels: Mapping[str, Sequence[dict]], path_stem: str | Path, fo
         ax.set_title(title)
         ax.legend(frameon=False, fontsize=6.5)
         ax = axes[1][j]
-        for qty, name, st in (("out_rms_x", r"$\alpha\,x_N$", "-"), ("out_rms_d", r"LN$_f(d_N)$", "--")):
+        for qty, name, st in (
+            ("out_rms_x", r"$\alpha\,x_N$", "-"),
+            ("out_rms_d", r"LN$_f(d_N)$", "--"),
+        ):
             series = {s: v[-1] for s, v in q[qty].items()}
             ss = sorted(series)
-            ax.plot(ss, [series[s] for s in ss], st, color=color("residual"), marker="o", ms=3, label=name)
+            ax.plot(
+                ss,
+                [series[s] for s in ss],
+                st,
+                color=color("residual"),
+                marker="o",
+                ms=3,
+                label=name,
+            )
         ax.set_xlabel("step")
         ax.set_ylabel("RMS norm per token")
         ax.legend(frameon=False, fontsize=8)
         ax = axes[2][j]
-        for qty, name, st in (("ablate_x", r"mean-ablate $\alpha\,x_N$", "-"), ("ablate_d", r"mean-ablate LN$_f(d_N)$", "--")):
+        for qty, name, st in (
+            ("ablate_x", r"mean-ablate $\alpha\,x_N$", "-"),
+            ("ablate_d", r"mean-ablate LN$_f(d_N)$", "--"),
+        ):
             series = {s: v[-1] for s, v in q[qty].items()}
             ss = sorted(series)
             ax.plot(ss, [series[s] for s in ss], st, color="black", marker="o", ms=3, label=name)
@@ -248,6 +398,8 @@ def plot_streams(panels: Mapping[str, Sequence[dict]], path_stem: str | Path, fo
         ax.set_ylabel("held-out loss increase [nats]")
         ax.axhline(0.0, color="black", lw=0.6, ls=":")
         ax.legend(frameon=False, fontsize=8)
-    fig.suptitle("ResiDual's two streams during training: x (Post-LN half) and d (Pre-LN half)", fontsize=10)
+    fig.suptitle(
+        "ResiDual's two streams during training: x (Post-LN half) and d (Pre-LN half)", fontsize=10
+    )
     fig.tight_layout()
     return save(fig, path_stem, formats)

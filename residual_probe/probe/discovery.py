@@ -33,7 +33,9 @@ from ..errors import UserError
 STACK_NAMES = ("layers", "layer", "h", "block", "blocks")
 BLOCK_CLASS = re.compile(r"(block|layer)$", re.IGNORECASE)
 NORM_CLASS = re.compile(r"(norm)$", re.IGNORECASE)
-NORM_TYPES = tuple(t for t in (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) if t)  # RMSNorm: torch>=2.4
+NORM_TYPES = tuple(
+    t for t in (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) if t
+)  # RMSNorm: torch>=2.4
 
 
 # path components that wrappers insert: DDP / DataParallel (module), FSDP1, activation-checkpoint
@@ -51,8 +53,10 @@ def clean_path(path: str, model=None) -> str:
     out, owner = [], model
     for part in parts:
         child = owner.get_submodule(part) if owner is not None else None
-        wrapper = part in WRAPPER_PARTS[1:] or (part == "module" and (
-            owner is None or [n for n, _ in owner.named_children()] == ["module"]))
+        wrapper = part in WRAPPER_PARTS[1:] or (
+            part == "module"
+            and (owner is None or [n for n, _ in owner.named_children()] == ["module"])
+        )
         if not wrapper:
             out.append(part)
         owner = child
@@ -82,9 +86,7 @@ class BlockInfo:
 
 def is_norm(module: nn.Module) -> bool:
     """LayerNorm, RMSNorm, GroupNorm and look-alikes (LlamaRMSNorm, T5LayerNorm, ...)."""
-    return isinstance(module, NORM_TYPES) or bool(
-        NORM_CLASS.search(type(module).__name__)
-    )
+    return isinstance(module, NORM_TYPES) or bool(NORM_CLASS.search(type(module).__name__))
 
 
 def _has_params(module: nn.Module) -> bool:
@@ -128,7 +130,9 @@ def _is_stack(name: str, container: nn.Module) -> bool:
 
 def _outermost(paths: list[str]) -> list[str]:
     """Drop paths that lie inside another path of the list (module order is kept)."""
-    return [p for p in paths if not any(q != p and (q == "" or p.startswith(q + ".")) for q in paths)]
+    return [
+        p for p in paths if not any(q != p and (q == "" or p.startswith(q + ".")) for q in paths)
+    ]
 
 
 def _stack_name(path: str, block: nn.Module) -> str:
@@ -156,7 +160,9 @@ def _sublayers(block: nn.Module) -> dict[str, nn.Module]:
 
 
 def _streams(block: nn.Module) -> tuple[str, ...]:
-    placement = getattr(block, "placement", None)  # residual-probe's Block: ResiDual has two streams
+    placement = getattr(
+        block, "placement", None
+    )  # residual-probe's Block: ResiDual has two streams
     streams = getattr(placement, "streams", None)
     return tuple(streams) if streams else ("x",)
 
@@ -171,8 +177,17 @@ def _make(stacks: dict[str, list[tuple[str, nn.Module]]], model: nn.Module) -> l
     for path, mods in stacks.items():
         for k, (name, module) in enumerate(mods):
             norms = {n: m for n, m in module.named_modules() if n and is_norm(m)}
-            blocks.append(BlockInfo(names[path], _index(name, k), name, module, _sublayers(module), norms,
-                                    _streams(module)))
+            blocks.append(
+                BlockInfo(
+                    names[path],
+                    _index(name, k),
+                    name,
+                    module,
+                    _sublayers(module),
+                    norms,
+                    _streams(module),
+                )
+            )
     return blocks
 
 
@@ -216,6 +231,7 @@ def find_blocks(model: nn.Module, pattern: str | None = None) -> list[BlockInfo]
         )
     modules = dict(named)
     prefix = lambda path: f"{path}." if path else ""  # noqa: E731
-    return _make({
-        path: [(prefix(path) + n, m) for n, m in _members(modules[path])] for path in containers
-    }, model)
+    return _make(
+        {path: [(prefix(path) + n, m) for n, m in _members(modules[path])] for path in containers},
+        model,
+    )

@@ -27,7 +27,6 @@ from typing import Sequence
 
 import torch
 
-
 _DTENSOR: list = []  # DTensor's class, once its module has been seen
 
 
@@ -35,7 +34,10 @@ def dtensor_type():
     """DTensor's class if its module has been imported, else None: a DTensor cannot exist before
     that, and importing torch.distributed.tensor ourselves costs ~1 s (sympy and the op tables)."""
     if not _DTENSOR:
-        for name in ("torch.distributed.tensor", "torch.distributed._tensor"):  # torch >= 2.4, torch 2.3
+        for name in (
+            "torch.distributed.tensor",
+            "torch.distributed._tensor",
+        ):  # torch >= 2.4, torch 2.3
             cls = getattr(sys.modules.get(name), "DTensor", None)
             if cls is not None:
                 _DTENSOR.append(cls)
@@ -59,7 +61,9 @@ def _foreach_norm_f32(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[t
 def _local(t: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     """(local tensor, sharding key): the key names the mesh dims over which squares must be summed."""
     if is_dtensor(t):
-        if any(p.is_partial() for p in t.placements):  # pending reduction: norm of the sum, not sum of norms
+        if any(
+            p.is_partial() for p in t.placements
+        ):  # pending reduction: norm of the sum, not sum of norms
             return t.full_tensor(), ()
         # every placement that is neither Replicate nor Partial splits the tensor: Shard, and the
         # _StridedShard FSDP2 puts on top of tensor parallelism (whose is_shard() says False)
@@ -95,33 +99,48 @@ class SquaredNorms:
         """What the plan depends on: which tensors are present, their dtypes, devices, layouts and
         sharding. Flat lists, not a tuple per tensor: at 12k parameters those tuples alone trigger
         dozens of garbage-collector passes a step."""
-        return ([None if t is None else t.dtype for t in tensors], [None if t is None else t.device for t in tensors],
-                [None if t is None else t.layout for t in tensors],
-                None if shards is None else [s[:2] if s else () for s in shards])
+        return (
+            [None if t is None else t.dtype for t in tensors],
+            [None if t is None else t.device for t in tensors],
+            [None if t is None else t.layout for t in tensors],
+            None if shards is None else [s[:2] if s else () for s in shards],
+        )
 
     def _build(self, tensors: list, shards: list | None, key: tuple) -> None:
         buckets: dict[tuple, tuple[list[int], tuple]] = {}
         for i, (dtype, device) in enumerate(zip(key[0], key[1])):
             if dtype is not None:
                 shard = shards[i] if shards is not None else ()
-                buckets.setdefault((device, dtype, key[3][i] if shards is not None else ()), ([], shard))[0].append(i)
-        self._dense = [i for i, layout in enumerate(key[2]) if layout is not None and layout != torch.strided]
+                buckets.setdefault(
+                    (device, dtype, key[3][i] if shards is not None else ()), ([], shard)
+                )[0].append(i)
+        self._dense = [
+            i for i, layout in enumerate(key[2]) if layout is not None and layout != torch.strided
+        ]
         if not buckets:
             self._plan = None
         else:
             acc = torch.float64 if any(k[1] == torch.float64 for k in buckets) else torch.float32
             device = next(iter(buckets))[0]
             order = [i for idx, _ in buckets.values() for i in idx]
-            self._plan = (acc, device, [(k, idx, shard) for k, (idx, shard) in buckets.items()],
-                          torch.tensor(order, dtype=torch.long, device=device))
+            self._plan = (
+                acc,
+                device,
+                [(k, idx, shard) for k, (idx, shard) in buckets.items()],
+                torch.tensor(order, dtype=torch.long, device=device),
+            )
         self._key = key
         self.plans_built += 1
 
-    def __call__(self, tensors: Sequence[torch.Tensor | None], sums: RankSums | None = None) -> torch.Tensor:
+    def __call__(
+        self, tensors: Sequence[torch.Tensor | None], sums: RankSums | None = None
+    ) -> torch.Tensor:
         """sums: with sharded tensors, leave the sum over shards to the caller's one all-reduce
         (the result is complete once it ran); None: all-reduce here, per mesh dimension."""
         cls = dtensor_type()
-        if cls is None or not any(isinstance(t, cls) for t in tensors):  # plain tensors, nothing sharded
+        if cls is None or not any(
+            isinstance(t, cls) for t in tensors
+        ):  # plain tensors, nothing sharded
             shards = None
         else:
             pairs = [(None, ()) if t is None else _local(t) for t in tensors]
@@ -178,8 +197,10 @@ class GroupNorms:
             raise ValueError("group index outside the tensor list")
         self.n_tensors, self.n_groups = n_tensors, len(groups)
         self.groups = [list(g) for g in groups]
-        self._cpu = (torch.tensor([i for i, _ in members], dtype=torch.long),
-                     torch.tensor([g for _, g in members], dtype=torch.long))
+        self._cpu = (
+            torch.tensor([i for i, _ in members], dtype=torch.long),
+            torch.tensor([g for _, g in members], dtype=torch.long),
+        )
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._squares = SquaredNorms()
 
@@ -219,5 +240,7 @@ def grouped_norms(groups: Sequence[Sequence[torch.Tensor | None]]) -> torch.Tens
                 unique[id(t)] = len(tensors)
                 tensors.append(t)
             idx.append(unique[id(t)])
-        index.append(list(dict.fromkeys(idx)))  # a tensor twice in one group (tied weights) counts once
+        index.append(
+            list(dict.fromkeys(idx))
+        )  # a tensor twice in one group (tied weights) counts once
     return GroupNorms(len(tensors), index)(tensors)

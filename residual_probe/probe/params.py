@@ -24,6 +24,7 @@ from .discovery import BlockInfo, clean_path, is_norm
 from .gradnorm import GroupNorms, SquaredNorms
 from .schedule import ProbeError
 
+
 def current(refs: list[tuple[nn.Module, str]]) -> list[torch.Tensor]:
     """The parameters (owner module, attribute name) as they are now: FSDP swaps parameter objects,
     so they are re-read at each step. Looked up in the owner's `_parameters` (nn.Module.__getattr__
@@ -35,7 +36,16 @@ def current(refs: list[tuple[nn.Module, str]]) -> list[torch.Tensor]:
 PARAM_GROUPS = ("attention", "ffn", "norm", "other")
 # the parts of a model outside its blocks, as param_grad_norm rows (stack "model", layer -1), then "total"
 PARTS = ("embedding", "final_norm", "head", "other")
-HEAD_NAMES = ("lm_head", "output_projection", "embed_out", "head", "classifier", "cls", "output", "qa_outputs")
+HEAD_NAMES = (
+    "lm_head",
+    "output_projection",
+    "embed_out",
+    "head",
+    "classifier",
+    "cls",
+    "output",
+    "qa_outputs",
+)
 
 
 class Parts:
@@ -54,23 +64,44 @@ class Parts:
         for mpath, mod in named.items():
             for attr, p in mod.named_parameters(recurse=False):
                 owner.setdefault(id(p), (mpath, mod, attr))
-        head_ids = {id(p) for mpath, mod in named.items()
-                    if mpath.rpartition(".")[2] in HEAD_NAMES for p in mod.parameters(recurse=False)}
-        embed_ids = {id(p) for mod in named.values() if isinstance(mod, nn.Embedding) for p in mod.parameters(recurse=False)}
+        head_ids = {
+            id(p)
+            for mpath, mod in named.items()
+            if mpath.rpartition(".")[2] in HEAD_NAMES
+            for p in mod.parameters(recurse=False)
+        }
+        embed_ids = {
+            id(p)
+            for mod in named.values()
+            if isinstance(mod, nn.Embedding)
+            for p in mod.parameters(recurse=False)
+        }
         self.refs: list[tuple[nn.Module, str]] = []
         self.names: list[str] = []
         members: dict[str, list[int]] = {part: [] for part in PARTS}
         self.tied_head = False
-        for name, p in model.named_parameters():  # each tensor once: a tied weight under its first name
+        for (
+            name,
+            p,
+        ) in model.named_parameters():  # each tensor once: a tied weight under its first name
             if id(p) in block_ids:
                 continue
             mpath, mod, attr = owner[id(p)]
-            part = ("embedding" if id(p) in embed_ids else "head" if id(p) in head_ids else
-                    "final_norm" if is_norm(mod) else "other")
+            part = (
+                "embedding"
+                if id(p) in embed_ids
+                else "head"
+                if id(p) in head_ids
+                else "final_norm"
+                if is_norm(mod)
+                else "other"
+            )
             self.tied_head |= id(p) in embed_ids and id(p) in head_ids
             members[part].append(len(self.refs))
             self.refs.append((mod, attr))
-            mod_path = clean_path(name.rpartition(".")[0], model)  # the name without wrapper prefixes
+            mod_path = clean_path(
+                name.rpartition(".")[0], model
+            )  # the name without wrapper prefixes
             self.names.append(f"{mod_path}.{attr}" if mod_path else attr)
         self.keys = [part for part in PARTS if members[part]]
         self.groups = GroupNorms(len(self.refs), [members[part] for part in self.keys])
@@ -82,6 +113,8 @@ class Parts:
         grads = [p.grad for p in current(self.refs)]
         missing = tuple(all(grads[i] is None for i in group) for group in self.groups.groups)
         return self._squares(grads, sums), missing
+
+
 # the FFN output projection, by family: ours / OPT / fairseq (fc2), GPT-2 (mlp.c_proj), Llama /
 # Mistral / Qwen2 (down_proj), T5 (wo), Mixtral-style experts (w2), GPT-NeoX / Falcon / BLOOM
 # (dense_4h_to_h), torch.nn.Transformer*Layer (linear2), BERT / RoBERTa / ViT (output.dense)
@@ -108,7 +141,11 @@ def w2_candidates(block: BlockInfo) -> list[str]:
     out = []
     for name, p in block.module.named_parameters():
         owner, _, attr = name.rpartition(".")
-        if attr != "weight" or p.dim() != 2 or param_group(name, module_of, block.sublayers) != "ffn":
+        if (
+            attr != "weight"
+            or p.dim() != 2
+            or param_group(name, module_of, block.sublayers) != "ffn"
+        ):
             continue
         if owner.rpartition(".")[2] in W2_NAMES or any(rx.search(owner) for rx in W2_PATHS):
             out.append(owner)
@@ -132,8 +169,14 @@ class ParamPlan:
     missing or ambiguous W2 is an error (True when the user asked for w2_grad_norm).
     """
 
-    def __init__(self, model: nn.Module, blocks: list[BlockInfo], w2: str | None = None, strict_w2: bool = False,
-                 want_w2: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: list[BlockInfo],
+        w2: str | None = None,
+        strict_w2: bool = False,
+        want_w2: bool = True,
+    ):
         self.model = model
         self.refs: list[tuple[nn.Module, str]] = []
         index: dict[int, int] = {}
@@ -146,7 +189,9 @@ class ParamPlan:
                 if id(p) not in index:
                     owner_path, _, attr = name.rpartition(".")
                     index[id(p)] = len(self.refs)
-                    self.refs.append((module.get_submodule(owner_path) if owner_path else module, attr))
+                    self.refs.append(
+                        (module.get_submodule(owner_path) if owner_path else module, attr)
+                    )
                 out.append(index[id(p)])
             return list(dict.fromkeys(out))
 
@@ -159,14 +204,18 @@ class ParamPlan:
             module_of = dict(b.module.named_modules())
             by_group: dict[str, list[int]] = {}
             for name, p in b.module.named_parameters():
-                by_group.setdefault(param_group(name, module_of, b.sublayers), []).append(index[id(p)])
+                by_group.setdefault(param_group(name, module_of, b.sublayers), []).append(
+                    index[id(p)]
+                )
             for g in PARAM_GROUPS:
                 if g in by_group:
                     self.keys.append((pos, f"group:{g}"))
                     groups.append(list(dict.fromkeys(by_group[g])))
         self.groups = GroupNorms(len(self.refs), groups)
         self.parts = Parts(model, {id(p) for p in self.tensors()})
-        self.w2 = self._plan_w2(blocks, w2, strict_w2, index) if want_w2 else []  # not asked for: no search, no warning
+        self.w2 = (
+            self._plan_w2(blocks, w2, strict_w2, index) if want_w2 else []
+        )  # not asked for: no search, no warning
         self._squares = SquaredNorms()
         self._missing_key = None
         self._missing: tuple[bool, ...] = ()
@@ -182,20 +231,30 @@ class ParamPlan:
                 try:
                     weight = b.module.get_submodule(w2).weight
                 except AttributeError:
-                    raise ProbeError(f"w2={w2!r}: block {b.name} has no module {w2!r} with a weight") from None
+                    raise ProbeError(
+                        f"w2={w2!r}: block {b.name} has no module {w2!r} with a weight"
+                    ) from None
                 paths = [w2]
             else:
                 paths = w2_candidates(b)
                 if len(paths) != 1:
-                    what = (f"several FFN output projections ({', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''}"
-                            "; a mixture of experts?)" if paths else
-                            f"no FFN output projection named {'/'.join(W2_NAMES)} or output.dense")
+                    what = (
+                        f"several FFN output projections ({', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''}"
+                        "; a mixture of experts?)"
+                        if paths
+                        else f"no FFN output projection named {'/'.join(W2_NAMES)} or output.dense"
+                    )
                     if not strict:  # asked for by default, not by name: skipped, and said
-                        warnings.warn(f"probe: w2_grad_norm skipped: block {b.name} has {what}; name it with "
-                                      "w2='<path in the block>'", stacklevel=4)
+                        warnings.warn(
+                            f"probe: w2_grad_norm skipped: block {b.name} has {what}; name it with "
+                            "w2='<path in the block>'",
+                            stacklevel=4,
+                        )
                         continue
-                    raise ProbeError(f"w2_grad_norm: block {b.name} has {what}; name one with w2='<path in the block>' "
-                                     "or leave w2_grad_norm out of quantities")
+                    raise ProbeError(
+                        f"w2_grad_norm: block {b.name} has {what}; name one with w2='<path in the block>' "
+                        "or leave w2_grad_norm out of quantities"
+                    )
                 weight = b.module.get_submodule(paths[0]).weight
             out.append(W2(stack, pos, paths[0], index[id(weight)]))
         return out
@@ -216,7 +275,9 @@ class ParamPlan:
         key = self._squares._key
         if key != self._missing_key:  # recomputed only when which grads exist changes
             present = [g is not None for g in grads]
-            self._missing = tuple(not any(present[i] for i in group) for group in self.groups.groups)
+            self._missing = tuple(
+                not any(present[i] for i in group) for group in self.groups.groups
+            )
             self._missing_key = key
         return sq, self._missing
 

@@ -45,7 +45,9 @@ from .records import RowSink, row
 from .schedule import ProbeError, Schedule, ScheduleSpec
 from .stats import local_streams, stream_tensors
 
-_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()  # block -> probe (weakref)
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Any]" = (
+    weakref.WeakKeyDictionary()
+)  # block -> probe (weakref)
 
 
 def _in_backward() -> bool:
@@ -61,7 +63,9 @@ def _compiler_disable(fn):
 
 
 def _compiled_modules(model: nn.Module) -> list[str]:
-    frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing is compiled (and importing costs ~1 s)
+    frame = sys.modules.get(
+        "torch._dynamo.eval_frame"
+    )  # not imported: nothing is compiled (and importing costs ~1 s)
     OptimizedModule = getattr(frame, "OptimizedModule", None)
     if OptimizedModule is None:
         return []
@@ -109,10 +113,15 @@ def _parallel_groups(model: nn.Module, group: Any, pipeline: bool) -> tuple[Any,
         size = getattr(info, "shard_mesh_size", 1) * getattr(info, "replicate_mesh_size", 1)
         if not pipeline:
             return dist.group.WORLD, size
-        if info.mesh.ndim != 1 or size != dist.get_world_size(info.mesh.get_group()) or any(
-                is_dtensor(p) and p.device_mesh.ndim > 1 for p in model.parameters()):
-            raise ProbeError("pipeline_group with HSDP or tensor parallelism: pass group= (the process group over "
-                             "which this stage's ranks hold other tokens of the same blocks)")
+        if (
+            info.mesh.ndim != 1
+            or size != dist.get_world_size(info.mesh.get_group())
+            or any(is_dtensor(p) and p.device_mesh.ndim > 1 for p in model.parameters())
+        ):
+            raise ProbeError(
+                "pipeline_group with HSDP or tensor parallelism: pass group= (the process group over "
+                "which this stage's ranks hold other tokens of the same blocks)"
+            )
         return info.mesh.get_group(), size
     if not pipeline and any(is_dtensor(p) for p in model.parameters()):  # tensor parallelism alone
         return dist.group.WORLD, 1
@@ -212,27 +221,50 @@ class Probe:
         so step() never waits for the device.
     """
 
-    def __init__(self, model: nn.Module, quantities: Iterable[str] | Mapping[str, ScheduleSpec] = DEFAULT_QUANTITIES,
-                 every: ScheduleSpec = 1, steps: Iterable[int] | None = None, subsample_tokens: int = 256,
-                 seed: int = 0, blocks: str | None = None, sink: str | None = None, start_step: int = 0,
-                 group: Any = "auto", keep_rows: bool = True, include_eval: bool = False, scaler: Any = None,
-                 optimizer: torch.optim.Optimizer | None = None, w2: str | None = None, defer: bool = False,
-                 pipeline_group: Any = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        quantities: Iterable[str] | Mapping[str, ScheduleSpec] = DEFAULT_QUANTITIES,
+        every: ScheduleSpec = 1,
+        steps: Iterable[int] | None = None,
+        subsample_tokens: int = 256,
+        seed: int = 0,
+        blocks: str | None = None,
+        sink: str | None = None,
+        start_step: int = 0,
+        group: Any = "auto",
+        keep_rows: bool = True,
+        include_eval: bool = False,
+        scaler: Any = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        w2: str | None = None,
+        defer: bool = False,
+        pipeline_group: Any = None,
+    ):
         if not isinstance(model, nn.Module):
             raise ProbeError(f"Probe needs a torch.nn.Module, got {type(model).__name__}")
-        for name, value, low in (("subsample_tokens", subsample_tokens, 1), ("seed", seed, 0),
-                                 ("start_step", start_step, 0)):
+        for name, value, low in (
+            ("subsample_tokens", subsample_tokens, 1),
+            ("seed", seed, 0),
+            ("start_step", start_step, 0),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ProbeError(f"{name}: expected an integer >= {low}, got {value!r}")
         compiled = _compiled_modules(model)
         if compiled:
-            raise ProbeError(f"{compiled[0]} is already torch.compile'd, and hooks added after compiling are ignored "
-                             "(pytorch#117758): attach the probe to the plain model, then compile it: "
-                             "probe = Probe(model).attach(); model = torch.compile(model)")
+            raise ProbeError(
+                f"{compiled[0]} is already torch.compile'd, and hooks added after compiling are ignored "
+                "(pytorch#117758): attach the probe to the plain model, then compile it: "
+                "probe = Probe(model).attach(); model = torch.compile(model)"
+            )
         if scaler is not None and not hasattr(scaler, "is_enabled"):
-            raise ProbeError(f"scaler: expected a torch.amp.GradScaler, got {type(scaler).__name__}")
+            raise ProbeError(
+                f"scaler: expected a torch.amp.GradScaler, got {type(scaler).__name__}"
+            )
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise ProbeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            raise ProbeError(
+                f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
         self.model = model
         self.schedule = Schedule(quantities, every, steps, known=REGISTRY)
         self.subsample_tokens, self.seed = subsample_tokens, seed
@@ -242,24 +274,39 @@ class Probe:
         self.blocks: list[BlockInfo] = find_blocks(model, blocks)
         self._pipeline = pipeline_group
         if pipeline_group is not None and self.defer:
-            raise ProbeError("pipeline_group: defer=True is not supported (the stages' rows are gathered at step())")
+            raise ProbeError(
+                "pipeline_group: defer=True is not supported (the stages' rows are gathered at step())"
+            )
         self._group, replicas = _parallel_groups(model, group, pipeline_group is not None)
         self._world = 1 if self._group is None else _group_size(self._group)
         grad_average = 1.0 / replicas  # DDP/FSDP average gradients over their replicas
         rank = _global_rank()
         explicit = not isinstance(quantities, (tuple, list)) or quantities is not DEFAULT_QUANTITIES
         strict_w2 = "w2_grad_norm" in self.schedule.rules and explicit
-        self._params = ParamPlan(model, self.blocks, w2, strict_w2, want_w2="w2_grad_norm" in self.schedule.rules)
+        self._params = ParamPlan(
+            model, self.blocks, w2, strict_w2, want_w2="w2_grad_norm" in self.schedule.rules
+        )
         setup = _Setup(self.blocks, self._params, subsample_tokens, seed, grad_average)
-        self.quantities: list[Quantity] = [REGISTRY[name](setup, self.schedule.rules[name])
-                                           for name in REGISTRY if name in self.schedule.rules]
+        self.quantities: list[Quantity] = [
+            REGISTRY[name](setup, self.schedule.rules[name])
+            for name in REGISTRY
+            if name in self.schedule.rules
+        ]
         self._forward_qs = [q for q in self.quantities if q.uses_forward]
-        if "update_ratio" in self.schedule.rules and any(is_dtensor(p) for p in self._params.tensors()):
-            raise ProbeError("update_ratio is not supported under FSDP2 or tensor parallelism (DTensor parameters) "
-                             "yet; leave it out")
-        writes = sink is not None and (rank == 0 or "{rank}" in str(sink))  # one file per replica set
+        if "update_ratio" in self.schedule.rules and any(
+            is_dtensor(p) for p in self._params.tensors()
+        ):
+            raise ProbeError(
+                "update_ratio is not supported under FSDP2 or tensor parallelism (DTensor parameters) "
+                "yet; leave it out"
+            )
+        writes = sink is not None and (
+            rank == 0 or "{rank}" in str(sink)
+        )  # one file per replica set
         self._sink = RowSink(sink, rank) if writes else None
-        self._hook_fns = [_compiler_disable(_ForwardHook(self, pos)) for pos in range(len(self.blocks))]
+        self._hook_fns = [
+            _compiler_disable(_ForwardHook(self, pos)) for pos in range(len(self.blocks))
+        ]
         self._handles: list = []
         self._attached = False
         self._paused = 0
@@ -280,8 +327,10 @@ class Probe:
         for b in self.blocks:
             other = _ATTACHED.get(b.module)
             if other is not None and other() is not None and other() is not self:
-                raise ProbeError(f"another Probe is attached to block {b.name}: detach it first (two probes would "
-                                 "stack hooks and each count every forward); one probe records every quantity")
+                raise ProbeError(
+                    f"another Probe is attached to block {b.name}: detach it first (two probes would "
+                    "stack hooks and each count every forward); one probe records every quantity"
+                )
         if self._forward_qs:
             for b, fn in zip(self.blocks, self._hook_fns):
                 self._handles.append(b.module.register_forward_hook(fn, with_kwargs=True))
@@ -331,7 +380,9 @@ class Probe:
     def track_optimizer(self, optimizer: torch.optim.Optimizer) -> "Probe":
         """Measure update_ratio around this optimizer's steps (for loops whose optimizer is made later)."""
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ProbeError(f"track_optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            raise ProbeError(
+                f"track_optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
         self.optimizer = optimizer
         q = self._quantity("update_ratio")
         if q is not None:
@@ -352,7 +403,9 @@ class Probe:
 
     # ---- the forward hook ------------------------------------------------------------------
 
-    def _on_forward(self, pos: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _on_forward(
+        self, pos: int, module: nn.Module, args: tuple, kwargs: dict, output: Any
+    ) -> None:
         active = self._fwd_active
         if not active or self._paused or _in_backward():
             return
@@ -368,9 +421,16 @@ class Probe:
         if ins is not None:
             ins = local_streams(ins)
         if local_outs is None:
-            self._say("dtensor", f"probe: the output of {b.name} is a DTensor sharded on its features (or a pending "
-                      "Partial sum): its forward statistics are not recorded")
-        if ins is not None and local_outs is not None and any(i.shape != o.shape for i, o in zip(ins, local_outs)):
+            self._say(
+                "dtensor",
+                f"probe: the output of {b.name} is a DTensor sharded on its features (or a pending "
+                "Partial sum): its forward statistics are not recorded",
+            )
+        if (
+            ins is not None
+            and local_outs is not None
+            and any(i.shape != o.shape for i, o in zip(ins, local_outs))
+        ):
             ins = None  # not a residual transition in the sense of the metrics (shape changes)
         for q in active:
             if q.wants_dtensor:  # a gradient hook on the DTensor's own autograd node
@@ -402,8 +462,12 @@ class Probe:
             import torch.distributed as dist
 
             device = (present or shared)[0].device
-            flat = torch.cat([p.to(device, torch.float64 if device.type != "mps" else torch.float32)
-                              for p in present + shared])
+            flat = torch.cat(
+                [
+                    p.to(device, torch.float64 if device.type != "mps" else torch.float32)
+                    for p in present + shared
+                ]
+            )
             dist.all_reduce(flat, group=self._group)  # the step's one reduction
             parts = iter(flat.split([p.numel() for p in present + shared]))
             pooled = [None if p is None else next(parts) for p in pooled]
@@ -416,13 +480,22 @@ class Probe:
         exported = [(q, v) for q, v in zip(self.quantities, values) if v is not None]
         if exported:
             device = exported[0][1].device
-            flat = torch.cat([v.to(device=device, dtype=torch.float64 if device.type != "mps" else torch.float32)
-                              for _, v in exported])
+            flat = torch.cat(
+                [
+                    v.to(
+                        device=device,
+                        dtype=torch.float64 if device.type != "mps" else torch.float32,
+                    )
+                    for _, v in exported
+                ]
+            )
             self._deferred = (s, [(q, v.numel()) for q, v in exported], _to_host(flat, self.defer))
             if not self.defer:
                 rows += self._collect(record=alone)
         if not alone and (exported or any(q.is_active for q in self.quantities)):
-            rows = self._record(self._gather(rows))  # once per recorded step, the same on every stage
+            rows = self._record(
+                self._gather(rows)
+            )  # once per recorded step, the same on every stage
         self._warn_skipped()
         self._step = s + 1
         self._begin_step()
@@ -437,13 +510,19 @@ class Probe:
         values = [(q, v) for q, v in values if v is not None]
         if values:
             flat = torch.cat([v.double() for _, v in values])
-            self._deferred = (self._step - 1, [(q, v.numel()) for q, v in values], _to_host(flat, False))
+            self._deferred = (
+                self._step - 1,
+                [(q, v.numel()) for q, v in values],
+                _to_host(flat, False),
+            )
             rows += self._collect(record=alone)
         if not alone and self._flush_gathers:
             rows = self._record(self._gather(rows))
         return rows
 
-    _flush_gathers = True  # flush() is a collective with pipeline_group (off once detached by a failure)
+    _flush_gathers = (
+        True  # flush() is a collective with pipeline_group (off once detached by a failure)
+    )
 
     def _gather(self, rows: list[dict]) -> list[dict]:
         """Pipeline stages: every stage's rows to the group's first rank (one gather_object), merged."""
@@ -456,7 +535,9 @@ class Probe:
         dist.gather_object(rows, got, dst=first, group=group)
         if mine != 0:
             return rows
-        self.nonfinite_total += sum(r["value"] for other in got[1:] for r in other if r["metric"] == "nonfinite_count")
+        self.nonfinite_total += sum(
+            r["value"] for other in got[1:] for r in other if r["metric"] == "nonfinite_count"
+        )
         return merge_stage_rows(got)
 
     def _record(self, rows: list[dict]) -> list[dict]:
@@ -475,17 +556,22 @@ class Probe:
         host = host() if callable(host) else host
         rows, at = [], 0
         for q, n in parts:
-            rows += q.rows(s, host[at:at + n])
+            rows += q.rows(s, host[at : at + n])
             at += n
         if rows:
             no_grad = sum(getattr(q, "no_grad", 0) for q, _ in parts)
             if no_grad:
-                self._say("no_grad", f"probe: {no_grad} parameter group(s) had no .grad at step {s} (frozen, or "
-                          "step() before backward): recorded as NaN and counted in no_grad_count")
+                self._say(
+                    "no_grad",
+                    f"probe: {no_grad} parameter group(s) had no .grad at step {s} (frozen, or "
+                    "step() before backward): recorded as NaN and counted in no_grad_count",
+                )
                 rows.append(row(s, "-", -1, "-", "-", "no_grad_count", float(no_grad)))
             bad = sum(1 for r in rows if not math.isfinite(r["value"])) - no_grad
             self.nonfinite_total += bad
-            if any(r["step"] == s for r in rows):  # not for an export of the previous step's update ratios alone
+            if any(
+                r["step"] == s for r in rows
+            ):  # not for an export of the previous step's update ratios alone
                 rows.append(row(s, "-", -1, "-", "-", "nonfinite_count", float(bad)))
             if record:
                 self._record(rows)
@@ -498,8 +584,11 @@ class Probe:
 
     def _warn_skipped(self) -> None:
         if self._skipped_eval:
-            self._say("eval", f"probe: {self._skipped_eval} forward(s) of blocks in eval mode or under no_grad were "
-                      "not recorded (pass include_eval=True to record them, or probe.paused() to silence this)")
+            self._say(
+                "eval",
+                f"probe: {self._skipped_eval} forward(s) of blocks in eval mode or under no_grad were "
+                "not recorded (pass include_eval=True to record them, or probe.paused() to silence this)",
+            )
         self._skipped_eval = 0
 
     # ---- results ------------------------------------------------------------------------
@@ -514,6 +603,7 @@ class Probe:
     def summary(self) -> dict[str, float]:
         """The last recorded step as a few grouped scalars for any logger (`probe.summary`; needs keep_rows)."""
         from .summary import summary
+
         return summary(self.rows())
 
     def subsamples(self) -> dict[tuple[str, str], torch.Tensor]:
@@ -555,7 +645,9 @@ def merge_stage_rows(stages: list[list[dict]]) -> list[dict]:
     for rows in stages:
         for r in rows:
             if r["metric"] == "w2_grad_norm":
-                last[r["step"], r["stack"]] = max(last.get((r["step"], r["stack"]), r["layer"]), r["layer"])
+                last[r["step"], r["stack"]] = max(
+                    last.get((r["step"], r["stack"]), r["layer"]), r["layer"]
+                )
     for rows in stages:
         for r in rows:
             if r["metric"] == "w2_grad_norm" and r["layer"] != last[r["step"], r["stack"]]:
@@ -569,9 +661,13 @@ def merge_stage_rows(stages: list[list[dict]]) -> list[dict]:
             if have is None:
                 combined[key] = dict(r)
             else:
-                have["value"] = math.hypot(have["value"], r["value"]) if norm else have["value"] + r["value"]
+                have["value"] = (
+                    math.hypot(have["value"], r["value"]) if norm else have["value"] + r["value"]
+                )
     out += combined.values()
-    out.sort(key=lambda r: r["step"])  # stable: within a step, blocks by stage, then the combined rows
+    out.sort(
+        key=lambda r: r["step"]
+    )  # stable: within a step, blocks by stage, then the combined rows
     return out
 
 

@@ -29,14 +29,27 @@ COLUMNS = ("step", "stack", "layer", "sublayer", "stream", "metric", "value")  #
 WIDE_KEYS = ("step", "stack", "layer")  # a wide CSV line's key columns
 
 
-def row(step: int, stack: str, layer: int, sublayer: str, stream: str, metric: str, value: float) -> dict[str, Any]:
-    return {"step": step, "stack": stack, "layer": layer, "sublayer": sublayer, "stream": stream,
-            "metric": metric, "value": value}
+def row(
+    step: int, stack: str, layer: int, sublayer: str, stream: str, metric: str, value: float
+) -> dict[str, Any]:
+    return {
+        "step": step,
+        "stack": stack,
+        "layer": layer,
+        "sublayer": sublayer,
+        "stream": stream,
+        "metric": metric,
+        "value": value,
+    }
 
 
 def _csv_value(v: Any) -> Any:
     if isinstance(v, float):
-        return repr(v) if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
+        return (
+            repr(v)
+            if math.isfinite(v)
+            else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
+        )
     return v
 
 
@@ -64,7 +77,9 @@ class RowSink:
         self.format = "csv" if suffix == ".csv" else "jsonl"
         parent = self.path.parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise ProbeError(f"sink {str(self.path)!r}: folder {str(parent)!r} does not exist or is not writable")
+            raise ProbeError(
+                f"sink {str(self.path)!r}: folder {str(parent)!r} does not exist or is not writable"
+            )
         if self.path.is_dir():
             raise ProbeError(f"sink {str(self.path)!r} is a folder")
         self._fh = None
@@ -80,8 +95,10 @@ class RowSink:
             elif tuple(header[:3]) == WIDE_KEYS and all(_split_key(c) for c in header[3:]):
                 self._columns = {c: i for i, c in enumerate(header)}
             else:
-                raise ProbeError(f"sink {str(self.path)!r} exists and is not a probe CSV (first line "
-                                 f"{','.join(header)[:60]!r}); rows are appended, never overwritten: choose another file")
+                raise ProbeError(
+                    f"sink {str(self.path)!r} exists and is not a probe CSV (first line "
+                    f"{','.join(header)[:60]!r}); rows are appended, never overwritten: choose another file"
+                )
         self._fh = open(self.path, "a", encoding="utf-8", newline="")
         from ..ownership import record_write
 
@@ -93,7 +110,9 @@ class RowSink:
         if self.format == "jsonl":
             self._fh.writelines(json.dumps(r) + "\n" for r in rows)
         elif self.format == "tidy-csv":
-            csv.writer(self._fh, lineterminator="\n").writerows([_csv_value(r[c]) for c in COLUMNS] for r in rows)
+            csv.writer(self._fh, lineterminator="\n").writerows(
+                [_csv_value(r[c]) for c in COLUMNS] for r in rows
+            )
         else:
             self._write_wide(rows)
         self._fh.flush()
@@ -103,7 +122,11 @@ class RowSink:
         for r in rows:
             key = f"{r['metric']}/{r['sublayer']}/{r['stream']}"
             lines.setdefault((r["step"], r["stack"], r["layer"]), {})[key] = r["value"]
-        new = list(dict.fromkeys(k for cells in lines.values() for k in cells if k not in (self._columns or {})))
+        new = list(
+            dict.fromkeys(
+                k for cells in lines.values() for k in cells if k not in (self._columns or {})
+            )
+        )
         if self._columns is None or new:
             self._extend_header(new)
         width = len(self._columns)
@@ -159,6 +182,8 @@ def _split_key(column: str) -> tuple[str, str, str] | None:
 
 SINK_NAMES = ("probe.csv", "probe.jsonl", "probe.ndjson")
 SUFFIXES = (".jsonl", ".ndjson", ".csv")
+
+
 class SinkError(UserError):
     """Unusable probe sink (missing, empty, not a probe sink); one line for the user."""
 
@@ -167,7 +192,9 @@ class SinkError(UserError):
 class Sink:
     path: Path
     rows: list[dict]
-    partial_line: bool = False  # the last line was incomplete (a run still writing) and was left out
+    partial_line: bool = (
+        False  # the last line was incomplete (a run still writing) and was left out
+    )
     notes: list[str] = field(default_factory=list)
 
     def frame(self):
@@ -190,20 +217,32 @@ def find_sink(run: str | Path) -> Path:
             return found[0]
         if not found:
             raise SinkError(f"folder {str(p)!r} holds no probe sink (probe.csv or probe.jsonl)")
-        raise SinkError(f"folder {str(p)!r} holds several possible sinks ({', '.join(q.name for q in found[:4])}); "
-                        "name the file")
+        raise SinkError(
+            f"folder {str(p)!r} holds several possible sinks ({', '.join(q.name for q in found[:4])}); "
+            "name the file"
+        )
     if p.suffix.lower() not in SUFFIXES:
-        raise SinkError(f"{str(p)!r} is not a probe sink: expected a .jsonl or .csv file, or a folder holding one")
+        raise SinkError(
+            f"{str(p)!r} is not a probe sink: expected a .jsonl or .csv file, or a folder holding one"
+        )
     return p
 
 
 def _row(raw: dict, where: str) -> dict:
     try:
-        return {"step": int(raw["step"]), "stack": str(raw["stack"]), "layer": int(raw["layer"]),
-                "sublayer": str(raw["sublayer"]), "stream": str(raw["stream"]), "metric": str(raw["metric"]),
-                "value": float(raw["value"])}
+        return {
+            "step": int(raw["step"]),
+            "stack": str(raw["stack"]),
+            "layer": int(raw["layer"]),
+            "sublayer": str(raw["sublayer"]),
+            "stream": str(raw["stream"]),
+            "metric": str(raw["metric"]),
+            "value": float(raw["value"]),
+        }
     except (KeyError, TypeError, ValueError):
-        raise SinkError(f"{where} is not a probe row (expected the columns {', '.join(COLUMNS)})") from None
+        raise SinkError(
+            f"{where} is not a probe row (expected the columns {', '.join(COLUMNS)})"
+        ) from None
 
 
 def read_sink(run: str | Path) -> Sink:
@@ -229,21 +268,39 @@ def read_sink(run: str | Path) -> Sink:
         if tuple(header) == COLUMNS:
             for i, rec in enumerate(reader, start=2):
                 if len(rec) != len(COLUMNS):
-                    raise SinkError(f"{str(path)!r} line {i} is not a probe row ({len(rec)} fields)")
+                    raise SinkError(
+                        f"{str(path)!r} line {i} is not a probe row ({len(rec)} fields)"
+                    )
                 rows.append(_row(dict(zip(COLUMNS, rec)), f"{str(path)!r} line {i}"))
         else:
             keys = [_split_key(c) for c in header[3:]]
             if tuple(header[:3]) != WIDE_KEYS or not all(keys):
-                raise SinkError(f"{str(path)!r} is not a probe sink: its header is neither "
-                                f"{','.join(COLUMNS)} nor {','.join(WIDE_KEYS)},metric/sublayer/stream,...")
+                raise SinkError(
+                    f"{str(path)!r} is not a probe sink: its header is neither "
+                    f"{','.join(COLUMNS)} nor {','.join(WIDE_KEYS)},metric/sublayer/stream,..."
+                )
             for i, rec in enumerate(reader, start=2):
                 if not 3 <= len(rec) <= len(header):
-                    raise SinkError(f"{str(path)!r} line {i} is not a probe line ({len(rec)} fields, header {len(header)})")
+                    raise SinkError(
+                        f"{str(path)!r} line {i} is not a probe line ({len(rec)} fields, header {len(header)})"
+                    )
                 where = f"{str(path)!r} line {i}"
                 for (metric, sublayer, stream), cell in zip(keys, rec[3:]):
                     if cell != "":  # empty: not recorded at this step
-                        rows.append(_row(dict(step=rec[0], stack=rec[1], layer=rec[2], sublayer=sublayer,
-                                              stream=stream, metric=metric, value=cell), where))
+                        rows.append(
+                            _row(
+                                dict(
+                                    step=rec[0],
+                                    stack=rec[1],
+                                    layer=rec[2],
+                                    sublayer=sublayer,
+                                    stream=stream,
+                                    metric=metric,
+                                    value=cell,
+                                ),
+                                where,
+                            )
+                        )
     else:
         for i, line in enumerate(text.splitlines(), start=1):
             if not line.strip():

@@ -12,7 +12,6 @@ from typing import Callable, Iterable, Mapping, Union
 
 from ..errors import UserError
 
-
 ScheduleSpec = Union[int, Iterable[int], Callable[[int], bool]]
 
 
@@ -20,7 +19,9 @@ class ProbeError(UserError):
     """Invalid probe settings (unknown quantity, bad schedule, unusable sink); one line for the user."""
 
 
-def make_schedule(every: ScheduleSpec | None = 1, steps: Iterable[int] | None = None) -> Callable[[int], bool]:
+def make_schedule(
+    every: ScheduleSpec | None = 1, steps: Iterable[int] | None = None
+) -> Callable[[int], bool]:
     """A step -> bool schedule from `every` (int or callable) or `steps` (explicit list)."""
     if steps is not None:
         try:
@@ -46,8 +47,14 @@ dominate), the gradient norms a few per model (about 1.04x); collapse moves slow
 spike does not."""
 
 
-def sparse_forward(quantities: Iterable[str], every: int, start: int, forward_every: int,
-                   sparse: Iterable[str] | None = None, last: int | None = None) -> dict[str, Callable[[int], bool]]:
+def sparse_forward(
+    quantities: Iterable[str],
+    every: int,
+    start: int,
+    forward_every: int,
+    sparse: Iterable[str] | None = None,
+    last: int | None = None,
+) -> dict[str, Callable[[int], bool]]:
     """Schedules: every quantity on `every`; those in `sparse` (default: the registry's quantities
     marked `sparse`) only on every `forward_every`-th multiple of `every`, on the first recorded
     step at or after `start`, and on `last`."""
@@ -69,8 +76,13 @@ def sparse_forward(quantities: Iterable[str], every: int, start: int, forward_ev
 class Schedule:
     """Per-quantity schedules; `active(step)` is the set of quantities to compute on `step`."""
 
-    def __init__(self, quantities: Iterable[str] | Mapping[str, ScheduleSpec], every: ScheduleSpec | None = 1,
-                 steps: Iterable[int] | None = None, known: Iterable[str] = ()):
+    def __init__(
+        self,
+        quantities: Iterable[str] | Mapping[str, ScheduleSpec],
+        every: ScheduleSpec | None = 1,
+        steps: Iterable[int] | None = None,
+        known: Iterable[str] = (),
+    ):
         """known: the quantity names that exist (the registry's); any other name is refused."""
         known = tuple(known)
         if isinstance(quantities, str):

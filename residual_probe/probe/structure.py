@@ -124,7 +124,9 @@ def stack_kind(kinds: list[str], embed_normed: bool) -> str:
 
 
 @torch.no_grad()
-def detect_placement(blocks: list[BlockInfo], forward: Callable[[], object], model: nn.Module | None = None) -> dict:
+def detect_placement(
+    blocks: list[BlockInfo], forward: Callable[[], object], model: nn.Module | None = None
+) -> dict:
     """{"placement", "stacks": {stack: kind}, "per_block": {stack: [kinds]}, "detail", "norm_type",
     "qk_norm", "item_tokens"}.
 
@@ -167,7 +169,11 @@ def detect_placement(blocks: list[BlockInfo], forward: Callable[[], object], mod
                 handles.append(norm.register_forward_hook(partial(on_norm, pos)))
         if model is not None:
             for m in model.modules():
-                if id(m) not in in_blocks and is_norm(m) and not any(is_norm(c) for c in m.children()):
+                if (
+                    id(m) not in in_blocks
+                    and is_norm(m)
+                    and not any(is_norm(c) for c in m.children())
+                ):
                     handles.append(m.register_forward_hook(on_outside))
         forward()
     finally:
@@ -188,10 +194,20 @@ def detect_placement(blocks: list[BlockInfo], forward: Callable[[], object], mod
         for m in stream_norms[pos].values():
             if width:
                 types.add(norm_type(m, int(width)))
-    ntype = types.pop() if len(types) == 1 else ("none" if not types else "mixed: " + ", ".join(sorted(types)))
+    ntype = (
+        types.pop()
+        if len(types) == 1
+        else ("none" if not types else "mixed: " + ", ".join(sorted(types)))
+    )
     detail = "; ".join(f"{s}: {_runs(ks)}" for s, ks in per_block.items())
     if qk:
         detail += "; QK-norm in attention"
-    return {"placement": placement, "stacks": stacks, "per_block": per_block, "detail": detail,
-            "norm_type": ntype, "qk_norm": qk,
-            "item_tokens": seen[0].get("tokens") if seen else None}  # positions per input item (block 0)
+    return {
+        "placement": placement,
+        "stacks": stacks,
+        "per_block": per_block,
+        "detail": detail,
+        "norm_type": ntype,
+        "qk_norm": qk,
+        "item_tokens": seen[0].get("tokens") if seen else None,
+    }  # positions per input item (block 0)

@@ -57,12 +57,16 @@ def _late_cos(cos: list[float]) -> float:
     return float(collapse_verdict(cos).get("late_cos_adjacent", math.nan))
 
 
-def _series(rows: Iterable[Mapping], metric: str, sublayer: str | None = "block") -> dict[str, dict[int, float]]:
+def _series(
+    rows: Iterable[Mapping], metric: str, sublayer: str | None = "block"
+) -> dict[str, dict[int, float]]:
     """{stack label: {layer: value}} of one metric."""
     out: dict[str, dict[int, float]] = {}
     for r in rows:
         if r["metric"] == metric and (sublayer is None or r["sublayer"] == sublayer):
-            out.setdefault(stack_label(r["stack"], r["stream"]), {})[int(r["layer"])] = float(r["value"])
+            out.setdefault(stack_label(r["stack"], r["stream"]), {})[int(r["layer"])] = float(
+                r["value"]
+            )
     return out
 
 
@@ -96,14 +100,18 @@ def summary(rows: Iterable[Mapping], step: int | None = None) -> dict[str, float
     for label, by_layer in _series(rows, "w2_grad_norm", sublayer=None).items():
         out[f"{PREFIX}/w2_grad_norm/{label}"] = by_layer[max(by_layer)]
     for label, by_layer in _series(rows, "act_grad_norm").items():
-        out[f"{PREFIX}/act_grad_first_over_last/{label}"] = _ratio_and_rate([by_layer[k] for k in sorted(by_layer)])[0]
+        out[f"{PREFIX}/act_grad_first_over_last/{label}"] = _ratio_and_rate(
+            [by_layer[k] for k in sorted(by_layer)]
+        )[0]
     for label, by_layer in _series(rows, "block_influence").items():
         layers = sorted(by_layer)
         w = _width(layers)
         for k in layers:
             out[f"{PREFIX}/block_influence/{label}/{k:0{w}d}"] = by_layer[k]
     for label, by_layer in _series(rows, "cos_adjacent").items():
-        out[f"{PREFIX}/late_cos_adjacent/{label}"] = _late_cos([by_layer[k] for k in sorted(by_layer)])
+        out[f"{PREFIX}/late_cos_adjacent/{label}"] = _late_cos(
+            [by_layer[k] for k in sorted(by_layer)]
+        )
     for r in rows:
         if r["metric"] == "param_grad_norm" and r["stack"] == "model":
             out[f"{PREFIX}/grad_norm_model/{r['sublayer']}"] = float(r["value"])
@@ -138,7 +146,9 @@ class SummaryWindow:
     def take(self) -> dict[str, float]:
         """{key: last value} plus {probe_max/<rest of key>: max}; empties the window."""
         out = dict(self._last)
-        out.update({f"{PREFIX}_max/{key[len(PREFIX) + 1:]}": value for key, value in self._max.items()})
+        out.update(
+            {f"{PREFIX}_max/{key[len(PREFIX) + 1 :]}": value for key, value in self._max.items()}
+        )
         self._last, self._max = {}, {}
         return out
 
@@ -159,5 +169,7 @@ class InstabilityLog:
 
     def values(self) -> dict[str, float]:
         events = self.monitor.events
-        return {f"{PREFIX}/instability_events": float(len(events)),
-                f"{PREFIX}/instability_last_block": float(events[-1].layer) if events else -1.0}
+        return {
+            f"{PREFIX}/instability_events": float(len(events)),
+            f"{PREFIX}/instability_last_block": float(events[-1].layer) if events else -1.0,
+        }

@@ -31,7 +31,15 @@ STUDIES = (
     "collapse_theory",  # adjacent cosine / normalized update per layer: closed forms, init, trained (reads training_study's runs)
     "translation",  # the paper's E6D6/E12D12 translation table at CPU scale, in a regime its baselines pass
 )
-CHECK_COLUMNS = ("analysis", "statement", "setting", "placement", "predicted", "measured", "agreement")
+CHECK_COLUMNS = (
+    "analysis",
+    "statement",
+    "setting",
+    "placement",
+    "predicted",
+    "measured",
+    "agreement",
+)
 
 
 class StudyError(UserError):
@@ -57,7 +65,12 @@ def keep_other_checks(path: Path, rerun: tuple[str, ...]) -> list[dict]:
     return df[df["analysis"].isin(STUDIES) & ~df["analysis"].isin(rerun)].to_dict("records")
 
 
-def run_all(out: str | Path, quick: bool = False, only: tuple[str, ...] = (), echo: Callable[[str], None] = print) -> dict:
+def run_all(
+    out: str | Path,
+    quick: bool = False,
+    only: tuple[str, ...] = (),
+    echo: Callable[[str], None] = print,
+) -> dict:
     """Run the studies (all, or `only`) into `out`; write OUT/checks.csv and OUT/checks.json.
 
     Returns the checks.json content: {"job", "quick", "analyses", "seconds", "versions", "checks"}.
@@ -78,8 +91,14 @@ def run_all(out: str | Path, quick: bool = False, only: tuple[str, ...] = (), ec
         checks += [{"analysis": name, **asdict(c)} for c in found]
     rows = keep_other_checks(out / "checks.csv", names) + checks
     write_csv(out / "checks.csv", rows, CHECK_COLUMNS)
-    meta = {"job": "figures", "quick": quick, "analyses": list(names), "seconds": timings,
-            "versions": versions(), "checks": rows}
+    meta = {
+        "job": "figures",
+        "quick": quick,
+        "analyses": list(names),
+        "seconds": timings,
+        "versions": versions(),
+        "checks": rows,
+    }
     write_json(out / "checks.json", meta)
     return meta
 

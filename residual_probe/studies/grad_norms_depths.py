@@ -21,17 +21,26 @@ from ..output import write_csv
 from ..plots.grad_norms import plot_depth_grid
 
 PLACEMENTS = ("post-ln", "pre-ln", "residual")
-SETTINGS = {"seq2seq encoder": ("seq2seq", "encoder"), "seq2seq decoder": ("seq2seq", "decoder"),
-            "decoder-only LM": ("decoder", "decoder")}
+SETTINGS = {
+    "seq2seq encoder": ("seq2seq", "encoder"),
+    "seq2seq decoder": ("seq2seq", "decoder"),
+    "decoder-only LM": ("decoder", "decoder"),
+}
 
 
 def depth_rows(quick: bool):
     depths = (6, 12, 24) if quick else (6, 12, 24, 48)
-    size = dict(d_model=64, heads=4, ffn=256, seeds=2) if quick else dict(d_model=256, heads=4, ffn=1024, seeds=3)
+    size = (
+        dict(d_model=64, heads=4, ffn=256, seeds=2)
+        if quick
+        else dict(d_model=256, heads=4, ffn=1024, seeds=3)
+    )
     rows = []
     for arch in ("seq2seq", "decoder"):
         for depth in depths:
-            spec = GradNormsSpec(placements=PLACEMENTS, arch=arch, depth=depth, batch=8, seq_len=32, **size)
+            spec = GradNormsSpec(
+                placements=PLACEMENTS, arch=arch, depth=depth, batch=8, seq_len=32, **size
+            )
             for p in PLACEMENTS:
                 for seed in range(spec.seeds):
                     for r in record_run(spec, p, seed)[0]:
@@ -42,8 +51,21 @@ def depth_rows(quick: bool):
 
 def run(out: Path, quick: bool = False) -> list[Check]:
     rows, depths = depth_rows(quick)
-    write_csv(out / "grad_norms_depths.csv", rows,
-              ("arch", "depth", "placement", "seed", "step", "stack", "layer", "sublayer", "param_grad_norm"))
+    write_csv(
+        out / "grad_norms_depths.csv",
+        rows,
+        (
+            "arch",
+            "depth",
+            "placement",
+            "seed",
+            "step",
+            "stack",
+            "layer",
+            "sublayer",
+            "param_grad_norm",
+        ),
+    )
     df = pd.DataFrame(rows)
     panels, r = {}, {}
     for setting, (arch, stack) in SETTINGS.items():
@@ -52,28 +74,68 @@ def run(out: Path, quick: bool = False) -> list[Check]:
             panels[(setting, depth)] = seed_band(sel, by=["placement"])
             for p, g in sel.groupby("placement"):
                 r[setting, p, depth] = first_over_last(layer_table(g))  # geometric mean over seeds
-    plot_depth_grid(panels, out / "grad_norms_depths", title="Per-block gradient norm at initialization (fairseq init, synthetic data)")
+    plot_depth_grid(
+        panels,
+        out / "grad_norms_depths",
+        title="Per-block gradient norm at initialization (fairseq init, synthetic data)",
+    )
 
     N, n0 = depths[-1], depths[0]
+
     def ratio_check(statement, setting, placement, predicted, ok):
-        return Check(statement, f"fairseq init/{setting}/N={N}", placement, predicted,
-                     f"first/last = {fmt(r[setting, placement, N])}", agreement(ok))
+        return Check(
+            statement,
+            f"fairseq init/{setting}/N={N}",
+            placement,
+            predicted,
+            f"first/last = {fmt(r[setting, placement, N])}",
+            agreement(ok),
+        )
 
     post_dec = r["seq2seq decoder", "post-ln", N]
     checks = [
-        ratio_check("Post-LN gradients vanish toward the input", "seq2seq decoder", "post-ln", "first/last << 1 (< 0.1)",
-                    post_dec < 0.1),
-        Check("Post-LN vanishing grows with depth", "fairseq init/seq2seq decoder", "post-ln",
-              f"first/last at N={N} < at N={n0}", f"{fmt(post_dec)} vs {fmt(r['seq2seq decoder', 'post-ln', n0])}",
-              agreement(post_dec < r["seq2seq decoder", "post-ln", n0])),
-        ratio_check("Post-LN gradients vanish toward the input", "seq2seq encoder", "post-ln", "first/last << 1 (< 0.1)",
-                    r["seq2seq encoder", "post-ln", N] < 0.1),
-        ratio_check("Post-LN gradients vanish toward the input", "decoder-only LM", "post-ln", "first/last << 1 (< 0.1)",
-                    r["decoder-only LM", "post-ln", N] < 0.1),
-        ratio_check("ResiDual keeps a gradient floor", "seq2seq decoder", "residual", "first/last >= 0.1",
-                    r["seq2seq decoder", "residual", N] >= 0.1),
-        ratio_check("Pre-LN's lower blocks get larger gradients than its upper ones", "seq2seq decoder", "pre-ln",
-                    "first/last > 1", r["seq2seq decoder", "pre-ln", N] > 1),
+        ratio_check(
+            "Post-LN gradients vanish toward the input",
+            "seq2seq decoder",
+            "post-ln",
+            "first/last << 1 (< 0.1)",
+            post_dec < 0.1,
+        ),
+        Check(
+            "Post-LN vanishing grows with depth",
+            "fairseq init/seq2seq decoder",
+            "post-ln",
+            f"first/last at N={N} < at N={n0}",
+            f"{fmt(post_dec)} vs {fmt(r['seq2seq decoder', 'post-ln', n0])}",
+            agreement(post_dec < r["seq2seq decoder", "post-ln", n0]),
+        ),
+        ratio_check(
+            "Post-LN gradients vanish toward the input",
+            "seq2seq encoder",
+            "post-ln",
+            "first/last << 1 (< 0.1)",
+            r["seq2seq encoder", "post-ln", N] < 0.1,
+        ),
+        ratio_check(
+            "Post-LN gradients vanish toward the input",
+            "decoder-only LM",
+            "post-ln",
+            "first/last << 1 (< 0.1)",
+            r["decoder-only LM", "post-ln", N] < 0.1,
+        ),
+        ratio_check(
+            "ResiDual keeps a gradient floor",
+            "seq2seq decoder",
+            "residual",
+            "first/last >= 0.1",
+            r["seq2seq decoder", "residual", N] >= 0.1,
+        ),
+        ratio_check(
+            "Pre-LN's lower blocks get larger gradients than its upper ones",
+            "seq2seq decoder",
+            "pre-ln",
+            "first/last > 1",
+            r["seq2seq decoder", "pre-ln", N] > 1,
+        ),
     ]
     return checks
-

@@ -21,7 +21,10 @@ from ..jobs.bounds import BoundsSpec, run_bounds
 
 
 def run(out: Path, quick: bool = False) -> list[Check]:
-    spec = BoundsSpec(depths=(6, 12, 24), d_model=64, heads=4, ffn=256, seeds=2) if quick else BoundsSpec(depths=(6, 12, 24, 48))
+    spec = (
+        BoundsSpec(depths=(6, 12, 24), d_model=64, heads=4, ffn=256, seeds=2)
+        if quick
+        else BoundsSpec(depths=(6, 12, 24, 48))
+    )
     meta = run_bounds(spec, out)
     return [Check(**row) for row in meta["checks"]]
-

@@ -29,10 +29,30 @@ PLACEMENTS = ("post-ln", "pre-ln", "residual")
 
 def settings(quick: bool) -> dict:
     if quick:
-        return dict(depth=6, d_model=32, heads=2, ffn=64, batch=8, seq_len=32, steps=40, lr=2e-3,
-                    probe_every=5, eval_every=20), 10
-    return dict(depth=24, d_model=128, heads=4, ffn=512, batch=16, seq_len=64, steps=600, lr=1e-3,
-                probe_every=10, eval_every=50), 100
+        return dict(
+            depth=6,
+            d_model=32,
+            heads=2,
+            ffn=64,
+            batch=8,
+            seq_len=32,
+            steps=40,
+            lr=2e-3,
+            probe_every=5,
+            eval_every=20,
+        ), 10
+    return dict(
+        depth=24,
+        d_model=128,
+        heads=4,
+        ffn=512,
+        batch=16,
+        seq_len=64,
+        steps=600,
+        lr=1e-3,
+        probe_every=10,
+        eval_every=50,
+    ), 100
 
 
 def collapse_profile(run_dir: Path) -> dict[int, float]:
@@ -48,7 +68,11 @@ def grad_ratio_by_step(run_dir: Path) -> dict[int, float]:
     from ..probe.records import read_sink
 
     df = read_sink(run_dir).frame()
-    df = df[df["metric"] == "param_grad_norm"].rename(columns={"value": "param_grad_norm"}).assign(seed=0)
+    df = (
+        df[df["metric"] == "param_grad_norm"]
+        .rename(columns={"value": "param_grad_norm"})
+        .assign(seed=0)
+    )
     ratios = ratio_by_step(df, by=())
     return dict(zip(ratios["step"].tolist(), ratios["first_over_last"].tolist()))
 
@@ -63,23 +87,36 @@ def run(out: Path, quick: bool = False) -> list[Check]:
         for warmup in (0, warm):
             name = f"{placement} {'warm-up ' + str(warmup) if warmup else 'no warm-up'}"
             run_dir = out / "runs" / f"{placement}-warmup{warmup}"
-            meta = run_train(TrainSpec(placement=placement, warmup=warmup, **size), run_dir, draw=False)
+            meta = run_train(
+                TrainSpec(placement=placement, warmup=warmup, **size), run_dir, draw=False
+            )
             ratios = grad_ratio_by_step(run_dir)
             influence = collapse_profile(run_dir)
             layers = sorted(influence)
             half = len(layers) // 2
             runs[name] = dict(dir=run_dir, ratios=ratios, influence=influence)
-            summary.append({
-                "placement": placement, "warmup": warmup, "final_val_loss": meta["final_val_loss"],
-                "diverged_at_step": meta["diverged_at_step"], "wall_seconds": meta["wall_seconds"],
-                "grad_ratio_first_step": next(iter(ratios.values())), "grad_ratio_last_step": list(ratios.values())[-1],
-                "influence_lower_half": float(np.mean([influence[k] for k in layers[:half]])),
-                "influence_upper_half": float(np.mean([influence[k] for k in layers[half:]])),
-            })
+            summary.append(
+                {
+                    "placement": placement,
+                    "warmup": warmup,
+                    "final_val_loss": meta["final_val_loss"],
+                    "diverged_at_step": meta["diverged_at_step"],
+                    "wall_seconds": meta["wall_seconds"],
+                    "grad_ratio_first_step": next(iter(ratios.values())),
+                    "grad_ratio_last_step": list(ratios.values())[-1],
+                    "influence_lower_half": float(np.mean([influence[k] for k in layers[:half]])),
+                    "influence_upper_half": float(np.mean([influence[k] for k in layers[half:]])),
+                }
+            )
     write_csv(out / "training_study.csv", summary, list(summary[0]))
-    plot_losses(loss_curves({n: r["dir"] / "loss.csv" for n, r in runs.items()}), out / "training_study_loss",
-                title=f"{size['depth']}-block decoder LM on pydoc topics (bytes)")
-    plot_collapse_profiles({n: r["influence"] for n, r in runs.items()}, out / "training_study_collapse")
+    plot_losses(
+        loss_curves({n: r["dir"] / "loss.csv" for n, r in runs.items()}),
+        out / "training_study_loss",
+        title=f"{size['depth']}-block decoder LM on pydoc topics (bytes)",
+    )
+    plot_collapse_profiles(
+        {n: r["influence"] for n, r in runs.items()}, out / "training_study_collapse"
+    )
     plot_ratio_curves({n: r["ratios"] for n, r in runs.items()}, out / "training_study_grads")
     return summary_checks(summary, quick)
 
@@ -88,35 +125,76 @@ def summary_checks(summary: list[dict], quick: bool = False) -> list[Check]:
     """The study's claims against its summary table (training_study.csv: one row per placement and
     warm-up, read back as numbers), so the checks can be recomputed without retraining."""
     size, _ = settings(quick)
-    summary = [{k: (float(v) if k not in ("placement", "diverged_at_step") and v not in ("", None) else v)
-                for k, v in r.items()} for r in summary]
+    summary = [
+        {
+            k: (
+                float(v)
+                if k not in ("placement", "diverged_at_step") and v not in ("", None)
+                else v
+            )
+            for k, v in r.items()
+        }
+        for r in summary
+    ]
     s = {(r["placement"], r["warmup"] > 0): r for r in summary}
     uniform = math.log(256)  # loss of a uniform guess over bytes, nats
     trained = {k: v["final_val_loss"] < uniform - 1.0 for k, v in s.items()}
     where = f"decoder LM N={size['depth']}, d={size['d_model']}, {size['steps']} steps, lr {size['lr']:g}"
     post, post_w = s["post-ln", False], s["post-ln", True]
     return [
-        Check("Post-LN fails to train deep without warm-up", where, "post-ln",
-              "held-out loss without warm-up > with warm-up + 0.2, or diverges",
-              f"{fmt(post['final_val_loss'])} vs {fmt(post_w['final_val_loss'])} nats/byte",
-              agreement(post["final_val_loss"] > post_w["final_val_loss"] + 0.2 or not math.isfinite(post["final_val_loss"]))),
-        Check("Pre-LN trains without warm-up", where, "pre-ln",
-              f"held-out loss < ln 256 - 1 = {fmt(uniform - 1)}; within 0.1 nats of its warm-up run (or better)",
-              f"{fmt(s['pre-ln', False]['final_val_loss'])} vs {fmt(s['pre-ln', True]['final_val_loss'])} with warm-up",
-              agreement(trained["pre-ln", False] and s["pre-ln", False]["final_val_loss"]
-                      <= s["pre-ln", True]["final_val_loss"] + 0.1)),
-        Check("Pre-LN's later layers add little (block influence 1 - cos)", where + ", warm-up", "pre-ln",
-              "upper half < half the lower half",
-              f"{fmt(s['pre-ln', True]['influence_upper_half'])} vs {fmt(s['pre-ln', True]['influence_lower_half'])}",
-              agreement(s["pre-ln", True]["influence_upper_half"] < 0.5 * s["pre-ln", True]["influence_lower_half"])),
-        Check("ResiDual trains with and without warm-up", where, "residual",
-              f"both held-out losses < {fmt(uniform - 1)}; without warm-up within 0.1 nats of with (or better)",
-              f"{fmt(s['residual', False]['final_val_loss'])} / {fmt(s['residual', True]['final_val_loss'])}",
-              agreement(trained["residual", False] and trained["residual", True]
-                      and s["residual", False]["final_val_loss"] <= s["residual", True]["final_val_loss"] + 0.1)),
-        Check("Post-LN develops vanishing gradients during training without warm-up", where, "post-ln",
-              "first/last block gradient ratio falls 10x, below 0.1",
-              f"{fmt(post['grad_ratio_first_step'])} -> {fmt(post['grad_ratio_last_step'])}",
-              agreement(post["grad_ratio_last_step"] < min(0.1, post["grad_ratio_first_step"] / 10))),
+        Check(
+            "Post-LN fails to train deep without warm-up",
+            where,
+            "post-ln",
+            "held-out loss without warm-up > with warm-up + 0.2, or diverges",
+            f"{fmt(post['final_val_loss'])} vs {fmt(post_w['final_val_loss'])} nats/byte",
+            agreement(
+                post["final_val_loss"] > post_w["final_val_loss"] + 0.2
+                or not math.isfinite(post["final_val_loss"])
+            ),
+        ),
+        Check(
+            "Pre-LN trains without warm-up",
+            where,
+            "pre-ln",
+            f"held-out loss < ln 256 - 1 = {fmt(uniform - 1)}; within 0.1 nats of its warm-up run (or better)",
+            f"{fmt(s['pre-ln', False]['final_val_loss'])} vs {fmt(s['pre-ln', True]['final_val_loss'])} with warm-up",
+            agreement(
+                trained["pre-ln", False]
+                and s["pre-ln", False]["final_val_loss"]
+                <= s["pre-ln", True]["final_val_loss"] + 0.1
+            ),
+        ),
+        Check(
+            "Pre-LN's later layers add little (block influence 1 - cos)",
+            where + ", warm-up",
+            "pre-ln",
+            "upper half < half the lower half",
+            f"{fmt(s['pre-ln', True]['influence_upper_half'])} vs {fmt(s['pre-ln', True]['influence_lower_half'])}",
+            agreement(
+                s["pre-ln", True]["influence_upper_half"]
+                < 0.5 * s["pre-ln", True]["influence_lower_half"]
+            ),
+        ),
+        Check(
+            "ResiDual trains with and without warm-up",
+            where,
+            "residual",
+            f"both held-out losses < {fmt(uniform - 1)}; without warm-up within 0.1 nats of with (or better)",
+            f"{fmt(s['residual', False]['final_val_loss'])} / {fmt(s['residual', True]['final_val_loss'])}",
+            agreement(
+                trained["residual", False]
+                and trained["residual", True]
+                and s["residual", False]["final_val_loss"]
+                <= s["residual", True]["final_val_loss"] + 0.1
+            ),
+        ),
+        Check(
+            "Post-LN develops vanishing gradients during training without warm-up",
+            where,
+            "post-ln",
+            "first/last block gradient ratio falls 10x, below 0.1",
+            f"{fmt(post['grad_ratio_first_step'])} -> {fmt(post['grad_ratio_last_step'])}",
+            agreement(post["grad_ratio_last_step"] < min(0.1, post["grad_ratio_first_step"] / 10)),
+        ),
     ]
-

@@ -14,10 +14,36 @@ from .token_stats import TOKEN_STATS, TokenStat, Transition
 from .update_ratio import UpdateRatio
 from .w2_grad_norm import W2GradNorm
 
-REGISTRY: dict[str, type[Quantity]] = {q.name: q for q in (
-    ParamGradNorm, ActGradNorm, W2GradNorm, ForwardStats, Subsample, UpdateRatio, ParamTensorNorm)}
+REGISTRY: dict[str, type[Quantity]] = {
+    q.name: q
+    for q in (
+        ParamGradNorm,
+        ActGradNorm,
+        W2GradNorm,
+        ForwardStats,
+        Subsample,
+        UpdateRatio,
+        ParamTensorNorm,
+    )
+}
 QUANTITIES = tuple(REGISTRY)  # every name a Probe accepts
-DEFAULT_QUANTITIES = tuple(name for name, q in REGISTRY.items() if q.default)  # a Probe without `quantities=`
+DEFAULT_QUANTITIES = tuple(
+    name for name, q in REGISTRY.items() if q.default
+)  # a Probe without `quantities=`
 
-__all__ = ["DEFAULT_QUANTITIES", "QUANTITIES", "REGISTRY", "TOKEN_STATS", "ActGradNorm", "ForwardStats", "ParamGradNorm", "ParamTensorNorm", "Quantity", "Subsample",
-           "TokenStat", "Transition", "UpdateRatio", "W2GradNorm"]
+__all__ = [
+    "DEFAULT_QUANTITIES",
+    "QUANTITIES",
+    "REGISTRY",
+    "TOKEN_STATS",
+    "ActGradNorm",
+    "ForwardStats",
+    "ParamGradNorm",
+    "ParamTensorNorm",
+    "Quantity",
+    "Subsample",
+    "TokenStat",
+    "Transition",
+    "UpdateRatio",
+    "W2GradNorm",
+]

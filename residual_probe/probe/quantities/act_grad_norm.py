@@ -50,16 +50,22 @@ def _acc_dtype(grad: torch.Tensor) -> torch.dtype:
 class ActGradNorm(StreamSlots):
     name = "act_grad_norm"
     uses_forward = True
-    wants_dtensor = True  # the hook goes on a DTensor output's own node; its gradient is read locally
+    wants_dtensor = (
+        True  # the hook goes on a DTensor output's own node; its gradient is read locally
+    )
     width = 2  # [sum of squares, tokens]
 
     def __init__(self, setup, rule):
         super().__init__(setup, rule)
         self._token = object()
-        self._held: list[tuple[int, torch.Tensor, int]] = []  # (slot, gradient, its version when seen)
+        self._held: list[
+            tuple[int, torch.Tensor, int]
+        ] = []  # (slot, gradient, its version when seen)
         self._held_slots: set[int] = set()
         self._held_bytes = 0
-        self._counts = [0] * len(self.slots)  # tokens per slot this step: host integers, no kernel per hook
+        self._counts = [0] * len(
+            self.slots
+        )  # tokens per slot this step: host integers, no kernel per hook
         self._hold = True  # False once a held gradient was seen modified: norm each in its hook
 
     def begin(self, step):
@@ -96,8 +102,11 @@ class ActGradNorm(StreamSlots):
             return
         if is_dtensor(grad):  # tensor parallelism: this rank's tokens of the gradient
             if not whole_tokens(grad):
-                warnings.warn("probe: a block output's gradient is a DTensor sharded on its features (or a pending "
-                              "Partial sum): act_grad_norm skips it", stacklevel=3)
+                warnings.warn(
+                    "probe: a block output's gradient is a DTensor sharded on its features (or a pending "
+                    "Partial sum): act_grad_norm skips it",
+                    stacklevel=3,
+                )
                 return
             grad = grad.to_local()
         if slot in self._held_slots:
@@ -140,9 +149,12 @@ class ActGradNorm(StreamSlots):
             sq[i] = float("nan")
         self._hold = False
         b = self.setup.blocks[self.slots[part[changed[0]][0]][0]]
-        warnings.warn(f"probe: the gradient at {b.name}'s output was modified in place during backward (a custom "
-                      "autograd Function?): act_grad_norm of this step is NaN there; from now on it is taken in "
-                      "each hook", stacklevel=3)
+        warnings.warn(
+            f"probe: the gradient at {b.name}'s output was modified in place during backward (a custom "
+            "autograd Function?): act_grad_norm of this step is NaN there; from now on it is taken in "
+            "each hook",
+            stacklevel=3,
+        )
 
     def pooled(self, ctx):
         if self.is_active:

@@ -37,8 +37,12 @@ class Quantity:
     name: ClassVar[str] = ""
     uses_forward: ClassVar[bool] = False  # needs the blocks' forward hook on its scheduled steps
     default: ClassVar[bool] = True  # recorded by a Probe built without `quantities=`
-    wants_dtensor: ClassVar[bool] = False  # `forward` gets DTensor block outputs as they are, not their local tensors
-    sparse: ClassVar[bool] = False  # on a sparser schedule in the integrations and `train` (schedule.FORWARD_EVERY)
+    wants_dtensor: ClassVar[bool] = (
+        False  # `forward` gets DTensor block outputs as they are, not their local tensors
+    )
+    sparse: ClassVar[bool] = (
+        False  # on a sparser schedule in the integrations and `train` (schedule.FORWARD_EVERY)
+    )
 
     def __init__(self, setup: Any, rule: Rule):
         self.setup = setup  # the probe's shared, read-only facts: blocks, parameter plan, options
@@ -88,7 +92,9 @@ class StreamSlots(Quantity):
 
     def __init__(self, setup: Any, rule: Rule):
         super().__init__(setup, rule)
-        self.slots = [(pos, si) for pos, b in enumerate(setup.blocks) for si in range(len(b.streams))]
+        self.slots = [
+            (pos, si) for pos, b in enumerate(setup.blocks) for si in range(len(b.streams))
+        ]
         self._first: dict[int, int] = {}  # block position -> its first slot
         for j, (pos, _) in enumerate(self.slots):
             self._first.setdefault(pos, j)
@@ -103,7 +109,9 @@ class StreamSlots(Quantity):
         """This step's buffer; on the device of the step's first value (a model split over devices
         adds its other blocks' values with a non-blocking copy)."""
         if self.buf is None or (self._fresh and self.buf.device != device):
-            self.buf = torch.zeros(len(self.slots), self.width, dtype=buffer_dtype(device), device=device)
+            self.buf = torch.zeros(
+                len(self.slots), self.width, dtype=buffer_dtype(device), device=device
+            )
         elif self._fresh:
             self.buf.zero_()
         self._fresh = False

@@ -31,7 +31,16 @@ import weakref
 import torch
 
 from .base import StreamSlots, row, slot_runs
-from .token_stats import PADDING, RAW, TOKEN_STATS, Moments, Transition, chain_columns, raw_columns, stats_dtype
+from .token_stats import (
+    PADDING,
+    RAW,
+    TOKEN_STATS,
+    Moments,
+    Transition,
+    chain_columns,
+    raw_columns,
+    stats_dtype,
+)
 
 CHAIN_BYTES = 4 << 20
 """A chain's buffer size. States of at most CHAIN_BYTES / MIN_CHAIN bytes are chained (at 256
@@ -47,9 +56,13 @@ class Pending:
 
     def __init__(self, slots: int, capacity: int, d: int, dtype: torch.dtype, device: torch.device):
         self.d, self.filled = d, set()
-        self._views: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}  # slot -> (tokens, row, ones)
+        self._views: dict[
+            int, tuple[int, torch.Tensor, torch.Tensor]
+        ] = {}  # slot -> (tokens, row, ones)
         self.raw = torch.empty(slots, capacity, len(RAW), dtype=dtype, device=device)
-        self.padding = torch.zeros(len(PADDING), dtype=dtype, device=device)  # filled by kernels: no host copy
+        self.padding = torch.zeros(
+            len(PADDING), dtype=dtype, device=device
+        )  # filled by kernels: no host copy
         for i, v in enumerate(PADDING):
             if v:
                 self.padding[i].fill_(v)
@@ -80,7 +93,9 @@ class Pending:
         self.filled.clear()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.raw, self.padding, self.ones))  # views: none of their own
+        return sum(
+            t.numel() * t.element_size() for t in (self.raw, self.padding, self.ones)
+        )  # views: none of their own
 
 
 class Chain:
@@ -100,7 +115,12 @@ class Chain:
 
     def continues(self, prev: torch.Tensor) -> bool:
         """Whether `prev` is the last state queued, unmodified since."""
-        return self.n > 0 and self.last is not None and self.last() is prev and prev._version == self.version
+        return (
+            self.n > 0
+            and self.last is not None
+            and self.last() is prev
+            and prev._version == self.version
+        )
 
     def start(self, prev: torch.Tensor) -> None:
         """Begin a new chain at `prev` (after `flush`)."""
@@ -109,8 +129,10 @@ class Chain:
         rows = max(2, min(self.longest, CHAIN_BYTES // (per * self.store.element_size())))
         if self.store.numel() < rows * per:
             self.store = torch.empty(rows * per, dtype=self.store.dtype, device=self.store.device)
-        self.states = self.store[:rows * per].view(rows, per // d, d)
-        self.rows = self.store[:rows * per].view(rows, *prev.shape).unbind(0)  # one view per row, in the input's shape
+        self.states = self.store[: rows * per].view(rows, per // d, d)
+        self.rows = (
+            self.store[: rows * per].view(rows, *prev.shape).unbind(0)
+        )  # one view per row, in the input's shape
         self.n = 0
         self._push(prev)
 
@@ -127,7 +149,7 @@ class Chain:
 
     def flush(self, pend: Pending) -> None:
         if self.slots:
-            pend.write(self.slots, chain_columns(self.states[:self.n]))
+            pend.write(self.slots, chain_columns(self.states[: self.n]))
             self.rows[0].copy_(self.rows[self.n - 1])
             self.n, self.slots = 1, []
 
@@ -145,9 +167,15 @@ class ForwardStats(StreamSlots):
     def __init__(self, setup, rule):
         super().__init__(setup, rule)
         self._cos = [s.name for s in self.stats].index("cos_adjacent")
-        self._pending: dict[tuple, Pending] = {}  # (width, dtype, device) -> the current forward's raw columns
-        self._chains: dict[tuple, Chain] = {}  # (stream, width, dtype, device) -> its chain (small states)
-        self._carry: dict[int, Moments] = {}  # stream -> moments of the last large block output seen
+        self._pending: dict[
+            tuple, Pending
+        ] = {}  # (width, dtype, device) -> the current forward's raw columns
+        self._chains: dict[
+            tuple, Chain
+        ] = {}  # (stream, width, dtype, device) -> its chain (small states)
+        self._carry: dict[
+            int, Moments
+        ] = {}  # stream -> moments of the last large block output seen
 
     def begin(self, step):
         super().begin(step)
@@ -164,7 +192,9 @@ class ForwardStats(StreamSlots):
     def forward(self, pos, block, ins, outs):
         if ins is None:
             return  # not a residual transition (the block changes the shape)
-        self._buffer(outs[0].device)  # the step's sums: allocated (or zeroed) with its first forward
+        self._buffer(
+            outs[0].device
+        )  # the step's sums: allocated (or zeroed) with its first forward
         with torch.no_grad():
             for si, (prev, cur) in enumerate(zip(ins, outs)):
                 slot, d = self._first[pos] + si, cur.shape[-1]
@@ -179,7 +209,9 @@ class ForwardStats(StreamSlots):
                 if MIN_CHAIN * tokens * d * pend.raw.element_size() <= CHAIN_BYTES:
                     self._chain(si, key, pend, prev, cur, slot)
                 else:
-                    self._carry[si] = raw_columns(prev, cur, *pend.row(slot, tokens), self._carry.get(si))
+                    self._carry[si] = raw_columns(
+                        prev, cur, *pend.row(slot, tokens), self._carry.get(si)
+                    )
                 pend.filled.add(slot)
 
     def _chain(self, si, key, pend, prev, cur, slot) -> None:
@@ -196,12 +228,14 @@ class ForwardStats(StreamSlots):
         """Sum a pending forward's per-token statistics into the step's buffer, for all slots at once."""
         if pend is None or not pend.filled:
             return
-        for (si, *key), chain in self._chains.items():
+        for (_si, *key), chain in self._chains.items():
             if self._pending.get(tuple(key)) is pend:
                 chain.flush(pend)
         t = Transition(pend.raw, pend.d)
         w = t.weight
-        sums = torch.stack([*(s(t) for s in self.stats), w], -1).mul_(w.unsqueeze(-1)).sum(1)  # (slots, width)
+        sums = (
+            torch.stack([*(s(t) for s in self.stats), w], -1).mul_(w.unsqueeze(-1)).sum(1)
+        )  # (slots, width)
         buf = self._buffer(pend.raw.device)
         buf.add_(sums.to(buf.device, non_blocking=True))
         pend.clear()
@@ -213,7 +247,9 @@ class ForwardStats(StreamSlots):
         return super().pooled(ctx)
 
     def state_bytes(self):
-        chains = sum(c.nbytes() for c in self._chains.values()) + sum(m.nbytes() for m in self._carry.values())
+        chains = sum(c.nbytes() for c in self._chains.values()) + sum(
+            m.nbytes() for m in self._carry.values()
+        )
         return super().state_bytes() + chains + sum(p.nbytes() for p in self._pending.values())
 
     def values(self, ctx, pooled):
@@ -230,8 +266,18 @@ class ForwardStats(StreamSlots):
             if host[n * k + j] <= 0:
                 continue
             b, stream = self.setup.blocks[pos], self.setup.blocks[pos].streams[si]
-            means = host[j * k:(j + 1) * k]
+            means = host[j * k : (j + 1) * k]
             for s, v in zip(self.stats, means):
                 out.append(row(step, b.stack, b.index, "block", stream, s.name, v))
-            out.append(row(step, b.stack, b.index, "block", stream, "block_influence", 1.0 - means[self._cos]))
+            out.append(
+                row(
+                    step,
+                    b.stack,
+                    b.index,
+                    "block",
+                    stream,
+                    "block_influence",
+                    1.0 - means[self._cos],
+                )
+            )
         return out

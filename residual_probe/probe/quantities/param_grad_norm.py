@@ -51,8 +51,11 @@ class ParamGradNorm(Quantity):
         for (pos, sub), v, missing in zip(params.keys, host, self._missing):
             b = blocks[pos]
             out.append(row(step, b.stack, b.index, sub, "-", self.name, math.nan if missing else v))
-        missing = (*self._parts_missing, all(self._missing) and all(self._parts_missing))  # total: no .grad at all
-        for part, v, gone in zip([*params.parts.keys, "total"], host[len(params.keys):], missing):
+        missing = (
+            *self._parts_missing,
+            all(self._missing) and all(self._parts_missing),
+        )  # total: no .grad at all
+        for part, v, gone in zip([*params.parts.keys, "total"], host[len(params.keys) :], missing):
             out.append(row(step, "model", -1, part, "-", self.name, math.nan if gone else v))
         self.no_grad = sum(self._missing)
         return out

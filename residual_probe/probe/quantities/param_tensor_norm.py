@@ -49,5 +49,7 @@ class ParamTensorNorm(Quantity):
         return ctx.unscale_params(sq.sqrt())
 
     def rows(self, step, host):
-        return [row(step, "model", -1, name, "-", self.name, v if ok else math.nan)
-                for name, v, ok in zip(self.names, host, self._present)]
+        return [
+            row(step, "model", -1, name, "-", self.name, v if ok else math.nan)
+            for name, v, ok in zip(self.names, host, self._present)
+        ]

@@ -61,7 +61,11 @@ class Subsample(Quantity):
         if gen is None:
             gen = self._gens[device] = torch.Generator(device=device)
         gen.manual_seed(self.setup.seed * 1_000_003 + self._step * 101 + len(self._state))
-        return torch.randperm(n_tok, generator=gen, device=device)[: self.setup.subsample_tokens].sort().values
+        return (
+            torch.randperm(n_tok, generator=gen, device=device)[: self.setup.subsample_tokens]
+            .sort()
+            .values
+        )
 
     def forward(self, pos, block, ins, outs):
         if ins is None:
@@ -73,8 +77,12 @@ class Subsample(Quantity):
             pick = self._pick(n_tok, outs[0].device)
             layers = self.stack_len[block.stack] + 1
             kept = n_tok if pick is None else len(pick)
-            state = {"pick": pick, "n": n_tok, "filled": [False] * layers,
-                     "rows": self._rows(block.stack, block.streams, (layers, kept, d), outs[0].device)}
+            state = {
+                "pick": pick,
+                "n": n_tok,
+                "filled": [False] * layers,
+                "rows": self._rows(block.stack, block.streams, (layers, kept, d), outs[0].device),
+            }
             for s, t in zip(block.streams, ins):
                 _take(t, pick, state["rows"][s][0])
             state["filled"][0] = True
@@ -85,10 +93,16 @@ class Subsample(Quantity):
             _take(t, state["pick"], state["rows"][s][block.index + 1])
         state["filled"][block.index + 1] = True
 
-    def _rows(self, stack: str, streams, shape: tuple, device: torch.device) -> dict[str, torch.Tensor]:
+    def _rows(
+        self, stack: str, streams, shape: tuple, device: torch.device
+    ) -> dict[str, torch.Tensor]:
         spare = self._spare.pop(stack, {})
-        return {s: spare[s] if s in spare and spare[s].shape == shape and spare[s].device == device
-                else torch.empty(shape, device=device) for s in streams}
+        return {
+            s: spare[s]
+            if s in spare and spare[s].shape == shape and spare[s].device == device
+            else torch.empty(shape, device=device)
+            for s in streams
+        }
 
     def values(self, ctx, pooled):
         if not self.is_active:
@@ -101,7 +115,10 @@ class Subsample(Quantity):
             else:
                 self._spare[stack] = state["rows"]
         if out:
-            for (stack, stream), H in self.last.items():  # the previous draw's buffers are filled next
+            for (
+                stack,
+                stream,
+            ), H in self.last.items():  # the previous draw's buffers are filled next
                 self._spare.setdefault(stack, {})[stream] = H
             self.last, self.last_step = out, ctx.step
         self._state = {}

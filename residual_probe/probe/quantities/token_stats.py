@@ -51,9 +51,13 @@ class Moments:
 
     def __init__(self, source: torch.Tensor, flat: torch.Tensor):
         """`flat`: `source` as (tokens, d) in the statistics' dtype."""
-        self.source = weakref.ref(source)  # the tensor these moments were taken from (not kept alive)
+        self.source = weakref.ref(
+            source
+        )  # the tensor these moments were taken from (not kept alive)
         self.version = source._version  # in-place writes since then invalidate them
-        self.ln, self.mean, self.rstd = torch.native_layer_norm(flat, flat.shape[-1:], None, None, LN_EPS)
+        self.ln, self.mean, self.rstd = torch.native_layer_norm(
+            flat, flat.shape[-1:], None, None, LN_EPS
+        )
 
     def matches(self, x: torch.Tensor) -> bool:
         return self.source() is x and x._version == self.version
@@ -68,15 +72,26 @@ RAW = ("tokens", "ln_diff_abs_sum", "norm_diff", "mean_a", "mean_b", "rstd_a", "
 PADDING = (0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0)  # a row that is no token: weight 0, finite statistics
 
 
-def raw_columns(prev: torch.Tensor, cur: torch.Tensor, out: torch.Tensor, ones: torch.Tensor,
-                prev_moments: Moments | None = None) -> Moments:
+def raw_columns(
+    prev: torch.Tensor,
+    cur: torch.Tensor,
+    out: torch.Tensor,
+    ones: torch.Tensor,
+    prev_moments: Moments | None = None,
+) -> Moments:
     """Write the RAW columns of the transition prev -> cur into `out` (tokens, len(RAW)), with
     `ones` a (tokens, 1) column of ones; return cur's moments for the next block. Six
     kernels over the activations (seven when `prev_moments` do not match `prev`) and one copy."""
     d, dtype = cur.shape[-1], stats_dtype(prev, cur)  # the caller runs under no_grad
     a, b = (x.reshape(-1, d) for x in (prev, cur))
-    a, b = (x if x.dtype == dtype else x.to(dtype) for x in (a, b))  # no dispatch when already there
-    ma = prev_moments if prev_moments is not None and prev_moments.matches(prev) else Moments(prev, a)
+    a, b = (
+        x if x.dtype == dtype else x.to(dtype) for x in (a, b)
+    )  # no dispatch when already there
+    ma = (
+        prev_moments
+        if prev_moments is not None and prev_moments.matches(prev)
+        else Moments(prev, a)
+    )
     mb = Moments(cur, b)
     # LN(a) is dead after this block (the caller carries LN(b) on): the difference is taken in its place.
     # |.|.sum, not vector_norm(ord=1): 7x slower on the CPU.
@@ -96,7 +111,9 @@ def chain_columns(states: torch.Tensor) -> torch.Tensor:
     del ln
     norm_diff = torch.linalg.vector_norm(states[1:] - states[:-1], 2, -1)
     mean, rstd = mean.squeeze(-1), rstd.squeeze(-1)
-    return torch.stack((torch.ones_like(ln_diff), ln_diff, norm_diff, mean[:-1], mean[1:], rstd[:-1], rstd[1:]), -1)
+    return torch.stack(
+        (torch.ones_like(ln_diff), ln_diff, norm_diff, mean[:-1], mean[1:], rstd[:-1], rstd[1:]), -1
+    )
 
 
 class Transition:
@@ -108,7 +125,9 @@ class Transition:
         self.d = d
         self.weight, self.ln_diff_abs_sum, self.norm_diff = raw[..., 0], raw[..., 1], raw[..., 2]
         # ||x||^2 = d (var + mean^2), var = rstd^-2 - eps: last axis a, b
-        self.norm_sq = (raw[..., 5:7].pow(-2).sub_(LN_EPS) + raw[..., 3:5].square()).mul_(d).clamp_min_(0.0)
+        self.norm_sq = (
+            (raw[..., 5:7].pow(-2).sub_(LN_EPS) + raw[..., 3:5].square()).mul_(d).clamp_min_(0.0)
+        )
         self.norm_a, self.norm_b = self.norm_sq.sqrt().unbind(-1)
 
     @classmethod
@@ -185,4 +204,10 @@ class LnUpdate(TokenStat):
         return t.ln_diff_abs_sum / t.d
 
 
-TOKEN_STATS: tuple[TokenStat, ...] = (CosAdjacent(), RelativeUpdate(), NormSqPerDim(), LnUpdate(), AngularDistance())
+TOKEN_STATS: tuple[TokenStat, ...] = (
+    CosAdjacent(),
+    RelativeUpdate(),
+    NormSqPerDim(),
+    LnUpdate(),
+    AngularDistance(),
+)

@@ -50,7 +50,10 @@ class UpdateRatio(Quantity):
         self._probe = probe
         opt = probe.optimizer
         if opt is not None and not self._handles:
-            self._handles = [opt.register_step_pre_hook(self._before), opt.register_step_post_hook(self._after)]
+            self._handles = [
+                opt.register_step_pre_hook(self._before),
+                opt.register_step_post_hook(self._after),
+            ]
 
     def detach(self) -> None:
         for h in self._handles:
@@ -65,9 +68,11 @@ class UpdateRatio(Quantity):
         if label < probe.start_step:
             if not self._said:
                 self._said = True
-                warnings.warn("probe: optimizer.step() ran before the first probe.step(); update_ratio is recorded "
-                              "for updates after probe.step() (call it after backward, before optimizer.step())",
-                              stacklevel=4)
+                warnings.warn(
+                    "probe: optimizer.step() ran before the first probe.step(); update_ratio is recorded "
+                    "for updates after probe.step() (call it after backward, before optimizer.step())",
+                    stacklevel=4,
+                )
             return None
         return label if self.rule(label) else None
 
@@ -77,8 +82,10 @@ class UpdateRatio(Quantity):
             return
         with torch.no_grad():
             params = [p.detach() for p in self.setup.params.tensors()]
-            if self._snap is None or any(s.shape != p.shape or s.dtype != p.dtype or s.device != p.device
-                                         for s, p in zip(self._snap, params)):
+            if self._snap is None or any(
+                s.shape != p.shape or s.dtype != p.dtype or s.device != p.device
+                for s, p in zip(self._snap, params)
+            ):
                 self._snap = [torch.empty_like(p) for p in params]
             torch._foreach_copy_(self._snap, params)
             self._theta_sq = self._old_sq(params)
@@ -93,7 +100,9 @@ class UpdateRatio(Quantity):
             groups = self.setup.params.groups
             delta = groups.sum_squares(self._delta_sq(self._snap)).sqrt()
             theta = groups.sum_squares(self._theta_sq).sqrt()
-            self._pending = [(s, v) for s, v in self._pending if s != label] + [(label, delta / theta)]
+            self._pending = [(s, v) for s, v in self._pending if s != label] + [
+                (label, delta / theta)
+            ]
 
     # ---- export ---------------------------------------------------------------------------
 
@@ -108,7 +117,7 @@ class UpdateRatio(Quantity):
         n = len(self.setup.params.keys)
         out = []
         for i, (label, _) in enumerate(self._exporting):
-            for (pos, sub), v in zip(self.setup.params.keys, host[i * n:(i + 1) * n]):
+            for (pos, sub), v in zip(self.setup.params.keys, host[i * n : (i + 1) * n]):
                 b = self.setup.blocks[pos]
                 out.append(row(label, b.stack, b.index, sub, "-", self.name, v))
         return out

@@ -42,6 +42,8 @@ class W2GradNorm(Quantity):
         out = []
         for w, v, missing in zip(self.setup.params.w2, host, self._missing):
             b = self.setup.blocks[w.pos]
-            out.append(row(step, b.stack, b.index, w.path, "-", self.name, math.nan if missing else v))
+            out.append(
+                row(step, b.stack, b.index, w.path, "-", self.name, math.nan if missing else v)
+            )
         self.no_grad = sum(self._missing)
         return out

@@ -30,7 +30,17 @@ import numpy as np
 from ...analysis import regime
 from ...analysis.checks import Check
 from .checks import PAPER_BLEU, Cells, paper_checks, regime_checks, stream_checks
-from .runs import PLACEMENTS, RunSpec, calibration, depths, load_result, read_rows, run_stages, stage_a, stage_b
+from .runs import (
+    PLACEMENTS,
+    RunSpec,
+    calibration,
+    depths,
+    load_result,
+    read_rows,
+    run_stages,
+    stage_a,
+    stage_b,
+)
 from .streams import stream_summary
 from .task import references, task_data, unigram_loss
 
@@ -49,7 +59,9 @@ def finished(specs: Iterable[RunSpec], root: Path) -> dict[str, dict]:
     return {s.name: r for s in specs if (r := load_result(s, root)) is not None}
 
 
-def run(out: Path, quick: bool = False, workers: int | None = None, echo=print, train: bool = True) -> list[Check]:
+def run(
+    out: Path, quick: bool = False, workers: int | None = None, echo=print, train: bool = True
+) -> list[Check]:
     """Run (or resume) the grid into OUT/runs/translation/, then write tables, figures and checks.
 
     train=False writes them from the runs finished so far (a partial grid), training nothing.
@@ -82,41 +94,82 @@ def run(out: Path, quick: bool = False, workers: int | None = None, echo=print, 
     planned = first + stage_b(quick, lr)
     missing = [s.name for s in planned if s.name not in results]
     if missing:
-        echo(f"translation: {len(missing)} of {len(planned)} runs not finished: {', '.join(missing)}")
+        echo(
+            f"translation: {len(missing)} of {len(planned)} runs not finished: {', '.join(missing)}"
+        )
     specs = [s for s in planned if s.name in results]
     return write_results(out, specs, results, lr, why, quick, wall, workers, missing, root, train)
 
 
-def write_results(out: Path, specs: list[RunSpec], results: dict[str, dict], lr: float, why: str, quick: bool,
-                  wall: float, workers: int, missing: list[str], root: Path, trained: bool = True) -> list[Check]:
+def write_results(
+    out: Path,
+    specs: list[RunSpec],
+    results: dict[str, dict],
+    lr: float,
+    why: str,
+    quick: bool,
+    wall: float,
+    workers: int,
+    missing: list[str],
+    root: Path,
+    trained: bool = True,
+) -> list[Check]:
     from ...output import write_csv, write_json
 
     data = task_data(specs[0].max_bytes)
     unigram = unigram_loss(data)
     refs = references(data.heldout)
     cells = Cells([results[s.name] for s in specs], refs, unigram)
-    curves = {s.name: [{k: float(v) if v not in ("", None) else math.nan for k, v in r.items()}
-                       for r in read_rows(root / s.name / "curve.csv")] for s in specs}
+    curves = {
+        s.name: [
+            {k: float(v) if v not in ("", None) else math.nan for k, v in r.items()}
+            for r in read_rows(root / s.name / "curve.csv")
+        ]
+        for s in specs
+    }
     names: dict[tuple, dict[int, str]] = defaultdict(dict)
     for s in specs:
         names[s.cell][s.seed] = s.name
 
-    runs = [dict(run=s.name, depth=s.depth, placement=s.placement, warmup="yes" if s.warmup else "no", lr=s.lr,
-                 alpha=s.alpha, seed=s.seed, heldout_loss=results[s.name]["heldout_loss"],
-                 heldout_acc=results[s.name]["heldout_acc"], bleu=results[s.name]["bleu"],
-                 failed="yes" if cells.failed(results[s.name]) else "no",
-                 tail_improvement=regime.tail_improvement(curves[s.name]),
-                 diverged_at_step="" if results[s.name]["diverged_at_step"] is None else results[s.name]["diverged_at_step"],
-                 train_seconds=results[s.name]["train_seconds"]) for s in specs]
+    runs = [
+        dict(
+            run=s.name,
+            depth=s.depth,
+            placement=s.placement,
+            warmup="yes" if s.warmup else "no",
+            lr=s.lr,
+            alpha=s.alpha,
+            seed=s.seed,
+            heldout_loss=results[s.name]["heldout_loss"],
+            heldout_acc=results[s.name]["heldout_acc"],
+            bleu=results[s.name]["bleu"],
+            failed="yes" if cells.failed(results[s.name]) else "no",
+            tail_improvement=regime.tail_improvement(curves[s.name]),
+            diverged_at_step=""
+            if results[s.name]["diverged_at_step"] is None
+            else results[s.name]["diverged_at_step"],
+            train_seconds=results[s.name]["train_seconds"],
+        )
+        for s in specs
+    ]
     table = table_rows(runs)
     write_csv(out / "translation_runs.csv", runs, list(runs[0]))
     write_csv(out / "translation_table.csv", table, list(table[0]))
     cal_names = {s.name for s in calibration(quick)}
-    write_csv(out / "translation_calibration.csv", [r for r in runs if r["run"] in cal_names], list(runs[0]))
-    write_csv(out / "translation_curves.csv", [dict(run=n, **r) for n, rs in curves.items() for r in rs],
-              ("run", "step", "lr", "train_loss", "heldout_loss", "heldout_acc", "bleu"))
+    write_csv(
+        out / "translation_calibration.csv",
+        [r for r in runs if r["run"] in cal_names],
+        list(runs[0]),
+    )
+    write_csv(
+        out / "translation_curves.csv",
+        [dict(run=n, **r) for n, rs in curves.items() for r in rs],
+        ("run", "step", "lr", "train_loss", "heldout_loss", "heldout_acc", "bleu"),
+    )
     probes = {s.name: read_rows(root / s.name / "probe.csv") for s in specs}
-    streams = {s.name: read_rows(root / s.name / "streams.csv") for s in specs if s.placement == "residual"}
+    streams = {
+        s.name: read_rows(root / s.name / "streams.csv") for s in specs if s.placement == "residual"
+    }
     # an extract of the probe logs (the full logs stay in runs/): the BLEU points (every bleu_every
     # steps) and the last recorded step, at the main lr, values to 6 significant digits, so the
     # committed table stays small (~1 MB for the full grid)
@@ -125,42 +178,77 @@ def write_results(out: Path, specs: list[RunSpec], results: dict[str, dict], lr:
         rs = probes[s.name]
         if rs and s.lr == lr and s.alpha == 1.0:
             last = max(int(r["step"]) for r in rs)
-            probe_rows += [{"run": s.name, **r, "value": f"{float(r['value']):.6g}"} for r in rs
-                           if int(r["step"]) % s.bleu_every == 0 or int(r["step"]) == last]
-    write_csv(out / "translation_probe.csv", probe_rows,
-              ("run", "step", "stack", "layer", "sublayer", "stream", "metric", "value"))
-    write_csv(out / "translation_streams.csv", [dict(run=n, **r) for n, rs in streams.items() for r in rs],
-              ("run", "step", "stack", "layer", "quantity", "value"))
+            probe_rows += [
+                {"run": s.name, **r, "value": f"{float(r['value']):.6g}"}
+                for r in rs
+                if int(r["step"]) % s.bleu_every == 0 or int(r["step"]) == last
+            ]
+    write_csv(
+        out / "translation_probe.csv",
+        probe_rows,
+        ("run", "step", "stack", "layer", "sublayer", "stream", "metric", "value"),
+    )
+    write_csv(
+        out / "translation_streams.csv",
+        [dict(run=n, **r) for n, rs in streams.items() for r in rs],
+        ("run", "step", "stack", "layer", "quantity", "value"),
+    )
 
     n0, n1 = depths(quick)
     size = f"Pig Latin seq2seq, d {specs[0].d_model}, {specs[0].steps} steps, dropout {specs[0].dropout:g}"
     checks, gate = regime_checks(cells, curves, names, n0, lr, why, size)
     checks += paper_checks(cells, n0, n1, lr, f"{size}, main lr {lr:g}", gate)
-    res_runs = {f"E{n}D{n}, warm-up, seed 0": RunSpec("residual", n, True, lr=lr, seed=0, **_common(specs)).name
-                for n in (n0, n1)}
+    res_runs = {
+        f"E{n}D{n}, warm-up, seed 0": RunSpec(
+            "residual", n, True, lr=lr, seed=0, **_common(specs)
+        ).name
+        for n in (n0, n1)
+    }
     summaries = {label: stream_summary(streams.get(name, [])) for label, name in res_runs.items()}
     checks += stream_checks(summaries, f"{size}, main lr {lr:g}")
 
     from .figures import draw
 
     draw(out, specs, table, runs, curves, probes, streams, lr, n0, n1, res_runs, gate)
-    write_json(out / "translation.json", dict(
-        study="translation", quick=quick, workers=workers, unigram_loss=unigram,
-        # this call's wall time when it trained; a --partial write trains nothing: None
-        wall_seconds=round(wall, 1) if trained else None,
-        train_seconds_total=round(sum(results[s.name]["train_seconds"] for s in specs), 1),
-        main_lr=lr, lr_rule=why, gate_passed=gate, missing_runs=missing,
-        sentences=dict(train=data.sentences[0], heldout=data.sentences[1]),
-        units=dict(train=sum(map(len, data.train.values())), heldout=len(data.heldout)),
-        runs={n: {k: v for k, v in r.items() if k != "hypotheses"} for n, r in results.items()}))
+    write_json(
+        out / "translation.json",
+        dict(
+            study="translation",
+            quick=quick,
+            workers=workers,
+            unigram_loss=unigram,
+            # this call's wall time when it trained; a --partial write trains nothing: None
+            wall_seconds=round(wall, 1) if trained else None,
+            train_seconds_total=round(sum(results[s.name]["train_seconds"] for s in specs), 1),
+            main_lr=lr,
+            lr_rule=why,
+            gate_passed=gate,
+            missing_runs=missing,
+            sentences=dict(train=data.sentences[0], heldout=data.sentences[1]),
+            units=dict(train=sum(map(len, data.train.values())), heldout=len(data.heldout)),
+            runs={n: {k: v for k, v in r.items() if k != "hypotheses"} for n, r in results.items()},
+        ),
+    )
     return checks
 
 
 def _common(specs: list[RunSpec]) -> dict:
     """The size fields every run shares (quick or full), to name a run of the grid."""
     s = asdict(specs[0])
-    return {k: s[k] for k in ("steps", "warmup_steps", "d_model", "heads", "ffn", "batch", "eval_every",
-                              "bleu_every", "probe_every")}
+    return {
+        k: s[k]
+        for k in (
+            "steps",
+            "warmup_steps",
+            "d_model",
+            "heads",
+            "ffn",
+            "batch",
+            "eval_every",
+            "bleu_every",
+            "probe_every",
+        )
+    }
 
 
 def table_rows(runs: list[dict]) -> list[dict]:
@@ -169,14 +257,29 @@ def table_rows(runs: list[dict]) -> list[dict]:
     for r in runs:
         groups[r["depth"], r["placement"], r["warmup"], r["lr"], r["alpha"]].append(r)
     out = []
-    order = lambda kv: (kv[0][0], kv[0][2] == "no", kv[0][3], kv[0][4] != 1.0, PLACEMENTS.index(kv[0][1]))  # noqa: E731
+
+    def order(kv):
+        (n, p, w, lr, alpha), _ = kv
+        return n, w == "no", lr, alpha != 1.0, PLACEMENTS.index(p)
+
     for (n, p, w, lr, alpha), rs in sorted(groups.items(), key=order):
         bleu = np.array([r["bleu"] for r in rs])
         paper = PAPER_BLEU.get((n, p, w == "yes")) if alpha == 1.0 else None
-        out.append(dict(model=f"E{n}D{n}", placement=p, warmup=w, lr=lr, alpha=alpha, seeds=len(rs),
-                        bleu_mean=float(bleu.mean()), bleu_sd=float(bleu.std(ddof=1)) if len(rs) > 1 else math.nan,
-                        bleu_per_seed=" ".join(f"{b:.2f}" for b in bleu),
-                        heldout_loss=float(np.mean([r["heldout_loss"] for r in rs])),
-                        heldout_acc=float(np.mean([r["heldout_acc"] for r in rs])),
-                        failed=sum(r["failed"] == "yes" for r in rs), paper_bleu="" if paper is None else paper))
+        out.append(
+            dict(
+                model=f"E{n}D{n}",
+                placement=p,
+                warmup=w,
+                lr=lr,
+                alpha=alpha,
+                seeds=len(rs),
+                bleu_mean=float(bleu.mean()),
+                bleu_sd=float(bleu.std(ddof=1)) if len(rs) > 1 else math.nan,
+                bleu_per_seed=" ".join(f"{b:.2f}" for b in bleu),
+                heldout_loss=float(np.mean([r["heldout_loss"] for r in rs])),
+                heldout_acc=float(np.mean([r["heldout_acc"] for r in rs])),
+                failed=sum(r["failed"] == "yes" for r in rs),
+                paper_bleu="" if paper is None else paper,
+            )
+        )
     return out

@@ -18,10 +18,18 @@ FAILED_BLEU = 1.0  # below this held-out BLEU a run has not learned to translate
 
 # The paper's Table (IWSLT'14 De-En BLEU); None: not reported, "fail": did not train.
 PAPER_BLEU = {
-    (6, "post-ln", True): 35.37, (6, "pre-ln", True): 35.12, (6, "residual", True): 35.63,
-    (12, "post-ln", True): "fail", (12, "pre-ln", True): 35.18, (12, "residual", True): 36.09,
-    (6, "post-ln", False): None, (6, "pre-ln", False): 32.28, (6, "residual", False): 35.76,
-    (12, "post-ln", False): None, (12, "pre-ln", False): 31.82, (12, "residual", False): 35.57,
+    (6, "post-ln", True): 35.37,
+    (6, "pre-ln", True): 35.12,
+    (6, "residual", True): 35.63,
+    (12, "post-ln", True): "fail",
+    (12, "pre-ln", True): 35.18,
+    (12, "residual", True): 36.09,
+    (6, "post-ln", False): None,
+    (6, "pre-ln", False): 32.28,
+    (6, "residual", False): 35.76,
+    (12, "post-ln", False): None,
+    (12, "pre-ln", False): 31.82,
+    (12, "residual", False): 35.57,
 }
 
 
@@ -42,7 +50,11 @@ class Cells:
         """Did not learn to translate: diverged, held-out loss no better than the unigram frequencies,
         or held-out BLEU under FAILED_BLEU (its decodes share almost no n-grams with the references:
         a target-side language model that ignores the source gets there)."""
-        return not (math.isfinite(r["heldout_loss"]) and r["heldout_loss"] < self.unigram and r["bleu"] >= FAILED_BLEU)
+        return not (
+            math.isfinite(r["heldout_loss"])
+            and r["heldout_loss"] < self.unigram
+            and r["bleu"] >= FAILED_BLEU
+        )
 
     def bleu(self, cell) -> float:
         rs = self.get(*cell)
@@ -51,96 +63,228 @@ class Cells:
     def pairs(self, a, b) -> list[significance.Paired]:
         """Paired bootstrap of cell a against cell b, one per seed both have."""
         ra, rb = self.get(*a), self.get(*b)
-        return [significance.paired_bleu(ra[s]["hypotheses"], rb[s]["hypotheses"], self.refs)
-                for s in sorted(set(ra) & set(rb))]
+        return [
+            significance.paired_bleu(ra[s]["hypotheses"], rb[s]["hypotheses"], self.refs)
+            for s in sorted(set(ra) & set(rb))
+        ]
 
 
 def _cell_text(depth, placement, warmup, lr, alpha=1.0) -> str:
     return f"E{depth}D{depth} {placement}, {'warm-up' if warmup else 'no warm-up'}, lr {lr:g}" + (
-        "" if alpha == 1.0 else f", alpha {alpha:g}")
+        "" if alpha == 1.0 else f", alpha {alpha:g}"
+    )
 
 
 def compare(cells: Cells, statement: str, setting: str, placement: str, paper: str, a, b) -> Check:
     """The claim "a > b" (BLEU), resolved beyond sentence and seed noise."""
     pairs = cells.pairs(a, b)
-    measured = (f"{cells.bleu(a):.2f} vs {cells.bleu(b):.2f}; {significance.describe(pairs)}" if pairs
-                else "not run")
-    return Check(statement, setting, placement, paper, measured,
-                 significance.resolve(pairs) if pairs else "not run")
+    measured = (
+        f"{cells.bleu(a):.2f} vs {cells.bleu(b):.2f}; {significance.describe(pairs)}"
+        if pairs
+        else "not run"
+    )
+    return Check(
+        statement,
+        setting,
+        placement,
+        paper,
+        measured,
+        significance.resolve(pairs) if pairs else "not run",
+    )
 
 
-def regime_checks(cells: Cells, curves: dict[str, list[dict]], names: dict[tuple, dict[int, str]], n0: int,
-                  lr: float, lr_rule: str, setting: str) -> tuple[list[Check], bool]:
+def regime_checks(
+    cells: Cells,
+    curves: dict[str, list[dict]],
+    names: dict[tuple, dict[int, str]],
+    n0: int,
+    lr: float,
+    lr_rule: str,
+    setting: str,
+) -> tuple[list[Check], bool]:
     """The rules the regime was chosen by, the gate, and the baselines' known facts. Returns the
     rows and whether the gate passed (at the main lr, seed means)."""
-    arms = sorted({k[3] for k in cells.runs if k[0] == n0 and k[2] and 0 in cells.get(n0, "pre-ln", True, k[3])
-                   and 0 in cells.get(n0, "post-ln", True, k[3])})
-    passing = [a for a in arms if regime.gate_passes(cells.get(n0, "post-ln", True, a)[0]["bleu"],
-                                                     cells.get(n0, "pre-ln", True, a)[0]["bleu"])]
-    rows = [Check(f"Some peak lr lets the baselines pass the gate (calibration: E{n0}D{n0}, warm-up, seed 0); the "
-                  "main lr is the largest such", setting, "post-ln, pre-ln",
-                  "rule: largest lr at which the gate passes (else the smallest gap, outside the paper's regime)",
-                  f"lr {lr:g}: {lr_rule}", ("yes" if passing else "no") if arms else "not run")]
+    arms = sorted(
+        {
+            k[3]
+            for k in cells.runs
+            if k[0] == n0
+            and k[2]
+            and 0 in cells.get(n0, "pre-ln", True, k[3])
+            and 0 in cells.get(n0, "post-ln", True, k[3])
+        }
+    )
+    passing = [
+        a
+        for a in arms
+        if regime.gate_passes(
+            cells.get(n0, "post-ln", True, a)[0]["bleu"],
+            cells.get(n0, "pre-ln", True, a)[0]["bleu"],
+        )
+    ]
+    rows = [
+        Check(
+            f"Some peak lr lets the baselines pass the gate (calibration: E{n0}D{n0}, warm-up, seed 0); the "
+            "main lr is the largest such",
+            setting,
+            "post-ln, pre-ln",
+            "rule: largest lr at which the gate passes (else the smallest gap, outside the paper's regime)",
+            f"lr {lr:g}: {lr_rule}",
+            ("yes" if passing else "no") if arms else "not run",
+        )
+    ]
     tail = {}
     for p in ("pre-ln", "post-ln"):
         for s, name in sorted(names.get((n0, p, True, lr, 1.0), {}).items()):
             tail[p, s] = regime.tail_improvement(curves.get(name, []))
     pre = [v for (p, _), v in tail.items() if p == "pre-ln"]
     text = "; ".join(f"{p} s{s}: {100 * v:.2f} %" for (p, s), v in sorted(tail.items()))
-    rows.append(Check(
-        f"The step budget lets training level off (held-out loss improves < {100 * regime.CONVERGED_REL:g} % over the "
-        f"last {100 * regime.CONVERGED_TAIL:g} % of steps)", setting, "pre-ln",
-        "Pre-LN E6D6 with warm-up, every seed, at the main lr", text or "not run",
-        ("yes" if all(v < regime.CONVERGED_REL for v in pre) else "no") if pre else "not run"))
+    rows.append(
+        Check(
+            f"The step budget lets training level off (held-out loss improves < {100 * regime.CONVERGED_REL:g} % over the "
+            f"last {100 * regime.CONVERGED_TAIL:g} % of steps)",
+            setting,
+            "pre-ln",
+            "Pre-LN E6D6 with warm-up, every seed, at the main lr",
+            text or "not run",
+            ("yes" if all(v < regime.CONVERGED_REL for v in pre) else "no") if pre else "not run",
+        )
+    )
     post, pre_c = (n0, "post-ln", True, lr), (n0, "pre-ln", True, lr)
     pb, qb = cells.bleu(post), cells.bleu(pre_c)
     pairs = cells.pairs(post, pre_c)
     passed = regime.gate_passes(pb, qb)
-    rows.append(Check(
-        f"Gate: Post-LN E{n0}D{n0} with warm-up trains as well as Pre-LN (within {regime.GATE_BLEU:g} BLEU)",
-        setting, "post-ln", "paper: 35.37 vs 35.12",
-        f"{pb:.2f} vs {qb:.2f}; {significance.describe(pairs)}" if pairs else "not run",
-        ("yes" if passed else "no") if pairs else "not run"))
+    rows.append(
+        Check(
+            f"Gate: Post-LN E{n0}D{n0} with warm-up trains as well as Pre-LN (within {regime.GATE_BLEU:g} BLEU)",
+            setting,
+            "post-ln",
+            "paper: 35.37 vs 35.12",
+            f"{pb:.2f} vs {qb:.2f}; {significance.describe(pairs)}" if pairs else "not run",
+            ("yes" if passed else "no") if pairs else "not run",
+        )
+    )
     nw = cells.get(n0, "pre-ln", False, lr)
-    rows.append(Check(
-        f"Pre-LN E{n0}D{n0} trains without warm-up (BLEU >= {FAILED_BLEU:g}, held-out loss below the unigram "
-        f"loss {cells.unigram:.2f})",
-        setting, "pre-ln", "field: Pre-LN needs no warm-up (Xiong et al. 2020)",
-        ", ".join(f"s{s}: loss {fmt(r['heldout_loss'])}, BLEU {r['bleu']:.2f}" for s, r in sorted(nw.items()))
-        or "not run", ("yes" if not any(cells.failed(r) for r in nw.values()) else "no") if nw else "not run"))
+    rows.append(
+        Check(
+            f"Pre-LN E{n0}D{n0} trains without warm-up (BLEU >= {FAILED_BLEU:g}, held-out loss below the unigram "
+            f"loss {cells.unigram:.2f})",
+            setting,
+            "pre-ln",
+            "field: Pre-LN needs no warm-up (Xiong et al. 2020)",
+            ", ".join(
+                f"s{s}: loss {fmt(r['heldout_loss'])}, BLEU {r['bleu']:.2f}"
+                for s, r in sorted(nw.items())
+            )
+            or "not run",
+            ("yes" if not any(cells.failed(r) for r in nw.values()) else "no") if nw else "not run",
+        )
+    )
     return rows, passed
 
 
-def paper_checks(cells: Cells, n0: int, n1: int, lr: float, setting: str, gate_passed: bool) -> list[Check]:
+def paper_checks(
+    cells: Cells, n0: int, n1: int, lr: float, setting: str, gate_passed: bool
+) -> list[Check]:
     """The paper's claims, each at the main lr (the E6D6 warm-up ones at every lr arm)."""
     where = setting if gate_passed else setting + "; OUTSIDE the paper's regime: the gate failed"
     rows = []
     for arm in sorted({k[3] for k in cells.runs if k[0] == n0 and k[2]}):
-        rows.append(compare(cells, f"ResiDual > Post-LN at E{n0}D{n0} (warm-up, lr {arm:g})", where, "residual",
-                            "paper: 35.63 vs 35.37", (n0, "residual", True, arm), (n0, "post-ln", True, arm)))
-        rows.append(compare(cells, f"ResiDual > Pre-LN at E{n0}D{n0} (warm-up, lr {arm:g})", where, "residual",
-                            "paper: 35.63 vs 35.12", (n0, "residual", True, arm), (n0, "pre-ln", True, arm)))
+        rows.append(
+            compare(
+                cells,
+                f"ResiDual > Post-LN at E{n0}D{n0} (warm-up, lr {arm:g})",
+                where,
+                "residual",
+                "paper: 35.63 vs 35.37",
+                (n0, "residual", True, arm),
+                (n0, "post-ln", True, arm),
+            )
+        )
+        rows.append(
+            compare(
+                cells,
+                f"ResiDual > Pre-LN at E{n0}D{n0} (warm-up, lr {arm:g})",
+                where,
+                "residual",
+                "paper: 35.63 vs 35.12",
+                (n0, "residual", True, arm),
+                (n0, "pre-ln", True, arm),
+            )
+        )
     post1 = cells.get(n1, "post-ln", True, lr)
     nfail = sum(cells.failed(r) for r in post1.values())
-    rows.append(Check(
-        f"Post-LN fails to train at E{n1}D{n1} (warm-up)", where, "post-ln", "paper: fails",
-        f"failed seeds {nfail}/{len(post1)} (BLEU < {FAILED_BLEU:g}, loss >= unigram or diverged); BLEU "
-        + " ".join(f"{r['bleu']:.2f}" for _, r in sorted(post1.items())),
-        ("yes" if nfail == len(post1) else "no" if nfail == 0 else "not resolved") if post1 else "not run"))
-    rows.append(compare(cells, f"ResiDual > Post-LN at E{n1}D{n1} (warm-up)", where, "residual",
-                        "paper: 36.09 vs fail", (n1, "residual", True, lr), (n1, "post-ln", True, lr)))
-    rows.append(compare(cells, f"ResiDual > Pre-LN at E{n1}D{n1} (warm-up)", where, "residual",
-                        "paper: 36.09 vs 35.18", (n1, "residual", True, lr), (n1, "pre-ln", True, lr)))
-    for n, paper_pre, paper_res in ((n0, "32.28 vs 35.12", "35.76 vs 35.63"), (n1, "31.82 vs 35.18", "35.57 vs 36.09")):
-        pre = compare(cells, f"Pre-LN loses BLEU without warm-up at E{n}D{n}", where, "pre-ln",
-                      f"paper: {paper_pre}", (n, "pre-ln", True, lr), (n, "pre-ln", False, lr))
+    rows.append(
+        Check(
+            f"Post-LN fails to train at E{n1}D{n1} (warm-up)",
+            where,
+            "post-ln",
+            "paper: fails",
+            f"failed seeds {nfail}/{len(post1)} (BLEU < {FAILED_BLEU:g}, loss >= unigram or diverged); BLEU "
+            + " ".join(f"{r['bleu']:.2f}" for _, r in sorted(post1.items())),
+            ("yes" if nfail == len(post1) else "no" if nfail == 0 else "not resolved")
+            if post1
+            else "not run",
+        )
+    )
+    rows.append(
+        compare(
+            cells,
+            f"ResiDual > Post-LN at E{n1}D{n1} (warm-up)",
+            where,
+            "residual",
+            "paper: 36.09 vs fail",
+            (n1, "residual", True, lr),
+            (n1, "post-ln", True, lr),
+        )
+    )
+    rows.append(
+        compare(
+            cells,
+            f"ResiDual > Pre-LN at E{n1}D{n1} (warm-up)",
+            where,
+            "residual",
+            "paper: 36.09 vs 35.18",
+            (n1, "residual", True, lr),
+            (n1, "pre-ln", True, lr),
+        )
+    )
+    for n, paper_pre, paper_res in (
+        (n0, "32.28 vs 35.12", "35.76 vs 35.63"),
+        (n1, "31.82 vs 35.18", "35.57 vs 36.09"),
+    ):
+        pre = compare(
+            cells,
+            f"Pre-LN loses BLEU without warm-up at E{n}D{n}",
+            where,
+            "pre-ln",
+            f"paper: {paper_pre}",
+            (n, "pre-ln", True, lr),
+            (n, "pre-ln", False, lr),
+        )
         rows.append(pre)
-        rows.append(compare(cells, f"ResiDual without warm-up > Pre-LN without warm-up at E{n}D{n}", where,
-                            "residual", f"paper: {paper_res.split(' vs ')[0]} vs {paper_pre.split(' vs ')[0]}",
-                            (n, "residual", False, lr), (n, "pre-ln", False, lr)))
-    rows.append(compare(cells, f"ResiDual's alpha*x output term helps at E{n0}D{n0} (alpha 1 > alpha 0, warm-up)",
-                        where, "residual", "the paper's default alpha = 1",
-                        (n0, "residual", True, lr, 1.0), (n0, "residual", True, lr, 0.0)))
+        rows.append(
+            compare(
+                cells,
+                f"ResiDual without warm-up > Pre-LN without warm-up at E{n}D{n}",
+                where,
+                "residual",
+                f"paper: {paper_res.split(' vs ')[0]} vs {paper_pre.split(' vs ')[0]}",
+                (n, "residual", False, lr),
+                (n, "pre-ln", False, lr),
+            )
+        )
+    rows.append(
+        compare(
+            cells,
+            f"ResiDual's alpha*x output term helps at E{n0}D{n0} (alpha 1 > alpha 0, warm-up)",
+            where,
+            "residual",
+            "the paper's default alpha = 1",
+            (n0, "residual", True, lr, 1.0),
+            (n0, "residual", True, lr, 0.0),
+        )
+    )
     return rows
 
 
@@ -155,11 +299,18 @@ def stream_checks(summary: dict[str, dict[int, dict]], setting: str) -> list[Che
         steps = sorted(per_step)
         first = next((s for s in steps if s > 0), steps[0])
         last = steps[-1]
-        series = ", ".join(f"step {s}: x {per_step[s]['ablate_x']:+.3f} / d {per_step[s]['ablate_d']:+.3f}"
-                           for s in steps)
-        rows.append(Check(
-            f"ResiDual's alpha*x term carries more of the output late in training than early ({label})", setting,
-            "residual", "held-out loss increase from mean-ablating alpha*x grows from the first to the last BLEU point",
-            f"nats, x / d ablated: {series}",
-            "yes" if per_step[last]["ablate_x"] > per_step[first]["ablate_x"] else "no"))
+        series = ", ".join(
+            f"step {s}: x {per_step[s]['ablate_x']:+.3f} / d {per_step[s]['ablate_d']:+.3f}"
+            for s in steps
+        )
+        rows.append(
+            Check(
+                f"ResiDual's alpha*x term carries more of the output late in training than early ({label})",
+                setting,
+                "residual",
+                "held-out loss increase from mean-ablating alpha*x grows from the first to the last BLEU point",
+                f"nats, x / d ablated: {series}",
+                "yes" if per_step[last]["ablate_x"] > per_step[first]["ablate_x"] else "no",
+            )
+        )
     return rows

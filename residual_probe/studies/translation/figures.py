@@ -11,11 +11,18 @@ from typing import Iterable
 from .runs import PLACEMENTS, RunSpec
 
 
-def profile(rows: Iterable[dict], metric: str, stack: str, stream: str = "x") -> dict[int, dict[int, float]]:
+def profile(
+    rows: Iterable[dict], metric: str, stack: str, stream: str = "x"
+) -> dict[int, dict[int, float]]:
     """{step: {block: value}} of one probe metric (param_grad_norm: whole block)."""
     out: dict[int, dict[int, float]] = defaultdict(dict)
     for r in rows:
-        if r["metric"] == metric and r["stack"] == stack and r["stream"] in (stream, "-") and r["sublayer"] == "block":
+        if (
+            r["metric"] == metric
+            and r["stack"] == stack
+            and r["stream"] in (stream, "-")
+            and r["sublayer"] == "block"
+        ):
             out[int(r["step"])][int(r["layer"])] = float(r["value"])
     return dict(out)
 
@@ -25,9 +32,27 @@ def first_last(prof: dict[int, dict[int, float]]) -> dict[int, float]:
     return {s: v[min(v)] / v[max(v)] if v[max(v)] else math.nan for s, v in sorted(prof.items())}
 
 
-def draw(out: Path, specs: list[RunSpec], table, runs, curves, probes, streams, lr: float, n0: int, n1: int,
-         res_runs: dict[str, str], gate: bool) -> None:
-    from ...plots.translation import plot_bleu, plot_curves, plot_gradients, plot_influence, plot_streams
+def draw(
+    out: Path,
+    specs: list[RunSpec],
+    table,
+    runs,
+    curves,
+    probes,
+    streams,
+    lr: float,
+    n0: int,
+    n1: int,
+    res_runs: dict[str, str],
+    gate: bool,
+) -> None:
+    from ...plots.translation import (
+        plot_bleu,
+        plot_curves,
+        plot_gradients,
+        plot_influence,
+        plot_streams,
+    )
 
     size = f"d {specs[0].d_model}, {specs[0].steps} steps, dropout {specs[0].dropout:g}"
     note = "" if gate else " [gate failed: outside the paper's regime]"
@@ -36,29 +61,70 @@ def draw(out: Path, specs: list[RunSpec], table, runs, curves, probes, streams, 
     plot_bleu(table, runs, PAPER_BLEU, out / "translation_bleu")
     main = [s for s in specs if s.lr == lr and s.alpha == 1.0]
     spec_rows = {s.name: asdict(s) for s in main}
-    plot_curves({s.name: curves[s.name] for s in main}, spec_rows, out / "translation_curves",
-                title=f"Held-out loss (teacher-forced, no label smoothing), peak lr {lr:g}{note}")
-    plot_curves({s.name: curves[s.name] for s in main}, spec_rows, out / "translation_bleu_curves", column="bleu",
-                title=f"Held-out BLEU over training (greedy decodes of every held-out unit), peak lr {lr:g}{note}")
-    deep = {p: next((s.name for s in main if s.depth == n1 and s.placement == p and s.warmup and s.seed == 0), None)
-            for p in PLACEMENTS}
+    plot_curves(
+        {s.name: curves[s.name] for s in main},
+        spec_rows,
+        out / "translation_curves",
+        title=f"Held-out loss (teacher-forced, no label smoothing), peak lr {lr:g}{note}",
+    )
+    plot_curves(
+        {s.name: curves[s.name] for s in main},
+        spec_rows,
+        out / "translation_bleu_curves",
+        column="bleu",
+        title=f"Held-out BLEU over training (greedy decodes of every held-out unit), peak lr {lr:g}{note}",
+    )
+    deep = {
+        p: next(
+            (
+                s.name
+                for s in main
+                if s.depth == n1 and s.placement == p and s.warmup and s.seed == 0
+            ),
+            None,
+        )
+        for p in PLACEMENTS
+    }
     profiles, influence = {}, {}
     for p, name in deep.items():
         for stack in ("encoder", "decoder"):
             prof = profile(probes.get(name, []), "param_grad_norm", stack)
             steps = sorted(prof)
-            pick = sorted({steps[0], steps[min(1, len(steps) - 1)], steps[len(steps) // 4], steps[-1]}) if steps else []
+            pick = (
+                sorted({steps[0], steps[min(1, len(steps) - 1)], steps[len(steps) // 4], steps[-1]})
+                if steps
+                else []
+            )
             profiles[f"{p} {stack}"] = {s: prof[s] for s in pick}
-            for stream in (("x", "d") if p == "residual" else ("x",)):
+            for stream in ("x", "d") if p == "residual" else ("x",):
                 inf = profile(probes.get(name, []), "block_influence", stack, stream)
                 if inf:
                     influence.setdefault(p, {})[f"{stack} {stream}"] = inf[max(inf)]
-    ratios = {f"{s.placement} {'warm-up' if s.warmup else 'no warm-up'} s{s.seed}":
-              {st: first_last(profile(probes[s.name], "param_grad_norm", st)) for st in ("encoder", "decoder")}
-              for s in main if s.depth == n1}
-    plot_gradients(profiles, ratios, f"E{n1}D{n1} during training ({size}, lr {lr:g}); profiles: warm-up, seed 0",
-                   out / "translation_grads")
-    plot_influence(influence, f"Block influence at the last recorded step, E{n1}D{n1}, warm-up, seed 0 "
-                   "(training batches, dropout on)", out / "translation_collapse")
-    plot_streams({label: [r for r in streams.get(name, []) if r["stack"] == "decoder"]
-                  for label, name in res_runs.items() if streams.get(name)}, out / "translation_streams")
+    ratios = {
+        f"{s.placement} {'warm-up' if s.warmup else 'no warm-up'} s{s.seed}": {
+            st: first_last(profile(probes[s.name], "param_grad_norm", st))
+            for st in ("encoder", "decoder")
+        }
+        for s in main
+        if s.depth == n1
+    }
+    plot_gradients(
+        profiles,
+        ratios,
+        f"E{n1}D{n1} during training ({size}, lr {lr:g}); profiles: warm-up, seed 0",
+        out / "translation_grads",
+    )
+    plot_influence(
+        influence,
+        f"Block influence at the last recorded step, E{n1}D{n1}, warm-up, seed 0 "
+        "(training batches, dropout on)",
+        out / "translation_collapse",
+    )
+    plot_streams(
+        {
+            label: [r for r in streams.get(name, []) if r["stack"] == "decoder"]
+            for label, name in res_runs.items()
+            if streams.get(name)
+        },
+        out / "translation_streams",
+    )

@@ -42,7 +42,9 @@ class RunSpec:
     heads: int = 4
     ffn: int = 256
     batch: int = 32
-    dropout: float = 0.1  # 0.3 in the released config at d 512: at d 64 it stops Post-LN (docs/results.md)
+    dropout: float = (
+        0.1  # 0.3 in the released config at d 512: at d 64 it stops Post-LN (docs/results.md)
+    )
     attention_dropout: float = 0.1
     activation_dropout: float = 0.1
     label_smoothing: float = 0.1
@@ -51,12 +53,16 @@ class RunSpec:
     bleu_every: int = 500
     probe_every: int = 10
     max_bytes: int = 32
-    alpha: float = 1.0  # ResiDual's weight of x in alpha * x + LN_f(d); 0 is the ablation without the x term
+    alpha: float = (
+        1.0  # ResiDual's weight of x in alpha * x + LN_f(d); 0 is the ablation without the x term
+    )
 
     @property
     def name(self) -> str:
-        return (f"E{self.depth}D{self.depth}-{self.placement}-{'warmup' if self.warmup else 'nowarmup'}"
-                f"-lr{self.lr:g}-s{self.seed}" + ("" if self.alpha == 1.0 else f"-alpha{self.alpha:g}"))
+        return (
+            f"E{self.depth}D{self.depth}-{self.placement}-{'warmup' if self.warmup else 'nowarmup'}"
+            f"-lr{self.lr:g}-s{self.seed}" + ("" if self.alpha == 1.0 else f"-alpha{self.alpha:g}")
+        )
 
     @property
     def cell(self) -> tuple:
@@ -71,10 +77,19 @@ class RunSpec:
         from ...models import ModelConfig
 
         # the paper's IWSLT model (ModelConfig.iwslt) at this width and depth
-        return ModelConfig.iwslt(placement=self.placement, depth=self.depth, d_model=self.d_model, heads=self.heads,
-                                 ffn=self.ffn, dropout=self.dropout, attention_dropout=self.attention_dropout,
-                                 activation_dropout=self.activation_dropout, max_len=64, alpha=self.alpha,
-                                 vocab_size=len(task_data(self.max_bytes).vocab))
+        return ModelConfig.iwslt(
+            placement=self.placement,
+            depth=self.depth,
+            d_model=self.d_model,
+            heads=self.heads,
+            ffn=self.ffn,
+            dropout=self.dropout,
+            attention_dropout=self.attention_dropout,
+            activation_dropout=self.activation_dropout,
+            max_len=64,
+            alpha=self.alpha,
+            vocab_size=len(task_data(self.max_bytes).vocab),
+        )
 
 
 def same_spec(saved: dict | None, spec: RunSpec) -> bool:
@@ -126,9 +141,20 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
     units = data.heldout  # every held-out unit: loss, accuracy and BLEU on the same sentences
     held, refs = heldout_batches(units, data, 64), references(units)
     stream_batch = max(held, key=lambda b: int((b.targets != -100).sum()))  # the most target tokens
-    probe = Probe(model, quantities=("param_grad_norm", "act_grad_norm", "forward_stats"), every=spec.probe_every)
-    trainer = Trainer(model, probe, lr=spec.lr, warmup=spec.warmup_steps, ramp=spec.warmup,
-                      weight_decay=spec.weight_decay, label_smoothing=spec.label_smoothing)
+    probe = Probe(
+        model,
+        quantities=("param_grad_norm", "act_grad_norm", "forward_stats"),
+        every=spec.probe_every,
+    )
+    trainer = Trainer(
+        model,
+        probe,
+        lr=spec.lr,
+        warmup=spec.warmup_steps,
+        ramp=spec.warmup,
+        weight_decay=spec.weight_decay,
+        label_smoothing=spec.label_smoothing,
+    )
     curve, streams, losses, hyps = [], [], [], []
     diverged = None
 
@@ -136,14 +162,22 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
         from .task import corpus_bleu
 
         loss, acc = trainer.scores(held)
-        row = dict(step=step, lr=trainer.current_lr(), train_loss=float(np.mean(losses[-spec.eval_every:]))
-                   if losses else math.nan, heldout_loss=loss, heldout_acc=acc, bleu=math.nan)
+        row = dict(
+            step=step,
+            lr=trainer.current_lr(),
+            train_loss=float(np.mean(losses[-spec.eval_every :])) if losses else math.nan,
+            heldout_loss=loss,
+            heldout_acc=acc,
+            bleu=math.nan,
+        )
         if step % spec.bleu_every == 0 or step == spec.steps:
             model.eval()
             with probe.paused():
                 hyps[:] = translate(model, units, data)
                 if spec.placement == "residual":
-                    streams.extend(dict(step=step, **r) for r in stream_diagnostics(model, stream_batch))
+                    streams.extend(
+                        dict(step=step, **r) for r in stream_diagnostics(model, stream_batch)
+                    )
             model.train()
             row["bleu"] = corpus_bleu(hyps, refs)
         curve.append(row)
@@ -159,21 +193,46 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
                 break
             if trainer.steps_done % spec.eval_every == 0 or trainer.steps_done == spec.steps:
                 record(trainer.steps_done)
-    result = dict(spec=asdict(spec), name=spec.name, diverged_at_step=diverged, steps_done=trainer.steps_done,
-                  train_seconds=round(time.perf_counter() - t0, 1),
-                  parameters=sum(p.numel() for p in model.parameters()))
+    result = dict(
+        spec=asdict(spec),
+        name=spec.name,
+        diverged_at_step=diverged,
+        steps_done=trainer.steps_done,
+        train_seconds=round(time.perf_counter() - t0, 1),
+        parameters=sum(p.numel() for p in model.parameters()),
+    )
     if diverged is None:
         last = curve[-1]
-        result.update(heldout_loss=last["heldout_loss"], heldout_acc=last["heldout_acc"], bleu=last["bleu"],
-                      hypotheses=list(hyps))
+        result.update(
+            heldout_loss=last["heldout_loss"],
+            heldout_acc=last["heldout_acc"],
+            bleu=last["bleu"],
+            hypotheses=list(hyps),
+        )
     else:  # a diverged model decodes nothing: every hypothesis empty
-        result.update(heldout_loss=math.nan, heldout_acc=math.nan, bleu=0.0, hypotheses=[""] * len(units))
-    result["samples"] = [dict(source=u, reference=r, output=h)
-                         for u, r, h in list(zip(units, refs, result["hypotheses"]))[::40]]
-    keep = [r for r in probe.rows() if r["metric"] in PROBE_METRICS
-            and (r["metric"] != "param_grad_norm" or r["sublayer"] == "block")]
-    write_csv(run_dir / "probe.csv", keep, ("step", "stack", "layer", "sublayer", "stream", "metric", "value"))
-    write_csv(run_dir / "curve.csv", curve, ("step", "lr", "train_loss", "heldout_loss", "heldout_acc", "bleu"))
+        result.update(
+            heldout_loss=math.nan, heldout_acc=math.nan, bleu=0.0, hypotheses=[""] * len(units)
+        )
+    result["samples"] = [
+        dict(source=u, reference=r, output=h)
+        for u, r, h in list(zip(units, refs, result["hypotheses"]))[::40]
+    ]
+    keep = [
+        r
+        for r in probe.rows()
+        if r["metric"] in PROBE_METRICS
+        and (r["metric"] != "param_grad_norm" or r["sublayer"] == "block")
+    ]
+    write_csv(
+        run_dir / "probe.csv",
+        keep,
+        ("step", "stack", "layer", "sublayer", "stream", "metric", "value"),
+    )
+    write_csv(
+        run_dir / "curve.csv",
+        curve,
+        ("step", "lr", "train_loss", "heldout_loss", "heldout_acc", "bleu"),
+    )
     if streams:
         write_csv(run_dir / "streams.csv", streams, ("step", "stack", "layer", "quantity", "value"))
     write_json(run_dir / "result.json", result)  # last: its presence marks the run finished
@@ -189,8 +248,17 @@ SEEDS = (0, 1)
 
 def common(quick: bool) -> dict:
     if quick:
-        return dict(d_model=16, heads=2, ffn=32, steps=20, warmup_steps=4, batch=8, eval_every=5, bleu_every=10,
-                    probe_every=5)
+        return dict(
+            d_model=16,
+            heads=2,
+            ffn=32,
+            steps=20,
+            warmup_steps=4,
+            batch=8,
+            eval_every=5,
+            bleu_every=10,
+            probe_every=5,
+        )
     return {}
 
 
@@ -201,14 +269,23 @@ def depths(quick: bool) -> tuple[int, int]:
 def calibration(quick: bool) -> list[RunSpec]:
     """The baselines the regime is chosen from: Post-LN and Pre-LN, E6D6 (quick: E1D1), warm-up, each lr, seed 0."""
     n0 = depths(quick)[0]
-    return [RunSpec(p, n0, True, lr=lr, seed=0, **common(quick)) for lr in LRS for p in ("post-ln", "pre-ln")]
+    return [
+        RunSpec(p, n0, True, lr=lr, seed=0, **common(quick))
+        for lr in LRS
+        for p in ("post-ln", "pre-ln")
+    ]
 
 
 def stage_a(quick: bool) -> list[RunSpec]:
     """Runs that do not depend on the regime's lr: calibration first, then the rest of E6D6 warm-up."""
     n0 = depths(quick)[0]
     seeds = (0,) if quick else SEEDS_E6_WARMUP
-    rest = [RunSpec(p, n0, True, lr=lr, seed=s, **common(quick)) for lr in LRS for p in PLACEMENTS for s in seeds]
+    rest = [
+        RunSpec(p, n0, True, lr=lr, seed=s, **common(quick))
+        for lr in LRS
+        for p in PLACEMENTS
+        for s in seeds
+    ]
     cal = calibration(quick)
     return cal + [s for s in rest if s not in cal]
 
@@ -218,24 +295,34 @@ def stage_b(quick: bool, lr: float) -> list[RunSpec]:
     n0, n1 = depths(quick)
     seeds = (0,) if quick else SEEDS
     c = dict(lr=lr, **common(quick))
-    return ([RunSpec(p, n1, True, seed=s, **c) for p in PLACEMENTS for s in seeds]
-            + [RunSpec(p, n0, False, seed=s, **c) for p in PLACEMENTS for s in seeds]
-            + [RunSpec("residual", n0, True, seed=s, alpha=0.0, **c) for s in seeds]
-            + [RunSpec(p, n1, False, seed=s, **c) for p in PLACEMENTS for s in seeds])
+    return (
+        [RunSpec(p, n1, True, seed=s, **c) for p in PLACEMENTS for s in seeds]
+        + [RunSpec(p, n0, False, seed=s, **c) for p in PLACEMENTS for s in seeds]
+        + [RunSpec("residual", n0, True, seed=s, alpha=0.0, **c) for s in seeds]
+        + [RunSpec(p, n1, False, seed=s, **c) for p in PLACEMENTS for s in seeds]
+    )
 
 
 def _worker_init() -> None:
     import torch
 
-    torch.set_num_threads(1)  # one core per run: two runs in parallel use two cores best at this size
+    torch.set_num_threads(
+        1
+    )  # one core per run: two runs in parallel use two cores best at this size
 
 
 def _run_in_worker(spec: RunSpec, run_dir: str) -> dict:
     return train_run(spec, Path(run_dir))
 
 
-def run_stages(first: list[RunSpec], then: Callable[[dict[str, dict]], list[RunSpec]], root: Path,
-               workers: int = 1, echo=print, gate: Iterable[RunSpec] = ()) -> dict[str, dict]:
+def run_stages(
+    first: list[RunSpec],
+    then: Callable[[dict[str, dict]], list[RunSpec]],
+    root: Path,
+    workers: int = 1,
+    echo=print,
+    gate: Iterable[RunSpec] = (),
+) -> dict[str, dict]:
     """Run `first`, and as soon as the `gate` runs (a subset of `first`) have finished, queue
     `then(results so far)`; returns {name: result} of every run. `workers` processes in parallel."""
     gate_names = {s.name for s in gate}
@@ -277,6 +364,8 @@ def run_stages(first: list[RunSpec], then: Callable[[dict[str, dict]], list[RunS
 
 
 def _progress(i: int, n: int, r: dict) -> str:
-    return (f"[{i}/{n}] {r['name']}: held-out loss {r['heldout_loss']:.3f}, acc {r['heldout_acc']:.3f}, "
-            f"BLEU {r['bleu']:.2f}, {r['train_seconds']:.0f} s"
-            + (f", diverged at {r['diverged_at_step']}" if r["diverged_at_step"] is not None else ""))
+    return (
+        f"[{i}/{n}] {r['name']}: held-out loss {r['heldout_loss']:.3f}, acc {r['heldout_acc']:.3f}, "
+        f"BLEU {r['bleu']:.2f}, {r['train_seconds']:.0f} s"
+        + (f", diverged at {r['diverged_at_step']}" if r["diverged_at_step"] is not None else "")
+    )

@@ -31,6 +31,7 @@ VOWELS = frozenset("aeiou")
 
 # ---- the task ---------------------------------------------------------------------------------
 
+
 def pig_latin_word(w: str) -> str:
     """One lowercase word: onset (consonants before the first vowel; "qu" and a non-initial "y"
     as in English spelling) moved to the end plus "ay"; vowel-initial words add "way"."""
@@ -62,8 +63,14 @@ def prose_sentences() -> list[str]:
             continue
         for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", " ".join(line.strip() for line in lines)):
             s = s.strip()
-            if (s and s.isascii() and s.isprintable() and s[0].isupper() and s[-1] in ".!?"
-                    and sum(c.isalpha() or c == " " for c in s) >= 0.85 * len(s)):
+            if (
+                s
+                and s.isascii()
+                and s.isprintable()
+                and s[0].isupper()
+                and s[-1] in ".!?"
+                and sum(c.isalpha() or c == " " for c in s) >= 0.85 * len(s)
+            ):
                 found.add(s.lower())
     return sorted(found)
 
