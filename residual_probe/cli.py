@@ -912,6 +912,7 @@ def collapse(
     """
     fmts = formats_option(format)
     with user_errors(), owned_out(out, invoked_command(ctx), overwrite):
+        from .analysis.collapse import massive_sentence
         from .jobs.collapse import CollapseSpec, run_collapse
 
         bare = {
@@ -956,6 +957,8 @@ def collapse(
                     f"  {s['stack']} {s['stream']}: {s['verdict']} ({s.get('basis', 'no finite cosines')}); "
                     f"most redundant blocks: {top}"
                 )
+            for f in m["massive_activations"]:
+                typer.echo(f"  {massive_sentence(f)}")
             for note in m["notes"]:
                 typer.echo(f"  note: {note}")
             if m["nonfinite_values"]:

@@ -46,6 +46,7 @@ def verdict_lines(grads: dict | None, collapse: dict) -> dict[str, list[str]]:
     """label -> plain-language verdicts with their numbers: warnings first (a model that does not
     predict the text, a partly random model), then the verdicts, then the data they rest on and
     every adjustment made to the request."""
+    from .analysis.collapse import massive_sentence
     from .analysis.diagnosis import collapse_sentence
 
     out: dict[str, list[str]] = {}
@@ -80,7 +81,7 @@ def verdict_lines(grads: dict | None, collapse: dict) -> dict[str, list[str]]:
         for s in m["streams"]:
             name = s["stack"] + (f" {s['stream']} stream" if s["stream"] != "x" else "")
             lines.append(f"{name}: {collapse_sentence(s)}")
-        lines += m.get("massive_activations", [])
+        lines += [massive_sentence(f) for f in m.get("massive_activations", [])]
         lines.append(data_line(m["data"]))
         lines += [f"note: {n}" for n in m.get("notes", []) + m["data"].get("messages", [])]
         out[m["label"]] = lines
