@@ -47,7 +47,7 @@ def verdict_lines(grads: dict | None, collapse: dict) -> dict[str, list[str]]:
     predict the text, a partly random model), then the verdicts, then the data they rest on and
     every adjustment made to the request."""
     from .analysis.collapse import massive_sentence
-    from .analysis.diagnosis import collapse_sentence
+    from .analysis.diagnosis import collapse_sentence, gradient_by_part
 
     out: dict[str, list[str]] = {}
     gmodels = {m["label"]: m for m in (grads or {}).get("models", [])}
@@ -72,10 +72,7 @@ def verdict_lines(grads: dict | None, collapse: dict) -> dict[str, list[str]]:
             for v in g["verdicts"]:
                 lines.append(f"{v['stack']}{how}: {v['verdict']}")
             if g.get("whole_model"):
-                lines.append(
-                    "gradient norm by part: "
-                    + ", ".join(f"{k} {v:.4g}" for k, v in g["whole_model"].items())
-                )
+                lines.append(f"gradient norm by part: {gradient_by_part(g)}")
         elif grads is not None:
             lines.append("gradients: not measured (no loss head)")
         for s in m["streams"]:
