@@ -582,6 +582,8 @@ def _grad_norms_ckpt(
 
 
 def echo_gradient_models(models: list[dict]) -> None:
+    from .analysis.diagnosis import gradient_by_part
+
     for m in models:
         if "skipped" in m:
             typer.echo(f"{m['label']}: gradients not measured: {m['skipped']}")
@@ -597,9 +599,7 @@ def echo_gradient_models(models: list[dict]) -> None:
         for w in m.get("warnings", []):
             typer.echo(f"warning: {m['label']}: {w}", err=True)
         if m.get("whole_model"):
-            typer.echo(
-                "  gradient norm: " + ", ".join(f"{k} {v:.4g}" for k, v in m["whole_model"].items())
-            )
+            typer.echo(f"  gradient norm: {gradient_by_part(m)}")
         echo_data(m["data"])
         random = (
             f"partly random model ({len(m['partly_random'])} weights at random initialization): "
@@ -912,6 +912,7 @@ def collapse(
     """
     fmts = formats_option(format)
     with user_errors(), owned_out(out, invoked_command(ctx), overwrite):
+        from .analysis.collapse import massive_sentence
         from .jobs.collapse import CollapseSpec, run_collapse
 
         bare = {
@@ -956,6 +957,8 @@ def collapse(
                     f"  {s['stack']} {s['stream']}: {s['verdict']} ({s.get('basis', 'no finite cosines')}); "
                     f"most redundant blocks: {top}"
                 )
+            for f in m["massive_activations"]:
+                typer.echo(f"  {massive_sentence(f)}")
             for note in m["notes"]:
                 typer.echo(f"  note: {note}")
             if m["nonfinite_values"]:

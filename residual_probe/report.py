@@ -46,7 +46,8 @@ def verdict_lines(grads: dict | None, collapse: dict) -> dict[str, list[str]]:
     """label -> plain-language verdicts with their numbers: warnings first (a model that does not
     predict the text, a partly random model), then the verdicts, then the data they rest on and
     every adjustment made to the request."""
-    from .analysis.diagnosis import collapse_sentence
+    from .analysis.collapse import massive_sentence
+    from .analysis.diagnosis import collapse_sentence, gradient_by_part
 
     out: dict[str, list[str]] = {}
     gmodels = {m["label"]: m for m in (grads or {}).get("models", [])}
@@ -71,16 +72,13 @@ def verdict_lines(grads: dict | None, collapse: dict) -> dict[str, list[str]]:
             for v in g["verdicts"]:
                 lines.append(f"{v['stack']}{how}: {v['verdict']}")
             if g.get("whole_model"):
-                lines.append(
-                    "gradient norm by part: "
-                    + ", ".join(f"{k} {v:.4g}" for k, v in g["whole_model"].items())
-                )
+                lines.append(f"gradient norm by part: {gradient_by_part(g)}")
         elif grads is not None:
             lines.append("gradients: not measured (no loss head)")
         for s in m["streams"]:
             name = s["stack"] + (f" {s['stream']} stream" if s["stream"] != "x" else "")
             lines.append(f"{name}: {collapse_sentence(s)}")
-        lines += m.get("massive_activations", [])
+        lines += [massive_sentence(f) for f in m.get("massive_activations", [])]
         lines.append(data_line(m["data"]))
         lines += [f"note: {n}" for n in m.get("notes", []) + m["data"].get("messages", [])]
         out[m["label"]] = lines

@@ -106,7 +106,7 @@ def test_hf_gradients_equal_direct_autograd(tmp_path, name, kind):
     loaded.model.double()
     w = text_windows(loaded, TEXT, tokens=70, seq_len=12)  # 5 windows, batches of 2, 2, 1
     assert w.ids.shape == (5, 12)
-    rows, mean_loss, blocks, _ = model_gradients(loaded, kind, w.ids, batch=2, seed=0)
+    rows, mean_loss, blocks, _, _ = model_gradients(loaded, kind, w.ids, batch=2, seed=0)
     got = [r["value"] for r in sorted(rows, key=lambda r: r["layer"]) if r["sublayer"] == "block"]
     want = direct(loaded.model, find_blocks(loaded.model), kind, w.ids, mask_id=loaded.mask_id)
     assert len(got) == 3 and got == pytest.approx(want, rel=1e-10)
@@ -125,7 +125,7 @@ def test_our_seq2seq_gradients_equal_direct_autograd(tmp_path):
     loaded = load_any(tmp_path / "m")
     loaded.model.double()
     w = text_windows(loaded, TEXT, tokens=60, seq_len=20)
-    rows, _, blocks, _ = model_gradients(loaded, "seq2seq", w.ids, batch=2)
+    rows, _, blocks, _, _ = model_gradients(loaded, "seq2seq", w.ids, batch=2)
     got = {(r["stack"], r["layer"]): r["value"] for r in rows if r["sublayer"] == "block"}
     want = direct(loaded.model, blocks, "seq2seq", w.ids, start=0)
     assert [got[(b.stack, b.index)] for b in blocks] == pytest.approx(want, rel=1e-10)
@@ -255,7 +255,7 @@ def test_contrastive_loss_of_a_bare_encoder_equals_a_direct_simcse(tmp_path):
     assert loaded.default_loss is None  # a bare encoder: no head
     ids = torch.randint(5, 300, (6, 16))
     torch.manual_seed(7)
-    rows, loss, blocks, vocab = model_gradients(loaded, "contrastive", ids, batch=3)
+    rows, loss, blocks, vocab, unused = model_gradients(loaded, "contrastive", ids, batch=3)
     got = {r["layer"]: r["value"] for r in rows if r["sublayer"] == "block"}
     # direct: the same seed, so the same dropout masks, batch by batch
     model = loaded.model
@@ -279,6 +279,23 @@ def test_contrastive_loss_of_a_bare_encoder_equals_a_direct_simcse(tmp_path):
     assert sorted(got) == [0, 1, 2]
     for k in got:
         assert got[k] == pytest.approx(want[k], rel=1e-5)
+    # the pooler is not in the loss: no .grad, named as unused, no NaN row; BERT's LayerNorm on the
+    # embedding is the embedding norm (a Post-LN BERT has no final norm); the total is
+    # clip_grad_norm_'s over the parameters that have a gradient
+    assert unused == {"other": ["pooler.dense.weight", "pooler.dense.bias"]}
+    assert model.pooler.dense.weight.grad is None
+    whole = {r["sublayer"]: r["value"] for r in rows if r["stack"] == "model"}
+    assert set(whole) == {"embedding", "embedding_norm", "total"}
+    assert whole["embedding_norm"] == pytest.approx(
+        math.sqrt(
+            sum(
+                float((p.grad.double() ** 2).sum()) for p in model.embeddings.LayerNorm.parameters()
+            )
+        ),
+        rel=1e-5,
+    )
+    clip = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e9).item()
+    assert whole["total"] == pytest.approx(clip, rel=1e-5)
     # diagnose: the contrastive loss by default for a head-less checkpoint, named in the verdict
     from typer.testing import CliRunner
 
@@ -302,4 +319,18 @@ def test_contrastive_loss_of_a_bare_encoder_equals_a_direct_simcse(tmp_path):
     assert (
         "gradient of a contrastive loss" in r.stdout and "gradients: not measured" not in r.stdout
     )
-    assert "| contrastive |" in (tmp_path / "d" / "report.md").read_text()
+    report = (tmp_path / "d" / "report.md").read_text()
+    assert "| contrastive |" in report
+    unused = "no gradient (not used by this loss): other (pooler.dense.weight, pooler.dense.bias)"
+    assert unused in r.stdout and unused in report and " nan" not in r.stdout
+    # grad-norms: the same words, and no non-finite warning for the unused pooler
+    r = CliRunner().invoke(
+        app,
+        ["grad-norms", "--ckpt", str(tmp_path / "bert"), "--loss", "contrastive", "--tokens", "256"]
+        + ["--seq-len", "32", "--out", str(tmp_path / "g")],
+    )
+    assert r.exit_code == 0, r.output
+    assert unused in r.stdout and "embedding_norm" in r.stdout and "final_norm" not in r.stdout
+    assert "non-finite" not in r.stderr and "no .grad" not in r.stderr
+    saved = json.loads((tmp_path / "g" / "grad_norms.json").read_text())["models"][0]
+    assert saved["nonfinite_values"] == 0 and "other" not in saved["whole_model"]

@@ -140,6 +140,9 @@ def test_cli_prints_summary_and_rejects_bad_files(saved, tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert "placement: residual" in res.output and "most redundant blocks" in res.output
+    # the massive-activation finding is a result: on stdout, one line per stream (ResiDual: x and d)
+    massive = [s.strip() for s in res.stdout.splitlines() if "massive activations" in s]
+    assert sorted(s.split(":")[0] for s in massive) == ["decoder", "decoder d stream"], res.stdout
     for data in (b"", b"\x80\x02garbage", b"PK\x03\x04broken zip"):
         bad = tmp_path / "bad.pt"
         bad.write_bytes(data)
@@ -160,8 +163,8 @@ def test_labels_tell_models_apart_by_the_shortest_path_suffix(tmp_path):
 
 def test_massive_activations_are_named_with_their_numbers():
     """A few tokens made huge at block 2's output: the mean jumps, the median does not, and the
-    verdict names the block, how many tokens and how large (Sun et al. 2024's massive activations)."""
-    from residual_probe.analysis.collapse import massive_activations
+    verdict names the blocks, how many tokens and how large (Sun et al. 2024's massive activations)."""
+    from residual_probe.analysis.collapse import massive_activations, massive_sentence
     from residual_probe.checkpoints.loaded import ours
     from residual_probe.jobs.collapse import CollapseSpec, measure_forward
     from residual_probe.models import ModelConfig, Transformer
@@ -191,8 +194,60 @@ def test_massive_activations_are_named_with_their_numbers():
     assert (
         by[("norm_sq_per_dim", 2)] > 50 * by[("norm_sq_per_dim_median", 2)]
     )  # the mean is pulled up
-    (line,) = [s for s in massive_activations(m["rows"]) if s.startswith("decoder:")]
-    assert "from block 2: 8 of 128 tokens" in line and "median" in line
+    (f,) = [f for f in massive_activations(m["rows"]) if f["stack"] == "decoder"]
+    # Pre-LN: the residual carries block 2's spike through block 3, 2 of 4 blocks: persistent
+    line = massive_sentence(f)
+    assert "at blocks 2-3 (2 of 4 blocks): 8 of 128 tokens" in line and "median" in line
     assert (
         by[("norm_sq_per_dim_max", 2)] > 1000 * by[("norm_sq_per_dim_median", 2)]
     )  # 100x the state: 10^4 in h^2
+
+
+def smollm2_like_stream(bump=True, persistent=True):
+    """A synthetic 30-block stream of 2048 tokens with SmolLM2-135M's shape (issue 35): median
+    ||h||^2/d ~33; a transient bump at blocks 2-4 (9 tokens at 144x), gone by block 5; massive
+    activations from block 11 through 28 (8 tokens, peaking at 1.2e6 at block 20); block 29 none."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    per_token = {}
+    for k in range(30):
+        v = rng.lognormal(np.log(33.0), 0.3, 2048)
+        if bump and 2 <= k <= 4:
+            v[100:109] = 144 * np.median(v)
+        if persistent and 11 <= k <= 28:
+            v[:8] = 1.2e6 * (1.0 if k == 20 else 0.8)
+        per_token[("decoder", k, "x")] = v
+    return per_token
+
+
+def test_massive_activations_are_where_they_persist_not_where_a_bump_is():
+    """The finding names the block range where massive tokens appear and stay (11-28), their peak,
+    its ratio to the median and the token count; the earlier transient bump is named apart."""
+    from residual_probe.analysis.collapse import (
+        massive_activations,
+        massive_sentence,
+        token_norm_rows,
+    )
+
+    (f,) = massive_activations(token_norm_rows(smollm2_like_stream()))
+    (run,) = f["persistent"]
+    assert (run["first"], run["last"], run["peak_block"]) == (11, 28, 20)
+    assert run["peak"] == pytest.approx(1.2e6) and run["count_min"] == run["count_max"] == 8
+    assert run["median"] == pytest.approx(33, rel=0.05) and run["ratio"] == pytest.approx(
+        1.2e6 / run["median"]
+    )
+    (bump,) = f["transient"]
+    assert (bump["first"], bump["last"], bump["count_max"]) == (2, 4, 9)
+    line = massive_sentence(f)
+    assert line.startswith(
+        "decoder: massive activations at blocks 11-28 (18 of 30 blocks): 8 of 2048"
+    )
+    assert "1.2e+06 at block 20" in line and "transient: blocks 2-4 (9 of 2048 tokens" in line
+    # a transient bump alone is not called massive activations; a quiet stream says so
+    (f,) = massive_activations(token_norm_rows(smollm2_like_stream(persistent=False)))
+    assert not f["persistent"] and massive_sentence(f).startswith(
+        "decoder: no persistent massive activations"
+    )
+    (f,) = massive_activations(token_norm_rows(smollm2_like_stream(False, False)))
+    assert massive_sentence(f).startswith("decoder: no massive activations")

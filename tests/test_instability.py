@@ -15,8 +15,21 @@ from residual_probe.probe import Probe
 from residual_probe.probe.summary import InstabilityLog, SummaryWindow
 
 
-def train(placement, steps, lr=1e-3, depth=6, d=32, block=None, at=None, mult=1.0, text=False):
-    """A decoder trained with the probe; block `block`'s learning rate is multiplied by `mult` at step `at`."""
+def train(
+    placement,
+    steps,
+    lr=1e-3,
+    depth=6,
+    d=32,
+    block=None,
+    at=None,
+    mult=1.0,
+    text=False,
+    spikes=None,
+):
+    """A decoder trained with the probe; block `block`'s learning rate is multiplied by `mult` at step
+    `at`; `spikes` {(step, block): factor} multiplies that block's gradient at that step (before the
+    probe reads it)."""
     torch.manual_seed(0)
     cfg = ModelConfig(
         arch="decoder",
@@ -47,6 +60,10 @@ def train(placement, steps, lr=1e-3, depth=6, d=32, block=None, at=None, mult=1.
             opt.zero_grad()
             loss = F.cross_entropy(model(*b.inputs).flatten(0, 1), b.targets.flatten())
             loss.backward()
+            for (s, k), factor in (spikes or {}).items():
+                if s == step:
+                    for p in model.decoder.layers[k].parameters():
+                        p.grad.mul_(factor)
             log.update(probe.step())
             opt.step()
             losses.append(float(loss.detach()))
@@ -90,9 +107,11 @@ def test_post_ln_without_warmup_on_text_shows_events_that_pre_ln_does_not(flush_
     pre_rows, _, pre_loss = train("pre-ln", 50, depth=12, d=64, text=True)
     post, pre = find_events(post_rows), find_events(pre_rows)
     assert pre == [] and min(pre_loss) < min(post_loss)  # Pre-LN trains and is quiet
-    # Post-LN: block 0's gradient spikes first (step 22), block 2 and others follow
+    # Post-LN: block 0's gradient spikes first (step 22) and settles; each later spike (step 32,
+    # 49) starts at block 0 again, and the blocks above follow on the same step
     assert post and (post[0].step, post[0].layer, post[0].metric) == (22, 0, "param_grad_norm")
-    assert post[0].followers
+    assert len(post) >= 2 and all(e.layer == 0 for e in post)
+    assert all(f["step"] == e.step for e in post[1:] for f in e.followers) and post[1].followers
 
 
 def test_rule_on_hand_made_rows():
@@ -148,3 +167,85 @@ def test_summary_window_keeps_the_max_between_logs():
     out = w.take()
     assert out == {"probe/grad_norm/decoder/00": 2.0, "probe_max/grad_norm/decoder/00": 9.0}
     assert not w and w.take() == {}
+
+
+def spiked_rows(spikes, steps=60, depth=6):
+    """Hand-made whole-block gradient norms (1.0, +-10 % seeded noise) with `spikes`
+    {(step, block): factor}."""
+    import random
+
+    rng = random.Random(0)
+    return [
+        dict(
+            step=step,
+            stack="decoder",
+            layer=k,
+            sublayer="block",
+            stream="x",
+            metric="param_grad_norm",
+            value=(1.0 + 0.1 * rng.uniform(-1, 1)) * spikes.get((step, k), 1.0),
+        )
+        for step in range(steps)
+        for k in range(depth)
+    ]
+
+
+def test_a_second_spike_after_the_first_settled_is_its_own_event():
+    """Spikes at step 23 (block 0, 20x) and step 40 (block 2, 50x): block 0 is back at step 24, so
+    the second spike is a second event with its own origin, step and size, and the loggers' count
+    (InstabilityLog, what the callbacks and TensorBoard show) is 2; a spike that carries over to
+    the next step's gradient of another block stays one event."""
+    rows = spiked_rows({(23, 0): 20.0, (40, 2): 50.0})
+    events = find_events(rows)
+    assert [(e.step, e.layer, e.followers) for e in events] == [(23, 0, []), (40, 2, [])]
+    assert events[1].ratio == pytest.approx(50.0, rel=0.25) and events[1].value > 40
+    log = InstabilityLog()
+    for step in range(60):  # online, one recorded step at a time, as the callbacks feed it
+        log.update([r for r in rows if r["step"] == step])
+    assert log.values() == {"probe/instability_events": 2.0, "probe/instability_last_block": 2.0}
+    # block 0 out at 23, block 3 at 24 while block 0 is back: block 3 follows (0 was out at 23)
+    (e,) = find_events(spiked_rows({(23, 0): 20.0, (24, 3): 30.0}))
+    assert (e.step, e.layer) == (23, 0) and [(f["layer"], f["step"]) for f in e.followers] == [
+        (3, 24)
+    ]
+    assert "block 3 at step 24 (" in e.describe()
+    # the same on a real run: the gradients of block 0 at step 23 and block 2 at step 40 multiplied
+    rows, log, _ = train("pre-ln", 50, spikes={(23, 0): 20.0, (40, 2): 50.0})
+    events = find_events(rows)
+    assert [(e.step, e.layer) for e in events] == [(23, 0), (40, 2)] and events[1].ratio > 25
+    assert log.values() == {"probe/instability_events": 2.0, "probe/instability_last_block": 2.0}
+
+
+def test_grad_steps_draws_every_event_origin_block(tmp_path, monkeypatch):
+    """`plot` of a sink with spikes at block 0 (step 23) and block 2 (step 40) of 8: grad_steps.png
+    draws block 2 too (not only the first, median and last blocks), its spike at step 40."""
+    import csv
+
+    from residual_probe.jobs.plot import run_plot
+    from residual_probe.plots import run as plots
+
+    rows = spiked_rows({(23, 0): 20.0, (40, 2): 50.0}, depth=8)
+    with open(tmp_path / "probe.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    drawn, save = {}, plots.save
+
+    def keep(fig, stem, formats):  # the top panel's lines, then the file as usual
+        if stem.name == "grad_steps":
+            drawn.update({ln.get_label(): ln.get_ydata() for ln in fig.axes[0].get_lines()})
+        return save(fig, stem, formats)
+
+    monkeypatch.setattr(plots, "save", keep)
+    meta = run_plot(tmp_path / "probe.csv", tmp_path / "plots")
+    assert [(e["step"], e["layer"]) for e in meta["instability_events"]] == [(23, 0), (40, 2)]
+    blocks = sorted(label for label in drawn if label.startswith("block"))
+    assert blocks == [
+        "block 0 (first, event origin)",
+        "block 2 (event origin)",
+        "block 4 (median)",
+        "block 7 (last)",
+    ]
+    y = drawn["block 2 (event origin)"]
+    assert int(y.argmax()) == 40 and y.max() > 40
+    assert (tmp_path / "plots" / "grad_steps.png").stat().st_size > 5000

@@ -138,12 +138,11 @@ def reference(model, inp, targets):
     stacks = [s for _, s in model.stacks()]
     parts = {
         "embedding": {p for s in stacks for p in s.embed.parameters()},
+        "embedding_norm": {  # Peri-LN's LN on the embedding
+            p for s in stacks if s.embed_norm is not None for p in s.embed_norm.parameters()
+        },
         "final_norm": {
-            p
-            for s in stacks
-            for m in (s.final_norm, s.embed_norm)
-            if m is not None
-            for p in m.parameters()
+            p for s in stacks if s.final_norm is not None for p in s.final_norm.parameters()
         },
         "head": set(model.output_projection.parameters())
         - {p for s in stacks for p in s.embed.parameters()},

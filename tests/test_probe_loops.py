@@ -159,6 +159,13 @@ def test_step_before_any_backward_records_missing():
     assert all(
         math.isnan(r["value"]) for r in rows if r["metric"] in ("param_grad_norm", "w2_grad_norm")
     )
+    # missing, not non-finite: the parts outside the blocks and the total too
+    got = {(r["stack"], r["sublayer"], r["metric"]): r["value"] for r in rows}
+    assert got[("-", "-", "nonfinite_count")] == 0
+    assert math.isnan(got[("model", "total", "param_grad_norm")])
+    assert got[("-", "-", "no_grad_count")] == sum(
+        1 for r in rows if r["metric"] in ("param_grad_norm", "w2_grad_norm")
+    )
 
 
 # ---- wrappers, W2, two probes --------------------------------------------------------------------

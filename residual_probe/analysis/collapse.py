@@ -57,6 +57,11 @@ def collapse_verdict(cos: list[float]) -> dict:
 MASSIVE = (
     100.0  # a token is a massive activation when its ||h||^2/d is above 100x its block's median
 )
+# Sun et al. 2024's massive activations appear at one block and stay through most of the later ones;
+# a run of consecutive blocks with massive tokens is persistent when it spans at least this share
+# of the stack (and at least 2 blocks), else transient (SmolLM2-135M: a 3-block bump at blocks 2-4,
+# then blocks 11-28 of 30)
+PERSISTENT_SHARE = 0.25
 
 
 def token_norm_rows(per_token: dict[tuple, "np.ndarray"]) -> list[dict]:
@@ -86,34 +91,103 @@ def token_norm_rows(per_token: dict[tuple, "np.ndarray"]) -> list[dict]:
     return rows
 
 
-def massive_activations(rows: list[dict]) -> list[str]:
-    """Per (stack, stream), the first block where some tokens' ||h||^2/d exceed MASSIVE x the median:
-    "massive activations from block 11: 8 of 2048 tokens reach ||h||^2/d 1.0e+06, median 31" (Sun et
-    al. 2024, a known property of Pre-LN residual streams: the mean alone reads as the whole stream
-    blowing up)."""
+def massive_activations(rows: list[dict]) -> list[dict]:
+    """Per (stack, stream) of `token_norm_rows` rows: where massive activations (Sun et al. 2024)
+    appear and persist. Runs of consecutive blocks with tokens above MASSIVE x the median are split
+    into persistent (at least PERSISTENT_SHARE of the stack's blocks and 2 blocks) and transient;
+    each run: {"first", "last", "peak" (the largest ||h||^2/d in the run), "peak_block", "median"
+    (that block's median), "ratio" (peak / median), "count_min", "count_max" (massive tokens per
+    block), "tokens"}. A finding without runs has none: the stream has no massive activations."""
+    wanted = ("norm_sq_per_dim_median", "norm_sq_per_dim_max", "massive_count", "tokens")
     by: dict[tuple, dict[int, dict[str, float]]] = {}
     for r in rows:
-        if r["metric"] in (
-            "norm_sq_per_dim_median",
-            "norm_sq_per_dim_max",
-            "massive_count",
-            "tokens",
-        ):
+        if r["metric"] in wanted:
             by.setdefault((r["stack"], r["stream"]), {}).setdefault(int(r["layer"]), {})[
                 r["metric"]
             ] = float(r["value"])
     out = []
     for (stack, stream), layers in by.items():
-        hit = [k for k in sorted(layers) if layers[k].get("massive_count", 0) > 0]
-        if hit:
-            k, v = hit[0], layers[hit[0]]
-            name = stack + ("" if stream in ("x", "-") else f" {stream} stream")
-            out.append(
-                f"{name}: massive activations from block {k}: {int(v['massive_count'])} of {int(v['tokens'])} "
-                f"tokens reach ||h||^2/d {v['norm_sq_per_dim_max']:.3g}, median "
-                f"{v['norm_sq_per_dim_median']:.3g} (Sun et al. 2024: a few tokens, not the whole stream)"
-            )
+        blocks = sorted(k for k in layers if all(m in layers[k] for m in wanted))
+        runs: list[list[int]] = []  # consecutive blocks with massive tokens
+        for k in blocks:
+            if layers[k]["massive_count"] > 0:
+                if runs and runs[-1][-1] == k - 1:
+                    runs[-1].append(k)
+                else:
+                    runs.append([k])
+        min_len = max(2, math.ceil(PERSISTENT_SHARE * len(blocks)))
+        finding = {"stack": stack, "stream": stream, "blocks": len(blocks)}
+        finding["persistent"] = [_run(r, layers) for r in runs if len(r) >= min_len]
+        finding["transient"] = [_run(r, layers) for r in runs if len(r) < min_len]
+        finding["persistent_from"] = min_len
+        out.append(finding)
     return out
+
+
+def _run(blocks: list[int], layers: dict[int, dict[str, float]]) -> dict:
+    peak = max(blocks, key=lambda k: layers[k]["norm_sq_per_dim_max"])
+    v = layers[peak]
+    counts = [int(layers[k]["massive_count"]) for k in blocks]
+    return {
+        "first": blocks[0],
+        "last": blocks[-1],
+        "peak": v["norm_sq_per_dim_max"],
+        "peak_block": peak,
+        "median": v["norm_sq_per_dim_median"],
+        "ratio": v["norm_sq_per_dim_max"] / v["norm_sq_per_dim_median"]
+        if v["norm_sq_per_dim_median"] > 0
+        else math.inf,
+        "count_min": min(counts),
+        "count_max": max(counts),
+        "tokens": int(v["tokens"]),
+    }
+
+
+def massive_sentence(finding: dict) -> str:
+    """One line for one `massive_activations` finding, the same on the console and in the report:
+    "decoder: massive activations at blocks 11-28 (18 of 30 blocks): 8 of 2048 tokens, peak
+    ||h||^2/d 1.2e+06 at block 20, 3.6e+04x its median 33 (Sun et al. 2024: ...); transient:
+    blocks 2-4 (9 of 2048 tokens, peak ||h||^2/d 4.73e+03 at block 2, 144x its median 33)"."""
+    name = finding["stack"] + (
+        "" if finding["stream"] in ("x", "-") else f" {finding['stream']} stream"
+    )
+    persistent, transient = finding["persistent"], finding["transient"]
+    if not (persistent or transient):
+        return f"{name}: no massive activations (no token's ||h||^2/d above {MASSIVE:g}x its block's median)"
+
+    def span(r):
+        return (
+            f"block {r['first']}" if r["first"] == r["last"] else f"blocks {r['first']}-{r['last']}"
+        )
+
+    def count(r):
+        n = (
+            r["count_min"]
+            if r["count_min"] == r["count_max"]
+            else f"{r['count_min']}-{r['count_max']}"
+        )
+        return f"{n} of {r['tokens']} tokens"
+
+    def size(r):
+        return f"peak ||h||^2/d {r['peak']:.3g} at block {r['peak_block']}, {r['ratio']:.3g}x its median {r['median']:.3g}"
+
+    if persistent:
+        text = (
+            "; ".join(
+                f"massive activations at {span(r)} ({r['last'] - r['first'] + 1} of {finding['blocks']} blocks): "
+                f"{count(r)}, {size(r)}"
+                for r in persistent
+            )
+            + " (Sun et al. 2024: a few tokens, not the whole stream)"
+        )
+    else:
+        text = (
+            f"no persistent massive activations (none lasting {finding['persistent_from']} of "
+            f"{finding['blocks']} blocks)"
+        )
+    if transient:
+        text += "; transient: " + "; ".join(f"{span(r)} ({count(r)}, {size(r)})" for r in transient)
+    return f"{name}: {text}"
 
 
 def collapse_change(cos_start: list[float], cos_now: list[float], start_step: int) -> str:

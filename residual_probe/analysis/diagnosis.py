@@ -108,8 +108,23 @@ def whole_model_norms(rows: list[dict]) -> dict[str, float]:
     ]
     if blocks:
         out["blocks"] = math.sqrt(sum(v * v for v in blocks))
-    order = ("embedding", "blocks", "final_norm", "head", "other", "total")
+    order = ("embedding", "embedding_norm", "blocks", "final_norm", "head", "other", "total")
     return {k: out[k] for k in order if k in out}
+
+
+def gradient_by_part(model: dict) -> str:
+    """One grad_norms.json model entry's gradient norm by part, in words, the same on the console
+    and in the report: "embedding 10.4, embedding_norm 0.405, blocks 1.34, total 10.5; no gradient
+    (not used by this loss): other (pooler.dense.weight, pooler.dense.bias)". A part the loss does
+    not reach has no norm, not a NaN one."""
+    text = ", ".join(f"{k} {v:.4g}" for k, v in (model.get("whole_model") or {}).items())
+    unused = model.get("no_gradient") or {}
+    if unused:
+        text += "; no gradient (not used by this loss): " + ", ".join(
+            f"{part} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
+            for part, names in unused.items()
+        )
+    return text
 
 
 def gradient_verdicts(rows: list[dict]) -> list[dict]:

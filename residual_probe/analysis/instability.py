@@ -5,8 +5,12 @@ its trailing WINDOW recorded steps (at least MIN_HISTORY of them), or is NaN/inf
 the whole-block parameter-gradient norms and update ratios ||Δθ||/||θ|| (when recorded), one per
 (metric, stack, stream, block): a gradient spike shows in the first, a block whose update blew up
 (a learning rate too large for it, a bad Adam step) in the second. Excursions are grouped
-into *events*: an event starts at the first excursion after a quiet stretch and takes every
-excursion within WINDOW recorded steps of its start. An event names
+into *events*: an event starts at an excursion while no event is open and takes every later
+excursion of another block until all its blocks are back (each series that went out has since
+recorded a value that is not an excursion, at a step before the current one); an excursion after
+that starts a new event, with its own origin, step and size. So a spike that carries over to the
+next step's gradients of other blocks stays one event, and a second spike after the first has
+settled is a second event. An event names
 
 - its step and origin: the block whose excursion came first; among blocks that went out on the
   same step, the one furthest above its median (the ratio), with the sublayer (attention, FFN,
@@ -29,7 +33,7 @@ from typing import Iterable, Mapping
 
 METRICS = ("param_grad_norm", "update_ratio")  # the per-block series searched for excursions
 K = 5.0  # an excursion: above K x the trailing median
-WINDOW = 20  # trailing recorded steps the median is taken over; also an event's span
+WINDOW = 20  # trailing recorded steps the median is taken over
 MIN_HISTORY = 5  # recorded steps a series needs before it can have an excursion
 
 
@@ -61,7 +65,10 @@ class Event:
         )
         text = f"step {self.step}: {where} block {self.layer}{part} first: {size}"
         if self.followers:
-            shown = ", ".join(f"block {f['layer']} at step {f['step']}" for f in self.followers[:6])
+            shown = ", ".join(
+                f"block {f['layer']} at step {f['step']} ({f['ratio']:.3g}x)"
+                for f in self.followers[:6]
+            )
             more = f" and {len(self.followers) - 6} more" if len(self.followers) > 6 else ""
             text += f"; then {shown}{more}"
         return text
@@ -82,9 +89,9 @@ class Monitor:
         self._history: dict[tuple, deque] = {}
         self.events: list[Event] = []
         self._open: Event | None = None
-        self._open_seen: set[tuple] = set()
-        self._recorded = 0  # recorded steps seen
-        self._open_at = 0  # ... when the open event started
+        self._open_seen: set[tuple] = set()  # the open event's blocks (stack, stream, layer)
+        self._last_out: dict[tuple, int] = {}  # per block series: the last step it went out
+        self._last_in: dict[tuple, int] = {}  # ... and the last step it was not out
 
     def _excursion(self, key: tuple, value: float) -> tuple[bool, float]:
         hist = self._history.setdefault(key, deque(maxlen=self.window))
@@ -108,14 +115,27 @@ class Monitor:
             started += self._step(step, by_step[step])
         return started
 
+    def _settled(self, step: int) -> bool:
+        """Whether every block of the open event is back before `step`: each of its series that went
+        out has since recorded a value that is not an excursion."""
+        for block in self._open_seen:
+            for metric in METRICS:
+                out = self._last_out.get((metric, *block))
+                back = self._last_in.get((metric, *block), -1)
+                if out is not None and not (out < back < step):
+                    return False
+        return True
+
     def _step(self, step: int, rows: list) -> list[Event]:
-        self._recorded += 1
+        if self._open is not None and self._settled(step):
+            self._open = None  # the event is over: the next excursion starts a new one
         blocks, subs = [], {}
         for r in rows:
             key = (r["metric"], r["stack"], r["stream"], int(r["layer"]))
             v = float(r["value"])
             if r["sublayer"] == "block":
                 out, med = self._excursion(key, v)
+                (self._last_out if out else self._last_in)[key] = step
                 if out:
                     blocks.append(
                         (key, v, med, v / med if math.isfinite(v) and med > 0 else math.inf)
@@ -125,8 +145,6 @@ class Monitor:
                 subs.setdefault(key, []).append(
                     (v / med if med > 0 and math.isfinite(v) else math.inf, r["sublayer"])
                 )
-        if self._open is not None and self._recorded - self._open_at > self.window:
-            self._open = None  # the event is over: the next excursion starts a new one
         started = []
         blocks.sort(key=lambda b: -b[3])
         for key, v, med, ratio in blocks:
@@ -138,7 +156,7 @@ class Monitor:
                     default=(0, "block"),
                 )
                 self._open = Event(step, key[0], key[1], key[2], key[3], sub[1], v, med, ratio)
-                self._open_seen, self._open_at = {block}, self._recorded
+                self._open_seen = {block}
                 self.events.append(self._open)
                 started.append(self._open)
             elif block not in self._open_seen:

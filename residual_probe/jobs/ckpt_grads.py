@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -176,28 +177,37 @@ def accumulate_gradient(loaded, kind: str, batches, total: int, advance=None) ->
 
 def model_gradients(
     loaded, kind: str, windows, batch: int, seed: int = 0, blocks: str | None = None, advance=None
-) -> tuple[list[dict], float, list, int]:
-    """Probe rows (param_grad_norm per block and sublayer) of one gradient, the mean loss, the blocks,
-    and the vocabulary size of the loss."""
+) -> tuple[list[dict], float, list, int, dict[str, list[str]]]:
+    """Probe rows (param_grad_norm per block and sublayer, and of the parts outside the blocks) of
+    one gradient, the mean loss, the blocks, the vocabulary size of the loss, and the parts the loss
+    does not reach ({part: parameter names}: every parameter requires grad, so a part without any
+    `.grad` is unused by this loss, e.g. BERT's pooler under a loss on the token states; its rows
+    are left out rather than NaN)."""
     from ..probe import Probe
 
     for p in loaded.model.parameters():
         p.requires_grad_(True)
     batches, total = loss_batches(loaded, kind, windows, batch, seed)
     probe = Probe(loaded.model, quantities=("param_grad_norm",), blocks=blocks, group=None)
-    with probe:
+    with probe, warnings.catch_warnings():
+        # a part without .grad is reported by name below, not as the probe's generic warning
+        warnings.filterwarnings("ignore", message=r"probe: .* had no \.grad")
         mean_loss, vocab = accumulate_gradient(loaded, kind, batches, total, advance)
+        unused = probe.parts.without_grad()
         rows = probe.step()
     loaded.model.zero_grad(set_to_none=True)
     return (
         [
             r
             for r in rows
-            if r["metric"] == "param_grad_norm" and not r["sublayer"].startswith("group:")
+            if r["metric"] == "param_grad_norm"
+            and not r["sublayer"].startswith("group:")
+            and not (r["stack"] == "model" and r["sublayer"] in unused)
         ],
         mean_loss,
         probe.blocks,
         vocab,
+        unused,
     )
 
 
@@ -242,7 +252,7 @@ def measure_gradients(
     w = text_windows(loaded, text, spec.tokens, spec.seq_len, inspection.dictionary)
     require_gradient_memory(inspection, kind, tuple(w.ids.shape), spec)
     advance = progress(math.ceil(w.ids.shape[0] / spec.batch)) if progress else None
-    model_rows, mean_loss, _, vocab = model_gradients(
+    model_rows, mean_loss, _, vocab, unused = model_gradients(
         loaded, kind, w.ids, spec.batch, spec.seed, spec.blocks, advance
     )
     t2 = time.perf_counter()
@@ -266,6 +276,7 @@ def measure_gradients(
         "verdicts": gradient_verdicts(table),
         "vocab_size": vocab,
         "whole_model": whole_model_norms(table),
+        "no_gradient": unused,  # parts the loss does not reach: {part: parameter names}
         # the uniform-guess test is about a vocabulary; a contrastive loss's classes are the batch
         "warnings": loss_warnings(mean_loss, vocab, loaded.family) if kind != "contrastive" else [],
         "nonfinite_values": sum(1 for r in table if not math.isfinite(r["param_grad_norm"])),

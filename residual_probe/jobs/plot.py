@@ -158,7 +158,7 @@ def run_plot(
             key: (sorted(by_step), [profile_ratio(by_step[s]) for s in sorted(by_step)])
             for key, by_step in grads.items()
         }
-        marks = [(e.step, e.stack, f"block {e.layer}") for e in events]
+        marks = [(e.step, e.stack, e.layer) for e in events]
         files += plots.grad_steps(grads, ratios, out / "grad_steps", formats, marks)
     if act:
         act_steps = [s for s in picked if any(s in v for v in act.values())] or chosen_steps(

@@ -7,6 +7,7 @@ is hatched red, a curve point becomes a red x on the panel's edge, and the legen
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -18,6 +19,8 @@ from .style import save, setup
 Table = Mapping[tuple[str, str], Mapping[int, Mapping[int, float]]]
 NAN_COLOR = "#d62728"
 STACK_ORDER = ("encoder", "decoder")
+# grad_steps: event origin blocks beyond the first, median and last (not red: events and NaN are)
+EVENT_COLORS = ("#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
 
 
 def _keys(table: Table) -> list[tuple[str, str]]:
@@ -147,11 +150,12 @@ def grad_steps(
     ratios: Mapping[tuple[str, str], tuple[Sequence[int], Sequence[float]]],
     stem: str | Path,
     formats: Sequence[str] = ("png",),
-    events: Sequence[tuple[int, str, str]] = (),
+    events: Sequence[tuple[int, str, int]] = (),
 ) -> list[Path]:
-    """Top: first, median and last block's gradient norm against step. Bottom: first/last ratio.
+    """Top: the first, median and last block's gradient norm against step, and every instability
+    event's origin block (a spike is drawn where it happened). Bottom: first/last ratio.
 
-    events: (step, stack, label) of the instability events (`analysis.instability`): a red
+    events: (step, stack, origin block) of the instability events (`analysis.instability`): a red
     vertical line at the step on the origin stack's panels, labelled with the origin block."""
     plt = setup()
     keys = _keys(grads)
@@ -160,22 +164,29 @@ def grad_steps(
     for j, key in enumerate(keys):
         ax = axes[0, j]
         steps, layers, m, _ = _matrix(grads[key])
-        picks = dict.fromkeys([0, len(layers) // 2, len(layers) - 1])  # first, median, last block
+        mine = [e for e in events if e[1] == key[0]]
+        role = {0: "first", len(layers) // 2: "median", len(layers) - 1: "last"}
+        origins = [list(layers).index(e[2]) for e in mine if e[2] in layers]
+        picks = dict.fromkeys([*role, *sorted(origins)])  # the three, then each event's origin
+        extra = itertools.cycle(EVENT_COLORS)
         marked = False
-        for (c, ls), i in zip(styles, picks):
+        for n, i in enumerate(picks):
+            c, ls = styles[n] if n < len(styles) else (next(extra), "-")
             y = m[i]
+            what = ", ".join(
+                ([role[i]] if i in role else []) + (["event origin"] if i in origins else [])
+            )
             ax.plot(
                 steps,
                 np.where(np.isfinite(y) & (y > 0), y, np.nan),
                 color=c,
                 ls=ls,
-                lw=1.5,
-                label=f"block {layers[i]}"
-                + (" (first)" if i == 0 else " (last)" if i == len(layers) - 1 else " (median)"),
+                lw=1.5 if i in role else 1.2,
+                label=f"block {layers[i]} ({what})",
             )
             marked |= _mark_nonfinite(ax, steps, np.where(y > 0, y, np.nan), label=not marked)
         ax.set_yscale("log")
-        for i, (step, _stack, text) in enumerate(e for e in events if e[1] == key[0]):
+        for i, (step, _stack, block) in enumerate(mine):
             for a in (ax, axes[1, j]):
                 a.axvline(
                     step,
@@ -186,7 +197,7 @@ def grad_steps(
                     label="instability event" if (i == 0 and a is ax) else None,
                 )
             ax.annotate(
-                text,
+                f"block {block}",
                 (step, 1.0),
                 xycoords=("data", "axes fraction"),
                 rotation=90,
@@ -198,7 +209,7 @@ def grad_steps(
         ax.set(
             xlabel="optimizer step",
             ylabel=r"$\|\partial L/\partial\theta_k\|_2$",
-            title=f"{_title(key)}: gradient norm of three blocks",
+            title=f"{_title(key)}: gradient norm by block",
         )
         ax.legend(fontsize=8, frameon=False)
         ax = axes[1, j]

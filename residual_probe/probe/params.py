@@ -35,7 +35,7 @@ def current(refs: list[tuple[nn.Module, str]]) -> list[torch.Tensor]:
 
 PARAM_GROUPS = ("attention", "ffn", "norm", "other")
 # the parts of a model outside its blocks, as param_grad_norm rows (stack "model", layer -1), then "total"
-PARTS = ("embedding", "final_norm", "head", "other")
+PARTS = ("embedding", "embedding_norm", "final_norm", "head", "other")
 HEAD_NAMES = (
     "lm_head",
     "output_projection",
@@ -48,12 +48,21 @@ HEAD_NAMES = (
 )
 
 
+def is_embedding_norm(path: str) -> bool:
+    """A norm outside the blocks that normalizes the embedding, by name: "emb" in its own name or
+    its parent's (`embeddings.LayerNorm`, `layernorm_embedding`, `embed_norm`)."""
+    return any("emb" in part.lower() for part in path.split(".")[-2:])
+
+
 class Parts:
     """The parameters outside the blocks, by part, for the whole-model rows of param_grad_norm.
 
-    embedding: nn.Embedding parameters (token and position); final_norm: norm modules outside the
-    blocks; head: the output projection (HEAD_NAMES) when its weight is its own tensor (a head tied
-    to the embedding is that tensor, counted once: `tied_head` says so); other: the rest. Every
+    embedding: nn.Embedding parameters (token and position); embedding_norm: norm modules outside
+    the blocks named for the embedding (`is_embedding_norm`: BERT's `embeddings.LayerNorm`, BART's
+    `layernorm_embedding`, BLOOM's `word_embeddings_layernorm`, our Peri-LN's `embed_norm`): a
+    Post-LN BERT has no final norm; final_norm: the other norm modules outside the blocks; head:
+    the output projection (HEAD_NAMES) when its weight is its own tensor (a head tied to the
+    embedding is that tensor, counted once: `tied_head` says so); other: the rest. Every
     parameter is counted once (`model.parameters()` order, as torch.nn.utils.clip_grad_norm_ sees
     them), so the total over blocks and parts is clip_grad_norm_'s norm.
     """
@@ -92,7 +101,7 @@ class Parts:
                 if id(p) in embed_ids
                 else "head"
                 if id(p) in head_ids
-                else "final_norm"
+                else ("embedding_norm" if is_embedding_norm(mpath) else "final_norm")
                 if is_norm(mod)
                 else "other"
             )
@@ -107,12 +116,25 @@ class Parts:
         self.groups = GroupNorms(len(self.refs), [members[part] for part in self.keys])
         self._squares = SquaredNorms()
 
+    def _missing(self, grads: list) -> tuple[bool, ...]:
+        return tuple(all(grads[i] is None for i in group) for group in self.groups.groups)
+
     def grad_squares(self, sums=None) -> tuple[torch.Tensor, tuple[bool, ...]]:
         """(squared norm of each part parameter's .grad, which parts have no .grad at all); `sums`:
         gradnorm.RankSums of the probe step (sharded squares complete after its all-reduce)."""
         grads = [p.grad for p in current(self.refs)]
-        missing = tuple(all(grads[i] is None for i in group) for group in self.groups.groups)
-        return self._squares(grads, sums), missing
+        return self._squares(grads, sums), self._missing(grads)
+
+    def without_grad(self) -> dict[str, list[str]]:
+        """{part: its parameter names} of the parts none of whose parameters has a `.grad` now: after
+        a backward with every parameter requiring grad, the parts the loss does not reach (BERT's
+        pooler under a loss on the token states)."""
+        grads = [p.grad for p in current(self.refs)]
+        return {
+            part: [self.names[i] for i in group]
+            for part, group, gone in zip(self.keys, self.groups.groups, self._missing(grads))
+            if gone
+        }
 
 
 # the FFN output projection, by family: ours / OPT / fairseq (fc2), GPT-2 (mlp.c_proj), Llama /

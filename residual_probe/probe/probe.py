@@ -563,8 +563,8 @@ class Probe:
             if no_grad:
                 self._say(
                     "no_grad",
-                    f"probe: {no_grad} parameter group(s) had no .grad at step {s} (frozen, or "
-                    "step() before backward): recorded as NaN and counted in no_grad_count",
+                    f"probe: {no_grad} parameter group(s) had no .grad at step {s} (frozen, not used "
+                    "by the loss, or step() before backward): recorded as NaN and counted in no_grad_count",
                 )
                 rows.append(row(s, "-", -1, "-", "-", "no_grad_count", float(no_grad)))
             bad = sum(1 for r in rows if not math.isfinite(r["value"])) - no_grad
@@ -623,6 +623,11 @@ class Probe:
     def state_bytes(self) -> int:
         """Bytes the probe holds in tensors between steps (buffers, subsample, update snapshot)."""
         return sum(q.state_bytes() for q in self.quantities)
+
+    @property
+    def parts(self):
+        """The parameters outside the blocks by part (`params.Parts`: keys, names, `without_grad()`)."""
+        return self._params.parts
 
     @property
     def plans_built(self) -> int:

@@ -12,8 +12,8 @@ ResiDual's dual stream d, is named `<stack>:<stream>`):
 - `probe/act_grad_first_over_last/<stack>`  the same ratio for the activation gradient ||dL/dh_k||
 - `probe/block_influence/<stack>/<kk>` 1 - cos(h_{k-1}, h_k) (ShortGPT)
 - `probe/late_cos_adjacent/<stack>`    mean adjacent cosine over the last third of the blocks (collapse)
-- `probe/grad_norm_model/<part>`       the parts outside the blocks (embedding, final_norm, head,
-                                       other) and `total`, clip_grad_norm_'s norm
+- `probe/grad_norm_model/<part>`       the parts outside the blocks (embedding, embedding_norm,
+                                       final_norm, head, other) and `total`, clip_grad_norm_'s norm
 - `probe/nonfinite_count`              NaN/inf values recorded in the step
 - `probe/instability_events`, `probe/instability_last_block`: with `InstabilityLog`, the count of
   instability events so far and the last one's origin block (`analysis.instability`)

@@ -8,8 +8,9 @@ for the same gradients. A head tied to the embedding is counted in "embedding" (
 
 The gradient is whatever `.grad` holds when `probe.step()` is called: accumulated over all
 micro-batches, before clipping if step() comes first, AMP-unscaled (the scaler's scale is
-divided out unless `scaler.unscale_` already ran). A group none of whose parameters has a
-`.grad` (frozen, or step() before any backward) is missing: NaN, counted in `no_grad_count`.
+divided out unless `scaler.unscale_` already ran). A group or part none of whose parameters has
+a `.grad` (frozen, not reached by the loss, or step() before any backward) is missing: NaN,
+counted in `no_grad_count`, not as non-finite.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .base import Quantity, row
 
 class ParamGradNorm(Quantity):
     name = "param_grad_norm"
-    no_grad = 0  # groups without any .grad at the last export
+    no_grad = 0  # rows without any .grad at the last export (groups, parts, total)
     _missing: tuple = ()
     _parts_missing: tuple = ()
 
@@ -57,5 +58,5 @@ class ParamGradNorm(Quantity):
         )  # total: no .grad at all
         for part, v, gone in zip([*params.parts.keys, "total"], host[len(params.keys) :], missing):
             out.append(row(step, "model", -1, part, "-", self.name, math.nan if gone else v))
-        self.no_grad = sum(self._missing)
+        self.no_grad = sum(self._missing) + sum(missing)
         return out
