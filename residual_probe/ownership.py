@@ -64,6 +64,22 @@ def read_manifest(folder: str | Path) -> dict | None:
     return data if isinstance(data, dict) and "status" in data else None
 
 
+def _pid(manifest: dict) -> int:
+    try:
+        return int(manifest.get("pid", 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def run_status(manifest: dict) -> str:
+    """The manifest's status as a reader should say it: a "running" run whose process is gone on
+    this host (kill -9, a power cut) is "interrupted (pid N is gone)"."""
+    status = str(manifest.get("status", "?"))
+    if status == "running" and not _alive(_pid(manifest), str(manifest.get("host", ""))):
+        return f"interrupted (pid {_pid(manifest)} is gone)"
+    return status
+
+
 def folder_state(folder: str | Path) -> str | None:
     """What a reader should say of a folder: None when its run completed (or it has no manifest),
     else one line ("partial: ..." / "interrupted: ..." / "being written: ...")."""
@@ -72,7 +88,7 @@ def folder_state(folder: str | Path) -> str | None:
         return None
     who = f"`{m.get('command', '?')}` (pid {m.get('pid')} on {m.get('host')}, started {m.get('started')})"
     if m["status"] == "running":
-        if _alive(int(m.get("pid", 0)), str(m.get("host", ""))):
+        if run_status(m) == "running":
             return f"being written by {who}: its files may change"
         return f"interrupted: {who} ended before finishing; its files are whole but the set is incomplete"
     return f"partial: {who} {m.get('reason', 'did not finish')}; its files are whole but the set is incomplete"
@@ -95,10 +111,19 @@ class Owned:
             self.write("running")
 
     def write(self, status: str, **extra) -> None:
+        """Replace the manifest atomically; a full disk or a lost folder is a FolderError (one
+        line) and leaves no temporary file behind."""
         data = dict(self.meta, status=status, files=self.files, **extra)
         tmp = self.folder / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, self.folder / MANIFEST)
+        try:
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
+            os.replace(tmp, self.folder / MANIFEST)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise FolderError(
+                f"cannot write {str(self.folder / MANIFEST)!r}: {exc.strerror or exc}"
+            ) from None
 
 
 def record_write(path: str | Path) -> None:
@@ -191,7 +216,7 @@ def owned_out(
                 elif not overwrite:
                     raise FolderError(
                         f"{str(folder)!r} holds the outputs of another run (`{earlier.get('command', '?')}`, "
-                        f"{earlier['status']}, {earlier.get('started', '?')}); pass --overwrite to replace them, "
+                        f"{run_status(earlier)}, {earlier.get('started', '?')}); pass --overwrite to replace them, "
                         "or choose another --out"
                     )
                 else:
@@ -211,7 +236,13 @@ def owned_out(
                     if isinstance(exc, (KeyboardInterrupt, SystemExit))
                     else "failed"
                 )
-                owned.write("partial", reason=f"{reason} ({type(exc).__name__})", finished=_now())
+                # The first error is the one to report: when the manifest cannot be marked partial
+                # either (the disk is full), it keeps "running" with this pid, which readers call
+                # interrupted once the process is gone.
+                with contextlib.suppress(FolderError):
+                    owned.write(
+                        "partial", reason=f"{reason} ({type(exc).__name__})", finished=_now()
+                    )
                 raise
             owned.write("complete", finished=_now())
         finally:

@@ -109,6 +109,48 @@ def test_a_crash_between_two_files_leaves_a_partial_folder_that_readers_name(tmp
     assert subprocess.run([sys.executable, "-c", code]).returncode == 9
     assert read_manifest(tmp_path / "killed")["status"] == "running"
     assert folder_state(tmp_path / "killed").startswith("interrupted")
+    # a second run into the killed run's folder names it as interrupted, not running
+    pid = read_manifest(tmp_path / "killed")["pid"]
+    with pytest.raises(FolderError, match=rf"interrupted \(pid {pid} is gone\)"):
+        with owned_out(tmp_path / "killed", "residual-probe train"):
+            pass
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_manifest(tmp_path, monkeypatch):
+    """The disk fills while results are written: the manifest cannot be marked partial either.
+    The error stays the first one (exit 2, one line), no temporary file is left, and the
+    manifest keeps "running" with this pid, which readers call interrupted once it is gone."""
+    import errno
+    import tempfile
+    from pathlib import Path
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    mkstemp, write_text = tempfile.mkstemp, Path.write_text
+
+    written = []
+
+    def no_space_for_results(*args, dir=None, prefix="", **kw):
+        written.append(prefix)
+        if len(written) == 2:  # the first result is whole; the disk is full at the second
+            monkeypatch.setattr(Path, "write_text", no_space_for_manifest)
+            raise full
+        return mkstemp(*args, dir=dir, prefix=prefix, **kw)
+
+    def no_space_for_manifest(self, *args, **kw):
+        if self.name == f".{MANIFEST}.tmp":
+            write_text(self, "")  # the 0-byte file a full disk leaves
+            raise full
+        return write_text(self, *args, **kw)
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_space_for_results)
+    out = tmp_path / "full"
+    r = grad_norms(out)
+    assert r.exit_code == 2, r.output
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: cannot write"), r.output
+    assert "internal error" not in r.output and not (out / f".{MANIFEST}.tmp").exists()
+    m = read_manifest(out)
+    assert m["status"] == "running" and m["pid"] == os.getpid() and not (out / LOCK).exists()
 
 
 def test_bad_input_leaves_no_manifest_and_no_folder(tmp_path):
