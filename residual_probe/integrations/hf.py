@@ -133,7 +133,7 @@ class ProbeCallback(CallbackCore, TrainerCallback):
         self._teardown()
         self.sink_path = sink_path(self.sink, args.output_dir, state.is_world_process_zero)
         sink = str(self.sink_path) if self.sink_path is not None else None
-        kwargs_probe = self.probe_options(state.global_step + 1)
+        kwargs_probe = self.probe_options()
         if "group" not in kwargs_probe:
             import torch.distributed as dist
 

@@ -71,7 +71,7 @@ class ProbeCallback(CallbackCore, Callback):
             self.sink, trainer.log_dir or trainer.default_root_dir, trainer.is_global_zero
         )
         sink = str(self.sink_path) if self.sink_path is not None else None
-        kwargs = self.probe_options(trainer.global_step)
+        kwargs = self.probe_options()
         if "group" not in kwargs:
             import torch.distributed as dist
 

@@ -23,12 +23,8 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable, Mapping
 
-import numpy as np
-
 from ..probe.summary import summary
 from .common import GradHistory
-
-NAN_RGB = (214, 39, 40)
 
 
 def _writer(target: Any):
@@ -40,23 +36,6 @@ def _writer(target: Any):
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(os.fspath(target))
-
-
-def heatmap_rgb(matrix: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """(3, layers, steps) uint8 image of log10(matrix) in viridis, block 0 at the bottom; NaN/inf/<=0 red.
-
-    Returns the image and the (low, high) of log10 that the colours span.
-    """
-    from matplotlib import colormaps
-
-    m = np.asarray(matrix, dtype=float)
-    ok = np.isfinite(m) & (m > 0)
-    logs = np.where(ok, np.log10(np.where(ok, m, 1.0)), np.nan)
-    lo, hi = (float(np.nanmin(logs)), float(np.nanmax(logs))) if ok.any() else (0.0, 1.0)
-    scaled = (logs - lo) / (hi - lo) if hi > lo else np.full_like(logs, 0.5)
-    rgb = (colormaps["viridis"](np.nan_to_num(scaled))[..., :3] * 255).astype(np.uint8)
-    rgb[~ok] = NAN_RGB
-    return np.ascontiguousarray(rgb[::-1].transpose(2, 0, 1)), lo, hi
 
 
 class ProbeWriter:

@@ -12,13 +12,28 @@ Notation in the methods: `x` the stream state (a tensor; ResiDual's is the pair 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from .config import ModelConfig
+
+class PlacementConfig(Protocol):
+    """What a placement reads from the model's config (`ModelConfig` has these): named here, not
+    imported, because the config validates its `placement` against PLACEMENTS."""
+
+    arch: str
+    placement: str
+    alpha: float
+    mix_ratio: float
+    res_input_norm_scale: float
+
+    @property
+    def encoder_depth(self) -> int: ...
+
+    @property
+    def dec_depth(self) -> int: ...
+
 
 PLACEMENTS: dict[str, type["Placement"]] = {}
 
@@ -42,7 +57,7 @@ class Placement:
     # bound), or None where no source states one.
     gradient_profile: str | None = None
 
-    def __init__(self, cfg: "ModelConfig", role: str):
+    def __init__(self, cfg: PlacementConfig, role: str):
         self.cfg, self.role = cfg, role  # role: "encoder" or "decoder"
         self.depth = cfg.encoder_depth if role == "encoder" else cfg.dec_depth
 
@@ -155,7 +170,7 @@ def deepnorm_scaled(s: nn.Module) -> list[nn.Module]:
     return [getattr(s, n) for n in names if hasattr(s, n)]
 
 
-def deepnorm_constants(cfg: "ModelConfig", role: str) -> tuple[float, float]:
+def deepnorm_constants(cfg: PlacementConfig, role: str) -> tuple[float, float]:
     """(alpha, beta) for this stack's role, as the DeepNet paper states them (Wang et al. 2022, Fig. 2).
 
     Encoder-only (N blocks) and decoder-only (M blocks): alpha = (2L)^(1/4), beta = (8L)^(-1/4).
@@ -265,5 +280,5 @@ class ReZero(Placement):
         blk.gate = nn.Parameter(torch.zeros(()))
 
 
-def make_placement(cfg: "ModelConfig", role: str) -> Placement:
+def make_placement(cfg: PlacementConfig, role: str) -> Placement:
     return PLACEMENTS[cfg.placement](cfg, role)

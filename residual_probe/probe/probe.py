@@ -38,11 +38,12 @@ import torch
 from torch import nn
 
 from .discovery import BlockInfo, find_blocks
+from .errors import ProbeError
 from .gradnorm import RankSums, is_dtensor
 from .params import ParamPlan
 from .quantities import DEFAULT_QUANTITIES, REGISTRY, Quantity
 from .records import RowSink, row
-from .schedule import ProbeError, Schedule, ScheduleSpec
+from .schedule import Schedule, ScheduleSpec
 from .stats import local_streams, stream_tensors
 
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Any]" = (
@@ -219,6 +220,11 @@ class Probe:
     defer: export each step's rows one step late: the device-to-host copy is started
         non-blocking into pinned memory at step() and read at the next step() (or flush()),
         so step() never waits for the device.
+    forward_every: the quantities marked `sparse` (forward_stats, subsample: several kernels per
+        block) only on every n-th recorded step, the first at or after `start_step`, and
+        `last_step`; 1 (default): on every recorded step. Only with a shared integer `every`
+        (schedule.FORWARD_EVERY is what the integrations and `train` use).
+    last_step: the run's last recorded step, if known, for `forward_every` (collapse at the end).
     """
 
     def __init__(
@@ -240,6 +246,8 @@ class Probe:
         w2: str | None = None,
         defer: bool = False,
         pipeline_group: Any = None,
+        forward_every: int = 1,
+        last_step: int | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise ProbeError(f"Probe needs a torch.nn.Module, got {type(model).__name__}")
@@ -266,7 +274,16 @@ class Probe:
                 f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
         self.model = model
-        self.schedule = Schedule(quantities, every, steps, known=REGISTRY)
+        self.schedule = Schedule(
+            quantities,
+            every,
+            steps,
+            known=REGISTRY,
+            sparse=[name for name, q in REGISTRY.items() if q.sparse],
+            forward_every=forward_every,
+            start=start_step,
+            last=last_step,
+        )
         self.subsample_tokens, self.seed = subsample_tokens, seed
         self.include_eval = bool(include_eval)
         self.scaler, self.optimizer, self.defer = scaler, optimizer, bool(defer)
