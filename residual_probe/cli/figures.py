@@ -24,7 +24,7 @@ def figures(
             "--quick", help="Small sizes and fewer depths/steps (about 20 s), as CI runs it."
         ),
     ] = False,
-    only: Annotated[str, typer.Option(help="Comma-separated analyses to run (default: all).")] = "",
+    only: Annotated[str, typer.Option(help="Comma-separated studies to run (default: all).")] = "",
     overwrite: OverwriteOpt = False,
 ):
     """Regenerate the paper-style figures: run every study (residual_probe.studies) and print its checks.
