@@ -109,7 +109,7 @@ class GradHistory:
         self._by_stack: dict[str, dict[int, dict[int, float]]] = {}
 
     def add(self, rows, step: int) -> None:
-        from ..probe.summary import stack_label
+        from ..probe.scalars import stack_label
 
         for r in rows:
             if r["metric"] == "param_grad_norm" and r["sublayer"] == "block":
@@ -171,7 +171,7 @@ class CallbackCore:
 
     def reset(self) -> None:
         """A new run: forget the last rows, the window and the events."""
-        from ..probe.summary import InstabilityLog, SummaryWindow
+        from ..probe.scalars import InstabilityLog, SummaryWindow
 
         self._last_rows: list[dict] = []
         self._window = SummaryWindow()
@@ -179,7 +179,7 @@ class CallbackCore:
 
     def _keep(self, rows: list[dict]) -> None:
         """A probe step's rows: a step the schedule skips returns none, and the last recorded one stands."""
-        from ..probe.summary import summary
+        from ..probe.scalars import summary
 
         if rows:
             self._last_rows = rows
@@ -188,6 +188,6 @@ class CallbackCore:
 
     def summary(self) -> dict[str, float]:
         """The grouped scalars of the last recorded step ({} before the first)."""
-        from ..probe.summary import summary
+        from ..probe.scalars import summary
 
         return summary(self._last_rows)

@@ -9,7 +9,7 @@
             tb.write(rows)
 
 Each `write(rows)` (the rows of one probe step) adds, at that step:
-- the grouped scalars of `residual_probe.probe.summary` (`probe/grad_norm/<stack>/<kk>`,
+- the grouped scalars of `residual_probe.probe.scalars` (`probe/grad_norm/<stack>/<kk>`,
   `probe/first_over_last/<stack>`, `probe/block_influence/<stack>/<kk>`, ...);
 - every `image_every` written steps, an image per stack `probe/grad_norm_heatmap/<stack>`: block
   (rows, block 0 at the bottom) x recorded step (columns), log10 of the gradient norm mapped to
@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable, Mapping
 
-from ..probe.summary import summary
+from ..probe.scalars import summary
 from .common import GradHistory
 
 

@@ -95,7 +95,7 @@ def run_train(
     import torch
 
     from .. import budget
-    from ..analysis.summary import loss_curves
+    from ..analysis.curves import loss_curves
     from ..checkpoints import save_model
     from ..data import BatchSource, builtin_corpus, read_text_tokens, split_tokens
     from ..models import Transformer

@@ -496,8 +496,8 @@ class Probe:
         return list(self._rows)
 
     def summary(self) -> dict[str, float]:
-        """The last recorded step as a few grouped scalars for any logger (`probe.summary`; needs keep_rows)."""
-        from .summary import summary
+        """The last recorded step as a few grouped scalars for any logger (`probe.scalars.summary`; needs keep_rows)."""
+        from .scalars import summary
 
         return summary(self.rows())
 
