@@ -185,7 +185,7 @@ def write_report(
                 "Per-block gradient norm ‖∂L/∂θ_k‖₂ (whole block), per model and stack",
                 per_block_table(
                     grad_rows,
-                    lambda r: f"{r['placement']} {r['stack']}",
+                    lambda r: f"{r['model']} {r['stack']}",
                     "param_grad_norm",
                     lambda r: r["sublayer"] == "block",
                 ),

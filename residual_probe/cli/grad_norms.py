@@ -136,7 +136,7 @@ def grad_norms(
     OUT/grad_norms.json (config, versions, seeds, wall times, summary) and OUT/grad_norms.png.
 
     A checkpoint (--ckpt PATH [--compare PATH ...] [--loss causal-lm|seq2seq|mlm]): one gradient on
-    real text, same three files (placement column = the model's label). Data contract: the first
+    real text, same three files (a model column, the model's label, in place of placement). Data contract: the first
     --tokens N tokens of --data (default: CPython's pydoc topics), as the checkpoint's own tokenizer
     encodes them without special tokens (UTF-8 bytes for our models; --dict for fairseq), cut into
     floor(N / L) consecutive non-overlapping windows of --seq-len L (default 256 with --ckpt), the
