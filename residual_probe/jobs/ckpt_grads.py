@@ -304,7 +304,7 @@ def write_gradients(
     rows: list[dict],
     source: str,
     formats,
-    wall_s: float,
+    wall_seconds: float,
 ) -> dict:
     """grad_norms.csv, .png and .json of the measured checkpoints; returns the JSON dict."""
     from ..output import versions, write_csv, write_json
@@ -321,7 +321,7 @@ def write_gradients(
         "models": models,
         "data_source": source,
         "versions": versions(),
-        "wall_seconds": round(wall_s, 3),
+        "wall_seconds": round(wall_seconds, 3),
     }
     meta["files"] = [str(f) for f in files] + [str(out / "grad_norms.json")]
     write_json(out / "grad_norms.json", meta)

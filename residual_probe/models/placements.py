@@ -28,11 +28,7 @@ class PlacementConfig(Protocol):
     mix_ratio: float
     res_input_norm_scale: float
 
-    @property
-    def encoder_depth(self) -> int: ...
-
-    @property
-    def dec_depth(self) -> int: ...
+    def stack_depth(self, role: str) -> int: ...
 
 
 PLACEMENTS: dict[str, type["Placement"]] = {}
@@ -59,7 +55,7 @@ class Placement:
 
     def __init__(self, cfg: PlacementConfig, role: str):
         self.cfg, self.role = cfg, role  # role: "encoder" or "decoder"
-        self.depth = cfg.encoder_depth if role == "encoder" else cfg.dec_depth
+        self.depth = cfg.stack_depth(role)
 
     def begin(self, x0: torch.Tensor, stack: nn.Module):
         """Stream state from the embedding output x0."""
@@ -183,7 +179,7 @@ def deepnorm_constants(cfg: PlacementConfig, role: str) -> tuple[float, float]:
     The two differ only in that initialization; a loaded checkpoint carries its own weights,
     and alpha, the only constant in the forward pass, is the same in both.
     """
-    N, M = cfg.encoder_depth, cfg.dec_depth
+    N, M = cfg.stack_depth("encoder"), cfg.stack_depth("decoder")
     if cfg.arch == "seq2seq":
         if role == "encoder":
             return 0.81 * (N**4 * M) ** (1 / 16), 0.87 * (N**4 * M) ** (-1 / 16)
