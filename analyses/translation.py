@@ -1,17 +1,16 @@
 """The ResiDual paper's translation experiment at CPU scale: encoder-decoder across depth, placement and warm-up.
 
 The study lives in residual_probe/studies/translation/; `residual-probe figures --only
-translation` runs it like the other analyses. This script adds what a long grid needs:
+translation` runs it like the other studies. This script adds what a long grid needs:
     python analyses/translation.py [--out figures] [--quick] [--workers 2] [--partial]
 The grid is resumable (rerun the same command after an interruption: finished runs are kept);
 --partial trains nothing and writes the tables, figures and checks from the runs finished so far.
-The checks replace this analysis's rows in OUT/checks.csv and keep the others.
+The checks replace this study's rows in OUT/checks.csv and keep the others.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
 from pathlib import Path
 
 from residual_probe.studies.translation import run
@@ -25,17 +24,15 @@ def write_checks(out: Path, checks) -> None:
     import json
 
     from residual_probe.output import write_csv, write_json
-    from residual_probe.studies import CHECK_COLUMNS, STUDIES, keep_other_checks
+    from residual_probe.studies import CHECK_COLUMNS, STUDIES, check_rows, keep_other_checks
 
-    rows = keep_other_checks(out / "checks.csv", (NAME,)) + [
-        {"analysis": NAME, **asdict(c)} for c in checks
-    ]
+    rows = keep_other_checks(out / "checks.csv", (NAME,)) + check_rows(NAME, checks)
     write_csv(out / "checks.csv", rows, CHECK_COLUMNS)
     meta_path = out / "checks.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         meta["checks"] = rows
-        meta["analyses"] = [name for name in STUDIES if any(r["analysis"] == name for r in rows)]
+        meta["studies"] = [name for name in STUDIES if any(r["study"] == name for r in rows)]
         meta["seconds"] = {k: v for k, v in meta.get("seconds", {}).items() if k in STUDIES}
         write_json(meta_path, meta)
 

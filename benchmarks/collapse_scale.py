@@ -88,7 +88,7 @@ def child(mode: str) -> None:
         json.dumps(
             {
                 "mode": mode,
-                "wall_s": wall,
+                "wall_seconds": wall,
                 "peak_kb": rss_kb("VmHWM") - base,
                 "weights_kb": weights / 1024,
                 "params": loaded.parameters,
@@ -137,7 +137,7 @@ def main() -> None:
     )
     med = {}
     for mode, rs in runs.items():
-        wall, peak = [r["wall_s"] for r in rs], [r["peak_kb"] / 1024 for r in rs]
+        wall, peak = [r["wall_seconds"] for r in rs], [r["peak_kb"] / 1024 for r in rs]
         med[mode] = (statistics.median(wall), statistics.median(peak))
         print(
             f"{mode:<9} wall s {' '.join(f'{w:.2f}' for w in wall)} (median {med[mode][0]:.2f}); "

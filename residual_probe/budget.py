@@ -203,7 +203,7 @@ def model_parameters(cfg) -> tuple[int, dict[str, int]]:
     per_block = {}
     with torch.device("meta"):
         norm = count(make_norm(cfg.norm, 1)) * d
-        for role, depth in (("encoder", cfg.encoder_depth), ("decoder", cfg.dec_depth)):
+        for role, depth in ((r, cfg.stack_depth(r)) for r in ("encoder", "decoder")):
             if not depth:
                 continue
             placement = make_placement(cfg, role)
@@ -255,7 +255,7 @@ def step_parts(
     """(parameters, parts in bytes) of one forward/backward (and Adam update) of `Transformer(cfg)`."""
     P, _ = model_parameters(cfg)
     tokens = batch * seq_len
-    stacks = [("encoder", cfg.encoder_depth), ("decoder", cfg.dec_depth)]
+    stacks = [(r, cfg.stack_depth(r)) for r in ("encoder", "decoder")]
     blocks = {role: _block_floats(cfg, role, batch, seq_len, training) for role, n in stacks if n}
     acts = sum(blocks[role] * n for role, n in stacks if n) + 2 * cfg.d_model * tokens * len(blocks)
     parts = {
@@ -283,11 +283,12 @@ def step_parts(
 
 
 def _blocks(cfg) -> int:
-    return cfg.encoder_depth + cfg.dec_depth
+    return cfg.stack_depth("encoder") + cfg.stack_depth("decoder")
 
 
 def _sublayers(cfg) -> int:
-    return 2 * cfg.encoder_depth + (3 if cfg.arch == "seq2seq" else 2) * cfg.dec_depth
+    n_enc, n_dec = cfg.stack_depth("encoder"), cfg.stack_depth("decoder")
+    return 2 * n_enc + (3 if cfg.arch == "seq2seq" else 2) * n_dec
 
 
 def _describe_cfg(cfg) -> str:

@@ -42,6 +42,20 @@ def data_line(data: dict) -> str:
 WARN_PREFIXES = ("warning:", "partly random model")  # lines the report sets apart
 
 
+def partly_random(missing: Sequence[str], listed: bool = False) -> str:
+    """The warning that verdicts are about a partly random model ("" when no weight is missing):
+    the console's prefix of each verdict line, or (`listed`) the report's own line naming the
+    first missing weights."""
+    if not missing:
+        return ""
+    if listed:
+        return (
+            f"partly random model: {len(missing)} weights are missing from the files and were left at "
+            f"random initialization ({', '.join(missing[:3])}); every verdict below is about that model"
+        )
+    return f"partly random model ({len(missing)} weights at random initialization): "
+
+
 def verdict_lines(grads: dict | None, collapse: dict) -> dict[str, list[str]]:
     """label -> plain-language verdicts with their numbers: warnings first (a model that does not
     predict the text, a partly random model), then the verdicts, then the data they rest on and
@@ -56,10 +70,7 @@ def verdict_lines(grads: dict | None, collapse: dict) -> dict[str, list[str]]:
         lines = []
         missing = m.get("partly_random") or []
         if missing:  # first: it explains everything below, a loss warning included
-            lines.append(
-                f"partly random model: {len(missing)} weights are missing from the files and were left at "
-                f"random initialization ({', '.join(missing[:3])}); every verdict below is about that model"
-            )
+            lines.append(partly_random(missing, listed=True))
         lines += [f"warning: {w}" for w in (g or {}).get("warnings", [])]
         if g is not None and "skipped" in g:
             lines.append(f"gradients: not measured ({g['skipped']})")
@@ -172,7 +183,7 @@ def write_report(
                 "Per-block gradient norm ‖∂L/∂θ_k‖₂ (whole block), per model and stack",
                 per_block_table(
                     grad_rows,
-                    lambda r: f"{r['placement']} {r['stack']}",
+                    lambda r: f"{r['model']} {r['stack']}",
                     "param_grad_norm",
                     lambda r: r["sublayer"] == "block",
                 ),

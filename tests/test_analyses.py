@@ -1,4 +1,4 @@
-"""`residual-probe figures --quick`: every analysis runs, writes its figures, and its checks hold.
+"""`residual-probe figures --quick`: every study runs, writes its figures, and its checks hold.
 
 The asserted agreements are what the quick measurement shows with large margins (seeded); a
 claim the measurement contradicts is asserted as contradicted (e.g. Post-LN's vanishing at
@@ -18,22 +18,22 @@ def quick(quick_figures):
     return quick_figures
 
 
-def agreement(meta, analysis, statement, setting_part="", placement=None):
+def agreement(meta, study, statement, setting_part="", placement=None):
     found = [
         c
         for c in meta["checks"]
-        if c["analysis"] == analysis
+        if c["study"] == study
         and c["statement"].startswith(statement)
         and setting_part in c["setting"]
         and (placement is None or c["placement"] == placement)
     ]
-    assert found, (analysis, statement, setting_part)
+    assert found, (study, statement, setting_part)
     return [c["agreement"] for c in found]
 
 
-def test_every_analysis_writes_its_figures_and_checks(quick):
+def test_every_study_writes_its_figures_and_checks(quick):
     out, meta = quick
-    assert meta["analyses"] == list(STUDIES)
+    assert meta["studies"] == list(STUDIES)
     for name in (
         "grad_norms_depths",
         "bounds_theorem1",
@@ -46,7 +46,7 @@ def test_every_analysis_writes_its_figures_and_checks(quick):
     ):
         assert (out / f"{name}.png").stat().st_size > 20_000, name
     rows = list(csv.DictReader(open(out / "checks.csv")))
-    assert {r["analysis"] for r in rows} == set(STUDIES)
+    assert {r["study"] for r in rows} == set(STUDIES)
     assert json.loads((out / "checks.json").read_text())["quick"] is True
 
 
@@ -95,6 +95,6 @@ def test_collapse_and_training(quick):
     assert agreement(meta, "training_study", "Pre-LN's later layers add little") == ["yes"]
 
 
-def test_unknown_analysis_is_a_clear_error(tmp_path):
+def test_unknown_study_is_a_clear_error(tmp_path):
     with pytest.raises(StudyError, match="unknown study 'nope'; choose from grad_norms_depths"):
         run_all(tmp_path, quick=True, only=("nope",))

@@ -48,7 +48,7 @@ def test_run_bounds_writes_checks_and_figures(quick_figures):
     # model collapse: 3 shapes + 1 Pre-LN closed form per init; Adam: 1 per init
     assert (
         len(checks)
-        == len([c for c in meta["checks"] if c["analysis"] == "theory_bounds"])
+        == len([c for c in meta["checks"] if c["study"] == "theory_bounds"])
         == (3 * 2 + 2 * 2 + 2 * 2 * 3 + 3 + 2 * 4 + 2)
     )
     by = {(c["statement"][:25], c["setting"], c["placement"]): c["agreement"] for c in checks}

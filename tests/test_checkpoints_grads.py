@@ -174,7 +174,7 @@ def test_cli_writes_the_reference_files_and_prints_the_verdict(tmp_path):
     for f in ("grad_norms.csv", "grad_norms.json", "grad_norms.png"):
         assert (tmp_path / "out" / f).is_file()
     header = (tmp_path / "out" / "grad_norms.csv").read_text().splitlines()[0]
-    assert header == "placement,seed,step,stack,layer,sublayer,param_grad_norm"
+    assert header == "model,seed,step,stack,layer,sublayer,param_grad_norm"
     meta = json.loads((tmp_path / "out" / "grad_norms.json").read_text())
     m = meta["models"][0]
     assert (

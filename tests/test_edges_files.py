@@ -73,7 +73,7 @@ def test_the_bounds_table_fits_a_terminal():
 
     from rich.console import Console
 
-    from residual_probe.cli import checks_table
+    from residual_probe.cli.render import checks_table
 
     long = (
         "Xiong T1: pre-ln last-block W2 grad ~ L^-0.5 (Theorem 1, uniform attention, d x d FFN) "

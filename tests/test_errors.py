@@ -23,8 +23,8 @@ def test_every_user_facing_error_derives_from_user_error():
     from residual_probe.models import ConfigError
     from residual_probe.output import OutputError
     from residual_probe.probe.discovery import DiscoveryError
+    from residual_probe.probe.errors import ProbeError
     from residual_probe.probe.records import SinkError
-    from residual_probe.probe.schedule import ProbeError
     from residual_probe.studies import StudyError
 
     for cls in (

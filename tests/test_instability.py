@@ -12,7 +12,7 @@ from residual_probe.analysis.instability import Event, Monitor, find_events
 from residual_probe.data import BatchSource, builtin_corpus, split_tokens
 from residual_probe.models import ModelConfig, Transformer
 from residual_probe.probe import Probe
-from residual_probe.probe.summary import InstabilityLog, SummaryWindow
+from residual_probe.probe.scalars import InstabilityLog, SummaryWindow
 
 
 def train(

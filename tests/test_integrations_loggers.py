@@ -18,7 +18,7 @@ import torch
 from residual_probe.data import BatchSource
 from residual_probe.models import ModelConfig, Transformer
 from residual_probe.probe import Probe
-from residual_probe.probe.summary import summary
+from residual_probe.probe.scalars import summary
 
 
 def probe_steps(steps=3, arch="decoder", placement="pre-ln", depth=3, nan_at=None):

@@ -54,7 +54,7 @@ from test_distributed import SIZES, make_model, probe_reductions, run_steps
 from torch import nn
 
 from residual_probe.probe import Probe
-from residual_probe.probe.schedule import ProbeError
+from residual_probe.probe.errors import ProbeError
 
 # Looked up, not imported: importing both costs 2 s per collecting process, and the ranks import them.
 pytestmark = pytest.mark.skipif(

@@ -325,6 +325,12 @@ def test_config_json_round_trip():
     assert ModelConfig.from_json(cfg.to_json()) == cfg
     model = build_model(cfg)
     assert len(model.encoder.layers) == 3 and len(model.decoder.layers) == 5
+    assert (cfg.stack_depth("encoder"), cfg.stack_depth("decoder")) == (3, 5)
+    one_stack = [ModelConfig(arch=a, depth=4) for a in ("encoder", "decoder")]
+    assert [(c.stack_depth("encoder"), c.stack_depth("decoder")) for c in one_stack] == [
+        (4, 0),
+        (0, 4),
+    ]
 
 
 def test_config_new_keys_strict_and_round_trip():

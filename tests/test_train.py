@@ -132,7 +132,8 @@ def test_train_cli_bad_input_is_one_line(tmp_path):
 
 
 def test_sparse_forward_schedule():
-    from residual_probe.probe.schedule import ProbeError, sparse_forward
+    from residual_probe.probe import ProbeError
+    from residual_probe.probe.schedule import sparse_forward
 
     rules = sparse_forward(
         ("param_grad_norm", "forward_stats"),
@@ -173,3 +174,21 @@ def test_sparse_forward_schedule():
     ]
     with pytest.raises(ProbeError, match="forward_every"):
         sparse_forward(("forward_stats",), 1, 0, 0, ("forward_stats",))
+
+
+def test_probe_forward_every_thins_the_quantities_marked_sparse():
+    """The Probe's own option: the registry says which quantities are sparse (forward_stats)."""
+    from residual_probe.models import ModelConfig, Transformer
+    from residual_probe.probe import Probe, ProbeError
+
+    model = Transformer(ModelConfig(arch="decoder", depth=2, d_model=16, heads=2, ffn=32))
+    names = ("param_grad_norm", "forward_stats")
+    probe = Probe(model, names, every=5, start_step=1, forward_every=10, last_step=995)
+    rules = probe.schedule.rules
+    assert [s for s in range(60) if rules["param_grad_norm"](s)] == list(range(0, 60, 5))
+    assert [s for s in range(1000) if rules["forward_stats"](s)][:4] == [0, 5, 50, 100]
+    assert rules["forward_stats"](995) and not rules["forward_stats"](990)
+    with pytest.raises(ProbeError, match="forward_every: only with quantities sharing"):
+        Probe(model, {"forward_stats": 1}, forward_every=10)
+    with pytest.raises(ProbeError, match="forward_every: expected a positive integer"):
+        Probe(model, names, forward_every=0)

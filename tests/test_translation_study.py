@@ -213,7 +213,7 @@ def test_quick_grid_writes_tables_figures_and_checks(quick_figures):
     }
     for name in ("bleu", "bleu_curves", "curves", "grads", "collapse", "streams"):
         assert (out / f"translation_{name}.png").stat().st_size > 20_000, name
-    checks = [c for c in meta["checks"] if c["analysis"] == "translation"]
+    checks = [c for c in meta["checks"] if c["study"] == "translation"]
     assert {c["agreement"] for c in checks} <= {"yes", "no", "not resolved"}
     statements = [c["statement"] for c in checks]
     assert any(s.startswith("Gate: Post-LN") for s in statements)
@@ -259,7 +259,7 @@ def test_quick_grid_resumes_and_writes_a_partial_grid(quick_figures, tmp_path, m
     partial = translation.run(tmp_path, quick=True, echo=lines.append, train=False)
     assert any("1 of 16 runs not finished" in line for line in lines)
     assert len(list(csv.DictReader(open(tmp_path / "translation_runs.csv")))) == 15
-    assert len(partial) == len([c for c in meta["checks"] if c["analysis"] == "translation"])
+    assert len(partial) == len([c for c in meta["checks"] if c["study"] == "translation"])
 
 
 def test_a_result_with_another_spec_is_not_reused():

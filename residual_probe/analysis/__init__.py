@@ -5,7 +5,7 @@
 - theory.py    the papers' predicted curves, one function per statement
 - fits.py      rates, slopes and fitted constants with their uncertainty (scipy)
 - checks.py    each theory statement against a measurement: predicted, measured, agreement
-- summary.py   seed bands (geometric mean, min..max), the first/last block ratio, EMA: the tables
+- curves.py    seed bands (geometric mean, min..max), the first/last block ratio, EMA: the curves
                the figures draw
 - gradients.py gradient-profile verdicts (`decay_verdict`) and the `--theory` overlay
 - collapse.py  collapse verdicts (`collapse_verdict`) and thresholds, the k^-1/2 reference

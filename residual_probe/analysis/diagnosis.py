@@ -132,7 +132,7 @@ def gradient_verdicts(rows: list[dict]) -> list[dict]:
     series: dict[tuple[str, str], dict[int, float]] = {}
     for r in rows:
         if r["sublayer"] == "block" and r["stack"] != "model":
-            series.setdefault((r["placement"], r["stack"]), {})[int(r["layer"])] = float(
+            series.setdefault((r["model"], r["stack"]), {})[int(r["layer"])] = float(
                 r["param_grad_norm"]
             )
     return [

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UserError
-from .summary import first_over_last
+from .curves import first_over_last
 
 
 class FitError(UserError):

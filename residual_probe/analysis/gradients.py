@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 
 from . import theory
+from .curves import geometric_mean
 from .fits import DecayFit, geometric_decay
-from .summary import geometric_mean
 
 VERDICT_FACTOR = 10.0  # a first/last ratio beyond 10x either way is named vanishing or growing
 BALANCED_FACTOR = 2.0  # within 2x either way is balanced; between 2x and 10x, decaying or rising

@@ -4,8 +4,9 @@ metadata beside it (probe_run.json), which `residual-probe plot` reads for the p
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
+
+import numpy as np
 
 from ..probe.schedule import FORWARD_EVERY
 
@@ -80,6 +81,26 @@ def write_run_info(path: Path, model, probe, writer: str) -> None:
     write_json(path.with_name("probe_run.json"), info)
 
 
+NAN_RGB = (214, 39, 40)  # NaN/inf cells of the heatmaps (TensorBoard, W&B)
+
+
+def heatmap_rgb(matrix: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """(3, layers, steps) uint8 image of log10(matrix) in viridis, block 0 at the bottom; NaN/inf/<=0 red.
+
+    Returns the image and the (low, high) of log10 that the colours span.
+    """
+    from matplotlib import colormaps
+
+    m = np.asarray(matrix, dtype=float)
+    ok = np.isfinite(m) & (m > 0)
+    logs = np.where(ok, np.log10(np.where(ok, m, 1.0)), np.nan)
+    lo, hi = (float(np.nanmin(logs)), float(np.nanmax(logs))) if ok.any() else (0.0, 1.0)
+    scaled = (logs - lo) / (hi - lo) if hi > lo else np.full_like(logs, 0.5)
+    rgb = (colormaps["viridis"](np.nan_to_num(scaled))[..., :3] * 255).astype(np.uint8)
+    rgb[~ok] = NAN_RGB
+    return np.ascontiguousarray(rgb[::-1].transpose(2, 0, 1)), lo, hi
+
+
 class GradHistory:
     """Whole-block gradient norms of every written step, per stack, for the block x step heatmaps
     the TensorBoard and W&B writers log (`heatmaps()` -> {stack label: (image, steps, log10 range)})."""
@@ -88,7 +109,7 @@ class GradHistory:
         self._by_stack: dict[str, dict[int, dict[int, float]]] = {}
 
     def add(self, rows, step: int) -> None:
-        from ..probe.summary import stack_label
+        from ..probe.scalars import stack_label
 
         for r in rows:
             if r["metric"] == "param_grad_norm" and r["sublayer"] == "block":
@@ -99,10 +120,6 @@ class GradHistory:
 
     def heatmaps(self) -> dict[str, tuple]:
         import math
-
-        import numpy as np
-
-        from .tensorboard import heatmap_rgb
 
         out = {}
         for label, by_step in self._by_stack.items():
@@ -136,32 +153,25 @@ class CallbackCore:
         self._recorded_step: int | None = None
         self.reset()
 
-    def probe_options(self, start: int) -> dict:
+    def probe_options(self) -> dict:
         """The Probe's keyword arguments: the user's, with the forward statistics (forward_stats,
         subsample) on every `forward_every`-th recorded step and the first (default
         schedule.FORWARD_EVERY, 10; 1: every one), unless the user scheduled the quantities
         themselves (a mapping, `steps=` or a callable `every`)."""
         from ..probe.quantities import DEFAULT_QUANTITIES
-        from ..probe.schedule import sparse_forward
+        from ..probe.schedule import periodic
 
         kwargs = dict(self.probe_kwargs)
-        quantities, every = kwargs.get("quantities", DEFAULT_QUANTITIES), kwargs.get("every", 1)
-        if isinstance(quantities, str):
-            quantities = (quantities,)
-        if (
-            self.forward_every != 1
-            and "steps" not in kwargs
-            and isinstance(every, int)
-            and not isinstance(every, bool)
-            and not isinstance(quantities, Mapping)
+        quantities = kwargs.get("quantities", DEFAULT_QUANTITIES)
+        if self.forward_every != 1 and periodic(
+            quantities, kwargs.get("every", 1), kwargs.get("steps")
         ):
-            kwargs["quantities"] = sparse_forward(quantities, every, start, self.forward_every)
-            kwargs.pop("every", None)
+            kwargs["forward_every"] = self.forward_every
         return kwargs
 
     def reset(self) -> None:
         """A new run: forget the last rows, the window and the events."""
-        from ..probe.summary import InstabilityLog, SummaryWindow
+        from ..probe.scalars import InstabilityLog, SummaryWindow
 
         self._last_rows: list[dict] = []
         self._window = SummaryWindow()
@@ -169,7 +179,7 @@ class CallbackCore:
 
     def _keep(self, rows: list[dict]) -> None:
         """A probe step's rows: a step the schedule skips returns none, and the last recorded one stands."""
-        from ..probe.summary import summary
+        from ..probe.scalars import summary
 
         if rows:
             self._last_rows = rows
@@ -178,6 +188,6 @@ class CallbackCore:
 
     def summary(self) -> dict[str, float]:
         """The grouped scalars of the last recorded step ({} before the first)."""
-        from ..probe.summary import summary
+        from ..probe.scalars import summary
 
         return summary(self._last_rows)

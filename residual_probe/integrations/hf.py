@@ -20,7 +20,7 @@ What is recorded, and when:
   backward ends. It re-queues itself once, so that it runs after every callback queued while
   the graph executed (DDP's gradient all-reduce, FSDP's reduce-scatter) and reads the
   synchronized gradient. Nothing runs between that point and the Trainer's clipping.
-- The summaries (`residual_probe.probe.summary`: per-block gradient norm and block influence,
+- The summaries (`residual_probe.probe.scalars`: per-block gradient norm and block influence,
   first/last ratio, decay rate, late adjacent cosine; about 30 keys for 12 blocks) are added to
   the Trainer's logs at every `logging_steps`, so `report_to` (TensorBoard, W&B, ...) and
   `trainer.state.log_history` show them: each key's value at the last recorded step, and under
@@ -133,7 +133,7 @@ class ProbeCallback(CallbackCore, TrainerCallback):
         self._teardown()
         self.sink_path = sink_path(self.sink, args.output_dir, state.is_world_process_zero)
         sink = str(self.sink_path) if self.sink_path is not None else None
-        kwargs_probe = self.probe_options(state.global_step + 1)
+        kwargs_probe = self.probe_options()
         if "group" not in kwargs_probe:
             import torch.distributed as dist
 

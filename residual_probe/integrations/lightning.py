@@ -12,7 +12,7 @@
   accumulated, unscaled, unclipped gradient. Probe step s is the optimizer step that takes
   `trainer.global_step` from s to s + 1: the step Lightning's loggers write its metrics under
   (`global_step` inside the hook), so the probe's step and the logged step are one number.
-- The summaries (`residual_probe.probe.summary`) go through `pl_module.log_dict` on the steps the
+- The summaries (`residual_probe.probe.scalars`) go through `pl_module.log_dict` on the steps the
   loggers write (`log_every_n_steps`): each key's value at the last recorded step, and under
   `probe_max/...` its largest value since the previous log (a spike between two logs shows).
 - Under DDP the gradient is already averaged across ranks when the hook runs; forward and
@@ -71,7 +71,7 @@ class ProbeCallback(CallbackCore, Callback):
             self.sink, trainer.log_dir or trainer.default_root_dir, trainer.is_global_zero
         )
         sink = str(self.sink_path) if self.sink_path is not None else None
-        kwargs = self.probe_options(trainer.global_step)
+        kwargs = self.probe_options()
         if "group" not in kwargs:
             import torch.distributed as dist
 

@@ -9,7 +9,7 @@
             tb.write(rows)
 
 Each `write(rows)` (the rows of one probe step) adds, at that step:
-- the grouped scalars of `residual_probe.probe.summary` (`probe/grad_norm/<stack>/<kk>`,
+- the grouped scalars of `residual_probe.probe.scalars` (`probe/grad_norm/<stack>/<kk>`,
   `probe/first_over_last/<stack>`, `probe/block_influence/<stack>/<kk>`, ...);
 - every `image_every` written steps, an image per stack `probe/grad_norm_heatmap/<stack>`: block
   (rows, block 0 at the bottom) x recorded step (columns), log10 of the gradient norm mapped to
@@ -23,12 +23,8 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable, Mapping
 
-import numpy as np
-
-from ..probe.summary import summary
+from ..probe.scalars import summary
 from .common import GradHistory
-
-NAN_RGB = (214, 39, 40)
 
 
 def _writer(target: Any):
@@ -40,23 +36,6 @@ def _writer(target: Any):
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(os.fspath(target))
-
-
-def heatmap_rgb(matrix: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """(3, layers, steps) uint8 image of log10(matrix) in viridis, block 0 at the bottom; NaN/inf/<=0 red.
-
-    Returns the image and the (low, high) of log10 that the colours span.
-    """
-    from matplotlib import colormaps
-
-    m = np.asarray(matrix, dtype=float)
-    ok = np.isfinite(m) & (m > 0)
-    logs = np.where(ok, np.log10(np.where(ok, m, 1.0)), np.nan)
-    lo, hi = (float(np.nanmin(logs)), float(np.nanmax(logs))) if ok.any() else (0.0, 1.0)
-    scaled = (logs - lo) / (hi - lo) if hi > lo else np.full_like(logs, 0.5)
-    rgb = (colormaps["viridis"](np.nan_to_num(scaled))[..., :3] * 255).astype(np.uint8)
-    rgb[~ok] = NAN_RGB
-    return np.ascontiguousarray(rgb[::-1].transpose(2, 0, 1)), lo, hi
 
 
 class ProbeWriter:

@@ -9,7 +9,7 @@
             loss.backward(); rows = probe.step(); opt.step(); ...
             wb.write(rows)
 
-`write(rows)` logs the grouped scalars of `residual_probe.probe.summary` (about 30 keys for a
+`write(rows)` logs the grouped scalars of `residual_probe.probe.scalars` (about 30 keys for a
 12-block model, all under the `probe/` section), and every `image_every` written steps a
 block x step heatmap image per stack (`probe/grad_norm_heatmap/<stack>`, log10 colour, NaN red).
 
@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from ..probe.summary import summary
+from ..probe.scalars import summary
 from . import require
 from .common import GradHistory
 

@@ -9,8 +9,8 @@ block's parameter-gradient norm from `.grad` after the last batch. Losses:
 - mlm: 15 % of positions (seeded; at least one per window) replaced by the mask token, predicted;
 - seq2seq: the window is both source and target (a copy task), teacher-forced: the decoder
   reads [start] + target[:-1] and predicts all L target tokens.
-Writes grad_norms.csv (the reference runs' columns: placement = the model's label, seed 0,
-step 0), grad_norms.json (per model: label, detected placement, norm type, loss, data, verdicts)
+Writes grad_norms.csv (the reference runs' columns, with `model`, the model's label, in place of
+`placement`; seed 0, step 0), grad_norms.json (per model: label, detected placement, norm type, loss, data, verdicts)
 and grad_norms.png.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from ..errors import UserError
 from .inspection import CheckpointInputs, Inspection, inspect_checkpoint
 
-CSV_COLUMNS = ("placement", "seed", "step", "stack", "layer", "sublayer", "param_grad_norm")
+CSV_COLUMNS = ("model", "seed", "step", "stack", "layer", "sublayer", "param_grad_norm")
 MASK_RATE = 0.15
 
 
@@ -258,7 +258,7 @@ def measure_gradients(
     t2 = time.perf_counter()
     table = [
         {
-            "placement": label,
+            "model": label,
             "seed": 0,
             "step": 0,
             "stack": r["stack"],
@@ -315,7 +315,7 @@ def write_gradients(
     rows: list[dict],
     source: str,
     formats,
-    wall_s: float,
+    wall_seconds: float,
 ) -> dict:
     """grad_norms.csv, .png and .json of the measured checkpoints; returns the JSON dict."""
     from ..output import versions, write_csv, write_json
@@ -332,7 +332,7 @@ def write_gradients(
         "models": models,
         "data_source": source,
         "versions": versions(),
-        "wall_seconds": round(wall_s, 3),
+        "wall_seconds": round(wall_seconds, 3),
     }
     meta["files"] = [str(f) for f in files] + [str(out / "grad_norms.json")]
     write_json(out / "grad_norms.json", meta)

@@ -239,7 +239,7 @@ def write_collapse(
     sim_rows: list[dict],
     source: str,
     formats,
-    wall_s: float,
+    wall_seconds: float,
 ) -> dict:
     """collapse.csv, similarity.csv, the figures and collapse.json of the measured checkpoints."""
     import numpy as np
@@ -255,7 +255,7 @@ def write_collapse(
         "models": models,
         "data_source": source,
         "versions": versions(),
-        "wall_s": wall_s,
+        "wall_seconds": wall_seconds,
         "thresholds": {
             "collapsed_cos": COLLAPSED_COS,
             "collapsing_cos": COLLAPSING_COS,

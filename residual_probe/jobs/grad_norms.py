@@ -108,8 +108,8 @@ def run_grad_norms(
     import pandas as pd
 
     from .. import budget
+    from ..analysis.curves import ratio_by_step, seed_band
     from ..analysis.gradients import theory_overlay
-    from ..analysis.summary import ratio_by_step, seed_band
     from ..data import read_text_tokens
     from ..output import prepare_out, versions, write_csv, write_json
     from ..plots.grad_norms import plot_grad_norms

@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import UserError
 from ..models import PLACEMENTS
 from ..probe.records import read_sink
-from ..probe.summary import stack_label
+from ..probe.scalars import stack_label
 
 # Streams on which the Pre-LN collapse reference (ResiDual's toy model, cos = sqrt(k/(k+1))) applies:
 # a stream that is never normalized and takes each update as x + F(LN(x)).
@@ -105,9 +105,9 @@ def run_plot(
 ) -> dict:
     """Read the sink, draw the figures, write summary.json; returns the summary."""
     from ..analysis.collapse import collapse_change, collapse_verdict
+    from ..analysis.curves import profile_ratio
     from ..analysis.diagnosis import gradient_verdict
     from ..analysis.instability import find_events
-    from ..analysis.summary import profile_ratio
     from ..analysis.theory import collapse_prediction
     from ..output import prepare_out, write_json
     from ..ownership import folder_state

@@ -95,7 +95,7 @@ def run_train(
     import torch
 
     from .. import budget
-    from ..analysis.summary import loss_curves
+    from ..analysis.curves import loss_curves
     from ..checkpoints import save_model
     from ..data import BatchSource, builtin_corpus, read_text_tokens, split_tokens
     from ..models import Transformer
@@ -103,7 +103,6 @@ def run_train(
     from ..ownership import record_write
     from ..plots.training import plot_losses
     from ..probe import Probe
-    from ..probe.schedule import sparse_forward
     from ..training import Trainer
 
     spec.validate()
@@ -127,7 +126,10 @@ def run_train(
     )  # the last recorded step: collapse at the end
     probe = Probe(
         model,
-        quantities=sparse_forward(names, spec.probe_every, 0, spec.forward_every, last=last),
+        quantities=names,
+        every=spec.probe_every,
+        forward_every=spec.forward_every,
+        last_step=last,
         sink=out / "probe.csv",
     )
     trainer = Trainer(model, probe, lr=spec.lr, warmup=spec.warmup, clip=spec.clip)

@@ -135,12 +135,11 @@ class ModelConfig:
     def activation_dropout_rate(self) -> float:
         return self.dropout if self.activation_dropout is None else self.activation_dropout
 
-    @property
-    def encoder_depth(self) -> int:
-        return self.depth if self.arch in ("encoder", "seq2seq") else 0
-
-    @property
-    def dec_depth(self) -> int:
+    def stack_depth(self, role: str) -> int:
+        """Blocks in the "encoder" or "decoder" stack: `depth`, or `decoder_depth` for a seq2seq
+        decoder that sets it; 0 for a stack the architecture has not."""
+        if role == "encoder":
+            return self.depth if self.arch in ("encoder", "seq2seq") else 0
         if self.arch == "decoder":
             return self.depth
         if self.arch == "seq2seq":

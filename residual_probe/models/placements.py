@@ -12,13 +12,24 @@ Notation in the methods: `x` the stream state (a tensor; ResiDual's is the pair 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from .config import ModelConfig
+
+class PlacementConfig(Protocol):
+    """What a placement reads from the model's config (`ModelConfig` has these): named here, not
+    imported, because the config validates its `placement` against PLACEMENTS."""
+
+    arch: str
+    placement: str
+    alpha: float
+    mix_ratio: float
+    res_input_norm_scale: float
+
+    def stack_depth(self, role: str) -> int: ...
+
 
 PLACEMENTS: dict[str, type["Placement"]] = {}
 
@@ -42,9 +53,9 @@ class Placement:
     # bound), or None where no source states one.
     gradient_profile: str | None = None
 
-    def __init__(self, cfg: "ModelConfig", role: str):
+    def __init__(self, cfg: PlacementConfig, role: str):
         self.cfg, self.role = cfg, role  # role: "encoder" or "decoder"
-        self.depth = cfg.encoder_depth if role == "encoder" else cfg.dec_depth
+        self.depth = cfg.stack_depth(role)
 
     def begin(self, x0: torch.Tensor, stack: nn.Module):
         """Stream state from the embedding output x0."""
@@ -155,7 +166,7 @@ def deepnorm_scaled(s: nn.Module) -> list[nn.Module]:
     return [getattr(s, n) for n in names if hasattr(s, n)]
 
 
-def deepnorm_constants(cfg: "ModelConfig", role: str) -> tuple[float, float]:
+def deepnorm_constants(cfg: PlacementConfig, role: str) -> tuple[float, float]:
     """(alpha, beta) for this stack's role, as the DeepNet paper states them (Wang et al. 2022, Fig. 2).
 
     Encoder-only (N blocks) and decoder-only (M blocks): alpha = (2L)^(1/4), beta = (8L)^(-1/4).
@@ -168,7 +179,7 @@ def deepnorm_constants(cfg: "ModelConfig", role: str) -> tuple[float, float]:
     The two differ only in that initialization; a loaded checkpoint carries its own weights,
     and alpha, the only constant in the forward pass, is the same in both.
     """
-    N, M = cfg.encoder_depth, cfg.dec_depth
+    N, M = cfg.stack_depth("encoder"), cfg.stack_depth("decoder")
     if cfg.arch == "seq2seq":
         if role == "encoder":
             return 0.81 * (N**4 * M) ** (1 / 16), 0.87 * (N**4 * M) ** (-1 / 16)
@@ -265,5 +276,5 @@ class ReZero(Placement):
         blk.gate = nn.Parameter(torch.zeros(()))
 
 
-def make_placement(cfg: "ModelConfig", role: str) -> Placement:
+def make_placement(cfg: PlacementConfig, role: str) -> Placement:
     return PLACEMENTS[cfg.placement](cfg, role)

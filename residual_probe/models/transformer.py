@@ -93,8 +93,9 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = Stack(cfg, "encoder", cfg.encoder_depth) if cfg.encoder_depth else None
-        self.decoder = Stack(cfg, "decoder", cfg.dec_depth) if cfg.dec_depth else None
+        n_enc, n_dec = cfg.stack_depth("encoder"), cfg.stack_depth("decoder")
+        self.encoder = Stack(cfg, "encoder", n_enc) if n_enc else None
+        self.decoder = Stack(cfg, "decoder", n_dec) if n_dec else None
         if cfg.share_all_embeddings:  # fairseq --share-all-embeddings: one table for both stacks
             self.encoder.embed.embed_tokens = self.decoder.embed.embed_tokens
         self.output_projection = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

@@ -22,8 +22,8 @@ def _settings(keys) -> list[str]:
 
 def _band(ax, x, table, c, lab):
     """Geometric seed mean (line) and min..max over seeds (shade) of table (seeds, len(x)), as
-    `analysis.summary.band` defines them."""
-    from ..analysis.summary import band
+    `analysis.curves.band` defines them."""
+    from ..analysis.curves import band
 
     b = band(table)
     ax.plot(x, b["center"], color=c, label=lab, lw=1.6)

@@ -24,12 +24,12 @@ def plot_checkpoint_gradients(
     stem: str | Path,
     formats: Sequence[str] = ("png",),
 ) -> list[Path]:
-    """rows: grad_norms.csv rows (placement = model label); models: label -> {"placement", "loss", ...}."""
+    """rows: grad_norms.csv rows of checkpoints (model = its label); models: label -> {"placement", "loss", ...}."""
     plt = setup()
     block = [r for r in rows if r["sublayer"] == "block" and r["stack"] != "model"]
-    labels = list(dict.fromkeys(r["placement"] for r in block))
+    labels = list(dict.fromkeys(r["model"] for r in block))
     stacks_of = {
-        m: list(dict.fromkeys(r["stack"] for r in block if r["placement"] == m)) for m in labels
+        m: list(dict.fromkeys(r["stack"] for r in block if r["model"] == m)) for m in labels
     }
     if all(
         len(v) == 1 for v in stacks_of.values()
@@ -52,7 +52,7 @@ def plot_checkpoint_gradients(
             sel = sorted(
                 (int(r["layer"]), float(r["param_grad_norm"]))
                 for r in block
-                if r["placement"] == m and r["stack"] == stack
+                if r["model"] == m and r["stack"] == stack
             )
             n = max(n, len(sel))
             depths.add(len(sel))

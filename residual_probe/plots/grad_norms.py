@@ -2,8 +2,8 @@
 
 The analogue of the ResiDual paper's Fig. 2(a). One panel per stack (encoder, decoder); the
 line is the geometric mean over seeds, the band the seeds' min-max (both from
-`analysis.summary.seed_band`). With training steps, a second row shows the first-to-last
-block ratio over steps (`analysis.summary.ratio_by_step`). Nothing is computed here.
+`analysis.curves.seed_band`). With training steps, a second row shows the first-to-last
+block ratio over steps (`analysis.curves.ratio_by_step`). Nothing is computed here.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Loss curves of training runs: training loss (smoothed) and held-out loss per run.
 
-Draws the table of `analysis.summary.loss_curves` (run, step, train_loss, train_ema, val_loss).
+Draws the table of `analysis.curves.loss_curves` (run, step, train_loss, train_ema, val_loss).
 """
 
 from __future__ import annotations

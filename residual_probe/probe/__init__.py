@@ -7,12 +7,13 @@ rows = probe.rows()
 """
 
 from .discovery import BlockInfo, DiscoveryError, clean_path, find_blocks
+from .errors import ProbeError
 from .gradnorm import GroupNorms, SquaredNorms, grouped_norms, squared_norms
 from .params import PARAM_GROUPS, W2_NAMES, ParamPlan
 from .probe import Probe
 from .quantities import DEFAULT_QUANTITIES, QUANTITIES, REGISTRY, TOKEN_STATS, Quantity, TokenStat
 from .records import COLUMNS, RowSink
-from .schedule import ProbeError, Schedule
+from .schedule import Schedule
 
 __all__ = [
     "BlockInfo",

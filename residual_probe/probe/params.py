@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from .discovery import BlockInfo, clean_path, is_norm
+from .errors import ProbeError
 from .gradnorm import GroupNorms, SquaredNorms
-from .schedule import ProbeError
 
 
 def current(refs: list[tuple[nn.Module, str]]) -> list[torch.Tensor]:

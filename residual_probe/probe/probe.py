@@ -14,9 +14,9 @@
 
 What each quantity is and when it is taken is said in its own module under `quantities/`
 (and in the README, "Probing your own model"). The Probe only coordinates: it finds the blocks,
-owns the forward hooks (one per block, shared by every forward quantity), the step counter, the
-one device-to-host copy per recorded step, the all-reduce across data-parallel ranks and the
-sinks. Forward quantities see only *training* forwards: a module in training mode with grad
+owns the forward hooks (one per block, shared by every forward quantity; `hooks.py`), the step
+counter, the one device-to-host copy per recorded step, the all-reduce across data-parallel
+ranks and the gather of pipeline stages (`distributed.py`) and the sinks. Forward quantities see only *training* forwards: a module in training mode with grad
 enabled, outside `probe.paused()` and outside activation-checkpoint recomputation; eval-mode
 and no_grad forwards count only with `include_eval=True`.
 
@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import gc
 import math
-import sys
 import warnings
-import weakref
 from contextlib import contextmanager
 from typing import Any, Iterable, Mapping
 
@@ -38,100 +36,39 @@ import torch
 from torch import nn
 
 from .discovery import BlockInfo, find_blocks
+from .distributed import (
+    all_reduce_step,
+    gather_stage_rows,
+    global_rank,
+    group_size,
+    parallel_groups,
+)
+from .errors import ProbeError
 from .gradnorm import RankSums, is_dtensor
+from .hooks import BlockHooks, compiled_modules, in_backward
 from .params import ParamPlan
 from .quantities import DEFAULT_QUANTITIES, REGISTRY, Quantity
+from .quantities.base import buffer_dtype
 from .records import RowSink, row
-from .schedule import ProbeError, Schedule, ScheduleSpec
+from .schedule import Schedule, ScheduleSpec
 from .stats import local_streams, stream_tensors
 
-_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Any]" = (
-    weakref.WeakKeyDictionary()
-)  # block -> probe (weakref)
 
+def amp_scales(scaler) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(scale dividing .grad or None, scale dividing activation gradients or None) of a GradScaler.
 
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass (e.g. activation-checkpoint recomputation)."""
-    task = getattr(torch._C, "_current_graph_task_id", None)
-    return task is not None and task() != -1
-
-
-def _compiler_disable(fn):
-    """Hooks run eagerly under torch.compile: a graph break at each block, no per-block recompiles."""
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return disable(fn) if disable is not None else fn
-
-
-def _compiled_modules(model: nn.Module) -> list[str]:
-    frame = sys.modules.get(
-        "torch._dynamo.eval_frame"
-    )  # not imported: nothing is compiled (and importing costs ~1 s)
-    OptimizedModule = getattr(frame, "OptimizedModule", None)
-    if OptimizedModule is None:
-        return []
-    return [n or "(the model)" for n, m in model.named_modules() if isinstance(m, OptimizedModule)]
-
-
-def _fsdp_data_parallel(model: nn.Module):
-    """(the FSDP2 mesh information of the model, or None): its data-parallel process group(s) and sizes."""
-    try:
-        from torch.distributed.fsdp import FSDPModule  # torch >= 2.6
-    except ImportError:
-        return None
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            group = getattr(m._get_fsdp_state(), "_fsdp_param_group", None)
-            info = getattr(group, "mesh_info", None)
-            if info is not None:
-                return info
-    return None
-
-
-def _parallel_groups(model: nn.Module, group: Any, pipeline: bool) -> tuple[Any, int]:
-    """(the process group over which the step's token sums are pooled, or None; the number of
-    data-parallel replicas whose gradients are averaged).
-
-    Under FSDP2, with or without tensor parallelism on a second mesh dimension, the sums are pooled
-    over every rank: ranks holding the same tokens (tensor-parallel replicas) add the same sums
-    and the same token counts, ranks holding other tokens (data-parallel replicas, sequence
-    shards) add theirs, so each ratio is the global token mean. Gradients are averaged over
-    FSDP's mesh only (its shard and replicate dimensions), not over the tensor-parallel one.
-    With a pipeline the stages hold different blocks, so only a data-parallel group pools.
-    """
-    import torch.distributed as dist
-
-    if group != "auto":
-        return group, (dist.get_world_size(group) if group is not None else 1)
-    if not (dist.is_available() and dist.is_initialized()):
-        return None, 1
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(model, DistributedDataParallel):
-        return model.process_group, dist.get_world_size(model.process_group)
-    info = _fsdp_data_parallel(model)
-    if info is not None:
-        size = getattr(info, "shard_mesh_size", 1) * getattr(info, "replicate_mesh_size", 1)
-        if not pipeline:
-            return dist.group.WORLD, size
-        if (
-            info.mesh.ndim != 1
-            or size != dist.get_world_size(info.mesh.get_group())
-            or any(is_dtensor(p) and p.device_mesh.ndim > 1 for p in model.parameters())
-        ):
-            raise ProbeError(
-                "pipeline_group with HSDP or tensor parallelism: pass group= (the process group over "
-                "which this stage's ranks hold other tokens of the same blocks)"
-            )
-        return info.mesh.get_group(), size
-    if not pipeline and any(is_dtensor(p) for p in model.parameters()):  # tensor parallelism alone
-        return dist.group.WORLD, 1
-    return None, 1
-
-
-def _group_size(group) -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size(group)
+    Enabled or not is asked through its public `is_enabled()`. The scale is read as the scaler's
+    own tensor, not through the public `get_scale()`, which returns a float by a device-to-host
+    sync (a second one per step, and one that defer=True exists to avoid); whether `unscale_` ran
+    this step has no public accessor. Both private reads are here and nowhere else."""
+    if scaler is None or not scaler.is_enabled():
+        return None, None
+    scale = getattr(scaler, "_scale", None)
+    if scale is None:  # no scale() call yet: nothing was scaled
+        return None, None
+    states = getattr(scaler, "_per_optimizer_states", {}) or {}
+    unscaled = any(getattr(st.get("stage"), "name", "") == "UNSCALED" for st in states.values())
+    return (None if unscaled else scale), scale
 
 
 class _Setup:
@@ -161,13 +98,7 @@ class _StepContext:
         return self._grad_sq
 
     def _scale(self):
-        """(scale dividing .grad or None, scale dividing activation gradients or None) from the GradScaler."""
-        s = self.probe.scaler
-        if s is None or not s.is_enabled() or getattr(s, "_scale", None) is None:
-            return None, None
-        states = getattr(s, "_per_optimizer_states", {}) or {}
-        unscaled = any(getattr(st.get("stage"), "name", "") == "UNSCALED" for st in states.values())
-        return (None if unscaled else s._scale), s._scale
+        return amp_scales(self.probe.scaler)
 
     def unscale_params(self, norms: torch.Tensor) -> torch.Tensor:
         scale = self._scale()[0]
@@ -219,6 +150,11 @@ class Probe:
     defer: export each step's rows one step late: the device-to-host copy is started
         non-blocking into pinned memory at step() and read at the next step() (or flush()),
         so step() never waits for the device.
+    forward_every: the quantities marked `sparse` (forward_stats, subsample: several kernels per
+        block) only on every n-th recorded step, the first at or after `start_step`, and
+        `last_step`; 1 (default): on every recorded step. Only with a shared integer `every`
+        (schedule.FORWARD_EVERY is what the integrations and `train` use).
+    last_step: the run's last recorded step, if known, for `forward_every` (collapse at the end).
     """
 
     def __init__(
@@ -240,6 +176,8 @@ class Probe:
         w2: str | None = None,
         defer: bool = False,
         pipeline_group: Any = None,
+        forward_every: int = 1,
+        last_step: int | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise ProbeError(f"Probe needs a torch.nn.Module, got {type(model).__name__}")
@@ -250,7 +188,7 @@ class Probe:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ProbeError(f"{name}: expected an integer >= {low}, got {value!r}")
-        compiled = _compiled_modules(model)
+        compiled = compiled_modules(model)
         if compiled:
             raise ProbeError(
                 f"{compiled[0]} is already torch.compile'd, and hooks added after compiling are ignored "
@@ -266,7 +204,16 @@ class Probe:
                 f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
         self.model = model
-        self.schedule = Schedule(quantities, every, steps, known=REGISTRY)
+        self.schedule = Schedule(
+            quantities,
+            every,
+            steps,
+            known=REGISTRY,
+            sparse=[name for name, q in REGISTRY.items() if q.sparse],
+            forward_every=forward_every,
+            start=start_step,
+            last=last_step,
+        )
         self.subsample_tokens, self.seed = subsample_tokens, seed
         self.include_eval = bool(include_eval)
         self.scaler, self.optimizer, self.defer = scaler, optimizer, bool(defer)
@@ -277,10 +224,10 @@ class Probe:
             raise ProbeError(
                 "pipeline_group: defer=True is not supported (the stages' rows are gathered at step())"
             )
-        self._group, replicas = _parallel_groups(model, group, pipeline_group is not None)
-        self._world = 1 if self._group is None else _group_size(self._group)
+        self._group, replicas = parallel_groups(model, group, pipeline_group is not None)
+        self._world = 1 if self._group is None else group_size(self._group)
         grad_average = 1.0 / replicas  # DDP/FSDP average gradients over their replicas
-        rank = _global_rank()
+        rank = global_rank()
         explicit = not isinstance(quantities, (tuple, list)) or quantities is not DEFAULT_QUANTITIES
         strict_w2 = "w2_grad_norm" in self.schedule.rules and explicit
         self._params = ParamPlan(
@@ -304,10 +251,7 @@ class Probe:
             rank == 0 or "{rank}" in str(sink)
         )  # one file per replica set
         self._sink = RowSink(sink, rank) if writes else None
-        self._hook_fns = [
-            _compiler_disable(_ForwardHook(self, pos)) for pos in range(len(self.blocks))
-        ]
-        self._handles: list = []
+        self._hooks = BlockHooks(self, self.blocks)
         self._attached = False
         self._paused = 0
         self._rows: list[dict] | None = [] if keep_rows else None
@@ -324,18 +268,7 @@ class Probe:
         """Register the hooks: one forward hook per block (if a forward quantity is scheduled at all)."""
         if self._attached:
             return self
-        for b in self.blocks:
-            other = _ATTACHED.get(b.module)
-            if other is not None and other() is not None and other() is not self:
-                raise ProbeError(
-                    f"another Probe is attached to block {b.name}: detach it first (two probes would "
-                    "stack hooks and each count every forward); one probe records every quantity"
-                )
-        if self._forward_qs:
-            for b, fn in zip(self.blocks, self._hook_fns):
-                self._handles.append(b.module.register_forward_hook(fn, with_kwargs=True))
-        for b in self.blocks:
-            _ATTACHED[b.module] = weakref.ref(self)
+        self._hooks.attach(forward=bool(self._forward_qs))
         self._attached = True
         for q in self.quantities:
             q.attach(self)
@@ -344,12 +277,7 @@ class Probe:
 
     def detach(self) -> "Probe":
         """Remove every hook, export what is pending, drop per-step state; the model is as before attach."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        for b in self.blocks:
-            if _ATTACHED.get(b.module) is not None and _ATTACHED[b.module]() is self:
-                del _ATTACHED[b.module]
+        self._hooks.detach()
         was = self._attached
         self._attached = False
         self.flush()
@@ -407,7 +335,7 @@ class Probe:
         self, pos: int, module: nn.Module, args: tuple, kwargs: dict, output: Any
     ) -> None:
         active = self._fwd_active
-        if not active or self._paused or _in_backward():
+        if not active or self._paused or in_backward():
             return
         if not self.include_eval and not (module.training and torch.is_grad_enabled()):
             self._skipped_eval += 1  # an evaluation forward: not part of the training step
@@ -456,23 +384,8 @@ class Probe:
         s = self._step
         ctx = _StepContext(self, s, None if self._group is None else RankSums(self._world))
         pooled = [q.pooled(ctx) for q in self.quantities]
-        present = [p for p in pooled if p is not None]
         shared = ctx.sums.vectors if ctx.sums is not None else []  # sharded gradient squares
-        if self._group is not None and (present or shared):
-            import torch.distributed as dist
-
-            device = (present or shared)[0].device
-            flat = torch.cat(
-                [
-                    p.to(device, torch.float64 if device.type != "mps" else torch.float32)
-                    for p in present + shared
-                ]
-            )
-            dist.all_reduce(flat, group=self._group)  # the step's one reduction
-            parts = iter(flat.split([p.numel() for p in present + shared]))
-            pooled = [None if p is None else next(parts) for p in pooled]
-            for v in shared:
-                v.copy_(next(parts))
+        pooled = all_reduce_step(self._group, pooled, shared)
         ctx.sums = None  # squares first taken after this point reduce themselves (correct, one more collective)
         values = [q.values(ctx, p) for q, p in zip(self.quantities, pooled)]
         alone = self._pipeline is None  # with a pipeline, rows are recorded once gathered
@@ -480,15 +393,7 @@ class Probe:
         exported = [(q, v) for q, v in zip(self.quantities, values) if v is not None]
         if exported:
             device = exported[0][1].device
-            flat = torch.cat(
-                [
-                    v.to(
-                        device=device,
-                        dtype=torch.float64 if device.type != "mps" else torch.float32,
-                    )
-                    for _, v in exported
-                ]
-            )
+            flat = torch.cat([v.to(device, buffer_dtype(device)) for _, v in exported])
             self._deferred = (s, [(q, v.numel()) for q, v in exported], _to_host(flat, self.defer))
             if not self.defer:
                 rows += self._collect(record=alone)
@@ -525,20 +430,10 @@ class Probe:
     )
 
     def _gather(self, rows: list[dict]) -> list[dict]:
-        """Pipeline stages: every stage's rows to the group's first rank (one gather_object), merged."""
-        import torch.distributed as dist
-
-        group = self._pipeline
-        first = 0 if group is dist.group.WORLD else dist.get_global_rank(group, 0)
-        mine = dist.get_rank(group)
-        got = [None] * dist.get_world_size(group) if mine == 0 else None
-        dist.gather_object(rows, got, dst=first, group=group)
-        if mine != 0:
-            return rows
-        self.nonfinite_total += sum(
-            r["value"] for other in got[1:] for r in other if r["metric"] == "nonfinite_count"
-        )
-        return merge_stage_rows(got)
+        """Pipeline stages: every stage's rows merged on the group's first rank."""
+        rows, others_nonfinite = gather_stage_rows(self._pipeline, rows)
+        self.nonfinite_total += others_nonfinite
+        return rows
 
     def _record(self, rows: list[dict]) -> list[dict]:
         if rows:
@@ -601,8 +496,8 @@ class Probe:
         return list(self._rows)
 
     def summary(self) -> dict[str, float]:
-        """The last recorded step as a few grouped scalars for any logger (`probe.summary`; needs keep_rows)."""
-        from .summary import summary
+        """The last recorded step as a few grouped scalars for any logger (`probe.scalars.summary`; needs keep_rows)."""
+        from .scalars import summary
 
         return summary(self.rows())
 
@@ -636,64 +531,6 @@ class Probe:
 
     def _quantity(self, name: str) -> Quantity | None:
         return next((q for q in self.quantities if q.name == name), None)
-
-
-def merge_stage_rows(stages: list[list[dict]]) -> list[dict]:
-    """One model's rows from the rows of its pipeline stages (each holding other blocks): block
-    rows as they are; whole-model gradient norms (stack "model", param_grad_norm) as the root of
-    the stages' summed squares; the counts summed; w2_grad_norm from the stage holding the
-    stack's last block (each stage reports its own last block). In step order, stages in order
-    within a step."""
-    out: list[dict] = []
-    combined: dict[tuple, dict] = {}
-    last = {}  # (step, stack) -> the highest block index with a w2_grad_norm row
-    for rows in stages:
-        for r in rows:
-            if r["metric"] == "w2_grad_norm":
-                last[r["step"], r["stack"]] = max(
-                    last.get((r["step"], r["stack"]), r["layer"]), r["layer"]
-                )
-    for rows in stages:
-        for r in rows:
-            if r["metric"] == "w2_grad_norm" and r["layer"] != last[r["step"], r["stack"]]:
-                continue
-            norm = r["stack"] == "model" and r["metric"] == "param_grad_norm"
-            if not norm and r["metric"] not in ("nonfinite_count", "no_grad_count"):
-                out.append(r)
-                continue
-            key = (r["step"], r["stack"], r["layer"], r["sublayer"], r["stream"], r["metric"])
-            have = combined.get(key)
-            if have is None:
-                combined[key] = dict(r)
-            else:
-                have["value"] = (
-                    math.hypot(have["value"], r["value"]) if norm else have["value"] + r["value"]
-                )
-    out += combined.values()
-    out.sort(
-        key=lambda r: r["step"]
-    )  # stable: within a step, blocks by stage, then the combined rows
-    return out
-
-
-def _global_rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-class _ForwardHook:
-    """The forward hook of block `pos`: one stable object per block, so re-attaching (also under
-    torch.compile, which keeps calling the hook objects it traced) never stacks two."""
-
-    def __init__(self, probe: Probe, pos: int):
-        self.probe = weakref.ref(probe)
-        self.pos = pos
-
-    def __call__(self, module, args, kwargs, output):
-        probe = self.probe()
-        if probe is not None and probe._attached:
-            probe._on_forward(self.pos, module, args, kwargs, output)
 
 
 @contextmanager

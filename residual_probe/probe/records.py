@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import UserError
-from .schedule import ProbeError
+from .errors import ProbeError
 
 COLUMNS = ("step", "stack", "layer", "sublayer", "stream", "metric", "value")  # a tidy row
 WIDE_KEYS = ("step", "stack", "layer")  # a wide CSV line's key columns

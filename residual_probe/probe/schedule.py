@@ -10,13 +10,9 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Mapping, Union
 
-from ..errors import UserError
+from .errors import ProbeError
 
 ScheduleSpec = Union[int, Iterable[int], Callable[[int], bool]]
-
-
-class ProbeError(UserError):
-    """Invalid probe settings (unknown quantity, bad schedule, unusable sink); one line for the user."""
 
 
 def make_schedule(
@@ -47,23 +43,33 @@ dominate), the gradient norms a few per model (about 1.04x); collapse moves slow
 spike does not."""
 
 
+def periodic(
+    quantities: Iterable[str] | Mapping[str, ScheduleSpec],
+    every: ScheduleSpec | None,
+    steps: Iterable[int] | None,
+) -> bool:
+    """True when the quantities share one integer period `every` (no mapping, no `steps=`, no
+    callable): the only schedule that `forward_every` thins."""
+    return (
+        steps is None
+        and isinstance(every, int)
+        and not isinstance(every, bool)
+        and not isinstance(quantities, Mapping)
+    )
+
+
 def sparse_forward(
     quantities: Iterable[str],
     every: int,
     start: int,
     forward_every: int,
-    sparse: Iterable[str] | None = None,
+    sparse: Iterable[str],
     last: int | None = None,
 ) -> dict[str, Callable[[int], bool]]:
-    """Schedules: every quantity on `every`; those in `sparse` (default: the registry's quantities
-    marked `sparse`) only on every `forward_every`-th multiple of `every`, on the first recorded
-    step at or after `start`, and on `last`."""
+    """Schedules: every quantity on `every`; those in `sparse` only on every `forward_every`-th
+    multiple of `every`, on the first recorded step at or after `start`, and on `last`."""
     if isinstance(forward_every, bool) or not isinstance(forward_every, int) or forward_every < 1:
         raise ProbeError(f"forward_every: expected a positive integer, got {forward_every!r}")
-    if sparse is None:
-        from .quantities import REGISTRY  # here, not at import: the quantities import this module
-
-        sparse = [q for q in quantities if q in REGISTRY and REGISTRY[q].sparse]
     base = make_schedule(every)
     first, period, sparse = -(-start // every) * every, every * forward_every, frozenset(sparse)
 
@@ -82,11 +88,24 @@ class Schedule:
         every: ScheduleSpec | None = 1,
         steps: Iterable[int] | None = None,
         known: Iterable[str] = (),
+        sparse: Iterable[str] = (),
+        forward_every: int = 1,
+        start: int = 0,
+        last: int | None = None,
     ):
-        """known: the quantity names that exist (the registry's); any other name is refused."""
+        """known: the quantity names that exist (the registry's); any other name is refused.
+        sparse, forward_every, start, last: with forward_every > 1, the quantities named in `sparse`
+        are thinned as `sparse_forward` says (only for a shared integer `every`)."""
         known = tuple(known)
         if isinstance(quantities, str):
             quantities = (quantities,)
+        if forward_every != 1:
+            if not periodic(quantities, every, steps):
+                raise ProbeError(
+                    "forward_every: only with quantities sharing an integer `every` "
+                    "(not a mapping, steps= or a callable)"
+                )
+            quantities = sparse_forward(quantities, every, start, forward_every, sparse, last)
         if isinstance(quantities, Mapping):
             items = [(q, self._spec(spec)) for q, spec in quantities.items()]
         else:

@@ -32,7 +32,7 @@ STUDIES = (
     "translation",  # the paper's E6D6/E12D12 translation table at CPU scale, in a regime its baselines pass
 )
 CHECK_COLUMNS = (
-    "analysis",
+    "study",
     "statement",
     "setting",
     "placement",
@@ -60,9 +60,14 @@ def keep_other_checks(path: Path, rerun: tuple[str, ...]) -> list[dict]:
     if not path.is_file():
         return []
     df = pd.read_csv(path, dtype=str, keep_default_na=False)  # text as written: "nan" stays "nan"
-    if "analysis" not in df:
+    if "study" not in df:
         return []
-    return df[df["analysis"].isin(STUDIES) & ~df["analysis"].isin(rerun)].to_dict("records")
+    return df[df["study"].isin(STUDIES) & ~df["study"].isin(rerun)].to_dict("records")
+
+
+def check_rows(name: str, checks) -> list[dict]:
+    """The rows of checks.csv for study `name`'s checks (CHECK_COLUMNS)."""
+    return [{"study": name, **asdict(c)} for c in checks]
 
 
 def run_all(
@@ -73,7 +78,7 @@ def run_all(
 ) -> dict:
     """Run the studies (all, or `only`) into `out`; write OUT/checks.csv and OUT/checks.json.
 
-    Returns the checks.json content: {"job", "quick", "analyses", "seconds", "versions", "checks"}.
+    Returns the checks.json content: {"job", "quick", "studies", "seconds", "versions", "checks"}.
     """
     from ..output import prepare_out, versions, write_csv, write_json
 
@@ -88,13 +93,13 @@ def run_all(
         timings[name] = round(time.perf_counter() - t0, 1)
         for c in found:
             echo("  " + c.line())
-        checks += [{"analysis": name, **asdict(c)} for c in found]
+        checks += check_rows(name, found)
     rows = keep_other_checks(out / "checks.csv", names) + checks
     write_csv(out / "checks.csv", rows, CHECK_COLUMNS)
     meta = {
         "job": "figures",
         "quick": quick,
-        "analyses": list(names),
+        "studies": list(names),
         "seconds": timings,
         "versions": versions(),
         "checks": rows,

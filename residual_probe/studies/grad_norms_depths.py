@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..analysis.checks import Check, agreement, fmt
-from ..analysis.summary import first_over_last, layer_table, seed_band
+from ..analysis.curves import first_over_last, layer_table, seed_band
 from ..jobs.grad_norms import GradNormsSpec, record_run
 from ..output import write_csv
 from ..plots.grad_norms import plot_depth_grid

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..analysis.checks import Check, agreement, fmt
-from ..analysis.summary import loss_curves, ratio_by_step
+from ..analysis.curves import loss_curves, ratio_by_step
 from ..jobs.train import TrainSpec, run_train
 from ..output import write_csv
 from . import held_out_forward_stats

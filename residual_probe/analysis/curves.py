@@ -1,4 +1,4 @@
-"""Summaries over seeds and steps, as the tables the figures draw.
+"""The curves the figures draw: summaries over seeds and steps, as tables.
 
 Everything a plot shows that is not a raw measurement is computed here: the geometric mean
 over seeds with the seeds' range, the first/last block gradient ratio, and EMA smoothing.

@@ -1,0 +1,271 @@
+"""What the commands print: results on stdout, warnings on stderr, a progress bar on stderr.
+
+Each `echo_*` takes the dict a job returned and prints it; nothing here computes a verdict.
+Sentences the diagnose report prints too come from `residual_probe.report` (`data_line`,
+`partly_random`, `verdict_lines`), so the console and the report say the same thing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import typer
+
+
+@contextlib.contextmanager
+def progress_bar(description: str):
+    """A rich progress bar on stderr (stdout holds results only, so `cmd > out.txt` keeps them clean);
+    none when stderr is not a terminal. Yields `start(total) -> advance()`."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=False,
+        disable=not sys.stderr.isatty(),
+    ) as bar:
+
+        def start(total: int):
+            task = bar.add_task(description, total=total)
+            return lambda: bar.advance(task)
+
+        yield start
+
+
+def report_files(paths) -> None:
+    for p in paths:
+        typer.echo(f"wrote {p}")
+
+
+def warn(message: str) -> None:
+    typer.echo(f"warning: {message}", err=True)
+
+
+def echo_data(data: dict) -> None:
+    """The tokenization used and every change to the requested data (rounding, short text), on the console."""
+    from ..report import data_line
+
+    typer.echo(f"  {data_line(data)}")
+    for message in data.get("messages", []):
+        typer.echo(f"  note: {message}")
+
+
+def echo_events(events: list[dict], why: str = "") -> None:
+    """The instability events of a run, one line each (analysis.instability.Event)."""
+    from ..analysis.instability import Event
+
+    typer.echo(f"instability events: {len(events) or 'none'}{why}")
+    for e in events:
+        typer.echo(f"  {Event(**e).describe()}")
+
+
+# ---- checkpoints (grad-norms --ckpt, collapse) ------------------------------------------------
+
+
+def model_line(m: dict) -> str:
+    """A checkpoint's description: label, family, parameters, width and blocks per stack."""
+    depth_txt = ", ".join(f"{s} {n}" for s, n in m["depth"].items())
+    return (
+        f"{m['label']}: {m['family']}, {m['parameters']:,} parameters, width {m['width']}, "
+        f"{depth_txt} blocks"
+    )
+
+
+def placement_line(m: dict, declared: bool = True) -> str:
+    """The placement detected from the block structure (and, with `declared`, the one the config
+    names, if any) and the norm."""
+    declared = (
+        f", declared {m['declared_placement']}" if declared and m["declared_placement"] else ""
+    )
+    return (
+        f"  placement: {m['placement']} (from block structure{declared}; {m['placement_detail']}); "
+        f"norm: {m['norm_type']}"
+    )
+
+
+def echo_gradient_models(models: list[dict]) -> None:
+    """grad-norms --ckpt: per model its description, gradient norms, verdicts and notes."""
+    from ..report import partly_random
+
+    for m in models:
+        if "skipped" in m:
+            typer.echo(f"{m['label']}: gradients not measured: {m['skipped']}")
+            continue
+        typer.echo(f"{model_line(m)}; loss {m['loss']} = {m['mean_loss']:.4f}")
+        typer.echo(placement_line(m, declared=False))
+        for w in m.get("warnings", []):
+            warn(f"{m['label']}: {w}")
+        if m.get("whole_model"):
+            typer.echo(
+                "  gradient norm: " + ", ".join(f"{k} {v:.4g}" for k, v in m["whole_model"].items())
+            )
+        echo_data(m["data"])
+        random = partly_random(m["partly_random"])
+        for v in m["verdicts"]:
+            typer.echo(f"  verdict {v['stack']}: {random}{v['verdict']}")
+        for note in m["notes"]:
+            typer.echo(f"  note: {note}")
+        if m["nonfinite_values"]:
+            warn(f"{m['label']}: {m['nonfinite_values']} non-finite gradient norms (NaN/inf)")
+
+
+def echo_collapse_models(models: list[dict]) -> None:
+    """collapse: per model its description, verdict, most redundant blocks per stream, notes."""
+    from ..report import partly_random
+
+    for m in models:
+        typer.echo(model_line(m))
+        typer.echo(placement_line(m))
+        echo_data(m["data"])
+        random = partly_random(m["partly_random"])
+        typer.echo(f"  verdict: {random}{m['verdict']} ({m['verdict_from']})")
+        for s in m["streams"]:
+            top = ", ".join(f"{r['layer']} (cos {r['cos_adjacent']:.4f})" for r in s["redundant"])
+            typer.echo(
+                f"  {s['stack']} {s['stream']}: {s['verdict']} ({s.get('basis', 'no finite cosines')}); "
+                f"most redundant blocks: {top}"
+            )
+        for note in m["notes"]:
+            typer.echo(f"  note: {note}")
+        if m["nonfinite_values"]:
+            warn(f"{m['label']}: {m['nonfinite_values']} non-finite values (NaN/inf)")
+
+
+def echo_verdict_lines(verdicts: dict[str, list[str]]) -> None:
+    """diagnose: the report's verdict lines (report.verdict_lines), per model."""
+    for label, lines in verdicts.items():
+        typer.echo(f"{label}:")
+        for line in lines:
+            typer.echo(f"  {line}")
+
+
+# ---- reference models (grad-norms, train, bounds) and runs (plot, figures) --------------------
+
+
+def echo_grad_norms(meta: dict, steps: int) -> None:
+    """grad-norms: first/last block ratio per stack and placement at the last step, the verdicts."""
+    for s in meta["summary"]:
+        if s["step"] == steps:
+            typer.echo(
+                f"{s['stack']:>8} {s['placement']:>10}: first/last block grad norm = {s['first_over_last']:.3g}"
+            )
+    for v in meta["verdicts"]:
+        typer.echo(f"{v['stack']:>8} {v['placement']:>10}: {v['verdict']}")
+    if meta["nonfinite_values"]:
+        warn(f"{meta['nonfinite_values']} non-finite gradient norms recorded (NaN/inf)")
+
+
+def echo_train(meta: dict) -> None:
+    """train: the final held-out loss (or where the run diverged) and the instability events."""
+    d = meta.get("diverged")
+    if d is not None:  # one line; train.json holds the same under "diverged"
+        warn(
+            f"training diverged: the loss became {d['train_loss']} at step {d['step']} "
+            f"(lr {d['lr']:.3g}); stopped after {meta['steps_done']} steps"
+        )
+    else:
+        typer.echo(
+            f"final held-out loss {meta['final_val_loss']:.4f} nats/byte after {meta['steps_done']} steps "
+            f"({meta['wall_seconds']:.0f} s)"
+        )
+    echo_events(meta.get("instability_events", []))
+
+
+def print_checks(checks: list[dict]) -> None:
+    """The checks on stdout: a table in a terminal; elsewhere (a file, a pipe) one plain line per
+    check, so no column is squeezed to nothing by an assumed width."""
+    if sys.stdout.isatty():
+        from rich.console import Console
+
+        Console().print(checks_table(checks))
+        return
+    for c in checks:
+        typer.echo(
+            f"[{c['agreement']}] {c['statement']} ({c['setting']}, {c['placement']}): "
+            f"predicted {c['predicted']}; measured {c['measured']}"
+        )
+
+
+def checks_table(checks: list[dict]):
+    """The bounds checks as a rich table that fits the console: long cells wrap (or fold), the short
+    setting and placement names stay whole."""
+    from rich.table import Table
+
+    table = Table(show_lines=True)
+    for name, wide in (
+        ("statement", 3),
+        ("setting", 0),
+        ("placement", 0),
+        ("predicted", 2),
+        ("measured", 2),
+        ("agreement", 2),
+    ):
+        table.add_column(name, no_wrap=not wide, ratio=wide or None, overflow="fold")
+    for c in checks:
+        table.add_row(
+            c["statement"],
+            c["setting"],
+            c["placement"],
+            c["predicted"],
+            c["measured"],
+            c["agreement"],
+        )
+    return table
+
+
+def echo_figures(meta: dict, out: Path) -> None:
+    """figures: how many checks ran and how many disagree with their claim."""
+    n_bad = sum(1 for c in meta["checks"] if c["agreement"].startswith("no"))
+    typer.echo(
+        f"{len(meta['checks'])} checks, {n_bad} disagree with the claim; wrote {Path(out) / 'checks.csv'}"
+    )
+
+
+def echo_plot(meta: dict) -> None:
+    """plot: what the sink holds, the verdicts at its last recorded step, events, placement."""
+    from ..analysis.instability import WINDOW, K
+
+    s = meta["steps"]
+    typer.echo(
+        f"{meta['sink']}: {meta['rows']} rows, steps {s['first']}..{s['last']} ({s['count']} recorded)"
+        + (
+            "; an incomplete last line (run still writing) was skipped"
+            if meta["partial_last_line_skipped"]
+            else ""
+        )
+    )
+    for m in meta["missing"]:
+        typer.echo(f"not recorded: {m}")
+    for note in meta["notes"]:
+        typer.echo(f"note: {note}", err=True)
+    for v in meta["gradient_verdicts"]:
+        typer.echo(f"{v['stack']} step {v['step']}: {v['verdict']}")
+    for c in meta["collapse_verdicts"]:
+        name = c["stack"] + ("" if c["stream"] == "x" else f" stream {c['stream']}")
+        since = f", {c['since_start']}" if c.get("since_start") else ""
+        typer.echo(
+            f"{name} step {c['step']}: collapse: {c['verdict']}"
+            + (
+                f" (late-block adjacent cos {c['late_cos_adjacent']:.4f}{since})"
+                if "late_cos_adjacent" in c
+                else ""
+            )
+        )
+    echo_events(
+        meta["instability_events"],
+        f" (a block's gradient norm or update ratio above {K:g}x its median over the {WINDOW} "
+        "recorded steps before)",
+    )
+    typer.echo(f"placement: {meta['placement'] or 'unknown'} ({meta['placement_source']})")
+    n = meta["nonfinite"]
+    if n["count"]:
+        warn(
+            f"{n['count']} non-finite values (NaN/inf), first at step {n['first_step']} "
+            f"({', '.join(n['metrics'])}); marked in red in the figures"
+        )
