@@ -91,6 +91,7 @@ def placement_line(m: dict, declared: bool = True) -> str:
 
 def echo_gradient_models(models: list[dict]) -> None:
     """grad-norms --ckpt: per model its description, gradient norms, verdicts and notes."""
+    from ..analysis.diagnosis import gradient_by_part
     from ..report import partly_random
 
     for m in models:
@@ -102,9 +103,7 @@ def echo_gradient_models(models: list[dict]) -> None:
         for w in m.get("warnings", []):
             warn(f"{m['label']}: {w}")
         if m.get("whole_model"):
-            typer.echo(
-                "  gradient norm: " + ", ".join(f"{k} {v:.4g}" for k, v in m["whole_model"].items())
-            )
+            typer.echo(f"  gradient norm: {gradient_by_part(m)}")
         echo_data(m["data"])
         random = partly_random(m["partly_random"])
         for v in m["verdicts"]:
@@ -117,6 +116,7 @@ def echo_gradient_models(models: list[dict]) -> None:
 
 def echo_collapse_models(models: list[dict]) -> None:
     """collapse: per model its description, verdict, most redundant blocks per stream, notes."""
+    from ..analysis.collapse import massive_sentence
     from ..report import partly_random
 
     for m in models:
@@ -131,6 +131,8 @@ def echo_collapse_models(models: list[dict]) -> None:
                 f"  {s['stack']} {s['stream']}: {s['verdict']} ({s.get('basis', 'no finite cosines')}); "
                 f"most redundant blocks: {top}"
             )
+        for f in m["massive_activations"]:
+            typer.echo(f"  {massive_sentence(f)}")
         for note in m["notes"]:
             typer.echo(f"  note: {note}")
         if m["nonfinite_values"]:
