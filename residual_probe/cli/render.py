@@ -108,6 +108,7 @@ def placement_line(m: dict, declared: bool = True) -> str:
 
 def echo_gradient_models(models: list[dict]) -> None:
     """grad-norms --ckpt: per model its description, gradient norms, verdicts and notes."""
+    from ..analysis.diagnosis import gradient_by_part
     from ..report import partly_random
 
     for m in models:
@@ -119,9 +120,7 @@ def echo_gradient_models(models: list[dict]) -> None:
         for w in m.get("warnings", []):
             warn(f"{m['label']}: {w}")
         if m.get("whole_model"):
-            result(
-                "  gradient norm: " + ", ".join(f"{k} {v:.4g}" for k, v in m["whole_model"].items())
-            )
+            result(f"  gradient norm: {gradient_by_part(m)}")
         echo_data(m["data"])
         random = partly_random(m["partly_random"])
         for v in m["verdicts"]:
@@ -134,6 +133,7 @@ def echo_gradient_models(models: list[dict]) -> None:
 
 def echo_collapse_models(models: list[dict]) -> None:
     """collapse: per model its description, verdict, most redundant blocks per stream, notes."""
+    from ..analysis.collapse import massive_sentence
     from ..report import partly_random
 
     for m in models:
@@ -148,6 +148,8 @@ def echo_collapse_models(models: list[dict]) -> None:
                 f"  {s['stack']} {s['stream']}: {s['verdict']} ({s.get('basis', 'no finite cosines')}); "
                 f"most redundant blocks: {top}"
             )
+        for f in m["massive_activations"]:
+            result(f"  {massive_sentence(f)}")
         for line in m["notes"]:
             note(line)
         if m["nonfinite_values"]:
