@@ -166,7 +166,7 @@ def check(est: Estimate, force: bool = False) -> tuple[int, str]:
 
 def require(est: Estimate, force: bool = False, echo=None) -> None:
     """`check`, then say what was decided through `echo(line, err=...)` (typer.echo; None: silent):
-    a warning on stderr when `force` runs past what the machine has, and the estimate on stdout."""
+    a warning when `force` runs past what the machine has, and the estimate (both on stderr)."""
     have, source = check(est, force)
     if echo is None:
         return
@@ -175,7 +175,7 @@ def require(est: Estimate, force: bool = False, echo=None) -> None:
             f"warning: --force: {est.what} needs {est.describe()}, more than the {human(have)} {source}",
             err=True,
         )
-    echo(f"memory: {est.describe()}; {human(have)} {source}")
+    echo(f"memory: {est.describe()}; {human(have)} {source}", err=True)
 
 
 # ---- the models ----------------------------------------------------------------------------

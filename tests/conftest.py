@@ -47,7 +47,9 @@ def make_quick_figures(shared: str) -> None:
 
         result = {
             "status": "ok",
-            "meta": run_all(os.path.join(shared, "out"), quick=True, echo=lambda line: None),
+            "meta": run_all(
+                os.path.join(shared, "out"), quick=True, echo=lambda line, err=True: None
+            ),
         }
     except BaseException:
         result = {"status": "error", "traceback": traceback.format_exc()}

@@ -226,9 +226,9 @@ def test_the_console_says_what_the_verdict_rests_on(tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert "data: 21 windows x 32 tokens = 672 tokens" in r.stdout
-    assert "note: the text gives only 700 tokens" in r.stdout  # the adjustment, said on the console
-    # a random model does not predict text: its mean loss is above ln(256), said first
-    assert "warning: the model does not predict this text" in r.stdout
+    assert "the text gives only 700 tokens" in r.stderr  # the adjustment, a note on the console
+    # a random model does not predict text: its mean loss is above ln(256), a warning
+    assert "warning: post-ln: the model does not predict this text" in r.stderr
     md = (tmp_path / "d" / "report.md").read_text()
     verdicts = md.split("## Verdicts")[1].split("## Models")[0]
     assert verdicts.index("warning: the model does not predict") < verdicts.index("decoder:")

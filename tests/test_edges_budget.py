@@ -197,8 +197,8 @@ def test_memory_env_and_force(tmp_path, monkeypatch):
     ok = CliRunner().invoke(app, [*tiny, "--out", str(tmp_path / "c")])
     assert (
         ok.exit_code == 0
-        and "memory: about" in ok.stdout
-        and "8.0 GiB RESIDUAL_PROBE_MEMORY" in ok.stdout
+        and "memory: about" in ok.stderr
+        and "8.0 GiB RESIDUAL_PROBE_MEMORY" in ok.stderr
     )
     monkeypatch.setenv(budget.MEMORY_ENV, "lots")
     bad = CliRunner().invoke(app, [*tiny, "--out", str(tmp_path / "d")])

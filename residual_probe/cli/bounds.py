@@ -20,7 +20,7 @@ from .options import (
     reference_model,
     with_options,
 )
-from .render import print_checks, progress_bar, report_files, warn
+from .render import print_checks, progress_bar, report_files, say, warn
 
 MODEL = reference_model(
     help={
@@ -72,7 +72,7 @@ def bounds(
             **model, depths=depths, seeds=seeds, settings=csv_list(settings), force=force
         )
         with progress_bar(f"bounds depth {max(depths) if depths else '?'}") as start:
-            meta = run_bounds(spec, out, formats=fmts, progress=start, echo=typer.echo)
+            meta = run_bounds(spec, out, formats=fmts, progress=start, echo=say)
         print_checks(meta["checks"])
         if meta["nonfinite_values"]:
             warn(f"{meta['nonfinite_values']} non-finite values recorded (NaN/inf)")

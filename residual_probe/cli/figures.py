@@ -10,7 +10,7 @@ import typer
 from ..ownership import owned_out
 from .app import user_errors
 from .options import OverwriteOpt, csv_list, invoked_command
-from .render import echo_figures
+from .render import echo_figures, say
 
 
 def figures(
@@ -35,5 +35,5 @@ def figures(
     with user_errors(), owned_out(out, invoked_command(ctx), overwrite, update=bool(only)):
         from ..studies import run_all
 
-        meta = run_all(out, quick=quick, only=csv_list(only), echo=typer.echo)
+        meta = run_all(out, quick=quick, only=csv_list(only), echo=say)
         echo_figures(meta, out)

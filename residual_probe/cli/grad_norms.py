@@ -31,7 +31,7 @@ from .options import (
     reference_model,
     with_options,
 )
-from .render import echo_grad_norms, echo_gradient_models, progress_bar, report_files
+from .render import echo_grad_norms, echo_gradient_models, progress_bar, report_files, say
 
 MODEL = reference_model(
     help={
@@ -182,7 +182,7 @@ def grad_norms(
             force=force,
         )
         with progress_bar(f"grad-norms {spec.arch} depth {depth}") as start:
-            meta = run_grad_norms(spec, out, formats=fmts, progress=start, echo=typer.echo)
+            meta = run_grad_norms(spec, out, formats=fmts, progress=start, echo=say)
         echo_grad_norms(meta, spec.steps)
         report_files(meta["files"])
 

@@ -70,7 +70,10 @@ CompareOpt = Annotated[
 ]
 LossOpt = Annotated[
     Optional[str],
-    typer.Option(help="causal-lm, seq2seq or mlm (default: each checkpoint's own head)."),
+    typer.Option(
+        help="causal-lm, seq2seq, mlm or contrastive (unsupervised SimCSE, for a bare encoder); "
+        "default: each checkpoint's own head (diagnose: contrastive for a bare encoder)."
+    ),
 ]
 TokensOpt = Annotated[
     int,
@@ -236,10 +239,12 @@ def invoked_command(ctx: typer.Context) -> str:
             or (value == param.default and param.name not in given)
         ):
             continue  # a default the user did not type
-        flag = param.opts[0]
-        if getattr(param, "is_flag", False):
-            parts.append(flag)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if param.param_type_name == "argument":  # positional: its value alone, as typed
+            parts += [str(v) for v in values]
+        elif getattr(param, "is_flag", False):
+            parts.append(param.opts[0])
         else:
-            for v in value if isinstance(value, (list, tuple)) else [value]:
-                parts += [flag, str(v)]
+            for v in values:
+                parts += [param.opts[0], str(v)]
     return " ".join(shlex.quote(p) for p in parts)

@@ -9,7 +9,7 @@ import typer
 
 from ..ownership import owned_out
 from .app import fail, user_errors
-from .options import FormatOpt, OutOpt, OverwriteOpt, csv_list, formats_option, invoked_command
+from .options import FormatOpt, OverwriteOpt, csv_list, formats_option, invoked_command
 from .render import echo_plot, report_files
 
 
@@ -33,7 +33,13 @@ def plot(
             help="The run's norm placement, for the Pre-LN collapse reference (default: from train.json or probe_run.json beside the sink)."
         ),
     ] = None,
-    out: OutOpt = Path("results/plot"),
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Output folder, owned by this command (see --overwrite); default: RUN/plots/ "
+            "(beside the sink when RUN is a file)."
+        ),
+    ] = None,
     format: FormatOpt = "png",
     overwrite: OverwriteOpt = False,
 ):
@@ -48,6 +54,8 @@ def plot(
         picked = tuple(int(s) for s in csv_list(steps))
     except ValueError:
         fail(f"--steps: expected comma-separated integers, got {steps!r}")
+    if out is None:  # each run's figures beside it: plotting a second run needs no --out
+        out = (run if run.is_dir() else run.parent) / "plots"
     with user_errors(), owned_out(out, invoked_command(ctx), overwrite):
         from ..jobs.plot import run_plot
 

@@ -1,4 +1,6 @@
-"""What the commands print: results on stdout, warnings on stderr, a progress bar on stderr.
+"""What the commands print, by one rule: results and verdicts on stdout (`result`), so that
+`residual-probe COMMAND > out.txt` holds only them; progress, notes, warnings and `wrote` lines
+on stderr (`say`, `note`, `warn`), as is the progress bar.
 
 Each `echo_*` takes the dict a job returned and prints it; nothing here computes a verdict.
 Sentences the diagnose report prints too come from `residual_probe.report` (`data_line`,
@@ -38,31 +40,46 @@ def progress_bar(description: str):
         yield start
 
 
-def report_files(paths) -> None:
-    for p in paths:
-        typer.echo(f"wrote {p}")
+def result(line: str) -> None:
+    """A result or a verdict: stdout."""
+    typer.echo(line)
+
+
+def say(line: str, err: bool = True) -> None:
+    """Progress and what a command did (memory estimate, `== study`, `wrote ...`): stderr.
+    Jobs take it as their `echo(line, err=...)`; a job's `err=False` line is a result."""
+    typer.echo(line, err=err)
+
+
+def note(message: str) -> None:
+    typer.echo(f"note: {message}", err=True)
 
 
 def warn(message: str) -> None:
     typer.echo(f"warning: {message}", err=True)
 
 
+def report_files(paths) -> None:
+    for p in paths:
+        say(f"wrote {p}")
+
+
 def echo_data(data: dict) -> None:
     """The tokenization used and every change to the requested data (rounding, short text), on the console."""
     from ..report import data_line
 
-    typer.echo(f"  {data_line(data)}")
+    result(f"  {data_line(data)}")
     for message in data.get("messages", []):
-        typer.echo(f"  note: {message}")
+        note(message)
 
 
 def echo_events(events: list[dict], why: str = "") -> None:
     """The instability events of a run, one line each (analysis.instability.Event)."""
     from ..analysis.instability import Event
 
-    typer.echo(f"instability events: {len(events) or 'none'}{why}")
+    result(f"instability events: {len(events) or 'none'}{why}")
     for e in events:
-        typer.echo(f"  {Event(**e).describe()}")
+        result(f"  {Event(**e).describe()}")
 
 
 # ---- checkpoints (grad-norms --ckpt, collapse) ------------------------------------------------
@@ -96,20 +113,20 @@ def echo_gradient_models(models: list[dict]) -> None:
 
     for m in models:
         if "skipped" in m:
-            typer.echo(f"{m['label']}: gradients not measured: {m['skipped']}")
+            result(f"{m['label']}: gradients not measured: {m['skipped']}")
             continue
-        typer.echo(f"{model_line(m)}; loss {m['loss']} = {m['mean_loss']:.4f}")
-        typer.echo(placement_line(m, declared=False))
+        result(f"{model_line(m)}; loss {m['loss']} = {m['mean_loss']:.4f}")
+        result(placement_line(m, declared=False))
         for w in m.get("warnings", []):
             warn(f"{m['label']}: {w}")
         if m.get("whole_model"):
-            typer.echo(f"  gradient norm: {gradient_by_part(m)}")
+            result(f"  gradient norm: {gradient_by_part(m)}")
         echo_data(m["data"])
         random = partly_random(m["partly_random"])
         for v in m["verdicts"]:
-            typer.echo(f"  verdict {v['stack']}: {random}{v['verdict']}")
-        for note in m["notes"]:
-            typer.echo(f"  note: {note}")
+            result(f"  verdict {v['stack']}: {random}{v['verdict']}")
+        for line in m["notes"]:
+            note(line)
         if m["nonfinite_values"]:
             warn(f"{m['label']}: {m['nonfinite_values']} non-finite gradient norms (NaN/inf)")
 
@@ -120,21 +137,21 @@ def echo_collapse_models(models: list[dict]) -> None:
     from ..report import partly_random
 
     for m in models:
-        typer.echo(model_line(m))
-        typer.echo(placement_line(m))
+        result(model_line(m))
+        result(placement_line(m))
         echo_data(m["data"])
         random = partly_random(m["partly_random"])
-        typer.echo(f"  verdict: {random}{m['verdict']} ({m['verdict_from']})")
+        result(f"  verdict: {random}{m['verdict']} ({m['verdict_from']})")
         for s in m["streams"]:
             top = ", ".join(f"{r['layer']} (cos {r['cos_adjacent']:.4f})" for r in s["redundant"])
-            typer.echo(
+            result(
                 f"  {s['stack']} {s['stream']}: {s['verdict']} ({s.get('basis', 'no finite cosines')}); "
                 f"most redundant blocks: {top}"
             )
         for f in m["massive_activations"]:
-            typer.echo(f"  {massive_sentence(f)}")
-        for note in m["notes"]:
-            typer.echo(f"  note: {note}")
+            result(f"  {massive_sentence(f)}")
+        for line in m["notes"]:
+            note(line)
         if m["nonfinite_values"]:
             warn(f"{m['label']}: {m['nonfinite_values']} non-finite values (NaN/inf)")
 
@@ -142,9 +159,14 @@ def echo_collapse_models(models: list[dict]) -> None:
 def echo_verdict_lines(verdicts: dict[str, list[str]]) -> None:
     """diagnose: the report's verdict lines (report.verdict_lines), per model."""
     for label, lines in verdicts.items():
-        typer.echo(f"{label}:")
-        for line in lines:
-            typer.echo(f"  {line}")
+        result(f"{label}:")
+        for line in lines:  # the report marks its warnings and notes with these prefixes
+            if line.startswith("warning: "):
+                warn(f"{label}: {line.removeprefix('warning: ')}")
+            elif line.startswith("note: "):
+                note(f"{label}: {line.removeprefix('note: ')}")
+            else:
+                result(f"  {line}")
 
 
 # ---- reference models (grad-norms, train, bounds) and runs (plot, figures) --------------------
@@ -154,11 +176,11 @@ def echo_grad_norms(meta: dict, steps: int) -> None:
     """grad-norms: first/last block ratio per stack and placement at the last step, the verdicts."""
     for s in meta["summary"]:
         if s["step"] == steps:
-            typer.echo(
+            result(
                 f"{s['stack']:>8} {s['placement']:>10}: first/last block grad norm = {s['first_over_last']:.3g}"
             )
     for v in meta["verdicts"]:
-        typer.echo(f"{v['stack']:>8} {v['placement']:>10}: {v['verdict']}")
+        result(f"{v['stack']:>8} {v['placement']:>10}: {v['verdict']}")
     if meta["nonfinite_values"]:
         warn(f"{meta['nonfinite_values']} non-finite gradient norms recorded (NaN/inf)")
 
@@ -172,7 +194,7 @@ def echo_train(meta: dict) -> None:
             f"(lr {d['lr']:.3g}); stopped after {meta['steps_done']} steps"
         )
     else:
-        typer.echo(
+        result(
             f"final held-out loss {meta['final_val_loss']:.4f} nats/byte after {meta['steps_done']} steps "
             f"({meta['wall_seconds']:.0f} s)"
         )
@@ -188,7 +210,7 @@ def print_checks(checks: list[dict]) -> None:
         Console().print(checks_table(checks))
         return
     for c in checks:
-        typer.echo(
+        result(
             f"[{c['agreement']}] {c['statement']} ({c['setting']}, {c['placement']}): "
             f"predicted {c['predicted']}; measured {c['measured']}"
         )
@@ -224,7 +246,7 @@ def checks_table(checks: list[dict]):
 def echo_figures(meta: dict, out: Path) -> None:
     """figures: how many checks ran and how many disagree with their claim."""
     n_bad = sum(1 for c in meta["checks"] if c["agreement"].startswith("no"))
-    typer.echo(
+    result(
         f"{len(meta['checks'])} checks, {n_bad} disagree with the claim; wrote {Path(out) / 'checks.csv'}"
     )
 
@@ -234,7 +256,7 @@ def echo_plot(meta: dict) -> None:
     from ..analysis.instability import WINDOW, K
 
     s = meta["steps"]
-    typer.echo(
+    result(
         f"{meta['sink']}: {meta['rows']} rows, steps {s['first']}..{s['last']} ({s['count']} recorded)"
         + (
             "; an incomplete last line (run still writing) was skipped"
@@ -243,15 +265,15 @@ def echo_plot(meta: dict) -> None:
         )
     )
     for m in meta["missing"]:
-        typer.echo(f"not recorded: {m}")
-    for note in meta["notes"]:
-        typer.echo(f"note: {note}", err=True)
+        result(f"not recorded: {m}")
+    for line in meta["notes"]:
+        note(line)
     for v in meta["gradient_verdicts"]:
-        typer.echo(f"{v['stack']} step {v['step']}: {v['verdict']}")
+        result(f"{v['stack']} step {v['step']}: {v['verdict']}")
     for c in meta["collapse_verdicts"]:
         name = c["stack"] + ("" if c["stream"] == "x" else f" stream {c['stream']}")
         since = f", {c['since_start']}" if c.get("since_start") else ""
-        typer.echo(
+        result(
             f"{name} step {c['step']}: collapse: {c['verdict']}"
             + (
                 f" (late-block adjacent cos {c['late_cos_adjacent']:.4f}{since})"
@@ -264,7 +286,7 @@ def echo_plot(meta: dict) -> None:
         f" (a block's gradient norm or update ratio above {K:g}x its median over the {WINDOW} "
         "recorded steps before)",
     )
-    typer.echo(f"placement: {meta['placement'] or 'unknown'} ({meta['placement_source']})")
+    result(f"placement: {meta['placement'] or 'unknown'} ({meta['placement_source']})")
     n = meta["nonfinite"]
     if n["count"]:
         warn(

@@ -10,7 +10,7 @@ import typer
 from ..ownership import owned_out
 from .app import user_errors
 from .options import ForceOpt, OutOpt, OverwriteOpt, invoked_command, reference_model, with_options
-from .render import echo_train, progress_bar, report_files
+from .render import echo_train, progress_bar, report_files, say
 
 MODEL = reference_model(
     help={
@@ -97,6 +97,6 @@ def train(
             force=force,
         )
         with progress_bar(f"train {placement} depth {depth}") as start:
-            meta = run_train(spec, out, progress=start, echo=typer.echo)
+            meta = run_train(spec, out, progress=start, echo=say)
         echo_train(meta)
         report_files(meta["files"] + [str(Path(out) / "train.json")])

@@ -115,11 +115,9 @@ def run_grad_norms(
     from ..plots.grad_norms import plot_grad_norms
 
     spec.validate()
-    budget.require(
-        budget.grad_norms_estimate(spec), spec.force, echo
-    )  # before anything is built or written
+    text = read_text_tokens(spec.data) if spec.data else None  # bad input: its one error line
+    budget.require(budget.grad_norms_estimate(spec), spec.force, echo)  # before anything is built
     out = prepare_out(out)
-    text = read_text_tokens(spec.data) if spec.data else None
     advance = progress(len(spec.placements) * spec.seeds * (spec.steps + 1)) if progress else None
 
     rows, losses, timings = [], {}, {}

@@ -106,11 +106,9 @@ def run_train(
     from ..training import Trainer
 
     spec.validate()
-    budget.require(
-        budget.train_estimate(spec), spec.force, echo
-    )  # before anything is built or written
+    tokens = read_text_tokens(spec.data) if spec.data else builtin_corpus()  # bad input first
+    budget.require(budget.train_estimate(spec), spec.force, echo)  # before anything is built
     out = prepare_out(out)
-    tokens = read_text_tokens(spec.data) if spec.data else builtin_corpus()
     train_text, val_text = split_tokens(tokens)
     torch.manual_seed(spec.seed)
     cfg = spec.model_config()

@@ -16,6 +16,7 @@ order; a study may read what an earlier one wrote into `out`), and add a two-lin
 from __future__ import annotations
 
 import importlib
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -70,13 +71,19 @@ def check_rows(name: str, checks) -> list[dict]:
     return [{"study": name, **asdict(c)} for c in checks]
 
 
+def _echo(line: str, err: bool = False) -> None:
+    print(line, file=sys.stderr if err else sys.stdout, flush=True)
+
+
 def run_all(
     out: str | Path,
     quick: bool = False,
     only: tuple[str, ...] = (),
-    echo: Callable[[str], None] = print,
+    echo: Callable[..., None] = _echo,
 ) -> dict:
     """Run the studies (all, or `only`) into `out`; write OUT/checks.csv and OUT/checks.json.
+
+    `echo(line, err=...)` hears each study's start (err=True, progress) and its checks (results).
 
     Returns the checks.json content: {"job", "quick", "studies", "seconds", "versions", "checks"}.
     """
@@ -87,12 +94,12 @@ def run_all(
     out = prepare_out(out)
     checks, timings = [], {}
     for name, module in modules.items():
-        echo(f"== {name} ({'quick' if quick else 'full'})")
+        echo(f"== {name} ({'quick' if quick else 'full'})", err=True)  # progress
         t0 = time.perf_counter()
         found = module.run(out, quick)
         timings[name] = round(time.perf_counter() - t0, 1)
         for c in found:
-            echo("  " + c.line())
+            echo("  " + c.line(), err=False)  # a check is a result
         checks += check_rows(name, found)
     rows = keep_other_checks(out / "checks.csv", names) + checks
     write_csv(out / "checks.csv", rows, CHECK_COLUMNS)

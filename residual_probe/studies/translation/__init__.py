@@ -36,6 +36,7 @@ from .runs import (
     calibration,
     depths,
     load_result,
+    progress,
     read_rows,
     run_stages,
     stage_a,
@@ -60,7 +61,7 @@ def finished(specs: Iterable[RunSpec], root: Path) -> dict[str, dict]:
 
 
 def run(
-    out: Path, quick: bool = False, workers: int | None = None, echo=print, train: bool = True
+    out: Path, quick: bool = False, workers: int | None = None, echo=progress, train: bool = True
 ) -> list[Check]:
     """Run (or resume) the grid into OUT/runs/translation/, then write tables, figures and checks.
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
@@ -315,12 +316,17 @@ def _run_in_worker(spec: RunSpec, run_dir: str) -> dict:
     return train_run(spec, Path(run_dir))
 
 
+def progress(line: str) -> None:
+    """The study's progress lines: stderr, so that stdout holds results only."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def run_stages(
     first: list[RunSpec],
     then: Callable[[dict[str, dict]], list[RunSpec]],
     root: Path,
     workers: int = 1,
-    echo=print,
+    echo=progress,
     gate: Iterable[RunSpec] = (),
 ) -> dict[str, dict]:
     """Run `first`, and as soon as the `gate` runs (a subset of `first`) have finished, queue
