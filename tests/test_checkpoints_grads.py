@@ -106,7 +106,8 @@ def test_hf_gradients_equal_direct_autograd(tmp_path, name, kind):
     loaded.model.double()
     w = text_windows(loaded, TEXT, tokens=70, seq_len=12)  # 5 windows, batches of 2, 2, 1
     assert w.ids.shape == (5, 12)
-    rows, mean_loss, blocks, _, _ = model_gradients(loaded, kind, w.ids, batch=2, seed=0)
+    g = model_gradients(loaded, kind, w.ids, batch=2, seed=0)
+    rows, mean_loss, blocks = g.rows, g.mean_loss, g.blocks
     got = [r["value"] for r in sorted(rows, key=lambda r: r["layer"]) if r["sublayer"] == "block"]
     want = direct(loaded.model, find_blocks(loaded.model), kind, w.ids, mask_id=loaded.mask_id)
     assert len(got) == 3 and got == pytest.approx(want, rel=1e-10)
@@ -125,7 +126,8 @@ def test_our_seq2seq_gradients_equal_direct_autograd(tmp_path):
     loaded = load_any(tmp_path / "m")
     loaded.model.double()
     w = text_windows(loaded, TEXT, tokens=60, seq_len=20)
-    rows, _, blocks, _, _ = model_gradients(loaded, "seq2seq", w.ids, batch=2)
+    g = model_gradients(loaded, "seq2seq", w.ids, batch=2)
+    rows, blocks = g.rows, g.blocks
     got = {(r["stack"], r["layer"]): r["value"] for r in rows if r["sublayer"] == "block"}
     want = direct(loaded.model, blocks, "seq2seq", w.ids, start=0)
     assert [got[(b.stack, b.index)] for b in blocks] == pytest.approx(want, rel=1e-10)
@@ -255,7 +257,7 @@ def test_contrastive_loss_of_a_bare_encoder_equals_a_direct_simcse(tmp_path):
     assert loaded.default_loss is None  # a bare encoder: no head
     ids = torch.randint(5, 300, (6, 16))
     torch.manual_seed(7)
-    rows, loss, blocks, vocab, unused = model_gradients(loaded, "contrastive", ids, batch=3)
+    rows, loss, blocks, vocab, unused, _ = model_gradients(loaded, "contrastive", ids, batch=3)
     got = {r["layer"]: r["value"] for r in rows if r["sublayer"] == "block"}
     # direct: the same seed, so the same dropout masks, batch by batch
     model = loaded.model

@@ -247,3 +247,34 @@ def test_loss_warning_rule():
     assert "ln(1000) = 6.91" in w and "--dict" in w
     assert "--dict" not in loss_warnings(8.27, 1000, "hf")[0]
     assert loss_warnings(math.nan, 1000, "hf")[0].startswith("the mean loss is nan")
+
+
+def test_a_causal_lm_is_diagnosed_in_one_pass_with_the_numbers_of_collapse(tmp_path, monkeypatch):
+    """The gradient's forward pass also records the forward statistics (no second forward), and
+    they equal what `collapse` measures in a pass of its own on the same windows."""
+    import pandas as pd
+
+    import residual_probe.jobs.collapse as collapse_job
+
+    post, _ = models(tmp_path)
+    args = ["--ckpt", str(post), "--tokens", "128", "--seq-len", "32", "--subsample", "32"]
+    alone = runner.invoke(app, ["collapse", *args, "--out", str(tmp_path / "c")])
+    assert alone.exit_code == 0, alone.output
+
+    def no_second_pass(*a, **k):
+        raise AssertionError("diagnose ran a second forward pass for collapse")
+
+    monkeypatch.setattr(collapse_job, "measure_forward", no_second_pass)
+    res = runner.invoke(app, ["diagnose", *args, "--out", str(tmp_path / "d")])
+    assert res.exit_code == 0, res.output
+    keys = ["model", "stack", "layer", "stream", "metric"]
+    a = pd.read_csv(tmp_path / "c" / "collapse.csv").sort_values(keys).reset_index(drop=True)
+    b = pd.read_csv(tmp_path / "d" / "collapse" / "collapse.csv")
+    b = b.sort_values(keys).reset_index(drop=True)
+    assert a[keys].equals(b[keys]) and len(a) > 40
+    assert a["value"].to_numpy() == pytest.approx(b["value"].to_numpy(), rel=1e-5, abs=1e-7)
+    sim_a = pd.read_csv(tmp_path / "c" / "similarity.csv")["value"].to_numpy()
+    sim_b = pd.read_csv(tmp_path / "d" / "collapse" / "similarity.csv")["value"].to_numpy()
+    assert sim_a == pytest.approx(sim_b, rel=1e-5, abs=1e-6)
+    times = json.loads((tmp_path / "d" / "collapse" / "collapse.json").read_text())
+    assert times["models"][0]["times"]["same_pass_as_gradient"] is True

@@ -21,12 +21,14 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import UserError
 from .inspection import CheckpointInputs, Inspection, inspect_checkpoint
 
 CSV_COLUMNS = ("model", "seed", "step", "stack", "layer", "sublayer", "param_grad_norm")
 MASK_RATE = 0.15
+GRADIENT = ("param_grad_norm",)  # the probe quantity of one gradient
 
 
 @dataclass
@@ -175,39 +177,85 @@ def accumulate_gradient(loaded, kind: str, batches, total: int, advance=None) ->
     return loss_sum / total, vocab
 
 
+class Gradient(NamedTuple):
+    """One gradient of a checkpoint (`model_gradients`)."""
+
+    rows: list[dict]  # param_grad_norm per block and sublayer, and of the parts outside the blocks
+    mean_loss: float
+    blocks: list
+    vocab: int  # the loss's number of classes (ln V: a uniform guess's loss)
+    unused: dict[str, list[str]]  # parts the loss does not reach: {part: parameter names}
+    forward: dict | None  # collapse's forward statistics of the same pass (`forward=`), or None
+
+
+def one_pass(kind: str, loaded) -> bool:
+    """Whether the loss's forward pass is the one `collapse` measures, so that diagnose takes the
+    forward statistics from it: causal-LM windows as they are. The masked LM masks inputs, the
+    contrastive loss runs two dropout views, seq2seq shifts the decoder's input: those take a
+    forward pass of their own."""
+    return kind == "causal-lm" and loaded.modality == "text"
+
+
 def model_gradients(
-    loaded, kind: str, windows, batch: int, seed: int = 0, blocks: str | None = None, advance=None
-) -> tuple[list[dict], float, list, int, dict[str, list[str]]]:
-    """Probe rows (param_grad_norm per block and sublayer, and of the parts outside the blocks) of
-    one gradient, the mean loss, the blocks, the vocabulary size of the loss, and the parts the loss
-    does not reach ({part: parameter names}: every parameter requires grad, so a part without any
-    `.grad` is unused by this loss, e.g. BERT's pooler under a loss on the token states; its rows
-    are left out rather than NaN)."""
+    loaded,
+    kind: str,
+    windows,
+    batch: int,
+    seed: int = 0,
+    blocks: str | None = None,
+    advance=None,
+    forward=None,
+) -> Gradient:
+    """Probe rows of one gradient (every parameter requires grad, so a part without any `.grad` is
+    unused by this loss, e.g. BERT's pooler under a loss on the token states; its rows are left out
+    rather than NaN).
+
+    forward: a CollapseSpec whose windows and batches are these (`one_pass`): the same pass also
+    records collapse's forward statistics (`jobs.collapse.forward_result`), one probe on the blocks.
+    """
     from ..probe import Probe
 
     for p in loaded.model.parameters():
         p.requires_grad_(True)
     batches, total = loss_batches(loaded, kind, windows, batch, seed)
-    probe = Probe(loaded.model, quantities=("param_grad_norm",), blocks=blocks, group=None)
-    with probe, warnings.catch_warnings():
-        # a part without .grad is reported by name below, not as the probe's generic warning
-        warnings.filterwarnings("ignore", message=r"probe: .* had no \.grad")
-        mean_loss, vocab = accumulate_gradient(loaded, kind, batches, total, advance)
-        unused = probe.parts.without_grad()
-        rows = probe.step()
+    if forward is None:
+        probe, norms = Probe(loaded.model, quantities=GRADIENT, blocks=blocks, group=None), None
+    else:
+        from .collapse import TokenNorms, forward_probe
+
+        probe = forward_probe(loaded, forward, also=GRADIENT)
+        norms = TokenNorms(probe.blocks)
+    t0 = time.perf_counter()
+    try:
+        with probe, warnings.catch_warnings():
+            # a part without .grad is reported by name below, not as the probe's generic warning
+            warnings.filterwarnings("ignore", message=r"probe: .* had no \.grad")
+            mean_loss, vocab = accumulate_gradient(loaded, kind, batches, total, advance)
+            unused = probe.parts.without_grad()
+            rows = probe.step()
+    finally:
+        if norms is not None:
+            norms.remove()
     loaded.model.zero_grad(set_to_none=True)
-    return (
+    grads = [r for r in rows if r["metric"] in GRADIENT]
+    measured = None
+    if forward is not None:
+        from .collapse import forward_result
+
+        others = [r for r in rows if r["metric"] not in GRADIENT]
+        measured = forward_result(probe, others, norms, time.perf_counter() - t0)
+    return Gradient(
         [
             r
-            for r in rows
-            if r["metric"] == "param_grad_norm"
-            and not r["sublayer"].startswith("group:")
+            for r in grads
+            if not r["sublayer"].startswith("group:")
             and not (r["stack"] == "model" and r["sublayer"] in unused)
         ],
         mean_loss,
         probe.blocks,
         vocab,
         unused,
+        measured,
     )
 
 
@@ -224,7 +272,7 @@ def run_ckpt_grad_norms(
     t_start = time.perf_counter()
     for label, path in spec.named():
         inspection = inspect_checkpoint(label, path, spec, text, dictionary)
-        model, table = measure_gradients(inspection, spec, text, source, progress)
+        model, table, _ = measure_gradients(inspection, spec, text, source, progress)
         models.append(model)
         rows += table
         del inspection
@@ -232,10 +280,17 @@ def run_ckpt_grad_norms(
 
 
 def measure_gradients(
-    inspection: Inspection, spec: CkptGradSpec, text: str, source: str, progress=None
-) -> tuple[dict, list[dict]]:
-    """One checkpoint's gradient: its grad_norms.json entry and its grad_norms.csv rows (none when a
-    model without a loss head is skipped)."""
+    inspection: Inspection,
+    spec: CkptGradSpec,
+    text: str,
+    source: str,
+    progress=None,
+    forward=None,
+) -> tuple[dict, list[dict], dict | None]:
+    """One checkpoint's gradient: its grad_norms.json entry, its grad_norms.csv rows (none when a
+    model without a loss head is skipped), and collapse's forward statistics of the same pass when
+    `forward` (a CollapseSpec on the same text) is given and the loss allows it (`one_pass`), else
+    None."""
     from ..analysis.diagnosis import gradient_verdicts, loss_warnings, whole_model_norms
     from ..checkpoints.text import text_windows
 
@@ -247,14 +302,15 @@ def measure_gradients(
     except NoLossHead as exc:
         if not spec.skip_without_head:
             raise
-        return {"label": label, "source": inspection.path, "skipped": str(exc), "verdicts": []}, []
+        skipped = {"label": label, "source": inspection.path, "skipped": str(exc), "verdicts": []}
+        return skipped, [], None
     t1 = time.perf_counter()
     w = text_windows(loaded, text, spec.tokens, spec.seq_len, inspection.dictionary)
     require_gradient_memory(inspection, kind, tuple(w.ids.shape), spec)
     advance = progress(math.ceil(w.ids.shape[0] / spec.batch)) if progress else None
-    model_rows, mean_loss, _, vocab, unused = model_gradients(
-        loaded, kind, w.ids, spec.batch, spec.seed, spec.blocks, advance
-    )
+    same_pass = forward if forward is not None and one_pass(kind, loaded) else None
+    g = model_gradients(loaded, kind, w.ids, spec.batch, spec.seed, spec.blocks, advance, same_pass)
+    model_rows, mean_loss, vocab, unused = g.rows, g.mean_loss, g.vocab, g.unused
     t2 = time.perf_counter()
     table = [
         {
@@ -282,7 +338,7 @@ def measure_gradients(
         "nonfinite_values": sum(1 for r in table if not math.isfinite(r["param_grad_norm"])),
         "times": {"load_s": inspection.load_s, "gradient_s": t2 - t1},
     }
-    return model, table
+    return model, table, g.forward
 
 
 def require_gradient_memory(

@@ -66,53 +66,63 @@ def make_batches(
 # ---- measurement -------------------------------------------------------------------------
 
 
-def measure_forward(
-    loaded, batches: list, spec: CollapseSpec, advance: Callable[[], None] | None = None
-) -> dict:
-    """Probe rows and layer x layer matrices of one model over `batches` (all pooled into one step)."""
-    import torch
+FORWARD_QUANTITIES = ("forward_stats", "subsample")
 
-    from ..analysis import metrics
-    from ..analysis.collapse import token_norm_rows
+
+def forward_probe(loaded, spec: CollapseSpec, also: tuple[str, ...] = ()):
+    """The probe of the forward statistics (`also`: further quantities of the same pass, as the
+    gradient of `diagnose`): every forward pooled into one step, eval-mode forwards included."""
     from ..probe import Probe
-    from ..probe.stats import stream_tensors
 
-    probe = Probe(
+    return Probe(
         loaded.model,
-        quantities=("forward_stats", "subsample"),
+        quantities=(*also, *FORWARD_QUANTITIES),
         subsample_tokens=spec.subsample,
         seed=spec.seed,
         blocks=spec.blocks,
         group=None,
         include_eval=True,
     )
-    # every token's ||h||^2/d at every block output (a few floats a token and block, on the host): the
-    # mean hides massive activations (Sun et al. 2024), so the median and the maximum are kept beside it
-    per_token: dict[tuple, list] = {}
 
-    def keep(block):
+
+class TokenNorms:
+    """Every token's ||h||^2/d at every block output (one float a token and block): the mean hides
+    massive activations (Sun et al. 2024), so the median and the maximum are kept beside it. Kept
+    on the model's device until `rows()`; the hooks copy nothing to the host."""
+
+    def __init__(self, blocks):
+        self.values: dict[tuple, list] = {}
+        self.handles = [b.module.register_forward_hook(self._hook(b)) for b in blocks]
+
+    def _hook(self, block):
+        from ..probe.stats import stream_tensors
+
         def hook(module, args, output):
             for stream, h in zip(block.streams, stream_tensors(output, len(block.streams)) or ()):
-                v = (
-                    h.detach().float().pow(2).mean(-1).flatten().cpu()
-                )  # float32: a median and a max
-                per_token.setdefault((block.stack, block.index, stream), []).append(v)
+                v = h.detach().float().pow(2).mean(-1).flatten()  # float32: a median and a max
+                self.values.setdefault((block.stack, block.index, stream), []).append(v)
 
         return hook
 
-    handles = [b.module.register_forward_hook(keep(b)) for b in probe.blocks]
-    t0 = time.perf_counter()
-    try:
-        with probe, torch.no_grad():
-            for x in batches:
-                loaded.forward(x)
-                if advance:
-                    advance()
-            rows = probe.step()
-    finally:
-        for h in handles:
+    def remove(self) -> None:
+        for h in self.handles:
             h.remove()
-    rows += token_norm_rows({k: torch.cat(v).numpy() for k, v in per_token.items()})
+
+    def rows(self) -> list[dict]:
+        import torch
+
+        from ..analysis.collapse import token_norm_rows
+
+        return token_norm_rows({k: torch.cat(v).cpu().numpy() for k, v in self.values.items()})
+
+
+def forward_result(probe, rows: list[dict], norms: TokenNorms, forward_s: float) -> dict:
+    """The probe's forward rows with the token norms and the layer x layer matrices."""
+    import torch
+
+    from ..analysis import metrics
+
+    rows = rows + norms.rows()
     t1 = time.perf_counter()
     matrices = {}
     for (stack, stream), H in probe.subsamples().items():  # H: (n_blocks + 1, n_tokens, d)
@@ -122,13 +132,33 @@ def measure_forward(
             "effective_rank": torch.stack([metrics.effective_rank(h) for h in H]),
             "width": H.shape[-1],
         }
-    t2 = time.perf_counter()
     return {
         "rows": rows,
         "matrices": matrices,
         "blocks": probe.blocks,
-        "times": {"forward_s": t1 - t0, "similarity_s": t2 - t1},
+        "times": {"forward_s": forward_s, "similarity_s": time.perf_counter() - t1},
     }
+
+
+def measure_forward(
+    loaded, batches: list, spec: CollapseSpec, advance: Callable[[], None] | None = None
+) -> dict:
+    """Probe rows and layer x layer matrices of one model over `batches` (all pooled into one step)."""
+    import torch
+
+    probe = forward_probe(loaded, spec)
+    norms = TokenNorms(probe.blocks)
+    t0 = time.perf_counter()
+    try:
+        with probe, torch.no_grad():
+            for x in batches:
+                loaded.forward(x)
+                if advance:
+                    advance()
+            rows = probe.step()
+    finally:
+        norms.remove()
+    return forward_result(probe, rows, norms, time.perf_counter() - t0)
 
 
 # ---- the job -----------------------------------------------------------------------------
@@ -159,9 +189,17 @@ def run_collapse(spec: CollapseSpec, out: str | Path, formats=("png",), progress
 
 
 def measure_collapse(
-    inspection: Inspection, spec: CollapseSpec, text: str, source: str, progress=None
+    inspection: Inspection,
+    spec: CollapseSpec,
+    text: str,
+    source: str,
+    progress=None,
+    measured: dict | None = None,
 ) -> tuple[dict, list[dict], list[dict]]:
-    """One checkpoint's collapse: its collapse.json entry, its collapse.csv and its similarity.csv rows."""
+    """One checkpoint's collapse: its collapse.json entry, its collapse.csv and its similarity.csv rows.
+
+    measured: `forward_result` of a pass that already ran these batches (diagnose's gradient pass,
+    `ckpt_grads.model_gradients(forward=...)`); None runs the forward pass here."""
     from ..analysis.collapse import (
         collapse_summary,
         massive_activations,
@@ -173,8 +211,11 @@ def measure_collapse(
     batches, data = make_batches(loaded, spec, text, found["item_tokens"], inspection.dictionary)
     require_collapse_memory(inspection, batches, spec)
     data["source"] = source if loaded.modality == "text" else data["kind"]
-    advance = progress(len(batches)) if progress else None
-    m = measure_forward(loaded, batches, spec, advance)
+    if measured is None:
+        advance = progress(len(batches)) if progress else None
+        m = measure_forward(loaded, batches, spec, advance)
+    else:
+        m = measured
     rows = [
         dict(
             model=label,

@@ -3,7 +3,9 @@
 Loads each checkpoint once (jobs.inspection) and hands it to both parts: the gradient of
 `grad-norms --ckpt` (models with a loss head, or the contrastive loss for a bare encoder) and the
 forward statistics of `collapse`, on the same text (the data contract of `checkpoints.text`); one
-model is in memory at a time. Writes OUT/gradients/ and OUT/collapse/ as those commands do, then
+model is in memory at a time. Where the loss's forward pass is the one collapse measures (a
+causal LM on its windows: `ckpt_grads.one_pass`), one probe records both in that pass, so the
+model runs forward once; other losses (masked, contrastive, seq2seq) take a second forward. Writes OUT/gradients/ and OUT/collapse/ as those commands do, then
 OUT/report.html and OUT/report.md (`report.write_report`).
 """
 
@@ -64,12 +66,16 @@ def run_diagnose(
         inspection = inspect_checkpoint(label, path, cspec, text, dictionary)
         part["load"], t = time.perf_counter() - t, time.perf_counter()
         with progress(f"diagnose: gradients of {label}") as start:
-            model, rows = measure_gradients(inspection, gspec, text, source, start)
+            # one pass where the loss's forward is collapse's (a causal LM): its statistics too
+            model, rows, measured = measure_gradients(
+                inspection, gspec, text, source, start, forward=cspec
+            )
         grad_models.append(model)
         grad_rows += rows
         part["gradients"], t = time.perf_counter() - t, time.perf_counter()
         with progress(f"diagnose: collapse of {label}") as start:
-            model, rows, sims = measure_collapse(inspection, cspec, text, source, start)
+            model, rows, sims = measure_collapse(inspection, cspec, text, source, start, measured)
+        model["times"]["same_pass_as_gradient"] = measured is not None
         coll_models.append(model)
         coll_rows += rows
         sim_rows += sims
