@@ -107,7 +107,7 @@ def test_hf_gradients_equal_direct_autograd(tmp_path, name, kind):
     w = text_windows(loaded, TEXT, tokens=70, seq_len=12)  # 5 windows, batches of 2, 2, 1
     assert w.ids.shape == (5, 12)
     g = model_gradients(loaded, kind, w.ids, batch=2, seed=0)
-    rows, mean_loss, blocks = g.rows, g.mean_loss, g.blocks
+    rows = g.rows
     got = [r["value"] for r in sorted(rows, key=lambda r: r["layer"]) if r["sublayer"] == "block"]
     want = direct(loaded.model, find_blocks(loaded.model), kind, w.ids, mask_id=loaded.mask_id)
     assert len(got) == 3 and got == pytest.approx(want, rel=1e-10)

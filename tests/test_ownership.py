@@ -177,3 +177,25 @@ def test_overwrite_removes_only_files_inside_the_folder(tmp_path):
     with pytest.raises(FolderError):
         with owned_out(out, "residual-probe plot"):
             pass
+
+
+def test_a_killed_process_not_yet_reaped_counts_as_gone(tmp_path):
+    """kill -9 leaves a zombie until its parent reaps it: its pid still answers kill(pid, 0)."""
+    import signal
+    import socket
+
+    from residual_probe.ownership import _alive
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert _alive(child.pid, socket.gethostname())
+        os.kill(child.pid, signal.SIGKILL)
+        for _ in range(200):  # not reaped (no wait()): a zombie once the kill has landed
+            state = open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0]
+            if state == "Z":
+                break
+            __import__("time").sleep(0.01)
+        assert state == "Z" and not _alive(child.pid, socket.gethostname())
+    finally:
+        child.kill()
+        child.wait()
