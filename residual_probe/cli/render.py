@@ -117,6 +117,7 @@ def echo_gradient_models(models: list[dict]) -> None:
 
 def echo_collapse_models(models: list[dict]) -> None:
     """collapse: per model its description, verdict, most redundant blocks per stream, notes."""
+    from ..analysis.verdicts import stream_name
     from ..report import partly_random
 
     for m in models:
@@ -128,7 +129,7 @@ def echo_collapse_models(models: list[dict]) -> None:
         for s in m["streams"]:
             top = ", ".join(f"{r['layer']} (cos {r['cos_adjacent']:.4f})" for r in s["redundant"])
             typer.echo(
-                f"  {s['stack']} {s['stream']}: {s['verdict']} ({s.get('basis', 'no finite cosines')}); "
+                f"  {stream_name(s['stack'], s['stream'])}: {s['verdict']} ({s.get('basis', 'no finite cosines')}); "
                 f"most redundant blocks: {top}"
             )
         for note in m["notes"]:
@@ -230,6 +231,7 @@ def echo_figures(meta: dict, out: Path) -> None:
 def echo_plot(meta: dict) -> None:
     """plot: what the sink holds, the verdicts at its last recorded step, events, placement."""
     from ..analysis.instability import WINDOW, K
+    from ..analysis.verdicts import stream_name
 
     s = meta["steps"]
     typer.echo(
@@ -247,7 +249,7 @@ def echo_plot(meta: dict) -> None:
     for v in meta["gradient_verdicts"]:
         typer.echo(f"{v['stack']} step {v['step']}: {v['verdict']}")
     for c in meta["collapse_verdicts"]:
-        name = c["stack"] + ("" if c["stream"] == "x" else f" stream {c['stream']}")
+        name = stream_name(c["stack"], c["stream"])
         since = f", {c['since_start']}" if c.get("since_start") else ""
         typer.echo(
             f"{name} step {c['step']}: collapse: {c['verdict']}"

@@ -162,12 +162,8 @@ def measure_collapse(
     inspection: Inspection, spec: CollapseSpec, text: str, source: str, progress=None
 ) -> tuple[dict, list[dict], list[dict]]:
     """One checkpoint's collapse: its collapse.json entry, its collapse.csv and its similarity.csv rows."""
-    from ..analysis.collapse import (
-        collapse_summary,
-        massive_activations,
-        overall_detail,
-        overall_verdict,
-    )
+    from ..analysis.collapse import collapse_summary, massive_activations
+    from ..analysis.verdicts import overall_detail, overall_verdict
 
     label, loaded, found = inspection.label, inspection.loaded, inspection.found
     batches, data = make_batches(loaded, spec, text, found["item_tokens"], inspection.dictionary)
@@ -245,8 +241,8 @@ def write_collapse(
     import numpy as np
     import pandas as pd
 
-    from ..analysis.collapse import COLLAPSED_COS, COLLAPSING_COS, COLLAPSING_RATIO
     from ..analysis.theory import collapse_prediction
+    from ..analysis.verdicts import COLLAPSED_COS, COLLAPSING_COS, COLLAPSING_RATIO
     from ..output import versions, write_csv, write_json
     from ..plots.collapse import plot_collapse_curves, plot_norm_growth, plot_similarity
 

@@ -104,11 +104,11 @@ def run_plot(
     formats: Sequence[str] = ("png",),
 ) -> dict:
     """Read the sink, draw the figures, write summary.json; returns the summary."""
-    from ..analysis.collapse import collapse_change, collapse_verdict
     from ..analysis.curves import profile_ratio
     from ..analysis.diagnosis import gradient_verdict
     from ..analysis.instability import find_events
     from ..analysis.theory import collapse_prediction
+    from ..analysis.verdicts import collapse_change, collapse_verdict
     from ..output import prepare_out, write_json
     from ..ownership import folder_state
     from ..plots import run as plots

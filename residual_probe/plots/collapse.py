@@ -15,6 +15,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from ..analysis.rows import by_layer
+from ..analysis.verdicts import stream_name
 from .style import color, save, setup
 
 LINESTYLES = ("-", "--", ":", "-.")
@@ -25,12 +27,7 @@ def _series(
     rows: list[dict], metric: str
 ) -> dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]]:
     """{(model, stack, stream): (layers, values)} for one metric, layers sorted."""
-    acc: dict[tuple[str, str, str], dict[int, float]] = {}
-    for r in rows:
-        if r["metric"] == metric:
-            acc.setdefault((r["model"], r["stack"], r["stream"]), {})[int(r["layer"])] = float(
-                r["value"]
-            )
+    acc = by_layer((r for r in rows if r["metric"] == metric), keys=("model", "stack", "stream"))
     return {k: (np.array(sorted(v)), np.array([v[i] for i in sorted(v)])) for k, v in acc.items()}
 
 
@@ -53,9 +50,7 @@ def _styler(keys, placements: dict[str, str]):
             )
         name = [model] if len(models) > 1 else []
         if len(parts) > 1:
-            name.append(
-                f"{stack} {stream}" if stream != "x" or any(p[1] != "x" for p in parts) else stack
-            )
+            name.append(stream_name(stack, stream, always=any(p[1] != "x" for p in parts)))
         label = " · ".join(name) or model
         if len(models) == 1:
             label += f" ({placements.get(model, '?')})"
