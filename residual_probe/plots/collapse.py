@@ -17,6 +17,7 @@ import pandas as pd
 
 from ..analysis.rows import by_layer
 from ..analysis.verdicts import stream_name
+from ..models.placements import pre_ln_like
 from .style import color, save, setup
 
 LINESTYLES = ("-", "--", ":", "-.")
@@ -84,12 +85,7 @@ def plot_collapse_curves(
     k = np.arange(len(theory["cos_adjacent"]))
     # The toy model's sqrt(k/(k+1)) is the Pre-LN stream's (and ResiDual's Pre-LN-like d stream's):
     # drawn only when such a stream is on the figure, labelled with its source.
-    pre_ln = [
-        key
-        for key in cos
-        if placements.get(key[0]) == "pre-ln"
-        or (placements.get(key[0]) == "residual" and key[2] == "d")
-    ]
+    pre_ln = [key for key in cos if pre_ln_like(placements.get(key[0]), key[2])]
     if pre_ln:
         src = r"Pre-LN theory $\sqrt{k/(k+1)}$ (ResiDual, Xie et al. 2023)"
         a.plot(k, theory["cos_adjacent"], color="black", ls="--", lw=1, label=src)

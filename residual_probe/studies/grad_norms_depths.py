@@ -18,10 +18,10 @@ from ..analysis.checks import Check, agreement, fmt
 from ..analysis.curves import first_over_last, layer_table, seed_band
 from ..analysis.verdicts import VANISHING_RATIO, is_vanishing
 from ..jobs.grad_norms import GradNormsSpec, record_run
+from ..models.placements import PAPER_PLACEMENTS as PLACEMENTS
 from ..output import write_csv
 from ..plots.grad_norms import plot_depth_grid
 
-PLACEMENTS = ("post-ln", "pre-ln", "residual")
 SETTINGS = {
     "seq2seq encoder": ("seq2seq", "encoder"),
     "seq2seq decoder": ("seq2seq", "decoder"),

@@ -27,10 +27,9 @@ from ..analysis.verdicts import (
     is_vanishing,
 )
 from ..jobs.train import TrainSpec, run_train
+from ..models.placements import PAPER_PLACEMENTS as PLACEMENTS
 from ..output import write_csv
 from . import held_out_forward_stats
-
-PLACEMENTS = ("post-ln", "pre-ln", "residual")
 
 
 def settings(quick: bool) -> dict:

@@ -21,9 +21,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from ...models.placements import PAPER_PLACEMENTS as PLACEMENTS
 from .task import PigLatinBatches, heldout_batches, references, task_data, translate
 
-PLACEMENTS = ("post-ln", "pre-ln", "residual")
 PROBE_METRICS = ("param_grad_norm", "act_grad_norm", "block_influence", "ln_update")
 
 
