@@ -61,7 +61,8 @@ def verdict_lines(grads: dict | None, collapse: dict) -> dict[str, list[str]]:
     predict the text, a partly random model), then the verdicts, then the data they rest on and
     every adjustment made to the request."""
     from .analysis.collapse import massive_sentence
-    from .analysis.diagnosis import collapse_sentence, gradient_by_part
+    from .analysis.diagnosis import gradient_by_part
+    from .analysis.verdicts import collapse_sentence, stream_name
 
     out: dict[str, list[str]] = {}
     gmodels = {m["label"]: m for m in (grads or {}).get("models", [])}
@@ -87,8 +88,7 @@ def verdict_lines(grads: dict | None, collapse: dict) -> dict[str, list[str]]:
         elif grads is not None:
             lines.append("gradients: not measured (no loss head)")
         for s in m["streams"]:
-            name = s["stack"] + (f" {s['stream']} stream" if s["stream"] != "x" else "")
-            lines.append(f"{name}: {collapse_sentence(s)}")
+            lines.append(f"{stream_name(s['stack'], s['stream'])}: {collapse_sentence(s)}")
         lines += [massive_sentence(f) for f in m.get("massive_activations", [])]
         lines.append(data_line(m["data"]))
         lines += [f"note: {n}" for n in m.get("notes", []) + m["data"].get("messages", [])]
@@ -170,6 +170,7 @@ def write_report(
     times: dict,
 ) -> list[Path]:
     """OUT/report.html and OUT/report.md; `figures` are (caption, png path) pairs; returns the paths."""
+    from .analysis.verdicts import thresholds_text
     from .output import write_atomic
 
     verdicts = verdict_lines(grads, collapse)
@@ -243,9 +244,8 @@ def write_report(
             + [[k, v] for k, v in versions.items()],
             left=1,
         ),
-        '<p class="small">Written by residual-probe diagnose. Thresholds: gradients vanish when block 0\'s '
-        "norm is under 1/10 of the last block's; collapse from the adjacent cosine of the last third of the "
-        "blocks (collapsed &ge; 0.98; collapsing &ge; 0.9 with under half the early blocks' influence).</p>",
+        '<p class="small">Written by residual-probe diagnose. Thresholds: '
+        f"{thresholds_text('&ge;')}.</p>",
         "</body></html>",
     ]
     html_path = write_atomic(out / "report.html", "\n".join(parts))

@@ -2,7 +2,8 @@
 
 Every command that trains or takes gradients goes through `Trainer.step`: `grad-norms`
 (at initialization and with `--steps`), `train`, `bounds` (one backward at initialization), and
-the studies behind `figures`. A step is, in this order:
+the studies behind `figures`; `train` and the translation study run their steps through
+`Trainer.run`, which stops at a non-finite loss. A step is, in this order:
 
     lr <- schedule(step)                       # fairseq's linear warm-up, inverse-sqrt decay
     loss = cross_entropy(model(*inputs), targets, label_smoothing); loss.backward()
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,14 @@ def lr_schedule(
     up = min(1.0, t / warmup) if ramp else 1.0
     down = min(1.0, math.sqrt(warmup / t)) if decay == "inverse_sqrt" else 1.0
     return lr * up * down
+
+
+class Diverged(NamedTuple):
+    """Where a run stopped: the step (0-based) whose loss was non-finite, its lr and loss."""
+
+    step: int
+    lr: float
+    loss: float
 
 
 def lm_loss(model, batch, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -112,6 +121,25 @@ class Trainer:
             self.optimizer.step()
             self.steps_done += 1
         return loss.detach()
+
+    def run(
+        self,
+        next_batch: Callable[[], object],
+        steps: int,
+        after_step: Callable[[int, float, float], None] | None = None,
+    ) -> Diverged | None:
+        """Up to `steps` optimizer steps on `next_batch()`; after each, `after_step(step, lr, loss)`
+        (step 0-based, the lr it trained with, its loss in nats: one host sync per step), which
+        evaluates, logs or saves as the caller needs. Stops after the first non-finite loss and
+        returns where (None: every loss was finite): a diverged model has nothing more to say."""
+        for step in range(steps):
+            lr = self.current_lr()
+            loss = float(self.step(next_batch()))
+            if after_step is not None:
+                after_step(step, lr, loss)
+            if not math.isfinite(loss):
+                return Diverged(step, lr, loss)
+        return None
 
     def evaluate(self, batches: Iterable) -> float:
         """Mean loss per target token over `batches` (nats, no label smoothing); see `scores`."""

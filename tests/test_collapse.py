@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from residual_probe.analysis.collapse import collapse_verdict
+from residual_probe.analysis.verdicts import collapse_verdict
 from residual_probe.checkpoints import load_any, save_model
 from residual_probe.checkpoints.text import read_text
 from residual_probe.cli import app

@@ -150,7 +150,7 @@ def test_gradient_verdicts_quote_numbers_and_thresholds():
     import numpy as np
 
     from residual_probe.analysis import fits as F
-    from residual_probe.analysis.gradients import decay_verdict
+    from residual_probe.analysis.verdicts import decay_verdict
 
     k = np.arange(12)
     # ResiDual at init in the issue: block 0 got 0.114x block 11 and was called "balanced"
@@ -168,7 +168,7 @@ def test_gradient_verdicts_quote_numbers_and_thresholds():
 
 
 def test_collapse_verdicts_quote_numbers_and_the_worst_stream_decides():
-    from residual_probe.analysis.collapse import collapse_verdict, overall_detail, overall_verdict
+    from residual_probe.analysis.verdicts import collapse_verdict, overall_detail, overall_verdict
 
     v = collapse_verdict([0.80, 0.82, 0.90, 0.92, 0.95, 0.955])
     assert v["verdict"] == "collapsing"
@@ -183,7 +183,7 @@ def test_collapse_verdicts_quote_numbers_and_the_worst_stream_decides():
     assert (
         overall_verdict(streams) == "collapsing"
     )  # not "no collapse" while the dual stream collapses
-    assert overall_detail(streams) == "decoder d; worst of 2 streams"
+    assert overall_detail(streams) == "decoder d stream; worst of 2 streams"
 
 
 def test_the_sigterm_handler_is_only_installed_while_a_command_runs(tmp_path):
@@ -282,3 +282,24 @@ def test_theorem1_slope_from_two_depths_says_so():
     assert (
         "from 3 depths" in three.to_row()["measured"] and "only" not in three.to_row()["agreement"]
     )
+
+
+def test_one_vanishing_threshold_and_one_stream_name():
+    """The studies, diagnosis and the decay sentence use the one vanishing threshold; streams are
+    named one way on the console, in the report and in collapse.json."""
+    import numpy as np
+
+    from residual_probe.analysis.diagnosis import gradient_verdict
+    from residual_probe.analysis.verdicts import VANISHING_RATIO, is_vanishing, stream_name
+
+    k = np.arange(12)
+    just_below = VANISHING_RATIO * 0.99 ** (1 / 11)
+    norms = just_below ** (1 - k / 11)  # block 0 / block 11 = just_below
+    v = gradient_verdict(norms)
+    assert v["vanishing"] is True and is_vanishing(v["first_over_last"])
+    assert v["verdict"].startswith("gradients vanish")
+    assert gradient_verdict(np.ones(12))["vanishing"] is False
+    assert not is_vanishing(VANISHING_RATIO) and not is_vanishing(float("nan"))
+    assert stream_name("decoder", "x") == "decoder" and stream_name("decoder", "-") == "decoder"
+    assert stream_name("decoder", "d") == "decoder d stream"
+    assert stream_name("encoder", "x", always=True) == "encoder x stream"

@@ -7,7 +7,8 @@ import pytest
 
 from residual_probe.analysis import fits as F
 from residual_probe.analysis import theory as T
-from residual_probe.analysis.gradients import decay_verdict, theory_overlay
+from residual_probe.analysis.gradients import theory_overlay
+from residual_probe.analysis.verdicts import decay_verdict
 
 
 def test_geometric_decay_recovers_rate_and_interval():

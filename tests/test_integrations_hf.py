@@ -59,6 +59,10 @@ def make_model(family: str, layers: int = 3):
                 **small,
             )
         )
+    if family == "gemma2":  # each sublayer's output normalized before it joins the stream
+        return T.Gemma2ForCausalLM(
+            T.Gemma2Config(num_hidden_layers=layers, num_key_value_heads=1, head_dim=16, **small)
+        )
     raise KeyError(family)
 
 
@@ -270,6 +274,18 @@ def test_a_spike_between_two_logs_reaches_the_log_at_its_step(tmp_path):
     assert log[f"probe_max/grad_norm/{key}"] == max(per_step.values())
     info = json.loads((tmp_path / "probe_run.json").read_text())
     assert info["placement"] == "pre-ln" and info["model_type"] == "gpt2"
+    assert info["placement_source"] == "detected from the block structure"
+
+
+def test_run_info_reads_the_placement_from_the_blocks_not_the_model_type(tmp_path):
+    """Gemma 2 normalizes each sublayer's output before the residual sum (sandwich): probe_run.json
+    says so, so `plot` draws no Pre-LN collapse reference on its run."""
+    from residual_probe.models.placements import pre_ln_like
+
+    train(tmp_path, family="gemma2", steps=1, quantities=("param_grad_norm",))
+    info = json.loads((tmp_path / "probe_run.json").read_text())
+    assert (info["model_type"], info["placement"]) == ("gemma2", "sandwich")
+    assert not pre_ln_like(info["placement"], "x") and pre_ln_like("pre-ln", "x")
 
 
 def test_no_sink_schedule_and_bad_kwargs(tmp_path):

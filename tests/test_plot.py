@@ -265,7 +265,7 @@ def test_a_sink_cut_between_blocks_is_judged_on_its_last_complete_step(
     }
     assert result.exit_code == 0
     # the same numbers as the uncut sink had at step last - 1 (recomputed from its rows)
-    from residual_probe.analysis.collapse import collapse_verdict
+    from residual_probe.analysis.verdicts import collapse_verdict
 
     for c in summary["collapse_verdicts"]:
         cos = sorted(

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -192,3 +193,30 @@ def test_probe_forward_every_thins_the_quantities_marked_sparse():
         Probe(model, {"forward_stats": 1}, forward_every=10)
     with pytest.raises(ProbeError, match="forward_every: expected a positive integer"):
         Probe(model, names, forward_every=0)
+
+
+def test_trainer_run_hears_every_step_and_stops_at_the_first_non_finite_loss():
+    """Trainer.run, the loop `train` and the translation study share: after_step hears each step
+    with the lr it trained with and its loss, and the run stops after the step whose loss is NaN."""
+    from residual_probe.models import ModelConfig, Transformer
+    from residual_probe.training import Diverged, Trainer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="decoder", depth=2, d_model=16, heads=2, ffn=32, vocab_size=32)
+    model = Transformer(cfg)
+    trainer = Trainer(model, lr=1e-3, warmup=4)
+    batches = BatchSource("decoder", 2, 8, cfg.vocab_size, 0)
+    heard = []
+
+    def after_step(step, lr, loss):
+        heard.append((step, lr, loss))
+        if step == 2:  # the next forward gives NaN
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+
+    stop = trainer.run(batches.next, 10, after_step)
+    assert [s for s, _, _ in heard] == [0, 1, 2, 3] and trainer.steps_done == 4
+    assert [lr for _, lr, _ in heard] == [lr_schedule(s, 1e-3, 4) for s in range(4)]
+    assert isinstance(stop, Diverged) and stop.step == 3 and stop.lr == heard[3][1]
+    assert all(math.isfinite(x) for _, _, x in heard[:3]) and math.isnan(stop.loss)
+    assert Trainer(Transformer(cfg)).run(batches.next, 2) is None

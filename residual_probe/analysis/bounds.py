@@ -17,11 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..models.placements import PAPER_PLACEMENTS
 from . import checks, theory
 from .checks import Check
 
-XIONG_PLACEMENTS = ("post-ln", "pre-ln")
-GRADIENT_PLACEMENTS = ("post-ln", "pre-ln", "residual")
+XIONG_PLACEMENTS = ("post-ln", "pre-ln")  # Xiong et al. 2020's Theorem 1 compares these two
+GRADIENT_PLACEMENTS = PAPER_PLACEMENTS  # ResiDual's gradient statements
 ADAM_LR, ADAM_EPS = 1e-4, 1e-6  # the ResiDual paper's example (alpha 1e-4, eps 1e-6)
 ADAM_METRICS = ("grad_rms", "grad_absmax", "param_count", "adam_kappa")
 

@@ -14,9 +14,9 @@ import numpy as np
 
 from . import theory
 from .fits import geometric_decay, loglog_slope
+from .verdicts import VANISHING_RATIO
 
 W2_SLOPE_TOL = 0.15  # the issue's acceptance band around Theorem 1's slopes (0 and -1/2)
-FLOOR_RATIO = 0.1  # "bounded below": the smallest block gradient is at least 10 % of the largest
 N_SE = 3.0  # a prediction agrees when it lies within 3 standard errors of the measured mean
 # kappa within 3 % of alpha sqrt(n)/eps in blocks whose gradient RMS is below eps/1000. The
 # approximation is first order in rms/eps: kappa / (alpha sqrt(n)/eps) ~ 1 - c rms/eps, c = 3 for
@@ -177,7 +177,8 @@ def residual_gradient(
     bootstrap interval of the measured rate, or the two rates differ by less than a factor 2
     accumulated over the N - 1 block steps; otherwise "no", saying whether the measurement
     vanishes slower or faster than the curve, or not at all.
-    Other placements (ResiDual, Pre-LN): bounded below, min/max block norm >= FLOOR_RATIO.
+    Other placements (ResiDual, Pre-LN): bounded below, min/max block norm >= VANISHING_RATIO (the
+    smallest block gets at least the share under which gradients are called vanishing).
     """
     fit = geometric_decay(grads)
     n = grads.shape[1]
@@ -218,9 +219,9 @@ def residual_gradient(
             f"ResiDual: {placement} per-block gradient bounded below",
             setting + "/" + stack,
             placement,
-            f"min/max block norm >= {FLOOR_RATIO}",
+            f"min/max block norm >= {VANISHING_RATIO:g}",
             f"min/max {ratio:.3g}; rate {fit.rate:.3g} per block",
-            "yes" if ratio >= FLOOR_RATIO else "no",
+            "yes" if ratio >= VANISHING_RATIO else "no",
         )
     return check, {"grads": grads, "predicted": curve, "fit": fit}
 

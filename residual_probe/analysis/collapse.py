@@ -12,46 +12,11 @@ import math
 
 import numpy as np
 
-COLLAPSED_COS, COLLAPSING_COS, COLLAPSING_RATIO = 0.98, 0.9, 0.5
+from .rows import by_layer as rows_by_layer
+from .rows import in_order
+from .verdicts import collapse_verdict
+
 REDUNDANT_SHOWN = 3
-SEVERITY = ("collapsed", "collapsing", "no collapse")  # most severe first
-
-
-def collapse_verdict(cos: list[float]) -> dict:
-    """Collapse verdict of one stream from its per-block adjacent cosines (block order):
-    {"verdict", "late_cos_adjacent", "late_over_early_influence", "basis", "blocks", "late_from"} (late:
-    blocks late_from.. onward, the last third; basis: the numbers and thresholds in words)."""
-    finite = [c for c in cos if math.isfinite(c)]
-    if not finite:
-        return {"verdict": "unknown (no finite cosines)"}
-    third = max(1, len(cos) // 3)
-    early, late = cos[:third], cos[-third:]
-    late_cos = sum(late) / len(late)
-    early_inf = sum(1 - c for c in early) / len(early)
-    late_inf = sum(1 - c for c in late) / len(late)
-    ratio = late_inf / early_inf if early_inf > 0 else math.inf
-    if late_cos >= COLLAPSED_COS:
-        v = "collapsed"
-    elif late_cos >= COLLAPSING_COS and ratio < COLLAPSING_RATIO:
-        v = "collapsing"
-    else:
-        v = "no collapse"
-    # the numbers the verdict rests on, beside the thresholds they were compared with
-    basis = (
-        f"last {third} of {len(cos)} blocks: adjacent cos {late_cos:.4f}, influence {ratio:.2f}x the first "
-        f"{third}'s; collapsed if cos >= {COLLAPSED_COS}, collapsing if cos >= {COLLAPSING_COS} and "
-        f"influence < {COLLAPSING_RATIO}x"
-    )
-    if len(cos) < 6:
-        basis += f"; {len(cos)} blocks are few to judge a trend"
-    return {
-        "verdict": v,
-        "late_cos_adjacent": late_cos,
-        "late_over_early_influence": ratio,
-        "basis": basis,
-        "blocks": len(cos),
-        "late_from": len(cos) - third,
-    }
 
 
 MASSIVE = (
@@ -190,31 +155,13 @@ def massive_sentence(finding: dict) -> str:
     return f"{name}: {text}"
 
 
-def collapse_change(cos_start: list[float], cos_now: list[float], start_step: int) -> str:
-    """How the late-block adjacent cosine moved since the first recorded step, in words:
-    "down from 0.990 at step 0" (a verdict during training is relative to where the run began)."""
-    a = collapse_verdict(cos_start).get("late_cos_adjacent", math.nan)
-    b = collapse_verdict(cos_now).get("late_cos_adjacent", math.nan)
-    if not (math.isfinite(a) and math.isfinite(b)):
-        return ""
-    way = "up" if b > a else "down" if b < a else "unchanged"
-    return (
-        f"{way} from {a:.4f} at step {start_step}"
-        if way != "unchanged"
-        else f"unchanged since step {start_step}"
-    )
-
-
 def collapse_summary(label: str, rows: list[dict]) -> list[dict]:
     """Per (stack, stream) of one model's tidy rows: verdict and the most redundant blocks
     (highest adjacent cosine)."""
-    series: dict[tuple[str, str], dict[int, float]] = {}
-    for r in rows:
-        if r["metric"] == "cos_adjacent":
-            series.setdefault((r["stack"], r["stream"]), {})[r["layer"]] = r["value"]
     out = []
-    for (stack, stream), by_layer in series.items():
-        cos = [by_layer[k] for k in sorted(by_layer)]
+    for (stack, stream), by_layer in rows_by_layer(
+        r for r in rows if r["metric"] == "cos_adjacent"
+    ).items():
         ranked = sorted(
             (k for k in by_layer if math.isfinite(by_layer[k])), key=lambda k: -by_layer[k]
         )
@@ -223,27 +170,13 @@ def collapse_summary(label: str, rows: list[dict]) -> list[dict]:
                 "model": label,
                 "stack": stack,
                 "stream": stream,
-                **collapse_verdict(cos),
+                **collapse_verdict(in_order(by_layer)),
                 "redundant": [
                     {"layer": k, "cos_adjacent": by_layer[k]} for k in ranked[:REDUNDANT_SHOWN]
                 ],
             }
         )
     return out
-
-
-def overall_verdict(summary: list[dict]) -> str:
-    """The most severe verdict over all of a model's streams (ResiDual's d stream included: it is
-    Pre-LN by design, and the model's output reads it through LN_f)."""
-    found = [s["verdict"] for s in summary if s["verdict"] in SEVERITY]
-    return min(found, key=SEVERITY.index) if found else "unknown"
-
-
-def overall_detail(summary: list[dict]) -> str:
-    """Which streams the overall verdict comes from, e.g. "decoder d; worst of 2 streams"."""
-    worst = overall_verdict(summary)
-    names = [f"{s['stack']} {s['stream']}" for s in summary if s["verdict"] == worst]
-    return f"{', '.join(names) or 'no stream'}; worst of {len(summary)} stream{'s' if len(summary) != 1 else ''}"
 
 
 def inverse_sqrt_reference(values) -> np.ndarray:

@@ -83,7 +83,7 @@ def profile_ratio(by_layer: dict[int, float]) -> float:
     values = [by_layer[k] for k in sorted(by_layer)]
     if len(values) < 2 or not all(math.isfinite(v) and v > 0 for v in (values[0], values[-1])):
         return math.nan
-    return values[0] / values[-1]
+    return first_over_last(values)
 
 
 def layer_table(df: pd.DataFrame, value: str = "param_grad_norm") -> np.ndarray:

@@ -2,7 +2,7 @@
 
 From the whole-block gradient norms g_0..g_{N-1} of one stack (one gradient, one model):
 - first/last = g_0 / g_{N-1} and the per-block rate r come from `fits.geometric_decay` (the one
-  first/last ratio and the one decay fit), the sentence from `gradients.decay_verdict` (vanishing
+  first/last ratio and the one decay fit), the verdict and its sentence from `verdicts` (vanishing
   when first/last < 1/10, growing when > 10, else balanced);
 - first/median = g_0 / median(g): robust to an unusual last block (a final norm's gradient);
 - r's interval: one model has no seeds to resample, so the 95 % interval is the least-squares
@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from .rows import by_layer, in_order
 
 LEVEL = 0.95
 
@@ -35,7 +37,7 @@ def rate_interval(norms, level: float = LEVEL) -> tuple[float, float]:
 def gradient_verdict(norms) -> dict:
     """Numbers and sentence for one stack's per-block gradient norms (block order)."""
     from .fits import FitError, geometric_decay
-    from .gradients import decay_verdict
+    from .verdicts import decay_verdict, is_vanishing
 
     g = np.asarray(norms, dtype=np.float64)
     out = {"blocks": int(g.size)}
@@ -65,7 +67,7 @@ def gradient_verdict(norms) -> dict:
         rate=fit.rate,
         rate_low=low,
         rate_high=high,
-        vanishing=fit.first_over_last < 0.1,
+        vanishing=is_vanishing(fit.first_over_last),
     )
     sentence = decay_verdict(fit, g.size)
     if math.isfinite(low):
@@ -129,42 +131,8 @@ def gradient_by_part(model: dict) -> str:
 
 def gradient_verdicts(rows: list[dict]) -> list[dict]:
     """One verdict per (model, stack) from grad_norms.csv-style rows (sublayer == "block")."""
-    series: dict[tuple[str, str], dict[int, float]] = {}
-    for r in rows:
-        if r["sublayer"] == "block" and r["stack"] != "model":
-            series.setdefault((r["model"], r["stack"]), {})[int(r["layer"])] = float(
-                r["param_grad_norm"]
-            )
+    blocks = (r for r in rows if r["sublayer"] == "block" and r["stack"] != "model")
+    series = by_layer(blocks, keys=("model", "stack"), value="param_grad_norm")
     return [
-        {"model": m, "stack": s, **gradient_verdict([v[k] for k in sorted(v)])}
-        for (m, s), v in series.items()
+        {"model": m, "stack": s, **gradient_verdict(in_order(v))} for (m, s), v in series.items()
     ]
-
-
-def collapse_sentence(stream: dict) -> str:
-    """Plain-language line for one stream's collapse summary (`collapse.collapse_summary` output)."""
-    cos = stream.get("late_cos_adjacent", math.nan)
-    n = stream.get("blocks")
-    if n and "late_from" in stream:
-        late = (
-            f"block {n - 1}"
-            if stream["late_from"] == n - 1
-            else f"blocks {stream['late_from']}-{n - 1}"
-        )
-    else:
-        late = "the last third of the blocks"
-    v = stream["verdict"]
-    one = late.startswith("block ")  # "block 3 changes", "blocks 2-3 change"
-    if v == "collapsed":
-        return f"{late} {'barely changes' if one else 'barely change'} the representation: adjacent cosine {cos:.3f}"
-    if v == "collapsing":
-        return (
-            f"{late}: the representation changes less and less: adjacent cosine {cos:.3f}, "
-            f"{stream['late_over_early_influence']:.2f} of the early blocks' influence"
-        )
-    if v == "no collapse":
-        return (
-            f"no collapse: {late} still {'changes' if one else 'change'} the representation "
-            f"(adjacent cosine {cos:.3f})"
-        )
-    return v

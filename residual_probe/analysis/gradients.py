@@ -1,4 +1,4 @@
-"""Per-layer gradient profiles: the decay verdict and the theory overlay.
+"""Per-layer gradient profiles: the `--theory` overlay and its verdicts (`verdicts.decay_verdict`).
 
 Inputs are tidy rows of gradient norms (`grad_norms.csv`: placement, seed, step, stack, layer,
 sublayer, param_grad_norm); whole-block rows (sublayer "block") carry the profile.
@@ -13,37 +13,8 @@ import pandas as pd
 
 from . import theory
 from .curves import geometric_mean
-from .fits import DecayFit, geometric_decay
-
-VERDICT_FACTOR = 10.0  # a first/last ratio beyond 10x either way is named vanishing or growing
-BALANCED_FACTOR = 2.0  # within 2x either way is balanced; between 2x and 10x, decaying or rising
-
-
-def decay_verdict(
-    fit: DecayFit, n_layers: int, factor: float = VERDICT_FACTOR, balanced: float = BALANCED_FACTOR
-) -> str:
-    """One sentence on a per-layer gradient profile, quoting the numbers it rests on and its thresholds:
-    vanishing (< 1/factor), decaying (< 1/balanced), balanced, rising (> balanced), growing (> factor),
-    from block 0's norm over the last block's (geometric mean over seeds) and the fitted rate."""
-    last = n_layers - 1
-    ratio = fit.first_over_last
-    interval = f"{fit.rate:.3g} per block" + (
-        f" [{fit.low:.3g}, {fit.high:.3g}]" if fit.seeds > 1 else ""
-    )
-    if ratio < 1 / factor:
-        head, band = "gradients vanish toward the input", f"vanishing: below {1 / factor:g}x"
-    elif ratio < 1 / balanced:
-        head, band = (
-            "gradients decay toward the input",
-            f"decaying: {1 / factor:g}x to {1 / balanced:g}x",
-        )
-    elif ratio <= balanced:
-        head, band = "balanced", f"balanced: {1 / balanced:g}x to {balanced:g}x"
-    elif ratio <= factor:
-        head, band = "gradients rise toward the input", f"rising: {balanced:g}x to {factor:g}x"
-    else:
-        head, band = "gradients grow toward the input", f"growing: above {factor:g}x"
-    return f"{head}: block 0 gets {ratio:.3g}x block {last}'s norm ({band}), {interval}"
+from .fits import geometric_decay
+from .verdicts import decay_verdict
 
 
 def theory_overlay(

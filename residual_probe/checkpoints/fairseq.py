@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..models import ConfigError, ModelConfig, Transformer
+from ..models.placements import PAPER_PLACEMENTS
 from .errors import CheckpointError
 from .layout import from_fairseq, shapes, to_fairseq
 from .loaded import LoadedModel, ours
@@ -26,7 +27,7 @@ from .safetensors_io import is_safetensors
 PADDING_IDX = 1  # fairseq Dictionary: <s>=0, <pad>=1, </s>=2, <unk>=3; positions start at pad + 1
 EOS_IDX, UNK_IDX, SPECIALS = 2, 3, 4
 ARCH_PLACEMENTS = {"resi_dual": "residual"}
-FAIRSEQ_PLACEMENTS = ("post-ln", "pre-ln", "residual")
+FAIRSEQ_PLACEMENTS = PAPER_PLACEMENTS  # the ResiDual paper's fairseq code implements these three
 UNSUPPORTED_TRUE = (
     "layernorm_embedding",
     "no_scale_embedding",

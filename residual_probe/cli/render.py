@@ -134,6 +134,7 @@ def echo_gradient_models(models: list[dict]) -> None:
 def echo_collapse_models(models: list[dict]) -> None:
     """collapse: per model its description, verdict, most redundant blocks per stream, notes."""
     from ..analysis.collapse import massive_sentence
+    from ..analysis.verdicts import stream_name
     from ..report import partly_random
 
     for m in models:
@@ -145,7 +146,7 @@ def echo_collapse_models(models: list[dict]) -> None:
         for s in m["streams"]:
             top = ", ".join(f"{r['layer']} (cos {r['cos_adjacent']:.4f})" for r in s["redundant"])
             result(
-                f"  {s['stack']} {s['stream']}: {s['verdict']} ({s.get('basis', 'no finite cosines')}); "
+                f"  {stream_name(s['stack'], s['stream'])}: {s['verdict']} ({s.get('basis', 'no finite cosines')}); "
                 f"most redundant blocks: {top}"
             )
         for f in m["massive_activations"]:
@@ -254,6 +255,7 @@ def echo_figures(meta: dict, out: Path) -> None:
 def echo_plot(meta: dict) -> None:
     """plot: what the sink holds, the verdicts at its last recorded step, events, placement."""
     from ..analysis.instability import WINDOW, K
+    from ..analysis.verdicts import stream_name
 
     s = meta["steps"]
     result(
@@ -271,7 +273,7 @@ def echo_plot(meta: dict) -> None:
     for v in meta["gradient_verdicts"]:
         result(f"{v['stack']} step {v['step']}: {v['verdict']}")
     for c in meta["collapse_verdicts"]:
-        name = c["stack"] + ("" if c["stream"] == "x" else f" stream {c['stream']}")
+        name = stream_name(c["stack"], c["stream"])
         since = f", {c['since_start']}" if c.get("since_start") else ""
         result(
             f"{name} step {c['step']}: collapse: {c['verdict']}"

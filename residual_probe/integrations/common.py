@@ -11,32 +11,6 @@ import numpy as np
 from ..probe.schedule import FORWARD_EVERY
 
 AUTO = "auto"
-# Placement of common Hugging Face families by model_type, written beside the sink (probe_run.json)
-# so that `residual-probe plot` knows where the Pre-LN collapse reference belongs.
-PLACEMENT_BY_MODEL_TYPE = {
-    **{
-        t: "pre-ln"
-        for t in (
-            "gpt2",
-            "llama",
-            "mistral",
-            "mixtral",
-            "qwen2",
-            "qwen3",
-            "gpt_neox",
-            "gptj",
-            "opt",
-            "phi",
-            "phi3",
-            "gemma",
-            "gemma2",
-            "falcon",
-            "bloom",
-            "olmo",
-        )
-    },
-    **{t: "post-ln" for t in ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "albert")},
-}
 
 
 def sink_path(sink, folder: str | os.PathLike, is_zero: bool) -> Path | None:
@@ -52,33 +26,52 @@ def sink_path(sink, folder: str | os.PathLike, is_zero: bool) -> Path | None:
     return Path(sink) if sink is not None else None
 
 
-def write_run_info(path: Path, model, probe, writer: str) -> None:
-    """probe_run.json beside the sink: the writer, the model's class and type, its placement (by
-    Hugging Face model_type, or the reference model's config) and the blocks probed."""
-    from ..output import write_json
+def declared_placement(model) -> str | None:
+    """The placement a residual-probe model declares in its config (`cfg.placement`), also inside a
+    LightningModule that wraps it; None for other models."""
+    for m in (model, *model.children()):
+        config = getattr(m, "config", None) or getattr(m, "cfg", None)
+        if isinstance(getattr(config, "placement", None), str):
+            return config.placement
+    return None
 
-    config = getattr(model, "config", None) or getattr(model, "cfg", None)
-    model_type = getattr(config, "model_type", None)
-    placement, source = PLACEMENT_BY_MODEL_TYPE.get(model_type), "Hugging Face model_type"
-    if placement is None and isinstance(getattr(config, "placement", None), str):
-        placement, source = config.placement, "the model's config"
-    for child in () if placement else model.children():  # a LightningModule wrapping a model
-        inner = getattr(child, "config", None) or getattr(child, "cfg", None)
-        if isinstance(getattr(inner, "placement", None), str):
-            placement, source = inner.placement, "the model's config"
-        elif getattr(inner, "model_type", None) in PLACEMENT_BY_MODEL_TYPE:
-            placement, source = PLACEMENT_BY_MODEL_TYPE[inner.model_type], "Hugging Face model_type"
-        if placement:
-            break
-    info = {
-        "writer": writer,
-        "model_class": type(model).__name__,
-        "model_type": model_type,
-        "placement": placement,
-        "placement_source": source if placement else None,
-        "blocks": [b.name for b in probe.blocks],
-    }
-    write_json(path.with_name("probe_run.json"), info)
+
+class RunInfo:
+    """probe_run.json beside the sink, written after the first recorded step: the writer, the
+    model's class and type, its placement and the blocks probed. The placement is the model's
+    declared one (a residual-probe config) or what `probe.structure` reads from its blocks during
+    that step's forward (Gemma 2: sandwich), never a table of model types."""
+
+    def __init__(self, path: Path, model, probe, writer: str):
+        from ..probe.structure import StructureWatch
+
+        self.path, self.model, self.probe, self.writer = path, model, probe, writer
+        self.declared = declared_placement(model)
+        self.watch = None if self.declared else StructureWatch(probe.blocks, model)
+
+    def write(self) -> None:
+        from ..output import write_json
+
+        if self.watch is not None:
+            found = self.watch.result()
+            placement, source = found["placement"], "detected from the block structure"
+        else:
+            placement, source = self.declared, "the model's config"
+        config = getattr(self.model, "config", None) or getattr(self.model, "cfg", None)
+        info = {
+            "writer": self.writer,
+            "model_class": type(self.model).__name__,
+            "model_type": getattr(config, "model_type", None),
+            "placement": placement,
+            "placement_source": source,
+            "blocks": [b.name for b in self.probe.blocks],
+        }
+        write_json(self.path.with_name("probe_run.json"), info)
+
+    def close(self) -> None:
+        """Stop watching (a run that ends before its first recorded step writes no run info)."""
+        if self.watch is not None:
+            self.watch.remove()
 
 
 NAN_RGB = (214, 39, 40)  # NaN/inf cells of the heatmaps (TensorBoard, W&B)
@@ -150,6 +143,7 @@ class CallbackCore:
         self.forward_every = forward_every
         self.probe = None
         self.sink_path: Path | None = None
+        self._run_info: RunInfo | None = None
         self._recorded_step: int | None = None
         self.reset()
 
@@ -177,10 +171,24 @@ class CallbackCore:
         self._window = SummaryWindow()
         self.instability = InstabilityLog()
 
+    def start_run_info(self, model, writer: str) -> None:
+        """probe_run.json beside the sink (process 0), written at the first recorded step."""
+        self.close_run_info()
+        if self.sink_path is not None:
+            self._run_info = RunInfo(self.sink_path, model, self.probe, writer)
+
+    def close_run_info(self) -> None:
+        if getattr(self, "_run_info", None) is not None:
+            self._run_info.close()
+        self._run_info = None
+
     def _keep(self, rows: list[dict]) -> None:
         """A probe step's rows: a step the schedule skips returns none, and the last recorded one stands."""
         from ..probe.scalars import summary
 
+        if self._run_info is not None:  # the first step's forward has run: its blocks are known
+            self._run_info.write()
+            self._run_info = None
         if rows:
             self._last_rows = rows
             self.instability.update(rows)

@@ -53,13 +53,11 @@ from transformers import TrainerCallback  # noqa: E402
 from transformers.trainer_callback import CallbackHandler  # noqa: E402
 
 from ..probe import Probe  # noqa: E402
-from .common import (  # noqa: E402,F401 (re-exported)
+from .common import (  # noqa: E402 (re-exported)
     AUTO,
     FORWARD_EVERY,
-    PLACEMENT_BY_MODEL_TYPE,
     CallbackCore,
     sink_path,
-    write_run_info,
 )
 
 
@@ -153,10 +151,7 @@ class ProbeCallback(CallbackCore, TrainerCallback):
         self.probe = Probe(
             model, sink=sink, start_step=state.global_step + 1, **kwargs_probe
         ).attach()
-        if self.sink_path is not None:
-            write_run_info(
-                self.sink_path, model, self.probe, "residual_probe.integrations.hf.ProbeCallback"
-            )
+        self.start_run_info(model, "residual_probe.integrations.hf.ProbeCallback")
         self._state = state
         self._recorded_step = None
         self.reset()
@@ -165,6 +160,7 @@ class ProbeCallback(CallbackCore, TrainerCallback):
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_accumulated))
 
     def _teardown(self) -> None:
+        self.close_run_info()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()

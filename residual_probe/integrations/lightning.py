@@ -37,7 +37,7 @@ require("lightning", "lightning", "residual_probe.integrations.lightning")
 from lightning.pytorch import Callback  # noqa: E402
 
 from ..probe import Probe  # noqa: E402
-from .common import AUTO, FORWARD_EVERY, CallbackCore, sink_path, write_run_info  # noqa: E402
+from .common import AUTO, FORWARD_EVERY, CallbackCore, sink_path  # noqa: E402
 
 
 def _logs_now(trainer) -> bool:
@@ -79,13 +79,7 @@ class ProbeCallback(CallbackCore, Callback):
             if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
                 kwargs["group"] = dist.group.WORLD
         self.probe = Probe(pl_module, sink=sink, start_step=trainer.global_step, **kwargs).attach()
-        if self.sink_path is not None:
-            write_run_info(
-                self.sink_path,
-                pl_module,
-                self.probe,
-                "residual_probe.integrations.lightning.ProbeCallback",
-            )
+        self.start_run_info(pl_module, "residual_probe.integrations.lightning.ProbeCallback")
         self._recorded_step = None
         self.reset()
 
@@ -101,9 +95,11 @@ class ProbeCallback(CallbackCore, Callback):
             )
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self.close_run_info()
         if self.probe is not None:
             self.probe.detach()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
+        self.close_run_info()
         if self.probe is not None:
             self.probe.detach()  # hooks off and the sink closed; rows written so far stay on disk

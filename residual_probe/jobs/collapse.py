@@ -200,12 +200,8 @@ def measure_collapse(
 
     measured: `forward_result` of a pass that already ran these batches (diagnose's gradient pass,
     `ckpt_grads.model_gradients(forward=...)`); None runs the forward pass here."""
-    from ..analysis.collapse import (
-        collapse_summary,
-        massive_activations,
-        overall_detail,
-        overall_verdict,
-    )
+    from ..analysis.collapse import collapse_summary, massive_activations
+    from ..analysis.verdicts import overall_detail, overall_verdict
 
     label, loaded, found = inspection.label, inspection.loaded, inspection.found
     batches, data = make_batches(loaded, spec, text, found["item_tokens"], inspection.dictionary)
@@ -286,8 +282,8 @@ def write_collapse(
     import numpy as np
     import pandas as pd
 
-    from ..analysis.collapse import COLLAPSED_COS, COLLAPSING_COS, COLLAPSING_RATIO
     from ..analysis.theory import collapse_prediction
+    from ..analysis.verdicts import COLLAPSED_COS, COLLAPSING_COS, COLLAPSING_RATIO
     from ..output import versions, write_csv, write_json
     from ..plots.collapse import plot_collapse_curves, plot_norm_growth, plot_similarity
 

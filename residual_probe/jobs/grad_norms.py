@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..models.placements import PAPER_PLACEMENTS
 from .reference import ReferenceModel
 
 CSV_COLUMNS = ("placement", "seed", "step", "stack", "layer", "sublayer", "param_grad_norm")
@@ -21,7 +22,7 @@ CSV_COLUMNS = ("placement", "seed", "step", "stack", "layer", "sublayer", "param
 
 @dataclass
 class GradNormsSpec(ReferenceModel):
-    placements: tuple[str, ...] = ("post-ln", "pre-ln", "residual")
+    placements: tuple[str, ...] = PAPER_PLACEMENTS
     depth: int = 48
     seeds: int = 3
     steps: int = 0  # Adam steps; gradients are recorded before each and after the last

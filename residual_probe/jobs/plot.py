@@ -27,13 +27,12 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import UserError
-from ..models import PLACEMENTS
+from ..models.placements import PLACEMENTS, pre_ln_like
 from ..probe.records import read_sink
 from ..probe.scalars import stack_label
 
 # Streams on which the Pre-LN collapse reference (ResiDual's toy model, cos = sqrt(k/(k+1))) applies:
 # a stream that is never normalized and takes each update as x + F(LN(x)).
-PRE_LN_STREAMS = {"pre-ln": ("x",), "residual": ("d",)}
 
 
 class PlotError(UserError):
@@ -104,11 +103,11 @@ def run_plot(
     formats: Sequence[str] = ("png",),
 ) -> dict:
     """Read the sink, draw the figures, write summary.json; returns the summary."""
-    from ..analysis.collapse import collapse_change, collapse_verdict
     from ..analysis.curves import profile_ratio
     from ..analysis.diagnosis import gradient_verdict
     from ..analysis.instability import find_events
     from ..analysis.theory import collapse_prediction
+    from ..analysis.verdicts import collapse_change, collapse_verdict
     from ..output import prepare_out, write_json
     from ..ownership import folder_state
     from ..plots import run as plots
@@ -170,7 +169,7 @@ def run_plot(
         key: collapse_prediction("pre-ln", np.arange(1, 1 + max(len(v) for v in by_step.values())))[
             "cos_adjacent"
         ]
-        if key[1] in PRE_LN_STREAMS.get(placement or "", ())
+        if pre_ln_like(placement, key[1])
         else None
         for key, by_step in cos.items()
     }

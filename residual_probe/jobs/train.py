@@ -153,25 +153,27 @@ def run_train(
         )  # written line by line: listed in the manifest from the start
         writer = csv.writer(fh)
         writer.writerow(["step", "lr", "train_loss", "val_loss"])
+
+        def log(step: int, lr: float, train_loss: float) -> None:
+            is_eval = (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps
+            writer.writerow(
+                [step, lr, train_loss, trainer.evaluate(val_batches) if is_eval else ""]
+            )
+            fh.flush()
+            if advance:
+                advance()
+
         try:
             with probe:
                 model.train()
-                for step in range(spec.steps):
-                    lr = trainer.current_lr()
-                    train_loss = float(
-                        trainer.step(train.next())
-                    )  # a host sync per step, for the loss curve
-                    is_eval = (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps
-                    writer.writerow(
-                        [step, lr, train_loss, trainer.evaluate(val_batches) if is_eval else ""]
-                    )
-                    fh.flush()
-                    if advance:
-                        advance()
-                    if not math.isfinite(train_loss):
-                        meta["diverged_at_step"] = step
-                        meta["diverged"] = {"step": step, "train_loss": str(train_loss), "lr": lr}
-                        break
+                stop = trainer.run(train.next, spec.steps, log)
+                if stop is not None:
+                    meta["diverged_at_step"] = stop.step
+                    meta["diverged"] = {
+                        "step": stop.step,
+                        "train_loss": str(stop.loss),
+                        "lr": stop.lr,
+                    }
         except KeyboardInterrupt:
             meta["interrupted"] = True
         finally:

@@ -52,6 +52,10 @@ class Placement:
     # GRADIENT_PROFILES): "decay" (ResiDual's Post-LN curve), "floor" (an identity path's lower
     # bound), or None where no source states one.
     gradient_profile: str | None = None
+    # The streams that follow the Pre-LN toy model (an identity path, one LN at the end of the
+    # stack): the k^-1/2 collapse reference is drawn for them (Xie et al. 2023, Sec. 4).
+    pre_ln_streams: tuple[str, ...] = ()
+    in_paper = False  # one of the ResiDual paper's compared placements (Xie et al. 2023, Table 1)
 
     def __init__(self, cfg: PlacementConfig, role: str):
         self.cfg, self.role = cfg, role  # role: "encoder" or "decoder"
@@ -88,6 +92,7 @@ class PostLN(Placement):
 
     name = "post-ln"
     gradient_profile = "decay"  # Xie et al. 2023, Sec. 4
+    in_paper = True
 
     def sublayer(self, x, f, s, blk):
         return s.norm(x + f(x))
@@ -100,6 +105,8 @@ class PreLN(Placement):
     name = "pre-ln"
     final_norm = True
     gradient_profile = "floor"  # the identity path: Xiong et al. 2020; Xie et al. 2023, Sec. 4
+    pre_ln_streams = ("x",)
+    in_paper = True
 
     def sublayer(self, x, f, s, blk):
         return x + f(s.norm(x))
@@ -121,6 +128,8 @@ class ResiDual(Placement):
     gradient_profile = "floor"  # the dual (Pre-LN) path: Xie et al. 2023, Sec. 4
     final_norm_eps = 1e-7
     streams = ("x", "d")
+    pre_ln_streams = ("d",)  # the dual stream is Pre-LN by design; x is Post-LN
+    in_paper = True
 
     def begin(self, x0, stack):
         return x0, self.cfg.res_input_norm_scale * x0
@@ -278,3 +287,14 @@ class ReZero(Placement):
 
 def make_placement(cfg: PlacementConfig, role: str) -> Placement:
     return PLACEMENTS[cfg.placement](cfg, role)
+
+
+# the ResiDual paper's comparison, in registry order: Post-LN, Pre-LN, ResiDual
+PAPER_PLACEMENTS = tuple(name for name, cls in PLACEMENTS.items() if cls.in_paper)
+
+
+def pre_ln_like(placement: str | None, stream: str) -> bool:
+    """Whether `stream` of a model with this placement follows the Pre-LN toy model (False for a
+    placement the registry does not know: a detected "other" or "unknown")."""
+    cls = PLACEMENTS.get(placement or "")
+    return cls is not None and stream in cls.pre_ln_streams

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..models.placements import PAPER_PLACEMENTS
 from .style import color, label, save, setup
 
 SETTING_TITLES = {"xiong": "Xiong setting (W^Q = W^K = 0)", "fairseq": "default (fairseq) init"}
@@ -142,7 +143,7 @@ def plot_residual_gradient(data: dict, path_stem: str | Path, formats=("png",)) 
     for i, s in enumerate(settings):
         for j, stack in enumerate(stacks):
             ax = axes[i][j]
-            for p in ("post-ln", "pre-ln", "residual"):
+            for p in PAPER_PLACEMENTS:
                 d = data[(s, stack, p)]
                 n = d["grads"].shape[1]
                 _band(
@@ -171,7 +172,7 @@ def plot_residual_gradient(data: dict, path_stem: str | Path, formats=("png",)) 
                 ylabel="||dL/dtheta_k|| (block parameters)",
                 title=f"{stack} of seq2seq, {SETTING_TITLES[s]}",
             )
-            grads = [data[(s, stack, p)]["grads"] for p in ("post-ln", "pre-ln", "residual")]
+            grads = [data[(s, stack, p)]["grads"] for p in PAPER_PLACEMENTS]
             lo, hi = min(np.nanmin(g) for g in grads), max(np.nanmax(g) for g in grads)
             # the axes follow the measurements: the fitted paper curve, steeper than the data, leaves
             # the frame at both ends instead of squeezing the data into a few decades
@@ -225,7 +226,7 @@ def plot_collapse(toy: dict, model: dict, path_stem: str | Path, formats=("png",
         yscale="log",
     )
     for ax, s in zip(axes[2:], settings):
-        for p in ("post-ln", "pre-ln", "residual"):
+        for p in PAPER_PLACEMENTS:
             t = model[(s, p)]["ln_update"]
             _band(
                 ax,

@@ -15,6 +15,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from ..analysis.rows import by_layer
+from ..analysis.verdicts import stream_name
+from ..models.placements import pre_ln_like
 from .style import color, save, setup
 
 LINESTYLES = ("-", "--", ":", "-.")
@@ -25,12 +28,7 @@ def _series(
     rows: list[dict], metric: str
 ) -> dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]]:
     """{(model, stack, stream): (layers, values)} for one metric, layers sorted."""
-    acc: dict[tuple[str, str, str], dict[int, float]] = {}
-    for r in rows:
-        if r["metric"] == metric:
-            acc.setdefault((r["model"], r["stack"], r["stream"]), {})[int(r["layer"])] = float(
-                r["value"]
-            )
+    acc = by_layer((r for r in rows if r["metric"] == metric), keys=("model", "stack", "stream"))
     return {k: (np.array(sorted(v)), np.array([v[i] for i in sorted(v)])) for k, v in acc.items()}
 
 
@@ -53,9 +51,7 @@ def _styler(keys, placements: dict[str, str]):
             )
         name = [model] if len(models) > 1 else []
         if len(parts) > 1:
-            name.append(
-                f"{stack} {stream}" if stream != "x" or any(p[1] != "x" for p in parts) else stack
-            )
+            name.append(stream_name(stack, stream, always=any(p[1] != "x" for p in parts)))
         label = " · ".join(name) or model
         if len(models) == 1:
             label += f" ({placements.get(model, '?')})"
@@ -89,12 +85,7 @@ def plot_collapse_curves(
     k = np.arange(len(theory["cos_adjacent"]))
     # The toy model's sqrt(k/(k+1)) is the Pre-LN stream's (and ResiDual's Pre-LN-like d stream's):
     # drawn only when such a stream is on the figure, labelled with its source.
-    pre_ln = [
-        key
-        for key in cos
-        if placements.get(key[0]) == "pre-ln"
-        or (placements.get(key[0]) == "residual" and key[2] == "d")
-    ]
+    pre_ln = [key for key in cos if pre_ln_like(placements.get(key[0]), key[2])]
     if pre_ln:
         src = r"Pre-LN theory $\sqrt{k/(k+1)}$ (ResiDual, Xie et al. 2023)"
         a.plot(k, theory["cos_adjacent"], color="black", ls="--", lw=1, label=src)

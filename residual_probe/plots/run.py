@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..analysis.verdicts import stream_name
 from .style import save, setup
 
 Table = Mapping[tuple[str, str], Mapping[int, Mapping[int, float]]]
@@ -36,8 +37,7 @@ def _keys(table: Table) -> list[tuple[str, str]]:
 def _title(key: tuple[str, str], keys: Sequence[tuple[str, str]] = ()) -> str:
     """The stack's name, and the stream's where the stack carries more than one."""
     stack, stream = key
-    several = sum(1 for k in keys if k[0] == stack) > 1
-    return stack if stream in ("x", "-") and not several else f"{stack}, stream {stream}"
+    return stream_name(stack, stream, always=sum(1 for k in keys if k[0] == stack) > 1)
 
 
 def _integer_x(ax) -> None:

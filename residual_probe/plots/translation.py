@@ -12,9 +12,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..models.placements import PAPER_PLACEMENTS as PLACEMENTS
 from .style import color, label, marker, save, setup
-
-PLACEMENTS = ("post-ln", "pre-ln", "residual")
 
 
 def _integer_x(ax) -> None:

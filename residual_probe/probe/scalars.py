@@ -51,23 +51,16 @@ def _ratio_and_rate(values: list[float]) -> tuple[float, float]:
     return fit.first_over_last, fit.rate
 
 
-def _late_cos(cos: list[float]) -> float:
-    from ..analysis.collapse import collapse_verdict
-
-    return float(collapse_verdict(cos).get("late_cos_adjacent", math.nan))
-
-
 def _series(
     rows: Iterable[Mapping], metric: str, sublayer: str | None = "block"
 ) -> dict[str, dict[int, float]]:
     """{stack label: {layer: value}} of one metric."""
-    out: dict[str, dict[int, float]] = {}
-    for r in rows:
-        if r["metric"] == metric and (sublayer is None or r["sublayer"] == sublayer):
-            out.setdefault(stack_label(r["stack"], r["stream"]), {})[int(r["layer"])] = float(
-                r["value"]
-            )
-    return out
+    from ..analysis.rows import by_layer
+
+    picked = (
+        r for r in rows if r["metric"] == metric and (sublayer is None or r["sublayer"] == sublayer)
+    )
+    return {stack_label(*key): v for key, v in by_layer(picked).items()}
 
 
 def _width(layers) -> int:
@@ -108,8 +101,10 @@ def summary(rows: Iterable[Mapping], step: int | None = None) -> dict[str, float
         w = _width(layers)
         for k in layers:
             out[f"{PREFIX}/block_influence/{label}/{k:0{w}d}"] = by_layer[k]
+    from ..analysis.verdicts import late_cos
+
     for label, by_layer in _series(rows, "cos_adjacent").items():
-        out[f"{PREFIX}/late_cos_adjacent/{label}"] = _late_cos(
+        out[f"{PREFIX}/late_cos_adjacent/{label}"] = late_cos(
             [by_layer[k] for k in sorted(by_layer)]
         )
     for r in rows:

@@ -36,7 +36,6 @@ from .discovery import BlockInfo, is_norm
 from .stats import stream_tensors
 
 KINDS = ("post-ln", "pre-ln", "residual", "sandwich", "res-post-ln", "no-norm", "other")
-STACK_KINDS = KINDS + ("peri-ln", "mix-ln")
 QK_NORM = re.compile(r"(^|[._])(q|k|query|key)_?(norm|layernorm|ln)$", re.IGNORECASE)
 MAX_SUBSET_NORMS = 8  # norms per block searched for y = x + sum of normalized branches (2^8 sums)
 
@@ -123,6 +122,106 @@ def stack_kind(kinds: list[str], embed_normed: bool) -> str:
     return "other"
 
 
+class StructureWatch:
+    """Hooks that classify each block the first time it runs (`classify`), and the stack's
+    placement from those kinds (`result`). Each block is classified inside its own hook and its
+    norms' tensors dropped there, so watching a training forward holds no activations past it."""
+
+    def __init__(self, blocks: list[BlockInfo], model: nn.Module | None = None):
+        self.blocks = blocks
+        self.seen: dict[int, dict] = {pos: {"norms": []} for pos in range(len(blocks))}
+        self.outside: list[torch.Tensor] = []
+        self.handles = []
+        self.stream_norms: dict[int, dict[str, nn.Module]] = {}
+        self.qk = False
+        in_blocks = {id(m) for b in blocks for m in b.module.modules()}
+        for pos, b in enumerate(blocks):
+            self.stream_norms[pos] = {n: m for n, m in b.norms.items() if not QK_NORM.search(n)}
+            self.qk |= len(self.stream_norms[pos]) < len(b.norms)
+            self.handles.append(
+                b.module.register_forward_hook(partial(self._on_block, pos), with_kwargs=True)
+            )
+            for norm in self.stream_norms[pos].values():
+                self.handles.append(norm.register_forward_hook(partial(self._on_norm, pos)))
+        if model is not None:  # the norms outside the blocks, for Peri-LN's embedding LN
+            for m in model.modules():
+                if (
+                    id(m) not in in_blocks
+                    and is_norm(m)
+                    and not any(is_norm(c) for c in m.children())
+                ):
+                    self.handles.append(m.register_forward_hook(self._on_outside))
+
+    def _on_norm(self, pos, module, args, output):
+        if "kind" not in self.seen[pos] and args and isinstance(args[0], torch.Tensor):
+            if isinstance(output, torch.Tensor):
+                self.seen[pos]["norms"].append((args[0].detach(), output.detach()))
+
+    def _on_outside(self, module, args, output):
+        if isinstance(output, torch.Tensor) and not all("kind" in v for v in self.seen.values()):
+            self.outside.append(output.detach())
+
+    @torch.no_grad()
+    def _on_block(self, pos, module, args, kwargs, output):
+        seen = self.seen[pos]
+        if "kind" in seen:
+            return
+        n = len(self.blocks[pos].streams)
+        ins = stream_tensors(args[0] if args else kwargs.get("hidden_states"), n)
+        outs = stream_tensors(output, n)
+        if ins is None or outs is None:
+            return
+        seen["kind"] = classify(ins, outs, seen.pop("norms"))
+        seen["tokens"] = outs[0].shape[-2] if outs[0].dim() >= 2 else 1
+        seen["width"] = outs[0].shape[-1]
+        if self.blocks[pos].index == 0:
+            seen["embed_normed"] = any(_close(ins[0], o) for o in self.outside)
+        if all("kind" in v for v in self.seen.values()):
+            self.outside = []  # every block seen: nothing left to compare with
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def result(self) -> dict:
+        """The hooks removed, what the blocks seen so far say (`detect_placement`'s dict)."""
+        self.remove()
+        blocks, seen, stream_norms = self.blocks, self.seen, self.stream_norms
+        per_block: dict[str, list[str]] = {}
+        embed_normed: dict[str, bool] = {}
+        for pos, b in enumerate(blocks):
+            per_block.setdefault(b.stack, []).append(seen[pos].get("kind", "other"))
+            if b.index == 0:
+                embed_normed[b.stack] = bool(seen[pos].get("embed_normed"))
+        stacks = {s: stack_kind(ks, embed_normed.get(s, False)) for s, ks in per_block.items()}
+        overall = set(stacks.values())
+        placement = overall.pop() if len(overall) == 1 else "other"
+        types = set()
+        for pos in seen:
+            width = seen[pos].get("width")
+            for m in stream_norms[pos].values():
+                if width:
+                    types.add(norm_type(m, int(width)))
+        ntype = (
+            types.pop()
+            if len(types) == 1
+            else ("none" if not types else "mixed: " + ", ".join(sorted(types)))
+        )
+        detail = "; ".join(f"{s}: {_runs(ks)}" for s, ks in per_block.items())
+        if self.qk:
+            detail += "; QK-norm in attention"
+        return {
+            "placement": placement,
+            "stacks": stacks,
+            "per_block": per_block,
+            "detail": detail,
+            "norm_type": ntype,
+            "qk_norm": self.qk,
+            "item_tokens": seen[0].get("tokens") if seen else None,
+        }  # positions per input item (block 0)
+
+
 @torch.no_grad()
 def detect_placement(
     blocks: list[BlockInfo], forward: Callable[[], object], model: nn.Module | None = None
@@ -133,81 +232,9 @@ def detect_placement(
     `forward` runs the model once on a small input; `blocks` come from the probe's discovery;
     `model` (optional) lets the norms outside the blocks be watched, for Peri-LN's embedding LN.
     """
-    seen: dict[int, dict] = {}
-    outside: list[torch.Tensor] = []
-    handles = []
-    stream_norms: dict[int, dict[str, nn.Module]] = {}
-    in_blocks = {id(m) for b in blocks for m in b.module.modules()}
-
-    def on_norm(pos, module, args, output):
-        if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
-            seen[pos]["norms"].append((args[0], output))
-
-    def on_outside(module, args, output):
-        if isinstance(output, torch.Tensor):
-            outside.append(output)
-
-    def on_block(pos, module, args, kwargs, output):
-        n = len(blocks[pos].streams)
-        ins = stream_tensors(args[0] if args else kwargs.get("hidden_states"), n)
-        outs = stream_tensors(output, n)
-        if ins is not None and outs is not None and "kind" not in seen[pos]:
-            seen[pos]["kind"] = classify(ins, outs, seen[pos]["norms"])
-            seen[pos]["tokens"] = outs[0].shape[-2] if outs[0].dim() >= 2 else 1
-            seen[pos]["width"] = outs[0].shape[-1]
-            if blocks[pos].index == 0:
-                seen[pos]["embed_normed"] = any(_close(ins[0], o) for o in outside)
-
-    qk = False
+    watch = StructureWatch(blocks, model)
     try:
-        for pos, b in enumerate(blocks):
-            seen[pos] = {"norms": []}
-            stream_norms[pos] = {n: m for n, m in b.norms.items() if not QK_NORM.search(n)}
-            qk |= len(stream_norms[pos]) < len(b.norms)
-            handles.append(b.module.register_forward_hook(partial(on_block, pos), with_kwargs=True))
-            for norm in stream_norms[pos].values():
-                handles.append(norm.register_forward_hook(partial(on_norm, pos)))
-        if model is not None:
-            for m in model.modules():
-                if (
-                    id(m) not in in_blocks
-                    and is_norm(m)
-                    and not any(is_norm(c) for c in m.children())
-                ):
-                    handles.append(m.register_forward_hook(on_outside))
         forward()
     finally:
-        for h in handles:
-            h.remove()
-    per_block: dict[str, list[str]] = {}
-    embed_normed: dict[str, bool] = {}
-    for pos, b in enumerate(blocks):
-        per_block.setdefault(b.stack, []).append(seen[pos].get("kind", "other"))
-        if b.index == 0:
-            embed_normed[b.stack] = bool(seen[pos].get("embed_normed"))
-    stacks = {s: stack_kind(ks, embed_normed.get(s, False)) for s, ks in per_block.items()}
-    overall = set(stacks.values())
-    placement = overall.pop() if len(overall) == 1 else "other"
-    types = set()
-    for pos in seen:
-        width = seen[pos].get("width")
-        for m in stream_norms[pos].values():
-            if width:
-                types.add(norm_type(m, int(width)))
-    ntype = (
-        types.pop()
-        if len(types) == 1
-        else ("none" if not types else "mixed: " + ", ".join(sorted(types)))
-    )
-    detail = "; ".join(f"{s}: {_runs(ks)}" for s, ks in per_block.items())
-    if qk:
-        detail += "; QK-norm in attention"
-    return {
-        "placement": placement,
-        "stacks": stacks,
-        "per_block": per_block,
-        "detail": detail,
-        "norm_type": ntype,
-        "qk_norm": qk,
-        "item_tokens": seen[0].get("tokens") if seen else None,
-    }  # positions per input item (block 0)
+        watch.remove()
+    return watch.result()

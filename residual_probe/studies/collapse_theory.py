@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from ..analysis.checks import Check, agreement, fmt
+from ..models.placements import PAPER_PLACEMENTS as PLACEMENTS
 from ..output import write_csv
 from . import held_out_forward_stats
 
-PLACEMENTS = ("post-ln", "pre-ln", "residual")
 METRICS = ("cos_adjacent", "ln_update")
 
 

@@ -16,11 +16,12 @@ import pandas as pd
 
 from ..analysis.checks import Check, agreement, fmt
 from ..analysis.curves import first_over_last, layer_table, seed_band
+from ..analysis.verdicts import VANISHING_RATIO, is_vanishing
 from ..jobs.grad_norms import GradNormsSpec, record_run
+from ..models.placements import PAPER_PLACEMENTS as PLACEMENTS
 from ..output import write_csv
 from ..plots.grad_norms import plot_depth_grid
 
-PLACEMENTS = ("post-ln", "pre-ln", "residual")
 SETTINGS = {
     "seq2seq encoder": ("seq2seq", "encoder"),
     "seq2seq decoder": ("seq2seq", "decoder"),
@@ -98,8 +99,8 @@ def run(out: Path, quick: bool = False) -> list[Check]:
             "Post-LN gradients vanish toward the input",
             "seq2seq decoder",
             "post-ln",
-            "first/last << 1 (< 0.1)",
-            post_dec < 0.1,
+            f"first/last << 1 (< {VANISHING_RATIO:g})",
+            is_vanishing(post_dec),
         ),
         Check(
             "Post-LN vanishing grows with depth",
@@ -113,22 +114,22 @@ def run(out: Path, quick: bool = False) -> list[Check]:
             "Post-LN gradients vanish toward the input",
             "seq2seq encoder",
             "post-ln",
-            "first/last << 1 (< 0.1)",
-            r["seq2seq encoder", "post-ln", N] < 0.1,
+            f"first/last << 1 (< {VANISHING_RATIO:g})",
+            is_vanishing(r["seq2seq encoder", "post-ln", N]),
         ),
         ratio_check(
             "Post-LN gradients vanish toward the input",
             "decoder-only LM",
             "post-ln",
-            "first/last << 1 (< 0.1)",
-            r["decoder-only LM", "post-ln", N] < 0.1,
+            f"first/last << 1 (< {VANISHING_RATIO:g})",
+            is_vanishing(r["decoder-only LM", "post-ln", N]),
         ),
         ratio_check(
             "ResiDual keeps a gradient floor",
             "seq2seq decoder",
             "residual",
-            "first/last >= 0.1",
-            r["seq2seq decoder", "residual", N] >= 0.1,
+            f"first/last >= {VANISHING_RATIO:g}",
+            not is_vanishing(r["seq2seq decoder", "residual", N]),
         ),
         ratio_check(
             "Pre-LN's lower blocks get larger gradients than its upper ones",

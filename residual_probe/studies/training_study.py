@@ -20,11 +20,16 @@ import numpy as np
 
 from ..analysis.checks import Check, agreement, fmt
 from ..analysis.curves import loss_curves, ratio_by_step
+from ..analysis.verdicts import (
+    COLLAPSING_RATIO,
+    VANISHING_FACTOR,
+    VANISHING_RATIO,
+    is_vanishing,
+)
 from ..jobs.train import TrainSpec, run_train
+from ..models.placements import PAPER_PLACEMENTS as PLACEMENTS
 from ..output import write_csv
 from . import held_out_forward_stats
-
-PLACEMENTS = ("post-ln", "pre-ln", "residual")
 
 
 def settings(quick: bool) -> dict:
@@ -173,7 +178,7 @@ def summary_checks(summary: list[dict], quick: bool = False) -> list[Check]:
             f"{fmt(s['pre-ln', True]['influence_upper_half'])} vs {fmt(s['pre-ln', True]['influence_lower_half'])}",
             agreement(
                 s["pre-ln", True]["influence_upper_half"]
-                < 0.5 * s["pre-ln", True]["influence_lower_half"]
+                < COLLAPSING_RATIO * s["pre-ln", True]["influence_lower_half"]
             ),
         ),
         Check(
@@ -193,8 +198,11 @@ def summary_checks(summary: list[dict], quick: bool = False) -> list[Check]:
             "Post-LN develops vanishing gradients during training without warm-up",
             where,
             "post-ln",
-            "first/last block gradient ratio falls 10x, below 0.1",
+            f"first/last block gradient ratio falls {VANISHING_FACTOR:g}x, below {VANISHING_RATIO:g}",
             f"{fmt(post['grad_ratio_first_step'])} -> {fmt(post['grad_ratio_last_step'])}",
-            agreement(post["grad_ratio_last_step"] < min(0.1, post["grad_ratio_first_step"] / 10)),
+            agreement(
+                is_vanishing(post["grad_ratio_last_step"])
+                and post["grad_ratio_last_step"] < post["grad_ratio_first_step"] / VANISHING_FACTOR
+            ),
         ),
     ]

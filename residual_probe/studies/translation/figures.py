@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
@@ -28,8 +27,10 @@ def profile(
 
 
 def first_last(prof: dict[int, dict[int, float]]) -> dict[int, float]:
-    """Block 0's value over the last block's, per step."""
-    return {s: v[min(v)] / v[max(v)] if v[max(v)] else math.nan for s, v in sorted(prof.items())}
+    """Block 0's value over the last block's, per step (`curves.profile_ratio`)."""
+    from ...analysis.curves import profile_ratio
+
+    return {s: profile_ratio(v) for s, v in sorted(prof.items())}
 
 
 def draw(

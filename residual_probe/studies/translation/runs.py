@@ -22,9 +22,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from ...models.placements import PAPER_PLACEMENTS as PLACEMENTS
 from .task import PigLatinBatches, heldout_batches, references, task_data, translate
 
-PLACEMENTS = ("post-ln", "pre-ln", "residual")
 PROBE_METRICS = ("param_grad_norm", "act_grad_norm", "block_influence", "ln_update")
 
 
@@ -157,7 +157,6 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
         label_smoothing=spec.label_smoothing,
     )
     curve, streams, losses, hyps = [], [], [], []
-    diverged = None
 
     def record(step: int) -> None:
         from .task import corpus_bleu
@@ -184,16 +183,18 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
         curve.append(row)
 
     t0 = time.perf_counter()
+
+    def after_step(step: int, lr: float, loss: float) -> None:
+        losses.append(loss)
+        done = trainer.steps_done
+        if math.isfinite(loss) and (done % spec.eval_every == 0 or done == spec.steps):
+            record(done)
+
     with probe:
         model.train()
         record(0)
-        for step in range(spec.steps):
-            losses.append(float(trainer.step(train.next())))
-            if not math.isfinite(losses[-1]):
-                diverged = step
-                break
-            if trainer.steps_done % spec.eval_every == 0 or trainer.steps_done == spec.steps:
-                record(trainer.steps_done)
+        stop = trainer.run(train.next, spec.steps, after_step)
+    diverged = None if stop is None else stop.step
     result = dict(
         spec=asdict(spec),
         name=spec.name,
