@@ -44,6 +44,7 @@ class TrainSpec(ReferenceModel):
     )
     eval_every: int = 50  # validation loss every n-th step
     clip: float = 0.0  # gradient clipping max-norm; 0 = none (the probe records before clipping)
+    z_loss: float = 0.0  # PaLM's z-loss coefficient (training.lm_losses); 0 = none
     force: bool = False  # run even when the memory estimate exceeds what the machine has free
 
     def model_config(self):
@@ -66,6 +67,8 @@ class TrainSpec(ReferenceModel):
                 raise ConfigError(f"{name}: out of range, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr: must be a positive number, got {self.lr}")
+        if not (self.z_loss >= 0 and math.isfinite(self.z_loss)):
+            raise ConfigError(f"z_loss: must be a number >= 0, got {self.z_loss}")
 
 
 def probe_figures(out: Path, placement: str, meta: dict) -> list[Path]:
@@ -132,7 +135,9 @@ def run_train(
         last_step=last,
         sink=out / "probe.csv",
     )
-    trainer = Trainer(model, probe, lr=spec.lr, warmup=spec.warmup, clip=spec.clip)
+    trainer = Trainer(
+        model, probe, lr=spec.lr, warmup=spec.warmup, clip=spec.clip, z_loss=spec.z_loss
+    )
     probe.track_optimizer(
         trainer.optimizer
     )  # update ratios: a block whose update blew up is an instability event
