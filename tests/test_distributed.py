@@ -56,21 +56,32 @@ def run_steps(model, probe, tok, tgt, steps=2, opt=None, after_step=None):
     }
 
 
+COLLECTIVES = ("all_reduce", "all_gather_single", "all_gather_into_tensor", "all_gather")
+
+
 @contextmanager
 def probe_reductions():
-    """The torch.distributed.all_reduce calls made inside, in a list: DDP's reducer, FSDP2 and
-    DTensor reach their collectives by other paths, so these are the probe's."""
-    calls, all_reduce = [], dist.all_reduce
+    """The collectives (all-reduce, all-gather) the probe's own code calls inside, in a list of
+    their names: DDP's reducer, FSDP2 and DTensor call theirs from torch's code, not counted."""
+    import sys
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return all_reduce(*args, **kwargs)
+    calls, real = [], {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
 
-    dist.all_reduce = counted
+    def counting(name):
+        def counted(*args, **kwargs):
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("residual_probe"):
+                calls.append(name)
+            return real[name](*args, **kwargs)
+
+        return counted
+
+    for name in real:
+        setattr(dist, name, counting(name))
     try:
         yield calls
     finally:
-        dist.all_reduce = all_reduce
+        for name, fn in real.items():
+            setattr(dist, name, fn)
 
 
 def _worker(rank, world, tmp, mode):

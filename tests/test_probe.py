@@ -23,6 +23,7 @@ FORWARD = (
     "ln_update",
     "block_influence",
     "angular_distance",
+    "norm_sq_per_dim_max",
 )
 
 
@@ -82,6 +83,7 @@ def naive_stats(prev, cur, eps=1e-5):
         "cos_adjacent": c,
         "relative_update": float(rel.mean()),
         "norm_sq_per_dim": float((b**2).sum(-1).mean() / b.shape[-1]),
+        "norm_sq_per_dim_max": max(float(b[t] @ b[t]) / b.shape[-1] for t in range(len(b))),
         "ln_update": float((ln(b) - ln(a)).abs().mean()),
         "block_influence": 1 - c,  # of the mean cosine (ShortGPT)
         "angular_distance": float(

@@ -37,11 +37,11 @@ from torch import nn
 
 from .discovery import BlockInfo, find_blocks
 from .distributed import (
-    all_reduce_step,
     gather_stage_rows,
     global_rank,
     group_size,
     parallel_groups,
+    reduce_step,
 )
 from .errors import ProbeError
 from .gradnorm import RankSums, is_dtensor
@@ -384,10 +384,11 @@ class Probe:
         s = self._step
         ctx = _StepContext(self, s, None if self._group is None else RankSums(self._world))
         pooled = [q.pooled(ctx) for q in self.quantities]
+        maxima = [q.maxima(ctx) for q in self.quantities]
         shared = ctx.sums.vectors if ctx.sums is not None else []  # sharded gradient squares
-        pooled = all_reduce_step(self._group, pooled, shared)
+        pooled, maxima = reduce_step(self._group, pooled, shared, maxima)
         ctx.sums = None  # squares first taken after this point reduce themselves (correct, one more collective)
-        values = [q.values(ctx, p) for q, p in zip(self.quantities, pooled)]
+        values = [q.values(ctx, p, m) for q, p, m in zip(self.quantities, pooled, maxima)]
         alone = self._pipeline is None  # with a pipeline, rows are recorded once gathered
         rows = self._collect(record=alone)  # the previous step's, when deferred
         exported = [(q, v) for q, v in zip(self.quantities, values) if v is not None]
