@@ -157,7 +157,17 @@ def test_two_ranks_equal_one_process(tmp_path, mode):
     assert_same(rows1, ref)
     assert (
         extra0["reductions"] == extra1["reductions"] == 2
-    )  # one all-reduce per recorded step, none in hooks
+    )  # one collective per recorded step (an all-gather: maxima ride with the sums), none in hooks
+    # the maxima are over every rank's tokens: each half-batch alone has a smaller one
+    tok, _ = data()
+    model = make_model()
+    with torch.no_grad():
+        halves = [float(model(tok[i * 2 : i * 2 + 2]).max()) for i in range(2)]
+    whole = ref[(0, "model", -1, "head", "-", "logit_max")]
+    assert halves[0] != halves[1] and whole == pytest.approx(max(halves), rel=1e-12)
+    assert any(k[-1] == "attn_logit_max" for k in ref) and any(
+        k[-1] == "norm_sq_per_dim_max" for k in ref
+    )
     if mode == "fsdp":
         assert extra0["sharded"] and extra1["sharded"]
         # step 1, block 0: each shard-local norm falls short; their squares add up to the global one

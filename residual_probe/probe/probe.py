@@ -331,13 +331,22 @@ class Probe:
 
     # ---- the forward hook ------------------------------------------------------------------
 
+    def records_forward(self, module: nn.Module) -> bool:
+        """Whether a forward of `module` running now belongs to the step's record: the probe not
+        paused, not a backward's recomputation (activation checkpointing), and a training
+        forward (module in training mode, grad enabled) unless include_eval. The quantities with
+        hooks of their own (attention, the output head) ask this, as the blocks' hook does."""
+        if self._paused or in_backward():
+            return False
+        return self.include_eval or (module.training and torch.is_grad_enabled())
+
     def _on_forward(
         self, pos: int, module: nn.Module, args: tuple, kwargs: dict, output: Any
     ) -> None:
         active = self._fwd_active
         if not active or self._paused or in_backward():
             return
-        if not self.include_eval and not (module.training and torch.is_grad_enabled()):
+        if not self.records_forward(module):
             self._skipped_eval += 1  # an evaluation forward: not part of the training step
             return
         b = self.blocks[pos]
