@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..hooks import compiler_disable
+
 
 @dataclass
 class Scores:
@@ -86,7 +88,10 @@ def _hf_dispatches(m: nn.Module) -> bool:
 class OursHook:
     def __init__(self, module: nn.Module, observe: Observe):
         self.module = module
-        module.observer = lambda q, k, causal: observe(Scores(q, k, None, None, causal))
+        # eager under torch.compile, as the blocks' hooks: a graph break, no guards on its state
+        module.observer = compiler_disable(
+            lambda q, k, causal: observe(Scores(q, k, None, None, causal))
+        )
 
     def remove(self) -> None:
         self.module.__dict__.pop("observer", None)  # back to the class default, None
@@ -100,7 +105,7 @@ class MHAHook:
 
     def __init__(self, module: nn.MultiheadAttention, observe: Observe, unseen: Unseen):
         self.observe, self.unseen = observe, unseen
-        self.handle = module.register_forward_pre_hook(self, with_kwargs=True)
+        self.handle = module.register_forward_pre_hook(compiler_disable(self), with_kwargs=True)
 
     def remove(self) -> None:
         self.handle.remove()
@@ -216,7 +221,7 @@ class HFHook:
             install()
             entry = _PATCHES[self.key] = [restore, 0]
         entry[1] += 1
-        _WATCHED[module] = self
+        _WATCHED[module] = compiler_disable(self)
 
     def remove(self) -> None:
         _WATCHED.pop(self.module, None)

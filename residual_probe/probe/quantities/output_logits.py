@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..discovery import clean_path
+from ..hooks import compiler_disable
 from ..params import HEAD_NAMES
 from .base import Quantity, buffer_dtype, row
 
@@ -99,7 +100,9 @@ class OutputLogits(Quantity):
             )
             return
         self._cap = final_softcap(probe.model)
-        self._handle = head.register_forward_hook(self._hook)
+        self._handle = head.register_forward_hook(
+            compiler_disable(self._hook)
+        )  # eager, as hooks.py
 
     def detach(self) -> None:
         if self._handle is not None:
