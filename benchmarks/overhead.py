@@ -10,9 +10,10 @@ Setting (issue 3): decoder-only, depth 48, d_model 256, 4 heads, ffn 1024, batch
   all_stats      Probe(every quantity): + act_grad_norm hooks, forward statistics, 256-token subsample
   between        Probe(param_grad_norm, w2_grad_norm, act_grad_norm): what the callbacks and `train`
                  record on the steps between two forward-statistics steps (schedule.FORWARD_EVERY)
-  attention      between plus attn_logits and output_logits (issue 32): the attention logits and
-                 entropy per block and log Z of the output logits, on every recorded step, as the
-                 default schedule takes them
+  attention      between plus output_logits (issue 32): what the callbacks and `train` record between
+                 two forward-statistics steps now; attn_logits (per-block attention logits and
+                 entropy) is on the forward statistics' schedule, so it is in all_stats (the
+                 default quantities), and timed alone with --breakdown or --variants attn_logits
   per_param      Lightning-style grad_norm: a Python loop over every parameter's .grad, .item() each
   act_cache      activation-cache style: every block submodule's full output cloned, stats after
 
@@ -29,8 +30,8 @@ own working memory (peak minus RSS before the first step, i.e. beyond model, dat
 grad_norms and all_stats only; on 2 CPU threads a step takes tens of seconds, so give fewer
 rounds, or run benchmarks/gpu_check.py on a GPU).
 
-`--breakdown` adds three timed variants, each forward quantity of all_stats alone
-(forward_stats, act_grad_norm, subsample); gradient norms are the grad_norms variant.
+`--breakdown` adds timed variants, each forward quantity of all_stats alone (forward_stats,
+act_grad_norm, subsample, attn_logits); gradient norms are the grad_norms variant.
 
 Bounded state: a probe with include_eval=True over `--forwards` no-grad forwards of a small
 decoder between two steps; prints the probe's state bytes after the first forward and after
@@ -46,8 +47,9 @@ each variant's median step lands in one state or the other and the ratio of medi
 against a paired 1.053 in one run), while a round's variants share a state.
 `amortized_ratio` is what the callbacks and `train` cost per recorded step with their default
 schedule: (FORWARD_EVERY - 1) steps of `between` and one of `all_stats`, from the paired ratios;
-`amortized_ratio_attention` the same with `attention` in place of `between` (all_stats, the
-default quantities, holds attn_logits and output_logits too).
+`amortized_ratio_attention` the same with `attention` in place of `between`: the default
+schedule with the issue-32 quantities (all_stats, the default quantities, holds attn_logits and
+output_logits).
 
 Kernel launches: one step of each variant under torch.profiler; the extra launches over the
 plain step, per block. On a GPU these are cudaLaunchKernel calls; on the CPU, top-level ATen
@@ -82,11 +84,11 @@ from residual_probe.probe.schedule import FORWARD_EVERY
 
 VARIANTS = ("plain", "grad_norms", "between", "attention", "all_stats", "per_param", "act_cache")
 BETWEEN = ("param_grad_norm", "w2_grad_norm", "act_grad_norm")
-ATTENTION = ("attn_logits", "output_logits")
 BREAKDOWN = {
     "forward_stats": ("forward_stats",),
     "act_grad_norm": ("act_grad_norm",),
     "subsample": ("subsample",),
+    "attn_logits": ("attn_logits",),  # attention logits and entropy per block, alone
     # the gradient norms with a row per parameter tensor too (param_tensor_norm, off by default)
     "tensor_norms": ("param_grad_norm", "w2_grad_norm", "param_tensor_norm"),
 }
@@ -229,7 +231,7 @@ def make_recorder(variant: str, model):
     if variant == "between":
         return Probe(model, quantities=BETWEEN, keep_rows=False).attach()
     if variant == "attention":
-        return Probe(model, quantities=BETWEEN + ATTENTION, keep_rows=False).attach()
+        return Probe(model, quantities=BETWEEN + ("output_logits",), keep_rows=False).attach()
     if variant == "all_stats":
         return Probe(model, subsample_tokens=256, keep_rows=False).attach()
     if variant in BREAKDOWN:  # one forward quantity alone (--breakdown)
@@ -402,7 +404,7 @@ def main() -> None:
     ap.add_argument(
         "--breakdown",
         action="store_true",
-        help="also time forward_stats, act_grad_norm and subsample alone (what all_stats is made of)",
+        help="also time forward_stats, act_grad_norm, subsample and attn_logits alone (what all_stats is made of)",
     )
     ap.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -489,9 +491,10 @@ def main() -> None:
                 f"(callbacks' and train's default: {v} on {k - 1} of {k} recorded steps, "
                 "all_stats on the other)"
             )
-    if "attention" in paired:
-        print(f"attention_ratio: {paired['attention']:.4f} (per recorded step)")
-    for v in ("grad_norms", "between", "attention", "all_stats"):
+    for v in ("attention", "attn_logits"):
+        if v in paired:
+            print(f"{v}_ratio: {paired[v]:.4f} (per recorded step)")
+    for v in ("grad_norms", "between", "attention", "attn_logits", "all_stats"):
         if v in counted:
             print(f"{v}_launches_per_block: {(counted[v] - counted['plain']) / depth:.1f}")
     if "all_stats" in mem:

@@ -123,7 +123,15 @@ def run_train(
         BatchSource(cfg.arch, spec.batch, spec.seq_len, cfg.vocab_size, 10_000 + i, val_text).next()
         for i in range(4)
     ]  # fixed held-out batches: comparable across steps and runs
-    names = ("param_grad_norm", "act_grad_norm", "w2_grad_norm", "forward_stats", "update_ratio")
+    names = (
+        "param_grad_norm",
+        "act_grad_norm",
+        "w2_grad_norm",
+        "forward_stats",
+        "update_ratio",
+        "attn_logits",  # attention-logit growth and entropy collapse (what --qk-norm prevents)
+        "output_logits",  # log Z drift (what --z-loss prevents)
+    )
     last = (
         (spec.steps - 1) // spec.probe_every * spec.probe_every
     )  # the last recorded step: collapse at the end

@@ -15,7 +15,7 @@
 What each quantity is and when it is taken is said in its own module under `quantities/`
 (and in the README, "Probing your own model"). The Probe only coordinates: it finds the blocks,
 owns the forward hooks (one per block, shared by every forward quantity; `hooks.py`), the step
-counter, the one device-to-host copy per recorded step, the all-reduce across data-parallel
+counter, the one device-to-host copy per recorded step, the one collective across data-parallel
 ranks and the gather of pipeline stages (`distributed.py`) and the sinks. Forward quantities see only *training* forwards: a module in training mode with grad
 enabled, outside `probe.paused()` and outside activation-checkpoint recomputation; eval-mode
 and no_grad forwards count only with `include_eval=True`.
@@ -83,8 +83,8 @@ class _Setup:
 
 class _StepContext:
     """Per-export helpers: the shared per-parameter squared gradient norms, AMP unscaling, and the
-    sharded squared sums that join the step's one all-reduce (`sums`; None on one process).
-    Quantities take gradient squares in `pooled()`, before that all-reduce; they are complete
+    sharded squared sums that join the step's one collective (`sums`; None on one process).
+    Quantities take gradient squares in `pooled()`, before that collective; they are complete
     from `values()` on."""
 
     def __init__(self, probe: "Probe", step: int, sums: RankSums | None = None):
@@ -384,7 +384,7 @@ class Probe:
         GradScaler either before `scaler.unscale_` or after it (never after `scaler.update()`).
         Returns the rows exported by this call: this step's, or with defer=True the previous
         step's. At most one device-to-host copy; none on a step where nothing is scheduled.
-        Under DDP/FSDP, call on every rank (it all-reduces).
+        Under DDP/FSDP, call on every rank (it runs the step's one collective).
         """
         with _gc_paused():
             return self._step_export()
