@@ -10,6 +10,10 @@ Setting (issue 3): decoder-only, depth 48, d_model 256, 4 heads, ffn 1024, batch
   all_stats      Probe(every quantity): + act_grad_norm hooks, forward statistics, 256-token subsample
   between        Probe(param_grad_norm, w2_grad_norm, act_grad_norm): what the callbacks and `train`
                  record on the steps between two forward-statistics steps (schedule.FORWARD_EVERY)
+  attention      between plus output_logits (issue 32): what the callbacks and `train` record between
+                 two forward-statistics steps now; attn_logits (per-block attention logits and
+                 entropy) is on the forward statistics' schedule, so it is in all_stats (the
+                 default quantities), and timed alone with --breakdown or --variants attn_logits
   per_param      Lightning-style grad_norm: a Python loop over every parameter's .grad, .item() each
   act_cache      activation-cache style: every block submodule's full output cloned, stats after
 
@@ -26,8 +30,8 @@ own working memory (peak minus RSS before the first step, i.e. beyond model, dat
 grad_norms and all_stats only; on 2 CPU threads a step takes tens of seconds, so give fewer
 rounds, or run benchmarks/gpu_check.py on a GPU).
 
-`--breakdown` adds three timed variants, each forward quantity of all_stats alone
-(forward_stats, act_grad_norm, subsample); gradient norms are the grad_norms variant.
+`--breakdown` adds timed variants, each forward quantity of all_stats alone (forward_stats,
+act_grad_norm, subsample, attn_logits); gradient norms are the grad_norms variant.
 
 Bounded state: a probe with include_eval=True over `--forwards` no-grad forwards of a small
 decoder between two steps; prints the probe's state bytes after the first forward and after
@@ -42,7 +46,10 @@ between a fast and a slow state (a plain step 0.51 or 0.65 s, for tens of second
 each variant's median step lands in one state or the other and the ratio of medians jumps (1.080
 against a paired 1.053 in one run), while a round's variants share a state.
 `amortized_ratio` is what the callbacks and `train` cost per recorded step with their default
-schedule: (FORWARD_EVERY - 1) steps of `between` and one of `all_stats`, from the paired ratios.
+schedule: (FORWARD_EVERY - 1) steps of `between` and one of `all_stats`, from the paired ratios;
+`amortized_ratio_attention` the same with `attention` in place of `between`: the default
+schedule with the issue-32 quantities (all_stats, the default quantities, holds attn_logits and
+output_logits).
 
 Kernel launches: one step of each variant under torch.profiler; the extra launches over the
 plain step, per block. On a GPU these are cudaLaunchKernel calls; on the CPU, top-level ATen
@@ -75,11 +82,13 @@ from residual_probe.models import build_model
 from residual_probe.probe import Probe, find_blocks
 from residual_probe.probe.schedule import FORWARD_EVERY
 
-VARIANTS = ("plain", "grad_norms", "between", "all_stats", "per_param", "act_cache")
+VARIANTS = ("plain", "grad_norms", "between", "attention", "all_stats", "per_param", "act_cache")
+BETWEEN = ("param_grad_norm", "w2_grad_norm", "act_grad_norm")
 BREAKDOWN = {
     "forward_stats": ("forward_stats",),
     "act_grad_norm": ("act_grad_norm",),
     "subsample": ("subsample",),
+    "attn_logits": ("attn_logits",),  # attention logits and entropy per block, alone
     # the gradient norms with a row per parameter tensor too (param_tensor_norm, off by default)
     "tensor_norms": ("param_grad_norm", "w2_grad_norm", "param_tensor_norm"),
 }
@@ -220,9 +229,9 @@ def make_recorder(variant: str, model):
             model, quantities=("param_grad_norm", "w2_grad_norm"), keep_rows=False
         ).attach()
     if variant == "between":
-        return Probe(
-            model, quantities=("param_grad_norm", "w2_grad_norm", "act_grad_norm"), keep_rows=False
-        ).attach()
+        return Probe(model, quantities=BETWEEN, keep_rows=False).attach()
+    if variant == "attention":
+        return Probe(model, quantities=BETWEEN + ("output_logits",), keep_rows=False).attach()
     if variant == "all_stats":
         return Probe(model, subsample_tokens=256, keep_rows=False).attach()
     if variant in BREAKDOWN:  # one forward quantity alone (--breakdown)
@@ -395,7 +404,7 @@ def main() -> None:
     ap.add_argument(
         "--breakdown",
         action="store_true",
-        help="also time forward_stats, act_grad_norm and subsample alone (what all_stats is made of)",
+        help="also time forward_stats, act_grad_norm, subsample and attn_logits alone (what all_stats is made of)",
     )
     ap.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -406,7 +415,9 @@ def main() -> None:
         memory_child(args.memory_child, depth, args.steps)
         return
     variants = (
-        VARIANTS if args.size == "default" else ("plain", "grad_norms", "between", "all_stats")
+        VARIANTS
+        if args.size == "default"
+        else ("plain", "grad_norms", "between", "attention", "all_stats")
     )
     print(
         f"{args.size}: decoder depth {depth}, d_model {CONFIG['d_model']}, heads {CONFIG['heads']}, ffn {CONFIG['ffn']}, "
@@ -472,13 +483,18 @@ def main() -> None:
             print(
                 f"{v}_ratio_bracketed: {brack[v][1]:.4f} (IQR {brack[v][0]:.4f}-{brack[v][2]:.4f})"
             )
-    if "between" in paired and "all_stats" in paired:
-        k = FORWARD_EVERY
-        print(
-            f"amortized_ratio: {((k - 1) * paired['between'] + paired['all_stats']) / k:.4f} "
-            f"(callbacks' and train's default: forward statistics on 1 of {k} recorded steps)"
-        )
-    for v in ("grad_norms", "between", "all_stats"):
+    k = FORWARD_EVERY
+    for v, name in (("between", "amortized_ratio"), ("attention", "amortized_ratio_attention")):
+        if v in paired and "all_stats" in paired:
+            print(
+                f"{name}: {((k - 1) * paired[v] + paired['all_stats']) / k:.4f} "
+                f"(callbacks' and train's default: {v} on {k - 1} of {k} recorded steps, "
+                "all_stats on the other)"
+            )
+    for v in ("attention", "attn_logits"):
+        if v in paired:
+            print(f"{v}_ratio: {paired[v]:.4f} (per recorded step)")
+    for v in ("grad_norms", "between", "attention", "attn_logits", "all_stats"):
         if v in counted:
             print(f"{v}_launches_per_block: {(counted[v] - counted['plain']) / depth:.1f}")
     if "all_stats" in mem:

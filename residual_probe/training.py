@@ -6,7 +6,8 @@ the studies behind `figures`; `train` and the translation study run their steps 
 `Trainer.run`, which stops at a non-finite loss. A step is, in this order:
 
     lr <- schedule(step)                       # fairseq's linear warm-up, inverse-sqrt decay
-    loss = cross_entropy(model(*inputs), targets, label_smoothing); loss.backward()
+    loss = cross_entropy(model(*inputs), targets, label_smoothing)
+           [+ z_loss * mean(logsumexp(logits)^2)]; loss.backward()
     probe.step()                               # records gradients before clipping
     clip_grad_norm_(max_norm)                  # if clip > 0
     optimizer.step()                           # Adam, betas (0.9, 0.98) as fairseq; skipped if update=False
@@ -59,15 +60,23 @@ class Diverged(NamedTuple):
     loss: float
 
 
-def lm_loss(model, batch, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean token cross-entropy (nats) of `model(*batch.inputs)` against `batch.targets` (-100: no target)."""
+def lm_losses(
+    model, batch, label_smoothing: float = 0.0, z_loss: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean token cross-entropy in nats of `model(*batch.inputs)` against `batch.targets` (-100: no
+    target), the objective: that plus z_loss * mean over target tokens of
+    (log Z)^2, log Z = logsumexp of the token's logits). The z-loss is PaLM's (Chowdhery et al.
+    2022, Sec. 5: 1e-4), which Wortsman et al. 2023 show keeps the output logits from drifting;
+    with z_loss 0 the objective is the cross-entropy itself."""
     logits = model(*batch.inputs)  # (B, T, vocab)
-    return F.cross_entropy(
-        logits.flatten(0, 1),
-        batch.targets.flatten(),
-        ignore_index=-100,
-        label_smoothing=label_smoothing,
-    )
+    targets = batch.targets.flatten()
+    logits = logits.flatten(0, 1)
+    ce = F.cross_entropy(logits, targets, ignore_index=-100, label_smoothing=label_smoothing)
+    if not z_loss:
+        return ce, ce
+    kept = logits[targets != -100]
+    log_z = torch.logsumexp(kept.to(torch.promote_types(kept.dtype, torch.float32)), -1)
+    return ce, ce + z_loss * log_z.square().mean()
 
 
 class Trainer:
@@ -88,10 +97,14 @@ class Trainer:
         decay: str = "inverse_sqrt",
         weight_decay: float = 0.0,
         label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
     ):
         lr_schedule(0, lr, warmup, ramp, decay)  # an unknown decay fails here, before any step
+        if not (z_loss >= 0 and math.isfinite(z_loss)):
+            raise ValueError(f"z_loss: must be a number >= 0, got {z_loss}")
         self.model, self.probe, self.lr, self.warmup, self.clip = model, probe, lr, warmup, clip
         self.ramp, self.decay, self.label_smoothing = ramp, decay, label_smoothing
+        self.z_loss = z_loss  # coefficient of PaLM's z-loss (`lm_losses`); 0: none
         # weight decay as fairseq's Adam applies it: added to the gradient (L2), not decoupled
         self.optimizer = torch.optim.Adam(
             model.parameters(), lr=lr, betas=BETAS, eps=ADAM_EPS, weight_decay=weight_decay
@@ -102,7 +115,8 @@ class Trainer:
         return lr_schedule(self.steps_done, self.lr, self.warmup, self.ramp, self.decay)
 
     def step(self, batch, update: bool = True) -> torch.Tensor:
-        """Forward, backward, probe, clip and (if `update`) one Adam step; returns the detached loss.
+        """Forward, backward, probe, clip and (if `update`) one Adam step; returns the detached
+        cross-entropy (without the z-loss term, so that runs with and without it compare).
 
         `update=False` takes and records the gradient without changing the model: the
         measurement at initialization, or the last recording after the final update.
@@ -111,8 +125,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        loss = lm_loss(self.model, batch, self.label_smoothing)
-        loss.backward()
+        loss, objective = lm_losses(self.model, batch, self.label_smoothing, self.z_loss)
+        objective.backward()
         if self.probe is not None:
             self.probe.step()
         if self.clip:

@@ -56,21 +56,32 @@ def run_steps(model, probe, tok, tgt, steps=2, opt=None, after_step=None):
     }
 
 
+COLLECTIVES = ("all_reduce", "all_gather_single", "all_gather_into_tensor", "all_gather")
+
+
 @contextmanager
 def probe_reductions():
-    """The torch.distributed.all_reduce calls made inside, in a list: DDP's reducer, FSDP2 and
-    DTensor reach their collectives by other paths, so these are the probe's."""
-    calls, all_reduce = [], dist.all_reduce
+    """The collectives (all-reduce, all-gather) the probe's own code calls inside, in a list of
+    their names: DDP's reducer, FSDP2 and DTensor call theirs from torch's code, not counted."""
+    import sys
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return all_reduce(*args, **kwargs)
+    calls, real = [], {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
 
-    dist.all_reduce = counted
+    def counting(name):
+        def counted(*args, **kwargs):
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("residual_probe"):
+                calls.append(name)
+            return real[name](*args, **kwargs)
+
+        return counted
+
+    for name in real:
+        setattr(dist, name, counting(name))
     try:
         yield calls
     finally:
-        dist.all_reduce = all_reduce
+        for name, fn in real.items():
+            setattr(dist, name, fn)
 
 
 def _worker(rank, world, tmp, mode):
@@ -146,7 +157,17 @@ def test_two_ranks_equal_one_process(tmp_path, mode):
     assert_same(rows1, ref)
     assert (
         extra0["reductions"] == extra1["reductions"] == 2
-    )  # one all-reduce per recorded step, none in hooks
+    )  # one collective per recorded step (an all-gather: maxima ride with the sums), none in hooks
+    # the maxima are over every rank's tokens: each half-batch alone has a smaller one
+    tok, _ = data()
+    model = make_model()
+    with torch.no_grad():
+        halves = [float(model(tok[i * 2 : i * 2 + 2]).max()) for i in range(2)]
+    whole = ref[(0, "model", -1, "head", "-", "logit_max")]
+    assert halves[0] != halves[1] and whole == pytest.approx(max(halves), rel=1e-12)
+    assert any(k[-1] == "attn_logit_max" for k in ref) and any(
+        k[-1] == "norm_sq_per_dim_max" for k in ref
+    )
     if mode == "fsdp":
         assert extra0["sharded"] and extra1["sharded"]
         # step 1, block 0: each shard-local norm falls short; their squares add up to the global one

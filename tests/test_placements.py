@@ -434,3 +434,90 @@ def test_iwslt_preset_is_the_released_config():
     assert (cfg.dropout, cfg.attention_dropout, cfg.activation_dropout) == (0.3, 0.1, 0.1)
     assert cfg.share_all_embeddings and cfg.tie_embeddings and cfg.placement == "residual"
     assert ModelConfig.iwslt(placement="post-ln").placement == "post-ln"
+
+
+def hand_attention(attn, h, memory=None):
+    """Multi-head attention with QK-norm written out in float64: per head, q and k normalized over
+    head_dim by the attention's own q_norm/k_norm affines, softmax(q k^T / sqrt(head_dim) + causal)."""
+    B, T, C = h.shape
+    src = h if memory is None else memory
+    H = attn.heads
+    Dh = C // H
+
+    def heads(t):
+        return t.view(B, -1, H, Dh).transpose(1, 2)
+
+    def norm(x, mod):
+        if isinstance(mod, torch.nn.LayerNorm):
+            mu = x.mean(-1, keepdim=True)
+            var = ((x - mu) ** 2).mean(-1, keepdim=True)
+            return (x - mu) / torch.sqrt(var + mod.eps) * mod.weight + mod.bias
+        return x / torch.sqrt((x**2).mean(-1, keepdim=True) + mod.eps) * mod.weight
+
+    q = norm(heads(h @ attn.q_proj.weight.T + attn.q_proj.bias), attn.q_norm)
+    k = norm(heads(src @ attn.k_proj.weight.T + attn.k_proj.bias), attn.k_norm)
+    v = heads(src @ attn.v_proj.weight.T + attn.v_proj.bias)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(Dh)
+    if attn.causal and memory is None:
+        S = k.shape[2]
+        scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool).triu(1), -math.inf)
+    y = torch.softmax(scores, -1) @ v
+    return y.transpose(1, 2).reshape(B, T, C) @ attn.out_proj.weight.T + attn.out_proj.bias
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("placement", ["post-ln", "pre-ln", "residual"])
+def test_qk_norm_block_equals_a_hand_computation(placement, norm):
+    model = tiny(placement, "seq2seq", norm=norm, qk_norm=True)  # perturbs the q/k norm affines too
+    blk = model.decoder.layers[1]
+    assert blk.self_attn.q_norm.weight.shape == (SMALL["d_model"] // SMALL["heads"],)
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 5, SMALL["d_model"], dtype=torch.float64, generator=g)
+    memory = torch.randn(2, 7, SMALL["d_model"], dtype=torch.float64, generator=g)
+    with torch.no_grad():
+        for attn, mem in ((blk.self_attn, None), (blk.cross_attn, memory)):
+            assert torch.allclose(attn.branch(h, mem), hand_attention(attn, h, mem), 1e-12, 1e-12)
+        # and the block as a whole is still its placement's formula, with those sublayers
+        x = (h, h.clone()) if placement == "residual" else h
+        want = reference_block(placement, blk, x, memory, SMALL["depth"])
+        assert close(blk(x, memory), want)
+    plain = tiny(placement, "seq2seq", norm=norm)
+    assert plain.decoder.layers[1].self_attn.q_norm is None  # off by default: the model as before
+    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    per_norm = (2 if norm == "layernorm" else 1) * SMALL["d_model"] // SMALL["heads"]
+    attentions = 3 * SMALL["depth"]  # encoder self; decoder self and cross
+    assert params(model) - params(plain) == attentions * 2 * per_norm
+
+
+def test_z_loss_term_equals_a_direct_computation():
+    from residual_probe.data import BatchSource
+    from residual_probe.training import Trainer, lm_losses
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="decoder", placement="pre-ln", **SMALL)).double()
+    batch = BatchSource("decoder", 3, 6, SMALL["vocab_size"], seed=2).next()
+    batch.targets = batch.targets.clone()  # a view of the inputs' sequence
+    batch.targets[0, :2] = -100  # ignored targets carry no z-loss either
+    with torch.no_grad():
+        ce, objective = lm_losses(model, batch, z_loss=1e-2)
+        logits = model(*batch.inputs)
+    keep = batch.targets != -100
+    log_z = torch.log(torch.exp(logits[keep]).sum(-1))
+    ce_direct = -(logits[keep].log_softmax(-1).gather(1, batch.targets[keep][:, None])).mean()
+    assert float(ce) == pytest.approx(float(ce_direct), rel=1e-12)
+    assert float(objective - ce) == pytest.approx(1e-2 * float((log_z**2).mean()), rel=1e-12)
+    assert float(objective - ce) > 1e-3  # the term is there, and large enough to matter here
+    with torch.no_grad():
+        ce0, obj0 = lm_losses(model, batch)
+    assert torch.equal(ce0, obj0)  # without z-loss the objective is the cross-entropy
+    # the Trainer backpropagates the objective and returns the cross-entropy
+    grads = {}
+    for coef in (0.0, 1e-2):
+        torch.manual_seed(0)
+        m = build_model(ModelConfig(arch="decoder", placement="pre-ln", **SMALL)).double()
+        loss = Trainer(m, z_loss=coef).step(batch, update=False)
+        assert float(loss) == pytest.approx(float(ce), rel=1e-12)
+        grads[coef] = m.output_projection.weight.grad.clone()
+    assert not torch.allclose(grads[0.0], grads[1e-2])
+    with pytest.raises(ValueError, match="z_loss"):
+        Trainer(model, z_loss=-1.0)

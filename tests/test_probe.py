@@ -23,6 +23,16 @@ FORWARD = (
     "ln_update",
     "block_influence",
     "angular_distance",
+    "norm_sq_per_dim_max",
+)
+# attn_logits' and output_logits' rows: against eager twins in tests/test_attention_probe.py
+ATTENTION = (
+    "attn_logit_max",
+    "attn_entropy",
+    "attn_entropy_min",
+    "logit_z_mean",
+    "logit_z_max",
+    "logit_max",
 )
 
 
@@ -82,6 +92,7 @@ def naive_stats(prev, cur, eps=1e-5):
         "cos_adjacent": c,
         "relative_update": float(rel.mean()),
         "norm_sq_per_dim": float((b**2).sum(-1).mean() / b.shape[-1]),
+        "norm_sq_per_dim_max": max(float(b[t] @ b[t]) / b.shape[-1] for t in range(len(b))),
         "ln_update": float((ln(b) - ln(a)).abs().mean()),
         "block_influence": 1 - c,  # of the mean cosine (ShortGPT)
         "angular_distance": float(
@@ -189,6 +200,8 @@ def test_every_quantity_equals_direct_float64(arch, placement):
     ref = reference(model, inp, targets)
     _, got = probed(model, inp, targets)
     got.pop(("-", -1, "-", "-", "nonfinite_count"))
+    assert {k[-1] for k in got} >= set(ATTENTION)
+    got = {k: v for k, v in got.items() if k[-1] not in ATTENTION}
     assert set(got) == set(ref)
     for key, value in ref.items():
         assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
@@ -410,16 +423,19 @@ def test_detach_restores_the_model_exactly():
     inp, _ = inputs("seq2seq")
     before = model(*inp)
     probe = Probe(model)
+    hooks = 2 * SIZES["depth"] + 1  # each block's, and the output head's (output_logits)
+    observed = lambda: sum("observer" in vars(m) for m in model.modules())  # noqa: E731
     with probe:
         during = model(*inp)
-        assert hook_count(model) == 2 * SIZES["depth"]
+        assert hook_count(model) == hooks
+        assert observed() == 3 * SIZES["depth"]  # every attention's observer (attn_logits)
     after = model(*inp)
     assert torch.equal(before, during) and torch.equal(before, after)
-    assert hook_count(model) == 0
+    assert hook_count(model) == 0 and observed() == 0
     probe.attach()  # explicit attach/detach too
-    assert hook_count(model) == 2 * SIZES["depth"]
+    assert hook_count(model) == hooks
     probe.detach()
-    assert hook_count(model) == 0
+    assert hook_count(model) == 0 and observed() == 0
 
 
 @pytest.fixture

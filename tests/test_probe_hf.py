@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from test_discovery import build_hf
-from test_probe import naive_act, naive_stats
+from test_probe import ATTENTION, naive_act, naive_stats
 
 from residual_probe.probe import Probe
 
@@ -107,8 +107,9 @@ def test_hf_quantities_equal_naive_float64(family):
     got = {
         (r["layer"], r["sublayer"], r["stream"], r["metric"]): r["value"]
         for r in rows
-        if r["layer"] >= 0
+        if r["layer"] >= 0 and r["metric"] not in ATTENTION  # tests/test_attention_probe.py
     }
+    assert {r["metric"] for r in rows} >= set(ATTENTION)  # BERT's too: through its interface
     assert set(got) == set(ref)
     for key, value in ref.items():
         assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key

@@ -1,4 +1,5 @@
-"""The compact CSV sink: at most 250 bytes per block per recorded step at the default quantities,
+"""The compact CSV sink: at most 250 bytes per block per recorded step at the default quantities
+(300 with ResiDual's two streams),
 appendable (new keys add columns without breaking earlier lines), one `pandas.read_csv` call,
 the same rows as `probe.rows()`, and tidy CSVs of earlier versions still read and continued."""
 
@@ -44,7 +45,7 @@ def per_block_bytes(sink, steps):
     return (sink.stat().st_size - header) / steps / DEPTH
 
 
-def test_residual_two_streams_fit_250_bytes_per_block(tmp_path):
+def test_residual_two_streams_fit_300_bytes_per_block(tmp_path):
     torch.manual_seed(0)
     model = build_model(
         arch="decoder",
@@ -56,7 +57,7 @@ def test_residual_two_streams_fit_250_bytes_per_block(tmp_path):
         vocab_size=50,
     )
     train(Probe(model, sink=tmp_path / "probe.csv"), model, steps=2)
-    assert per_block_bytes(tmp_path / "probe.csv", 2) <= 250
+    assert per_block_bytes(tmp_path / "probe.csv", 2) <= 300
 
 
 def test_default_quantities_fit_250_bytes_per_block_and_match_rows(model, tmp_path):

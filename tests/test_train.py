@@ -84,7 +84,7 @@ def test_interrupt_keeps_everything_written(tmp_path, monkeypatch):
     import residual_probe.training as train_mod
 
     calls = {"n": 0}
-    real = train_mod.lm_loss
+    real = train_mod.lm_losses
 
     def interrupting(model, batch, *rest):
         calls["n"] += 1
@@ -92,7 +92,7 @@ def test_interrupt_keeps_everything_written(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(model, batch, *rest)
 
-    monkeypatch.setattr(train_mod, "lm_loss", interrupting)
+    monkeypatch.setattr(train_mod, "lm_losses", interrupting)
     with pytest.raises(KeyboardInterrupt):
         run_train(TrainSpec(placement="pre-ln", **TINY), tmp_path)
     meta = json.loads((tmp_path / "train.json").read_text())

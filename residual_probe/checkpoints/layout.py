@@ -90,7 +90,8 @@ def looks_fairseq(state: dict[str, torch.Tensor]) -> bool:
 
 
 def shapes(state: dict[str, torch.Tensor]) -> dict:
-    """Sizes readable from a residual-probe-named state dict: arch, depths, d_model, ffn, vocab."""
+    """Sizes readable from a residual-probe-named state dict: arch, depths, d_model, ffn, vocab,
+    and qk_norm where the attention holds q_norm weights."""
     depth = {}
     for s in ("encoder", "decoder"):
         idx = {int(m.group(1)) for k in state if (m := re.match(rf"^{s}\.layers\.(\d+)\.", k))}
@@ -124,4 +125,6 @@ def shapes(state: dict[str, torch.Tensor]) -> dict:
     }
     if arch == "seq2seq" and depth["decoder"] != depth["encoder"]:
         out["decoder_depth"] = depth["decoder"]
+    if f"{stack}.layers.0.self_attn.q_norm.weight" in state:  # ModelConfig(qk_norm=True)
+        out["qk_norm"] = True
     return out

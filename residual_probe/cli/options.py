@@ -48,6 +48,11 @@ REFERENCE_MODEL = {
     "seq_len": ("--seq-len", int, "Tokens per sequence."),
     "norm": ("--norm", str, "layernorm or rmsnorm."),
     "dropout": ("--dropout", float, "Dropout rate."),
+    "qk_norm": (
+        "--qk-norm",
+        bool,
+        "A norm (of --norm's kind) on each head's q and k (QK-layernorm, Wortsman et al. 2023): keeps attention logits from growing.",
+    ),
 }
 
 

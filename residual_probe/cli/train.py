@@ -24,6 +24,7 @@ MODEL = reference_model(
     batch=16,
     seq_len=64,
     dropout=0.0,
+    qk_norm=False,
 )
 
 
@@ -68,6 +69,14 @@ def train(
             help="Gradient clipping max-norm (0: none); the probe records before clipping."
         ),
     ] = 0.0,
+    z_loss: Annotated[
+        float,
+        typer.Option(
+            "--z-loss",
+            help="Add COEF * mean(logsumexp(logits)^2) to the loss (PaLM's z-loss, e.g. 1e-4); loss.csv keeps the cross-entropy alone.",
+            metavar="COEF",
+        ),
+    ] = 0.0,
     out: OutOpt = Path("results/train"),
     force: ForceOpt = False,
     overwrite: OverwriteOpt = False,
@@ -94,6 +103,7 @@ def train(
             forward_every=forward_every,
             eval_every=eval_every,
             clip=clip,
+            z_loss=z_loss,
             force=force,
         )
         with progress_bar(f"train {placement} depth {depth}") as start:

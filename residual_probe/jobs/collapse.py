@@ -122,7 +122,8 @@ def forward_result(probe, rows: list[dict], norms: TokenNorms, forward_s: float)
 
     from ..analysis import metrics
 
-    rows = rows + norms.rows()
+    # the peak ||h||^2/d comes with the median from the per-token values (TokenNorms)
+    rows = [r for r in rows if r["metric"] != "norm_sq_per_dim_max"] + norms.rows()
     t1 = time.perf_counter()
     matrices = {}
     for (stack, stream), H in probe.subsamples().items():  # H: (n_blocks + 1, n_tokens, d)

@@ -24,6 +24,7 @@ class ReferenceModel:
     ffn: int = _DEFAULT["ffn"]
     norm: str = _DEFAULT["norm"]
     dropout: float = _DEFAULT["dropout"]
+    qk_norm: bool = _DEFAULT["qk_norm"]
     batch: int = 8
     seq_len: int = 32
     extra: dict = field(default_factory=dict)  # further ModelConfig fields (none of the above)
@@ -38,6 +39,7 @@ class ReferenceModel:
             "ffn": self.ffn,
             "norm": self.norm,
             "dropout": self.dropout,
+            "qk_norm": self.qk_norm,
             "max_len": max(1024, self.seq_len),
         }
         return ModelConfig(

@@ -44,6 +44,7 @@ class TrainSpec(ReferenceModel):
     )
     eval_every: int = 50  # validation loss every n-th step
     clip: float = 0.0  # gradient clipping max-norm; 0 = none (the probe records before clipping)
+    z_loss: float = 0.0  # PaLM's z-loss coefficient (training.lm_losses); 0 = none
     force: bool = False  # run even when the memory estimate exceeds what the machine has free
 
     def model_config(self):
@@ -66,6 +67,8 @@ class TrainSpec(ReferenceModel):
                 raise ConfigError(f"{name}: out of range, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr: must be a positive number, got {self.lr}")
+        if not (self.z_loss >= 0 and math.isfinite(self.z_loss)):
+            raise ConfigError(f"z_loss: must be a number >= 0, got {self.z_loss}")
 
 
 def probe_figures(out: Path, placement: str, meta: dict) -> list[Path]:
@@ -118,7 +121,15 @@ def run_train(
         BatchSource(cfg.arch, spec.batch, spec.seq_len, cfg.vocab_size, 10_000 + i, val_text).next()
         for i in range(4)
     ]  # fixed held-out batches: comparable across steps and runs
-    names = ("param_grad_norm", "act_grad_norm", "w2_grad_norm", "forward_stats", "update_ratio")
+    names = (
+        "param_grad_norm",
+        "act_grad_norm",
+        "w2_grad_norm",
+        "forward_stats",
+        "update_ratio",
+        "attn_logits",  # attention-logit growth and entropy collapse (what --qk-norm prevents)
+        "output_logits",  # log Z drift (what --z-loss prevents)
+    )
     last = (
         (spec.steps - 1) // spec.probe_every * spec.probe_every
     )  # the last recorded step: collapse at the end
@@ -130,7 +141,9 @@ def run_train(
         last_step=last,
         sink=out / "probe.csv",
     )
-    trainer = Trainer(model, probe, lr=spec.lr, warmup=spec.warmup, clip=spec.clip)
+    trainer = Trainer(
+        model, probe, lr=spec.lr, warmup=spec.warmup, clip=spec.clip, z_loss=spec.z_loss
+    )
     probe.track_optimizer(
         trainer.optimizer
     )  # update ratios: a block whose update blew up is an instability event

@@ -45,6 +45,9 @@ class ModelConfig:
     attention_dropout: float | None = None  # on the attention weights
     activation_dropout: float | None = None  # after the FFN's ReLU
     norm: str = "layernorm"
+    # A norm of kind `norm` on each head's q and k over head_dim, in every attention, for any
+    # placement (QK-layernorm, Wortsman et al. 2023): bounds the attention logits' growth.
+    qk_norm: bool = False
     init: str = "fairseq"  # fairseq: what the paper trained with; xiong: W^Q = W^K = 0 (theory)
     alpha: float = 1.0  # ResiDual: weight of the x stream in alpha * x + LN_f(d)
     # ResiDual: d_0 = s * x_0 and every update enters d as s * b (microsoft/ResiDual), so
@@ -99,7 +102,7 @@ class ModelConfig:
                     "share_all_embeddings=True needs tie_embeddings=True (fairseq: sharing all "
                     "embeddings shares the decoder's input and output embedding too)"
                 )
-        for name in ("tie_embeddings", "share_all_embeddings"):
+        for name in ("tie_embeddings", "share_all_embeddings", "qk_norm"):
             if not isinstance(getattr(self, name), bool):
                 bad(f"{name}: must be true or false, got {getattr(self, name)!r}")
         if not self.res_input_norm_scale > 0:

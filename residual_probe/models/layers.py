@@ -52,8 +52,18 @@ class Attention(Sublayer):
     """Multi-head attention with fairseq's q/k/v/out projections; cross-attention reads memory.
 
     `dropout` acts on the sublayer's output, `attention_dropout` on the attention weights
-    (fairseq's two rates).
+    (fairseq's two rates). `qk_norm`: a norm of the config's kind on q and on k of each head, over
+    head_dim (QK-layernorm: Wortsman et al. 2023, arXiv 2309.14322; Dehghani et al. 2023; OLMo 2
+    and Qwen 3 use it against attention-logit growth).
+
+    `observer`: None, or a callable called as observer(q, k, causal) with the tensors SDPA
+    receives, q (B, heads, T, head_dim) and k (B, heads, S, head_dim) after the projections and
+    QK-norm, scaled by SDPA's default 1/sqrt(head_dim) and masked only by `causal` (SDPA's
+    is_causal: query i sees keys 0..i). The probe's attn_logits quantity sets it; unset, it costs
+    one attribute test.
     """
+
+    observer = None  # a class default: models saved before it existed load unchanged
 
     def __init__(
         self,
@@ -64,10 +74,13 @@ class Attention(Sublayer):
         norms: int,
         norm_kind: str,
         attention_dropout: float = 0.0,
+        qk_norm: bool = False,
     ):
         super().__init__(norms, norm_kind, d, dropout)
         self.heads, self.causal, self.attn_dropout = heads, causal, attention_dropout
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+        self.q_norm = make_norm(norm_kind, d // heads) if qk_norm else None
+        self.k_norm = make_norm(norm_kind, d // heads) if qk_norm else None
 
     def branch(self, h: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
         B, T, C = h.shape
@@ -77,11 +90,16 @@ class Attention(Sublayer):
             return t.view(B, -1, self.heads, C // self.heads).transpose(1, 2)
 
         q, k, v = split(self.q_proj(h)), split(self.k_proj(src)), split(self.v_proj(src))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        causal = self.causal and memory is None
+        if self.observer is not None:
+            self.observer(q, k, causal)
         y = F.scaled_dot_product_attention(
             q,
             k,
             v,
-            is_causal=self.causal and memory is None,
+            is_causal=causal,
             dropout_p=self.attn_dropout if self.training else 0.0,
         )
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))

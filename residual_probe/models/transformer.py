@@ -25,9 +25,10 @@ class Block(nn.Module):
         self.k = k  # 0-based index in its stack
         self.placement = placement  # a plain object, not a module: it owns no parameters
         n, d, p_attn = placement.sublayer_norms, cfg.d_model, cfg.attention_dropout_rate
-        self.self_attn = Attention(d, cfg.heads, cfg.dropout, causal, n, cfg.norm, p_attn)
+        qk = cfg.qk_norm
+        self.self_attn = Attention(d, cfg.heads, cfg.dropout, causal, n, cfg.norm, p_attn, qk)
         self.cross_attn = (
-            Attention(d, cfg.heads, cfg.dropout, False, n, cfg.norm, p_attn) if cross else None
+            Attention(d, cfg.heads, cfg.dropout, False, n, cfg.norm, p_attn, qk) if cross else None
         )
         self.ffn = FeedForward(d, cfg.ffn, cfg.dropout, n, cfg.norm, cfg.activation_dropout_rate)
         placement.add_parameters(self)

@@ -1,5 +1,6 @@
 """The probe across processes: which process group pools a step's token sums, the step's one
-all-reduce, and the rows of pipeline stages gathered to the first stage and merged there.
+collective (an all-reduce of sums, or a gather of sums and maxima), and the rows of pipeline
+stages gathered to the first stage and merged there.
 
 Nothing here runs on one process: `parallel_groups` answers (None, 1) without an initialized
 process group, and the Probe calls the rest only when it has a group.
@@ -86,25 +87,54 @@ def global_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def all_reduce_step(
-    group: Any, pooled: list[torch.Tensor | None], shared: list[torch.Tensor]
-) -> list[torch.Tensor | None]:
-    """The step's one reduction: the quantities' pooled sums (None where a quantity pools nothing)
-    and the sharded gradient squares `shared`, concatenated and summed over `group` in a single
-    all_reduce. Returns the pooled sums reduced; `shared` is reduced in place."""
-    present = [p for p in pooled if p is not None]
-    if group is None or not (present or shared):
-        return pooled
+def reduce_step(
+    group: Any,
+    pooled: list[torch.Tensor | None],
+    shared: list[torch.Tensor],
+    maxima: list[torch.Tensor | None] = (),
+) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """The step's one collective over `group`: the quantities' pooled sums (None where a
+    quantity pools nothing) and the sharded gradient squares `shared` are summed, the quantities'
+    `maxima` maximized. Without maxima that is one all_reduce(SUM) of the concatenated sums. A
+    maximum cannot ride a sum, so with maxima every rank's packed vector [sums..., maxima...] is
+    gathered by one all_gather_into_tensor (world x n floats: the vector is a few numbers per
+    block) and reduced here, in rank order, the same on every rank. Returns (sums, maxima)
+    reduced; `shared` is reduced in place. NaN propagates through both."""
+    maxima = list(maxima) or [None] * len(pooled)
+    sums = [p for p in pooled if p is not None]
+    peaks = [m for m in maxima if m is not None]
+    if group is None or not (sums or shared or peaks):
+        return pooled, maxima
     import torch.distributed as dist
 
-    device = (present or shared)[0].device
-    flat = torch.cat([p.to(device, buffer_dtype(device)) for p in present + shared])
-    dist.all_reduce(flat, group=group)
-    parts = iter(flat.split([p.numel() for p in present + shared]))
-    pooled = [None if p is None else next(parts) for p in pooled]
+    device = (sums or shared or peaks)[0].device
+    parts = sums + shared
+    n_sum = sum(p.numel() for p in parts)
+    flat = torch.cat([p.to(device, buffer_dtype(device)).reshape(-1) for p in parts + peaks])
+    if peaks:
+        every = all_gather_flat(flat, group)  # (world, n)
+        flat = torch.cat([every[:, :n_sum].sum(0), every[:, n_sum:].amax(0)])
+    else:
+        dist.all_reduce(flat, group=group)
+    it = iter(flat.split([p.numel() for p in parts + peaks]))
+    pooled = [None if p is None else next(it) for p in pooled]
     for v in shared:
-        v.copy_(next(parts))
-    return pooled
+        v.copy_(next(it))
+    maxima = [None if m is None else next(it) for m in maxima]
+    return pooled, maxima
+
+
+def all_gather_flat(flat: torch.Tensor, group: Any) -> torch.Tensor:
+    """(world, n): every rank's 1-D `flat` (n floats), by one collective: all_gather_single
+    (torch >= 2.13) or all_gather_into_tensor, its older name, into a flat (world * n) buffer
+    (gloo takes no other shape)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    out = torch.empty(world * flat.numel(), dtype=flat.dtype, device=flat.device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, flat, group=group)
+    return out.view(world, -1)
 
 
 def gather_stage_rows(group: Any, rows: list[dict]) -> tuple[list[dict], float]:

@@ -15,7 +15,7 @@
 What each quantity is and when it is taken is said in its own module under `quantities/`
 (and in the README, "Probing your own model"). The Probe only coordinates: it finds the blocks,
 owns the forward hooks (one per block, shared by every forward quantity; `hooks.py`), the step
-counter, the one device-to-host copy per recorded step, the all-reduce across data-parallel
+counter, the one device-to-host copy per recorded step, the one collective across data-parallel
 ranks and the gather of pipeline stages (`distributed.py`) and the sinks. Forward quantities see only *training* forwards: a module in training mode with grad
 enabled, outside `probe.paused()` and outside activation-checkpoint recomputation; eval-mode
 and no_grad forwards count only with `include_eval=True`.
@@ -37,11 +37,11 @@ from torch import nn
 
 from .discovery import BlockInfo, find_blocks
 from .distributed import (
-    all_reduce_step,
     gather_stage_rows,
     global_rank,
     group_size,
     parallel_groups,
+    reduce_step,
 )
 from .errors import ProbeError
 from .gradnorm import RankSums, is_dtensor
@@ -83,8 +83,8 @@ class _Setup:
 
 class _StepContext:
     """Per-export helpers: the shared per-parameter squared gradient norms, AMP unscaling, and the
-    sharded squared sums that join the step's one all-reduce (`sums`; None on one process).
-    Quantities take gradient squares in `pooled()`, before that all-reduce; they are complete
+    sharded squared sums that join the step's one collective (`sums`; None on one process).
+    Quantities take gradient squares in `pooled()`, before that collective; they are complete
     from `values()` on."""
 
     def __init__(self, probe: "Probe", step: int, sums: RankSums | None = None):
@@ -331,13 +331,22 @@ class Probe:
 
     # ---- the forward hook ------------------------------------------------------------------
 
+    def records_forward(self, module: nn.Module) -> bool:
+        """Whether a forward of `module` running now belongs to the step's record: the probe not
+        paused, not a backward's recomputation (activation checkpointing), and a training
+        forward (module in training mode, grad enabled) unless include_eval. The quantities with
+        hooks of their own (attention, the output head) ask this, as the blocks' hook does."""
+        if self._paused or in_backward():
+            return False
+        return self.include_eval or (module.training and torch.is_grad_enabled())
+
     def _on_forward(
         self, pos: int, module: nn.Module, args: tuple, kwargs: dict, output: Any
     ) -> None:
         active = self._fwd_active
         if not active or self._paused or in_backward():
             return
-        if not self.include_eval and not (module.training and torch.is_grad_enabled()):
+        if not self.records_forward(module):
             self._skipped_eval += 1  # an evaluation forward: not part of the training step
             return
         b = self.blocks[pos]
@@ -375,7 +384,7 @@ class Probe:
         GradScaler either before `scaler.unscale_` or after it (never after `scaler.update()`).
         Returns the rows exported by this call: this step's, or with defer=True the previous
         step's. At most one device-to-host copy; none on a step where nothing is scheduled.
-        Under DDP/FSDP, call on every rank (it all-reduces).
+        Under DDP/FSDP, call on every rank (it runs the step's one collective).
         """
         with _gc_paused():
             return self._step_export()
@@ -384,10 +393,11 @@ class Probe:
         s = self._step
         ctx = _StepContext(self, s, None if self._group is None else RankSums(self._world))
         pooled = [q.pooled(ctx) for q in self.quantities]
+        maxima = [q.maxima(ctx) for q in self.quantities]
         shared = ctx.sums.vectors if ctx.sums is not None else []  # sharded gradient squares
-        pooled = all_reduce_step(self._group, pooled, shared)
+        pooled, maxima = reduce_step(self._group, pooled, shared, maxima)
         ctx.sums = None  # squares first taken after this point reduce themselves (correct, one more collective)
-        values = [q.values(ctx, p) for q, p in zip(self.quantities, pooled)]
+        values = [q.values(ctx, p, m) for q, p, m in zip(self.quantities, pooled, maxima)]
         alone = self._pipeline is None  # with a pipeline, rows are recorded once gathered
         rows = self._collect(record=alone)  # the previous step's, when deferred
         exported = [(q, v) for q, v in zip(self.quantities, values) if v is not None]

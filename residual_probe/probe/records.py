@@ -59,7 +59,7 @@ class RowSink:
     A .csv sink is wide: one line per (step, stack, layer), a column per `metric/sublayer/stream`,
     values to 7 significant digits (relative error at most 5e-7, float32's own resolution;
     about 12 bytes a number instead of a 60-byte tidy row: under 250 bytes per block per
-    recorded step at the default quantities, also with ResiDual's two streams). A key first seen
+    recorded step at the default quantities with one stream, 300 with ResiDual's two). A key first seen
     after the header was written adds a column at the end: the header line is rewritten once
     (atomically) and the earlier, shorter lines stay valid. A .jsonl sink is tidy, a JSON row
     per number (larger; every value at full precision). An existing tidy CSV (older versions)

@@ -12,6 +12,10 @@ ResiDual's dual stream d, is named `<stack>:<stream>`):
 - `probe/act_grad_first_over_last/<stack>`  the same ratio for the activation gradient ||dL/dh_k||
 - `probe/block_influence/<stack>/<kk>` 1 - cos(h_{k-1}, h_k) (ShortGPT)
 - `probe/late_cos_adjacent/<stack>`    mean adjacent cosine over the last third of the blocks (collapse)
+- `probe/attn_logit_max/<stack>/<kk>`  the block's largest attention logit (attn_logits)
+- `probe/attn_entropy_min/<stack>/<kk>` its smallest head's mean attention entropy, nats
+- `probe/logit_z_mean`, `probe/logit_z_max`, `probe/logit_max`: log Z of the output logits, mean
+                                       and largest over tokens, and the largest logit (output_logits)
 - `probe/grad_norm_model/<part>`       the parts outside the blocks (embedding, embedding_norm,
                                        final_norm, head, other) and `total`, clip_grad_norm_'s norm
 - `probe/nonfinite_count`              NaN/inf values recorded in the step
@@ -67,6 +71,12 @@ def _width(layers) -> int:
     return max(2, len(str(max(layers))))
 
 
+def _per_block(group: str, label: str, by_layer: dict[int, float]) -> dict[str, float]:
+    """`probe/<group>/<stack label>/<kk>` for each block, kk zero-padded to sort in block order."""
+    w = _width(by_layer)
+    return {f"{PREFIX}/{group}/{label}/{k:0{w}d}": by_layer[k] for k in sorted(by_layer)}
+
+
 def summary(rows: Iterable[Mapping], step: int | None = None) -> dict[str, float]:
     """Grouped scalars of one recorded step: `step`, or the last step present in `rows`.
 
@@ -84,9 +94,7 @@ def summary(rows: Iterable[Mapping], step: int | None = None) -> dict[str, float
 
     for label, by_layer in _series(rows, "param_grad_norm").items():
         layers = sorted(by_layer)
-        w = _width(layers)
-        for k in layers:
-            out[f"{PREFIX}/grad_norm/{label}/{k:0{w}d}"] = by_layer[k]
+        out.update(_per_block("grad_norm", label, by_layer))
         ratio, rate = _ratio_and_rate([by_layer[k] for k in layers])
         out[f"{PREFIX}/first_over_last/{label}"] = ratio
         out[f"{PREFIX}/decay_rate/{label}"] = rate
@@ -96,11 +104,9 @@ def summary(rows: Iterable[Mapping], step: int | None = None) -> dict[str, float
         out[f"{PREFIX}/act_grad_first_over_last/{label}"] = _ratio_and_rate(
             [by_layer[k] for k in sorted(by_layer)]
         )[0]
-    for label, by_layer in _series(rows, "block_influence").items():
-        layers = sorted(by_layer)
-        w = _width(layers)
-        for k in layers:
-            out[f"{PREFIX}/block_influence/{label}/{k:0{w}d}"] = by_layer[k]
+    for metric in ("block_influence", "attn_logit_max", "attn_entropy_min"):
+        for label, by_layer in _series(rows, metric).items():
+            out.update(_per_block(metric, label, by_layer))
     from ..analysis.verdicts import late_cos
 
     for label, by_layer in _series(rows, "cos_adjacent").items():
@@ -110,6 +116,8 @@ def summary(rows: Iterable[Mapping], step: int | None = None) -> dict[str, float
     for r in rows:
         if r["metric"] == "param_grad_norm" and r["stack"] == "model":
             out[f"{PREFIX}/grad_norm_model/{r['sublayer']}"] = float(r["value"])
+        if r["metric"] in ("logit_z_mean", "logit_z_max", "logit_max") and r["stack"] == "model":
+            out[f"{PREFIX}/{r['metric']}"] = float(r["value"])
     nonfinite = [float(r["value"]) for r in rows if r["metric"] == "nonfinite_count"]
     if nonfinite:
         out[f"{PREFIX}/nonfinite_count"] = sum(nonfinite)

@@ -5,8 +5,10 @@ in the tests. A new token-mean forward statistic is smaller still: one `token_st
 """
 
 from .act_grad_norm import ActGradNorm
+from .attn_logits import AttnLogits
 from .base import Quantity
 from .forward_stats import ForwardStats
+from .output_logits import OutputLogits
 from .param_grad_norm import ParamGradNorm
 from .param_tensor_norm import ParamTensorNorm
 from .subsample import Subsample
@@ -24,6 +26,8 @@ REGISTRY: dict[str, type[Quantity]] = {
         Subsample,
         UpdateRatio,
         ParamTensorNorm,
+        AttnLogits,
+        OutputLogits,
     )
 }
 QUANTITIES = tuple(REGISTRY)  # every name a Probe accepts
@@ -37,7 +41,9 @@ __all__ = [
     "REGISTRY",
     "TOKEN_STATS",
     "ActGradNorm",
+    "AttnLogits",
     "ForwardStats",
+    "OutputLogits",
     "ParamGradNorm",
     "ParamTensorNorm",
     "Quantity",

@@ -166,7 +166,7 @@ class ActGradNorm(StreamSlots):
                 self.buf[:, 1].copy_(counts, non_blocking=True)  # host to device: no sync
         return super().pooled(ctx)
 
-    def values(self, ctx, pooled):
+    def values(self, ctx, pooled, maxima=None):
         if pooled is None:
             return None
         sums, counts = pooled.view(-1, 2).unbind(1)

@@ -11,10 +11,12 @@ Per recorded step the coordinator calls, for every quantity:
 1. `begin(step)` when a step opens (`active` tells whether this quantity is scheduled on it);
 2. `forward(pos, block, ins, outs)` from each training forward of block `pos`, when scheduled;
 3. at `probe.step()`: `pooled(ctx)`, a 1-D device tensor of sums to add across data-parallel
-   ranks (or None), then `values(ctx, pooled)`, the 1-D device tensor to export (or None);
-   gradient quantities take their squared norms in `pooled` (`ctx.grad_squares()`), so that
-   sharded ones join the same one all-reduce; all quantities' values are concatenated and
-   copied to the host once;
+   ranks (or None), and `maxima(ctx)`, a 1-D device tensor of largest values to take the largest
+   of across ranks (or None); then `values(ctx, pooled, maxima)` with both reduced, the 1-D
+   device tensor to export (or None); gradient quantities take their squared norms in `pooled`
+   (`ctx.grad_squares()`), so that sharded ones join the same one collective
+   (`distributed.reduce_step`); all quantities' values are concatenated and copied to the host
+   once;
 4. `rows(step, host)` with the host floats of its own values.
 Nothing here calls `.item()`, `.tolist()` on a device tensor or copies index tensors to a
 device inside a hook.
@@ -22,6 +24,7 @@ device inside a hook.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -64,8 +67,16 @@ class Quantity:
         """Sums over this rank's tokens that the coordinator adds across data-parallel ranks."""
         return None
 
-    def values(self, ctx, pooled: torch.Tensor | None) -> torch.Tensor | None:
-        """The 1-D device tensor of this step's numbers (None: nothing to export)."""
+    def maxima(self, ctx) -> torch.Tensor | None:
+        """Largest values over this rank's tokens, of which the coordinator takes the largest
+        across data-parallel ranks (in the step's one collective, with the sums)."""
+        return None
+
+    def values(
+        self, ctx, pooled: torch.Tensor | None, maxima: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """The 1-D device tensor of this step's numbers (None: nothing to export), from the
+        reduced `pooled` sums and `maxima`."""
         return None
 
     def rows(self, step: int, host: list[float]) -> list[dict]:
@@ -86,9 +97,12 @@ class Quantity:
 class StreamSlots(Quantity):
     """A quantity that sums into one preallocated (slots, width) buffer per step, a slot per
     (block, stream): allocated on the first device it sees, zeroed lazily when a step's first
-    value arrives, constant in the number of forwards; its rows are what `pooled` returns."""
+    value arrives, constant in the number of forwards; its rows are what `pooled` returns. With
+    `peaks` > 0, a (slots, peaks) buffer `top` beside it holds largest values (-inf when fresh),
+    which `maxima` returns."""
 
     width: ClassVar[int] = 1
+    peaks: ClassVar[int] = 0
 
     def __init__(self, setup: Any, rule: Rule):
         super().__init__(setup, rule)
@@ -99,6 +113,7 @@ class StreamSlots(Quantity):
         for j, (pos, _) in enumerate(self.slots):
             self._first.setdefault(pos, j)
         self.buf: torch.Tensor | None = None
+        self.top: torch.Tensor | None = None
         self._fresh = True
 
     def begin(self, step: int) -> None:
@@ -109,11 +124,13 @@ class StreamSlots(Quantity):
         """This step's buffer; on the device of the step's first value (a model split over devices
         adds its other blocks' values with a non-blocking copy)."""
         if self.buf is None or (self._fresh and self.buf.device != device):
-            self.buf = torch.zeros(
-                len(self.slots), self.width, dtype=buffer_dtype(device), device=device
-            )
+            dtype = buffer_dtype(device)
+            self.buf = torch.zeros(len(self.slots), self.width, dtype=dtype, device=device)
+            self.top = torch.empty(len(self.slots), self.peaks, dtype=dtype, device=device)
+            self.top.fill_(-math.inf)
         elif self._fresh:
             self.buf.zero_()
+            self.top.fill_(-math.inf)
         self._fresh = False
         return self.buf
 
@@ -121,6 +138,11 @@ class StreamSlots(Quantity):
         if not self.is_active or self.buf is None or self._fresh:
             return None
         return self.buf.reshape(-1)
+
+    def maxima(self, ctx) -> torch.Tensor | None:
+        if not self.peaks or self.pooled(ctx) is None:
+            return None
+        return self.top.reshape(-1)
 
 
 def slot_runs(slots: list[int]) -> list[tuple[int, int, slice, bool]]:

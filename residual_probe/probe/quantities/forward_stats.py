@@ -5,7 +5,9 @@ training mode with grad enabled; eval-mode or no_grad forwards only with include
 never inside `probe.paused()` or an activation-checkpoint recomputation), pooled over every
 forward of the step (micro-batches) and across data-parallel ranks: each value is a sum over
 tokens divided by the number of tokens. block_influence = 1 - cos_adjacent (ShortGPT, Men et
-al. 2024), derived at export.
+al. 2024), derived at export. norm_sq_per_dim_max: the largest token's ||h_k||^2/d over the same
+tokens (the peak `collapse` reports beside the median; massive activations, Sun et al. 2024),
+maximized over forwards and ranks.
 
 State, constant in the number of forwards: one (slots, n_stats + 1) float64 buffer of
 [sums..., tokens] per (block, stream), and a `Pending` (slots, tokens, RAW) buffer of the current
@@ -26,6 +28,7 @@ forward) or at `probe.step()`, and adds into the sums.
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
@@ -163,6 +166,7 @@ class ForwardStats(StreamSlots):
     sparse = True
     stats = TOKEN_STATS
     width = len(TOKEN_STATS) + 1  # [sums..., tokens]
+    peaks = 1  # the largest token's ||h||^2/d
 
     def __init__(self, setup, rule):
         super().__init__(setup, rule)
@@ -236,8 +240,10 @@ class ForwardStats(StreamSlots):
         sums = (
             torch.stack([*(s(t) for s in self.stats), w], -1).mul_(w.unsqueeze(-1)).sum(1)
         )  # (slots, width)
+        peak = torch.where(w > 0, t.norm_sq[..., 1], -math.inf).amax(1, keepdim=True) / t.d
         buf = self._buffer(pend.raw.device)
         buf.add_(sums.to(buf.device, non_blocking=True))
+        torch.maximum(self.top, peak.to(buf.device, buf.dtype, non_blocking=True), out=self.top)
         pend.clear()
 
     def pooled(self, ctx):
@@ -252,12 +258,12 @@ class ForwardStats(StreamSlots):
         )
         return super().state_bytes() + chains + sum(p.nbytes() for p in self._pending.values())
 
-    def values(self, ctx, pooled):
+    def values(self, ctx, pooled, maxima=None):
         if pooled is None:
             return None
         k = len(self.stats)
         buf = pooled.view(-1, k + 1)
-        return torch.cat([(buf[:, :k] / buf[:, k:]).reshape(-1), buf[:, k]])
+        return torch.cat([(buf[:, :k] / buf[:, k:]).reshape(-1), buf[:, k], maxima])
 
     def rows(self, step, host):
         k, n = len(self.stats), len(self.slots)
@@ -269,6 +275,8 @@ class ForwardStats(StreamSlots):
             means = host[j * k : (j + 1) * k]
             for s, v in zip(self.stats, means):
                 out.append(row(step, b.stack, b.index, "block", stream, s.name, v))
+            peak = host[n * (k + 1) + j]
+            out.append(row(step, b.stack, b.index, "block", stream, "norm_sq_per_dim_max", peak))
             out.append(
                 row(
                     step,

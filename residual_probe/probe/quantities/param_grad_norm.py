@@ -35,7 +35,7 @@ class ParamGradNorm(Quantity):
             self._part_sq = self.setup.params.parts.grad_squares(ctx.sums)
         return None
 
-    def values(self, ctx, pooled):
+    def values(self, ctx, pooled, maxima=None):
         if not self.is_active:
             return None
         params = self.setup.params

@@ -42,7 +42,7 @@ class ParamTensorNorm(Quantity):
             self._sq = self._squares(grads, ctx.sums)
         return None
 
-    def values(self, ctx, pooled):
+    def values(self, ctx, pooled, maxima=None):
         if not self.is_active:
             return None
         sq, self._sq = self._sq, None

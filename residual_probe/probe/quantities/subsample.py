@@ -104,7 +104,7 @@ class Subsample(Quantity):
             for s in streams
         }
 
-    def values(self, ctx, pooled):
+    def values(self, ctx, pooled, maxima=None):
         if not self.is_active:
             return None
         out = {}

@@ -106,7 +106,7 @@ class UpdateRatio(Quantity):
 
     # ---- export ---------------------------------------------------------------------------
 
-    def values(self, ctx, pooled):
+    def values(self, ctx, pooled, maxima=None):
         if not self._pending:
             return None
         self._exporting, self._pending = self._pending, []

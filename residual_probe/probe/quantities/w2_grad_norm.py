@@ -28,7 +28,7 @@ class W2GradNorm(Quantity):
             ctx.grad_squares()  # taken before the step's all-reduce (sharded squares join it)
         return None
 
-    def values(self, ctx, pooled):
+    def values(self, ctx, pooled, maxima=None):
         w2 = self.setup.params.w2
         if not self.is_active or not w2:
             return None
