@@ -23,6 +23,7 @@ OURS = {
     "residual": "residual",
     "mix-ln": "mix-ln",
     "rezero": "no-norm",
+    "dyt": "dyt",
 }
 
 
@@ -41,7 +42,7 @@ def test_our_placements(placement, norm):
             ffn=24,
             max_len=64,
             mix_ratio=0.5,
-            norm=norm,
+            norm="layernorm" if PLACEMENTS[placement].norm else norm,
         )
     ).eval()
     with torch.no_grad():  # trained-looking norm weights and ReZero gates
@@ -51,7 +52,8 @@ def test_our_placements(placement, norm):
     ids = torch.randint(1, 256, (1, 8))
     found = detect_placement(find_blocks(model), lambda: model(ids, ids), model)
     assert found["placement"] == OURS[placement], found["detail"]
-    assert found["norm_type"] == ("none" if placement == "rezero" else norm)
+    expected = "none" if placement == "rezero" else PLACEMENTS[placement].norm or norm
+    assert found["norm_type"] == expected
     if placement == "mix-ln":
         assert found["per_block"]["encoder"] == ["post-ln", "post-ln", "pre-ln", "pre-ln"]
 
@@ -152,3 +154,48 @@ def test_hugging_face_families(name):
     assert found["placement"] == placement, found["detail"]
     assert found["norm_type"] == ntype
     assert found["qk_norm"] == (name == "olmo2")
+
+
+class Squash(torch.nn.Module):
+    """A user's own DyT under a name the detector has never seen (the paper's is DynamicTanh)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.alpha = torch.nn.Parameter(torch.full((1,), 0.5))
+        self.gamma = torch.nn.Parameter(1 + 0.3 * torch.randn(d))
+        self.beta = torch.nn.Parameter(0.1 * torch.randn(d))
+
+    def forward(self, x):
+        return self.gamma * torch.tanh(self.alpha * x) + self.beta
+
+
+def test_dyt_is_recognised_by_behaviour_in_a_users_model():
+    """nn.TransformerEncoder, Pre-LN (norm_first), every LayerNorm swapped for a DyT of any name:
+    read as dyt with norm type dyt (was no-norm, norm type none); a LayerScale-like per-channel
+    scale is not a norm."""
+    from residual_probe.probe.discovery import is_norm, squashes
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, norm_first=True)
+    model = torch.nn.TransformerEncoder(layer, 3, norm=torch.nn.LayerNorm(16))
+    for blk in model.layers:
+        blk.norm1, blk.norm2 = Squash(16), Squash(16)
+    model.norm = Squash(16)
+    model.eval()
+    x = torch.randn(5, 2, 16)
+    found = detect_placement(find_blocks(model), lambda: model(x), model)
+    assert (found["placement"], found["norm_type"]) == ("dyt", "dyt"), found["detail"]
+    assert squashes(model.norm) and is_norm(model.norm)
+
+    class LayerScale(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.gamma, self.alpha = (
+                torch.nn.Parameter(torch.ones(d)),
+                torch.nn.Parameter(torch.ones(1)),
+            )
+
+        def forward(self, x):
+            return self.alpha * self.gamma * x
+
+    assert not squashes(LayerScale(16)) and not squashes(torch.nn.Linear(16, 16))

@@ -60,9 +60,17 @@ def reference_block(placement, blk, x, memory, depth, mix_ratio=0.25, s_res=1.0)
             x = x + f(s.norm(x) / math.sqrt(k + 1))
         elif placement == "rezero":
             x = x + blk.gate * f(x)
+        elif placement == "dyt":  # Zhu et al. 2025: every LN is gamma * tanh(alpha * x) + beta
+            x = x + f(dyt(s.norm, x))
         else:
             raise AssertionError(placement)
     return x
+
+
+def dyt(norm, x):
+    assert set(dict(norm.named_parameters())) == {"alpha", "weight", "bias"}
+    assert norm.alpha.shape == (1,)
+    return torch.tanh(norm.alpha * x) * norm.weight + norm.bias
 
 
 def close(a, b):
@@ -106,6 +114,8 @@ def test_stack_start_and_end(placement):
         )
     elif placement in ("pre-ln", "sandwich", "peri-ln", "mix-ln", "lns"):
         expected = stack.final_norm(state)
+    elif placement == "dyt":
+        expected = dyt(stack.final_norm, state)
     else:
         assert stack.final_norm is None
         expected = state
@@ -521,3 +531,13 @@ def test_z_loss_term_equals_a_direct_computation():
     assert not torch.allclose(grads[0.0], grads[1e-2])
     with pytest.raises(ValueError, match="z_loss"):
         Trainer(model, z_loss=-1.0)
+
+
+def test_dyt_starts_at_alpha_half_and_refuses_another_norm():
+    model = build_model(ModelConfig(arch="decoder", placement="dyt", qk_norm=True, **SMALL))
+    norms = [m for m in model.modules() if type(m).__name__ == "DynamicTanh"]
+    # per block 2 sublayer norms + q and k norms of the attention, and the final norm
+    assert len(norms) == 4 * SMALL["depth"] + 1 and all(float(n.alpha) == 0.5 for n in norms)
+    assert not any(isinstance(m, (torch.nn.LayerNorm,)) for m in model.modules())
+    with pytest.raises(ConfigError, match="placement 'dyt' makes every norm dyt"):
+        ModelConfig(placement="dyt", norm="rmsnorm")

@@ -69,6 +69,9 @@ class ModelConfig:
             bad(f"placement: unknown {self.placement!r}; choose one of {', '.join(PLACEMENTS)}")
         if self.norm not in NORMS:
             bad(f"norm: unknown {self.norm!r}; choose one of {', '.join(NORMS)}")
+        own = PLACEMENTS[self.placement].norm
+        if own is not None and self.norm != "layernorm":
+            bad(f"norm: placement {self.placement!r} makes every norm {own}; leave norm unset")
         if self.init not in INITS:
             bad(f"init: unknown {self.init!r}; choose one of {', '.join(INITS)}")
         for name in ("depth", "d_model", "heads", "ffn", "vocab_size", "max_len"):

@@ -27,7 +27,25 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
+class DynamicTanh(nn.Module):
+    """DyT (Zhu et al. 2025): gamma * tanh(alpha * x) + beta, a norm without statistics; alpha is one
+    learnable scalar, `alpha0` at init (0.5, the paper's default outside LLMs). As the reference
+    (jiachenzhu/DyT, dynamic_tanh.py, channels-last case)."""
+
+    def __init__(self, d: int, alpha0: float = 0.5):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((1,), alpha0))
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.alpha * x) * self.weight + self.bias
+
+
 def make_norm(kind: str, d: int, eps: float = 1e-5) -> nn.Module:
+    """A norm of `kind`: layernorm, rmsnorm, or dyt (which has no eps)."""
+    if kind == "dyt":
+        return DynamicTanh(d)
     return nn.LayerNorm(d, eps=eps) if kind == "layernorm" else RMSNorm(d, eps=eps)
 
 

@@ -56,6 +56,7 @@ class Placement:
     # stack): the k^-1/2 collapse reference is drawn for them (Xie et al. 2023, Sec. 4).
     pre_ln_streams: tuple[str, ...] = ()
     in_paper = False  # one of the ResiDual paper's compared placements (Xie et al. 2023, Table 1)
+    norm: str | None = None  # the norm every norm of the model is (DyT); None: the config's `norm`
 
     def __init__(self, cfg: PlacementConfig, role: str):
         self.cfg, self.role = cfg, role  # role: "encoder" or "decoder"
@@ -269,6 +270,15 @@ class LNS(Placement):
 
     def sublayer(self, x, f, s, blk):
         return x + f(s.norm(x) / math.sqrt(blk.k + 1))
+
+
+@register
+class DyT(PreLN):
+    """Pre-LN with every norm a Dynamic Tanh, gamma * tanh(alpha * x) + beta, alpha one scalar per
+    norm, 0.5 at init (Zhu et al. 2025, arXiv 2503.10622; jiachenzhu/DyT dynamic_tanh.py)."""
+
+    name = "dyt"
+    norm = "dyt"
 
 
 @register

@@ -25,12 +25,12 @@ class Block(nn.Module):
         self.k = k  # 0-based index in its stack
         self.placement = placement  # a plain object, not a module: it owns no parameters
         n, d, p_attn = placement.sublayer_norms, cfg.d_model, cfg.attention_dropout_rate
-        qk = cfg.qk_norm
-        self.self_attn = Attention(d, cfg.heads, cfg.dropout, causal, n, cfg.norm, p_attn, qk)
+        qk, norm = cfg.qk_norm, placement.norm or cfg.norm
+        self.self_attn = Attention(d, cfg.heads, cfg.dropout, causal, n, norm, p_attn, qk)
         self.cross_attn = (
-            Attention(d, cfg.heads, cfg.dropout, False, n, cfg.norm, p_attn, qk) if cross else None
+            Attention(d, cfg.heads, cfg.dropout, False, n, norm, p_attn, qk) if cross else None
         )
-        self.ffn = FeedForward(d, cfg.ffn, cfg.dropout, n, cfg.norm, cfg.activation_dropout_rate)
+        self.ffn = FeedForward(d, cfg.ffn, cfg.dropout, n, norm, cfg.activation_dropout_rate)
         placement.add_parameters(self)
 
     def sublayers(self) -> list[nn.Module]:
@@ -55,15 +55,14 @@ class Stack(nn.Module):
         self.embed = Embedding(
             cfg.vocab_size, cfg.d_model, cfg.max_len, cfg.dropout, cfg.position_offset
         )
-        self.embed_norm = make_norm(cfg.norm, cfg.d_model) if placement.embed_norm else None
+        norm = placement.norm or cfg.norm
+        self.embed_norm = make_norm(norm, cfg.d_model) if placement.embed_norm else None
         self.layers = nn.ModuleList(
             Block(cfg, placement, k, causal=role == "decoder", cross=decoder_of_seq2seq)
             for k in range(depth)
         )
         self.final_norm = (
-            make_norm(cfg.norm, cfg.d_model, placement.final_norm_eps)
-            if placement.final_norm
-            else None
+            make_norm(norm, cfg.d_model, placement.final_norm_eps) if placement.final_norm else None
         )
 
     @property

@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from ..errors import UserError
@@ -85,8 +86,40 @@ class BlockInfo:
 
 
 def is_norm(module: nn.Module) -> bool:
-    """LayerNorm, RMSNorm, GroupNorm and look-alikes (LlamaRMSNorm, T5LayerNorm, ...)."""
-    return isinstance(module, NORM_TYPES) or bool(NORM_CLASS.search(type(module).__name__))
+    """LayerNorm, RMSNorm, GroupNorm and look-alikes (LlamaRMSNorm, T5LayerNorm, ...), and DyT
+    whatever its class is called (`squashes`)."""
+    return (
+        isinstance(module, NORM_TYPES)
+        or bool(NORM_CLASS.search(type(module).__name__))
+        or squashes(module)
+    )
+
+
+def squashes(module: nn.Module) -> bool:
+    """Whether a module is DyT or a look-alike (DynamicTanh, DyTNorm, ...): read from behaviour, not
+    its name. A leaf with per-channel parameters of one width d and a scalar (gamma, beta, alpha)
+    whose output stays within |gamma| + |beta| however large its input: gamma * tanh(alpha x) +
+    beta (Zhu et al. 2025). A per-channel scale (LayerScale) grows with its input and is not one."""
+    if next(module.children(), None) is not None:
+        return False
+    params = list(module.parameters())
+    widths = {p.numel() for p in params if p.dim() == 1 and p.numel() > 1}
+    if len(widths) != 1 or any(p.dim() > 1 for p in params) or len(params) > 4:
+        return False
+    (d,) = widths
+    if not any(p.numel() == 1 for p in params):
+        return False
+    x = 1e4 * torch.randn(2, d, generator=torch.Generator().manual_seed(0))
+    x = x.to(dtype=params[0].dtype, device=params[0].device)
+    try:
+        with torch.no_grad():
+            y = module(x)
+    except Exception:
+        return False
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+        return False
+    bound = sum(float(p.detach().abs().max()) for p in params if p.numel() == d)
+    return bool(y.abs().max() <= bound * (1 + 1e-5) + 1e-6)
 
 
 def _has_params(module: nn.Module) -> bool:

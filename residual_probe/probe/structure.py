@@ -18,8 +18,9 @@ Per stack: one kind, or "mix-ln" for post-ln blocks followed by pre-ln blocks (M
 "other" with the per-block kinds in `detail`; "peri-ln" is a sandwich stack whose first block
 reads the output of a norm outside the blocks (the embedding's LN). Norms inside attention that
 normalize queries and keys (OLMo 2's q_norm/k_norm) are not stream norms; they are reported as
-QK-norm. The norm type (layernorm / rmsnorm) is read from behaviour: LayerNorm ignores a
-constant shift of its input, RMSNorm does not.
+QK-norm. The norm type (layernorm / rmsnorm / dyt) is read from behaviour: LayerNorm ignores a
+constant shift of its input, RMSNorm does not, DyT squashes any input into a bounded range; a
+Pre-LN stack whose norms are all DyT is labelled "dyt" (Zhu et al. 2025).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .discovery import BlockInfo, is_norm
+from .discovery import BlockInfo, is_norm, squashes
 from .stats import stream_tensors
 
 KINDS = ("post-ln", "pre-ln", "residual", "sandwich", "res-post-ln", "no-norm", "other")
@@ -78,7 +79,10 @@ def classify(ins: tuple, outs: tuple, norm_calls: list[tuple[torch.Tensor, torch
 
 
 def norm_type(module: nn.Module, width: int) -> str:
-    """layernorm (invariant to a constant shift of the input), rmsnorm (to scale, not shift), or other."""
+    """layernorm (invariant to a constant shift of the input), rmsnorm (to scale, not shift), dyt
+    (a bounded tanh squash, `discovery.squashes`), or other."""
+    if squashes(module):
+        return "dyt"
     param = next(module.parameters(), None)
     dtype = param.dtype if param is not None else torch.float32
     device = param.device if param is not None else "cpu"
@@ -208,6 +212,9 @@ class StructureWatch:
             if len(types) == 1
             else ("none" if not types else "mixed: " + ", ".join(sorted(types)))
         )
+        if placement == "pre-ln" and ntype == "dyt":  # Pre-LN arranged, every norm a DyT
+            placement = "dyt"
+            stacks = {s: "dyt" for s in per_block}
         detail = "; ".join(f"{s}: {_runs(ks)}" for s, ks in per_block.items())
         if self.qk:
             detail += "; QK-norm in attention"
