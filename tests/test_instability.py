@@ -157,7 +157,8 @@ def test_rule_on_hand_made_rows():
     assert find_events(rows, k=20.0)[0].step == 40  # a larger k: the 10x jump is not an event
     with pytest.raises(ValueError):
         Monitor(k=1.0)
-    assert isinstance(Event(**e.to_row()), Event)
+    row = e.to_row()
+    assert Event(**row) == e and row["followers"] == [dict(e.followers[0])]  # the row round-trips
 
 
 def test_summary_window_keeps_the_max_between_logs():
