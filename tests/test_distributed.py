@@ -21,14 +21,7 @@ from ranks import spawn_ranks
 from residual_probe.probe import Probe
 
 SIZES = dict(
-    arch="decoder",
-    placement="pre-ln",
-    depth=2,
-    d_model=16,
-    heads=2,
-    ffn=24,
-    vocab_size=23,
-    max_len=1024,
+    arch="decoder", placement="pre-ln", depth=2, d_model=16, heads=2, ffn=24, vocab_size=23
 )
 GLOBAL_BATCH, T = 4, 5
 

@@ -193,23 +193,28 @@ def test_single_file_formats(files, tmp_path_factory, name, canary):
     print(name, {k: outcomes.count(k) for k in set(outcomes)})
 
 
-@pytest.mark.parametrize("part", ["model.safetensors", "config.json"])
-def test_native_folder(files, tmp_path_factory, part, canary):
+def mutated_folder(source: Path, part: str, budget, tmp_path_factory, canary) -> list[str]:
+    """Each outcome of loading a copy of the folder `source` whose file `part` is replaced by a
+    mutation of itself (`budget`: the hypothesis settings)."""
     import shutil
 
-    folder = tmp_path_factory.mktemp("native") / "model"
-    shutil.copytree(files / "native", folder)
-    data = (files / "native" / part).read_bytes()
+    folder = tmp_path_factory.mktemp("mutant") / "model"
+    shutil.copytree(source, folder)
     outcomes = []
 
-    @FUZZ
-    @given(mutations(data))
+    @budget
+    @given(mutations((source / part).read_bytes()))
     def check(mutant):
         (folder / part).write_bytes(mutant)
         outcomes.append(attempt(load_any, folder, canary))
 
     check()
-    assert "error" in outcomes
+    return outcomes
+
+
+@pytest.mark.parametrize("part", ["model.safetensors", "config.json"])
+def test_native_folder(files, tmp_path_factory, part, canary):
+    assert "error" in mutated_folder(files / "native", part, FUZZ, tmp_path_factory, canary)
 
 
 @pytest.fixture(scope="module")
@@ -237,21 +242,7 @@ def hf_folders(tmp_path_factory):
     "sub, part", [("st", "model.safetensors"), ("bin", "pytorch_model.bin"), ("st", "config.json")]
 )
 def test_hugging_face_folder(hf_folders, tmp_path_factory, sub, part, canary):
-    import shutil
-
-    folder = tmp_path_factory.mktemp("hfmut") / "model"
-    shutil.copytree(hf_folders / sub, folder)
-    data = (hf_folders / sub / part).read_bytes()
-    outcomes = []
-
-    @FEW
-    @given(mutations(data))
-    def check(mutant):
-        (folder / part).write_bytes(mutant)
-        outcomes.append(attempt(load_any, folder, canary))
-
-    check()
-    assert "error" in outcomes
+    assert "error" in mutated_folder(hf_folders / sub, part, FEW, tmp_path_factory, canary)
 
 
 class Shell:

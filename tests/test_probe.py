@@ -500,15 +500,12 @@ def test_eval_forwards_are_not_pooled_into_the_training_step():
         probe, got = one_step_with(model, inp, targets, validate)
     assert_values_close(got, ref, same_keys=False)
     plain, _ = one_step_with(model, inp, targets, lambda p: None)
-    for (
-        key,
-        sub,
-    ) in plain.subsamples().items():  # the subsample is the training batch's, not validation's
+    # the subsample is the training batch's, not validation's
+    for key, sub in plain.subsamples().items():
         assert torch.equal(probe.subsamples()[key], sub)
 
-    def train_mode_no_grad(
-        probe,
-    ):  # a training-mode module under no_grad is not a training forward either
+    def train_mode_no_grad(probe):
+        # a training-mode module under no_grad is not a training forward either
         with torch.no_grad():
             model(*other)
 

@@ -14,10 +14,12 @@ from .style import color, save, setup
 
 def _runs(
     series: Mapping[str, Mapping[int, float]],
-    ax,
     placements: Mapping[str, str],
     dashed: Collection[str],
-) -> None:
+):
+    """A figure with one line per run on a log scale: (fig, ax)."""
+    plt = setup()
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
     for name, curve in series.items():
         xs = sorted(curve)
         ax.plot(
@@ -29,6 +31,7 @@ def _runs(
             lw=1.5,
         )
     ax.set_yscale("log")
+    return fig, ax
 
 
 def plot_collapse_profiles(
@@ -39,9 +42,7 @@ def plot_collapse_profiles(
     formats=("png",),
 ) -> list[Path]:
     """Block influence 1 - cos(h_{k-1}, h_k) per layer, one line per run (label -> {layer: value})."""
-    plt = setup()
-    fig, ax = plt.subplots(figsize=(5.6, 3.6))
-    _runs(profiles, ax, placements, dashed)
+    fig, ax = _runs(profiles, placements, dashed)
     ax.set(
         xlabel="block k",
         ylabel=r"block influence $1-\cos(h_{k-1}, h_k)$",
@@ -60,9 +61,7 @@ def plot_ratio_curves(
     formats=("png",),
 ) -> list[Path]:
     """First-block / last-block gradient norm over training steps, one line per run (label -> {step: ratio})."""
-    plt = setup()
-    fig, ax = plt.subplots(figsize=(5.6, 3.6))
-    _runs(curves, ax, placements, dashed)
+    fig, ax = _runs(curves, placements, dashed)
     ax.axhline(1.0, color="black", lw=0.8, ls=":")
     ax.set(
         xlabel="step",
