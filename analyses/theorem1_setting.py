@@ -10,7 +10,7 @@ initialization (Pre-LN, d 128, FFN 512, 4 heads, batch 8 x 32 random tokens of 2
   loss on those only);
 - encoder, masked positions NOT replaced (loss on 15 % random positions, inputs intact);
 - encoder, loss on every position (random targets);
-- decoder (causal), next-token loss on every position (the issue's independent setting);
+- decoder (causal), next-token loss on every position (a decoder-only LM's own setting);
 - decoder, masked-token loss as the encoder's.
 
 Usage: python analyses/theorem1_setting.py [--inits xiong,fairseq]

@@ -33,17 +33,32 @@ def status(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def make_model(folder: Path) -> int:
-    import torch
-    import transformers
-
-    cfg = transformers.LlamaConfig(
-        vocab_size=49152,
+LLAMA_SHAPES = {
+    "135m": dict(  # SmolLM2-135M's shape
         hidden_size=576,
         intermediate_size=1536,
         num_hidden_layers=30,
         num_attention_heads=9,
         num_key_value_heads=3,
+    ),
+    "1b": dict(  # 1.07B parameters
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    ),
+}
+
+
+def make_model(folder: Path, size: str = "135m") -> int:
+    """A random-weight Llama of one of LLAMA_SHAPES saved as a Hugging Face folder; its parameter count."""
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=49152,
+        **LLAMA_SHAPES[size],
         max_position_embeddings=2048,
         tie_word_embeddings=True,
         bos_token_id=0,

@@ -36,10 +36,28 @@ def rss() -> int:
         return int(fh.read().split()[1]) * resource.getpagesize()
 
 
+def timed_step(model, opt, tok, tgt, probe=None) -> float:
+    """Seconds of one Adam step on next-token cross-entropy. With `probe`, it is attached for this
+    step only, so plain and probed steps alternate on one model; attaching is not timed."""
+    import torch.nn.functional as F
+
+    if probe is not None:
+        probe.attach()
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(tok).flatten(0, 1), tgt.flatten()).backward()
+    if probe is not None:
+        probe.step()
+    opt.step()
+    dt = time.perf_counter() - t0
+    if probe is not None:
+        probe.detach()
+    return dt
+
+
 def child(depth: int, rounds: int, mode: str) -> None:
     sys.path.insert(0, str(ROOT))
     import torch
-    import torch.nn.functional as F
 
     from residual_probe.models import build_model
     from residual_probe.probe import Probe
@@ -61,18 +79,7 @@ def child(depth: int, rounds: int, mode: str) -> None:
     probe = Probe(model, subsample_tokens=64, keep_rows=False)
 
     def step(probed: bool) -> float:
-        if probed:
-            probe.attach()
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(tok).flatten(0, 1), tgt.flatten()).backward()
-        if probed:
-            probe.step()
-        opt.step()
-        dt = time.perf_counter() - t0
-        if probed:
-            probe.detach()
-        return dt
+        return timed_step(model, opt, tok, tgt, probe if probed else None)
 
     if mode == "time":
         step(False), step(True)  # warm-up

@@ -30,29 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ckpt_grads_memory import make_model, status
-
-
-def make_1b(folder: Path) -> int:
-    import torch
-    import transformers
-
-    cfg = transformers.LlamaConfig(
-        vocab_size=49152,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
-    model.save_pretrained(folder)
-    return sum(p.numel() for p in model.parameters())
+from ckpt_grads_memory import LLAMA_SHAPES, make_model, status
 
 
 def child(mode: str, folder: str, tokens: int, seq_len: int) -> dict:
@@ -97,7 +75,7 @@ def spread(values: list[float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=("135m", "1b"), default="135m")
+    ap.add_argument("--size", choices=tuple(LLAMA_SHAPES), default="135m")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
@@ -115,7 +93,7 @@ def main() -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=f"{root}:{root / 'benchmarks'}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / f"llama{args.size}"
-        n = (make_1b if args.size == "1b" else make_model)(folder)
+        n = make_model(folder, args.size)
         print(
             f"model: random Llama, {n / 1e6:.0f}M parameters; {args.tokens} tokens at seq-len "
             f"{args.seq_len}, batches of 8, {args.threads} threads, {args.rounds} rounds",

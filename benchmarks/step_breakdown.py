@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from depth_scale import timed_step
+
 from residual_probe.models import build_model
 from residual_probe.probe import Probe
 from residual_probe.probe import params as PA
@@ -85,18 +86,8 @@ def main() -> None:
     steps, parts = {"plain": [], "probed": []}, []
     for r in range(args.rounds + 1):  # the first round warms up
         for probed in (False, True):
-            if probed:
-                probe.attach()
             spent.clear()
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(tok).flatten(0, 1), tgt.flatten()).backward()
-            if probed:
-                probe.step()
-            opt.step()
-            dt = time.perf_counter() - t0
-            if probed:
-                probe.detach()
+            dt = timed_step(model, opt, tok, tgt, probe if probed else None)
             if r:
                 steps["probed" if probed else "plain"].append(dt)
                 if probed:

@@ -1,7 +1,7 @@
 """Memory budgets: what a run would need, estimated from its configuration before anything is built.
 
-A run too big for the machine used to grow until the kernel killed it (exit 137, no message) or
-end in "can't allocate 4000000000000 bytes". `check` compares an `Estimate` with the memory the
+Unchecked, a run too big for the machine grows until the kernel kills it (exit 137, no message)
+or ends in "can't allocate 4000000000000 bytes". `check` compares an `Estimate` with the memory the
 machine has free and raises a `BudgetError` (one line: what it would need, what there is) so the
 command refuses before allocating; `--force` skips the refusal.
 

@@ -5,6 +5,9 @@
   intra-op threads per process cost more in synchronisation than they gain (test_instability,
   test_bounds, test_edges_files and test_placements together: 74 s with the default threads,
   26 s with one, on a busy 2-core machine). A value set by the caller is kept.
+- Helpers the test modules import (`from conftest import ...`): `tiny_model`, the seeded small
+  reference model; `keyed`, probe rows by their key; `assert_values_close`, keyed values equal to
+  float64 precision.
 - `quick_figures`: `run_all(quick=True)` into one folder (every study, the translation grid
   included), read by test_analyses.py, test_translation_study.py and test_bounds.py. It is the
   suite's largest single cost (about 40 s on one core), so when a selected test needs it, a
@@ -24,6 +27,37 @@ import time
 from pathlib import Path
 
 import pytest
+
+ROW_KEY = ("step", "stack", "layer", "sublayer", "stream", "metric")
+
+
+def tiny_model(placement="pre-ln", arch="decoder", seed=0, **sizes):
+    """A reference model seeded with `seed`, small enough for a unit test; `sizes` overrides any
+    ModelConfig field (depth 2, d_model 16, 2 heads, FFN 32, 256 tokens, max_len 32 otherwise)."""
+    import torch
+
+    from residual_probe.models import ModelConfig, build_model
+
+    torch.manual_seed(seed)
+    fields = dict(depth=2, d_model=16, heads=2, ffn=32, max_len=32)
+    return build_model(ModelConfig(arch=arch, placement=placement, **{**fields, **sizes}))
+
+
+def keyed(rows, with_step: bool = True) -> dict:
+    """Probe rows as {(step, stack, layer, sublayer, stream, metric): value}; without the step
+    for one step's rows."""
+    key = ROW_KEY if with_step else ROW_KEY[1:]
+    return {tuple(r[k] for k in key): r["value"] for r in rows}
+
+
+def assert_values_close(got: dict, ref: dict, same_keys: bool = True) -> None:
+    """Every value of `ref` equals `got`'s under the same key to float64 precision (the probe and
+    its direct twin sum in other orders); `same_keys`: and `got` holds no other key."""
+    if same_keys:
+        assert set(got) == set(ref), set(got) ^ set(ref)
+    for key, value in ref.items():
+        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
 
 QUICK = "quick_figures"
 WAIT = 900  # seconds a reader waits for quick_figures (it takes about 40)

@@ -168,7 +168,7 @@ def test_long_sequences_take_a_seeded_query_subsample(monkeypatch):
         return model(tok)
 
     probe, _, got = probe_rows(model, run, include_eval=True)
-    q = probe._quantity("attn_logits")
+    q = probe.quantity("attn_logits")
     q._step = 0
     pick = q._pick(9, 0, torch.device("cpu"))
     assert len(pick) == 4 and torch.equal(pick, pick.sort().values)

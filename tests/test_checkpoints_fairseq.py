@@ -6,6 +6,7 @@ import argparse
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from residual_probe.checkpoints import CheckpointError
 from residual_probe.checkpoints.fairseq import fairseq_state, load_fairseq_file
@@ -20,20 +21,8 @@ class AverageMeter:  # a non-tensor object in extra_state, as fairseq's meters a
 
 
 def make_model(placement, arch="seq2seq", tie=True):
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        arch=arch,
-        placement=placement,
-        depth=3,
-        d_model=16,
-        heads=4,
-        ffn=24,
-        vocab_size=40,
-        max_len=64,
-        position_offset=2,
-        tie_embeddings=tie,
-    )
-    model = build_model(cfg).eval()
+    sizes = dict(depth=3, heads=4, ffn=24, vocab_size=40, max_len=64, position_offset=2)
+    model = tiny_model(placement, arch, tie_embeddings=tie, **sizes).eval()
     with torch.no_grad():  # trained-looking norms, so a swapped LN would show
         for name, p in model.named_parameters():
             if "norm" in name:

@@ -4,27 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from residual_probe.checkpoints import CheckpointError, load_any, save_model
 from residual_probe.checkpoints.native import unique_state
 from residual_probe.checkpoints.safetensors_io import save_file
-from residual_probe.models import ModelConfig, build_model
 
 
 def model_of(placement="pre-ln", arch="decoder", **kw):
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        arch=arch,
-        placement=placement,
-        depth=4,
-        d_model=16,
-        heads=4,
-        ffn=24,
-        max_len=64,
-        mix_ratio=0.5,
-        **kw,
-    )
-    return build_model(cfg).eval()
+    sizes = dict(depth=4, heads=4, ffn=24, max_len=64, mix_ratio=0.5)
+    return tiny_model(placement, arch, **{**sizes, **kw}).eval()
 
 
 def body(loaded, ids):

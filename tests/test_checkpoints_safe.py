@@ -8,11 +8,11 @@ import struct
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from residual_probe.checkpoints import CheckpointError, load_model, save_model
 from residual_probe.checkpoints.safe_pickle import Inert, load_pickle, mapping
 from residual_probe.checkpoints.safetensors_io import load_file, save_file
-from residual_probe.models import ModelConfig, build_model
 
 
 class Payload:
@@ -36,12 +36,7 @@ class Meter:  # stands in for fairseq's meters: a plain class, not a tensor
 
 
 def tiny(placement="pre-ln", arch="decoder", **kw):
-    torch.manual_seed(0)
-    return build_model(
-        ModelConfig(
-            arch=arch, placement=placement, depth=2, d_model=16, heads=2, ffn=32, max_len=32, **kw
-        )
-    ).eval()
+    return tiny_model(placement, arch, **kw).eval()
 
 
 @pytest.mark.parametrize(

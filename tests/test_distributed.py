@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from conftest import assert_values_close, tiny_model
 from ranks import spawn_ranks
 
-from residual_probe.models import build_model
 from residual_probe.probe import Probe
 
 SIZES = dict(
@@ -33,8 +33,7 @@ def data():
 
 
 def make_model():
-    torch.manual_seed(0)
-    return build_model(**SIZES).double()
+    return tiny_model(**SIZES).double()
 
 
 def run_steps(model, probe, tok, tgt, steps=2, opt=None, after_step=None):
@@ -142,19 +141,13 @@ def single_process():
     return run_steps(model, Probe(model, subsample_tokens=4), tok, tgt, opt=opt)
 
 
-def assert_same(got, ref):
-    assert set(got) == set(ref)
-    for key, value in ref.items():
-        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
-
-
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_ranks_equal_one_process(tmp_path, mode):
     (rows0, extra0), (rows1, extra1) = run_distributed(tmp_path, mode)
     ref = single_process()
     assert any(k[-1] == "act_grad_norm" for k in ref) and any(k[-1] == "cos_adjacent" for k in ref)
-    assert_same(rows0, ref)
-    assert_same(rows1, ref)
+    assert_values_close(rows0, ref)
+    assert_values_close(rows1, ref)
     assert (
         extra0["reductions"] == extra1["reductions"] == 2
     )  # one collective per recorded step (an all-gather: maxima ride with the sums), none in hooks

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,7 +29,6 @@ from residual_probe.checkpoints import CheckpointError, load_any, save_model
 from residual_probe.checkpoints.fairseq import fairseq_state
 from residual_probe.checkpoints.native import unique_state
 from residual_probe.checkpoints.safetensors_io import save_file
-from residual_probe.models import ModelConfig, Transformer
 
 # FUZZ_EXAMPLES=2000 runs a deeper, randomized pass (not part of the suite's time budget).
 DEEP = int(os.environ.get("FUZZ_EXAMPLES", "0"))
@@ -113,33 +113,20 @@ def attempt(load, path, ran) -> str:
     return result
 
 
-def tiny_model(placement="pre-ln", arch="decoder", **kw):
-    torch.manual_seed(0)
-    return Transformer(
-        ModelConfig(
-            arch=arch,
-            placement=placement,
-            depth=2,
-            d_model=8,
-            heads=2,
-            ffn=16,
-            vocab_size=40,
-            max_len=32,
-            **kw,
-        )
-    )
+def fuzz_model(placement="pre-ln", arch="decoder", **kw):
+    return tiny_model(placement, arch, **{"d_model": 8, "ffn": 16, "vocab_size": 40, **kw})
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("valid")
-    model = tiny_model()
+    model = fuzz_model()
     save_model(model, root / "native")
     state = unique_state(model)
     torch.save(state, root / "bare.pt")
     torch.save(state, root / "bare.bin", _use_new_zipfile_serialization=False)
     save_file(state, root / "bare.safetensors")
-    s2s = tiny_model(
+    s2s = fuzz_model(
         "post-ln", "seq2seq", position_offset=2
     )  # fairseq's positions start at padding_idx + 1
     c = s2s.cfg
@@ -206,23 +193,28 @@ def test_single_file_formats(files, tmp_path_factory, name, canary):
     print(name, {k: outcomes.count(k) for k in set(outcomes)})
 
 
-@pytest.mark.parametrize("part", ["model.safetensors", "config.json"])
-def test_native_folder(files, tmp_path_factory, part, canary):
+def mutated_folder(source: Path, part: str, budget, tmp_path_factory, canary) -> list[str]:
+    """Each outcome of loading a copy of the folder `source` whose file `part` is replaced by a
+    mutation of itself (`budget`: the hypothesis settings)."""
     import shutil
 
-    folder = tmp_path_factory.mktemp("native") / "model"
-    shutil.copytree(files / "native", folder)
-    data = (files / "native" / part).read_bytes()
+    folder = tmp_path_factory.mktemp("mutant") / "model"
+    shutil.copytree(source, folder)
     outcomes = []
 
-    @FUZZ
-    @given(mutations(data))
+    @budget
+    @given(mutations((source / part).read_bytes()))
     def check(mutant):
         (folder / part).write_bytes(mutant)
         outcomes.append(attempt(load_any, folder, canary))
 
     check()
-    assert "error" in outcomes
+    return outcomes
+
+
+@pytest.mark.parametrize("part", ["model.safetensors", "config.json"])
+def test_native_folder(files, tmp_path_factory, part, canary):
+    assert "error" in mutated_folder(files / "native", part, FUZZ, tmp_path_factory, canary)
 
 
 @pytest.fixture(scope="module")
@@ -250,21 +242,7 @@ def hf_folders(tmp_path_factory):
     "sub, part", [("st", "model.safetensors"), ("bin", "pytorch_model.bin"), ("st", "config.json")]
 )
 def test_hugging_face_folder(hf_folders, tmp_path_factory, sub, part, canary):
-    import shutil
-
-    folder = tmp_path_factory.mktemp("hfmut") / "model"
-    shutil.copytree(hf_folders / sub, folder)
-    data = (hf_folders / sub / part).read_bytes()
-    outcomes = []
-
-    @FEW
-    @given(mutations(data))
-    def check(mutant):
-        (folder / part).write_bytes(mutant)
-        outcomes.append(attempt(load_any, folder, canary))
-
-    check()
-    assert "error" in outcomes
+    assert "error" in mutated_folder(hf_folders / sub, part, FEW, tmp_path_factory, canary)
 
 
 class Shell:

@@ -114,6 +114,19 @@ def test_post_ln_without_warmup_on_text_shows_events_that_pre_ln_does_not(flush_
     assert all(f["step"] == e.step for e in post[1:] for f in e.followers) and post[1].followers
 
 
+def grad_row(step: int, layer: int, value: float) -> dict:
+    """A probe row of a decoder block's whole-block gradient norm."""
+    return dict(
+        step=step,
+        stack="decoder",
+        layer=layer,
+        sublayer="block",
+        stream="x",
+        metric="param_grad_norm",
+        value=value,
+    )
+
+
 def test_rule_on_hand_made_rows():
     """Block 3 jumps 10x at step 12, block 4 follows at 13; a slow drift is not an event; NaN is."""
     rows = []
@@ -124,17 +137,7 @@ def test_rule_on_hand_made_rows():
                 v *= 10
             if k == 4 and step == 13:
                 v *= 8
-            rows.append(
-                dict(
-                    step=step,
-                    stack="decoder",
-                    layer=k,
-                    sublayer="block",
-                    stream="x",
-                    metric="param_grad_norm",
-                    value=v,
-                )
-            )
+            rows.append(grad_row(step, k, v))
     (e,) = find_events(rows)  # the slow drift (3 % a step) is not an event
     assert (e.step, e.layer, round(e.ratio, 1)) == (
         12,
@@ -142,22 +145,13 @@ def test_rule_on_hand_made_rows():
         8.2,
     )  # 10 x 0.97^12 over the median of steps 0-11
     assert [(f["layer"], f["step"]) for f in e.followers] == [(4, 13)]
-    rows.append(
-        dict(
-            step=40,
-            stack="decoder",
-            layer=0,
-            sublayer="block",
-            stream="x",
-            metric="param_grad_norm",
-            value=math.nan,
-        )
-    )
+    rows.append(grad_row(40, 0, math.nan))
     assert find_events(rows)[-1].step == 40 and "nan" in find_events(rows)[-1].describe()
     assert find_events(rows, k=20.0)[0].step == 40  # a larger k: the 10x jump is not an event
     with pytest.raises(ValueError):
         Monitor(k=1.0)
-    assert isinstance(Event(**e.to_row()), Event)
+    row = e.to_row()
+    assert Event(**row) == e and row["followers"] == [dict(e.followers[0])]  # the row round-trips
 
 
 def test_summary_window_keeps_the_max_between_logs():
@@ -176,15 +170,7 @@ def spiked_rows(spikes, steps=60, depth=6):
 
     rng = random.Random(0)
     return [
-        dict(
-            step=step,
-            stack="decoder",
-            layer=k,
-            sublayer="block",
-            stream="x",
-            metric="param_grad_norm",
-            value=(1.0 + 0.1 * rng.uniform(-1, 1)) * spikes.get((step, k), 1.0),
-        )
+        grad_row(step, k, (1.0 + 0.1 * rng.uniform(-1, 1)) * spikes.get((step, k), 1.0))
         for step in range(steps)
         for k in range(depth)
     ]

@@ -232,5 +232,34 @@ def test_missing_extra_names_it(monkeypatch):
 
     with pytest.raises(MissingExtraError, match=r"residual-probe\[tensorboard\]"):
         ProbeWriter("/nonexistent")
-    # the core imports without any of them
-    import residual_probe.probe  # noqa: F401
+
+
+BLOCK_EXTRAS = """
+import sys
+from residual_probe.integrations import EXTRA_OF
+
+class NoExtras:  # an interpreter where no optional package is installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in EXTRA_OF:
+            raise ImportError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NoExtras())
+import residual_probe.checkpoints, residual_probe.cli.app, residual_probe.probe
+print(sorted(m for m in sys.modules if m.split(".")[0] in EXTRA_OF))
+"""
+
+
+def test_the_core_imports_without_any_extra():
+    """In a fresh interpreter that cannot import any optional package: the probe, the loaders and
+    the command line import, and none of the extras was loaded."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCK_EXTRAS], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

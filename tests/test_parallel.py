@@ -49,6 +49,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from conftest import keyed, tiny_model
 from ranks import spawn_ranks
 from test_distributed import SIZES, make_model, probe_reductions, run_steps
 from torch import nn
@@ -120,13 +121,6 @@ def assert_one_writer(path, twin):
     """The sink has the lines of the single-process twin's, once each: one rank wrote it."""
     got, want = sink_lines(path), sink_lines(twin)
     assert want and got == want, f"{len(got)} lines, the twin wrote {len(want)}"
-
-
-def keyed(rows):
-    return {
-        (r["step"], r["stack"], r["layer"], r["sublayer"], r["stream"], r["metric"]): r["value"]
-        for r in rows
-    }
 
 
 # ---- tensor parallel ---------------------------------------------------------------------------
@@ -273,12 +267,8 @@ QUANTITIES = (
 
 
 def make_deep_model():
-    torch.manual_seed(0)
-    from residual_probe.models import build_model
-
-    return build_model(
-        **{**SIZES, "depth": PP_DEPTH, "tie_embeddings": False}
-    ).double()  # a tie across stages needs its own all-reduce
+    # untied: a tie across stages needs its own all-reduce
+    return tiny_model(**{**SIZES, "depth": PP_DEPTH, "tie_embeddings": False}).double()
 
 
 class Stage(nn.Module):

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from residual_probe.models import PLACEMENTS, ConfigError, ModelConfig, build_model
 from residual_probe.models.placements import deepnorm_constants
@@ -16,8 +17,7 @@ SMALL = dict(d_model=16, heads=2, ffn=32, depth=4, vocab_size=50, max_len=64)
 
 
 def tiny(placement, arch="decoder", **kw):
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(arch=arch, placement=placement, **{**SMALL, **kw})).double()
+    model = tiny_model(placement, arch, **{**SMALL, **kw}).double()
     # Non-trivial norm affines and ReZero gates so that every term of each formula matters.
     with torch.no_grad():
         for name, p in model.named_parameters():

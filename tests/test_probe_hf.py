@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_values_close
 from test_discovery import build_hf
 from test_probe import ATTENTION, naive_act, naive_stats
 
@@ -110,9 +111,7 @@ def test_hf_quantities_equal_naive_float64(family):
         if r["layer"] >= 0 and r["metric"] not in ATTENTION  # tests/test_attention_probe.py
     }
     assert {r["metric"] for r in rows} >= set(ATTENTION)  # BERT's too: through its interface
-    assert set(got) == set(ref)
-    for key, value in ref.items():
-        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    assert_values_close(got, ref)
     ((key, sub),) = probe.subsamples().items()
     assert sub.shape == (3, 5, 32)
 

@@ -10,18 +10,12 @@ import warnings
 
 import pytest
 import torch
+from conftest import assert_values_close, keyed
 from test_probe import SIZES, inputs, loss_of, make, probed
 from torch import nn
 
 from residual_probe.models import build_model
 from residual_probe.probe import Probe, ProbeError
-
-
-def keyed(rows):
-    return {
-        (r["step"], r["stack"], r["layer"], r["sublayer"], r["stream"], r["metric"]): r["value"]
-        for r in rows
-    }
 
 
 def train(model, probe, inp, targets, steps=3, opt=None):
@@ -119,9 +113,7 @@ def test_attached_before_compile_records_what_eager_records_without_recompiles()
         graphs.append(counters["stats"]["unique_graphs"])
     probe.detach()
     got = keyed(probe.rows())
-    assert set(got) == set(ref)
-    for key, value in ref.items():
-        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    assert_values_close(got, ref)
     print("unique graphs per step:", graphs)
     assert graphs[0] == graphs[-1]  # no recompilation after the first step (schedule, block index)
     assert graphs[0] <= 2 * SIZES["depth"] + 4  # graph breaks at the hooks, not a graph per step

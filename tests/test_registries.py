@@ -2,8 +2,9 @@
 consumer (config, budget, plot, style; schedule and Probe) without another list to edit."""
 
 import torch
+from conftest import tiny_model
 
-from residual_probe.models import PLACEMENTS, ModelConfig, Transformer
+from residual_probe.models import PLACEMENTS
 from residual_probe.models.placements import register
 
 
@@ -19,10 +20,7 @@ def test_a_new_placement_reaches_config_budget_plot_and_style(tmp_path, monkeypa
     class MyLN(PLACEMENTS["post-ln"]):  # Post-LN's formula under a new name
         name = "my-ln"
 
-    cfg = ModelConfig(
-        arch="decoder", placement="my-ln", depth=2, d_model=16, heads=2, ffn=32, max_len=32
-    )
-    assert isinstance(Transformer(cfg).decoder.placement, MyLN)
+    assert isinstance(tiny_model("my-ln").decoder.placement, MyLN)
     assert (
         train_estimate(
             TrainSpec(
@@ -46,22 +44,43 @@ def test_a_new_placement_reaches_config_budget_plot_and_style(tmp_path, monkeypa
 
 
 def test_a_new_quantity_reaches_the_probe(monkeypatch):
+    """A quantity registered from outside gets the blocks' forward hook on its scheduled steps and
+    its rows reach `probe.step()`, beside the built-in ones."""
     from residual_probe.probe import Probe
-    from residual_probe.probe.quantities import DEFAULT_QUANTITIES, REGISTRY, Quantity
+    from residual_probe.probe.quantities import REGISTRY, Quantity
+    from residual_probe.probe.records import row
 
-    class Zero(Quantity):
-        name = "zero"  # the base class's life cycle: records nothing
+    class Calls(Quantity):
+        name = "forward_calls"  # forwards of each block this step
+        uses_forward = True
         default = False
 
-    monkeypatch.setitem(REGISTRY, "zero", Zero)
-    model = Transformer(
-        ModelConfig(
-            arch="decoder", placement="pre-ln", depth=2, d_model=16, heads=2, ffn=32, max_len=32
-        )
-    )
-    probe = Probe(model, quantities=("param_grad_norm", "zero"))
-    assert "zero" in probe.schedule.rules and "update_ratio" not in DEFAULT_QUANTITIES
+        def begin(self, step):
+            super().begin(step)
+            self.calls = torch.zeros(len(self.setup.blocks))
+
+        def forward(self, pos, block, ins, outs):
+            self.calls[pos] += 1
+
+        def values(self, ctx, pooled, maxima=None):
+            return self.calls if self.is_active else None
+
+        def rows(self, step, host):
+            blocks = self.setup.blocks
+            return [
+                row(step, b.stack, b.index, "block", "-", self.name, v)
+                for b, v in zip(blocks, host)
+            ]
+
+    monkeypatch.setitem(REGISTRY, "forward_calls", Calls)
+    model = tiny_model()
+    probe = Probe(model, quantities=("param_grad_norm", "forward_calls"))
     x = torch.randint(0, 100, (2, 8))
     with probe:
-        model(x).sum().backward()
-        probe.step()
+        model(x)
+        model(x).sum().backward()  # two forwards in one step
+        rows = probe.step()
+    calls = {r["layer"]: r["value"] for r in rows if r["metric"] == "forward_calls"}
+    assert calls == {0: 2.0, 1: 2.0}
+    grads = {r["layer"] for r in rows if r["metric"] == "param_grad_norm"}
+    assert grads == {-1, 0, 1}  # -1: the embedding

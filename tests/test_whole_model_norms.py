@@ -43,10 +43,7 @@ def test_reference_model_parts_and_total_match_clip_grad_norm():
         torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
         rows = probe.step()
     got = whole(rows)
-    assert (
-        set(got) == {"embedding", "final_norm", "head", "total"}
-        and not probe._params.parts.tied_head
-    )
+    assert set(got) == {"embedding", "final_norm", "head", "total"} and not probe.parts.tied_head
     dec = model.decoder
     assert got["embedding"] == pytest.approx(norm_of(dec.embed.parameters()), rel=1e-12)
     assert got["final_norm"] == pytest.approx(norm_of(dec.final_norm.parameters()), rel=1e-12)
@@ -68,7 +65,7 @@ def test_tied_head_counted_once_as_clip_grad_norm_does():
         model(x, labels=x).loss.backward()
         rows = probe.step()
     got = whole(rows)
-    assert probe._params.parts.tied_head and "head" not in got
+    assert probe.parts.tied_head and "head" not in got
     clip = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e9).item()
     assert got["total"] == pytest.approx(clip, rel=1e-6)
     assert got["embedding"] == pytest.approx(

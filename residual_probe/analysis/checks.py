@@ -16,7 +16,7 @@ from . import theory
 from .fits import geometric_decay, loglog_slope
 from .verdicts import VANISHING_RATIO
 
-W2_SLOPE_TOL = 0.15  # the issue's acceptance band around Theorem 1's slopes (0 and -1/2)
+W2_SLOPE_TOL = 0.15  # a measured slope within 0.15 of Theorem 1's (0 and -1/2) agrees
 N_SE = 3.0  # a prediction agrees when it lies within 3 standard errors of the measured mean
 # kappa within 3 % of alpha sqrt(n)/eps in blocks whose gradient RMS is below eps/1000. The
 # approximation is first order in rms/eps: kappa / (alpha sqrt(n)/eps) ~ 1 - c rms/eps, c = 3 for

@@ -31,6 +31,8 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Mapping
 
+from .verdicts import stream_name
+
 METRICS = ("param_grad_norm", "update_ratio")  # the per-block series searched for excursions
 K = 5.0  # an excursion: above K x the trailing median
 WINDOW = 20  # trailing recorded steps the median is taken over
@@ -55,7 +57,7 @@ class Event:
     )  # {metric, stack, stream, layer, step, ratio}, in order
 
     def describe(self) -> str:
-        where = self.stack + ("" if self.stream in ("x", "-", "") else f" {self.stream} stream")
+        where = stream_name(self.stack, self.stream)
         part = "" if self.sublayer == "block" else f" ({self.sublayer})"
         what = "gradient norm" if self.metric == "param_grad_norm" else "update ratio"
         size = (

@@ -1,4 +1,6 @@
-"""Representation metrics: per-layer scalars the probe's hooks reduce, and pairwise layer matrices.
+"""Representation metrics: per-layer scalars (the plain form of what the probe's hooks
+compute in `probe/quantities/token_stats.py`; studies and benchmarks call these) and pairwise
+layer matrices.
 
 Every function is a pure tensor function (no drawing, no I/O, no `.item()`): it returns a
 tensor, computed in at least float32 (half and bfloat16 inputs are upcast, float64 stays
@@ -113,24 +115,6 @@ def ln_update(prev: torch.Tensor, cur: torch.Tensor, eps: float = LN_EPS) -> tor
     return (layer_norm(b, eps) - layer_norm(a, eps)).abs().mean()
 
 
-def transition_stats(
-    prev: torch.Tensor, cur: torch.Tensor, eps: float = LN_EPS
-) -> tuple[torch.Tensor, ...]:
-    """(cos_adjacent, relative_update, norm_sq_per_dim(cur), ln_update) of one block in one pass.
-
-    The same four quantities as the functions above, sharing their intermediates (token norms,
-    one difference): the probe's forward hook calls this on every block of every recorded step,
-    where four separate passes would cost a sixth of a training step. Tested equal to the four.
-    """
-    a, b = _pair(prev, cur)
-    na, nb = a.norm(dim=-1), b.norm(dim=-1)
-    cos = ((a * b).sum(-1) / (na.clamp_min(EPS) * nb.clamp_min(EPS))).clamp(-1.0, 1.0).mean()
-    rel = ((b - a).norm(dim=-1) / na.clamp_min(EPS)).mean()
-    norm_sq = nb.square().mean() / b.shape[-1]
-    ln = (layer_norm(b, eps) - layer_norm(a, eps)).abs().mean()
-    return cos, rel, norm_sq, ln
-
-
 # ---- pairwise: stacked subsample H of shape (L, n, d) -------------------------------------
 
 
@@ -191,23 +175,6 @@ def _cka_from_grams(G: torch.Tensor) -> torch.Tensor:
     return hsic / (scale[:, None] * scale[None, :]).clamp_min(EPS)
 
 
-def linear_cka(X: torch.Tensor, Y: torch.Tensor, debiased: bool = False) -> torch.Tensor:
-    """Linear CKA between two representations of the same n tokens: (n, d1), (n, d2) -> 0-d.
-
-    Kornblith et al. 2019, Eq. 3 (biased HSIC); debiased=True uses the unbiased HSIC estimator
-    (Song et al. 2012; Nguyen et al. 2021), which needs n >= 4. Identical inputs give 1;
-    inputs whose centered features are orthogonal give 0 (biased).
-    """
-    if X.dim() != 2 or Y.dim() != 2 or X.shape[0] != Y.shape[0]:
-        raise MetricError(
-            f"CKA needs (n, d1) and (n, d2) with equal n, got {tuple(X.shape)}, {tuple(Y.shape)}"
-        )
-    _check_cka_tokens(X.shape[0], debiased)
-    dtype = torch.promote_types(_up(X).dtype, _up(Y).dtype)
-    G = torch.stack([_centered_gram(_up(Z).to(dtype), debiased) for Z in (X, Y)])
-    return _cka_from_grams(G)[0, 1]
-
-
 def cka_matrix(H: torch.Tensor, debiased: bool = False) -> torch.Tensor:
     """(L, n, d) -> (L, L) linear CKA between all layer pairs, from L centered Gram matrices.
 
@@ -230,42 +197,3 @@ def effective_rank(X: torch.Tensor) -> torch.Tensor:
     p = s / total.clamp_min(EPS)
     entropy = -(p * torch.log(p.clamp_min(EPS))).sum()  # 0 * log(0) := 0
     return torch.where(total > EPS, torch.exp(entropy), torch.zeros_like(total))
-
-
-def _sequences(X: torch.Tensor) -> torch.Tensor:
-    """(T, d) or (B, T, d) -> (B, T, d), upcast."""
-    if X.dim() == 2:
-        X = X.unsqueeze(0)
-    if X.dim() != 3 or X.numel() == 0:
-        raise MetricError(
-            f"expected token matrices of shape (T, d) or (B, T, d), got {tuple(X.shape)}"
-        )
-    return _up(X)
-
-
-def token_uniformity(X: torch.Tensor) -> torch.Tensor:
-    """Mean pairwise cosine between distinct tokens of one sequence, averaged over sequences.
-
-    X: (T, d) or (B, T, d), T >= 2. 1 means all tokens point the same way (rank collapse,
-    Noci et al. 2022); about 0 for independent random tokens.
-    """
-    X = _sequences(X)
-    T = X.shape[1]
-    if T < 2:
-        raise MetricError(f"token uniformity needs at least 2 tokens per sequence, got {T}")
-    U = _unit(X)
-    s = U.sum(dim=1)  # (B, d): sum_i sum_j u_i.u_j = ||sum_i u_i||^2
-    pair_sum = s.square().sum(-1) - U.square().sum((1, 2))  # drop the i == j terms
-    return (pair_sum / (T * (T - 1))).mean()
-
-
-def rank1_residual(X: torch.Tensor) -> torch.Tensor:
-    """Dong et al. 2021: ||X - 1 x^T||_F / ||X||_F with the best x (the token mean), mean over sequences.
-
-    X: (T, d) or (B, T, d). 0 when every token is the same vector (rank collapse), near 1 for
-    independent zero-mean tokens. Frobenius norm here (Dong et al. bound a composite l1/l-inf
-    norm; the minimizer under Frobenius is exactly the token mean). An all-zero X gives 0.
-    """
-    X = _sequences(X)
-    res = (X - X.mean(dim=1, keepdim=True)).flatten(1).norm(dim=-1)
-    return (res / X.flatten(1).norm(dim=-1).clamp_min(EPS)).mean()

@@ -18,7 +18,7 @@ from ..models import ConfigError, ModelConfig, Transformer
 from ..models.placements import PAPER_PLACEMENTS
 from .errors import CheckpointError
 from .layout import from_fairseq, shapes, to_fairseq
-from .loaded import LoadedModel, ours
+from .loaded import LoadedModel, missing_notes, ours
 from .native import load_exact
 from .registry import Source, register
 from .safe_pickle import load_pickle, mapping
@@ -162,12 +162,7 @@ def load_fairseq(
     cfg = config_from(args, state)
     model = Transformer(cfg)
     missing = load_exact(model, {k: v.float() for k, v in state.items()}, source, allow_missing)
-    notes = []
-    if missing:
-        notes.append(
-            f"partly random model: {len(missing)} weights missing from the file were left at random "
-            f"initialization ({', '.join(missing[:3])})"
-        )
+    notes = missing_notes(missing)
     scales = {float(args.get(f"{p}_res_input_norm_scale", 1.0)) for p in ("enc", "dec")}
     if scales != {1.0}:
         # The paper's code scales d_0 and every update by s, so LN_f(d) is unchanged up to eps: s = 1 here.

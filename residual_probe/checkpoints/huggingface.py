@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
-from .loaded import LoadedModel
+from .loaded import LoadedModel, first_names, missing_notes
 from .registry import Source, register
-from .safe_pickle import blocked_globals, checkpoint_globals, unsafe_message
+from .safe_pickle import load_pickle, one_line
 from .safetensors_io import read_header
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -81,39 +81,25 @@ def weight_files(folder: Path) -> tuple[list[Path], bool]:
     )
 
 
-def check_files(files: list[Path], safetensors: bool) -> None:
+def check_safetensors(files: list[Path]) -> None:
+    """Each file's header parses and its tensors fit in the file (pickles are checked as loaded)."""
     for f in files:
-        if safetensors:
-            header, start, size = read_header(f)
-            end = max(
-                (
-                    v["data_offsets"][1]
-                    for k, v in header.items()
-                    if k != "__metadata__"
-                    and isinstance(v, dict)
-                    and isinstance(v.get("data_offsets"), list)
-                    and len(v["data_offsets"]) == 2
-                ),
-                default=0,
+        header, start, size = read_header(f)
+        end = max(
+            (
+                v["data_offsets"][1]
+                for k, v in header.items()
+                if k != "__metadata__"
+                and isinstance(v, dict)
+                and isinstance(v.get("data_offsets"), list)
+                and len(v["data_offsets"]) == 2
+            ),
+            default=0,
+        )
+        if start + end > size:
+            raise CheckpointError(
+                f"{f}: truncated safetensors file ({size} bytes, header says {start + end})"
             )
-            if start + end > size:
-                raise CheckpointError(
-                    f"{f}: truncated safetensors file ({size} bytes, header says {start + end})"
-                )
-        else:
-            if f.stat().st_size == 0:
-                raise CheckpointError(f"{f}: empty file")
-            names: set[str] = set()
-            try:
-                checkpoint_globals(f, names)
-            except CheckpointError:
-                raise
-            except Exception:
-                if blocked_globals(names):
-                    raise CheckpointError(unsafe_message(f, blocked_globals(names))) from None
-                raise CheckpointError(f"{f}: not a PyTorch checkpoint or corrupt") from None
-            if blocked_globals(names):
-                raise CheckpointError(unsafe_message(f, blocked_globals(names)))
 
 
 AUTO_HEADS = ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForMaskedLM", "AutoModel")
@@ -137,24 +123,15 @@ def stored_names(files: list[Path], safetensors: bool) -> tuple[set[str], dict[s
         else:
             import torch
 
-            state = _torch_load(f)
+            state = state_dict_file(f)
             names |= {k for k, v in state.items() if isinstance(v, torch.Tensor)}
     aliases = {k: v for k, v in meta.items() if v in names and k not in names}
     return names, aliases
 
 
-def _torch_load(f: Path) -> dict:
-    import torch
-
-    try:
-        state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # the legacy (non-zip) format cannot be memory-mapped
-        try:
-            state = torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(
-                f"{f}: not a PyTorch checkpoint or corrupt ({_one_line(exc)})"
-            ) from None
+def state_dict_file(f: Path) -> dict:
+    """A pickled state dict, loaded by the one safe path (`load_pickle`), its tensors memory-mapped."""
+    state = load_pickle(f, mmap=True)
     if not isinstance(state, dict):
         raise CheckpointError(f"{f}: not a state dict")
     return state
@@ -226,7 +203,7 @@ def fill_missing(
 
             tensors, _ = load_file(f)
         else:
-            tensors = _torch_load(f)
+            tensors = state_dict_file(f)
         found.update({k: v for k, v in tensors.items() if k in wanted})
     state = model.state_dict()
     with torch.no_grad():
@@ -258,7 +235,8 @@ def load_hf_dir(
     if not is_hf_dir(folder):
         raise CheckpointError(f"{folder}: config.json is missing, not JSON, or lacks 'model_type'")
     files, safetensors = weight_files(folder)
-    check_files(files, safetensors)
+    if safetensors:
+        check_safetensors(files)
     stored, aliases = stored_names(files, safetensors)
     transformers = import_transformers()
     try:
@@ -267,7 +245,7 @@ def load_hf_dir(
         )
     except Exception as exc:
         raise CheckpointError(
-            f"{folder}/config.json: transformers cannot read it ({_one_line(exc)})"
+            f"{folder}/config.json: transformers cannot read it ({one_line(exc)})"
         ) from None
     cls = model_class(transformers, config, stored | set(aliases))
     try:
@@ -282,7 +260,7 @@ def load_hf_dir(
         )
     except Exception as exc:
         raise CheckpointError(
-            f"{folder}: transformers could not load the weights ({_one_line(exc)})"
+            f"{folder}: transformers could not load the weights ({one_line(exc)})"
         ) from None
     if info.get("mismatched_keys"):
         raise CheckpointError(
@@ -293,22 +271,12 @@ def load_hf_dir(
         key=natural_key,
     )
     model = model.float().eval()
-    notes = []
-    if missing:
-        shown = ", ".join(missing[:3]) + (
-            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+    if missing and not allow_missing:  # a weight left at random init would be measured as trained
+        raise CheckpointError(
+            f"{folder}: {len(missing)} weights are missing from the files ({first_names(missing)}); "
+            "pass --allow-missing-weights to measure them at random initialization"
         )
-        if (
-            not allow_missing
-        ):  # a weight left at random initialization would be measured as if trained
-            raise CheckpointError(
-                f"{folder}: {len(missing)} weights are missing from the files ({shown}); "
-                "pass --allow-missing-weights to measure them at random initialization"
-            )
-        notes.append(
-            f"partly random model: {len(missing)} weights missing from the files were left at "
-            f"random initialization ({shown})"
-        )
+    notes = missing_notes(missing)
     unused = sorted(info.get("unexpected_keys") or [], key=natural_key)
     omitted = omitted_blocks(unused, config)
     if omitted and not allow_unused:  # the config declares fewer blocks than the files hold
@@ -466,11 +434,6 @@ def load_tokenizer(transformers, folder: Path, notes: list[str]):
         )
     except Exception as exc:
         notes.append(
-            f"tokenizer files present but unusable ({_one_line(exc)}); byte-level tokens used instead"
+            f"tokenizer files present but unusable ({one_line(exc)}); byte-level tokens used instead"
         )
         return None
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."

@@ -12,7 +12,7 @@ checkpoint can compute:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -76,6 +76,23 @@ class LoadedModel:
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 return value
         return None
+
+
+def first_names(names: Sequence[str], shown: int = 3) -> str:
+    """The first `shown` names and how many more ("a, b, c and 4 more"), for a one-line message."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def missing_notes(missing: Sequence[str]) -> list[str]:
+    """Every loader's note on weights left at random initialization (`--allow-missing-weights`):
+    the verdicts are then about a partly random model. [] when nothing is missing."""
+    if not missing:
+        return []
+    return [
+        f"partly random model: {len(missing)} weights missing from the checkpoint were left at "
+        f"random initialization ({first_names(missing)})"
+    ]
 
 
 def body_forward(model) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -16,7 +16,7 @@ from torch import nn
 from ..models import ConfigError, ModelConfig, Transformer
 from ..output import write_json
 from .errors import CheckpointError
-from .loaded import LoadedModel, ours
+from .loaded import LoadedModel, first_names, missing_notes, ours
 from .registry import Source, register
 from .safetensors_io import load_file, save_file
 
@@ -97,15 +97,7 @@ def load_native(source: Source) -> LoadedModel:
     source.no_bare_flags("a folder")
     model = load_model(source.path, source.allow_missing)
     missing = model.missing_weights
-    notes = (
-        [
-            f"partly random model: {len(missing)} weights missing from the file were left at random "
-            f"initialization ({', '.join(missing[:3])})"
-        ]
-        if missing
-        else []
-    )
-    return ours(model, "residual-probe", str(source.path), notes, missing)
+    return ours(model, "residual-probe", str(source.path), missing_notes(missing), missing)
 
 
 def load_exact(
@@ -124,11 +116,8 @@ def load_exact(
     if (missing and not allow_missing) or unexpected:
         parts = []
         if missing:
-            shown = ", ".join(missing[:3]) + (
-                f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            )
             parts.append(
-                f"missing {len(missing)} weights ({shown}; --allow-missing-weights measures them "
+                f"missing {len(missing)} weights ({first_names(missing)}; --allow-missing-weights measures them "
                 "at random initialization)"
             )
         if unexpected:

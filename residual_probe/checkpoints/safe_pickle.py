@@ -149,40 +149,52 @@ def _torch_allowed() -> set[str]:
     return set(_get_allowed_globals())
 
 
-def _describe(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line of at most 160 characters, for a CheckpointError."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def load_pickle(path: str | Path, trust: bool = False) -> Any:
-    """Load a torch pickle on CPU; untrusted classes become `Inert` placeholders unless `trust`."""
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint not found: {p}")
+def check_pickle(p: Path) -> set[str]:
+    """The globals of the pickle file `p`, read without running it; a CheckpointError for an empty,
+    corrupt or unsafe file. A payload seen before damage is named: unsafe, not merely corrupt."""
     if p.stat().st_size == 0:
         raise CheckpointError(f"{p}: empty file")
-    if trust:
-        print(f"warning: --trust-pickle: unpickling {p} may run code it contains", file=sys.stderr)
-        try:
-            return torch.load(p, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise CheckpointError(f"{p}: cannot unpickle ({_describe(exc)})") from None
     names: set[str] = set()
     try:
         checkpoint_globals(p, names)
     except CheckpointError:
         raise
-    except (
-        Exception
-    ) as exc:  # truncated or not a pickle at all; but a payload seen before the damage is named
+    except Exception as exc:  # truncated or not a pickle at all
         if blocked_globals(names):
             raise CheckpointError(unsafe_message(p, blocked_globals(names))) from None
         raise CheckpointError(
-            f"{p}: not a PyTorch checkpoint or corrupt ({_describe(exc)})"
+            f"{p}: not a PyTorch checkpoint or corrupt ({one_line(exc)})"
         ) from None
     blocked = blocked_globals(names)
     if blocked:
         raise CheckpointError(unsafe_message(p, blocked))
+    return names
+
+
+def load_pickle(path: str | Path, trust: bool = False, mmap: bool = False) -> Any:
+    """Load a torch pickle on CPU; untrusted classes become `Inert` placeholders unless `trust`.
+
+    `mmap` maps a zip-format file's tensors instead of reading them (the legacy format cannot be
+    mapped): for reading the names in a large file without holding its weights in memory.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if trust:
+        if p.stat().st_size == 0:
+            raise CheckpointError(f"{p}: empty file")
+        print(f"warning: --trust-pickle: unpickling {p} may run code it contains", file=sys.stderr)
+        try:
+            return torch.load(p, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise CheckpointError(f"{p}: cannot unpickle ({one_line(exc)})") from None
+    names = check_pickle(p)
     allowed = _torch_allowed()
     stand_ins = [
         (placeholder(n), n)
@@ -192,8 +204,10 @@ def load_pickle(path: str | Path, trust: bool = False) -> Any:
     try:
         with torch.serialization.safe_globals(stand_ins), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.load(p, map_location="cpu", weights_only=True)
+            return torch.load(
+                p, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(p)
+            )
     except Exception as exc:
         raise CheckpointError(
-            f"{p}: not a PyTorch checkpoint or corrupt ({_describe(exc)})"
+            f"{p}: not a PyTorch checkpoint or corrupt ({one_line(exc)})"
         ) from None

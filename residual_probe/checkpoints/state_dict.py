@@ -14,7 +14,7 @@ from ..models import ConfigError, ModelConfig, Transformer
 from .errors import CheckpointError
 from .fairseq import PADDING_IDX
 from .layout import from_fairseq, looks_fairseq, shapes
-from .loaded import LoadedModel, ours
+from .loaded import LoadedModel, missing_notes, ours
 from .native import load_exact, resolve_aliases
 from .registry import Source, register
 from .safetensors_io import is_safetensors, load_file
@@ -85,16 +85,15 @@ def load_bare(
 
 def _bare(source: Source, state: dict[str, torch.Tensor]) -> LoadedModel:
     model, missing = load_bare(state, str(source.path), source.given, source.allow_missing)
-    notes = (
-        [
-            f"partly random model: {len(missing)} weights missing from the file were left at random "
-            f"initialization ({', '.join(missing[:3])})"
-        ]
-        if missing
-        else []
-    )
     start = 2 if looks_fairseq(state) else 0  # fairseq's decoder starts with </s>
-    return ours(model, "state-dict", str(source.path), notes, missing, decoder_start_id=start)
+    return ours(
+        model,
+        "state-dict",
+        str(source.path),
+        missing_notes(missing),
+        missing,
+        decoder_start_id=start,
+    )
 
 
 # A file named .safetensors is read as one even when its header is wrong, so that a text file

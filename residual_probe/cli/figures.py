@@ -21,7 +21,8 @@ def figures(
     quick: Annotated[
         bool,
         typer.Option(
-            "--quick", help="Small sizes and fewer depths/steps (about 20 s), as CI runs it."
+            "--quick",
+            help="Small sizes and fewer depths/steps (about 90 s on 2 CPU cores), as CI runs it.",
         ),
     ] = False,
     only: Annotated[str, typer.Option(help="Comma-separated studies to run (default: all).")] = "",

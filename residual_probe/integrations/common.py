@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -131,10 +132,10 @@ class CallbackCore:
 
     def __init__(
         self,
-        sink=AUTO,
+        sink: str | os.PathLike | None = AUTO,
         log_summaries: bool = True,
         forward_every: int = FORWARD_EVERY,
-        **probe_kwargs,
+        **probe_kwargs: Any,
     ):
         for key in ("model", "start_step", "sink"):
             if key in probe_kwargs:

@@ -27,9 +27,6 @@ Built for the `lightning` package (`import lightning`), not the older standalone
 
 from __future__ import annotations
 
-import os
-from typing import Any
-
 from . import require
 
 require("lightning", "lightning", "residual_probe.integrations.lightning")
@@ -37,7 +34,7 @@ require("lightning", "lightning", "residual_probe.integrations.lightning")
 from lightning.pytorch import Callback  # noqa: E402
 
 from ..probe import Probe  # noqa: E402
-from .common import AUTO, FORWARD_EVERY, CallbackCore, sink_path  # noqa: E402
+from .common import CallbackCore, sink_path  # noqa: E402
 
 
 def _logs_now(trainer) -> bool:
@@ -54,15 +51,6 @@ class ProbeCallback(CallbackCore, Callback):
     forward_every: forward statistics on every n-th recorded step (`CallbackCore.probe_options`).
     **probe_kwargs: passed to `Probe` (quantities, every, steps, blocks, subsample_tokens, keep_rows, ...).
     """
-
-    def __init__(
-        self,
-        sink: str | os.PathLike | None = AUTO,
-        log_summaries: bool = True,
-        forward_every: int = FORWARD_EVERY,
-        **probe_kwargs: Any,
-    ):
-        super().__init__(sink, log_summaries, forward_every, **probe_kwargs)
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.probe is not None:

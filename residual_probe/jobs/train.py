@@ -205,7 +205,11 @@ def run_train(
             save_model(model, out / "model")
             files = [out / "loss.csv", out / "probe.csv", out / "model"]
             if draw:
-                files += plot_losses(loss_curves({spec.placement: out / "loss.csv"}), out / "loss")
+                files += plot_losses(
+                    loss_curves({spec.placement: out / "loss.csv"}),
+                    out / "loss",
+                    placements={spec.placement: spec.placement},
+                )
                 files += probe_figures(out, spec.placement, meta)
             else:
                 meta["probe_figures"] = "not drawn: residual-probe plot draws them from probe.csv"

@@ -105,7 +105,13 @@ def plot_collapse_curves(
         ylabel="block influence  1 − cos",
         title="How much each block changes the stream",
     )
-    handles, labels = a.get_legend_handles_labels()
+    _legend_below(fig, a)
+    return save(fig, stem, formats)
+
+
+def _legend_below(fig, ax) -> None:
+    """`ax`'s legend for the whole figure, below the panels (never over the data), 3 a row."""
+    handles, labels = ax.get_legend_handles_labels()
     fig.legend(
         handles,
         labels,
@@ -114,11 +120,7 @@ def plot_collapse_curves(
         fontsize=8,
         frameon=False,
     )
-    rows = math.ceil(len(labels) / 3)
-    fig.tight_layout(
-        rect=(0, 0.06 * rows + 0.02, 1, 1)
-    )  # the legend below the panels, never over the data
-    return save(fig, stem, formats)
+    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(labels) / 3) + 0.02, 1, 1))
 
 
 def plot_norm_growth(
@@ -157,16 +159,7 @@ def plot_norm_growth(
         ylabel=r"$\|h_k - h_{k-1}\| / \|h_{k-1}\|$",
         title="Relative update per block",
     )
-    handles, labels = a.get_legend_handles_labels()
-    fig.legend(
-        handles,
-        labels,
-        loc="lower center",
-        ncol=min(3, max(1, len(labels))),
-        fontsize=8,
-        frameon=False,
-    )
-    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(labels) / 3) + 0.02, 1, 1))
+    _legend_below(fig, a)
     return save(fig, stem, formats)
 
 

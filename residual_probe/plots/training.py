@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Collection, Mapping
 
 import numpy as np
 import pandas as pd
@@ -15,15 +16,21 @@ from .style import color, save, setup
 
 
 def plot_losses(
-    curves: pd.DataFrame, path_stem: str | Path, formats=("png",), title: str = ""
+    curves: pd.DataFrame,
+    path_stem: str | Path,
+    placements: Mapping[str, str],
+    dashed: Collection[str] = (),
+    formats=("png",),
+    title: str = "",
 ) -> list[Path]:
-    """One line per run; the run label's first word picks the placement colour, "no warm-up" dashes it."""
+    """One line per run, coloured by its placement (run label -> placement); runs in `dashed`
+    (a study's runs without warm-up) are drawn dashed."""
     plt = setup()
     fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(9.5, 3.6))
     top = 0.0
     for name, d in curves.groupby("run", sort=False):
-        placement = name.split()[0]
-        style = "-" if "no warm-up" not in name else "--"
+        placement = placements[name]
+        style = "--" if name in dashed else "-"
         if len(d):
             ax_t.plot(d["step"], d["train_ema"], style, color=color(placement), label=name, lw=1.4)
             finite = d["train_loss"][np.isfinite(d["train_loss"])]

@@ -1,38 +1,48 @@
 """Figures of the training study: per-layer block influence of trained models, gradient ratio over steps.
 
-Both draw {run label: {x: value}} as one line per run; the label's first word picks the
-placement colour, "no warm-up" dashes the line.
+Both draw {run label: {x: value}} as one line per run, coloured by the run's placement (run label ->
+placement, from the caller); runs in `dashed` (without warm-up) are drawn dashed.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Collection, Mapping
 
 from .style import color, save, setup
 
 
-def _runs(series: Mapping[str, Mapping[int, float]], ax) -> None:
+def _runs(
+    series: Mapping[str, Mapping[int, float]],
+    placements: Mapping[str, str],
+    dashed: Collection[str],
+):
+    """A figure with one line per run on a log scale: (fig, ax)."""
+    plt = setup()
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
     for name, curve in series.items():
         xs = sorted(curve)
         ax.plot(
             xs,
             [curve[x] for x in xs],
-            "--" if "no warm-up" in name else "-",
-            color=color(name.split()[0]),
+            "--" if name in dashed else "-",
+            color=color(placements[name]),
             label=name,
             lw=1.5,
         )
     ax.set_yscale("log")
+    return fig, ax
 
 
 def plot_collapse_profiles(
-    profiles: Mapping[str, Mapping[int, float]], path_stem: str | Path, formats=("png",)
+    profiles: Mapping[str, Mapping[int, float]],
+    path_stem: str | Path,
+    placements: Mapping[str, str],
+    dashed: Collection[str] = (),
+    formats=("png",),
 ) -> list[Path]:
     """Block influence 1 - cos(h_{k-1}, h_k) per layer, one line per run (label -> {layer: value})."""
-    plt = setup()
-    fig, ax = plt.subplots(figsize=(5.6, 3.6))
-    _runs(profiles, ax)
+    fig, ax = _runs(profiles, placements, dashed)
     ax.set(
         xlabel="block k",
         ylabel=r"block influence $1-\cos(h_{k-1}, h_k)$",
@@ -44,12 +54,14 @@ def plot_collapse_profiles(
 
 
 def plot_ratio_curves(
-    curves: Mapping[str, Mapping[int, float]], path_stem: str | Path, formats=("png",)
+    curves: Mapping[str, Mapping[int, float]],
+    path_stem: str | Path,
+    placements: Mapping[str, str],
+    dashed: Collection[str] = (),
+    formats=("png",),
 ) -> list[Path]:
     """First-block / last-block gradient norm over training steps, one line per run (label -> {step: ratio})."""
-    plt = setup()
-    fig, ax = plt.subplots(figsize=(5.6, 3.6))
-    _runs(curves, ax)
+    fig, ax = _runs(curves, placements, dashed)
     ax.axhline(1.0, color="black", lw=0.8, ls=":")
     ax.set(
         xlabel="step",

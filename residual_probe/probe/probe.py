@@ -312,7 +312,7 @@ class Probe:
                 f"track_optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
         self.optimizer = optimizer
-        q = self._quantity("update_ratio")
+        q = self.quantity("update_ratio")
         if q is not None:
             q.detach()
             if self._attached:
@@ -517,12 +517,12 @@ class Probe:
         Row 0 is block 0's input (the embedding output), row k + 1 block k's output; on the
         activations' device. Copies: the probe reuses its own buffers for later draws.
         """
-        q = self._quantity("subsample")
+        q = self.quantity("subsample")
         return {k: v.clone() for k, v in q.last.items()} if q is not None else {}
 
     @property
     def subsample_step(self) -> int | None:
-        q = self._quantity("subsample")
+        q = self.quantity("subsample")
         return q.last_step if q is not None else None
 
     def state_bytes(self) -> int:
@@ -539,7 +539,9 @@ class Probe:
         """How many times the parameter-norm plan (buckets, index tensors) was built (1 in a steady loop)."""
         return self._params.plans_built
 
-    def _quantity(self, name: str) -> Quantity | None:
+    def quantity(self, name: str) -> Quantity | None:
+        """This probe's instance of the quantity `name` (None when not recorded): where a quantity
+        registered from outside (`quantities.REGISTRY`) keeps its state for its owner to read."""
         return next((q for q in self.quantities if q.name == name), None)
 
 

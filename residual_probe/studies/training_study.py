@@ -88,6 +88,7 @@ def run(out: Path, quick: bool = False) -> list[Check]:
 
     size, warm = settings(quick)
     runs, summary = {}, []
+    placements, dashed = {}, set()  # run label -> placement; the runs without warm-up
     for placement in PLACEMENTS:
         for warmup in (0, warm):
             name = f"{placement} {'warm-up ' + str(warmup) if warmup else 'no warm-up'}"
@@ -100,6 +101,9 @@ def run(out: Path, quick: bool = False) -> list[Check]:
             layers = sorted(influence)
             half = len(layers) // 2
             runs[name] = dict(dir=run_dir, ratios=ratios, influence=influence)
+            placements[name] = placement
+            if not warmup:
+                dashed.add(name)
             summary.append(
                 {
                     "placement": placement,
@@ -117,12 +121,19 @@ def run(out: Path, quick: bool = False) -> list[Check]:
     plot_losses(
         loss_curves({n: r["dir"] / "loss.csv" for n, r in runs.items()}),
         out / "training_study_loss",
+        placements,
+        dashed,
         title=f"{size['depth']}-block decoder LM on pydoc topics (bytes)",
     )
     plot_collapse_profiles(
-        {n: r["influence"] for n, r in runs.items()}, out / "training_study_collapse"
+        {n: r["influence"] for n, r in runs.items()},
+        out / "training_study_collapse",
+        placements,
+        dashed,
     )
-    plot_ratio_curves({n: r["ratios"] for n, r in runs.items()}, out / "training_study_grads")
+    plot_ratio_curves(
+        {n: r["ratios"] for n, r in runs.items()}, out / "training_study_grads", placements, dashed
+    )
     return summary_checks(summary, quick)
 
 

@@ -69,12 +69,6 @@ class Cells:
         ]
 
 
-def _cell_text(depth, placement, warmup, lr, alpha=1.0) -> str:
-    return f"E{depth}D{depth} {placement}, {'warm-up' if warmup else 'no warm-up'}, lr {lr:g}" + (
-        "" if alpha == 1.0 else f", alpha {alpha:g}"
-    )
-
-
 def compare(cells: Cells, statement: str, setting: str, placement: str, paper: str, a, b) -> Check:
     """The claim "a > b" (BLEU), resolved beyond sentence and seed noise."""
     pairs = cells.pairs(a, b)
