@@ -202,11 +202,11 @@ def model_parameters(cfg) -> tuple[int, dict[str, int]]:
     total = 0 if cfg.tie_embeddings else vocab * d
     per_block = {}
     with torch.device("meta"):
-        norm = count(make_norm(cfg.norm, 1)) * d
         for role, depth in ((r, cfg.stack_depth(r)) for r in ("encoder", "decoder")):
             if not depth:
                 continue
             placement = make_placement(cfg, role)
+            norm = count(make_norm(placement.norm or cfg.norm, d))
             block = Block(
                 cfg,
                 placement,

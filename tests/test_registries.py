@@ -62,7 +62,7 @@ def test_a_new_quantity_reaches_the_probe(monkeypatch):
         def forward(self, pos, block, ins, outs):
             self.calls[pos] += 1
 
-        def values(self, ctx, pooled, maxima=None):
+        def values(self, ctx, pooled):  # the two-argument form of a quantity without maxima
             return self.calls if self.is_active else None
 
         def rows(self, step, host):

@@ -273,12 +273,18 @@ class LNS(Placement):
 
 
 @register
-class DyT(PreLN):
-    """Pre-LN with every norm a Dynamic Tanh, gamma * tanh(alpha * x) + beta, alpha one scalar per
-    norm, 0.5 at init (Zhu et al. 2025, arXiv 2503.10622; jiachenzhu/DyT dynamic_tanh.py)."""
+class DyT(Placement):
+    """Pre-LN with every norm a Dynamic Tanh: x <- x + F(DyT(x)), DyT(x) = gamma * tanh(alpha * x)
+    + beta, alpha one scalar per norm, 0.5 at init; DyT(x) at the end of the stack (Zhu et al.
+    2025, arXiv 2503.10622; jiachenzhu/DyT dynamic_tanh.py). The Pre-LN toy model and its gradient
+    floor assume normalized branch inputs; no source states DyT's, so no reference is drawn."""
 
     name = "dyt"
     norm = "dyt"
+    final_norm = True
+
+    def sublayer(self, x, f, s, blk):
+        return x + f(s.norm(x))
 
 
 @register

@@ -397,7 +397,11 @@ class Probe:
         shared = ctx.sums.vectors if ctx.sums is not None else []  # sharded gradient squares
         pooled, maxima = reduce_step(self._group, pooled, shared, maxima)
         ctx.sums = None  # squares first taken after this point reduce themselves (correct, one more collective)
-        values = [q.values(ctx, p, m) for q, p, m in zip(self.quantities, pooled, maxima)]
+        # `maxima` only where a quantity has some: a quantity written as values(ctx, pooled) keeps working
+        values = [
+            q.values(ctx, p) if m is None else q.values(ctx, p, m)
+            for q, p, m in zip(self.quantities, pooled, maxima)
+        ]
         alone = self._pipeline is None  # with a pipeline, rows are recorded once gathered
         rows = self._collect(record=alone)  # the previous step's, when deferred
         exported = [(q, v) for q, v in zip(self.quantities, values) if v is not None]
