@@ -368,3 +368,54 @@ def collapse(
         )
     fig.tight_layout()
     return save(fig, stem, formats)
+
+
+def attention(
+    logit_max: Table,
+    entropy: Table,
+    limit: float,
+    stem: str | Path,
+    formats: Sequence[str] = ("png",),
+    warnings: Sequence[tuple[int, str, int]] = (),
+) -> list[Path]:
+    """Top: each block's largest attention logit against step (log axis) and the precursor rule's
+    limit; bottom: each block's mean attention entropy (nats). One column per stack.
+
+    warnings: (step, stack, block) of the precursor warnings on these series: a marker on the
+    block's curve at the step it warned."""
+    plt = setup()
+    keys = _keys(logit_max or entropy)
+    fig, axes = _grid(plt, len(keys), width=4.8, height=3.1, rows=2)
+    for j, key in enumerate(keys):
+        for ax, table, log in ((axes[0, j], logit_max, True), (axes[1, j], entropy, False)):
+            if key not in table:
+                ax.set_axis_off()
+                continue
+            steps, layers, m, _ = _matrix(table[key])
+            colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, max(len(layers), 1)))
+            for i, k in enumerate(layers):
+                y = np.where(np.isfinite(m[i]) & (m[i] > 0), m[i], np.nan) if log else m[i]
+                ax.plot(steps, y, color=colors[i], lw=1.4, label=f"block {k}")
+                _mark_nonfinite(ax, steps, m[i], label=(i == 0))
+                at = [s for s, stack, b in warnings if stack == key[0] and b == k and s in steps]
+                if at:
+                    idx = [list(steps).index(s) for s in at]
+                    ax.plot(steps[idx], y[idx], "o", mfc="none", mec="#d62728", ms=7, mew=1.5)
+            if log:
+                ax.axhline(limit, color="#d62728", lw=0.9, ls="--", label=f"limit {limit:g}")
+                ax.set_yscale("log")
+                ax.set(
+                    ylabel="largest attention logit",
+                    title=f"{_title(key)}: max attention logit by block",
+                )
+            else:
+                ax.set(
+                    ylabel="mean attention entropy (nats)",
+                    title=f"{_title(key)}: attention entropy by block",
+                )
+            ax.set_xlabel("optimizer step")
+            if warnings and j == 0 and log:
+                ax.plot([], [], "o", mfc="none", mec="#d62728", label="precursor warning")
+            ax.legend(fontsize=7, frameon=False, ncol=2)
+    fig.tight_layout()
+    return save(fig, stem, formats)
