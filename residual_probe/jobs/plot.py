@@ -11,8 +11,9 @@ Outputs in OUT:
 - act_grad.<fmt>       activation-gradient norm per block at the chosen steps, per stream (when recorded)
 - collapse.<fmt>       adjacent cosine and block influence per block at the chosen steps, with the
                        Pre-LN collapse reference where the stream is Pre-LN-like
-- attention.<fmt>      largest attention logit per block against step (log axis, the precursor limit
-                       50) and mean attention entropy per block (when attn_logits was recorded)
+- attention.<fmt>      largest attention logit per block against step (symmetric log axis, the
+                       precursor limit 50) and mean attention entropy per block, a circle where a
+                       block warned (when attn_logits was recorded)
 - summary.json         what was found (steps, stacks, quantities present and missing, NaN/inf),
                        the last step's verdicts, the instability events (`instability_events`:
                        gradient excursions, analysis.instability), the precursor warnings before
@@ -184,7 +185,7 @@ def run_plot(
         files += plots.collapse(cos, infl, picked, reference, placement, out / "collapse", formats)
     attn_max, entropy = series(rows, "attn_logit_max"), series(rows, "attn_entropy")
     if attn_max or entropy:
-        marks = [(p.step, p.stack, p.layer) for p in precursors if p.layer >= 0]
+        marks = [(p.step, p.stack, p.layer, p.metric) for p in precursors if p.layer >= 0]
         files += plots.attention(
             attn_max, entropy, ATTN_LOGIT_LIMIT, out / "attention", formats, marks
         )
