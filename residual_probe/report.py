@@ -170,6 +170,7 @@ def write_report(
     times: dict,
 ) -> list[Path]:
     """OUT/report.html and OUT/report.md; `figures` are (caption, png path) pairs; returns the paths."""
+    from .analysis.precursors import ATTN_LOGIT_LIMIT
     from .analysis.verdicts import thresholds_text
     from .output import write_atomic
 
@@ -196,18 +197,31 @@ def write_report(
             "Adjacent cosine cos(h_{k-1}, h_k) per block (1 = the block changes nothing)",
         ),
         ("relative_update", "Relative update ‖h_k − h_{k-1}‖ / ‖h_{k-1}‖ per block"),
+        (
+            "attn_logit_max",
+            f"Largest attention logit per block (above {ATTN_LOGIT_LIMIT:g}, where Gemma 2 "
+            "soft-caps, the training precursor rule warns of attention-logit growth)",
+        ),
+        (
+            "attn_entropy",
+            "Mean attention entropy per block, nats (over heads and queries; near 0: one-hot "
+            "attention, the entropy collapse of Zhai et al. 2023)",
+        ),
     ):
         tables.append(
             (
                 caption,
                 per_block_table(
                     collapse_rows,
-                    lambda r: f"{r['model']} {r['stack']} {r['stream']}",
+                    lambda r: " ".join(
+                        [r["model"], r["stack"]] + ([] if r["stream"] == "-" else [r["stream"]])
+                    ),
                     "value",
                     lambda r, m=metric: r["metric"] == m and int(r["layer"]) >= 0,
                 ),
             )
         )
+    tables = [(caption, table) for caption, table in tables if table[1]]  # a series not recorded
     versions = collapse.get("versions", {})
     labels = ", ".join(m["label"] for m in collapse["models"])
 

@@ -98,7 +98,10 @@ class Trainer:
         weight_decay: float = 0.0,
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
+        betas: tuple[float, float] = BETAS,
     ):
+        """betas: Adam's; fairseq's (0.9, 0.98) by default, (0.9, 0.95) in the instability study as
+        Wortsman et al. 2023 and most LM recipes."""
         lr_schedule(0, lr, warmup, ramp, decay)  # an unknown decay fails here, before any step
         if not (z_loss >= 0 and math.isfinite(z_loss)):
             raise ValueError(f"z_loss: must be a number >= 0, got {z_loss}")
@@ -107,7 +110,7 @@ class Trainer:
         self.z_loss = z_loss  # coefficient of PaLM's z-loss (`lm_losses`); 0: none
         # weight decay as fairseq's Adam applies it: added to the gradient (L2), not decoupled
         self.optimizer = torch.optim.Adam(
-            model.parameters(), lr=lr, betas=BETAS, eps=ADAM_EPS, weight_decay=weight_decay
+            model.parameters(), lr=lr, betas=betas, eps=ADAM_EPS, weight_decay=weight_decay
         )
         self.steps_done = 0
 

@@ -43,6 +43,8 @@ def test_every_study_writes_its_figures_and_checks(quick):
         "training_study_grads",
         "training_study_collapse",
         "collapse_theory",
+        "instability_lr",
+        "instability_logits",
     ):
         assert (out / f"{name}.png").stat().st_size > 20_000, name
     rows = list(csv.DictReader(open(out / "checks.csv")))

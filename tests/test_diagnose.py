@@ -145,6 +145,18 @@ def test_report_is_self_contained_with_verdicts_first(tmp_path, monkeypatch):
         assert expected in page.cells
     md = (out / "report.md").read_text()
     assert md.index("## Verdicts") < md.index("## Models") < md.index("## Figures")
+    # max attention logit and mean entropy per block on the text, as collapse.csv holds them
+    import pandas as pd
+
+    table = pd.read_csv(out / "collapse" / "collapse.csv")
+    for metric, caption in (
+        ("attn_logit_max", "### Largest attention logit per block"),
+        ("attn_entropy", "### Mean attention entropy per block"),
+    ):
+        assert caption in md
+        section = md.split(caption)[1].split("###")[0]
+        v = table[(table["metric"] == metric) & (table["layer"] == 3)]["value"].tolist()
+        assert len(v) == 2 and all(f"| {x:.4g} |" in section for x in v)  # both models, block 3
     assert "](gradients/grad_norms.png)" in md and "```\nresidual-probe diagnose" in md
     # the times agree: the three parts add up to the whole, and so do each model's own
     times = dict(re.findall(r"^- (.+): ([\d.]+) s$", md.split("## Run")[1], re.M))

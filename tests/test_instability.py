@@ -86,7 +86,11 @@ def test_a_block_whose_learning_rate_blew_up_is_named_with_its_step(placement):
     assert "step 30: decoder block 2" in e.describe()
     # the online monitor (the callbacks' and train's) finds the same event
     assert [(x.step, x.layer) for x in log.monitor.events] == [(30, 2)]
-    assert log.values() == {"probe/instability_events": 1.0, "probe/instability_last_block": 2.0}
+    assert log.values() == {
+        "probe/instability_events": 1.0,
+        "probe/instability_last_block": 2.0,
+        "probe/precursors": 0.0,  # gradient rows only: no precursor series
+    }
 
 
 def test_a_quiet_run_has_no_event():
@@ -188,7 +192,11 @@ def test_a_second_spike_after_the_first_settled_is_its_own_event():
     log = InstabilityLog()
     for step in range(60):  # online, one recorded step at a time, as the callbacks feed it
         log.update([r for r in rows if r["step"] == step])
-    assert log.values() == {"probe/instability_events": 2.0, "probe/instability_last_block": 2.0}
+    assert log.values() == {
+        "probe/instability_events": 2.0,
+        "probe/instability_last_block": 2.0,
+        "probe/precursors": 0.0,  # gradient rows only: no precursor series
+    }
     # block 0 out at 23, block 3 at 24 while block 0 is back: block 3 follows (0 was out at 23)
     (e,) = find_events(spiked_rows({(23, 0): 20.0, (24, 3): 30.0}))
     assert (e.step, e.layer) == (23, 0) and [(f["layer"], f["step"]) for f in e.followers] == [
@@ -199,7 +207,11 @@ def test_a_second_spike_after_the_first_settled_is_its_own_event():
     rows, log, _ = train("pre-ln", 50, spikes={(23, 0): 20.0, (40, 2): 50.0})
     events = find_events(rows)
     assert [(e.step, e.layer) for e in events] == [(23, 0), (40, 2)] and events[1].ratio > 25
-    assert log.values() == {"probe/instability_events": 2.0, "probe/instability_last_block": 2.0}
+    assert log.values() == {
+        "probe/instability_events": 2.0,
+        "probe/instability_last_block": 2.0,
+        "probe/precursors": 0.0,  # gradient rows only: no precursor series
+    }
 
 
 def test_grad_steps_draws_every_event_origin_block(tmp_path, monkeypatch):

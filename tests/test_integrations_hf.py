@@ -221,8 +221,8 @@ def test_families_and_logged_summaries(tmp_path, family, stack):
     assert not any("block_influence" in k or "late_cos" in k for k in logged[-1])
     assert {r["step"] for r in cb.probe.rows() if r["metric"] == "cos_adjacent"} == {1}
     # grouped, not one key per parameter: per block 2 x 3, per stack 6, the whole model's parts and
-    # total (at most 5) and the instability count and last block
-    assert len(keys) <= 3 * 2 + 6 + 5 + 2 and "probe/grad_norm_model/total" in keys
+    # total (at most 5), the instability count and last block, the precursor count
+    assert len(keys) <= 3 * 2 + 6 + 5 + 3 and "probe/grad_norm_model/total" in keys
     rows = cb.probe.rows()
     last = {
         r["layer"]: r["value"]
@@ -231,6 +231,26 @@ def test_families_and_logged_summaries(tmp_path, family, stack):
     }
     assert logged[-1][f"probe/grad_norm/{stack}/01"] == last[1]
     assert logged[-1][f"probe/first_over_last/{stack}"] == pytest.approx(last[0] / last[2])
+
+
+def test_attention_and_precursor_keys_reach_the_log(tmp_path):
+    """The default quantities with forward_every=1: every log has the per-block attention keys,
+    log Z and the precursor count, which is the count of the callback's precursor monitor."""
+    trainer, cb = train(tmp_path, steps=2, logging_steps=1, forward_every=1)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    rows = cb.probe.rows()
+    for log in logged:
+        step = log["step"]
+        block = {
+            (r["metric"], r["layer"]): r["value"]
+            for r in rows
+            if r["step"] == step and r["sublayer"] == "block"
+        }
+        assert log["probe/attn_logit_max/transformer.h/01"] == block["attn_logit_max", 1]
+        assert log["probe/attn_entropy/transformer.h/00"] == block["attn_entropy", 0]
+        (z,) = [r["value"] for r in rows if r["step"] == step and r["metric"] == "logit_z_mean"]
+        assert log["probe/logit_z_mean"] == z
+    assert logged[-1]["probe/precursors"] == len(cb.instability.precursors.precursors)
 
 
 def test_summaries_reach_a_report_to_logger(tmp_path):

@@ -133,6 +133,10 @@ def test_lightning_preclip_accumulated_norms_and_logs(tmp_path, L):
         "probe/block_influence/decoder/01" in logged[-1]
         and "probe/late_cos_adjacent/decoder" in logged[-1]
     )
+    # the precursor monitor runs beside the instability monitor: its count in every log
+    assert [float(r["probe/precursors"]) for r in logged] == [
+        float(len(cb.instability.precursors.precursors))
+    ] * 3
     # the logged step is the probe's step (Lightning writes a step's metrics under its global_step)
     assert [int(r["step"]) for r in logged] == [0, 1, 2]
     # the run's metadata beside the sink, as the Hugging Face callback writes it: plot knows the placement

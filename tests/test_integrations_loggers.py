@@ -119,6 +119,12 @@ def test_tensorboard_event_file_read_back(tmp_path):
     acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0, "scalars": 0}).Reload()
     scalars = acc.Tags()["scalars"]
     assert set(scalars) == set(written[0])
+    # the writer runs the instability and precursor monitors: their counts so far, every step
+    assert (
+        [w["probe/precursors"] for w in written]
+        == [0.0] * 3
+        == [w["probe/instability_events"] for w in written]
+    )
     for key in (
         "probe/grad_norm/decoder/01",
         "probe/first_over_last/decoder",

@@ -14,14 +14,14 @@ from residual_probe.analysis.precursors import (
 )
 
 
-def row(step, metric, value, layer=0, stack="decoder", head=""):
+def row(step, metric, value, layer=0, stack="decoder", head="", sublayer=None):
     return dict(
         step=step,
         metric=metric,
         stack=stack,
-        stream="x",
+        stream="-",
         layer=layer,
-        sublayer="attn",
+        sublayer=sublayer or ("head" if stack == "model" else "block"),
         value=value,
         head=head,
     )
@@ -68,3 +68,84 @@ def test_online_updates_equal_one_pass_and_name_the_head():
     assert [p.to_row() for p in seen] == [p.to_row() for p in offline]
     assert {p.head for p in seen} == {"0", "3"} and "head 3" in seen[-1].describe()
     assert online.update([row(9, "attn_logit_max", 1e4, head="0")]) == []  # once per series
+
+
+def test_a_blocks_per_module_rows_are_left_to_its_pooled_row():
+    """A seq2seq decoder block has rows per attention module (self_attn, cross_attn) beside its
+    pooled `block` row: the block warns once, from the pooled row."""
+    rows = []
+    for s, v in enumerate([4.0, 60.0, 90.0]):
+        rows += [row(s, "attn_logit_max", v, sublayer=sub) for sub in ("block", "self_attn")]
+        rows.append(row(s, "attn_logit_max", 4.0, sublayer="cross_attn"))
+    rows.append(row(3, "attn_logit_max", 70.0, layer=1, sublayer="cross_attn"))  # no pooled row
+    (p,) = find_precursors(rows)
+    assert (p.step, p.layer, p.value) == (1, 0, 60.0)
+
+
+def test_plot_draws_attention_and_lists_the_precursors(tmp_path, monkeypatch):
+    """`plot` of a sink whose block 1 attention logits pass 50 at step 40: summary.json lists the
+    warning under `precursors` (its series in `metric`), attention.png draws every block's max
+    logit with the limit and each block's entropy, and the console names the warning."""
+    import csv
+    import json
+
+    from typer.testing import CliRunner
+
+    from residual_probe.cli import app
+    from residual_probe.plots import run as plots
+
+    rows = []
+    for step in range(0, 60, 10):
+        for layer in range(3):
+            grow = layer == 1
+            for metric, value in (
+                ("param_grad_norm", 1.0 + 0.01 * step),
+                ("attn_logit_max", 4.0 * 2.2 ** (step / 10) if grow else 5.0),
+                ("attn_entropy", 3.0 - (0.04 * step if grow else 0.0)),
+            ):
+                rows.append(
+                    dict(
+                        step=step,
+                        stack="decoder",
+                        layer=layer,
+                        sublayer="block",
+                        stream="-" if metric.startswith("attn") else "x",
+                        metric=metric,
+                        value=value,
+                    )
+                )
+        rows.append(
+            dict(
+                step=step,
+                stack="model",
+                layer=-1,
+                sublayer="head",
+                stream="-",
+                metric="logit_z_mean",
+                value=5.0,
+            )
+        )
+    with open(tmp_path / "probe.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    drawn, save = {}, plots.save
+
+    def keep(fig, stem, formats):
+        if stem.name == "attention":
+            drawn["top"] = [ln.get_label() for ln in fig.axes[0].get_lines()]
+            drawn["bottom"] = [ln.get_label() for ln in fig.axes[1].get_lines()]
+        return save(fig, stem, formats)
+
+    monkeypatch.setattr(plots, "save", keep)
+    result = CliRunner().invoke(
+        app, ["plot", str(tmp_path / "probe.csv"), "--out", str(tmp_path / "p")]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    (p,) = summary["precursors"]
+    assert (p["metric"], p["layer"], p["step"]) == ("attn_logit_max", 1, 40)  # 4 x 2.2^4 = 94
+    assert (tmp_path / "p" / "attention.png").stat().st_size > 5000
+    assert {"block 0", "block 1", "block 2", f"limit {ATTN_LOGIT_LIMIT:g}"} <= set(drawn["top"])
+    assert {"block 0", "block 1", "block 2"} <= set(drawn["bottom"])
+    assert "precursor warnings: 1" in result.stdout and "decoder block 1" in result.stdout

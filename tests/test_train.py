@@ -46,6 +46,10 @@ def test_train_writes_a_checkpoint_that_reloads_to_identical_outputs(tmp_path):
     # forward statistics on the first and the last recorded step (and every 10th: none here)
     assert {r["step"] for r in probe_rows if r["metric"] == "cos_adjacent"} == {0, 4}
     assert meta["instability_events"] == []  # a quiet run
+    # attn_logits on every recorded step (the precursor monitor's resolution), log Z too
+    for metric in ("attn_logit_max", "attn_entropy", "logit_z_mean"):
+        assert {r["step"] for r in probe_rows if r["metric"] == metric} == {0, 2, 4}
+    assert meta["precursors"] == []  # a quiet run: no attention logit near 50 in 6 steps
 
     # Train the same model again in memory, identically seeded, and compare outputs.
     torch.manual_seed(0)
@@ -220,3 +224,37 @@ def test_trainer_run_hears_every_step_and_stops_at_the_first_non_finite_loss():
     assert isinstance(stop, Diverged) and stop.step == 3 and stop.lr == heard[3][1]
     assert all(math.isfinite(x) for _, _, x in heard[:3]) and math.isnan(stop.loss)
     assert Trainer(Transformer(cfg)).run(batches.next, 2) is None
+
+
+def test_train_summary_prints_the_precursor_warnings(capsys):
+    """The console summary of `train` names each precursor warning (block, value, rule, remedy)
+    after the instability events; a run without any says none."""
+    from residual_probe.analysis.precursors import find_precursors
+    from residual_probe.cli.render import echo_train
+
+    rows = [
+        dict(
+            step=s,
+            metric="attn_logit_max",
+            stack="decoder",
+            stream="-",
+            layer=1,
+            sublayer="block",
+            value=v,
+        )
+        for s, v in ((0, 3.0), (10, 20.0), (20, 75.0))
+    ]
+    meta = dict(
+        diverged=None,
+        final_val_loss=2.5,
+        steps_done=30,
+        wall_seconds=1.0,
+        instability_events=[],
+        precursors=[p.to_row() for p in find_precursors(rows)],
+    )
+    echo_train(meta)
+    out = capsys.readouterr().out
+    assert "instability events: none" in out and "precursor warnings: 1" in out
+    assert "step 20: attention-logit growth at decoder block 1" in out and "QK-norm" in out
+    echo_train({**meta, "precursors": []})
+    assert "precursor warnings: none" in capsys.readouterr().out

@@ -53,6 +53,10 @@ RULES = {
     ),
 }
 METRICS = tuple(RULES)
+# the rows the rules read: a block's pooled attention rows and the output head's; the per-module
+# rows of a block with several attention modules (sublayer self_attn / cross_attn) are left out,
+# so each block warns once per series, from what all its attention modules see together
+SUBLAYERS = ("block", "head")
 
 
 @dataclass
@@ -119,7 +123,7 @@ class PrecursorMonitor:
     def update(self, rows: Iterable[Mapping]) -> list[Precursor]:
         """The warnings that start in these rows (taken in step order)."""
         mine = sorted(
-            (r for r in rows if r["metric"] in RULES),
+            (r for r in rows if r["metric"] in RULES and r.get("sublayer", "block") in SUBLAYERS),
             key=lambda r: (int(r["step"]), r["stack"], int(r["layer"]), str(r.get("head", ""))),
         )
         new = []

@@ -82,6 +82,15 @@ def echo_events(events: list[dict], why: str = "") -> None:
         result(f"  {Event(**e).describe()}")
 
 
+def echo_precursors(precursors: list[dict]) -> None:
+    """The precursor warnings of a run, one line each (analysis.precursors.Precursor)."""
+    from ..analysis.precursors import Precursor
+
+    result(f"precursor warnings: {len(precursors) or 'none'}")
+    for p in precursors:
+        result(f"  {Precursor(**p).describe()}")
+
+
 # ---- checkpoints (grad-norms --ckpt, collapse) ------------------------------------------------
 
 
@@ -200,6 +209,7 @@ def echo_train(meta: dict) -> None:
             f"({meta['wall_seconds']:.0f} s)"
         )
     echo_events(meta.get("instability_events", []))
+    echo_precursors(meta.get("precursors", []))
 
 
 def print_checks(checks: list[dict]) -> None:
@@ -288,6 +298,7 @@ def echo_plot(meta: dict) -> None:
         f" (a block's gradient norm or update ratio above {K:g}x its median over the {WINDOW} "
         "recorded steps before)",
     )
+    echo_precursors(meta["precursors"])
     result(f"placement: {meta['placement'] or 'unknown'} ({meta['placement_source']})")
     n = meta["nonfinite"]
     if n["count"]:

@@ -10,7 +10,9 @@
 
 Each `write(rows)` (the rows of one probe step) adds, at that step:
 - the grouped scalars of `residual_probe.probe.scalars` (`probe/grad_norm/<stack>/<kk>`,
-  `probe/first_over_last/<stack>`, `probe/block_influence/<stack>/<kk>`, ...);
+  `probe/first_over_last/<stack>`, `probe/block_influence/<stack>/<kk>`, ...), and the counts of
+  instability events and precursor warnings so far (`probe/instability_events`,
+  `probe/precursors`: `InstabilityLog`);
 - every `image_every` written steps, an image per stack `probe/grad_norm_heatmap/<stack>`: block
   (rows, block 0 at the bottom) x recorded step (columns), log10 of the gradient norm mapped to
   viridis over that image's own range (brightest = largest norm); NaN/inf are red.
@@ -23,7 +25,7 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable, Mapping
 
-from ..probe.scalars import summary
+from ..probe.scalars import InstabilityLog, summary
 from .common import GradHistory
 
 
@@ -51,6 +53,7 @@ class ProbeWriter:
         self.writer = _writer(target)
         self.image_every, self.prefix = image_every, prefix
         self._history = GradHistory()
+        self.instability = InstabilityLog()  # events and precursor warnings so far (their counts)
         self._written = 0
 
     def write(self, rows: Iterable[Mapping], step: int | None = None) -> dict[str, float]:
@@ -59,7 +62,8 @@ class ProbeWriter:
         if not rows:
             return {}
         step = max(int(r["step"]) for r in rows) if step is None else step
-        values = summary(rows, max(int(r["step"]) for r in rows))
+        self.instability.update(rows)
+        values = {**summary(rows, max(int(r["step"]) for r in rows)), **self.instability.values()}
         for key, value in values.items():
             self.writer.add_scalar(self.prefix + key, value, step)
         self._history.add(rows, step)

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from ..probe.scalars import summary
+from ..probe.scalars import InstabilityLog, summary
 from . import require
 from .common import GradHistory
 
@@ -50,6 +50,7 @@ class ProbeWandb:
         )
         self._wandb = wandb
         self._history = GradHistory()
+        self.instability = InstabilityLog()  # events and precursor warnings so far (their counts)
         self._written = 0
 
     def write(self, rows: Iterable[Mapping]) -> dict[str, Any]:
@@ -58,7 +59,11 @@ class ProbeWandb:
         if not rows:
             return {}
         step = max(int(r["step"]) for r in rows)
-        values: dict[str, Any] = {self.prefix + k: v for k, v in summary(rows, step).items()}
+        self.instability.update(rows)
+        values: dict[str, Any] = {
+            self.prefix + k: v
+            for k, v in {**summary(rows, step), **self.instability.values()}.items()
+        }
         self._history.add(rows, step)
         self._written += 1
         if self.image_every and (self._written - 1) % self.image_every == 0:

@@ -66,7 +66,9 @@ def make_batches(
 # ---- measurement -------------------------------------------------------------------------
 
 
-FORWARD_QUANTITIES = ("forward_stats", "subsample")
+# attn_logits: the largest attention logit and the attention entropy per block on the same text
+# (`diagnose` reports them beside collapse: a checkpoint whose logits passed the precursor limit)
+FORWARD_QUANTITIES = ("forward_stats", "subsample", "attn_logits")
 
 
 def forward_probe(loaded, spec: CollapseSpec, also: tuple[str, ...] = ()):
@@ -223,8 +225,8 @@ def measure_collapse(
             value=r["value"],
         )
         for r in m["rows"]
-        if r["metric"] != "nonfinite_count"
-    ]
+        if r["metric"] != "nonfinite_count" and r.get("sublayer", "block") in ("block", "head")
+    ]  # a block's pooled attention rows, not those of each of its attention modules
     nonfinite = sum(1 for r in rows if not math.isfinite(r["value"]))
     sim_rows = []
     for (stack, stream), mats in m["matrices"].items():

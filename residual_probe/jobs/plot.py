@@ -11,8 +11,14 @@ Outputs in OUT:
 - act_grad.<fmt>       activation-gradient norm per block at the chosen steps, per stream (when recorded)
 - collapse.<fmt>       adjacent cosine and block influence per block at the chosen steps, with the
                        Pre-LN collapse reference where the stream is Pre-LN-like
+- attention.<fmt>      largest attention logit per block against step (symmetric log axis, the
+                       precursor limit 50) and mean attention entropy per block, a circle where a
+                       block warned (when attn_logits was recorded)
 - summary.json         what was found (steps, stacks, quantities present and missing, NaN/inf),
-                       the last step's verdicts and the files written
+                       the last step's verdicts, the instability events (`instability_events`:
+                       gradient excursions, analysis.instability), the precursor warnings before
+                       them (`precursors`: a sibling list, each with its series in `metric`,
+                       analysis.precursors) and the files written
 
 Computations (ratios, fits, verdicts) come from `residual_probe.analysis`; the plots only draw.
 """
@@ -106,6 +112,7 @@ def run_plot(
     from ..analysis.curves import profile_ratio
     from ..analysis.diagnosis import gradient_verdict
     from ..analysis.instability import find_events
+    from ..analysis.precursors import ATTN_LOGIT_LIMIT, find_precursors
     from ..analysis.theory import collapse_prediction
     from ..analysis.verdicts import collapse_change, collapse_verdict
     from ..output import prepare_out, write_json
@@ -150,6 +157,7 @@ def run_plot(
     picked = chosen_steps(fwd_steps, steps) if fwd_steps else []
 
     events = find_events(rows)
+    precursors = find_precursors(rows)
     files: list[Path] = []
     if grads:
         files += plots.grad_heatmap(grads, out / "grad_heatmap", formats)
@@ -175,6 +183,12 @@ def run_plot(
     }
     if cos:
         files += plots.collapse(cos, infl, picked, reference, placement, out / "collapse", formats)
+    attn_max, entropy = series(rows, "attn_logit_max"), series(rows, "attn_entropy")
+    if attn_max or entropy:
+        marks = [(p.step, p.stack, p.layer, p.metric) for p in precursors if p.layer >= 0]
+        files += plots.attention(
+            attn_max, entropy, ATTN_LOGIT_LIMIT, out / "attention", formats, marks
+        )
 
     verdicts = []
     for (stack, stream), by_step in grads.items():
@@ -233,6 +247,7 @@ def run_plot(
         "gradient_verdicts": verdicts,
         "collapse_verdicts": collapse,
         "instability_events": [e.to_row() for e in events],
+        "precursors": [p.to_row() for p in precursors],
         "files": [str(f) for f in files] + [str(out / "summary.json")],
     }
     write_json(out / "summary.json", summary)

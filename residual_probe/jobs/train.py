@@ -71,6 +71,20 @@ class TrainSpec(ReferenceModel):
             raise ConfigError(f"z_loss: must be a number >= 0, got {self.z_loss}")
 
 
+def train_schedule(names: tuple[str, ...], spec: TrainSpec, last: int) -> dict:
+    """{quantity: schedule}: every `probe_every`-th step; the forward statistics only every
+    `forward_every`-th recorded step, the first and the last (schedule.FORWARD_EVERY); attn_logits on
+    every recorded step, unlike the callbacks' default: the precursor warnings
+    (`analysis.precursors`) need the series at the gradient norms' resolution to warn early, and
+    at `train`'s sizes a dozen operator calls per attention module on one step in `probe_every`
+    cost little."""
+    from ..probe.quantities import REGISTRY
+    from ..probe.schedule import sparse_forward
+
+    sparse = [n for n in names if REGISTRY[n].sparse and n != "attn_logits"]
+    return sparse_forward(names, spec.probe_every, 0, spec.forward_every, sparse, last)
+
+
 def probe_figures(out: Path, placement: str, meta: dict) -> list[Path]:
     """The gradient and collapse figures of the run's own probe log, as `residual-probe plot` draws
     them (grad_heatmap, grad_steps, act_grad, collapse and summary.json in OUT); a log with nothing
@@ -85,6 +99,7 @@ def probe_figures(out: Path, placement: str, meta: dict) -> list[Path]:
         return []
     meta["probe_figures"] = "drawn by residual-probe plot"
     meta["instability_events"] = summary["instability_events"]
+    meta["precursors"] = summary["precursors"]
     return [Path(f) for f in summary["files"]]
 
 
@@ -133,14 +148,7 @@ def run_train(
     last = (
         (spec.steps - 1) // spec.probe_every * spec.probe_every
     )  # the last recorded step: collapse at the end
-    probe = Probe(
-        model,
-        quantities=names,
-        every=spec.probe_every,
-        forward_every=spec.forward_every,
-        last_step=last,
-        sink=out / "probe.csv",
-    )
+    probe = Probe(model, quantities=train_schedule(names, spec, last), sink=out / "probe.csv")
     trainer = Trainer(
         model, probe, lr=spec.lr, warmup=spec.warmup, clip=spec.clip, z_loss=spec.z_loss
     )

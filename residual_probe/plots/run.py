@@ -368,3 +368,63 @@ def collapse(
         )
     fig.tight_layout()
     return save(fig, stem, formats)
+
+
+def attention(
+    logit_max: Table,
+    entropy: Table,
+    limit: float,
+    stem: str | Path,
+    formats: Sequence[str] = ("png",),
+    warnings: Sequence[tuple[int, str, int, str]] = (),
+) -> list[Path]:
+    """Top: each block's largest attention logit against step and the precursor rule's limit, on a
+    symmetric log axis (linear within +-1: the largest logit of a block can be negative early on);
+    bottom: each block's mean attention entropy (nats). One column per stack.
+
+    warnings: (step, stack, block, series) of the precursor warnings: a circle on the block's
+    curve at the step it warned, on the panel of its series (attn_logit_max or attn_entropy)."""
+    plt = setup()
+    keys = _keys(logit_max or entropy)
+    fig, axes = _grid(plt, len(keys), width=4.8, height=3.1, rows=2)
+    for j, key in enumerate(keys):
+        panels = (
+            (axes[0, j], logit_max, True, "attn_logit_max"),
+            (axes[1, j], entropy, False, "attn_entropy"),
+        )
+        for ax, table, log, metric in panels:
+            if key not in table:
+                ax.set_axis_off()
+                continue
+            steps, layers, m, _ = _matrix(table[key])
+            colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, max(len(layers), 1)))
+            for i, k in enumerate(layers):
+                y = np.where(np.isfinite(m[i]), m[i], np.nan)
+                ax.plot(steps, y, color=colors[i], lw=1.4, label=f"block {k}")
+                _mark_nonfinite(ax, steps, m[i], label=(i == 0))
+                at = [
+                    s
+                    for s, stack, b, what in warnings
+                    if what == metric and stack == key[0] and b == k and s in steps
+                ]
+                if at:
+                    idx = [list(steps).index(s) for s in at]
+                    ax.plot(steps[idx], y[idx], "o", mfc="none", mec="#d62728", ms=7, mew=1.5)
+            if log:
+                ax.axhline(limit, color="#d62728", lw=0.9, ls="--", label=f"limit {limit:g}")
+                ax.set_yscale("symlog", linthresh=1.0)
+                ax.set(
+                    ylabel="largest attention logit",
+                    title=f"{_title(key)}: max attention logit by block",
+                )
+            else:
+                ax.set(
+                    ylabel="mean attention entropy (nats)",
+                    title=f"{_title(key)}: attention entropy by block",
+                )
+            ax.set_xlabel("optimizer step")
+            if warnings and j == 0:
+                ax.plot([], [], "o", mfc="none", mec="#d62728", label="precursor warning")
+            ax.legend(fontsize=7, frameon=False, ncol=2)
+    fig.tight_layout()
+    return save(fig, stem, formats)

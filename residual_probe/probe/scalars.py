@@ -13,6 +13,7 @@ ResiDual's dual stream d, is named `<stack>:<stream>`):
 - `probe/block_influence/<stack>/<kk>` 1 - cos(h_{k-1}, h_k) (ShortGPT)
 - `probe/late_cos_adjacent/<stack>`    mean adjacent cosine over the last third of the blocks (collapse)
 - `probe/attn_logit_max/<stack>/<kk>`  the block's largest attention logit (attn_logits)
+- `probe/attn_entropy/<stack>/<kk>`    its mean attention entropy over heads and queries, nats
 - `probe/attn_entropy_min/<stack>/<kk>` its smallest head's mean attention entropy, nats
 - `probe/logit_z_mean`, `probe/logit_z_max`, `probe/logit_max`: log Z of the output logits, mean
                                        and largest over tokens, and the largest logit (output_logits)
@@ -21,6 +22,8 @@ ResiDual's dual stream d, is named `<stack>:<stream>`):
 - `probe/nonfinite_count`              NaN/inf values recorded in the step
 - `probe/instability_events`, `probe/instability_last_block`: with `InstabilityLog`, the count of
   instability events so far and the last one's origin block (`analysis.instability`)
+- `probe/precursors`: with `InstabilityLog`, the count of precursor warnings so far (attention-logit
+  growth, entropy collapse, log Z drift: `analysis.precursors`)
 
 `kk` is the block index, zero-padded so that keys sort in block order. For a 12-block model
 that is 12 + 12 + about 6 keys per stack: per-block curves for the two quantities that answer
@@ -104,7 +107,7 @@ def summary(rows: Iterable[Mapping], step: int | None = None) -> dict[str, float
         out[f"{PREFIX}/act_grad_first_over_last/{label}"] = _ratio_and_rate(
             [by_layer[k] for k in sorted(by_layer)]
         )[0]
-    for metric in ("block_influence", "attn_logit_max", "attn_entropy_min"):
+    for metric in ("block_influence", "attn_logit_max", "attn_entropy", "attn_entropy_min"):
         for label, by_layer in _series(rows, metric).items():
             out.update(_per_block(metric, label, by_layer))
     from ..analysis.verdicts import late_cos
@@ -157,17 +160,23 @@ class SummaryWindow:
 
 
 class InstabilityLog:
-    """Instability events over a run (`analysis.instability.Monitor`), as summary keys for loggers:
-    `probe/instability_events` (count so far) and `probe/instability_last_block` (the last event's
-    origin block; -1 before the first)."""
+    """Instability events (`analysis.instability.Monitor`) and the precursor warnings before them
+    (`analysis.precursors.PrecursorMonitor`) over a run, as summary keys for loggers:
+    `probe/instability_events` (count so far), `probe/instability_last_block` (the last event's
+    origin block; -1 before the first) and `probe/precursors` (count so far)."""
 
     def __init__(self):
         from ..analysis.instability import Monitor
+        from ..analysis.precursors import PrecursorMonitor
 
         self.monitor = Monitor()
+        self.precursors = PrecursorMonitor()
 
     def update(self, rows) -> list:
-        """Feed the rows of one `probe.step()`; returns the events that started in them."""
+        """Feed the rows of one `probe.step()`; returns the events that started in them (the
+        precursors that started are in `precursors.precursors`' tail)."""
+        rows = list(rows)
+        self.precursors.update(rows)
         return self.monitor.update(rows)
 
     def values(self) -> dict[str, float]:
@@ -175,4 +184,5 @@ class InstabilityLog:
         return {
             f"{PREFIX}/instability_events": float(len(events)),
             f"{PREFIX}/instability_last_block": float(events[-1].layer) if events else -1.0,
+            f"{PREFIX}/precursors": float(len(self.precursors.precursors)),
         }

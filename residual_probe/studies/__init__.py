@@ -31,6 +31,7 @@ STUDIES = (
     "training_study",  # training on CPU: warm-up or not, loss, gradients, collapse
     "collapse_theory",  # adjacent cosine / normalized update per layer: closed forms, init, trained (reads training_study's runs)
     "translation",  # the paper's E6D6/E12D12 translation table at CPU scale, in a regime its baselines pass
+    "instability",  # lr sweep with and without QK-norm: attention-logit growth, precursor lead time
 )
 CHECK_COLUMNS = (
     "study",
