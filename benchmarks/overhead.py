@@ -10,10 +10,10 @@ Setting (issue 3): decoder-only, depth 48, d_model 256, 4 heads, ffn 1024, batch
   all_stats      Probe(every quantity): + act_grad_norm hooks, forward statistics, 256-token subsample
   between        Probe(param_grad_norm, w2_grad_norm, act_grad_norm): what the callbacks and `train`
                  record on the steps between two forward-statistics steps (schedule.FORWARD_EVERY)
-  attention      between plus output_logits (issue 32): what the callbacks and `train` record between
-                 two forward-statistics steps now; attn_logits (per-block attention logits and
-                 entropy) is on the forward statistics' schedule, so it is in all_stats (the
-                 default quantities), and timed alone with --breakdown or --variants attn_logits
+  attention      between plus attn_logits and output_logits (issue 32): what `train` records on
+                 every recorded step for the precursor warnings; the callbacks record both on the
+                 forward statistics' schedule only, so they are in all_stats (the default
+                 quantities); attn_logits is also timed alone with --variants attn_logits
   per_param      Lightning-style grad_norm: a Python loop over every parameter's .grad, .item() each
   act_cache      activation-cache style: every block submodule's full output cloned, stats after
 
@@ -45,11 +45,10 @@ rounds, printed with the interquartile range"): on this shared 2-core VM the mac
 between a fast and a slow state (a plain step 0.51 or 0.65 s, for tens of seconds at a time), so
 each variant's median step lands in one state or the other and the ratio of medians jumps (1.080
 against a paired 1.053 in one run), while a round's variants share a state.
-`amortized_ratio` is what the callbacks and `train` cost per recorded step with their default
-schedule: (FORWARD_EVERY - 1) steps of `between` and one of `all_stats`, from the paired ratios;
-`amortized_ratio_attention` the same with `attention` in place of `between`: the default
-schedule with the issue-32 quantities (all_stats, the default quantities, holds attn_logits and
-output_logits).
+`amortized_ratio` is what the callbacks cost per recorded step with their default schedule:
+(FORWARD_EVERY - 1) steps of `between` and one of `all_stats`, from the paired ratios (the
+issue-32 quantities are in all_stats); `amortized_ratio_train` is `train`'s default, `attention`
+in place of `between`.
 
 Kernel launches: one step of each variant under torch.profiler; the extra launches over the
 plain step, per block. On a GPU these are cudaLaunchKernel calls; on the CPU, top-level ATen
@@ -231,7 +230,8 @@ def make_recorder(variant: str, model):
     if variant == "between":
         return Probe(model, quantities=BETWEEN, keep_rows=False).attach()
     if variant == "attention":
-        return Probe(model, quantities=BETWEEN + ("output_logits",), keep_rows=False).attach()
+        extra = ("attn_logits", "output_logits")
+        return Probe(model, quantities=BETWEEN + extra, keep_rows=False).attach()
     if variant == "all_stats":
         return Probe(model, subsample_tokens=256, keep_rows=False).attach()
     if variant in BREAKDOWN:  # one forward quantity alone (--breakdown)
@@ -484,11 +484,11 @@ def main() -> None:
                 f"{v}_ratio_bracketed: {brack[v][1]:.4f} (IQR {brack[v][0]:.4f}-{brack[v][2]:.4f})"
             )
     k = FORWARD_EVERY
-    for v, name in (("between", "amortized_ratio"), ("attention", "amortized_ratio_attention")):
+    for v, name in (("between", "amortized_ratio"), ("attention", "amortized_ratio_train")):
         if v in paired and "all_stats" in paired:
             print(
                 f"{name}: {((k - 1) * paired[v] + paired['all_stats']) / k:.4f} "
-                f"(callbacks' and train's default: {v} on {k - 1} of {k} recorded steps, "
+                f"({'train' if v == 'attention' else 'the callbacks'}: {v} on {k - 1} of {k} recorded steps, "
                 "all_stats on the other)"
             )
     for v in ("attention", "attn_logits"):

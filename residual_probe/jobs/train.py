@@ -71,17 +71,20 @@ class TrainSpec(ReferenceModel):
             raise ConfigError(f"z_loss: must be a number >= 0, got {self.z_loss}")
 
 
+PRECURSOR_QUANTITIES = ("attn_logits", "output_logits")  # the series analysis.precursors reads
+
+
 def train_schedule(names: tuple[str, ...], spec: TrainSpec, last: int) -> dict:
     """{quantity: schedule}: every `probe_every`-th step; the forward statistics only every
-    `forward_every`-th recorded step, the first and the last (schedule.FORWARD_EVERY); attn_logits on
-    every recorded step, unlike the callbacks' default: the precursor warnings
+    `forward_every`-th recorded step, the first and the last (schedule.FORWARD_EVERY); the
+    precursor quantities (attention and output logits) on every recorded step, unlike the callbacks' default: the precursor warnings
     (`analysis.precursors`) need the series at the gradient norms' resolution to warn early, and
     at `train`'s sizes a dozen operator calls per attention module on one step in `probe_every`
     cost little."""
     from ..probe.quantities import REGISTRY
     from ..probe.schedule import sparse_forward
 
-    sparse = [n for n in names if REGISTRY[n].sparse and n != "attn_logits"]
+    sparse = [n for n in names if REGISTRY[n].sparse and n not in PRECURSOR_QUANTITIES]
     return sparse_forward(names, spec.probe_every, 0, spec.forward_every, sparse, last)
 
 

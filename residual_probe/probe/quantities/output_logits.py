@@ -72,6 +72,11 @@ def final_softcap(model: nn.Module) -> float | None:
 
 class OutputLogits(Quantity):
     name = "output_logits"
+    # A logsumexp over the vocabulary for every token: 2.5 % of a 48-block step on every recorded
+    # step (benchmarks/overhead.py), for a drift that builds over thousands of steps (Wortsman et
+    # al. 2023: late in training), so on the forward statistics' schedule; `train` records it on
+    # every recorded step.
+    sparse = True
 
     def __init__(self, setup, rule):
         super().__init__(setup, rule)
