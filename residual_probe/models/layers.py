@@ -72,7 +72,8 @@ class Attention(Sublayer):
     `dropout` acts on the sublayer's output, `attention_dropout` on the attention weights
     (fairseq's two rates). `qk_norm`: a norm of the config's kind on q and on k of each head, over
     head_dim (QK-layernorm: Wortsman et al. 2023, arXiv 2309.14322; Dehghani et al. 2023; OLMo 2
-    and Qwen 3 use it against attention-logit growth).
+    and Qwen 3 use it against attention-logit growth). `v_norm`: one on v too (HybridNorm's
+    QKV-norm, Zhuo et al. 2025).
 
     `observer`: None, or a callable called as observer(q, k, causal) with the tensors SDPA
     receives, q (B, heads, T, head_dim) and k (B, heads, S, head_dim) after the projections and
@@ -93,12 +94,14 @@ class Attention(Sublayer):
         norm_kind: str,
         attention_dropout: float = 0.0,
         qk_norm: bool = False,
+        v_norm: bool = False,
     ):
         super().__init__(norms, norm_kind, d, dropout)
         self.heads, self.causal, self.attn_dropout = heads, causal, attention_dropout
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
         self.q_norm = make_norm(norm_kind, d // heads) if qk_norm else None
         self.k_norm = make_norm(norm_kind, d // heads) if qk_norm else None
+        self.v_norm = make_norm(norm_kind, d // heads) if v_norm else None  # HybridNorm's QKV-norm
 
     def branch(self, h: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
         B, T, C = h.shape
@@ -110,6 +113,9 @@ class Attention(Sublayer):
         q, k, v = split(self.q_proj(h)), split(self.k_proj(src)), split(self.v_proj(src))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        v_norm = getattr(self, "v_norm", None)  # absent from models pickled before it existed
+        if v_norm is not None:
+            v = v_norm(v)
         causal = self.causal and memory is None
         if self.observer is not None:
             self.observer(q, k, causal)

@@ -57,6 +57,14 @@ class Placement:
     pre_ln_streams: tuple[str, ...] = ()
     in_paper = False  # one of the ResiDual paper's compared placements (Xie et al. 2023, Table 1)
     norm: str | None = None  # the norm every norm of the model is (DyT); None: the config's `norm`
+    qkv_norm = (
+        False  # attention normalizes q, k and v per head (HybridNorm), whatever `qk_norm` says
+    )
+
+    def sublayer_norm_count(self, kind: str, k: int) -> int:
+        """Norms the sublayer of `kind` ("attn" or "ffn") in block k owns: `sublayer_norms` unless a
+        placement leaves some out (HybridNorm's attention has none)."""
+        return self.sublayer_norms
 
     def __init__(self, cfg: PlacementConfig, role: str):
         self.cfg, self.role = cfg, role  # role: "encoder" or "decoder"
@@ -285,6 +293,48 @@ class DyT(Placement):
 
     def sublayer(self, x, f, s, blk):
         return x + f(s.norm(x))
+
+
+@register
+class DeepScale(Placement):
+    """DeepScaleLM (Kedia et al. 2024, arXiv 2403.09635), Pre-LN arrangement: x <- lambda * x +
+    beta * F(LN(x)), lambda^2 + beta^2 = 1, beta^2 = k / N with N the stack's blocks; LN at the end.
+    k = 2 (our reading of the paper, not checked against its text); beta^2 is capped at 1 for
+    stacks of N <= k blocks. The paper's matching initialization is not built (docs/design.md)."""
+
+    name = "deepscale"
+    final_norm = True
+    k = 2
+
+    def __init__(self, cfg, role):
+        super().__init__(cfg, role)
+        beta2 = min(self.k / self.depth, 1.0)
+        self.lam, self.beta = math.sqrt(1.0 - beta2), math.sqrt(beta2)
+
+    def sublayer(self, x, f, s, blk):
+        return self.lam * x + self.beta * f(s.norm(x))
+
+
+@register
+class HybridNorm(Placement):
+    """HybridNorm (Zhuo et al. 2025, arXiv 2503.04598; BryceZhuo/HybridNorm): attention with q, k
+    and v normalized per head and no norm before it, then the FFN's norm on the sum, the FFN's
+    residual taken after that norm: y = x + Attn_QKVnorm(x); x <- LN(y) + FFN(LN(y)); LN at the
+    end (the reference's OLMo base always applies ln_f). A seq2seq decoder's cross-attention is
+    treated like the self-attention."""
+
+    name = "hybridnorm"
+    final_norm = True
+    qkv_norm = True
+
+    def sublayer_norm_count(self, kind, k):
+        return 0 if kind == "attn" else 1
+
+    def sublayer(self, x, f, s, blk):
+        if s.norm is None:  # an attention sublayer
+            return x + f(x)
+        h = s.norm(x)
+        return h + f(h)
 
 
 @register

@@ -24,13 +24,20 @@ class Block(nn.Module):
         super().__init__()
         self.k = k  # 0-based index in its stack
         self.placement = placement  # a plain object, not a module: it owns no parameters
-        n, d, p_attn = placement.sublayer_norms, cfg.d_model, cfg.attention_dropout_rate
-        qk, norm = cfg.qk_norm, placement.norm or cfg.norm
-        self.self_attn = Attention(d, cfg.heads, cfg.dropout, causal, n, norm, p_attn, qk)
-        self.cross_attn = (
-            Attention(d, cfg.heads, cfg.dropout, False, n, norm, p_attn, qk) if cross else None
+        d, p_attn = cfg.d_model, cfg.attention_dropout_rate
+        n_attn, n_ffn = (placement.sublayer_norm_count(kind, k) for kind in ("attn", "ffn"))
+        qk, v, norm = (
+            cfg.qk_norm or placement.qkv_norm,
+            placement.qkv_norm,
+            placement.norm or cfg.norm,
         )
-        self.ffn = FeedForward(d, cfg.ffn, cfg.dropout, n, norm, cfg.activation_dropout_rate)
+        self.self_attn = Attention(d, cfg.heads, cfg.dropout, causal, n_attn, norm, p_attn, qk, v)
+        self.cross_attn = (
+            Attention(d, cfg.heads, cfg.dropout, False, n_attn, norm, p_attn, qk, v)
+            if cross
+            else None
+        )
+        self.ffn = FeedForward(d, cfg.ffn, cfg.dropout, n_ffn, norm, cfg.activation_dropout_rate)
         placement.add_parameters(self)
 
     def sublayers(self) -> list[nn.Module]:
