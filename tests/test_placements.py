@@ -62,9 +62,6 @@ def reference_block(placement, blk, x, memory, depth, mix_ratio=0.25, s_res=1.0)
             x = x + blk.gate * f(x)
         elif placement == "dyt":  # Zhu et al. 2025: every LN is gamma * tanh(alpha * x) + beta
             x = x + f(dyt(s.norm, x))
-        elif placement == "deepscale":  # Kedia et al. 2024, beta^2 = 2/N, lambda^2 = 1 - beta^2
-            beta = math.sqrt(2 / depth)
-            x = math.sqrt(1 - beta**2) * x + beta * f(s.norm(x))
         elif placement == "hybridnorm":  # Zhuo et al. 2025: no pre-norm on attention (QKV-norm
             if s is blk.ffn:  # inside it); y = x + Attn(x), then LN(y) + FFN(LN(y))
                 x = s.norm(x) + f(s.norm(x))
@@ -121,7 +118,7 @@ def test_stack_start_and_end(placement):
         expected = 1.0 * x + torch.nn.functional.layer_norm(
             d, (16,), stack.final_norm.weight, stack.final_norm.bias, eps=1e-7
         )
-    elif placement in ("pre-ln", "sandwich", "peri-ln", "mix-ln", "lns", "deepscale", "hybridnorm"):
+    elif placement in ("pre-ln", "sandwich", "peri-ln", "mix-ln", "lns", "hybridnorm"):
         expected = stack.final_norm(state)
     elif placement == "dyt":
         expected = dyt(stack.final_norm, state)

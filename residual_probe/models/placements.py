@@ -296,26 +296,6 @@ class DyT(Placement):
 
 
 @register
-class DeepScale(Placement):
-    """DeepScaleLM (Kedia et al. 2024, arXiv 2403.09635), Pre-LN arrangement: x <- lambda * x +
-    beta * F(LN(x)), lambda^2 + beta^2 = 1, beta^2 = k / N with N the stack's blocks; LN at the end.
-    k = 2 (our reading of the paper, not checked against its text); beta^2 is capped at 1 for
-    stacks of N <= k blocks. The paper's matching initialization is not built (docs/design.md)."""
-
-    name = "deepscale"
-    final_norm = True
-    k = 2
-
-    def __init__(self, cfg, role):
-        super().__init__(cfg, role)
-        beta2 = min(self.k / self.depth, 1.0)
-        self.lam, self.beta = math.sqrt(1.0 - beta2), math.sqrt(beta2)
-
-    def sublayer(self, x, f, s, blk):
-        return self.lam * x + self.beta * f(s.norm(x))
-
-
-@register
 class HybridNorm(Placement):
     """HybridNorm (Zhuo et al. 2025, arXiv 2503.04598; BryceZhuo/HybridNorm): attention with q, k
     and v normalized per head and no norm before it, then the FFN's norm on the sum, the FFN's

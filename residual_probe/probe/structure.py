@@ -17,8 +17,8 @@ output) of each of its norms:
 Per stack: one kind, or "mix-ln" for post-ln blocks followed by pre-ln blocks (Mix-LN), or
 "other" with the per-block kinds in `detail`; "peri-ln" is a sandwich stack whose first block
 reads the output of a norm outside the blocks (the embedding's LN). Norms inside attention that
-normalize queries and keys (OLMo 2's q_norm/k_norm) are not stream norms; they are reported as
-QK-norm. The norm type (layernorm / rmsnorm / dyt) is read from behaviour: LayerNorm ignores a
+normalize queries and keys (OLMo 2's q_norm/k_norm; HybridNorm's v_norm too) are not stream
+norms; they are reported as QK-norm. The norm type (layernorm / rmsnorm / dyt) is read from behaviour: LayerNorm ignores a
 constant shift of its input, RMSNorm does not, DyT squashes any input into a bounded range; a
 Pre-LN stack whose norms are all DyT is labelled "dyt" (Zhu et al. 2025).
 """
@@ -37,7 +37,7 @@ from .discovery import BlockInfo, is_norm, squashes
 from .stats import stream_tensors
 
 KINDS = ("post-ln", "pre-ln", "residual", "sandwich", "res-post-ln", "no-norm", "other")
-QK_NORM = re.compile(r"(^|[._])(q|k|query|key)_?(norm|layernorm|ln)$", re.IGNORECASE)
+QK_NORM = re.compile(r"(^|[._])(q|k|v|query|key|value)_?(norm|layernorm|ln)$", re.IGNORECASE)
 MAX_SUBSET_NORMS = 8  # norms per block searched for y = x + sum of normalized branches (2^8 sums)
 
 
