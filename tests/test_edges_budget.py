@@ -169,25 +169,8 @@ def test_impossible_sizes_are_refused_before_anything_is_built(tmp_path, args, w
 
 
 def test_memory_env_and_force(tmp_path, monkeypatch):
-    tiny = [
-        "grad-norms",
-        "--depth",
-        "2",
-        "--d-model",
-        "16",
-        "--heads",
-        "2",
-        "--ffn",
-        "32",
-        "--seeds",
-        "1",
-        "--batch",
-        "2",
-        "--seq-len",
-        "8",
-        "--placements",
-        "pre-ln",
-    ]
+    tiny = "grad-norms --depth 2 --d-model 16 --heads 2 --ffn 32 --seeds 1".split()
+    tiny += "--batch 2 --seq-len 8 --placements pre-ln".split()
     monkeypatch.setenv(budget.MEMORY_ENV, "64KiB")
     refused = CliRunner().invoke(app, [*tiny, "--out", str(tmp_path / "a")])
     assert refused.exit_code == 2

@@ -14,20 +14,7 @@ from residual_probe.cli import app
 from residual_probe.data import BatchSource
 from residual_probe.models import PLACEMENTS, ModelConfig, Transformer
 
-TINY = [
-    "--depth",
-    "3",
-    "--d-model",
-    "16",
-    "--heads",
-    "2",
-    "--ffn",
-    "32",
-    "--batch",
-    "2",
-    "--seq-len",
-    "6",
-]
+TINY = "--depth 3 --d-model 16 --heads 2 --ffn 32 --batch 2 --seq-len 6".split()
 runner = CliRunner()
 
 

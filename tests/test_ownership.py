@@ -22,22 +22,7 @@ from residual_probe.ownership import (
 )
 
 runner = CliRunner()
-TINY = [
-    "--depth",
-    "2",
-    "--d-model",
-    "16",
-    "--heads",
-    "2",
-    "--ffn",
-    "32",
-    "--batch",
-    "2",
-    "--seq-len",
-    "6",
-    "--seeds",
-    "1",
-]
+TINY = "--depth 2 --d-model 16 --heads 2 --ffn 32 --batch 2 --seq-len 6 --seeds 1".split()
 
 
 def grad_norms(out, *extra):

@@ -42,7 +42,7 @@ def runs(tmp_path_factory):
         "collapse": ["collapse", *ckpt],  # --tokens 100 is rounded down: a note
         "diagnose": ["diagnose", *ckpt],
         "plot": ["plot", str(train)],
-        "figures": ["figures", "--quick", "--only", "theory_bounds"],
+        "figures": ["figures", "--quick", "--only", "instability"],
     }
     out = {}
     for name, args in commands.items():
