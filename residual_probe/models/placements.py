@@ -405,6 +405,18 @@ def make_placement(cfg: PlacementConfig, role: str) -> Placement:
 PAPER_PLACEMENTS = tuple(name for name, cls in PLACEMENTS.items() if cls.in_paper)
 
 
+ALL = "ALL"  # the keyword for every registered placement, where a command takes a list
+
+
+def expand_placements(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """`names` with the keyword ALL (any case) replaced by every registered placement, in registry
+    order, duplicates dropped."""
+    out: list[str] = []
+    for n in names:
+        out += list(PLACEMENTS) if n.upper() == ALL else [n]
+    return tuple(dict.fromkeys(out))
+
+
 def pre_ln_like(placement: str | None, stream: str) -> bool:
     """Whether `stream` of a model with this placement follows the Pre-LN toy model (False for a
     placement the registry does not know: a detected "other" or "unknown")."""
