@@ -24,9 +24,15 @@ class PlacementConfig(Protocol):
 
     arch: str
     placement: str
+    d_model: int
+    heads: int
+    ffn: int
+    vocab_size: int
+    max_len: int
     alpha: float
     mix_ratio: float
     res_input_norm_scale: float
+    share_all_embeddings: bool
 
     def stack_depth(self, role: str) -> int: ...
 
@@ -60,6 +66,8 @@ class Placement:
     qkv_norm = (
         False  # attention normalizes q, k and v per head (HybridNorm), whatever `qk_norm` says
     )
+    linear_bias = True  # the attention's and FFN's linear maps have biases (nGPT's have none)
+    init_schemes: tuple[str, ...] | None = None  # the model inits it can start from; None: all
 
     def sublayer_norm_count(self, kind: str, k: int) -> int:
         """Norms the sublayer of `kind` ("attn" or "ffn") in block k owns: `sublayer_norms` unless a
@@ -90,9 +98,23 @@ class Placement:
     def add_parameters(self, blk: nn.Module) -> None:
         """Create placement-owned parameters on a block (ReZero's gate)."""
 
+    def output_head(self, d: int, vocab: int) -> nn.Linear:
+        """The output projection, when this stack feeds it (nGPT's scales its logits)."""
+        return nn.Linear(d, vocab, bias=False)
+
     @torch.no_grad()
     def init_(self, stack: nn.Module) -> None:
         """Placement-specific initialization, applied after the model's own."""
+
+    @torch.no_grad()
+    def init_model_(self, stack: nn.Module, model: nn.Module) -> None:
+        """Initialization that needs the whole model (a forward through it, or the output
+        projection), run after every stack's `init_`, encoder first (Admin's profiling)."""
+
+    @torch.no_grad()
+    def after_step(self, stack: nn.Module, model: nn.Module) -> None:
+        """Called by `Trainer` after every optimizer step (nGPT puts its weights back on the
+        unit sphere)."""
 
 
 @register
