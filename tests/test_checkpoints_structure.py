@@ -27,6 +27,9 @@ OURS = {
     # no pre-norm on attention (its q, k, v norms are attention internals), a norm between
     # attention and FFN: no label names it yet (issue 33: a `hybridnorm` label)
     "hybridnorm": "other",
+    # nGPT's l2 normalizations are functions, not modules, and its q/k scales attention
+    # internals: no stream norm is seen (issue 33: an `ngpt` label)
+    "ngpt": "no-norm",
 }
 
 
@@ -55,7 +58,7 @@ def test_our_placements(placement, norm):
     ids = torch.randint(1, 256, (1, 8))
     found = detect_placement(find_blocks(model), lambda: model(ids, ids), model)
     assert found["placement"] == OURS[placement], found["detail"]
-    expected = "none" if placement == "rezero" else PLACEMENTS[placement].norm or norm
+    expected = "none" if OURS[placement] == "no-norm" else PLACEMENTS[placement].norm or norm
     assert found["norm_type"] == expected
     if placement == "mix-ln":
         assert found["per_block"]["encoder"] == ["post-ln", "post-ln", "pre-ln", "pre-ln"]

@@ -18,10 +18,11 @@ SMALL = dict(d_model=16, heads=2, ffn=32, depth=4, vocab_size=50, max_len=64)
 
 def tiny(placement, arch="decoder", **kw):
     model = tiny_model(placement, arch, **{**SMALL, **kw}).double()
-    # Non-trivial norm affines and ReZero gates so that every term of each formula matters.
+    # Non-trivial norm affines, ReZero gates and nGPT's scales (alpha, s_qk, s_u, s_z) so that
+    # every term of each formula matters.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("gate"):
+            if "norm" in name or name.endswith(("gate", ".stored")):
                 p.add_(0.3 * torch.randn_like(p))
     return model.eval()
 
@@ -68,9 +69,18 @@ def reference_block(placement, blk, x, memory, depth, mix_ratio=0.25, s_res=1.0)
             else:
                 assert s.norm is None and s.v_norm is not None and s.q_norm is not None
                 x = x + f(x)
+        elif placement == "ngpt":  # Loshchilov et al. 2024: h <- l2(h + |alpha| (l2(F(h)) - h)),
+            # alpha stored at d^-1/2 and used times 0.05 / d^-1/2 (NVIDIA/ngpt attn_alpha)
+            assert s.norm is None
+            a = (s.alpha.stored * 0.05 * math.sqrt(x.shape[-1])).abs()
+            x = l2(x + a * (l2(f(x)) - x))
         else:
             raise AssertionError(placement)
     return x
+
+
+def l2(x):
+    return x / x.norm(dim=-1, keepdim=True)
 
 
 def dyt(norm, x):
@@ -110,6 +120,7 @@ def test_stack_start_and_end(placement):
     tokens = torch.randint(1, 50, (2, 7))
     x0 = stack.embed(tokens)
     x = stack.embed_norm(x0) if placement == "peri-ln" else x0
+    x = l2(x0) if placement == "ngpt" else x  # nGPT's stream starts on the unit sphere
     state = (x, 1.0 * x0) if placement == "residual" else x
     for blk in stack.layers:
         state = blk(state)
@@ -293,7 +304,11 @@ def test_rezero_is_identity_at_init():
 
 @pytest.mark.parametrize("placement", sorted(PLACEMENTS))
 def test_a_few_adam_steps_lower_the_loss(placement):
+    """Through the one training loop, so that a placement's after-step hook runs (nGPT's unit
+    rows). 25 steps: nGPT starts at the uniform loss (logits s_z * cos, s_z = 1) and its s_z moves
+    by lr * sqrt(d) a step by design; its loss is at 0.92 of the first after 15 steps, 0.87 after 25."""
     from residual_probe.data import BatchSource
+    from residual_probe.training import Trainer
 
     torch.manual_seed(0)
     model = build_model(
@@ -304,19 +319,11 @@ def test_a_few_adam_steps_lower_the_loss(placement):
     batch = BatchSource(
         "decoder", 4, 12, 20, seed=0
     ).next()  # one fixed batch: the loss must fall on it
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-
-    def loss():
-        return torch.nn.functional.cross_entropy(
-            model(*batch.inputs).flatten(0, 1), batch.targets.flatten()
-        )
-
-    first = float(loss().detach())
-    for _ in range(15):
-        opt.zero_grad()
-        loss().backward()
-        opt.step()
-    assert float(loss().detach()) < 0.9 * first
+    trainer = Trainer(model, lr=3e-3)
+    first = float(trainer.step(batch))
+    for _ in range(24):
+        trainer.step(batch)
+    assert float(trainer.step(batch, update=False)) < 0.9 * first
 
 
 def test_config_rejects_unknown_keys_and_conflicts():
@@ -547,3 +554,106 @@ def test_dyt_starts_at_alpha_half_and_refuses_another_norm():
     assert not any(isinstance(m, (torch.nn.LayerNorm,)) for m in model.modules())
     with pytest.raises(ConfigError, match="placement 'dyt' makes every norm dyt"):
         ModelConfig(placement="dyt", norm="rmsnorm")
+
+
+def hand_ngpt_attention(attn, h, memory=None):
+    """nGPT's attention (NVIDIA/ngpt model.py) in float64: no biases; per head q and k unit vectors
+    times s_qk (one, stored at d^-1/2, used times d^1/2), softmax(q k^T * sqrt(head_dim) + causal)."""
+    B, T, C = h.shape
+    src = h if memory is None else memory
+    H = attn.heads
+    Dh = C // H
+    assert all(lin.bias is None for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj))
+    assert attn.k_norm is attn.q_norm  # one s_qk for q and k, as the reference's sqk
+
+    def heads(t):
+        return t.view(B, -1, H, Dh).transpose(1, 2)
+
+    sqk = attn.q_norm.s.stored * math.sqrt(C)  # (H, 1, Dh)
+    q = l2(heads(h @ attn.q_proj.weight.T)) * sqk
+    k = l2(heads(src @ attn.k_proj.weight.T)) * sqk
+    v = heads(src @ attn.v_proj.weight.T)
+    scores = q @ k.transpose(-1, -2) * math.sqrt(Dh)
+    if attn.causal and memory is None:
+        scores = scores.masked_fill(torch.ones(T, k.shape[2], dtype=torch.bool).triu(1), -math.inf)
+    y = torch.softmax(scores, -1) @ v
+    return y.transpose(1, 2).reshape(B, T, C) @ attn.out_proj.weight.T
+
+
+def test_ngpt_attention_ffn_and_logits_equal_a_hand_computation():
+    model = tiny("ngpt", "seq2seq")  # perturbs alpha, s_qk, s_u and s_z
+    blk = model.decoder.layers[1]
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 5, 16, dtype=torch.float64, generator=g)
+    memory = torch.randn(2, 7, 16, dtype=torch.float64, generator=g)
+    src, tgt = torch.randint(1, 50, (2, 6)), torch.randint(1, 50, (2, 5))
+    with torch.no_grad():
+        for attn, mem in ((blk.self_attn, None), (blk.cross_attn, memory)):
+            assert close(attn.branch(h, mem), hand_ngpt_attention(attn, h, mem))
+        ffn = blk.ffn  # ReLU FFN with s_u (stored 1, used times sqrt(d)) before the ReLU
+        assert ffn.fc1.bias is None and ffn.fc2.bias is None
+        u = (h @ ffn.fc1.weight.T) * ffn.hidden_scale.stored * math.sqrt(16)
+        assert close(ffn.branch(h, None), torch.relu(u) @ ffn.fc2.weight.T)
+        # logits s_z * (W h), s_z stored at d^-1/2 and used times d^1/2
+        out = model.decoder(tgt, model.encoder(src))
+        sz = model.output_projection.sz.stored * math.sqrt(16)
+        assert close(model(src, tgt), (out @ model.decoder.embed_tokens.weight.T) * sz)
+        assert torch.allclose(out.norm(dim=-1), torch.ones(2, 5, dtype=torch.float64))
+
+
+def ngpt_row_norms(model):
+    """Norm of every row along the embedding dimension of nGPT's matrices, as train.py's
+    normalize_matrices: dim 1 of q, k, v, fc1, embeddings and output projection; dim 0 of out, fc2."""
+    norms = []
+    for name, p in model.named_parameters():
+        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "fc1.weight")):
+            norms.append(p.norm(dim=1))
+        elif name.endswith(("embed_tokens.weight", "output_projection.weight")):
+            norms.append(p.norm(dim=1))
+        elif name.endswith(("out_proj.weight", "fc2.weight")):
+            norms.append(p.norm(dim=0))
+        else:  # alpha, s_qk, s_u, s_z
+            assert name.endswith(".stored"), name
+    return torch.cat(norms).detach()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_ngpt_weights_are_unit_rows_at_init_and_after_every_trainer_step(tie):
+    import copy
+
+    from residual_probe.data import BatchSource
+    from residual_probe.training import BETAS, Trainer
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="decoder", placement="ngpt", tie_embeddings=tie, **SMALL))
+    assert torch.allclose(ngpt_row_norms(model), torch.tensor(1.0), atol=1e-6)
+    raw = copy.deepcopy(model)
+    batch = BatchSource("decoder", 3, 8, SMALL["vocab_size"], seed=0).next()
+    Trainer(model, lr=1e-2).step(batch)
+    # the same Adam step without the hook moves the rows off the sphere ...
+    opt = torch.optim.Adam(raw.parameters(), lr=1e-2, betas=BETAS, eps=1e-8)
+    torch.nn.functional.cross_entropy(
+        raw(*batch.inputs).flatten(0, 1), batch.targets.flatten()
+    ).backward()
+    opt.step()
+    assert (ngpt_row_norms(raw) - 1).abs().max() > 1e-3
+    # ... and the Trainer's step is that step, renormalized
+    assert torch.allclose(ngpt_row_norms(model), torch.tensor(1.0), atol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), raw.parameters(), strict=True):
+        if p.dim() == 2:
+            dim = 0 if name.endswith(("out_proj.weight", "fc2.weight")) else 1
+            q = q / q.norm(dim=dim, keepdim=True)
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_ngpt_refuses_xiong_init_and_counts_its_scales():
+    with pytest.raises(
+        ConfigError, match="init: placement 'ngpt' starts from fairseq, not 'xiong'"
+    ):
+        ModelConfig(placement="ngpt", init="xiong")
+    d, f, V, N = SMALL["d_model"], SMALL["ffn"], SMALL["vocab_size"], SMALL["depth"]
+    model = build_model(ModelConfig(arch="decoder", placement="ngpt", **SMALL))
+    n = sum(p.numel() for p in model.parameters())
+    # per block: 4 d x d attention maps, fc1 and fc2 (no biases), alpha_A and alpha_M (d each),
+    # s_qk (d: heads x head_dim), s_u (ffn); the tied embedding and s_z (vocab)
+    assert n == N * (4 * d * d + 2 * d * f + 2 * d + d + f) + V * d + V

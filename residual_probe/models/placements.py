@@ -17,6 +17,8 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
+from .layers import ScaledLinear, ScaledUnitNorm, StoredScale, unit
+
 
 class PlacementConfig(Protocol):
     """What a placement reads from the model's config (`ModelConfig` has these): named here, not
@@ -337,6 +339,70 @@ class HybridNorm(Placement):
             return x + f(x)
         h = s.norm(x)
         return h + f(h)
+
+
+@register
+class NGPT(Placement):
+    """The normalized Transformer (Loshchilov et al. 2024, arXiv 2410.01131; NVIDIA/ngpt model.py,
+    train.py): no norms; the stream lives on the unit sphere, h <- unit(h + |alpha| * (unit(F(h)) -
+    h)), alpha one vector of width d per sublayer; the embedding output normalized at the start.
+
+    Inside F: q and k of each head are unit vectors times s_qk and the softmax reads
+    q k^T * sqrt(head_dim); the FFN scales fc1's output by s_u * sqrt(d) before its ReLU; the
+    logits are s_z * (W h). No linear map has a bias, and every weight matrix and embedding has unit
+    rows along the embedding dimension, at init and after every optimizer step (`after_step`).
+    alpha, s_qk, s_u and s_z are `StoredScale`s with the reference's (init, scaling): (0.05, d^-1/2),
+    (1, d^-1/2), (1, 1), (1, d^-1/2). Positions stay our sinusoidal table added to the embedding
+    (the reference rotates q, k: RoPE); the FFN stays ReLU (the reference's is SwiGLU with s_u, s_v)."""
+
+    name = "ngpt"
+    sublayer_norms = 0
+    linear_bias = False
+    init_schemes = ("fairseq",)  # xiong's W^Q = W^K = 0 has no direction to put on the sphere
+
+    def begin(self, x0, stack):
+        return unit(x0)
+
+    def sublayer(self, x, f, s, blk):
+        return unit(x + s.alpha.value().abs() * (unit(f(x)) - x))
+
+    def add_parameters(self, blk):
+        d, heads = self.cfg.d_model, self.cfg.heads
+        base = d**-0.5
+        for s in blk.sublayers():
+            s.alpha = StoredScale((d,), 0.05, base)  # the reference's attn_alpha / mlp_alpha
+        for attn in (blk.self_attn, blk.cross_attn):
+            if attn is not None:  # one s_qk for q and k, as the reference's sqk
+                attn.q_norm = attn.k_norm = ScaledUnitNorm(
+                    StoredScale((heads, 1, d // heads), 1.0, base)
+                )
+                attn.scale = math.sqrt(d // heads)
+        blk.ffn.hidden_scale = StoredScale((self.cfg.ffn,), 1.0, 1.0, factor=math.sqrt(d))
+
+    def output_head(self, d, vocab):
+        return ScaledLinear(d, vocab, StoredScale((vocab,), 1.0, d**-0.5))
+
+    @torch.no_grad()
+    def init_model_(self, stack, model):
+        self.after_step(stack, model)
+
+    @torch.no_grad()
+    def after_step(self, stack, model):
+        """Unit rows along the embedding dimension (train.py's normalize_matrices): dim 1 of the
+        maps that read the stream (q, k, v, fc1; the embeddings), dim 0 of those that write it
+        (out, fc2); the output projection by the stack that feeds it."""
+        mats = [(stack.embed_tokens.weight, 1)]
+        for blk in stack.layers:
+            for s in blk.sublayers():
+                if hasattr(s, "fc1"):
+                    mats += [(s.fc1.weight, 1), (s.fc2.weight, 0)]
+                else:
+                    mats += [(s.q_proj.weight, 1), (s.k_proj.weight, 1), (s.v_proj.weight, 1)]
+                    mats.append((s.out_proj.weight, 0))
+        if stack is (model.decoder or model.encoder):
+            mats.append((model.output_projection.weight, 1))
+        for w, dim in mats:
+            w.copy_(torch.nn.functional.normalize(w, dim=dim))
 
 
 @register
