@@ -30,6 +30,7 @@ OURS = {
     # nGPT's l2 normalizations are functions, not modules, and its q/k scales attention
     # internals: no stream norm is seen (issue 33: an `ngpt` label)
     "ngpt": "no-norm",
+    "tfixup": "no-norm",
 }
 
 

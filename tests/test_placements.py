@@ -11,7 +11,10 @@ import torch
 from conftest import tiny_model
 
 from residual_probe.models import PLACEMENTS, ConfigError, ModelConfig, build_model
-from residual_probe.models.placements import deepnorm_constants
+from residual_probe.models.placements import (
+    deepnorm_constants,
+    tfixup_constants,
+)
 
 SMALL = dict(d_model=16, heads=2, ffn=32, depth=4, vocab_size=50, max_len=64)
 
@@ -74,6 +77,9 @@ def reference_block(placement, blk, x, memory, depth, mix_ratio=0.25, s_res=1.0)
             assert s.norm is None
             a = (s.alpha.stored * 0.05 * math.sqrt(x.shape[-1])).abs()
             x = l2(x + a * (l2(f(x)) - x))
+        elif placement == "tfixup":  # Huang et al. 2020: no LayerNorm at all
+            assert s.norm is None
+            x = x + f(x)
         else:
             raise AssertionError(placement)
     return x
@@ -657,3 +663,58 @@ def test_ngpt_refuses_xiong_init_and_counts_its_scales():
     # per block: 4 d x d attention maps, fc1 and fc2 (no biases), alpha_A and alpha_M (d each),
     # s_qk (d: heads x head_dim), s_u (ffn); the tied embedding and s_z (vocab)
     assert n == N * (4 * d * d + 2 * d * f + 2 * d + d + f) + V * d + V
+
+
+@pytest.mark.parametrize("arch,N,M", [("encoder", 6, 0), ("decoder", 0, 6), ("seq2seq", 6, 12)])
+def test_tfixup_constants(arch, N, M):
+    """The repository's expressions (layer6ai-labs/T-Fixup fairseq/modules/transformer_layer.py and
+    fairseq/models/transformer.py): encoder layers 0.67 * N ** (-1/4), decoder layers
+    (9 * M) ** (-1/4), embeddings (9 * L) ** (-1/4) with their stack's L."""
+    cfg = ModelConfig(
+        arch=arch,
+        placement="tfixup",
+        depth=N or M,
+        decoder_depth=M if arch == "seq2seq" else None,
+        **{k: v for k, v in SMALL.items() if k != "depth"},
+    )
+    if N:
+        assert tfixup_constants(cfg, "encoder") == pytest.approx(
+            (0.67 * N**-0.25, (9 * N) ** -0.25)
+        )
+        assert tfixup_constants(cfg, "encoder")[0] == pytest.approx(0.42809, abs=1e-5)  # N = 6
+    if M:
+        assert tfixup_constants(cfg, "decoder") == pytest.approx(((9 * M) ** -0.25,) * 2)
+    if M == 6:
+        assert tfixup_constants(cfg, "decoder")[0] == pytest.approx(0.36889, abs=1e-5)
+
+
+@pytest.mark.parametrize("arch,share", [("decoder", False), ("encoder", False), ("seq2seq", True)])
+def test_tfixup_init_scales_v_out_fc1_fc2_and_the_embeddings(arch, share):
+    sizes = dict(SMALL, depth=4, decoder_depth=6 if arch == "seq2seq" else None)
+    torch.manual_seed(0)
+    post = build_model(
+        ModelConfig(arch=arch, placement="post-ln", share_all_embeddings=share, **sizes)
+    )
+    torch.manual_seed(0)
+    fix = build_model(
+        ModelConfig(arch=arch, placement="tfixup", share_all_embeddings=share, **sizes)
+    )
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in fix.modules())
+    ref = dict(post.named_parameters())
+    L = {"encoder": 4, "decoder": 6 if arch == "seq2seq" else 4}
+    for name, p in fix.named_parameters():
+        role = name.split(".")[0]
+        block = 0.67 * L[role] ** -0.25 if role == "encoder" else (9 * L[role]) ** -0.25
+        if name.endswith("embed_tokens.weight"):  # a shared table: scaled once, by the encoder
+            assert torch.allclose(p, (9 * L[role]) ** -0.25 * ref[name]), name
+        elif name.endswith("out_proj.weight"):  # Xavier already; scaled
+            assert torch.allclose(p, block * ref[name]), name
+        elif name.endswith(("v_proj.weight", "fc1.weight", "fc2.weight")):  # redrawn Xavier, scaled
+            bound = block * math.sqrt(6 / sum(p.shape))
+            assert 0.97 * bound < p.abs().max() <= bound, name
+        elif name.endswith(("fc1.bias", "fc2.bias")):
+            assert torch.equal(p, torch.zeros_like(p)), name
+        else:  # q, k, biases of q, k, v, out: the model's own init
+            assert torch.equal(p, ref[name]), name
+    if share:
+        assert fix.encoder.embed_tokens is fix.decoder.embed_tokens

@@ -406,6 +406,52 @@ class NGPT(Placement):
 
 
 @register
+class TFixup(Placement):
+    """T-Fixup (Huang et al. 2020; layer6ai-labs/T-Fixup): x <- x + F(x), no LayerNorm anywhere, and
+    an initialization that lets it train without warm-up: v, out, fc1 and fc2 Xavier, then their
+    weights times `scale`, the token embedding N(0, d^-1/2) times `embed_scale` (`tfixup_constants`)."""
+
+    name = "tfixup"
+    sublayer_norms = 0
+
+    def __init__(self, cfg, role):
+        super().__init__(cfg, role)
+        self.scale, self.embed_scale = tfixup_constants(cfg, role)
+
+    def sublayer(self, x, f, s, blk):
+        return x + f(x)
+
+    @torch.no_grad()
+    def init_(self, stack):
+        for blk in stack.layers:
+            for s in blk.sublayers():
+                # Xavier (gain 1) as the reference has them: its fairseq draws v at gain 1/sqrt(2)
+                # and multiplies by sqrt(2), and its fc1, fc2 are Xavier with zero bias; out_proj
+                # is Xavier with zero bias under both of our schemes already.
+                ffn = hasattr(s, "fc1")
+                for lin in (s.fc1, s.fc2) if ffn else (s.v_proj,):
+                    nn.init.xavier_uniform_(lin.weight)
+                    if ffn:
+                        nn.init.zeros_(lin.bias)
+                for lin in deepnorm_scaled(s):  # v, out, fc1, fc2: weights only, as the reference
+                    lin.weight.mul_(self.scale)
+        # A table shared by both stacks is scaled once, by the encoder (the reference's decoder
+        # skips it under --share-all-embeddings); a tied output projection is this table.
+        if not (self.role == "decoder" and self.cfg.share_all_embeddings):
+            stack.embed_tokens.weight.mul_(self.embed_scale)
+
+
+def tfixup_constants(cfg: PlacementConfig, role: str) -> tuple[float, float]:
+    """(block scale, embedding scale) of this stack, as layer6ai-labs/T-Fixup's fixup_initialization
+    (fairseq/modules/transformer_layer.py) and its embedding scaling (fairseq/models/transformer.py):
+    encoder blocks 0.67 N^(-1/4), decoder blocks (9M)^(-1/4), each stack's embedding (9L)^(-1/4) with
+    its own L. A one-stack model takes its role's constants (a decoder-only LM the decoder's)."""
+    L = cfg.stack_depth(role)
+    block = 0.67 * L**-0.25 if role == "encoder" else (9 * L) ** -0.25
+    return block, (9 * L) ** -0.25
+
+
+@register
 class ReZero(Placement):
     """x <- x + a_k * F(x), one scalar a_k per block, zero at init, no LN (Bachlechner et al. 2021)."""
 
