@@ -31,6 +31,7 @@ OURS = {
     # internals: no stream norm is seen (issue 33: an `ngpt` label)
     "ngpt": "no-norm",
     "tfixup": "no-norm",
+    "admin": "post-ln",  # LN(x * omega + F(x))
 }
 
 

@@ -12,6 +12,7 @@ from conftest import tiny_model
 
 from residual_probe.models import PLACEMENTS, ConfigError, ModelConfig, build_model
 from residual_probe.models.placements import (
+    admin_profile_tokens,
     deepnorm_constants,
     tfixup_constants,
 )
@@ -21,11 +22,11 @@ SMALL = dict(d_model=16, heads=2, ffn=32, depth=4, vocab_size=50, max_len=64)
 
 def tiny(placement, arch="decoder", **kw):
     model = tiny_model(placement, arch, **{**SMALL, **kw}).double()
-    # Non-trivial norm affines, ReZero gates and nGPT's scales (alpha, s_qk, s_u, s_z) so that
-    # every term of each formula matters.
+    # Non-trivial norm affines, ReZero gates, Admin's omegas and nGPT's scales (alpha, s_qk, s_u,
+    # s_z) so that every term of each formula matters.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name or name.endswith(("gate", ".stored")):
+            if "norm" in name or name.endswith(("gate", "omega", ".stored")):
                 p.add_(0.3 * torch.randn_like(p))
     return model.eval()
 
@@ -80,6 +81,8 @@ def reference_block(placement, blk, x, memory, depth, mix_ratio=0.25, s_res=1.0)
         elif placement == "tfixup":  # Huang et al. 2020: no LayerNorm at all
             assert s.norm is None
             x = x + f(x)
+        elif placement == "admin":  # Liu et al. 2020: x_i = LN(x_{i-1} * omega_i + f_i(x_{i-1}))
+            x = s.norm(x * s.omega + f(x))
         else:
             raise AssertionError(placement)
     return x
@@ -718,3 +721,42 @@ def test_tfixup_init_scales_v_out_fc1_fc2_and_the_embeddings(arch, share):
             assert torch.equal(p, ref[name]), name
     if share:
         assert fix.encoder.embed_tokens is fix.decoder.embed_tokens
+
+
+@pytest.mark.parametrize("arch", ["decoder", "encoder", "seq2seq"])
+def test_admin_omegas_are_the_profiled_variances(arch):
+    """An independent run of Transformer-Clinic's profiling on the same batch: r = 1 at each
+    stack's start; per sublayer in order omega_i = r, r <- sqrt(Var(x_i omega_i) + Var(F_i(x_i))),
+    Var over every entry; x_{i+1} = LN(x_i omega_i + F_i(x_i))."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=arch, placement="admin", **SMALL)).double()
+    tokens = admin_profile_tokens(model.cfg)
+    assert tokens["decoder"].shape == (8, 32)
+
+    def var(t):
+        return ((t - t.mean()) ** 2).mean()
+
+    memory, omegas = None, []
+    with torch.no_grad():
+        for role, stack in model.stacks():
+            x, r = stack.embed(tokens[role]), 1.0
+            for blk in stack.layers:
+                for s in blk.sublayers():
+                    omega = torch.full((16,), r, dtype=torch.float64)
+                    assert torch.allclose(s.omega, omega, rtol=1e-5), (role, blk.k)
+                    b = s(x, memory) if s is blk.cross_attn else s(x)
+                    r = math.sqrt(var(x * omega) + var(b))
+                    x = s.norm(x * omega + b)
+                    omegas.append(r)
+            memory = x
+    assert omegas[0] > 1.1  # non-trivial: the second sublayer's omega
+
+
+def test_admin_profiling_leaves_the_global_generator_alone():
+    def draw_after(placement):
+        torch.manual_seed(0)
+        build_model(ModelConfig(arch="seq2seq", placement=placement, dropout=0.3, **SMALL))
+        return torch.rand(3)
+
+    # same weights drawn; the profiling's dropout masks come from a forked generator
+    assert torch.equal(draw_after("admin"), draw_after("post-ln"))

@@ -451,6 +451,65 @@ def tfixup_constants(cfg: PlacementConfig, role: str) -> tuple[float, float]:
     return block, (9 * L) ** -0.25
 
 
+ROLES = ("encoder", "decoder")
+ADMIN_PROFILE_SHAPE = (8, 32)  # sequences x tokens of Admin's profiling batch (tokens <= max_len)
+ADMIN_PROFILE_SEED = 0  # draws its tokens and, under fork_rng, its dropout masks
+
+
+def admin_profile_tokens(cfg: PlacementConfig) -> dict[str, torch.Tensor]:
+    """The seeded random token batches Admin profiles on, per stack role: uniform over the
+    vocabulary, the same for every model of this vocabulary and max_len."""
+    g = torch.Generator().manual_seed(ADMIN_PROFILE_SEED)
+    shape = (ADMIN_PROFILE_SHAPE[0], min(ADMIN_PROFILE_SHAPE[1], cfg.max_len))
+    return {role: torch.randint(cfg.vocab_size, shape, generator=g) for role in ROLES}
+
+
+@register
+class Admin(Placement):
+    """Admin (Liu et al. 2020, arXiv 2004.08249; LiyuanLucasLiu/Transformer-Clinic): Post-LN with the
+    stream weighted, x <- LN(x * omega + F(x)), omega one vector of width d per sublayer, set by a
+    profiling forward at build time (`init_model_`)."""
+
+    name = "admin"
+
+    def sublayer(self, x, f, s, blk):
+        b = f(x)  # before s.omega is read: the profiling pass sets it as F returns
+        return s.norm(x * s.omega + b)
+
+    def add_parameters(self, blk):
+        for s in blk.sublayers():
+            s.omega = nn.Parameter(torch.ones(self.cfg.d_model))
+
+    @torch.no_grad()
+    def init_model_(self, stack, model):
+        """The reference's adaptive-profiling pass (fairseq/modules/transformer_layer.py): one
+        training-mode forward in which the sublayers of the stack, in order, take omega_i = r, then
+        r <- sqrt(Var(x_i * omega_i) + Var(F_i(x_i))), r = 1 at the stack's start; Var over every
+        entry of the batch (np.var), F_i's output after its dropout. Here on
+        `admin_profile_tokens`; a seq2seq decoder reads the (profiled) encoder's output."""
+        ratio = 1.0
+
+        def profile(s, args, out):
+            nonlocal ratio
+            s.omega.fill_(ratio)
+            x = args[0]
+            var = (x * s.omega).double().var(correction=0) + out.double().var(correction=0)
+            ratio = float(var.sqrt())
+
+        tokens = admin_profile_tokens(self.cfg)
+        handles = [s.register_forward_hook(profile) for b in stack.layers for s in b.sublayers()]
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(ADMIN_PROFILE_SEED)
+                memory = None
+                if self.role == "decoder" and model.encoder is not None:
+                    memory = model.encoder(tokens["encoder"])
+                stack(tokens[self.role], memory)
+        finally:
+            for h in handles:
+                h.remove()
+
+
 @register
 class ReZero(Placement):
     """x <- x + a_k * F(x), one scalar a_k per block, zero at init, no LN (Bachlechner et al. 2021)."""
