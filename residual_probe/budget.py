@@ -184,9 +184,10 @@ def require(est: Estimate, force: bool = False, echo=None) -> None:
 def model_parameters(cfg) -> tuple[int, dict[str, int]]:
     """(parameter count, per-block counts) of `Transformer(cfg)`, without allocating it.
 
-    Blocks 0 and 1 of each stack are built on the meta device (no memory, and placement-owned parameters
-    such as ReZero's gate are counted as the model has them); embeddings, the placement's
-    embedding and final norms and an untied output projection are added by their sizes.
+    Blocks 0 and 1 of each stack are built on the meta device (no memory, and placement-owned
+    parameters such as ReZero's gate are counted as the model has them; block 0 may differ), and
+    so is the output projection (nGPT's carries a logit scale); embeddings, the placement's
+    embedding and final norms and an untied projection's weight are added by their sizes.
     Meta tensors only: a meta `arange` or random init would load torch's meta registrations (~5 s).
     """
     import torch
@@ -225,6 +226,8 @@ def model_parameters(cfg) -> tuple[int, dict[str, int]]:
             )  # the encoder's table
             total += first + (depth - 1) * later + (0 if shared else vocab * d)
             total += norm * (bool(placement.embed_norm) + bool(placement.final_norm))
+        # the last stack's placement makes the projection; its weight is counted above
+        total += count(placement.output_head(d, vocab)) - vocab * d
     return int(total), per_block
 
 

@@ -11,6 +11,7 @@ the studies behind `figures`; `train` and the translation study run their steps 
     probe.step()                               # records gradients before clipping
     clip_grad_norm_(max_norm)                  # if clip > 0
     optimizer.step()                           # Adam, betas (0.9, 0.98) as fairseq; skipped if update=False
+    placement.after_step(stack, model)         # per stack, after an update (nGPT's unit-norm rows)
 
 Validation (`Trainer.evaluate`, `Trainer.scores`) runs with the probe paused, so held-out
 batches never enter the recorded statistics; its loss is never label-smoothed.
@@ -136,6 +137,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         if update:
             self.optimizer.step()
+            for _, stack in self.model.stacks():
+                stack.placement.after_step(stack, self.model)
             self.steps_done += 1
         return loss.detach()
 

@@ -11,17 +11,22 @@ import torch
 from conftest import tiny_model
 
 from residual_probe.models import PLACEMENTS, ConfigError, ModelConfig, build_model
-from residual_probe.models.placements import deepnorm_constants
+from residual_probe.models.placements import (
+    admin_profile_tokens,
+    deepnorm_constants,
+    tfixup_constants,
+)
 
 SMALL = dict(d_model=16, heads=2, ffn=32, depth=4, vocab_size=50, max_len=64)
 
 
 def tiny(placement, arch="decoder", **kw):
     model = tiny_model(placement, arch, **{**SMALL, **kw}).double()
-    # Non-trivial norm affines and ReZero gates so that every term of each formula matters.
+    # Non-trivial norm affines, ReZero gates, Admin's omegas and nGPT's scales (alpha, s_qk, s_u,
+    # s_z) so that every term of each formula matters.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("gate") or "_hc." in name:
+            if "norm" in name or name.endswith(("gate", "omega", ".stored")) or "_hc." in name:
                 p.add_(0.3 * torch.randn_like(p))
     return model.eval()
 
@@ -84,6 +89,16 @@ def reference_block(placement, blk, x, memory, depth, mix_ratio=0.25, s_res=1.0)
             else:
                 assert s.norm is None and s.v_norm is not None and s.q_norm is not None
                 x = x + f(x)
+        elif placement == "ngpt":  # Loshchilov et al. 2024: h <- l2(h + |alpha| (l2(F(h)) - h)),
+            # alpha stored at d^-1/2 and used times 0.05 / d^-1/2 (NVIDIA/ngpt attn_alpha)
+            assert s.norm is None
+            a = (s.alpha.stored * 0.05 * math.sqrt(x.shape[-1])).abs()
+            x = l2(x + a * (l2(f(x)) - x))
+        elif placement == "tfixup":  # Huang et al. 2020: no LayerNorm at all
+            assert s.norm is None
+            x = x + f(x)
+        elif placement == "admin":  # Liu et al. 2020: x_i = LN(x_{i-1} * omega_i + f_i(x_{i-1}))
+            x = s.norm(x * s.omega + f(x))
         else:
             raise AssertionError(placement)
     return x
@@ -110,6 +125,10 @@ def hyper_weights(hc, h, constrained):
             comb = comb / comb.sum(-2, keepdim=True)
             comb = comb / comb.sum(-1, keepdim=True)
     return pre, post, comb
+
+
+def l2(x):
+    return x / x.norm(dim=-1, keepdim=True)
 
 
 def dyt(norm, x):
@@ -149,6 +168,7 @@ def test_stack_start_and_end(placement):
     tokens = torch.randint(1, 50, (2, 7))
     x0 = stack.embed(tokens)
     x = stack.embed_norm(x0) if placement == "peri-ln" else x0
+    x = l2(x0) if placement == "ngpt" else x  # nGPT's stream starts on the unit sphere
     state = (x, 1.0 * x0) if placement == "residual" else x
     if placement in ("hc", "mhc"):
         state = x0[..., None, :].repeat(1, 1, 4, 1)
@@ -346,7 +366,11 @@ def test_rezero_is_identity_at_init():
 
 @pytest.mark.parametrize("placement", sorted(PLACEMENTS))
 def test_a_few_adam_steps_lower_the_loss(placement):
+    """Through the one training loop, so that a placement's after-step hook runs (nGPT's unit
+    rows). 25 steps: nGPT starts at the uniform loss (logits s_z * cos, s_z = 1) and its s_z moves
+    by lr * sqrt(d) a step by design; its loss is at 0.92 of the first after 15 steps, 0.87 after 25."""
     from residual_probe.data import BatchSource
+    from residual_probe.training import Trainer
 
     torch.manual_seed(0)
     model = build_model(
@@ -357,19 +381,11 @@ def test_a_few_adam_steps_lower_the_loss(placement):
     batch = BatchSource(
         "decoder", 4, 12, 20, seed=0
     ).next()  # one fixed batch: the loss must fall on it
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-
-    def loss():
-        return torch.nn.functional.cross_entropy(
-            model(*batch.inputs).flatten(0, 1), batch.targets.flatten()
-        )
-
-    first = float(loss().detach())
-    for _ in range(15):
-        opt.zero_grad()
-        loss().backward()
-        opt.step()
-    assert float(loss().detach()) < 0.9 * first
+    trainer = Trainer(model, lr=3e-3)
+    first = float(trainer.step(batch))
+    for _ in range(24):
+        trainer.step(batch)
+    assert float(trainer.step(batch, update=False)) < 0.9 * first
 
 
 def test_config_rejects_unknown_keys_and_conflicts():
@@ -600,3 +616,200 @@ def test_dyt_starts_at_alpha_half_and_refuses_another_norm():
     assert not any(isinstance(m, (torch.nn.LayerNorm,)) for m in model.modules())
     with pytest.raises(ConfigError, match="placement 'dyt' makes every norm dyt"):
         ModelConfig(placement="dyt", norm="rmsnorm")
+
+
+def hand_ngpt_attention(attn, h, memory=None):
+    """nGPT's attention (NVIDIA/ngpt model.py) in float64: no biases; per head q and k unit vectors
+    times s_qk (one, stored at d^-1/2, used times d^1/2), softmax(q k^T * sqrt(head_dim) + causal)."""
+    B, T, C = h.shape
+    src = h if memory is None else memory
+    H = attn.heads
+    Dh = C // H
+    assert all(lin.bias is None for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj))
+    assert attn.k_norm is attn.q_norm  # one s_qk for q and k, as the reference's sqk
+
+    def heads(t):
+        return t.view(B, -1, H, Dh).transpose(1, 2)
+
+    sqk = attn.q_norm.s.stored * math.sqrt(C)  # (H, 1, Dh)
+    q = l2(heads(h @ attn.q_proj.weight.T)) * sqk
+    k = l2(heads(src @ attn.k_proj.weight.T)) * sqk
+    v = heads(src @ attn.v_proj.weight.T)
+    scores = q @ k.transpose(-1, -2) * math.sqrt(Dh)
+    if attn.causal and memory is None:
+        scores = scores.masked_fill(torch.ones(T, k.shape[2], dtype=torch.bool).triu(1), -math.inf)
+    y = torch.softmax(scores, -1) @ v
+    return y.transpose(1, 2).reshape(B, T, C) @ attn.out_proj.weight.T
+
+
+def test_ngpt_attention_ffn_and_logits_equal_a_hand_computation():
+    model = tiny("ngpt", "seq2seq")  # perturbs alpha, s_qk, s_u and s_z
+    blk = model.decoder.layers[1]
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 5, 16, dtype=torch.float64, generator=g)
+    memory = torch.randn(2, 7, 16, dtype=torch.float64, generator=g)
+    src, tgt = torch.randint(1, 50, (2, 6)), torch.randint(1, 50, (2, 5))
+    with torch.no_grad():
+        for attn, mem in ((blk.self_attn, None), (blk.cross_attn, memory)):
+            assert close(attn.branch(h, mem), hand_ngpt_attention(attn, h, mem))
+        ffn = blk.ffn  # ReLU FFN with s_u (stored 1, used times sqrt(d)) before the ReLU
+        assert ffn.fc1.bias is None and ffn.fc2.bias is None
+        u = (h @ ffn.fc1.weight.T) * ffn.hidden_scale.stored * math.sqrt(16)
+        assert close(ffn.branch(h, None), torch.relu(u) @ ffn.fc2.weight.T)
+        # logits s_z * (W h), s_z stored at d^-1/2 and used times d^1/2
+        out = model.decoder(tgt, model.encoder(src))
+        sz = model.output_projection.sz.stored * math.sqrt(16)
+        assert close(model(src, tgt), (out @ model.decoder.embed_tokens.weight.T) * sz)
+        assert torch.allclose(out.norm(dim=-1), torch.ones(2, 5, dtype=torch.float64))
+
+
+def ngpt_row_norms(model):
+    """Norm of every row along the embedding dimension of nGPT's matrices, as train.py's
+    normalize_matrices: dim 1 of q, k, v, fc1, embeddings and output projection; dim 0 of out, fc2."""
+    norms = []
+    for name, p in model.named_parameters():
+        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "fc1.weight")):
+            norms.append(p.norm(dim=1))
+        elif name.endswith(("embed_tokens.weight", "output_projection.weight")):
+            norms.append(p.norm(dim=1))
+        elif name.endswith(("out_proj.weight", "fc2.weight")):
+            norms.append(p.norm(dim=0))
+        else:  # alpha, s_qk, s_u, s_z
+            assert name.endswith(".stored"), name
+    return torch.cat(norms).detach()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_ngpt_weights_are_unit_rows_at_init_and_after_every_trainer_step(tie):
+    import copy
+
+    from residual_probe.data import BatchSource
+    from residual_probe.training import BETAS, Trainer
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="decoder", placement="ngpt", tie_embeddings=tie, **SMALL))
+    assert torch.allclose(ngpt_row_norms(model), torch.tensor(1.0), atol=1e-6)
+    raw = copy.deepcopy(model)
+    batch = BatchSource("decoder", 3, 8, SMALL["vocab_size"], seed=0).next()
+    Trainer(model, lr=1e-2).step(batch)
+    # the same Adam step without the hook moves the rows off the sphere ...
+    opt = torch.optim.Adam(raw.parameters(), lr=1e-2, betas=BETAS, eps=1e-8)
+    torch.nn.functional.cross_entropy(
+        raw(*batch.inputs).flatten(0, 1), batch.targets.flatten()
+    ).backward()
+    opt.step()
+    assert (ngpt_row_norms(raw) - 1).abs().max() > 1e-3
+    # ... and the Trainer's step is that step, renormalized
+    assert torch.allclose(ngpt_row_norms(model), torch.tensor(1.0), atol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), raw.parameters(), strict=True):
+        if p.dim() == 2:
+            dim = 0 if name.endswith(("out_proj.weight", "fc2.weight")) else 1
+            q = q / q.norm(dim=dim, keepdim=True)
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_ngpt_refuses_xiong_init_and_counts_its_scales():
+    with pytest.raises(
+        ConfigError, match="init: placement 'ngpt' starts from fairseq, not 'xiong'"
+    ):
+        ModelConfig(placement="ngpt", init="xiong")
+    d, f, V, N = SMALL["d_model"], SMALL["ffn"], SMALL["vocab_size"], SMALL["depth"]
+    model = build_model(ModelConfig(arch="decoder", placement="ngpt", **SMALL))
+    n = sum(p.numel() for p in model.parameters())
+    # per block: 4 d x d attention maps, fc1 and fc2 (no biases), alpha_A and alpha_M (d each),
+    # s_qk (d: heads x head_dim), s_u (ffn); the tied embedding and s_z (vocab)
+    assert n == N * (4 * d * d + 2 * d * f + 2 * d + d + f) + V * d + V
+
+
+@pytest.mark.parametrize("arch,N,M", [("encoder", 6, 0), ("decoder", 0, 6), ("seq2seq", 6, 12)])
+def test_tfixup_constants(arch, N, M):
+    """The repository's expressions (layer6ai-labs/T-Fixup fairseq/modules/transformer_layer.py and
+    fairseq/models/transformer.py): encoder layers 0.67 * N ** (-1/4), decoder layers
+    (9 * M) ** (-1/4), embeddings (9 * L) ** (-1/4) with their stack's L."""
+    cfg = ModelConfig(
+        arch=arch,
+        placement="tfixup",
+        depth=N or M,
+        decoder_depth=M if arch == "seq2seq" else None,
+        **{k: v for k, v in SMALL.items() if k != "depth"},
+    )
+    if N:
+        assert tfixup_constants(cfg, "encoder") == pytest.approx(
+            (0.67 * N**-0.25, (9 * N) ** -0.25)
+        )
+        assert tfixup_constants(cfg, "encoder")[0] == pytest.approx(0.42809, abs=1e-5)  # N = 6
+    if M:
+        assert tfixup_constants(cfg, "decoder") == pytest.approx(((9 * M) ** -0.25,) * 2)
+    if M == 6:
+        assert tfixup_constants(cfg, "decoder")[0] == pytest.approx(0.36889, abs=1e-5)
+
+
+@pytest.mark.parametrize("arch,share", [("decoder", False), ("encoder", False), ("seq2seq", True)])
+def test_tfixup_init_scales_v_out_fc1_fc2_and_the_embeddings(arch, share):
+    sizes = dict(SMALL, depth=4, decoder_depth=6 if arch == "seq2seq" else None)
+    torch.manual_seed(0)
+    post = build_model(
+        ModelConfig(arch=arch, placement="post-ln", share_all_embeddings=share, **sizes)
+    )
+    torch.manual_seed(0)
+    fix = build_model(
+        ModelConfig(arch=arch, placement="tfixup", share_all_embeddings=share, **sizes)
+    )
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in fix.modules())
+    ref = dict(post.named_parameters())
+    L = {"encoder": 4, "decoder": 6 if arch == "seq2seq" else 4}
+    for name, p in fix.named_parameters():
+        role = name.split(".")[0]
+        block = 0.67 * L[role] ** -0.25 if role == "encoder" else (9 * L[role]) ** -0.25
+        if name.endswith("embed_tokens.weight"):  # a shared table: scaled once, by the encoder
+            assert torch.allclose(p, (9 * L[role]) ** -0.25 * ref[name]), name
+        elif name.endswith("out_proj.weight"):  # Xavier already; scaled
+            assert torch.allclose(p, block * ref[name]), name
+        elif name.endswith(("v_proj.weight", "fc1.weight", "fc2.weight")):  # redrawn Xavier, scaled
+            bound = block * math.sqrt(6 / sum(p.shape))
+            assert 0.97 * bound < p.abs().max() <= bound, name
+        elif name.endswith(("fc1.bias", "fc2.bias")):
+            assert torch.equal(p, torch.zeros_like(p)), name
+        else:  # q, k, biases of q, k, v, out: the model's own init
+            assert torch.equal(p, ref[name]), name
+    if share:
+        assert fix.encoder.embed_tokens is fix.decoder.embed_tokens
+
+
+@pytest.mark.parametrize("arch", ["decoder", "encoder", "seq2seq"])
+def test_admin_omegas_are_the_profiled_variances(arch):
+    """An independent run of Transformer-Clinic's profiling on the same batch: r = 1 at each
+    stack's start; per sublayer in order omega_i = r, r <- sqrt(Var(x_i omega_i) + Var(F_i(x_i))),
+    Var over every entry; x_{i+1} = LN(x_i omega_i + F_i(x_i))."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=arch, placement="admin", **SMALL)).double()
+    tokens = admin_profile_tokens(model.cfg)
+    assert tokens["decoder"].shape == (8, 32)
+
+    def var(t):
+        return ((t - t.mean()) ** 2).mean()
+
+    memory, omegas = None, []
+    with torch.no_grad():
+        for role, stack in model.stacks():
+            x, r = stack.embed(tokens[role]), 1.0
+            for blk in stack.layers:
+                for s in blk.sublayers():
+                    omega = torch.full((16,), r, dtype=torch.float64)
+                    assert torch.allclose(s.omega, omega, rtol=1e-5), (role, blk.k)
+                    b = s(x, memory) if s is blk.cross_attn else s(x)
+                    r = math.sqrt(var(x * omega) + var(b))
+                    x = s.norm(x * omega + b)
+                    omegas.append(r)
+            memory = x
+    assert omegas[0] > 1.1  # non-trivial: the second sublayer's omega
+
+
+def test_admin_profiling_leaves_the_global_generator_alone():
+    def draw_after(placement):
+        torch.manual_seed(0)
+        build_model(ModelConfig(arch="seq2seq", placement=placement, dropout=0.3, **SMALL))
+        return torch.rand(3)
+
+    # same weights drawn; the profiling's dropout masks come from a forked generator
+    assert torch.equal(draw_after("admin"), draw_after("post-ln"))

@@ -76,6 +76,11 @@ class ModelConfig:
             bad(f"norm: placement {self.placement!r} makes every norm {own}; leave norm unset")
         if self.init not in INITS:
             bad(f"init: unknown {self.init!r}; choose one of {', '.join(INITS)}")
+        takes = PLACEMENTS[self.placement].init_schemes
+        if takes is not None and self.init not in takes:
+            bad(
+                f"init: placement {self.placement!r} starts from {' or '.join(takes)}, not {self.init!r}"
+            )
         for name in ("depth", "d_model", "heads", "ffn", "vocab_size", "max_len", "hc_streams"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

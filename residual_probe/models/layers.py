@@ -42,6 +42,51 @@ class DynamicTanh(nn.Module):
         return torch.tanh(self.alpha * x) * self.weight + self.bias
 
 
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """x / ||x|| over the last dimension: nGPT's `justnorm` (F.normalize's eps only guards zero)."""
+    return F.normalize(x, dim=-1)
+
+
+class StoredScale(nn.Module):
+    """A learned vector stored as nGPT stores its scalings (Loshchilov et al. 2024, Sec. 2.5; NVIDIA/ngpt
+    model.py): the parameter starts at `scaling` and the model uses `value()` = parameter * (init /
+    scaling) * factor, `init` * factor at the start. Adam moves the parameter by about lr per step
+    whatever its size, so `scaling` sets how fast the used value moves (the paper's "eigen learning
+    rates"). Read with `value()`, not called: it transforms no input."""
+
+    def __init__(self, shape: tuple[int, ...], init: float, scaling: float, factor: float = 1.0):
+        super().__init__()
+        self.stored = nn.Parameter(torch.full(shape, float(scaling)))
+        self.multiplier = init / scaling * factor
+
+    def value(self) -> torch.Tensor:
+        return self.stored * self.multiplier
+
+
+class ScaledUnitNorm(nn.Module):
+    """unit(x) * s over the last dimension, s a `StoredScale` broadcast against x: nGPT's q and k
+    normalization, s_qk of shape (heads, 1, head_dim) for q, k of shape (B, heads, T, head_dim)."""
+
+    def __init__(self, scale: StoredScale):
+        super().__init__()
+        self.s = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return unit(x) * self.s.value()
+
+
+class ScaledLinear(nn.Linear):
+    """A bias-free linear map whose outputs are multiplied per output unit by a `StoredScale`:
+    nGPT's logits s_z * (W h)."""
+
+    def __init__(self, d_in: int, d_out: int, scale: StoredScale):
+        super().__init__(d_in, d_out, bias=False)
+        self.sz = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.sz.value()
+
+
 def make_norm(kind: str, d: int, eps: float = 1e-5) -> nn.Module:
     """A norm of `kind`: layernorm, rmsnorm, or dyt (which has no eps)."""
     if kind == "dyt":
@@ -137,12 +182,16 @@ class Attention(Sublayer):
 
     `observer`: None, or a callable called as observer(q, k, causal) with the tensors SDPA
     receives, q (B, heads, T, head_dim) and k (B, heads, S, head_dim) after the projections and
-    QK-norm, scaled by SDPA's default 1/sqrt(head_dim) and masked only by `causal` (SDPA's
+    QK-norm, scaled by `scale` (SDPA's 1/sqrt(head_dim) when None) and masked only by `causal` (SDPA's
     is_causal: query i sees keys 0..i). The probe's attn_logits quantity sets it; unset, it costs
     one attribute test.
+
+    `scale`: the factor on q k^T, None for SDPA's 1/sqrt(head_dim) (nGPT sets sqrt(head_dim)).
+    `bias`: whether the four projections have biases (nGPT's have none).
     """
 
     observer = None  # a class default: models saved before it existed load unchanged
+    scale: float | None = None  # likewise
 
     def __init__(
         self,
@@ -155,10 +204,13 @@ class Attention(Sublayer):
         attention_dropout: float = 0.0,
         qk_norm: bool = False,
         v_norm: bool = False,
+        bias: bool = True,
     ):
         super().__init__(norms, norm_kind, d, dropout)
         self.heads, self.causal, self.attn_dropout = heads, causal, attention_dropout
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
+            nn.Linear(d, d, bias=bias) for _ in range(4)
+        )
         self.q_norm = make_norm(norm_kind, d // heads) if qk_norm else None
         self.k_norm = make_norm(norm_kind, d // heads) if qk_norm else None
         self.v_norm = make_norm(norm_kind, d // heads) if v_norm else None  # HybridNorm's QKV-norm
@@ -185,6 +237,7 @@ class Attention(Sublayer):
             v,
             is_causal=causal,
             dropout_p=self.attn_dropout if self.training else 0.0,
+            scale=self.scale,
         )
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -193,6 +246,8 @@ class FeedForward(Sublayer):
     """fc2(dropout_act(relu(fc1(h)))): fairseq's FFN; fc2.weight is Xiong et al.'s W2.
 
     `dropout` acts on the sublayer's output, `activation_dropout` after the ReLU (fairseq).
+    `hidden_scale`: None, or a `StoredScale` over the hidden units that multiplies fc1's output
+    before the ReLU (nGPT's s_u). `bias`: whether fc1 and fc2 have biases (nGPT's have none).
     """
 
     def __init__(
@@ -203,13 +258,19 @@ class FeedForward(Sublayer):
         norms: int,
         norm_kind: str,
         activation_dropout: float = 0.0,
+        bias: bool = True,
     ):
         super().__init__(norms, norm_kind, d, dropout)
-        self.fc1, self.fc2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+        self.fc1, self.fc2 = nn.Linear(d, ffn, bias=bias), nn.Linear(ffn, d, bias=bias)
         self.act_dropout = nn.Dropout(activation_dropout)
+        self.hidden_scale: StoredScale | None = None
 
     def branch(self, h: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
-        return self.fc2(self.act_dropout(F.relu(self.fc1(h))))
+        z = self.fc1(h)
+        hidden_scale = getattr(self, "hidden_scale", None)  # absent from models pickled before it
+        if hidden_scale is not None:
+            z = z * hidden_scale.value()
+        return self.fc2(self.act_dropout(F.relu(z)))
 
 
 def sinusoidal_positions(n: int, d: int, offset: int = 0) -> torch.Tensor:

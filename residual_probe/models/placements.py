@@ -17,6 +17,8 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
+from .layers import ScaledLinear, ScaledUnitNorm, StoredScale, unit
+
 
 class PlacementConfig(Protocol):
     """What a placement reads from the model's config (`ModelConfig` has these): named here, not
@@ -25,9 +27,14 @@ class PlacementConfig(Protocol):
     arch: str
     placement: str
     d_model: int
+    heads: int
+    ffn: int
+    vocab_size: int
+    max_len: int
     alpha: float
     mix_ratio: float
     res_input_norm_scale: float
+    share_all_embeddings: bool
     hc_streams: int
     hc_dynamic: bool
 
@@ -64,6 +71,8 @@ class Placement:
     qkv_norm = (
         False  # attention normalizes q, k and v per head (HybridNorm), whatever `qk_norm` says
     )
+    linear_bias = True  # the attention's and FFN's linear maps have biases (nGPT's have none)
+    init_schemes: tuple[str, ...] | None = None  # the model inits it can start from; None: all
 
     def sublayer_norm_count(self, kind: str, k: int) -> int:
         """Norms the sublayer of `kind` ("attn" or "ffn") in block k owns: `sublayer_norms` unless a
@@ -94,9 +103,23 @@ class Placement:
     def add_parameters(self, blk: nn.Module) -> None:
         """Create placement-owned parameters on a block (ReZero's gate)."""
 
+    def output_head(self, d: int, vocab: int) -> nn.Linear:
+        """The output projection, when this stack feeds it (nGPT's scales its logits)."""
+        return nn.Linear(d, vocab, bias=False)
+
     @torch.no_grad()
     def init_(self, stack: nn.Module) -> None:
         """Placement-specific initialization, applied after the model's own."""
+
+    @torch.no_grad()
+    def init_model_(self, stack: nn.Module, model: nn.Module) -> None:
+        """Initialization that needs the whole model (a forward through it, or the output
+        projection), run after every stack's `init_`, encoder first (Admin's profiling)."""
+
+    @torch.no_grad()
+    def after_step(self, stack: nn.Module, model: nn.Module) -> None:
+        """Called by `Trainer` after every optimizer step (nGPT puts its weights back on the
+        unit sphere)."""
 
 
 @register
@@ -319,6 +342,175 @@ class HybridNorm(Placement):
             return x + f(x)
         h = s.norm(x)
         return h + f(h)
+
+
+@register
+class NGPT(Placement):
+    """The normalized Transformer (Loshchilov et al. 2024, arXiv 2410.01131; NVIDIA/ngpt model.py,
+    train.py): no norms; the stream lives on the unit sphere, h <- unit(h + |alpha| * (unit(F(h)) -
+    h)), alpha one vector of width d per sublayer; the embedding output normalized at the start.
+
+    Inside F: q and k of each head are unit vectors times s_qk and the softmax reads
+    q k^T * sqrt(head_dim); the FFN scales fc1's output by s_u * sqrt(d) before its ReLU; the
+    logits are s_z * (W h). No linear map has a bias, and every weight matrix and embedding has unit
+    rows along the embedding dimension, at init and after every optimizer step (`after_step`).
+    alpha, s_qk, s_u and s_z are `StoredScale`s with the reference's (init, scaling): (0.05, d^-1/2),
+    (1, d^-1/2), (1, 1), (1, d^-1/2). Positions stay our sinusoidal table added to the embedding
+    (the reference rotates q, k: RoPE); the FFN stays ReLU (the reference's is SwiGLU with s_u, s_v)."""
+
+    name = "ngpt"
+    sublayer_norms = 0
+    linear_bias = False
+    init_schemes = ("fairseq",)  # xiong's W^Q = W^K = 0 has no direction to put on the sphere
+
+    def begin(self, x0, stack):
+        return unit(x0)
+
+    def sublayer(self, x, f, s, blk):
+        return unit(x + s.alpha.value().abs() * (unit(f(x)) - x))
+
+    def add_parameters(self, blk):
+        d, heads = self.cfg.d_model, self.cfg.heads
+        base = d**-0.5
+        for s in blk.sublayers():
+            s.alpha = StoredScale((d,), 0.05, base)  # the reference's attn_alpha / mlp_alpha
+        for attn in (blk.self_attn, blk.cross_attn):
+            if attn is not None:  # one s_qk for q and k, as the reference's sqk
+                attn.q_norm = attn.k_norm = ScaledUnitNorm(
+                    StoredScale((heads, 1, d // heads), 1.0, base)
+                )
+                attn.scale = math.sqrt(d // heads)
+        blk.ffn.hidden_scale = StoredScale((self.cfg.ffn,), 1.0, 1.0, factor=math.sqrt(d))
+
+    def output_head(self, d, vocab):
+        return ScaledLinear(d, vocab, StoredScale((vocab,), 1.0, d**-0.5))
+
+    @torch.no_grad()
+    def init_model_(self, stack, model):
+        self.after_step(stack, model)
+
+    @torch.no_grad()
+    def after_step(self, stack, model):
+        """Unit rows along the embedding dimension (train.py's normalize_matrices): dim 1 of the
+        maps that read the stream (q, k, v, fc1; the embeddings), dim 0 of those that write it
+        (out, fc2); the output projection by the stack that feeds it."""
+        mats = [(stack.embed_tokens.weight, 1)]
+        for blk in stack.layers:
+            for s in blk.sublayers():
+                if hasattr(s, "fc1"):
+                    mats += [(s.fc1.weight, 1), (s.fc2.weight, 0)]
+                else:
+                    mats += [(s.q_proj.weight, 1), (s.k_proj.weight, 1), (s.v_proj.weight, 1)]
+                    mats.append((s.out_proj.weight, 0))
+        if stack is (model.decoder or model.encoder):
+            mats.append((model.output_projection.weight, 1))
+        for w, dim in mats:
+            w.copy_(torch.nn.functional.normalize(w, dim=dim))
+
+
+@register
+class TFixup(Placement):
+    """T-Fixup (Huang et al. 2020; layer6ai-labs/T-Fixup): x <- x + F(x), no LayerNorm anywhere, and
+    an initialization that lets it train without warm-up: v, out, fc1 and fc2 Xavier, then their
+    weights times `scale`, the token embedding N(0, d^-1/2) times `embed_scale` (`tfixup_constants`)."""
+
+    name = "tfixup"
+    sublayer_norms = 0
+
+    def __init__(self, cfg, role):
+        super().__init__(cfg, role)
+        self.scale, self.embed_scale = tfixup_constants(cfg, role)
+
+    def sublayer(self, x, f, s, blk):
+        return x + f(x)
+
+    @torch.no_grad()
+    def init_(self, stack):
+        for blk in stack.layers:
+            for s in blk.sublayers():
+                # Xavier (gain 1) as the reference has them: its fairseq draws v at gain 1/sqrt(2)
+                # and multiplies by sqrt(2), and its fc1, fc2 are Xavier with zero bias; out_proj
+                # is Xavier with zero bias under both of our schemes already.
+                ffn = hasattr(s, "fc1")
+                for lin in (s.fc1, s.fc2) if ffn else (s.v_proj,):
+                    nn.init.xavier_uniform_(lin.weight)
+                    if ffn:
+                        nn.init.zeros_(lin.bias)
+                for lin in deepnorm_scaled(s):  # v, out, fc1, fc2: weights only, as the reference
+                    lin.weight.mul_(self.scale)
+        # A table shared by both stacks is scaled once, by the encoder (the reference's decoder
+        # skips it under --share-all-embeddings); a tied output projection is this table.
+        if not (self.role == "decoder" and self.cfg.share_all_embeddings):
+            stack.embed_tokens.weight.mul_(self.embed_scale)
+
+
+def tfixup_constants(cfg: PlacementConfig, role: str) -> tuple[float, float]:
+    """(block scale, embedding scale) of this stack, as layer6ai-labs/T-Fixup's fixup_initialization
+    (fairseq/modules/transformer_layer.py) and its embedding scaling (fairseq/models/transformer.py):
+    encoder blocks 0.67 N^(-1/4), decoder blocks (9M)^(-1/4), each stack's embedding (9L)^(-1/4) with
+    its own L. A one-stack model takes its role's constants (a decoder-only LM the decoder's)."""
+    L = cfg.stack_depth(role)
+    block = 0.67 * L**-0.25 if role == "encoder" else (9 * L) ** -0.25
+    return block, (9 * L) ** -0.25
+
+
+ROLES = ("encoder", "decoder")
+ADMIN_PROFILE_SHAPE = (8, 32)  # sequences x tokens of Admin's profiling batch (tokens <= max_len)
+ADMIN_PROFILE_SEED = 0  # draws its tokens and, under fork_rng, its dropout masks
+
+
+def admin_profile_tokens(cfg: PlacementConfig) -> dict[str, torch.Tensor]:
+    """The seeded random token batches Admin profiles on, per stack role: uniform over the
+    vocabulary, the same for every model of this vocabulary and max_len."""
+    g = torch.Generator().manual_seed(ADMIN_PROFILE_SEED)
+    shape = (ADMIN_PROFILE_SHAPE[0], min(ADMIN_PROFILE_SHAPE[1], cfg.max_len))
+    return {role: torch.randint(cfg.vocab_size, shape, generator=g) for role in ROLES}
+
+
+@register
+class Admin(Placement):
+    """Admin (Liu et al. 2020, arXiv 2004.08249; LiyuanLucasLiu/Transformer-Clinic): Post-LN with the
+    stream weighted, x <- LN(x * omega + F(x)), omega one vector of width d per sublayer, set by a
+    profiling forward at build time (`init_model_`)."""
+
+    name = "admin"
+
+    def sublayer(self, x, f, s, blk):
+        b = f(x)  # before s.omega is read: the profiling pass sets it as F returns
+        return s.norm(x * s.omega + b)
+
+    def add_parameters(self, blk):
+        for s in blk.sublayers():
+            s.omega = nn.Parameter(torch.ones(self.cfg.d_model))
+
+    @torch.no_grad()
+    def init_model_(self, stack, model):
+        """The reference's adaptive-profiling pass (fairseq/modules/transformer_layer.py): one
+        training-mode forward in which the sublayers of the stack, in order, take omega_i = r, then
+        r <- sqrt(Var(x_i * omega_i) + Var(F_i(x_i))), r = 1 at the stack's start; Var over every
+        entry of the batch (np.var), F_i's output after its dropout. Here on
+        `admin_profile_tokens`; a seq2seq decoder reads the (profiled) encoder's output."""
+        ratio = 1.0
+
+        def profile(s, args, out):
+            nonlocal ratio
+            s.omega.fill_(ratio)
+            x = args[0]
+            var = (x * s.omega).double().var(correction=0) + out.double().var(correction=0)
+            ratio = float(var.sqrt())
+
+        tokens = admin_profile_tokens(self.cfg)
+        handles = [s.register_forward_hook(profile) for b in stack.layers for s in b.sublayers()]
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(ADMIN_PROFILE_SEED)
+                memory = None
+                if self.role == "decoder" and model.encoder is not None:
+                    memory = model.encoder(tokens["encoder"])
+                stack(tokens[self.role], memory)
+        finally:
+            for h in handles:
+                h.remove()
 
 
 @register

@@ -31,13 +31,18 @@ class Block(nn.Module):
             placement.qkv_norm,
             placement.norm or cfg.norm,
         )
-        self.self_attn = Attention(d, cfg.heads, cfg.dropout, causal, n_attn, norm, p_attn, qk, v)
+        bias = placement.linear_bias
+        self.self_attn = Attention(
+            d, cfg.heads, cfg.dropout, causal, n_attn, norm, p_attn, qk, v, bias
+        )
         self.cross_attn = (
-            Attention(d, cfg.heads, cfg.dropout, False, n_attn, norm, p_attn, qk, v)
+            Attention(d, cfg.heads, cfg.dropout, False, n_attn, norm, p_attn, qk, v, bias)
             if cross
             else None
         )
-        self.ffn = FeedForward(d, cfg.ffn, cfg.dropout, n_ffn, norm, cfg.activation_dropout_rate)
+        self.ffn = FeedForward(
+            d, cfg.ffn, cfg.dropout, n_ffn, norm, cfg.activation_dropout_rate, bias
+        )
         placement.add_parameters(self)
 
     def sublayers(self) -> list[nn.Module]:
@@ -105,7 +110,8 @@ class Transformer(nn.Module):
         self.decoder = Stack(cfg, "decoder", n_dec) if n_dec else None
         if cfg.share_all_embeddings:  # fairseq --share-all-embeddings: one table for both stacks
             self.encoder.embed.embed_tokens = self.decoder.embed.embed_tokens
-        self.output_projection = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        head = (self.decoder or self.encoder).placement  # the stack the projection reads
+        self.output_projection = head.output_head(cfg.d_model, cfg.vocab_size)
         initialize(self, cfg.init)
         if cfg.tie_embeddings:
             self.output_projection.weight = self.stacks()[-1][1].embed_tokens.weight

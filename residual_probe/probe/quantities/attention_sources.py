@@ -90,7 +90,7 @@ class OursHook:
         self.module = module
         # eager under torch.compile, as the blocks' hooks: a graph break, no guards on its state
         module.observer = compiler_disable(
-            lambda q, k, causal: observe(Scores(q, k, None, None, causal))
+            lambda q, k, causal: observe(Scores(q, k, module.scale, None, causal))
         )
 
     def remove(self) -> None:
