@@ -27,6 +27,11 @@ OURS = {
     # no pre-norm on attention (its q, k, v norms are attention internals), a norm between
     # attention and FFN: no label names it yet (issue 33: a `hybridnorm` label)
     "hybridnorm": "other",
+    # n residual copies (h0..h3): until the detector has its hyper-connection rule (issue 33:
+    # `hyper-connections (n=4)` / `mhc`) HC's identity mixing reads as Pre-LN per copy, mHC's
+    # Sinkhorn mixing as other
+    "hc": "pre-ln",
+    "mhc": "other",
 }
 
 

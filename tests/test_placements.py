@@ -21,7 +21,7 @@ def tiny(placement, arch="decoder", **kw):
     # Non-trivial norm affines and ReZero gates so that every term of each formula matters.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("gate"):
+            if "norm" in name or name.endswith("gate") or "_hc." in name:
                 p.add_(0.3 * torch.randn_like(p))
     return model.eval()
 
@@ -39,6 +39,13 @@ def reference_block(placement, blk, x, memory, depth, mix_ratio=0.25, s_res=1.0)
             h = s.norm(h + f(h))
         f, s = fs[-1]
         return s.norm(h + f(h) + x)
+    if placement in ("hc", "mhc"):
+        hcs = [blk.attn_hc] + ([blk.cross_hc] if memory is not None else []) + [blk.ffn_hc]
+        for (f, s), hc in zip(fs, hcs, strict=True):
+            pre, post, comb = hyper_weights(hc, x, constrained=placement == "mhc")
+            y = f(s.norm(torch.einsum("btj,btjc->btc", pre, x)))
+            x = torch.einsum("btjk,btjc->btkc", comb, x) + post[..., None] * y[..., None, :]
+        return x
     if placement == "residual":
         x, d = x
         for f, s in fs:
@@ -71,6 +78,29 @@ def reference_block(placement, blk, x, memory, depth, mix_ratio=0.25, s_res=1.0)
         else:
             raise AssertionError(placement)
     return x
+
+
+def hyper_weights(hc, h, constrained):
+    """(pre, post, comb) of one hyper-connection, written out: static + dynamic (per-stream RMS
+    norm, tanh for HC); mHC: sigmoid, 2 sigmoid and 20 Sinkhorn-Knopp rounds (columns, rows)."""
+    n = h.shape[-2]
+    alpha = hc.static_alpha.expand(*h.shape[:-1], n + 1)
+    beta = hc.static_beta.expand(*h.shape[:-1])
+    if hc.dynamic:
+        normed = h / (h.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * hc.norm.weight
+        act = (lambda t: t) if constrained else torch.tanh
+        s_pre, s_res = hc.dynamic_alpha_scale
+        dyn = act(normed @ hc.dynamic_alpha_fn)
+        alpha = alpha + torch.cat([dyn[..., :1] * s_pre, dyn[..., 1:] * s_res], dim=-1)
+        beta = beta + act(normed @ hc.dynamic_beta_fn) * hc.dynamic_beta_scale
+    pre, comb, post = alpha[..., 0], alpha[..., 1:], beta
+    if constrained:
+        pre, post = 1 / (1 + torch.exp(-pre)), 2 / (1 + torch.exp(-post))
+        comb = torch.exp(comb)
+        for _ in range(20):
+            comb = comb / comb.sum(-2, keepdim=True)
+            comb = comb / comb.sum(-1, keepdim=True)
+    return pre, post, comb
 
 
 def dyt(norm, x):
@@ -111,6 +141,8 @@ def test_stack_start_and_end(placement):
     x0 = stack.embed(tokens)
     x = stack.embed_norm(x0) if placement == "peri-ln" else x0
     state = (x, 1.0 * x0) if placement == "residual" else x
+    if placement in ("hc", "mhc"):
+        state = x0[..., None, :].repeat(1, 1, 4, 1)
     for blk in stack.layers:
         state = blk(state)
     if placement == "residual":
@@ -122,6 +154,9 @@ def test_stack_start_and_end(placement):
         expected = stack.final_norm(state)
     elif placement == "dyt":
         expected = dyt(stack.final_norm, state)
+    elif placement in ("hc", "mhc"):  # the embedding copied to n streams; LN of their sum
+        assert state.shape[-2] == 4
+        expected = stack.final_norm(state.sum(-2))
     else:
         assert stack.final_norm is None
         expected = state

@@ -100,7 +100,9 @@ class TokenNorms:
         from ..probe.stats import stream_tensors
 
         def hook(module, args, output):
-            for stream, h in zip(block.streams, stream_tensors(output, len(block.streams)) or ()):
+            for stream, h in zip(
+                block.streams, stream_tensors(output, len(block.streams), block.stacked) or ()
+            ):
                 v = h.detach().float().pow(2).mean(-1).flatten()  # float32: a median and a max
                 self.values.setdefault((block.stack, block.index, stream), []).append(v)
 

@@ -147,6 +147,7 @@ def run_train(
         "update_ratio",
         "attn_logits",  # attention-logit growth and entropy collapse (what --qk-norm prevents)
         "output_logits",  # log Z drift (what --z-loss prevents)
+        "hc_mixing",  # hyper-connections' mixing gain over depth (hc, mhc; nothing otherwise)
     )
     last = (
         (spec.steps - 1) // spec.probe_every * spec.probe_every

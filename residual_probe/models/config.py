@@ -54,6 +54,8 @@ class ModelConfig:
     # LN_f(d) does not depend on s up to eps: an fp16 overflow guard, not a weighting.
     res_input_norm_scale: float = 1.0
     mix_ratio: float = 0.25  # Mix-LN: the first floor(mix_ratio * N) blocks are Post-LN (Li et al.)
+    hc_streams: int = 4  # hc / mhc: residual copies n (the expansion rate; 4 in both papers)
+    hc_dynamic: bool = True  # hc: input-dependent mixing (DHC) as well as the static matrices (SHC)
     tie_embeddings: bool = True  # output projection shares the (decoder) token embedding
     # seq2seq only: encoder and decoder share one token embedding (fairseq's
     # --share-all-embeddings; it implies tie_embeddings, which must then be True).
@@ -74,7 +76,7 @@ class ModelConfig:
             bad(f"norm: placement {self.placement!r} makes every norm {own}; leave norm unset")
         if self.init not in INITS:
             bad(f"init: unknown {self.init!r}; choose one of {', '.join(INITS)}")
-        for name in ("depth", "d_model", "heads", "ffn", "vocab_size", "max_len"):
+        for name in ("depth", "d_model", "heads", "ffn", "vocab_size", "max_len", "hc_streams"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 bad(f"{name}: must be a positive integer, got {value!r}")
@@ -105,7 +107,7 @@ class ModelConfig:
                     "share_all_embeddings=True needs tie_embeddings=True (fairseq: sharing all "
                     "embeddings shares the decoder's input and output embedding too)"
                 )
-        for name in ("tie_embeddings", "share_all_embeddings", "qk_norm"):
+        for name in ("tie_embeddings", "share_all_embeddings", "qk_norm", "hc_dynamic"):
             if not isinstance(getattr(self, name), bool):
                 bad(f"{name}: must be true or false, got {getattr(self, name)!r}")
         if not self.res_input_norm_scale > 0:

@@ -49,6 +49,66 @@ def make_norm(kind: str, d: int, eps: float = 1e-5) -> nn.Module:
     return nn.LayerNorm(d, eps=eps) if kind == "layernorm" else RMSNorm(d, eps=eps)
 
 
+def sinkhorn(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
+    """A doubly stochastic matrix from (.., n, n) logits by Sinkhorn-Knopp: exp, then columns and
+    rows scaled to sum 1 in turn (lucidrains/hyper-connections `sinkhorn_knopps`, 20 iterations;
+    the column max is subtracted first, which cancels in the first column scaling)."""
+    m = (logits - logits.amax(dim=-2, keepdim=True).detach()).exp()
+    for _ in range(iters):
+        m = m / m.sum(dim=-2, keepdim=True)
+        m = m / m.sum(dim=-1, keepdim=True)
+    return m
+
+
+class HyperConnection(nn.Module):
+    """The width and depth connections around one sublayer of a hyper-connection stack: from the n
+    stream copies h (.., n, C) the branch input sum_j pre_j h_j, the branch output's weights `post`
+    (n) and the residual mixing `comb` (n, n), applied as h'_k = sum_j comb[j, k] h_j + post_k F.
+
+    Returns (post, comb, collapsed) as transformers' `DeepseekV4HyperConnection` does, and names
+    n `hc_mult` as it does: a module with an integer `hc_mult` is what the probe reads as a
+    hyper-connection. Parameters as lucidrains/hyper-connections (`hyper_connections.py`,
+    `manifold_constrained_hyper_connections.py`): static alpha = [e_(index mod n) | I] and beta =
+    1, plus dynamic terms from the per-stream RMS-normed h (weights zero at init; one scale for the
+    pre and one for the residual terms, 0.01, as the mHC code has them and the HC code's one).
+    Hyper-Connections (Zhu et al. 2024): pre, comb and post are the sums as they are, the dynamic
+    terms through tanh. mHC (`constrained`, Xie et al. 2026): pre = sigmoid, post = 2 sigmoid,
+    comb = Sinkhorn-Knopp of exp(alpha_res), doubly stochastic; no tanh."""
+
+    def __init__(self, d: int, n: int, index: int, constrained: bool, dynamic: bool = True):
+        super().__init__()
+        self.hc_mult, self.constrained, self.dynamic = n, constrained, dynamic
+        alpha = torch.zeros(n, 1 + n)
+        alpha[index % n, 0] = 1.0
+        alpha[:, 1:] = torch.eye(n)
+        self.static_alpha = nn.Parameter(alpha)  # column 0: pre; columns 1..n: comb
+        self.static_beta = nn.Parameter(torch.ones(n))  # post
+        if dynamic:
+            self.norm = RMSNorm(d)
+            self.dynamic_alpha_fn = nn.Parameter(torch.zeros(d, 1 + n))
+            self.dynamic_beta_fn = nn.Parameter(torch.zeros(d))
+            self.dynamic_alpha_scale = nn.Parameter(torch.full((2,), 1e-2))  # pre, residual
+            self.dynamic_beta_scale = nn.Parameter(torch.full((), 1e-2))
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        alpha, beta = self.static_alpha, self.static_beta  # (n, 1 + n), (n)
+        if self.dynamic:
+            normed = self.norm(h)  # (.., n, C)
+            act = (lambda t: t) if self.constrained else torch.tanh
+            n = self.hc_mult
+            scale = torch.cat(
+                [self.dynamic_alpha_scale[:1], self.dynamic_alpha_scale[1:].expand(n)]
+            )
+            alpha = alpha + act(normed @ self.dynamic_alpha_fn) * scale
+            beta = beta + act(normed @ self.dynamic_beta_fn) * self.dynamic_beta_scale
+        pre, comb = alpha[..., 0], alpha[..., 1:]
+        if self.constrained:
+            pre, comb, beta = torch.sigmoid(pre), sinkhorn(comb), 2 * torch.sigmoid(beta)
+        pre, comb = pre.expand(*h.shape[:-1]), comb.expand(*h.shape[:-1], h.shape[-2])
+        collapsed = (pre.unsqueeze(-1) * h).sum(dim=-2)
+        return beta.expand(*h.shape[:-1]), comb, collapsed
+
+
 class Sublayer(nn.Module):
     """A residual branch F with its placement's norms; calling it returns dropout(F(h))."""
 

@@ -24,9 +24,12 @@ class PlacementConfig(Protocol):
 
     arch: str
     placement: str
+    d_model: int
     alpha: float
     mix_ratio: float
     res_input_norm_scale: float
+    hc_streams: int
+    hc_dynamic: bool
 
     def stack_depth(self, role: str) -> int: ...
 
@@ -48,6 +51,7 @@ class Placement:
     final_norm_eps = 1e-5
     embed_norm = False  # an LN on the embedding output (Peri-LN)
     streams: tuple[str, ...] = ("x",)  # names of the residual streams a block outputs
+    stacked = False  # the streams are one tensor (.., n, C), not a tuple (hyper-connections)
     # What a source predicts for the per-block gradient norms at init (analysis/theory.py
     # GRADIENT_PROFILES): "decay" (ResiDual's Post-LN curve), "floor" (an identity path's lower
     # bound), or None where no source states one.
@@ -329,6 +333,68 @@ class ReZero(Placement):
 
     def add_parameters(self, blk):
         blk.gate = nn.Parameter(torch.zeros(()))
+
+
+@register
+class HyperConnections(Placement):
+    """Hyper-Connections (Zhu et al. 2024, arXiv 2409.19606) on a Pre-LN block: the stream is n
+    copies h (.., n, C), the embedding output copied n times; around each sublayer
+    u = sum_j pre_j h_j, y = F(LN(u)), h_k <- sum_j comb[j, k] h_j + post_k y, with the width
+    and depth connections of `layers.HyperConnection` (static, plus dynamic unless
+    `hc_dynamic=False`); at the end LN(sum_k h_k). Named as DeepSeek-V4 names its modules:
+    `attn_hc`, `cross_hc`, `ffn_hc` on each block."""
+
+    name = "hc"
+    final_norm = True
+    stacked = True
+    constrained = False  # mHC: pre, post and comb projected (sigmoid, 2 sigmoid, Sinkhorn)
+
+    def __init__(self, cfg, role):
+        super().__init__(cfg, role)
+        self.n = cfg.hc_streams
+        self.streams = tuple(f"h{i}" for i in range(self.n))
+
+    def begin(self, x0, stack):
+        x0 = super().begin(x0, stack)
+        return x0.unsqueeze(-2).expand(*x0.shape[:-1], self.n, x0.shape[-1]).contiguous()
+
+    def block(self, h, subs, blk):
+        for (f, s), hc in zip(subs, hyper_connections(blk), strict=True):
+            post, comb, u = hc(h)
+            h = comb.transpose(-1, -2) @ h + post.unsqueeze(-1) * f(s.norm(u)).unsqueeze(-2)
+        return h
+
+    def end(self, h, stack):
+        return stack.final_norm(h.sum(dim=-2))
+
+    def add_parameters(self, blk):
+        from .layers import HyperConnection
+
+        names = [n for n, s in zip(HC_NAMES, (1, blk.cross_attn, 1)) if s is not None]
+        for i, name in enumerate(names):  # the static pre picks stream (sublayer index mod n)
+            index = blk.k * len(names) + i
+            hc = HyperConnection(
+                self.cfg.d_model, self.n, index, self.constrained, self.cfg.hc_dynamic
+            )
+            setattr(blk, name, hc)
+
+
+HC_NAMES = ("attn_hc", "cross_hc", "ffn_hc")  # a block's hyper-connections, in sublayer order
+
+
+def hyper_connections(blk: nn.Module) -> list[nn.Module]:
+    """A block's hyper-connection modules in sublayer order."""
+    return [getattr(blk, n) for n in HC_NAMES if getattr(blk, n, None) is not None]
+
+
+@register
+class MHC(HyperConnections):
+    """Manifold-constrained Hyper-Connections (Xie et al. 2026, arXiv 2512.24880; DeepSeek-V4): as
+    `hc`, with pre = sigmoid, post = 2 sigmoid and comb doubly stochastic (Sinkhorn-Knopp, 20
+    iterations), so the product of the comb matrices over depth stays doubly stochastic."""
+
+    name = "mhc"
+    constrained = True
 
 
 def make_placement(cfg: PlacementConfig, role: str) -> Placement:

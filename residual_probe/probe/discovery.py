@@ -79,6 +79,11 @@ class BlockInfo:
     sublayers: dict[str, nn.Module] = field(default_factory=dict)  # e.g. self_attn, ffn / attn, mlp
     norms: dict[str, nn.Module] = field(default_factory=dict)  # norm modules inside the block
     streams: tuple[str, ...] = ("x",)  # ResiDual blocks carry ("x", "d")
+    # The streams are one tensor (.., n, C) split on dim -2, not a tuple: hyper-connections'
+    # n residual copies ("h0".."h{n-1}"), as DeepSeek-V4 and the `hc`/`mhc` placements carry them.
+    stacked: bool = False
+    # The hyper-connection modules that mix those copies (name -> module), in forward order.
+    mixers: dict[str, nn.Module] = field(default_factory=dict)
 
     @property
     def sublayer_names(self) -> list[str]:
@@ -192,12 +197,27 @@ def _sublayers(block: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def _streams(block: nn.Module) -> tuple[str, ...]:
-    placement = getattr(
-        block, "placement", None
-    )  # residual-probe's Block: ResiDual has two streams
+def hyper_connections(block: nn.Module) -> dict[str, nn.Module]:
+    """The block's hyper-connection modules: those with an integer `hc_mult`, the number of
+    residual copies (DeepSeek-V4's `DeepseekV4HyperConnection` and the reference `HyperConnection`
+    name it so), returning the (.., n, n) residual mixing matrix among their outputs."""
+    return {
+        n: m
+        for n, m in block.named_modules()
+        if n and isinstance(getattr(m, "hc_mult", None), int) and not isinstance(m.hc_mult, bool)
+    }
+
+
+def _streams(block: nn.Module) -> tuple[tuple[str, ...], bool]:
+    """(stream names, stacked): residual-probe's Block says (ResiDual: x, d); a block with
+    hyper-connections carries n copies stacked on dim -2; any other block one stream x."""
+    mixers = hyper_connections(block)
+    if mixers:
+        n = next(iter(mixers.values())).hc_mult
+        return tuple(f"h{i}" for i in range(n)), True
+    placement = getattr(block, "placement", None)
     streams = getattr(placement, "streams", None)
-    return tuple(streams) if streams else ("x",)
+    return (tuple(streams), False) if streams else (("x",), False)
 
 
 def _make(stacks: dict[str, list[tuple[str, nn.Module]]], model: nn.Module) -> list[BlockInfo]:
@@ -210,15 +230,23 @@ def _make(stacks: dict[str, list[tuple[str, nn.Module]]], model: nn.Module) -> l
     for path, mods in stacks.items():
         for k, (name, module) in enumerate(mods):
             norms = {n: m for n, m in module.named_modules() if n and is_norm(m)}
+            mixers = hyper_connections(module)
+            norms = {  # the hyper-connections' own norms read the copies to weigh them
+                n: m for n, m in norms.items() if not any(n.startswith(h + ".") for h in mixers)
+            }
+            sublayers = {n: m for n, m in _sublayers(module).items() if n not in mixers}
+            streams, stacked = _streams(module)
             blocks.append(
                 BlockInfo(
                     names[path],
                     _index(name, k),
                     name,
                     module,
-                    _sublayers(module),
+                    sublayers,
                     norms,
-                    _streams(module),
+                    streams,
+                    stacked,
+                    mixers,
                 )
             )
     return blocks

@@ -350,10 +350,12 @@ class Probe:
             self._skipped_eval += 1  # an evaluation forward: not part of the training step
             return
         b = self.blocks[pos]
-        outs = stream_tensors(output, len(b.streams))
+        outs = stream_tensors(output, len(b.streams), b.stacked)
         if outs is None:
             return
-        ins = stream_tensors(args[0] if args else kwargs.get("hidden_states"), len(b.streams))
+        ins = stream_tensors(
+            args[0] if args else kwargs.get("hidden_states"), len(b.streams), b.stacked
+        )
         local_outs = local_streams(outs)  # DTensors (tensor parallelism): this rank's tokens
         if ins is not None:
             ins = local_streams(ins)

@@ -10,12 +10,18 @@ from __future__ import annotations
 import torch
 
 
-def stream_tensors(value, n_streams: int) -> tuple[torch.Tensor, ...] | None:
+def stream_tensors(value, n_streams: int, stacked: bool = False) -> tuple[torch.Tensor, ...] | None:
     """The residual stream tensors in a block's input or output, or None if there are none.
 
     A tensor is one stream; a tuple is ResiDual's (x, d) when the block has two streams, else
-    a Hugging Face output whose first element is the hidden state.
+    a Hugging Face output whose first element is the hidden state. `stacked`: the n streams are
+    one tensor (.., n, C) (hyper-connections), returned as its n views along dim -2.
     """
+    if stacked:
+        if isinstance(value, (tuple, list)) and value:
+            value = value[0]
+        ok = isinstance(value, torch.Tensor) and value.dim() >= 3 and value.shape[-2] == n_streams
+        return value.unbind(-2) if ok else None
     if isinstance(value, torch.Tensor):
         return (value,) if n_streams == 1 else None
     if isinstance(value, (tuple, list)) and len(value) >= n_streams:

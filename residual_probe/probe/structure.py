@@ -321,8 +321,9 @@ class StructureWatch:
         if "kind" in seen:
             return
         n = len(self.blocks[pos].streams)
-        ins = stream_tensors(args[0] if args else kwargs.get("hidden_states"), n)
-        outs = stream_tensors(output, n)
+        stacked = self.blocks[pos].stacked
+        ins = stream_tensors(args[0] if args else kwargs.get("hidden_states"), n, stacked)
+        outs = stream_tensors(output, n, stacked)
         if ins is None or outs is None:
             seen.update(self._fresh())
             return

@@ -8,6 +8,7 @@ from .act_grad_norm import ActGradNorm
 from .attn_logits import AttnLogits
 from .base import Quantity
 from .forward_stats import ForwardStats
+from .hc_mixing import HCMixing
 from .output_logits import OutputLogits
 from .param_grad_norm import ParamGradNorm
 from .param_tensor_norm import ParamTensorNorm
@@ -28,6 +29,7 @@ REGISTRY: dict[str, type[Quantity]] = {
         ParamTensorNorm,
         AttnLogits,
         OutputLogits,
+        HCMixing,
     )
 }
 QUANTITIES = tuple(REGISTRY)  # every name a Probe accepts
@@ -43,6 +45,7 @@ __all__ = [
     "ActGradNorm",
     "AttnLogits",
     "ForwardStats",
+    "HCMixing",
     "OutputLogits",
     "ParamGradNorm",
     "ParamTensorNorm",

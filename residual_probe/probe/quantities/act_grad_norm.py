@@ -85,6 +85,13 @@ class ActGradNorm(StreamSlots):
     def forward(self, pos, block, ins, outs):
         if not torch.is_grad_enabled():
             return
+        if block.stacked:  # n copies in one tensor: its gradient is split on dim -2 in the hook
+            base = outs[0]._base
+            if base is not None and base.requires_grad and base.grad_fn is not None:
+                slot = self._first[pos]
+                hook = partial(self._on_stacked, slot, self._token, base.output_nr)
+                base.grad_fn.register_prehook(hook)
+            return
         for si, t in enumerate(outs):
             if t.requires_grad:
                 slot = self._first[pos] + si
@@ -96,6 +103,12 @@ class ActGradNorm(StreamSlots):
 
     def _on_grads(self, slot: int, token: object, nr: int, grad_outputs: tuple) -> None:
         self._on_grad(slot, token, grad_outputs[nr])
+
+    def _on_stacked(self, first: int, token: object, nr: int, grad_outputs: tuple) -> None:
+        grad = grad_outputs[nr]
+        if grad is not None:
+            for i, g in enumerate(grad.unbind(-2)):
+                self._on_grad(first + i, token, g)
 
     def _on_grad(self, slot: int, token: object, grad: torch.Tensor | None) -> None:
         if token is not self._token or grad is None:
