@@ -9,8 +9,9 @@ and where it runs, never by its name:
 - an *attention internal*: it runs inside an attention module's forward (the attention modules
   of `probe.quantities.attention_sources`): q/k/v norms, per head (Qwen 3, Gemma 3, ours) or
   over the full width (OLMo 2), DeepSeek's low-rank q/kv norms. Reported as QK-norm;
-- *off the stream*: any other width, e.g. DeepSeek-V4's hyper-connection input norm over the n
-  stacked copies (n*d). Named in the detail, not used.
+- *off the stream*: any other width outside an attention the probe knows (a custom attention's
+  per-head norms). Named in the detail, not used. (Hyper-connections' own norms, which read the
+  n copies flattened to weigh them, are left out of `BlockInfo.norms` by discovery.)
 Then per block, from its stream input x, its output y, its stream norms' (input, output) and its
 sublayers' outputs (the branches), a kind:
 - residual: the block carries two streams (ResiDual's x, d): x leaves through a norm, d does not;
@@ -26,9 +27,9 @@ sublayers' outputs (the branches), a kind:
   + a branch output (Zhuo et al. 2025: y = x + Attn(x); x <- LN(y) + FFN(LN(y))), with q/k/v
   normed inside the attention;
 - no-norm: the block has no norm on its stream (ReZero; QK-norms do not count);
-- hyper-connections (n=N) / mhc: the block holds hyper-connection modules (an integer `hc_mult`,
-  DeepSeek-V4's `attn_hc` / `ffn_hc`): N residual copies mixed by an [.., N, N] matrix each
-  module returns. mhc (Xie et al. 2026) when every such matrix is doubly stochastic: rows and
+- hyper-connections (n=N) / mhc: the block holds hyper-connection modules (`BlockInfo.mixers`:
+  an integer `hc_mult`, DeepSeek-V4's `attn_hc` / `ffn_hc`): N residual copies mixed by the
+  [.., N, N] matrix each module returns (`hc_mixing.mixing_matrix`). mhc (Xie et al. 2026) when every such matrix is doubly stochastic: rows and
   columns sum to 1 within DS_TOL, no entry below -DS_TOL, and not all of them permutations (an
   identity H_res, HC's initialization, is doubly stochastic too and says nothing);
 - other: none of these, with the reason in words.
@@ -62,13 +63,15 @@ KINDS = (
     "hybridnorm",
     "no-norm",
     "mhc",
-    "hyper-connections",
+    "hyper-connections (n=N)",
     "other",
-)
+)  # a stack adds "mix-ln" and "peri-ln", a Pre-LN stack of DyT norms reads "dyt"
 MAX_SUBSET_NORMS = 8  # tensors per block searched for y = x + a sum of some of them (2^8 sums)
-DS_TOL = 1e-2  # |row or column sum - 1| of a doubly stochastic mixing matrix, and its entries'
-# lowest value (-DS_TOL): 20 Sinkhorn iterations in float32 leave about 1e-6 (DeepSeek-V4 at init),
-# bfloat16 rounds a sum near 1 to 4e-3; unconstrained HC's H_res drifts by O(0.1) and more
+# A mixing matrix is doubly stochastic when |row sum - 1| and |column sum - 1| are at most DS_TOL
+# and no entry is below -DS_TOL: 20 Sinkhorn rounds in float32 leave about 1e-6 (DeepSeek-V4 at
+# init), a bfloat16 comb's rounding moves a row sum by up to about 2e-3; unconstrained HC's
+# learned mixing is off by 0.1 and more (tests/test_hyper_connections.py)
+DS_TOL = 1e-2
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -131,43 +134,18 @@ def classify(
     )
 
 
-def doubly_stochastic(m: torch.Tensor, tol: float = DS_TOL) -> bool:
-    """Every [.., n, n] matrix of `m` has rows and columns summing to 1 within `tol` and no entry
-    below -tol."""
-    m = m.detach().double()
-    one = torch.ones((), dtype=m.dtype, device=m.device)
-    return bool(
-        m.min() >= -tol
-        and torch.allclose(m.sum(-1), one.expand(m.shape[:-1]), rtol=0, atol=tol)
-        and torch.allclose(m.sum(-2), one.expand(m.shape[:-1]), rtol=0, atol=tol)
-    )
+def doubly_stochastic(comb: torch.Tensor, tol: float = DS_TOL) -> bool:
+    """Every [.., n, n] matrix of `comb` has rows and columns summing to 1 within `tol` and no
+    entry below -tol (`hc_mixing.ds_error`, the probe's own measure of the violation)."""
+    from .quantities.hc_mixing import ds_error
+
+    return bool(ds_error(comb.detach().double()).max() <= tol)
 
 
-def _permutations(m: torch.Tensor, tol: float = DS_TOL) -> bool:
-    """Every entry within `tol` of 0 or 1 (an identity or permuting mix, HC's initialization)."""
-    m = m.detach().double()
+def _permutations(comb: torch.Tensor, tol: float = DS_TOL) -> bool:
+    """Every entry within `tol` of 0 or 1: identity or permuting mixes (HC's initialization)."""
+    m = comb.detach().double()
     return bool(torch.minimum(m.abs(), (m - 1).abs()).max() <= tol)
-
-
-def hyper_connections(block: nn.Module) -> dict[str, nn.Module]:
-    """The hyper-connection modules of a block (an integer `hc_mult`: DeepSeek-V4's attn_hc,
-    ffn_hc), by path inside it."""
-    return {
-        n: m
-        for n, m in block.named_modules()
-        if isinstance(getattr(m, "hc_mult", None), int) and not isinstance(m.hc_mult, bool)
-    }
-
-
-def _mixing_matrix(output, n: int) -> torch.Tensor | None:
-    """The [.., n, n] tensor of highest rank in a hyper-connection's output (DeepSeek-V4: comb,
-    [B, S, n, n], beside post [B, S, n] and the collapsed input)."""
-    found = [
-        t
-        for t in (output if isinstance(output, (tuple, list)) else (output,))
-        if isinstance(t, torch.Tensor) and t.dim() >= 2 and tuple(t.shape[-2:]) == (n, n)
-    ]
-    return max(found, key=lambda t: t.dim()) if found else None
 
 
 def norm_type(module: nn.Module, width: int) -> str:
@@ -258,7 +236,7 @@ class StructureWatch:
                 hook(attn.register_forward_hook(partial(self._leave, pos), always_call=True))
             for sub in b.sublayers.values():
                 hook(sub.register_forward_hook(partial(self._on_branch, pos)))
-            for name, mixer in hyper_connections(b.module).items():
+            for name, mixer in b.mixers.items():
                 hook(mixer.register_forward_hook(partial(self._on_mixer, pos, name)))
         if model is not None:  # the norms outside the blocks, for Peri-LN's embedding LN
             for m in model.modules():
@@ -291,25 +269,19 @@ class StructureWatch:
             self.seen[pos]["branches"].append(first.detach())
 
     def _on_mixer(self, pos, name, module, args, output):
+        from .quantities.hc_mixing import ds_error, mixing_matrix
+
         if "kind" in self.seen[pos]:
             return
-        m = _mixing_matrix(output, module.hc_mult)
-        calls = self.seen[pos]["mixers"].setdefault(name, [])
-        if m is None:
-            calls.append({"n": module.hc_mult, "matrix": False})
-            return
-        m = m.detach().double()
-        one = torch.ones((), dtype=m.dtype)
-        error = max(float((m.sum(-1) - one).abs().max()), float((m.sum(-2) - one).abs().max()))
-        calls.append(
-            {
-                "n": module.hc_mult,
-                "matrix": True,
-                "doubly_stochastic": doubly_stochastic(m),
-                "permutation": _permutations(m),
-                "error": error,
-            }
-        )
+        comb = mixing_matrix(output, module.hc_mult)
+        call = {"n": module.hc_mult, "matrix": comb is not None}
+        if comb is not None:
+            call.update(
+                doubly_stochastic=doubly_stochastic(comb),
+                permutation=_permutations(comb),
+                error=float(ds_error(comb.detach().double()).max()),
+            )
+        self.seen[pos]["mixers"].setdefault(name, []).append(call)
 
     def _on_outside(self, module, args, output):
         if isinstance(output, torch.Tensor) and not all("kind" in v for v in self.seen.values()):
@@ -396,13 +368,13 @@ class StructureWatch:
             reason = "stacks differ (" + ", ".join(f"{s} {k}" for s, k in stacks.items()) + ")"
             reason += "".join(f"; {s}: {r}" for s, r in stack_why.items())
         else:
-            reason = "; ".join(stack_why.values())
+            reason = "; ".join(dict.fromkeys(stack_why.values())) or "no block could be read"
         qk = any(v.get("attention_norms") for v in seen.values())
         detail = "; ".join(f"{s}: {_runs(ks)}" for s, ks in per_block.items())
         detail += _internals(seen)
         return {
             "placement": placement,
-            "reason": reason or (None if placement != "other" else "no block could be read"),
+            "reason": reason,
             "stacks": stacks,
             "per_block": per_block,
             "detail": detail,
@@ -442,11 +414,18 @@ def _internals(seen: dict[int, dict]) -> str:
         calls = [c for v in seen.values() for cs in v.get("mixers", {}).values() for c in cs]
         read = [c for c in calls if c["matrix"]]
         ds = sum(c["doubly_stochastic"] for c in read)
-        err = max((c["error"] for c in read), default=float("nan"))
+        perm = sum(c["permutation"] for c in read)
+        err = max((abs(c["error"]) for c in read), default=float("nan"))
         out.append(
             f"hyper-connection mixers {', '.join(mixers)}: {max(c['n'] for c in calls)} residual "
             f"copies, {ds} of {len(read)} mixing matrices doubly stochastic within {DS_TOL:g} "
-            f"(largest row/column-sum error {err:.1e})"
+            f"(largest violation {err:.1e})"
+            + (f", {perm} of them identity or permutation mixes" if perm else "")
+            + (
+                f", {len(calls) - len(read)} calls returned no mixing matrix"
+                if len(read) < len(calls)
+                else ""
+            )
         )
     return "".join(f"; {s}" for s in out)
 
