@@ -237,6 +237,13 @@ def test_other_says_why():
     assert found["placement"] == "other"
     assert found["reason"] == "blocks of different kinds (pre-ln 0-1, post-ln 2)"
 
+    # stacks of different kinds: a Post-LN encoder and a Pre-LN decoder
+    model = torch.nn.Transformer(16, 4, 1, 1, 32, dropout=0.0, batch_first=True).eval()
+    model.decoder.layers[0].norm_first = True
+    src, tgt = torch.randn(1, 5, 16), torch.randn(1, 4, 16)
+    found = detect_placement(find_blocks(model), lambda: model(src, tgt), model)
+    assert found["reason"] == "stacks differ (encoder post-ln, decoder pre-ln)"
+
     # HybridNorm's arrangement without its q/k/v norms
     model = build_model(placement="hybridnorm", arch="decoder", depth=2, d_model=16, heads=2).eval()
     for blk in model.decoder.layers:
