@@ -184,7 +184,7 @@ def require(est: Estimate, force: bool = False, echo=None) -> None:
 def model_parameters(cfg) -> tuple[int, dict[str, int]]:
     """(parameter count, per-block counts) of `Transformer(cfg)`, without allocating it.
 
-    One block per stack is built on the meta device (no memory, and placement-owned parameters
+    Blocks 0 and 1 of each stack are built on the meta device (no memory, and placement-owned parameters
     such as ReZero's gate are counted as the model has them); embeddings, the placement's
     embedding and final norms and an untied output projection are added by their sizes.
     Meta tensors only: a meta `arange` or random init would load torch's meta registrations (~5 s).
@@ -207,18 +207,23 @@ def model_parameters(cfg) -> tuple[int, dict[str, int]]:
                 continue
             placement = make_placement(cfg, role)
             norm = count(make_norm(placement.norm or cfg.norm, d))
-            block = Block(
-                cfg,
-                placement,
-                0,
-                causal=role == "decoder",
-                cross=role == "decoder" and cfg.arch == "seq2seq",
-            )
-            per_block[role] = count(block)
+            first, later = (
+                count(
+                    Block(
+                        cfg,
+                        placement,
+                        k,
+                        causal=role == "decoder",
+                        cross=role == "decoder" and cfg.arch == "seq2seq",
+                    )
+                )
+                for k in (0, min(1, depth - 1))
+            )  # block 0 may differ from the rest (HybridNorm*'s Pre-Norm first block)
+            per_block[role] = first
             shared = role == "decoder" and getattr(
                 cfg, "share_all_embeddings", False
             )  # the encoder's table
-            total += depth * per_block[role] + (0 if shared else vocab * d)
+            total += first + (depth - 1) * later + (0 if shared else vocab * d)
             total += norm * (bool(placement.embed_norm) + bool(placement.final_norm))
     return int(total), per_block
 

@@ -25,6 +25,9 @@ OURS = {
     # no pre-norm on attention, q, k, v normed inside it (attention internals, QK-norm), the
     # FFN's norm on the sum and its residual from the normed value
     "hybridnorm": "hybridnorm",
+    # HybridNorm* : a Pre-LN first block (q, k, v normed too), HybridNorm blocks after it
+    "hybridnorm-star": "hybridnorm-star",
+    "deepscale": "pre-ln",  # x <- lambda x + beta F(LN(x)): a norm reads x, the branch joins as is
     # n residual copies (h0..h3) mixed by the matrices the hyper-connections return: HC's learned
     # ones (here trained-looking) are not doubly stochastic, mHC's Sinkhorn-projected ones are
     "hc": "hyper-connections (n=4)",

@@ -255,3 +255,31 @@ def test_flags_of_the_other_mode_are_refused(tmp_path):
     r = runner.invoke(app, ["grad-norms", "--tokens", "100", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "--tokens needs --ckpt" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_all_placements_keyword_and_small_multiples(tmp_path, monkeypatch):
+    """ALL is every registered placement, in registry order; more than six are drawn one panel each."""
+    import pandas as pd
+
+    from residual_probe.models import PLACEMENTS
+    from residual_probe.models.placements import expand_placements
+    from residual_probe.plots import grad_norms
+
+    assert expand_placements(["pre-ln", "all"]) == ("pre-ln",) + tuple(
+        p for p in PLACEMENTS if p != "pre-ln"
+    )
+    band = pd.DataFrame(
+        [
+            dict(placement=p, stack=s, layer=k, center=1.0 + k, low=1.0, high=2.0 + k, seeds=2)
+            for p in PLACEMENTS
+            for s in ("encoder", "decoder")
+            for k in range(4)
+        ]
+    )
+    figures = []
+    monkeypatch.setattr(grad_norms, "save", lambda fig, stem, formats: figures.append(fig) or [])
+    grad_norms.plot_grad_norms(band, tmp_path / "g", steps=3)
+    (fig,) = figures
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == [grad_norms.label(p) for p in PLACEMENTS]
+    assert all(len(ax.lines) >= 2 for ax in panels)  # its two stacks, at least

@@ -69,7 +69,16 @@ def reference_block(placement, blk, x, memory, depth, mix_ratio=0.25, s_res=1.0)
             x = x + blk.gate * f(x)
         elif placement == "dyt":  # Zhu et al. 2025: every LN is gamma * tanh(alpha * x) + beta
             x = x + f(dyt(s.norm, x))
-        elif placement == "hybridnorm":  # Zhuo et al. 2025: no pre-norm on attention (QKV-norm
+        elif placement == "hybridnorm-star" and k == 0:  # HybridNorm*: block 0 is Pre-Norm
+            assert s.norm is not None
+            x = x + f(s.norm(x))
+        elif placement == "deepscale":  # Kedia et al. 2024: lambda^2 + beta^2 = 1, beta^2 = 2/N
+            beta = math.sqrt(min(1.0, 2 / depth))
+            x = math.sqrt(1 - beta**2) * x + beta * f(s.norm(x))
+        elif placement in (
+            "hybridnorm",
+            "hybridnorm-star",
+        ):  # Zhuo et al. 2025: no pre-norm on attention (QKV-norm
             if s is blk.ffn:  # inside it); y = x + Attn(x), then LN(y) + FFN(LN(y))
                 x = s.norm(x) + f(s.norm(x))
             else:
@@ -150,7 +159,16 @@ def test_stack_start_and_end(placement):
         expected = 1.0 * x + torch.nn.functional.layer_norm(
             d, (16,), stack.final_norm.weight, stack.final_norm.bias, eps=1e-7
         )
-    elif placement in ("pre-ln", "sandwich", "peri-ln", "mix-ln", "lns", "hybridnorm"):
+    elif placement in (
+        "pre-ln",
+        "sandwich",
+        "peri-ln",
+        "mix-ln",
+        "lns",
+        "hybridnorm",
+        "hybridnorm-star",
+        "deepscale",
+    ):
         expected = stack.final_norm(state)
     elif placement == "dyt":
         expected = dyt(stack.final_norm, state)

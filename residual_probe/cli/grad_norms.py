@@ -73,7 +73,8 @@ def grad_norms(
         int, typer.Option(help="Blocks per stack (encoder and decoder each for seq2seq).")
     ] = 48,
     placements: Annotated[
-        str, typer.Option(help="Comma-separated placements to compare.")
+        str,
+        typer.Option(help="Comma-separated placements to compare; ALL: every registered one."),
     ] = "post-ln,pre-ln,residual",
     seeds: Annotated[
         int, typer.Option(help="Seeds per placement (0..seeds-1); the figure shades their spread.")
@@ -167,10 +168,11 @@ def grad_norms(
         fail(f"{option_flag(ctx, sorted(wrong)[0])} needs --ckpt")
     with user_errors(), owned_out(out, invoked_command(ctx), overwrite):
         from ..jobs.grad_norms import GradNormsSpec, run_grad_norms
+        from ..models.placements import expand_placements
 
         spec = GradNormsSpec(
             **{**model, "seq_len": 32 if seq_len is None else seq_len},
-            placements=csv_list(placements),
+            placements=expand_placements(csv_list(placements)),
             depth=depth,
             seeds=seeds,
             steps=steps,

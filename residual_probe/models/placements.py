@@ -336,6 +336,44 @@ class ReZero(Placement):
 
 
 @register
+class HybridNormStar(HybridNorm):
+    """HybridNorm* (Zhuo et al. 2025): HybridNorm with a Pre-Norm first block (its attention
+    normed before, as well as inside, and its FFN residual taken before the norm), as the
+    reference's `norm_pos_special_config` {0: {attn_norm: True, ffn_residual: False}}."""
+
+    name = "hybridnorm-star"
+
+    def sublayer_norm_count(self, kind, k):
+        return 1 if k == 0 else super().sublayer_norm_count(kind, k)
+
+    def sublayer(self, x, f, s, blk):
+        if blk.k == 0:
+            return x + f(s.norm(x))
+        return super().sublayer(x, f, s, blk)
+
+
+@register
+class DeepScale(Placement):
+    """DeepScaleLM's residual scaling (Kedia et al. 2024, arXiv 2403.09635) on Pre-LN:
+    x <- lambda x + beta F(LN(x)), lambda^2 + beta^2 = 1, beta^2 = k / N with k = 2 and N the
+    stack's blocks (capped at 1), so the stream's variance stays that of its input at any depth;
+    LN at the end. The paper's initialization scheme (weight variances for unit moments) is not
+    part of it here (docs/design.md says why)."""
+
+    name = "deepscale"
+    final_norm = True
+    k = 2.0
+
+    def __init__(self, cfg, role):
+        super().__init__(cfg, role)
+        beta2 = min(1.0, self.k / self.depth) if self.depth else 1.0
+        self.lam, self.beta = math.sqrt(1.0 - beta2), math.sqrt(beta2)
+
+    def sublayer(self, x, f, s, blk):
+        return self.lam * x + self.beta * f(s.norm(x))
+
+
+@register
 class HyperConnections(Placement):
     """Hyper-Connections (Zhu et al. 2024, arXiv 2409.19606) on a Pre-LN block: the stream is n
     copies h (.., n, C), the embedding output copied n times; around each sublayer
@@ -403,6 +441,18 @@ def make_placement(cfg: PlacementConfig, role: str) -> Placement:
 
 # the ResiDual paper's comparison, in registry order: Post-LN, Pre-LN, ResiDual
 PAPER_PLACEMENTS = tuple(name for name, cls in PLACEMENTS.items() if cls.in_paper)
+
+
+ALL = "ALL"  # the keyword for every registered placement, where a command takes a list
+
+
+def expand_placements(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """`names` with the keyword ALL (any case) replaced by every registered placement, in registry
+    order, duplicates dropped."""
+    out: list[str] = []
+    for n in names:
+        out += list(PLACEMENTS) if n.upper() == ALL else [n]
+    return tuple(dict.fromkeys(out))
 
 
 def pre_ln_like(placement: str | None, stream: str) -> bool:

@@ -48,6 +48,58 @@ def draw_layer_profile(
     ax.set_ylabel(r"$\|\partial L/\partial\theta_k\|_2$")
 
 
+SMALL_MULTIPLES = 6  # more placements than this: one panel each, not one line each on one axis
+REFERENCES = ("post-ln", "pre-ln")  # drawn in grey behind every small multiple
+STACK_LINES = {"encoder": "--", "decoder": "-"}
+
+
+def plot_grad_norm_grid(
+    band: pd.DataFrame, path_stem: str | Path, formats=("png",), steps: int = 0, title: str = ""
+) -> list[Path]:
+    """Small multiples for many placements: a panel per placement on one shared log y axis, its
+    stacks in its colour (decoder solid, encoder dashed), Post-LN and Pre-LN in grey behind."""
+    plt = setup()
+    placements = list(dict.fromkeys(band["placement"]))
+    stacks = _stacks(band)
+    ncols = min(6, len(placements))
+    nrows = -(-len(placements) // ncols)
+    fig, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(2.5 * ncols, 2.2 * nrows + 0.6),
+        sharex=True,
+        sharey=True,
+        squeeze=False,
+    )
+    for ax, p in zip(axes.flat, placements):
+        for ref in REFERENCES:
+            for stack in stacks:
+                r = band[(band["placement"] == ref) & (band["stack"] == stack)]
+                if ref != p and len(r):
+                    r = r.sort_values("layer")
+                    ax.plot(r["layer"], r["center"], STACK_LINES.get(stack, "-"), color="0.8", lw=1)
+        for stack in stacks:
+            b = band[(band["placement"] == p) & (band["stack"] == stack)].sort_values("layer")
+            ax.plot(b["layer"], b["center"], STACK_LINES.get(stack, "-"), color=color(p), lw=1.6)
+            if len(b) and b["seeds"].max() > 1:
+                ax.fill_between(b["layer"], b["low"], b["high"], color=color(p), alpha=0.25, lw=0)
+        ax.set_title(label(p), fontsize=9)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
+    for ax in axes.flat[len(placements) :]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("block k")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(r"$\|\partial L/\partial\theta_k\|_2$")
+    when = "at initialization" if steps == 0 else f"after {steps} Adam steps"
+    how = "; ".join(f"{s} {'dashed' if STACK_LINES.get(s) == '--' else 'solid'}" for s in stacks)
+    head = f"per-block gradient norm {when} ({how}; grey: Post-LN and Pre-LN)"
+    fig.suptitle(f"{title}\n{head}" if title else head, fontsize=10)
+    fig.tight_layout()
+    return save(fig, path_stem, formats)
+
+
 def plot_grad_norms(
     band: pd.DataFrame,
     path_stem: str | Path,
@@ -60,9 +112,11 @@ def plot_grad_norms(
     """band: per-block seed bands at the last step (placement, stack, layer, center, low, high, seeds);
     ratios (placement, stack, step, first_over_last): the second row when steps > 0;
     curves (placement, stack, layer, predicted, fitted): the theory overlay."""
+    placements = list(dict.fromkeys(band["placement"]))
+    if len(placements) > SMALL_MULTIPLES:  # the first/last ratios over steps: in the JSON summary
+        return plot_grad_norm_grid(band, path_stem, formats, steps, title)
     plt = setup()
     stacks = _stacks(band)
-    placements = list(dict.fromkeys(band["placement"]))
     nrows = 2 if steps > 0 and ratios is not None else 1
     fig, axes = plt.subplots(
         nrows, len(stacks), figsize=(max(6.4, 4.6 * len(stacks)), 3.6 * nrows), squeeze=False

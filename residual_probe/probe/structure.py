@@ -34,6 +34,7 @@ sublayers' outputs (the branches), a kind:
   identity H_res, HC's initialization, is doubly stochastic too and says nothing);
 - other: none of these, with the reason in words.
 Per stack: one kind, or "mix-ln" for post-ln blocks followed by pre-ln blocks (Mix-LN), or
+"hybridnorm-star" for a pre-ln first block followed by hybridnorm blocks (HybridNorm*), or
 "other" with the reason (the per-block runs); "peri-ln" is a sandwich stack whose first block
 reads the output of a norm outside the blocks (the embedding's LN). The norm type (layernorm /
 rmsnorm / dyt) of the stream norms is read from behaviour: LayerNorm ignores a constant shift of
@@ -65,7 +66,7 @@ KINDS = (
     "mhc",
     "hyper-connections (n=N)",
     "other",
-)  # a stack adds "mix-ln" and "peri-ln", a Pre-LN stack of DyT norms reads "dyt"
+)  # a stack adds "mix-ln", "hybridnorm-star" and "peri-ln"; a Pre-LN stack of DyT norms, "dyt"
 MAX_SUBSET_NORMS = 8  # tensors per block searched for y = x + a sum of some of them (2^8 sums)
 # A mixing matrix is doubly stochastic when |row sum - 1| and |column sum - 1| are at most DS_TOL
 # and no entry is below -DS_TOL: 20 Sinkhorn rounds in float32 leave about 1e-6 (DeepSeek-V4 at
@@ -193,6 +194,8 @@ def stack_kind(kinds: list[str], embed_normed: bool) -> str:
     switch = kinds.index("pre-ln") if "pre-ln" in kinds else len(kinds)
     if set(kinds[:switch]) == {"post-ln"} and set(kinds[switch:]) == {"pre-ln"}:
         return "mix-ln"
+    if kinds[0] == "pre-ln" and set(kinds[1:]) == {"hybridnorm"}:
+        return "hybridnorm-star"
     return "other"
 
 
