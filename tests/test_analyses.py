@@ -45,6 +45,8 @@ def test_every_study_writes_its_figures_and_checks(quick):
         "collapse_theory",
         "instability_lr",
         "instability_logits",
+        "all_placements_init",
+        "all_placements_training",
     ):
         assert (out / f"{name}.png").stat().st_size > 20_000, name
     rows = list(csv.DictReader(open(out / "checks.csv")))
@@ -100,3 +102,25 @@ def test_collapse_and_training(quick):
 def test_unknown_study_is_a_clear_error(tmp_path):
     with pytest.raises(StudyError, match="unknown study 'nope'; choose from grad_norms_depths"):
         run_all(tmp_path, quick=True, only=("nope",))
+
+
+def test_all_placements_covers_the_registry(quick):
+    """Every registered placement at init; the runs' table per placement, mHC's gain at 1."""
+    import pandas as pd
+
+    from residual_probe.models import PLACEMENTS
+    from residual_probe.studies.all_placements import QUICK_TRAINED
+
+    out, meta = quick
+    init = pd.read_csv(out / "all_placements_init.csv")
+    assert sorted(init.placement.unique()) == sorted(PLACEMENTS)
+    assert (init.groupby("placement").depth.count() == init.depth.nunique()).all()
+    runs = pd.read_csv(out / "all_placements_training.csv").set_index(["placement", "warmup"])
+    assert {p for p, _ in runs.index} == {p for p in QUICK_TRAINED if p in PLACEMENTS}
+    assert abs(runs.loc[("mhc", 0), "hc_gain_fwd"] - 1) < 1e-3
+    assert runs.loc[("hc", 0), "hc_gain_fwd"] > 1  # moved off the identity already
+    assert runs.loc[("pre-ln", 0), "hc_gain_fwd"] != runs.loc[("pre-ln", 0), "hc_gain_fwd"]  # NaN
+    assert agreement(meta, "all_placements", "mHC's Amax gain stays near 1")
+    assert agreement(
+        meta, "all_placements", "gradients keep a floor toward the input", "", "pre-ln"
+    )

@@ -45,6 +45,7 @@ MODEL = reference_model(
     batch=8,
     seq_len=None,
     norm="layernorm",
+    hc_streams=4,
 )
 # the options of one mode only: the reference models', or a checkpoint's (--batch and --seq-len
 # serve both)

@@ -53,6 +53,11 @@ REFERENCE_MODEL = {
         bool,
         "A norm (of --norm's kind) on each head's q and k (QK-layernorm, Wortsman et al. 2023): keeps attention logits from growing.",
     ),
+    "hc_streams": (
+        "--hc-streams",
+        int,
+        "Residual copies of the hc and mhc placements (hyper-connections' expansion rate n).",
+    ),
 }
 
 

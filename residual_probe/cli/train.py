@@ -25,6 +25,7 @@ MODEL = reference_model(
     seq_len=64,
     dropout=0.0,
     qk_norm=False,
+    hc_streams=4,
 )
 
 

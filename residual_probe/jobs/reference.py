@@ -25,6 +25,7 @@ class ReferenceModel:
     norm: str = _DEFAULT["norm"]
     dropout: float = _DEFAULT["dropout"]
     qk_norm: bool = _DEFAULT["qk_norm"]
+    hc_streams: int = _DEFAULT["hc_streams"]
     batch: int = 8
     seq_len: int = 32
     extra: dict = field(default_factory=dict)  # further ModelConfig fields (none of the above)
@@ -40,6 +41,7 @@ class ReferenceModel:
             "norm": self.norm,
             "dropout": self.dropout,
             "qk_norm": self.qk_norm,
+            "hc_streams": self.hc_streams,
             "max_len": max(1024, self.seq_len),
         }
         return ModelConfig(

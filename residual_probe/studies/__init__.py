@@ -32,6 +32,7 @@ STUDIES = (
     "collapse_theory",  # adjacent cosine / normalized update per layer: closed forms, init, trained (reads training_study's runs)
     "translation",  # the paper's E6D6/E12D12 translation table at CPU scale, in a regime its baselines pass
     "instability",  # lr sweep with and without QK-norm: attention-logit growth, precursor lead time
+    "all_placements",  # every registered placement: gradients at init (N 6-48), a short run without warm-up
 )
 CHECK_COLUMNS = (
     "study",
