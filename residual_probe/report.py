@@ -108,6 +108,8 @@ def description_rows(grads: dict | None, collapse: dict) -> list[dict]:
                 "placement (detected)": m["placement"],
                 "detail": m["placement_detail"],
                 "norm type": m.get("norm_type"),
+                "qk-norm": {True: "yes", False: "no"}.get(m.get("qk_norm"), "-"),
+                "placement reason": m.get("placement_reason") or "-",
                 "depth": ", ".join(f"{s} {n}" for s, n in m["depth"].items()),
                 "width": m["width"],
                 "parameters": f"{m['parameters']:,}",

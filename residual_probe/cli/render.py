@@ -103,15 +103,24 @@ def model_line(m: dict) -> str:
     )
 
 
+def placement_label(placement: str | None, reason: str | None) -> str:
+    """A placement label with, for "other", the reason the detector gives (absent from files
+    written before reasons existed)."""
+    return f"{placement or 'unknown'}: {reason}" if reason else (placement or "unknown")
+
+
 def placement_line(m: dict, declared: bool = True) -> str:
-    """The placement detected from the block structure (and, with `declared`, the one the config
-    names, if any) and the norm."""
+    """The placement detected from the block structure, with its reason when it is "other" (and,
+    with `declared`, the one the config names, if any), the norm and whether q/k are normed."""
     declared = (
         f", declared {m['declared_placement']}" if declared and m["declared_placement"] else ""
     )
+    qk = m.get("qk_norm")
+    qk = "" if qk is None else f"; qk-norm: {'yes' if qk else 'no'}"
+    label = placement_label(m["placement"], m.get("placement_reason"))
     return (
-        f"  placement: {m['placement']} (from block structure{declared}; {m['placement_detail']}); "
-        f"norm: {m['norm_type']}"
+        f"  placement: {label} (from block structure{declared}; {m['placement_detail']}); "
+        f"norm: {m['norm_type']}{qk}"
     )
 
 
@@ -299,7 +308,8 @@ def echo_plot(meta: dict) -> None:
         "recorded steps before)",
     )
     echo_precursors(meta["precursors"])
-    result(f"placement: {meta['placement'] or 'unknown'} ({meta['placement_source']})")
+    label = placement_label(meta["placement"], meta.get("placement_reason"))
+    result(f"placement: {label} ({meta['placement_source']})")
     n = meta["nonfinite"]
     if n["count"]:
         warn(

@@ -53,9 +53,11 @@ class RunInfo:
     def write(self) -> None:
         from ..output import write_json
 
+        reason = None
         if self.watch is not None:
             found = self.watch.result()
             placement, source = found["placement"], "detected from the block structure"
+            reason = found["reason"]
         else:
             placement, source = self.declared, "the model's config"
         config = getattr(self.model, "config", None) or getattr(self.model, "cfg", None)
@@ -65,6 +67,7 @@ class RunInfo:
             "model_type": getattr(config, "model_type", None),
             "placement": placement,
             "placement_source": source,
+            "placement_reason": reason,  # why "other", else None
             "blocks": [b.name for b in self.probe.blocks],
         }
         write_json(self.path.with_name("probe_run.json"), info)

@@ -109,8 +109,10 @@ class Inspection:
             "family": loaded.family,
             "modality": loaded.modality,
             "placement": found["placement"],
+            "placement_reason": found["reason"],  # why "other", else None
             "placement_detail": found["detail"],
             "norm_type": found["norm_type"],
+            "qk_norm": found["qk_norm"],
             "declared_placement": loaded.declared_placement,
             "depth": self.depth,
             "width": loaded.width,

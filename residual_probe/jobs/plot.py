@@ -45,9 +45,10 @@ class PlotError(UserError):
     """Unusable input to `plot` (a sink without the quantities drawn, an unknown step); one line."""
 
 
-def guess_placement(sink_path: Path) -> tuple[str | None, str]:
-    """(placement, where it came from) from files beside the sink: the train job's train.json, the
-    Trainer callback's probe_run.json; (None, reason) when nothing says."""
+def guess_placement(sink_path: Path) -> tuple[str | None, str, str | None]:
+    """(placement, where it came from, why it is "other" or None) from files beside the sink: the
+    train job's train.json, the Trainer callback's probe_run.json (its `placement_reason`, absent
+    from files written before reasons existed); (None, reason, None) when nothing says."""
     folder = sink_path.parent
     for name in ("train.json", "probe_run.json"):
         f = folder / name
@@ -58,8 +59,8 @@ def guess_placement(sink_path: Path) -> tuple[str | None, str]:
                 continue
             placement = (meta.get("spec") or {}).get("placement") or meta.get("placement")
             if placement:
-                return placement, f"from {name}"
-    return None, "no train.json or probe_run.json beside the sink; pass --placement"
+                return placement, f"from {name}", meta.get("placement_reason")
+    return None, "no train.json or probe_run.json beside the sink; pass --placement", None
 
 
 # ---- tables the plots draw --------------------------------------------------------------
@@ -127,8 +128,9 @@ def run_plot(
     state = folder_state(sink.path.parent)
     if state:
         notes.insert(0, f"the run folder is {state}")
+    reason = None
     if placement is None:
-        placement, placement_source = guess_placement(sink.path)
+        placement, placement_source, reason = guess_placement(sink.path)
     else:
         placement_source = "from --placement"
     out = prepare_out(out)
@@ -235,6 +237,7 @@ def run_plot(
         "missing": missing,
         "placement": placement,
         "placement_source": placement_source,
+        "placement_reason": reason,  # why "other" (probe_run.json), else None
         "collapse_reference_drawn_for": [
             stack_label(s, st) for (s, st), ref in reference.items() if ref is not None
         ],

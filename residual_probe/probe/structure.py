@@ -1,8 +1,19 @@
-"""Which norm placement a model uses, read from what its blocks do, not from its class name.
+"""Which norm placement a model uses, read from what its blocks do, not from its class names.
 
-One small forward with hooks on every block, on every norm inside a block and on the norms
-outside the blocks; then, per block, from its stream input x, its output y and the (input,
-output) of each of its norms:
+One small forward with hooks on every block, on every norm inside a block, on the attention
+modules and sublayers of each block, on its hyper-connection modules and on the norms outside the
+blocks. Each norm call inside a block is one of three things, decided by what the norm receives
+and where it runs, never by its name:
+- a *stream norm*: its input is at the stream's width d (the block output's last dimension) and
+  it runs outside the attention's forward;
+- an *attention internal*: it runs inside an attention module's forward (the attention modules
+  of `probe.quantities.attention_sources`): q/k/v norms, per head (Qwen 3, Gemma 3, ours) or
+  over the full width (OLMo 2), DeepSeek's low-rank q/kv norms. Reported as QK-norm;
+- *off the stream*: any other width outside an attention the probe knows (a custom attention's
+  per-head norms). Named in the detail, not used. (Hyper-connections' own norms, which read the
+  n copies flattened to weigh them, are left out of `BlockInfo.norms` by discovery.)
+Then per block, from its stream input x, its output y, its stream norms' (input, output) and its
+sublayers' outputs (the branches), a kind:
 - residual: the block carries two streams (ResiDual's x, d): x leaves through a norm, d does not;
 - post-ln: y *is* a norm's output (the stream is normalized after the sum; DeepNorm's alpha*x
   and B2T's extra skip sit inside that norm's input and are not told apart);
@@ -12,21 +23,29 @@ output) of each of its norms:
   x + LN(F(x)), Swin v2's "res-post-norm"): the stream itself is never normalized;
 - pre-ln: a norm reads x unchanged, and the branch outputs join the stream as they are (LNS's
   1/sqrt(k) scaling is inside the branch and counts as pre-ln);
-- no-norm: the block has no norm on its stream (ReZero);
-- other: none of these.
+- hybridnorm: no norm reads x, a norm reads x + (attention's output) and y = that norm's output
+  + a branch output (Zhuo et al. 2025: y = x + Attn(x); x <- LN(y) + FFN(LN(y))), with q/k/v
+  normed inside the attention;
+- no-norm: the block has no norm on its stream (ReZero; QK-norms do not count);
+- hyper-connections (n=N) / mhc: the block holds hyper-connection modules (`BlockInfo.mixers`:
+  an integer `hc_mult`, DeepSeek-V4's `attn_hc` / `ffn_hc`): N residual copies mixed by the
+  [.., N, N] matrix each module returns (`hc_mixing.mixing_matrix`). mhc (Xie et al. 2026) when every such matrix is doubly stochastic: rows and
+  columns sum to 1 within DS_TOL, no entry below -DS_TOL, and not all of them permutations (an
+  identity H_res, HC's initialization, is doubly stochastic too and says nothing);
+- other: none of these, with the reason in words.
 Per stack: one kind, or "mix-ln" for post-ln blocks followed by pre-ln blocks (Mix-LN), or
-"other" with the per-block kinds in `detail`; "peri-ln" is a sandwich stack whose first block
-reads the output of a norm outside the blocks (the embedding's LN). Norms inside attention that
-normalize queries and keys (OLMo 2's q_norm/k_norm; HybridNorm's v_norm too) are not stream
-norms; they are reported as QK-norm. The norm type (layernorm / rmsnorm / dyt) is read from behaviour: LayerNorm ignores a
-constant shift of its input, RMSNorm does not, DyT squashes any input into a bounded range; a
-Pre-LN stack whose norms are all DyT is labelled "dyt" (Zhu et al. 2025).
+"hybridnorm-star" for a pre-ln first block followed by hybridnorm blocks (HybridNorm*), or
+"other" with the reason (the per-block runs); "peri-ln" is a sandwich stack whose first block
+reads the output of a norm outside the blocks (the embedding's LN). The norm type (layernorm /
+rmsnorm / dyt) of the stream norms is read from behaviour: LayerNorm ignores a constant shift of
+its input, RMSNorm does not, DyT squashes any input into a bounded range; a Pre-LN stack whose
+norms are all DyT is labelled "dyt" (Zhu et al. 2025).
 """
 
 from __future__ import annotations
 
 import itertools
-import re
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
@@ -36,9 +55,24 @@ from torch import nn
 from .discovery import BlockInfo, is_norm, squashes
 from .stats import stream_tensors
 
-KINDS = ("post-ln", "pre-ln", "residual", "sandwich", "res-post-ln", "no-norm", "other")
-QK_NORM = re.compile(r"(^|[._])(q|k|v|query|key|value)_?(norm|layernorm|ln)$", re.IGNORECASE)
-MAX_SUBSET_NORMS = 8  # norms per block searched for y = x + sum of normalized branches (2^8 sums)
+KINDS = (
+    "post-ln",
+    "pre-ln",
+    "residual",
+    "sandwich",
+    "res-post-ln",
+    "hybridnorm",
+    "no-norm",
+    "mhc",
+    "hyper-connections (n=N)",
+    "other",
+)  # a stack adds "mix-ln", "hybridnorm-star" and "peri-ln"; a Pre-LN stack of DyT norms, "dyt"
+MAX_SUBSET_NORMS = 8  # tensors per block searched for y = x + a sum of some of them (2^8 sums)
+# A mixing matrix is doubly stochastic when |row sum - 1| and |column sum - 1| are at most DS_TOL
+# and no entry is below -DS_TOL: 20 Sinkhorn rounds in float32 leave about 1e-6 (DeepSeek-V4 at
+# init), a bfloat16 comb's rounding moves a row sum by up to about 2e-3; unconstrained HC's
+# learned mixing is off by 0.1 and more (tests/test_hyper_connections.py)
+DS_TOL = 1e-2
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -48,34 +82,71 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.allclose(a, b, rtol=1e-5, atol=1e-6 * max(scale, 1.0)))
 
 
-def _adds_normed(x: torch.Tensor, y: torch.Tensor, outs: list[torch.Tensor]) -> bool:
-    """True when y = x + (a sum, in forward order, of some of the norm outputs `outs`)."""
-    outs = [o for o in outs if o.shape == y.shape][:MAX_SUBSET_NORMS]
-    for r in range(1, len(outs) + 1):
-        for subset in itertools.combinations(outs, r):
-            s = x
-            for o in subset:
-                s = s + o
-            if _close(s, y):
+def _sums_to(base: torch.Tensor, target: torch.Tensor, parts: list[torch.Tensor]) -> bool:
+    """True when target = base + (a non-empty sum, in forward order, of some of `parts`)."""
+    parts = [p for p in parts if p.shape == target.shape][:MAX_SUBSET_NORMS]
+    for r in range(1, len(parts) + 1):
+        for subset in itertools.combinations(parts, r):
+            s = base
+            for p in subset:
+                s = s + p
+            if _close(s, target):
                 return True
     return False
 
 
-def classify(ins: tuple, outs: tuple, norm_calls: list[tuple[torch.Tensor, torch.Tensor]]) -> str:
-    """One block's kind from its stream input(s), output(s) and the (input, output) of its stream norms."""
+def classify(
+    ins: tuple,
+    outs: tuple,
+    norm_calls: list[tuple[torch.Tensor, torch.Tensor]],
+    branches: list[torch.Tensor] = (),
+    qk: bool = False,
+) -> tuple[str, str | None]:
+    """One block's (kind, reason the kind is "other", else None) from its stream input(s) and
+    output(s), the (input, output) of its stream norms, its sublayers' outputs (`branches`) and
+    whether attention normalizes q/k/v inside (`qk`)."""
     normed = lambda t: any(_close(t, o) for _, o in norm_calls)  # noqa: E731
     if len(outs) == 2:
-        return "residual" if normed(outs[0]) and not normed(outs[1]) else "other"
+        if normed(outs[0]) and not normed(outs[1]):
+            return "residual", None
+        return "other", "two streams, but not ResiDual's (x leaving through a norm, d not)"
     x, y = ins[0], outs[0]
     if not norm_calls:
-        return "no-norm"
+        return "no-norm", None
     if normed(y):
-        return "post-ln"
+        return "post-ln", None
     reads = any(_close(i, x) for i, _ in norm_calls)
-    adds = _adds_normed(x, y, [o for _, o in norm_calls])
+    adds = _sums_to(x, y, [o for _, o in norm_calls])
     if reads:
-        return "sandwich" if adds else "pre-ln"
-    return "res-post-ln" if adds else "other"
+        return ("sandwich" if adds else "pre-ln"), None
+    if adds:
+        return "res-post-ln", None
+    branches = list(branches)
+    if any(_sums_to(x, i, branches) and _sums_to(o, y, branches) for i, o in norm_calls):
+        if qk:
+            return "hybridnorm", None
+        return "other", (
+            "HybridNorm's FFN (x <- LN(y) + FFN(LN(y)) after an attention with no norm before "
+            "it), but no q/k/v norms inside the attention"
+        )
+    return "other", (
+        "its stream norms neither read the block input nor give its output, and the output is "
+        "not the input plus normalized branch outputs"
+    )
+
+
+def doubly_stochastic(comb: torch.Tensor, tol: float = DS_TOL) -> bool:
+    """Every [.., n, n] matrix of `comb` has rows and columns summing to 1 within `tol` and no
+    entry below -tol (`hc_mixing.ds_error`, the probe's own measure of the violation)."""
+    from .quantities.hc_mixing import ds_error
+
+    return bool(ds_error(comb.detach().double()).max() <= tol)
+
+
+def _permutations(comb: torch.Tensor, tol: float = DS_TOL) -> bool:
+    """Every entry within `tol` of 0 or 1: identity or permuting mixes (HC's initialization)."""
+    m = comb.detach().double()
+    return bool(torch.minimum(m.abs(), (m - 1).abs()).max() <= tol)
 
 
 def norm_type(module: nn.Module, width: int) -> str:
@@ -123,30 +194,53 @@ def stack_kind(kinds: list[str], embed_normed: bool) -> str:
     switch = kinds.index("pre-ln") if "pre-ln" in kinds else len(kinds)
     if set(kinds[:switch]) == {"post-ln"} and set(kinds[switch:]) == {"pre-ln"}:
         return "mix-ln"
+    if kinds[0] == "pre-ln" and set(kinds[1:]) == {"hybridnorm"}:
+        return "hybridnorm-star"
     return "other"
+
+
+def _stack_reason(kinds: list[str], reasons: list[str | None]) -> str:
+    """Why a stack is "other": its blocks' own reasons, or that its blocks differ."""
+    why = list(dict.fromkeys(r for r in reasons if r))
+    if len(set(kinds)) == 1:
+        return "; ".join(why)
+    return "blocks of different kinds (" + _runs(kinds) + ")" + "".join(f"; {r}" for r in why)
+
+
+@dataclass(eq=False)  # compared by identity
+class NormCall:
+    name: str  # path inside the block
+    input: torch.Tensor
+    output: torch.Tensor
+    in_attention: bool  # ran inside an attention module's forward
 
 
 class StructureWatch:
     """Hooks that classify each block the first time it runs (`classify`), and the stack's
     placement from those kinds (`result`). Each block is classified inside its own hook and its
-    norms' tensors dropped there, so watching a training forward holds no activations past it."""
+    tensors dropped there, so watching a training forward holds no activations past it."""
 
     def __init__(self, blocks: list[BlockInfo], model: nn.Module | None = None):
+        from .quantities.attention_sources import attention_modules
+
         self.blocks = blocks
-        self.seen: dict[int, dict] = {pos: {"norms": []} for pos in range(len(blocks))}
+        self.seen: dict[int, dict] = {pos: self._fresh() for pos in range(len(blocks))}
         self.outside: list[torch.Tensor] = []
         self.handles = []
-        self.stream_norms: dict[int, dict[str, nn.Module]] = {}
-        self.qk = False
+        self.in_attention = [0] * len(blocks)  # attention forwards running, per block
         in_blocks = {id(m) for b in blocks for m in b.module.modules()}
         for pos, b in enumerate(blocks):
-            self.stream_norms[pos] = {n: m for n, m in b.norms.items() if not QK_NORM.search(n)}
-            self.qk |= len(self.stream_norms[pos]) < len(b.norms)
-            self.handles.append(
-                b.module.register_forward_hook(partial(self._on_block, pos), with_kwargs=True)
-            )
-            for norm in self.stream_norms[pos].values():
-                self.handles.append(norm.register_forward_hook(partial(self._on_norm, pos)))
+            hook = self.handles.append
+            hook(b.module.register_forward_hook(partial(self._on_block, pos), with_kwargs=True))
+            for name, norm in b.norms.items():
+                hook(norm.register_forward_hook(partial(self._on_norm, pos, name)))
+            for _, attn, _ in attention_modules(b.module):
+                hook(attn.register_forward_pre_hook(partial(self._enter, pos)))
+                hook(attn.register_forward_hook(partial(self._leave, pos), always_call=True))
+            for sub in b.sublayers.values():
+                hook(sub.register_forward_hook(partial(self._on_branch, pos)))
+            for name, mixer in b.mixers.items():
+                hook(mixer.register_forward_hook(partial(self._on_mixer, pos, name)))
         if model is not None:  # the norms outside the blocks, for Peri-LN's embedding LN
             for m in model.modules():
                 if (
@@ -156,10 +250,41 @@ class StructureWatch:
                 ):
                     self.handles.append(m.register_forward_hook(self._on_outside))
 
-    def _on_norm(self, pos, module, args, output):
+    @staticmethod
+    def _fresh() -> dict:
+        return {"norms": [], "branches": [], "mixers": {}}
+
+    def _enter(self, pos, module, args):
+        self.in_attention[pos] += 1
+
+    def _leave(self, pos, module, args, output):
+        self.in_attention[pos] = max(0, self.in_attention[pos] - 1)
+
+    def _on_norm(self, pos, name, module, args, output):
         if "kind" not in self.seen[pos] and args and isinstance(args[0], torch.Tensor):
             if isinstance(output, torch.Tensor):
-                self.seen[pos]["norms"].append((args[0].detach(), output.detach()))
+                call = NormCall(name, args[0].detach(), output.detach(), self.in_attention[pos] > 0)
+                self.seen[pos]["norms"].append(call)
+
+    def _on_branch(self, pos, module, args, output):
+        first = output[0] if isinstance(output, (tuple, list)) and output else output
+        if "kind" not in self.seen[pos] and isinstance(first, torch.Tensor):
+            self.seen[pos]["branches"].append(first.detach())
+
+    def _on_mixer(self, pos, name, module, args, output):
+        from .quantities.hc_mixing import ds_error, mixing_matrix
+
+        if "kind" in self.seen[pos]:
+            return
+        comb = mixing_matrix(output, module.hc_mult)
+        call = {"n": module.hc_mult, "matrix": comb is not None}
+        if comb is not None:
+            call.update(
+                doubly_stochastic=doubly_stochastic(comb),
+                permutation=_permutations(comb),
+                error=float(ds_error(comb.detach().double()).max()),
+            )
+        self.seen[pos]["mixers"].setdefault(name, []).append(call)
 
     def _on_outside(self, module, args, output):
         if isinstance(output, torch.Tensor) and not all("kind" in v for v in self.seen.values()):
@@ -175,10 +300,29 @@ class StructureWatch:
         ins = stream_tensors(args[0] if args else kwargs.get("hidden_states"), n, stacked)
         outs = stream_tensors(output, n, stacked)
         if ins is None or outs is None:
+            seen.update(self._fresh())
             return
-        seen["kind"] = classify(ins, outs, seen.pop("norms"))
+        width = outs[0].shape[-1]
+        calls = seen.pop("norms")
+        stream = [c for c in calls if not c.in_attention and c.input.shape[-1] == width]
+        seen["stream_norms"] = list(dict.fromkeys(c.name for c in stream))
+        seen["attention_norms"] = list(dict.fromkeys(c.name for c in calls if c.in_attention))
+        seen["off_stream"] = {
+            c.name: c.input.shape[-1] for c in calls if not c.in_attention and c not in stream
+        }
+        branches = seen.pop("branches")
+        if seen["mixers"]:
+            seen["kind"], seen["reason"] = _mixing_kind(seen["mixers"])
+        else:
+            seen["kind"], seen["reason"] = classify(
+                ins,
+                outs,
+                [(c.input, c.output) for c in stream],
+                branches,
+                qk=bool(seen["attention_norms"]),
+            )
         seen["tokens"] = outs[0].shape[-2] if outs[0].dim() >= 2 else 1
-        seen["width"] = outs[0].shape[-1]
+        seen["width"] = width
         if self.blocks[pos].index == 0:
             seen["embed_normed"] = any(_close(ins[0], o) for o in self.outside)
         if all("kind" in v for v in self.seen.values()):
@@ -192,50 +336,109 @@ class StructureWatch:
     def result(self) -> dict:
         """The hooks removed, what the blocks seen so far say (`detect_placement`'s dict)."""
         self.remove()
-        blocks, seen, stream_norms = self.blocks, self.seen, self.stream_norms
+        blocks, seen = self.blocks, self.seen
         per_block: dict[str, list[str]] = {}
+        reasons: dict[str, list[str | None]] = {}
         embed_normed: dict[str, bool] = {}
         for pos, b in enumerate(blocks):
-            per_block.setdefault(b.stack, []).append(seen[pos].get("kind", "other"))
+            kind = seen[pos].get("kind", "other")
+            why = seen[pos].get("reason") if "kind" in seen[pos] else _unseen(b)
+            per_block.setdefault(b.stack, []).append(kind)
+            reasons.setdefault(b.stack, []).append(why)
             if b.index == 0:
                 embed_normed[b.stack] = bool(seen[pos].get("embed_normed"))
         stacks = {s: stack_kind(ks, embed_normed.get(s, False)) for s, ks in per_block.items()}
-        overall = set(stacks.values())
-        placement = overall.pop() if len(overall) == 1 else "other"
         types = set()
-        for pos in seen:
+        for pos, b in enumerate(blocks):
             width = seen[pos].get("width")
-            for m in stream_norms[pos].values():
-                if width:
-                    types.add(norm_type(m, int(width)))
+            for name in seen[pos].get("stream_norms", []):
+                types.add(norm_type(b.norms[name], int(width)))
         ntype = (
             types.pop()
             if len(types) == 1
             else ("none" if not types else "mixed: " + ", ".join(sorted(types)))
         )
-        if placement == "pre-ln" and ntype == "dyt":  # Pre-LN arranged, every norm a DyT
-            placement = "dyt"
-            stacks = {s: "dyt" for s in per_block}
+        if ntype == "dyt":  # Pre-LN arranged, every norm a DyT
+            stacks = {s: "dyt" if k == "pre-ln" else k for s, k in stacks.items()}
+        overall = set(stacks.values())
+        placement = overall.pop() if len(overall) == 1 else "other"
+        stack_why = {
+            s: _stack_reason(per_block[s], reasons[s]) for s, k in stacks.items() if k == "other"
+        }
+        if placement != "other":
+            reason = None
+        elif len(stacks) > 1 and len(set(stacks.values())) > 1:
+            reason = "stacks differ (" + ", ".join(f"{s} {k}" for s, k in stacks.items()) + ")"
+            reason += "".join(f"; {s}: {r}" for s, r in stack_why.items())
+        else:
+            reason = "; ".join(dict.fromkeys(stack_why.values())) or "no block could be read"
+        qk = any(v.get("attention_norms") for v in seen.values())
         detail = "; ".join(f"{s}: {_runs(ks)}" for s, ks in per_block.items())
-        if self.qk:
-            detail += "; QK-norm in attention"
+        detail += _internals(seen)
         return {
             "placement": placement,
+            "reason": reason,
             "stacks": stacks,
             "per_block": per_block,
             "detail": detail,
             "norm_type": ntype,
-            "qk_norm": self.qk,
+            "qk_norm": qk,
             "item_tokens": seen[0].get("tokens") if seen else None,
         }  # positions per input item (block 0)
+
+
+def _unseen(block: BlockInfo) -> str:
+    return f"block {block.name} did not run, or its input or output holds no stream tensor"
+
+
+def _mixing_kind(mixers: dict[str, list[dict]]) -> tuple[str, str | None]:
+    """A hyper-connection block's kind from what its modules returned."""
+    calls = [c for cs in mixers.values() for c in cs]
+    n = max(c["n"] for c in calls)
+    if all(c["matrix"] and c["doubly_stochastic"] for c in calls) and not all(
+        c["permutation"] for c in calls
+    ):
+        return "mhc", None
+    return f"hyper-connections (n={n})", None
+
+
+def _internals(seen: dict[int, dict]) -> str:
+    """The detail's tail: the norms that are not stream norms (named from the first block that
+    has them) and the hyper-connection mixers."""
+    out = []
+    attn = next((v["attention_norms"] for v in seen.values() if v.get("attention_norms")), None)
+    if attn:
+        out.append(f"QK-norm in attention ({', '.join(attn)})")
+    off = next((v["off_stream"] for v in seen.values() if v.get("off_stream")), None)
+    if off:
+        out.append("norms off the stream " + ", ".join(f"{n} (width {w})" for n, w in off.items()))
+    mixers = next((v["mixers"] for v in seen.values() if v.get("mixers")), None)
+    if mixers:  # the names from the first block, the matrices of every block
+        calls = [c for v in seen.values() for cs in v.get("mixers", {}).values() for c in cs]
+        read = [c for c in calls if c["matrix"]]
+        ds = sum(c["doubly_stochastic"] for c in read)
+        perm = sum(c["permutation"] for c in read)
+        err = max((abs(c["error"]) for c in read), default=float("nan"))
+        out.append(
+            f"hyper-connection mixers {', '.join(mixers)}: {max(c['n'] for c in calls)} residual "
+            f"copies, {ds} of {len(read)} mixing matrices doubly stochastic within {DS_TOL:g} "
+            f"(largest violation {err:.1e})"
+            + (f", {perm} of them identity or permutation mixes" if perm else "")
+            + (
+                f", {len(calls) - len(read)} calls returned no mixing matrix"
+                if len(read) < len(calls)
+                else ""
+            )
+        )
+    return "".join(f"; {s}" for s in out)
 
 
 @torch.no_grad()
 def detect_placement(
     blocks: list[BlockInfo], forward: Callable[[], object], model: nn.Module | None = None
 ) -> dict:
-    """{"placement", "stacks": {stack: kind}, "per_block": {stack: [kinds]}, "detail", "norm_type",
-    "qk_norm", "item_tokens"}.
+    """{"placement", "reason" (why "other", else None), "stacks": {stack: kind}, "per_block":
+    {stack: [kinds]}, "detail", "norm_type", "qk_norm", "item_tokens"}.
 
     `forward` runs the model once on a small input; `blocks` come from the probe's discovery;
     `model` (optional) lets the norms outside the blocks be watched, for Peri-LN's embedding LN.
