@@ -158,3 +158,13 @@ def test_deepseek_v4_copies_and_mixing_are_recorded():
         assert got[got.stream == f"h{i}"].value.item() == pytest.approx(want, rel=1e-5)
     gain = rows[rows.metric == "hc_gain_fwd"].value
     assert len(gain) == 4 and gain.between(1 - 1e-4, 1 + 1e-4).all()  # Sinkhorn: near 1
+
+
+def test_mixing_matrix_is_comb_when_a_sequence_has_n_tokens():
+    """post (B, T, n) also ends in (n, n) at T = n: the mixing is the higher-rank comb."""
+    from residual_probe.probe.quantities.hc_mixing import mixing_matrix
+
+    model = build_model(placement="mhc", **SMALL)
+    post, comb, collapsed = model.decoder.layers[0].attn_hc(torch.randn(2, 4, 4, 16))
+    assert post.shape[-2:] == (4, 4)
+    assert mixing_matrix((post, comb, collapsed), 4) is comb

@@ -37,12 +37,16 @@ METRICS = ("hc_ds_error", "hc_gain_fwd", "hc_gain_bwd")
 
 
 def mixing_matrix(output, n: int) -> torch.Tensor | None:
-    """The (.., n, n) residual mixing matrix among a hyper-connection module's outputs."""
+    """The (.., n, n) residual mixing matrix among a hyper-connection module's outputs: of the
+    tensors ending in (n, n), the one of highest rank (the per-token weights `post`, (B, T, n),
+    also end in (n, n) when a sequence has n tokens)."""
     items = output if isinstance(output, (tuple, list)) else (output,)
-    for t in items:
-        if isinstance(t, torch.Tensor) and t.dim() >= 2 and tuple(t.shape[-2:]) == (n, n):
-            return t
-    return None
+    found = [
+        t
+        for t in items
+        if isinstance(t, torch.Tensor) and t.dim() >= 2 and tuple(t.shape[-2:]) == (n, n)
+    ]
+    return max(found, key=lambda t: t.dim()) if found else None
 
 
 def ds_error(comb: torch.Tensor) -> torch.Tensor:
