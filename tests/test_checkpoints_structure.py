@@ -32,9 +32,8 @@ OURS = {
     # ones (here trained-looking) are not doubly stochastic, mHC's Sinkhorn-projected ones are
     "hc": "hyper-connections (n=4)",
     "mhc": "mhc",
-    # nGPT's l2 normalizations are functions, not modules, and its q/k scales attention
-    # internals: no stream norm is seen
-    "ngpt": "no-norm",
+    # nGPT's l2 normalizations are functions, not modules: no stream norm, the stream on the sphere
+    "ngpt": "ngpt",
     "tfixup": "no-norm",
     "admin": "post-ln",  # LN(x * omega + F(x))
 }
@@ -65,7 +64,9 @@ def test_our_placements(placement, norm):
     ids = torch.randint(1, 256, (1, 8))
     found = detect_placement(find_blocks(model), lambda: model(ids, ids), model)
     assert found["placement"] == OURS[placement], found["detail"]
-    expected = "none" if OURS[placement] == "no-norm" else PLACEMENTS[placement].norm or norm
+    expected = (
+        "none" if OURS[placement] in ("no-norm", "ngpt") else PLACEMENTS[placement].norm or norm
+    )
     assert found["norm_type"] == expected
     if placement == "mix-ln":
         assert found["per_block"]["encoder"] == ["post-ln", "post-ln", "pre-ln", "pre-ln"]
@@ -81,6 +82,8 @@ def test_classify_on_hand_made_tensors():
     assert kind((x,), (x + n(f),), [(x, n(x)), (f, n(f))]) == "sandwich"
     assert kind((x,), (x + n(f),), [(f, n(f))]) == "res-post-ln"
     assert kind((x,), (x + f,), []) == "no-norm"
+    unit = lambda t: t / t.norm(dim=-1, keepdim=True)  # noqa: E731
+    assert kind((unit(x),), (unit(x + f),), []) == "ngpt"
     assert kind((x,), (x + f,), [(f, n(f))]) == "other"
 
 

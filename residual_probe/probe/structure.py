@@ -26,6 +26,8 @@ sublayers' outputs (the branches), a kind:
 - hybridnorm: no norm reads x, a norm reads x + (attention's output) and y = that norm's output
   + a branch output (Zhuo et al. 2025: y = x + Attn(x); x <- LN(y) + FFN(LN(y))), with q/k/v
   normed inside the attention;
+- ngpt: no norm module on the stream, but the block's input and output are unit vectors, every
+  token (the normalized Transformer: h <- l2(h + alpha (l2(F(h)) - h)), Loshchilov et al. 2024);
 - no-norm: the block has no norm on its stream (ReZero; QK-norms do not count);
 - hyper-connections (n=N) / mhc: the block holds hyper-connection modules (`BlockInfo.mixers`:
   an integer `hc_mult`, DeepSeek-V4's `attn_hc` / `ffn_hc`): N residual copies mixed by the
@@ -62,6 +64,7 @@ KINDS = (
     "sandwich",
     "res-post-ln",
     "hybridnorm",
+    "ngpt",
     "no-norm",
     "mhc",
     "hyper-connections (n=N)",
@@ -95,6 +98,12 @@ def _sums_to(base: torch.Tensor, target: torch.Tensor, parts: list[torch.Tensor]
     return False
 
 
+def _on_sphere(t: torch.Tensor) -> bool:
+    """Every token of the stream has unit L2 norm (nGPT normalizes as a function, not a module)."""
+    n = t.detach().double().norm(dim=-1)
+    return bool(torch.allclose(n, torch.ones_like(n), rtol=0, atol=1e-4))
+
+
 def classify(
     ins: tuple,
     outs: tuple,
@@ -112,7 +121,7 @@ def classify(
         return "other", "two streams, but not ResiDual's (x leaving through a norm, d not)"
     x, y = ins[0], outs[0]
     if not norm_calls:
-        return "no-norm", None
+        return ("ngpt" if _on_sphere(x) and _on_sphere(y) else "no-norm"), None
     if normed(y):
         return "post-ln", None
     reads = any(_close(i, x) for i, _ in norm_calls)
