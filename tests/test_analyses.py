@@ -114,7 +114,8 @@ def test_all_placements_covers_the_registry(quick):
     out, meta = quick
     init = pd.read_csv(out / "all_placements_init.csv")
     assert sorted(init.placement.unique()) == sorted(PLACEMENTS)
-    assert (init.groupby("placement").depth.count() == init.depth.nunique()).all()
+    assert set(init.stack) == {"encoder", "decoder"}
+    assert (init.groupby(["placement", "stack"]).depth.count() == init.depth.nunique()).all()
     runs = pd.read_csv(out / "all_placements_training.csv").set_index(["placement", "warmup"])
     assert {p for p, _ in runs.index} == {p for p in QUICK_TRAINED if p in PLACEMENTS}
     assert abs(runs.loc[("mhc", 0), "hc_gain_fwd"] - 1) < 1e-3

@@ -14,32 +14,48 @@ from .style import color, label, save, setup
 
 
 def plot_init_ratios(df: pd.DataFrame, path_stem: str | Path, formats=("png",), title: str = ""):
-    """df: placement, depth, first_over_last. Cells: log10 of the ratio, annotated with it."""
+    """df: placement, stack, depth, first_over_last. One heatmap per stack (placements x depths),
+    cells coloured by log10 of the ratio and annotated with it."""
     import seaborn as sns
 
     plt = setup()
     order = list(dict.fromkeys(df["placement"]))
-    table = df.pivot(index="placement", columns="depth", values="first_over_last").loc[order]
-    logs = np.log10(table.astype(float).where(table > 0))
-    fig, ax = plt.subplots(figsize=(1.3 * len(table.columns) + 2.6, 0.36 * len(order) + 1.4))
-    sns.heatmap(
-        logs,
-        ax=ax,
-        cmap="RdBu",
-        center=0,
-        vmin=-4,
-        vmax=4,
-        annot=table.map(lambda v: f"{v:.2g}" if np.isfinite(v) else "nan"),
-        fmt="",
-        annot_kws={"fontsize": 7},
-        cbar_kws={"label": "log10 first/last block gradient norm"},
-        linewidths=0.5,
+    stacks = [s for s in ("encoder", "decoder") if s in set(df["stack"])]
+    ncol = len(stacks)
+    fig, axes = plt.subplots(
+        1,
+        ncol,
+        figsize=(1.1 * df["depth"].nunique() * ncol + 3.4, 0.36 * len(order) + 1.5),
+        sharey=True,
+        squeeze=False,
     )
-    ax.grid(False)
-    ax.set_yticklabels([label(p) for p in order], rotation=0, fontsize=8)
-    ax.set_xlabel("depth N (blocks)")
-    ax.set_ylabel("")
-    ax.set_title(f"{title}\nred: vanishing toward the input (< {VANISHING_RATIO:g})", fontsize=9)
+    for j, (ax, stack) in enumerate(zip(axes[0], stacks)):
+        sel = df[df["stack"] == stack]
+        table = sel.pivot(index="placement", columns="depth", values="first_over_last").loc[order]
+        table = table.astype(float)
+        sns.heatmap(
+            np.log10(table.where(table > 0)),
+            ax=ax,
+            cmap="RdBu",
+            center=0,
+            vmin=-4,
+            vmax=4,
+            annot=table.map(lambda v: f"{v:.2g}" if np.isfinite(v) else "nan"),
+            fmt="",
+            annot_kws={"fontsize": 7},
+            cbar=j == ncol - 1,
+            cbar_kws={"label": "log10 first/last block gradient norm"},
+            linewidths=0.5,
+        )
+        ax.grid(False)
+        ax.set_title(stack, fontsize=9)
+        ax.set_xlabel("depth N (blocks per stack)")
+        ax.set_ylabel("")
+    axes[0, 0].set_yticklabels([label(p) for p in order], rotation=0, fontsize=8)
+    fig.suptitle(
+        f"{title}\nred: vanishing toward the input (< {VANISHING_RATIO:g}); blank: no gradient",
+        fontsize=9,
+    )
     fig.tight_layout()
     return save(fig, path_stem, formats)
 
