@@ -22,6 +22,7 @@ OURS = {
     "mix-ln": "mix-ln",
     "rezero": "no-norm",
     "dyt": "dyt",
+    "dyt-llama": "dyt",  # no bias, alpha per position: the same squashing norm
     # no pre-norm on attention, q, k, v normed inside it (attention internals, QK-norm), the
     # FFN's norm on the sum and its residual from the normed value
     "hybridnorm": "hybridnorm",
@@ -67,6 +68,7 @@ def test_our_placements(placement, norm):
     expected = (
         "none" if OURS[placement] in ("no-norm", "ngpt") else PLACEMENTS[placement].norm or norm
     )
+    expected = "dyt" if expected == "dyt-nobias" else expected  # a DyT with or without beta
     assert found["norm_type"] == expected
     if placement == "mix-ln":
         assert found["per_block"]["encoder"] == ["post-ln", "post-ln", "pre-ln", "pre-ln"]

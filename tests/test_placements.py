@@ -74,6 +74,8 @@ def reference_block(placement, blk, x, memory, depth, mix_ratio=0.25, s_res=1.0)
             x = x + blk.gate * f(x)
         elif placement == "dyt":  # Zhu et al. 2025: every LN is gamma * tanh(alpha * x) + beta
             x = x + f(dyt(s.norm, x))
+        elif placement == "dyt-llama":  # the LLaMA recipe: gamma * tanh(alpha * x), no beta
+            x = x + f(dyt(s.norm, x, bias=False))
         elif placement == "hybridnorm-star" and k == 0:  # HybridNorm*: block 0 is Pre-Norm
             assert s.norm is not None
             x = x + f(s.norm(x))
@@ -131,10 +133,11 @@ def l2(x):
     return x / x.norm(dim=-1, keepdim=True)
 
 
-def dyt(norm, x):
-    assert set(dict(norm.named_parameters())) == {"alpha", "weight", "bias"}
+def dyt(norm, x, bias=True):
+    assert set(dict(norm.named_parameters())) == {"alpha", "weight"} | ({"bias"} if bias else set())
     assert norm.alpha.shape == (1,)
-    return torch.tanh(norm.alpha * x) * norm.weight + norm.bias
+    y = torch.tanh(norm.alpha * x) * norm.weight
+    return y + norm.bias if bias else y
 
 
 def close(a, b):
@@ -192,6 +195,8 @@ def test_stack_start_and_end(placement):
         expected = stack.final_norm(state)
     elif placement == "dyt":
         expected = dyt(stack.final_norm, state)
+    elif placement == "dyt-llama":
+        expected = dyt(stack.final_norm, state, bias=False)
     elif placement in ("hc", "mhc"):  # the embedding copied to n streams; LN of their sum
         assert state.shape[-2] == 4
         expected = stack.final_norm(state.sum(-2))
@@ -616,6 +621,18 @@ def test_dyt_starts_at_alpha_half_and_refuses_another_norm():
     assert not any(isinstance(m, (torch.nn.LayerNorm,)) for m in model.modules())
     with pytest.raises(ConfigError, match="placement 'dyt' makes every norm dyt"):
         ModelConfig(placement="dyt", norm="rmsnorm")
+
+
+def test_dyt_llama_starts_alpha_per_position_without_bias():
+    """The LLaMA recipe (jiachenzhu/DyT other_tasks/LLaMA, 7B flags): attention 0.8, FFN 0.2, final 0.2."""
+    model = build_model(ModelConfig(arch="decoder", placement="dyt-llama", **SMALL))
+    stack = model.decoder
+    assert [float(b.self_attn.norm.alpha) for b in stack.layers] == pytest.approx(
+        [0.8] * SMALL["depth"]
+    )
+    assert [float(b.ffn.norm.alpha) for b in stack.layers] == pytest.approx([0.2] * SMALL["depth"])
+    assert float(stack.final_norm.alpha) == pytest.approx(0.2)
+    assert all(m.bias is None for m in model.modules() if type(m).__name__ == "DynamicTanh")
 
 
 def hand_ngpt_attention(attn, h, memory=None):

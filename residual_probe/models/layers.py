@@ -30,16 +30,18 @@ class RMSNorm(nn.Module):
 class DynamicTanh(nn.Module):
     """DyT (Zhu et al. 2025): gamma * tanh(alpha * x) + beta, a norm without statistics; alpha is one
     learnable scalar, `alpha0` at init (0.5, the paper's default outside LLMs). As the reference
-    (jiachenzhu/DyT, dynamic_tanh.py, channels-last case)."""
+    (jiachenzhu/DyT, dynamic_tanh.py, channels-last case). `bias=False`: gamma * tanh(alpha * x),
+    the LLaMA recipe's `LayerNormParameterized` (other_tasks/LLaMA/fms_fsdp/models/llama.py)."""
 
-    def __init__(self, d: int, alpha0: float = 0.5):
+    def __init__(self, d: int, alpha0: float = 0.5, bias: bool = True):
         super().__init__()
         self.alpha = nn.Parameter(torch.full((1,), alpha0))
         self.weight = nn.Parameter(torch.ones(d))
-        self.bias = nn.Parameter(torch.zeros(d))
+        self.bias = nn.Parameter(torch.zeros(d)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.alpha * x) * self.weight + self.bias
+        y = torch.tanh(self.alpha * x) * self.weight
+        return y if self.bias is None else y + self.bias
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -88,9 +90,9 @@ class ScaledLinear(nn.Linear):
 
 
 def make_norm(kind: str, d: int, eps: float = 1e-5) -> nn.Module:
-    """A norm of `kind`: layernorm, rmsnorm, or dyt (which has no eps)."""
-    if kind == "dyt":
-        return DynamicTanh(d)
+    """A norm of `kind`: layernorm, rmsnorm, dyt or dyt-nobias (the DyTs have no eps)."""
+    if kind in ("dyt", "dyt-nobias"):
+        return DynamicTanh(d, bias=kind == "dyt")
     return nn.LayerNorm(d, eps=eps) if kind == "layernorm" else RMSNorm(d, eps=eps)
 
 

@@ -323,6 +323,25 @@ class DyT(Placement):
 
 
 @register
+class DyTLLaMA(DyT):
+    """DyT as the paper trains LLaMA (Zhu et al. 2025, Sec. 7; jiachenzhu/DyT other_tasks/LLaMA):
+    no bias (gamma * tanh(alpha x)) and alpha started per position, attention / FFN / final norm,
+    `alpha0` (the 7B recipe's 0.8 / 0.2 / 0.2; the paper lowers them as width grows: change the
+    class attribute for another width)."""
+
+    name = "dyt-llama"
+    norm = "dyt-nobias"
+    alpha0 = {"attn": 0.8, "ffn": 0.2, "final": 0.2}
+
+    @torch.no_grad()
+    def init_(self, stack):
+        for blk in stack.layers:
+            for s in blk.sublayers():
+                s.norm.alpha.fill_(self.alpha0["ffn" if s is blk.ffn else "attn"])
+        stack.final_norm.alpha.fill_(self.alpha0["final"])
+
+
+@register
 class HybridNorm(Placement):
     """HybridNorm (Zhuo et al. 2025, arXiv 2503.04598; BryceZhuo/HybridNorm): attention with q, k
     and v normalized per head and no norm before it, then the FFN's norm on the sum, the FFN's
