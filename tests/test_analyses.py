@@ -114,7 +114,7 @@ def test_all_placements_covers_the_registry(quick):
     out, meta = quick
     init = pd.read_csv(out / "all_placements_init.csv")
     assert sorted(init.placement.unique()) == sorted(PLACEMENTS)
-    assert set(init.stack) == {"encoder", "decoder"}
+    assert set(init["stack"]) == {"encoder", "decoder"}
     assert (init.groupby(["placement", "stack"]).depth.count() == init.depth.nunique()).all()
     runs = pd.read_csv(out / "all_placements_training.csv").set_index(["placement", "warmup"])
     assert {p for p, _ in runs.index} == {p for p in QUICK_TRAINED if p in PLACEMENTS}
