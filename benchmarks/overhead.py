@@ -88,6 +88,7 @@ BREAKDOWN = {
     "act_grad_norm": ("act_grad_norm",),
     "subsample": ("subsample",),
     "attn_logits": ("attn_logits",),  # attention logits and entropy per block, alone
+    "hc_mixing": ("hc_mixing",),  # hyper-connections' mixing error and gain (--placement hc/mhc)
     # the gradient norms with a row per parameter tensor too (param_tensor_norm, off by default)
     "tensor_norms": ("param_grad_norm", "w2_grad_norm", "param_tensor_norm"),
 }
@@ -370,6 +371,8 @@ def measure_memory(
             str(threads),
             "--size",
             size,
+            "--placement",
+            CONFIG["placement"],
         ]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[v] = json.loads(res.stdout.strip().splitlines()[-1])
@@ -406,9 +409,13 @@ def main() -> None:
         action="store_true",
         help="also time forward_stats, act_grad_norm, subsample and attn_logits alone (what all_stats is made of)",
     )
+    ap.add_argument(
+        "--placement", default=None, help="the model's placement (default: the size's, pre-ln)"
+    )
     ap.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     CONFIG, (BATCH, SEQ) = SIZES[args.size]
+    CONFIG = {**CONFIG, "placement": args.placement or CONFIG["placement"]}
     depth = args.depth or CONFIG["depth"]
     torch.set_num_threads(args.threads)
     if args.memory_child:
@@ -420,7 +427,7 @@ def main() -> None:
         else ("plain", "grad_norms", "between", "attention", "all_stats")
     )
     print(
-        f"{args.size}: decoder depth {depth}, d_model {CONFIG['d_model']}, heads {CONFIG['heads']}, ffn {CONFIG['ffn']}, "
+        f"{args.size}: {CONFIG['placement']} decoder depth {depth}, d_model {CONFIG['d_model']}, heads {CONFIG['heads']}, ffn {CONFIG['ffn']}, "
         f"batch {BATCH}, seq {SEQ}, {args.threads} threads, torch {torch.__version__}; "
         f"{args.rounds} rounds after {args.warmup} warm-up, turns of {args.turn} steps (the last timed)"
     )
