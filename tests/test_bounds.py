@@ -30,8 +30,9 @@ def w2_norms(placement: str, seeds: int = 3) -> np.ndarray:
 @pytest.mark.parametrize("placement,low,high", [("pre-ln", -0.65, -0.35), ("post-ln", -0.15, 0.15)])
 def test_theorem1_w2_slope_on_reference_models(placement, low, high):
     """Holds at width 64 (measured: Pre-LN -0.51, Post-LN -0.00). It is width-dependent: at d_model 128
-    the same measurement gives Pre-LN -0.66 (batch 4 x 16) to -0.77 (batch 8 x 32), reported by
-    `residual-probe bounds` as a disagreement; Post-LN stays within +-0.05 in Xiong's setting."""
+    the same measurement gives Pre-LN -0.66 (batch 4 x 16) to -0.77 (batch 8 x 32), steeper than -1/2
+    and so below Theorem 1's upper bound (figures/theorem1_setting.csv); Post-LN stays within +-0.05
+    in Xiong's setting."""
     fit = loglog_slope(DEPTHS, w2_norms(placement))
     assert low <= fit.slope <= high, f"{placement}: slope {fit.slope:.3f} +- {fit.stderr:.3f}"
 
@@ -174,3 +175,25 @@ def test_bad_options_fail_before_work(tmp_path, kwargs, match):
     with pytest.raises(BoundsError, match=match):
         run_bounds(BoundsSpec(**kwargs), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_theorem1_reads_as_an_upper_bound():
+    """Theorem 1 bounds the slope from above: steeper than L^-1/2 is consistent with it, at it agrees,
+    and only a slope whose 95 % interval lies wholly above -1/2 contradicts it."""
+    noise = np.exp(0.05 * np.random.default_rng(0).standard_normal((3, len(DEPTHS))))
+    depths = np.array(DEPTHS, dtype=float)
+
+    def w2(slope):  # one seeded noise for every slope: the fit's error is the same in each
+        return depths**slope * noise
+
+    def agreement(slope, placement="pre-ln"):
+        return checks.theorem1("t", placement, DEPTHS, w2(slope))[0].agreement
+
+    assert agreement(-0.5) == "yes"
+    assert agreement(-0.9) == "yes: below the bound (steeper than L^-0.5)"
+    assert agreement(-0.2) == "no: shallower than L^-0.5"
+    assert agreement(0.0, "post-ln") == "yes"
+    assert agreement(0.3, "post-ln").startswith("no: shallower")
+    check, _ = checks.theorem1("t", "pre-ln", DEPTHS, w2(-0.5))
+    low, high = loglog_slope(DEPTHS, w2(-0.5)).interval()
+    assert low < -0.5 < high and "[" in check.measured and "upper bound" in check.predicted

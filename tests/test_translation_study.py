@@ -200,6 +200,61 @@ def test_significance_rule():
     assert "per seed" in significance.describe([p, q])
 
 
+def _clustered(seed: int = 0, sentences: int = 40, per: int = 4):
+    """A seeded test set whose units come in sentences of `per` clauses; A and B each get a whole
+    sentence right or wrong (quality is a sentence property), as a model that misreads a sentence."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["ethay", "atcay", "ogday", "itway", "usay", "ouyay", "emay", "away", "onway", "atsay"]
+    refs, a, b, clusters = [], [], [], []
+    for s in range(sentences):
+        ok_a, ok_b = rng.random() < 0.6, rng.random() < 0.5
+        for _ in range(per):
+            ref = " ".join(rng.choices(words, k=6))
+            bad = " ".join(rng.choices(words, k=6))
+            refs.append(ref)
+            a.append(ref if ok_a else bad)
+            b.append(ref if ok_b else bad)
+            clusters.append(s)
+    return a, b, refs, clusters
+
+
+def test_cluster_bootstrap_matches_a_direct_computation():
+    """The interval from summed sentence statistics equals resampling the text itself: each
+    resample's units scored by sacrebleu's corpus BLEU, with the same seeded draws."""
+    import numpy as np
+    import sacrebleu
+
+    a, b, refs, clusters = _clustered(sentences=12, per=3)
+    got = significance.cluster_bootstrap(a, b, refs, clusters, n_samples=50, seed=7)
+    full = sacrebleu.corpus_bleu(a, [refs]).score - sacrebleu.corpus_bleu(b, [refs]).score
+    assert got.diff == pytest.approx(full, abs=1e-9) and (got.clusters, got.units) == (12, 36)
+    counts = significance.resample_counts(12, 50, seed=7)
+    direct = []
+    for c in counts:
+        pick = [i for k in range(12) for _ in range(c[k]) for i in range(36) if clusters[i] == k]
+        ref = [[refs[i] for i in pick]]
+        direct.append(
+            sacrebleu.corpus_bleu([a[i] for i in pick], ref).score
+            - sacrebleu.corpus_bleu([b[i] for i in pick], ref).score
+        )
+    low, high = np.quantile(direct, [0.025, 0.975])
+    assert (got.low, got.high) == pytest.approx((low, high), abs=1e-9)
+    assert got.low <= got.diff <= got.high
+
+
+def test_cluster_bootstrap_is_wider_than_resampling_units_on_clustered_data():
+    """Units of one sentence move together: treating them as independent understates the spread."""
+    a, b, refs, clusters = _clustered()
+    by_sentence = significance.cluster_bootstrap(a, b, refs, clusters)
+    by_unit = significance.cluster_bootstrap(a, b, refs, list(range(len(refs))))
+    assert by_sentence.diff == by_unit.diff and by_sentence.clusters == 40
+    assert (by_sentence.high - by_sentence.low) > 1.5 * (by_unit.high - by_unit.low)
+    with pytest.raises(ValueError, match="equally long"):
+        significance.cluster_bootstrap(a, b[:-1], refs, clusters)
+
+
 def test_quick_grid_writes_tables_figures_and_checks(quick_figures):
     out, meta = quick_figures
     table = list(csv.DictReader(open(out / "translation_table.csv")))
@@ -217,6 +272,12 @@ def test_quick_grid_writes_tables_figures_and_checks(quick_figures):
     assert {c["agreement"] for c in checks} <= {"yes", "no", "not resolved"}
     statements = [c["statement"] for c in checks]
     assert any(s.startswith("Gate: Post-LN") for s in statements)
+    # the gate (within 5 BLEU) and "as good as Pre-LN" (the paired test) are separate rows
+    assert any(s.startswith("Post-LN E1D1 with warm-up is as good as Pre-LN") for s in statements)
+    lr_row = next(c for c in checks if c["statement"].startswith("Some peak lr"))
+    assert any(w in lr_row["measured"] for w in ("rule bound", "did not bind")) or (
+        lr_row["agreement"] == "no"
+    )
     assert any(s.startswith("The step budget lets training level off") for s in statements)
     assert (
         sum(s.startswith("ResiDual > Pre-LN at E1D1 (warm-up, lr") for s in statements) == 2
@@ -228,6 +289,14 @@ def test_quick_grid_writes_tables_figures_and_checks(quick_figures):
         and meta_t["units"]["heldout"] > 200
         and meta_t["main_lr"] in R.LRS
     )
+    # the final decodes of every run, with each unit's sentence: a sentence bootstrap needs them
+    import gzip
+
+    with gzip.open(out / "translation_hypotheses.csv.gz", "rt") as fh:
+        hyps = list(csv.DictReader(fh))
+    assert len(hyps) == 16 * meta_t["units"]["heldout"]
+    # sentences whose every unit was dropped (an unseen word) have none
+    assert 50 < len({h["sentence"] for h in hyps}) <= meta_t["sentences"]["heldout"]
     # every comparison row gives its per-seed interval
     assert all(
         "per seed" in c["measured"] for c in checks if c["statement"].startswith("ResiDual >")
@@ -260,6 +329,9 @@ def test_quick_grid_resumes_and_writes_a_partial_grid(quick_figures, tmp_path, m
     assert any("1 of 16 runs not finished" in line for line in lines)
     assert len(list(csv.DictReader(open(tmp_path / "translation_runs.csv")))) == 15
     assert len(partial) == len([c for c in meta["checks"] if c["study"] == "translation"])
+    # the wall time of the training calls (the fixture's and the resume), though this write trained none
+    written = json.loads((tmp_path / "translation.json").read_text())
+    assert len(written["wall_calls"]) == 2 and written["wall_seconds"] > 0
 
 
 def test_a_result_with_another_spec_is_not_reused():

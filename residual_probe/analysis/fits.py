@@ -102,6 +102,17 @@ class SlopeFit:
     slope: float
     intercept: float  # log y at log x = 0 (natural logs)
     stderr: float  # standard error of the slope (nan with 2 points)
+    n: int = 0  # points in the fit (seeds x x values)
+
+    def interval(self, level: float = 0.95) -> tuple[float, float]:
+        """The slope's two-sided `level` interval, Student t with n - 2 degrees of freedom
+        (nan with 2 points)."""
+        from scipy import stats
+
+        if self.n <= 2 or not math.isfinite(self.stderr):
+            return math.nan, math.nan
+        half = float(stats.t.ppf((1 + level) / 2, self.n - 2)) * self.stderr
+        return self.slope - half, self.slope + half
 
 
 def loglog_slope(x, y) -> SlopeFit:
@@ -117,7 +128,7 @@ def loglog_slope(x, y) -> SlopeFit:
     ly = ly.ravel()
     fit = stats.linregress(lx, ly)
     stderr = float(fit.stderr) if len(lx) > 2 else math.nan
-    return SlopeFit(float(fit.slope), float(fit.intercept), stderr)
+    return SlopeFit(float(fit.slope), float(fit.intercept), stderr, len(lx))
 
 
 @dataclass(frozen=True)

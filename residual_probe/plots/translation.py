@@ -321,7 +321,8 @@ def plot_streams(
     """ResiDual's two streams over training, one column per run ("title" -> stream rows of its final stack).
 
     Row 1: gradient through the x stream alone (the Post-LN half) per block, at each evaluation step,
-    and the total gradient reaching the d stream at the last step (black, dashed).
+    and the total gradient reaching the d stream at the last step (black, dashed): the same at every
+    block by construction (nothing reads d before the output, so dL/dd_k = dL/dd_N), not a finding.
     Row 2: RMS norm of each stream's term in the output, alpha*x_N and LN_f(d_N), over training.
     Row 3: held-out loss increase when that term is mean-ablated.
     """
@@ -358,7 +359,7 @@ def plot_streams(
                 [prof[k] for k in ks],
                 "k--",
                 lw=1.2,
-                label=f"d stream (total), step {steps[-1]}",
+                label=f"d stream (total), step {steps[-1]}: flat by construction (dL/dd_k = dL/dd_N)",
             )
         ax.set_yscale("log")
         ax.set_xlabel("block k (output of)")

@@ -7,7 +7,7 @@ released config's optimizer (Adam (0.9, 0.98), inverse-sqrt, weight decay 1e-4, 
 0.1) through the project's one training loop.
 
 The regime is chosen from the baselines alone, before any ResiDual run is read
-(`analysis.regime`): dropout 0.1 (0.3, the released value for d 512, stops Post-LN at d 64),
+(`analysis.regime`): dropout 0.1 (0.3, the released iwslt.yaml's value at d 256, stops Post-LN at d 64),
 a 300-step warm-up ramp, 3000 steps, and the main peak lr = the largest of {1e-3, 2e-3} at which
 Post-LN E6D6 with warm-up lands within 5 BLEU of Pre-LN (the gate; the paper: 0.25 apart). Stage
 A (every E6D6 warm-up run, both lr arms, 3 seeds) starts with the four calibration runs; once
@@ -86,7 +86,8 @@ def run(
         results = finished(first, root)
         chosen = main_lr(results, quick)
         results.update(finished(stage_b(quick, chosen[0]), root) if chosen else {})
-    wall = time.perf_counter() - t0
+    if train:
+        log_wall(root, time.perf_counter() - t0, workers)
     chosen = main_lr(results, quick)
     if chosen is None:
         echo("translation: the calibration runs have not finished; nothing to write")
@@ -99,7 +100,25 @@ def run(
             f"translation: {len(missing)} of {len(planned)} runs not finished: {', '.join(missing)}"
         )
     specs = [s for s in planned if s.name in results]
-    return write_results(out, specs, results, lr, why, quick, wall, workers, missing, root, train)
+    return write_results(out, specs, results, lr, why, quick, workers, missing, root)
+
+
+def log_wall(root: Path, seconds: float, workers: int) -> None:
+    """Append one training call's wall time to ROOT/wall.json: a resumed grid's wall time is the sum
+    over its calls, and a --partial write (which trains nothing) still reports it."""
+    from ...output import write_json
+
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(
+        root / "wall.json", logged_wall(root) + [dict(seconds=round(seconds, 1), workers=workers)]
+    )
+
+
+def logged_wall(root: Path) -> list[dict]:
+    import json
+
+    f = root / "wall.json"
+    return json.loads(f.read_text()) if f.is_file() else []
 
 
 def write_results(
@@ -109,11 +128,9 @@ def write_results(
     lr: float,
     why: str,
     quick: bool,
-    wall: float,
     workers: int,
     missing: list[str],
     root: Path,
-    trained: bool = True,
 ) -> list[Check]:
     from ...output import write_csv, write_json
 
@@ -211,6 +228,8 @@ def write_results(
     from .figures import draw
 
     draw(out, specs, table, runs, curves, probes, streams, lr, n0, n1, res_runs, gate)
+    calls = logged_wall(root)
+    write_hypotheses(out / "translation_hypotheses.csv.gz", specs, results, data)
     write_json(
         out / "translation.json",
         dict(
@@ -218,8 +237,10 @@ def write_results(
             quick=quick,
             workers=workers,
             unigram_loss=unigram,
-            # this call's wall time when it trained; a --partial write trains nothing: None
-            wall_seconds=round(wall, 1) if trained else None,
+            # summed over the training calls logged in runs/ (resumed grids: several); None when
+            # none was logged (grids trained before the log existed)
+            wall_seconds=round(sum(c["seconds"] for c in calls), 1) if calls else None,
+            wall_calls=calls,
             train_seconds_total=round(sum(results[s.name]["train_seconds"] for s in specs), 1),
             main_lr=lr,
             lr_rule=why,
@@ -231,6 +252,26 @@ def write_results(
         ),
     )
     return checks
+
+
+def write_hypotheses(path: Path, specs: list[RunSpec], results: dict[str, dict], data) -> None:
+    """Every run's final greedy decodes, one row per held-out unit with its sentence (cluster), gzip
+    compressed: what a sentence-level bootstrap of any difference needs, kept with the results."""
+    import csv
+    import gzip
+    import io
+
+    from ...output import write_atomic
+    from .task import heldout_clusters
+
+    clusters = heldout_clusters(data, specs[0].max_bytes)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(("run", "unit", "sentence", "hypothesis"))
+    for s in specs:
+        for i, h in enumerate(results[s.name]["hypotheses"]):
+            w.writerow((s.name, i, clusters[i], h))
+    write_atomic(path, gzip.compress(buf.getvalue().encode(), mtime=0))
 
 
 def _common(specs: list[RunSpec]) -> dict:

@@ -143,6 +143,22 @@ def task_data(max_bytes: int = 32, min_bytes: int = 12, holdout_per_mille: int =
     return TaskData(dict(by_len), heldout, (n[0], n[1]), vocab)
 
 
+def heldout_clusters(
+    data: TaskData, max_bytes: int = 32, min_bytes: int = 12, holdout_per_mille: int = 100
+) -> list[int]:
+    """Each held-out unit's sentence (an index into the held-out sentences; a unit cut from several
+    takes the first): the clusters a bootstrap over sentences resamples
+    (`analysis.significance.cluster_bootstrap`). Arguments as `task_data`'s."""
+    first: dict[str, int] = {}
+    k = 0
+    for s in prose_sentences():
+        if zlib.crc32(s.encode()) % 1000 < holdout_per_mille:
+            for u in sentence_units(s, max_bytes, min_bytes):
+                first.setdefault(u, k)
+            k += 1
+    return [first[u] for u in data.heldout]
+
+
 def encode_pairs(units: list[str], data: TaskData):
     """(src (B, S), tgt_in (B, T), targets (B, T)) for units of one source length; T = longest target + EOS."""
     import torch
