@@ -50,17 +50,16 @@ def mixing_matrix(output, n: int) -> torch.Tensor | None:
 
 
 def ds_error(comb: torch.Tensor) -> torch.Tensor:
-    """Per matrix, its largest violation of double stochasticity (0 for a doubly stochastic one)."""
-    rows = (comb.sum(-1) - 1).abs().amax(-1)
-    cols = (comb.sum(-2) - 1).abs().amax(-1)
-    negative = (-comb).clamp(min=0).flatten(-2).amax(-1)
-    return torch.maximum(torch.maximum(rows, cols), negative)
+    """Per matrix, its largest violation of double stochasticity (0 for a doubly stochastic one):
+    the largest of |row sum - 1|, |column sum - 1| and the most negative entry's magnitude."""
+    sums = torch.cat([comb.sum(-1), comb.sum(-2)], dim=-1).sub_(1).abs_().amax(-1)
+    return torch.maximum(sums, comb.amin((-2, -1)).neg_().clamp_(min=0))
 
 
-def gains(product: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per matrix, (largest absolute row sum, largest absolute column sum)."""
+def gains(product: torch.Tensor) -> torch.Tensor:
+    """Largest over the matrices of (largest absolute row sum, largest absolute column sum)."""
     a = product.abs()
-    return a.sum(-1).amax(-1), a.sum(-2).amax(-1)
+    return torch.cat([a.sum(-1), a.sum(-2)], dim=0).amax(-1).view(2, -1).amax(-1)
 
 
 class HCMixing(Quantity):
@@ -114,12 +113,10 @@ class HCMixing(Quantity):
                 prev = self._product.get(stack)
                 product = a if first or prev is None or prev.shape != a.shape else a @ prev
                 self._product[stack] = product
-                fwd, bwd = gains(product)
                 buf, top = self._buffers(m.device)
                 buf[j, 0].add_(ds_error(m).sum())
                 buf[j, 1].add_(m.shape[0])
-                peaks = torch.stack([fwd.max(), bwd.max()]).to(top.dtype)
-                torch.maximum(top[j], peaks, out=top[j])
+                torch.maximum(top[j], gains(product).to(top.dtype), out=top[j])
 
         return hook
 
