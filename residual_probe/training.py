@@ -166,22 +166,27 @@ class Trainer:
         return self.scores(batches)[0]
 
     def scores(self, batches: Iterable) -> tuple[float, float]:
-        """(loss in nats per target token, token accuracy) over `batches`, teacher-forced, in eval
-        mode, without gradients, with the probe paused."""
-        was_training = self.model.training
-        self.model.eval()
-        total, correct, n = 0.0, 0, 0
-        try:
-            with (
-                self.probe.paused() if self.probe is not None else contextlib.nullcontext(),
-                torch.no_grad(),
-            ):
-                for b in batches:
-                    logits = self.model(*b.inputs)
-                    mask = b.targets != -100
-                    total += float(F.cross_entropy(logits[mask], b.targets[mask], reduction="sum"))
-                    correct += int((logits[mask].argmax(-1) == b.targets[mask]).sum())
-                    n += int(mask.sum())
-        finally:
-            self.model.train(was_training)
-        return total / n, correct / n
+        """`score_batches` of the model with the probe paused."""
+        with self.probe.paused() if self.probe is not None else contextlib.nullcontext():
+            return score_batches(self.model, batches)
+
+
+def score_batches(model: torch.nn.Module, batches: Iterable) -> tuple[float, float]:
+    """(loss in nats per target token, token accuracy) over `batches`, teacher-forced, in eval
+    mode, without gradients: every target token counts once (the sum over all batches divided by
+    their token count, not a mean of batch means). The one held-out scorer, so that controls
+    scored on other batches (the translation study's shuffled sources) are comparable."""
+    was_training = model.training
+    model.eval()
+    total, correct, n = 0.0, 0, 0
+    try:
+        with torch.no_grad():
+            for b in batches:
+                logits = model(*b.inputs)
+                mask = b.targets != -100
+                total += float(F.cross_entropy(logits[mask], b.targets[mask], reduction="sum"))
+                correct += int((logits[mask].argmax(-1) == b.targets[mask]).sum())
+                n += int(mask.sum())
+    finally:
+        model.train(was_training)
+    return total / n, correct / n

@@ -297,10 +297,20 @@ def test_quick_grid_writes_tables_figures_and_checks(quick_figures):
     assert len(hyps) == 16 * meta_t["units"]["heldout"]
     # sentences whose every unit was dropped (an unseen word) have none
     assert 50 < len({h["sentence"] for h in hyps}) <= meta_t["sentences"]["heldout"]
-    # every comparison row gives its per-seed interval
+    # every comparison row gives its per-seed sentence interval (the sentences are known)
     assert all(
-        "per seed" in c["measured"] for c in checks if c["statement"].startswith("ResiDual >")
+        "sentence-bootstrap interval" in c["measured"]
+        for c in checks
+        if c["statement"].startswith("ResiDual >")
     )
+    # failure against the bigram, the old rule beside it, the shuffled-source control logged
+    assert meta_t["bigram_loss"] < meta_t["unigram_loss"]
+    assert all(r["failed_bleu_rule"] in ("yes", "no") for r in runs)
+    assert all(math.isfinite(float(r["shuffled_loss"])) for r in runs)
+    curves = list(csv.DictReader(open(out / "translation_curves.csv")))
+    assert all(math.isfinite(float(r["shuffled_loss"])) for r in curves)
+    fail_row = next(c for c in checks if c["statement"].startswith("Post-LN fails to train"))
+    assert "bigram" in fail_row["measured"] and "old rule" in fail_row["measured"]
 
 
 def test_quick_grid_resumes_and_writes_a_partial_grid(quick_figures, tmp_path, monkeypatch):

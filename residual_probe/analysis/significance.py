@@ -11,7 +11,8 @@ same seed). The rule, one place for every claim of the studies:
 - "not resolved": anything else (the seeds disagree, or a difference is within the sentence noise).
 
 So a claim holds only if it holds beyond both the sentence spread and the seed spread. The row
-gives each seed's difference and p-value and the seed mean with its standard deviation.
+gives the seed mean with its standard deviation, and each seed's difference with its 95 %
+sentence-bootstrap interval (below; when the units' sentences are known) and p-value.
 
 The interval of a difference is `cluster_bootstrap`'s: the units scored are clauses cut from
 sentences, and clauses of one sentence are not independent (a model that misreads a sentence
@@ -36,17 +37,25 @@ BOOTSTRAP_SEED = 12345  # sacrebleu's default SACREBLEU_SEED: reruns give the sa
 
 @dataclass(frozen=True)
 class Paired:
-    """A - B in BLEU for one seed pair: the difference, its two-sided p-value, and each system's
-    bootstrap 95 % half-width."""
+    """A - B in BLEU for one seed pair: the difference, its two-sided p-value, each system's
+    bootstrap 95 % half-width (sacrebleu's), and the difference's sentence-bootstrap interval
+    (`cluster_bootstrap`; None when the units' sentences are not known)."""
 
     diff: float
     p_value: float
     ci_a: float
     ci_b: float
+    interval: Interval | None = None
 
 
-def paired_bleu(hyps_a: Sequence[str], hyps_b: Sequence[str], refs: Sequence[str]) -> Paired:
-    """sacrebleu's paired bootstrap of system A against baseline B on the same references.
+def paired_bleu(
+    hyps_a: Sequence[str],
+    hyps_b: Sequence[str],
+    refs: Sequence[str],
+    clusters: Sequence | None = None,
+) -> Paired:
+    """sacrebleu's paired bootstrap of system A against baseline B on the same references (the
+    p-value), and with `clusters` (each unit's sentence) the interval of A - B resampling sentences.
 
     The resampling is seeded (sacrebleu reads SACREBLEU_SEED, default 12345): reruns agree.
     """
@@ -62,7 +71,8 @@ def paired_bleu(hyps_a: Sequence[str], hyps_b: Sequence[str], refs: Sequence[str
     )
     _, scores = test()
     b, a = scores["BLEU"]
-    return Paired(a.score - b.score, float(a.p_value), float(a.ci), float(b.ci))
+    interval = None if clusters is None else cluster_bootstrap(hyps_a, hyps_b, refs, clusters)
+    return Paired(a.score - b.score, float(a.p_value), float(a.ci), float(b.ci), interval)
 
 
 def resolve(pairs: Sequence[Paired]) -> str:
@@ -78,13 +88,24 @@ def resolve(pairs: Sequence[Paired]) -> str:
 
 
 def describe(pairs: Sequence[Paired]) -> str:
-    """The interval text of a claim's row: seed mean +- sd, then each seed's difference and p."""
+    """The interval text of a claim's row: seed mean +- sd, then each seed's difference with its
+    95 % sentence-bootstrap interval and p; "no interval: hypotheses not stored" where a seed pair
+    has no interval (the units' sentences were not given)."""
     if not pairs:
         return "no seed pair finished"
     d = np.array([p.diff for p in pairs])
     sd = f" +- {d.std(ddof=1):.2f} (sd over {len(d)} seeds)" if len(d) > 1 else " (1 seed)"
-    per = ", ".join(f"{p.diff:+.2f} (p {p.p_value:.3f})" for p in pairs)
-    return f"delta BLEU {d.mean():+.2f}{sd}; per seed {per}"
+    per = ", ".join(
+        (p.interval.text() if p.interval is not None else f"{p.diff:+.2f}")
+        + f" (p {p.p_value:.3f})"
+        for p in pairs
+    )
+    note = (
+        f"per seed [{100 * LEVEL:g} % sentence-bootstrap interval]"
+        if all(p.interval is not None for p in pairs)
+        else "no interval: hypotheses not stored; per seed"
+    )
+    return f"delta BLEU {d.mean():+.2f}{sd}; {note} {per}"
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,9 @@ import numpy as np
 
 from ...analysis import regime
 from ...analysis.checks import Check
-from .checks import PAPER_BLEU, Cells, paper_checks, regime_checks, stream_checks
+from .checks import PAPER_BLEU, SOURCE_MARGIN, Cells, paper_checks, regime_checks, stream_checks
 from .runs import (
+    CURVE_COLUMNS,
     PLACEMENTS,
     RunSpec,
     calibration,
@@ -43,7 +44,7 @@ from .runs import (
     stage_b,
 )
 from .streams import stream_summary
-from .task import references, task_data, unigram_loss
+from .task import bigram_loss, heldout_clusters, references, task_data, unigram_loss
 
 
 def main_lr(results: dict[str, dict], quick: bool) -> tuple[float, str] | None:
@@ -135,9 +136,9 @@ def write_results(
     from ...output import write_csv, write_json
 
     data = task_data(specs[0].max_bytes)
-    unigram = unigram_loss(data)
+    unigram, bigram = unigram_loss(data), bigram_loss(data)
     refs = references(data.heldout)
-    cells = Cells([results[s.name] for s in specs], refs, unigram)
+    clusters = heldout_clusters(data, specs[0].max_bytes)
     curves = {
         s.name: [
             {k: float(v) if v not in ("", None) else math.nan for k, v in r.items()}
@@ -145,6 +146,7 @@ def write_results(
         ]
         for s in specs
     }
+    cells = Cells([results[s.name] for s in specs], refs, bigram, unigram, clusters, curves)
     names: dict[tuple, dict[int, str]] = defaultdict(dict)
     for s in specs:
         names[s.cell][s.seed] = s.name
@@ -160,12 +162,13 @@ def write_results(
             seed=s.seed,
             heldout_loss=results[s.name]["heldout_loss"],
             heldout_acc=results[s.name]["heldout_acc"],
+            shuffled_loss=results[s.name].get("shuffled_loss", math.nan),
             bleu=results[s.name]["bleu"],
             failed="yes" if cells.failed(results[s.name]) else "no",
+            failed_bleu_rule="yes" if cells.failed_bleu(results[s.name]) else "no",
+            uses_source_from_step=_blank(cells.source_step(results[s.name])),
             tail_improvement=regime.tail_improvement(curves[s.name]),
-            diverged_at_step=""
-            if results[s.name]["diverged_at_step"] is None
-            else results[s.name]["diverged_at_step"],
+            diverged_at_step=_blank(results[s.name]["diverged_at_step"]),
             train_seconds=results[s.name]["train_seconds"],
         )
         for s in specs
@@ -182,7 +185,7 @@ def write_results(
     write_csv(
         out / "translation_curves.csv",
         [dict(run=n, **r) for n, rs in curves.items() for r in rs],
-        ("run", "step", "lr", "train_loss", "heldout_loss", "heldout_acc", "bleu"),
+        ("run", *CURVE_COLUMNS),
     )
     probes = {s.name: read_rows(root / s.name / "probe.csv") for s in specs}
     streams = {
@@ -229,7 +232,7 @@ def write_results(
 
     draw(out, specs, table, runs, curves, probes, streams, lr, n0, n1, res_runs, gate)
     calls = logged_wall(root)
-    write_hypotheses(out / "translation_hypotheses.csv.gz", specs, results, data)
+    write_hypotheses(out / "translation_hypotheses.csv.gz", specs, results, clusters)
     write_json(
         out / "translation.json",
         dict(
@@ -237,6 +240,8 @@ def write_results(
             quick=quick,
             workers=workers,
             unigram_loss=unigram,
+            bigram_loss=bigram,
+            source_margin=SOURCE_MARGIN,
             # summed over the training calls logged in runs/ (resumed grids: several); None when
             # none was logged (grids trained before the log existed)
             wall_seconds=round(sum(c["seconds"] for c in calls), 1) if calls else None,
@@ -254,7 +259,14 @@ def write_results(
     return checks
 
 
-def write_hypotheses(path: Path, specs: list[RunSpec], results: dict[str, dict], data) -> None:
+def _blank(v):
+    """A CSV cell: the value, or empty for None."""
+    return "" if v is None else v
+
+
+def write_hypotheses(
+    path: Path, specs: list[RunSpec], results: dict[str, dict], clusters: list[int]
+) -> None:
     """Every run's final greedy decodes, one row per held-out unit with its sentence (cluster), gzip
     compressed: what a sentence-level bootstrap of any difference needs, kept with the results."""
     import csv
@@ -262,9 +274,7 @@ def write_hypotheses(path: Path, specs: list[RunSpec], results: dict[str, dict],
     import io
 
     from ...output import write_atomic
-    from .task import heldout_clusters
 
-    clusters = heldout_clusters(data, specs[0].max_bytes)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(("run", "unit", "sentence", "hypothesis"))
@@ -321,6 +331,7 @@ def table_rows(runs: list[dict]) -> list[dict]:
                 heldout_loss=float(np.mean([r["heldout_loss"] for r in rs])),
                 heldout_acc=float(np.mean([r["heldout_acc"] for r in rs])),
                 failed=sum(r["failed"] == "yes" for r in rs),
+                failed_bleu_rule=sum(r["failed_bleu_rule"] == "yes" for r in rs),
                 paper_bleu="" if paper is None else paper,
             )
         )

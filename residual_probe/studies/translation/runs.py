@@ -3,7 +3,8 @@
 A run trains through the project's one training loop (`residual_probe.training.Trainer`): Adam
 betas (0.9, 0.98), fairseq's inverse-sqrt schedule with or without its linear ramp, weight decay
 and label smoothing as the paper's released IWSLT config. It records the probe during training,
-the held-out loss and token accuracy every `eval_every` steps, BLEU (greedy decodes of every
+the held-out loss and token accuracy every `eval_every` steps (and the held-out loss with sources
+permuted between units, `task.shuffled_source_batches`: the control of whether it reads them), BLEU (greedy decodes of every
 held-out unit) every `bleu_every` steps, and for ResiDual its two streams at the BLEU points.
 
 Runs are resumable: a run writes ROOT/<name>/result.json last and is skipped when that file
@@ -23,9 +24,18 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ...models.placements import PAPER_PLACEMENTS as PLACEMENTS
-from .task import PigLatinBatches, heldout_batches, references, task_data, translate
+from .task import (
+    PigLatinBatches,
+    heldout_batches,
+    references,
+    shuffled_source_batches,
+    task_data,
+    translate,
+)
 
 PROBE_METRICS = ("param_grad_norm", "act_grad_norm", "block_influence", "ln_update")
+# a run's evaluations; runs trained before the shuffled-source control lack shuffled_loss
+CURVE_COLUMNS = ("step", "lr", "train_loss", "heldout_loss", "heldout_acc", "shuffled_loss", "bleu")
 
 
 @dataclass(frozen=True)
@@ -141,6 +151,7 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
     train = PigLatinBatches(data, spec.batch, spec.seed)
     units = data.heldout  # every held-out unit: loss, accuracy and BLEU on the same sentences
     held, refs = heldout_batches(units, data, 64), references(units)
+    shuffled, _ = shuffled_source_batches(held)  # one permutation for every evaluation
     stream_batch = max(held, key=lambda b: int((b.targets != -100).sum()))  # the most target tokens
     probe = Probe(
         model,
@@ -168,6 +179,7 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
             train_loss=float(np.mean(losses[-spec.eval_every :])) if losses else math.nan,
             heldout_loss=loss,
             heldout_acc=acc,
+            shuffled_loss=trainer.scores(shuffled)[0],
             bleu=math.nan,
         )
         if step % spec.bleu_every == 0 or step == spec.steps:
@@ -208,12 +220,17 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
         result.update(
             heldout_loss=last["heldout_loss"],
             heldout_acc=last["heldout_acc"],
+            shuffled_loss=last["shuffled_loss"],
             bleu=last["bleu"],
             hypotheses=list(hyps),
         )
     else:  # a diverged model decodes nothing: every hypothesis empty
         result.update(
-            heldout_loss=math.nan, heldout_acc=math.nan, bleu=0.0, hypotheses=[""] * len(units)
+            heldout_loss=math.nan,
+            heldout_acc=math.nan,
+            shuffled_loss=math.nan,
+            bleu=0.0,
+            hypotheses=[""] * len(units),
         )
     result["samples"] = [
         dict(source=u, reference=r, output=h)
@@ -233,7 +250,7 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
     write_csv(
         run_dir / "curve.csv",
         curve,
-        ("step", "lr", "train_loss", "heldout_loss", "heldout_acc", "bleu"),
+        CURVE_COLUMNS,
     )
     if streams:
         write_csv(run_dir / "streams.csv", streams, ("step", "stack", "layer", "quantity", "value"))

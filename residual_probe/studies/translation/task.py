@@ -17,6 +17,7 @@ sequences ~5x shorter.
 from __future__ import annotations
 
 import functools
+import math
 import random
 import re
 import zlib
@@ -161,13 +162,21 @@ def heldout_clusters(
 
 def encode_pairs(units: list[str], data: TaskData):
     """(src (B, S), tgt_in (B, T), targets (B, T)) for units of one source length; T = longest target + EOS."""
+    return pad_pairs(
+        [data.ids(tokens(u)) for u in units],
+        [data.ids(target_tokens(u)) + [EOS] for u in units],
+    )
+
+
+def pad_pairs(sources: list[list[int]], tgts: list[list[int]]):
+    """(src (B, S), tgt_in (B, T), targets (B, T)) from sources of one length and targets ending in
+    EOS: teacher forcing (BOS, then the target shifted), padding after EOS excluded from the loss."""
     import torch
 
-    src = torch.tensor([data.ids(tokens(u)) for u in units])
-    tgts = [data.ids(target_tokens(u)) + [EOS] for u in units]
+    src = torch.tensor(sources)
     T = max(map(len, tgts))
-    tgt_in = torch.full((len(units), T), PAD)
-    targets = torch.full((len(units), T), -100)
+    tgt_in = torch.full((len(tgts), T), PAD)
+    targets = torch.full((len(tgts), T), -100)
     for i, t in enumerate(tgts):
         targets[i, : len(t)] = torch.tensor(t)
         tgt_in[i, 0] = BOS
@@ -254,13 +263,119 @@ def references(units: list[str]) -> list[str]:
     return [" ".join(target_tokens(u)) for u in units]
 
 
+def target_ids(units: list[str], data: TaskData) -> list[list[int]]:
+    """Each unit's target ids and EOS: the tokens the study's held-out loss is scored on."""
+    return [data.ids(target_tokens(u)) + [EOS] for u in units]
+
+
+def _train_targets(data: TaskData) -> list[list[int]]:
+    return target_ids([u for n in sorted(data.train) for u in data.train[n]], data)
+
+
+def unigram_probs(data: TaskData) -> np.ndarray:
+    """Add-one frequencies of the training targets' tokens (EOS included) over the dictionary."""
+    counts = np.ones(len(data.vocab))
+    for t in _train_targets(data):
+        np.add.at(counts, t, 1)
+    return counts / counts.sum()
+
+
 def unigram_loss(data: TaskData) -> float:
     """Held-out loss (nats per target token) of the training targets' token frequencies, no context:
     a run that does not beat it learned nothing from the source or the prefix."""
-    counts = np.ones(len(data.vocab))
-    for units in data.train.values():
-        for u in units:
-            np.add.at(counts, data.ids(target_tokens(u)) + [EOS], 1)
-    logp = np.log(counts / counts.sum())
-    held = [t for u in data.heldout for t in data.ids(target_tokens(u)) + [EOS]]
-    return float(-logp[held].mean())
+    logp = np.log(unigram_probs(data))
+    return float(-np.mean([logp[t] for ts in target_ids(data.heldout, data) for t in ts]))
+
+
+def bigram_loss(data: TaskData) -> float:
+    """Held-out loss (nats per target token, EOS included, every token of every held-out unit
+    weighted once: as the study's held-out loss) of a source-blind target bigram model counted on
+    the training targets: the bar a run must beat to have used its source at all.
+
+    Smoothing: Witten-Bell interpolation with `unigram_probs`, P(b | a) = (c(a, b) + T(a) P(b)) /
+    (c(a) + T(a)), T(a) the number of distinct tokens seen after a (a context never seen: P(b)).
+    It has no parameter to tune on the held-out set; add-one over the ~3700-token dictionary
+    spreads so much mass on unseen pairs that it scores worse than the unigram (6.48 against
+    5.30 nats on the study's task), a bar that says nothing."""
+    pair: dict[tuple[int, int], int] = defaultdict(int)
+    seen: dict[int, int] = defaultdict(int)
+    for t in _train_targets(data):
+        for a, b in zip([BOS] + t[:-1], t):
+            pair[a, b] += 1
+            seen[a] += 1
+    follow: dict[int, int] = defaultdict(int)
+    for a, _ in pair:
+        follow[a] += 1
+    uni = unigram_probs(data)
+    nll = []
+    for t in target_ids(data.heldout, data):
+        for a, b in zip([BOS] + t[:-1], t):
+            c, k = seen.get(a, 0), follow.get(a, 0)
+            p = (pair.get((a, b), 0) + k * uni[b]) / (c + k) if c else uni[b]
+            nll.append(-math.log(p))
+    return float(np.mean(nll))
+
+
+# ---- the shuffled-source control ------------------------------------------------------------------
+
+SHUFFLE_SEED = 0  # one permutation for every run and evaluation: runs are scored on the same pairs
+
+
+def derangement(n: int, seed: int) -> list[int]:
+    """A seeded uniformly random permutation of range(n) with no fixed point (rejection sampling:
+    about e draws on average)."""
+    if n < 2:
+        raise ValueError("a derangement needs at least 2 units")
+    rng = np.random.default_rng(seed)
+    while True:
+        perm = rng.permutation(n)
+        if not (perm == np.arange(n)).any():
+            return perm.tolist()
+
+
+def unit_pairs(batches) -> list[tuple[list[int], list[int]]]:
+    """(source ids, target ids up to EOS) of every unit of `batches`, in batch order (sources carry
+    no padding; targets end where the loss mask ends)."""
+    pairs = []
+    for b in batches:
+        src, targets = b.inputs[0], b.targets
+        for i in range(src.shape[0]):
+            pairs.append((src[i].tolist(), targets[i][targets[i] != -100].tolist()))
+    return pairs
+
+
+def shuffled_source_batches(
+    batches, seed: int = SHUFFLE_SEED, batch: int = 64
+) -> tuple[list, list[int]]:
+    """The units of `batches` with sources permuted between units: unit i's target with unit
+    perm[i]'s source (`derangement`: none keeps its own), regrouped by source length (the model
+    has no source mask) in batches of at most `batch`. Returns (batches, perm).
+
+    The permutation crosses source lengths, so the control takes away the source's length as well
+    as its words (a Pig Latin target has as many tokens as its source)."""
+    from ...data import Batch
+
+    pairs = unit_pairs(batches)
+    perm = derangement(len(pairs), seed)
+    by_len: dict[int, list[int]] = defaultdict(list)
+    for i, j in enumerate(perm):
+        by_len[len(pairs[j][0])].append(i)
+    out = []
+    for n in sorted(by_len):
+        group = by_len[n]
+        for k in range(0, len(group), batch):
+            chunk = group[k : k + batch]
+            src, tgt_in, targets = pad_pairs(
+                [pairs[perm[i]][0] for i in chunk], [pairs[i][1] for i in chunk]
+            )
+            out.append(Batch((src, tgt_in), targets))
+    return out, perm
+
+
+def shuffled_source_loss(model, batches, seed: int = SHUFFLE_SEED) -> float:
+    """The model's held-out loss (nats per target token, scored as the study's held-out loss) with
+    sources permuted between units: what it achieves without its own source. A model that reads
+    its source scores well below it; one that ignores the source scores the same."""
+    from ...training import score_batches
+
+    return score_batches(model, shuffled_source_batches(batches, seed)[0])[0]
