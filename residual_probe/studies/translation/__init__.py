@@ -29,7 +29,15 @@ import numpy as np
 
 from ...analysis import regime
 from ...analysis.checks import Check
-from .checks import PAPER_BLEU, SOURCE_MARGIN, Cells, paper_checks, regime_checks, stream_checks
+from .checks import (
+    PAPER_BLEU,
+    SOURCE_MARGIN,
+    Cells,
+    depth_checks,
+    paper_checks,
+    regime_checks,
+    stream_checks,
+)
 from .runs import (
     CURVE_COLUMNS,
     PLACEMENTS,
@@ -44,13 +52,15 @@ from .runs import (
     stage_b,
 )
 from .streams import stream_summary
-from .task import bigram_loss, heldout_clusters, references, task_data, unigram_loss
+from .task import DEFAULT_TASK, bigram_loss, heldout_clusters, references, unigram_loss
 
 
-def main_lr(results: dict[str, dict], quick: bool) -> tuple[float, str] | None:
+def main_lr(
+    results: dict[str, dict], quick: bool, task: str = DEFAULT_TASK
+) -> tuple[float, str] | None:
     """The regime's lr from the calibration runs (None until all of them finished)."""
     cal: dict[float, dict[str, float]] = defaultdict(dict)
-    for spec in calibration(quick):
+    for spec in calibration(quick, task):
         if spec.name not in results:
             return None
         cal[spec.lr][spec.placement] = results[spec.name]["bleu"]
@@ -62,39 +72,46 @@ def finished(specs: Iterable[RunSpec], root: Path) -> dict[str, dict]:
 
 
 def run(
-    out: Path, quick: bool = False, workers: int | None = None, echo=progress, train: bool = True
+    out: Path,
+    quick: bool = False,
+    workers: int | None = None,
+    echo=progress,
+    train: bool = True,
+    task: str = DEFAULT_TASK,
 ) -> list[Check]:
     """Run (or resume) the grid into OUT/runs/translation/, then write tables, figures and checks.
 
     train=False writes them from the runs finished so far (a partial grid), training nothing.
+    task: `task.TASKS`; a task other than the default writes everything under OUT/<task>/ (its
+    checks add the depth gate, `checks.depth_checks`).
     """
     import os
 
-    out = Path(out)
+    out = Path(out) if task == DEFAULT_TASK else Path(out) / task
     root = out / "runs" / ("translation-quick" if quick else "translation")
     workers = workers or (1 if quick else min(2, os.cpu_count() or 1))
     t0 = time.perf_counter()
 
     def then(results: dict[str, dict]) -> list[RunSpec]:
-        lr, why = main_lr(results, quick)
+        lr, why = main_lr(results, quick, task)
         echo(f"translation: main peak lr {lr:g} ({why})")
-        return stage_b(quick, lr)
+        return stage_b(quick, lr, task)
 
-    first = stage_a(quick)
+    first = stage_a(quick, task)
     if train:
-        results = run_stages(first, then, root, workers, echo, gate=calibration(quick))
+        results = run_stages(first, then, root, workers, echo, gate=calibration(quick, task))
     else:
         results = finished(first, root)
-        chosen = main_lr(results, quick)
-        results.update(finished(stage_b(quick, chosen[0]), root) if chosen else {})
+        chosen = main_lr(results, quick, task)
+        results.update(finished(stage_b(quick, chosen[0], task), root) if chosen else {})
     if train:
         log_wall(root, time.perf_counter() - t0, workers)
-    chosen = main_lr(results, quick)
+    chosen = main_lr(results, quick, task)
     if chosen is None:
         echo("translation: the calibration runs have not finished; nothing to write")
         return []
     lr, why = chosen
-    planned = first + stage_b(quick, lr)
+    planned = first + stage_b(quick, lr, task)
     missing = [s.name for s in planned if s.name not in results]
     if missing:
         echo(
@@ -135,9 +152,9 @@ def write_results(
 ) -> list[Check]:
     from ...output import write_csv, write_json
 
-    data = task_data(specs[0].max_bytes)
+    data = specs[0].data()
     unigram, bigram = unigram_loss(data), bigram_loss(data)
-    refs = references(data.heldout)
+    refs = references(data.heldout, data)
     clusters = heldout_clusters(data, specs[0].max_bytes)
     curves = {
         s.name: [
@@ -176,7 +193,7 @@ def write_results(
     table = table_rows(runs)
     write_csv(out / "translation_runs.csv", runs, list(runs[0]))
     write_csv(out / "translation_table.csv", table, list(table[0]))
-    cal_names = {s.name for s in calibration(quick)}
+    cal_names = {s.name for s in calibration(quick, specs[0].task)}
     write_csv(
         out / "translation_calibration.csv",
         [r for r in runs if r["run"] in cal_names],
@@ -216,9 +233,15 @@ def write_results(
     )
 
     n0, n1 = depths(quick)
-    size = f"Pig Latin seq2seq, d {specs[0].d_model}, {specs[0].steps} steps, dropout {specs[0].dropout:g}"
+    task = specs[0].task
+    size = (
+        f"Pig Latin seq2seq{'' if task == DEFAULT_TASK else f' ({task})'}, d {specs[0].d_model}, "
+        f"{specs[0].steps} steps, dropout {specs[0].dropout:g}"
+    )
     checks, gate = regime_checks(cells, curves, names, n0, lr, why, size)
     checks += paper_checks(cells, n0, n1, lr, f"{size}, main lr {lr:g}", gate)
+    if task != DEFAULT_TASK:  # the word task is a lookup: depth cannot help it (issue 34)
+        checks += depth_checks(cells, n0, n1, lr, f"{size}, main lr {lr:g}")
     res_runs = {
         f"E{n}D{n}, warm-up, seed 0": RunSpec(
             "residual", n, True, lr=lr, seed=0, **_common(specs)
@@ -299,6 +322,7 @@ def _common(specs: list[RunSpec]) -> dict:
             "eval_every",
             "bleu_every",
             "probe_every",
+            "task",
         )
     }
 

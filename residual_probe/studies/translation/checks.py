@@ -389,3 +389,71 @@ def stream_checks(summary: dict[str, dict[int, dict]], setting: str) -> list[Che
             )
         )
     return rows
+
+
+def depth_gate(shallow: list[float], deep: list[float]) -> bool:
+    """More layers help beyond the seed spread: every deep seed's BLEU above every shallow one's
+    (with 2-3 seeds a paired interval per seed pair says less than this spread rule)."""
+    return bool(shallow and deep) and min(deep) > max(shallow)
+
+
+def depth_checks(cells: Cells, n0: int, n1: int, lr: float, setting: str) -> list[Check]:
+    """The depth gate and the claim it guards, on a task where depth can matter (issue 34).
+
+    The gate: Pre-LN E{n1}D{n1} beats E{n0}D{n0} (warm-up, main lr) beyond the seed spread
+    (`depth_gate`). Only when it passes is "ResiDual's extra layers help where Pre-LN's do not"
+    tested: ResiDual's gain from depth (deep minus shallow BLEU, per seed) above Pre-LN's in every
+    seed both cells have ("no": below in every seed); on a task where depth does not help Pre-LN,
+    Pre-LN's collapse cannot cost anything, so the claim has nothing to show."""
+    pre0, pre1 = (n0, "pre-ln", True, lr), (n1, "pre-ln", True, lr)
+    shallow = [r["bleu"] for r in cells.get(*pre0).values()]
+    deep = [r["bleu"] for r in cells.get(*pre1).values()]
+    passed = depth_gate(shallow, deep)
+    pairs = cells.pairs(pre1, pre0)
+    gate = Check(
+        f"Pre-LN E{n1}D{n1} beats E{n0}D{n0} beyond the seed spread (depth gate)",
+        setting,
+        "pre-ln",
+        "rule: min of the deep seeds' BLEU above max of the shallow seeds'",
+        (
+            f"E{n1}D{n1} {' '.join(f'{b:.2f}' for b in deep)} vs E{n0}D{n0} "
+            f"{' '.join(f'{b:.2f}' for b in shallow)}"
+            + (f"; {significance.describe(pairs)}" if pairs else "")
+        )
+        if shallow and deep
+        else "not run",
+        ("yes" if passed else "no") if shallow and deep else "not run",
+    )
+    statement = f"ResiDual's extra layers help where Pre-LN's do not (E{n1}D{n1} - E{n0}D{n0} BLEU)"
+    if not passed:
+        measured = verdict = "not tested: depth gate did not pass"
+    else:
+        gains = {}
+        for p in ("residual", "pre-ln"):
+            a, b = cells.get(n1, p, True, lr), cells.get(n0, p, True, lr)
+            gains[p] = {s: a[s]["bleu"] - b[s]["bleu"] for s in set(a) & set(b)}
+        seeds = sorted(set(gains["residual"]) & set(gains["pre-ln"]))
+        diff = [gains["residual"][s] - gains["pre-ln"][s] for s in seeds]
+        measured = "; ".join(
+            f"s{s}: ResiDual {gains['residual'][s]:+.2f}, Pre-LN {gains['pre-ln'][s]:+.2f}"
+            for s in seeds
+        )
+        verdict = (
+            "yes"
+            if diff and min(diff) > 0
+            else "no"
+            if diff and max(diff) < 0
+            else "not resolved"
+            if diff
+            else "not run"
+        )
+        measured = measured or "not run"
+    claim = Check(
+        statement,
+        setting,
+        "residual",
+        "paper: Pre-LN's deep layers collapse, ResiDual's keep contributing",
+        measured,
+        verdict,
+    )
+    return [gate, claim]

@@ -25,8 +25,10 @@ import numpy as np
 
 from ...models.placements import PAPER_PLACEMENTS as PLACEMENTS
 from .task import (
+    DEFAULT_TASK,
     PigLatinBatches,
     heldout_batches,
+    max_len,
     references,
     shuffled_source_batches,
     task_data,
@@ -67,12 +69,15 @@ class RunSpec:
     alpha: float = (
         1.0  # ResiDual's weight of x in alpha * x + LN_f(d); 0 is the ablation without the x term
     )
+    task: str = DEFAULT_TASK  # `task.TASKS`: words as tokens, or characters (where depth matters)
 
     @property
     def name(self) -> str:
         return (
             f"E{self.depth}D{self.depth}-{self.placement}-{'warmup' if self.warmup else 'nowarmup'}"
-            f"-lr{self.lr:g}-s{self.seed}" + ("" if self.alpha == 1.0 else f"-alpha{self.alpha:g}")
+            f"-lr{self.lr:g}-s{self.seed}"
+            + ("" if self.alpha == 1.0 else f"-alpha{self.alpha:g}")
+            + ("" if self.task == DEFAULT_TASK else f"-{self.task}")
         )
 
     @property
@@ -88,6 +93,7 @@ class RunSpec:
         from ...models import ModelConfig
 
         # the paper's IWSLT model (ModelConfig.iwslt) at this width and depth
+        data = self.data()
         return ModelConfig.iwslt(
             placement=self.placement,
             depth=self.depth,
@@ -97,10 +103,14 @@ class RunSpec:
             dropout=self.dropout,
             attention_dropout=self.attention_dropout,
             activation_dropout=self.activation_dropout,
-            max_len=64,
+            max_len=max(64, max_len(data)),  # 64 covers the word task; characters need more
             alpha=self.alpha,
-            vocab_size=len(task_data(self.max_bytes).vocab),
+            vocab_size=len(data.vocab),
         )
+
+    def data(self):
+        """The run's task (`task.task_data`)."""
+        return task_data(self.max_bytes, task=self.task)
 
 
 def same_spec(saved: dict | None, spec: RunSpec) -> bool:
@@ -147,10 +157,10 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(spec.seed)
     model = Transformer(spec.model_config())
-    data = task_data(spec.max_bytes)
+    data = spec.data()
     train = PigLatinBatches(data, spec.batch, spec.seed)
     units = data.heldout  # every held-out unit: loss, accuracy and BLEU on the same sentences
-    held, refs = heldout_batches(units, data, 64), references(units)
+    held, refs = heldout_batches(units, data, 64), references(units, data)
     shuffled, _ = shuffled_source_batches(held)  # one permutation for every evaluation
     stream_batch = max(held, key=lambda b: int((b.targets != -100).sum()))  # the most target tokens
     probe = Probe(
@@ -265,9 +275,11 @@ SEEDS_E6_WARMUP = (0, 1, 2)
 SEEDS = (0, 1)
 
 
-def common(quick: bool) -> dict:
+def common(quick: bool, task: str = DEFAULT_TASK) -> dict:
+    """The fields every run of a grid shares: the quick sizes, and the task."""
     if quick:
         return dict(
+            task=task,
             d_model=16,
             heads=2,
             ffn=32,
@@ -278,42 +290,42 @@ def common(quick: bool) -> dict:
             bleu_every=10,
             probe_every=5,
         )
-    return {}
+    return dict(task=task)
 
 
 def depths(quick: bool) -> tuple[int, int]:
     return (1, 2) if quick else (6, 12)
 
 
-def calibration(quick: bool) -> list[RunSpec]:
+def calibration(quick: bool, task: str = DEFAULT_TASK) -> list[RunSpec]:
     """The baselines the regime is chosen from: Post-LN and Pre-LN, E6D6 (quick: E1D1), warm-up, each lr, seed 0."""
     n0 = depths(quick)[0]
     return [
-        RunSpec(p, n0, True, lr=lr, seed=0, **common(quick))
+        RunSpec(p, n0, True, lr=lr, seed=0, **common(quick, task))
         for lr in LRS
         for p in ("post-ln", "pre-ln")
     ]
 
 
-def stage_a(quick: bool) -> list[RunSpec]:
+def stage_a(quick: bool, task: str = DEFAULT_TASK) -> list[RunSpec]:
     """Runs that do not depend on the regime's lr: calibration first, then the rest of E6D6 warm-up."""
     n0 = depths(quick)[0]
     seeds = (0,) if quick else SEEDS_E6_WARMUP
     rest = [
-        RunSpec(p, n0, True, lr=lr, seed=s, **common(quick))
+        RunSpec(p, n0, True, lr=lr, seed=s, **common(quick, task))
         for lr in LRS
         for p in PLACEMENTS
         for s in seeds
     ]
-    cal = calibration(quick)
+    cal = calibration(quick, task)
     return cal + [s for s in rest if s not in cal]
 
 
-def stage_b(quick: bool, lr: float) -> list[RunSpec]:
+def stage_b(quick: bool, lr: float, task: str = DEFAULT_TASK) -> list[RunSpec]:
     """Runs at the main lr: the deep model with warm-up, both depths without, and the alpha = 0 ablation."""
     n0, n1 = depths(quick)
     seeds = (0,) if quick else SEEDS
-    c = dict(lr=lr, **common(quick))
+    c = dict(lr=lr, **common(quick, task))
     return (
         [RunSpec(p, n1, True, seed=s, **c) for p in PLACEMENTS for s in seeds]
         + [RunSpec(p, n0, False, seed=s, **c) for p in PLACEMENTS for s in seeds]
