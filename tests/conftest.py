@@ -159,3 +159,80 @@ def quick_figures(_quick_figures_in_background):
     if result["status"] != "ok":
         raise RuntimeError(f"run_all(quick=True) failed:\n{result['traceback']}")
     return shared / "out", result["meta"]
+
+
+HF_SMALL = dict(
+    vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+)
+# DeepSeek: hidden 64 with low-rank q (32) and kv (16) latents, so their norms have other widths
+HF_DEEPSEEK = dict(
+    vocab_size=64,
+    hidden_size=64,
+    moe_intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    q_lora_rank=32,
+    max_position_embeddings=64,
+)
+
+
+def tiny_hf_config(name: str):
+    """A random-init tiny transformers config of a family (offline): deepseek_v3, deepseek_v4, qwen3,
+    olmo2, gemma2, gemma3, llama, gpt2, bert, t5, bart."""
+    import transformers as t
+
+    return {
+        "deepseek_v3": lambda: t.DeepseekV3Config(
+            **HF_DEEPSEEK,
+            intermediate_size=96,
+            num_key_value_heads=4,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=1,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+        ),
+        "deepseek_v4": lambda: t.DeepseekV4Config(
+            **HF_DEEPSEEK,
+            head_dim=16,
+            o_groups=2,
+            o_lora_rank=16,
+            index_n_heads=2,
+            index_head_dim=16,
+            index_topk=4,
+            sliding_window=8,
+            num_nextn_predict_layers=0,
+            layer_types=["sliding_attention"] * 2,
+        ),
+        "qwen3": lambda: t.Qwen3Config(**HF_SMALL, num_key_value_heads=2, head_dim=8),
+        "olmo2": lambda: t.Olmo2Config(**HF_SMALL, num_key_value_heads=2),
+        "gemma2": lambda: t.Gemma2Config(**HF_SMALL, num_key_value_heads=2, head_dim=8),
+        "gemma3": lambda: t.Gemma3TextConfig(**HF_SMALL, num_key_value_heads=2, head_dim=8),
+        "llama": lambda: t.LlamaConfig(**HF_SMALL, num_key_value_heads=2),
+        "gpt2": lambda: t.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+        "bert": lambda: t.BertConfig(**HF_SMALL),
+        "t5": lambda: t.T5Config(
+            vocab_size=64,
+            d_model=32,
+            d_kv=8,
+            d_ff=48,
+            num_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+        ),
+        "bart": lambda: t.BartConfig(
+            vocab_size=64,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=48,
+            decoder_ffn_dim=48,
+            max_position_embeddings=64,
+        ),
+    }[name]()

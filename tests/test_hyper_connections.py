@@ -7,6 +7,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_hf_config
 
 from residual_probe.models import build_model
 from residual_probe.models.placements import hyper_connections
@@ -119,26 +120,7 @@ def test_deepseek_v4_copies_and_mixing_are_recorded():
     transformers = pytest.importorskip("transformers")
     if not hasattr(transformers, "DeepseekV4Config"):
         pytest.skip("transformers without DeepSeek-V4")
-    cfg = transformers.DeepseekV4Config(
-        vocab_size=64,
-        hidden_size=64,
-        moe_intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=16,
-        q_lora_rank=32,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        o_groups=2,
-        o_lora_rank=16,
-        index_n_heads=2,
-        index_head_dim=16,
-        index_topk=4,
-        sliding_window=8,
-        num_nextn_predict_layers=0,
-        max_position_embeddings=64,
-    )
+    cfg = tiny_hf_config("deepseek_v4")
     torch.manual_seed(0)
     model = transformers.DeepseekV4ForCausalLM(cfg)
     probe = Probe(model, quantities=("act_grad_norm", "hc_mixing")).attach()

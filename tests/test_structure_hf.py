@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from conftest import tiny_hf_config
 
 from residual_probe.models import build_model
 from residual_probe.probe import find_blocks
@@ -16,80 +17,6 @@ from residual_probe.probe.structure import DS_TOL, classify, detect_placement, d
 
 transformers = pytest.importorskip("transformers")
 os.environ["HF_HUB_OFFLINE"] = "1"
-
-SMALL = dict(
-    vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
-)
-# DeepSeek: hidden 64 with low-rank q (32) and kv (16) latents, so their norms have other widths
-DEEPSEEK = dict(
-    vocab_size=64,
-    hidden_size=64,
-    moe_intermediate_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    n_routed_experts=4,
-    num_experts_per_tok=2,
-    q_lora_rank=32,
-    max_position_embeddings=64,
-)
-
-
-def _config(name: str):
-    t = transformers
-    return {
-        "deepseek_v3": lambda: t.DeepseekV3Config(
-            **DEEPSEEK,
-            intermediate_size=96,
-            num_key_value_heads=4,
-            n_group=1,
-            topk_group=1,
-            first_k_dense_replace=1,
-            kv_lora_rank=16,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=8,
-            v_head_dim=8,
-        ),
-        "deepseek_v4": lambda: t.DeepseekV4Config(
-            **DEEPSEEK,
-            head_dim=16,
-            o_groups=2,
-            o_lora_rank=16,
-            index_n_heads=2,
-            index_head_dim=16,
-            index_topk=4,
-            sliding_window=8,
-            num_nextn_predict_layers=0,
-            layer_types=["sliding_attention"] * 2,
-        ),
-        "qwen3": lambda: t.Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=8),
-        "olmo2": lambda: t.Olmo2Config(**SMALL, num_key_value_heads=2),
-        "gemma2": lambda: t.Gemma2Config(**SMALL, num_key_value_heads=2, head_dim=8),
-        "gemma3": lambda: t.Gemma3TextConfig(**SMALL, num_key_value_heads=2, head_dim=8),
-        "llama": lambda: t.LlamaConfig(**SMALL, num_key_value_heads=2),
-        "gpt2": lambda: t.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64),
-        "bert": lambda: t.BertConfig(**SMALL),
-        "t5": lambda: t.T5Config(
-            vocab_size=64,
-            d_model=32,
-            d_kv=8,
-            d_ff=48,
-            num_layers=2,
-            num_heads=4,
-            decoder_start_token_id=0,
-        ),
-        "bart": lambda: t.BartConfig(
-            vocab_size=64,
-            d_model=32,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=48,
-            decoder_ffn_dim=48,
-            max_position_embeddings=64,
-        ),
-    }[name]()
-
 
 # encoder and encoder-decoder families by their class; the rest by AutoModelForCausalLM
 CLASSES = {
@@ -103,7 +30,7 @@ def tiny(name: str):
     """A random-init tiny model of a transformers family in eval mode, its norm weights moved
     off 1 (trained-looking)."""
     torch.manual_seed(0)
-    cfg = _config(name)
+    cfg = tiny_hf_config(name)
     if name in CLASSES:
         model = getattr(transformers, CLASSES[name])(cfg)
     else:
@@ -159,7 +86,7 @@ def test_deepseek_norms_by_what_they_receive():
     )
     v4 = detect(tiny("deepseek_v4"))
     assert "hyper-connection mixers attn_hc, ffn_hc: 4 residual copies, 4 of 4" in v4["detail"]
-    cfg = _config("deepseek_v4")
+    cfg = tiny_hf_config("deepseek_v4")
     cfg.hc_sinkhorn_iters = 1  # one column normalization: rows no longer sum to 1
     torch.manual_seed(0)
     hc = detect(transformers.AutoModelForCausalLM.from_config(cfg).eval())

@@ -208,10 +208,9 @@ def hyper_connections(block: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def _streams(block: nn.Module) -> tuple[tuple[str, ...], bool]:
-    """(stream names, stacked): residual-probe's Block says (ResiDual: x, d); a block with
-    hyper-connections carries n copies stacked on dim -2; any other block one stream x."""
-    mixers = hyper_connections(block)
+def _streams(block: nn.Module, mixers: dict[str, nn.Module]) -> tuple[tuple[str, ...], bool]:
+    """(stream names, stacked): a block with hyper-connections (`mixers`) carries n copies stacked
+    on dim -2; residual-probe's Block says (ResiDual: x, d); any other block one stream x."""
     if mixers:
         n = next(iter(mixers.values())).hc_mult
         return tuple(f"h{i}" for i in range(n)), True
@@ -235,7 +234,7 @@ def _make(stacks: dict[str, list[tuple[str, nn.Module]]], model: nn.Module) -> l
                 n: m for n, m in norms.items() if not any(n.startswith(h + ".") for h in mixers)
             }
             sublayers = {n: m for n, m in _sublayers(module).items() if n not in mixers}
-            streams, stacked = _streams(module)
+            streams, stacked = _streams(module, mixers)
             blocks.append(
                 BlockInfo(
                     names[path],
