@@ -2,7 +2,7 @@
 
 The study lives in residual_probe/studies/translation/; `residual-probe figures --only
 translation` runs it like the other studies. This script adds what a long grid needs:
-    python analyses/translation.py [--out figures] [--quick] [--workers 2] [--partial]
+    python analyses/translation.py [--out figures] [--quick] [--workers 2] [--partial] [--task T]
 The grid is resumable (rerun the same command after an interruption: finished runs are kept);
 --partial trains nothing and writes the tables, figures and checks from the runs finished so far.
 The checks replace this study's rows in OUT/checks.csv and keep the others.
@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from residual_probe.studies.translation import run
+from residual_probe.studies.translation.task import DEFAULT_TASK, TASKS
 
 NAME = "translation"
 
@@ -47,10 +48,16 @@ def main() -> None:
     ap.add_argument(
         "--partial", action="store_true", help="train nothing; write results from finished runs"
     )
+    ap.add_argument(
+        "--task",
+        default=DEFAULT_TASK,
+        choices=sorted(TASKS),
+        help="words (the paper's table) or characters (the depth gate; under OUT/<task>/)",
+    )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    checks = run(args.out, args.quick, workers=args.workers, train=not args.partial)
-    write_checks(args.out, checks)
+    checks = run(args.out, args.quick, args.workers, train=not args.partial, task=args.task)
+    write_checks(args.out if args.task == DEFAULT_TASK else args.out / args.task, checks)
     for c in checks:
         print(
             f"[{c.agreement}] {c.statement} ({c.setting}): predicted {c.predicted}; measured {c.measured}"

@@ -146,19 +146,21 @@ class Trainer:
         self,
         next_batch: Callable[[], object],
         steps: int,
-        after_step: Callable[[int, float, float], None] | None = None,
+        after_step: Callable[[int, float, float], bool | None] | None = None,
     ) -> Diverged | None:
         """Up to `steps` optimizer steps on `next_batch()`; after each, `after_step(step, lr, loss)`
         (step 0-based, the lr it trained with, its loss in nats: one host sync per step), which
-        evaluates, logs or saves as the caller needs. Stops after the first non-finite loss and
+        evaluates, logs or saves as the caller needs, and returns True to stop here (a run that
+        trains until a convergence rule holds). Stops after the first non-finite loss and
         returns where (None: every loss was finite): a diverged model has nothing more to say."""
         for step in range(steps):
             lr = self.current_lr()
             loss = float(self.step(next_batch()))
-            if after_step is not None:
-                after_step(step, lr, loss)
+            stop = after_step(step, lr, loss) if after_step is not None else False
             if not math.isfinite(loss):
                 return Diverged(step, lr, loss)
+            if stop:
+                return None
         return None
 
     def evaluate(self, batches: Iterable) -> float:

@@ -23,6 +23,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from ...analysis import regime
 from ...models.placements import PAPER_PLACEMENTS as PLACEMENTS
 from .task import (
     DEFAULT_TASK,
@@ -70,6 +71,10 @@ class RunSpec:
         1.0  # ResiDual's weight of x in alpha * x + LN_f(d); 0 is the ablation without the x term
     )
     task: str = DEFAULT_TASK  # `task.TASKS`: words as tokens, or characters (where depth matters)
+    # 0: a fixed budget of `steps`. Else `steps` is a cap: train at least min_steps, then stop at
+    # the first evaluation where the convergence rule holds (`regime.converged`). The inverse-sqrt
+    # schedule does not depend on the budget, so a run stopped at step s is the s-step run.
+    min_steps: int = 0
 
     @property
     def name(self) -> str:
@@ -78,6 +83,7 @@ class RunSpec:
             f"-lr{self.lr:g}-s{self.seed}"
             + ("" if self.alpha == 1.0 else f"-alpha{self.alpha:g}")
             + ("" if self.task == DEFAULT_TASK else f"-{self.task}")
+            + ("-to-rule" if self.min_steps else "")
         )
 
     @property
@@ -180,41 +186,53 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
     curve, streams, losses, hyps = [], [], [], []
 
     def record(step: int) -> None:
+        """One evaluation: the held-out and shuffled-source losses (and accuracy)."""
+        loss, acc = trainer.scores(held)
+        curve.append(
+            dict(
+                step=step,
+                lr=trainer.current_lr(),
+                train_loss=float(np.mean(losses[-spec.eval_every :])) if losses else math.nan,
+                heldout_loss=loss,
+                heldout_acc=acc,
+                shuffled_loss=trainer.scores(shuffled)[0],
+                bleu=math.nan,
+            )
+        )
+
+    def decode() -> None:
+        """BLEU of greedy decodes at the last evaluation (and ResiDual's streams there)."""
         from .task import corpus_bleu
 
-        loss, acc = trainer.scores(held)
-        row = dict(
-            step=step,
-            lr=trainer.current_lr(),
-            train_loss=float(np.mean(losses[-spec.eval_every :])) if losses else math.nan,
-            heldout_loss=loss,
-            heldout_acc=acc,
-            shuffled_loss=trainer.scores(shuffled)[0],
-            bleu=math.nan,
-        )
-        if step % spec.bleu_every == 0 or step == spec.steps:
-            model.eval()
-            with probe.paused():
-                hyps[:] = translate(model, units, data)
-                if spec.placement == "residual":
-                    streams.extend(
-                        dict(step=step, **r) for r in stream_diagnostics(model, stream_batch)
-                    )
-            model.train()
-            row["bleu"] = corpus_bleu(hyps, refs)
-        curve.append(row)
+        model.eval()
+        with probe.paused():
+            hyps[:] = translate(model, units, data)
+            if spec.placement == "residual":
+                step = curve[-1]["step"]
+                streams.extend(
+                    dict(step=step, **r) for r in stream_diagnostics(model, stream_batch)
+                )
+        model.train()
+        curve[-1]["bleu"] = corpus_bleu(hyps, refs)
 
     t0 = time.perf_counter()
 
-    def after_step(step: int, lr: float, loss: float) -> None:
+    def after_step(step: int, lr: float, loss: float) -> bool:
+        """Evaluate every eval_every steps; True (stop) once the convergence rule holds."""
         losses.append(loss)
         done = trainer.steps_done
-        if math.isfinite(loss) and (done % spec.eval_every == 0 or done == spec.steps):
-            record(done)
+        if not math.isfinite(loss) or (done % spec.eval_every and done != spec.steps):
+            return False
+        record(done)
+        stop = 0 < spec.min_steps <= done < spec.steps and regime.converged(curve)
+        if stop or done % spec.bleu_every == 0 or done == spec.steps:
+            decode()
+        return stop
 
     with probe:
         model.train()
         record(0)
+        decode()
         stop = trainer.run(train.next, spec.steps, after_step)
     diverged = None if stop is None else stop.step
     result = dict(
@@ -222,6 +240,7 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
         name=spec.name,
         diverged_at_step=diverged,
         steps_done=trainer.steps_done,
+        converged=regime.converged(curve),  # the rule held at the last evaluation
         train_seconds=round(time.perf_counter() - t0, 1),
         parameters=sum(p.numel() for p in model.parameters()),
     )
@@ -270,9 +289,10 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
 
 # ---- the grid, in two stages ----------------------------------------------------------------------
 
-LRS = (1e-3, 2e-3)  # the peak-lr arms at E6D6 with warm-up
-SEEDS_E6_WARMUP = (0, 1, 2)
-SEEDS = (0, 1)
+LRS = (1e-3, 2e-3)  # the peak-lr arms of the calibration (E6D6, warm-up)
+SEEDS = (0, 1, 2)  # every cell a claim rests on
+MIN_STEPS, MAX_STEPS = 3000, 6000  # a claim run trains to the convergence rule within these
+CHAR_LR = 2e-3  # the character task reuses the word task's main lr (its calibration chose 2e-3)
 
 
 def common(quick: bool, task: str = DEFAULT_TASK) -> dict:
@@ -293,12 +313,19 @@ def common(quick: bool, task: str = DEFAULT_TASK) -> dict:
     return dict(task=task)
 
 
+def to_convergence(quick: bool) -> dict:
+    """The budget of a run a claim rests on: at least MIN_STEPS, then until the rule holds, at
+    most MAX_STEPS (quick: 10 and 20)."""
+    return dict(min_steps=10, steps=20) if quick else dict(min_steps=MIN_STEPS, steps=MAX_STEPS)
+
+
 def depths(quick: bool) -> tuple[int, int]:
     return (1, 2) if quick else (6, 12)
 
 
 def calibration(quick: bool, task: str = DEFAULT_TASK) -> list[RunSpec]:
-    """The baselines the regime is chosen from: Post-LN and Pre-LN, E6D6 (quick: E1D1), warm-up, each lr, seed 0."""
+    """The baselines the regime is chosen from: Post-LN and Pre-LN, E6D6 (quick: E1D1), warm-up,
+    each lr, seed 0, at the fixed budget the regime was first chosen at (3000 steps)."""
     n0 = depths(quick)[0]
     return [
         RunSpec(p, n0, True, lr=lr, seed=0, **common(quick, task))
@@ -307,30 +334,46 @@ def calibration(quick: bool, task: str = DEFAULT_TASK) -> list[RunSpec]:
     ]
 
 
-def stage_a(quick: bool, task: str = DEFAULT_TASK) -> list[RunSpec]:
-    """Runs that do not depend on the regime's lr: calibration first, then the rest of E6D6 warm-up."""
-    n0 = depths(quick)[0]
-    seeds = (0,) if quick else SEEDS_E6_WARMUP
-    rest = [
-        RunSpec(p, n0, True, lr=lr, seed=s, **common(quick, task))
-        for lr in LRS
-        for p in PLACEMENTS
-        for s in seeds
+def depth_gate_runs(quick: bool, task: str) -> list[RunSpec]:
+    """The character task's first runs: Pre-LN, warm-up, at both depths (the depth gate), each seed,
+    at a fixed 3000-step budget, deep first."""
+    n0, n1 = depths(quick)
+    c = dict(lr=CHAR_LR, **common(quick, task))
+    return [
+        RunSpec("pre-ln", n, True, seed=s, **c)
+        for s in SEEDS[: 1 if quick else 3]
+        for n in (n1, n0)
     ]
-    cal = calibration(quick, task)
-    return cal + [s for s in rest if s not in cal]
+
+
+def stage_a(quick: bool, task: str = DEFAULT_TASK) -> list[RunSpec]:
+    """The runs that do not wait for a gate: the word task's calibration, or the character task's
+    depth-gate runs."""
+    return calibration(quick, task) if task == DEFAULT_TASK else depth_gate_runs(quick, task)
 
 
 def stage_b(quick: bool, lr: float, task: str = DEFAULT_TASK) -> list[RunSpec]:
-    """Runs at the main lr: the deep model with warm-up, both depths without, and the alpha = 0 ablation."""
+    """The runs queued once stage A's gate runs finished, trained to convergence, in the order the
+    claims need them (a grid cut short leaves whole cells): word task, at the main lr, the deep
+    and shallow warm-up cells, the deep Post-LN, both depths without warm-up, the alpha = 0
+    ablation; character task, ResiDual at both depths (`task_gate` decides whether they run)."""
     n0, n1 = depths(quick)
-    seeds = (0,) if quick else SEEDS
-    c = dict(lr=lr, **common(quick, task))
+    seeds = SEEDS[:1] if quick else SEEDS
+    c = {**common(quick, task), **to_convergence(quick), "lr": lr}
+    if task != DEFAULT_TASK:
+        c.update(steps=common(quick, task).get("steps", 3000), min_steps=0)  # the gate's budget
+        return [RunSpec("residual", n, True, seed=s, **c) for s in seeds for n in (n1, n0)]
     return (
-        [RunSpec(p, n1, True, seed=s, **c) for p in PLACEMENTS for s in seeds]
-        + [RunSpec(p, n0, False, seed=s, **c) for p in PLACEMENTS for s in seeds]
+        [RunSpec(p, n1, True, seed=s, **c) for s in seeds for p in ("pre-ln", "residual")]
+        + [RunSpec(p, n0, True, seed=s, **c) for s in seeds for p in PLACEMENTS]
+        + [RunSpec("post-ln", n1, True, seed=s, **c) for s in seeds]
+        + [
+            RunSpec(p, n, False, seed=s, **c)
+            for n in (n0, n1)
+            for s in seeds
+            for p in ("pre-ln", "residual")
+        ]
         + [RunSpec("residual", n0, True, seed=s, alpha=0.0, **c) for s in seeds]
-        + [RunSpec(p, n1, False, seed=s, **c) for p in PLACEMENTS for s in seeds]
     )
 
 
