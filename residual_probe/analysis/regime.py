@@ -62,3 +62,40 @@ def choose_lr(calibration: Mapping[float, Mapping[str, float]]) -> tuple[float, 
         for k, c in sorted(calibration.items())
     )
     return lr, f"{why} ({detail}; BLEU, warm-up, seed 0)"
+
+
+ASYMPTOTE_FROM = 1000  # the fit reads the BLEU points from this step on (past the warm-up's ramp)
+
+
+def asymptote(steps: Sequence[float], values: Sequence[float], start: float = ASYMPTOTE_FROM):
+    """Where a run that hit its cap was heading: a least-squares fit of v(t) = a - b exp(-t / tau)
+    to its points at t >= start (scipy's curve_fit); (a, its standard error), or None when there
+    are fewer than 4 points or the fit fails. A saturating exponential is the simplest curve with
+    a level; its a is an extrapolation, reported as one."""
+    import numpy as np
+    from scipy.optimize import curve_fit
+
+    t = np.asarray(steps, dtype=float)
+    v = np.asarray(values, dtype=float)
+    keep = (t >= start) & np.isfinite(v)
+    t, v = t[keep], v[keep]
+    if len(t) < 4:
+        return None
+
+    def curve(x, a, b, tau):
+        return a - b * np.exp(-x / tau)
+
+    span = float(t.max())
+    try:
+        (a, b, tau), cov = curve_fit(
+            curve,
+            t,
+            v,
+            p0=(v[-1], max(v[-1] - v[0], 1e-3) * math.exp(t[0] / span), span),
+            bounds=((-np.inf, -np.inf, 100.0), (np.inf, np.inf, 100.0 * span)),
+            maxfev=20000,
+        )
+    except (RuntimeError, ValueError):
+        return None
+    se = float(np.sqrt(cov[0, 0])) if np.isfinite(cov[0, 0]) else math.inf
+    return float(a), se

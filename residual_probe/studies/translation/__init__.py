@@ -391,6 +391,8 @@ def table_rows(runs: list[dict]) -> list[dict]:
                 bleu_per_seed=" ".join(f"{b:.2f}" for b in bleu),
                 heldout_loss=float(np.mean([r["heldout_loss"] for r in rs])),
                 heldout_acc=float(np.mean([r["heldout_acc"] for r in rs])),
+                steps=" ".join(str(r["steps_done"]) for r in rs),
+                levelled_off=sum(r["converged"] == "yes" for r in rs),
                 failed=sum(r["failed"] == "yes" for r in rs),
                 failed_bleu_rule=sum(r["failed_bleu_rule"] == "yes" for r in rs),
                 paper_bleu="" if paper is None else paper,

@@ -94,7 +94,15 @@ class Cells:
             if step is None
             else f"from step {step}"
         )
+        stop = (
+            ""
+            if not r["spec"].get("min_steps")
+            else ", cap hit before the rule held"
+            if capped(r)
+            else ", levelled off"
+        )
         return (
+            f"{r.get('steps_done', r['spec']['steps'])} steps{stop}, "
             f"loss {fmt(r['heldout_loss'])}, shuffled-source {fmt(r.get('shuffled_loss', math.nan))}, "
             f"BLEU {r['bleu']:.2f}, uses its source: {uses}; "
             f"failed: {'yes' if self.failed(r) else 'no'} (old rule: "
@@ -104,6 +112,20 @@ class Cells:
     def bleu(self, cell) -> float:
         rs = self.get(*cell)
         return float(np.mean([r["bleu"] for r in rs.values()])) if rs else math.nan
+
+    def mean_interval(self, a, b) -> str:
+        """The seed-mean difference of cell a against b with its interval (seeds and sentences
+        resampled, `significance.seed_mean_interval`), over the seeds both cells have."""
+        ra, rb = self.get(*a), self.get(*b)
+        seeds = sorted(set(ra) & set(rb))
+        iv = significance.seed_mean_interval(
+            [ra[s]["hypotheses"] for s in seeds],
+            [rb[s]["hypotheses"] for s in seeds],
+            self.refs,
+            self.clusters,
+        )
+        return f"seed mean {iv.text()} (95 %, {len(seeds)} seed{'s' * (len(seeds) > 1)} and "
+            f"{iv.clusters} sentences resampled)"
 
     def pairs(self, a, b) -> list[significance.Paired]:
         """Paired bootstrap of cell a against cell b, one per seed both have (with the sentence
@@ -131,20 +153,60 @@ def source_step(curve: list[dict], margin: float = SOURCE_MARGIN) -> int | None:
 
 
 def compare(cells: Cells, statement: str, setting: str, placement: str, paper: str, a, b) -> Check:
-    """The claim "a > b" (BLEU), resolved beyond sentence and seed noise."""
+    """The claim "a > b" (BLEU), resolved beyond sentence and seed noise; where a run of either
+    cell hit its step cap before the convergence rule held, the verdict is the fitted asymptotes'
+    (`extrapolated`)."""
     pairs = cells.pairs(a, b)
-    measured = (
-        f"{cells.bleu(a):.2f} vs {cells.bleu(b):.2f}; {significance.describe(pairs)}"
-        if pairs
-        else "not run"
+    if not pairs:
+        return Check(statement, setting, placement, paper, "not run", "not run")
+    measured = f"{cells.bleu(a):.2f} vs {cells.bleu(b):.2f}; " + (
+        f"{cells.mean_interval(a, b)}; " if cells.clusters is not None else ""
     )
-    return Check(
-        statement,
-        setting,
-        placement,
-        paper,
-        measured,
-        significance.resolve(pairs) if pairs else "not run",
+    measured += significance.describe(pairs)
+    verdict = significance.resolve(pairs)
+    ext = extrapolated(cells, a, b)
+    if ext is not None:
+        text, verdict = ext
+        measured = f"{text}; at the stop: {measured}"
+    return Check(statement, setting, placement, paper, measured, verdict)
+
+
+def capped(r: dict) -> bool:
+    """The run trained to the convergence rule but stopped at its cap before the rule held."""
+    return (
+        bool(r["spec"].get("min_steps"))
+        and not r.get("converged")
+        and r["diverged_at_step"] is None
+    )
+
+
+def bleu_asymptote(curve: list[dict]):
+    """`regime.asymptote` of a run's BLEU points (None when it cannot be fitted)."""
+    pts = [(row["step"], row["bleu"]) for row in curve if math.isfinite(row.get("bleu", math.nan))]
+    return regime.asymptote(*zip(*pts)) if pts else None
+
+
+def extrapolated(cells: Cells, a, b) -> tuple[str, str] | None:
+    """(text, verdict) of "a > b" from each run's fitted BLEU asymptote, when a run of either cell
+    hit its cap; None when every run stopped by the rule (or diverged). "yes"/"no" when the 95 %
+    interval of the seed-mean asymptote difference excludes 0, else "not resolved"."""
+    ra, rb = cells.get(*a), cells.get(*b)
+    seeds = sorted(set(ra) & set(rb))
+    hit = sorted(r["name"] for r in [*ra.values(), *rb.values()] if capped(r))
+    if not hit or not seeds:
+        return None
+    fa = [bleu_asymptote(cells.curves.get(ra[s]["name"], [])) for s in seeds]
+    fb = [bleu_asymptote(cells.curves.get(rb[s]["name"], [])) for s in seeds]
+    head = f"extrapolated (cap hit: {', '.join(hit)})"
+    if any(f is None for f in fa + fb):
+        return f"{head}: an asymptote could not be fitted", "not resolved"
+    mean, low, high = significance.fitted_difference_interval(fa, fb)
+    per = ", ".join(f"s{s}: {x[0]:.1f} vs {y[0]:.1f}" for s, x, y in zip(seeds, fa, fb))
+    verdict = "yes" if low > 0 else "no" if high < 0 else "not resolved"
+    return (
+        f"{head}: fitted BLEU asymptotes {per}; seed mean of the difference {mean:+.2f} "
+        f"[{low:+.2f}, {high:+.2f}] (95 %, seeds and fits resampled)",
+        verdict,
     )
 
 
