@@ -124,8 +124,10 @@ class Cells:
             self.refs,
             self.clusters,
         )
-        return f"seed mean {iv.text()} (95 %, {len(seeds)} seed{'s' * (len(seeds) > 1)} and "
+        return (
+            f"seed mean {iv.text()} (95 %, {len(seeds)} seed{'s' * (len(seeds) > 1)} and "
             f"{iv.clusters} sentences resampled)"
+        )
 
     def pairs(self, a, b) -> list[significance.Paired]:
         """Paired bootstrap of cell a against cell b, one per seed both have (with the sentence
