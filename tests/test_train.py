@@ -224,6 +224,10 @@ def test_trainer_run_hears_every_step_and_stops_at_the_first_non_finite_loss():
     assert isinstance(stop, Diverged) and stop.step == 3 and stop.lr == heard[3][1]
     assert all(math.isfinite(x) for _, _, x in heard[:3]) and math.isnan(stop.loss)
     assert Trainer(Transformer(cfg)).run(batches.next, 2) is None
+    # after_step returning True stops the run there (a run trained until a rule holds)
+    short = Trainer(Transformer(cfg))
+    assert short.run(batches.next, 10, lambda step, lr, loss: step == 4) is None
+    assert short.steps_done == 5
 
 
 def test_train_summary_prints_the_precursor_warnings(capsys):

@@ -106,6 +106,8 @@ def _result(placement, seed, loss, bleu, hyps, depth=2, lr=1e-3, shuffled=math.n
     return dict(
         spec=dict(depth=depth, placement=placement, warmup=True, lr=lr, alpha=1.0, seed=seed),
         name=spec.name,
+        steps_done=3000,
+        diverged_at_step=None,
         heldout_loss=loss,
         shuffled_loss=shuffled,
         bleu=bleu,
@@ -143,7 +145,7 @@ def test_failure_rule_against_the_bigram_with_the_old_rule_beside_it():
     rows = C.paper_checks(cells, 1, 2, 1e-3, "tiny", True)
     row = next(c for c in rows if c.statement.startswith("Post-LN fails to train at E2D2"))
     assert row.measured.startswith("failed seeds 2/3") and "old rule" in row.measured
-    assert ") 3/3;" in row.measured and "s1: loss 4.2" in row.measured
+    assert ") 3/3;" in row.measured and "s1: 3000 steps, loss 4.2" in row.measured
     assert "from step 200" in row.measured and row.agreement == "not resolved"
 
 
@@ -164,7 +166,8 @@ def test_comparison_rows_carry_sentence_intervals_when_the_sentences_are_known()
     interval = significance.cluster_bootstrap(a0, b0, refs, clusters)
     assert interval.low < interval.diff < interval.high
     assert "95 % sentence-bootstrap interval" in row.measured
-    assert row.measured.count(interval.text()) == 2  # both seeds: the same decodes here
+    # both seeds and their mean (seeds and sentences resampled): the same decodes here
+    assert row.measured.count(interval.text()) == 3
     assert "(p " in row.measured  # sacrebleu's paired p-values stay
     pairs = with_sentences.pairs(cell_a, cell_b)
     assert pairs[0].diff == pytest.approx(interval.diff, abs=1e-9)

@@ -258,10 +258,12 @@ def test_cluster_bootstrap_is_wider_than_resampling_units_on_clustered_data():
 def test_quick_grid_writes_tables_figures_and_checks(quick_figures):
     out, meta = quick_figures
     table = list(csv.DictReader(open(out / "translation_table.csv")))
-    # E1D1 warm-up x 2 lr arms, then at the main lr: E2D2 warm-up, both depths without, the ablation
-    assert len(table) == 3 * 2 + 3 + 3 + 3 + 1
+    # at the main lr, to the rule: both depths with warm-up (Post-LN, Pre-LN, ResiDual), Pre-LN and
+    # ResiDual at both depths without, the ablation; the calibration runs have their own table
+    assert len(table) == 3 + 3 + 2 + 2 + 1
     runs = list(csv.DictReader(open(out / "translation_runs.csv")))
-    assert len(runs) == 16 and all(0 <= float(r["bleu"]) <= 100 for r in runs)
+    assert len(runs) == 11 and all(0 <= float(r["bleu"]) <= 100 for r in runs)
+    assert all(r["run"].endswith("-to-rule") and int(r["steps_done"]) in (10, 15, 20) for r in runs)
     cal = list(csv.DictReader(open(out / "translation_calibration.csv")))
     assert {(r["placement"], float(r["lr"])) for r in cal} == {
         (p, lr) for p in ("post-ln", "pre-ln") for lr in R.LRS
@@ -278,10 +280,8 @@ def test_quick_grid_writes_tables_figures_and_checks(quick_figures):
     assert any(w in lr_row["measured"] for w in ("rule bound", "did not bind")) or (
         lr_row["agreement"] == "no"
     )
-    assert any(s.startswith("The step budget lets training level off") for s in statements)
-    assert (
-        sum(s.startswith("ResiDual > Pre-LN at E1D1 (warm-up, lr") for s in statements) == 2
-    )  # both lr arms
+    assert any(s.startswith("The claim runs level off within the cap") for s in statements)
+    assert sum(s.startswith("ResiDual > Pre-LN at E1D1 (warm-up, lr") for s in statements) == 1
     assert any("alpha 1 > alpha 0" in s for s in statements)
     meta_t = json.loads((out / "translation.json").read_text())
     assert (
@@ -294,7 +294,7 @@ def test_quick_grid_writes_tables_figures_and_checks(quick_figures):
 
     with gzip.open(out / "translation_hypotheses.csv.gz", "rt") as fh:
         hyps = list(csv.DictReader(fh))
-    assert len(hyps) == 16 * meta_t["units"]["heldout"]
+    assert len(hyps) == 11 * meta_t["units"]["heldout"]
     # sentences whose every unit was dropped (an unseen word) have none
     assert 50 < len({h["sentence"] for h in hyps}) <= meta_t["sentences"]["heldout"]
     # every comparison row gives its per-seed sentence interval (the sentences are known)
@@ -322,7 +322,7 @@ def test_quick_grid_resumes_and_writes_a_partial_grid(quick_figures, tmp_path, m
     shutil.copytree(src / "runs", tmp_path / "runs")  # a copy: the shared fixture stays whole
     root = tmp_path / "runs" / "translation-quick"
     stamps = {p: p.stat().st_mtime_ns for p in root.glob("*/result.json")}
-    assert len(stamps) == 16
+    assert len(stamps) == 15
     with (
         monkeypatch.context() as m
     ):  # the resume alone: the tables and figures are the partial run's
@@ -332,12 +332,12 @@ def test_quick_grid_resumes_and_writes_a_partial_grid(quick_figures, tmp_path, m
         )  # all finished: nothing retrains
     assert {p: p.stat().st_mtime_ns for p in root.glob("*/result.json")} == stamps
     lr = json.loads((src / "translation.json").read_text())["main_lr"]
-    gone = R.RunSpec("post-ln", 2, False, lr=lr, **R.common(True))
+    gone = R.RunSpec("pre-ln", 2, False, lr=lr, **{**R.common(True), **R.to_convergence(True)})
     (root / gone.name / "result.json").unlink()
     lines = []
     partial = translation.run(tmp_path, quick=True, echo=lines.append, train=False)
-    assert any("1 of 16 runs not finished" in line for line in lines)
-    assert len(list(csv.DictReader(open(tmp_path / "translation_runs.csv")))) == 15
+    assert any("1 of 15 runs not finished" in line for line in lines)
+    assert len(list(csv.DictReader(open(tmp_path / "translation_runs.csv")))) == 10
     assert len(partial) == len([c for c in meta["checks"] if c["study"] == "translation"])
     # the wall time of the training calls (the fixture's and the resume), though this write trained none
     written = json.loads((tmp_path / "translation.json").read_text())

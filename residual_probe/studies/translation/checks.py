@@ -102,7 +102,7 @@ class Cells:
             else ", levelled off"
         )
         return (
-            f"{r.get('steps_done', r['spec']['steps'])} steps{stop}, "
+            f"{r['steps_done']} steps{stop}, "
             f"loss {fmt(r['heldout_loss'])}, shuffled-source {fmt(r.get('shuffled_loss', math.nan))}, "
             f"BLEU {r['bleu']:.2f}, uses its source: {uses}; "
             f"failed: {'yes' if self.failed(r) else 'no'} (old rule: "
@@ -178,7 +178,7 @@ def capped(r: dict) -> bool:
     return (
         bool(r["spec"].get("min_steps"))
         and not r.get("converged")
-        and r["diverged_at_step"] is None
+        and r.get("diverged_at_step") is None
     )
 
 

@@ -1,0 +1,117 @@
+"""The translation study's runs to the convergence rule, and the intervals of its claims: the
+seed-mean bootstrap and, where a run hit its cap, the fitted asymptotes."""
+
+import math
+
+import numpy as np
+import pytest
+
+from residual_probe.analysis import regime, significance
+from residual_probe.studies.translation import checks as C
+from residual_probe.studies.translation import runs as R
+
+
+def test_a_run_stops_at_the_first_evaluation_where_the_rule_holds(tmp_path, monkeypatch):
+    spec = R.RunSpec("pre-ln", 1, True, **{**R.common(True), **R.to_convergence(True)})
+    assert (spec.min_steps, spec.steps) == (10, 20) and spec.name.endswith("-to-rule")
+    seen = []
+
+    def rule(curve):  # holds from step 15 on: the run must stop there, not at 10 or 20
+        seen.append(curve[-1]["step"])
+        return curve[-1]["step"] >= 15
+
+    monkeypatch.setattr(R.regime, "converged", rule)
+    res = R.train_run(spec, tmp_path / spec.name)
+    assert res["steps_done"] == 15 and res["converged"] and res["diverged_at_step"] is None
+    assert seen[:2] == [10, 15]  # checked only from min_steps on (and once more for the result)
+    curve = R.read_rows(tmp_path / spec.name / "curve.csv")
+    assert [int(r["step"]) for r in curve] == [0, 5, 10, 15]
+    # BLEU at step 0, at the bleu_every point 10 and at the stop (the result's BLEU)
+    assert [r["bleu"] != "nan" for r in curve] == [True, False, True, True]
+    assert float(curve[-1]["bleu"]) == pytest.approx(res["bleu"])
+
+
+def test_inverse_sqrt_schedule_does_not_depend_on_the_budget():
+    """Why a run stopped by the rule at step s is the s-step run: the lr at a step never reads
+    the number of steps planned."""
+    from residual_probe.training import lr_schedule
+
+    assert "steps" not in lr_schedule.__code__.co_varnames[: lr_schedule.__code__.co_argcount]
+
+
+def _systems(seed):
+    from test_translation_study import _clustered
+
+    return _clustered(seed=seed, sentences=20, per=3)
+
+
+def test_seed_mean_interval_with_one_seed_is_the_sentence_interval():
+    good, bad, refs, clusters = _systems(0)
+    one = significance.seed_mean_interval([good], [bad], refs, clusters)
+    assert one.low < one.diff < one.high
+    direct = significance.cluster_bootstrap(good, bad, refs, clusters)
+    assert (one.diff, one.low, one.high) == pytest.approx((direct.diff, direct.low, direct.high))
+    # two seeds with the same decodes: nothing more to resample
+    two = significance.seed_mean_interval([good, good], [bad, bad], refs, clusters)
+    assert (two.low, two.high) == pytest.approx((one.low, one.high))
+
+
+def test_seed_mean_interval_widens_when_seeds_disagree():
+    _, bad, refs, clusters = _systems(1)
+    good = list(refs)  # a perfect system: d about 50 BLEU, far beyond the sentence noise
+    same = significance.seed_mean_interval([good, good], [bad, bad], refs, clusters)
+    mixed = significance.seed_mean_interval([good, bad], [bad, good], refs, clusters)
+    assert mixed.diff == pytest.approx(0.0, abs=1e-9)  # +d and -d
+    assert mixed.low < 0 < mixed.high and mixed.high - mixed.low > same.high - same.low
+
+
+def test_asymptote_recovers_a_known_level():
+    t = np.arange(0, 6001, 500)
+    v = 80 - 40 * np.exp(-t / 2500) + np.random.default_rng(0).normal(0, 0.3, len(t))
+    a, se = regime.asymptote(t, v)
+    assert abs(a - 80) < 3 * se + 0.5 and se < 2
+    assert regime.asymptote([1000, 1500, 2000], [1, 2, 3]) is None  # too few points
+
+
+def test_fitted_difference_interval():
+    mean, low, high = significance.fitted_difference_interval([(80, 0.0)] * 3, [(70, 0.0)] * 3)
+    assert (mean, low, high) == pytest.approx((10, 10, 10))
+    mean, low, high = significance.fitted_difference_interval([(80, 2.0)] * 3, [(79, 2.0)] * 3)
+    assert low < 1 < high
+    assert math.isnan(significance.fitted_difference_interval([(1, math.inf)], [(0, 0)])[1])
+
+
+def _run(placement, seed, level, converged):
+    spec = R.RunSpec(placement, 2, True, seed=seed, min_steps=3000, steps=6000)
+    t = np.arange(0, 6001, 500)
+    bleu = level - 50 * np.exp(-t / 2000) + 0.2 * ((t // 500) % 2)  # a little noise
+    res = dict(
+        spec=dict(depth=2, placement=placement, warmup=True, lr=1e-3, alpha=1.0, seed=seed)
+        | dict(min_steps=3000),
+        name=spec.name,
+        steps_done=6000,
+        converged=converged,
+        diverged_at_step=None,
+        heldout_loss=0.5,
+        bleu=float(bleu[-1]),
+        hypotheses=["x"],
+    )
+    return res, [dict(step=float(s), bleu=float(b)) for s, b in zip(t, bleu)]
+
+
+def test_claim_rows_extrapolate_where_the_cap_was_hit():
+    made = [_run("residual", s, 90, False) for s in range(3)]
+    made += [_run("pre-ln", s, 85, True) for s in range(3)]
+    cells = C.Cells([r for r, _ in made], ["x"], 4.4, 5.3, curves={r["name"]: c for r, c in made})
+    a, b = (2, "residual", True, 1e-3), (2, "pre-ln", True, 1e-3)
+    row = C.compare(cells, "A > B", "tiny", "residual", "paper", a, b)
+    assert (
+        row.measured.startswith("extrapolated (cap hit: E2D2-residual")
+        and "at the stop" in row.measured
+    )
+    assert row.agreement == "yes"  # asymptotes 90 vs 85, fitted tightly
+    # every run levelled off: the measured verdict stands, nothing extrapolated
+    done = [(dict(r, converged=True), c) for r, c in made]
+    cells = C.Cells([r for r, _ in done], ["x"], 4.4, 5.3, curves={r["name"]: c for r, c in done})
+    row = C.compare(cells, "A > B", "tiny", "residual", "paper", a, b)
+    assert "extrapolated" not in row.measured and row.agreement == "not resolved"
