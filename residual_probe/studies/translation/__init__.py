@@ -239,14 +239,9 @@ def write_results(
     )
 
     n0, n1 = depths(quick)
-    budget = (
-        f"{specs[0].min_steps}-{specs[0].steps} steps (to the convergence rule)"
-        if specs[0].min_steps
-        else f"{specs[0].steps} steps"
-    )
     size = (
         f"Pig Latin seq2seq{'' if task == DEFAULT_TASK else f' ({task})'}, d {specs[0].d_model}, "
-        f"{budget}, dropout {specs[0].dropout:g}"
+        f"{specs[0].budget}, dropout {specs[0].dropout:g}"
     )
     if task == DEFAULT_TASK:
         checks, gate = regime_checks(cells, cal, curves, n0, lr, why, size)

@@ -55,7 +55,7 @@ def draw(
         plot_streams,
     )
 
-    size = f"d {specs[0].d_model}, {specs[0].steps} steps, dropout {specs[0].dropout:g}"
+    size = f"d {specs[0].d_model}, {specs[0].budget}, dropout {specs[0].dropout:g}"
     note = "" if gate else " [gate failed: outside the paper's regime]"
     from .checks import PAPER_BLEU
 

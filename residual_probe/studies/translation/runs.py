@@ -87,6 +87,13 @@ class RunSpec:
         )
 
     @property
+    def budget(self) -> str:
+        """The step budget in words, for titles and settings."""
+        if self.min_steps:
+            return f"{self.min_steps}-{self.steps} steps (to the convergence rule)"
+        return f"{self.steps} steps"
+
+    @property
     def cell(self) -> tuple:
         """The grid cell (all but the seed): runs of one cell are seeds of one recipe."""
         return (self.depth, self.placement, self.warmup, self.lr, self.alpha)
