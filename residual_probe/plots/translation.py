@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -167,9 +167,14 @@ def plot_curves(
     column: str = "heldout_loss",
     title: str = "",
     formats=("png",),
+    levels: Mapping[str, float] | None = None,
+    diverged: Iterable[str] = (),
 ) -> list[Path]:
     """`column` of the curve rows over training (held-out loss, or BLEU): one panel per model size
-    and warm-up, one colour per placement, one line per seed."""
+    and warm-up, one colour per placement, one line per seed; a cross where a run in `diverged`
+    ended, and for a run in `levels` (one that hit its step cap) a dotted line from its last point
+    to the level its fit extrapolates."""
+    levels, diverged = levels or {}, set(diverged)
     plt = setup()
     depths = sorted({s["depth"] for s in specs.values()})
     fig, axes = plt.subplots(
@@ -192,8 +197,14 @@ def plot_curves(
             ms=3,
             label=label(s["placement"]) if s["seed"] == 0 else None,
         )
-        if len(rows) and len(steps) and steps[-1] < s["steps"]:  # stopped early: diverged
+        if steps and name in diverged:
             ax.plot(steps[-1], loss[-1], "x", color=color(s["placement"]), ms=9)
+        if steps and name in levels:
+            end = steps[-1] * 1.12
+            ax.plot(
+                [steps[-1], end], [loss[-1], levels[name]], ":", color=color(s["placement"]), lw=1.2
+            )
+            ax.plot(end, levels[name], ">", color=color(s["placement"]), ms=4)
     for i, n in enumerate(depths):
         for j, warm in enumerate(("warm-up", "no warm-up")):
             ax = axes[i][j]

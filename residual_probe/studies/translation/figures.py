@@ -62,18 +62,28 @@ def draw(
     plot_bleu(table, runs, PAPER_BLEU, out / "translation_bleu")
     main = [s for s in specs if s.lr == lr and s.alpha == 1.0]
     spec_rows = {s.name: asdict(s) for s in main}
+    from .checks import bleu_asymptote
+
+    diverged = [r["run"] for r in runs if r["diverged_at_step"] != ""]
+    capped = [r["run"] for r in runs if r["run"] in spec_rows and r["converged"] == "no"]
+    capped = [n for n in capped if spec_rows[n]["min_steps"] and n not in diverged]
+    levels = {n: fit[0] for n in capped if (fit := bleu_asymptote(curves[n])) is not None}
     plot_curves(
         {s.name: curves[s.name] for s in main},
         spec_rows,
         out / "translation_curves",
         title=f"Held-out loss (teacher-forced, no label smoothing), peak lr {lr:g}{note}",
+        diverged=diverged,
     )
     plot_curves(
         {s.name: curves[s.name] for s in main},
         spec_rows,
         out / "translation_bleu_curves",
         column="bleu",
-        title=f"Held-out BLEU over training (greedy decodes of every held-out unit), peak lr {lr:g}{note}",
+        title=f"Held-out BLEU over training (greedy decodes of every held-out unit), peak lr {lr:g}"
+        f"{note}; dotted: the fitted level of a run that hit its cap",
+        levels=levels,
+        diverged=diverged,
     )
     deep = {
         p: next(
