@@ -72,7 +72,7 @@ class RunSpec:
     )
     task: str = DEFAULT_TASK  # `task.TASKS`: words as tokens, or characters (where depth matters)
     # 0: a fixed budget of `steps`. Else `steps` is a cap: train at least min_steps, then stop at
-    # the first evaluation where the convergence rule holds (`regime.converged`). The inverse-sqrt
+    # the first BLEU point where the convergence rule holds (`regime.converged`). The inverse-sqrt
     # schedule does not depend on the budget, so a run stopped at step s is the s-step run.
     min_steps: int = 0
 
@@ -231,8 +231,10 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
         if not math.isfinite(loss) or (done % spec.eval_every and done != spec.steps):
             return False
         record(done)
-        stop = 0 < spec.min_steps <= done < spec.steps and regime.converged(curve)
-        if stop or done % spec.bleu_every == 0 or done == spec.steps:
+        bleu_point = done % spec.bleu_every == 0 or done == spec.steps
+        # the rule is checked at the BLEU points only: fewer looks, fewer stops on a blip
+        stop = bleu_point and 0 < spec.min_steps <= done < spec.steps and regime.converged(curve)
+        if bleu_point:
             decode()
         return stop
 
