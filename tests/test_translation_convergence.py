@@ -11,24 +11,38 @@ from residual_probe.studies.translation import checks as C
 from residual_probe.studies.translation import runs as R
 
 
-def test_a_run_stops_at_the_first_evaluation_where_the_rule_holds(tmp_path, monkeypatch):
+def test_a_run_stops_at_the_first_bleu_point_where_the_rule_holds(tmp_path, monkeypatch):
+    import dataclasses
+
     spec = R.RunSpec("pre-ln", 1, True, **{**R.common(True), **R.to_convergence(True)})
     assert (spec.min_steps, spec.steps) == (10, 20) and spec.name.endswith("-to-rule")
+    spec = dataclasses.replace(spec, min_steps=5, eval_every=5, bleu_every=10)
     seen = []
 
-    def rule(curve):  # holds from step 15 on: the run must stop there, not at 10 or 20
+    def rule(curve):  # holds from step 5 on: checked first at the BLEU point 10, where it stops
         seen.append(curve[-1]["step"])
-        return curve[-1]["step"] >= 15
+        return curve[-1]["step"] >= 5
 
     monkeypatch.setattr(R.regime, "converged", rule)
     res = R.train_run(spec, tmp_path / spec.name)
-    assert res["steps_done"] == 15 and res["converged"] and res["diverged_at_step"] is None
-    assert seen[:2] == [10, 15]  # checked only from min_steps on (and once more for the result)
+    assert res["steps_done"] == 10 and res["converged"] and res["diverged_at_step"] is None
+    assert seen == [10, 10]  # the stop, then the result's flag; never at the evaluation 5
     curve = R.read_rows(tmp_path / spec.name / "curve.csv")
-    assert [int(r["step"]) for r in curve] == [0, 5, 10, 15]
-    # BLEU at step 0, at the bleu_every point 10 and at the stop (the result's BLEU)
-    assert [r["bleu"] != "nan" for r in curve] == [True, False, True, True]
+    assert [int(r["step"]) for r in curve] == [0, 5, 10]
+    assert [r["bleu"] != "nan" for r in curve] == [True, False, True]
     assert float(curve[-1]["bleu"]) == pytest.approx(res["bleu"])
+
+
+def test_the_rule_reads_window_means_not_a_blip():
+    """A held-out loss that has levelled off with one upward blip at the end: a rule on single
+    evaluations would stop there (no improvement), the window means see the improvement."""
+    steps = range(0, 5001, 100)
+    loss = [1.0 / (1 + s / 500) for s in steps]
+    curve = [dict(step=s, heldout_loss=v) for s, v in zip(steps, loss)]
+    assert not regime.converged(curve)  # still falls ~14 % over the last 20 %
+    blip = curve[:-1] + [dict(step=5000, heldout_loss=loss[-11])]  # back to the step-4000 level
+    single = regime.tail_improvement(blip, window=1)
+    assert single < 0.01 and not regime.converged(blip)
 
 
 def test_inverse_sqrt_schedule_does_not_depend_on_the_budget():

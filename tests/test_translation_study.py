@@ -164,7 +164,8 @@ def test_stack_states_are_the_block_inputs():
 
 def test_convergence_rule_and_gate():
     flat = [dict(step=s, heldout_loss=1.0 - 0.001 * s / 100) for s in range(0, 3001, 100)]
-    assert regime.tail_improvement(flat) == pytest.approx((0.976 - 0.970) / 0.976)
+    # each end the mean of 5 evaluations: steps 2000-2400 and 2600-3000
+    assert regime.tail_improvement(flat) == pytest.approx((0.978 - 0.972) / 0.978)
     assert regime.converged(flat)
     falling = [dict(step=s, heldout_loss=2.0 - 0.03 * s / 100) for s in range(0, 3001, 100)]
     assert not regime.converged(falling)
