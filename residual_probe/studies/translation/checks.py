@@ -271,9 +271,10 @@ def regime_checks(
     steps = [r["steps_done"] for r in claim_runs]
     rows.append(
         Check(
-            f"The claim runs level off within the cap (held-out loss improves < "
-            f"{100 * regime.CONVERGED_REL:g} % over the last {100 * regime.CONVERGED_TAIL:g} % of "
-            "steps, checked at every evaluation from the minimum budget on)",
+            f"The claim runs level off within the cap (held-out loss, each end the mean of "
+            f"{regime.CONVERGED_WINDOW} evaluations, improves < {100 * regime.CONVERGED_REL:g} % "
+            f"over the last {100 * regime.CONVERGED_TAIL:g} % of steps; checked at every BLEU "
+            "point from the minimum budget on)",
             setting,
             "post-ln, pre-ln, residual",
             "rule: stop when it holds; where the cap is hit, the claim is extrapolated",
