@@ -177,12 +177,17 @@ def plot_curves(
     levels, diverged = levels or {}, set(diverged)
     plt = setup()
     depths = sorted({s["depth"] for s in specs.values()})
+    warms = sorted({bool(specs[n]["warmup"]) for n in curves}, reverse=True)  # panels with runs
     fig, axes = plt.subplots(
-        len(depths), 2, figsize=(9.5, 3.0 * len(depths)), squeeze=False, sharey=True
+        len(depths),
+        len(warms),
+        figsize=(4.75 * len(warms), 3.0 * len(depths)),
+        squeeze=False,
+        sharey=True,
     )
     for name, rows in curves.items():
         s = specs[name]
-        ax = axes[depths.index(s["depth"])][0 if s["warmup"] else 1]
+        ax = axes[depths.index(s["depth"])][warms.index(bool(s["warmup"]))]
         rows = [r for r in rows if np.isfinite(r[column])]
         steps = [r["step"] for r in rows]
         loss = [r[column] for r in rows]
@@ -206,9 +211,9 @@ def plot_curves(
             )
             ax.plot(end, levels[name], ">", color=color(s["placement"]), ms=4)
     for i, n in enumerate(depths):
-        for j, warm in enumerate(("warm-up", "no warm-up")):
+        for j, warm in enumerate(warms):
             ax = axes[i][j]
-            ax.set_title(f"E{n}D{n}, {warm}")
+            ax.set_title(f"E{n}D{n}, {'warm-up' if warm else 'no warm-up'}")
             ax.set_xlabel("step")
             if column == "heldout_loss":
                 ax.set_yscale("log")

@@ -80,7 +80,11 @@ def task_gate(results: dict[str, dict], quick: bool, task: str) -> bool:
         return True
     n0, n1 = depths(quick)
     bleu = {
-        n: [results[s.name]["bleu"] for s in depth_gate_runs(quick, task) if s.depth == n]
+        n: [
+            results[s.name]["bleu"]
+            for s in depth_gate_runs(quick, task)
+            if s.depth == n and s.name in results
+        ]
         for n in (n0, n1)
     }
     return depth_gate(bleu[n0], bleu[n1])
@@ -128,7 +132,7 @@ def run(
         chosen = main_lr(results, quick, task)
         results.update(finished(stage_b(quick, chosen[0], task), root) if chosen else {})
     chosen = main_lr(results, quick, task)
-    if chosen is None or not set(s.name for s in first) <= set(results):
+    if chosen is None or not any(s.name in results for s in first):
         echo("translation: the first stage has not finished; nothing to write")
         return []
     lr, why = chosen

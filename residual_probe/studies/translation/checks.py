@@ -493,6 +493,7 @@ def depth_checks(cells: Cells, n0: int, n1: int, lr: float, setting: str) -> lis
         (
             f"E{n1}D{n1} {' '.join(f'{b:.2f}' for b in deep)} vs E{n0}D{n0} "
             f"{' '.join(f'{b:.2f}' for b in shallow)}"
+            + (f"; {cells.mean_interval(pre1, pre0)}" if pairs and cells.clusters else "")
             + (f"; {significance.describe(pairs)}" if pairs else "")
         )
         if shallow and deep
