@@ -282,7 +282,9 @@ def write_results(
             train_seconds_total=round(sum(results[s.name]["train_seconds"] for s in specs), 1),
             main_lr=lr,
             lr_rule=why,
-            gate_passed=gate,
+            # the word task's regime gate; the character task's depth gate
+            gate_passed=gate if task == DEFAULT_TASK else None,
+            depth_gate_passed=None if task == DEFAULT_TASK else task_gate(results, quick, task),
             missing_runs=missing,
             sentences=dict(train=data.sentences[0], heldout=data.sentences[1]),
             units=dict(train=sum(map(len, data.train.values())), heldout=len(data.heldout)),
