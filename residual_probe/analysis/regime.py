@@ -83,13 +83,19 @@ def choose_lr(calibration: Mapping[float, Mapping[str, float]]) -> tuple[float, 
 ASYMPTOTE_TAIL = 0.5  # the fit reads the second half of a run's points
 
 
-def asymptote(steps: Sequence[float], values: Sequence[float], tail: float = ASYMPTOTE_TAIL):
+def asymptote(
+    steps: Sequence[float],
+    values: Sequence[float],
+    tail: float = ASYMPTOTE_TAIL,
+    upper: float = math.inf,
+):
     """Where a run that hit its cap was heading: a least-squares fit of v(t) = a - b exp(-t / tau)
     to its points in the last `tail` of its steps (scipy's curve_fit); (a, its standard error), or
     None when there are fewer than 4 points or the fit fails. A saturating exponential is the
     simplest curve with a level; its a is an extrapolation, reported as one. Only the late points:
     BLEU rises fast, then creeps, and a fit that also reads the fast rise (from step 1000) put
-    Pre-LN E12D12 seed 0's level at 88.4, under its own last points (89.1-89.9)."""
+    Pre-LN E12D12 seed 0's level at 88.4, under its own last points (89.1-89.9). `upper`: the
+    largest level the quantity can have (BLEU: 100)."""
     import numpy as np
     from scipy.optimize import curve_fit
 
@@ -110,7 +116,7 @@ def asymptote(steps: Sequence[float], values: Sequence[float], tail: float = ASY
             t,
             v,
             p0=(v[-1], max(v[-1] - v[0], 1e-3) * math.exp(t[0] / span), span),
-            bounds=((-np.inf, -np.inf, 100.0), (np.inf, np.inf, 100.0 * span)),
+            bounds=((-np.inf, -np.inf, 100.0), (upper, np.inf, 100.0 * span)),
             maxfev=20000,
         )
     except (RuntimeError, ValueError):

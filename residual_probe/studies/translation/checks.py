@@ -185,7 +185,7 @@ def capped(r: dict) -> bool:
 def bleu_asymptote(curve: list[dict]):
     """`regime.asymptote` of a run's BLEU points (None when it cannot be fitted)."""
     pts = [(row["step"], row["bleu"]) for row in curve if math.isfinite(row.get("bleu", math.nan))]
-    return regime.asymptote(*zip(*pts)) if pts else None
+    return regime.asymptote(*zip(*pts), upper=100.0) if pts else None
 
 
 def extrapolated(cells: Cells, a, b) -> tuple[str, str] | None:
