@@ -181,7 +181,7 @@ def plot_curves(
     fig, axes = plt.subplots(
         len(depths),
         len(warms),
-        figsize=(4.75 * len(warms), 3.0 * len(depths)),
+        figsize=(max(7.0, 4.75 * len(warms)), 3.0 * len(depths)),
         squeeze=False,
         sharey=True,
     )
