@@ -138,6 +138,16 @@ def bleu_from_statistics(total: np.ndarray) -> float:
     return float(BLEU()._compute_score_from_stats([int(v) for v in total]).score)
 
 
+def cluster_statistics(hyps: Sequence[str], refs: Sequence[str], clusters: Sequence) -> np.ndarray:
+    """(sentences, 10) BLEU statistics summed over each cluster's units (`bleu_statistics`), rows in
+    the sorted order of the cluster names: what a sentence-level bootstrap draws from."""
+    _, which = np.unique(np.asarray(clusters), return_inverse=True)
+    stats = bleu_statistics(hyps, refs)
+    summed = np.zeros((int(which.max()) + 1, stats.shape[1]), dtype=np.int64)
+    np.add.at(summed, which, stats)
+    return summed
+
+
 def resample_counts(k: int, n_samples: int, seed: int) -> np.ndarray:
     """(n_samples, k): how often each of k clusters is drawn in each resample of k draws with
     replacement (a multinomial), seeded."""
@@ -159,14 +169,8 @@ def cluster_bootstrap(
     the percentile interval of the resampled differences."""
     if not (len(hyps_a) == len(hyps_b) == len(refs) == len(clusters)) or not refs:
         raise ValueError("hypotheses, references and clusters must be equally long and not empty")
-    _, which = np.unique(np.asarray(clusters), return_inverse=True)
-    k = int(which.max()) + 1
-    per = []
-    for hyps in (hyps_a, hyps_b):
-        stats = bleu_statistics(hyps, refs)
-        summed = np.zeros((k, stats.shape[1]), dtype=np.int64)
-        np.add.at(summed, which, stats)
-        per.append(summed)
+    per = [cluster_statistics(hyps, refs, clusters) for hyps in (hyps_a, hyps_b)]
+    k = len(per[0])
     counts = resample_counts(k, n_samples, seed)
     diffs = np.array(
         [bleu_from_statistics(c @ per[0]) - bleu_from_statistics(c @ per[1]) for c in counts]
@@ -191,16 +195,11 @@ def seed_mean_interval(
     test set). It carries both noises the rule above names; with 2-3 seeds its seed part is coarse."""
     if not hyps_a or len(hyps_a) != len(hyps_b):
         raise ValueError("one list of hypotheses per seed, as many for A as for B")
-    _, which = np.unique(np.asarray(clusters), return_inverse=True)
-    k = int(which.max()) + 1
-
-    def per_cluster(hyps: Sequence[str]) -> np.ndarray:
-        stats = bleu_statistics(hyps, refs)
-        summed = np.zeros((k, stats.shape[1]), dtype=np.int64)
-        np.add.at(summed, which, stats)
-        return summed
-
-    per = [(per_cluster(a), per_cluster(b)) for a, b in zip(hyps_a, hyps_b)]
+    per = [
+        (cluster_statistics(a, refs, clusters), cluster_statistics(b, refs, clusters))
+        for a, b in zip(hyps_a, hyps_b)
+    ]
+    k = len(per[0][0])
     n = len(per)
     counts = resample_counts(k, n_samples, seed)
     seeds = np.random.default_rng(seed + 1).integers(0, n, size=(n_samples, n))
