@@ -1,5 +1,7 @@
 """One base class for user errors; the CLI maps it to exit 2 and anything else to exit 1."""
 
+import sys
+
 import pytest
 from typer.testing import CliRunner
 
@@ -92,6 +94,32 @@ def test_cli_maps_user_errors_to_2_and_bugs_to_1(monkeypatch, exc, code, prefix)
     assert len(lines) == 1 and lines[0].startswith(prefix), result.stderr
     assert ("RESIDUAL_PROBE_DEBUG=1" in lines[0]) == (code == 1)
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("sigterm", [False, True], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupt_inside_an_extensions_import_is_still_an_interrupt(monkeypatch, sigterm):
+    """pybind11 modules raise ImportError("initialization failed") from the KeyboardInterrupt a
+    signal raised while they initialised (a CI run's SIGTERM test met it): 130/143, not a bug."""
+    import residual_probe.jobs.grad_norms as job
+
+    cli_app = sys.modules["residual_probe.cli.app"]  # the package's `app` is the Typer object
+
+    def interrupted_import(*args, **kwargs):
+        if sigterm:
+            cli_app._signal_received.append(15)
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as stop:
+            raise ImportError("initialization failed") from stop
+
+    monkeypatch.delenv("RESIDUAL_PROBE_DEBUG", raising=False)
+    monkeypatch.setattr(job, "run_grad_norms", interrupted_import)
+    result = runner.invoke(app, ["grad-norms", "--depth", "2"])
+    assert result.exit_code == (143 if sigterm else 130), result.stderr
+    word = "terminated (SIGTERM)" if sigterm else "interrupted"
+    assert result.stderr.strip().splitlines() == [
+        f"error: {word}; files already written are complete"
+    ]
 
 
 def test_unwritable_file_is_a_user_error(tmp_path):

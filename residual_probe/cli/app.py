@@ -64,6 +64,20 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _interrupt_beneath(exc: BaseException) -> bool:
+    """Whether `exc` was raised while a KeyboardInterrupt was being handled or because of one.
+
+    A pybind11 extension (matplotlib's, scipy's) that a signal interrupts while it initialises
+    raises ImportError("initialization failed") from the KeyboardInterrupt: still an interrupt."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 @contextlib.contextmanager
 def user_errors():
     """One stderr line for any exception: UserError exit 2, interrupt 130, anything else (a bug) exit 1.
@@ -90,6 +104,10 @@ def user_errors():
         except UserError as exc:
             fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         except Exception as exc:
+            if _interrupt_beneath(exc):  # the signal landed in an import that re-raised it
+                if _signal_received:
+                    fail("terminated (SIGTERM); files already written are complete", code=143)
+                fail("interrupted; files already written are complete", code=130)
             from ..integrations import missing_extra
 
             extra = missing_extra(exc) if isinstance(exc, ImportError) else None
