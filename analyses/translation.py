@@ -3,8 +3,11 @@
 The study lives in residual_probe/studies/translation/; `residual-probe figures --only
 translation` runs it like the other studies. This script adds what a long grid needs:
     python analyses/translation.py [--out figures] [--quick] [--workers 2] [--partial] [--task T]
+                                   [--max-steps N]
 The grid is resumable (rerun the same command after an interruption: finished runs are kept);
 --partial trains nothing and writes the tables, figures and checks from the runs finished so far.
+--max-steps raises the cap of the runs to the convergence rule: a run that hit the lower cap goes
+on from its saved state, and equals the run trained to the new cap at once.
 The checks replace this study's rows in OUT/checks.csv and keep the others.
 """
 
@@ -54,9 +57,24 @@ def main() -> None:
         choices=sorted(TASKS),
         help="words (the paper's table) or characters (the depth gate; under OUT/<task>/)",
     )
+    ap.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="cap of a run to the convergence rule (default 6000); finished runs go on to it",
+    )
     args = ap.parse_args()
+    if args.max_steps is not None and args.max_steps < 1:
+        ap.error("--max-steps: must be a positive number of steps")
     args.out.mkdir(parents=True, exist_ok=True)
-    checks = run(args.out, args.quick, args.workers, train=not args.partial, task=args.task)
+    checks = run(
+        args.out,
+        args.quick,
+        args.workers,
+        train=not args.partial,
+        task=args.task,
+        cap=args.max_steps,
+    )
     write_checks(args.out if args.task == DEFAULT_TASK else args.out / args.task, checks)
     for c in checks:
         print(

@@ -129,3 +129,52 @@ def test_claim_rows_extrapolate_where_the_cap_was_hit():
     cells = C.Cells([r for r, _ in done], ["x"], 4.4, 5.3, curves={r["name"]: c for r, c in done})
     row = C.compare(cells, "A > B", "tiny", "residual", "paper", a, b)
     assert "extrapolated" not in row.measured and row.agreement == "not resolved"
+
+
+def _capped(**kw):
+    import dataclasses
+
+    spec = R.RunSpec("residual", 1, True, **{**R.common(True), **R.to_convergence(True)})
+    return dataclasses.replace(spec, min_steps=5, steps=10, eval_every=5, bleu_every=5, **kw)
+
+
+def test_a_higher_cap_goes_on_from_the_lower_caps_state_and_equals_one_run(tmp_path, monkeypatch):
+    """A run that hit its cap, given a higher one, continues from its saved state: every record
+    (curve, probe, ResiDual's streams, decodes) equals the run trained to the higher cap at once."""
+    import dataclasses
+
+    monkeypatch.setattr(R.regime, "converged", lambda curve: False)
+    low = _capped()
+    assert R.train_run(low, tmp_path / "a" / low.name)["steps_done"] == 10
+    high = dataclasses.replace(low, steps=20)
+    assert R.load_result(high, tmp_path / "a") is None  # another spec: not simply reused
+    straight = R.train_run(high, tmp_path / "b" / high.name)
+    resumed = R.train_run(high, tmp_path / "a" / high.name)
+    assert resumed["steps_done"] == straight["steps_done"] == 20
+    assert resumed["spec"]["steps"] == 20 and resumed["hypotheses"] == straight["hypotheses"]
+    assert resumed["heldout_loss"] == straight["heldout_loss"]
+    a, b = tmp_path / "a" / high.name, tmp_path / "b" / high.name
+    for f in ("curve.csv", "probe.csv", "streams.csv"):
+        assert (a / f).read_text() == (b / f).read_text(), f
+    assert len(R.read_rows(a / "curve.csv")) == 5  # steps 0, 5, 10, 15, 20: nothing twice
+
+
+def test_a_higher_cap_ends_where_the_lower_cap_run_stopped_or_where_the_rule_holds(
+    tmp_path, monkeypatch
+):
+    import dataclasses
+
+    # the rule held at 5, before the cap 10: a cap of 20 ends there too, without training
+    monkeypatch.setattr(R.regime, "converged", lambda curve: curve[-1]["step"] >= 5)
+    early = _capped()
+    assert R.train_run(early, tmp_path / early.name)["steps_done"] == 5
+    higher = dataclasses.replace(early, steps=20)
+    again = R.train_run(higher, tmp_path / higher.name)
+    assert again["steps_done"] == 5 and again["spec"]["steps"] == 20
+    assert R.load_result(higher, tmp_path) == again
+    # a run that hit the cap 10, where the rule (never checked at a cap) holds: stops at 10
+    monkeypatch.setattr(R.regime, "converged", lambda curve: curve[-1]["step"] >= 10)
+    capped = _capped(seed=1)
+    assert R.train_run(capped, tmp_path / capped.name)["steps_done"] == 10
+    higher = dataclasses.replace(capped, steps=20)
+    assert R.train_run(higher, tmp_path / higher.name)["steps_done"] == 10

@@ -101,12 +101,15 @@ def run(
     echo=progress,
     train: bool = True,
     task: str = DEFAULT_TASK,
+    cap: int | None = None,
 ) -> list[Check]:
     """Run (or resume) the grid into OUT/runs/translation/, then write tables, figures and checks.
 
     train=False writes them from the runs finished so far (a partial grid), training nothing.
     task: `task.TASKS`; a task other than the default writes everything under OUT/<task>/: its
     grid is the depth gate and, if the gate passes, ResiDual at both depths (`checks.depth_checks`).
+    cap: the most steps of a run to the convergence rule (default `runs.MAX_STEPS`); runs finished
+    at a lower cap go on from where they stopped.
     """
     import os
 
@@ -122,7 +125,7 @@ def run(
         if not task_gate(results, quick, task):
             echo("translation: the depth gate did not pass; ResiDual is not run on this task")
             return []
-        return stage_b(quick, lr, task)
+        return stage_b(quick, lr, task, cap)
 
     if train:
         results = run_stages(first, then, root, workers, echo, gate=first)
@@ -130,13 +133,13 @@ def run(
     else:
         results = finished(first, root)
         chosen = main_lr(results, quick, task)
-        results.update(finished(stage_b(quick, chosen[0], task), root) if chosen else {})
+        results.update(finished(stage_b(quick, chosen[0], task, cap), root) if chosen else {})
     chosen = main_lr(results, quick, task)
     if chosen is None or not any(s.name in results for s in first):
         echo("translation: the first stage has not finished; nothing to write")
         return []
     lr, why = chosen
-    planned = first + (stage_b(quick, lr, task) if task_gate(results, quick, task) else [])
+    planned = first + (stage_b(quick, lr, task, cap) if task_gate(results, quick, task) else [])
     missing = [s.name for s in planned if s.name not in results]
     if missing:
         echo(

@@ -8,7 +8,9 @@ permuted between units, `task.shuffled_source_batches`: the control of whether i
 held-out unit) every `bleu_every` steps, and for ResiDual its two streams at the BLEU points.
 
 Runs are resumable: a run writes ROOT/<name>/result.json last and is skipped when that file
-holds the same spec.
+holds the same spec. A run to the convergence rule also keeps its final state (STATE): the same
+run with a higher cap goes on from there instead of starting over (`continued_from`), and equals
+the run trained to the higher cap in one go.
 """
 
 from __future__ import annotations
@@ -144,6 +146,29 @@ def load_result(spec: RunSpec, root: Path) -> dict | None:
     return None
 
 
+STATE = "state.pt"  # a run's final model, optimizer, data stream and records: for a higher cap
+
+
+def continued_from(spec: RunSpec, run_dir: Path) -> dict | None:
+    """The saved result this run goes on from: the same run to the rule at a lower cap, with its
+    state kept; None to train from step 0."""
+    f = run_dir / "result.json"
+    if not (spec.min_steps and f.is_file() and (run_dir / STATE).is_file()):
+        return None
+    res = json.loads(f.read_text())
+    saved = res.get("spec") or {}
+    if saved.get("steps", math.inf) < spec.steps and same_spec(
+        {**saved, "steps": spec.steps}, spec
+    ):
+        return res
+    return None
+
+
+def _as_tuples(x):
+    """random.Random's state back from a checkpoint, which may hold its tuples as lists."""
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
 def read_rows(path: Path) -> list[dict]:
     """A run's CSV as rows of text (empty when the file is missing)."""
     import csv
@@ -159,13 +184,19 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
     import torch
 
     from ...models import Transformer
-    from ...output import write_csv, write_json
+    from ...output import write_atomic, write_csv, write_json
     from ...probe import Probe
     from ...training import Trainer
     from .streams import stream_diagnostics
 
     done = load_result(spec, run_dir.parent)
     if done is not None:
+        return done
+    before = continued_from(spec, run_dir)
+    if before is not None and before["steps_done"] < before["spec"]["steps"]:
+        # it stopped before its cap (the rule held, or it diverged): a higher cap ends it there too
+        done = {**before, "spec": asdict(spec)}
+        write_json(run_dir / "result.json", done)
         return done
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(spec.seed)
@@ -176,10 +207,13 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
     held, refs = heldout_batches(units, data, 64), references(units, data)
     shuffled, _ = shuffled_source_batches(held)  # one permutation for every evaluation
     stream_batch = max(held, key=lambda b: int((b.targets != -100).sum()))  # the most target tokens
+    state = None if before is None else torch.load(run_dir / STATE, weights_only=True)
+    start = 0 if state is None else state["steps_done"]
     probe = Probe(
         model,
         quantities=("param_grad_norm", "act_grad_norm", "forward_stats"),
         every=spec.probe_every,
+        start_step=start,
     )
     trainer = Trainer(
         model,
@@ -191,6 +225,17 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
         label_smoothing=spec.label_smoothing,
     )
     curve, streams, losses, hyps = [], [], [], []
+    earlier_rows, seconds_before = [], 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.steps_done = start
+        train.rng.setstate(_as_tuples(state["data_rng"]))
+        torch.set_rng_state(state["torch_rng"])
+        curve, streams, losses = state["curve"], state["streams"], state["losses"]
+        hyps = list(before["hypotheses"])
+        earlier_rows = read_rows(run_dir / "probe.csv")
+        seconds_before = before["train_seconds"]
 
     def record(step: int) -> None:
         """One evaluation: the held-out and shuffled-source losses (and accuracy)."""
@@ -240,9 +285,13 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
 
     with probe:
         model.train()
-        record(0)
-        decode()
-        stop = trainer.run(train.next, spec.steps, after_step)
+        if state is None:
+            record(0)
+            decode()
+        # the step the lower cap ended at is a BLEU point the higher-cap run checks the rule at
+        stop = None
+        if not (state is not None and regime.converged(curve)):
+            stop = trainer.run(train.next, spec.steps - start, after_step)
     diverged = None if stop is None else stop.step
     result = dict(
         spec=asdict(spec),
@@ -250,7 +299,7 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
         diverged_at_step=diverged,
         steps_done=trainer.steps_done,
         converged=regime.converged(curve),  # the rule held at the last evaluation
-        train_seconds=round(time.perf_counter() - t0, 1),
+        train_seconds=round(seconds_before + time.perf_counter() - t0, 1),
         parameters=sum(p.numel() for p in model.parameters()),
     )
     if diverged is None:
@@ -274,7 +323,7 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
         dict(source=u, reference=r, output=h)
         for u, r, h in list(zip(units, refs, result["hypotheses"]))[::40]
     ]
-    keep = [
+    keep = earlier_rows + [
         r
         for r in probe.rows()
         if r["metric"] in PROBE_METRICS
@@ -292,6 +341,18 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
     )
     if streams:
         write_csv(run_dir / "streams.csv", streams, ("step", "stack", "layer", "quantity", "value"))
+    if spec.min_steps:  # what a higher cap goes on from
+        final = dict(
+            steps_done=trainer.steps_done,
+            model=model.state_dict(),
+            optimizer=trainer.optimizer.state_dict(),
+            data_rng=train.rng.getstate(),
+            torch_rng=torch.get_rng_state(),
+            curve=curve,
+            streams=streams,
+            losses=losses[-spec.eval_every :],
+        )
+        write_atomic(run_dir / STATE, lambda tmp: torch.save(final, tmp))
     write_json(run_dir / "result.json", result)  # last: its presence marks the run finished
     return result
 
@@ -322,10 +383,12 @@ def common(quick: bool, task: str = DEFAULT_TASK) -> dict:
     return dict(task=task)
 
 
-def to_convergence(quick: bool) -> dict:
+def to_convergence(quick: bool, cap: int | None = None) -> dict:
     """The budget of a run a claim rests on: at least MIN_STEPS, then until the rule holds, at
-    most MAX_STEPS (quick: 10 and 20)."""
-    return dict(min_steps=10, steps=20) if quick else dict(min_steps=MIN_STEPS, steps=MAX_STEPS)
+    most `cap` steps (default MAX_STEPS; quick: 10 and 20). A run finished at a lower cap goes on
+    from its saved state (`continued_from`)."""
+    low, high = (10, 20) if quick else (MIN_STEPS, MAX_STEPS)
+    return dict(min_steps=low, steps=cap or high)
 
 
 def depths(quick: bool) -> tuple[int, int]:
@@ -361,14 +424,16 @@ def stage_a(quick: bool, task: str = DEFAULT_TASK) -> list[RunSpec]:
     return calibration(quick, task) if task == DEFAULT_TASK else depth_gate_runs(quick, task)
 
 
-def stage_b(quick: bool, lr: float, task: str = DEFAULT_TASK) -> list[RunSpec]:
+def stage_b(
+    quick: bool, lr: float, task: str = DEFAULT_TASK, cap: int | None = None
+) -> list[RunSpec]:
     """The runs queued once stage A's gate runs finished, trained to convergence, in the order the
     claims need them (a grid cut short leaves whole cells): word task, at the main lr, the deep
     and shallow warm-up cells, the deep Post-LN, both depths without warm-up, the alpha = 0
     ablation; character task, ResiDual at both depths (`task_gate` decides whether they run)."""
     n0, n1 = depths(quick)
     seeds = SEEDS[:1] if quick else SEEDS
-    c = {**common(quick, task), **to_convergence(quick), "lr": lr}
+    c = {**common(quick, task), **to_convergence(quick, cap), "lr": lr}
     if task != DEFAULT_TASK:
         c.update(steps=common(quick, task).get("steps", 3000), min_steps=0)  # the gate's budget
         return [RunSpec("residual", n, True, seed=s, **c) for s in seeds for n in (n1, n0)]
