@@ -9,7 +9,7 @@ Pre-LN calibration runs; the method's runs never enter them.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 GATE_BLEU = 5.0  # Post-LN E6D6 with warm-up must land within this many BLEU of Pre-LN
 CONVERGED_REL = 0.01  # levelled off: held-out loss improves by less than 1 % ...
@@ -83,19 +83,47 @@ def choose_lr(calibration: Mapping[float, Mapping[str, float]]) -> tuple[float, 
 ASYMPTOTE_TAIL = 0.5  # the fit reads the second half of a run's points
 
 
+class Asymptote(NamedTuple):
+    """A fitted level a of v(t) = a - b exp(-t / tau) (`asymptote`), and what says whether the
+    data determine it."""
+
+    level: float
+    se: float  # its standard error, from the fit's covariance
+    tau: float
+    span: float  # the steps the fitted points cover
+    upper: float  # the bound the level was fitted under
+
+    @property
+    def identified(self) -> bool:
+        """The level is read from the data, not set by the curve's form: a finite standard error,
+        not pinned at its bound, and tau no longer than the fitted span (the curve bends inside the
+        data; with a longer tau the points are a straight line, and any level past them fits)."""
+        return math.isfinite(self.se) and self.level < self.upper - 0.01 and self.tau <= self.span
+
+    def why_not(self) -> str:
+        """Why the level is not identified ("" when it is)."""
+        if not math.isfinite(self.se):
+            return "no finite standard error"
+        if self.level >= self.upper - 0.01:
+            return f"level at its bound {self.upper:g}"
+        if self.tau > self.span:
+            return f"tau {self.tau:.0f} steps > the {self.span:.0f} fitted"
+        return ""
+
+
 def asymptote(
     steps: Sequence[float],
     values: Sequence[float],
     tail: float = ASYMPTOTE_TAIL,
     upper: float = math.inf,
-):
+) -> Asymptote | None:
     """Where a run that hit its cap was heading: a least-squares fit of v(t) = a - b exp(-t / tau)
-    to its points in the last `tail` of its steps (scipy's curve_fit); (a, its standard error), or
-    None when there are fewer than 4 points or the fit fails. A saturating exponential is the
-    simplest curve with a level; its a is an extrapolation, reported as one. Only the late points:
-    BLEU rises fast, then creeps, and a fit that also reads the fast rise (from step 1000) put
-    Pre-LN E12D12 seed 0's level at 88.4, under its own last points (89.1-89.9). `upper`: the
-    largest level the quantity can have (BLEU: 100)."""
+    to its points in the last `tail` of its steps (scipy's curve_fit), or None when there are
+    fewer than 4 points or the fit fails. A saturating exponential is the simplest curve with a
+    level; its a is an extrapolation, reported as one, and decides nothing unless `identified`.
+    Only the late points: BLEU rises fast, then creeps, and a fit that also reads the fast rise
+    (from step 1000) put Pre-LN E12D12 seed 0's level at 88.4, under its own last points
+    (89.1-89.9). `upper`: the largest level the quantity can have (BLEU: 100)."""
     import numpy as np
     from scipy.optimize import curve_fit
 
@@ -122,4 +150,4 @@ def asymptote(
     except (RuntimeError, ValueError):
         return None
     se = float(np.sqrt(cov[0, 0])) if np.isfinite(cov[0, 0]) else math.inf
-    return float(a), se
+    return Asymptote(float(a), se, float(tau), float(t.max() - t.min()), float(upper))

@@ -173,7 +173,7 @@ def plot_curves(
     """`column` of the curve rows over training (held-out loss, or BLEU): one panel per model size
     and warm-up, one colour per placement, one line per seed; a cross where a run in `diverged`
     ended, and for a run in `levels` (one that hit its step cap) a dotted line from its last point
-    to the level its fit extrapolates."""
+    to the level its fit extrapolates (only identified levels are passed)."""
     levels, diverged = levels or {}, set(diverged)
     plt = setup()
     depths = sorted({s["depth"] for s in specs.values()})

@@ -191,7 +191,8 @@ def bleu_asymptote(curve: list[dict]):
 def extrapolated(cells: Cells, a, b) -> tuple[str, str] | None:
     """(text, verdict) of "a > b" from each run's fitted BLEU asymptote, when a run of either cell
     hit its cap; None when every run stopped by the rule (or diverged). "yes"/"no" when the 95 %
-    interval of the seed-mean asymptote difference excludes 0, else "not resolved"."""
+    interval of the seed-mean asymptote difference excludes 0 and every level is identified
+    (`regime.Asymptote.identified`), else "not resolved"."""
     ra, rb = cells.get(*a), cells.get(*b)
     seeds = sorted(set(ra) & set(rb))
     hit = sorted(r["name"] for r in [*ra.values(), *rb.values()] if capped(r))
@@ -202,14 +203,19 @@ def extrapolated(cells: Cells, a, b) -> tuple[str, str] | None:
     head = f"extrapolated (cap hit: {', '.join(hit)})"
     if any(f is None for f in fa + fb):
         return f"{head}: an asymptote could not be fitted", "not resolved"
-    mean, low, high = significance.fitted_difference_interval(fa, fb)
-    per = ", ".join(f"s{s}: {x[0]:.1f} vs {y[0]:.1f}" for s, x, y in zip(seeds, fa, fb))
-    verdict = "yes" if low > 0 else "no" if high < 0 else "not resolved"
-    return (
-        f"{head}: fitted BLEU asymptotes {per}; seed mean of the difference {mean:+.2f} "
-        f"[{low:+.2f}, {high:+.2f}] (95 %, seeds and fits resampled)",
-        verdict,
+    mean, low, high = significance.fitted_difference_interval(
+        [f[:2] for f in fa], [f[:2] for f in fb]
     )
+    per = ", ".join(f"s{s}: {x.level:.1f} vs {y.level:.1f}" for s, x, y in zip(seeds, fa, fb))
+    text = (
+        f"{head}: fitted BLEU asymptotes {per}; seed mean of the difference {mean:+.2f} "
+        f"[{low:+.2f}, {high:+.2f}] (95 %, seeds and fits resampled)"
+    )
+    names = [ra[s]["name"] for s in seeds] + [rb[s]["name"] for s in seeds]
+    unknown = [f"{n}: {f.why_not()}" for n, f in zip(names, fa + fb) if not f.identified]
+    if unknown:  # a level the data do not determine decides nothing
+        return f"{text}; level not identified for {'; '.join(unknown)}", "not resolved"
+    return text, "yes" if low > 0 else "no" if high < 0 else "not resolved"
 
 
 def regime_checks(

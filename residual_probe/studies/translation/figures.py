@@ -67,7 +67,8 @@ def draw(
     diverged = [r["run"] for r in runs if r["diverged_at_step"] != ""]
     capped = [r["run"] for r in runs if r["run"] in spec_rows and r["converged"] == "no"]
     capped = [n for n in capped if spec_rows[n]["min_steps"] and n not in diverged]
-    levels = {n: fit[0] for n in capped if (fit := bleu_asymptote(curves[n])) is not None}
+    fits = {n: bleu_asymptote(curves[n]) for n in capped}
+    levels = {n: f.level for n, f in fits.items() if f is not None and f.identified}
     plot_curves(
         {s.name: curves[s.name] for s in main},
         spec_rows,
