@@ -159,6 +159,35 @@ def test_a_higher_cap_goes_on_from_the_lower_caps_state_and_equals_one_run(tmp_p
     assert len(R.read_rows(a / "curve.csv")) == 5  # steps 0, 5, 10, 15, 20: nothing twice
 
 
+def test_an_interrupted_run_goes_on_from_its_last_bleu_point_and_equals_one_run(
+    tmp_path, monkeypatch
+):
+    import dataclasses
+
+    spec = dataclasses.replace(_capped(), steps=20)
+
+    def interrupt_at_15(curve):
+        if curve[-1]["step"] == 15:
+            raise KeyboardInterrupt  # a kill between the BLEU points 10 and 15
+        return False
+
+    monkeypatch.setattr(R.regime, "converged", interrupt_at_15)
+    with pytest.raises(KeyboardInterrupt):
+        R.train_run(spec, tmp_path / "a" / spec.name)
+    import torch
+
+    state = torch.load(tmp_path / "a" / spec.name / R.STATE, weights_only=True)
+    assert state["steps_done"] == 10 and not (tmp_path / "a" / spec.name / "result.json").exists()
+    monkeypatch.setattr(R.regime, "converged", lambda curve: False)
+    resumed = R.train_run(spec, tmp_path / "a" / spec.name)
+    straight = R.train_run(spec, tmp_path / "b" / spec.name)
+    assert resumed["steps_done"] == straight["steps_done"] == 20
+    assert resumed["hypotheses"] == straight["hypotheses"]
+    a, b = tmp_path / "a" / spec.name, tmp_path / "b" / spec.name
+    for f in ("curve.csv", "probe.csv", "streams.csv"):
+        assert (a / f).read_text() == (b / f).read_text(), f
+
+
 def test_a_higher_cap_ends_where_the_lower_cap_run_stopped_or_where_the_rule_holds(
     tmp_path, monkeypatch
 ):

@@ -40,7 +40,9 @@ def test_two_training_steps_on_the_char_task(tmp_path):
     assert spec.name.endswith("-" + CHARS) and not R.RunSpec("residual", 1, True).name.endswith(
         CHARS
     )
-    assert {s.task for s in R.stage_a(True, CHARS) + R.stage_b(True, 1e-3, CHARS)} == {CHARS}
+    grid = R.stage_a(True, CHARS) + R.stage_b(True, 1e-3, CHARS)
+    assert {s.task for s in grid} == {CHARS}
+    assert all(s.min_steps for s in grid)  # the gate, too, is read where training levelled off
     res = R.train_run(spec, tmp_path / spec.name)
     data = T.task_data(task=CHARS)
     assert res["steps_done"] == 2 and len(res["hypotheses"]) == len(data.heldout)
@@ -88,3 +90,19 @@ def test_depth_gate_guards_the_extra_layers_claim(pre, res, gate, claim):
 def test_depth_gate_not_run_without_runs():
     rows = C.depth_checks(_cells({}), 6, 12, 1e-3, "fake")
     assert rows[0].agreement == "not run" and rows[1].agreement.startswith("not tested")
+
+
+def test_depth_gate_row_names_the_runs_that_stopped_at_the_cap():
+    cells = _cells({(6, "pre-ln"): [50, 51], (12, "pre-ln"): [53, 54]})
+    for seeds in cells.runs.values():
+        for r in seeds.values():
+            r["spec"]["min_steps"], r["converged"], r["diverged_at_step"] = (
+                3000,
+                r["bleu"] > 53,
+                None,
+            )
+    gate = C.depth_checks(cells, 6, 12, 1e-3, "fake")[0]
+    assert gate.agreement == "yes"
+    assert gate.measured.endswith(
+        "stopped at the cap before the rule held: 12-pre-ln-0, 6-pre-ln-0, 6-pre-ln-1"
+    )

@@ -117,7 +117,7 @@ def run(
     root = out / "runs" / ("translation-quick" if quick else "translation")
     workers = workers or (1 if quick else min(2, os.cpu_count() or 1))
     t0 = time.perf_counter()
-    first = stage_a(quick, task)
+    first = stage_a(quick, task, cap)
 
     def then(results: dict[str, dict]) -> list[RunSpec]:
         lr, why = main_lr(results, quick, task)

@@ -491,6 +491,7 @@ def depth_checks(cells: Cells, n0: int, n1: int, lr: float, setting: str) -> lis
     deep = [r["bleu"] for r in cells.get(*pre1).values()]
     passed = depth_gate(shallow, deep)
     pairs = cells.pairs(pre1, pre0)
+    hit = sorted(r["name"] for c in (pre1, pre0) for r in cells.get(*c).values() if capped(r))
     gate = Check(
         f"Pre-LN E{n1}D{n1} beats E{n0}D{n0} beyond the seed spread (depth gate)",
         setting,
@@ -501,6 +502,7 @@ def depth_checks(cells: Cells, n0: int, n1: int, lr: float, setting: str) -> lis
             f"{' '.join(f'{b:.2f}' for b in shallow)}"
             + (f"; {cells.mean_interval(pre1, pre0)}" if pairs and cells.clusters else "")
             + (f"; {significance.describe(pairs)}" if pairs else "")
+            + (f"; stopped at the cap before the rule held: {', '.join(hit)}" if hit else "")
         )
         if shallow and deep
         else "not run",

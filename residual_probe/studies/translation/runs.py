@@ -8,9 +8,9 @@ permuted between units, `task.shuffled_source_batches`: the control of whether i
 held-out unit) every `bleu_every` steps, and for ResiDual its two streams at the BLEU points.
 
 Runs are resumable: a run writes ROOT/<name>/result.json last and is skipped when that file
-holds the same spec. A run to the convergence rule also keeps its final state (STATE): the same
-run with a higher cap goes on from there instead of starting over (`continued_from`), and equals
-the run trained to the higher cap in one go.
+holds the same spec. A run to the convergence rule also keeps its state at every BLEU point and
+at its end (STATE): an interrupted run, or the same run given a higher cap, goes on from there
+(`saved_state`) and equals the run trained in one go.
 """
 
 from __future__ import annotations
@@ -146,21 +146,27 @@ def load_result(spec: RunSpec, root: Path) -> dict | None:
     return None
 
 
-STATE = "state.pt"  # a run's final model, optimizer, data stream and records: for a higher cap
+STATE = "state.pt"  # a run to the rule: model, optimizer, data stream and records at its last
+# BLEU point, so that an interrupted run, or the same run given a higher cap, goes on from there
 
 
-def continued_from(spec: RunSpec, run_dir: Path) -> dict | None:
-    """The saved result this run goes on from: the same run to the rule at a lower cap, with its
-    state kept; None to train from step 0."""
-    f = run_dir / "result.json"
-    if not (spec.min_steps and f.is_file() and (run_dir / STATE).is_file()):
+def saved_state(spec: RunSpec, run_dir: Path) -> dict | None:
+    """The state this run goes on from: the same run to the rule (at this or a lower cap) saved at
+    a BLEU point it reached; None to train from step 0."""
+    import torch
+
+    f = run_dir / STATE
+    if not (spec.min_steps and f.is_file()):
         return None
-    res = json.loads(f.read_text())
-    saved = res.get("spec") or {}
-    if saved.get("steps", math.inf) < spec.steps and same_spec(
+    try:
+        state = torch.load(f, weights_only=True)
+    except Exception:  # cut off while written by an older version, or damaged: start over
+        return None
+    saved = state.get("spec") or {}
+    if saved.get("steps", math.inf) <= spec.steps and same_spec(
         {**saved, "steps": spec.steps}, spec
     ):
-        return res
+        return state
     return None
 
 
@@ -192,10 +198,10 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
     done = load_result(spec, run_dir.parent)
     if done is not None:
         return done
-    before = continued_from(spec, run_dir)
-    if before is not None and before["steps_done"] < before["spec"]["steps"]:
+    state = saved_state(spec, run_dir)
+    if state is not None and state["ended"] is not None:
         # it stopped before its cap (the rule held, or it diverged): a higher cap ends it there too
-        done = {**before, "spec": asdict(spec)}
+        done = {**state["ended"], "spec": asdict(spec)}
         write_json(run_dir / "result.json", done)
         return done
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -207,7 +213,6 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
     held, refs = heldout_batches(units, data, 64), references(units, data)
     shuffled, _ = shuffled_source_batches(held)  # one permutation for every evaluation
     stream_batch = max(held, key=lambda b: int((b.targets != -100).sum()))  # the most target tokens
-    state = None if before is None else torch.load(run_dir / STATE, weights_only=True)
     start = 0 if state is None else state["steps_done"]
     probe = Probe(
         model,
@@ -232,10 +237,43 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
         trainer.steps_done = start
         train.rng.setstate(_as_tuples(state["data_rng"]))
         torch.set_rng_state(state["torch_rng"])
-        curve, streams, losses = state["curve"], state["streams"], state["losses"]
-        hyps = list(before["hypotheses"])
-        earlier_rows = read_rows(run_dir / "probe.csv")
-        seconds_before = before["train_seconds"]
+        curve, streams, losses, hyps = (
+            state["curve"],
+            state["streams"],
+            state["losses"],
+            state["hyps"],
+        )
+        earlier_rows, seconds_before = state["probe_rows"], state["seconds"]
+
+    def probe_rows() -> list[dict]:
+        """The probe rows a run keeps: its blocks' gradient norms and the forward statistics."""
+        return earlier_rows + [
+            r
+            for r in probe.rows()
+            if r["metric"] in PROBE_METRICS
+            and (r["metric"] != "param_grad_norm" or r["sublayer"] == "block")
+        ]
+
+    def save(ended: dict | None = None) -> None:
+        """The state at this BLEU point (`STATE`); `ended`: the result of a run that stopped."""
+        if not spec.min_steps:
+            return
+        now = dict(
+            spec=asdict(spec),
+            steps_done=trainer.steps_done,
+            model=model.state_dict(),
+            optimizer=trainer.optimizer.state_dict(),
+            data_rng=train.rng.getstate(),
+            torch_rng=torch.get_rng_state(),
+            curve=curve,
+            streams=streams,
+            losses=losses[-spec.eval_every :],
+            hyps=hyps,
+            probe_rows=probe_rows(),
+            seconds=seconds_before + time.perf_counter() - t0,
+            ended=ended,
+        )
+        write_atomic(run_dir / STATE, lambda tmp: torch.save(now, tmp))
 
     def record(step: int) -> None:
         """One evaluation: the held-out and shuffled-source losses (and accuracy)."""
@@ -281,6 +319,8 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
         stop = bleu_point and 0 < spec.min_steps <= done < spec.steps and regime.converged(curve)
         if bleu_point:
             decode()
+            if not stop and done < spec.steps:
+                save()  # where an interrupted run goes on from
         return stop
 
     with probe:
@@ -288,9 +328,9 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
         if state is None:
             record(0)
             decode()
-        # the step the lower cap ended at is a BLEU point the higher-cap run checks the rule at
+        # a state is saved at a BLEU point; the one at a lower cap was not checked against the rule
         stop = None
-        if not (state is not None and regime.converged(curve)):
+        if not (state is not None and spec.min_steps <= start and regime.converged(curve)):
             stop = trainer.run(train.next, spec.steps - start, after_step)
     diverged = None if stop is None else stop.step
     result = dict(
@@ -323,15 +363,9 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
         dict(source=u, reference=r, output=h)
         for u, r, h in list(zip(units, refs, result["hypotheses"]))[::40]
     ]
-    keep = earlier_rows + [
-        r
-        for r in probe.rows()
-        if r["metric"] in PROBE_METRICS
-        and (r["metric"] != "param_grad_norm" or r["sublayer"] == "block")
-    ]
     write_csv(
         run_dir / "probe.csv",
-        keep,
+        probe_rows(),
         ("step", "stack", "layer", "sublayer", "stream", "metric", "value"),
     )
     write_csv(
@@ -341,18 +375,8 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
     )
     if streams:
         write_csv(run_dir / "streams.csv", streams, ("step", "stack", "layer", "quantity", "value"))
-    if spec.min_steps:  # what a higher cap goes on from
-        final = dict(
-            steps_done=trainer.steps_done,
-            model=model.state_dict(),
-            optimizer=trainer.optimizer.state_dict(),
-            data_rng=train.rng.getstate(),
-            torch_rng=torch.get_rng_state(),
-            curve=curve,
-            streams=streams,
-            losses=losses[-spec.eval_every :],
-        )
-        write_atomic(run_dir / STATE, lambda tmp: torch.save(final, tmp))
+    # what a higher cap goes on from: the run at its cap, or (stopped before it) its result
+    save(None if trainer.steps_done == spec.steps and diverged is None else result)
     write_json(run_dir / "result.json", result)  # last: its presence marks the run finished
     return result
 
@@ -386,7 +410,7 @@ def common(quick: bool, task: str = DEFAULT_TASK) -> dict:
 def to_convergence(quick: bool, cap: int | None = None) -> dict:
     """The budget of a run a claim rests on: at least MIN_STEPS, then until the rule holds, at
     most `cap` steps (default MAX_STEPS; quick: 10 and 20). A run finished at a lower cap goes on
-    from its saved state (`continued_from`)."""
+    from its saved state (`saved_state`)."""
     low, high = (10, 20) if quick else (MIN_STEPS, MAX_STEPS)
     return dict(min_steps=low, steps=cap or high)
 
@@ -406,11 +430,12 @@ def calibration(quick: bool, task: str = DEFAULT_TASK) -> list[RunSpec]:
     ]
 
 
-def depth_gate_runs(quick: bool, task: str) -> list[RunSpec]:
+def depth_gate_runs(quick: bool, task: str, cap: int | None = None) -> list[RunSpec]:
     """The character task's first runs: Pre-LN, warm-up, at both depths (the depth gate), each seed,
-    at a fixed 3000-step budget, deep first."""
+    to the convergence rule (`to_convergence`: the gate, too, is read where training levelled
+    off), deep first."""
     n0, n1 = depths(quick)
-    c = dict(lr=CHAR_LR, **common(quick, task))
+    c = {**common(quick, task), **to_convergence(quick, cap), "lr": CHAR_LR}
     return [
         RunSpec("pre-ln", n, True, seed=s, **c)
         for s in SEEDS[: 1 if quick else 3]
@@ -418,10 +443,12 @@ def depth_gate_runs(quick: bool, task: str) -> list[RunSpec]:
     ]
 
 
-def stage_a(quick: bool, task: str = DEFAULT_TASK) -> list[RunSpec]:
-    """The runs that do not wait for a gate: the word task's calibration, or the character task's
-    depth-gate runs."""
-    return calibration(quick, task) if task == DEFAULT_TASK else depth_gate_runs(quick, task)
+def stage_a(quick: bool, task: str = DEFAULT_TASK, cap: int | None = None) -> list[RunSpec]:
+    """The runs that do not wait for a gate: the word task's calibration (a fixed budget), or the
+    character task's depth-gate runs (to the rule, at most `cap` steps)."""
+    if task == DEFAULT_TASK:
+        return calibration(quick, task)
+    return depth_gate_runs(quick, task, cap)
 
 
 def stage_b(
@@ -435,7 +462,6 @@ def stage_b(
     seeds = SEEDS[:1] if quick else SEEDS
     c = {**common(quick, task), **to_convergence(quick, cap), "lr": lr}
     if task != DEFAULT_TASK:
-        c.update(steps=common(quick, task).get("steps", 3000), min_steps=0)  # the gate's budget
         return [RunSpec("residual", n, True, seed=s, **c) for s in seeds for n in (n1, n0)]
     return (
         [RunSpec(p, n1, True, seed=s, **c) for s in seeds for p in ("pre-ln", "residual")]
