@@ -82,7 +82,7 @@ def draw(
         out / "translation_bleu_curves",
         column="bleu",
         title=f"Held-out BLEU over training (greedy decodes of every held-out unit), peak lr {lr:g}"
-        f"{note}; dotted: the fitted level of a run that hit its cap, where the fit identifies it",
+        f"{note}\ndotted: the fitted level of a run that hit its cap, where the fit identifies it",
         levels=levels,
         diverged=diverged,
     )
