@@ -98,7 +98,7 @@ class Asymptote(NamedTuple):
         """The level is read from the data, not set by the curve's form: a finite standard error,
         not pinned at its bound, and tau no longer than the fitted span (the curve bends inside the
         data; with a longer tau the points are a straight line, and any level past them fits)."""
-        return math.isfinite(self.se) and self.level < self.upper - 0.01 and self.tau <= self.span
+        return not self.why_not()
 
     def why_not(self) -> str:
         """Why the level is not identified ("" when it is)."""

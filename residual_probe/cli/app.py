@@ -64,6 +64,13 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _stopped() -> None:
+    """End an interrupted command: 143 after SIGTERM, else 130 (Ctrl-C)."""
+    if _signal_received:
+        fail("terminated (SIGTERM); files already written are complete", code=143)
+    fail("interrupted; files already written are complete", code=130)
+
+
 def _interrupt_beneath(exc: BaseException) -> bool:
     """Whether `exc` was raised while a KeyboardInterrupt was being handled or because of one.
 
@@ -98,16 +105,12 @@ def user_errors():
         except typer.Exit:
             raise
         except KeyboardInterrupt:
-            if _signal_received:
-                fail("terminated (SIGTERM); files already written are complete", code=143)
-            fail("interrupted; files already written are complete", code=130)
+            _stopped()
         except UserError as exc:
             fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         except Exception as exc:
             if _interrupt_beneath(exc):  # the signal landed in an import that re-raised it
-                if _signal_received:
-                    fail("terminated (SIGTERM); files already written are complete", code=143)
-                fail("interrupted; files already written are complete", code=130)
+                _stopped()
             from ..integrations import missing_extra
 
             extra = missing_extra(exc) if isinstance(exc, ImportError) else None
